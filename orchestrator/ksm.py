@@ -1,0 +1,277 @@
+"""KSM and THP host settings as operations that remember.
+
+Every write goes through `HostSettings.write()`, which first appends (path, old, new) to the
+study's settings-record.json (fsynced) and only then writes sysfs. `restore()` undoes the record
+in reverse order on every exit path; `restore_from_record()` does the same from the file after a
+SIGKILL, so a crashed sweep never leaves the host with foreign KSM knobs.
+
+Kernel rules this module respects (Documentation/admin-guide/mm/ksm.rst):
+- merge_across_nodes can only change while nothing is merged: write run=2 (unmerge) first.
+- pages_to_scan is not writable while advisor_mode is scan-time: set advisor_mode first.
+- run=2 unmerges synchronously in the writer's context; we still wait, bounded, for
+  pages_shared to reach 0 so no trial inherits merged pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import HostError, KsmError, LockError
+
+log = logging.getLogger(__name__)
+
+KSM_REL = Path("sys/kernel/mm/ksm")
+THP_REL = Path("sys/kernel/mm/transparent_hugepage")
+HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "defrag"}
+
+# Applied first, in this order, because later writes depend on them (see module docstring).
+_ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
+_BRACKETED = re.compile(r"\[([^\]]+)\]")
+
+
+def read_sysfs_value(path: Path) -> str:
+    """A sysfs knob's current value; for choice files ("always [madvise] never") the chosen one."""
+    text = path.read_text().strip()
+    match = _BRACKETED.search(text)
+    return match.group(1) if match else text
+
+
+def read_ksm_knobs(root: Path = Path("/")) -> dict[str, str]:
+    """Every readable file under /sys/kernel/mm/ksm (older kernels lack some: tolerated)."""
+    ksm_dir = root / KSM_REL
+    if not ksm_dir.is_dir():
+        raise HostError(f"{ksm_dir} does not exist: this kernel was built without CONFIG_KSM")
+    values = {}
+    for entry in sorted(ksm_dir.iterdir()):
+        with contextlib.suppress(OSError):
+            values[entry.name] = read_sysfs_value(entry)
+    return values
+
+
+def read_host_knobs(root: Path = Path("/")) -> dict[str, str]:
+    values = {}
+    for name, rel in HOST_KNOB_FILES.items():
+        with contextlib.suppress(OSError):
+            values[name] = read_sysfs_value(root / rel)
+    return values
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class HostSettings:
+    """Writes host knobs, remembering each original value before the first change.
+
+    The record keeps one entry per path, in the order of first change, with the value the host
+    had before this tool touched it. Restoring goes in reverse order of that list.
+    """
+
+    def __init__(self, record_path: Path, root: Path = Path("/")) -> None:
+        self.root = root
+        self.record_path = record_path
+        self.entries: list[dict[str, str]] = []
+        if record_path.exists():
+            self.entries = json.loads(record_path.read_text())
+
+    # -- low level -----------------------------------------------------------------------------
+
+    def _abs(self, rel: Path | str) -> Path:
+        return self.root / rel
+
+    def write(self, rel: Path | str, value: Any) -> None:
+        path = self._abs(rel)
+        new = str(value)
+        try:
+            old = read_sysfs_value(path)
+        except OSError as exc:
+            raise KsmError(f"cannot read {path}: {exc.strerror}") from None
+        if old == new:
+            return
+        key = str(Path(rel))
+        if not any(e["path"] == key for e in self.entries):
+            self.entries.append({"path": key, "old": old, "new": new})
+            _atomic_write_json(self.record_path, self.entries)
+        self._raw_write(path, new)
+
+    @staticmethod
+    def _raw_write(path: Path, value: str) -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise KsmError(f"writing {value!r} to {path} failed: {exc.strerror or exc}") from None
+        actual = read_sysfs_value(path)
+        if actual != value:
+            raise KsmError(f"wrote {value!r} to {path} but it reads back {actual!r}")
+
+    def original(self, rel: Path | str) -> str | None:
+        key = str(Path(rel))
+        return next((e["old"] for e in self.entries if e["path"] == key), None)
+
+    # -- KSM operations ------------------------------------------------------------------------
+
+    def ksm_path(self, knob: str) -> Path:
+        return KSM_REL / knob
+
+    def read_counter(self, name: str) -> int:
+        return int(read_sysfs_value(self._abs(KSM_REL / name)))
+
+    def reset(self, timeout_s: float = 120.0) -> float:
+        """Stop ksmd and unmerge everything; return how long unmerging took (s)."""
+        start = time.monotonic()
+        self.write(KSM_REL / "run", 2)
+        deadline = start + timeout_s
+        while self.read_counter("pages_shared") != 0:
+            if time.monotonic() > deadline:
+                raise KsmError(
+                    f"run=2 did not unmerge within {timeout_s:.0f} s "
+                    f"(pages_shared still {self.read_counter('pages_shared')})"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def apply(self, ksm: Mapping[str, Any], host: Mapping[str, Any]) -> None:
+        """Set a trial's knobs (KSM must be reset first). Knobs a previous trial changed but this
+        one does not name go back to the host's original, so trials do not depend on order."""
+        if read_sysfs_value(self._abs(KSM_REL / "run")) != "2":
+            raise KsmError("apply() needs KSM reset (run=2) first")
+        wanted: dict[str, str] = {}
+        for entry in self.entries:
+            path = Path(entry["path"])
+            if path.parent == KSM_REL and path.name != "run":
+                wanted[path.name] = entry["old"]
+        wanted.update({k: str(v) for k, v in ksm.items()})
+        missing = [k for k in wanted if not self._abs(KSM_REL / k).exists()]
+        if missing:
+            raise KsmError(f"this kernel has no KSM knob(s): {', '.join(missing)}")
+        # pages_to_scan is refused while the advisor drives it.
+        if "pages_to_scan" in ksm and "advisor_mode" not in ksm and (self._abs(KSM_REL / "advisor_mode")).exists():
+            wanted.setdefault("advisor_mode", "none")
+            if wanted["advisor_mode"] == "scan-time":
+                wanted["advisor_mode"] = "none"
+        for knob in sorted(wanted, key=lambda k: (k not in _ORDER_FIRST, _ORDER_FIRST.index(k) if k in _ORDER_FIRST else 0, k)):
+            self.write(KSM_REL / knob, wanted[knob])
+
+        host_wanted = {n: e["old"] for n, rel in HOST_KNOB_FILES.items() for e in self.entries if e["path"] == str(rel)}
+        host_wanted.update({k: str(v) for k, v in host.items()})
+        for name, value in host_wanted.items():
+            self.write(HOST_KNOB_FILES[name], value)
+
+    def start(self) -> None:
+        self.write(KSM_REL / "run", 1)
+
+    def stop(self) -> None:
+        self.write(KSM_REL / "run", 0)
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """Put every recorded knob back, in reverse order; return what was restored.
+
+        Errors on one knob do not stop the others; they are raised together at the end.
+        """
+        restored: list[str] = []
+        errors: list[str] = []
+        run_rel = str(KSM_REL / "run")
+        run_entry = next((e for e in self.entries if e["path"] == run_rel), None)
+        if any(Path(e["path"]).parent == KSM_REL for e in self.entries):
+            run_path = self._abs(run_rel)
+            # Without a record for run, run never changed: it goes back to what it is now.
+            run_entry = run_entry or {"path": run_rel, "old": read_sysfs_value(run_path), "new": "2"}
+            # Unmerge first: merge_across_nodes is only writable with nothing merged.
+            try:
+                self._raw_write(run_path, "2")
+            except KsmError as exc:
+                errors.append(str(exc))
+        for entry in reversed(self.entries):
+            if entry["path"] != run_rel:
+                self._restore_one(entry, restored, errors)
+        if run_entry is not None:
+            self._restore_one(run_entry, restored, errors)
+        if errors:
+            raise KsmError("restore incomplete: " + "; ".join(errors))
+        return restored
+
+    def _restore_one(self, entry: dict[str, str], restored: list[str], errors: list[str]) -> None:
+        path = self._abs(entry["path"])
+        try:
+            if read_sysfs_value(path) != entry["old"]:
+                self._raw_write(path, entry["old"])
+            restored.append(f"{entry['path']}={entry['old']}")
+        except (OSError, KsmError) as exc:
+            errors.append(f"{entry['path']}: {exc}")
+
+
+def restore_from_record(record_path: Path, root: Path = Path("/")) -> list[str]:
+    if not record_path.exists():
+        raise HostError(f"no settings record at {record_path}: nothing to restore")
+    try:
+        settings = HostSettings(record_path, root)
+    except (ValueError, OSError) as exc:
+        raise HostError(f"settings record {record_path} is unreadable: {exc}") from None
+    return settings.restore()
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-wide guards
+
+
+def find_pids_by_comm(name: str, root: Path = Path("/")) -> list[int]:
+    pids = []
+    for comm in (root / "proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == name:
+                pids.append(int(comm.parent.name))
+    return sorted(pids)
+
+
+def refuse_if_ksmtuned(root: Path = Path("/")) -> None:
+    """ksmtuned rewrites pages_to_scan/sleep_millisecs/run on its own schedule: the sweep's
+    settings would silently not be what was measured."""
+    pids = find_pids_by_comm("ksmtuned", root)
+    if pids:
+        raise HostError(
+            f"ksmtuned is running (pid {', '.join(map(str, pids))}) and would change KSM knobs under "
+            "the sweep; stop it first (`systemctl stop ksmtuned` or kill that pid) and rerun"
+        )
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("KSM_LAB_RUN_DIR", "/run/ksm-lab"))
+
+
+@contextlib.contextmanager
+def host_lock(lock_path: Path | None = None) -> Iterator[None]:
+    """One sweep per host: two would fight over the one KSM."""
+    lock_path = lock_path or run_dir() / "sweep.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LockError(
+                f"another sweep (pid {holder}) holds {lock_path}: one sweep per host, since both "
+                "would change the same KSM"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

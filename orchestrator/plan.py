@@ -1,0 +1,463 @@
+"""The study plan: one TOML file -> validated model -> list of trials with stable ids.
+
+A plan holds settings for every trial ([ksm], [host], [workload], [guests]) and a [sweep] whose
+axes multiply into trials (product - exclude + include, as asv's matrix does). Each trial gets
+an id derived from everything that defines it, so `--resume` knows exactly what was run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import PlanError
+
+# KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
+# and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
+KSM_INT_KNOBS: dict[str, tuple[int, int]] = {
+    "pages_to_scan": (0, 2**31 - 1),
+    "sleep_millisecs": (0, 2**31 - 1),
+    "max_page_sharing": (2, 2**31 - 1),
+    "merge_across_nodes": (0, 1),
+    "use_zero_pages": (0, 1),
+    "stable_node_chains_prune_millisecs": (0, 2**31 - 1),
+    "smart_scan": (0, 1),
+    "advisor_max_cpu": (1, 100),
+    "advisor_min_pages_to_scan": (1, 2**31 - 1),
+    "advisor_max_pages_to_scan": (1, 2**31 - 1),
+    "advisor_target_scan_time": (1, 2**31 - 1),
+}
+KSM_STR_KNOBS: dict[str, tuple[str, ...]] = {"advisor_mode": ("none", "scan-time")}
+THP_MODES = ("always", "madvise", "never")
+THP_DEFRAG_MODES = ("always", "defer", "defer+madvise", "madvise", "never")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    repetitions: int = Field(1, ge=1, le=1000)
+    order: Literal["sequential", "shuffled"] = "sequential"
+    seed: int = 0
+    # A KSM-off trial for every combination of the non-KSM axes: the reference the workload's
+    # throughput/latency and the memory baseline are compared against.
+    ksm_off_baseline: bool = False
+
+
+class KsmSection(_Strict):
+    """KSM knobs held for every trial (a sweep axis overrides one per trial)."""
+
+    pages_to_scan: int | None = None
+    sleep_millisecs: int | None = None
+    max_page_sharing: int | None = None
+    merge_across_nodes: int | None = None
+    use_zero_pages: int | None = None
+    stable_node_chains_prune_millisecs: int | None = None
+    smart_scan: int | None = None
+    advisor_mode: str | None = None
+    advisor_max_cpu: int | None = None
+    advisor_min_pages_to_scan: int | None = None
+    advisor_max_pages_to_scan: int | None = None
+    advisor_target_scan_time: int | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "KsmSection":
+        for knob, value in self.model_dump(exclude_none=True).items():
+            check_ksm_value(knob, value)
+        return self
+
+
+class HostSection(_Strict):
+    thp_enabled: Literal["always", "madvise", "never"] | None = None
+    thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] | None = None
+
+
+class PhasesSection(_Strict):
+    settle_s: float = Field(0.0, ge=0, le=3600)
+    baseline_s: float = Field(5.0, ge=0, le=3600)
+    measure_s: float = Field(30.0, gt=0, le=86400)
+    # Keep measuring past measure_s until pages_sharing is stable, at most max_measure_s.
+    until_converged: bool = False
+    converge_window_s: float = Field(10.0, gt=0)
+    converge_tolerance_pct: float = Field(1.0, gt=0, le=100)
+    max_measure_s: float = Field(600.0, gt=0, le=86400)
+    reset_timeout_s: float = Field(120.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _cap(self) -> "PhasesSection":
+        if self.until_converged and self.max_measure_s < self.measure_s:
+            raise ValueError("max_measure_s must be >= measure_s when until_converged is on")
+        return self
+
+
+class SamplingSection(_Strict):
+    interval_s: float = Field(1.0, ge=0.05, le=600)
+    # smaps_rollup walks page tables (~5-6 ms per 256 MiB resident): read PSS on a slower tier.
+    pss_interval_s: float = Field(5.0, ge=0.05, le=3600)
+
+
+class ProcessesWorkloadSection(_Strict):
+    type: Literal["processes"]
+    processes: int = Field(2, ge=1, le=4096)
+    pages_per_process: int = Field(25600, ge=1)
+    fill: Literal["zero", "same", "fixed_random", "random", "duplicate_fraction"] = "same"
+    distinct_pages: int = Field(26, ge=1)
+    duplicate_fraction: float = Field(0.5, ge=0, le=1)
+    rounds: int = Field(0, ge=0)
+    round_wait_s: float = Field(1.0, ge=0)
+    merge_mode: Literal["madvise", "prctl"] = "madvise"
+    cpu_pin: Literal["none", "alternate"] | list[int] = "none"
+    seed: int = 0
+
+
+class IdleWorkloadSection(_Strict):
+    type: Literal["idle"]
+
+
+class SysbenchWorkloadSection(_Strict):
+    type: Literal["sysbench"]
+    test: str = "oltp_read_write"
+    tables: int = Field(4, ge=1, le=1024)
+    table_size: int = Field(10000, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
+    duration_s: int = Field(60, ge=1, le=86400)
+    report_interval_s: int = Field(1, ge=1, le=3600)
+    rate: int = Field(0, ge=0)
+    # "per_guest": each guest index gets its own data (its own seed); "shared": every guest
+    # boots from one prepared layer and holds identical tables (KSM merges far more).
+    data: Literal["per_guest", "shared"] = "per_guest"
+    rand_seed: int = 1
+    reuse_prepared: bool = True
+
+
+WorkloadSection = ProcessesWorkloadSection | IdleWorkloadSection | SysbenchWorkloadSection
+
+
+class ImageSection(_Strict):
+    recipe: str = "debian-sysbench"
+    cache_dir: str | None = None
+    # A user-brought image instead of a recipe.
+    qcow2: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    ssh_host_key: str | None = None
+
+
+class GuestsSection(_Strict):
+    count: int = Field(2, ge=1, le=256)
+    memory_mib: int = Field(1024, ge=128)
+    vcpus: int = Field(1, ge=1, le=256)
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    uri: str = "qemu:///system"
+    template: str | None = None
+    image: ImageSection = ImageSection()
+    network: str = "user"
+    nosharepages: bool = False
+    hugepages: bool = False
+    vcpu_pins: list[str] | None = None
+    numa_node: int | None = None
+    keep_across_trials: bool = True
+    boot_timeout_s: float = Field(600.0, gt=0)
+    workdir: str | None = None
+
+
+class SweepSection(_Strict):
+    """Axes as nested tables: [sweep.ksm] pages_to_scan = [100, 1000]; [sweep.workload] ..."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    exclude: list[dict[str, Any]] = []
+    include: list[dict[str, Any]] = []
+
+
+class Plan(_Strict):
+    study: StudySection
+    ksm: KsmSection = KsmSection()
+    host: HostSection = HostSection()
+    phases: PhasesSection = PhasesSection()
+    sampling: SamplingSection = SamplingSection()
+    workload: WorkloadSection = Field(discriminator="type")
+    guests: GuestsSection | None = None
+    sweep: SweepSection = SweepSection()
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _sweep_is_table(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("[sweep] must be a table of axes")
+        return value
+
+    @model_validator(mode="after")
+    def _vm_workloads_need_guests(self) -> "Plan":
+        if self.workload.type in ("idle", "sysbench") and self.guests is None:
+            raise ValueError(f"workload type '{self.workload.type}' runs in guests: add a [guests] table")
+        if self.workload.type == "processes" and self.guests is not None:
+            raise ValueError("workload type 'processes' runs on the host: remove [guests]")
+        return self
+
+
+def check_ksm_value(knob: str, value: Any) -> None:
+    if knob in KSM_INT_KNOBS:
+        low, high = KSM_INT_KNOBS[knob]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"ksm.{knob} must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"ksm.{knob} = {value} is out of range [{low}, {high}]")
+    elif knob in KSM_STR_KNOBS:
+        if value not in KSM_STR_KNOBS[knob]:
+            raise ValueError(f"ksm.{knob} must be one of {list(KSM_STR_KNOBS[knob])}, got {value!r}")
+    else:
+        raise ValueError(f"ksm.{knob} is not a KSM knob a plan can set")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the sweep, fully resolved: what ksm.py applies and the workload runs."""
+
+    trial_id: str
+    index: int
+    repetition: int
+    settings: dict[str, Any]  # swept axis ("ksm.pages_to_scan") -> value, for tables and labels
+    ksm: dict[str, Any]  # every KSM knob to apply (run excluded)
+    host: dict[str, Any]
+    workload: dict[str, Any]
+    guests: dict[str, Any] | None
+    phases: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    ksm_off: bool = False
+    label: str = field(default="")
+
+
+SECTIONS_SWEPT = ("ksm", "host", "workload", "guests")
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def sweep_axes(plan: Plan) -> dict[str, list[Any]]:
+    raw = plan.sweep.model_extra or {}
+    axes: dict[str, list[Any]] = {}
+    for name, values in _flatten(raw).items():
+        section = name.split(".", 1)[0]
+        if section not in SECTIONS_SWEPT or "." not in name:
+            raise PlanError(
+                f"[sweep] axis '{name}': axes live in [sweep.ksm], [sweep.host], [sweep.workload] "
+                "or [sweep.guests]"
+            )
+        if not isinstance(values, list) or not values:
+            raise PlanError(f"[sweep] axis '{name}' must be a non-empty list of values")
+        if len(set(map(_canonical, values))) != len(values):
+            raise PlanError(f"[sweep] axis '{name}' lists a value twice")
+        axes[name] = values
+    return axes
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _matches(point: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    return all(point.get(k) == v for k, v in pattern.items())
+
+
+def _short(name: str) -> str:
+    abbreviations = {
+        "pages_to_scan": "pts",
+        "sleep_millisecs": "sleep",
+        "pages_per_process": "pages",
+        "processes": "procs",
+        "count": "guests",
+        "thp_enabled": "thp",
+    }
+    leaf = name.rsplit(".", 1)[-1]
+    return abbreviations.get(leaf, leaf)
+
+
+def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool) -> str:
+    digest = hashlib.sha256(_canonical({"resolved": resolved, "rep": repetition}).encode()).hexdigest()
+    parts = ["ksmoff"] if ksm_off else []
+    parts += [f"{_short(k)}{v}" for k, v in point.items() if not (ksm_off and k.startswith("ksm."))]
+    slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", "_".join(parts))[:60].strip("-_") or "trial"
+    return f"{slug}_r{repetition}_{digest[:8]}"
+
+
+def expand(plan: Plan) -> list[Trial]:
+    """The plan's trials: axis product, minus excludes, plus includes, x repetitions."""
+    axes = sweep_axes(plan)
+    names = list(axes)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*axes.values())] if names else [{}]
+    for pattern in plan.sweep.exclude:
+        flat = _flatten(pattern)
+        unknown = set(flat) - set(names)
+        if unknown:
+            raise PlanError(f"[sweep] exclude names {sorted(unknown)}, which are not sweep axes")
+        points = [p for p in points if not _matches(p, flat)]
+    for extra in plan.sweep.include:
+        flat = _flatten(extra)
+        if flat not in points:
+            points.append(flat)
+    if not points:
+        raise PlanError("[sweep] excludes every trial: nothing to run")
+
+    base = {
+        "ksm": plan.ksm.model_dump(exclude_none=True),
+        "host": plan.host.model_dump(exclude_none=True),
+        "workload": plan.workload.model_dump(),
+        "guests": plan.guests.model_dump() if plan.guests else None,
+    }
+    resolved_points: list[tuple[dict[str, Any], bool]] = [(p, False) for p in points]
+    if plan.study.ksm_off_baseline:
+        seen: set[str] = set()
+        for p in points:
+            non_ksm = {k: v for k, v in p.items() if not k.startswith("ksm.")}
+            key = _canonical(non_ksm)
+            if key not in seen:
+                seen.add(key)
+                resolved_points.insert(len(seen) - 1, (non_ksm, True))
+
+    trials: list[Trial] = []
+    for repetition in range(plan.study.repetitions):
+        for point, ksm_off in resolved_points:
+            resolved = _resolve(plan, base, point, ksm_off)
+            trial_id = _trial_id(point, resolved, repetition, ksm_off)
+            label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={v}" for k, v in point.items())
+            if ksm_off and point:
+                label += " (" + ", ".join(f"{_short(k)}={v}" for k, v in point.items()) + ")"
+            trials.append(
+                Trial(
+                    trial_id=trial_id,
+                    index=0,
+                    repetition=repetition,
+                    settings=dict(point),
+                    ksm={} if ksm_off else resolved["ksm"],
+                    host=resolved["host"],
+                    workload=resolved["workload"],
+                    guests=resolved["guests"],
+                    phases=resolved["phases"],
+                    sampling=resolved["sampling"],
+                    ksm_off=ksm_off,
+                    label=label or "default",
+                )
+            )
+    if plan.study.order == "shuffled":
+        random.Random(plan.study.seed).shuffle(trials)
+    return [Trial(**{**t.__dict__, "index": i}) for i, t in enumerate(trials)]
+
+
+def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: bool) -> dict[str, Any]:
+    """Apply a sweep point to the held settings and validate the result as a whole."""
+    merged = json.loads(_canonical(base))
+    for name, value in point.items():
+        section, key = name.split(".", 1)
+        if merged.get(section) is None:
+            raise PlanError(f"[sweep] axis '{name}' sweeps [{section}], which this plan does not have")
+        target = merged[section]
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    try:
+        KsmSection.model_validate(merged["ksm"])
+        HostSection.model_validate(merged["host"])
+        _WORKLOAD_BY_TYPE[merged["workload"]["type"]].model_validate(merged["workload"])
+        if merged["guests"] is not None:
+            GuestsSection.model_validate(merged["guests"])
+    except ValidationError as exc:
+        raise PlanError(_describe(exc, prefix=f"[sweep] point {point}: ")) from None
+    merged["ksm_off"] = ksm_off
+    merged["phases"] = plan.phases.model_dump()
+    merged["sampling"] = plan.sampling.model_dump()
+    return merged
+
+
+_WORKLOAD_BY_TYPE: dict[str, type[BaseModel]] = {
+    "processes": ProcessesWorkloadSection,
+    "idle": IdleWorkloadSection,
+    "sysbench": SysbenchWorkloadSection,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+        # A discriminated union adds the tag to the path ("workload.processes.pages"): drop it.
+        if len(loc) > 1 and loc[0] == "workload" and loc[1] in _WORKLOAD_BY_TYPE:
+            loc.pop(1)
+        key = ".".join(loc) or "(plan)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = err.get("input")
+        tail = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{prefix}{key}: {msg}{tail}")
+    return "invalid plan:\n  " + "\n  ".join(lines)
+
+
+def parse_plan(text: str, source: str = "<plan>") -> Plan:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(f"{source}: " + _describe(exc)) from None
+    expand(plan)  # validates every sweep point; raises PlanError naming the axis
+    return plan
+
+
+def load_plan(path: Path | str) -> tuple[Plan, str]:
+    """Return the validated plan and its exact text (stored in the study folder as run)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
+    return parse_plan(text, source=str(path)), text
+
+
+def knobs_used(trials: list[Trial]) -> set[str]:
+    return {knob for trial in trials for knob in trial.ksm}
+
+
+def check_against_host(trials: list[Trial], ksm_dir: Path) -> None:
+    """Refuse a plan that sets a knob this kernel lacks (older kernels have fewer files)."""
+    missing = sorted(k for k in knobs_used(trials) if not (ksm_dir / k).exists())
+    if missing:
+        raise PlanError(
+            f"this kernel has no KSM knob(s) {', '.join(missing)} under {ksm_dir}; "
+            "remove them from the plan"
+        )

@@ -1,0 +1,158 @@
+"""The results folder: layout, atomic writes, resume.
+
+<results>/<study>/plan.toml, study.json, host.json, settings-record.json, trials/<id>/...,
+trials.csv (see docs/ARCHITECTURE.md). A trial is finished when its trial.json says "ok";
+trial.json is written last, so a trial interrupted mid-write is simply run again on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class Study:
+    """One study folder. Never overwritten: an existing folder is only reopened with resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.path / "trials"
+
+    @property
+    def settings_record(self) -> Path:
+        return self.path / "settings-record.json"
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.trials_dir / trial_id
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, results_dir: Path, name: str, plan_text: str, trial_ids: list[str], resume: bool) -> "Study":
+        path = results_dir / name
+        study = cls(path)
+        if path.exists():
+            if not resume:
+                raise StoreError(
+                    f"study folder {path} already exists; pass --resume to finish it, "
+                    "or change [study] name / --results to start a new one"
+                )
+            study._check_resumable(plan_text)
+            meta = study.meta()
+            meta["trial_ids"] = trial_ids
+            meta["resumed_wall"] = meta.get("resumed_wall", []) + [time.time()]
+            atomic_write_json(path / "study.json", meta)
+            return study
+        if resume:
+            raise StoreError(f"--resume given but {path} does not exist")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create study folder {path}: {exc.strerror}") from None
+        study.trials_dir.mkdir()
+        atomic_write_text(path / "plan.toml", plan_text)
+        atomic_write_json(
+            path / "study.json",
+            {"schema_version": SCHEMA_VERSION, "name": name, "created_wall": time.time(), "trial_ids": trial_ids},
+        )
+        return study
+
+    @classmethod
+    def open(cls, path: Path) -> "Study":
+        study = cls(path)
+        study.meta()
+        return study
+
+    def meta(self) -> dict[str, Any]:
+        meta_path = self.path / "study.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"{self.path} is not a study folder (no study.json)") from None
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{meta_path} is corrupt: {exc}") from None
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written with results schema {meta.get('schema_version')}, "
+                f"this version reads schema {SCHEMA_VERSION}"
+            )
+        return meta
+
+    def _check_resumable(self, plan_text: str) -> None:
+        self.meta()
+        stored = (self.path / "plan.toml").read_text()
+        if stored != plan_text:
+            raise StoreError(
+                f"the plan differs from the one {self.path} was started with ({self.path / 'plan.toml'}); "
+                "resume with that plan, or start a new study under another name"
+            )
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def trial_record(self, trial_id: str) -> dict[str, Any] | None:
+        path = self.trial_dir(trial_id) / "trial.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_finished(self, trial_id: str) -> bool:
+        record = self.trial_record(trial_id)
+        return record is not None and record.get("status") == "ok"
+
+    def write_trial(self, trial_id: str, record: Mapping[str, Any], frames: Mapping[str, pd.DataFrame],
+                    extra_json: Mapping[str, Any] | None = None) -> Path:
+        """Write a trial's data files, then trial.json (the mark that it is complete)."""
+        folder = self.trial_dir(trial_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, frame in frames.items():
+            if frame is not None and not frame.empty:
+                atomic_write_csv(folder / f"{name}.csv", frame)
+        for name, data in (extra_json or {}).items():
+            atomic_write_json(folder / f"{name}.json", data)
+        atomic_write_json(folder / "trial.json", dict(record))
+        return folder
+
+    def trial_records(self) -> list[dict[str, Any]]:
+        records = []
+        for trial_id in self.meta()["trial_ids"]:
+            record = self.trial_record(trial_id)
+            records.append(record or {"trial_id": trial_id, "status": "not_run"})
+        return records
+
+    def write_trials_csv(self, rows: Iterable[Mapping[str, Any]]) -> Path:
+        path = self.path / "trials.csv"
+        atomic_write_csv(path, pd.DataFrame(list(rows)))
+        return path

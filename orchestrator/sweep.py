@@ -1,0 +1,320 @@
+"""The sweep loop: for each trial, reset KSM -> apply -> workload -> sample -> store; restore.
+
+This is the only module that imports every stage. Signals only set `stop`; every phase waits
+on that event, and every resource (host knobs, workload processes, guests, the sampler) is
+released by a `with`/`finally` on every path. After a SIGKILL, `restore` and `cleanup` do it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator import metrics
+from orchestrator.errors import OrchestratorError
+from orchestrator.hostinfo import collect_host_info
+from orchestrator.ksm import KSM_REL, HostSettings, host_lock, refuse_if_ksmtuned
+from orchestrator.plan import Plan, Trial, check_against_host, expand
+from orchestrator.sampler import Sampler
+from orchestrator.store import Study, atomic_write_json
+from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
+
+log = logging.getLogger(__name__)
+
+
+class StopRequested(OrchestratorError):
+    """SIGINT/SIGTERM arrived: finish tearing down, keep what was measured, exit non-zero."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    def request_stop(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            log.warning("%s received: stopping after teardown (measured data is kept)", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class PhaseClock:
+    """Wall-clock start/end of each phase, stored in trial.json."""
+
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, sampler: Sampler | None = None, progress: Callable[[str], None] | None = None) -> Iterator[None]:
+        if sampler is not None:
+            sampler.set_phase(name)
+        if progress:
+            progress(name)
+        entry = {"start_wall": time.time()}
+        self.timings[name] = entry
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            entry["end_wall"] = time.time()
+            entry["duration_s"] = round(time.monotonic() - start, 3)
+
+
+def wait_or_stop(stop: threading.Event, seconds: float) -> None:
+    if seconds > 0 and stop.wait(seconds):
+        raise StopRequested("interrupted")
+    if stop.is_set():
+        raise StopRequested("interrupted")
+
+
+def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event) -> bool:
+    """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
+    over converge_window_s, capped at max_measure_s. Returns whether it converged."""
+    measure_s = float(plan_phases["measure_s"])
+    start = time.monotonic()
+    if not plan_phases["until_converged"]:
+        wait_or_stop(stop, measure_s)
+        return False
+    window_s = float(plan_phases["converge_window_s"])
+    tolerance = float(plan_phases["converge_tolerance_pct"]) / 100
+    cap_s = float(plan_phases["max_measure_s"])
+    history: collections.deque[tuple[float, float]] = collections.deque()
+    poll_s = min(1.0, window_s / 4)
+    while True:
+        wait_or_stop(stop, poll_s)
+        now = time.monotonic() - start
+        latest = sampler.latest() or {}
+        if "pages_sharing" in latest:
+            history.append((now, float(latest["pages_sharing"])))
+        while history and history[0][0] < now - window_s:
+            history.popleft()
+        if now >= measure_s and history and history[-1][0] - history[0][0] >= window_s * 0.9:
+            values = [v for _, v in history]
+            high = max(values)
+            if high > 0 and (high - min(values)) <= tolerance * high:
+                return True
+        if now >= cap_s:
+            return False
+
+
+class TrialRunner:
+    """Runs one trial of a given kind; the sweep picks the runner by workload type."""
+
+    def __init__(self, plan: Plan, settings: HostSettings, stop: threading.Event,
+                 progress: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.stop = stop
+        self.progress = progress
+
+    def sampler_for(self, trial: Trial, targets: Callable[[], Mapping[str, int]]) -> Sampler:
+        sampling = self.plan.sampling
+        pss_every = max(1, round(sampling.pss_interval_s / sampling.interval_s))
+        return Sampler(sampling.interval_s, pss_every, targets)
+
+    def ksm_phases(self, trial: Trial, sampler: Sampler, clock: PhaseClock) -> bool:
+        """baseline (KSM stopped) -> measure (KSM running, or kept off for the baseline trial)."""
+        phases = trial_phases(trial)
+        with clock.phase("baseline", sampler, self.progress):
+            wait_or_stop(self.stop, phases["baseline_s"])
+        if trial.ksm_off:
+            self.settings.stop()
+        else:
+            self.settings.start()
+        with clock.phase("measure", sampler, self.progress):
+            return measure(phases, sampler, self.stop)
+
+    def close(self) -> None:
+        """Release anything kept across trials (guests)."""
+
+
+def trial_phases(trial: Trial) -> dict[str, Any]:
+    return trial.phases
+
+
+class ProcessesRunner(TrialRunner):
+    def run(self, trial: Trial, clock: PhaseClock) -> dict[str, Any]:
+        params = ProcessesParams(**{k: v for k, v in trial.workload.items() if k != "type"})
+        phases = trial_phases(trial)
+        with ProcessesWorkload(params) as workload:
+            with clock.phase("fill", None, self.progress):
+                workload.start()
+                workload.wait_filled(timeout_s=600)
+            sampler = self.sampler_for(trial, workload.pids)
+            with sampler:
+                with clock.phase("settle", sampler, self.progress):
+                    wait_or_stop(self.stop, phases["settle_s"])
+                converged = self.ksm_phases(trial, sampler, clock)
+            workload.stop(timeout_s=10)
+        return {
+            "frames": {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()},
+            "converged_by_rule": converged,
+            "sampler_errors": sampler.errors_summary(),
+        }
+
+
+def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:
+    if plan.workload.type == "processes":
+        return ProcessesRunner(plan, settings, stop, progress)
+    from orchestrator.vmrunner import VmRunner  # the VM stages load libvirt/paramiko only when needed
+
+    return VmRunner(plan, settings, stop, progress)
+
+
+@dataclass
+class SweepOutcome:
+    study: Study
+    ran: int = 0
+    skipped: int = 0
+    failed: int = 0
+    interrupted: bool = False
+
+
+def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
+              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/")) -> SweepOutcome:
+    trials = expand(plan)
+    check_against_host(trials, root / KSM_REL)
+    refuse_if_ksmtuned(root)
+    stop = threading.Event()
+    with host_lock():
+        study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
+        host_json = study.path / "host.json"
+        if not host_json.exists():
+            atomic_write_json(host_json, collect_host_info(root, with_vm_tools=plan.guests is not None))
+        outcome = SweepOutcome(study)
+        settings = HostSettings(study.settings_record, root)
+        progress = progress_factory(len(trials)) if progress_factory else _LogProgress(len(trials))
+        with stop_on_signals(stop), progress:
+            runner = runner_for(plan, settings, stop, progress.phase)
+            try:
+                for trial in trials:
+                    if study.is_finished(trial.trial_id):
+                        outcome.skipped += 1
+                        progress.advance(trial, "skipped (finished)")
+                        continue
+                    if stop.is_set():
+                        break
+                    status = _run_one(study, runner, settings, trial, stop, progress)
+                    outcome.ran += 1
+                    outcome.failed += status != "ok"
+                    progress.advance(trial, status)
+            finally:
+                try:
+                    runner.close()
+                finally:
+                    restored = settings.restore()
+                    log.info("host settings restored: %s", ", ".join(restored) or "nothing changed")
+        outcome.interrupted = stop.is_set()
+        write_trials_table(study)
+    return outcome
+
+
+def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: Trial,
+             stop: threading.Event, progress: Any) -> str:
+    clock = PhaseClock()
+    record: dict[str, Any] = {
+        "trial_id": trial.trial_id,
+        "index": trial.index,
+        "repetition": trial.repetition,
+        "label": trial.label,
+        "settings": trial.settings,
+        "ksm": trial.ksm,
+        "host": trial.host,
+        "workload": trial.workload,
+        "guests": trial.guests,
+        "kind": trial.workload["type"],
+        "ksm_off": trial.ksm_off,
+        "status": "failed",
+        "reason": None,
+        "started_wall": time.time(),
+    }
+    result: dict[str, Any] = {}
+    progress.start_trial(trial)
+    try:
+        with clock.phase("reset", None, progress.phase):
+            record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
+            settings.apply(trial.ksm, trial.host)
+            record["ksm_applied"] = {k: v for k, v in _read_knobs(settings).items()}
+        result = runner.run(trial, clock) or {}
+        record["status"] = "ok"
+    except StopRequested:
+        record["reason"] = "interrupted by signal"
+        result = getattr(runner, "partial", None) or result
+    except OrchestratorError as exc:
+        record["reason"] = str(exc)
+        log.error("trial %s failed: %s", trial.trial_id, exc)
+    except Exception as exc:  # a bug in one trial must not lose the study: record it and go on
+        record["reason"] = f"{type(exc).__name__}: {exc}"
+        log.exception("trial %s failed unexpectedly", trial.trial_id)
+    finally:
+        with contextlib.suppress(OrchestratorError):
+            settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"])
+    record["timings"] = clock.timings
+    record["ended_wall"] = time.time()
+    record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
+    study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+    return record["status"]
+
+
+def _read_knobs(settings: HostSettings) -> dict[str, str]:
+    from orchestrator.ksm import read_ksm_knobs
+
+    knobs = read_ksm_knobs(settings.root)
+    return {k: knobs[k] for k in ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
+                                  "use_zero_pages", "smart_scan", "advisor_mode") if k in knobs}
+
+
+def write_trials_table(study: Study) -> Path:
+    """trials.csv: one row per trial (finished or not), swept settings + headline metrics."""
+    rows = []
+    for record in study.trial_records():
+        row: dict[str, Any] = {
+            "trial_id": record["trial_id"],
+            "status": record.get("status"),
+            "reason": record.get("reason"),
+            "label": record.get("label"),
+            "repetition": record.get("repetition"),
+            "ksm_off": record.get("ksm_off"),
+        }
+        row.update(record.get("settings") or {})
+        if record.get("status") in ("ok", "failed") and (study.trial_dir(record["trial_id"]) / "ksm.csv").exists():
+            with contextlib.suppress(Exception):
+                row.update(metrics.headline_metrics(study.trial_dir(record["trial_id"])))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return study.write_trials_csv(frame.to_dict("records"))
+
+
+class _LogProgress:
+    """Progress as log lines, when no rich console is wanted."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __enter__(self) -> "_LogProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def start_trial(self, trial: Trial) -> None:
+        log.info("trial %d/%d %s (%s)", trial.index + 1, self.total, trial.trial_id, trial.label)
+
+    def phase(self, name: str) -> None:
+        log.info("  phase %s", name)
+
+    def advance(self, trial: Trial, status: str) -> None:
+        log.info("trial %s: %s", trial.trial_id, status)

@@ -1,0 +1,135 @@
+"""KSM knobs on the real sysfs (marked ksm: never run two of these at once) and fake trees."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import HostError, KsmError, LockError
+from orchestrator.ksm import (
+    KSM_REL,
+    HostSettings,
+    host_lock,
+    read_ksm_knobs,
+    read_sysfs_value,
+    refuse_if_ksmtuned,
+    restore_from_record,
+)
+
+ksm = pytest.mark.ksm
+
+
+def fake_ksm_tree(root: Path, files: dict[str, str]) -> Path:
+    ksm_dir = root / KSM_REL
+    ksm_dir.mkdir(parents=True)
+    for name, value in files.items():
+        (ksm_dir / name).write_text(value + "\n")
+    return ksm_dir
+
+
+OLD_KERNEL = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "0",
+              "pages_sharing": "0", "pages_unshared": "0", "pages_volatile": "0", "full_scans": "0",
+              "merge_across_nodes": "1", "max_page_sharing": "256", "use_zero_pages": "0"}
+
+
+def test_reads_an_old_kernel_without_newer_files(tmp_path):
+    fake_ksm_tree(tmp_path, OLD_KERNEL)
+    knobs = read_ksm_knobs(tmp_path)
+    assert knobs["pages_to_scan"] == "100"
+    assert "general_profit" not in knobs and "advisor_mode" not in knobs
+
+
+def test_missing_ksm_is_a_clear_host_error(tmp_path):
+    with pytest.raises(HostError, match="CONFIG_KSM"):
+        read_ksm_knobs(tmp_path)
+
+
+def test_choice_files_read_the_selected_value(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert read_sysfs_value(path) == "madvise"
+
+
+def test_record_is_written_before_the_write_and_restore_is_reverse(tmp_path):
+    fake_ksm_tree(tmp_path, OLD_KERNEL)
+    record = tmp_path / "record.json"
+    settings = HostSettings(record, tmp_path)
+    settings.write(KSM_REL / "run", 2)
+    settings.apply({"pages_to_scan": 1000, "merge_across_nodes": 0}, {})
+    settings.start()
+    entries = json.loads(record.read_text())
+    assert [e["path"].rsplit("/", 1)[1] for e in entries] == ["run", "merge_across_nodes", "pages_to_scan"]
+    assert entries[0]["old"] == "0" and entries[2]["old"] == "100"
+    # A second trial changes pages_to_scan again: the record keeps the host's original.
+    settings.reset(timeout_s=1)
+    settings.apply({"pages_to_scan": 3000}, {})
+    assert json.loads(record.read_text())[2]["old"] == "100"
+    # merge_across_nodes goes back to the host's value because this trial did not name it.
+    assert read_sysfs_value(tmp_path / KSM_REL / "merge_across_nodes") == "1"
+    restore_from_record(record, tmp_path)
+    assert read_ksm_knobs(tmp_path) == {k: v for k, v in OLD_KERNEL.items()}
+
+
+def test_apply_refuses_a_knob_the_kernel_lacks(tmp_path):
+    fake_ksm_tree(tmp_path, OLD_KERNEL)
+    settings = HostSettings(tmp_path / "r.json", tmp_path)
+    settings.reset(timeout_s=1)
+    with pytest.raises(KsmError, match="smart_scan"):
+        settings.apply({"smart_scan": 1}, {})
+
+
+def test_restore_without_record_is_a_clear_error(tmp_path):
+    with pytest.raises(HostError, match="no settings record"):
+        restore_from_record(tmp_path / "nope.json")
+
+
+def test_ksmtuned_is_refused(tmp_path):
+    (tmp_path / "proc/4242").mkdir(parents=True)
+    (tmp_path / "proc/4242/comm").write_text("ksmtuned\n")
+    with pytest.raises(HostError, match="ksmtuned is running \\(pid 4242\\)"):
+        refuse_if_ksmtuned(tmp_path)
+    refuse_if_ksmtuned(Path("/"))  # this host runs no ksmtuned
+
+
+def test_second_sweep_is_refused_by_the_host_lock(tmp_path):
+    lock = tmp_path / "sweep.lock"
+    with host_lock(lock):
+        code = (
+            "import sys; from pathlib import Path; from orchestrator.ksm import host_lock\n"
+            "from orchestrator.errors import LockError\n"
+            f"try:\n    with host_lock(Path({str(lock)!r})): sys.exit(0)\n"
+            "except LockError as e:\n    print(e); sys.exit(3)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 3 and f"pid {os.getpid()}" in out.stdout
+    with host_lock(lock):
+        pass  # released
+
+
+@ksm
+def test_real_knobs_apply_and_restore(tmp_path, ksm_guard):
+    settings = HostSettings(tmp_path / "record.json", Path("/"))
+    settings.reset(timeout_s=30)
+    settings.apply({"pages_to_scan": 1234, "sleep_millisecs": 7, "use_zero_pages": 1}, {"thp_enabled": "never"})
+    settings.start()
+    knobs = read_ksm_knobs()
+    assert (knobs["run"], knobs["pages_to_scan"], knobs["sleep_millisecs"], knobs["use_zero_pages"]) == ("1", "1234", "7", "1")
+    assert read_sysfs_value(Path("/sys/kernel/mm/transparent_hugepage/enabled")) == "never"
+    settings.restore()
+
+
+@ksm
+def test_real_advisor_mode_and_pages_to_scan(tmp_path, ksm_guard):
+    if "advisor_mode" not in read_ksm_knobs():
+        pytest.skip("kernel without the KSM advisor")
+    settings = HostSettings(tmp_path / "record.json", Path("/"))
+    settings.reset(timeout_s=30)
+    settings.apply({"advisor_mode": "scan-time"}, {})
+    settings.reset(timeout_s=30)
+    # pages_to_scan is refused by the kernel while the advisor drives it: apply sets it aside.
+    settings.apply({"pages_to_scan": 2222}, {})
+    assert read_ksm_knobs()["advisor_mode"] == "none"
+    settings.restore()
