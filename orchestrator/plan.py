@@ -115,7 +115,9 @@ class ProcessesWorkloadSection(_Strict):
     fill: Literal["zero", "same", "fixed_random", "random", "duplicate_fraction"] = "same"
     distinct_pages: int = Field(26, ge=1)
     duplicate_fraction: float = Field(0.5, ge=0, le=1)
-    rounds: int = Field(0, ge=0)
+    # Fills per worker, the first included; 0 = refill every round_wait_s until the trial ends.
+    # Refills rewrite merged pages: copy-on-write breaks merges, which is what makes pages volatile.
+    rounds: int = Field(1, ge=0)
     round_wait_s: float = Field(1.0, ge=0)
     merge_mode: Literal["madvise", "prctl"] = "madvise"
     cpu_pin: Literal["none", "alternate"] | list[int] = "none"

@@ -146,24 +146,40 @@ def trial_phases(trial: Trial) -> dict[str, Any]:
 
 
 class ProcessesRunner(TrialRunner):
-    def run(self, trial: Trial, clock: PhaseClock) -> dict[str, Any]:
-        params = ProcessesParams(**{k: v for k, v in trial.workload.items() if k != "type"})
+    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
+        params = processes_params(trial.workload)
         phases = trial_phases(trial)
         with ProcessesWorkload(params) as workload:
             with clock.phase("fill", None, self.progress):
                 workload.start()
                 workload.wait_filled(timeout_s=600)
             sampler = self.sampler_for(trial, workload.pids)
-            with sampler:
-                with clock.phase("settle", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["settle_s"])
-                converged = self.ksm_phases(trial, sampler, clock)
+            try:
+                with sampler:
+                    with clock.phase("settle", sampler, self.progress):
+                        wait_or_stop(self.stop, phases["settle_s"])
+                    result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
+                result["rounds_done"] = workload.rounds_done()
+            finally:
+                # Whatever happened, what was sampled is kept.
+                result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()}
+                result["sampler"] = sampler_health(sampler)
             workload.stop(timeout_s=10)
-        return {
-            "frames": {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()},
-            "converged_by_rule": converged,
-            "sampler_errors": sampler.errors_summary(),
-        }
+
+
+def processes_params(workload: Mapping[str, Any]) -> ProcessesParams:
+    values = {k: v for k, v in workload.items() if k != "type"}
+    pin = values.get("cpu_pin")
+    values["cpu_pin"] = None if pin == "none" else (tuple(pin) if isinstance(pin, list) else pin)
+    return ProcessesParams(**values)
+
+
+def sampler_health(sampler: Sampler) -> dict[str, Any]:
+    return {
+        "error_count": sampler.error_count,
+        "last_error": repr(sampler.last_error) if sampler.last_error else None,
+        "missed_ticks": getattr(sampler, "missed_ticks", 0),
+    }
 
 
 def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:
@@ -248,11 +264,10 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
             record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
             settings.apply(trial.ksm, trial.host)
             record["ksm_applied"] = {k: v for k, v in _read_knobs(settings).items()}
-        result = runner.run(trial, clock) or {}
+        runner.run(trial, clock, result)
         record["status"] = "ok"
     except StopRequested:
         record["reason"] = "interrupted by signal"
-        result = getattr(runner, "partial", None) or result
     except OrchestratorError as exc:
         record["reason"] = str(exc)
         log.error("trial %s failed: %s", trial.trial_id, exc)
@@ -278,7 +293,7 @@ def _read_knobs(settings: HostSettings) -> dict[str, str]:
 
 
 def write_trials_table(study: Study) -> Path:
-    """trials.csv: one row per trial (finished or not), swept settings + headline metrics."""
+    """trials.csv: one row per trial (finished, failed or not run), swept settings + metrics."""
     rows = []
     for record in study.trial_records():
         row: dict[str, Any] = {
@@ -290,12 +305,17 @@ def write_trials_table(study: Study) -> Path:
             "ksm_off": record.get("ksm_off"),
         }
         row.update(record.get("settings") or {})
-        if record.get("status") in ("ok", "failed") and (study.trial_dir(record["trial_id"]) / "ksm.csv").exists():
-            with contextlib.suppress(Exception):
-                row.update(metrics.headline_metrics(study.trial_dir(record["trial_id"])))
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    return study.write_trials_csv(frame.to_dict("records"))
+    table = pd.DataFrame(rows)
+    try:
+        derived = metrics.study_metrics(study.path)
+    except Exception as exc:  # the table of what ran must be written even if a metric breaks
+        log.error("derived metrics failed, trials.csv has settings and status only: %s", exc)
+        derived = pd.DataFrame()
+    if not derived.empty and "trial_id" in derived:
+        extra = [c for c in derived.columns if c not in table.columns or c == "trial_id"]
+        table = table.merge(derived[extra], on="trial_id", how="left")
+    return study.write_trials_csv(table.to_dict("records"))
 
 
 class _LogProgress:

@@ -1,0 +1,63 @@
+# ksm-lab: `make demo` runs the main job, `make test` passes the tests (fresh Debian host, root).
+# Every target is idempotent: it installs what it needs and skips what is already there.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: help host venv browser demo quickstart test test-fast test-vm bench clean-host
+
+help:
+	@echo "make demo        host set-up, venv, guest image (cached), run plans/demo.toml (VMs + sysbench)"
+	@echo "make quickstart  run plans/quickstart.toml (no VMs, ~3 min)"
+	@echo "make test        the whole test suite, VM end-to-end tests included"
+	@echo "make test-fast   tests without VMs or a browser"
+	@echo "make bench       print the benchmark figures"
+
+# Debian packages (QEMU, libvirt, build deps of libvirt-python) and virtlogd/libvirtd running.
+host:
+	bash scripts/host-setup.sh
+
+$(STAMP):
+	bash scripts/host-setup.sh --packages-only
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium >/dev/null
+
+demo: host venv
+	$(PY) -m orchestrator image build
+	$(PY) -m orchestrator sweep plans/demo.toml --results results
+	@echo "results: results/demo (report: results/demo/report/report.html)"
+
+quickstart: venv
+	$(PY) -m orchestrator sweep plans/quickstart.toml --results results
+
+# Tests run one at a time: several change the host's one KSM and must not overlap.
+test: host venv browser
+	$(PY) -m orchestrator image build
+	$(PYTEST) tests -ra; rc=$$?; bash scripts/host-setup.sh --stop; exit $$rc
+
+test-fast: venv
+	$(PYTEST) tests -ra -m "not vm and not browser"
+
+test-vm: host venv
+	$(PYTEST) tests -ra -m vm
+
+bench: venv
+	$(PY) benchmarks/fill_rate.py
+	$(PY) benchmarks/sampler_overhead.py
+	$(PY) benchmarks/report_speed.py
+
+clean-host:
+	$(PY) -m orchestrator cleanup
+	bash scripts/host-setup.sh --stop
