@@ -1,0 +1,174 @@
+"""The quick study on the real KSM: merging, restoring on every exit path, resume.
+
+Every test here changes the host's one KSM (marker `ksm`) and runs one at a time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from orchestrator.errors import StoreError
+from orchestrator.plan import parse_plan
+from orchestrator.sweep import run_sweep
+from tests.conftest import snapshot
+
+pytestmark = pytest.mark.ksm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def plan_text(name: str, fills=("same", "random"), measure_s=4, pts=(2000,), extra="") -> str:
+    return f"""
+[study]
+name = "{name}"
+[ksm]
+sleep_millisecs = 10
+[workload]
+type = "processes"
+processes = 2
+pages_per_process = 4000
+{extra}
+[phases]
+baseline_s = 1
+measure_s = {measure_s}
+[sampling]
+interval_s = 0.25
+pss_interval_s = 1
+[sweep.ksm]
+pages_to_scan = {list(pts)}
+[sweep.workload]
+fill = {json.dumps(list(fills))}
+"""
+
+
+def sweep(text: str, results: Path, resume: bool = False):
+    return run_sweep(parse_plan(text), text, results, resume=resume)
+
+
+def test_same_fill_merges_and_random_does_not(results_dir, ksm_guard):
+    # A fast scan rate: other mergeable memory on the host (e.g. QEMU guests) is scanned too.
+    outcome = sweep(plan_text("merge", pts=(20000,), measure_s=8), results_dir)
+    table = pd.read_csv(outcome.study.path / "trials.csv").set_index("workload.fill")
+    assert (table["status"] == "ok").all()
+    # 2 x 4000 identical pages: all but one page per KSM page are sharing.
+    assert table.loc["same", "saved_mib"] > 0.9 * 8000 * 4096 / 2**20
+    assert table.loc["same", "time_to_90pct_s"] > 0
+    trials = outcome.study.path / "trials"
+    ksm = pd.read_csv(next(trials.glob("pts20000-fillsame*")) / "ksm.csv")
+    assert {"baseline", "measure"} <= set(ksm["phase"])
+    assert ksm.loc[ksm.phase == "baseline", "pages_sharing"].max() == 0  # KSM was off before measure
+    # pages_sharing is host-wide (other mergeable memory counts too): judge our own processes.
+    same = pd.read_csv(next(trials.glob("pts20000-fillsame*")) / "processes.csv")
+    assert set(same["label"]) == {"proc-0", "proc-1"}
+    assert same.groupby("label")["ksm_merging_pages"].max().min() > 0.9 * 4000
+    random = pd.read_csv(next(trials.glob("pts20000-fillrandom*")) / "processes.csv")
+    assert random["ksm_merging_pages"].max() == 0
+
+
+def test_knobs_restored_after_a_trial_raises(results_dir, ksm_guard, monkeypatch):
+    from orchestrator import sweep as sweep_module
+
+    def explode(self, trial, clock, result):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(sweep_module.ProcessesRunner, "run", explode)
+    outcome = sweep(plan_text("boom", fills=("same",)), results_dir)
+    assert outcome.failed == 1
+    record = json.loads(next((outcome.study.path / "trials").glob("*/trial.json")).read_text())
+    assert record["status"] == "failed" and "injected failure" in record["reason"]
+
+
+def test_knobs_restored_when_the_loop_itself_is_interrupted(results_dir, ksm_guard, monkeypatch):
+    from orchestrator import sweep as sweep_module
+
+    def interrupt(self, trial, clock, result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module.ProcessesRunner, "run", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(plan_text("kbd", fills=("same",)), results_dir)
+
+
+def _start_sweep(plan: Path, results: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--no-report"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_measure(results: Path, name: str, proc: subprocess.Popen, timeout_s: float = 60) -> list[int]:
+    """Wait until KSM runs with the plan's settings and return the workload's pids."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if Path("/sys/kernel/mm/ksm/run").read_text().strip() == "1":
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if children:
+                return [c.pid for c in children]
+        time.sleep(0.1)
+    raise AssertionError("sweep never reached the measure phase")
+
+
+def test_sigint_restores_knobs_keeps_data_and_exits_130(tmp_path, results_dir, ksm_guard):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text("sigint", fills=("same",), measure_s=60))
+    proc = _start_sweep(plan, results_dir)
+    workers = _wait_for_measure(results_dir, "sigint", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert snapshot() == ksm_guard
+    assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    trial = next((results_dir / "sigint/trials").iterdir())
+    record = json.loads((trial / "trial.json").read_text())
+    assert record["status"] == "failed" and "interrupted" in record["reason"]
+    assert len(pd.read_csv(trial / "ksm.csv")) > 3  # measured data kept
+
+
+def test_sigkill_then_restore_command(tmp_path, results_dir, ksm_guard):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text("sigkill", fills=("same",), measure_s=60, pts=(1234,)))
+    proc = _start_sweep(plan, results_dir)
+    workers = _wait_for_measure(results_dir, "sigkill", proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() == "1234"
+    # Workers notice their parent's death and exit on their own.
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) for p in workers)
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / "sigkill")],
+                         cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert "pages_to_scan=" in out.stdout
+    assert snapshot() == ksm_guard
+
+
+def test_resume_skips_exactly_the_finished_trials(results_dir, ksm_guard):
+    text = plan_text("resume", pts=(1000, 3000), measure_s=2)
+    first = sweep(text, results_dir)
+    assert first.ran == 4
+    trials = sorted((results_dir / "resume/trials").iterdir())
+    # Pretend the sweep died during two trials: one mid-write (no trial.json), one failed.
+    (trials[0] / "trial.json").unlink()
+    failed = json.loads((trials[1] / "trial.json").read_text()) | {"status": "failed", "reason": "x"}
+    (trials[1] / "trial.json").write_text(json.dumps(failed))
+    untouched = {t.name: (t / "trial.json").stat().st_mtime_ns for t in trials[2:]}
+    with pytest.raises(StoreError, match="already exists"):
+        sweep(text, results_dir)
+    with pytest.raises(StoreError, match="plan differs"):
+        sweep(text.replace("processes = 2", "processes = 1"), results_dir, resume=True)
+    second = sweep(text, results_dir, resume=True)
+    assert (second.ran, second.skipped) == (2, 2)
+    assert {t.name: (t / "trial.json").stat().st_mtime_ns for t in trials[2:]} == untouched
+    table = pd.read_csv(results_dir / "resume/trials.csv")
+    assert len(table) == 4 and (table["status"] == "ok").all()
