@@ -147,19 +147,6 @@ class SysbenchWorkloadSection(_Strict):
 WorkloadSection = ProcessesWorkloadSection | IdleWorkloadSection | SysbenchWorkloadSection
 
 
-class ImageSection(_Strict):
-    recipe: str = "debian-sysbench"
-    cache_dir: str | None = None
-    # A user-brought image instead of a recipe.
-    qcow2: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    ssh_user: str | None = None
-    ssh_key: str | None = None
-    ssh_host_key: str | None = None
-
-
 class GuestsSection(_Strict):
     count: int = Field(2, ge=1, le=256)
     memory_mib: int = Field(1024, ge=128)
@@ -167,7 +154,10 @@ class GuestsSection(_Strict):
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     uri: str = "qemu:///system"
     template: str | None = None
-    image: ImageSection = ImageSection()
+    # {recipe = NAME}, {manifest = PATH} or a brought image {disk, ssh_key, known_host_key, ...};
+    # checked by images.resolve_image before anything boots.
+    image: dict[str, Any] = Field(default_factory=lambda: {"recipe": "debian-sysbench"})
+    image_cache_dir: str | None = None
     network: str = "user"
     nosharepages: bool = False
     hugepages: bool = False
