@@ -123,7 +123,8 @@ class TrialRunner:
     def sampler_for(self, trial: Trial, targets: Callable[[], Mapping[str, int]]) -> Sampler:
         sampling = self.plan.sampling
         pss_every = max(1, round(sampling.pss_interval_s / sampling.interval_s))
-        return Sampler(sampling.interval_s, pss_every, targets)
+        # The first tick fires on entry, before the first phase is announced: name it here.
+        return Sampler(sampling.interval_s, pss_every, targets, phase="settle")
 
     def ksm_phases(self, trial: Trial, sampler: Sampler, clock: PhaseClock) -> bool:
         """baseline (KSM stopped) -> measure (KSM running, or kept off for the baseline trial)."""

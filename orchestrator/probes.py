@@ -1,0 +1,326 @@
+"""Read KSM, memory and per-process counters from /proc and /sys.
+
+Pure parsers take the text of one file and return numbers; thin readers take
+`root: Path = Path("/")` so tests point them at a fake tree under tmp_path.
+
+Per-process readers return None when the process has gone (or is a zombie
+without an address space): a target exiting mid-trial is normal, not an error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import HostError
+
+KSM_SYSFS = Path("sys/kernel/mm/ksm")
+
+# /proc/vmstat counters that move with KSM (cow_ksm: COW breaks of merged
+# pages) or with THP, which competes with KSM for the same anonymous memory.
+VMSTAT_OF_INTEREST: tuple[str, ...] = (
+    "cow_ksm",
+    "ksm_swpin_copy",
+    "thp_split_page",
+    "thp_split_pmd",
+    "thp_fault_alloc",
+    "thp_collapse_alloc",
+)
+
+CLOCK_TICKS_PER_S: int = os.sysconf("SC_CLK_TCK")
+PAGE_KIB: int = os.sysconf("SC_PAGE_SIZE") // 1024
+
+PF_KTHREAD = 0x00200000  # task->flags bit for kernel threads (include/linux/sched.h)
+
+# Errors that mean "this pid no longer has what we want": gone entirely
+# (ENOENT) or exiting/zombie (ESRCH from files that need the task's mm).
+_GONE_ERRNOS = (errno.ENOENT, errno.ESRCH)
+
+
+def _read(path: Path) -> str:
+    # os.read is ~3x cheaper than open().read() on tiny sysfs/proc files, and the
+    # sampler reads ~30 of them per tick. Loop: a seq_file may return in pieces.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+# --- system-wide KSM counters ------------------------------------------------
+
+
+def parse_ksm_dir(texts: Mapping[str, str]) -> dict[str, int]:
+    """Integer-valued files of the KSM sysfs dir, from {file name: file text}.
+
+    Files whose text is not one integer (advisor_mode "[none] scan-time") are
+    left out; read_ksm_text() returns those.
+    """
+    values: dict[str, int] = {}
+    for name, text in texts.items():
+        value = _parse_int(text)
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def read_ksm_files(root: Path = Path("/")) -> dict[str, str]:
+    """Raw text of every readable file in {root}/sys/kernel/mm/ksm, by name."""
+    ksm_dir = root / KSM_SYSFS
+    try:
+        names = sorted(entry.name for entry in os.scandir(ksm_dir) if entry.is_file())
+    except FileNotFoundError:
+        raise HostError(f"{ksm_dir} does not exist: this kernel has no KSM (CONFIG_KSM)") from None
+    texts: dict[str, str] = {}
+    for name in names:
+        try:
+            texts[name] = _read(ksm_dir / name)
+        except OSError:
+            # A write-only or vanished attribute is not a counter we can sample.
+            continue
+    return texts
+
+
+def read_ksm(root: Path = Path("/")) -> dict[str, int]:
+    """Every integer KSM sysfs value (general_profit in bytes, may be negative)."""
+    return parse_ksm_dir(read_ksm_files(root))
+
+
+def read_ksm_text(root: Path = Path("/")) -> dict[str, str]:
+    """The KSM sysfs values that are not integers (e.g. advisor_mode), stripped."""
+    return {
+        name: text.strip()
+        for name, text in read_ksm_files(root).items()
+        if _parse_int(text) is None
+    }
+
+
+# --- /proc/PID/stat and ksmd ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    utime_ticks: int
+    stime_ticks: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    """Parse /proc/PID/stat. comm may hold spaces and ')', so split at the last ')'."""
+    head, sep, tail = text.rpartition(")")
+    if not sep:
+        raise ValueError(f"not a /proc/PID/stat line: {text[:80]!r}")
+    pid_text, _, comm = head.partition(" (")
+    # Fields after comm, numbered as in proc(5) minus 3: state=3, ppid=4, flags=9,
+    # utime=14, stime=15.
+    fields = tail.split()
+    return ProcStat(
+        pid=int(pid_text),
+        comm=comm,
+        state=fields[0],
+        ppid=int(fields[1]),
+        flags=int(fields[6]),
+        utime_ticks=int(fields[11]),
+        stime_ticks=int(fields[12]),
+    )
+
+
+def parse_proc_stat_cpu(text: str) -> tuple[int, int]:
+    """(utime_ticks, stime_ticks) from /proc/PID/stat."""
+    stat = parse_proc_stat(text)
+    return stat.utime_ticks, stat.stime_ticks
+
+
+def read_proc_stat(pid: int, root: Path = Path("/")) -> ProcStat | None:
+    try:
+        return parse_proc_stat(_read(root / "proc" / str(pid) / "stat"))
+    except OSError as exc:
+        if exc.errno in _GONE_ERRNOS:
+            return None
+        raise
+
+
+def read_cpu_seconds(pid: int, root: Path = Path("/")) -> float | None:
+    """utime+stime of pid in seconds, or None if the process has gone."""
+    stat = read_proc_stat(pid, root)
+    if stat is None:
+        return None
+    return (stat.utime_ticks + stat.stime_ticks) / CLOCK_TICKS_PER_S
+
+
+def find_ksmd_pid(root: Path = Path("/")) -> int | None:
+    """PID of the kernel thread named exactly "ksmd", or None.
+
+    Scans /proc once; callers keep the result (ksmd lives as long as the kernel).
+    A user process may call itself ksmd, so the kernel-thread flag must be set.
+    """
+    try:
+        entries = [entry.name for entry in os.scandir(root / "proc") if entry.name.isdigit()]
+    except FileNotFoundError:
+        return None
+    for name in sorted(entries, key=int):
+        try:
+            stat = parse_proc_stat(_read(root / "proc" / name / "stat"))
+        except (OSError, ValueError, IndexError):
+            continue
+        if stat.comm == "ksmd" and stat.is_kernel_thread:
+            return stat.pid
+    return None
+
+
+# --- system memory -------------------------------------------------------------
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as {field: value}; values are KiB except the HugePages_* counts."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        parts = rest.split()
+        if sep and parts:
+            values[key.strip()] = int(parts[0])
+    return values
+
+
+def parse_vmstat(text: str) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
+    return parse_meminfo(_read(root / "proc" / "meminfo"))
+
+
+def read_vmstat(root: Path = Path("/")) -> dict[str, int]:
+    return parse_vmstat(_read(root / "proc" / "vmstat"))
+
+
+# --- per-process memory --------------------------------------------------------
+
+_SMAPS_FIELDS = {
+    "Rss": "rss_kib",
+    "Pss": "pss_kib",
+    "Swap": "swap_kib",
+    "AnonHugePages": "anon_huge_pages_kib",
+    "KSM": "ksm_kib",  # 6.x kernels only
+}
+
+
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """rss/pss/uss/swap/anon_huge_pages (+ksm where present) in KiB.
+
+    USS = Private_Clean + Private_Dirty: what the process alone maps. Fields the
+    kernel does not print are absent from the result.
+    """
+    raw: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        parts = rest.split()
+        if sep and len(parts) == 2 and parts[1] == "kB":
+            raw[key] = int(parts[0])
+    result = {column: raw[field] for field, column in _SMAPS_FIELDS.items() if field in raw}
+    if "Private_Clean" in raw and "Private_Dirty" in raw:
+        result["uss_kib"] = raw["Private_Clean"] + raw["Private_Dirty"]
+    return result
+
+
+_KSM_STAT_INTS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
+_KSM_STAT_FLAGS = ("ksm_mergeable", "ksm_merge_any")
+
+
+def parse_ksm_stat(text: str) -> dict[str, int | bool]:
+    """/proc/PID/ksm_stat: counters as int (profit in bytes), mergeable flags as bool.
+
+    Older kernels print fewer lines; missing lines are absent from the result.
+    """
+    values: dict[str, int | bool] = {}
+    for line in text.splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) != 2:
+            continue
+        key, value = parts
+        if key in _KSM_STAT_INTS:
+            values[key] = int(value)
+        elif key in _KSM_STAT_FLAGS:
+            values[key] = value == "yes"
+    return values
+
+
+def parse_statm(text: str, page_kib: int = PAGE_KIB) -> dict[str, int]:
+    """/proc/PID/statm (pages) as size_kib, rss_kib, shared_kib."""
+    size, resident, shared = (int(field) for field in text.split()[:3])
+    return {"size_kib": size * page_kib, "rss_kib": resident * page_kib, "shared_kib": shared * page_kib}
+
+
+def _read_process_file(pid: int, name: str, root: Path) -> str | None:
+    path = root / "proc" / str(pid) / name
+    try:
+        return _read(path)
+    except PermissionError:
+        raise HostError(f"cannot read {path}: permission denied (run as root or as the process owner)") from None
+    except OSError as exc:
+        if exc.errno in _GONE_ERRNOS:
+            return None
+        raise
+
+
+def read_statm(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
+    """Cheap RSS; None if the process has gone or has no address space (zombie)."""
+    text = _read_process_file(pid, "statm", root)
+    if text is None:
+        return None
+    values = parse_statm(text)
+    return values if values["size_kib"] > 0 else None
+
+
+def read_smaps_rollup(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
+    """PSS tier: walks the page tables of pid, so cost grows with its RSS."""
+    text = _read_process_file(pid, "smaps_rollup", root)
+    if not text:
+        return None
+    return parse_smaps_rollup(text)
+
+
+def read_ksm_stat(pid: int, root: Path = Path("/")) -> dict[str, int | bool] | None:
+    """KSM counters of one process.
+
+    {} if the process is alive but the kernel has neither ksm_stat nor
+    ksm_merging_pages; None if the process has gone.
+    """
+    proc_dir = root / "proc" / str(pid)
+    text = _read_process_file(pid, "ksm_stat", root)
+    if text is not None:
+        # A zombie still has the file but prints nothing: its memory is gone.
+        return parse_ksm_stat(text) if text.strip() else None
+    if not proc_dir.is_dir():
+        return None
+    text = _read_process_file(pid, "ksm_merging_pages", root)
+    if text is not None:
+        value = _parse_int(text)
+        return {"ksm_merging_pages": value} if value is not None else None
+    return {} if proc_dir.is_dir() else None

@@ -1,0 +1,244 @@
+"""Timer thread that samples KSM and per-process memory into tidy rows.
+
+Two tiers: every tick reads the cheap counters (KSM sysfs, ksmd CPU, meminfo,
+vmstat, statm RSS, ksm_stat); every `pss_every_n_ticks`-th tick (and the first)
+also reads smaps_rollup, which walks the page tables of each target and so
+costs time proportional to its RSS.
+
+Ticks sit on absolute monotonic deadlines (start + k * interval_s), so the
+time spent reading does not push later ticks back. A tick that overruns skips
+the deadlines it missed instead of firing a burst to catch up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pandas as pd
+
+from orchestrator import probes
+
+log = logging.getLogger(__name__)
+
+_MEMINFO_COLUMNS = {
+    "MemAvailable": "mem_available_kib",
+    "MemFree": "mem_free_kib",
+    "AnonPages": "anon_pages_kib",
+    "AnonHugePages": "anon_huge_pages_kib",
+}
+_PSS_TIER_COLUMNS = ("pss_kib", "uss_kib", "swap_kib", "anon_huge_pages_kib")
+_KSM_STAT_COLUMNS = ("ksm_merging_pages", "ksm_rmap_items", "ksm_zero_pages", "ksm_process_profit")
+
+Targets = Callable[[], Mapping[str, int]]
+
+
+class Sampler:
+    """Samples on a background thread until stop(); use as a context manager.
+
+    `targets` is called on every tick and returns {label: pid}, so processes
+    that appear late (QEMU started after the sampler) or exit are handled.
+    A failing tick is counted (`error_count`, `last_error`) and sampling goes on.
+    """
+
+    def __init__(
+        self,
+        interval_s: float,
+        pss_every_n_ticks: int,
+        targets: Targets,
+        root: Path = Path("/"),
+        phase: str = "baseline",
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        if pss_every_n_ticks < 1:
+            raise ValueError(f"pss_every_n_ticks must be >= 1, got {pss_every_n_ticks}")
+        self.interval_s = interval_s
+        self.pss_every_n_ticks = pss_every_n_ticks
+        self.root = root
+        self._targets = targets
+        self._phase = phase  # the first tick fires as soon as start() returns, so it needs a label
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._ksm_rows: list[dict[str, Any]] = []
+        self._process_rows: list[dict[str, Any]] = []
+        self._ksmd_pid: int | None = None
+        self._prev_ksmd: tuple[float, float] | None = None  # (monotonic s, cpu s)
+        self._t0 = 0.0
+        self.tick_count = 0
+        self.missed_ticks = 0
+        self.error_count = 0
+        self.last_error: BaseException | None = None
+        self.cpu_s = 0.0  # CPU time the sampler thread itself has used
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> Sampler:
+        if self._thread is not None:
+            raise RuntimeError("Sampler.start() called twice; make a new Sampler per trial")
+        self._ksmd_pid = probes.find_ksmd_pid(self.root)
+        if self._ksmd_pid is None:
+            log.warning("no ksmd kernel thread under %s/proc: ksmd_cpu_* will be NaN", self.root)
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="ksm-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Ask the thread to finish and wait up to grace_s (default: 2 ticks, >= 5 s)."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        if grace_s is None:
+            grace_s = max(5.0, 2 * self.interval_s)
+        self._thread.join(grace_s)
+        if self._thread.is_alive():
+            # A read blocked in the kernel; the daemon thread dies with the process.
+            log.warning("sampler thread still busy %.1f s after stop()", grace_s)
+
+    def __enter__(self) -> Sampler:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def set_phase(self, name: str) -> None:
+        """Label rows from the next tick on (baseline, settle, measure, tail).
+
+        May be called before start(); otherwise the tick taken by start() keeps
+        the phase given to the constructor.
+        """
+        self._phase = name
+
+    # --- snapshots (safe while the thread runs) ---------------------------------
+
+    def ksm_frame(self) -> pd.DataFrame:
+        with self._lock:
+            rows = list(self._ksm_rows)
+        return pd.DataFrame.from_records(rows)
+
+    def process_frame(self) -> pd.DataFrame:
+        with self._lock:
+            rows = list(self._process_rows)
+        return pd.DataFrame.from_records(rows)
+
+    def latest(self) -> dict[str, Any]:
+        """Copy of the last KSM row, {} before the first tick."""
+        with self._lock:
+            return dict(self._ksm_rows[-1]) if self._ksm_rows else {}
+
+    # --- the thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        deadline = self._t0
+        tick = 0
+        while True:
+            try:
+                self._tick(tick)
+            except Exception as exc:  # noqa: BLE001 - one bad tick must not end sampling
+                self._record_error(exc)
+            self.cpu_s = time.thread_time()
+            tick += 1
+            self.tick_count = tick
+            deadline += self.interval_s
+            now = time.monotonic()
+            if now >= deadline:
+                missed = math.floor((now - deadline) / self.interval_s) + 1
+                self.missed_ticks += missed
+                deadline += missed * self.interval_s
+            if self._stop.wait(deadline - now):
+                return
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.error_count += 1
+        self.last_error = exc
+        if self.error_count == 1:
+            log.warning("sampler tick failed (sampling continues): %r", exc, exc_info=exc)
+        else:
+            log.debug("sampler tick failed: %r", exc)
+
+    def _tick(self, tick: int) -> None:
+        started = time.monotonic()
+        t_wall = time.time()
+        phase = self._phase
+        pss_tier = tick % self.pss_every_n_ticks == 0
+        common = {"t_wall": t_wall, "t_s": started - self._t0, "phase": phase}
+
+        row: dict[str, Any] = dict(common)
+        row.update(probes.read_ksm(self.root))
+        row.update(self._ksmd_cpu())
+        meminfo = probes.read_meminfo(self.root)
+        for field, column in _MEMINFO_COLUMNS.items():
+            if field in meminfo:
+                row[column] = meminfo[field]
+        vmstat = probes.read_vmstat(self.root)
+        for name in probes.VMSTAT_OF_INTEREST:
+            if name in vmstat:
+                row[f"vmstat_{name}"] = vmstat[name]
+
+        process_rows = []
+        for label, pid in self._current_targets().items():
+            try:
+                process_row = self._sample_process(label, pid, pss_tier)
+            except Exception as exc:  # noqa: BLE001 - other targets still get sampled
+                self._record_error(exc)
+                continue
+            if process_row is not None:
+                process_rows.append({**common, **process_row})
+
+        row["tick_ms"] = (time.monotonic() - started) * 1000.0
+        row["pss_tier"] = pss_tier
+        with self._lock:
+            self._ksm_rows.append(row)
+            self._process_rows.extend(process_rows)
+
+    def _current_targets(self) -> Mapping[str, int]:
+        try:
+            return dict(self._targets())
+        except Exception as exc:  # noqa: BLE001 - the KSM row is still worth keeping
+            self._record_error(exc)
+            return {}
+
+    def _ksmd_cpu(self) -> dict[str, float]:
+        if self._ksmd_pid is None:
+            return {"ksmd_cpu_s": math.nan, "ksmd_cpu_pct": math.nan}
+        now = time.monotonic()
+        cpu_s = probes.read_cpu_seconds(self._ksmd_pid, self.root)
+        if cpu_s is None:
+            return {"ksmd_cpu_s": math.nan, "ksmd_cpu_pct": math.nan}
+        pct = math.nan
+        if self._prev_ksmd is not None:
+            prev_now, prev_cpu_s = self._prev_ksmd
+            if now > prev_now:
+                pct = 100.0 * (cpu_s - prev_cpu_s) / (now - prev_now)
+        self._prev_ksmd = (now, cpu_s)
+        return {"ksmd_cpu_s": cpu_s, "ksmd_cpu_pct": pct}
+
+    def _sample_process(self, label: str, pid: int, pss_tier: bool) -> dict[str, Any] | None:
+        statm = probes.read_statm(pid, self.root)
+        if statm is None:
+            return None  # exited (or zombie) since targets() listed it
+        row: dict[str, Any] = {"label": label, "pid": pid, "rss_kib": statm["rss_kib"]}
+        smaps = probes.read_smaps_rollup(pid, self.root) if pss_tier else None
+        for column in _PSS_TIER_COLUMNS:
+            row[column] = smaps.get(column, math.nan) if smaps else math.nan
+        ksm_stat = probes.read_ksm_stat(pid, self.root) or {}
+        for column in _KSM_STAT_COLUMNS:
+            row[column] = ksm_stat.get(column, math.nan)
+        return row

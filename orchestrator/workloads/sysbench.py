@@ -1,0 +1,582 @@
+"""sysbench 1.0.x OLTP workload inside the guests: parameters, command builders, pure parsers.
+
+The pure parts (argv builders, `parse_intervals`, `parse_summary`) need no guest; they are tested
+against real sysbench 1.0.20 output kept under tests/data/sysbench/. The orchestration helpers at
+the bottom only need an object with `run(cmd, timeout_s, check=False)` returning something with
+`exit_status, stdout, stderr, duration_s` (guest.GuestSession, or a local stand-in in tests).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+import pandas as pd
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
+
+from orchestrator.errors import PlanError, WorkloadError
+
+# The lua tests sysbench 1.0 ships in /usr/share/sysbench (all use the oltp_common schema).
+SysbenchTest = Literal[
+    "oltp_read_write",
+    "oltp_read_only",
+    "oltp_write_only",
+    "oltp_point_select",
+    "oltp_update_index",
+    "oltp_update_non_index",
+    "oltp_insert",
+    "oltp_delete",
+    "select_random_points",
+    "select_random_ranges",
+    "bulk_insert",
+]
+
+# The interval line and workload.csv report this percentile; sysbench's own default too.
+LATENCY_PERCENTILE = 95
+
+WORKLOAD_COLUMNS = [
+    "guest", "t_s", "threads", "tps", "qps", "qps_read", "qps_write", "qps_other",
+    "latency_p95_ms", "errors_per_s", "reconnects_per_s",
+]
+
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class SysbenchParams(BaseModel):
+    """One sysbench configuration, as a plan's `[workload]` table describes it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    test: SysbenchTest = "oltp_read_write"
+    tables: int = Field(4, ge=1, le=1000)
+    table_size: int = Field(10_000, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
+    duration_s: int = Field(60, ge=1)
+    report_interval_s: int = Field(1, ge=1)
+    rate: int = Field(0, ge=0, description="target transactions/s per guest; 0 = unlimited")
+    # 0 would make sysbench seed its run from the clock (see seed_for_guest for prepare).
+    rand_seed: int = Field(1, ge=1, le=2**31 - 1)
+    mysql_socket: str = "/run/mysqld/mysqld.sock"
+    mysql_db: str = "sbtest"
+    mysql_user: str = "root"
+
+    @field_validator("mysql_db", "mysql_user")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        # Both end up inside SQL and on a remote shell command line.
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"must be letters, digits or '_' only, got {value!r}")
+        return value
+
+    @field_validator("mysql_socket")
+    @classmethod
+    def _absolute_socket(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path in the guest, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_table_tests(self) -> SysbenchParams:
+        # select_random_*.lua assert tables == 1 and fail only once the run has started.
+        if self.test.startswith("select_random_") and self.tables != 1:
+            raise ValueError(f"{self.test} supports only tables = 1, got {self.tables}")
+        return self
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SysbenchParams:
+        """Validate a plan's table; every problem is reported in one PlanError line per key."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'workload'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise PlanError(f"sysbench workload: {problems}") from exc
+
+
+# ---------------------------------------------------------------- command builders
+
+
+def seed_for_guest(params: SysbenchParams, guest_index: int) -> int:
+    """The prepare seed of guest number `guest_index`: distinct per guest, the same every trial.
+
+    Caveat, measured (tests/test_sysbench.py): sysbench 1.0.20's `prepare` never seeds its RNG
+    from --rand-seed (only `run` does), so two prepares with one seed still load different
+    rows. The seed is passed anyway so a sysbench that honours it gets reproducible data;
+    identical data across guests needs one prepared image, not equal seeds.
+    """
+    return params.rand_seed + guest_index
+
+
+def _mariadb_argv(params: SysbenchParams, sql: str) -> list[str]:
+    return [
+        "mariadb", f"--socket={params.mysql_socket}", f"--user={params.mysql_user}",
+        "--batch", "--skip-column-names", "-e", sql,
+    ]
+
+
+def create_database_argv(params: SysbenchParams | None = None) -> list[str]:
+    params = params or SysbenchParams()
+    return _mariadb_argv(params, f"CREATE DATABASE IF NOT EXISTS {params.mysql_db}")
+
+
+def innodb_buffer_pool_argv(params: SysbenchParams | None = None) -> list[str]:
+    """One `name<TAB>value` line each: pool size (bytes), pages holding data, bytes of data."""
+    params = params or SysbenchParams()
+    return _mariadb_argv(
+        params,
+        "SHOW GLOBAL VARIABLES LIKE 'innodb_buffer_pool_size'; "
+        "SHOW GLOBAL STATUS WHERE Variable_name IN "
+        "('Innodb_buffer_pool_pages_data', 'Innodb_buffer_pool_bytes_data')",
+    )
+
+
+def _common_argv(params: SysbenchParams) -> list[str]:
+    return [
+        "sysbench", params.test,
+        "--db-driver=mysql",
+        f"--mysql-socket={params.mysql_socket}",
+        f"--mysql-user={params.mysql_user}",
+        f"--mysql-db={params.mysql_db}",
+        f"--tables={params.tables}",
+        f"--table-size={params.table_size}",
+    ]
+
+
+def _table_setup_argv(params: SysbenchParams) -> list[str]:
+    # bulk_insert.lua creates and drops one table per thread (it ignores --tables), so its
+    # prepare/cleanup need --threads; the oltp tests prepare with one thread, which keeps the
+    # data of a seed the same whatever thread count a trial runs with.
+    threads = params.threads if params.test == "bulk_insert" else 1
+    return [*_common_argv(params), f"--threads={threads}"]
+
+
+def prepare_argv(params: SysbenchParams, seed: int) -> list[str]:
+    if seed < 1:
+        raise WorkloadError(f"prepare seed must be >= 1 (0 seeds from the clock), got {seed}")
+    return [*_table_setup_argv(params), f"--rand-seed={seed}", "prepare"]
+
+
+def run_argv(params: SysbenchParams) -> list[str]:
+    return [
+        *_common_argv(params),
+        f"--threads={params.threads}",
+        f"--time={params.duration_s}",
+        f"--report-interval={params.report_interval_s}",
+        f"--rate={params.rate}",
+        f"--rand-seed={params.rand_seed}",
+        f"--percentile={LATENCY_PERCENTILE}",
+        "run",
+    ]
+
+
+def cleanup_argv(params: SysbenchParams) -> list[str]:
+    return [*_table_setup_argv(params), "cleanup"]
+
+
+# ---------------------------------------------------------------- parsers
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|nan|inf)"
+_INTERVAL = re.compile(
+    rf"^\[\s*(?P<t>{_NUM})s\s*\]\s+thds:\s*(?P<threads>\d+)"
+    rf"\s+tps:\s*(?P<tps>{_NUM})\s+qps:\s*(?P<qps>{_NUM})"
+    rf"\s+\(r/w/o:\s*(?P<r>{_NUM})/(?P<w>{_NUM})/(?P<o>{_NUM})\)"
+    rf"\s+lat\s+\(ms,\s*(?P<pct>{_NUM})%\):\s*(?P<lat>{_NUM})"
+    rf"(?:\s+err/s:\s*(?P<err>{_NUM}))?"
+    rf"(?:\s+reconn/s:\s*(?P<reconn>{_NUM}))?"
+    # sysbench ends every line; a last line without its newline may be cut mid-number.
+    r"[ \t]*(?=\r?\n)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_BANNER = re.compile(r"^sysbench \d+\.\d+", re.MULTILINE)
+_FATAL = re.compile(r"^FATAL:.*$", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalRow:
+    """One `[ Ns ] thds: ...` line. `latency_pct_ms` is the `latency_percentile`-th percentile."""
+
+    t_s: float
+    threads: int
+    tps: float
+    qps: float
+    qps_read: float
+    qps_write: float
+    qps_other: float
+    latency_pct_ms: float
+    latency_percentile: float
+    errors_per_s: float
+    reconnects_per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The final statistics block; None where the output lacks a piece (e.g. truncated)."""
+
+    queries_read: int | None = None
+    queries_write: int | None = None
+    queries_other: int | None = None
+    queries_total: int | None = None
+    transactions: int | None = None
+    tps: float | None = None
+    queries: int | None = None
+    qps: float | None = None
+    ignored_errors: int | None = None
+    ignored_errors_per_s: float | None = None
+    reconnects: int | None = None
+    reconnects_per_s: float | None = None
+    total_time_s: float | None = None
+    total_events: int | None = None
+    latency_min_ms: float | None = None
+    latency_avg_ms: float | None = None
+    latency_max_ms: float | None = None
+    latency_pct_ms: float | None = None
+    latency_percentile: float | None = None
+    latency_sum_ms: float | None = None
+    events_per_thread_avg: float | None = None
+    events_per_thread_stddev: float | None = None
+    exec_time_per_thread_avg_s: float | None = None
+    exec_time_per_thread_stddev_s: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when the run got as far as printing its transaction count and latency."""
+        return self.transactions is not None and self.latency_avg_ms is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """workload_summary.json's per-guest object (`errors` = sysbench's ignored errors)."""
+        out = asdict(self)
+        pct_ms = out.pop("latency_pct_ms")
+        pct = out.pop("latency_percentile")
+        out[_latency_column(pct if pct is not None else LATENCY_PERCENTILE)] = pct_ms
+        out["errors"] = out.pop("ignored_errors")
+        out["errors_per_s"] = out.pop("ignored_errors_per_s")
+        return out
+
+
+def _latency_column(percentile: float) -> str:
+    return f"latency_p{percentile:g}_ms"
+
+
+def _to_float(token: str | None) -> float:
+    return math.nan if token is None else float(token)
+
+
+def _check_is_sysbench(text: str, found_anything: bool) -> None:
+    fatal = _FATAL.findall(text)
+    if fatal and not found_anything:
+        raise WorkloadError("sysbench failed: " + " | ".join(line.strip() for line in fatal))
+    if not found_anything and not _BANNER.search(text):
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise WorkloadError(f"not sysbench output (first line: {first[:200]!r})")
+
+
+def parse_intervals(text: str) -> list[IntervalRow]:
+    """Every per-interval report line, in order.
+
+    Other lines (`queue length` lines under --rate, histograms) are skipped, and so is a last
+    line without its newline, which may have been cut off mid-number.
+    Raises WorkloadError if the text is not sysbench output, or failed (FATAL) before its
+    first report; FATAL after some reports keeps the rows measured so far.
+    """
+    rows = [
+        IntervalRow(
+            t_s=float(m["t"]),
+            threads=int(m["threads"]),
+            tps=float(m["tps"]),
+            qps=float(m["qps"]),
+            qps_read=float(m["r"]),
+            qps_write=float(m["w"]),
+            qps_other=float(m["o"]),
+            latency_pct_ms=float(m["lat"]),
+            latency_percentile=float(m["pct"]),
+            errors_per_s=_to_float(m["err"]),
+            reconnects_per_s=_to_float(m["reconn"]),
+        )
+        for m in _INTERVAL.finditer(text)
+    ]
+    _check_is_sysbench(text, found_anything=bool(rows))
+    return rows
+
+
+def _count_and_rate(label: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"^\s*{label}:\s+(\d+)\s+\(\s*({_NUM}) per sec\.\)", re.MULTILINE | re.IGNORECASE
+    )
+
+
+_SUMMARY_INTS = {
+    "queries_read": re.compile(r"^\s*read:\s+(\d+)\s*$", re.MULTILINE),
+    "queries_write": re.compile(r"^\s*write:\s+(\d+)\s*$", re.MULTILINE),
+    "queries_other": re.compile(r"^\s*other:\s+(\d+)\s*$", re.MULTILINE),
+    "queries_total": re.compile(r"^\s*total:\s+(\d+)\s*$", re.MULTILINE),
+    "total_events": re.compile(r"^\s*total number of events:\s+(\d+)\s*$", re.MULTILINE),
+}
+_SUMMARY_FLOATS = {
+    "total_time_s": re.compile(rf"^\s*total time:\s+({_NUM})s\s*$", re.MULTILINE),
+    "latency_min_ms": re.compile(rf"^\s*min:\s+({_NUM})\s*$", re.MULTILINE),
+    "latency_avg_ms": re.compile(rf"^\s*avg:\s+({_NUM})\s*$", re.MULTILINE),
+    "latency_max_ms": re.compile(rf"^\s*max:\s+({_NUM})\s*$", re.MULTILINE),
+    "latency_sum_ms": re.compile(rf"^\s*sum:\s+({_NUM})\s*$", re.MULTILINE),
+}
+_SUMMARY_PAIRS = {
+    ("transactions", "tps"): _count_and_rate("transactions"),
+    ("queries", "qps"): _count_and_rate("queries"),
+    ("ignored_errors", "ignored_errors_per_s"): _count_and_rate("ignored errors"),
+    ("reconnects", "reconnects_per_s"): _count_and_rate("reconnects"),
+}
+_PERCENTILE = re.compile(rf"^\s*(\d+(?:\.\d+)?)th percentile:\s+({_NUM})\s*$", re.MULTILINE)
+_FAIRNESS = {
+    ("events_per_thread_avg", "events_per_thread_stddev"):
+        re.compile(rf"^\s*events \(avg/stddev\):\s+({_NUM})/({_NUM})\s*$", re.MULTILINE),
+    ("exec_time_per_thread_avg_s", "exec_time_per_thread_stddev_s"):
+        re.compile(rf"^\s*execution time \(avg/stddev\):\s+({_NUM})/({_NUM})\s*$", re.MULTILINE),
+}
+
+
+def parse_summary(text: str) -> Summary:
+    """The statistics block sysbench prints when a run ends.
+
+    Pieces the text lacks are None (check `Summary.complete`). Raises WorkloadError when the
+    text is not sysbench output, or when sysbench reported FATAL errors and printed no summary.
+    """
+    # Search only the statistics block (or what follows the last report when its header was
+    # lost), so a label can never match a line from elsewhere.
+    start = text.find("SQL statistics:")
+    block = text[start:] if start >= 0 else text[_last_interval_end(text):]
+    values: dict[str, Any] = {}
+    for name, pattern in _SUMMARY_INTS.items():
+        if m := pattern.search(block):
+            values[name] = int(m[1])
+    for name, pattern in _SUMMARY_FLOATS.items():
+        if m := pattern.search(block):
+            values[name] = float(m[1])
+    for (count_name, rate_name), pattern in _SUMMARY_PAIRS.items():
+        if m := pattern.search(block):
+            values[count_name] = int(m[1])
+            values[rate_name] = float(m[2])
+    for (avg_name, stddev_name), pattern in _FAIRNESS.items():
+        if m := pattern.search(block):
+            values[avg_name] = float(m[1])
+            values[stddev_name] = float(m[2])
+    if m := _PERCENTILE.search(block):
+        values["latency_percentile"] = float(m[1])
+        values["latency_pct_ms"] = float(m[2])
+    _check_is_sysbench(text, found_anything=bool(values))
+    return Summary(**values)
+
+
+def _last_interval_end(text: str) -> int:
+    end = 0
+    for m in _INTERVAL.finditer(text):
+        end = m.end()
+    return end
+
+
+# ---------------------------------------------------------------- running in guests
+
+
+class CommandResultLike(Protocol):
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+
+class Session(Protocol):
+    def run(
+        self, cmd: Sequence[str] | str, timeout_s: float, check: bool = False
+    ) -> CommandResultLike: ...
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    """One guest's sysbench run. `error` is None when it ran to the end and parsed."""
+
+    guest: str
+    intervals: list[IntervalRow]
+    summary: Summary
+    raw_stdout: str
+    raw_stderr: str
+    exit_status: int | None = None
+    start_wall: float = math.nan
+    duration_s: float = math.nan
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _run_checked(
+    session: Session, argv: list[str], timeout_s: float, what: str
+) -> CommandResultLike:
+    result = session.run(argv, timeout_s)
+    if result.exit_status != 0:
+        raise WorkloadError(
+            f"{what} exited with status {result.exit_status}: {_failure_reason(result)}"
+        )
+    return result
+
+
+def _failure_reason(result: CommandResultLike) -> str:
+    text = f"{result.stdout}\n{result.stderr}"
+    if fatal := _FATAL.findall(text):
+        return " | ".join(line.strip() for line in fatal)
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-3:]
+    return " | ".join(tail) or "no output"
+
+
+def prepare_guest(
+    session: Session, params: SysbenchParams, seed: int, timeout_s: float
+) -> float:
+    """Create the database and load fresh tables; returns seconds spent.
+
+    Old tables are dropped first because oltp_common.lua's prepare uses a bare CREATE TABLE
+    and fails on leftovers. `seed` goes to --rand-seed (see seed_for_guest for its limits).
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    for argv, what in (
+        (create_database_argv(params), "CREATE DATABASE"),
+        (cleanup_argv(params), "sysbench cleanup"),
+        (prepare_argv(params, seed), "sysbench prepare"),
+    ):
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise WorkloadError(f"sysbench prepare took longer than {timeout_s:g} s")
+        _run_checked(session, argv, remaining_s, what)
+    return time.monotonic() - started
+
+
+def run_guest(
+    session: Session, params: SysbenchParams, timeout_s: float, guest: str = ""
+) -> GuestRun:
+    """Run sysbench once and parse it.
+
+    A run that sysbench itself failed (non-zero exit, no final statistics) comes back with
+    `error` set, its raw output and whatever intervals it reported before failing; check
+    `run.ok`. Errors of the session itself (SSH, timeout) propagate.
+    """
+    start_wall = time.time()
+    result = session.run(run_argv(params), timeout_s)
+    error = None
+    try:
+        intervals = parse_intervals(result.stdout)
+        summary = parse_summary(result.stdout)
+    except WorkloadError as exc:
+        intervals, summary, error = [], Summary(), str(exc)
+    if result.exit_status != 0:
+        error = f"exited with status {result.exit_status}: {_failure_reason(result)}"
+    elif error is None and not summary.complete:
+        error = f"no final statistics in the output ({_failure_reason(result)})"
+    return GuestRun(
+        guest=guest,
+        intervals=intervals,
+        summary=summary if error is None else Summary(),
+        raw_stdout=result.stdout,
+        raw_stderr=result.stderr,
+        exit_status=result.exit_status,
+        start_wall=start_wall,
+        duration_s=result.duration_s,
+        error=None if error is None else f"sysbench in {guest or 'guest'}: {error}",
+    )
+
+
+def run_all(
+    sessions: Mapping[str, Session],
+    params: SysbenchParams,
+    timeout_s: float,
+    barrier_timeout_s: float = 60.0,
+) -> dict[str, GuestRun]:
+    """Run sysbench in every guest at once; one GuestRun per guest, failures included.
+
+    Every failure (session error, sysbench FATAL, no statistics) is that guest's `error`;
+    nothing raised in a runner thread escapes. Results keep the order of `sessions`.
+    """
+    if not sessions:
+        return {}
+    barrier = threading.Barrier(len(sessions))
+    runs: dict[str, GuestRun] = {}
+    lock = threading.Lock()
+
+    def one(guest: str, session: Session) -> None:
+        try:
+            # All guests start together, so their intervals overlap as fully as possible.
+            barrier.wait(barrier_timeout_s)
+            run = run_guest(session, params, timeout_s, guest=guest)
+        except Exception as exc:  # noqa: BLE001 - a guest's failure is data, not a crash
+            run = _failed_run(guest, exc)
+        with lock:
+            runs[guest] = run
+
+    threads = [
+        threading.Thread(target=one, args=(guest, session), name=f"sysbench-{guest}", daemon=True)
+        for guest, session in sessions.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        # run() enforces timeout_s itself; the margin covers the barrier and parsing.
+        thread.join(timeout_s + barrier_timeout_s + 30)
+    for guest in sessions:
+        if guest not in runs:
+            runs[guest] = _failed_run(guest, WorkloadError(f"sysbench in {guest} never returned"))
+    return {guest: runs[guest] for guest in sessions}
+
+
+def _failed_run(guest: str, exc: BaseException) -> GuestRun:
+    if isinstance(exc, threading.BrokenBarrierError):
+        message = "another guest's runner did not reach the start barrier"
+    else:
+        message = str(exc) or type(exc).__name__
+    return GuestRun(
+        guest=guest, intervals=[], summary=Summary(), raw_stdout="", raw_stderr="",
+        error=f"{type(exc).__name__}: {message}",
+    )
+
+
+def _as_runs(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> list[GuestRun]:
+    return list(runs.values()) if isinstance(runs, Mapping) else list(runs)
+
+
+def intervals_frame(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> pd.DataFrame:
+    """workload.csv: one row per guest x interval, in the contract's column order.
+
+    A failed guest contributes the reports it printed before failing (its `error` says why).
+    """
+    records = []
+    for run in _as_runs(runs):
+        for row in run.intervals:
+            if row.latency_percentile != LATENCY_PERCENTILE:
+                raise WorkloadError(
+                    f"{run.guest}: interval latency is the {row.latency_percentile:g}th "
+                    f"percentile, workload.csv holds the {LATENCY_PERCENTILE}th"
+                )
+            records.append({
+                "guest": run.guest, "t_s": row.t_s, "threads": row.threads, "tps": row.tps,
+                "qps": row.qps, "qps_read": row.qps_read, "qps_write": row.qps_write,
+                "qps_other": row.qps_other, "latency_p95_ms": row.latency_pct_ms,
+                "errors_per_s": row.errors_per_s, "reconnects_per_s": row.reconnects_per_s,
+            })
+    return pd.DataFrame.from_records(records, columns=WORKLOAD_COLUMNS)
+
+
+def summary_dict(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> dict[str, dict[str, Any]]:
+    """workload_summary.json: {guest: {transactions, tps, ..., "error": str | None}}."""
+    out = {}
+    for run in _as_runs(runs):
+        entry = run.summary.to_dict()
+        entry["duration_s"] = None if math.isnan(run.duration_s) else run.duration_s
+        entry["start_wall"] = None if math.isnan(run.start_wall) else run.start_wall
+        entry["error"] = run.error
+        out[run.guest] = entry
+    return out

@@ -1,0 +1,320 @@
+"""probes.py: real /proc and /sys on this host first, captured text, then fake trees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import probes
+from orchestrator.errors import HostError
+
+DATA = Path(__file__).parent / "data"
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+
+# A child that maps `mib` MiB of private anonymous memory, touches every page,
+# optionally marks it MADV_MERGEABLE, says "ready" and waits for stdin to close.
+HOLDER = """
+import mmap, sys
+size = int(sys.argv[1]) << 20
+buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+if sys.argv[2] == "1":
+    buf.madvise(mmap.MADV_MERGEABLE)
+for off in range(0, size, 4096):
+    buf[off:off + 8] = off.to_bytes(8, "little")  # unique pages: nothing for KSM to merge
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder():
+    started = []
+
+    def spawn(mib: int = 64, mergeable: bool = False) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(mib), "1" if mergeable else "0"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# --- real host ------------------------------------------------------------------
+
+
+def test_read_ksm_real_host_has_core_counters_and_splits_text_files():
+    values = probes.read_ksm()
+    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                 "full_scans", "run", "pages_to_scan", "sleep_millisecs"):
+        assert isinstance(values[name], int), name
+    text_values = probes.read_ksm_text()
+    assert not set(values) & set(text_values)
+    # Every file lands in exactly one of the two views.
+    assert set(values) | set(text_values) == set(os.listdir(KSM_DIR))
+    assert values["run"] == int((KSM_DIR / "run").read_text())
+
+
+def test_read_ksm_text_real_host_advisor_mode():
+    if not (KSM_DIR / "advisor_mode").exists():
+        pytest.skip("kernel has no KSM advisor")
+    assert "[" in probes.read_ksm_text()["advisor_mode"]
+
+
+def test_find_ksmd_pid_real_host_is_the_ksmd_kernel_thread():
+    pid = probes.find_ksmd_pid()
+    assert pid is not None
+    assert Path(f"/proc/{pid}/comm").read_text() == "ksmd\n"
+    stat = probes.read_proc_stat(pid)
+    assert stat.is_kernel_thread
+    assert stat.ppid == 2  # kthreadd is the parent of every kernel thread
+
+
+def test_read_cpu_seconds_real_grows_with_work():
+    before = probes.read_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = probes.read_cpu_seconds(os.getpid())
+    assert after - before >= 0.2
+
+
+def test_read_cpu_seconds_real_ksmd_is_a_number():
+    assert probes.read_cpu_seconds(probes.find_ksmd_pid()) >= 0.0
+
+
+def test_read_meminfo_and_vmstat_real():
+    meminfo = probes.read_meminfo()
+    assert 0 < meminfo["MemAvailable"] <= meminfo["MemTotal"]
+    assert "AnonPages" in meminfo
+    vmstat = probes.read_vmstat()
+    assert vmstat["pgfault"] > 0
+
+
+def test_read_statm_real_rss_follows_touched_memory(holder):
+    small = holder(mib=8)
+    big = holder(mib=72)
+    rss_small = probes.read_statm(small.pid)["rss_kib"]
+    rss_big = probes.read_statm(big.pid)["rss_kib"]
+    assert rss_big - rss_small >= 60 * 1024
+
+
+def test_read_smaps_rollup_real_counts_private_anon(holder):
+    proc = holder(mib=64)
+    rollup = probes.read_smaps_rollup(proc.pid)
+    assert rollup["pss_kib"] >= 64 * 1024
+    assert rollup["uss_kib"] >= 64 * 1024
+    assert rollup["rss_kib"] >= rollup["pss_kib"] >= rollup["uss_kib"]
+    assert rollup["swap_kib"] >= 0
+
+
+def test_read_ksm_stat_real_reports_mergeable_flag(holder):
+    if not Path(f"/proc/{os.getpid()}/ksm_stat").exists():
+        pytest.skip("kernel has no /proc/PID/ksm_stat")
+    plain = probes.read_ksm_stat(holder(mib=4, mergeable=False).pid)
+    merge = probes.read_ksm_stat(holder(mib=4, mergeable=True).pid)
+    assert plain["ksm_mergeable"] is False
+    assert merge["ksm_mergeable"] is True
+    assert merge["ksm_merging_pages"] >= 0
+
+
+def test_readers_return_none_for_zombie_then_reaped_process(holder):
+    proc = holder(mib=4)
+    proc.kill()
+    deadline = time.monotonic() + 5
+    while probes.read_proc_stat(proc.pid).state != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert probes.read_proc_stat(proc.pid).state == "Z"
+    # Zombie: /proc/PID still exists but has no address space.
+    assert probes.read_statm(proc.pid) is None
+    assert probes.read_smaps_rollup(proc.pid) is None
+    assert probes.read_ksm_stat(proc.pid) is None
+    proc.wait()
+    assert probes.read_statm(proc.pid) is None
+    assert probes.read_smaps_rollup(proc.pid) is None
+    assert probes.read_ksm_stat(proc.pid) is None
+    assert probes.read_cpu_seconds(proc.pid) is None
+    assert probes.read_proc_stat(proc.pid) is None
+
+
+# --- captured text ------------------------------------------------------------------
+
+
+def test_parse_smaps_rollup_captured():
+    rollup = probes.parse_smaps_rollup((DATA / "smaps_rollup.txt").read_text())
+    assert rollup == {
+        "rss_kib": 76284,
+        "pss_kib": 74946,
+        "uss_kib": 4492 + 70156,
+        "swap_kib": 0,
+        "anon_huge_pages_kib": 0,
+        "ksm_kib": 0,
+    }
+
+
+def test_parse_smaps_rollup_without_optional_lines():
+    text = "Rss:  100 kB\nPss:  50 kB\nPrivate_Clean: 10 kB\nPrivate_Dirty: 20 kB\n"
+    assert probes.parse_smaps_rollup(text) == {"rss_kib": 100, "pss_kib": 50, "uss_kib": 30}
+
+
+def test_parse_ksm_stat_captured():
+    assert probes.parse_ksm_stat((DATA / "ksm_stat.txt").read_text()) == {
+        "ksm_rmap_items": 0,
+        "ksm_zero_pages": 0,
+        "ksm_merging_pages": 0,
+        "ksm_process_profit": 0,
+        "ksm_merge_any": False,
+        "ksm_mergeable": True,
+    }
+
+
+def test_parse_ksm_stat_older_kernel_and_negative_profit():
+    # 6.1-era ksm_stat: two lines only; profit can be negative (rmap items cost).
+    text = "ksm_rmap_items 812\nksm_process_profit -51968\n"
+    assert probes.parse_ksm_stat(text) == {"ksm_rmap_items": 812, "ksm_process_profit": -51968}
+
+
+def test_parse_meminfo_captured():
+    meminfo = probes.parse_meminfo((DATA / "meminfo.txt").read_text())
+    assert meminfo["MemTotal"] == 24731708
+    assert meminfo["MemAvailable"] == 24306952
+    assert meminfo["MemFree"] == 23066300
+    assert meminfo["AnonPages"] == 14184
+    assert meminfo["AnonHugePages"] == 0
+    assert meminfo["HugePages_Total"] == 0  # a count without "kB"
+
+
+def test_parse_vmstat_captured_has_ksm_and_thp_counters():
+    vmstat = probes.parse_vmstat((DATA / "vmstat.txt").read_text())
+    assert len(vmstat) == 192
+    assert vmstat["nr_free_pages"] == 819170
+    for name in probes.VMSTAT_OF_INTEREST:
+        assert vmstat[name] == 0, name
+
+
+def test_parse_proc_stat_captured_ksmd():
+    stat = probes.parse_proc_stat((DATA / "ksmd_stat.txt").read_text())
+    assert (stat.pid, stat.comm, stat.state, stat.ppid) == (37, "ksmd", "S", 2)
+    assert stat.is_kernel_thread
+
+
+def test_parse_proc_stat_cpu_captured_user_process():
+    text = (DATA / "proc_pid_stat.txt").read_text()
+    assert probes.parse_proc_stat_cpu(text) == (3, 2)
+    stat = probes.parse_proc_stat(text)
+    assert stat.comm == "python"
+    assert not stat.is_kernel_thread
+
+
+def test_parse_proc_stat_comm_with_parenthesis_and_spaces():
+    text = "4242 (evil) R (x) ) S 1 4242 4242 0 -1 4194560 5 0 0 0 170 31 0 0 20 0 1 0 9 0 0\n"
+    stat = probes.parse_proc_stat(text)
+    assert stat.comm == "evil) R (x) "
+    assert stat.state == "S"
+    assert probes.parse_proc_stat_cpu(text) == (170, 31)
+
+
+def test_parse_statm():
+    assert probes.parse_statm((DATA / "statm.txt").read_text(), page_kib=4) == {
+        "size_kib": 19893 * 4,
+        "rss_kib": 19071 * 4,
+        "shared_kib": 1532 * 4,
+    }
+
+
+def test_parse_ksm_dir_captured_sysfs():
+    texts = {path.name: path.read_text() for path in (DATA / "ksm_sysfs").iterdir()}
+    values = probes.parse_ksm_dir(texts)
+    assert "advisor_mode" not in values
+    assert values["sleep_millisecs"] == 20
+    assert values["pages_to_scan"] == 100
+    assert len(values) == len(texts) - 1
+
+
+# --- fake trees -----------------------------------------------------------------------
+
+
+def _ksm_tree(root: Path, drop: tuple[str, ...] = (), **overrides: str) -> Path:
+    ksm_dir = root / probes.KSM_SYSFS
+    shutil.copytree(DATA / "ksm_sysfs", ksm_dir)
+    for name in drop:
+        (ksm_dir / name).unlink()
+    for name, text in overrides.items():
+        (ksm_dir / name).write_text(text)
+    return ksm_dir
+
+
+def test_read_ksm_older_kernel_without_newer_files(tmp_path):
+    newer = ("general_profit", "ksm_zero_pages", "smart_scan", "advisor_mode",
+             "advisor_max_cpu", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan",
+             "advisor_target_scan_time")
+    _ksm_tree(tmp_path, drop=newer, pages_sharing="1234\n")
+    values = probes.read_ksm(tmp_path)
+    assert not set(newer) & set(values)
+    assert values["pages_sharing"] == 1234
+    assert probes.read_ksm_text(tmp_path) == {}
+
+
+def test_read_ksm_negative_general_profit_and_text_values(tmp_path):
+    _ksm_tree(tmp_path, general_profit="-409600\n")
+    assert probes.read_ksm(tmp_path)["general_profit"] == -409600
+    assert probes.read_ksm_text(tmp_path) == {"advisor_mode": "[none] scan-time"}
+
+
+def test_read_ksm_without_ksm_dir_raises_host_error(tmp_path):
+    with pytest.raises(HostError, match="no KSM"):
+        probes.read_ksm(tmp_path)
+
+
+def _fake_stat(root: Path, pid: int, comm: str, flags: int, ppid: int = 2) -> None:
+    proc_dir = root / "proc" / str(pid)
+    proc_dir.mkdir(parents=True)
+    (proc_dir / "stat").write_text(
+        f"{pid} ({comm}) S {ppid} 0 0 0 -1 {flags} 0 0 0 0 700 300 0 0 20 0 1 0 9 0 0\n"
+    )
+
+
+def test_find_ksmd_pid_fake_tree_ignores_impostors(tmp_path):
+    _fake_stat(tmp_path, 5, "ksmd", flags=0x400000, ppid=1)  # user process named ksmd
+    _fake_stat(tmp_path, 6, "ksmd) S", flags=probes.PF_KTHREAD)
+    _fake_stat(tmp_path, 7, "kswapd0", flags=probes.PF_KTHREAD)
+    (tmp_path / "proc" / "self").mkdir()
+    assert probes.find_ksmd_pid(tmp_path) is None
+    _fake_stat(tmp_path, 1234, "ksmd", flags=probes.PF_KTHREAD | 0x40)
+    assert probes.find_ksmd_pid(tmp_path) == 1234
+    assert probes.read_cpu_seconds(1234, tmp_path) == 1000 / probes.CLOCK_TICKS_PER_S
+
+
+def test_find_ksmd_pid_without_proc(tmp_path):
+    assert probes.find_ksmd_pid(tmp_path) is None
+
+
+def test_read_ksm_stat_fallbacks_on_older_kernels(tmp_path):
+    with_merging = tmp_path / "proc" / "10"
+    with_merging.mkdir(parents=True)
+    (with_merging / "ksm_merging_pages").write_text("77\n")
+    (tmp_path / "proc" / "11").mkdir()
+    assert probes.read_ksm_stat(10, tmp_path) == {"ksm_merging_pages": 77}
+    assert probes.read_ksm_stat(11, tmp_path) == {}
+    assert probes.read_ksm_stat(12, tmp_path) is None
+
+
+def test_process_readers_missing_pid_return_none(tmp_path):
+    (tmp_path / "proc").mkdir()
+    assert probes.read_statm(99, tmp_path) is None
+    assert probes.read_smaps_rollup(99, tmp_path) is None
+    assert probes.read_cpu_seconds(99, tmp_path) is None
