@@ -140,7 +140,7 @@ class SysbenchWorkloadSection(_Strict):
     # "per_guest": each guest index gets its own data (its own seed); "shared": every guest
     # boots from one prepared layer and holds identical tables (KSM merges far more).
     data: Literal["per_guest", "shared"] = "per_guest"
-    rand_seed: int = 1
+    rand_seed: int = Field(1, ge=1, le=2**31 - 1)
     reuse_prepared: bool = True
 
 
@@ -382,10 +382,36 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
             GuestsSection.model_validate(merged["guests"])
     except ValidationError as exc:
         raise PlanError(_describe(exc, prefix=f"[sweep] point {point}: ")) from None
+    _check_workload_adapter(merged["workload"])
     merged["ksm_off"] = ksm_off
     merged["phases"] = plan.phases.model_dump()
     merged["sampling"] = plan.sampling.model_dump()
     return merged
+
+
+def _check_workload_adapter(workload: dict[str, Any]) -> None:
+    """The workload adapters have rules of their own (e.g. select_random_* needs tables = 1);
+    check them now, not after the guests booted."""
+    if workload["type"] == "sysbench":
+        from orchestrator.workloads.sysbench import SysbenchParams
+
+        SysbenchParams.from_mapping(sysbench_params(workload))
+    elif workload["type"] == "processes":
+        from orchestrator.workloads.processes import ProcessesParams
+
+        ProcessesParams(**processes_params(workload))
+
+
+def sysbench_params(workload: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's parameters: the plan's table minus what the sweep itself interprets."""
+    return {k: v for k, v in workload.items() if k not in ("type", "data", "reuse_prepared")}
+
+
+def processes_params(workload: dict[str, Any]) -> dict[str, Any]:
+    values = {k: v for k, v in workload.items() if k != "type"}
+    pin = values.get("cpu_pin")
+    values["cpu_pin"] = None if pin == "none" else (tuple(pin) if isinstance(pin, list) else pin)
+    return values
 
 
 _WORKLOAD_BY_TYPE: dict[str, type[BaseModel]] = {

@@ -24,7 +24,7 @@ from orchestrator import metrics
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import KSM_REL, HostSettings, host_lock, refuse_if_ksmtuned
-from orchestrator.plan import Plan, Trial, check_against_host, expand
+from orchestrator.plan import Plan, Trial, check_against_host, expand, processes_params
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -148,7 +148,7 @@ def trial_phases(trial: Trial) -> dict[str, Any]:
 
 class ProcessesRunner(TrialRunner):
     def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
-        params = processes_params(trial.workload)
+        params = ProcessesParams(**processes_params(trial.workload))
         phases = trial_phases(trial)
         with ProcessesWorkload(params) as workload:
             with clock.phase("fill", None, self.progress):
@@ -166,13 +166,6 @@ class ProcessesRunner(TrialRunner):
                 result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()}
                 result["sampler"] = sampler_health(sampler)
             workload.stop(timeout_s=10)
-
-
-def processes_params(workload: Mapping[str, Any]) -> ProcessesParams:
-    values = {k: v for k, v in workload.items() if k != "type"}
-    pin = values.get("cpu_pin")
-    values["cpu_pin"] = None if pin == "none" else (tuple(pin) if isinstance(pin, list) else pin)
-    return ProcessesParams(**values)
 
 
 def sampler_health(sampler: Sampler) -> dict[str, Any]:

@@ -125,3 +125,10 @@ def test_dry_run_touches_nothing(tmp_path, capsys):
     assert main(["sweep", str(PLANS / "quickstart.toml"), "--dry-run", "--results", str(tmp_path)]) == 0
     assert list(tmp_path.iterdir()) == []
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_workload_adapter_rules_are_checked_at_load():
+    text = ('[study]\nname = "x"\n[workload]\ntype = "sysbench"\ntest = "select_random_points"\ntables = 4\n'
+            '[guests]\ncount = 1\n')
+    with pytest.raises(PlanError, match="tables = 1"):
+        parse_plan(text)
