@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,22 +151,28 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.image_cmd == "build":
-        ref = images.build_image(args.recipe, cache)
-        print(ref.manifest_path if hasattr(ref, "manifest_path") else ref)
+        started = time.monotonic()
+        ref = images.resolve_image({"recipe": args.recipe}, cache_dir=cache)
+        log.info("image %s ready in %.1f s", ref.key, time.monotonic() - started)
+        print(ref.manifest_path)
     elif args.image_cmd == "list":
-        for row in images.list_images(cache):
-            print(row)
+        refs = images.list_images(cache)
+        for ref in refs:
+            size_mib = ref.disk_path.stat().st_size / 2**20 if ref.disk_path.exists() else float("nan")
+            print(f"{ref.key}\t{size_mib:.0f} MiB\t{ref.manifest_path}")
+        if not refs:
+            print(f"no images in {cache or images.default_cache_dir()}")
     elif args.image_cmd == "rm":
-        images.remove_image(cache, args.key)
+        images.remove_image(cache or images.default_cache_dir(), args.key)
+        print(f"removed {args.key}")
     return 0
 
 
 def cmd_host(args: argparse.Namespace) -> int:
     from orchestrator import hostsetup
 
-    if args.host_cmd == "setup":
-        return hostsetup.setup_host()
-    return hostsetup.stop_daemons()
+    print(hostsetup.setup_host(stop=args.host_cmd == "stop"), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,7 +64,10 @@ def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResu
             from orchestrator.hostsetup import check_host
 
             for r in check_host(plan_needs_vms=needs_vms):
-                results.append(CheckResult(r.name, r.ok or not needs_vms, r.detail))
+                # Informational checks (e.g. "kvm: no -> TCG") do not make the host unready.
+                blocking = getattr(r, "blocking", True) and needs_vms
+                detail = r.detail if r.ok or blocking else f"(informational) {r.detail}"
+                results.append(CheckResult(r.name, r.ok or not blocking, detail))
         except ImportError as exc:
             results.append(CheckResult("VM support", not needs_vms, f"unavailable: {exc}"))
     return results

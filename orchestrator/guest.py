@@ -1,0 +1,320 @@
+"""The SSH session to one guest: connect while it boots, run commands, move small files.
+
+    with GuestSession(port=2222, user="root", key_path=image.ssh_key_path,
+                      known_host_key=image.known_host_key) as guest:
+        result = guest.run(["sysbench", "--version"], timeout_s=30, check=True)
+
+The guest's host key is always checked against the one recorded when the image was built:
+the port forward on 127.0.0.1 answers for whatever QEMU is behind it, so a session must not
+trust the first key it sees. Only an explicit host_key_policy="accept-any" (for images a user
+brought without a known key) skips the check.
+
+Every paramiko and socket error is translated to GuestError here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import select
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+import paramiko
+import tenacity
+
+from orchestrator.errors import GuestError
+
+if TYPE_CHECKING:
+    from orchestrator.images import ImageRef
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK_BYTES = 65536
+# Longest pause between two looks at a running command's channel; the channel's own fd wakes
+# us sooner when output arrives.
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    exit_status: int  # -1 when the guest closed the channel without sending one
+    stdout: str
+    stderr: str
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class _HostKeyRejected(paramiko.SSHException):
+    """The guest offered a host key type we have no recorded key for."""
+
+
+class _RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise _HostKeyRejected(
+            f"{hostname} offered a {key.get_name()} host key "
+            f"(SHA256:{_fingerprint(key)}) that does not match the recorded one")
+
+
+class _AcceptAnyHostKey(paramiko.MissingHostKeyPolicy):
+    """Used only when a plan says host_key_policy = "accept-any"; remembers nothing."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        log.warning("accepting unverified host key SHA256:%s from %s (host_key_policy accept-any)",
+                    _fingerprint(key), hostname)
+
+
+class _Transient(Exception):
+    """A connect attempt failed in a way that goes away once the guest has booted."""
+
+
+class GuestSession:
+    """One SSH connection to a guest, opened on enter and closed on exit."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 22,
+        user: str = "root",
+        key_path: Path | str = "",
+        known_host_key: str | None = None,
+        *,
+        host_key_policy: Literal["verify", "accept-any"] = "verify",
+        connect_timeout_s: float = 10.0,
+        connect_deadline_s: float = 240.0,
+        keepalive_s: int = 30,
+    ) -> None:
+        if host_key_policy == "verify" and not known_host_key:
+            raise GuestError(f"{host}:{port}: no known host key to verify the guest against")
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key_path = Path(key_path)
+        self.known_host_key = known_host_key
+        self.host_key_policy = host_key_policy
+        self.connect_timeout_s = connect_timeout_s
+        self.connect_deadline_s = connect_deadline_s
+        self.keepalive_s = keepalive_s
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._ssh_logger = logging.getLogger(f"{__name__}.ssh.{host}:{port}")
+
+    @classmethod
+    def for_image(cls, image: ImageRef, port: int, **kwargs: object) -> GuestSession:
+        """A session to a guest booted from `image` whose port 22 is forwarded to `port`."""
+        return cls(port=port, user=image.ssh_user, key_path=image.ssh_key_path,
+                   known_host_key=image.known_host_key, host_key_policy=image.host_key_policy,
+                   **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    # --- connection ------------------------------------------------------------------------
+
+    def __enter__(self) -> GuestSession:
+        self.connect()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect, retrying with backoff until connect_deadline_s while the guest boots."""
+        pkey = self._load_login_key()
+        started = time.monotonic()
+        # paramiko logs a traceback for every refused banner while the guest boots; those
+        # attempts are expected, so this session's transport logger is quiet until it is in.
+        self._ssh_logger.setLevel(logging.CRITICAL)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            wait=tenacity.wait_exponential(multiplier=0.5, min=0.5, max=5),
+            stop=tenacity.stop_after_delay(self.connect_deadline_s),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._client = self._connect_once(pkey)
+        except _Transient as exc:
+            raise GuestError(f"no SSH at {self.where} after {time.monotonic() - started:.0f} s "
+                             f"({retrying.statistics.get('attempt_number', 0)} attempts): "
+                             f"{exc}") from None
+        finally:
+            self._ssh_logger.setLevel(logging.NOTSET)
+        log.debug("connected to %s after %.1f s", self.where, time.monotonic() - started)
+
+    def _connect_once(self, pkey: paramiko.PKey) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_log_channel(self._ssh_logger.name)
+        if self.host_key_policy == "verify":
+            key_type, key = _parse_public_key(self.known_host_key or "")
+            # paramiko looks non-22 ports up as "[host]:port", like OpenSSH's known_hosts.
+            entry = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+            client.get_host_keys().add(entry, key_type, key)
+            client.set_missing_host_key_policy(_RejectUnknownHostKey())
+        else:
+            client.set_missing_host_key_policy(_AcceptAnyHostKey())
+        try:
+            client.connect(
+                self.host, port=self.port, username=self.user, pkey=pkey,
+                timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
+                auth_timeout=self.connect_timeout_s, look_for_keys=False, allow_agent=False,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise GuestError(
+                f"host key mismatch at {self.where}: expected SHA256:{_fingerprint(exc.expected_key)}"
+                f", got {exc.key.get_name()} SHA256:{_fingerprint(exc.key)}; refusing to connect"
+            ) from None
+        except _HostKeyRejected as exc:
+            client.close()
+            raise GuestError(f"host key mismatch at {self.where}: {exc}; refusing to connect") from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise GuestError(f"authentication failed for {self.where} with key {self.key_path}: "
+                             f"{exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            # Refused, reset, or no banner yet: QEMU's port forward accepts TCP before the
+            # guest's sshd runs, so these all mean "not booted yet".
+            client.close()
+            log.debug("%s not up yet: %s: %s", self.where, type(exc).__name__, exc)
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        transport = client.get_transport()
+        if transport is not None and self.keepalive_s:
+            transport.set_keepalive(self.keepalive_s)
+        return client
+
+    def _load_login_key(self) -> paramiko.PKey:
+        try:
+            return paramiko.PKey.from_path(self.key_path)
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise GuestError(f"cannot load SSH key {self.key_path}: {exc}") from None
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _transport(self) -> paramiko.Transport:
+        transport = self._client.get_transport() if self._client else None
+        if transport is None or not transport.is_active():
+            raise GuestError(f"no open SSH session to {self.where}")
+        return transport
+
+    # --- commands --------------------------------------------------------------------------
+
+    def run(self, cmd: Sequence[str] | str, timeout_s: float, check: bool = False) -> CommandResult:
+        """Run a command in the guest and wait for it, at most timeout_s.
+
+        A list is quoted word by word (so no plan value reaches the guest's shell unquoted);
+        a string is handed to the guest's shell as is. On timeout the channel is closed and
+        GuestError names the command; with check=True a non-zero exit raises too.
+        """
+        command = cmd if isinstance(cmd, str) else " ".join(shlex.quote(str(a)) for a in cmd)
+        started = time.monotonic()
+        deadline = started + timeout_s
+        try:
+            channel = self._transport().open_session(timeout=min(timeout_s, self.connect_timeout_s))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestError(f"{self.where}: cannot open a channel for `{command}`: {exc}") from None
+        try:
+            channel.settimeout(timeout_s)
+            channel.exec_command(command)
+            stdout, stderr = self._collect(channel, command, deadline, timeout_s)
+            # recv_exit_status() would block; the loop above ends only once the status is in.
+            exit_status = channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestError(f"{self.where}: `{command}` failed in transit: {exc}") from None
+        finally:
+            channel.close()
+        result = CommandResult(command, exit_status, stdout.decode(errors="replace"),
+                               stderr.decode(errors="replace"), time.monotonic() - started)
+        if check and not result.ok:
+            tail = "\n".join(result.stderr.strip().splitlines()[-10:])
+            raise GuestError(f"{self.where}: `{command}` exited {exit_status}:\n{tail}")
+        return result
+
+    def _collect(self, channel: paramiko.Channel, command: str, deadline: float,
+                 timeout_s: float) -> tuple[bytes, bytes]:
+        stdout, stderr = bytearray(), bytearray()
+        while True:
+            drained = False
+            while channel.recv_ready():
+                stdout += channel.recv(_READ_CHUNK_BYTES)
+                drained = True
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(_READ_CHUNK_BYTES)
+                drained = True
+            if channel.exit_status_ready() and not drained and not channel.recv_ready() \
+                    and not channel.recv_stderr_ready():
+                # The status can arrive before the last output; read until EOF on stdout.
+                if channel.eof_received or channel.closed:
+                    return bytes(stdout), bytes(stderr)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestError(f"{self.where}: `{command}` timed out after {timeout_s:g} s")
+            # The channel's fd is readable when stdout or stderr has data or the channel ends.
+            select.select([channel], [], [], min(_POLL_S, remaining))
+
+    # --- files -----------------------------------------------------------------------------
+
+    def put_text(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write a text file in the guest (temp name + rename, so readers never see half)."""
+        temp_path = f"{path}.ksm-lab-tmp"
+        sftp = self._open_sftp()
+        try:
+            with sftp.open(temp_path, "w") as remote:
+                remote.write(text.encode())
+            sftp.chmod(temp_path, mode)
+            sftp.posix_rename(temp_path, path)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise GuestError(f"{self.where}: cannot write {path}: {exc}") from None
+
+    def get_text(self, path: str) -> str:
+        sftp = self._open_sftp()
+        try:
+            with sftp.open(path, "r") as remote:
+                return remote.read().decode(errors="replace")
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise GuestError(f"{self.where}: cannot read {path}: {exc}") from None
+
+    def _open_sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(self._transport())
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise GuestError(f"{self.where}: SFTP unavailable: {exc}") from None
+            if self._sftp is None:
+                raise GuestError(f"{self.where}: SFTP unavailable")
+        return self._sftp
+
+
+def _parse_public_key(line: str) -> tuple[str, paramiko.PKey]:
+    """"ssh-ed25519 AAAA... [comment]" -> (type, key)."""
+    fields = line.split()
+    if len(fields) < 2:
+        raise GuestError(f"known host key {line!r} is not '<type> <base64>'")
+    try:
+        return fields[0], paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1]))
+    except (binascii.Error, paramiko.SSHException, ValueError) as exc:
+        raise GuestError(f"known host key {line[:40]!r}...: {exc}") from None
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    return key.fingerprint.removeprefix("SHA256:")
+

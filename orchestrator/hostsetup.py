@@ -1,0 +1,139 @@
+"""Is this host ready to run guests, and make it so (scripts/host-setup.sh does the work).
+
+check_host() only reads; setup_host() installs packages and starts libvirtd as root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from orchestrator import images
+from orchestrator.errors import HostError
+
+LIBVIRT_URI = "qemu:///system"
+SETUP_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "host-setup.sh"
+# An image build holds the rootfs (~0.8 GiB), the raw ext4 and the qcow2 at once.
+MIN_IMAGE_CACHE_FREE_GIB = 4.0
+_TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    # False for facts that change how guests run but do not stop them (no KVM -> TCG).
+    blocking: bool = True
+
+
+def kvm_status(root: Path = Path("/")) -> tuple[bool, str]:
+    """Whether guests can use KVM, and why (or why not) in words."""
+    cpuinfo = (root / "proc/cpuinfo").read_text(errors="replace")
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    virt_flag = "vmx" if "vmx" in flags else "svm" if "svm" in flags else None
+    dev_kvm = root / "dev/kvm"
+    present = dev_kvm.exists()
+    usable = present and os.access(dev_kvm, os.R_OK | os.W_OK)
+    if virt_flag and usable:
+        return True, f"yes: CPU has {virt_flag} and /dev/kvm is usable -> domain type kvm"
+    if virt_flag and present:
+        return False, "no: /dev/kvm is not readable+writable by this user -> use TCG"
+    if virt_flag:
+        return False, f"no: CPU has {virt_flag} but /dev/kvm is missing (kvm module?) -> use TCG"
+    if present:
+        # A software/nested KVM without vmx/svm cannot run a stock guest kernel (HOST.md).
+        return False, "no: /dev/kvm present but CPU has no vmx/svm (nested/software KVM) -> use TCG"
+    return False, "no: no /dev/kvm and CPU has no vmx/svm -> use TCG"
+
+
+def detect_domain_type(root: Path = Path("/")) -> Literal["kvm", "qemu"]:
+    """libvirt domain type for this host: "kvm" with hardware virtualization, else "qemu" (TCG)."""
+    return "kvm" if kvm_status(root)[0] else "qemu"
+
+
+def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None) -> list[CheckResult]:
+    """The checks a plan needs; no VMs means nothing to check here."""
+    if not plan_needs_vms:
+        return []
+    results = [_check_libvirt()]
+    kvm_ok, kvm_detail = kvm_status()
+    results.append(CheckResult("kvm", kvm_ok, kvm_detail, blocking=False))
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    results.append(CheckResult(
+        "tools", not missing,
+        f"missing {', '.join(missing)}: run `python -m orchestrator host setup`" if missing
+        else "present: " + ", ".join(_TOOLS)))
+    results.append(_check_image(image_cache_dir))
+    results.append(_check_cache_room(image_cache_dir or images.default_cache_dir()))
+    return results
+
+
+def _check_libvirt() -> CheckResult:
+    try:
+        import libvirt
+    except ImportError as exc:
+        return CheckResult("libvirt", False, f"libvirt-python missing: {exc}")
+    # libvirt prints every error to stderr by default; we report it ourselves.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(LIBVIRT_URI)
+    except libvirt.libvirtError as exc:
+        return CheckResult("libvirt", False, f"{LIBVIRT_URI} unreachable ({exc}): run "
+                                             "`python -m orchestrator host setup`")
+    try:
+        caps = conn.getCapabilities()
+        version = conn.getLibVersion()
+    finally:
+        conn.close()
+    # The guest section for x86_64 lists the domain types QEMU offers ('qemu' = TCG).
+    has_qemu = re.search(r"<arch name='x86_64'>.*?<domain type='qemu'", caps, re.S) is not None
+    lib = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+    if not has_qemu:
+        return CheckResult("libvirt", False, f"libvirt {lib} at {LIBVIRT_URI} has no QEMU "
+                                             "x86_64 driver: install libvirt-daemon-driver-qemu")
+    return CheckResult("libvirt", True, f"libvirt {lib} at {LIBVIRT_URI}, QEMU x86_64 driver present")
+
+
+def _check_image(cache_dir: Path | None) -> CheckResult:
+    try:
+        image = images.find_cached(images.DEFAULT_RECIPE, cache_dir)
+    except Exception as exc:  # a broken manifest is reported, not raised, by a check
+        return CheckResult("image", False, f"default image unusable: {exc}")
+    if image is None:
+        return CheckResult("image", False, f"default image {images.image_key(images.DEFAULT_RECIPE)}"
+                                           " not built: run `python -m orchestrator image build`")
+    return CheckResult("image", True, f"{image.key} at {image.disk_path.parent}")
+
+
+def _check_cache_room(cache_dir: Path) -> CheckResult:
+    existing = cache_dir
+    while not existing.exists():
+        existing = existing.parent
+    free_gib = shutil.disk_usage(existing).free / 2**30
+    return CheckResult("image cache room", free_gib >= MIN_IMAGE_CACHE_FREE_GIB,
+                       f"{free_gib:.1f} GiB free at {existing} (need {MIN_IMAGE_CACHE_FREE_GIB:g})")
+
+
+def setup_host(stop: bool = False, timeout_s: float = 900) -> str:
+    """Run scripts/host-setup.sh (or --stop) as root; returns what it printed."""
+    if os.geteuid() != 0:
+        raise HostError("host setup needs root (apt-get, libvirtd)")
+    argv = [str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{SETUP_SCRIPT.name} did not finish within {timeout_s:g} s") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise HostError(f"{SETUP_SCRIPT.name} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Make this host ready to run ksm-lab guests: packages, libvirt's directories, user and
+# qemu.conf, then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
+#
+#   scripts/host-setup.sh          set up; every step is skipped when already in place
+#   scripts/host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
+#   scripts/host-setup.sh --packages-only   only the Debian packages (what the venv needs)
+#
+# Never installs libvirt-daemon-system: it pulls libvirt-daemon-config-network, which defines
+# and autostarts libvirt's 'default' NAT network. Guests here use QEMU user networking only.
+set -euo pipefail
+exec </dev/null
+export DEBIAN_FRONTEND=noninteractive CI=true LC_ALL=C
+
+PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+          libvirt-dev pkg-config debootstrap e2fsprogs openssh-client)
+# Overridable so tests can work on a scratch copy instead of the host's files.
+STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
+STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
+QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
+BACKUP_SUFFIX=.ksm-lab-backup
+MARK_BEGIN="# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver"
+MARK_END="# <<< ksm-lab"
+URI=qemu:///system
+
+say() { printf 'host-setup: %s\n' "$*"; }
+die() { printf 'host-setup: error: %s\n' "$*" >&2; exit 1; }
+
+# A daemon is alive when its pid file names a live process running the expected binary
+# (the binary check guards against a stale pid file whose PID was reused).
+pid_alive() {  # pid binary
+    local pid=$1 binary=$2
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -d /proc/$pid ]] &&
+        [[ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" == "$(readlink -f "$binary")" ]]
+}
+pidfile_alive() {  # pidfile binary
+    [[ -r $1 ]] && pid_alive "$(head -n1 "$1")" "$2"
+}
+
+stop_started_daemons() {
+    if [[ ! -s $STATE_FILE ]]; then
+        say "nothing to stop: no daemons recorded in $STATE_FILE"
+        return 0
+    fi
+    # Reverse order: libvirtd before the virtlogd it logs through.
+    tac "$STATE_FILE" | while read -r name pid; do
+        local binary
+        binary=$(command -v "$name" || echo "/usr/sbin/$name")
+        if ! pid_alive "$pid" "$binary"; then
+            say "$name (pid $pid) already gone"
+            continue
+        fi
+        kill -TERM "$pid"
+        for _ in $(seq 50); do pid_alive "$pid" "$binary" || break; sleep 0.2; done
+        if pid_alive "$pid" "$binary"; then
+            kill -KILL "$pid"
+            say "stopped $name (pid $pid) with SIGKILL after 10 s"
+        else
+            say "stopped $name (pid $pid)"
+        fi
+    done
+    rm -f "$STATE_FILE"
+}
+
+# What building the venv needs (libvirt-python compiles against libvirt-dev), when the
+# python3 in PATH lacks it: a fresh Debian has python3 without venv or headers.
+python_build_packages() {
+    command -v gcc >/dev/null || echo gcc
+    python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv
+    python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+        2>/dev/null || echo python3-dev
+}
+
+install_packages() {
+    local missing=() pkg
+    mapfile -t extra < <(python_build_packages)
+    for pkg in "${PACKAGES[@]}" "${extra[@]}"; do
+        if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]]; then
+            missing+=("$pkg")
+        fi
+    done
+    if ((${#missing[@]} == 0)); then
+        say "packages: all ${#PACKAGES[@]} present"
+        return 0
+    fi
+    say "packages: installing ${missing[*]}"
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    say "packages: installed ${#missing[@]}"
+    if dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed"; then
+        say "warning: libvirt-daemon-system is installed (not by this script); it may autostart" \
+            "libvirt's 'default' NAT network"
+    fi
+}
+
+prepare_dirs_and_user() {
+    local dir
+    for dir in /var/log/libvirt/qemu /var/lib/libvirt/qemu /run/libvirt "$STATE_DIR"; do
+        if [[ ! -d $dir ]]; then mkdir -p "$dir"; say "created $dir"; fi
+    done
+    # Debian's QEMU driver resolves this compiled-in user before reading qemu.conf.
+    if ! getent group libvirt-qemu >/dev/null; then
+        groupadd --system libvirt-qemu
+        say "created group libvirt-qemu"
+    fi
+    if ! getent passwd libvirt-qemu >/dev/null; then
+        useradd --system --gid libvirt-qemu --no-create-home --home-dir /var/lib/libvirt \
+            --shell /usr/sbin/nologin libvirt-qemu
+        say "created user libvirt-qemu"
+    fi
+}
+
+qemu_conf_has() {  # key value: an active (uncommented) line sets key = value
+    grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QEMU_CONF"
+}
+
+configure_qemu_conf() {
+    mkdir -p "$(dirname "$QEMU_CONF")"
+    if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
+        qemu_conf_has security_driver none; then
+        say "qemu.conf: already runs guests as root with security_driver none"
+        return 1
+    fi
+    if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+        cp -p "$QEMU_CONF" "$QEMU_CONF$BACKUP_SUFFIX"
+        say "qemu.conf: saved the original as $QEMU_CONF$BACKUP_SUFFIX"
+    fi
+    local tmp
+    tmp=$(mktemp "$QEMU_CONF.XXXXXX")
+    if [[ -f $QEMU_CONF ]]; then
+        # Drop an earlier ksm-lab block and comment out other settings of the same keys.
+        sed -e "\\|^$MARK_BEGIN\$|,\\|^$MARK_END\$|d" \
+            -e 's/^\([[:space:]]*\(user\|group\|security_driver\)[[:space:]]*=.*\)$/# (ksm-lab) \1/' \
+            "$QEMU_CONF" >"$tmp"
+    fi
+    printf '%s\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n%s\n' \
+        "$MARK_BEGIN" "$MARK_END" >>"$tmp"
+    chmod 0644 "$tmp"
+    mv "$tmp" "$QEMU_CONF"
+    say "qemu.conf: set user/group root and security_driver none in $QEMU_CONF"
+    return 0
+}
+
+have_systemd() { [[ -d /run/systemd/system ]]; }
+
+start_daemon() {  # name pidfile args...
+    local name=$1 pidfile=$2
+    shift 2
+    local binary
+    binary=$(command -v "$name") || die "$name not found"
+    if have_systemd && systemctl cat "$name.service" >/dev/null 2>&1; then
+        if systemctl is-active --quiet "$name.service"; then
+            say "$name: running (systemd)"
+        else
+            systemctl start "$name.service"
+            say "$name: started with systemctl"
+            if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
+        fi
+        return 0
+    fi
+    if pidfile_alive "$pidfile" "$binary"; then
+        say "$name: running (pid $(head -n1 "$pidfile"))"
+        return 0
+    fi
+    rm -f "$pidfile"
+    # Daemonized; its start-up messages go to a log instead of our caller's pipes.
+    "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1
+    local _
+    for _ in $(seq 50); do pidfile_alive "$pidfile" "$binary" && break; sleep 0.1; done
+    pidfile_alive "$pidfile" "$binary" ||
+        die "$name did not start; see /var/log/libvirt/ksm-lab-$name.log"
+    local pid
+    pid=$(head -n1 "$pidfile")
+    echo "$name $pid" >>"$STATE_FILE"
+    say "$name: started by hand (pid $pid, recorded in $STATE_FILE)"
+    if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
+}
+
+wait_for_libvirt() {
+    local _
+    for _ in $(seq 60); do
+        if virsh -c "$URI" version >/dev/null 2>&1; then
+            say "libvirt answers at $URI: $(virsh -c "$URI" version 2>/dev/null |
+                grep -E 'Running hypervisor|Using library' | sed 's/  */ /g' | paste -sd';')"
+            return 0
+        fi
+        sleep 0.5
+    done
+    die "libvirt did not answer at $URI within 30 s"
+}
+
+main() {
+    [[ $EUID -eq 0 ]] || die "run as root"
+    if [[ ${1:-} == --stop ]]; then
+        mkdir -p "$STATE_DIR"
+        exec 9>"$STATE_DIR/host-setup.lock"
+        flock 9
+        stop_started_daemons
+        return 0
+    fi
+    if [[ ${1:-} == --packages-only ]]; then
+        install_packages
+        return 0
+    fi
+    [[ $# -eq 0 ]] || die "usage: $0 [--stop | --packages-only]"
+    mkdir -p "$STATE_DIR"
+    # Two set-ups at once would both find libvirtd down and both start one.
+    exec 9>"$STATE_DIR/host-setup.lock"
+    flock 9
+    install_packages
+    prepare_dirs_and_user
+    local conf_changed=no
+    if configure_qemu_conf; then conf_changed=yes; fi
+    STARTED_LIBVIRTD_NOW=no
+    start_daemon virtlogd /run/virtlogd.pid
+    start_daemon libvirtd /run/libvirtd.pid
+    if [[ $conf_changed == yes && $STARTED_LIBVIRTD_NOW == no ]]; then
+        say "warning: qemu.conf changed while libvirtd was already running; restart it to apply"
+    fi
+    wait_for_libvirt
+}
+
+# Sourcing the script (tests) defines the functions without running anything.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi
