@@ -1,0 +1,753 @@
+"""Derived metrics per trial, computed only from what the store wrote (never the live host).
+
+Memory saved is reported four ways, side by side, because they disagree and each answers a
+different question (on the reference host three idle guests gave 374 / 362 / 745 / 717 MiB):
+
+``saved_mib``
+    KSM's own count: ``pages_sharing`` x page size at the end of measure, plus ``ksm_zero_pages``
+    x page size when the trial ran with ``use_zero_pages=1`` (empty pages merged with the kernel's
+    zero page are not counted in pages_sharing). This is the raw saving, before KSM's costs.
+``general_profit_mib``
+    The kernel's ``general_profit`` at the end of measure: the raw saving minus KSM's metadata
+    (one rmap_item per scanned page, plus stable-tree nodes). Below ``saved_mib``; negative when
+    ksmd scans much and merges little.
+``pss_drop_mib``
+    What the tracked processes stopped paying: their summed PSS at baseline minus at the end of
+    measure. It can exceed ``saved_mib`` when ksmd splits transparent huge pages to merge parts of
+    them and the kernel then frees the zero-filled tails of those THPs, which KSM never counts; it
+    falls short when tracked processes share pages with untracked ones.
+``mem_available_rise_mib``
+    Host MemAvailable at the end of measure minus baseline: what the host really got back,
+    including THP splits, KSM's slab metadata as a cost, and every other process's noise.
+
+All other metrics are documented where computed. Every function here is pure over DataFrames
+and trial.json dicts except the ``load_*`` readers, which read one study folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from orchestrator.errors import StoreError
+
+MIB = 1024 * 1024
+DEFAULT_PAGE_SIZE_BYTES = 4096
+CONVERGENCE_THRESHOLDS = (50, 90, 99)
+# "Converged" = pages_sharing moved less than this fraction of its final value over the window
+# made of the last CONVERGENCE_WINDOW_FRACTION of measure samples (at least
+# CONVERGENCE_MIN_SAMPLES). Fewer measure samples than that: cannot tell (None).
+CONVERGENCE_TOLERANCE = 0.01
+CONVERGENCE_WINDOW_FRACTION = 0.10
+CONVERGENCE_MIN_SAMPLES = 5
+WORKLOAD_METRICS = ("tps", "qps", "latency_p95_ms")
+
+# Two-sided 95% Student t quantiles t(0.975, df) from standard tables; between entries we
+# interpolate linearly in 1/df, which is accurate to about 1e-3 over this range.
+_T975_TABLE = {
+    1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060,
+    9: 2.2622, 10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314,
+    16: 2.1199, 17: 2.1098, 18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739,
+    23: 2.0687, 24: 2.0639, 25: 2.0595, 26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452,
+    30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799,
+}
+_T975_INF = 1.9600
+_T_INV_DF = np.array([1.0 / d for d in sorted(_T975_TABLE, reverse=True)] + [1.0])
+_T_VALUES = np.array([_T975_TABLE[d] for d in sorted(_T975_TABLE, reverse=True)])
+
+
+def t_quantile_975(dof: Any) -> Any:
+    """t(0.975, dof) for the two-sided 95% interval; NaN where dof < 1. Accepts arrays."""
+    dof_arr = np.asarray(dof, dtype=float)
+    inv = np.divide(1.0, dof_arr, out=np.full_like(dof_arr, np.nan), where=dof_arr >= 1)
+    # table points sorted by 1/df ascending: 0 (df=inf) first
+    xs = np.concatenate([[0.0], _T_INV_DF[:-1]])
+    ys = np.concatenate([[_T975_INF], _T_VALUES])
+    out = np.interp(np.nan_to_num(inv, nan=0.0), xs, ys)
+    out = np.where(np.isnan(inv), np.nan, out)
+    return float(out) if out.ndim == 0 else out
+
+
+def mean_ci95(values: Any) -> tuple[float, float, int]:
+    """(mean, half width of the 95% t interval, n) of the finite values; half is NaN if n < 2."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    n = int(arr.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(arr[0]), math.nan, 1
+    half = t_quantile_975(n - 1) * float(arr.std(ddof=1)) / math.sqrt(n)
+    return float(arr.mean()), half, n
+
+
+def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
+    """(mean(a) - mean(b), half width of Welch's 95% interval); half NaN when either n < 2."""
+    a_arr = np.asarray(a, dtype=float)
+    b_arr = np.asarray(b, dtype=float)
+    a_arr, b_arr = a_arr[np.isfinite(a_arr)], b_arr[np.isfinite(b_arr)]
+    if a_arr.size == 0 or b_arr.size == 0:
+        return math.nan, math.nan
+    diff = float(a_arr.mean() - b_arr.mean())
+    if a_arr.size < 2 or b_arr.size < 2:
+        return diff, math.nan
+    va, vb = a_arr.var(ddof=1) / a_arr.size, b_arr.var(ddof=1) / b_arr.size
+    se2 = va + vb
+    if se2 == 0:
+        return diff, 0.0
+    dof = se2**2 / (va**2 / (a_arr.size - 1) + vb**2 / (b_arr.size - 1))
+    return diff, float(t_quantile_975(dof)) * math.sqrt(se2)
+
+
+PARETO_TOLERANCE = 0.01  # savings within 1% of the largest count as equal on the frontier
+
+
+def pareto_mask(cost: Any, benefit: Any, tolerance: float = 0.0) -> np.ndarray:
+    """True where no other point is at least as cheap and at least as good.
+
+    Benefits within ``tolerance`` (absolute) of each other count as equal, so a point that buys
+    only noise-sized extra benefit for more cost is dominated; of exact duplicates the first is
+    kept. NaN points are never Pareto-optimal. O(n^2), fine for the tens of settings a study has.
+    """
+    c = np.asarray(cost, dtype=float)
+    b = np.asarray(benefit, dtype=float)
+    valid = np.isfinite(c) & np.isfinite(b)
+    n = c.size
+    # [i, j]: does j dominate i?
+    cheaper_or_equal = c[None, :] <= c[:, None]
+    good_enough = b[None, :] >= b[:, None] - tolerance
+    better_somewhere = (c[None, :] < c[:, None]) | (b[None, :] > b[:, None])
+    duplicate_before = (c[None, :] == c[:, None]) & (b[None, :] == b[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
+    dominates = cheaper_or_equal & good_enough & (better_somewhere | duplicate_before) & valid[None, :]
+    return valid & ~dominates.any(axis=1)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class TrialData:
+    """One trial folder as the store wrote it; frames are None when the file is absent."""
+
+    trial_dir: Path
+    trial: dict[str, Any]
+    ksm: pd.DataFrame | None = None
+    ksm_table: pa.Table | None = None  # the same ksm.csv as Arrow, for samples.parquet
+    processes: pd.DataFrame | None = None
+    workload: pd.DataFrame | None = None
+    workload_summary: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def trial_id(self) -> str:
+        return str(self.trial.get("trial_id") or self.trial_dir.name)
+
+
+@dataclass
+class StudyData:
+    study_dir: Path
+    study: dict[str, Any]
+    host: dict[str, Any]
+    plan_text: str
+    trials: list[TrialData]
+
+    @property
+    def page_size_bytes(self) -> int:
+        return page_size_from_host(self.host)
+
+
+def page_size_from_host(host: dict[str, Any]) -> int:
+    """host.json's page size if it records one, else 4 KiB (the x86-64 base page)."""
+    for key in ("page_size_bytes", "page_size"):
+        value = host.get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            return int(value)
+    return DEFAULT_PAGE_SIZE_BYTES
+
+
+# processes.csv columns the metrics use; the rest (t_wall, pid, uss, swap) is not converted,
+# which is a quarter of the read time on a large study
+PROCESS_COLUMNS = ("t_s", "phase", "label", "rss_kib", "pss_kib", "ksm_merging_pages", "ksm_rmap_items",
+                   "ksm_zero_pages", "ksm_process_profit")
+
+
+def _read_table(path: Path, problems: list[str], columns: tuple[str, ...] | None = None) -> pa.Table | None:
+    """pyarrow's multithreaded CSV reader; low-cardinality text (phase, label, guest) is
+    dictionary-encoded (pandas categoricals), which keeps filtering and grouping fast."""
+    if not path.exists():
+        return None
+    try:
+        options = pacsv.ConvertOptions(auto_dict_encode=True)
+        if columns is not None:
+            with path.open(newline="") as handle:
+                header = next(csv.reader(handle), [])
+            options.include_columns = [c for c in columns if c in header]
+        return pacsv.read_csv(path, convert_options=options)
+    except (pa.ArrowInvalid, OSError) as exc:  # a truncated file must not sink the whole report
+        problems.append(f"{path.name} unreadable: {exc}")
+        return None
+
+
+def _to_frame(table: pa.Table | None) -> pd.DataFrame | None:
+    # split_blocks: numeric columns are shared with the Arrow table instead of copied
+    return None if table is None else table.to_pandas(split_blocks=True)
+
+
+def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
+    return _to_frame(_read_table(path, problems))
+
+
+def _read_json(path: Path, problems: list[str]) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path.name} unreadable: {exc}")
+        return None
+
+
+def load_trial(trial_dir: Path) -> TrialData:
+    """Read one trial folder. A folder without trial.json is reported as status "not_run"."""
+    trial_dir = Path(trial_dir)
+    problems: list[str] = []
+    trial = _read_json(trial_dir / "trial.json", problems)
+    if not isinstance(trial, dict):
+        trial = {
+            "trial_id": trial_dir.name,
+            "status": "not_run",
+            "reason": problems[0] if problems else "no trial.json (not run, or crashed before storing)",
+            "settings": {},
+            "ksm": {},
+        }
+    summary = _read_json(trial_dir / "workload_summary.json", problems)
+    ksm_table = _read_table(trial_dir / "ksm.csv", problems)
+    return TrialData(
+        trial_dir=trial_dir,
+        trial=trial,
+        ksm=_to_frame(ksm_table),
+        ksm_table=ksm_table,
+        processes=_to_frame(_read_table(trial_dir / "processes.csv", problems, PROCESS_COLUMNS)),
+        workload=_read_csv(trial_dir / "workload.csv", problems),
+        workload_summary=summary if isinstance(summary, dict) else None,
+        problems=problems,
+    )
+
+
+def load_study(study_dir: Path) -> StudyData:
+    """Read a study folder: study.json, host.json, plan.toml and every trial folder."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise StoreError(f"{study_dir}: no such study folder")
+    problems: list[str] = []
+    study = _read_json(study_dir / "study.json", problems)
+    if not isinstance(study, dict):
+        raise StoreError(f"{study_dir}: study.json missing or unreadable; is this a study folder?")
+    host = _read_json(study_dir / "host.json", problems)
+    plan_path = study_dir / "plan.toml"
+    plan_text = plan_path.read_text(errors="replace") if plan_path.exists() else ""
+    trials_root = study_dir / "trials"
+    ids = [str(t) for t in study.get("trial_ids", [])]
+    on_disk = sorted(p.name for p in trials_root.iterdir() if p.is_dir()) if trials_root.is_dir() else []
+    ids += [t for t in on_disk if t not in ids]
+    trials = [load_trial(trials_root / t) for t in ids]
+    return StudyData(study_dir, study, host if isinstance(host, dict) else {}, plan_text, trials)
+
+
+# ----------------------------------------------------------------------------- per trial
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def zero_pages_counted(ksm_settings: dict[str, Any]) -> bool:
+    return _as_int(ksm_settings.get("use_zero_pages")) == 1
+
+
+def _col(frame: pd.DataFrame, name: str) -> np.ndarray | None:
+    if name not in frame.columns:
+        return None
+    return pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+
+
+def _last(arr: np.ndarray | None) -> float:
+    return float(arr[-1]) if arr is not None and arr.size else math.nan
+
+
+def _delta(arr: np.ndarray | None) -> float:
+    if arr is None or arr.size == 0:
+        return math.nan
+    finite = arr[np.isfinite(arr)]
+    return float(finite[-1] - finite[0]) if finite.size else math.nan
+
+
+def phase_mask(frame: pd.DataFrame, phase: str) -> np.ndarray:
+    if "phase" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return (frame["phase"] == phase).to_numpy(dtype=bool, na_value=False)
+
+
+def _baseline_index(in_baseline: np.ndarray, usable: np.ndarray) -> int | None:
+    """Last usable row of phase baseline, else the first usable row; None if none is usable."""
+    idx = np.flatnonzero(usable & in_baseline)
+    if idx.size:
+        return int(idx[-1])
+    idx = np.flatnonzero(usable)
+    return int(idx[0]) if idx.size else None
+
+
+def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.ndarray:
+    """pages_sharing (+ ksm_zero_pages when use_zero_pages=1) per row, as float."""
+    pages = _col(ksm, "pages_sharing")
+    if pages is None:
+        return np.full(len(ksm), np.nan)
+    zero = _col(ksm, "ksm_zero_pages") if zero_pages_counted(ksm_settings) else None
+    return pages + np.nan_to_num(zero) if zero is not None else pages
+
+
+def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes: int) -> dict[str, Any]:
+    """Metrics from ksm.csv: saving, convergence, ksmd cost, page-state shares, vmstat deltas."""
+    out: dict[str, Any] = {}
+    in_measure = phase_mask(ksm, "measure")
+    in_baseline = phase_mask(ksm, "baseline")
+    measure = ksm.loc[in_measure]
+    out["measure_samples"] = int(in_measure.sum())
+    if measure.empty:
+        return out
+
+    # --- memory saved, at the end of measure (see module docstring for the four views)
+    saved_pages = saved_pages_series(ksm, ksm_settings)
+    out["saved_mib"] = float(saved_pages[in_measure][-1]) * page_size_bytes / MIB
+    out["pages_sharing"] = _last(_col(measure, "pages_sharing"))
+    out["general_profit_mib"] = _last(_col(measure, "general_profit")) / MIB
+    avail = _col(ksm, "mem_available_kib")
+    if avail is not None:
+        base = _baseline_index(in_baseline, np.isfinite(avail))
+        end = avail[in_measure][-1]
+        if base is not None:
+            out["mem_available_rise_mib"] = float(end - avail[base]) / 1024
+
+    # --- convergence, from measure start, on pages_sharing (not zero pages)
+    t_s = _col(measure, "t_s")
+    sharing = _col(measure, "pages_sharing")
+    scans = _col(measure, "full_scans")
+    t_rel = t_s - t_s[0] if t_s is not None else None
+    out["measure_s"] = float(t_rel[-1]) if t_rel is not None else math.nan
+    if sharing is not None:
+        out.update(_convergence(sharing, t_rel, scans))
+    out["full_scans"] = _delta(scans)
+    scanned = _col(measure, "pages_scanned")
+    if scanned is not None and out["measure_s"] > 0:
+        out["pages_scanned_per_s"] = _delta(scanned) / out["measure_s"]
+
+    # --- ksmd cost over measure
+    cpu_pct = _col(measure, "ksmd_cpu_pct")
+    cpu_s = _col(measure, "ksmd_cpu_s")
+    out["ksmd_cpu_s"] = _delta(cpu_s)
+    if cpu_pct is not None and np.isfinite(cpu_pct).any():
+        out["ksmd_cpu_pct"] = float(np.nanmean(cpu_pct))
+        out["ksmd_cpu_pct_max"] = float(np.nanmax(cpu_pct))
+    elif out.get("measure_s", 0) > 0:
+        out["ksmd_cpu_pct"] = 100.0 * out["ksmd_cpu_s"] / out["measure_s"]
+    if out["ksmd_cpu_s"] > 0:
+        out["mib_saved_per_ksmd_cpu_s"] = out["saved_mib"] / out["ksmd_cpu_s"]
+    if out["saved_mib"] > 0 and math.isfinite(out["general_profit_mib"]):
+        out["profit_to_saving_ratio"] = out["general_profit_mib"] / out["saved_mib"]
+
+    # --- page states at the end: volatile pages change too fast to merge, unshared found no twin
+    states = {name: _last(_col(measure, name)) for name in
+              ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")}
+    total = sum(v for v in states.values() if math.isfinite(v))
+    if total > 0:
+        out["pages_volatile_share"] = states["pages_volatile"] / total
+        out["pages_unshared_share"] = states["pages_unshared"] / total
+
+    # --- kernel side effects over the whole trial (all phases)
+    for counter in ("cow_ksm", "thp_split_page", "thp_split_pmd", "ksm_swpin_copy"):
+        arr = _col(ksm, f"vmstat_{counter}")
+        if arr is not None:
+            out[f"{counter}_delta"] = _delta(arr)
+    return out
+
+
+def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarray | None) -> dict[str, Any]:
+    """Time and full scans (since measure start) to first reach 50/90/99% of the final value.
+
+    "Final" is the last pages_sharing of measure. Time resolution is the sampling interval: we
+    report the first sample at or above the threshold, without interpolating between samples.
+    """
+    out: dict[str, Any] = {}
+    final = float(sharing[-1])
+    for pct in CONVERGENCE_THRESHOLDS:
+        if not final > 0:
+            out[f"time_to_{pct}pct_s"] = math.nan
+            out[f"full_scans_to_{pct}pct"] = math.nan
+            continue
+        first = int(np.argmax(sharing >= final * pct / 100.0))  # the last sample always qualifies
+        out[f"time_to_{pct}pct_s"] = float(t_rel[first]) if t_rel is not None else math.nan
+        out[f"full_scans_to_{pct}pct"] = float(scans[first] - scans[0]) if scans is not None else math.nan
+    n = sharing.size
+    if n < CONVERGENCE_MIN_SAMPLES:
+        out["converged"] = None
+    else:
+        window = sharing[-max(CONVERGENCE_MIN_SAMPLES, math.ceil(n * CONVERGENCE_WINDOW_FRACTION)):]
+        spread = float(np.nanmax(window) - np.nanmin(window))
+        out["converged"] = bool(spread <= CONVERGENCE_TOLERANCE * final) if final > 0 else spread == 0
+    return out
+
+
+def process_metrics(processes: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """PSS drop (summed over tracked processes) and KSM metadata overhead; plus a per-process table.
+
+    PSS is only read on PSS-tier ticks; the sampler writes one t_s per tick for all processes, so a
+    tick is identified by t_s. Baseline = last PSS tick of phase baseline (else the first PSS
+    tick); end = last PSS tick of measure. Merging pages, rmap items and profit are taken from
+    each process's last measure row (those come from ksm_stat on every tick).
+    """
+    out: dict[str, Any] = {}
+    if "label" not in processes.columns or "t_s" not in processes.columns:
+        return out, pd.DataFrame()
+    labels = processes["label"]
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = labels.astype(str).astype("category")
+    codes = labels.cat.codes.to_numpy()
+    names = np.asarray(labels.cat.categories, dtype=object)
+    t_s = _col(processes, "t_s")
+    in_measure = phase_mask(processes, "measure")
+    in_baseline = phase_mask(processes, "baseline")
+    per_proc = pd.DataFrame({"label": names})
+
+    pss = _col(processes, "pss_kib")
+    if pss is not None and np.isfinite(pss).any():
+        tier = np.flatnonzero(np.isfinite(pss))
+        ticks, first_row, tick_of_row = np.unique(t_s[tier], return_index=True, return_inverse=True)
+        tick_pss = np.bincount(tick_of_row, weights=pss[tier])
+        tick_rows = tier[first_row]
+        base = _baseline_index(in_baseline[tick_rows], np.ones(ticks.size, dtype=bool))
+        measure_ticks = np.flatnonzero(in_measure[tick_rows])
+        if base is not None and measure_ticks.size:
+            end = measure_ticks[-1]
+            out["pss_drop_mib"] = float(tick_pss[base] - tick_pss[end]) / 1024
+            for name, tick in (("pss_before_kib", base), ("pss_after_kib", end)):
+                rows = tier[tick_of_row == tick]
+                per_proc[name] = (pd.Series(pss[rows], index=codes[rows]).groupby(level=0).sum()
+                                  .reindex(range(names.size)).to_numpy())
+            per_proc["pss_drop_kib"] = per_proc["pss_before_kib"] - per_proc["pss_after_kib"]
+
+    measure_rows = np.flatnonzero(in_measure)[::-1]  # newest first, so unique() finds each last row
+    found, first = np.unique(codes[measure_rows], return_index=True)
+    last_rows = measure_rows[first]
+    for name in ("rss_kib", "ksm_merging_pages", "ksm_rmap_items", "ksm_zero_pages", "ksm_process_profit"):
+        values = _col(processes, name)
+        if values is not None:
+            column = np.full(names.size, np.nan)
+            column[found] = values[last_rows]
+            per_proc[name] = column
+    if "ksm_process_profit" in per_proc.columns:
+        per_proc["ksm_process_profit_mib"] = per_proc.pop("ksm_process_profit") / MIB
+    if "ksm_merging_pages" in per_proc.columns:
+        merging = per_proc["ksm_merging_pages"].sum(min_count=1)
+        out["ksm_merging_pages"] = float(merging)
+        if "ksm_rmap_items" in per_proc.columns:
+            rmap = per_proc["ksm_rmap_items"].sum(min_count=1)
+            out["ksm_rmap_items"] = float(rmap)
+            if merging > 0:
+                # ~64 B of metadata per rmap item: many items per merged page = scanning for little
+                out["rmap_items_per_merging_page"] = float(rmap / merging)
+    return out, per_proc.sort_values("label", ignore_index=True)
+
+
+def workload_per_guest(workload: pd.DataFrame | None, summary: dict[str, Any] | None) -> pd.DataFrame:
+    """tps, qps, latency_p95_ms per guest: from workload_summary.json, else workload.csv.
+
+    From the interval rows latency_p95_ms is the mean of per-interval p95s, an approximation of
+    the run's p95; the summary's value is sysbench's own and is preferred.
+    """
+    rows = []
+    if summary:
+        for guest, values in summary.items():
+            if isinstance(values, dict):
+                rows.append({"guest": str(guest), **{m: _as_float(values.get(m)) for m in WORKLOAD_METRICS}})
+    if rows:
+        return pd.DataFrame(rows)
+    if workload is None or workload.empty or "guest" not in workload.columns:
+        return pd.DataFrame(columns=["guest", *WORKLOAD_METRICS])
+    present = [m for m in WORKLOAD_METRICS if m in workload.columns]
+    per_guest = workload.groupby("guest", sort=True)[present].mean().reset_index()
+    per_guest["guest"] = per_guest["guest"].astype(str)
+    return per_guest.reindex(columns=["guest", *WORKLOAD_METRICS])
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES) -> dict[str, Any]:
+    """All scalar metrics of one trial plus "per_process" and "workload_per_guest" (DataFrames).
+
+    Failed and not-run trials get their status and reason and no metrics (NaN in study tables):
+    partial data from a failed trial is not mixed into means.
+    """
+    data = trial if isinstance(trial, TrialData) else load_trial(Path(trial))
+    info = data.trial
+    out: dict[str, Any] = {
+        "trial_id": data.trial_id,
+        "status": str(info.get("status") or "unknown"),
+        "reason": info.get("reason"),
+        "ksm_off": bool(info.get("ksm_off", False)),
+        "kind": info.get("kind"),
+        "repetition": info.get("repetition"),
+        "index": info.get("index"),
+        "data_problems": "; ".join(data.problems) or None,
+        "per_process": pd.DataFrame(),
+        "workload_per_guest": pd.DataFrame(columns=["guest", *WORKLOAD_METRICS]),
+    }
+    if out["status"] != "ok":
+        return out
+    ksm_settings = info.get("ksm") or {}
+    if data.ksm is not None and not data.ksm.empty:
+        out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes))
+    if data.processes is not None and not data.processes.empty:
+        proc_out, per_proc = process_metrics(data.processes)
+        out.update(proc_out)
+        out["per_process"] = per_proc
+    guests = workload_per_guest(data.workload, data.workload_summary)
+    out["workload_per_guest"] = guests
+    for name in WORKLOAD_METRICS:
+        out[name] = float(guests[name].mean()) if not guests.empty else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------- study level
+
+
+def is_ksm_axis(axis: str, ksm_settings: dict[str, Any]) -> bool:
+    """An axis that sets a KSM knob: named like one of the trial's KSM knobs, or prefixed "ksm"."""
+    leaf = axis.rsplit(".", 1)[-1]
+    return axis.lower().startswith("ksm") or leaf in ksm_settings
+
+
+def _setting_key(settings: dict[str, Any], axes: list[str]) -> str:
+    return json.dumps({a: settings.get(a) for a in axes}, sort_keys=True, default=str)
+
+
+def _settings_value(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True)
+
+
+@dataclass
+class StudyMetrics:
+    """Everything the report needs, computed once.
+
+    trials: one row per trial (failed ones too). settings: one row per setting (trials that
+    differ only by repetition) with mean and 95% CI half widths. per_process / guests: long tables.
+    """
+
+    trials: pd.DataFrame
+    settings: pd.DataFrame
+    per_process: pd.DataFrame
+    guests: pd.DataFrame
+    axes: list[str]
+    swept_axes: list[str]
+    ksm_axes: list[str]
+    page_size_bytes: int
+
+
+SUMMARY_METRICS = (
+    "saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib",
+    "ksmd_cpu_pct", "ksmd_cpu_pct_max", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s",
+    "time_to_90pct_s", "full_scans",
+)
+# Present in the per-trial table even when no trial produced them (e.g. all failed).
+ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",
+                  "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta")
+
+
+def compute_study(study: StudyData) -> StudyMetrics:
+    page = study.page_size_bytes
+    rows, procs, guests = [], [], []
+    for data in study.trials:
+        m = trial_metrics(data, page)
+        per_proc, per_guest = m.pop("per_process"), m.pop("workload_per_guest")
+        settings = data.trial.get("settings") or {}
+        m["_settings"] = {str(k): _settings_value(v) for k, v in settings.items()}
+        m["_ksm"] = data.trial.get("ksm") or {}
+        rows.append(m)
+        if not per_proc.empty:
+            procs.append(per_proc.assign(trial_id=m["trial_id"]))
+        if not per_guest.empty:
+            guests.append(per_guest.assign(trial_id=m["trial_id"]))
+
+    axes = sorted({a for r in rows for a in r["_settings"]})
+    swept = [a for a in axes if len({json.dumps(r["_settings"].get(a), default=str) for r in rows
+                                      if r["_settings"].get(a) is not None}) > 1]
+    ksm_axes = [a for a in axes if any(is_ksm_axis(a, r["_ksm"]) for r in rows)]
+    label_axes = swept or []
+    for r in rows:
+        r["setting"] = setting_label(r["_settings"], label_axes, r["ksm_off"])
+        r["_group"] = _setting_key(r["_settings"], axes) + ("|off" if r["ksm_off"] else "")
+        for a in axes:
+            r[a] = r["_settings"].get(a)
+
+    other_axes = [a for a in axes if a not in ksm_axes]
+    for r in rows:
+        r["_offkey"] = _setting_key(r["_settings"], other_axes)
+    identity = ["trial_id", "status", "reason", "ksm_off", "kind", "repetition", "index", "setting",
+                "data_problems", "_settings", "_ksm", "_group", "_offkey"]
+    trials = pd.DataFrame(rows, columns=None if rows else identity)
+    trials["ksm_off"] = trials["ksm_off"].astype(bool)
+    for name in ALWAYS_COLUMNS:
+        if name not in trials.columns:
+            trials[name] = math.nan
+    guests_df = pd.concat(guests, ignore_index=True) if guests else pd.DataFrame(columns=["guest", *WORKLOAD_METRICS, "trial_id"])
+    _add_ksm_off_deltas(trials)
+    settings_df = _settings_table(trials, guests_df, axes)
+    per_process = pd.concat(procs, ignore_index=True) if procs else pd.DataFrame()
+    if not per_process.empty:
+        per_process = per_process[["trial_id", *[c for c in per_process.columns if c != "trial_id"]]]
+    return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page)
+
+
+def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
+    parts = [f"{a}={settings.get(a)}" for a in axes if settings.get(a) is not None]
+    if ksm_off:
+        parts.insert(0, "KSM off")
+    return ", ".join(parts) or "all trials"
+
+
+def _off_baseline(off: pd.DataFrame, offkey: str) -> tuple[pd.DataFrame, str]:
+    """The KSM-off trials to compare with: same non-KSM settings if any, else all of them."""
+    matched = off[off["_offkey"] == offkey]
+    return (matched, "matched") if not matched.empty else (off, "study KSM-off mean")
+
+
+def _add_ksm_off_deltas(trials: pd.DataFrame) -> None:
+    """Per-trial change (%) of tps/qps/p95 vs the KSM-off trials with the same non-KSM settings,
+    else vs the study's mean over all KSM-off trials ("baseline" column says which)."""
+    trials["baseline"] = None
+    for name in WORKLOAD_METRICS:
+        trials[f"{name}_vs_off_pct"] = math.nan
+    off = trials[trials["ksm_off"] & (trials["status"] == "ok")]
+    if off.empty or not off["tps"].notna().any():
+        return
+    for i, row in trials.iterrows():  # one pass per trial, not per sample
+        if row["ksm_off"] or row["status"] != "ok":
+            continue
+        base, how = _off_baseline(off, row["_offkey"])
+        trials.at[i, "baseline"] = how
+        for name in WORKLOAD_METRICS:
+            ref = float(base[name].mean())
+            if ref and math.isfinite(ref):
+                trials.at[i, f"{name}_vs_off_pct"] = 100.0 * (row[name] - ref) / ref
+
+
+def _settings_table(trials: pd.DataFrame, guests: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per setting: n ok trials, mean and CI half width of the main metrics.
+
+    Memory and CPU CIs are across repetitions (one value per trial); workload CIs are across
+    repetitions and guests (one value per guest per trial), as the guests run concurrently but
+    each produces its own throughput.
+    """
+    if trials.empty:
+        return pd.DataFrame()
+    ok = trials[trials["status"] == "ok"]
+    guest_values = guests.merge(trials[["trial_id", "_group"]], on="trial_id") if not guests.empty else guests
+    off = ok[ok["ksm_off"]]
+    rows = []
+    for group, members in trials.groupby("_group", sort=False):
+        first = members.iloc[0]
+        good = members[members["status"] == "ok"]
+        row: dict[str, Any] = {"setting": first["setting"], "ksm_off": bool(first["ksm_off"]),
+                               "trials": len(members), "ok": len(good)}
+        row.update({a: first[a] for a in axes})
+        for name in SUMMARY_METRICS:
+            if name in good.columns:
+                row[name], row[f"{name}_ci95"], _ = mean_ci95(good[name])
+        if not guests.empty:
+            values = guest_values[guest_values["_group"] == group]
+            for name in WORKLOAD_METRICS:
+                row[name], row[f"{name}_ci95"], row[f"{name}_n"] = mean_ci95(values[name])
+                if first["ksm_off"] or off.empty:
+                    continue
+                base, _ = _off_baseline(off, first["_offkey"])
+                off_values = guests[guests["trial_id"].isin(base["trial_id"])][name]
+                if off_values.notna().any():
+                    ref = float(off_values.mean())
+                    diff, half = welch_ci95(values[name], off_values)
+                    row[f"{name}_vs_off_pct"] = 100.0 * diff / ref if ref else math.nan
+                    row[f"{name}_vs_off_ci95_pct"] = 100.0 * half / ref if ref else math.nan
+        row["_group"] = group
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def study_metrics(study_dir: Path) -> pd.DataFrame:
+    """One row per trial (failed ones included, with status/reason and NaN metrics)."""
+    return public_trials_table(compute_study(load_study(Path(study_dir))))
+
+
+def public_trials_table(sm: StudyMetrics) -> pd.DataFrame:
+    """The per-trial table without internal columns, settings right after the identity."""
+    frame = sm.trials.drop(columns=[c for c in sm.trials.columns if c.startswith("_")])
+    first = ["trial_id", "status", "reason", "setting", *sm.axes, "ksm_off", "repetition"]
+    first = [c for c in first if c in frame.columns]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def samples_arrow(study: StudyData, sm: StudyMetrics) -> pa.Table:
+    """Tidy table: every trial's ksm.csv rows stacked, with trial_id, status, ksm_off and
+    setting_<axis> columns for the swept settings (prefixed: an axis may share a sysfs name).
+
+    Built in Arrow straight from the tables read, so 1M rows cost no pandas concat."""
+    by_id = sm.trials.set_index("trial_id")
+    kept = [d for d in study.trials if d.ksm_table is not None and d.ksm_table.num_rows]
+    if not kept:
+        return pa.table({"trial_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    # a trial read a column as int, another as float (NaN), or lacked it: promote / fill nulls
+    table = pa.concat_tables([d.ksm_table for d in kept], promote_options="permissive")
+    ids = [d.trial_id for d in kept]
+    position = pa.array(np.repeat(np.arange(len(kept), dtype=np.int32), [d.ksm_table.num_rows for d in kept]))
+
+    def per_trial(values: list[Any]) -> pa.Array:
+        return pa.array(values).take(position)  # one value per trial, expanded by index
+
+    extra: list[tuple[str, pa.Array]] = [
+        ("trial_id", pa.DictionaryArray.from_arrays(position, pa.array(ids, pa.string()))),
+        ("status", per_trial([str(by_id.at[t, "status"]) for t in ids]).dictionary_encode()),
+        ("ksm_off", per_trial([bool(by_id.at[t, "ksm_off"]) for t in ids])),
+    ]
+    for axis in sm.swept_axes:
+        values = [by_id.at[t, "_settings"].get(axis) for t in ids]
+        numeric = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+        if numeric:
+            extra.append((f"setting_{axis}", per_trial([None if v is None else float(v) for v in values])))
+        else:  # parquet needs one type per column
+            extra.append((f"setting_{axis}", per_trial([None if v is None else str(v) for v in values])))
+    for i, (name, column) in enumerate(extra):
+        table = table.add_column(i, name, column)
+    return table
+
+
+def samples_from(study: StudyData, sm: StudyMetrics) -> pd.DataFrame:
+    return samples_arrow(study, sm).to_pandas()
+
+
+def samples_table(study_dir: Path) -> pd.DataFrame:
+    study = load_study(Path(study_dir))
+    return samples_from(study, compute_study(study))

@@ -1,0 +1,395 @@
+"""Derived metrics on small hand-made studies whose right answers are known.
+
+The builders below write study folders exactly as docs/ARCHITECTURE.md describes them; test_report
+reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator import metrics
+from orchestrator.errors import StoreError
+
+PAGE = 4096
+MIB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def ramp_ksm_frame(
+    final_sharing: int = 1000,
+    measure_s: int = 10,
+    baseline_s: int = 2,
+    cpu_core_fraction: float = 0.05,
+    zero_pages: int = 0,
+    plateau: bool = False,
+) -> pd.DataFrame:
+    """ksm.csv rows, one per second: baseline (KSM idle) then measure where pages_sharing ramps
+    linearly from 0 to final_sharing over measure_s (or sits at final_sharing when plateau).
+    ksmd burns cpu_core_fraction of a core all along; a full scan completes every 2 s of measure.
+    """
+    t_s = np.arange(0, baseline_s + measure_s + 1, dtype=float)
+    in_measure = t_s >= baseline_s
+    t_rel = np.where(in_measure, t_s - baseline_s, 0.0)
+    if plateau:
+        sharing = np.where(in_measure, final_sharing, 0)
+    else:
+        sharing = np.round(final_sharing * t_rel / measure_s).astype(int)
+    cpu_s = cpu_core_fraction * t_s
+    cpu_pct = np.concatenate([[np.nan], np.diff(cpu_s) / np.diff(t_s) * 100])
+    rmap_items = np.where(in_measure, 2 * final_sharing, 0)
+    frame = pd.DataFrame({
+        "t_wall": 1_700_000_000.0 + t_s,
+        "t_s": t_s,
+        "phase": np.where(in_measure, "measure", "baseline"),
+        "pages_shared": np.where(in_measure, final_sharing // 10, 0),
+        "pages_sharing": sharing,
+        "pages_unshared": np.where(in_measure, 2 * final_sharing // 10, 0),
+        "pages_volatile": np.where(in_measure, final_sharing // 10, 0),
+        "full_scans": (t_rel // 2).astype(int),
+        "general_profit": sharing * PAGE - rmap_items * 64,
+        "ksm_zero_pages": np.where(in_measure, zero_pages, 0),
+        "run": np.where(in_measure, 1, 0),
+        "pages_to_scan": 100,
+        "ksmd_cpu_s": cpu_s,
+        "ksmd_cpu_pct": cpu_pct,
+        "mem_available_kib": 1_000_000 + sharing * PAGE // 1024,
+        "mem_free_kib": 900_000,
+        "anon_pages_kib": 50_000,
+        "anon_huge_pages_kib": 0,
+        "vmstat_cow_ksm": np.where(t_s >= t_s[-1], 2, 0),
+        "vmstat_thp_split_page": 10 + np.where(in_measure, 3, 0),
+        "tick_ms": 1.5,
+        "pss_tier": (t_s.astype(int) % 2) == 0,
+    })
+    return frame
+
+
+def processes_frame(ksm: pd.DataFrame, pss_start_kib: float = 8000, pss_drop_total_kib: float = 4000) -> pd.DataFrame:
+    """Two processes; their summed PSS falls by pss_drop_total_kib linearly over measure."""
+    rows = []
+    measure = ksm["phase"] == "measure"
+    progress = np.where(measure, ksm["pages_sharing"] / max(ksm["pages_sharing"].max(), 1), 0.0)
+    for label, pid in (("proc-0", 101), ("proc-1", 102)):
+        pss = pss_start_kib - progress * pss_drop_total_kib / 2
+        rows.append(pd.DataFrame({
+            "t_wall": ksm["t_wall"], "t_s": ksm["t_s"], "phase": ksm["phase"], "label": label, "pid": pid,
+            "rss_kib": 8000.0,
+            "pss_kib": np.where(ksm["pss_tier"], pss, np.nan),
+            "uss_kib": np.where(ksm["pss_tier"], pss - 100, np.nan),
+            "swap_kib": 0.0,
+            "ksm_merging_pages": np.where(measure, 500, 0),
+            "ksm_rmap_items": np.where(measure, 1000, 0),
+            "ksm_zero_pages": 0,
+            "ksm_process_profit": np.where(measure, 500 * PAGE - 1000 * 64, 0),
+        }))
+    return pd.concat(rows).sort_values(["t_s", "label"], kind="stable").reset_index(drop=True)
+
+
+def write_trial(
+    study_dir: Path,
+    trial_id: str,
+    settings: dict[str, Any],
+    *,
+    repetition: int = 0,
+    status: str = "ok",
+    reason: str | None = None,
+    ksm_off: bool = False,
+    ksm: pd.DataFrame | None = None,
+    processes: pd.DataFrame | None = None,
+    workload_summary: dict[str, Any] | None = None,
+    workload: pd.DataFrame | None = None,
+    kind: str = "processes",
+    ksm_knobs: dict[str, Any] | None = None,
+) -> Path:
+    trial_dir = study_dir / "trials" / trial_id
+    trial_dir.mkdir(parents=True)
+    knobs = ksm_knobs if ksm_knobs is not None else {
+        "run": 0 if ksm_off else 1, "pages_to_scan": settings.get("pages_to_scan", 100),
+        "sleep_millisecs": 20, "use_zero_pages": 0}
+    trial = {
+        "trial_id": trial_id, "index": len(list((study_dir / "trials").iterdir())) - 1,
+        "repetition": repetition, "settings": settings, "ksm": knobs, "workload": {},
+        "status": status, "reason": reason, "kind": kind, "ksm_off": ksm_off,
+        "timings": {"measure": {"start_wall": 1_700_000_002.0, "end_wall": 1_700_000_012.0}},
+    }
+    (trial_dir / "trial.json").write_text(json.dumps(trial))
+    if ksm is not None:
+        ksm.to_csv(trial_dir / "ksm.csv", index=False)
+    if processes is not None:
+        processes.to_csv(trial_dir / "processes.csv", index=False)
+    if workload_summary is not None:
+        (trial_dir / "workload_summary.json").write_text(json.dumps(workload_summary))
+    if workload is not None:
+        workload.to_csv(trial_dir / "workload.csv", index=False)
+    return trial_dir
+
+
+def start_study(root: Path, name: str = "study", plan: str = '[study]\nname = "study"\n') -> Path:
+    study_dir = root / name
+    (study_dir / "trials").mkdir(parents=True)
+    (study_dir / "plan.toml").write_text(plan)
+    (study_dir / "host.json").write_text(json.dumps({
+        "kernel": "6.18.0-test", "cpu_model": "Test CPU", "cpu_count": 2, "mem_total_kib": 24_000_000,
+        "thp": {"enabled": "madvise"}, "versions": {"python": "3.11", "ksm_lab": "0.1.0"}}))
+    return study_dir
+
+
+def finish_study(study_dir: Path) -> Path:
+    ids = sorted(p.name for p in (study_dir / "trials").iterdir())
+    (study_dir / "study.json").write_text(json.dumps(
+        {"schema_version": 1, "name": study_dir.name, "created_wall": 1_700_000_000.0, "trial_ids": ids}))
+    return study_dir
+
+
+def guests_summary(*tps: float, p95_ms: float = 20.0) -> dict[str, Any]:
+    return {f"vm{i}": {"transactions": 1000, "tps": v, "queries": 20000, "qps": 20 * v,
+                       "latency_p95_ms": p95_ms, "errors": 0} for i, v in enumerate(tps)}
+
+
+def sweep_study(root: Path) -> Path:
+    """pages_to_scan 100 and 1000, two repetitions each; 1000 saves more and costs more CPU."""
+    study_dir = start_study(root)
+    for pages, final, cpu in ((100, 800, 0.02), (1000, 1000, 0.10)):
+        for rep in (0, 1):
+            ksm = ramp_ksm_frame(final_sharing=final + 40 * rep, cpu_core_fraction=cpu + 0.01 * rep)
+            write_trial(study_dir, f"p{pages}-r{rep}", {"pages_to_scan": pages}, repetition=rep,
+                        ksm=ksm, processes=processes_frame(ksm))
+    return finish_study(study_dir)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _t_pdf(x: np.ndarray, dof: float) -> np.ndarray:
+    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    return np.exp(log_norm - (dof + 1) / 2 * np.log1p(x * x / dof))
+
+
+@pytest.mark.parametrize("dof", [1, 2, 3, 5, 7, 13, 30, 45, 90, 250])
+def test_t_quantile_covers_95_percent(dof: float) -> None:
+    q = metrics.t_quantile_975(dof)
+    x = np.linspace(-q, q, 400_001)
+    coverage = np.trapezoid(_t_pdf(x, dof), x)
+    assert coverage == pytest.approx(0.95, abs=2e-4)
+
+
+def test_t_quantile_large_dof_is_normal_and_small_dof_nan() -> None:
+    assert metrics.t_quantile_975(1e9) == pytest.approx(1.96, abs=1e-6)
+    assert math.isnan(metrics.t_quantile_975(0))
+
+
+def test_mean_ci95_of_two_values_uses_t_with_one_dof() -> None:
+    mean, half, n = metrics.mean_ci95([10.0, 14.0, math.nan])
+    assert (mean, n) == (12.0, 2)
+    assert half == pytest.approx(12.7062 * np.std([10.0, 14.0], ddof=1) / math.sqrt(2))
+    assert math.isnan(metrics.mean_ci95([3.0])[1])
+
+
+def test_pareto_mask_keeps_non_dominated_points() -> None:
+    cost = [1.0, 2.0, 2.0, 3.0, math.nan]
+    saved = [10.0, 20.0, 15.0, 19.0, 50.0]
+    assert metrics.pareto_mask(cost, saved).tolist() == [True, True, False, False, False]
+
+
+def test_pareto_mask_tolerance_drops_noise_sized_gains_and_duplicates() -> None:
+    cost = [1.0, 2.0, 5.0, 5.0]
+    saved = [100.0, 100.5, 200.0, 200.0]
+    assert metrics.pareto_mask(cost, saved).tolist() == [True, True, True, False]
+    assert metrics.pareto_mask(cost, saved, tolerance=2.0).tolist() == [True, False, True, False]
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+@pytest.fixture()
+def ramp_trial(tmp_path: Path) -> Path:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    trial_dir = write_trial(study, "t0", {"pages_to_scan": 100}, ksm=ksm, processes=processes_frame(ksm))
+    finish_study(study)
+    return trial_dir
+
+
+def test_linear_ramp_saving_four_ways(ramp_trial: Path) -> None:
+    m = metrics.trial_metrics(ramp_trial)
+    assert m["saved_mib"] == pytest.approx(3.90625)  # 1000 pages x 4 KiB
+    assert m["general_profit_mib"] == pytest.approx((1000 * PAGE - 2000 * 64) / MIB)
+    assert m["pss_drop_mib"] == pytest.approx(3.90625)
+    assert m["mem_available_rise_mib"] == pytest.approx(3.90625)
+    assert m["profit_to_saving_ratio"] == pytest.approx(1 - 2000 * 64 / (1000 * PAGE))
+
+
+def test_linear_ramp_convergence_times_and_scans(ramp_trial: Path) -> None:
+    m = metrics.trial_metrics(ramp_trial)
+    assert m["time_to_50pct_s"] == 5.0
+    assert m["time_to_90pct_s"] == 9.0
+    assert m["time_to_99pct_s"] == 10.0
+    assert m["full_scans_to_90pct"] == 4.0  # one full scan per 2 s
+    assert m["full_scans"] == 5.0
+    assert m["converged"] is False  # still climbing 10%/s in its last 5 samples
+
+
+def test_plateau_is_converged(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    trial_dir = write_trial(study, "t0", {}, ksm=ramp_ksm_frame(plateau=True))
+    m = metrics.trial_metrics(trial_dir)
+    assert m["converged"] is True
+    assert m["time_to_99pct_s"] == 0.0
+
+
+def test_ksmd_cost_from_cpu_seconds(ramp_trial: Path) -> None:
+    m = metrics.trial_metrics(ramp_trial)
+    assert m["ksmd_cpu_pct"] == pytest.approx(5.0)
+    assert m["ksmd_cpu_pct_max"] == pytest.approx(5.0)
+    assert m["ksmd_cpu_s"] == pytest.approx(0.5)
+    assert m["mib_saved_per_ksmd_cpu_s"] == pytest.approx(3.90625 / 0.5)
+
+
+def test_overheads_and_side_effects(ramp_trial: Path) -> None:
+    m = metrics.trial_metrics(ramp_trial)
+    assert m["rmap_items_per_merging_page"] == pytest.approx(2.0)
+    assert m["ksm_merging_pages"] == 1000
+    assert m["cow_ksm_delta"] == 2
+    assert m["thp_split_page_delta"] == 3
+    assert m["pages_volatile_share"] == pytest.approx(100 / 1400)
+    assert m["pages_unshared_share"] == pytest.approx(200 / 1400)
+
+
+def test_per_process_before_after(ramp_trial: Path) -> None:
+    per_proc = metrics.trial_metrics(ramp_trial)["per_process"].set_index("label")
+    assert per_proc.loc["proc-0", "pss_before_kib"] == 8000
+    assert per_proc.loc["proc-0", "pss_after_kib"] == 6000
+    assert per_proc.loc["proc-1", "ksm_merging_pages"] == 500
+    assert per_proc.loc["proc-1", "ksm_process_profit_mib"] == pytest.approx((500 * PAGE - 64000) / MIB)
+
+
+def test_zero_pages_count_only_when_use_zero_pages_was_on(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame(zero_pages=256)
+    on = write_trial(study, "zero-on", {}, ksm=ksm, ksm_knobs={"run": 1, "use_zero_pages": 1})
+    off = write_trial(study, "zero-off", {}, ksm=ksm, ksm_knobs={"run": 1, "use_zero_pages": 0})
+    assert metrics.trial_metrics(on)["saved_mib"] == pytest.approx(3.90625 + 1.0)
+    assert metrics.trial_metrics(off)["saved_mib"] == pytest.approx(3.90625)
+
+
+def test_pss_baseline_falls_back_to_first_pss_row_without_baseline_phase(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame(baseline_s=0)
+    trial_dir = write_trial(study, "t0", {}, ksm=ksm, processes=processes_frame(ksm))
+    m = metrics.trial_metrics(trial_dir)
+    assert m["pss_drop_mib"] == pytest.approx(3.90625)
+    assert m["mem_available_rise_mib"] == pytest.approx(3.90625)
+
+
+def test_failed_trial_has_status_and_no_metrics(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    trial_dir = write_trial(study, "bad", {}, status="failed", reason="guest vm0 never answered SSH")
+    m = metrics.trial_metrics(trial_dir)
+    assert (m["status"], m["reason"]) == ("failed", "guest vm0 never answered SSH")
+    assert "saved_mib" not in m
+
+
+# ----------------------------------------------------------------------------- study level
+
+
+def test_study_metrics_one_row_per_trial_with_ci(tmp_path: Path) -> None:
+    study_dir = sweep_study(tmp_path)
+    table = metrics.study_metrics(study_dir)
+    assert len(table) == 4
+    assert set(table["setting"]) == {"pages_to_scan=100", "pages_to_scan=1000"}
+    sm = metrics.compute_study(metrics.load_study(study_dir))
+    assert sm.swept_axes == ["pages_to_scan"]
+    row = sm.settings.set_index("setting").loc["pages_to_scan=1000"]
+    saved = np.array([1000, 1040]) * PAGE / MIB
+    assert row["saved_mib"] == pytest.approx(saved.mean())
+    assert row["saved_mib_ci95"] == pytest.approx(12.7062 * saved.std(ddof=1) / math.sqrt(2))
+    assert row["ksmd_cpu_pct"] == pytest.approx(10.5)
+
+
+def test_study_with_failed_and_unrun_trials(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    write_trial(study_dir, "good", {"pages_to_scan": 100}, ksm=ramp_ksm_frame())
+    write_trial(study_dir, "bad", {"pages_to_scan": 1000}, status="failed", reason="sysbench prepare failed")
+    finish_study(study_dir)
+    study = json.loads((study_dir / "study.json").read_text())
+    study["trial_ids"].append("never-ran")
+    (study_dir / "study.json").write_text(json.dumps(study))
+    table = metrics.study_metrics(study_dir).set_index("trial_id")
+    assert table.loc["good", "saved_mib"] == pytest.approx(3.90625)
+    assert table.loc["bad", "status"] == "failed"
+    assert math.isnan(table.loc["bad", "saved_mib"])
+    assert table.loc["never-ran", "status"] == "not_run"
+
+
+def test_all_failed_study_still_has_metric_columns(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    write_trial(study_dir, "bad", {}, status="failed", reason="boom")
+    table = metrics.study_metrics(finish_study(study_dir))
+    assert table["saved_mib"].isna().all()
+
+
+def test_not_a_study_folder_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        metrics.load_study(tmp_path)
+
+
+def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    for rep, (a, b) in enumerate(((100.0, 104.0), (98.0, 102.0))):
+        write_trial(study_dir, f"off-r{rep}", {"threads": 1}, ksm_off=True, repetition=rep, kind="sysbench",
+                    ksm=ksm, workload_summary=guests_summary(a, b, p95_ms=20.0))
+        write_trial(study_dir, f"on-r{rep}", {"threads": 1, "pages_to_scan": 1000}, repetition=rep,
+                    kind="sysbench", ksm=ksm, workload_summary=guests_summary(a * 0.9, b * 0.9, p95_ms=25.0))
+    # an unmatched KSM-off trial with other threads must not be used as the baseline
+    write_trial(study_dir, "off-t4", {"threads": 4}, ksm_off=True, kind="sysbench", ksm=ksm,
+                workload_summary=guests_summary(400.0, 400.0))
+    sm = metrics.compute_study(metrics.load_study(finish_study(study_dir)))
+    trials = sm.trials.set_index("trial_id")
+    assert trials.loc["on-r0", "tps"] == pytest.approx(0.9 * 102.0)
+    assert trials.loc["on-r0", "baseline"] == "matched"
+    assert trials.loc["on-r0", "tps_vs_off_pct"] == pytest.approx(100 * (0.9 * 102 - 101) / 101)
+    assert trials.loc["on-r0", "latency_p95_ms_vs_off_pct"] == pytest.approx(25.0)
+    row = sm.settings.set_index("setting").loc["threads=1"]  # pages_to_scan has one value: not swept
+    guest_tps = np.array([100.0, 104.0, 98.0, 102.0]) * 0.9
+    assert row["tps_n"] == 4
+    assert row["tps_ci95"] == pytest.approx(3.1824 * guest_tps.std(ddof=1) / 2)
+    assert row["tps_vs_off_pct"] == pytest.approx(-10.0)
+
+
+def test_workload_from_interval_rows_without_summary(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    workload = pd.DataFrame({"guest": ["vm0", "vm0", "vm1", "vm1"], "t_s": [10, 20, 10, 20],
+                             "threads": 1, "tps": [10.0, 12.0, 20.0, 22.0], "qps": [200.0, 240, 400, 440],
+                             "latency_p95_ms": [30.0, 40.0, 50.0, 60.0]})
+    trial_dir = write_trial(study_dir, "t0", {}, kind="sysbench", ksm=ramp_ksm_frame(), workload=workload)
+    m = metrics.trial_metrics(trial_dir)
+    assert m["tps"] == pytest.approx(16.0)
+    assert m["latency_p95_ms"] == pytest.approx(45.0)
+
+
+def test_samples_table_is_long_form_with_settings(tmp_path: Path) -> None:
+    study_dir = sweep_study(tmp_path)
+    samples = metrics.samples_table(study_dir)
+    assert len(samples) == 4 * len(ramp_ksm_frame())
+    assert {"trial_id", "setting_pages_to_scan", "pages_sharing", "t_s", "phase"} <= set(samples.columns)
+    by_trial = samples.groupby("trial_id", observed=True)["setting_pages_to_scan"].first()
+    assert by_trial["p1000-r1"] == 1000
+
+
+def test_truncated_csv_is_reported_not_fatal(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    trial_dir = write_trial(study_dir, "t0", {})
+    (trial_dir / "ksm.csv").write_bytes(b"")
+    m = metrics.trial_metrics(trial_dir)
+    assert "ksm.csv unreadable" in m["data_problems"]

@@ -1,0 +1,198 @@
+"""report.write_report on hand-made studies: files, plots, findings, failed trials, HTML."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from orchestrator import report
+from orchestrator.errors import StoreError
+from tests.test_metrics import (
+    finish_study,
+    guests_summary,
+    processes_frame,
+    ramp_ksm_frame,
+    start_study,
+    sweep_study,
+    write_trial,
+)
+
+DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def _pngs_in(html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b64, validate=True))) for b64 in DATA_URI.findall(html)]
+
+
+def test_processes_study_writes_every_artifact(tmp_path: Path) -> None:
+    html_path = report.write_report(sweep_study(tmp_path))
+    out = html_path.parent
+    assert html_path == tmp_path / "study" / "report" / "report.html"
+    for name in ("summary.csv", "settings.csv", "per_process.csv", "samples.parquet",
+                 "saving_over_time.png", "vs_setting.png", "frontier.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "workload.png").exists()  # no workload data, no empty plot
+    summary = pd.read_csv(out / "summary.csv").set_index("trial_id")
+    assert summary.loc["p1000-r0", "saved_mib"] == pytest.approx(3.90625)
+    assert summary.loc["p1000-r0", "pages_to_scan"] == 1000
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert len(samples) == 4 * len(ramp_ksm_frame())
+    assert set(samples["setting_pages_to_scan"]) == {100, 1000}
+
+
+def test_html_is_self_contained_with_decodable_plots(tmp_path: Path) -> None:
+    html = report.write_report(sweep_study(tmp_path)).read_text()
+    images = _pngs_in(html)
+    assert len(images) == 3
+    assert all(img.format == "PNG" and img.width > 300 and img.height > 200 for img in images)
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # no external assets
+    assert "6.18.0-test" in html and "thp.enabled" in html  # host facts
+    assert 'id="trials-table"' in html and html.count('<tr class="ok">') == 4
+
+
+def test_plan_text_is_escaped(tmp_path: Path) -> None:
+    study = start_study(tmp_path, plan='# <script>alert("x")</script>\n[study]\nname = "s"\n')
+    write_trial(study, "t0", {}, ksm=ramp_ksm_frame())
+    html = report.write_report(finish_study(study)).read_text()
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert" in html
+
+
+def test_findings_name_frontier_and_cheapest_near_max(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    for pages, final, cpu in ((50, 500, 0.01), (100, 950, 0.02), (1000, 1000, 0.10)):
+        write_trial(study, f"p{pages}", {"pages_to_scan": pages}, ksm=ramp_ksm_frame(final, cpu_core_fraction=cpu))
+    texts = [f.text for f in report.study_findings(_computed(finish_study(study)))]
+    largest = next(t for t in texts if t.startswith("Largest saving"))
+    assert largest.startswith("Largest saving: pages_to_scan=1000: 3.91 MiB")
+    pareto = next(t for t in texts if t.startswith("Pareto-optimal"))
+    assert all(f"pages_to_scan={p} " in pareto for p in (50, 100, 1000))
+    cheapest = next(t for t in texts if t.startswith("Cheapest"))
+    assert "pages_to_scan=100 (3.71 MiB at 2.00% of one core, vs 10.00% for the largest)" in cheapest
+    assert any("3 of 3 successful KSM-on trials had not converged" in t for t in texts)
+
+
+def _computed(study_dir: Path):  # noqa: ANN202 - test helper
+    from orchestrator import metrics
+
+    return metrics.compute_study(metrics.load_study(study_dir))
+
+
+def test_failed_trial_is_shown_with_reason(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    write_trial(study, "good", {"pages_to_scan": 100}, ksm=ksm, processes=processes_frame(ksm))
+    write_trial(study, "bad", {"pages_to_scan": 1000}, status="failed", reason="guest vm1 never answered SSH")
+    html = report.write_report(finish_study(study)).read_text()
+    failed_row = re.search(r'<tr class="failed">(.*?)</tr>', html, re.S)
+    assert failed_row and "guest vm1 never answered SSH" in failed_row.group(1)
+    assert "Trials without results: bad (failed: guest vm1 never answered SSH)" in html
+
+
+def test_all_failed_study_says_data_is_insufficient(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    write_trial(study, "a", {"pages_to_scan": 100}, status="failed", reason="libvirtd not running")
+    write_trial(study, "b", {"pages_to_scan": 1000}, status="failed", reason="libvirtd not running")
+    html = report.write_report(finish_study(study)).read_text()
+    assert "Insufficient data: no successful KSM-on trial" in html
+    assert _pngs_in(html) == []
+    assert html.count('<tr class="failed">') == 2
+
+
+def test_single_setting_study_says_no_swept_axis(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    for rep in (0, 1):
+        write_trial(study, f"r{rep}", {"pages_to_scan": 100}, repetition=rep, ksm=ramp_ksm_frame())
+    html_path = report.write_report(finish_study(study))
+    assert "No swept axis" in html_path.read_text()
+    assert not (html_path.parent / "vs_setting.png").exists()
+    assert (html_path.parent / "frontier.png").exists()
+
+
+def test_vm_study_with_ksm_off_baseline_reports_workload_change(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    for rep, (a, b) in enumerate(((100.0, 104.0), (98.0, 102.0))):
+        write_trial(study, f"off-r{rep}", {"pages_to_scan": 100}, ksm_off=True, repetition=rep, kind="sysbench",
+                    ksm=ksm, workload_summary=guests_summary(a, b))
+        for pages in (100, 1000):
+            factor = 0.9 if pages == 1000 else 0.99
+            write_trial(study, f"p{pages}-r{rep}", {"pages_to_scan": pages}, repetition=rep, kind="sysbench",
+                        ksm=ksm, workload_summary=guests_summary(a * factor, b * factor, p95_ms=25.0))
+    html_path = report.write_report(finish_study(study))
+    html = html_path.read_text()
+    assert (html_path.parent / "workload.png").exists()
+    assert len(_pngs_in(html)) == 4
+    worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+% \((.*?)\)", html)
+    assert worst and worst.group(1) == "distinguishable from KSM off at 95%"
+    summary = pd.read_csv(html_path.parent / "summary.csv").set_index("trial_id")
+    # per trial: vs the mean of both KSM-off repetitions (101 tps); r1 ran at 0.9 x 100 = 90 tps
+    assert summary.loc["p1000-r1", "tps_vs_off_pct"] == pytest.approx(100 * (90 - 101) / 101)
+
+
+def test_study_without_trials_still_reports(tmp_path: Path) -> None:
+    html = report.write_report(finish_study(start_study(tmp_path))).read_text()
+    assert "Insufficient data: the study has no trials." in html
+
+
+def test_missing_study_folder_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        report.write_report(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- browser
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  for (const img of document.querySelectorAll('img')) {
+    img.setAttribute('data-natural-width', String(img.naturalWidth));
+  }
+  document.body.setAttribute('data-loaded', 'yes');
+});
+</script>
+"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("chromium not installed (apt-get install --no-install-recommends chromium chromium-driver)")
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    write_trial(study, "off", {"pages_to_scan": 100}, ksm_off=True, kind="sysbench", ksm=ksm,
+                workload_summary=guests_summary(100.0, 104.0))
+    for pages in (100, 1000):
+        write_trial(study, f"p{pages}", {"pages_to_scan": pages}, kind="sysbench", ksm=ksm,
+                    processes=processes_frame(ksm), workload_summary=guests_summary(95.0, 99.0))
+    write_trial(study, "p5000", {"pages_to_scan": 5000}, status="failed", reason="sysbench prepare failed")
+    html_path = report.write_report(finish_study(study))
+    # a copy with a probe script: the report itself carries no script
+    probe = tmp_path / "probe.html"
+    probe.write_text(html_path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    profile = tmp_path / "chromium-profile"
+    result = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    dom = result.stdout
+    assert 'data-loaded="yes"' in dom, result.stderr[-2000:]
+    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    assert len(widths) == 4 and all(w > 300 for w in widths)  # every plot decoded
+    assert re.search(r'<table id="trials-table">', dom)
+    assert re.search(r'<tr class="failed">.*?sysbench prepare failed', dom, re.S)
+    assert dom.count('<tr class="ok">') == 3
