@@ -1,0 +1,766 @@
+"""Guests for one study: overlays, domains, loopback ports, readiness, and teardown that never leaks.
+
+A `GuestSet` is a context manager. On enter it defines and starts every guest in parallel; on
+exit (any path: error, Ctrl-C, the sweep's SIGTERM exception) it destroys and undefines the
+domains, deletes overlays and console logs and releases the ports. SIGINT/SIGTERM are held
+while it does, so a second Ctrl-C cannot cut the teardown short; they are delivered after.
+
+Order matters for crash safety: a domain is defined (with our metadata naming its overlay and
+console log) before the overlay file is created, and undefined only after those files are gone.
+So after a SIGKILL every file we made is recorded on a domain `cleanup()` can find.
+
+libvirt.libvirtError is translated into ProvisionError here; nothing above imports libvirt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import libvirt
+import tenacity
+
+from orchestrator.domains import (
+    METADATA_NS,
+    DiskBoot,
+    DomainSpec,
+    DomainType,
+    KernelBoot,
+    NamedNet,
+    NoNet,
+    UserNet,
+    mac_for_uuid,
+    parse_metadata,
+    render_domain_xml,
+    user_net_backend,
+)
+from orchestrator.errors import GuestBootError, HostError, ProvisionError
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "ksmlab-"
+DEFAULT_WORK_ROOT = Path("/var/lib/ksm-lab/work")
+DEFAULT_PORT_STATE_DIR = Path("/run/ksm-lab")
+CONSOLE_TAIL_LINES = 40
+
+# libvirt prints every error to stderr by default; we translate them instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+# --- errors at the libvirt boundary -----------------------------------------------------------
+
+
+def _code(exc: libvirt.libvirtError) -> int:
+    return exc.get_error_code() or 0
+
+
+@contextlib.contextmanager
+def _libvirt_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise ProvisionError(f"{action}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
+    with _libvirt_errors(f"cannot connect to libvirt at {uri}"):
+        conn = libvirt.open(uri)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+# --- host checks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryMargin:
+    """Guests need their RAM plus QEMU's own overhead; keep this much free besides."""
+
+    fraction: float = 0.10
+    fixed_mib: int = 512
+
+
+def _mem_available_kib(root: Path) -> int:
+    for line in (root / "proc" / "meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "MemAvailable":
+            return int(rest.split()[0])
+    raise HostError(f"{root / 'proc/meminfo'} has no MemAvailable")
+
+
+def check_memory_fits(
+    guest_count: int, memory_mib: int, margin: MemoryMargin = MemoryMargin(), *, root: Path = Path("/")
+) -> int:
+    """Refuse before anything starts when the guests cannot fit in MemAvailable.
+
+    KSM might make them fit, but the KSM-off baseline must not push the host into swap.
+    Returns the MiB left over after the guests and the margin.
+    """
+    available_mib = _mem_available_kib(root) // 1024
+    guests_mib = guest_count * memory_mib
+    required_mib = math.ceil(guests_mib * (1 + margin.fraction)) + margin.fixed_mib
+    if required_mib > available_mib:
+        raise HostError(
+            f"{guest_count} guests x {memory_mib} MiB = {guests_mib} MiB need {required_mib} MiB "
+            f"with the safety margin ({margin.fraction:.0%} + {margin.fixed_mib} MiB), "
+            f"but MemAvailable is {available_mib} MiB"
+        )
+    return available_mib - required_mib
+
+
+def choose_domain_type(requested: str, root: Path = Path("/")) -> DomainType:
+    """'auto' -> kvm only with hardware virtualisation; a nested software /dev/kvm cannot run guests."""
+    if requested in ("kvm", "qemu", "test"):
+        return requested  # type: ignore[return-value]
+    if requested != "auto":
+        raise ProvisionError(f"unknown domain type {requested!r} (kvm, qemu, test or auto)")
+    try:
+        cpuinfo = (root / "proc" / "cpuinfo").read_text()
+    except OSError:
+        return "qemu"
+    has_hw_virt = re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.MULTILINE) is not None
+    return "kvm" if has_hw_virt and (root / "dev" / "kvm").exists() else "qemu"
+
+
+# --- loopback ports ------------------------------------------------------------------------------
+
+# flock is per open file; this lock keeps threads of one process apart as well.
+_PORTS_LOCK = threading.Lock()
+_PORTS_IN_PROCESS: set[int] = set()
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot; tells a live holder from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; split after the command name, which may contain spaces and parentheses.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+class PortRegistry:
+    """Loopback ports for SSH forwards, unique across threads, sweeps and processes.
+
+    The kernel picks a free port (bind 127.0.0.1:0), but QEMU binds it only seconds later, so
+    every port handed out is recorded in a flock'd host-wide table and a process-wide set until
+    released. Entries of processes that died without releasing (SIGKILL) are pruned on the
+    next use; a holder is its pid plus its start time, so a reused pid does not keep a port.
+    """
+
+    def __init__(self, state_dir: Path = DEFAULT_PORT_STATE_DIR) -> None:
+        self.state_dir = Path(state_dir)
+        self.lock_path = self.state_dir / "ports.lock"
+        self.table_path = self.state_dir / "ports.json"
+
+    @contextlib.contextmanager
+    def _locked_table(self) -> Iterator[dict[str, dict]]:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HostError(f"cannot open the port lock {self.lock_path}: {exc}") from exc
+        with _PORTS_LOCK:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                table = self._load()
+                yield table
+                tmp = self.table_path.with_name(f".ports.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, sort_keys=True))
+                os.replace(tmp, self.table_path)
+            finally:
+                os.close(lock_fd)  # drops the flock
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            table = json.loads(self.table_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return {
+            port: entry
+            for port, entry in table.items()
+            if entry.get("start_ticks") is not None
+            and _process_start_ticks(int(entry["pid"])) == entry["start_ticks"]
+        }
+
+    def allocate(self, owner: str, attempts: int = 50) -> int:
+        with self._locked_table() as table:
+            for _ in range(attempts):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                if str(port) not in table and port not in _PORTS_IN_PROCESS:
+                    table[str(port)] = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
+                                        "owner": owner}
+                    _PORTS_IN_PROCESS.add(port)
+                    return port
+        raise HostError(f"no free loopback port after {attempts} attempts ({self.table_path})")
+
+    def release(self, port: int) -> None:
+        with self._locked_table() as table:
+            entry = table.get(str(port))
+            if entry is not None and int(entry["pid"]) == os.getpid():
+                del table[str(port)]
+            _PORTS_IN_PROCESS.discard(port)
+
+    def held(self) -> dict[int, dict]:
+        with self._locked_table() as table:
+            return {int(port): dict(entry) for port, entry in table.items()}
+
+
+# --- overlays ----------------------------------------------------------------------------------
+
+
+def create_overlay(base: Path, overlay: Path, base_format: str = "qcow2") -> None:
+    """A qcow2 overlay on `base`; the backing path must be absolute (a relative one is resolved
+    against the overlay's folder and fails at start)."""
+    base = Path(base).resolve()
+    if not base.is_file():
+        raise ProvisionError(f"base image {base} does not exist")
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(overlay)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"qemu-img create {overlay}: {exc}") from exc
+    if done.returncode != 0:
+        raise ProvisionError(f"qemu-img create {overlay} failed: {done.stderr.strip()}")
+
+
+# --- domain teardown pieces (shared by GuestSet and cleanup) -----------------------------------
+
+_NOT_RUNNING = (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN)
+# Strongest first; older drivers (and the test driver) refuse some flags with INVALID_ARG.
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
+    0,
+)
+
+
+def _destroy(dom: libvirt.virDomain) -> None:
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if _code(exc) not in _NOT_RUNNING:
+            raise
+
+
+def _undefine(dom: libvirt.virDomain) -> None:
+    for flags in _UNDEFINE_FLAGS:
+        try:
+            dom.undefineFlags(flags)
+            return
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT) or flags == 0:
+                raise
+
+
+def _unlink(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def _our_metadata(dom: libvirt.virDomain):
+    """Our metadata on `dom`, or None when the domain is not ours."""
+    try:
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+    except libvirt.libvirtError as exc:
+        if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+            return None
+        raise
+    return parse_metadata(text)
+
+
+def cleanup(uri: str, study: str | None = None) -> list[str]:
+    """Remove every ksm-lab domain (of `study`, or of any study) with its overlay and console log.
+
+    A domain is ours only if its name starts with `ksmlab-` AND it carries our metadata element;
+    anything else is left alone. Returns the names removed.
+    """
+    removed: list[str] = []
+    with open_connection(uri) as conn, _libvirt_errors(f"cleanup on {uri}"):
+        for dom in conn.listAllDomains(0):
+            name = dom.name()
+            if not name.startswith(NAME_PREFIX):
+                continue
+            meta = _our_metadata(dom)
+            if meta is None or (study is not None and meta.study != study):
+                continue
+            _destroy(dom)
+            _unlink(meta.overlay_path)
+            _unlink(meta.console_log_path)
+            _undefine(dom)
+            for folder in {p.parent for p in (meta.overlay_path, meta.console_log_path) if p}:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: other studies' files stay
+            removed.append(name)
+    return removed
+
+
+# --- the guest set ---------------------------------------------------------------------------
+
+
+class BootImage(Protocol):
+    """What provisioning needs from orchestrator.images.ImageRef."""
+
+    disk_path: Path
+    disk_format: str
+    kernel_path: Path | None
+    initrd_path: Path | None
+    cmdline: str | None
+
+
+@dataclass(frozen=True)
+class GuestRequest:
+    """One guest's hardware; GuestSet names it `ksmlab-<study>-<index>`."""
+
+    memory_mib: int = 1024
+    vcpus: int = 1
+    nosharepages: bool = False
+    hugepages: bool = False
+    vcpu_pins: tuple[str, ...] = ()
+    numa_node: int | None = None
+
+
+@dataclass(frozen=True)
+class GuestSetOptions:
+    domain_type: DomainType = "qemu"
+    arch: str = "x86_64"
+    machine: str | None = None
+    emulator: Path | None = None
+    # "user": QEMU user net with a loopback SSH forward; any other value: a libvirt network name.
+    network: str = "user"
+    # Use passt's <portForward> when libvirt is new enough (>= 9.2); else qemu:commandline.
+    want_passt: bool = False
+    template_path: Path | None = None
+    work_root: Path = DEFAULT_WORK_ROOT
+    port_state_dir: Path = DEFAULT_PORT_STATE_DIR
+    parallel_starts: int = 0  # 0 = all at once
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    uuid: str
+    ssh_host: str | None  # None until a named network's DHCP lease is known
+    ssh_port: int
+    console_log_path: Path
+    overlay_path: Path
+
+
+@dataclass
+class _Slot:
+    """What has been made for one guest so far; teardown undoes exactly that."""
+
+    index: int
+    name: str
+    uuid: str
+    overlay_path: Path
+    console_log_path: Path
+    request: GuestRequest
+    port: int | None = None
+    mac: str | None = None
+    ssh_host: str | None = None
+    started_monotonic: float | None = None
+    torn_down: bool = False
+
+
+def _file_slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(console log {path} unreadable: {exc})"
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+def ssh_banner_check(guest: Guest, timeout_s: float = 5.0) -> None:
+    """Readiness without credentials: sshd answers with its 'SSH-' banner.
+
+    A bare TCP connect is not enough: QEMU's forward accepts before the guest listens.
+    """
+    if guest.ssh_host is None:
+        raise ConnectionError(f"{guest.name}: no address yet")
+    with socket.create_connection((guest.ssh_host, guest.ssh_port), timeout=timeout_s) as sock:
+        banner = sock.recv(64)
+    if not banner.startswith(b"SSH-"):
+        raise ConnectionError(f"{guest.name}: no SSH banner yet ({banner[:20]!r})")
+
+
+class _GuestDied(Exception):
+    pass
+
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred(signums: Sequence[int] = DEFERRED_SIGNALS) -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM while the block runs, then deliver them to the handlers in place.
+
+    A second Ctrl-C (or the sweep's SIGTERM handler raising) must not cut a teardown short, or
+    QEMU processes and overlays leak. Whatever the handlers do (raise KeyboardInterrupt, set
+    the sweep's stop flag, terminate) happens once the block is done. Handlers can only be
+    swapped in the main thread; elsewhere no signal interrupts us anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda n, _f: pending.append(n)) for signum in signums}
+    try:
+        yield pending
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(pending):
+        log.warning("signal %d arrived during guest teardown; delivering it now", signum)
+        signal.raise_signal(signum)
+
+
+class GuestSet:
+    """Guests `ksmlab-<study>-<i>` for one study, torn down on every exit path.
+
+    The set has no per-trial state: a sweep may keep it across trials with the same guests
+    and call wait_ready/qemu_pids as often as it likes.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        study: str,
+        requests: Sequence[GuestRequest],
+        image: BootImage,
+        options: GuestSetOptions = GuestSetOptions(),
+        work_dir: Path | None = None,
+    ) -> None:
+        if not requests:
+            raise ProvisionError("a guest set needs at least one guest")
+        if "/" in study or not study:
+            raise ProvisionError(f"study name {study!r} cannot name a domain (empty or has '/')")
+        self.uri = uri
+        self.study = study
+        self.image = image
+        self.options = options
+        self.work_dir = Path(work_dir) if work_dir else options.work_root / _file_slug(study)
+        self.ports = PortRegistry(options.port_state_dir)
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+        self._slots = [self._plan_slot(i, request) for i, request in enumerate(requests)]
+
+    def _plan_slot(self, index: int, request: GuestRequest) -> _Slot:
+        guest_uuid = str(uuidlib.uuid4())
+        # The uuid in the file names keeps a crashed run's files from colliding with ours.
+        stem = f"{_file_slug(self.study)}-{index}-{guest_uuid[:8]}"
+        return _Slot(
+            index=index,
+            name=f"{NAME_PREFIX}{self.study}-{index}",
+            uuid=guest_uuid,
+            overlay_path=self.work_dir / f"{stem}.qcow2",
+            console_log_path=self.work_dir / f"{stem}.console.log",
+            request=request,
+        )
+
+    # -- building --------------------------------------------------------------------------
+
+    def _domain_spec(self, slot: _Slot, lib_version: int) -> DomainSpec:
+        image = self.image
+        boot: KernelBoot | DiskBoot
+        if image.kernel_path is not None:
+            boot = KernelBoot(Path(image.kernel_path), image.initrd_path and Path(image.initrd_path),
+                              image.cmdline or "")
+        else:
+            boot = DiskBoot()
+        network: UserNet | NamedNet | NoNet
+        if self.options.network == "user":
+            assert slot.port is not None
+            network = UserNet(
+                host_port=slot.port,
+                backend=user_net_backend(lib_version, self.options.want_passt),
+            )
+        elif self.options.network == "none":
+            network = NoNet()
+        else:
+            slot.mac = mac_for_uuid(slot.uuid)
+            network = NamedNet(network=self.options.network, mac=slot.mac)
+        request = slot.request
+        return DomainSpec(
+            name=slot.name,
+            uuid=slot.uuid,
+            study=self.study,
+            domain_type=self.options.domain_type,
+            arch=self.options.arch,
+            machine=self.options.machine,
+            emulator=self.options.emulator,
+            memory_mib=request.memory_mib,
+            vcpus=request.vcpus,
+            overlay_path=slot.overlay_path,
+            console_log_path=slot.console_log_path,
+            boot=boot,
+            network=network,
+            nosharepages=request.nosharepages,
+            hugepages=request.hugepages,
+            vcpu_pins=tuple(request.vcpu_pins),
+            numa_node=request.numa_node,
+        )
+
+    def _bring_up(self, slot: _Slot, lib_version: int) -> None:
+        assert self._conn is not None
+        if self.options.network == "user":
+            slot.port = self.ports.allocate(owner=slot.name)
+        else:
+            slot.ssh_host = None
+        xml = render_domain_xml(self._domain_spec(slot, lib_version), self.options.template_path)
+        with _libvirt_errors(f"define {slot.name}"):
+            dom = self._conn.defineXML(xml)
+        # Defined first, so the overlay we now create is recorded on a domain cleanup() finds.
+        create_overlay(Path(self.image.disk_path), slot.overlay_path, self.image.disk_format)
+        with _libvirt_errors(f"start {slot.name}"):
+            dom.create()
+        slot.started_monotonic = time.monotonic()
+
+    def __enter__(self) -> GuestSet:
+        # Fresh uuids and files on every enter, so a set can be exited and entered again
+        # (a "reboot" between trials) without meeting its own previous guests.
+        self._slots = [self._plan_slot(slot.index, slot.request) for slot in self._slots]
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProvisionError(f"cannot create work dir {self.work_dir}: {exc}") from exc
+        try:
+            with _libvirt_errors(f"cannot connect to libvirt at {self.uri}"):
+                self._conn = libvirt.open(self.uri)
+        except ProvisionError:
+            with contextlib.suppress(OSError):
+                self.work_dir.rmdir()
+            raise
+        workers = self.options.parallel_starts or len(self._slots)
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-start")
+        try:
+            with _libvirt_errors(f"libvirt version of {self.uri}"):
+                lib_version = self._conn.getLibVersion()
+            futures = [executor.submit(self._bring_up, slot, lib_version) for slot in self._slots]
+            errors = [f.exception() for f in futures]
+            failed = [(slot, e) for slot, e in zip(self._slots, errors) if e is not None]
+            if failed:
+                detail = "; ".join(f"{slot.name}: {e}" for slot, e in failed)
+                raise ProvisionError(f"{len(failed)} of {len(self._slots)} guests failed to start: {detail}")
+        except BaseException as exc:
+            def finish() -> None:
+                # Threads still defining/starting must finish before we undo their work.
+                executor.shutdown(wait=True, cancel_futures=True)
+                self.teardown()
+
+            self._teardown_after(exc, finish)
+            raise
+        executor.shutdown(wait=True)
+        return self
+
+    # -- using -----------------------------------------------------------------------------
+
+    @property
+    def guests(self) -> list[Guest]:
+        return [
+            Guest(
+                name=slot.name,
+                uuid=slot.uuid,
+                ssh_host="127.0.0.1" if slot.port is not None else slot.ssh_host,
+                ssh_port=slot.port if slot.port is not None else 22,
+                console_log_path=slot.console_log_path,
+                overlay_path=slot.overlay_path,
+            )
+            for slot in self._slots
+        ]
+
+    def _domain(self, slot: _Slot) -> libvirt.virDomain:
+        if self._conn is None:
+            raise ProvisionError(f"guest set of study {self.study!r} is not running")
+        with _libvirt_errors(f"look up {slot.name}"):
+            return self._conn.lookupByUUIDString(slot.uuid)
+
+    def _pid_dir(self) -> Path | None:
+        if self.uri.startswith("qemu:///system"):
+            return Path("/run/libvirt/qemu")
+        if self.uri.startswith("qemu:///session"):
+            runtime = os.environ.get("XDG_RUNTIME_DIR")
+            return Path(runtime) / "libvirt" / "qemu" / "run" if runtime else None
+        return None
+
+    def qemu_pids(self, proc_root: Path = Path("/proc")) -> dict[str, int]:
+        """{guest name: QEMU pid} from libvirt's pid file, checked against the process's -uuid."""
+        pids: dict[str, int] = {}
+        for slot in self._slots:
+            pid = find_qemu_pid(slot.name, slot.uuid, self._pid_dir(), proc_root)
+            if pid is None:
+                raise ProvisionError(f"no QEMU process found for {slot.name} (uuid {slot.uuid})")
+            pids[slot.name] = pid
+        return pids
+
+    def _lease_address(self, slot: _Slot) -> str | None:
+        assert self._conn is not None
+        with _libvirt_errors(f"DHCP leases of network {self.options.network}"):
+            leases = self._conn.networkLookupByName(self.options.network).DHCPLeases(slot.mac)
+        addresses = [lease["ipaddr"] for lease in leases if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4]
+        return addresses[0] if addresses else None
+
+    def wait_ready(self, connect: Callable[[Guest], None], timeout_s: float) -> dict[str, float]:
+        """Retry `connect(guest)` for every guest until it returns, within timeout_s overall.
+
+        Returns {guest name: seconds from domain start to ready}. Raises GuestBootError with
+        the console tail of the first guest that died or did not answer in time.
+        """
+        if self._conn is None:
+            raise ProvisionError(f"guest set of study {self.study!r} is not running")
+        stop = threading.Event()
+        deadline = time.monotonic() + timeout_s
+
+        def wait_one(slot: _Slot) -> float:
+            def attempt() -> None:
+                if stop.is_set():
+                    raise _GuestDied("stopped")
+                with _libvirt_errors(f"state of {slot.name}"):
+                    active = self._domain(slot).isActive()
+                if not active:
+                    raise _GuestDied(f"{slot.name} is no longer running")
+                if self.options.network not in ("user", "none") and slot.ssh_host is None:
+                    slot.ssh_host = self._lease_address(slot)
+                    if slot.ssh_host is None:
+                        raise ConnectionError(f"{slot.name}: no DHCP lease yet")
+                connect(self.guests[slot.index])
+
+            retrying = tenacity.Retrying(
+                stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
+                wait=tenacity.wait_exponential(multiplier=0.5, min=1, max=5),
+                retry=tenacity.retry_if_not_exception_type(_GuestDied),
+                sleep=lambda seconds: stop.wait(seconds),
+                reraise=True,
+            )
+            try:
+                retrying(attempt)
+            except _GuestDied as exc:
+                raise GuestBootError(f"{exc} (waiting for SSH)", console_tail(slot.console_log_path)) from exc
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a boot error
+                raise GuestBootError(
+                    f"{slot.name} not reachable over SSH within {timeout_s:.0f} s: {exc}",
+                    console_tail(slot.console_log_path),
+                ) from exc
+            return time.monotonic() - (slot.started_monotonic or time.monotonic())
+
+        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="ksmlab-ready") as pool:
+            futures = {slot.name: pool.submit(wait_one, slot) for slot in self._slots}
+            try:
+                return {name: future.result() for name, future in futures.items()}
+            finally:
+                stop.set()  # on error or Ctrl-C the other waits end at their next attempt
+
+    # -- tearing down ----------------------------------------------------------------------
+
+    def _teardown_slot(self, slot: _Slot) -> None:
+        dom: libvirt.virDomain | None = None
+        if self._conn is not None:
+            try:
+                dom = self._conn.lookupByUUIDString(slot.uuid)
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                dom = None
+        if dom is not None:
+            _destroy(dom)
+        # Files before the definition: the metadata must outlive what it records.
+        _unlink(slot.overlay_path)
+        _unlink(slot.console_log_path)
+        if dom is not None:
+            _undefine(dom)
+        if slot.port is not None:
+            self.ports.release(slot.port)
+            slot.port = None
+
+    def teardown(self) -> None:
+        """Destroy, delete and undefine everything made so far. Idempotent; tries every guest."""
+        with self._lock:
+            problems: list[str] = []
+            for slot in self._slots:
+                if slot.torn_down:
+                    continue
+                try:
+                    self._teardown_slot(slot)
+                    slot.torn_down = True
+                except (libvirt.libvirtError, OSError, HostError) as exc:
+                    problems.append(f"{slot.name}: {exc}")
+            if self._conn is not None and not problems:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+            with contextlib.suppress(OSError):
+                self.work_dir.rmdir()  # only when empty
+            if problems:
+                raise ProvisionError("teardown incomplete: " + "; ".join(problems))
+
+    def _teardown_after(self, exc: BaseException | None, work: Callable[[], None]) -> None:
+        """Teardown with signals deferred. With an error in flight, a teardown failure or a
+        signal's exception is noted on that error instead of hiding it."""
+        try:
+            with signals_deferred():
+                work()
+        except BaseException as failure:  # noqa: BLE001 - re-raised unless something is in flight
+            if exc is None:
+                raise
+            exc.add_note(f"during guest teardown: {failure!r}")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._teardown_after(exc, self.teardown)
+
+
+def find_qemu_pid(name: str, guest_uuid: str, pid_dir: Path | None, proc_root: Path = Path("/proc")) -> int | None:
+    """The QEMU process of one domain: libvirt's pid file, else the process started with its -uuid.
+
+    The -uuid check keeps a stale pid file (or a recycled pid) from naming another process.
+    """
+
+    def runs_domain(pid: int) -> bool:
+        try:
+            argv = (proc_root / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return any(a == b"-uuid" and b == guest_uuid.encode() for a, b in zip(argv, argv[1:]))
+
+    if pid_dir is not None:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((pid_dir / f"{name}.pid").read_text().strip())
+            if runs_domain(pid):
+                return pid
+    for entry in proc_root.iterdir():
+        if entry.name.isdigit() and runs_domain(int(entry.name)):
+            return int(entry.name)
+    return None

@@ -1,0 +1,578 @@
+"""Provisioning on libvirt's test:///default driver (real libvirt, real qcow2 overlays), plus
+`vm` tests that boot real TCG guests through qemu:///system."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from orchestrator.domains import METADATA_NS
+from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator.provision import (
+    Guest,
+    GuestRequest,
+    GuestSet,
+    GuestSetOptions,
+    MemoryMargin,
+    PortRegistry,
+    check_memory_fits,
+    choose_domain_type,
+    cleanup,
+    create_overlay,
+    find_qemu_pid,
+    ssh_banner_check,
+)
+
+TEST_URI = "test:///default"
+NASTY = "s&<>'\""
+
+
+@dataclass(frozen=True)
+class FakeImage:
+    """The fields of images.ImageRef that provisioning reads."""
+
+    disk_path: Path
+    disk_format: str = "qcow2"
+    kernel_path: Path | None = None
+    initrd_path: Path | None = None
+    cmdline: str | None = None
+
+
+@pytest.fixture
+def test_conn():
+    # test:///default keeps its state only while a connection is open: hold one for the test,
+    # so every test starts from the driver's pristine state (one domain, "test").
+    conn = libvirt.open(TEST_URI)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> FakeImage:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    return FakeImage(disk_path=base, kernel_path=tmp_path / "vmlinuz", cmdline="console=ttyS0")
+
+
+@pytest.fixture
+def options(tmp_path: Path) -> GuestSetOptions:
+    return GuestSetOptions(
+        domain_type="test", arch="i686", work_root=tmp_path / "work", port_state_dir=tmp_path / "run"
+    )
+
+
+def names(conn: libvirt.virConnect) -> set[str]:
+    return {dom.name() for dom in conn.listAllDomains(0)}
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def qemu_img_info(path: Path) -> dict:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, check=True)
+    return json.loads(out.stdout)
+
+
+# --- GuestSet on the test driver -----------------------------------------------------------
+
+
+def test_guest_set_defines_starts_and_tears_down_everything(test_conn, image, options, tmp_path) -> None:
+    requests = [GuestRequest(memory_mib=256), GuestRequest(memory_mib=256, nosharepages=True)]
+    with GuestSet(TEST_URI, "idle", requests, image, options) as guests:
+        assert [g.name for g in guests.guests] == ["ksmlab-idle-0", "ksmlab-idle-1"]
+        assert names(test_conn) == {"test", "ksmlab-idle-0", "ksmlab-idle-1"}
+        for guest in guests.guests:
+            dom = test_conn.lookupByName(guest.name)
+            assert dom.isActive() and dom.UUIDString() == guest.uuid
+            assert guest.ssh_host == "127.0.0.1" and guest.ssh_port > 0
+            info = qemu_img_info(guest.overlay_path)
+            assert info["format"] == "qcow2"
+            assert info["backing-filename"] == str(image.disk_path)  # absolute
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+            assert str(guest.overlay_path) in meta and "<study>idle</study>" in meta
+        assert "<nosharepages/>" in test_conn.lookupByName("ksmlab-idle-1").XMLDesc()
+        ports = {g.ssh_port for g in guests.guests}
+        assert len(ports) == 2 and set(guests.ports.held()) == ports
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+    assert PortRegistry(tmp_path / "run").held() == {}
+
+
+def test_study_name_with_xml_special_characters(test_conn, image, options, tmp_path) -> None:
+    with GuestSet(TEST_URI, NASTY, [GuestRequest(memory_mib=128)], image, options) as guests:
+        assert names(test_conn) == {"test", f"ksmlab-{NASTY}-0"}
+        assert guests.guests[0].overlay_path.is_file()
+        assert cleanup(TEST_URI, study="other") == []
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+
+
+def test_failure_midway_leaves_nothing_and_spares_the_squatter(test_conn, image, options, tmp_path) -> None:
+    # Someone else's domain already has the name our guest 1 wants: its define fails.
+    squatter = test_conn.defineXML(
+        "<domain type='test'><name>ksmlab-clash-1</name><memory>131072</memory>"
+        "<os><type arch='i686'>hvm</type></os></domain>"
+    )
+    requests = [GuestRequest(memory_mib=128) for _ in range(3)]
+    with pytest.raises(ProvisionError, match="1 of 3 guests failed to start: ksmlab-clash-1"):
+        with GuestSet(TEST_URI, "clash", requests, image, options):
+            pytest.fail("entered a half-made guest set")
+    assert names(test_conn) == {"test", "ksmlab-clash-1"}
+    assert squatter.UUIDString() == test_conn.lookupByName("ksmlab-clash-1").UUIDString()
+    assert files_under(tmp_path / "work") == []
+    assert PortRegistry(tmp_path / "run").held() == {}
+
+
+def test_missing_base_image_fails_after_define_and_is_undone(test_conn, options, tmp_path) -> None:
+    image = FakeImage(disk_path=tmp_path / "absent.qcow2")
+    with pytest.raises(ProvisionError, match="absent.qcow2 does not exist"):
+        with GuestSet(TEST_URI, "nobase", [GuestRequest(memory_mib=128)] * 2, image, options):
+            pass
+    assert names(test_conn) == {"test"}
+    assert not (tmp_path / "work" / "nobase").exists()
+
+
+def test_teardown_is_idempotent_and_survives_outside_cleanup(test_conn, image, options, tmp_path) -> None:
+    guests = GuestSet(TEST_URI, "twice", [GuestRequest(memory_mib=128)] * 2, image, options).__enter__()
+    # Someone (the `cleanup` command) already removed one guest behind our back.
+    test_conn.lookupByName("ksmlab-twice-0").destroy()
+    guests.teardown()
+    guests.teardown()
+    guests.__exit__(None, None, None)
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+
+
+def test_guest_set_can_be_kept_across_trials(test_conn, image, options) -> None:
+    with GuestSet(TEST_URI, "keep", [GuestRequest(memory_mib=128)] * 2, image, options) as guests:
+        first = guests.guests
+        for _trial in range(3):
+            guests.wait_ready(lambda guest: None, timeout_s=5)
+            assert guests.guests == first
+
+
+def test_guest_set_can_be_exited_and_entered_again(test_conn, image, options, tmp_path) -> None:
+    guest_set = GuestSet(TEST_URI, "reboot", [GuestRequest(memory_mib=128)], image, options)
+    with guest_set:
+        first_uuid = guest_set.guests[0].uuid
+    with guest_set:
+        assert guest_set.guests[0].uuid != first_uuid
+        assert test_conn.lookupByName("ksmlab-reboot-0").isActive()
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+
+
+def test_second_interrupt_during_teardown_does_not_cut_it_short(test_conn, image, options, tmp_path) -> None:
+    class SlowTeardown(GuestSet):
+        def _teardown_slot(self, slot) -> None:
+            if slot.index == 0:
+                os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+                time.sleep(0.1)
+            super()._teardown_slot(slot)
+
+    with pytest.raises(KeyboardInterrupt):
+        with SlowTeardown(TEST_URI, "sigint", [GuestRequest(memory_mib=128)] * 3, image, options):
+            pass
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+    assert PortRegistry(tmp_path / "run").held() == {}
+
+
+def test_sigterm_handler_runs_after_the_teardown_not_during_it(test_conn, image, options) -> None:
+    calls: list[set[str]] = []
+    previous = signal.signal(signal.SIGTERM, lambda _n, _f: calls.append(names(test_conn)))
+
+    class TermDuringTeardown(GuestSet):
+        def _teardown_slot(self, slot) -> None:
+            if slot.index == 0:
+                signal.raise_signal(signal.SIGTERM)
+            super()._teardown_slot(slot)
+
+    try:
+        with TermDuringTeardown(TEST_URI, "term", [GuestRequest(memory_mib=128)] * 2, image, options):
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [{"test"}]  # once, and only when our domains were already gone
+
+
+def test_interrupt_in_body_still_tears_down(test_conn, image, options, tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with GuestSet(TEST_URI, "ctrlc", [GuestRequest(memory_mib=128)], image, options):
+            raise KeyboardInterrupt
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+
+
+# --- cleanup -----------------------------------------------------------------------------------
+
+
+def test_cleanup_removes_only_our_domains(test_conn, image, options, tmp_path) -> None:
+    # An unrelated domain, and one with our prefix but without our metadata: neither is ours.
+    for name in ("someone-elses-vm", "ksmlab-handmade-0"):
+        test_conn.defineXML(
+            f"<domain type='test'><name>{name}</name><memory>131072</memory>"
+            "<os><type arch='i686'>hvm</type></os></domain>"
+        )
+    # Two studies "crash": entered, never exited.
+    alpha = GuestSet(TEST_URI, "alpha", [GuestRequest(memory_mib=128)] * 2, image, options).__enter__()
+    beta = GuestSet(TEST_URI, "beta", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    alpha_files = [g.overlay_path for g in alpha.guests]
+    assert all(p.is_file() for p in alpha_files)
+
+    assert sorted(cleanup(TEST_URI, study="alpha")) == ["ksmlab-alpha-0", "ksmlab-alpha-1"]
+    assert not any(p.exists() for p in alpha_files)
+    assert beta.guests[0].overlay_path.is_file()
+    assert cleanup(TEST_URI) == ["ksmlab-beta-0"]
+    assert cleanup(TEST_URI) == []
+    assert names(test_conn) == {"test", "someone-elses-vm", "ksmlab-handmade-0"}
+    assert files_under(tmp_path / "work") == []
+    for guest_set in (alpha, beta):
+        guest_set.teardown()  # releases ports and the connection; nothing else left to do
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def test_wait_ready_retries_until_connect_succeeds(test_conn, image, options) -> None:
+    attempts: dict[str, int] = {}
+
+    def flaky(guest: Guest) -> None:
+        attempts[guest.name] = attempts.get(guest.name, 0) + 1
+        if attempts[guest.name] < 3:
+            raise ConnectionRefusedError("not yet")
+
+    with GuestSet(TEST_URI, "flaky", [GuestRequest(memory_mib=128)] * 2, image, options) as guests:
+        ready_s = guests.wait_ready(flaky, timeout_s=30)
+    assert attempts == {"ksmlab-flaky-0": 3, "ksmlab-flaky-1": 3}
+    assert set(ready_s) == set(attempts) and all(s > 0 for s in ready_s.values())
+
+
+def test_wait_ready_timeout_carries_the_console_tail(test_conn, image, options) -> None:
+    def never(guest: Guest) -> None:
+        raise ConnectionRefusedError("refused")
+
+    with GuestSet(TEST_URI, "slow", [GuestRequest(memory_mib=128)], image, options) as guests:
+        # The test driver runs no QEMU; write what a guest's serial console would have said.
+        guests.guests[0].console_log_path.write_text("".join(f"boot line {i}\n" for i in range(100)))
+        started = time.monotonic()
+        with pytest.raises(GuestBootError) as caught:
+            guests.wait_ready(never, timeout_s=2)
+        assert time.monotonic() - started < 15
+    message = str(caught.value)
+    assert "ksmlab-slow-0 not reachable" in message and "refused" in message
+    assert "boot line 99" in caught.value.console_tail and "boot line 10\n" not in caught.value.console_tail
+
+
+def test_wait_ready_gives_up_at_once_when_the_guest_died(test_conn, image, options) -> None:
+    with GuestSet(TEST_URI, "died", [GuestRequest(memory_mib=128)], image, options) as guests:
+        test_conn.lookupByName("ksmlab-died-0").destroy()
+        started = time.monotonic()
+        with pytest.raises(GuestBootError, match="no longer running"):
+            guests.wait_ready(lambda guest: None, timeout_s=120)
+        assert time.monotonic() - started < 10
+
+
+def _serve_once(payload: bytes) -> tuple[socket.socket, threading.Thread]:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            if payload:
+                conn.sendall(payload)
+            else:
+                time.sleep(0.5)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.parametrize(("payload", "ready"), [(b"SSH-2.0-OpenSSH_9.2\r\n", True), (b"", False)])
+def test_ssh_banner_check_needs_the_banner_not_just_a_connect(payload: bytes, ready: bool) -> None:
+    server, thread = _serve_once(payload)
+    guest = Guest("g", "u", "127.0.0.1", server.getsockname()[1], Path("/nonexistent"), Path("/nonexistent"))
+    try:
+        if ready:
+            ssh_banner_check(guest, timeout_s=2)
+        else:
+            with pytest.raises(OSError):
+                ssh_banner_check(guest, timeout_s=2)
+    finally:
+        thread.join()
+        server.close()
+
+
+# --- ports -----------------------------------------------------------------------------------
+
+
+def test_ports_are_unique_across_threads_and_released(tmp_path: Path) -> None:
+    registry = PortRegistry(tmp_path)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def grab() -> None:
+        for _ in range(10):
+            port = registry.allocate("t")
+            with lock:
+                got.append(port)
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 80 and len(set(got)) == 80
+    assert set(registry.held()) == set(got)
+    for port in got:
+        registry.release(port)
+    assert registry.held() == {}
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from orchestrator.provision import PortRegistry
+registry = PortRegistry(Path(sys.argv[1]))
+print(" ".join(str(registry.allocate("holder")) for _ in range(30)), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ports_are_unique_across_processes_and_dead_holders_are_pruned(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    holders = [
+        subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    try:
+        port_sets = [set(map(int, h.stdout.readline().split())) for h in holders]
+        assert [len(s) for s in port_sets] == [30, 30, 30]
+        assert len(set.union(*port_sets)) == 90
+        assert set(PortRegistry(tmp_path).held()) == set.union(*port_sets)
+    finally:
+        for holder in holders:
+            holder.kill()  # no release: like a SIGKILLed sweep
+            holder.wait()
+    assert PortRegistry(tmp_path).held() == {}
+
+
+# --- overlays, memory, domain type, pids ---------------------------------------------------------
+
+
+def test_overlay_records_an_absolute_backing_path_even_from_a_relative_base(tmp_path, monkeypatch) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True)
+    (tmp_path / "overlays").mkdir()
+    monkeypatch.chdir(tmp_path)
+    create_overlay(Path("base.qcow2"), tmp_path / "overlays" / "o.qcow2")
+    info = qemu_img_info(tmp_path / "overlays" / "o.qcow2")
+    assert info["backing-filename"] == str(tmp_path / "base.qcow2")
+    assert info["backing-filename-format"] == "qcow2"
+
+
+def test_overlay_failure_is_a_provision_error(tmp_path: Path) -> None:
+    (tmp_path / "base.qcow2").write_bytes(b"not an image")
+    with pytest.raises(ProvisionError, match="qemu-img create .* failed"):
+        create_overlay(tmp_path / "base.qcow2", tmp_path / "o.qcow2")
+
+
+def _meminfo_root(tmp_path: Path, mem_available_kib: int) -> Path:
+    (tmp_path / "proc").mkdir(exist_ok=True)
+    (tmp_path / "proc" / "meminfo").write_text(
+        f"MemTotal:       25165824 kB\nMemFree:        1000000 kB\nMemAvailable:   {mem_available_kib} kB\n"
+    )
+    return tmp_path
+
+
+def test_memory_check_refuses_with_the_numbers(tmp_path: Path) -> None:
+    root = _meminfo_root(tmp_path, 3 * 1024 * 1024)  # 3072 MiB available
+    # 3 x 1024 = 3072 MiB; with 10% + 512 MiB -> 3892 MiB needed
+    with pytest.raises(HostError) as caught:
+        check_memory_fits(3, 1024, root=root)
+    for number in ("3 guests x 1024 MiB", "3072 MiB need 3892 MiB", "10% + 512 MiB", "MemAvailable is 3072 MiB"):
+        assert number in str(caught.value)
+    assert check_memory_fits(2, 1024, root=root) == 3072 - (2253 + 512)
+    assert check_memory_fits(3, 1024, MemoryMargin(fraction=0.0, fixed_mib=0), root=root) == 0
+
+
+def test_memory_check_on_this_host_accepts_one_small_guest() -> None:
+    assert check_memory_fits(1, 128) > 0
+
+
+def test_auto_domain_type_needs_hardware_virtualisation(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "kvm").touch()
+    (tmp_path / "proc" / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 hypervisor\n")
+    assert choose_domain_type("auto", tmp_path) == "qemu"  # /dev/kvm alone is a nested software KVM
+    (tmp_path / "proc" / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu vmx sse2\n")
+    assert choose_domain_type("auto", tmp_path) == "kvm"
+    assert choose_domain_type("qemu", tmp_path) == "qemu"
+    with pytest.raises(ProvisionError):
+        choose_domain_type("xen", tmp_path)
+
+
+def test_qemu_pid_ignores_a_stale_pid_file_and_matches_the_uuid(tmp_path: Path) -> None:
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    for pid, guest_uuid in ((100, "aaaa"), (200, "bbbb")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(
+            b"\0".join([b"/usr/bin/qemu-system-x86_64", b"-name", b"guest=x", b"-uuid", guest_uuid.encode(), b""])
+        )
+    run.mkdir()
+    (run / "ksmlab-s-0.pid").write_text("100\n")
+    assert find_qemu_pid("ksmlab-s-0", "aaaa", run, proc) == 100
+    (run / "ksmlab-s-0.pid").write_text("100\n")  # stale: pid 100 now runs another guest
+    assert find_qemu_pid("ksmlab-s-0", "bbbb", run, proc) == 200
+    assert find_qemu_pid("ksmlab-s-0", "cccc", run, proc) is None
+
+
+# --- real guests: qemu:///system, TCG --------------------------------------------------------------
+
+SYSTEM_URI = "qemu:///system"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+IMAGE_READY = PROJECT_ROOT / ".image-ready"
+VM_BOOT_TIMEOUT_S = 600
+
+
+def _vm_image():
+    """The base image: KSM_LAB_IMAGE_MANIFEST, the image helper's .image-ready, or the cache."""
+    import shutil
+
+    from orchestrator import images
+
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        pytest.skip("this host cannot run QEMU (qemu-system-x86_64/qemu-img missing; run `make host`)")
+    manifest = os.environ.get("KSM_LAB_IMAGE_MANIFEST")
+    if not manifest and IMAGE_READY.is_file():
+        manifest = IMAGE_READY.read_text().strip()
+    if manifest:
+        return images.load_manifest(Path(manifest))
+    cached = images.find_cached(images.DEFAULT_RECIPE)
+    if cached is None:
+        pytest.fail("no guest image: build it with `ksm-lab image build` (or set KSM_LAB_IMAGE_MANIFEST)")
+    return cached
+
+
+def _system_conn() -> libvirt.virConnect:
+    try:
+        return libvirt.open(SYSTEM_URI)
+    except libvirt.libvirtError as exc:
+        pytest.fail(f"libvirtd is not answering on {SYSTEM_URI} ({exc}); run scripts/host-setup.sh")
+
+
+def _ssh_connect(image):
+    from orchestrator.guest import GuestSession
+
+    def connect(guest: Guest) -> None:
+        # One short attempt per call; wait_ready does the retrying and owns the deadline.
+        with GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=1, connect_timeout_s=10) as session:
+            result = session.run(["cat", "/proc/sys/kernel/hostname"], timeout_s=30, check=True)
+            assert result.stdout.strip()
+
+    return connect
+
+
+def _ours_left(conn: libvirt.virConnect, study: str) -> list[str]:
+    return [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"ksmlab-{study}-")]
+
+
+@pytest.fixture
+def vm_study(request):
+    """A study name unique to this test run; anything left of it is cleaned even on failure."""
+    study = f"pytest-{request.node.name.split('_')[1]}-{os.getpid()}"
+    yield study
+    with contextlib.suppress(ProvisionError):
+        cleanup(SYSTEM_URI, study)
+
+
+@pytest.mark.vm
+def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Path) -> None:
+    import psutil
+
+    image = _vm_image()
+    conn = _system_conn()
+    check_memory_fits(2, 1024)
+    options = GuestSetOptions(domain_type="qemu", work_root=tmp_path / "work")
+    try:
+        with GuestSet(SYSTEM_URI, vm_study, [GuestRequest(memory_mib=1024)] * 2, image, options) as guests:
+            ready_s = guests.wait_ready(_ssh_connect(image), timeout_s=VM_BOOT_TIMEOUT_S)
+            pids = guests.qemu_pids()
+            overlays = [g.overlay_path for g in guests.guests]
+            for guest in guests.guests:
+                process = psutil.Process(pids[guest.name])
+                assert guest.uuid in process.cmdline() and process.is_running()
+                # The forward listens on loopback only.
+                listening = {c.laddr for c in process.net_connections("tcp") if c.status == "LISTEN"}
+                assert ("127.0.0.1", guest.ssh_port) in listening
+            assert all(p.is_file() for p in overlays)
+            print(f"boot to SSH (2 guests at once): {ready_s}")
+        assert _ours_left(conn, vm_study) == []
+        assert not any(psutil.pid_exists(pid) for pid in pids.values())
+        assert not any(p.exists() for p in overlays)
+        assert files_under(tmp_path / "work") == []
+    finally:
+        conn.close()
+
+
+_KILLED_PROVISIONER = """
+import sys, time
+from pathlib import Path
+from orchestrator import images
+from orchestrator.provision import GuestRequest, GuestSet, GuestSetOptions
+image = images.load_manifest(Path(sys.argv[1]))
+options = GuestSetOptions(domain_type="qemu", work_root=Path(sys.argv[3]))
+guests = GuestSet("qemu:///system", sys.argv[2], [GuestRequest(memory_mib=512)], image, options)
+with guests:
+    g = guests.guests[0]
+    print(g.name, g.overlay_path, g.console_log_path, flush=True)
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.vm
+def test_cleanup_after_the_provisioner_was_killed(vm_study: str, tmp_path: Path) -> None:
+    import psutil
+
+    image = _vm_image()
+    conn = _system_conn()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    provisioner = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PROVISIONER, str(image.manifest_path), vm_study, str(tmp_path / "work")],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = provisioner.stdout.readline().split()
+        assert len(line) == 3, f"provisioner said {line!r} (exit {provisioner.poll()})"
+        name, overlay, console = line[0], Path(line[1]), Path(line[2])
+    finally:
+        provisioner.kill()  # SIGKILL: no __exit__, no finally
+        provisioner.wait()
+    try:
+        dom = conn.lookupByName(name)
+        assert dom.isActive() and overlay.is_file()  # the kill really left a running guest behind
+        qemu_pid = find_qemu_pid(name, dom.UUIDString(), Path("/run/libvirt/qemu"))
+        assert qemu_pid is not None
+
+        assert cleanup(SYSTEM_URI, vm_study) == [name]
+        assert _ours_left(conn, vm_study) == []
+        assert not psutil.pid_exists(qemu_pid)
+        assert not overlay.exists() and not console.exists()
+        assert files_under(tmp_path / "work") == []
+    finally:
+        conn.close()
