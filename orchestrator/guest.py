@@ -134,8 +134,9 @@ class GuestSession:
         """Connect, retrying with backoff until connect_deadline_s while the guest boots."""
         pkey = self._load_login_key()
         started = time.monotonic()
-        # paramiko logs a traceback for every refused banner while the guest boots; those
-        # attempts are expected, so this session's transport logger is quiet until it is in.
+        # paramiko logs a traceback for every refused banner while the guest boots, from its
+        # transport thread, possibly after connect() returned; those attempts are expected, so
+        # this session's transport logger stays quiet. Real failures surface as GuestError.
         self._ssh_logger.setLevel(logging.CRITICAL)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Transient),
@@ -151,8 +152,6 @@ class GuestSession:
             raise GuestError(f"no SSH at {self.where} after {time.monotonic() - started:.0f} s "
                              f"({retrying.statistics.get('attempt_number', 0)} attempts): "
                              f"{exc}") from None
-        finally:
-            self._ssh_logger.setLevel(logging.NOTSET)
         log.debug("connected to %s after %.1f s", self.where, time.monotonic() - started)
 
     def _connect_once(self, pkey: paramiko.PKey) -> paramiko.SSHClient:

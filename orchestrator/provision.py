@@ -345,6 +345,9 @@ class GuestRequest:
     hugepages: bool = False
     vcpu_pins: tuple[str, ...] = ()
     numa_node: int | None = None
+    # This guest's overlay backs onto this qcow2 instead of the image's disk (e.g. a cached
+    # layer holding a prepared database, itself backed by the image).
+    disk_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -545,7 +548,8 @@ class GuestSet:
         with _libvirt_errors(f"define {slot.name}"):
             dom = self._conn.defineXML(xml)
         # Defined first, so the overlay we now create is recorded on a domain cleanup() finds.
-        create_overlay(Path(self.image.disk_path), slot.overlay_path, self.image.disk_format)
+        base = slot.request.disk_path or Path(self.image.disk_path)
+        create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else self.image.disk_format)
         with _libvirt_errors(f"start {slot.name}"):
             dom.create()
         slot.started_monotonic = time.monotonic()
@@ -634,7 +638,20 @@ class GuestSet:
         addresses = [lease["ipaddr"] for lease in leases if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4]
         return addresses[0] if addresses else None
 
-    def wait_ready(self, connect: Callable[[Guest], None], timeout_s: float) -> dict[str, float]:
+    def wait_stopped(self, timeout_s: float) -> None:
+        """Wait until every guest has shut itself down (e.g. after `systemctl poweroff`)."""
+        deadline = time.monotonic() + timeout_s
+        for slot in self._slots:
+            while True:
+                with _libvirt_errors(f"state of {slot.name}"):
+                    if not self._domain(slot).isActive():
+                        break
+                if time.monotonic() > deadline:
+                    raise ProvisionError(f"{slot.name} did not shut down within {timeout_s:.0f} s")
+                time.sleep(0.5)
+
+    def wait_ready(self, connect: Callable[[Guest], None], timeout_s: float,
+                   cancel: threading.Event | None = None) -> dict[str, float]:
         """Retry `connect(guest)` for every guest until it returns, within timeout_s overall.
 
         Returns {guest name: seconds from domain start to ready}. Raises GuestBootError with
@@ -645,9 +662,20 @@ class GuestSet:
         stop = threading.Event()
         deadline = time.monotonic() + timeout_s
 
+        def stopping() -> bool:
+            # `cancel` (the sweep's stop flag) ends every wait at its next attempt.
+            if cancel is not None and cancel.is_set():
+                stop.set()
+            return stop.is_set()
+
+        def backoff_sleep(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while not stopping() and (left := end - time.monotonic()) > 0:
+                stop.wait(min(left, 0.5))
+
         def wait_one(slot: _Slot) -> float:
             def attempt() -> None:
-                if stop.is_set():
+                if stopping():
                     raise _GuestDied("stopped")
                 with _libvirt_errors(f"state of {slot.name}"):
                     active = self._domain(slot).isActive()
@@ -663,7 +691,7 @@ class GuestSet:
                 stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
                 wait=tenacity.wait_exponential(multiplier=0.5, min=1, max=5),
                 retry=tenacity.retry_if_not_exception_type(_GuestDied),
-                sleep=lambda seconds: stop.wait(seconds),
+                sleep=backoff_sleep,
                 reraise=True,
             )
             try:
