@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help host venv browser demo quickstart test test-fast test-vm bench clean-host
+.PHONY: help host venv test-deps demo quickstart test test-fast test-vm bench clean-host
 
 help:
 	@echo "make demo        host set-up, venv, guest image (cached), run plans/demo.toml (VMs + sysbench)"
@@ -31,19 +31,28 @@ $(STAMP):
 
 venv: $(STAMP)
 
-browser:
-	@command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium >/dev/null
+# Test-only packages: Chromium renders the report; sysbench + MariaDB let the sysbench adapter
+# run for real on the host (the guests have their own).
+test-deps:
+	@for p in chromium sysbench mariadb-server mariadb-client; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -q >/dev/null; \
+	  apt-get install -y -q --no-install-recommends $$missing >/dev/null; fi
+
+# Each run gets its own results folder: a study folder is never overwritten.
+RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
 demo: host venv
 	$(PY) -m orchestrator image build
-	$(PY) -m orchestrator sweep plans/demo.toml --results results
-	@echo "results: results/demo (report: results/demo/report/report.html)"
+	$(PY) -m orchestrator sweep plans/demo.toml --results results/$(RUN_ID)
+	@echo "results: results/$(RUN_ID)/demo (report: results/$(RUN_ID)/demo/report/report.html)"
 
 quickstart: venv
-	$(PY) -m orchestrator sweep plans/quickstart.toml --results results
+	$(PY) -m orchestrator sweep plans/quickstart.toml --results results/$(RUN_ID)
+	@echo "results: results/$(RUN_ID)/quickstart"
 
 # Tests run one at a time: several change the host's one KSM and must not overlap.
-test: host venv browser
+test: host venv test-deps
 	$(PY) -m orchestrator image build
 	$(PYTEST) tests -ra; rc=$$?; bash scripts/host-setup.sh --stop; exit $$rc
 

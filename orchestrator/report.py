@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ from matplotlib.figure import Figure
 
 from orchestrator import metrics
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
+from orchestrator.store import atomic_write_bytes
 
 MAX_POINTS_PER_LINE = 2000  # a 10,000-tick trace is drawn from every 5th sample: same shape, 5x faster
 MAX_SCAN_MARKERS = 40
@@ -68,34 +67,24 @@ def write_report(study_dir: Path) -> Path:
 
     trials_table = metrics.public_trials_table(sm)
     settings_table = _public(sm.settings)
-    _write_atomic(out_dir / "summary.csv", trials_table.to_csv(index=False).encode())
-    _write_atomic(out_dir / "settings.csv", settings_table.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / "summary.csv", trials_table.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / "settings.csv", settings_table.to_csv(index=False).encode())
     if not sm.per_process.empty:
-        _write_atomic(out_dir / "per_process.csv", sm.per_process.to_csv(index=False).encode())
+        atomic_write_bytes(out_dir / "per_process.csv", sm.per_process.to_csv(index=False).encode())
     buffer = io.BytesIO()
     pq.write_table(metrics.samples_arrow(study, sm), buffer)
-    _write_atomic(out_dir / "samples.parquet", buffer.getvalue())
+    atomic_write_bytes(out_dir / "samples.parquet", buffer.getvalue())
     del buffer
 
     plots = build_plots(study, sm)
     for plot in plots:
-        _write_atomic(out_dir / f"{plot.name}.png", plot.png)
+        atomic_write_bytes(out_dir / f"{plot.name}.png", plot.png)
     html = render_html(study, sm, plots, study_findings(sm))
     report_path = out_dir / "report.html"
-    _write_atomic(report_path, html.encode())
+    atomic_write_bytes(report_path, html.encode())
     return report_path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _public(frame: pd.DataFrame) -> pd.DataFrame:

@@ -164,7 +164,8 @@ start_daemon() {  # name pidfile args...
     fi
     rm -f "$pidfile"
     # Daemonized; its start-up messages go to a log instead of our caller's pipes.
-    "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1
+    # 9>&-: the daemon must not inherit (and hold forever) this script's lock.
+    "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1 9>&-
     local _
     for _ in $(seq 50); do pidfile_alive "$pidfile" "$binary" && break; sleep 0.1; done
     pidfile_alive "$pidfile" "$binary" ||

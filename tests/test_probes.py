@@ -17,43 +17,6 @@ from orchestrator.errors import HostError
 DATA = Path(__file__).parent / "data"
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 
-# A child that maps `mib` MiB of private anonymous memory, touches every page,
-# optionally marks it MADV_MERGEABLE, says "ready" and waits for stdin to close.
-HOLDER = """
-import mmap, sys
-size = int(sys.argv[1]) << 20
-buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-if sys.argv[2] == "1":
-    buf.madvise(mmap.MADV_MERGEABLE)
-for off in range(0, size, 4096):
-    buf[off:off + 8] = off.to_bytes(8, "little")  # unique pages: nothing for KSM to merge
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def holder():
-    started = []
-
-    def spawn(mib: int = 64, mergeable: bool = False) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(mib), "1" if mergeable else "0"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        assert proc.stdout.readline().strip() == "ready"
-        return proc
-
-    yield spawn
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 # --- real host ------------------------------------------------------------------
 
 

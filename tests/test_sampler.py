@@ -19,34 +19,9 @@ from orchestrator.sampler import Sampler
 
 DATA = Path(__file__).parent / "data"
 
-HOLDER = """
-import mmap, sys
-size = 32 << 20
-buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for off in range(0, size, 4096):
-    buf[off:off + 8] = off.to_bytes(8, "little")  # unique pages: nothing for KSM to merge
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.fixture
-def child():
-    started = []
-
-    def spawn() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        started.append(proc)
-        assert proc.stdout.readline().strip() == "ready"
-        return proc
-
-    yield spawn
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+def child(holder):
+    return lambda: holder(mib=32)
 
 
 def _wait_for_ticks(sampler: Sampler, ticks: int, timeout_s: float = 10.0) -> None:
