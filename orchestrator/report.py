@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from orchestrator import metrics
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
+from orchestrator.stats import PARETO_TOLERANCE, mean_ci95, pareto_mask, t_quantile_975
 from orchestrator.store import atomic_write_bytes
 
 MAX_POINTS_PER_LINE = 2000  # a 10,000-tick trace is drawn from every 5th sample: same shape, 5x faster
@@ -224,7 +225,7 @@ def _ci_table(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
     keyed = frame.assign(**{b: frame[b].astype(str) for b in by}, _x=frame[by[0]])
     stats = keyed.groupby(by, sort=False).agg(x=("_x", "first"), mean=(column, "mean"),
                                              std=(column, "std"), n=(column, "count")).reset_index()
-    stats["ci"] = metrics.t_quantile_975(stats["n"].to_numpy(float) - 1) * stats["std"] / np.sqrt(stats["n"])
+    stats["ci"] = t_quantile_975(stats["n"].to_numpy(float) - 1) * stats["std"] / np.sqrt(stats["n"])
     return stats[stats["n"] > 0]
 
 
@@ -306,7 +307,7 @@ def _plot_frontier(sm: StudyMetrics) -> Plot | None:
     on = settings[~settings["ksm_off"] & settings["saved_mib"].notna() & settings["ksmd_cpu_pct"].notna()]
     if on.empty:
         return None
-    front = metrics.pareto_mask(on["ksmd_cpu_pct"], on["saved_mib"], _pareto_tolerance_mib(on))
+    front = pareto_mask(on["ksmd_cpu_pct"], on["saved_mib"], _pareto_tolerance_mib(on))
     fig = Figure(figsize=(10, 6))
     ax = fig.add_subplot()
     for mask, color, label in ((~front, "0.6", "dominated setting"), (front, "tab:red", "Pareto-optimal setting")):
@@ -335,13 +336,13 @@ def _plot_frontier(sm: StudyMetrics) -> Plot | None:
     ax.legend(fontsize=8, loc="lower right")
     return Plot("frontier", "Cost/benefit frontier",
                 "Up and left is better. A setting is Pareto-optimal when no other saves as much for less "
-                f"ksmd CPU (savings within {metrics.PARETO_TOLERANCE:.0%} of the largest count as equal). "
+                f"ksmd CPU (savings within {PARETO_TOLERANCE:.0%} of the largest count as equal). "
                 "Error bars: 95% CI across repetitions.", _png(fig))
 
 
 def _pareto_tolerance_mib(settings: pd.DataFrame) -> float:
     largest = settings["saved_mib"].abs().max()
-    return float(metrics.PARETO_TOLERANCE * largest) if math.isfinite(largest) else 0.0
+    return float(PARETO_TOLERANCE * largest) if math.isfinite(largest) else 0.0
 
 
 def _plot_workload(sm: StudyMetrics) -> Plot | None:
@@ -371,7 +372,7 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
             ax = grid[row][col]
             cats, log = _draw_ci_series(ax, frame, axis, split, column, label="KSM on")
             if not off_series and not off.empty and off[column].notna().any():
-                mean, half, _ = metrics.mean_ci95(off[column])
+                mean, half, _ = mean_ci95(off[column])
                 ax.axhline(mean, color="k", ls="--", lw=1.2, label="KSM off (mean)")
                 if math.isfinite(half):
                     ax.axhspan(mean - half, mean + half, color="k", alpha=0.08, label="KSM off 95% CI")
@@ -457,12 +458,12 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         f"ksmd used {_pm(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core."))
     costed = on[on["ksmd_cpu_pct"].notna()]
     if len(costed) > 1:
-        mask = metrics.pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], _pareto_tolerance_mib(costed))
+        mask = pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], _pareto_tolerance_mib(costed))
         front = costed[mask].sort_values("ksmd_cpu_pct")
         listed = "; ".join(f"{r['setting']} ({r['saved_mib']:.1f} MiB at {r['ksmd_cpu_pct']:.1f}% CPU)"
                            for _, r in front.iterrows())
         out.append(Finding(f"Pareto-optimal settings (nothing else saves as much for less ksmd CPU; savings "
-                           f"within {metrics.PARETO_TOLERANCE:.0%} count as equal): {listed}."))
+                           f"within {PARETO_TOLERANCE:.0%} count as equal): {listed}."))
         near = costed[costed["saved_mib"] >= NEAR_MAX_FRACTION * top["saved_mib"]]
         cheap = near.loc[near["ksmd_cpu_pct"].idxmin()]
         out.append(Finding(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import HostError, KsmError, LockError
+from orchestrator.errors import HostError, KsmError
 from orchestrator.ksm import (
     KSM_REL,
     HostSettings,

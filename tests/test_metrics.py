@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import metrics
+from orchestrator import metrics, stats
 from orchestrator.errors import StoreError
 
 PAGE = 4096
@@ -177,35 +177,35 @@ def _t_pdf(x: np.ndarray, dof: float) -> np.ndarray:
 
 @pytest.mark.parametrize("dof", [1, 2, 3, 5, 7, 13, 30, 45, 90, 250])
 def test_t_quantile_covers_95_percent(dof: float) -> None:
-    q = metrics.t_quantile_975(dof)
+    q = stats.t_quantile_975(dof)
     x = np.linspace(-q, q, 400_001)
     coverage = np.trapezoid(_t_pdf(x, dof), x)
     assert coverage == pytest.approx(0.95, abs=2e-4)
 
 
 def test_t_quantile_large_dof_is_normal_and_small_dof_nan() -> None:
-    assert metrics.t_quantile_975(1e9) == pytest.approx(1.96, abs=1e-6)
-    assert math.isnan(metrics.t_quantile_975(0))
+    assert stats.t_quantile_975(1e9) == pytest.approx(1.96, abs=1e-6)
+    assert math.isnan(stats.t_quantile_975(0))
 
 
 def test_mean_ci95_of_two_values_uses_t_with_one_dof() -> None:
-    mean, half, n = metrics.mean_ci95([10.0, 14.0, math.nan])
+    mean, half, n = stats.mean_ci95([10.0, 14.0, math.nan])
     assert (mean, n) == (12.0, 2)
     assert half == pytest.approx(12.7062 * np.std([10.0, 14.0], ddof=1) / math.sqrt(2))
-    assert math.isnan(metrics.mean_ci95([3.0])[1])
+    assert math.isnan(stats.mean_ci95([3.0])[1])
 
 
 def test_pareto_mask_keeps_non_dominated_points() -> None:
     cost = [1.0, 2.0, 2.0, 3.0, math.nan]
     saved = [10.0, 20.0, 15.0, 19.0, 50.0]
-    assert metrics.pareto_mask(cost, saved).tolist() == [True, True, False, False, False]
+    assert stats.pareto_mask(cost, saved).tolist() == [True, True, False, False, False]
 
 
 def test_pareto_mask_tolerance_drops_noise_sized_gains_and_duplicates() -> None:
     cost = [1.0, 2.0, 5.0, 5.0]
     saved = [100.0, 100.5, 200.0, 200.0]
-    assert metrics.pareto_mask(cost, saved).tolist() == [True, True, True, False]
-    assert metrics.pareto_mask(cost, saved, tolerance=2.0).tolist() == [True, False, True, False]
+    assert stats.pareto_mask(cost, saved).tolist() == [True, True, True, False]
+    assert stats.pareto_mask(cost, saved, tolerance=2.0).tolist() == [True, False, True, False]
 
 
 # ----------------------------------------------------------------------------- one trial

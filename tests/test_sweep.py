@@ -3,7 +3,6 @@
 Every test here changes the host's one KSM (marker `ksm`) and runs one at a time."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -70,6 +69,16 @@ def test_same_fill_merges_and_random_does_not(results_dir, ksm_guard):
     assert same.groupby("label")["ksm_merging_pages"].max().min() > 0.9 * 4000
     random = pd.read_csv(next(trials.glob("pts20000-fillrandom*")) / "processes.csv")
     assert random["ksm_merging_pages"].max() == 0
+
+    # The report on this real study: every trial in the table, the plots, the computed verdict.
+    from orchestrator.report import write_report
+
+    html = write_report(outcome.study.path).read_text()
+    for trial_id in table["trial_id"]:
+        assert trial_id in html
+    assert html.count("data:image/png;base64,") >= 2
+    samples = pd.read_parquet(outcome.study.path / "report" / "samples.parquet")
+    assert set(samples["trial_id"]) == set(table["trial_id"])
 
 
 def test_knobs_restored_after_a_trial_raises(results_dir, ksm_guard, monkeypatch):
