@@ -76,7 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         table = Table(title=f"study '{plan.study.name}': {len(trials)} trials ({plan.workload.type})")
         for column in ("#", "trial_id", "setting", "ksm knobs"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for t in trials:
             knobs = "run=0 (KSM off)" if t.ksm_off else " ".join(f"{k}={v}" for k, v in t.ksm.items())
             table.add_row(str(t.index), t.trial_id, t.label, knobs)

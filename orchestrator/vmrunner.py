@@ -177,6 +177,8 @@ class VmRunner(TrialRunner):
         try:
             if workload["type"] == "sysbench" and disks is None:
                 info["prepare_s"] = self._prepare_all(trial, sessions)
+            if workload["type"] == "sysbench" and workload.get("warmup_s"):
+                info["warmup_s"] = self._warm_up(trial, active)
         except BaseException:
             active.close()
             raise
@@ -193,6 +195,17 @@ class VmRunner(TrialRunner):
         with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="ksmlab-prepare") as pool:
             durations = list(pool.map(one, range(len(names))))
         return {name: round(d, 1) for name, d in zip(names, durations)}
+
+    def _warm_up(self, trial: Trial, active: ActiveGuests) -> float:
+        params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
+        params = params.model_copy(update={"duration_s": int(trial.workload["warmup_s"])})
+        log.info("warming up: sysbench for %d s in every guest (not measured)", params.duration_s)
+        started = time.monotonic()
+        runs = self._run_workload(active, params)
+        failed = {name: run.error for name, run in runs.items() if not run.ok}
+        if failed:
+            raise WorkloadError(f"sysbench warm-up failed: {failed}")
+        return round(time.monotonic() - started, 1)
 
     # -- prepared database layers ----------------------------------------------------------------
 
@@ -282,7 +295,7 @@ class VmRunner(TrialRunner):
                 with clock.phase("measure", sampler, self.progress):
                     if is_sysbench:
                         assert params is not None
-                        runs = sysbench.run_all(active.sessions, params, timeout_s=params.duration_s + 300)
+                        runs = self._run_workload(active, params)
                     else:
                         result["converged_by_rule"] = measure(phases, sampler, self.stop)
                 if is_sysbench and phases["until_converged"] and not trial.ksm_off:
@@ -306,6 +319,19 @@ class VmRunner(TrialRunner):
             tails = "\n".join(f"--- {g.name} console ---\n{console_tail(g.console_log_path, 15)}"
                               for g in active.guest_set.guests if g.name in failed)
             raise WorkloadError(f"sysbench failed in {len(failed)} guest(s): {details}\n{tails}")
+
+    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams) -> dict[str, sysbench.GuestRun]:
+        """sysbench in every guest at once; a stop request does not wait for it to finish
+        (the guests are torn down, which ends the sessions)."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksmlab-sysbench")
+        future = pool.submit(sysbench.run_all, active.sessions, params, params.duration_s + 300)
+        try:
+            while not future.done():
+                if self.stop.wait(0.5):
+                    raise StopRequested("interrupted during the workload")
+            return future.result()
+        finally:
+            pool.shutdown(wait=False)
 
     def _guest_memory(self, active: ActiveGuests, when: str, params: Any) -> list[dict[str, Any]]:
         """What was in the guests' memory that KSM merged: meminfo (+ InnoDB buffer pool)."""

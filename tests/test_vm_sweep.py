@@ -70,6 +70,7 @@ table_size = 1000
 duration_s = 10
 report_interval_s = 2
 rand_seed = {seed}
+warmup_s = 5
 [guests]
 count = 2
 memory_mib = 1024
