@@ -58,7 +58,8 @@ def test_same_fill_merges_and_random_does_not(results_dir, ksm_guard):
     assert (table["status"] == "ok").all()
     # 2 x 4000 identical pages: all but one page per KSM page are sharing.
     assert table.loc["same", "saved_mib"] > 0.9 * 8000 * 4096 / 2**20
-    assert table.loc["same", "time_to_90pct_s"] > 0
+    # At 20000 pages per 10 ms the merge can finish before the first measure tick: 0 s is right.
+    assert table.loc["same", "time_to_90pct_s"] >= 0
     trials = outcome.study.path / "trials"
     ksm = pd.read_csv(next(trials.glob("pts20000-fillsame*")) / "ksm.csv")
     assert {"baseline", "measure"} <= set(ksm["phase"])
