@@ -132,3 +132,17 @@ def test_workload_adapter_rules_are_checked_at_load():
             '[guests]\ncount = 1\n')
     with pytest.raises(PlanError, match="tables = 1"):
         parse_plan(text)
+
+
+def test_guest_count_is_a_sweep_axis_and_changes_the_guest_set():
+    from orchestrator.vmrunner import guest_set_key
+
+    text = ('[study]\nname = "x"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
+            '[sweep.guests]\ncount = [1, 3]\n[sweep.ksm]\npages_to_scan = [100, 1000]\n')
+    trials = expand(parse_plan(text))
+    assert sorted({t.guests["count"] for t in trials}) == [1, 3]
+    keys = {t.guests["count"]: set() for t in trials}
+    for t in trials:
+        keys[t.guests["count"]].add(guest_set_key(t))
+    # Trials differing only in KSM knobs share booted guests; a new count boots a new set.
+    assert all(len(k) == 1 for k in keys.values()) and keys[1] != keys[3]

@@ -126,13 +126,14 @@ def _wait_for_measure(results: Path, name: str, proc: subprocess.Popen, timeout_
     raise AssertionError("sweep never reached the measure phase")
 
 
-def test_sigint_restores_knobs_keeps_data_and_exits_130(tmp_path, results_dir, ksm_guard):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_restores_knobs_keeps_data_and_exits_130(tmp_path, results_dir, ksm_guard, signum):
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text("sigint", fills=("same",), measure_s=60))
     proc = _start_sweep(plan, results_dir)
     workers = _wait_for_measure(results_dir, "sigint", proc)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert snapshot() == ksm_guard
