@@ -223,6 +223,11 @@ class PortRegistry:
                 del table[str(port)]
             _PORTS_IN_PROCESS.discard(port)
 
+    def prune(self) -> None:
+        """Drop the entries of dead holders (a SIGKILLed sweep): loading the table prunes it."""
+        with self._locked_table():
+            pass
+
     def held(self) -> dict[int, dict]:
         with self._locked_table() as table:
             return {int(port): dict(entry) for port, entry in table.items()}
@@ -319,6 +324,8 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: other studies' files stay
             removed.append(name)
+    # A killed sweep never released its forwarded ports; its entries go with its guests.
+    PortRegistry().prune()
     return removed
 
 
