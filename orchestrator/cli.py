@@ -105,16 +105,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from orchestrator.preflight import run_checks
+    from orchestrator.preflight import ready, run_checks
 
     results = run_checks(Path(args.plan) if args.plan else None)
     table = Table(title="ksm-lab preflight")
     for column in ("check", "ok", "detail"):
         table.add_column(column)
     for r in results:
-        table.add_row(r.name, "[green]yes[/green]" if r.ok else "[red]NO[/red]", r.detail)
+        verdict = "[green]yes[/green]" if r.ok else ("[red]NO[/red]" if r.blocking else "[yellow]no[/yellow] (info)")
+        table.add_row(r.name, verdict, r.detail)
     Console().print(table)
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if ready(results) else 1
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

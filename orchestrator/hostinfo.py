@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__
+from orchestrator import __version__, probes
 from orchestrator.ksm import read_host_knobs, read_ksm_knobs
 
 _PACKAGES = ("libvirt-python", "paramiko", "psutil", "pandas", "jinja2", "tenacity", "pydantic", "pyarrow", "numpy")
@@ -24,14 +24,6 @@ def _cpu_model(root: Path) -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def _mem_total_kib(root: Path) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in (root / "proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1])
-    return None
 
 
 def _tool_version(argv: list[str]) -> str | None:
@@ -65,7 +57,7 @@ def collect_host_info(root: Path = Path("/"), with_vm_tools: bool = False) -> di
         "cpu_model": _cpu_model(root),
         "cpu_count": os.cpu_count(),
         "numa_nodes": numa_nodes(root),
-        "mem_total_kib": _mem_total_kib(root),
+        "mem_total_kib": probes.read_meminfo(root).get("MemTotal"),
         "page_size_bytes": os.sysconf("SC_PAGE_SIZE"),
         "thp": read_host_knobs(root),
         "ksm_before": read_ksm_knobs(root),

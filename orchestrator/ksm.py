@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator import probes
 from orchestrator.errors import HostError, KsmError, LockError
 
 log = logging.getLogger(__name__)
@@ -38,23 +39,20 @@ _ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
 _BRACKETED = re.compile(r"\[([^\]]+)\]")
 
 
-def read_sysfs_value(path: Path) -> str:
-    """A sysfs knob's current value; for choice files ("always [madvise] never") the chosen one."""
-    text = path.read_text().strip()
+def chosen_value(text: str) -> str:
+    """A sysfs knob's value; for choice files ("always [madvise] never") the chosen one."""
+    text = text.strip()
     match = _BRACKETED.search(text)
     return match.group(1) if match else text
 
 
+def read_sysfs_value(path: Path) -> str:
+    return chosen_value(path.read_text())
+
+
 def read_ksm_knobs(root: Path = Path("/")) -> dict[str, str]:
     """Every readable file under /sys/kernel/mm/ksm (older kernels lack some: tolerated)."""
-    ksm_dir = root / KSM_REL
-    if not ksm_dir.is_dir():
-        raise HostError(f"{ksm_dir} does not exist: this kernel was built without CONFIG_KSM")
-    values = {}
-    for entry in sorted(ksm_dir.iterdir()):
-        with contextlib.suppress(OSError):
-            values[entry.name] = read_sysfs_value(entry)
-    return values
+    return {name: chosen_value(text) for name, text in probes.read_ksm_files(root).items()}
 
 
 def read_host_knobs(root: Path = Path("/")) -> dict[str, str]:
@@ -125,9 +123,6 @@ class HostSettings:
 
     # -- KSM operations ------------------------------------------------------------------------
 
-    def ksm_path(self, knob: str) -> Path:
-        return KSM_REL / knob
-
     def read_counter(self, name: str) -> int:
         return int(read_sysfs_value(self._abs(KSM_REL / name)))
 
@@ -160,17 +155,16 @@ class HostSettings:
         if missing:
             raise KsmError(f"this kernel has no KSM knob(s): {', '.join(missing)}")
         # pages_to_scan is refused while the advisor drives it.
-        if "pages_to_scan" in ksm and "advisor_mode" not in ksm and (self._abs(KSM_REL / "advisor_mode")).exists():
-            wanted.setdefault("advisor_mode", "none")
-            if wanted["advisor_mode"] == "scan-time":
-                wanted["advisor_mode"] = "none"
-        for knob in sorted(wanted, key=lambda k: (k not in _ORDER_FIRST, _ORDER_FIRST.index(k) if k in _ORDER_FIRST else 0, k)):
+        if "pages_to_scan" in ksm and "advisor_mode" not in ksm and self._abs(KSM_REL / "advisor_mode").exists():
+            wanted["advisor_mode"] = "none"
+        first = [k for k in _ORDER_FIRST if k in wanted]
+        for knob in first + sorted(set(wanted) - set(first)):
             self.write(KSM_REL / knob, wanted[knob])
 
-        host_wanted = {n: e["old"] for n, rel in HOST_KNOB_FILES.items() for e in self.entries if e["path"] == str(rel)}
-        host_wanted.update({k: str(v) for k, v in host.items()})
-        for name, value in host_wanted.items():
-            self.write(HOST_KNOB_FILES[name], value)
+        for name, rel in HOST_KNOB_FILES.items():
+            value = host.get(name, self.original(rel))
+            if value is not None:
+                self.write(rel, value)
 
     def start(self) -> None:
         self.write(KSM_REL / "run", 1)

@@ -7,6 +7,8 @@ an id derived from everything that defines it, so `--resume` knows exactly what 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -362,12 +364,12 @@ def expand(plan: Plan) -> list[Trial]:
             )
     if plan.study.order == "shuffled":
         random.Random(plan.study.seed).shuffle(trials)
-    return [Trial(**{**t.__dict__, "index": i}) for i, t in enumerate(trials)]
+    return [dataclasses.replace(t, index=i) for i, t in enumerate(trials)]
 
 
 def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: bool) -> dict[str, Any]:
     """Apply a sweep point to the held settings and validate the result as a whole."""
-    merged = json.loads(_canonical(base))
+    merged = copy.deepcopy(base)
     for name, value in point.items():
         section, key = name.split(".", 1)
         if merged.get(section) is None:

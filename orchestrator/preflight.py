@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.hostsetup import CheckResult, check_host
 from orchestrator.ksm import KSM_REL, THP_REL, find_pids_by_comm, run_dir
 
 
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    ok: bool
-    detail: str = ""
-
-
-def _writable(path: Path) -> CheckResult:
+def _writable(name: str, path: Path) -> CheckResult:
     if not path.exists():
-        return CheckResult(str(path), False, "missing")
-    return CheckResult(str(path), os.access(path, os.W_OK), "writable" if os.access(path, os.W_OK) else "not writable (run as root)")
+        return CheckResult(name, False, f"{path} missing")
+    writable = os.access(path, os.W_OK)
+    return CheckResult(name, writable, "writable" if writable else "not writable (run as root)")
 
 
 def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
@@ -28,9 +23,7 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     if not ksm_dir.is_dir():
         return [CheckResult("KSM", False, f"{ksm_dir} missing: kernel without CONFIG_KSM")]
     results = [CheckResult("KSM", True, f"{len(list(ksm_dir.iterdir()))} files in {ksm_dir}")]
-    for knob in ("run", "pages_to_scan", "sleep_millisecs"):
-        r = _writable(ksm_dir / knob)
-        results.append(CheckResult(f"ksm/{knob}", r.ok, r.detail))
+    results += [_writable(f"ksm/{knob}", ksm_dir / knob) for knob in ("run", "pages_to_scan", "sleep_millisecs")]
     thp = root / THP_REL / "enabled"
     results.append(CheckResult("THP enabled", thp.exists(), thp.read_text().strip() if thp.exists() else "missing"))
     tuned = find_pids_by_comm("ksmtuned", root)
@@ -46,6 +39,7 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
 
 
 def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResult]:
+    """Every check; `ready(results)` says whether the host can run the plan."""
     results = ksm_checks(root)
     needs_vms = False
     if plan_path is not None:
@@ -59,15 +53,12 @@ def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResu
             needs_vms = plan.guests is not None
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
-    if needs_vms or plan_path is None:
-        try:
-            from orchestrator.hostsetup import check_host
+    vm_results = check_host(plan_needs_vms=True)
+    if not needs_vms:
+        # Without a VM plan the VM checks are information: they cannot make the host unready.
+        vm_results = [dataclasses.replace(r, blocking=False) for r in vm_results]
+    return results + vm_results
 
-            for r in check_host(plan_needs_vms=needs_vms):
-                # Informational checks (e.g. "kvm: no -> TCG") do not make the host unready.
-                blocking = getattr(r, "blocking", True) and needs_vms
-                detail = r.detail if r.ok or blocking else f"(informational) {r.detail}"
-                results.append(CheckResult(r.name, r.ok or not blocking, detail))
-        except ImportError as exc:
-            results.append(CheckResult("VM support", not needs_vms, f"unavailable: {exc}"))
-    return results
+
+def ready(results: list[CheckResult]) -> bool:
+    return all(r.ok or not r.blocking for r in results)

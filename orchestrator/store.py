@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,8 @@ class Study:
                     f"study folder {path} already exists; pass --resume to finish it, "
                     "or change [study] name / --results to start a new one"
                 )
+            meta = study.meta()  # checks the schema version
             study._check_resumable(plan_text)
-            meta = study.meta()
             meta["trial_ids"] = trial_ids
             meta["resumed_wall"] = meta.get("resumed_wall", []) + [time.time()]
             atomic_write_json(path / "study.json", meta)
@@ -98,12 +98,6 @@ class Study:
         )
         return study
 
-    @classmethod
-    def open(cls, path: Path) -> "Study":
-        study = cls(path)
-        study.meta()
-        return study
-
     def meta(self) -> dict[str, Any]:
         meta_path = self.path / "study.json"
         try:
@@ -120,7 +114,6 @@ class Study:
         return meta
 
     def _check_resumable(self, plan_text: str) -> None:
-        self.meta()
         stored = (self.path / "plan.toml").read_text()
         if stored != plan_text:
             raise StoreError(
@@ -161,7 +154,7 @@ class Study:
             records.append(record or {"trial_id": trial_id, "status": "not_run"})
         return records
 
-    def write_trials_csv(self, rows: Iterable[Mapping[str, Any]]) -> Path:
+    def write_trials_csv(self, table: pd.DataFrame) -> Path:
         path = self.path / "trials.csv"
-        atomic_write_csv(path, pd.DataFrame(list(rows)))
+        atomic_write_csv(path, table)
         return path

@@ -23,8 +23,8 @@ import pandas as pd
 from orchestrator import metrics
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import KSM_REL, HostSettings, host_lock, refuse_if_ksmtuned
-from orchestrator.plan import Plan, Trial, check_against_host, expand, processes_params
+from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
+from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand, processes_params
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -137,6 +137,11 @@ class TrialRunner:
             self.settings.start()
         with clock.phase("measure", sampler, self.progress):
             return measure(phases, sampler, self.stop)
+
+    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
+        """Run one trial, filling `result` ("frames", extra trial.json fields) as data arrives,
+        so that a failure or a stop request keeps what was measured."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release anything kept across trials (guests)."""
@@ -257,7 +262,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         with clock.phase("reset", None, progress.phase):
             record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
             settings.apply(trial.ksm, trial.host)
-            record["ksm_applied"] = {k: v for k, v in _read_knobs(settings).items()}
+            record["ksm_applied"] = settable_knobs(settings.root)
         runner.run(trial, clock, result)
         record["status"] = "ok"
     except StopRequested:
@@ -278,12 +283,10 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     return record["status"]
 
 
-def _read_knobs(settings: HostSettings) -> dict[str, str]:
-    from orchestrator.ksm import read_ksm_knobs
-
-    knobs = read_ksm_knobs(settings.root)
-    return {k: knobs[k] for k in ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
-                                  "use_zero_pages", "smart_scan", "advisor_mode") if k in knobs}
+def settable_knobs(root: Path) -> dict[str, str]:
+    """What every knob a plan may set really read when the trial started."""
+    knobs = read_ksm_knobs(root)
+    return {k: knobs[k] for k in (*KSM_INT_KNOBS, *KSM_STR_KNOBS) if k in knobs}
 
 
 def write_trials_table(study: Study) -> Path:
@@ -309,7 +312,7 @@ def write_trials_table(study: Study) -> Path:
     if not derived.empty and "trial_id" in derived:
         extra = [c for c in derived.columns if c not in table.columns or c == "trial_id"]
         table = table.merge(derived[extra], on="trial_id", how="left")
-    return study.write_trials_csv(table.to_dict("records"))
+    return study.write_trials_csv(table)
 
 
 class _LogProgress:

@@ -35,6 +35,7 @@ from orchestrator.provision import (
     choose_domain_type,
     console_tail,
 )
+from orchestrator.store import atomic_write_json
 from orchestrator.sweep import PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
 
@@ -134,8 +135,10 @@ class VmRunner(TrialRunner):
         )
         return GuestSet(g["uri"], self.plan.study.name + study_suffix, requests, image, options)
 
-    def _boot(self, guest_set: GuestSet, image: images.ImageRef, timeout_s: float) -> dict[str, GuestSession]:
-        """Enter the set (define + start in parallel), wait for SSH, open one session per guest."""
+    def _boot(self, guest_set: GuestSet, image: images.ImageRef,
+              timeout_s: float) -> tuple[dict[str, GuestSession], dict[str, float]]:
+        """Enter the set (define + start in parallel), wait for SSH, open one session per guest.
+        Returns the sessions and each guest's seconds from start to SSH."""
         guest_set.__enter__()
         try:
             def connect(guest: Any) -> None:
@@ -143,13 +146,12 @@ class VmRunner(TrialRunner):
                     pass
 
             boot_s = guest_set.wait_ready(connect, timeout_s, cancel=self.stop)
-            guest_set.boot_to_ssh_s = boot_s  # type: ignore[attr-defined]
             sessions = {}
             for guest in guest_set.guests:
                 session = GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=60.0)
                 session.connect()
                 sessions[guest.name] = session
-            return sessions
+            return sessions, boot_s
         except BaseException:
             guest_set.__exit__(None, None, None)
             if self.stop.is_set():
@@ -170,8 +172,8 @@ class VmRunner(TrialRunner):
                 info.update(layer_info)
         guest_set = self._guest_set(trial, image, disks=disks)
         started = time.monotonic()
-        sessions = self._boot(guest_set, image, float(g["boot_timeout_s"]))
-        info["boot_to_ssh_s"] = {k: round(v, 1) for k, v in getattr(guest_set, "boot_to_ssh_s", {}).items()}
+        sessions, boot_s = self._boot(guest_set, image, float(g["boot_timeout_s"]))
+        info["boot_to_ssh_s"] = {name: round(seconds, 1) for name, seconds in boot_s.items()}
         info["boot_wall_s"] = round(time.monotonic() - started, 1)
         active = ActiveGuests(key, guest_set, image, sessions, info)
         try:
@@ -227,22 +229,23 @@ class VmRunner(TrialRunner):
         spec["image_mtime_ns"] = Path(image.disk_path).stat().st_mtime_ns
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         layers = [layer_dir / f"sysbench-{digest}-g{i}.qcow2" for i in range(wanted)]
+        meta_path = layer_dir / f"sysbench-{digest}.json"
         missing = [i for i, p in enumerate(layers) if not p.exists()]
         info: dict[str, Any] = {"prepared_layer": digest, "prepared_layer_reused": not missing}
         if missing:
-            info["prepared_layer_build_s"] = self._build_layers(trial, image, layers, missing, spec)
-        meta = json.loads((layer_dir / f"sysbench-{digest}.json").read_text()) if (layer_dir / f"sysbench-{digest}.json").exists() else {}
+            info["prepared_layer_build_s"] = self._build_layers(trial, image, layers, missing, spec, meta_path)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         info["prepare_s_saved"] = meta.get("prepare_s")
         disks = [layers[0]] * count if shared else layers
         return disks, info
 
     def _build_layers(self, trial: Trial, image: images.ImageRef, layers: list[Path], missing: list[int],
-                      spec: dict[str, Any]) -> float:
+                      spec: dict[str, Any], meta_path: Path) -> float:
         started = time.monotonic()
         log.info("preparing sysbench data in %d guest(s) to cache as disk layers", len(missing))
         params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
         builder = self._guest_set(trial, image, study_suffix="-prep", count=len(missing))
-        sessions = self._boot(builder, image, float((trial.guests or {})["boot_timeout_s"]))
+        sessions, _ = self._boot(builder, image, float((trial.guests or {})["boot_timeout_s"]))
         try:
             names = list(sessions)
             with ThreadPoolExecutor(max_workers=len(names)) as pool:
@@ -264,7 +267,7 @@ class VmRunner(TrialRunner):
                 tmp.chmod(0o444)  # a backing file: never written again
                 tmp.replace(target)
             meta = dict(spec, prepare_s=round(max(prepare_s), 1), built_wall=time.time())
-            (layers[0].parent / f"{layers[0].name.rsplit('-g', 1)[0]}.json").write_text(json.dumps(meta, indent=1))
+            atomic_write_json(meta_path, meta)
         finally:
             for session in sessions.values():
                 with contextlib.suppress(Exception):
@@ -276,7 +279,10 @@ class VmRunner(TrialRunner):
 
     def _measure(self, trial: Trial, clock: PhaseClock, result: dict[str, Any], active: ActiveGuests) -> None:
         phases = trial.phases
-        sampler = self.sampler_for(trial, active.guest_set.qemu_pids)
+        # QEMU pids do not change while guests run: find them once, not on every sampler tick
+        # (each lookup reads libvirt's pid file and the process's cmdline per guest).
+        qemu_pids = active.guest_set.qemu_pids()
+        sampler = self.sampler_for(trial, lambda: qemu_pids)
         memory_rows: list[dict[str, Any]] = []
         runs: dict[str, sysbench.GuestRun] = {}
         is_sysbench = trial.workload["type"] == "sysbench"

@@ -1,0 +1,28 @@
+"""`check`: ready only when nothing blocking is missing."""
+
+from pathlib import Path
+
+from orchestrator.cli import main
+from orchestrator.preflight import ksm_checks, ready, run_checks
+
+PLANS = Path(__file__).resolve().parent.parent / "plans"
+
+
+def test_this_host_is_ready_for_the_quick_study():
+    results = run_checks(PLANS / "quickstart.toml")
+    assert ready(results), [r for r in results if not r.ok]
+    assert main(["check", str(PLANS / "quickstart.toml")]) == 0
+
+
+def test_a_kernel_without_ksm_is_not_ready(tmp_path):
+    results = ksm_checks(tmp_path)
+    assert not ready(results) and "CONFIG_KSM" in results[0].detail
+
+
+def test_a_bad_plan_makes_check_fail(tmp_path):
+    plan = tmp_path / "bad.toml"
+    plan.write_text('[study]\nname = "x"\n[workload]\ntype = "processes"\nprocesses = 0\n')
+    results = run_checks(plan)
+    assert not ready(results)
+    assert "workload.processes" in next(r for r in results if r.name == "plan").detail
+    assert main(["check", str(plan)]) == 1
