@@ -20,6 +20,16 @@ different question (on the reference host three idle guests gave 374 / 362 / 745
     Host MemAvailable at the end of measure minus baseline: what the host really got back,
     including THP splits, KSM's slab metadata as a cost, and every other process's noise.
 
+Each view is kept three ways: ``<view>_end`` (the last sample of measure), ``<view>_mean`` (the
+time average over the whole of measure) and ``<view>_steady`` (the time average from the moment
+the saving first reached 90% of its 95th percentile over measure to the end). ``<view>`` itself,
+the headline, is the steady average for workloads that write during measure (processes with
+rounds other than 1, sysbench) and the end value otherwise; ``saving_basis`` says which. A
+workload that refills its pages breaks merges by copy-on-write at every refill: pages_sharing is
+a sawtooth, and a single sample of it says more about where the tick fell than about KSM. The
+KSM counters are sampled fast enough to resolve such a cycle (see sampler.py); the PSS and
+MemAvailable views are averages over their slower, jittered ticks (``pss_samples``).
+
 All other metrics are documented where computed. Every function here is pure over DataFrames
 and trial.json dicts except the ``load_*`` readers, which read one study folder.
 """
@@ -39,6 +49,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from orchestrator.errors import StoreError
+from orchestrator.plan import writes_during_measure
 from orchestrator.stats import mean_ci95, welch_ci95
 
 MIB = 1024 * 1024
@@ -62,6 +73,7 @@ class TrialData:
     ksm_table: pa.Table | None = None  # the same ksm.csv as Arrow, for samples.parquet
     processes: pd.DataFrame | None = None
     workload: pd.DataFrame | None = None
+    fills: pd.DataFrame | None = None  # processes workload: every fill's start/end (fills.csv)
     workload_summary: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -156,6 +168,7 @@ def load_trial(trial_dir: Path) -> TrialData:
         ksm_table=ksm_table,
         processes=_to_frame(_read_table(trial_dir / "processes.csv", problems, PROCESS_COLUMNS)),
         workload=_read_csv(trial_dir / "workload.csv", problems),
+        fills=_read_csv(trial_dir / "fills.csv", problems),
         workload_summary=summary if isinstance(summary, dict) else None,
         problems=problems,
     )
@@ -227,6 +240,44 @@ def _baseline_index(in_baseline: np.ndarray, usable: np.ndarray) -> int | None:
     return int(idx[0]) if idx.size else None
 
 
+def time_mean(t_s: np.ndarray, values: np.ndarray) -> float:
+    """Trapezoid average of a sampled signal over its span: ticks need not be evenly spaced
+    (they are jittered), and a tick that lands in a dense stretch must not weigh more."""
+    ok = np.isfinite(t_s) & np.isfinite(values)
+    t, v = t_s[ok], values[ok]
+    if t.size == 0:
+        return math.nan
+    if t.size == 1 or t[-1] <= t[0]:
+        return float(v.mean())
+    return float(np.sum((v[1:] + v[:-1]) * np.diff(t)) / 2.0 / (t[-1] - t[0]))
+
+
+STEADY_FRACTION = 0.90  # "steady" starts when the saving first reaches this share of its p95
+STEADY_REFERENCE_PCT = 95  # a percentile, not the max: one outlying tick must not move it
+
+
+def steady_start_index(saved: np.ndarray) -> int:
+    """First sample at which `saved` reaches 90% of its 95th percentile (0 when it never rises)."""
+    finite = saved[np.isfinite(saved)]
+    if finite.size == 0:
+        return 0
+    reference = float(np.percentile(finite, STEADY_REFERENCE_PCT))
+    if not reference > 0:
+        return 0
+    reached = np.flatnonzero(np.nan_to_num(saved, nan=-np.inf) >= STEADY_FRACTION * reference)
+    return int(reached[0]) if reached.size else 0
+
+
+def view_summary(name: str, t_s: np.ndarray, values: np.ndarray, steady_from_s: float) -> dict[str, float]:
+    """<name>_end, _mean (whole measure) and _steady (from steady_from_s) of one saving view."""
+    finite = np.isfinite(values)
+    out = {f"{name}_end": float(values[finite][-1]) if finite.any() else math.nan,
+           f"{name}_mean": time_mean(t_s, values)}
+    steady = t_s >= steady_from_s
+    out[f"{name}_steady"] = time_mean(t_s[steady], values[steady]) if steady.any() else out[f"{name}_end"]
+    return out
+
+
 def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.ndarray:
     """pages_sharing (+ ksm_zero_pages when use_zero_pages=1) per row, as float."""
     pages = _col(ksm, "pages_sharing")
@@ -246,17 +297,36 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     if measure.empty:
         return out
 
-    # --- memory saved, at the end of measure (see module docstring for the four views)
+    # --- memory saved: end, whole-measure and steady averages (see the module docstring)
     saved_pages = saved_pages_series(ksm, ksm_settings)
-    out["saved_mib"] = float(saved_pages[in_measure][-1]) * page_size_bytes / MIB
+    t_all = _col(ksm, "t_s")
+    t_measure = t_all[in_measure] if t_all is not None else np.arange(int(in_measure.sum()), dtype=float)
+    saved_measure = saved_pages[in_measure] * page_size_bytes / MIB
+    steady_from_s = float(t_measure[steady_start_index(saved_measure)])
+    out["steady_from_s"] = steady_from_s - float(t_measure[0])
+    out["_steady_t_s"] = steady_from_s  # on the trial's t_s clock, for the PSS view
+    out.update(view_summary("saved_mib", t_measure, saved_measure, steady_from_s))
     out["pages_sharing"] = _last(_col(measure, "pages_sharing"))
-    out["general_profit_mib"] = _last(_col(measure, "general_profit")) / MIB
+    profit = _col(ksm, "general_profit")
+    if profit is not None:
+        out.update(view_summary("general_profit_mib", t_measure, profit[in_measure] / MIB, steady_from_s))
     avail = _col(ksm, "mem_available_kib")
     if avail is not None:
         base = _baseline_index(in_baseline, np.isfinite(avail))
-        end = avail[in_measure][-1]
         if base is not None:
-            out["mem_available_rise_mib"] = float(end - avail[base]) / 1024
+            rise = (avail[in_measure] - avail[base]) / 1024
+            out.update(view_summary("mem_available_rise_mib", t_measure, rise, steady_from_s))
+    shared = _col(ksm, "pages_shared")
+    sharing_all = _col(ksm, "pages_sharing")
+    if shared is not None and sharing_all is not None:
+        # Pages in the merged state (the one kept copy + those mapping it), for "merged share".
+        merged = (shared + sharing_all)[in_measure]
+        out["merged_pages_mean"] = time_mean(t_measure, merged)
+        out["merged_pages_end"] = float(merged[-1])
+    outside = _col(measure, "outside_cpu_pct")
+    if outside is not None and np.isfinite(outside).any():
+        out["outside_cpu_pct"] = time_mean(t_measure, outside)
+        out["outside_cpu_pct_max"] = float(np.nanmax(outside))
 
     # --- convergence, from measure start, on pages_sharing (not zero pages)
     t_s = _col(measure, "t_s")
@@ -271,19 +341,17 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     if scanned is not None and out["measure_s"] > 0:
         out["pages_scanned_per_s"] = _delta(scanned) / out["measure_s"]
 
-    # --- ksmd cost over measure
+    # --- ksmd cost over measure: CPU seconds over wall seconds (ticks are jittered, so a mean
+    # of per-tick percentages would weigh short intervals as much as long ones)
     cpu_pct = _col(measure, "ksmd_cpu_pct")
     cpu_s = _col(measure, "ksmd_cpu_s")
     out["ksmd_cpu_s"] = _delta(cpu_s)
-    if cpu_pct is not None and np.isfinite(cpu_pct).any():
-        out["ksmd_cpu_pct"] = float(np.nanmean(cpu_pct))
-        out["ksmd_cpu_pct_max"] = float(np.nanmax(cpu_pct))
-    elif out.get("measure_s", 0) > 0:
+    if out.get("measure_s", 0) > 0 and math.isfinite(out["ksmd_cpu_s"]):
         out["ksmd_cpu_pct"] = 100.0 * out["ksmd_cpu_s"] / out["measure_s"]
-    if out["ksmd_cpu_s"] > 0:
-        out["mib_saved_per_ksmd_cpu_s"] = out["saved_mib"] / out["ksmd_cpu_s"]
-    if out["saved_mib"] > 0 and math.isfinite(out["general_profit_mib"]):
-        out["profit_to_saving_ratio"] = out["general_profit_mib"] / out["saved_mib"]
+    elif cpu_pct is not None and np.isfinite(cpu_pct).any():
+        out["ksmd_cpu_pct"] = float(np.nanmean(cpu_pct))
+    if cpu_pct is not None and np.isfinite(cpu_pct).any():
+        out["ksmd_cpu_pct_max"] = float(np.nanmax(cpu_pct))
 
     # --- page states at the end: volatile pages change too fast to merge, unshared found no twin
     states = {name: _last(_col(measure, name)) for name in
@@ -327,7 +395,7 @@ def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarra
     return out
 
 
-def process_metrics(processes: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+def process_metrics(processes: pd.DataFrame, steady_t_s: float = -math.inf) -> tuple[dict[str, Any], pd.DataFrame]:
     """PSS drop (summed over tracked processes) and KSM metadata overhead; plus a per-process table.
 
     PSS is only read on PSS-tier ticks; the sampler writes one t_s per tick for all processes, so a
@@ -358,7 +426,9 @@ def process_metrics(processes: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFra
         measure_ticks = np.flatnonzero(in_measure[tick_rows])
         if base is not None and measure_ticks.size:
             end = measure_ticks[-1]
-            out["pss_drop_mib"] = float(tick_pss[base] - tick_pss[end]) / 1024
+            drop_mib = (tick_pss[base] - tick_pss[measure_ticks]) / 1024
+            out.update(view_summary("pss_drop_mib", ticks[measure_ticks], drop_mib, steady_t_s))
+            out["pss_samples"] = int(measure_ticks.size)
             for name, tick in (("pss_before_kib", base), ("pss_after_kib", end)):
                 rows = tier[tick_of_row == tick]
                 per_proc[name] = (pd.Series(pss[rows], index=codes[rows]).groupby(level=0).sum()
@@ -441,14 +511,121 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     ksm_settings = info.get("ksm") or {}
     if data.ksm is not None and not data.ksm.empty:
         out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes))
+    steady_t_s = out.pop("_steady_t_s", -math.inf)
     if data.processes is not None and not data.processes.empty:
-        proc_out, per_proc = process_metrics(data.processes)
+        proc_out, per_proc = process_metrics(data.processes, steady_t_s)
         out.update(proc_out)
         out["per_process"] = per_proc
+    workload = info.get("workload") or {}
+    choose_headline(out, writes_during_measure(workload))
+    out.update(merged_share(out, workload))
+    if data.ksm is not None and data.fills is not None and not data.fills.empty:
+        out.update(refill_metrics(data.ksm, data.fills, ksm_settings, workload_pages(workload)))
     guests = workload_per_guest(data.workload, data.workload_summary)
     out["workload_per_guest"] = guests
     for name in WORKLOAD_METRICS:
         out[name] = float(guests[name].mean()) if not guests.empty else math.nan
+    return out
+
+
+SAVING_VIEWS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib")
+
+
+def choose_headline(out: dict[str, Any], writes: bool) -> None:
+    """Set each saving view's headline column from its steady average (a workload that writes
+    during measure) or its end value (one that does not), and the ratios built on them."""
+    suffix = "_steady" if writes else "_end"
+    for view in SAVING_VIEWS:
+        if f"{view}{suffix}" in out:
+            out[view] = out[f"{view}{suffix}"]
+    if "saved_mib" in out:
+        out["saving_basis"] = ("steady mean (the workload writes during measure)" if writes
+                               else "end of measure")
+    saved = out.get("saved_mib", math.nan)
+    if out.get("ksmd_cpu_s", 0) > 0 and math.isfinite(saved):
+        out["mib_saved_per_ksmd_cpu_s"] = saved / out["ksmd_cpu_s"]
+    profit = out.get("general_profit_mib", math.nan)
+    if saved > 0 and math.isfinite(profit):
+        out["profit_to_saving_ratio"] = profit / saved
+
+
+def workload_pages(workload: dict[str, Any]) -> float:
+    """Pages the processes workload maps in all (NaN for guests: their RAM is not all data)."""
+    if workload.get("type") != "processes":
+        return math.nan
+    try:
+        return float(int(workload["processes"]) * int(workload["pages_per_process"]))
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def merged_share(out: dict[str, Any], workload: dict[str, Any]) -> dict[str, float]:
+    """Share of the workload's pages in the merged state (pages_shared + pages_sharing), as a
+    time mean over measure and at its end. The mean over samples is the definition the original
+    study's "FIXED_RANDOM merged about 87-93% of its pages" used."""
+    pages = workload_pages(workload)
+    if not pages > 0 or "merged_pages_mean" not in out:
+        return {}
+    return {"merged_share_mean_pct": 100.0 * out["merged_pages_mean"] / pages,
+            "merged_share_end_pct": 100.0 * out["merged_pages_end"] / pages}
+
+
+REMERGE_FRACTION = 0.90  # re-merged = back to 90% of the saving just before the refill
+
+
+def refill_metrics(ksm: pd.DataFrame, fills: pd.DataFrame, ksm_settings: dict[str, Any],
+                   pages_total: float) -> dict[str, Any]:
+    """What refills do to the saving, from fills.csv (one row per fill of each worker).
+
+    For every refill (fill >= 2) that started during measure: the merged share of the workload's
+    pages at the last KSM tick before it started (what KSM had reached) and at the first tick
+    after it ended (what copy-on-write left), the time from its end until the saving is back to
+    90% of the level before it (NaN when the next refill came first), and cow_ksm per refill
+    (vmstat's count of copy-on-write breaks of merged pages over measure / refills in measure).
+    Several workers refill independently: their events overlap, and the shares are host-wide.
+    """
+    out: dict[str, Any] = {}
+    t_wall = _col(ksm, "t_wall")
+    if t_wall is None or not {"fill", "start_wall", "end_wall"} <= set(fills.columns):
+        return out
+    in_measure = phase_mask(ksm, "measure")
+    if not in_measure.any():
+        return out
+    saved = saved_pages_series(ksm, ksm_settings)
+    t_measure = t_wall[in_measure]
+    saved_measure = saved[in_measure]
+    start, end = float(t_measure[0]), float(t_measure[-1])
+    refills = fills[(pd.to_numeric(fills["fill"], errors="coerce") >= 2)]
+    refills = refills[(refills["start_wall"] >= start) & (refills["end_wall"] <= end)]
+    out["refills_in_measure"] = int(len(refills))
+    if refills.empty:
+        return out
+    next_starts = np.sort(refills["start_wall"].to_numpy(dtype=float))
+    before, after, remerge = [], [], []
+    for begin, finish in zip(refills["start_wall"].to_numpy(dtype=float), refills["end_wall"].to_numpy(dtype=float)):
+        i_before = np.searchsorted(t_measure, begin, side="right") - 1
+        i_after = np.searchsorted(t_measure, finish, side="left")
+        if i_before < 0 or i_after >= t_measure.size:
+            continue
+        level = float(saved_measure[i_before])
+        before.append(level)
+        after.append(float(saved_measure[i_after]))
+        later = next_starts[next_starts > finish]
+        horizon = float(later[0]) if later.size else end
+        window = (t_measure >= finish) & (t_measure <= horizon)
+        back = np.flatnonzero(window & (saved_measure >= REMERGE_FRACTION * level))
+        remerge.append(float(t_measure[back[0]] - finish) if back.size and level > 0 else math.nan)
+    if before and pages_total > 0:
+        out["saved_share_before_refill_pct"] = 100.0 * float(np.mean(before)) / pages_total
+        out["saved_share_after_refill_pct"] = 100.0 * float(np.mean(after)) / pages_total
+        out["saved_share_mean_pct"] = 100.0 * time_mean(t_measure, saved_measure) / pages_total
+    if remerge:
+        finite = [r for r in remerge if math.isfinite(r)]
+        out["remerge_s_median"] = float(np.median(finite)) if finite else math.nan
+        out["refills_not_remerged"] = len(remerge) - len(finite)
+    cow = _col(ksm.loc[in_measure], "vmstat_cow_ksm")
+    if cow is not None and np.isfinite(cow).any():
+        out["cow_ksm_per_refill"] = _delta(cow) / len(refills)
     return out
 
 
@@ -491,6 +668,7 @@ SUMMARY_METRICS = (
     "saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib",
     "ksmd_cpu_pct", "ksmd_cpu_pct_max", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s",
     "time_to_90pct_s", "full_scans",
+    "saved_mib_end", "saved_mib_mean", "merged_share_mean_pct", "outside_cpu_pct",
 )
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
 ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",

@@ -108,6 +108,29 @@ class SamplingSection(_Strict):
     interval_s: float = Field(1.0, ge=0.05, le=600)
     # smaps_rollup walks page tables (~5-6 ms per 256 MiB resident): read PSS on a slower tier.
     pss_interval_s: float = Field(5.0, ge=0.05, le=3600)
+    # The KSM counters alone, read this often (~0.3 ms a tick here). "auto": fast enough to
+    # resolve a processes workload's refill cycle (10 ticks per round_wait_s, >= 0.05 s);
+    # interval_s otherwise. A sampling period near the refill period aliases.
+    fast_interval_s: float | Literal["auto"] = "auto"
+    # Each tick moves by up to +-jitter_fraction/2 of its interval: no periodic workload can
+    # stay in phase with the ticks, so averages over ticks are averages over time.
+    jitter_fraction: float = Field(0.2, ge=0, lt=1)
+    # A trial whose host CPU use outside the study (/proc/stat busy minus ksmd, the sweep and
+    # its workers or QEMU) averages more than this over measure, in % of one core, is flagged.
+    outside_load_max_pct: float = Field(5.0, gt=0)
+
+    @field_validator("fast_interval_s")
+    @classmethod
+    def _fast_range(cls, value: Any) -> Any:
+        if value != "auto" and not 0.05 <= value <= 600:
+            raise ValueError("must be 'auto' or a number of seconds in [0.05, 600]")
+        return value
+
+    @model_validator(mode="after")
+    def _fast_not_slower(self) -> "SamplingSection":
+        if self.fast_interval_s != "auto" and self.fast_interval_s > self.interval_s:
+            raise ValueError("fast_interval_s must be <= interval_s")
+        return self
 
 
 class ProcessesWorkloadSection(_Strict):
@@ -173,6 +196,21 @@ class GuestsSection(_Strict):
     workdir: str | None = None
 
 
+class Reference(_Strict):
+    """A published figure to print beside this study's own, on the same definition."""
+
+    metric: str = Field(pattern=r"^[a-z0-9_]+$")  # a trials.csv column, e.g. merged_share_mean_pct
+    where: dict[str, Any] = {}  # swept settings the figure is for: {"workload.fill" = "random"}
+    low: float
+    high: float | None = None  # a range; omit for a single figure
+    source: str
+    note: str = ""
+
+
+class ReportSection(_Strict):
+    references: list[Reference] = []
+
+
 class SweepSection(_Strict):
     """Axes as nested tables: [sweep.ksm] pages_to_scan = [100, 1000]; [sweep.workload] ..."""
 
@@ -190,6 +228,7 @@ class Plan(_Strict):
     workload: WorkloadSection = Field(discriminator="type")
     guests: GuestsSection | None = None
     sweep: SweepSection = SweepSection()
+    report: ReportSection = ReportSection()
 
     @field_validator("sweep", mode="before")
     @classmethod
@@ -410,6 +449,27 @@ def _check_workload_adapter(workload: dict[str, Any]) -> None:
 def sysbench_params(workload: dict[str, Any]) -> dict[str, Any]:
     """The adapter's parameters: the plan's table minus what the sweep itself interprets."""
     return {k: v for k, v in workload.items() if k not in ("type", "data", "reuse_prepared", "warmup_s")}
+
+
+def writes_during_measure(workload: dict[str, Any]) -> bool:
+    """Does the workload rewrite memory while KSM measures? Then merged pages keep breaking by
+    copy-on-write and any single sample of the saving is a phase-lucky snapshot: report
+    averages over time. processes with rounds other than 1 refill; sysbench writes always."""
+    if workload.get("type") == "processes":
+        return int(workload.get("rounds", 1)) != 1
+    return workload.get("type") == "sysbench"
+
+
+def fast_interval_s(sampling: dict[str, Any], workload: dict[str, Any]) -> float:
+    """The KSM tier's tick: the plan's, or for "auto" 10 ticks per refill of a refilling
+    processes workload (never below 0.05 s), else the cheap tier's interval."""
+    interval_s = float(sampling["interval_s"])
+    fast = sampling.get("fast_interval_s", "auto")
+    if fast != "auto":
+        return float(fast)
+    if workload.get("type") == "processes" and writes_during_measure(workload):
+        return min(interval_s, max(0.05, float(workload.get("round_wait_s", 1.0)) / 10))
+    return interval_s
 
 
 def processes_params(workload: dict[str, Any]) -> dict[str, Any]:

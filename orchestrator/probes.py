@@ -77,11 +77,23 @@ def parse_ksm_dir(texts: Mapping[str, str]) -> dict[str, int]:
     return values
 
 
-def read_ksm_files(root: Path = Path("/")) -> dict[str, str]:
-    """Raw text of every readable file in {root}/sys/kernel/mm/ksm, by name."""
+# The KSM files that move while ksmd works (the rest are knobs, which only the sweep or a policy
+# changes): what the fast sampling tier reads, at about half the cost of the whole folder.
+KSM_COUNTERS: tuple[str, ...] = (
+    "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
+    "pages_skipped", "full_scans", "general_profit", "ksm_zero_pages", "stable_node_chains",
+    "stable_node_dups",
+)
+
+
+def read_ksm_files(root: Path = Path("/"), names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Raw text of every readable file in {root}/sys/kernel/mm/ksm (or of `names`), by name."""
     ksm_dir = root / KSM_SYSFS
     try:
-        names = sorted(entry.name for entry in os.scandir(ksm_dir) if entry.is_file())
+        if names is None:
+            names = tuple(sorted(entry.name for entry in os.scandir(ksm_dir) if entry.is_file()))
+        elif not ksm_dir.is_dir():
+            raise FileNotFoundError(ksm_dir)
     except FileNotFoundError:
         raise HostError(f"{ksm_dir} does not exist: this kernel has no KSM (CONFIG_KSM)") from None
     texts: dict[str, str] = {}
@@ -94,9 +106,10 @@ def read_ksm_files(root: Path = Path("/")) -> dict[str, str]:
     return texts
 
 
-def read_ksm(root: Path = Path("/")) -> dict[str, int]:
-    """Every integer KSM sysfs value (general_profit in bytes, may be negative)."""
-    return parse_ksm_dir(read_ksm_files(root))
+def read_ksm(root: Path = Path("/"), names: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Every integer KSM sysfs value, or those of `names` that exist (general_profit in bytes,
+    may be negative)."""
+    return parse_ksm_dir(read_ksm_files(root, names))
 
 
 def read_ksm_text(root: Path = Path("/")) -> dict[str, str]:
@@ -120,10 +133,20 @@ class ProcStat:
     flags: int
     utime_ticks: int
     stime_ticks: int
+    cutime_ticks: int = 0  # reaped children's user time
+    cstime_ticks: int = 0
 
     @property
     def is_kernel_thread(self) -> bool:
         return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def cpu_s(self) -> float:
+        return (self.utime_ticks + self.stime_ticks) / CLOCK_TICKS_PER_S
+
+    @property
+    def children_cpu_s(self) -> float:
+        return (self.cutime_ticks + self.cstime_ticks) / CLOCK_TICKS_PER_S
 
 
 def parse_proc_stat(text: str) -> ProcStat:
@@ -133,7 +156,7 @@ def parse_proc_stat(text: str) -> ProcStat:
         raise ValueError(f"not a /proc/PID/stat line: {text[:80]!r}")
     pid_text, _, comm = head.partition(" (")
     # Fields after comm, numbered as in proc(5) minus 3: state=3, ppid=4, flags=9,
-    # utime=14, stime=15.
+    # utime=14, stime=15, cutime=16, cstime=17.
     fields = tail.split()
     return ProcStat(
         pid=int(pid_text),
@@ -143,6 +166,8 @@ def parse_proc_stat(text: str) -> ProcStat:
         flags=int(fields[6]),
         utime_ticks=int(fields[11]),
         stime_ticks=int(fields[12]),
+        cutime_ticks=int(fields[13]),
+        cstime_ticks=int(fields[14]),
     )
 
 
@@ -164,9 +189,23 @@ def read_proc_stat(pid: int, root: Path = Path("/")) -> ProcStat | None:
 def read_cpu_seconds(pid: int, root: Path = Path("/")) -> float | None:
     """utime+stime of pid in seconds, or None if the process has gone."""
     stat = read_proc_stat(pid, root)
-    if stat is None:
-        return None
-    return (stat.utime_ticks + stat.stime_ticks) / CLOCK_TICKS_PER_S
+    return None if stat is None else stat.cpu_s
+
+
+def read_all_proc_stats(root: Path = Path("/")) -> dict[int, ProcStat]:
+    """/proc/PID/stat of every process (thread group: its threads are inside), by pid.
+    Processes that exit while we read are skipped."""
+    stats: dict[int, ProcStat] = {}
+    try:
+        entries = [entry.name for entry in os.scandir(root / "proc") if entry.name.isdigit()]
+    except FileNotFoundError:
+        return stats
+    for name in entries:
+        try:
+            stats[int(name)] = parse_proc_stat(_read(root / "proc" / name / "stat"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return stats
 
 
 def find_ksmd_pid(root: Path = Path("/")) -> int | None:
@@ -187,6 +226,38 @@ def find_ksmd_pid(root: Path = Path("/")) -> int | None:
         if stat.comm == "ksmd" and stat.is_kernel_thread:
             return stat.pid
     return None
+
+
+# --- host CPU ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """The aggregate "cpu" line of /proc/stat, in clock ticks summed over all CPUs."""
+
+    busy_ticks: int  # user + nice + system + irq + softirq + steal
+    total_ticks: int  # busy + idle + iowait
+
+    @property
+    def busy_s(self) -> float:
+        return self.busy_ticks / CLOCK_TICKS_PER_S
+
+
+def parse_host_cpu(text: str) -> HostCpu:
+    """/proc/stat's first line. guest/guest_nice are already inside user/nice (proc(5)), so
+    they are not added again; iowait is idle time waiting for I/O, not CPU work."""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:]]
+            values += [0] * (8 - len(values))
+            user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+            busy = user + nice + system + irq + softirq + steal
+            return HostCpu(busy_ticks=busy, total_ticks=busy + idle + iowait)
+    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+
+
+def read_host_cpu(root: Path = Path("/")) -> HostCpu:
+    return parse_host_cpu(_read(root / "proc" / "stat"))
 
 
 # --- system memory -------------------------------------------------------------

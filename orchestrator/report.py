@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,7 @@ from orchestrator.metrics import MIB, StudyData, StudyMetrics
 from orchestrator.stats import PARETO_TOLERANCE, mean_ci95, pareto_mask, t_quantile_975
 from orchestrator.store import atomic_write_bytes
 
-MAX_POINTS_PER_LINE = 2000  # a 10,000-tick trace is drawn from every 5th sample: same shape, 5x faster
+MAX_POINTS_PER_LINE = 2000  # longer traces keep each bucket's min and max: a sawtooth stays one
 MAX_SCAN_MARKERS = 40
 MAX_SERIES_PER_PANEL = 6
 MAX_KEY_LINES = 25
@@ -163,12 +164,12 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
         t_s = pd.to_numeric(ksm["t_s"], errors="coerce").to_numpy(float)
         t_rel = t_s - t_s[measure_rows[0]]
         saved_mib = metrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
-        stride = max(1, math.ceil(len(ksm) / MAX_POINTS_PER_LINE))
+        keep = envelope_indices(saved_mib, MAX_POINTS_PER_LINE)
         color = "0.5" if row["ksm_off"] else color_of[row["_group"]]
         label = label_of[row["_group"]]
         label, shown = (None, label) if label in labelled else (label, label)
         labelled.add(shown)
-        ax.plot(t_rel[::stride], saved_mib[::stride], color=color, lw=1.3, alpha=0.85,
+        ax.plot(t_rel[keep], saved_mib[keep], color=color, lw=0.9 if churning(row) else 1.3, alpha=0.85,
                 ls="--" if row["ksm_off"] else "-", label=label)
         if "full_scans" in ksm.columns:
             scans = pd.to_numeric(ksm["full_scans"], errors="coerce").to_numpy(float)
@@ -200,7 +201,27 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
                 if coloured_by else "repetitions share a colour")
     return Plot("saving_over_time", "Saving over time",
                 f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
-                "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost.", _png(fig))
+                "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
+                "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
+                "refills its pages shows its sawtooth: merges broken at each refill, then re-made.",
+                _png(fig))
+
+
+def churning(row: Any) -> bool:
+    basis = row.get("saving_basis") if hasattr(row, "get") else None
+    return isinstance(basis, str) and basis.startswith("steady")
+
+
+def envelope_indices(values: np.ndarray, max_points: int) -> np.ndarray:
+    """All indices, or for longer series each bucket's argmin and argmax in time order: a
+    stride would skip the troughs of a sawtooth and draw a smooth line that never happened."""
+    n = values.size
+    if n <= max_points:
+        return np.arange(n)
+    buckets = np.array_split(np.arange(n), max_points // 2)
+    filled = np.nan_to_num(values, nan=0.0)
+    keep = [idx for b in buckets for idx in sorted({b[np.argmin(filled[b])], b[np.argmax(filled[b])]})]
+    return np.asarray(keep)
 
 
 def _label_key(label: str) -> list[tuple[int, float, str]]:
@@ -475,10 +496,52 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         fast = timed.loc[timed["time_to_90pct_s"].idxmin()]
         out.append(Finding(f"Fastest to 90% of its final sharing: {fast['setting']} "
                            f"({_num(fast['time_to_90pct_s'])} s after measure start)."))
+    out.extend(saving_basis_findings(sm))
     out.extend(_convergence_findings(sm))
     out.extend(_disagreement_findings(sm))
     out.extend(_ksm_off_findings(sm))
     return out
+
+
+def reference_rows(plan_text: str, sm: StudyMetrics) -> list[dict[str, str]]:
+    """The plan's [[report.references]] beside this study's value of the same metric, over the
+    successful KSM-on trials whose swept settings match the reference's `where`."""
+    try:
+        references = tomllib.loads(plan_text).get("report", {}).get("references", [])
+    except tomllib.TOMLDecodeError:
+        return []
+    rows = []
+    ok = _on_trials(sm)
+    for ref in references:
+        metric, where = ref.get("metric"), ref.get("where") or {}
+        match = ok[ok["_settings"].map(lambda s: all(s.get(k) == v for k, v in where.items()))] \
+            if not ok.empty else ok
+        values = pd.to_numeric(match[metric], errors="coerce").dropna() if metric in match.columns else pd.Series(dtype=float)
+        published = _num(ref.get("low")) + (f"–{_num(ref['high'])}" if ref.get("high") is not None else "")
+        ours = (f"{_num(float(values.mean()))} (range {_num(float(values.min()))}–{_num(float(values.max()))}, "
+                f"{len(values)} trial(s))" if len(values) else "no matching trial")
+        rows.append({"metric": str(metric), "where": ", ".join(f"{k}={v}" for k, v in where.items()) or "all",
+                     "published": published, "ours": ours, "source": str(ref.get("source", "")),
+                     "note": str(ref.get("note", ""))})
+    return rows
+
+
+def saving_basis_findings(sm: StudyMetrics) -> list[Finding]:
+    """Say which number the savings are: a time average for workloads that write during measure
+    (one sample of a sawtooth is luck), the end value for those that do not."""
+    ok = _on_trials(sm)
+    if "saving_basis" not in ok.columns or ok["saving_basis"].isna().all():
+        return []
+    churn = ok[ok["saving_basis"].astype(str).str.startswith("steady")]
+    if churn.empty:
+        return [Finding("Savings are the values at the end of measure: the workload did not write during "
+                        "measure, so the saving had settled (the time averages are in summary.csv).")]
+    spread = (churn["saved_mib_end"] - churn["saved_mib"]).abs()
+    return [Finding(
+        f"{len(churn)} trial(s) ran a workload that writes during measure: their savings are time averages "
+        "over the steady part of measure (from the first time the saving reached 90% of its 95th "
+        "percentile), not the last sample; the end value differed from the average by up to "
+        f"{_num(float(spread.max()))} MiB (columns saved_mib_end, saved_mib_mean, saved_mib_steady).")]
 
 
 def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
@@ -612,6 +675,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         page_size_bytes=sm.page_size_bytes,
         host_rows=_flatten("", study.host),
         plan_text=study.plan_text,
+        references=reference_rows(study.plan_text, sm),
         convergence_tolerance_pct=100 * metrics.CONVERGENCE_TOLERANCE,
         convergence_window_pct=100 * metrics.CONVERGENCE_WINDOW_FRACTION,
         convergence_min_samples=metrics.CONVERGENCE_MIN_SAMPLES,

@@ -24,7 +24,8 @@ from orchestrator import metrics
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
-from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand, processes_params
+from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand,
+                               fast_interval_s, processes_params)
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -124,7 +125,9 @@ class TrialRunner:
         sampling = self.plan.sampling
         pss_every = max(1, round(sampling.pss_interval_s / sampling.interval_s))
         # The first tick fires on entry, before the first phase is announced: name it here.
-        return Sampler(sampling.interval_s, pss_every, targets, phase="settle")
+        return Sampler(sampling.interval_s, pss_every, targets, phase="settle",
+                       fast_interval_s=fast_interval_s(trial.sampling, trial.workload),
+                       jitter_fraction=sampling.jitter_fraction)
 
     def ksm_phases(self, trial: Trial, sampler: Sampler, clock: PhaseClock) -> bool:
         """baseline (KSM stopped) -> measure (KSM running, or kept off for the baseline trial)."""
@@ -168,7 +171,8 @@ class ProcessesRunner(TrialRunner):
                 result["rounds_done"] = workload.rounds_done()
             finally:
                 # Whatever happened, what was sampled is kept.
-                result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()}
+                result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
+                                    "fills": pd.DataFrame(workload.fills())}
                 result["sampler"] = sampler_health(sampler)
             workload.stop(timeout_s=10)
 

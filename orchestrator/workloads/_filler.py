@@ -5,7 +5,8 @@ functions at the top are also used by benchmarks/fill_rate.py and the tests.
 
 Protocol with the controller (one ASCII line per event on stdout):
     mapped <start address> <length bytes>
-    round <n>                 n fills completed (the first fill is round 1)
+    fill <n> <unix time>      fill n starts (the first fill is fill 1; later ones are refills)
+    round <n> <unix time>     n fills completed
     error <message>           the worker failed; it exits with status 1 right after
 stdin is the lifeline: when it reaches EOF (the controller closed it or died) the worker exits.
 """
@@ -258,9 +259,11 @@ def run(spec: dict) -> int:
         while rounds == 0 or done < rounds:
             if done:
                 time.sleep(spec["round_wait_s"])
+            # Wall-clock times, the sampler's t_wall clock: metrics align refills with ticks.
+            _report(f"fill {done + 1} {time.time():.6f}")
             filler(pages, done, populate=populate if done == 0 else None)
             done += 1
-            _report(f"round {done}")
+            _report(f"round {done} {time.time():.6f}")
     except Exception as exc:  # MemoryError, OSError from mmap/prctl/affinity, ...
         _report(f"error {type(exc).__name__}: {exc}")
         return 1

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -126,6 +126,8 @@ class _Worker:
     stdout_partial: bytes = b""
     stderr_tail: bytes = b""
     open_streams: int = 2
+    fill_started_wall: float | None = None  # of the fill in progress
+    fills: list[tuple[int, float, float]] = field(default_factory=list)  # (fill n, start, end) wall
 
 
 def _mem_available_bytes() -> int | None:
@@ -246,8 +248,15 @@ class ProcessesWorkload:
         with self._changed:
             for raw in lines:
                 kind, _, value = raw.decode(errors="replace").partition(" ")
-                if kind == "round":
-                    worker.rounds_done = int(value)
+                if kind == "fill":
+                    _, _, wall = value.partition(" ")
+                    worker.fill_started_wall = float(wall) if wall else None
+                elif kind == "round":
+                    number, _, wall = value.partition(" ")
+                    worker.rounds_done = int(number)
+                    if wall and worker.fill_started_wall is not None:
+                        worker.fills.append((worker.rounds_done, worker.fill_started_wall, float(wall)))
+                    worker.fill_started_wall = None
                 elif kind == "mapped":
                     start, length = value.split()
                     worker.mapping = (int(start, 16), int(length))
@@ -320,6 +329,13 @@ class ProcessesWorkload:
         with self._changed:
             self._raise_if_failed()
             return min((w.rounds_done for w in self._workers), default=0)
+
+    def fills(self) -> list[dict[str, object]]:
+        """Every completed fill of every worker: label, fill (1 = first), start/end wall time.
+        Refills (fill >= 2) are when copy-on-write breaks the merges KSM made."""
+        with self._changed:
+            return [{"label": w.label, "fill": n, "start_wall": start, "end_wall": end}
+                    for w in self._workers for n, start, end in w.fills]
 
     def pids(self) -> dict[str, int]:
         return {w.label: w.process.pid for w in self._workers}
