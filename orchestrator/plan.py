@@ -51,8 +51,15 @@ class StudySection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     repetitions: int = Field(1, ge=1, le=1000)
-    order: Literal["sequential", "shuffled"] = "sequential"
+    # blocked (the default with repetitions > 1): each block runs every setting once, its own
+    # KSM-off trial included, in a seeded random order; drift spreads over settings instead of
+    # piling on one, and each block gives one paired comparison with KSM off.
+    # sequential: plan order, block after block. shuffled: one random order over all trials.
+    order: Literal["sequential", "shuffled", "blocked"] | None = None
     seed: int = 0
+    # Run a trial again at the end of the study when load outside the study disturbed it
+    # (sampling.outside_load_max_pct); the disturbed trial is kept and marked, never dropped.
+    rerun_disturbed: bool = False
     # A KSM-off trial for every combination of the non-KSM axes: the reference the workload's
     # throughput/latency and the memory baseline are compared against.
     ksm_off_baseline: bool = False
@@ -280,6 +287,7 @@ class Trial:
     sampling: dict[str, Any] = field(default_factory=dict)
     ksm_off: bool = False
     label: str = field(default="")
+    rerun_of: str | None = None  # a rerun of a disturbed trial: that trial's id
 
 
 SECTIONS_SWEPT = ("ksm", "host", "workload", "guests")
@@ -401,8 +409,14 @@ def expand(plan: Plan) -> list[Trial]:
                     label=label or "default",
                 )
             )
-    if plan.study.order == "shuffled":
+    order = plan.study.order or ("blocked" if plan.study.repetitions > 1 else "sequential")
+    if order == "shuffled":
         random.Random(plan.study.seed).shuffle(trials)
+    elif order == "blocked":
+        blocks = [[t for t in trials if t.repetition == r] for r in range(plan.study.repetitions)]
+        for block_index, block in enumerate(blocks):
+            random.Random(f"{plan.study.seed}:{block_index}").shuffle(block)
+        trials = [t for block in blocks for t in block]
     return [dataclasses.replace(t, index=i) for i, t in enumerate(trials)]
 
 

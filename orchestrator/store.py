@@ -80,7 +80,8 @@ class Study:
                 )
             meta = study.meta()  # checks the schema version
             study._check_resumable(plan_text)
-            meta["trial_ids"] = trial_ids
+            # Reruns of disturbed trials are not in the plan's list: keep them.
+            meta["trial_ids"] = trial_ids + [t for t in meta.get("trial_ids", []) if t not in trial_ids]
             meta["resumed_wall"] = meta.get("resumed_wall", []) + [time.time()]
             atomic_write_json(path / "study.json", meta)
             return study
@@ -146,6 +147,12 @@ class Study:
             atomic_write_json(folder / f"{name}.json", data)
         atomic_write_json(folder / "trial.json", dict(record))
         return folder
+
+    def add_trial_ids(self, trial_ids: list[str]) -> None:
+        """Append trials decided during the study (reruns) to study.json's list."""
+        meta = self.meta()
+        meta["trial_ids"] = meta.get("trial_ids", []) + [t for t in trial_ids if t not in meta.get("trial_ids", [])]
+        atomic_write_json(self.path / "study.json", meta)
 
     def trial_records(self) -> list[dict[str, Any]]:
         records = []

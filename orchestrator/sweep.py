@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -199,7 +200,21 @@ class SweepOutcome:
     ran: int = 0
     skipped: int = 0
     failed: int = 0
+    reruns: int = 0
     interrupted: bool = False
+
+
+def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
+    """One rerun for each finished trial that outside load disturbed and that has no finished
+    rerun yet (so a resumed study does not rerun twice). The rerun is the same trial under the
+    id <trial_id>-rerun1; the disturbed one stays in the study, marked."""
+    reruns = []
+    for trial in trials:
+        record = study.trial_record(trial.trial_id) or {}
+        rerun_id = f"{trial.trial_id}-rerun1"
+        if record.get("status") == "ok" and record.get("disturbed") and not study.is_finished(rerun_id):
+            reruns.append(dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id))
+    return reruns
 
 
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
@@ -230,6 +245,18 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
+                if plan.study.rerun_disturbed and not stop.is_set():
+                    for rerun in disturbed_reruns(study, trials):
+                        if stop.is_set():
+                            break
+                        study.add_trial_ids([rerun.trial_id])
+                        log.warning("trial %s was disturbed by outside load: running it again as %s",
+                                    rerun.rerun_of, rerun.trial_id)
+                        status = _run_one(study, runner, settings, rerun, stop, progress)
+                        outcome.ran += 1
+                        outcome.reruns += 1
+                        outcome.failed += status != "ok"
+                        progress.advance(rerun, status)
             finally:
                 try:
                     runner.close()
@@ -256,6 +283,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         "guests": trial.guests,
         "kind": trial.workload["type"],
         "ksm_off": trial.ksm_off,
+        "rerun_of": trial.rerun_of,
         "status": "failed",
         "reason": None,
         "started_wall": time.time(),
@@ -269,6 +297,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
             record["ksm_applied"] = settable_knobs(settings.root)
         runner.run(trial, clock, result)
         record["status"] = "ok"
+        record.update(outside_load(result.get("frames", {}).get("ksm"), trial.sampling))
     except StopRequested:
         record["reason"] = "interrupted by signal"
     except OrchestratorError as exc:
@@ -285,6 +314,19 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
     study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
     return record["status"]
+
+
+def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial's mean CPU use outside the study over measure (% of one core) and whether it
+    exceeds the plan's threshold: a disturbed trial's numbers say more about the host than KSM."""
+    if ksm is None or ksm.empty or "outside_cpu_pct" not in ksm.columns:
+        return {"outside_cpu_pct": None, "disturbed": False}
+    measure = ksm[(ksm["phase"] == "measure") & ksm["outside_cpu_pct"].notna()]
+    if measure.empty:
+        return {"outside_cpu_pct": None, "disturbed": False}
+    mean = metrics.time_mean(measure["t_s"].to_numpy(float), measure["outside_cpu_pct"].to_numpy(float))
+    limit = float(sampling.get("outside_load_max_pct", 5.0))
+    return {"outside_cpu_pct": round(mean, 2), "outside_load_max_pct": limit, "disturbed": bool(mean > limit)}
 
 
 def settable_knobs(root: Path) -> dict[str, str]:
@@ -304,6 +346,8 @@ def write_trials_table(study: Study) -> Path:
             "label": record.get("label"),
             "repetition": record.get("repetition"),
             "ksm_off": record.get("ksm_off"),
+            "disturbed": record.get("disturbed"),
+            "rerun_of": record.get("rerun_of"),
         }
         row.update(record.get("settings") or {})
         rows.append(row)

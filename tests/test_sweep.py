@@ -183,3 +183,55 @@ def test_resume_skips_exactly_the_finished_trials(results_dir, ksm_guard):
     assert {t.name: (t / "trial.json").stat().st_mtime_ns for t in trials[2:]} == untouched
     table = pd.read_csv(results_dir / "resume/trials.csv")
     assert len(table) == 4 and (table["status"] == "ok").all()
+
+
+class HogDuringTrial:
+    """Progress hooks that run a CPU hog (a busy loop, outside the study) during one trial."""
+
+    def __init__(self, total: int, hog_index: int) -> None:
+        self.hog_index = hog_index
+        self.hog: subprocess.Popen | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop()
+
+    def start_trial(self, trial) -> None:
+        if trial.index == self.hog_index and trial.rerun_of is None:
+            self.hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def advance(self, trial, status: str) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.hog is not None:
+            self.hog.kill()
+            self.hog.wait()
+            self.hog = None
+
+
+def test_outside_load_flags_the_disturbed_trial_and_reruns_it(results_dir, ksm_guard):
+    text = plan_text("disturbed", fills=("same",), pts=(1000, 2000, 4000), measure_s=4,
+                     extra="").replace("[study]", "[study]\nrerun_disturbed = true")
+    outcome = run_sweep(parse_plan(text), text, results_dir,
+                        progress_factory=lambda total: HogDuringTrial(total, hog_index=1))
+    table = pd.read_csv(outcome.study.path / "trials.csv").set_index("trial_id")
+    assert (table["status"] == "ok").all()
+    disturbed = table[table["disturbed"] == True]  # noqa: E712 - a column of True/False
+    assert len(disturbed) == 1, table[["outside_cpu_pct", "disturbed"]]
+    # the hog is a whole core outside the study
+    assert disturbed["outside_cpu_pct"].iloc[0] > 50
+    original = disturbed.index[0]
+    assert outcome.reruns == 1
+    rerun = table.loc[f"{original}-rerun1"]
+    assert rerun["rerun_of"] == original and not rerun["disturbed"]
+    calm = table.drop(index=[original])
+    assert (calm["outside_cpu_pct"] < 5).all(), calm["outside_cpu_pct"]
+    # The disturbed trial is kept, marked; a resume does not run the rerun again.
+    again = run_sweep(parse_plan(text), text, results_dir, resume=True)
+    assert again.ran == 0 and again.reruns == 0
