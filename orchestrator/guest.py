@@ -9,6 +9,11 @@ the port forward on 127.0.0.1 answers for whatever QEMU is behind it, so a sessi
 trust the first key it sees. Only an explicit host_key_policy="accept-any" (for images a user
 brought without a known key) skips the check.
 
+Every command has a deadline, enforced twice: the guest runs it under coreutils' `timeout`
+(so it is stopped there too, not left loading the guest), and a host-side watchdog closes the
+channel if the guest stays silent past the deadline plus a grace; a timed-out run raises
+CommandTimeout, naming the command and carrying its output so far.
+
 Every paramiko and socket error is translated to GuestError here.
 """
 
@@ -17,8 +22,11 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
+import re
 import select
 import shlex
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +48,16 @@ _READ_CHUNK_BYTES = 65536
 # Longest pause between two looks at a running command's channel; the channel's own fd wakes
 # us sooner when output arrives.
 _POLL_S = 0.5
+# Every command runs under the guest's coreutils `timeout`: TERM at its deadline, KILL this
+# much later if TERM did not end it. Closing the SSH channel alone would leave the command
+# running in the guest (sshd sends no signal without a pty), still loading the guest.
+KILL_AFTER_S = 5.0
+# The host's own watchdog closes the channel this long after the guest's KILL should have
+# landed: the guest is hung or unreachable, and nothing will arrive any more.
+WATCHDOG_GRACE_S = 5.0
+# GNU timeout's exit status when it stopped the command (TERM) or had to KILL it (128 + 9).
+_TIMEOUT_STATUSES = (124, 137)
+_NO_TIMEOUT_COMMAND = re.compile(r"(^|: )timeout: (command )?not found", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,49 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_status == 0
+
+
+class CommandTimeout(GuestError):
+    """A command passed its deadline. `partial` holds what it printed until it was stopped."""
+
+    def __init__(self, message: str, partial: CommandResult) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class _Watchdog:
+    """Closes a channel when its deadline passes, from a timer thread.
+
+    Whatever the caller is blocked in then (exec_command's wait, a select, a stalled
+    transport) wakes up: paramiko's close sets every event a reader can wait on.
+    """
+
+    def __init__(self, channel: paramiko.Channel, after_s: float) -> None:
+        self.fired = threading.Event()
+        self._timer = threading.Timer(after_s, self._fire, args=(channel,))
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def _fire(self, channel: paramiko.Channel) -> None:
+        self.fired.set()
+        channel.close()
+
+
+def deadline_wrapped(command: str, timeout_s: float) -> str:
+    """`command` as the guest runs it: under coreutils' timeout, so the guest stops it too.
+
+    The deadline is rounded up to the millisecond (never 0, which means "no limit" to timeout);
+    the command goes to `sh -c` as one quoted word, so a string keeps its shell meaning.
+    """
+    deadline_s = max(math.ceil(timeout_s * 1000) / 1000, 0.001)
+    return (f"timeout --kill-after={KILL_AFTER_S:g} {deadline_s:.3f} "
+            f"sh -c {shlex.quote(command)}")
 
 
 class _HostKeyRejected(paramiko.SSHException):
@@ -221,36 +282,61 @@ class GuestSession:
         """Run a command in the guest and wait for it, at most timeout_s.
 
         A list is quoted word by word (so no plan value reaches the guest's shell unquoted);
-        a string is handed to the guest's shell as is. On timeout the channel is closed and
-        GuestError names the command; with check=True a non-zero exit raises too.
+        a string is run by the guest's `sh -c` as is. The guest's `timeout` stops the command
+        at timeout_s, and a host-side watchdog closes the channel if the guest has not answered
+        KILL_AFTER_S + WATCHDOG_GRACE_S later; either way CommandTimeout names the command and
+        carries the output so far. With check=True a non-zero exit raises GuestError too.
         """
         command = cmd if isinstance(cmd, str) else " ".join(shlex.quote(str(a)) for a in cmd)
+        if not timeout_s > 0:
+            raise GuestError(f"{self.where}: `{command}` needs a timeout > 0 s, got {timeout_s}")
         started = time.monotonic()
-        deadline = started + timeout_s
         try:
             channel = self._transport().open_session(timeout=min(timeout_s, self.connect_timeout_s))
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise GuestError(f"{self.where}: cannot open a channel for `{command}`: {exc}") from None
+        stdout, stderr = bytearray(), bytearray()
+        exit_status = -1
+        watchdog = _Watchdog(channel, timeout_s + KILL_AFTER_S + WATCHDOG_GRACE_S)
         try:
-            channel.settimeout(timeout_s)
-            channel.exec_command(command)
-            stdout, stderr = self._collect(channel, command, deadline, timeout_s)
-            # recv_exit_status() would block; the loop above ends only once the status is in.
-            exit_status = channel.recv_exit_status()
+            with watchdog:
+                channel.exec_command(deadline_wrapped(command, timeout_s))
+                self._collect(channel, stdout, stderr)
+                # recv_exit_status() would block; _collect ends only once the status is in.
+                exit_status = channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise GuestError(f"{self.where}: `{command}` failed in transit: {exc}") from None
+            if not watchdog.fired.is_set():
+                raise GuestError(f"{self.where}: `{command}` failed in transit: {exc}") from None
         finally:
             channel.close()
         result = CommandResult(command, exit_status, stdout.decode(errors="replace"),
                                stderr.decode(errors="replace"), time.monotonic() - started)
+        self._raise_if_timed_out(result, timeout_s, watchdog.fired.is_set())
+        if exit_status == 127 and _NO_TIMEOUT_COMMAND.search(result.stderr):
+            raise GuestError(f"{self.where}: the guest has no `timeout` command (coreutils), "
+                             f"which every command runs under; cannot run `{command}`")
         if check and not result.ok:
             tail = "\n".join(result.stderr.strip().splitlines()[-10:])
             raise GuestError(f"{self.where}: `{command}` exited {exit_status}:\n{tail}")
         return result
 
-    def _collect(self, channel: paramiko.Channel, command: str, deadline: float,
-                 timeout_s: float) -> tuple[bytes, bytes]:
-        stdout, stderr = bytearray(), bytearray()
+    def _raise_if_timed_out(self, result: CommandResult, timeout_s: float,
+                            watchdog_fired: bool) -> None:
+        what = f"{self.where}: `{result.command}` timed out after {timeout_s:g} s"
+        if watchdog_fired:
+            raise CommandTimeout(
+                f"{what}; the guest did not answer {KILL_AFTER_S + WATCHDOG_GRACE_S:g} s later "
+                "either, so the channel was closed", result)
+        # The guest's timer starts after the host's, so a real timeout is never early here;
+        # a command that exits 124 on its own before its deadline is not taken for one.
+        if result.exit_status in _TIMEOUT_STATUSES and result.duration_s >= timeout_s:
+            raise CommandTimeout(f"{what} (stopped in the guest)", result)
+
+    def _collect(self, channel: paramiko.Channel, stdout: bytearray, stderr: bytearray) -> None:
+        """Read both streams into the buffers until the command's status and EOF are in.
+
+        The buffers are the caller's so a command cut off by the watchdog keeps its output.
+        """
         while True:
             drained = False
             while channel.recv_ready():
@@ -262,13 +348,11 @@ class GuestSession:
             if channel.exit_status_ready() and not drained and not channel.recv_ready() \
                     and not channel.recv_stderr_ready():
                 # The status can arrive before the last output; read until EOF on stdout.
+                # A channel the watchdog closed counts as ended too.
                 if channel.eof_received or channel.closed:
-                    return bytes(stdout), bytes(stderr)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestError(f"{self.where}: `{command}` timed out after {timeout_s:g} s")
+                    return
             # The channel's fd is readable when stdout or stderr has data or the channel ends.
-            select.select([channel], [], [], min(_POLL_S, remaining))
+            select.select([channel], [], [], _POLL_S)
 
     # --- files -----------------------------------------------------------------------------
 

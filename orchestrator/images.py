@@ -28,7 +28,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,6 +46,12 @@ DEFAULT_RECIPE = RECIPES_DIR / "debian-sysbench.toml"
 DEFAULT_CACHE_DIR = Path("/var/lib/ksm-lab/images")
 CACHE_DIR_ENV = "KSM_LAB_IMAGE_CACHE"
 HostKeyPolicy = Literal["verify", "accept-any"]
+# A cache entry's secrets are root's alone (guests run as root: scripts/host-setup.sh). The
+# login key opens every guest of the image; the base disk holds the guest's SSH host private
+# key, which is what sessions trust. The disk stays read-only too: a write to the shared base
+# would corrupt every overlay on it.
+SSH_KEY_MODE = 0o600
+BASE_DISK_MODE = 0o440
 
 
 # --- recipe ------------------------------------------------------------------------------
@@ -105,11 +111,47 @@ def load_recipe(recipe_path: Path) -> Recipe:
         where = ".".join(str(p) for p in first["loc"])
         raise PlanError(f"image recipe {recipe_path}: {where}: {first['msg']}") from exc
     for guest_path, source in recipe.files.items():
-        if not guest_path.startswith("/"):
-            raise PlanError(f"image recipe {recipe_path}: files: {guest_path!r} must be absolute")
-        if not (Path(recipe_path).parent / source).is_file():
-            raise PlanError(f"image recipe {recipe_path}: files: {source!r} not found")
+        where = f"image recipe {recipe_path}: files: {guest_path!r} = {source!r}"
+        if problem := _guest_path_problem(guest_path):
+            raise PlanError(f"{where}: the guest path {problem}")
+        if problem := _source_problem(Path(recipe_path).parent, source):
+            raise PlanError(f"{where}: {problem}")
     return recipe
+
+
+def _guest_path_problem(guest_path: str) -> str | None:
+    """Why a recipe's guest path could land outside the image root (None when it cannot).
+
+    It is joined to the build's rootfs, which the build writes as root: `..` or an empty
+    path would write on the build host instead.
+    """
+    if not guest_path.startswith("/"):
+        return "must be absolute"
+    if "\0" in guest_path:
+        return "holds a NUL byte"
+    parts = PurePosixPath(guest_path).parts[1:]
+    if not parts:
+        return "names the image root itself, not a file"
+    if ".." in parts:
+        return "may not contain '..'"
+    return None
+
+
+def _source_problem(recipe_dir: Path, source: str) -> str | None:
+    """Why a recipe's source file may not be copied into the image (None when it may).
+
+    Sources come from the recipe's own folder; a `..`, an absolute path or a symlink out of
+    it would copy a file of the build host (say /etc/shadow) into every guest.
+    """
+    if "\0" in source:
+        return "the source holds a NUL byte"
+    folder = recipe_dir.resolve()
+    resolved = (recipe_dir / source).resolve()
+    if not resolved.is_relative_to(folder):
+        return f"the source resolves to {resolved}, outside the recipe's folder {folder}"
+    if not resolved.is_file():
+        return f"the source {source!r} not found (or not a regular file)"
+    return None
 
 
 def recipe_hash(recipe_path: Path) -> str:
@@ -183,7 +225,29 @@ def load_manifest(manifest_path: Path) -> ImageRef:
         manifest_path=manifest_path, recipe_hash=data["recipe_hash"],
     )
     _check_files_exist(ref, f"image {ref.key}")
+    if manifest_path.parent.name == ref.key:
+        # A cache entry: entries built before the modes above were 0644/0444; fix them now.
+        _restrict_secrets(ref)
     return ref
+
+
+def _restrict_secrets(ref: ImageRef) -> None:
+    """Take group/other (and write) bits off a cache entry's login key and base disk.
+
+    Only files inside the entry's own folder are touched (a hand-edited manifest may point
+    elsewhere), symlinks are not followed, and bits are only ever removed.
+    """
+    entry = ref.manifest_path.parent if ref.manifest_path else None
+    for path, mode in ((ref.ssh_key_path, SSH_KEY_MODE), (ref.disk_path, BASE_DISK_MODE)):
+        if entry is None or path.parent.resolve() != entry or path.is_symlink():
+            continue
+        current = path.stat().st_mode & 0o7777
+        if current & ~mode:
+            try:
+                path.chmod(current & mode)
+            except OSError as exc:
+                log.warning("%s is mode %o, readable beyond root; could not change it to %o: %s",
+                            path, current, current & mode, exc.strerror or exc)
 
 
 class _BroughtImage(BaseModel):
@@ -398,6 +462,7 @@ def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_d
 
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"ksm-lab@{key}",
           "-f", str(out_dir / "id_ed25519")], None)
+    (out_dir / "id_ed25519").chmod(SSH_KEY_MODE)  # ssh-keygen's 0600 too; not left to chance
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{recipe.guest.hostname}",
           "-f", str(work_dir / "host_key")], None)
     _configure_rootfs(rootfs, recipe, recipe_path.parent, work_dir / "host_key",
@@ -414,8 +479,7 @@ def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_d
     _safe_rmtree(rootfs)
     _run(["qemu-img", "convert", "-O", "qcow2", str(ext4), str(out_dir / "base.qcow2")], None)
     ext4.unlink()
-    # Guests write to overlays; a write to the shared base would corrupt every overlay on it.
-    (out_dir / "base.qcow2").chmod(0o444)
+    (out_dir / "base.qcow2").chmod(BASE_DISK_MODE)  # see BASE_DISK_MODE
 
     known_host_key = " ".join((out_dir / "host_key.pub").read_text().split()[:2])
     manifest = {
@@ -458,7 +522,7 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
     guest = recipe.guest
 
     def write(guest_path: str, text: str, mode: int = 0o644) -> None:
-        target = rootfs / guest_path.lstrip("/")
+        target = _inside_rootfs(rootfs, guest_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         target.chmod(mode)
@@ -495,7 +559,10 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
 
     write("/etc/ksm-lab/db-init.sql", "".join(f"{s.rstrip(';')};\n" for s in recipe.database.init_sql))
     for guest_path, source in recipe.files.items():
-        write(guest_path, (recipe_dir / source).read_text())
+        try:
+            write(guest_path, (recipe_dir / source).read_text())
+        except ProvisionError as exc:
+            raise ProvisionError(f"image recipe files: {guest_path!r} = {source!r}: {exc}") from None
 
     units = ["systemd-networkd.service"]
     units += [Path(p).name for p in recipe.files if p.startswith("/etc/systemd/system/")]
@@ -512,6 +579,25 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
         leftover.unlink()
     for leftover in (rootfs / "var/lib/apt/lists").glob("*_*"):
         leftover.unlink()
+
+
+def _inside_rootfs(rootfs: Path, guest_path: str) -> Path:
+    """rootfs/guest_path, refused if it (or a symlink on the way) leads out of rootfs.
+
+    A symlink the packages put in the rootfs is resolved as the build host sees it: an
+    absolute one (`/etc/x -> /usr/share/x`) would point into the build host's own tree, so it
+    is refused too rather than followed.
+    """
+    if problem := _guest_path_problem(guest_path):
+        raise ProvisionError(f"image file {guest_path!r}: the guest path {problem}")
+    root = rootfs.resolve()
+    target = rootfs / guest_path.lstrip("/")
+    resolved = target.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ProvisionError(
+            f"image file {guest_path!r}: a symlink in the image leads it to {resolved}, "
+            f"outside the image root {root}; refusing to write there")
+    return resolved
 
 
 def _copy_kernel(rootfs: Path, out_dir: Path) -> str:

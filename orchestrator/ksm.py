@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 KSM_REL = Path("sys/kernel/mm/ksm")
 THP_REL = Path("sys/kernel/mm/transparent_hugepage")
 HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "defrag"}
+
+# The only folders this module ever writes under, whatever a settings record names: a record
+# is a file in the results folder, and restore runs as root.
+WRITABLE_RELS = (KSM_REL, THP_REL)
 
 # Applied first, in this order, because later writes depend on them (see module docstring).
 _ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
@@ -77,23 +82,49 @@ class HostSettings:
 
     The record keeps one entry per path, in the order of first change, with the value the host
     had before this tool touched it. Restoring goes in reverse order of that list.
+
+    Entries of a loaded record that point outside the KSM and THP sysfs folders (after `..` and
+    symlinks) are set aside in `refused`: never written, kept in the file, reported by restore().
     """
 
     def __init__(self, record_path: Path, root: Path = Path("/")) -> None:
         self.root = root
         self.record_path = record_path
         self.entries: list[dict[str, str]] = []
+        self.refused: list[dict[str, str]] = []
         if record_path.exists():
-            self.entries = json.loads(record_path.read_text())
+            for entry in _load_record(record_path):
+                if reason := self.outside_writable(entry["path"]):
+                    log.warning("settings record %s: ignoring %s: it %s", record_path,
+                                entry["path"], reason)
+                    self.refused.append(entry)
+                else:
+                    self.entries.append(entry)
 
     # -- low level -----------------------------------------------------------------------------
 
     def _abs(self, rel: Path | str) -> Path:
         return self.root / rel
 
+    def outside_writable(self, rel: Path | str) -> str | None:
+        """Why root/rel may not be written (None when it is inside KSM's or THP's folder).
+
+        Resolved first, so neither `..` nor a symlink nor an absolute path (which pathlib lets
+        replace root) can lead a write out of those folders.
+        """
+        resolved = self._abs(rel).resolve()
+        for folder in WRITABLE_RELS:
+            base = self._abs(folder).resolve()
+            if resolved != base and resolved.is_relative_to(base):
+                return None
+        allowed = " or ".join(f"/{folder}/" for folder in WRITABLE_RELS)
+        return f"resolves to {resolved}, outside {allowed}"
+
     def write(self, rel: Path | str, value: Any) -> None:
         path = self._abs(rel)
         new = str(value)
+        # Checked before the record grows, so a refused path never becomes an entry.
+        self._refuse_outside(path)
         try:
             old = read_sysfs_value(path)
         except OSError as exc:
@@ -103,13 +134,21 @@ class HostSettings:
         key = str(Path(rel))
         if not any(e["path"] == key for e in self.entries):
             self.entries.append({"path": key, "old": old, "new": new})
-            _atomic_write_json(self.record_path, self.entries)
+            # Refused entries stay in the file: what a record said is evidence, not noise.
+            _atomic_write_json(self.record_path, self.entries + self.refused)
         self._raw_write(path, new)
 
-    @staticmethod
-    def _raw_write(path: Path, value: str) -> None:
+    def _refuse_outside(self, path: Path) -> None:
+        if reason := self.outside_writable(path):
+            raise KsmError(f"refusing to write {path}: it {reason}")
+
+    def _raw_write(self, path: Path, value: str) -> None:
+        self._refuse_outside(path)
         try:
-            with open(path, "w") as f:
+            # No O_CREAT: a knob that does not exist is an error, never a new file. O_NOFOLLOW
+            # keeps a symlink swapped in after the check above from redirecting the write.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "w") as f:
                 f.write(value)
         except OSError as exc:
             raise KsmError(f"writing {value!r} to {path} failed: {exc.strerror or exc}") from None
@@ -197,8 +236,11 @@ class HostSettings:
                 self._restore_one(entry, restored, errors)
         if run_entry is not None:
             self._restore_one(run_entry, restored, errors)
+        errors += [f"refused {e['path']!r}: it {self.outside_writable(e['path'])}"
+                   for e in self.refused]
         if errors:
-            raise KsmError("restore incomplete: " + "; ".join(errors))
+            done = f" (restored: {', '.join(restored)})" if restored else ""
+            raise KsmError("restore incomplete: " + "; ".join(errors) + done)
         return restored
 
     def _restore_one(self, entry: dict[str, str], restored: list[str], errors: list[str]) -> None:
@@ -211,14 +253,28 @@ class HostSettings:
             errors.append(f"{entry['path']}: {exc}")
 
 
-def restore_from_record(record_path: Path, root: Path = Path("/")) -> list[str]:
-    if not record_path.exists():
-        raise HostError(f"no settings record at {record_path}: nothing to restore")
+def _load_record(record_path: Path) -> list[dict[str, str]]:
+    """settings-record.json's entries, each checked to be {"path", "old", "new"} strings."""
     try:
-        settings = HostSettings(record_path, root)
+        entries = json.loads(record_path.read_text())
     except (ValueError, OSError) as exc:
         raise HostError(f"settings record {record_path} is unreadable: {exc}") from None
-    return settings.restore()
+    if not isinstance(entries, list):
+        raise HostError(f"settings record {record_path}: expected a list of entries")
+    for number, entry in enumerate(entries, 1):
+        if not (isinstance(entry, dict)
+                and all(isinstance(entry.get(k), str) for k in ("path", "old", "new"))):
+            raise HostError(f"settings record {record_path}: entry {number} is not "
+                            '{"path", "old", "new"} strings')
+    return entries
+
+
+def restore_from_record(record_path: Path, root: Path = Path("/")) -> list[str]:
+    """Undo a settings record (after a crash). Entries outside KSM/THP sysfs are refused:
+    the others are restored, then KsmError names the refused ones."""
+    if not record_path.exists():
+        raise HostError(f"no settings record at {record_path}: nothing to restore")
+    return HostSettings(record_path, root).restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +306,14 @@ def run_dir() -> Path:
 
 
 @contextlib.contextmanager
-def host_lock(lock_path: Path | None = None) -> Iterator[None]:
-    """One sweep per host: two would fight over the one KSM."""
-    lock_path = lock_path or run_dir() / "sweep.lock"
+def host_lock(lock_path: Path | None = None, lock_dir: Path | None = None) -> Iterator[None]:
+    """One sweep per host: two would fight over the one KSM.
+
+    The lock is `lock_path`, else `<lock_dir>/sweep.lock`, else `<run_dir()>/sweep.lock`.
+    """
+    lock_path = lock_path or (lock_dir or run_dir()) / "sweep.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(lock_path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,3 +328,33 @@ def host_lock(lock_path: Path | None = None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock_file(lock_path: Path) -> int:
+    """Open (or create) the lock file itself, never what a planted link points to.
+
+    The sweep runs as root and truncates and writes the lock: a symlink or hard link at that
+    path (the run dir may be a shared one, KSM_LAB_RUN_DIR=/tmp/...) would make it clobber
+    another file, and a FIFO or device would hang or misbehave.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags, 0o644)
+    except OSError as exc:
+        if lock_path.is_symlink():
+            raise LockError(f"{lock_path} is a symlink; refusing to follow it for the sweep "
+                            "lock: remove it and rerun") from None
+        raise LockError(f"cannot open the sweep lock {lock_path}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink != 1:
+        problem = f"has {info.st_nlink} hard links"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    if problem:
+        os.close(fd)
+        raise LockError(f"{lock_path} {problem}; refusing it as the sweep lock: remove it and rerun")
+    os.set_blocking(fd, True)
+    return fd

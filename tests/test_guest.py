@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -13,7 +16,8 @@ import paramiko
 import pytest
 
 from orchestrator.errors import GuestError
-from orchestrator.guest import GuestSession
+from orchestrator import guest as guest_module
+from orchestrator.guest import CommandTimeout, GuestSession, deadline_wrapped
 from tests.sshserver import SshServer
 
 
@@ -86,6 +90,80 @@ def test_timeout_raises_guest_error_naming_the_command(keys: dict, server: SshSe
         assert time.monotonic() - started < 3
         # The session stays usable after a timed-out command.
         assert guest.run(["echo", "still"], timeout_s=10).stdout == "still\n"
+
+
+def _gone(pid: int, within_s: float = 3.0) -> bool:
+    """True once `pid` no longer exists (a zombie counts as gone: it runs nothing)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_command_is_killed_in_the_guest_at_its_deadline(keys: dict, server: SshServer,
+                                                        tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with _session(keys, server.port) as guest:
+        started = time.monotonic()
+        with pytest.raises(CommandTimeout, match="`sh -c .*sleep 30'` timed out after 1 s "
+                                                 r"\(stopped in the guest\)") as err:
+            guest.run(["sh", "-c", f"echo $$ > {pid_file}; echo started; exec sleep 30"],
+                      timeout_s=1)
+        assert time.monotonic() - started < 4
+        assert err.value.partial.stdout == "started\n"  # what it printed before the deadline
+        assert err.value.partial.exit_status == 124
+    pid = int(pid_file.read_text())
+    assert _gone(pid), f"sleep {pid} still runs after its deadline"
+    assert server.commands[-1].startswith("timeout --kill-after=5 1.000 sh -c ")
+
+
+def test_every_command_runs_under_the_guests_timeout(keys: dict, server: SshServer) -> None:
+    with _session(keys, server.port) as guest:
+        guest.run("echo 'a b' | tr a x", timeout_s=2.5, check=True)
+    assert server.commands == [deadline_wrapped("echo 'a b' | tr a x", 2.5)]
+    assert server.commands[0] == "timeout --kill-after=5 2.500 sh -c 'echo '\"'\"'a b'\"'\"' | tr a x'"
+    assert deadline_wrapped("true", 0.0001).startswith("timeout --kill-after=5 0.001 ")
+
+
+def test_watchdog_closes_the_channel_when_the_guest_does_not_stop_it(
+        keys: dict, server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A guest whose `timeout` never acts (hung, or a broken one): only the host can end the wait.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "timeout").write_text('#!/bin/sh\nshift 2\nexec "$@"\n')
+    (fake_bin / "timeout").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setattr(guest_module, "KILL_AFTER_S", 0.5)
+    monkeypatch.setattr(guest_module, "WATCHDOG_GRACE_S", 0.5)
+    pid_file = tmp_path / "pid"
+    try:
+        with _session(keys, server.port) as guest:
+            started = time.monotonic()
+            with pytest.raises(CommandTimeout, match="exec sleep 30` timed out after 1 s; the guest "
+                                                     "did not answer 1 s later either"):
+                guest.run(f"echo $$ > {pid_file}; exec sleep 30", timeout_s=1)
+            assert 2 <= time.monotonic() - started < 4
+            assert guest.run(["echo", "still"], timeout_s=10).stdout == "still\n"
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_guest_without_timeout_is_a_clear_error(keys: dict, server: SshServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    only_sh = tmp_path / "bin"
+    only_sh.mkdir()
+    (only_sh / "sh").symlink_to(shutil.which("sh"))
+    monkeypatch.setenv("PATH", str(only_sh))
+    with _session(keys, server.port) as guest, \
+            pytest.raises(GuestError, match="the guest has no `timeout` command"):
+        guest.run(["true"], timeout_s=5)
 
 
 def test_wrong_host_key_is_refused(keys: dict) -> None:

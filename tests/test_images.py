@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -83,6 +84,67 @@ def test_recipe_naming_a_missing_guest_file_is_refused(tmp_path: Path) -> None:
         load_recipe(recipe)
 
 
+def _with_files_entry(recipe: Path, guest_path: str, source: str) -> None:
+    text = recipe.read_text()
+    line = '"/etc/systemd/system/ksm-lab-db-init.service" = "guest/ksm-lab-db-init.service"'
+    assert line in text
+    recipe.write_text(text.replace(line, f"{line}\n{json.dumps(guest_path)} = {json.dumps(source)}"))
+
+
+@pytest.mark.parametrize("guest_path, problem", [
+    ("/../../etc/cron.d/evil", "may not contain '..'"),
+    ("/etc/../../../root/.bashrc", "may not contain '..'"),
+    ("etc/relative", "must be absolute"),
+    ("/", "names the image root itself"),
+    ("//", "names the image root itself"),
+])
+def test_recipe_guest_paths_may_not_escape_the_image_root(tmp_path: Path, guest_path: str,
+                                                          problem: str) -> None:
+    recipe = _copy_recipe(tmp_path)
+    _with_files_entry(recipe, guest_path, "guest/ksm-lab-db-init.service")
+    with pytest.raises(PlanError, match=f"files: '{re.escape(guest_path)}' = .*{problem}"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("source", ["../outside.txt", "/etc/hostname", "guest/link"])
+def test_recipe_sources_may_not_leave_the_recipe_folder(tmp_path: Path, source: str) -> None:
+    recipe = _copy_recipe(tmp_path)
+    (tmp_path / "outside.txt").write_text("host secret\n")
+    (recipe.parent / "guest/link").symlink_to(tmp_path / "outside.txt")
+    _with_files_entry(recipe, "/etc/stolen", source)
+    with pytest.raises(PlanError, match=f"'/etc/stolen' = '{re.escape(source)}': the source "
+                                        "resolves to .*outside the recipe's folder"):
+        load_recipe(recipe)
+
+
+def test_a_symlink_inside_the_recipe_folder_is_fine(tmp_path: Path) -> None:
+    recipe = _copy_recipe(tmp_path)
+    (recipe.parent / "guest/alias").symlink_to("ksm-lab-db-init.service")
+    _with_files_entry(recipe, "/etc/alias", "guest/alias")
+    assert load_recipe(recipe).files["/etc/alias"] == "guest/alias"
+
+
+def test_files_are_not_written_through_a_symlink_out_of_the_rootfs(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    host_side = tmp_path / "host-etc"
+    host_side.mkdir()
+    # An absolute symlink, as packages ship them, resolves into the build host's tree.
+    (rootfs / "etc/cron.d").symlink_to(host_side)
+    (rootfs / "etc/motd").symlink_to(tmp_path / "host-motd")
+    for guest_path in ("/etc/cron.d/job", "/etc/motd"):
+        with pytest.raises(ProvisionError, match=f"image file '{guest_path}': a symlink in the "
+                                                 "image leads it to .*outside the image root"):
+            images._inside_rootfs(rootfs, guest_path)
+    assert images._inside_rootfs(rootfs, "/etc/hostname") == (rootfs / "etc/hostname").resolve()
+    # Relative links that stay inside (merged /usr: /lib -> usr/lib) are followed.
+    (rootfs / "usr/lib").mkdir(parents=True)
+    (rootfs / "lib").symlink_to("usr/lib")
+    assert images._inside_rootfs(rootfs, "/lib/x.conf") == (rootfs / "usr/lib/x.conf").resolve()
+    with pytest.raises(ProvisionError, match="may not contain '..'"):
+        images._inside_rootfs(rootfs, "/etc/../../x")
+
+
 # --- cache ---------------------------------------------------------------------------------
 
 
@@ -99,6 +161,27 @@ def test_cached_image_is_returned_without_building(tmp_path: Path) -> None:
     assert resolve_image(None, cache_dir=tmp_path, build=False) == ref
     assert resolve_image({"recipe": "debian-sysbench"}, cache_dir=tmp_path, build=False) == ref
     assert resolve_image({"manifest": str(entry / "image.json")}) == ref
+
+
+def test_cached_secrets_are_root_only_and_old_entries_are_fixed_on_use(tmp_path: Path) -> None:
+    key = image_key(DEFAULT_RECIPE)
+    entry = _fake_cache_entry(tmp_path, key)
+    # How entries built before this fix were left: world-readable key and disk.
+    (entry / "base.qcow2").chmod(0o444)
+    (entry / "id_ed25519").chmod(0o644)
+    ref = build_image(DEFAULT_RECIPE, tmp_path)
+    assert ref.disk_path.stat().st_mode & 0o777 == 0o440
+    assert ref.ssh_key_path.stat().st_mode & 0o777 == 0o600
+    assert (entry / "vmlinuz").stat().st_mode & 0o777 == 0o644  # not a secret, left alone
+
+
+def test_a_manifest_outside_the_cache_does_not_change_modes(tmp_path: Path) -> None:
+    entry = _fake_cache_entry(tmp_path, "a-000000000001")
+    moved = tmp_path / "my-image"  # a folder not named after the key: not a cache entry
+    entry.rename(moved)
+    (moved / "id_ed25519").chmod(0o644)
+    images.load_manifest(moved / "image.json")
+    assert (moved / "id_ed25519").stat().st_mode & 0o777 == 0o644
 
 
 def test_uncached_image_without_build_says_how_to_build(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import HostError, KsmError
+from orchestrator.errors import HostError, KsmError, LockError
 from orchestrator.ksm import (
     KSM_REL,
     HostSettings,
@@ -107,6 +107,124 @@ def test_second_sweep_is_refused_by_the_host_lock(tmp_path):
         assert out.returncode == 3 and f"pid {os.getpid()}" in out.stdout
     with host_lock(lock):
         pass  # released
+
+
+def _record(path: Path, entries: list[dict[str, str]]) -> Path:
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_restore_refuses_record_entries_outside_ksm_and_thp(tmp_path):
+    ksm_dir = fake_ksm_tree(tmp_path / "root", {**OLD_KERNEL, "pages_to_scan": "5000"})
+    root = tmp_path / "root"
+    thp = root / "sys/kernel/mm/transparent_hugepage"
+    thp.mkdir(parents=True)
+    (thp / "enabled").write_text("always [madvise] never\n")
+    victim = tmp_path / "x"
+    victim.write_text("untouched\n")
+    passwd_before = Path("/etc/passwd").read_bytes()
+    (ksm_dir / "link").symlink_to(victim)  # a symlink inside ksm/ pointing out of it
+    escapes = [
+        {"path": "/etc/passwd", "old": "root::0:0::/:/bin/sh", "new": "x"},
+        {"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "x"},
+        {"path": "sys/kernel/mm/ksm/link", "old": "pwned", "new": "x"},
+        {"path": "sys/kernel/mm/ksm", "old": "pwned", "new": "x"},
+    ]
+    record = _record(tmp_path / "record.json", [
+        {"path": "sys/kernel/mm/ksm/pages_to_scan", "old": "100", "new": "5000"},
+        {"path": "sys/kernel/mm/transparent_hugepage/enabled", "old": "never", "new": "madvise"},
+        *escapes,
+    ])
+    with pytest.raises(KsmError, match="restore incomplete") as err:
+        restore_from_record(record, root)
+    message = str(err.value)
+    for entry in escapes:
+        assert f"refused {entry['path']!r}" in message
+    assert "outside /sys/kernel/mm/ksm/ or /sys/kernel/mm/transparent_hugepage/" in message
+    assert Path("/etc/passwd").read_bytes() == passwd_before
+    assert victim.read_text() == "untouched\n" and (ksm_dir / "link").is_symlink()
+    # The entries inside KSM/THP were restored all the same.
+    assert read_sysfs_value(ksm_dir / "pages_to_scan") == "100"
+    assert read_sysfs_value(thp / "enabled") == "never"
+    assert "restored: " in message and "pages_to_scan=100" in message
+
+
+def test_resume_keeps_refused_entries_unwritten_and_in_the_record(tmp_path):
+    fake_ksm_tree(tmp_path / "root", OLD_KERNEL)
+    victim = tmp_path / "x"
+    record = _record(tmp_path / "record.json",
+                     [{"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "1"}])
+    settings = HostSettings(record, tmp_path / "root")  # what `sweep --resume` does
+    assert settings.entries == [] and len(settings.refused) == 1
+    settings.write(KSM_REL / "pages_to_scan", 300)
+    assert [e["path"] for e in json.loads(record.read_text())] == [
+        "sys/kernel/mm/ksm/pages_to_scan", "sys/kernel/mm/ksm/../../../../x"]
+    with pytest.raises(KsmError, match="refused 'sys/kernel/mm/ksm/../../../../x'"):
+        settings.restore()
+    assert not victim.exists()
+    assert read_sysfs_value(tmp_path / "root" / KSM_REL / "pages_to_scan") == "100"
+
+
+def test_writes_never_leave_ksm_and_thp(tmp_path):
+    fake_ksm_tree(tmp_path, OLD_KERNEL)
+    settings = HostSettings(tmp_path / "record.json", tmp_path)
+    with pytest.raises(KsmError, match="refusing to write .*outside"):
+        settings.write("sys/kernel/mm/ksm/../../../../record.json", "x")
+    # Nor does a write create a knob the kernel does not have.
+    with pytest.raises(KsmError, match="No such file"):
+        settings._raw_write(tmp_path / KSM_REL / "no_such_knob", "1")
+    assert not (tmp_path / KSM_REL / "no_such_knob").exists()
+
+
+@pytest.mark.parametrize("content", ['{"path": "x"}', '[{"path": 1, "old": "0", "new": "1"}]',
+                                     "not json"])
+def test_malformed_record_is_a_clear_error(tmp_path, content):
+    record = tmp_path / "record.json"
+    record.write_text(content)
+    with pytest.raises(HostError, match="settings record .*record.json"):
+        restore_from_record(record, tmp_path)
+
+
+def test_host_lock_does_not_follow_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    lock_dir = tmp_path / "run"
+    lock_dir.mkdir()
+    (lock_dir / "sweep.lock").symlink_to(victim)
+    with pytest.raises(LockError, match="sweep.lock is a symlink"):
+        with host_lock(lock_dir=lock_dir):
+            pass
+    assert victim.read_text() == "precious\n"
+    # A dangling one would otherwise create its target.
+    (lock_dir / "sweep.lock").unlink()
+    (lock_dir / "sweep.lock").symlink_to(tmp_path / "created")
+    with pytest.raises(LockError, match="symlink"):
+        with host_lock(lock_dir=lock_dir):
+            pass
+    assert not (tmp_path / "created").exists()
+
+
+def test_host_lock_refuses_non_regular_files_and_hard_links(tmp_path):
+    fifo_dir, dir_dir, link_dir = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (fifo_dir, dir_dir, link_dir):
+        folder.mkdir()
+    os.mkfifo(fifo_dir / "sweep.lock")
+    (dir_dir / "sweep.lock").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, link_dir / "sweep.lock")
+    with pytest.raises(LockError, match="not a regular file"):
+        with host_lock(lock_dir=fifo_dir):
+            pass
+    with pytest.raises(LockError, match="cannot open the sweep lock"):
+        with host_lock(lock_dir=dir_dir):
+            pass
+    with pytest.raises(LockError, match="2 hard links"):
+        with host_lock(lock_dir=link_dir):
+            pass
+    assert victim.read_text() == "precious\n"
+    with host_lock(lock_dir=tmp_path / "fresh"):
+        assert (tmp_path / "fresh" / "sweep.lock").read_text() == f"{os.getpid()}\n"
 
 
 @ksm

@@ -17,9 +17,11 @@ import pytest
 from pydantic import ValidationError
 
 from orchestrator.errors import GuestError, PlanError, WorkloadError
+from orchestrator.guest import CommandResult, CommandTimeout
 from orchestrator.workloads.sysbench import (
     WORKLOAD_COLUMNS, GuestRun, Summary, SysbenchParams, cleanup_argv, create_database_argv,
-    innodb_buffer_pool_argv, intervals_frame, parse_intervals, parse_summary, prepare_argv,
+    innodb_buffer_pool_argv, intervals_frame, parse_intervals, parse_summary, parse_threads,
+    prepare_argv,
     prepare_guest, run_all, run_argv, run_guest, seed_for_guest, summary_dict,
 )
 
@@ -289,7 +291,7 @@ def test_output_cut_during_the_intervals():
     rows = parse_intervals(text[:cut])
     assert [row.t_s for row in rows] == [1.0, 2.0, 3.0, 4.0]
     summary = parse_summary(text[:cut])
-    assert summary == Summary() and not summary.complete
+    assert summary == Summary(threads=1) and not summary.complete
 
 
 def test_last_line_without_newline_is_not_trusted():
@@ -326,6 +328,57 @@ def test_fatal_after_some_intervals_keeps_them():
         parse_summary(text)
 
 
+def test_summary_cut_inside_a_number_is_not_complete():
+    # The text ends in "avg:   3" of "avg:   3.17": that 3 is not a measurement.
+    text = captured("cut_in_latency_avg")
+    assert text.endswith(" 3")
+    summary = parse_summary(text)
+    assert summary.latency_min_ms == 1.21 and summary.latency_avg_ms is None
+    assert not summary.complete and "latency_avg_ms" in summary.missing
+
+
+@pytest.mark.parametrize("name", ["run_1thread", "run_2threads", "run_rate", "run_histogram"])
+def test_a_number_at_the_very_end_is_never_taken(name):
+    # Wherever a captured run is cut, no value may differ from the whole run's: a line
+    # without its newline is dropped, never read as a shorter number.
+    text = captured(name)
+    whole = parse_summary(text)
+    start = text.index("SQL statistics:")
+    for cut in range(start, len(text)):
+        part = parse_summary(text[:cut])
+        for field, value in vars_of(part).items():
+            assert value is None or value == getattr(whole, field), (cut, field, value)
+
+
+def vars_of(summary: Summary) -> dict:
+    return {name: getattr(summary, name) for name in Summary.__dataclass_fields__}
+
+
+def test_summary_without_threads_fairness_is_not_complete():
+    summary = parse_summary(captured("cut_after_latency"))
+    assert summary.latency_sum_ms == 9982.07 and summary.transactions == 6076
+    assert not summary.complete
+    assert summary.missing == ["events_per_thread_avg", "exec_time_per_thread_avg_s"]
+
+
+def test_fatal_fails_the_summary_even_when_statistics_follow():
+    text = captured("fatal_with_summary")
+    assert "SQL statistics:" in text and "Threads fairness:" in text
+    with pytest.raises(WorkloadError, match="sysbench failed: FATAL: mysql_stmt_execute"):
+        parse_summary(text)
+    assert len(parse_intervals(text)) == 9  # the reports around the FATAL lines are kept
+
+
+def test_thread_count_comes_from_the_header():
+    assert parse_threads(captured("run_2threads")) == 2
+    # No interval line says how many threads ran, the header still does.
+    assert parse_threads(captured("fatal_wrong_socket")) == 1
+    no_reports = "".join(line for line in captured("run_rate").splitlines(keepends=True)
+                         if not line.startswith("["))
+    assert parse_summary(no_reports).threads == 2
+    assert parse_threads(captured("prepare")) is None
+
+
 # ---------------------------------------------------------------- run_guest / run_all (canned)
 
 
@@ -353,6 +406,59 @@ def test_run_guest_flags_output_without_statistics():
     result = Result(0, text[: text.index("SQL statistics:")], "", 10.0)
     run = run_guest(CannedSession(result), SysbenchParams(), timeout_s=40, guest="vm-2")
     assert "no final statistics" in run.error and len(run.intervals) == 10
+
+
+def _canned(name: str, stderr: str = "") -> Result:
+    status = int((DATA / f"{name}.rc").read_text())
+    return Result(status, captured(name), stderr, 10.0)
+
+
+def test_run_guest_keeps_the_intervals_of_a_run_that_died():
+    run = run_guest(CannedSession(_canned("fatal_mid_run")), SysbenchParams(), 40, guest="vm-3")
+    assert not run.ok and "exited with status 1" in run.error and "error 2013" in run.error
+    assert [row.t_s for row in run.intervals] == [1.0, 2.0, 3.0]
+    assert run.threads == 1 and run.summary == Summary(threads=1)
+    frame = intervals_frame([run])
+    assert list(frame["t_s"]) == [1.0, 2.0, 3.0]
+    assert summary_dict([run])["vm-3"]["threads"] == 1
+
+
+def test_run_guest_fails_a_run_with_fatal_and_exit_status_0():
+    run = run_guest(CannedSession(_canned("fatal_with_summary")), SysbenchParams(), 40, "vm-4")
+    assert not run.ok and "reported FATAL: mysql_stmt_execute() returned error 2013" in run.error
+    assert len(run.intervals) == 9 and run.summary.transactions is None
+
+
+def test_run_guest_fails_on_fatal_in_stderr():
+    run = run_guest(CannedSession(_canned("run_1thread", stderr="FATAL: out of memory\n")),
+                    SysbenchParams(), 40, "vm-5")
+    assert not run.ok and "FATAL: out of memory" in run.error and len(run.intervals) == 10
+
+
+def test_run_guest_refuses_statistics_cut_inside_a_number():
+    run = run_guest(CannedSession(_canned("cut_in_latency_avg")), SysbenchParams(), 40, "vm-6")
+    assert not run.ok and "final statistics cut short" in run.error
+    assert "latency_avg_ms" in run.error and len(run.intervals) == 9
+    assert run.threads == 2
+
+
+def test_run_guest_header_threads_when_there_are_no_reports():
+    run = run_guest(CannedSession(_canned("fatal_wrong_socket")), SysbenchParams(), 40, "vm-7")
+    assert run.intervals == [] and run.threads == 1
+
+
+def test_run_guest_keeps_the_intervals_of_a_timed_out_run():
+    text = captured("run_1thread")
+    partial = CommandResult("sysbench oltp_read_write ... run", 124, text[: text.index("[ 6s ]")],
+                            "", 61.0)
+    timeout = CommandTimeout("127.0.0.1:2222: `sysbench oltp_read_write ... run` timed out "
+                             "after 60 s (stopped in the guest)", partial)
+    runs = run_all({"vm-8": CannedSession(timeout)}, SysbenchParams(), timeout_s=60)
+    run = runs["vm-8"]
+    assert not run.ok and "timed out after 60 s" in run.error
+    assert [row.t_s for row in run.intervals] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert run.exit_status == 124 and run.raw_stdout == partial.stdout and run.threads == 1
+    assert len(intervals_frame(runs)) == 5
 
 
 def test_prepare_guest_stops_at_the_first_failure():

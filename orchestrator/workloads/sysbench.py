@@ -21,7 +21,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
 )
 
-from orchestrator.errors import PlanError, WorkloadError
+from orchestrator.errors import GuestError, PlanError, WorkloadError
 
 # The lua tests sysbench 1.0 ships in /usr/share/sysbench (all use the oltp_common schema).
 SysbenchTest = Literal[
@@ -185,6 +185,9 @@ def cleanup_argv(params: SysbenchParams) -> list[str]:
 # ---------------------------------------------------------------- parsers
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|nan|inf)"
+# sysbench ends every line it prints, so a line counts only with its newline: output cut by a
+# dropped channel or a killed command can end mid-number ("avg: 3" of "avg: 3.17").
+_EOL = r"[ \t]*(?=\r?\n)"
 _INTERVAL = re.compile(
     rf"^\[\s*(?P<t>{_NUM})s\s*\]\s+thds:\s*(?P<threads>\d+)"
     rf"\s+tps:\s*(?P<tps>{_NUM})\s+qps:\s*(?P<qps>{_NUM})"
@@ -192,12 +195,14 @@ _INTERVAL = re.compile(
     rf"\s+lat\s+\(ms,\s*(?P<pct>{_NUM})%\):\s*(?P<lat>{_NUM})"
     rf"(?:\s+err/s:\s*(?P<err>{_NUM}))?"
     rf"(?:\s+reconn/s:\s*(?P<reconn>{_NUM}))?"
-    # sysbench ends every line; a last line without its newline may be cut mid-number.
-    r"[ \t]*(?=\r?\n)",
+    + _EOL,
     re.IGNORECASE | re.MULTILINE,
 )
 _BANNER = re.compile(r"^sysbench \d+\.\d+", re.MULTILINE)
-_FATAL = re.compile(r"^FATAL:.*$", re.MULTILINE)
+_FATAL = re.compile(r"^[ \t]*FATAL:.*$", re.MULTILINE)
+# "Running the test with following options:" block; the one place a run without interval
+# reports (or one that failed before its first) says how many threads it ran.
+_THREADS_HEADER = re.compile(rf"^Number of threads:\s*(\d+){_EOL}", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,11 +250,22 @@ class Summary:
     events_per_thread_stddev: float | None = None
     exec_time_per_thread_avg_s: float | None = None
     exec_time_per_thread_stddev_s: float | None = None
+    threads: int | None = None  # from the options header, not the statistics block
 
     @property
     def complete(self) -> bool:
-        """True when the run got as far as printing its transaction count and latency."""
-        return self.transactions is not None and self.latency_avg_ms is not None
+        """True when every section of the statistics block arrived whole.
+
+        "Threads fairness" is the last thing sysbench prints, so requiring it too means a
+        channel dropped inside the latency block (or right after it) is never taken for a
+        finished run.
+        """
+        return all(getattr(self, name) is not None for name in _COMPLETE_FIELDS)
+
+    @property
+    def missing(self) -> list[str]:
+        """The fields `complete` needs that this summary lacks (for error messages)."""
+        return [name for name in _COMPLETE_FIELDS if getattr(self, name) is None]
 
     def to_dict(self) -> dict[str, Any]:
         """workload_summary.json's per-guest object (`errors` = sysbench's ignored errors)."""
@@ -262,6 +278,14 @@ class Summary:
         return out
 
 
+# One field per line of the statistics block, its last line (fairness) included.
+_COMPLETE_FIELDS = (
+    "transactions", "queries", "ignored_errors", "reconnects", "total_time_s", "total_events",
+    "latency_min_ms", "latency_avg_ms", "latency_max_ms", "latency_pct_ms", "latency_sum_ms",
+    "events_per_thread_avg", "exec_time_per_thread_avg_s",
+)
+
+
 def _latency_column(percentile: float) -> str:
     return f"latency_p{percentile:g}_ms"
 
@@ -271,9 +295,9 @@ def _to_float(token: str | None) -> float:
 
 
 def _check_is_sysbench(text: str, found_anything: bool) -> None:
-    fatal = _FATAL.findall(text)
+    fatal = fatal_lines(text)
     if fatal and not found_anything:
-        raise WorkloadError("sysbench failed: " + " | ".join(line.strip() for line in fatal))
+        raise WorkloadError("sysbench failed: " + " | ".join(fatal))
     if not found_anything and not _BANNER.search(text):
         first = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise WorkloadError(f"not sysbench output (first line: {first[:200]!r})")
@@ -285,7 +309,8 @@ def parse_intervals(text: str) -> list[IntervalRow]:
     Other lines (`queue length` lines under --rate, histograms) are skipped, and so is a last
     line without its newline, which may have been cut off mid-number.
     Raises WorkloadError if the text is not sysbench output, or failed (FATAL) before its
-    first report; FATAL after some reports keeps the rows measured so far.
+    first report. FATAL after some reports returns the rows measured so far: the run still
+    failed (see `fatal_lines`, `run_guest`), but what it measured until then is kept.
     """
     rows = [
         IntervalRow(
@@ -307,25 +332,28 @@ def parse_intervals(text: str) -> list[IntervalRow]:
     return rows
 
 
+def _line(body: str) -> re.Pattern[str]:
+    """One whole summary line: indented `body`, then its newline (see _EOL)."""
+    return re.compile(rf"^[ \t]*{body}{_EOL}", re.MULTILINE | re.IGNORECASE)
+
+
 def _count_and_rate(label: str) -> re.Pattern[str]:
-    return re.compile(
-        rf"^\s*{label}:\s+(\d+)\s+\(\s*({_NUM}) per sec\.\)", re.MULTILINE | re.IGNORECASE
-    )
+    return _line(rf"{label}:\s+(\d+)\s+\(\s*({_NUM}) per sec\.\)")
 
 
 _SUMMARY_INTS = {
-    "queries_read": re.compile(r"^\s*read:\s+(\d+)\s*$", re.MULTILINE),
-    "queries_write": re.compile(r"^\s*write:\s+(\d+)\s*$", re.MULTILINE),
-    "queries_other": re.compile(r"^\s*other:\s+(\d+)\s*$", re.MULTILINE),
-    "queries_total": re.compile(r"^\s*total:\s+(\d+)\s*$", re.MULTILINE),
-    "total_events": re.compile(r"^\s*total number of events:\s+(\d+)\s*$", re.MULTILINE),
+    "queries_read": _line(r"read:\s+(\d+)"),
+    "queries_write": _line(r"write:\s+(\d+)"),
+    "queries_other": _line(r"other:\s+(\d+)"),
+    "queries_total": _line(r"total:\s+(\d+)"),
+    "total_events": _line(r"total number of events:\s+(\d+)"),
 }
 _SUMMARY_FLOATS = {
-    "total_time_s": re.compile(rf"^\s*total time:\s+({_NUM})s\s*$", re.MULTILINE),
-    "latency_min_ms": re.compile(rf"^\s*min:\s+({_NUM})\s*$", re.MULTILINE),
-    "latency_avg_ms": re.compile(rf"^\s*avg:\s+({_NUM})\s*$", re.MULTILINE),
-    "latency_max_ms": re.compile(rf"^\s*max:\s+({_NUM})\s*$", re.MULTILINE),
-    "latency_sum_ms": re.compile(rf"^\s*sum:\s+({_NUM})\s*$", re.MULTILINE),
+    "total_time_s": _line(rf"total time:\s+({_NUM})s"),
+    "latency_min_ms": _line(rf"min:\s+({_NUM})"),
+    "latency_avg_ms": _line(rf"avg:\s+({_NUM})"),
+    "latency_max_ms": _line(rf"max:\s+({_NUM})"),
+    "latency_sum_ms": _line(rf"sum:\s+({_NUM})"),
 }
 _SUMMARY_PAIRS = {
     ("transactions", "tps"): _count_and_rate("transactions"),
@@ -333,21 +361,36 @@ _SUMMARY_PAIRS = {
     ("ignored_errors", "ignored_errors_per_s"): _count_and_rate("ignored errors"),
     ("reconnects", "reconnects_per_s"): _count_and_rate("reconnects"),
 }
-_PERCENTILE = re.compile(rf"^\s*(\d+(?:\.\d+)?)th percentile:\s+({_NUM})\s*$", re.MULTILINE)
+_PERCENTILE = _line(rf"(\d+(?:\.\d+)?)th percentile:\s+({_NUM})")
 _FAIRNESS = {
     ("events_per_thread_avg", "events_per_thread_stddev"):
-        re.compile(rf"^\s*events \(avg/stddev\):\s+({_NUM})/({_NUM})\s*$", re.MULTILINE),
+        _line(rf"events \(avg/stddev\):\s+({_NUM})/({_NUM})"),
     ("exec_time_per_thread_avg_s", "exec_time_per_thread_stddev_s"):
-        re.compile(rf"^\s*execution time \(avg/stddev\):\s+({_NUM})/({_NUM})\s*$", re.MULTILINE),
+        _line(rf"execution time \(avg/stddev\):\s+({_NUM})/({_NUM})"),
 }
+
+
+def fatal_lines(text: str) -> list[str]:
+    """sysbench's `FATAL:` lines, stripped, in order. Any one of them fails a run."""
+    return [line.strip() for line in _FATAL.findall(text)]
+
+
+def parse_threads(text: str) -> int | None:
+    """The thread count from the options header (`Number of threads: N`), None if absent."""
+    m = _THREADS_HEADER.search(text)
+    return int(m[1]) if m else None
 
 
 def parse_summary(text: str) -> Summary:
     """The statistics block sysbench prints when a run ends.
 
-    Pieces the text lacks are None (check `Summary.complete`). Raises WorkloadError when the
-    text is not sysbench output, or when sysbench reported FATAL errors and printed no summary.
+    Pieces the text lacks are None (check `Summary.complete`); a line counts only once its
+    newline arrived, so a cut text never yields a cut number. Raises WorkloadError when the text
+    is not sysbench output, or reports FATAL errors anywhere: a run that printed one is not
+    measured whatever statistics follow.
     """
+    if fatal := fatal_lines(text):
+        raise WorkloadError("sysbench failed: " + " | ".join(fatal))
     # Search only the statistics block (or what follows the last report when its header was
     # lost), so a label can never match a line from elsewhere.
     start = text.find("SQL statistics:")
@@ -371,7 +414,7 @@ def parse_summary(text: str) -> Summary:
         values["latency_percentile"] = float(m[1])
         values["latency_pct_ms"] = float(m[2])
     _check_is_sysbench(text, found_anything=bool(values))
-    return Summary(**values)
+    return Summary(threads=parse_threads(text), **values)
 
 
 def _last_interval_end(text: str) -> int:
@@ -410,6 +453,8 @@ class GuestRun:
     start_wall: float = math.nan
     duration_s: float = math.nan
     error: str | None = None
+    # From the options header, else the interval lines; known for most failed runs too.
+    threads: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -429,8 +474,8 @@ def _run_checked(
 
 def _failure_reason(result: CommandResultLike) -> str:
     text = f"{result.stdout}\n{result.stderr}"
-    if fatal := _FATAL.findall(text):
-        return " | ".join(line.strip() for line in fatal)
+    if fatal := fatal_lines(text):
+        return " | ".join(fatal)
     tail = [line.strip() for line in text.splitlines() if line.strip()][-3:]
     return " | ".join(tail) or "no output"
 
@@ -462,33 +507,64 @@ def run_guest(
 ) -> GuestRun:
     """Run sysbench once and parse it.
 
-    A run that sysbench itself failed (non-zero exit, no final statistics) comes back with
-    `error` set, its raw output and whatever intervals it reported before failing; check
-    `run.ok`. Errors of the session itself (SSH, timeout) propagate.
+    A run that failed (non-zero exit, FATAL lines, statistics missing or cut, or a session
+    timeout that kept the output so far) comes back with `error` set, its raw output and the
+    intervals it reported before failing; check `run.ok`. Other session errors (no SSH, a
+    timeout without output) propagate.
     """
     start_wall = time.time()
-    result = session.run(run_argv(params), timeout_s)
-    error = None
+    session_error = None
     try:
-        intervals = parse_intervals(result.stdout)
-        summary = parse_summary(result.stdout)
-    except WorkloadError as exc:
-        intervals, summary, error = [], Summary(), str(exc)
-    if result.exit_status != 0:
-        error = f"exited with status {result.exit_status}: {_failure_reason(result)}"
-    elif error is None and not summary.complete:
-        error = f"no final statistics in the output ({_failure_reason(result)})"
+        result = session.run(run_argv(params), timeout_s)
+    except GuestError as exc:
+        # guest.CommandTimeout carries what the command printed before its deadline (as
+        # `partial`); duck-typed so this module needs no SSH library.
+        partial = getattr(exc, "partial", None)
+        if partial is None:
+            raise
+        result, session_error = partial, str(exc)
+    intervals, summary, error = _parse_run(result)
+    error = session_error or error
     return GuestRun(
         guest=guest,
         intervals=intervals,
-        summary=summary if error is None else Summary(),
+        summary=summary if error is None else Summary(threads=summary.threads),
         raw_stdout=result.stdout,
         raw_stderr=result.stderr,
         exit_status=result.exit_status,
         start_wall=start_wall,
         duration_s=result.duration_s,
         error=None if error is None else f"sysbench in {guest or 'guest'}: {error}",
+        threads=summary.threads or (intervals[-1].threads if intervals else None),
     )
+
+
+def _parse_run(result: CommandResultLike) -> tuple[list[IntervalRow], Summary, str | None]:
+    """(intervals, summary, why the run failed or None). Intervals survive every failure."""
+    failed = Summary(threads=parse_threads(result.stdout))
+    try:
+        intervals, unparsable = parse_intervals(result.stdout), None
+    except WorkloadError as exc:
+        intervals, unparsable = [], str(exc)
+    if result.exit_status != 0:
+        return intervals, failed, (
+            f"exited with status {result.exit_status}: {_failure_reason(result)}")
+    if fatal := fatal_lines(f"{result.stdout}\n{result.stderr}"):
+        # sysbench can print FATAL (a worker's query failed) and still exit 0.
+        return intervals, failed, "reported " + " | ".join(fatal)
+    if unparsable is not None:
+        return intervals, failed, unparsable
+    try:
+        summary = parse_summary(result.stdout)
+    except WorkloadError as exc:
+        return intervals, failed, str(exc)
+    if summary.transactions is None:
+        return intervals, summary, (
+            f"no final statistics in the output ({_failure_reason(result)})")
+    if not summary.complete:
+        return intervals, summary, (
+            f"final statistics cut short (missing: {', '.join(summary.missing)})")
+    return intervals, summary, None
 
 
 def run_all(
@@ -577,6 +653,7 @@ def summary_dict(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> dict[str,
         entry = run.summary.to_dict()
         entry["duration_s"] = None if math.isnan(run.duration_s) else run.duration_s
         entry["start_wall"] = None if math.isnan(run.start_wall) else run.start_wall
+        entry["threads"] = run.threads
         entry["error"] = run.error
         out[run.guest] = entry
     return out
