@@ -499,68 +499,6 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     return out
 
 
-def _unreplicated_text(sm: StudyMetrics) -> str:
-    """Every setting has at most one usable trial: say plainly what that means."""
-    if sm.blocks <= 1:
-        head = ONE_REPETITION[0].upper() + ONE_REPETITION[1:]
-    else:
-        head = "Each setting has at most one usable trial: this study cannot tell workload differences from noise"
-    return (head + ", nor memory or CPU differences between settings; no number here has an interval. "
-            "Run with repetitions >= 2 (and ksm_off_baseline = true) to measure the run-to-run noise.")
-
-
-def _net_columns(frame: pd.DataFrame) -> set[str]:
-    """The raw delta-based savings whose net-of-drift value the frame has (metrics.NET_OF_DRIFT)."""
-    return {raw for raw, net in metrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
-
-
-DELTA_NAMES = {"pss_drop_mib": "PSS drop", "mem_available_rise_mib": "MemAvailable rise"}
-
-
-def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
-    """The PSS drop and MemAvailable rise to headline (net of drift where the KSM-off trials
-    measured the drift, raw otherwise) and the sentence saying which and why."""
-    values = []
-    for raw in DELTA_NAMES:
-        if raw in net_of:
-            net = metrics.NET_OF_DRIFT[raw]
-            values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
-        else:
-            values.append(_num(row[raw]))
-    net_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r in net_of)
-    raw_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r not in net_of)
-    parts = []
-    if net_names:
-        parts.append(f"{net_names} {_is_are(net_names)} net of drift (each trial's change minus the same change in "
-                     "its matched KSM-off trial, same block when there is one), because guests keep growing during "
-                     "a trial and the raw change includes that growth")
-    if raw_names:
-        parts.append(f"{raw_names} {_is_are(raw_names)} the raw change from baseline to the end of measure, "
-                     "including the guests' own growth: no matched KSM-off trial measured that growth")
-    return values[0], values[1], "; ".join(parts) + "."
-
-
-def _is_are(names: str) -> str:
-    return "are" if " and " in names else "is"
-
-
-def _disturbed_findings(sm: StudyMetrics) -> list[Finding]:
-    """Trials the sweep marked disturbed (outside CPU load above the plan threshold during measure)."""
-    hit = sm.trials[sm.trials["disturbed"]]
-    if hit.empty:
-        return []
-    parts = []
-    for row in hit.itertuples():
-        load = (f"outside CPU {_num(row.outside_cpu_pct)}%" if isinstance(row.outside_cpu_pct, float)
-                and math.isfinite(row.outside_cpu_pct) else "outside CPU above the threshold")
-        what = str(row.stats_note or "").removeprefix("disturbed; ")
-        parts.append(f"{row.trial_id} ({load}; {what})")
-    return [Finding(f"{len(hit)} disturbed trial(s), other load on the host above the plan's threshold during "
-                    f"measure: {'; '.join(parts)}. A disturbed trial is replaced by its rerun when the rerun "
-                    "succeeded; one without an ok rerun is used, and its numbers may include the disturbance.",
-                    warn=True)]
-
-
 def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
     ok = _on_trials(sm)
     known = ok[ok["converged"].notna()]
@@ -633,6 +571,68 @@ def _ksm_off_findings(sm: StudyMetrics) -> list[Finding]:
         verdict = comparison_verdict(comparison, one_repetition=sm.blocks <= 1)
         out.append(Finding(f"Worst {name} change vs KSM off: {row['setting']}: {change}; {verdict}."))
     return out
+
+
+def _unreplicated_text(sm: StudyMetrics) -> str:
+    """Every setting has at most one usable trial: say plainly what that means."""
+    if sm.blocks <= 1:
+        head = ONE_REPETITION[0].upper() + ONE_REPETITION[1:]
+    else:
+        head = "Each setting has at most one usable trial: this study cannot tell workload differences from noise"
+    return (head + ", nor memory or CPU differences between settings; no number here has an interval. "
+            "Run with repetitions >= 2 (and ksm_off_baseline = true) to measure the run-to-run noise.")
+
+
+def _net_columns(frame: pd.DataFrame) -> set[str]:
+    """The raw delta-based savings whose net-of-drift value the frame has (metrics.NET_OF_DRIFT)."""
+    return {raw for raw, net in metrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
+
+
+DELTA_NAMES = {"pss_drop_mib": "PSS drop", "mem_available_rise_mib": "MemAvailable rise"}
+
+
+def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
+    """The PSS drop and MemAvailable rise to headline (net of drift where the KSM-off trials
+    measured the drift, raw otherwise) and the sentence saying which and why."""
+    values = []
+    for raw in DELTA_NAMES:
+        if raw in net_of:
+            net = metrics.NET_OF_DRIFT[raw]
+            values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
+        else:
+            values.append(_num(row[raw]))
+    net_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r in net_of)
+    raw_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r not in net_of)
+    parts = []
+    if net_names:
+        parts.append(f"{net_names} {_is_are(net_names)} net of drift (each trial's change minus the same change in "
+                     "its matched KSM-off trial, same block when there is one), because guests keep growing during "
+                     "a trial and the raw change includes that growth")
+    if raw_names:
+        parts.append(f"{raw_names} {_is_are(raw_names)} the raw change from baseline to the end of measure, "
+                     "including the guests' own growth: no matched KSM-off trial measured that growth")
+    return values[0], values[1], "; ".join(parts) + "."
+
+
+def _is_are(names: str) -> str:
+    return "are" if " and " in names else "is"
+
+
+def _disturbed_findings(sm: StudyMetrics) -> list[Finding]:
+    """Trials the sweep marked disturbed (outside CPU load above the plan threshold during measure)."""
+    hit = sm.trials[sm.trials["disturbed"]]
+    if hit.empty:
+        return []
+    parts = []
+    for row in hit.itertuples():
+        load = (f"outside CPU {_num(row.outside_cpu_pct)}%" if isinstance(row.outside_cpu_pct, float)
+                and math.isfinite(row.outside_cpu_pct) else "outside CPU above the threshold")
+        what = str(row.stats_note or "").removeprefix("disturbed; ")
+        parts.append(f"{row.trial_id} ({load}; {what})")
+    return [Finding(f"{len(hit)} disturbed trial(s), other load on the host above the plan's threshold during "
+                    f"measure: {'; '.join(parts)}. A disturbed trial is replaced by its rerun when the rerun "
+                    "succeeded; one without an ok rerun is used, and its numbers may include the disturbance.",
+                    warn=True)]
 
 
 NO_NOISE_ESTIMATE = ("No run-to-run noise estimate: the study has fewer than 2 KSM-off trials with the same non-KSM "
