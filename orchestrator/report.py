@@ -30,7 +30,17 @@ from matplotlib.figure import Figure
 
 from orchestrator import metrics
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
-from orchestrator.stats import PARETO_TOLERANCE, mean_ci95, pareto_mask, t_quantile_975
+from orchestrator.stats import (
+    ONE_REPETITION,
+    PAIRED,
+    PARETO_TOLERANCE,
+    WELCH,
+    comparison_verdict,
+    format_repetitions,
+    mean_ci95,
+    pareto_mask,
+    t_quantile_975,
+)
 from orchestrator.store import atomic_write_bytes
 
 MAX_POINTS_PER_LINE = 2000  # longer traces keep each bucket's min and max: a sawtooth stays one
@@ -288,8 +298,14 @@ def _format_axis(ax: Any, cats: list[str] | None, log: bool) -> None:
     ax.grid(alpha=0.3)
 
 
+def _used_trials(sm: StudyMetrics) -> pd.DataFrame:
+    """Trials that feed statistics: ok, and not replaced by a rerun (metrics._mark_used_in_stats)."""
+    return sm.trials[sm.trials["used_in_stats"]]
+
+
 def _on_trials(sm: StudyMetrics) -> pd.DataFrame:
-    return sm.trials[(sm.trials["status"] == "ok") & ~sm.trials["ksm_off"]]
+    used = _used_trials(sm)
+    return used[~used["ksm_off"]]
 
 
 def _plot_vs_setting(sm: StudyMetrics) -> Plot | None:
@@ -368,15 +384,12 @@ def _pareto_tolerance_mib(settings: pd.DataFrame) -> float:
 
 def _plot_workload(sm: StudyMetrics) -> Plot | None:
     """Throughput and p95 latency vs each swept axis, KSM-off shown as the baseline."""
-    if sm.guests.empty or not sm.guests["tps"].notna().any():
+    # one sample per trial (its guests' mean): guests of one trial are not replicates
+    used = _used_trials(sm)
+    if sm.guests.empty or not used["tps"].notna().any():
         return None
-    setting_cols = ["trial_id", "ksm_off", "status", *sm.axes]
-    guests = sm.guests.merge(sm.trials[setting_cols], on="trial_id")
-    guests = guests[guests["status"] == "ok"]
-    on, off = guests[~guests["ksm_off"]], guests[guests["ksm_off"]]
+    on, off = used[~used["ksm_off"]], used[used["ksm_off"]]
     axes_list = [a for a in sm.swept_axes if on[a].notna().any()] or ["setting"]
-    if axes_list == ["setting"]:
-        on = on.assign(setting=on["trial_id"].map(sm.trials.set_index("trial_id")["setting"]))
     fig = Figure(figsize=(max(6.0, 4.8 * len(axes_list)), 7.5))
     grid = fig.subplots(2, len(axes_list), squeeze=False)
     for col, axis in enumerate(axes_list):
@@ -388,7 +401,7 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
         if off_series:
             frame = pd.concat([frame.assign(_ksm="KSM on"), off[off[axis].notna()].assign(_ksm="KSM off")])
             split = ["_ksm", *split]
-        for row, (column, ylabel) in enumerate((("tps", "throughput (transactions/s per guest)"),
+        for row, (column, ylabel) in enumerate((("tps", "throughput (transactions/s, guest mean)"),
                                                 ("latency_p95_ms", "p95 latency (ms)"))):
             ax = grid[row][col]
             cats, log = _draw_ci_series(ax, frame, axis, split, column, label="KSM on")
@@ -402,10 +415,10 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
             ax.set_ylabel(ylabel)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.suptitle("Workload vs swept setting (mean ± 95% CI across repetitions and guests)")
+    fig.suptitle("Workload vs swept setting (mean ± 95% CI across trials)")
     return Plot("workload", "Workload throughput and latency",
-                "Each guest's sysbench result is one sample; the dashed line is the KSM-off baseline.",
-                _png(fig))
+                "One sample per trial (the mean of its guests' sysbench results); error bars: Student t "
+                "95% interval across trials; the dashed line is the KSM-off baseline.", _png(fig))
 
 
 # ----------------------------------------------------------------------------- findings
@@ -422,6 +435,8 @@ def _fmt(value: Any, digits: int = 3, integers: bool = True) -> str:
         return f"{int(value)}"
     if isinstance(value, (float, np.floating)):
         v = float(value)
+        if abs(v) < 1e-9:  # float residue of a difference of equal numbers (-6.8e-15) reads as 0
+            v = 0.0
         if integers and v == int(v) and abs(v) < 1e6:
             return f"{int(v)}"
         if abs(v) >= 100:
@@ -457,6 +472,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
                            for r in failed.head(10).itertuples())
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         out.append(Finding(f"Trials without results: {listed}{more}.", warn=True))
+    out.extend(_disturbed_findings(sm))
 
     settings = sm.settings
     on = settings[~settings["ksm_off"] & settings["saved_mib"].notna()] if not settings.empty else settings
@@ -467,16 +483,17 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     if not sm.swept_axes:
         out.append(Finding("No swept axis: every trial ran the same settings, so this study compares no "
                            "settings; it measures one setting and its repeatability.", warn=True))
-    if (on["ok"] < 2).all():
-        out.append(Finding("Each setting succeeded at most once: no confidence intervals. Add repetitions "
-                           "to tell real differences from noise.", warn=True))
+    if (on["n"] < 2).all():
+        out.append(Finding(_unreplicated_text(sm), warn=True))
 
     top = on.loc[on["saved_mib"].idxmax()]
+    pss, avail, net_note = _delta_savings(top, _net_columns(on))
     out.append(Finding(
         f"Largest saving: {top['setting']}: {_pm(top['saved_mib'], top['saved_mib_ci95'], ' MiB', integers=False)} by "
-        f"pages_sharing; general_profit {_num(top['general_profit_mib'])} MiB, PSS drop "
-        f"{_num(top['pss_drop_mib'])} MiB, MemAvailable rise {_num(top['mem_available_rise_mib'])} MiB; "
-        f"ksmd used {_pm(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core."))
+        f"pages_sharing; general_profit {_num(top['general_profit_mib'])} MiB, PSS drop {pss} MiB, "
+        f"MemAvailable rise {avail} MiB; "
+        f"ksmd used {_pm(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core. "
+        + net_note))
     costed = on[on["ksmd_cpu_pct"].notna()]
     if len(costed) > 1:
         mask = pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], _pareto_tolerance_mib(costed))
@@ -500,6 +517,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     out.extend(_convergence_findings(sm))
     out.extend(_disagreement_findings(sm))
     out.extend(_ksm_off_findings(sm))
+    out.extend(_noise_findings(sm))
     return out
 
 
@@ -565,17 +583,23 @@ def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
     ok = ok[ok["saved_mib"] > 0]
     if ok.empty:
         return []
+    # net of drift when KSM-off trials measured it: the raw deltas include the guests' own growth
+    net_of = _net_columns(ok)
+
+    def view(raw: str, name: str) -> tuple[str, str]:
+        return (metrics.NET_OF_DRIFT[raw], f"{name} (net of drift)") if raw in net_of else (raw, name)
+
+    (pss_col, pss_name), (avail_col, avail_name) = (view("pss_drop_mib", "the tracked processes' PSS drop"),
+                                                    view("mem_available_rise_mib", "the MemAvailable rise"))
     parts = []
-    for column, name in (("pss_drop_mib", "the tracked processes' PSS drop"),
-                         ("mem_available_rise_mib", "the MemAvailable rise"),
-                         ("general_profit_mib", "general_profit")):
+    for column, name in ((pss_col, pss_name), (avail_col, avail_name), ("general_profit_mib", "general_profit")):
         ratio = (ok[column] / ok["saved_mib"]).dropna()
         if not ratio.empty:
             parts.append(f"{name} was {_num(float(ratio.median()))}x")
     if not parts:
         return []
     text = "Four views of the saving, median over successful trials relative to pages_sharing: " + ", ".join(parts) + "."
-    over = ok[(ok["pss_drop_mib"] > 1.2 * ok["saved_mib"]) | (ok["mem_available_rise_mib"] > 1.2 * ok["saved_mib"])]
+    over = ok[(ok[pss_col] > 1.2 * ok["saved_mib"]) | (ok[avail_col] > 1.2 * ok["saved_mib"])]
     splits = over["thp_split_page_delta"].dropna()
     if not over.empty and (splits > 0).any():
         text += (f" In {len(over)} trial(s) the host got back over 20% more than KSM counts, and ksmd split "
@@ -600,31 +624,148 @@ def _ksm_off_findings(sm: StudyMetrics) -> list[Finding]:
         column = f"{metric}_vs_off_pct"
         if column not in on.columns or not on[column].notna().any():
             continue
-        idx = on[column].idxmin() if worst_is == "min" else on[column].idxmax()
-        row = on.loc[idx]
-        half = row.get(f"{column.replace('_pct', '_ci95_pct')}", math.nan)
-        if isinstance(half, float) and math.isfinite(half):
-            verdict = ("distinguishable from KSM off at 95%" if abs(row[column]) > half
-                       else "not distinguishable from KSM off at 95%")
-            change = f"{row[column]:+.1f}% ± {half:.1f}% ({verdict})"
-        else:
-            change = f"{row[column]:+.1f}% (too few samples for a confidence interval)"
-        out.append(Finding(f"Worst {name} change vs KSM off: {row['setting']}: {change}."))
+        row = on.loc[on[column].idxmin() if worst_is == "min" else on[column].idxmax()]
+        comparison = metrics.settings_comparison(row, metric)
+        change = f"{comparison.pct:+.1f}%"
+        if comparison.has_interval:
+            change += f" ± {comparison.half_pct:.1f}%"
+        if row.get("baseline") == metrics.STUDY_OFF_MEAN:
+            change += " (vs the mean of all KSM-off trials: none had the same non-KSM settings)"
+        verdict = comparison_verdict(comparison, one_repetition=sm.blocks <= 1)
+        out.append(Finding(f"Worst {name} change vs KSM off: {row['setting']}: {change}; {verdict}."))
     return out
+
+
+def _unreplicated_text(sm: StudyMetrics) -> str:
+    """Every setting has at most one usable trial: say plainly what that means."""
+    if sm.blocks <= 1:
+        head = ONE_REPETITION[0].upper() + ONE_REPETITION[1:]
+    else:
+        head = "Each setting has at most one usable trial: this study cannot tell workload differences from noise"
+    return (head + ", nor memory or CPU differences between settings; no number here has an interval. "
+            "Run with repetitions >= 2 (and ksm_off_baseline = true) to measure the run-to-run noise.")
+
+
+def _net_columns(frame: pd.DataFrame) -> set[str]:
+    """The raw delta-based savings whose net-of-drift value the frame has (metrics.NET_OF_DRIFT)."""
+    return {raw for raw, net in metrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
+
+
+DELTA_NAMES = {"pss_drop_mib": "PSS drop", "mem_available_rise_mib": "MemAvailable rise"}
+
+
+def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
+    """The PSS drop and MemAvailable rise to headline (net of drift where the KSM-off trials
+    measured the drift, raw otherwise) and the sentence saying which and why."""
+    values = []
+    for raw in DELTA_NAMES:
+        if raw in net_of:
+            net = metrics.NET_OF_DRIFT[raw]
+            values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
+        else:
+            values.append(_num(row[raw]))
+    net_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r in net_of)
+    raw_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r not in net_of)
+    parts = []
+    if net_names:
+        parts.append(f"{net_names} {_is_are(net_names)} net of drift (each trial's change minus the same change in "
+                     "its matched KSM-off trial, same block when there is one), because guests keep growing during "
+                     "a trial and the raw change includes that growth")
+    if raw_names:
+        parts.append(f"{raw_names} {_is_are(raw_names)} the raw change from baseline to the end of measure, "
+                     "including the guests' own growth: no matched KSM-off trial measured that growth")
+    return values[0], values[1], "; ".join(parts) + "."
+
+
+def _is_are(names: str) -> str:
+    return "are" if " and " in names else "is"
+
+
+def _disturbed_findings(sm: StudyMetrics) -> list[Finding]:
+    """Trials the sweep marked disturbed (outside CPU load above the plan threshold during measure)."""
+    hit = sm.trials[sm.trials["disturbed"]]
+    if hit.empty:
+        return []
+    parts = []
+    for row in hit.itertuples():
+        load = (f"outside CPU {_num(row.outside_cpu_pct)}%" if isinstance(row.outside_cpu_pct, float)
+                and math.isfinite(row.outside_cpu_pct) else "outside CPU above the threshold")
+        what = str(row.stats_note or "").removeprefix("disturbed; ")
+        parts.append(f"{row.trial_id} ({load}; {what})")
+    return [Finding(f"{len(hit)} disturbed trial(s), other load on the host above the plan's threshold during "
+                    f"measure: {'; '.join(parts)}. A disturbed trial is replaced by its rerun when the rerun "
+                    "succeeded; one without an ok rerun is used, and its numbers may include the disturbance.",
+                    warn=True)]
+
+
+NO_NOISE_ESTIMATE = ("No run-to-run noise estimate: the study has fewer than 2 KSM-off trials with the same non-KSM "
+                     "settings, so it cannot say how much a result moves between identical runs. To get one, run "
+                     "with repetitions >= 2 and ksm_off_baseline = true: every block then repeats the KSM-off trial.")
+MAX_NOISE_FINDINGS = 3
+
+
+def _noise_estimated(sm: StudyMetrics) -> pd.DataFrame:
+    noise = sm.noise
+    return noise[noise["sd"].notna()] if not noise.empty else noise
+
+
+def _noise_findings(sm: StudyMetrics) -> list[Finding]:
+    """One sentence per non-KSM setting group: how much identical KSM-off runs moved, and what
+    that means for the smallest difference this study could see."""
+    estimated = _noise_estimated(sm)
+    if estimated.empty:
+        return [Finding(NO_NOISE_ESTIMATE, warn=True)]
+    out = []
+    for _, group in list(estimated.groupby("_offkey", sort=False))[:MAX_NOISE_FINDINGS]:
+        by_metric = group.set_index("metric")
+        n = int(by_metric["n_trials"].max())
+        parts = [_noise_phrase(metric, r, n) for metric, r in by_metric.iterrows()]
+        out.append(Finding(f"Noise floor from {n} KSM-off trials ({group['group'].iloc[0]}): " + "; ".join(parts)
+                           + f". (Smallest detectable: the difference between two settings of {n} trials each "
+                           "that a 95% test finds with 80% power.)"))
+    return out
+
+
+def _noise_phrase(metric: str, r: pd.Series, n: int) -> str:
+    if metric == "tps":
+        return (f"tps varied {_num(r['cv_pct'])}% run to run (sd {_num(r['sd'])} tps), so with {n} trials per "
+                f"setting the smallest detectable tps change is {_num(r['mde_pct_of_mean'])}% ({_num(r['mde'])} tps); "
+                f"a 5% change would need {format_repetitions(r['repetitions_for_5pct'])} repetitions")
+    if metric == "latency_p95_ms":
+        return (f"p95 latency sd {_num(r['sd'])} ms (CV {_num(r['cv_pct'])}%), smallest detectable change "
+                f"{_num(r['mde'])} ms")
+    return f"MemAvailable change sd {_num(r['sd'])} MiB, smallest detectable difference {_num(r['mde'])} MiB"
 
 
 # ----------------------------------------------------------------------------- HTML
 
 
 TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved_mib", "general_profit_mib",
-                 "pss_drop_mib", "mem_available_rise_mib", "ksmd_cpu_pct", "ksmd_cpu_s",
-                 "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans", "converged",
-                 "thp_split_page_delta", "tps", "qps", "latency_p95_ms", "tps_vs_off_pct",
-                 "latency_p95_ms_vs_off_pct", "data_problems")
-SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib",
-                    "ksmd_cpu_pct", "time_to_90pct_s", "tps", "tps_vs_off_pct", "latency_p95_ms",
-                    "latency_p95_ms_vs_off_pct")
+                 "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib", "mem_available_rise_net_mib",
+                 "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
+                 "converged", "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
+                 "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "stats_note", "data_problems")
+SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib",
+                    "mem_available_rise_net_mib", "ksmd_cpu_pct", "time_to_90pct_s", "tps", "tps_guest_sd",
+                    "tps_vs_off_pct", "latency_p95_ms", "latency_p95_ms_vs_off_pct")
+NOISE_TABLE_COLUMNS = ("metric", "group", "n_trials", "mean", "sd", "cv_pct", "mde", "mde_pct_of_mean",
+                       "repetitions_for_5pct")
 ALWAYS_SHOWN = ("trial_id", "status", "reason", "setting")
+METHOD_SHORT = {PAIRED: " blocks, paired", WELCH: " trials, Welch"}
+
+
+def _ci_cell(record: dict[str, Any], column: str) -> str:
+    """"mean ± half (n=K)": every interval says how many trials (or blocks) it is across."""
+    if column.endswith("_vs_off_pct"):
+        metric = column.removesuffix("_vs_off_pct")
+        half, n = record.get(f"{metric}_vs_off_ci95_pct"), record.get(f"{metric}_vs_off_n")
+        unit = METHOD_SHORT.get(record.get(f"{metric}_vs_off_method"), "")
+    else:
+        half, n, unit = record.get(f"{column}_ci95"), record.get(f"{column}_n"), ""
+    text = _pm(record[column], half)
+    if text and isinstance(n, (int, float, np.integer, np.floating)) and math.isfinite(n):
+        text += f" (n={int(n)}{unit})"
+    return text
 
 
 def _table(frame: pd.DataFrame, columns: tuple[str, ...], ci: bool = False) -> dict[str, Any]:
@@ -635,12 +776,20 @@ def _table(frame: pd.DataFrame, columns: tuple[str, ...], ci: bool = False) -> d
         cells = []
         for c in shown:
             value = record[c]
-            half = record.get(c.replace("_pct", "_ci95_pct") if c.endswith("_vs_off_pct") else f"{c}_ci95")
-            text = _pm(value, half) if ci and half is not None else _fmt(value)
+            has_ci = f"{c}_ci95" in record or c.endswith("_vs_off_pct")
+            text = _ci_cell(record, c) if ci and has_ci else _fmt(value)
             # words read left-aligned, numbers right-aligned
             cells.append({"text": text, "is_text": isinstance(value, str)})
         rows.append({"cells": cells, "failed": record.get("status", "ok") != "ok"})
     return {"headers": shown, "rows": rows}
+
+
+def _noise_table(sm: StudyMetrics) -> dict[str, Any] | None:
+    estimated = _noise_estimated(sm)
+    if estimated.empty:
+        return None
+    shown = estimated.assign(repetitions_for_5pct=estimated["repetitions_for_5pct"].map(format_repetitions))
+    return _table(shown, NOISE_TABLE_COLUMNS)
 
 
 def _flatten(prefix: str, value: Any) -> list[tuple[str, str]]:
@@ -659,7 +808,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
     env = jinja2.Environment(loader=jinja2.PackageLoader("orchestrator", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     settings_frame = sm.settings
-    settings_table = _table(settings_frame, ("setting", "trials", "ok", *SETTINGS_COLUMNS), ci=True) \
+    settings_table = _table(settings_frame, ("setting", "trials", "ok", "n", *SETTINGS_COLUMNS), ci=True) \
         if not settings_frame.empty else {"headers": [], "rows": []}
     per_process = _table(sm.per_process, tuple(sm.per_process.columns)) if not sm.per_process.empty else None
     return env.get_template("report.html.j2").render(
@@ -670,6 +819,8 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         plots=plots,
         trials_table=_table(metrics.public_trials_table(sm), TRIAL_COLUMNS),
         settings_table=settings_table,
+        noise_table=_noise_table(sm),
+        no_noise_estimate=NO_NOISE_ESTIMATE,
         per_process=per_process,
         swept_axes=sm.swept_axes,
         page_size_bytes=sm.page_size_bytes,

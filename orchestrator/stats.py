@@ -1,11 +1,17 @@
-"""Small statistics the report needs: 95% t intervals, Welch's difference, Pareto fronts.
+"""Small statistics the report needs: t intervals, paired and Welch comparisons with KSM off,
+the verdict sentence about them, the noise floor (minimum detectable effect), Pareto fronts.
 
-scipy is not a dependency for four numbers; the t quantiles come from a table.
+The unit of replication is the trial: guests inside one trial share everything that varies
+from trial to trial (host state, ksmd's timing, the other guests), so they are not replicates.
+Callers pass one value per trial (or per block), never one per guest.
+
+scipy is not a dependency for a few numbers; the t quantiles come from tables.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,20 +26,45 @@ _T975_TABLE = {
     30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799,
 }
 _T975_INF = 1.9600
-_T_INV_DF = np.array([1.0 / d for d in sorted(_T975_TABLE, reverse=True)] + [1.0])
-_T_VALUES = np.array([_T975_TABLE[d] for d in sorted(_T975_TABLE, reverse=True)])
+# One-sided t(0.80, df), the power term of the minimum detectable effect (80% power).
+_T80_TABLE = {
+    1: 1.3764, 2: 1.0607, 3: 0.9785, 4: 0.9410, 5: 0.9195, 6: 0.9057, 7: 0.8960, 8: 0.8889,
+    9: 0.8834, 10: 0.8791, 11: 0.8755, 12: 0.8726, 13: 0.8702, 14: 0.8681, 15: 0.8662,
+    16: 0.8647, 17: 0.8633, 18: 0.8620, 19: 0.8610, 20: 0.8600, 21: 0.8591, 22: 0.8583,
+    23: 0.8575, 24: 0.8569, 25: 0.8562, 26: 0.8557, 27: 0.8551, 28: 0.8546, 29: 0.8542,
+    30: 0.8538, 40: 0.8507, 60: 0.8477, 120: 0.8446,
+}
+_T80_INF = 0.8416
+
+
+def _table_interpolator(table: dict[int, float], at_infinity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Table points sorted by 1/df ascending (df = infinity, i.e. 1/df = 0, first)."""
+    dofs = sorted(table, reverse=True)
+    xs = np.array([0.0] + [1.0 / d for d in dofs])
+    ys = np.array([at_infinity] + [table[d] for d in dofs])
+    return xs, ys
+
+
+_T975_POINTS = _table_interpolator(_T975_TABLE, _T975_INF)
+_T80_POINTS = _table_interpolator(_T80_TABLE, _T80_INF)
+
+
+def _t_quantile(dof: Any, points: tuple[np.ndarray, np.ndarray]) -> Any:
+    dof_arr = np.asarray(dof, dtype=float)
+    inv = np.divide(1.0, dof_arr, out=np.full_like(dof_arr, np.nan), where=dof_arr >= 1)
+    out = np.interp(np.nan_to_num(inv, nan=0.0), *points)
+    out = np.where(np.isnan(inv), np.nan, out)
+    return float(out) if out.ndim == 0 else out
 
 
 def t_quantile_975(dof: Any) -> Any:
     """t(0.975, dof) for the two-sided 95% interval; NaN where dof < 1. Accepts arrays."""
-    dof_arr = np.asarray(dof, dtype=float)
-    inv = np.divide(1.0, dof_arr, out=np.full_like(dof_arr, np.nan), where=dof_arr >= 1)
-    # table points sorted by 1/df ascending: 0 (df=inf) first
-    xs = np.concatenate([[0.0], _T_INV_DF[:-1]])
-    ys = np.concatenate([[_T975_INF], _T_VALUES])
-    out = np.interp(np.nan_to_num(inv, nan=0.0), xs, ys)
-    out = np.where(np.isnan(inv), np.nan, out)
-    return float(out) if out.ndim == 0 else out
+    return _t_quantile(dof, _T975_POINTS)
+
+
+def t_quantile_80(dof: Any) -> Any:
+    """t(0.80, dof), the one-sided quantile for 80% power; NaN where dof < 1. Accepts arrays."""
+    return _t_quantile(dof, _T80_POINTS)
 
 
 def mean_ci95(values: Any) -> tuple[float, float, int]:
@@ -65,6 +96,151 @@ def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
         return diff, 0.0
     dof = se2**2 / (va**2 / (a_arr.size - 1) + vb**2 / (b_arr.size - 1))
     return diff, float(t_quantile_975(dof)) * math.sqrt(se2)
+
+
+def _finite(values: Any) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def paired_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
+    """Percent change of paired values: per pair 100 * (on - off) / off, then the mean, the half
+    width of its 95% t interval and the number of usable pairs (both finite, off non-zero).
+
+    A pair is one block: the setting and its KSM-off trial ran back to back, so whatever drifts
+    between blocks (host state, time of day) cancels in the difference."""
+    on_arr, off_arr = np.asarray(on, dtype=float), np.asarray(off, dtype=float)
+    usable = np.isfinite(on_arr) & np.isfinite(off_arr) & (off_arr != 0)
+    return mean_ci95(100.0 * (on_arr[usable] - off_arr[usable]) / off_arr[usable])
+
+
+def welch_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
+    """Welch's difference of means as a percent of mean(off): (pct, half width, trials used).
+
+    The reference mean is treated as exact in the division; with the few trials a study has
+    its own uncertainty is already the larger part of Welch's interval."""
+    on_arr, off_arr = _finite(on), _finite(off)
+    n = int(on_arr.size + off_arr.size)
+    if on_arr.size == 0 or off_arr.size == 0 or off_arr.mean() == 0:
+        return math.nan, math.nan, n
+    ref = float(off_arr.mean())
+    diff, half = welch_ci95(on_arr, off_arr)
+    return 100.0 * diff / ref, 100.0 * half / abs(ref), n
+
+
+PAIRED = "paired by block"
+WELCH = "Welch"
+NO_INTERVAL = "none"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A setting vs its reference (KSM off), in percent of the reference.
+
+    n: blocks when paired, trials on both sides for Welch, trials on the setting's side for none.
+    """
+
+    pct: float
+    half_pct: float
+    n: int
+    method: str  # PAIRED | WELCH | NO_INTERVAL
+
+    @property
+    def has_interval(self) -> bool:
+        return self.method != NO_INTERVAL and math.isfinite(self.half_pct)
+
+    @property
+    def differs(self) -> bool | None:
+        """True when the 95% interval excludes 0; None without an interval."""
+        if not self.has_interval or not math.isfinite(self.pct):
+            return None
+        return abs(self.pct) > self.half_pct
+
+
+def compare_pct(on_by_block: Any, off_by_block: Any, on_trials: Any, off_trials: Any) -> Comparison:
+    """Compare a setting with its reference, choosing the method from what was replicated.
+
+    on_by_block / off_by_block: aligned values per block (NaN where a block lacks one side).
+    Paired differences when at least 2 blocks have both sides; else Welch on the trial values
+    when both sides have >= 2 trials; else only the difference of means, with no interval.
+    """
+    pct, half, n = paired_pct_ci95(on_by_block, off_by_block)
+    if n >= 2:
+        return Comparison(pct, half, n, PAIRED)
+    on_arr, off_arr = _finite(on_trials), _finite(off_trials)
+    if on_arr.size >= 2 and off_arr.size >= 2:
+        pct, half, n = welch_pct_ci95(on_arr, off_arr)
+        return Comparison(pct, half, n, WELCH)
+    return Comparison(pct_difference(on_arr, off_arr), math.nan, int(on_arr.size), NO_INTERVAL)
+
+
+def pct_difference(on: Any, off: Any) -> float:
+    """100 * (mean(on) - mean(off)) / mean(off) over the finite values; NaN if either is empty."""
+    on_arr, off_arr = _finite(on), _finite(off)
+    if on_arr.size == 0 or off_arr.size == 0 or off_arr.mean() == 0:
+        return math.nan
+    return float(100.0 * (on_arr.mean() - off_arr.mean()) / off_arr.mean())
+
+
+ONE_REPETITION = "one repetition: this study cannot tell workload differences from noise"
+
+
+def comparison_verdict(comparison: Comparison, one_repetition: bool = False) -> str:
+    """The one sentence fragment every report / compare / recommend uses for a comparison.
+
+    Words are chosen so that no claim is made without an interval over trial-level replicates:
+    a difference is claimed only when the 95% interval excludes 0."""
+    if comparison.has_interval:
+        unit = "blocks, paired" if comparison.method == PAIRED else "trials, Welch"
+        replication = f"n={comparison.n} {unit}"
+        if comparison.differs:
+            return f"differs from KSM off (95% interval excludes 0; {replication})"
+        return f"no difference detectable at 95% ({replication})"
+    if one_repetition:
+        return ONE_REPETITION
+    return (f"no interval (n={comparison.n} trial{'s' if comparison.n != 1 else ''}; too few trials on a side): "
+            "this study cannot tell this difference from noise")
+
+
+# ----------------------------------------------------------------------------- noise floor
+
+MDE_POWER = 0.80
+REPETITIONS_SEARCH_CAP = 1000
+
+
+def minimum_detectable_effect(sd: Any, n: Any) -> Any:
+    """Smallest true difference between two settings of n trials each that a two-sided 95% test
+    detects with 80% power, given run-to-run standard deviation sd (same units as sd):
+
+        MDE = (t(0.975, df) + t(0.80, df)) * sd * sqrt(2 / n),   df = 2n - 2
+
+    (the two-sample t test's normal-approximation power formula with t quantiles in place of
+    z). NaN where n < 2. A paired design can detect less when blocks differ; this is the
+    conservative, unpaired bound. Accepts arrays."""
+    n_arr = np.asarray(n, dtype=float)
+    dof = 2 * n_arr - 2
+    factor = t_quantile_975(dof) + t_quantile_80(dof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(n_arr >= 2, factor * np.asarray(sd, dtype=float) * np.sqrt(2.0 / n_arr), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def repetitions_needed(sd: float, target: float, cap: int = REPETITIONS_SEARCH_CAP) -> float:
+    """Smallest n (trials per setting, n >= 2) with minimum_detectable_effect(sd, n) <= target,
+    as a float so that it sits in a numeric column: math.inf when more than cap trials would be
+    needed, NaN when sd or target is not a finite usable number."""
+    if not (math.isfinite(sd) and math.isfinite(target) and target > 0 and sd >= 0):
+        return math.nan
+    n = np.arange(2, cap + 1)
+    ok = np.flatnonzero(minimum_detectable_effect(sd, n) <= target)
+    return float(n[ok[0]]) if ok.size else math.inf
+
+
+def format_repetitions(n: float, cap: int = REPETITIONS_SEARCH_CAP) -> str:
+    """repetitions_needed's value as text: "12", "> 1000" for inf, "" for NaN."""
+    if math.isnan(n):
+        return ""
+    return f"> {cap}" if math.isinf(n) else str(int(n))
 
 
 PARETO_TOLERANCE = 0.01  # savings within 1% of the largest count as equal on the frontier

@@ -261,10 +261,13 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                 try:
                     runner.close()
                 finally:
-                    restored = settings.restore()
-                    log.info("host settings restored: %s", ", ".join(restored) or "nothing changed")
-        outcome.interrupted = stop.is_set()
-        write_trials_table(study)
+                    try:
+                        restored = settings.restore()
+                        log.info("host settings restored: %s", ", ".join(restored) or "nothing changed")
+                    finally:
+                        # What was measured is summarised even when a restore step is refused.
+                        outcome.interrupted = stop.is_set()
+                        write_trials_table(study)
     return outcome
 
 

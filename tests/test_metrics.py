@@ -110,7 +110,9 @@ def write_trial(
     workload: pd.DataFrame | None = None,
     kind: str = "processes",
     ksm_knobs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """One trial folder; extra: more trial.json fields (disturbed, outside_cpu_pct, rerun_of)."""
     trial_dir = study_dir / "trials" / trial_id
     trial_dir.mkdir(parents=True)
     knobs = ksm_knobs if ksm_knobs is not None else {
@@ -121,6 +123,7 @@ def write_trial(
         "repetition": repetition, "settings": settings, "ksm": knobs, "workload": {},
         "status": status, "reason": reason, "kind": kind, "ksm_off": ksm_off,
         "timings": {"measure": {"start_wall": 1_700_000_002.0, "end_wall": 1_700_000_012.0}},
+        **(extra or {}),
     }
     (trial_dir / "trial.json").write_text(json.dumps(trial))
     if ksm is not None:
@@ -165,6 +168,45 @@ def sweep_study(root: Path) -> Path:
             write_trial(study_dir, f"p{pages}-r{rep}", {"pages_to_scan": pages}, repetition=rep,
                         ksm=ksm, processes=processes_frame(ksm))
     return finish_study(study_dir)
+
+
+def with_drift(ksm: pd.DataFrame, processes: pd.DataFrame, pss_growth_mib: float,
+               avail_fall_mib: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The guests' own growth during a trial, KSM or not: over measure the tracked PSS grows by
+    pss_growth_mib (split over the processes) and MemAvailable falls by avail_fall_mib, linearly."""
+    def progress(t_s: pd.Series) -> np.ndarray:
+        start = ksm.loc[ksm["phase"] == "measure", "t_s"].min()
+        return np.clip((t_s - start) / (ksm["t_s"].max() - start), 0.0, 1.0).to_numpy()
+
+    ksm = ksm.assign(mem_available_kib=ksm["mem_available_kib"] - avail_fall_mib * 1024 * progress(ksm["t_s"]))
+    per_process = pss_growth_mib * 1024 / processes["label"].nunique()
+    processes = processes.assign(pss_kib=processes["pss_kib"] + per_process * progress(processes["t_s"]))
+    return ksm, processes
+
+
+def sysbench_trial(study_dir: Path, trial_id: str, settings: dict[str, Any], tps: float, *, rep: int = 0,
+                   ksm_off: bool = False, guest_spread: float = 0.1, **kwargs: Any) -> Path:
+    """A two-guest sysbench trial whose guests ran tps and tps + guest_spread (trial mean
+    tps + guest_spread / 2): guests of one trial agree closely, as they do on a real host."""
+    return write_trial(study_dir, trial_id, settings, repetition=rep, ksm_off=ksm_off, kind="sysbench",
+                       ksm=kwargs.pop("ksm", ramp_ksm_frame()),
+                       workload_summary=guests_summary(tps, tps + guest_spread), **kwargs)
+
+
+def block_study(root: Path, on_tps: list[float], off_tps: list[float], guest_spread: float = 0.1) -> Path:
+    """One KSM-on setting (pages_to_scan=1000) and its KSM-off trial in each block; block b ran the
+    setting's guests at on_tps[b] (and + guest_spread) and KSM off at off_tps[b]."""
+    study_dir = start_study(root)
+    for block, (on, off) in enumerate(zip(on_tps, off_tps, strict=True)):
+        sysbench_trial(study_dir, f"off-r{block}", {"threads": 1}, off, rep=block, ksm_off=True,
+                       guest_spread=guest_spread)
+        sysbench_trial(study_dir, f"on-r{block}", {"threads": 1, "ksm.pages_to_scan": 1000}, on, rep=block,
+                       guest_spread=guest_spread)
+    return finish_study(study_dir)
+
+
+def computed(study_dir: Path) -> metrics.StudyMetrics:
+    return metrics.compute_study(metrics.load_study(study_dir))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -357,14 +399,18 @@ def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> Non
     sm = metrics.compute_study(metrics.load_study(finish_study(study_dir)))
     trials = sm.trials.set_index("trial_id")
     assert trials.loc["on-r0", "tps"] == pytest.approx(0.9 * 102.0)
-    assert trials.loc["on-r0", "baseline"] == "matched"
-    assert trials.loc["on-r0", "tps_vs_off_pct"] == pytest.approx(100 * (0.9 * 102 - 101) / 101)
+    # vs the KSM-off trial of its own block (102 tps), not the mean over blocks
+    assert trials.loc["on-r0", "baseline"] == "same block"
+    assert trials.loc["on-r0", "tps_vs_off_pct"] == pytest.approx(-10.0)
     assert trials.loc["on-r0", "latency_p95_ms_vs_off_pct"] == pytest.approx(25.0)
     row = sm.settings.set_index("setting").loc["threads=1"]  # pages_to_scan has one value: not swept
-    guest_tps = np.array([100.0, 104.0, 98.0, 102.0]) * 0.9
-    assert row["tps_n"] == 4
-    assert row["tps_ci95"] == pytest.approx(3.1824 * guest_tps.std(ddof=1) / 2)
+    trial_tps = np.array([102.0, 100.0]) * 0.9  # one value per trial: its guests' mean
+    assert row["tps_n"] == 2
+    assert row["tps_ci95"] == pytest.approx(12.7062 * trial_tps.std(ddof=1) / math.sqrt(2))
+    assert row["tps_guest_sd"] == pytest.approx(0.9 * np.std([100.0, 104.0], ddof=1))
     assert row["tps_vs_off_pct"] == pytest.approx(-10.0)
+    assert (row["tps_vs_off_method"], row["tps_vs_off_n"]) == ("paired by block", 2)
+    assert row["tps_vs_off_ci95_pct"] == pytest.approx(0.0)  # -10% in both blocks
 
 
 def test_workload_from_interval_rows_without_summary(tmp_path: Path) -> None:
@@ -393,3 +439,183 @@ def test_truncated_csv_is_reported_not_fatal(tmp_path: Path) -> None:
     (trial_dir / "ksm.csv").write_bytes(b"")
     m = metrics.trial_metrics(trial_dir)
     assert "ksm.csv unreadable" in m["data_problems"]
+
+
+# ----------------------------------------------------------------------------- trial as the unit
+
+
+def test_guests_that_agree_are_not_replicates(tmp_path: Path) -> None:
+    """Guests of a trial agree (x and x + 0.1) but trials do not: KSM on ran 6 then 12 tps, KSM off
+    10 then 9. Pooling guests would make 4 tight samples per side; the trial is the unit, so n = 2
+    and no difference may be claimed."""
+    sm = computed(block_study(tmp_path, on_tps=[6.0, 12.0], off_tps=[10.0, 9.0]))
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert on["tps"] == pytest.approx(9.05)
+    assert on["tps_n"] == 2
+    assert on["tps_ci95"] == pytest.approx(12.7062 * np.std([6.05, 12.05], ddof=1) / math.sqrt(2))
+    assert on["tps_guest_sd"] == pytest.approx(np.std([6.0, 6.1], ddof=1))  # description only
+    blocks = [100 * (6.05 - 10.05) / 10.05, 100 * (12.05 - 9.05) / 9.05]
+    assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("paired by block", 2)
+    assert on["tps_vs_off_pct"] == pytest.approx(np.mean(blocks))
+    assert on["tps_vs_off_ci95_pct"] == pytest.approx(12.7062 * np.std(blocks, ddof=1) / math.sqrt(2))
+    comparison = metrics.settings_comparison(on, "tps")
+    assert comparison.differs is False
+    assert stats.comparison_verdict(comparison) == "no difference detectable at 95% (n=2 blocks, paired)"
+
+
+def test_consistent_trial_level_effect_is_claimed(tmp_path: Path) -> None:
+    # -30%, -31%, -29% in three blocks: mean -30, sd 1, half = t(0.975, 2) / sqrt(3)
+    sm = computed(block_study(tmp_path, on_tps=[7.0, 8.28, 5.68], off_tps=[10.0, 12.0, 8.0], guest_spread=0.0))
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert on["tps_vs_off_pct"] == pytest.approx(-30.0)
+    assert on["tps_vs_off_ci95_pct"] == pytest.approx(4.3027 / math.sqrt(3))
+    assert stats.comparison_verdict(metrics.settings_comparison(on, "tps")) == \
+        "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
+    trials = sm.trials.set_index("trial_id")
+    assert trials.loc["on-r1", "baseline"] == "same block"
+    assert trials.loc["on-r1", "tps_vs_off_pct"] == pytest.approx(-31.0)
+
+
+def test_welch_on_trials_when_blocks_do_not_pair(tmp_path: Path) -> None:
+    """KSM off ran in blocks 0 and 1, the setting in 1 and 2: one common block, so Welch."""
+    study_dir = start_study(tmp_path)
+    for block, tps in ((0, 9.0), (1, 11.0)):
+        sysbench_trial(study_dir, f"off-r{block}", {"threads": 1}, tps, rep=block, ksm_off=True, guest_spread=0.0)
+    for block, tps in ((1, 8.0), (2, 10.0)):
+        sysbench_trial(study_dir, f"on-r{block}", {"threads": 1, "ksm.run": 1}, tps, rep=block, guest_spread=0.0)
+    sm = computed(finish_study(study_dir))
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("Welch", 4)
+    assert on["tps_vs_off_pct"] == pytest.approx(-10.0)
+    assert on["tps_vs_off_ci95_pct"] == pytest.approx(100 * 4.3027 * math.sqrt(2) / 10)  # Welch df = 2
+    trials = sm.trials.set_index("trial_id")
+    assert trials.loc["on-r2", "baseline"] == "matched"  # no KSM-off trial in block 2: mean of both (10)
+    assert trials.loc["on-r2", "tps_vs_off_pct"] == pytest.approx(0.0)
+
+
+def test_one_repetition_has_no_interval(tmp_path: Path) -> None:
+    sm = computed(block_study(tmp_path, on_tps=[9.0], off_tps=[10.0], guest_spread=0.0))
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("none", 1)
+    assert on["tps_vs_off_pct"] == pytest.approx(-10.0)
+    assert math.isnan(on["tps_vs_off_ci95_pct"]) and math.isnan(on["tps_ci95"])
+    assert sm.blocks == 1
+    assert stats.comparison_verdict(metrics.settings_comparison(on, "tps"), one_repetition=True) == \
+        "one repetition: this study cannot tell workload differences from noise"
+
+
+# ----------------------------------------------------------------------------- noise floor
+
+
+def test_noise_floor_from_repeated_ksm_off_trials(tmp_path: Path) -> None:
+    study_dir = block_study(tmp_path, on_tps=[90.0, 90.0, 90.0], off_tps=[100.0, 104.8, 95.2], guest_spread=0.0)
+    sysbench_trial(study_dir, "off-t4", {"threads": 4}, 300.0, ksm_off=True)  # once: no sd
+    sm = computed(finish_study(study_dir))
+    noise = sm.noise.set_index(["group", "metric"])
+    tps = noise.loc[("KSM off, threads=1", "tps")]
+    assert (tps["n_trials"], tps["mean"], tps["sd"], tps["cv_pct"]) == (3, pytest.approx(100.0),
+                                                                       pytest.approx(4.8), pytest.approx(4.8))
+    mde = (2.7764 + 0.9410) * 4.8 * math.sqrt(2 / 3)  # n = 3 each: df = 4
+    assert tps["mde"] == pytest.approx(mde)
+    assert tps["mde_pct_of_mean"] == pytest.approx(mde)  # mean 100
+    # 5% of 100 = 5 tps with sd 4.8: sd / target = 0.96, between 1/1.0600 (n=15) and 1/1.0239 (n=16)
+    assert tps["repetitions_for_5pct"] == 16
+    assert noise.loc[("KSM off, threads=1", "latency_p95_ms"), "sd"] == 0.0
+    assert math.isnan(noise.loc[("KSM off, threads=1", "mem_available_rise_mib"), "repetitions_for_5pct"])
+    single = noise.loc[("KSM off, threads=4", "tps")]
+    assert single["n_trials"] == 1 and math.isnan(single["sd"]) and math.isnan(single["mde"])
+
+
+def test_no_noise_floor_without_ksm_off_trials(tmp_path: Path) -> None:
+    sm = computed(sweep_study(tmp_path))
+    assert sm.noise.empty and "sd" in sm.noise.columns
+
+
+# ----------------------------------------------------------------------------- net of drift
+
+
+def drift_study(root: Path, drifts_mib: tuple[float, ...] = (95.0, 85.0)) -> Path:
+    """Per block: a KSM-off trial whose guests grow (PSS +d MiB, MemAvailable -(d - 1) MiB) and a
+    KSM-on trial that saves 100 MiB (25,600 pages) on top of the same growth."""
+    study_dir = start_study(root)
+    for block, drift in enumerate(drifts_mib):
+        off_ksm = ramp_ksm_frame(final_sharing=0)
+        off_ksm, off_procs = with_drift(off_ksm, processes_frame(off_ksm, pss_start_kib=200_000), drift, drift - 1)
+        write_trial(study_dir, f"off-r{block}", {"threads": 1}, repetition=block, ksm_off=True, ksm=off_ksm,
+                    processes=off_procs)
+        on_ksm = ramp_ksm_frame(final_sharing=25_600)
+        on_procs = processes_frame(on_ksm, pss_start_kib=200_000, pss_drop_total_kib=100 * 1024)
+        on_ksm, on_procs = with_drift(on_ksm, on_procs, drift, drift - 1)
+        write_trial(study_dir, f"on-r{block}", {"threads": 1, "ksm.pages_to_scan": 1000}, repetition=block,
+                    ksm=on_ksm, processes=on_procs)
+    return finish_study(study_dir)
+
+
+def test_savings_net_of_drift_use_the_same_block(tmp_path: Path) -> None:
+    sm = computed(drift_study(tmp_path))
+    trials = sm.trials.set_index("trial_id")
+    assert trials.loc["off-r0", "pss_drop_mib"] == pytest.approx(-95.0)
+    assert trials.loc["off-r0", "mem_available_rise_mib"] == pytest.approx(-94.0)
+    assert trials.loc["on-r1", "pss_drop_mib"] == pytest.approx(100.0 - 85.0)
+    # block 1's own KSM-off growth (85) is subtracted, not the mean over blocks (90)
+    assert trials.loc["on-r1", "pss_drop_net_mib"] == pytest.approx(100.0)
+    assert trials.loc["on-r1", "mem_available_rise_net_mib"] == pytest.approx(100.0)
+    assert math.isnan(trials.loc["off-r1", "pss_drop_net_mib"])
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert (on["pss_drop_net_mib"], on["pss_drop_net_mib_n"]) == (pytest.approx(100.0), 2)
+    assert on["pss_drop_net_mib_ci95"] == pytest.approx(0.0, abs=1e-9)
+    assert on["mem_available_rise_net_mib"] == pytest.approx(100.0)
+    assert on["pss_drop_mib"] == pytest.approx(10.0)  # raw: (5 + 15) / 2
+
+
+def test_no_net_savings_without_ksm_off_trials(tmp_path: Path) -> None:
+    sm = computed(sweep_study(tmp_path))
+    for column in metrics.NET_METRICS:
+        assert sm.trials[column].isna().all() and sm.settings[column].isna().all()
+
+
+# ----------------------------------------------------------------------------- disturbed trials
+
+
+def disturbed_study(root: Path) -> Path:
+    """One block. Setting A's trial was disturbed (outside CPU 40%) and its rerun is ok; setting
+    B's trial was disturbed (35%) and its rerun failed."""
+    study_dir = start_study(root)
+    a, b = {"threads": 1, "ksm.pages_to_scan": 100}, {"threads": 1, "ksm.pages_to_scan": 1000}
+    sysbench_trial(study_dir, "off", {"threads": 1}, 10.0, ksm_off=True, guest_spread=0.0)
+    sysbench_trial(study_dir, "a", a, 5.0, guest_spread=0.0, extra={"disturbed": True, "outside_cpu_pct": 40.0})
+    sysbench_trial(study_dir, "a-rerun", a, 9.0, guest_spread=0.0, extra={"rerun_of": "a", "outside_cpu_pct": 2.0})
+    sysbench_trial(study_dir, "b", b, 8.0, guest_spread=0.0, extra={"disturbed": True, "outside_cpu_pct": 35.0})
+    write_trial(study_dir, "b-rerun", b, status="failed", reason="guest vm0 never answered SSH",
+                extra={"rerun_of": "b"})
+    return finish_study(study_dir)
+
+
+def test_disturbed_trial_is_replaced_by_its_ok_rerun(tmp_path: Path) -> None:
+    sm = computed(disturbed_study(tmp_path))
+    trials = sm.trials.set_index("trial_id")
+    assert len(trials) == 5  # nothing dropped
+    assert trials["used_in_stats"].to_dict() == {"off": True, "a": False, "a-rerun": True, "b": True, "b-rerun": False}
+    assert trials.loc["a", "stats_note"] == "disturbed; rerun a-rerun used"
+    assert trials.loc["a-rerun", "stats_note"] == "rerun of a"
+    assert trials.loc["b", "stats_note"] == "disturbed; used, no ok rerun"
+    assert trials.loc["b-rerun", "stats_note"] == "failed; not used"
+    assert trials.loc["a", "outside_cpu_pct"] == 40.0 and bool(trials.loc["a", "disturbed"])
+    assert trials.loc["a", "tps_vs_off_pct"] == pytest.approx(-50.0)  # still described per trial
+    settings = sm.settings.set_index("setting")
+    a = settings.loc["ksm.pages_to_scan=100"]
+    assert (a["trials"], a["ok"], a["n"]) == (2, 2, 1)
+    assert a["tps"] == pytest.approx(9.0)
+    assert a["tps_vs_off_pct"] == pytest.approx(-10.0)
+    b = settings.loc["ksm.pages_to_scan=1000"]
+    assert (b["trials"], b["ok"], b["n"], b["tps"]) == (2, 1, 1, pytest.approx(8.0))
+
+
+def test_rerun_of_a_disturbed_rerun_is_followed(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    sysbench_trial(study_dir, "t", {}, 5.0, extra={"disturbed": True})
+    sysbench_trial(study_dir, "t2", {}, 6.0, extra={"disturbed": True, "rerun_of": "t"})
+    sysbench_trial(study_dir, "t3", {}, 9.0, extra={"rerun_of": "t2"})
+    trials = computed(finish_study(study_dir)).trials.set_index("trial_id")
+    assert trials.loc["t", "stats_note"] == "disturbed; rerun t3 used"
+    assert trials["used_in_stats"].to_dict() == {"t": False, "t2": False, "t3": True}

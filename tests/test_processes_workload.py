@@ -311,7 +311,8 @@ def test_worker_exits_when_its_lifeline_reaches_eof():
     worker = start_filler({})
     try:
         assert worker.stdout.readline().startswith(b"mapped ")
-        assert worker.stdout.readline() == b"round 1\n"
+        assert worker.stdout.readline().startswith(b"fill 1 ")
+        assert worker.stdout.readline().startswith(b"round 1 ")
         worker.stdin.close()
         assert worker.wait(timeout=5) == 0
     finally:

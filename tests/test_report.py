@@ -16,12 +16,16 @@ from PIL import Image
 from orchestrator import report
 from orchestrator.errors import StoreError
 from tests.test_metrics import (
+    block_study,
+    disturbed_study,
+    drift_study,
     finish_study,
     guests_summary,
     processes_frame,
     ramp_ksm_frame,
     start_study,
     sweep_study,
+    sysbench_trial,
     write_trial,
 )
 
@@ -131,11 +135,84 @@ def test_vm_study_with_ksm_off_baseline_reports_workload_change(tmp_path: Path) 
     html = html_path.read_text()
     assert (html_path.parent / "workload.png").exists()
     assert len(_pngs_in(html)) == 4
-    worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+% \((.*?)\)", html)
-    assert worst and worst.group(1) == "distinguishable from KSM off at 95%"
+    worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+%; (.*?)\.</li>", html)
+    assert worst and worst.group(1) == "differs from KSM off (95% interval excludes 0; n=2 blocks, paired)"
     summary = pd.read_csv(html_path.parent / "summary.csv").set_index("trial_id")
-    # per trial: vs the mean of both KSM-off repetitions (101 tps); r1 ran at 0.9 x 100 = 90 tps
-    assert summary.loc["p1000-r1", "tps_vs_off_pct"] == pytest.approx(100 * (90 - 101) / 101)
+    # per trial: vs the KSM-off trial of the same block (100 tps in r1); r1 ran at 0.9 x 100 = 90 tps
+    assert summary.loc["p1000-r1", "tps_vs_off_pct"] == pytest.approx(-10.0)
+    assert summary.loc["p1000-r1", "baseline"] == "same block"
+
+
+def _findings(html: str) -> list[str]:
+    return [re.sub(r"\s+", " ", li) for li in re.findall(r"<li[^>]*>(.*?)</li>", html, re.S)]
+
+
+def _section(html: str, section_id: str) -> str:
+    match = re.search(rf'<section id="{section_id}">(.*?)</section>', html, re.S)
+    assert match, section_id
+    return match.group(1)
+
+
+def test_one_repetition_report_claims_no_difference(tmp_path: Path) -> None:
+    study = start_study(tmp_path)
+    ksm = ramp_ksm_frame()
+    sysbench_trial(study, "off", {"threads": 1}, 100.0, ksm_off=True, ksm=ksm)
+    for pages, tps in ((100, 98.0), (1000, 67.0)):  # -33%: looks large, but it is one trial each
+        sysbench_trial(study, f"p{pages}", {"threads": 1, "ksm.pages_to_scan": pages}, tps, ksm=ksm,
+                       processes=processes_frame(ksm))
+    html = report.write_report(finish_study(study)).read_text()
+    assert "significant" not in html.lower()
+    assert "distinguishable" not in html.lower()
+    findings = _findings(html)
+    assert any(f.startswith("One repetition: this study cannot tell workload differences from noise") for f in findings)
+    worst = next(f for f in findings if f.startswith("Worst throughput change"))
+    assert worst.endswith("-33.0%; one repetition: this study cannot tell workload differences from noise.")
+    assert "No run-to-run noise estimate" in _section(html, "noise")
+    assert "repetitions &gt;= 2 and ksm_off_baseline = true" in _section(html, "noise")
+
+
+def test_guests_that_agree_do_not_make_a_difference(tmp_path: Path) -> None:
+    html = report.write_report(block_study(tmp_path, on_tps=[6.0, 12.0], off_tps=[10.0, 9.0])).read_text()
+    worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
+    assert worst.endswith("; no difference detectable at 95% (n=2 blocks, paired).")
+    assert "differs from KSM off" not in html
+    assert "significant" not in html.lower() and "distinguishable" not in html.lower()
+
+
+def test_clear_effect_is_claimed_with_noise_floor_and_n(tmp_path: Path) -> None:
+    off = [100.0, 104.8, 95.2]
+    html = report.write_report(block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off,
+                                           guest_spread=0.0)).read_text()
+    findings = _findings(html)
+    worst = next(f for f in findings if f.startswith("Worst throughput change"))
+    assert worst == ("Worst throughput change vs KSM off: all trials: -30.0% ± 0.0%; differs from KSM off "
+                     "(95% interval excludes 0; n=3 blocks, paired).")
+    noise = next(f for f in findings if f.startswith("Noise floor"))
+    assert "tps varied 4.80% run to run (sd 4.80 tps)" in noise
+    assert "a 5% change would need 16 repetitions" in noise
+    table = _section(html, "noise")
+    assert 'id="noise-table"' in table and "<td>16</td>" in table.replace(' class="text"', "")
+    settings = _section(html, "settings")
+    assert "(n=3)" in settings and "(n=3 blocks, paired)" in settings
+    assert "<th>n</th>" in settings
+
+
+def test_headline_says_net_of_drift_or_raw(tmp_path: Path) -> None:
+    net = report.write_report(drift_study(tmp_path / "a")).read_text()
+    largest = next(f for f in _findings(net) if f.startswith("Largest saving"))
+    assert "PSS drop 100 ± 0 MiB, MemAvailable rise 100 ± 0 MiB" in largest
+    assert "PSS drop and MemAvailable rise are net of drift" in largest
+    raw = report.write_report(sweep_study(tmp_path / "b")).read_text()
+    largest = next(f for f in _findings(raw) if f.startswith("Largest saving"))
+    assert "PSS drop and MemAvailable rise are the raw change" in largest
+
+
+def test_disturbed_trials_are_listed_in_a_warning(tmp_path: Path) -> None:
+    html = report.write_report(disturbed_study(tmp_path)).read_text()
+    warning = re.search(r'<li class="warn">(2 disturbed trial\(s\).*?)</li>', html, re.S)
+    assert warning
+    assert "a (outside CPU 40.00%; rerun a-rerun used); b (outside CPU 35.00%; used, no ok rerun)" in warning.group(1)
+    assert "disturbed; rerun a-rerun used" in _section(html, "trials")
 
 
 def test_study_without_trials_still_reports(tmp_path: Path) -> None:
