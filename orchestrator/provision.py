@@ -48,9 +48,12 @@ from orchestrator.domains import (
     mac_for_uuid,
     parse_metadata,
     render_domain_xml,
+    restore_xml,
     user_net_backend,
 )
+from orchestrator import states
 from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator.states import SavedSet
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +400,7 @@ class _Slot:
     mac: str | None = None
     ssh_host: str | None = None
     started_monotonic: float | None = None
+    restore_s: float | None = None
     torn_down: bool = False
 
 
@@ -474,15 +478,24 @@ class GuestSet:
         image: BootImage,
         options: GuestSetOptions = GuestSetOptions(),
         work_dir: Path | None = None,
+        restore: SavedSet | None = None,
+        name_stem: str | None = None,
     ) -> None:
         if not requests:
             raise ProvisionError("a guest set needs at least one guest")
         if "/" in study or not study:
             raise ProvisionError(f"study name {study!r} cannot name a domain (empty or has '/')")
+        if restore is not None and len(restore.guests) != len(requests):
+            raise ProvisionError(f"saved state {restore.key} holds {len(restore.guests)} guests, "
+                                 f"{len(requests)} were asked for")
         self.uri = uri
         self.study = study
         self.image = image
         self.options = options
+        # Restore: each guest comes back from its saved state, under its saved name and uuid
+        # (libvirt refuses another name for a save image).
+        self.restore = restore
+        self.name_stem = name_stem or study
         self.work_dir = Path(work_dir) if work_dir else options.work_root / _file_slug(study)
         self.ports = PortRegistry(options.port_state_dir)
         self._conn: libvirt.virConnect | None = None
@@ -490,12 +503,14 @@ class GuestSet:
         self._slots = [self._plan_slot(i, request) for i, request in enumerate(requests)]
 
     def _plan_slot(self, index: int, request: GuestRequest) -> _Slot:
-        guest_uuid = str(uuidlib.uuid4())
-        # The uuid in the file names keeps a crashed run's files from colliding with ours.
-        stem = f"{_file_slug(self.study)}-{index}-{guest_uuid[:8]}"
+        saved = self.restore.guests[index] if self.restore is not None else None
+        guest_uuid = saved.uuid if saved else str(uuidlib.uuid4())
+        # A fresh token in the file names keeps a crashed run's files from colliding with ours
+        # (a restored guest keeps its uuid from trial to trial, so the uuid alone would not).
+        stem = f"{_file_slug(self.study)}-{index}-{uuidlib.uuid4().hex[:8]}"
         return _Slot(
             index=index,
-            name=f"{NAME_PREFIX}{self.study}-{index}",
+            name=saved.name if saved else f"{NAME_PREFIX}{self.name_stem}-{index}",
             uuid=guest_uuid,
             overlay_path=self.work_dir / f"{stem}.qcow2",
             console_log_path=self.work_dir / f"{stem}.console.log",
@@ -555,11 +570,54 @@ class GuestSet:
         with _libvirt_errors(f"define {slot.name}"):
             dom = self._conn.defineXML(xml)
         # Defined first, so the overlay we now create is recorded on a domain cleanup() finds.
+        if self.restore is not None:
+            self._restore_slot(slot)
+            return
         base = slot.request.disk_path or Path(self.image.disk_path)
         create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else self.image.disk_format)
         with _libvirt_errors(f"start {slot.name}"):
             dom.create()
         slot.started_monotonic = time.monotonic()
+
+    def _restore_slot(self, slot: _Slot) -> None:
+        """A fresh overlay on the frozen disk, then libvirt's restore of the saved memory into
+        the defined domain, with the XML stored in the save image changed only where a trial
+        differs (overlay, console log, SSH port, metadata)."""
+        assert self._conn is not None and self.restore is not None
+        saved = self.restore.guests[slot.index]
+        create_overlay(saved.disk_path, slot.overlay_path, "qcow2")
+        dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
+                           console_log_path=slot.console_log_path, host_port=slot.port)
+        slot.started_monotonic = time.monotonic()
+        with _libvirt_errors(f"restore {slot.name} from {saved.save_path}"):
+            self._conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        slot.restore_s = time.monotonic() - slot.started_monotonic
+
+    def restore_seconds(self) -> dict[str, float]:
+        """{guest name: seconds libvirt took to restore it} (restored sets only)."""
+        return {slot.name: round(slot.restore_s, 3) for slot in self._slots if slot.restore_s is not None}
+
+    def save(self, folder: Path, markers: Sequence[str]) -> list[dict[str, object]]:
+        """Save every running guest into `folder` (in parallel): libvirt's save of the domain
+        (memory and devices; the domain stops), then its overlay, consistent with that memory,
+        moves into the folder as the read-only disk layer. Returns state.json's guest entries.
+        The set is then only good for teardown."""
+        if self._conn is None:
+            raise ProvisionError(f"guest set of study {self.study!r} is not running")
+
+        def save_one(slot: _Slot) -> dict[str, object]:
+            save_path, disk_path, xml_path = states.guest_files(folder, slot.index)
+            dom = self._domain(slot)
+            with _libvirt_errors(f"save {slot.name}"):
+                dom.save(str(save_path))
+                xml_path.write_text(self._conn.saveImageGetXMLDesc(str(save_path), libvirt.VIR_DOMAIN_XML_SECURE))
+            os.replace(slot.overlay_path, disk_path)
+            disk_path.chmod(0o440)  # a backing file from now on: never written again
+            save_path.chmod(0o600)  # guest memory: the guest's secrets are in it
+            return {"index": slot.index, "name": slot.name, "uuid": slot.uuid, "marker": markers[slot.index]}
+
+        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="ksmlab-save") as pool:
+            return list(pool.map(save_one, self._slots))
 
     def __enter__(self) -> GuestSet:
         # Fresh uuids and files on every enter, so a set can be exited and entered again
