@@ -139,16 +139,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from orchestrator.provision import cleanup
 
+    from orchestrator import images, states
+
     removed = cleanup(args.uri, study=args.study)
     for name in removed:
         print(f"removed {name}")
+    # Saved states half-written by a killed sweep (complete ones stay: they are the cache).
+    for root in states.all_roots(images.default_cache_dir()):
+        for path in states.remove_stale_builds(root):
+            removed.append(str(path))
+            print(f"removed unfinished saved state {path}")
     if not removed:
         print("nothing left behind")
     return 0
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from orchestrator import images
+    from orchestrator import images, states
 
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.image_cmd == "build":
@@ -163,8 +170,15 @@ def cmd_image(args: argparse.Namespace) -> int:
             print(f"{ref.key}\t{size_mib:.0f} MiB\t{ref.manifest_path}")
         if not refs:
             print(f"no images in {cache or images.default_cache_dir()}")
+        for root in states.all_roots(cache or images.default_cache_dir()):
+            for saved in states.list_states(root):
+                print(f"state {saved.key}\t{saved.size_bytes / 2**20:.0f} MiB\t{len(saved.guests)} guest(s)\t{saved.folder}")
     elif args.image_cmd == "rm":
-        images.remove_image(cache or images.default_cache_dir(), args.key)
+        roots = [r for r in states.all_roots(cache or images.default_cache_dir()) if (r / args.key).is_dir()]
+        if roots:  # a saved guest state's key
+            states.remove(roots[0], args.key)
+        else:
+            images.remove_image(cache or images.default_cache_dir(), args.key)
         print(f"removed {args.key}")
     return 0
 

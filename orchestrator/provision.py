@@ -324,12 +324,31 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
             _unlink(meta.console_log_path)
             _undefine(dom)
             for folder in {p.parent for p in (meta.overlay_path, meta.console_log_path) if p}:
+                _remove_uncached_states(folder / UNCACHED_STATES)
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: other studies' files stay
             removed.append(name)
     # A killed sweep never released its forwarded ports; its entries go with its guests.
     PortRegistry().prune()
     return removed
+
+
+def _remove_uncached_states(folder: Path) -> None:
+    """A killed study's uncached saved states, beside its overlays. Only folders that hold
+    nothing but saved-state files are removed: metadata names the folder, it does not get to
+    name what is deleted."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            return
+        if any(f.is_symlink() or not f.is_file() or not states.is_state_file(f.name) for f in entry.iterdir()):
+            return
+    for entry in folder.iterdir():
+        for f in entry.iterdir():
+            f.unlink()
+        entry.rmdir()
+    folder.rmdir()
 
 
 # --- the guest set ---------------------------------------------------------------------------
@@ -406,6 +425,14 @@ class _Slot:
 
 def _file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
+
+
+def study_work_dir(work_root: Path, study: str) -> Path:
+    """Where a study's overlays, console logs and uncached saved states live."""
+    return Path(work_root) / _file_slug(study)
+
+
+UNCACHED_STATES = "states"  # subfolder of a study's work folder (cache_states = false)
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -496,7 +523,7 @@ class GuestSet:
         # (libvirt refuses another name for a save image).
         self.restore = restore
         self.name_stem = name_stem or study
-        self.work_dir = Path(work_dir) if work_dir else options.work_root / _file_slug(study)
+        self.work_dir = Path(work_dir) if work_dir else study_work_dir(options.work_root, study)
         self.ports = PortRegistry(options.port_state_dir)
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()

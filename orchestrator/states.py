@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -39,6 +40,24 @@ STATE_FORMAT = 1
 # Where, inside each guest, the marker proving "this is the saved guest" lives: /run is tmpfs,
 # so the marker is in guest memory only and a rebooted or wrong guest cannot show it.
 MARKER_PATH = "/run/ksmlab-state"
+
+
+def states_root(image_dir: Path | None, cache_dir: Path, disk_path: Path) -> Path:
+    """Cached saved states live beside the image they were built on (`image rm` takes them
+    along); states of a brought image, which has no cache folder, under the cache's states/."""
+    if image_dir is not None:
+        return Path(image_dir) / "states"
+    return Path(cache_dir) / "states" / hashlib.sha256(str(disk_path).encode()).hexdigest()[:12]
+
+
+def all_roots(cache_dir: Path) -> list[Path]:
+    """Every folder under an image cache that may hold saved states."""
+    cache_dir = Path(cache_dir)
+    roots = [p / "states" for p in sorted(cache_dir.iterdir()) if (p / "states").is_dir()] if cache_dir.is_dir() else []
+    brought = cache_dir / "states"
+    if brought.is_dir():
+        roots += [p for p in sorted(brought.iterdir()) if p.is_dir()]
+    return roots
 
 
 def state_key(spec: dict[str, Any]) -> str:
@@ -75,6 +94,11 @@ class SavedSet:
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+
+def is_state_file(name: str) -> bool:
+    """A file name a saved set's folder may hold (what cleanup may delete there)."""
+    return name == STATE_FILE or re.fullmatch(r"g\d+\.(save|qcow2|xml)", name) is not None
 
 
 def guest_files(folder: Path, index: int) -> tuple[Path, Path, Path]:

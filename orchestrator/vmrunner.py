@@ -34,12 +34,14 @@ from orchestrator.guest import GuestSession
 from orchestrator.plan import Trial, sysbench_params
 from orchestrator.provision import (
     DEFAULT_WORK_ROOT,
+    UNCACHED_STATES,
     GuestRequest,
     GuestSet,
     GuestSetOptions,
     check_memory_fits,
     choose_domain_type,
     console_tail,
+    study_work_dir,
 )
 from orchestrator.store import atomic_write_json
 from orchestrator.sweep import (PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop,
@@ -139,9 +141,10 @@ class VmRunner(TrialRunner):
     def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
         g = trial.guests or {}
         if g.get("cache_states", True):
-            return prepared_dir(image).parent / "states"
+            image_dir = Path(image.manifest_path).parent if image.manifest_path is not None else None
+            return states.states_root(image_dir, images.default_cache_dir(), Path(image.disk_path))
         work_root = Path(g["workdir"]) if g.get("workdir") else DEFAULT_WORK_ROOT
-        return work_root / f"{self.plan.study.name}-states"
+        return study_work_dir(work_root, self.plan.study.name) / UNCACHED_STATES
 
     def _state_spec(self, trial: Trial, image: images.ImageRef, template: Path | None) -> dict[str, Any]:
         """Everything that shapes a saved guest: the image, the guest hardware and domain
@@ -241,7 +244,7 @@ class VmRunner(TrialRunner):
             "image": image.key or str(image.disk_path), "guests": len(guests),
             "restore_s": guest_set.restore_seconds(), "restore_wall_s": round(restored_s, 3),
             "ssh_wall_s": round(ssh_s, 3), "start_s": round(time.monotonic() - started, 3),
-            "clock_offset_s": offsets,
+            "clock_offset_s": offsets, "overlays": [str(g.overlay_path) for g in guests],
         }
         log.info("restored %d guest(s) from state %s in %.2f s (SSH back at %.2f s)", len(guests), saved.key,
                  info["start_s"], ssh_s)
@@ -251,6 +254,8 @@ class VmRunner(TrialRunner):
         """Delete saved states that the plan asked not to cache (cache_states = false)."""
         for root in self._study_state_roots:
             shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                root.parent.rmdir()  # the study's work folder, once empty
         self._study_state_roots.clear()
 
     # -- provision -----------------------------------------------------------------------------

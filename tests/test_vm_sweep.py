@@ -128,6 +128,7 @@ type = "idle"
 [guests]
 count = 1
 memory_mib = 768
+start = "boot"
 workdir = "{workdir}"
 [phases]
 measure_s = 600
