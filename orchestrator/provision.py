@@ -52,7 +52,7 @@ from orchestrator.domains import (
     user_net_backend,
 )
 from orchestrator import states
-from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator.errors import GuestBootError, GuestLostError, HostError, ProvisionError
 from orchestrator.states import SavedSet
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,45 @@ def _libvirt_errors(action: str) -> Iterator[None]:
         raise ProvisionError(f"{action}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
+# libvirt's own event loop, run by one daemon thread for the whole process: it delivers domain
+# lifecycle events (a guest that dies or is paused mid-trial) and drives keepalive, which turns
+# a wedged libvirtd into an error instead of a call that never returns.
+_EVENT_LOOP_LOCK = threading.Lock()
+_event_loop: threading.Thread | None = None
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3  # unanswered probes before libvirt closes the connection: ~20 s
+
+
+def ensure_event_loop() -> None:
+    global _event_loop
+    with _EVENT_LOOP_LOCK:
+        if _event_loop is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
+def connect(uri: str) -> libvirt.virConnect:
+    """A libvirt connection with keepalive (where the driver has it: test:/// does not)."""
+    ensure_event_loop()
     with _libvirt_errors(f"cannot connect to libvirt at {uri}"):
         conn = libvirt.open(uri)
+    try:
+        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+    except libvirt.libvirtError:
+        pass  # local drivers without a daemon: nothing to keep alive
+    return conn
+
+
+@contextlib.contextmanager
+def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
+    conn = connect(uri)
     try:
         yield conn
     finally:
@@ -519,6 +554,9 @@ class GuestSet:
         self.study = study
         self.image = image
         self.options = options
+        self.lost: dict[str, str] = {}  # guest name -> what happened to it (lifecycle events)
+        self._watching = False
+        self._event_id: int | None = None
         # Restore: each guest comes back from its saved state, under its saved name and uuid
         # (libvirt refuses another name for a save image).
         self.restore = restore
@@ -655,8 +693,8 @@ class GuestSet:
         except OSError as exc:
             raise ProvisionError(f"cannot create work dir {self.work_dir}: {exc}") from exc
         try:
-            with _libvirt_errors(f"cannot connect to libvirt at {self.uri}"):
-                self._conn = libvirt.open(self.uri)
+            self._conn = connect(self.uri)
+            self._watch_lifecycle()
         except ProvisionError:
             with contextlib.suppress(OSError):
                 self.work_dir.rmdir()
@@ -682,6 +720,56 @@ class GuestSet:
             raise
         executor.shutdown(wait=True)
         return self
+
+    # -- guests that die or stop mid-trial ---------------------------------------------------
+
+    def _watch_lifecycle(self) -> None:
+        """Note every guest of ours that stops, crashes or is paused while the set is up
+        (libvirt lifecycle events, not polling): a trial must fail, not measure N-1 guests."""
+        assert self._conn is not None
+        self.lost = {}
+        self._watching = False
+        uuids = {slot.uuid: slot.name for slot in self._slots}
+
+        def on_event(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+            name = uuids.get(dom.UUIDString())
+            if name is None or not self._watching:
+                return
+            reason = _lost_reason(event, detail)
+            if reason is not None:
+                self.lost.setdefault(name, reason)
+                log.error("guest %s %s", name, reason)
+
+        try:
+            self._event_id = self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
+        except libvirt.libvirtError:
+            self._event_id = None  # a driver without events: raise_if_lost still checks states
+
+    def watch(self, on: bool = True) -> None:
+        """Guests stopping from here on are failures (off again before a save or teardown)."""
+        self._watching = on
+
+    def raise_if_lost(self) -> None:
+        """GuestLostError naming every guest that stopped, crashed or was paused, with its
+        console tail; also checks each domain's state, in case an event was missed."""
+        lost = dict(self.lost)
+        if self._conn is not None:
+            for slot in self._slots:
+                if slot.name in lost:
+                    continue
+                try:
+                    state, reason = self._domain(slot).state()
+                except ProvisionError as exc:
+                    lost[slot.name] = f"is gone ({exc})"
+                    continue
+                if state != libvirt.VIR_DOMAIN_RUNNING:
+                    lost[slot.name] = _state_reason(state, reason)
+        if lost:
+            tails = "\n".join(f"--- {slot.name} console ---\n{console_tail(slot.console_log_path, 15)}"
+                              for slot in self._slots if slot.name in lost)
+            detail = "; ".join(f"{name} {why}" for name, why in lost.items())
+            raise GuestLostError(f"{len(lost)} of {len(self._slots)} guest(s) lost mid-trial: {detail}", tails)
 
     # -- using -----------------------------------------------------------------------------
 
@@ -828,6 +916,11 @@ class GuestSet:
 
     def teardown(self) -> None:
         """Destroy, delete and undefine everything made so far. Idempotent; tries every guest."""
+        self._watching = False
+        if self._conn is not None and self._event_id is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.domainEventDeregisterAny(self._event_id)
+            self._event_id = None
         with self._lock:
             problems: list[str] = []
             for slot in self._slots:
@@ -860,6 +953,32 @@ class GuestSet:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown_after(exc, self.teardown)
+
+
+def _lost_reason(event: int, detail: int) -> str | None:
+    """What a lifecycle event means for a trial; None for events that do not end a guest."""
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        names = {libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "was destroyed",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed (QEMU exited)",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "was saved"}
+        return names.get(detail, "stopped")
+    if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+        return "crashed (guest panic)"
+    if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+        if detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+            return "was paused by QEMU on an I/O error (disk full?)"
+        return "was paused"
+    return None
+
+
+def _state_reason(state: int, reason: int) -> str:
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+        return "is paused on an I/O error (disk full?)"
+    names = {libvirt.VIR_DOMAIN_PAUSED: "is paused", libvirt.VIR_DOMAIN_SHUTOFF: "is shut off",
+             libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down"}
+    return names.get(state, f"is in state {state}")
 
 
 def find_qemu_pid(name: str, guest_uuid: str, pid_dir: Path | None, proc_root: Path = Path("/proc")) -> int | None:

@@ -76,20 +76,30 @@ class PhaseClock:
             entry["duration_s"] = round(time.monotonic() - start, 3)
 
 
-def wait_or_stop(stop: threading.Event, seconds: float) -> None:
-    if seconds > 0 and stop.wait(seconds):
-        raise StopRequested("interrupted")
-    if stop.is_set():
-        raise StopRequested("interrupted")
+def wait_or_stop(stop: threading.Event, seconds: float, check: Callable[[], None] | None = None) -> None:
+    """Wait `seconds` unless a stop is requested; `check` (e.g. "are all guests alive?") runs
+    at least once a second and ends the wait by raising."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if stop.is_set() or (left > 0 and stop.wait(min(left, 1.0) if check else left)):
+            raise StopRequested("interrupted")
+        if deadline - time.monotonic() <= 0:
+            if check is not None:
+                check()
+            return
 
 
-def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event) -> bool:
+def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+            check: Callable[[], None] | None = None) -> bool:
     """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
     over converge_window_s, capped at max_measure_s. Returns whether it converged."""
     measure_s = float(plan_phases["measure_s"])
     start = time.monotonic()
     if not plan_phases["until_converged"]:
-        wait_or_stop(stop, measure_s)
+        wait_or_stop(stop, measure_s, check)
         return False
     window_s = float(plan_phases["converge_window_s"])
     tolerance = float(plan_phases["converge_tolerance_pct"]) / 100
@@ -97,7 +107,7 @@ def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Ev
     history: collections.deque[tuple[float, float]] = collections.deque()
     poll_s = min(1.0, window_s / 4)
     while True:
-        wait_or_stop(stop, poll_s)
+        wait_or_stop(stop, poll_s, check)
         now = time.monotonic() - start
         latest = sampler.latest() or {}
         if "pages_sharing" in latest:
@@ -124,7 +134,8 @@ def _slope_mib_per_min(t_s: Any, kib: Any) -> float:
     return float(np.polyfit(t[ok], v[ok], 1)[0]) * 60.0 / 1024.0
 
 
-def wait_steady(phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event) -> dict[str, Any]:
+def wait_steady(phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+                check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Hold until the tracked processes' summed RSS and host MemAvailable each move by less than
     steady_slope_mib_per_min over the last steady_window_s, at most steady_max_s. A guest that
     is still growing puts its growth into every delta-based saving of the trial; waiting for it
@@ -155,7 +166,7 @@ def wait_steady(phases: Mapping[str, Any], sampler: Sampler, stop: threading.Eve
                         max_s, {k: round(v, 1) for k, v in slopes.items()}, limit)
             return {"steady_wait_s": round(waited, 1), "steady_timed_out": True,
                     "steady_slopes_mib_per_min": {k: round(v, 2) for k, v in slopes.items()}}
-        wait_or_stop(stop, 1.0)
+        wait_or_stop(stop, 1.0, check)
 
 
 class TrialRunner:

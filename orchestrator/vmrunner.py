@@ -188,6 +188,7 @@ class VmRunner(TrialRunner):
                 active.sessions.clear()
                 wait_or_stop(self.stop, 1.0)
                 build = states.build_folder(root, skey)
+                active.guest_set.watch(False)  # saving stops the guests: that is not a loss
                 entries = active.guest_set.save(build, markers)
                 saved = states.commit(build, root, skey, spec, entries,
                                       {"provision": active.provision_info})
@@ -442,14 +443,16 @@ class VmRunner(TrialRunner):
         runs: dict[str, sysbench.GuestRun] = {}
         is_sysbench = trial.workload["type"] == "sysbench"
         params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload)) if is_sysbench else None
+        alive = active.guest_set.raise_if_lost
+        active.guest_set.watch()
         try:
             with sampler:
                 with clock.phase("settle", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["settle_s"])
+                    wait_or_stop(self.stop, phases["settle_s"], alive)
                 with clock.phase("steady", sampler, self.progress):
-                    result.update(wait_steady(phases, sampler, self.stop))
+                    result.update(wait_steady(phases, sampler, self.stop, alive))
                 with clock.phase("baseline", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["baseline_s"])
+                    wait_or_stop(self.stop, phases["baseline_s"], alive)
                 memory_rows += self._guest_memory(active, "start", params)
                 if trial.ksm_off:
                     self.settings.stop()
@@ -458,14 +461,15 @@ class VmRunner(TrialRunner):
                 with clock.phase("measure", sampler, self.progress):
                     if is_sysbench:
                         assert params is not None
-                        runs = self._run_workload(active, params)
+                        runs = self._run_workload(active, params, alive)
                     else:
-                        result["converged_by_rule"] = measure(phases, sampler, self.stop)
+                        result["converged_by_rule"] = measure(phases, sampler, self.stop, alive)
                 if is_sysbench and phases["until_converged"] and not trial.ksm_off:
                     # The workload ended; keep sampling until KSM settles (bounded by the cap).
                     with clock.phase("tail", sampler, self.progress):
-                        result["converged_by_rule"] = measure(dict(phases, measure_s=0), sampler, self.stop)
+                        result["converged_by_rule"] = measure(dict(phases, measure_s=0), sampler, self.stop, alive)
                 memory_rows += self._guest_memory(active, "end", params)
+                alive()  # a guest lost in the last second still fails the trial
         finally:
             result["frames"] = {
                 "ksm": sampler.ksm_frame(),
@@ -483,15 +487,18 @@ class VmRunner(TrialRunner):
                               for g in active.guest_set.guests if g.name in failed)
             raise WorkloadError(f"sysbench failed in {len(failed)} guest(s): {details}\n{tails}")
 
-    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams) -> dict[str, sysbench.GuestRun]:
-        """sysbench in every guest at once; a stop request does not wait for it to finish
-        (the guests are torn down, which ends the sessions)."""
+    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams,
+                      alive: Any = None) -> dict[str, sysbench.GuestRun]:
+        """sysbench in every guest at once; a stop request or a lost guest does not wait for it
+        to finish (the guests are torn down, which ends the sessions)."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksmlab-sysbench")
         future = pool.submit(sysbench.run_all, active.sessions, params, params.duration_s + 300)
         try:
             while not future.done():
                 if self.stop.wait(0.5):
                     raise StopRequested("interrupted during the workload")
+                if alive is not None:
+                    alive()
             return future.result()
         finally:
             pool.shutdown(wait=False)

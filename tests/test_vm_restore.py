@@ -195,3 +195,26 @@ def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
     assert snapshot() == ksm_guard
+
+
+def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path, results_dir, ksm_guard):
+    _need_vm_host()
+    study = f"pyt-rlost-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4324], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, 4324)
+    try:
+        victim = sorted(_ours(study)["domains"])[0]
+        with libvirt.open(URI) as conn:
+            conn.lookupByName(victim).destroy()  # what an OOM kill or a crash looks like from here
+        assert sweep.wait(120) == 1  # some trials failed: not an error of the tool
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    assert record["status"] == "failed"
+    assert f"{victim} was destroyed" in record["reason"] and "console" in record["reason"]
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []
+    assert snapshot() == ksm_guard
