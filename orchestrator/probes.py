@@ -287,6 +287,23 @@ def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
     return parse_meminfo(_read(root / "proc" / "meminfo"))
 
 
+def parse_node_meminfo(text: str) -> dict[str, int]:
+    """/sys/devices/system/node/nodeN/meminfo ("Node 0 MemFree:  123 kB") as {field: KiB}."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "Node":
+            values[parts[2].rstrip(":")] = int(parts[3])
+    return values
+
+
+def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | None:
+    try:
+        return parse_node_meminfo(_read(root / "sys" / "devices" / "system" / "node" / f"node{node}" / "meminfo"))
+    except FileNotFoundError:
+        return None
+
+
 def read_vmstat(root: Path = Path("/")) -> dict[str, int]:
     return parse_vmstat(_read(root / "proc" / "vmstat"))
 
