@@ -92,7 +92,8 @@ pages_to_scan = {pts}
 def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, results_dir, ksm_guard):
     _need_vm_host()
     study = f"pyt-restore-{os.getpid()}"
-    text = idle_plan(study, tmp_path / "work", [1000, 5000])
+    # Fast scanning: 2 x 640 MiB of guest RAM is scanned twice (needed to merge) within measure.
+    text = idle_plan(study, tmp_path / "work", [20000, 40000], measure_s=6)
     outcome = run_sweep(parse_plan(text), text, results_dir)
     assert (outcome.ran, outcome.failed) == (2, 0), (results_dir / study / "trials.csv").read_text()
     table = pd.read_csv(results_dir / study / "trials.csv")
