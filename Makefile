@@ -6,6 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(PY) -m pytest -p no:cacheprovider
+# Shipped inside the package, so an installed wheel runs the same script (`ksm-lab host setup`).
+HOST_SETUP := bash orchestrator/host-setup.sh
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: help host venv test-deps demo quickstart test test-fast test-vm bench clean-host
@@ -19,10 +21,10 @@ help:
 
 # Debian packages (QEMU, libvirt, build deps of libvirt-python) and virtlogd/libvirtd running.
 host:
-	bash scripts/host-setup.sh
+	$(HOST_SETUP)
 
 $(STAMP):
-	bash scripts/host-setup.sh --packages-only
+	$(HOST_SETUP) --packages-only
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -54,7 +56,7 @@ quickstart: venv
 # Tests run one at a time: several change the host's one KSM and must not overlap.
 test: host venv test-deps
 	$(PY) -m orchestrator image build
-	$(PYTEST) tests -ra; rc=$$?; bash scripts/host-setup.sh --stop; exit $$rc
+	$(PYTEST) tests -ra; rc=$$?; $(HOST_SETUP) --stop; exit $$rc
 
 test-fast: venv
 	$(PYTEST) tests -ra -m "not vm and not browser"
@@ -69,4 +71,4 @@ bench: venv
 
 clean-host:
 	$(PY) -m orchestrator cleanup
-	bash scripts/host-setup.sh --stop
+	$(HOST_SETUP) --stop

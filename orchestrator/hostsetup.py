@@ -1,4 +1,4 @@
-"""Is this host ready to run guests, and make it so (scripts/host-setup.sh does the work).
+"""Is this host ready to run guests, and make it so (the shipped host-setup.sh does the work).
 
 check_host() only reads; setup_host() installs packages and starts libvirtd as root.
 """
@@ -15,9 +15,10 @@ from typing import Literal
 
 from orchestrator import images
 from orchestrator.errors import HostError
+from orchestrator.resources import package_file
 
 LIBVIRT_URI = "qemu:///system"
-SETUP_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "host-setup.sh"
+SETUP_SCRIPT = package_file("host-setup.sh")
 # An image build holds the rootfs (~0.8 GiB), the raw ext4 and the qcow2 at once.
 MIN_IMAGE_CACHE_FREE_GIB = 4.0
 _TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen")
@@ -50,7 +51,7 @@ def kvm_status(root: Path = Path("/")) -> tuple[bool, str]:
     if virt_flag:
         return False, f"no: CPU has {virt_flag} but /dev/kvm is missing (kvm module?) -> use TCG"
     if present:
-        # A software/nested KVM without vmx/svm cannot run a stock guest kernel (HOST.md).
+        # A software/nested KVM without vmx/svm cannot run a stock guest kernel.
         return False, "no: /dev/kvm present but CPU has no vmx/svm (nested/software KVM) -> use TCG"
     return False, "no: no /dev/kvm and CPU has no vmx/svm -> use TCG"
 
@@ -124,10 +125,11 @@ def _check_cache_room(cache_dir: Path) -> CheckResult:
 
 
 def setup_host(stop: bool = False, timeout_s: float = 900) -> str:
-    """Run scripts/host-setup.sh (or --stop) as root; returns what it printed."""
+    """Run host-setup.sh (or --stop) as root; returns what it printed."""
     if os.geteuid() != 0:
         raise HostError("host setup needs root (apt-get, libvirtd)")
-    argv = [str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
+    # Through bash: an installed wheel does not promise to keep the executable bit.
+    argv = ["bash", str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout_s)

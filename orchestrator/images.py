@@ -34,19 +34,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
+from orchestrator.resources import package_file
 
 log = logging.getLogger(__name__)
 
 # Bump when the build steps below change what ends up in an image.
 BUILD_SCRIPT_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "workloads" / "images"
+# Shipped recipes; a bare recipe name ("debian-sysbench") means one of these.
+RECIPES_DIR = package_file("image_recipes")
 DEFAULT_RECIPE = RECIPES_DIR / "debian-sysbench.toml"
 DEFAULT_CACHE_DIR = Path("/var/lib/ksm-lab/images")
 CACHE_DIR_ENV = "KSM_LAB_IMAGE_CACHE"
 HostKeyPolicy = Literal["verify", "accept-any"]
-# A cache entry's secrets are root's alone (guests run as root: scripts/host-setup.sh). The
+# A cache entry's secrets are root's alone (guests run as root: host-setup.sh). The
 # login key opens every guest of the image; the base disk holds the guest's SSH host private
 # key, which is what sessions trust. The disk stays read-only too: a write to the shared base
 # would corrupt every overlay on it.

@@ -1,4 +1,4 @@
-"""Host readiness: KVM decision, checks, and scripts/host-setup.sh's own steps."""
+"""Host readiness: KVM decision, checks, and host-setup.sh's own steps."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
     has_virt = " vmx" in cpuinfo or " svm" in cpuinfo
     usable = has_virt and os.access("/dev/kvm", os.R_OK | os.W_OK)
     assert detect_domain_type() == ("kvm" if usable else "qemu")
-    if not has_virt and Path("/dev/kvm").exists():  # this machine kind (HOST.md)
+    if not has_virt and Path("/dev/kvm").exists():  # a nested/software KVM host
         assert kvm_status() == (False, "no: /dev/kvm present but CPU has no vmx/svm "
                                        "(nested/software KVM) -> use TCG")
 
