@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
-from orchestrator.resources import package_file
+from orchestrator.resources import is_recipe_name, package_file
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +373,8 @@ def resolve_image(
 def _recipe_path(value: str | None, base_dir: Path) -> Path:
     if value is None:
         return DEFAULT_RECIPE
-    if "/" not in value and not value.endswith(".toml"):
-        return RECIPES_DIR / f"{value}.toml"  # a bare name means a shipped recipe
+    if is_recipe_name(value):
+        return RECIPES_DIR / f"{value}.toml"
     return (base_dir / value).resolve()
 
 

@@ -35,3 +35,9 @@ def package_root() -> Path:
     """The folder holding the `orchestrator` package: what a child interpreter needs on its
     PYTHONPATH to import the same ksm-lab (site-packages for a wheel, the checkout otherwise)."""
     return package_file().parent
+
+
+def is_recipe_name(value: str) -> bool:
+    """A recipe given as a bare name ("debian-sysbench") is a shipped one; a value with a slash
+    or ending in .toml is a path to the user's own."""
+    return "/" not in value and not value.endswith(".toml")
