@@ -23,6 +23,7 @@ from typing import Any, Literal
 import jinja2
 
 from orchestrator.errors import ProvisionError
+from orchestrator.kvm import DomainType
 from orchestrator.resources import package_file
 
 DEFAULT_TEMPLATE = package_file("domain_templates", "guest.xml.j2")
@@ -35,7 +36,6 @@ METADATA_PREFIX = "ksmlab"
 # type='user' interfaces needs a newer libvirt and the passt binary.
 PASST_MIN_LIBVIRT_VERSION = 9_002_000
 
-DomainType = Literal["kvm", "qemu", "test"]
 UserNetBackend = Literal["qemu-commandline", "passt"]
 
 

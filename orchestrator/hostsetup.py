@@ -11,10 +11,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from orchestrator import images
 from orchestrator.errors import HostError
+from orchestrator.kvm import kvm_status
 from orchestrator.resources import package_file
 
 LIBVIRT_URI = "qemu:///system"
@@ -31,34 +31,6 @@ class CheckResult:
     detail: str
     # False for facts that change how guests run but do not stop them (no KVM -> TCG).
     blocking: bool = True
-
-
-def kvm_status(root: Path = Path("/")) -> tuple[bool, str]:
-    """Whether guests can use KVM, and why (or why not) in words."""
-    cpuinfo = (root / "proc/cpuinfo").read_text(errors="replace")
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    virt_flag = "vmx" if "vmx" in flags else "svm" if "svm" in flags else None
-    dev_kvm = root / "dev/kvm"
-    present = dev_kvm.exists()
-    usable = present and os.access(dev_kvm, os.R_OK | os.W_OK)
-    if virt_flag and usable:
-        return True, f"yes: CPU has {virt_flag} and /dev/kvm is usable -> domain type kvm"
-    if virt_flag and present:
-        return False, "no: /dev/kvm is not readable+writable by this user -> use TCG"
-    if virt_flag:
-        return False, f"no: CPU has {virt_flag} but /dev/kvm is missing (kvm module?) -> use TCG"
-    if present:
-        # A software/nested KVM without vmx/svm cannot run a stock guest kernel.
-        return False, "no: /dev/kvm present but CPU has no vmx/svm (nested/software KVM) -> use TCG"
-    return False, "no: no /dev/kvm and CPU has no vmx/svm -> use TCG"
-
-
-def detect_domain_type(root: Path = Path("/")) -> Literal["kvm", "qemu"]:
-    """libvirt domain type for this host: "kvm" with hardware virtualization, else "qemu" (TCG)."""
-    return "kvm" if kvm_status(root)[0] else "qemu"
 
 
 def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None) -> list[CheckResult]:

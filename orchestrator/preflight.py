@@ -8,7 +8,8 @@ from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostsetup import CheckResult, check_host
-from orchestrator.ksm import KSM_REL, THP_REL, find_pids_by_comm, run_dir
+from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
+from orchestrator.probes import KSM_SYSFS
 
 
 def _writable(name: str, path: Path) -> CheckResult:
@@ -19,7 +20,7 @@ def _writable(name: str, path: Path) -> CheckResult:
 
 
 def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
-    ksm_dir = root / KSM_REL
+    ksm_dir = root / KSM_SYSFS
     if not ksm_dir.is_dir():
         return [CheckResult("KSM", False, f"{ksm_dir} missing: kernel without CONFIG_KSM")]
     results = [CheckResult("KSM", True, f"{len(list(ksm_dir.iterdir()))} files in {ksm_dir}")]
@@ -48,7 +49,7 @@ def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResu
         try:
             plan, _ = load_plan(plan_path)
             trials = expand(plan)
-            check_against_host(trials, root / KSM_REL)
+            check_against_host(trials, root / KSM_SYSFS)
             results.append(CheckResult("plan", True, f"{plan_path}: {len(trials)} trials"))
             needs_vms = plan.guests is not None
         except OrchestratorError as exc:

@@ -24,9 +24,10 @@ import pandas as pd
 from orchestrator import metrics
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
+from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
 from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand,
                                fast_interval_s, processes_params)
+from orchestrator.probes import KSM_SYSFS
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -220,7 +221,7 @@ def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
               progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/")) -> SweepOutcome:
     trials = expand(plan)
-    check_against_host(trials, root / KSM_REL)
+    check_against_host(trials, root / KSM_SYSFS)
     refuse_if_ksmtuned(root)
     stop = threading.Event()
     with host_lock():

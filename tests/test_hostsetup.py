@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import hostsetup
-from orchestrator.hostsetup import SETUP_SCRIPT, check_host, detect_domain_type, kvm_status
+from orchestrator.hostsetup import SETUP_SCRIPT, check_host
+from orchestrator.kvm import choose_domain_type, kvm_status
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="host-setup.sh runs as root")
 
@@ -28,7 +29,7 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     has_virt = " vmx" in cpuinfo or " svm" in cpuinfo
     usable = has_virt and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    assert detect_domain_type() == ("kvm" if usable else "qemu")
+    assert choose_domain_type("auto") == ("kvm" if usable else "qemu")
     if not has_virt and Path("/dev/kvm").exists():  # a nested/software KVM host
         assert kvm_status() == (False, "no: /dev/kvm present but CPU has no vmx/svm "
                                        "(nested/software KVM) -> use TCG")
@@ -44,7 +45,7 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
 def test_domain_type_from_flags_and_device(tmp_path: Path, flags: str, dev_kvm: bool,
                                            expected: str, reason: str) -> None:
     root = _fake_host(tmp_path, flags, dev_kvm)
-    assert detect_domain_type(root) == expected
+    assert choose_domain_type("auto", root) == expected
     assert reason in kvm_status(root)[1]
 
 

@@ -33,9 +33,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Sequence
 
+from orchestrator import probes
 from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.resources import package_root
 from orchestrator.workloads._filler import FILLS, memory_merge_supported
@@ -132,12 +132,10 @@ class _Worker:
 
 def _mem_available_bytes() -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        available_kib = probes.read_meminfo().get("MemAvailable")
     except OSError:
-        pass
-    return None
+        return None
+    return None if available_kib is None else available_kib * 1024
 
 
 def _describe_exit(returncode: int) -> str:
