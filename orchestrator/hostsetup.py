@@ -17,7 +17,8 @@ from orchestrator.errors import HostError
 from orchestrator.kvm import kvm_status
 from orchestrator.resources import package_file
 
-LIBVIRT_URI = "qemu:///system"
+LIBVIRT_URI = "qemu:///system"  # the default, where a plan or option names none
+LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
 SETUP_SCRIPT = package_file("host-setup.sh")
 # An image build holds the rootfs (~0.8 GiB), the raw ext4 and the qcow2 at once.
 MIN_IMAGE_CACHE_FREE_GIB = 4.0
@@ -33,24 +34,31 @@ class CheckResult:
     blocking: bool = True
 
 
-def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None) -> list[CheckResult]:
-    """The checks a plan needs; no VMs means nothing to check here."""
+def libvirt_uri(option: str | None = None, plan_uri: str | None = None) -> str:
+    """The libvirt to talk to, decided as virsh does: -c/--connect, else $LIBVIRT_DEFAULT_URI,
+    else the plan's [guests] uri, else qemu:///system."""
+    return option or os.environ.get(LIBVIRT_URI_ENV) or plan_uri or LIBVIRT_URI
+
+
+def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
+               uri: str = LIBVIRT_URI) -> list[CheckResult]:
+    """The checks a plan needs (libvirt probed at `uri`); no VMs means nothing to check here."""
     if not plan_needs_vms:
         return []
-    results = [_check_libvirt()]
+    results = [_check_libvirt(uri)]
     kvm_ok, kvm_detail = kvm_status()
     results.append(CheckResult("kvm", kvm_ok, kvm_detail, blocking=False))
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     results.append(CheckResult(
         "tools", not missing,
-        f"missing {', '.join(missing)}: run `python -m orchestrator host setup`" if missing
+        f"missing {', '.join(missing)}: run `ksm-lab host setup`" if missing
         else "present: " + ", ".join(_TOOLS)))
     results.append(_check_image(image_cache_dir))
     results.append(_check_cache_room(image_cache_dir or images.default_cache_dir()))
     return results
 
 
-def _check_libvirt() -> CheckResult:
+def _check_libvirt(uri: str) -> CheckResult:
     try:
         import libvirt
     except ImportError as exc:
@@ -58,10 +66,10 @@ def _check_libvirt() -> CheckResult:
     # libvirt prints every error to stderr by default; we report it ourselves.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        return CheckResult("libvirt", False, f"{LIBVIRT_URI} unreachable ({exc}): run "
-                                             "`python -m orchestrator host setup`")
+        return CheckResult("libvirt", False, f"{uri} unreachable ({exc}): run "
+                                             "`ksm-lab host setup`")
     try:
         caps = conn.getCapabilities()
         version = conn.getLibVersion()
@@ -71,9 +79,9 @@ def _check_libvirt() -> CheckResult:
     has_qemu = re.search(r"<arch name='x86_64'>.*?<domain type='qemu'", caps, re.S) is not None
     lib = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
     if not has_qemu:
-        return CheckResult("libvirt", False, f"libvirt {lib} at {LIBVIRT_URI} has no QEMU "
+        return CheckResult("libvirt", False, f"libvirt {lib} at {uri} has no QEMU "
                                              "x86_64 driver: install libvirt-daemon-driver-qemu")
-    return CheckResult("libvirt", True, f"libvirt {lib} at {LIBVIRT_URI}, QEMU x86_64 driver present")
+    return CheckResult("libvirt", True, f"libvirt {lib} at {uri}, QEMU x86_64 driver present")
 
 
 def _check_image(cache_dir: Path | None) -> CheckResult:
@@ -83,7 +91,7 @@ def _check_image(cache_dir: Path | None) -> CheckResult:
         return CheckResult("image", False, f"default image unusable: {exc}")
     if image is None:
         return CheckResult("image", False, f"default image {images.image_key(images.DEFAULT_RECIPE)}"
-                                           " not built: run `python -m orchestrator image build`")
+                                           " not built: run `ksm-lab image build`")
     return CheckResult("image", True, f"{image.key} at {image.disk_path.parent}")
 
 

@@ -366,7 +366,7 @@ def resolve_image(
         return cached
     if not build:
         raise ProvisionError(f"image for {recipe_path} is not built yet: run "
-                             "`python -m orchestrator image build`")
+                             "`ksm-lab image build`")
     return build_image(recipe_path, cache_dir)
 
 
@@ -444,7 +444,7 @@ def _check_build_host() -> None:
         raise HostError("building an image needs root (debootstrap, chroot)")
     missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
-        raise HostError(f"missing {', '.join(missing)}: run `python -m orchestrator host setup`")
+        raise HostError(f"missing {', '.join(missing)}: run `ksm-lab host setup`")
 
 
 def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_dir: Path,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.hostsetup import CheckResult, check_host
+from orchestrator.hostsetup import CheckResult, check_host, libvirt_uri
 from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
 from orchestrator.probes import KSM_SYSFS
 
@@ -39,10 +39,14 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     return results
 
 
-def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResult]:
-    """Every check; `ready(results)` says whether the host can run the plan."""
+def run_checks(plan_path: Path | None, root: Path = Path("/"), connect: str | None = None) -> list[CheckResult]:
+    """Every check; `ready(results)` says whether the host can run the plan.
+
+    libvirt is probed where the sweep would go: `connect` (-c), $LIBVIRT_DEFAULT_URI, the
+    plan's [guests] uri, qemu:///system (hostsetup.libvirt_uri)."""
     results = ksm_checks(root)
     needs_vms = False
+    plan_uri = None
     if plan_path is not None:
         from orchestrator.plan import check_against_host, expand, load_plan
 
@@ -52,9 +56,10 @@ def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResu
             check_against_host(trials, root / KSM_SYSFS)
             results.append(CheckResult("plan", True, f"{plan_path}: {len(trials)} trials"))
             needs_vms = plan.guests is not None
+            plan_uri = plan.guests.uri if plan.guests is not None else None
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
-    vm_results = check_host(plan_needs_vms=True)
+    vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
     if not needs_vms:
         # Without a VM plan the VM checks are information: they cannot make the host unready.
         vm_results = [dataclasses.replace(r, blocking=False) for r in vm_results]
