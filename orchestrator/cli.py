@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -196,7 +197,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             table.add_column(column)
         for r in results:
             verdict = "[green]yes[/green]" if r.ok else ("[red]NO[/red]" if r.blocking else "[yellow]no[/yellow] (info)")
-            table.add_row(r.name, verdict, r.detail)
+            # Details quote sysfs ("always [madvise] never"): not rich markup.
+            table.add_row(r.name, verdict, escape(r.detail))
         Console().print(table)
     return EXIT_OK if is_ready else EXIT_FAILED
 
