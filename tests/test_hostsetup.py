@@ -95,6 +95,17 @@ def test_qemu_conf_is_edited_once_with_a_backup(tmp_path: Path) -> None:
     assert conf.read_text() == edited
 
 
+def test_a_block_written_by_an_earlier_version_is_replaced_not_doubled(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('# stock\n# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver\n'
+                    'user = "root"\ngroup = "root"\n# <<< ksm-lab\n')
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    assert result.returncode == 0, result.stderr
+    edited = conf.read_text()
+    assert edited.count("# >>> ksm-lab") == 1 and "scripts/host-setup.sh" not in edited
+    assert edited.startswith("# stock\n") and 'security_driver = "none"' in edited
+
+
 def test_qemu_conf_is_created_when_absent(tmp_path: Path) -> None:
     conf = tmp_path / "libvirt" / "qemu.conf"
     result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
