@@ -226,12 +226,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from orchestrator import images, states
     from orchestrator.hostsetup import libvirt_uri
     from orchestrator.provision import cleanup
 
     removed = cleanup(libvirt_uri(args.connect), study=args.study)
     for name in removed:
         print(f"removed {name}")
+    # Saved states half-written by a killed sweep (complete ones stay: they are the cache).
+    for root in states.all_roots(images.default_cache_dir()):
+        for path in states.remove_stale_builds(root):
+            removed.append(str(path))
+            print(f"removed unfinished saved state {path}")
     if not removed:
         print("nothing left behind")
     return EXIT_OK
@@ -245,7 +251,7 @@ def _image_json(ref: Any) -> dict[str, Any]:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from orchestrator import images
+    from orchestrator import images, states
 
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.image_cmd == "build":
@@ -255,17 +261,27 @@ def cmd_image(args: argparse.Namespace) -> int:
         print(ref.manifest_path)
     elif args.image_cmd == "list":
         refs = images.list_images(cache)
+        saved_sets = [saved for root in states.all_roots(cache or images.default_cache_dir())
+                      for saved in states.list_states(root)]
         if args.json:
             _print_json({"cache_dir": cache or images.default_cache_dir(),
-                         "images": [_image_json(ref) for ref in refs]})
+                         "images": [_image_json(ref) for ref in refs],
+                         "states": [{"key": s.key, "folder": s.folder, "size_bytes": s.size_bytes,
+                                     "guests": len(s.guests)} for s in saved_sets]})
             return EXIT_OK
         for ref in refs:
             size_mib = ref.disk_path.stat().st_size / 2**20 if ref.disk_path.exists() else float("nan")
             print(f"{ref.key}\t{size_mib:.0f} MiB\t{ref.manifest_path}")
         if not refs:
             print(f"no images in {cache or images.default_cache_dir()}")
+        for saved in saved_sets:
+            print(f"state {saved.key}\t{saved.size_bytes / 2**20:.0f} MiB\t{len(saved.guests)} guest(s)\t{saved.folder}")
     elif args.image_cmd == "rm":
-        images.remove_image(cache or images.default_cache_dir(), args.key)
+        roots = [r for r in states.all_roots(cache or images.default_cache_dir()) if (r / args.key).is_dir()]
+        if roots:  # a saved guest state's key
+            states.remove(roots[0], args.key)
+        else:
+            images.remove_image(cache or images.default_cache_dir(), args.key)
         print(f"removed {args.key}")
     return EXIT_OK
 

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -85,20 +86,30 @@ class PhaseClock:
             entry["duration_s"] = round(time.monotonic() - start, 3)
 
 
-def wait_or_stop(stop: threading.Event, seconds: float) -> None:
-    if seconds > 0 and stop.wait(seconds):
-        raise StopRequested("interrupted")
-    if stop.is_set():
-        raise StopRequested("interrupted")
+def wait_or_stop(stop: threading.Event, seconds: float, check: Callable[[], None] | None = None) -> None:
+    """Wait `seconds` unless a stop is requested; `check` (e.g. "are all guests alive?") runs
+    at least once a second and ends the wait by raising."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if stop.is_set() or (left > 0 and stop.wait(min(left, 1.0) if check else left)):
+            raise StopRequested("interrupted")
+        if deadline - time.monotonic() <= 0:
+            if check is not None:
+                check()
+            return
 
 
-def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event) -> bool:
+def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+            check: Callable[[], None] | None = None) -> bool:
     """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
     over converge_window_s, capped at max_measure_s. Returns whether it converged."""
     measure_s = float(plan_phases["measure_s"])
     start = time.monotonic()
     if not plan_phases["until_converged"]:
-        wait_or_stop(stop, measure_s)
+        wait_or_stop(stop, measure_s, check)
         return False
     window_s = float(plan_phases["converge_window_s"])
     tolerance = float(plan_phases["converge_tolerance_pct"]) / 100
@@ -106,7 +117,7 @@ def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Ev
     history: collections.deque[tuple[float, float]] = collections.deque()
     poll_s = min(1.0, window_s / 4)
     while True:
-        wait_or_stop(stop, poll_s)
+        wait_or_stop(stop, poll_s, check)
         now = time.monotonic() - start
         latest = sampler.latest() or {}
         if "pages_sharing" in latest:
@@ -120,6 +131,52 @@ def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Ev
                 return True
         if now >= cap_s:
             return False
+
+
+def _slope_mib_per_min(t_s: Any, kib: Any) -> float:
+    """Least-squares slope of a KiB series in MiB per minute (NaN with < 3 points)."""
+    import numpy as np
+
+    t, v = np.asarray(t_s, dtype=float), np.asarray(kib, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(v)
+    if ok.sum() < 3 or np.ptp(t[ok]) <= 0:
+        return math.nan
+    return float(np.polyfit(t[ok], v[ok], 1)[0]) * 60.0 / 1024.0
+
+
+def wait_steady(phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+                check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Hold until the tracked processes' summed RSS and host MemAvailable each move by less than
+    steady_slope_mib_per_min over the last steady_window_s, at most steady_max_s. A guest that
+    is still growing puts its growth into every delta-based saving of the trial; waiting for it
+    (and saying how long it took, or that it never settled) keeps that out of the baseline."""
+    max_s = float(phases.get("steady_max_s", 0.0))
+    if max_s <= 0:
+        return {}
+    window_s = float(phases["steady_window_s"])
+    limit = float(phases["steady_slope_mib_per_min"])
+    started = time.monotonic()
+    slopes: dict[str, float] = {}
+    while True:
+        waited = time.monotonic() - started
+        if waited >= window_s:
+            ksm = sampler.ksm_frame()
+            procs = sampler.process_frame()
+            now_t = float(ksm["t_s"].iloc[-1]) if not ksm.empty else 0.0
+            recent = ksm[ksm["t_s"] >= now_t - window_s] if not ksm.empty else ksm
+            slopes = {"mem_available": _slope_mib_per_min(recent.get("t_s", []), recent.get("mem_available_kib", []))}
+            if not procs.empty and "rss_kib" in procs:
+                rss = procs[procs["t_s"] >= now_t - window_s].groupby("t_s")["rss_kib"].sum()
+                slopes["rss"] = _slope_mib_per_min(rss.index, rss.to_numpy())
+            if all(math.isfinite(v) and abs(v) < limit for v in slopes.values()):
+                return {"steady_wait_s": round(waited, 1), "steady_timed_out": False,
+                        "steady_slopes_mib_per_min": {k: round(v, 2) for k, v in slopes.items()}}
+        if waited >= max_s:
+            log.warning("guests still not steady after %.0f s (slopes %s MiB/min, limit %s): measuring anyway",
+                        max_s, {k: round(v, 1) for k, v in slopes.items()}, limit)
+            return {"steady_wait_s": round(waited, 1), "steady_timed_out": True,
+                    "steady_slopes_mib_per_min": {k: round(v, 2) for k, v in slopes.items()}}
+        wait_or_stop(stop, 1.0, check)
 
 
 class TrialRunner:
@@ -160,6 +217,10 @@ class TrialRunner:
     def close(self) -> None:
         """Release anything kept across trials (guests)."""
 
+    def finish(self) -> None:
+        """The study is over: release everything, including what lives for the whole study."""
+        self.close()
+
 
 def trial_phases(trial: Trial) -> dict[str, Any]:
     return trial.phases
@@ -178,6 +239,8 @@ class ProcessesRunner(TrialRunner):
                 with sampler:
                     with clock.phase("settle", sampler, self.progress):
                         wait_or_stop(self.stop, phases["settle_s"])
+                    with clock.phase("steady", sampler, self.progress):
+                        result.update(wait_steady(phases, sampler, self.stop))
                     result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
                 result["rounds_done"] = workload.rounds_done()
             finally:
@@ -275,7 +338,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         progress.advance(rerun, status)
             finally:
                 try:
-                    runner.close()
+                    runner.finish()
                 finally:
                     try:
                         restored = settings.restore()

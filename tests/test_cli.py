@@ -200,7 +200,7 @@ def test_check_json(monkeypatch, capsys, blocking, code):
 
 def test_image_list_json(tmp_path, capsys):
     assert cli.main(["image", "--cache-dir", str(tmp_path), "list", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"cache_dir": str(tmp_path), "images": []}
+    assert json.loads(capsys.readouterr().out) == {"cache_dir": str(tmp_path), "images": [], "states": []}
 
 
 def test_report_json_is_the_study_summary(tmp_path, capsys, monkeypatch):

@@ -74,7 +74,7 @@ warmup_s = 5
 [guests]
 count = 2
 memory_mib = 1024
-keep_across_trials = false     # reboot per trial: the second boot reuses the prepared layers
+start = "boot"     # reboot per trial: the second boot reuses the prepared layers
 workdir = "{workdir}"
 [phases]
 settle_s = 2
@@ -128,6 +128,7 @@ type = "idle"
 [guests]
 count = 1
 memory_mib = 768
+start = "boot"
 workdir = "{workdir}"
 [phases]
 measure_s = 600
