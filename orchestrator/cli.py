@@ -203,10 +203,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if is_ready else EXIT_FAILED
 
 
+def _quiet_host(action: str):
+    """The host lock, so that `restore` and `cleanup` never act under a running sweep."""
+    import contextlib
+
+    from orchestrator.errors import LockError
+    from orchestrator.ksm import host_lock
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            with host_lock():
+                yield
+        except LockError as exc:
+            raise LockError(f"not {action} while a sweep runs: {exc}") from None
+
+    return held()
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from orchestrator.ksm import restore_from_record
 
-    restored = restore_from_record(Path(args.study_dir) / "settings-record.json")
+    with _quiet_host("restoring KSM knobs"):
+        restored = restore_from_record(Path(args.study_dir) / "settings-record.json")
     for line in restored:
         print(f"restored {line}")
     if not restored:
@@ -230,14 +249,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from orchestrator.hostsetup import libvirt_uri
     from orchestrator.provision import cleanup
 
-    removed = cleanup(libvirt_uri(args.connect), study=args.study)
-    for name in removed:
-        print(f"removed {name}")
-    # Saved states half-written by a killed sweep (complete ones stay: they are the cache).
-    for root in states.all_roots(images.default_cache_dir()):
-        for path in states.remove_stale_builds(root):
-            removed.append(str(path))
-            print(f"removed unfinished saved state {path}")
+    with _quiet_host("cleaning up guests"):
+        removed = cleanup(libvirt_uri(args.connect), study=args.study)
+        for name in removed:
+            print(f"removed {name}")
+        # Saved states half-written by a killed sweep (complete ones stay: they are the cache).
+        for root in states.all_roots(images.default_cache_dir()):
+            for path in states.remove_stale_builds(root):
+                removed.append(str(path))
+                print(f"removed unfinished saved state {path}")
     if not removed:
         print("nothing left behind")
     return EXIT_OK

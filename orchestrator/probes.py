@@ -297,6 +297,20 @@ def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
     return parse_meminfo(_read(root / "proc" / "meminfo"))
 
 
+def parse_node_meminfo(text: str) -> dict[str, int]:
+    """/sys/devices/system/node/nodeN/meminfo ("Node 0 MemFree:  123 kB") as {field: KiB}:
+    /proc/meminfo's lines behind a "Node N" prefix, read by the same parser."""
+    return parse_meminfo("\n".join(line.split(None, 2)[2] for line in text.splitlines()
+                                    if line.startswith("Node ") and len(line.split(None, 2)) == 3))
+
+
+def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | None:
+    try:
+        return parse_node_meminfo(_read(root / "sys" / "devices" / "system" / "node" / f"node{node}" / "meminfo"))
+    except FileNotFoundError:
+        return None
+
+
 def read_vmstat(root: Path = Path("/")) -> dict[str, int]:
     return parse_vmstat(_read(root / "proc" / "vmstat"))
 

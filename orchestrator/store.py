@@ -114,15 +114,21 @@ class Study:
 
     def write_trial(self, trial_id: str, record: Mapping[str, Any], frames: Mapping[str, pd.DataFrame],
                     extra_json: Mapping[str, Any] | None = None) -> Path:
-        """Write a trial's data files, then trial.json (the mark that it is complete)."""
+        """Write a trial's data files, then trial.json (the mark that it is complete).
+        StoreError (with the errno) when the folder cannot take them, e.g. a full disk."""
         folder = self.trial_dir(trial_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, frame in frames.items():
-            if frame is not None and not frame.empty:
-                atomic_write_csv(folder / f"{name}.csv", frame)
-        for name, data in (extra_json or {}).items():
-            atomic_write_json(folder / f"{name}.json", data)
-        atomic_write_json(folder / "trial.json", dict(record))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, frame in frames.items():
+                if frame is not None and not frame.empty:
+                    atomic_write_csv(folder / f"{name}.csv", frame)
+            for name, data in (extra_json or {}).items():
+                atomic_write_json(folder / f"{name}.json", data)
+            atomic_write_json(folder / "trial.json", dict(record))
+        except OSError as exc:
+            error = StoreError(f"cannot write trial {trial_id} into {folder}: {exc.strerror or exc}")
+            error.errno = exc.errno  # type: ignore[attr-defined]
+            raise error from None
         return folder
 
     def add_trial_ids(self, trial_ids: list[str]) -> None:
@@ -140,5 +146,8 @@ class Study:
 
     def write_trials_csv(self, table: pd.DataFrame) -> Path:
         path = self.path / "trials.csv"
-        atomic_write_csv(path, table)
+        try:
+            atomic_write_csv(path, table)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path

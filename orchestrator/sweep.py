@@ -23,11 +23,12 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import metrics
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
 from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand,
                                fast_interval_s, processes_params)
+from orchestrator.preflight import space_checks
 from orchestrator.probes import KSM_SYSFS
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
@@ -276,6 +277,7 @@ class SweepOutcome:
     reruns: int = 0
     interrupted: bool = False
     stop_signal: int | None = None  # the signal that interrupted it
+    aborted: str | None = None  # why the study stopped early (results no longer writable)
 
 
 def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
@@ -299,6 +301,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     trials = expand(plan)
     check_against_host(trials, root / KSM_SYSFS)
     refuse_if_ksmtuned(root)
+    short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
+    if short:  # a study that cannot store what it measures must not start
+        raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))
     stop = StopFlag()
     with host_lock():
         study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
@@ -320,11 +325,17 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         continue
                     if stop.is_set():
                         break
-                    status = _run_one(study, runner, settings, trial, stop, progress)
+                    try:
+                        status = _run_one(study, runner, settings, trial, stop, progress)
+                    except ResultsNotWritable as exc:
+                        outcome.aborted = str(exc)
+                        outcome.failed += 1
+                        log.error("%s: stopping the study (trials already written are kept)", exc)
+                        break
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
-                if plan.study.rerun_disturbed and not stop.is_set():
+                if plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None:
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
@@ -347,7 +358,13 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         # What was measured is summarised even when a restore step is refused.
                         outcome.interrupted = stop.is_set()
                         outcome.stop_signal = stop.signum
-                        write_trials_table(study)
+                        try:
+                            write_trials_table(study)
+                        except StoreError as exc:
+                            log.error("trials.csv not written: %s", exc)
+    if outcome.aborted is not None:
+        raise StoreError(f"{outcome.aborted}. The study stopped there; the trials written before are in "
+                         f"{study.path}. Free space, then run the same command with --resume.")
     return outcome
 
 
@@ -395,8 +412,16 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     record["timings"] = clock.timings
     record["ended_wall"] = time.time()
     record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
-    study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+    try:
+        study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+    except StoreError as exc:
+        # Nothing more can be stored (a full disk): end the study here, keep what is written.
+        raise ResultsNotWritable(str(exc)) from None
     return record["status"]
+
+
+class ResultsNotWritable(OrchestratorError):
+    """The study folder took no more data: the sweep stops, keeping every trial written."""
 
 
 def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:

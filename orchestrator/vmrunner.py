@@ -319,7 +319,8 @@ class VmRunner(TrialRunner):
         g = trial.guests or {}
         workload = trial.workload
         image = self._image(g)
-        check_memory_fits(int(g["count"]), int(g["memory_mib"]))
+        check_memory_fits(int(g["count"]), int(g["memory_mib"]), hugepages=bool(g["hugepages"]),
+                          numa_node=g.get("numa_node"))
         info: dict[str, Any] = {"image": image.key or str(image.disk_path), "guests": int(g["count"])}
         disks: list[Path] | None = None
         if workload["type"] == "sysbench":

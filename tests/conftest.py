@@ -47,6 +47,11 @@ def _force(state: dict[str, str]) -> None:
 def ksm_guard():
     if not os.access(ROOT / KSM_SYSFS / "run", os.W_OK):
         pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
+    # Never change KSM under a running sweep (a `make demo` in another shell): its lock says so.
+    from orchestrator.ksm import host_lock
+
+    with host_lock():
+        pass
     before = snapshot()
     yield before
     after = snapshot()

@@ -214,9 +214,12 @@ def test_report_json_is_the_study_summary(tmp_path, capsys, monkeypatch):
     assert data["report"].endswith("report.html") and data["log"] is None
 
 
-def test_cleanup_connects_where_told(monkeypatch, capsys):
+def test_cleanup_connects_where_told(monkeypatch, capsys, tmp_path):
     from orchestrator import provision
 
+    # cleanup takes the host lock: a private one, never the real sweep's.
+    monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("KSM_LAB_IMAGE_CACHE", str(tmp_path / "images"))
     seen = []
     monkeypatch.setattr(provision, "cleanup", lambda uri, study=None: seen.append(uri) or [])
     assert cli.main(["cleanup"]) == 0
