@@ -401,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestratorError as exc:
         console.print("[bold red]error:[/bold red]", end=" ")
         console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        runlog.to_study_log(logging.ERROR, f"error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("interrupted")
+        runlog.to_study_log(logging.WARNING, "interrupted")
         return 128 + signal.SIGINT
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): not a bug. Quiet, as if killed by SIGPIPE.

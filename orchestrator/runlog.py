@@ -78,6 +78,12 @@ def close_study_log() -> None:
         _study_log = None
 
 
+def to_study_log(level: int, message: str) -> None:
+    """A line for sweep.log alone (the terminal already shows it its own way)."""
+    if _study_log is not None:
+        _study_log.handle(logging.LogRecord("orchestrator.cli", level, __file__, 0, message, None, None))
+
+
 def save_traceback(fallback_dir: Path, argv: list[str]) -> Path:
     """Record the exception being handled with its traceback; returns where it went.
 

@@ -126,6 +126,19 @@ def test_interrupted_sweep_exits_128_plus_the_signal(tmp_path, capsys, monkeypat
     assert summary["log"].endswith("sweep.log") and Path(summary["log"]).is_file()
 
 
+def test_a_clear_error_after_the_study_started_is_in_sweep_log_too(tmp_path, capsys, monkeypatch):
+    from orchestrator.errors import StoreError
+
+    def body(study):
+        raise StoreError("cannot write trial t1: No space left on device")
+
+    _fake_sweep(monkeypatch, body)
+    results = tmp_path / "results"
+    assert cli.main(["sweep", str(_quickstart(tmp_path)), "--results", str(results)]) == cli.EXIT_ERROR
+    assert "No space left on device" in capsys.readouterr().err
+    assert "ERROR   orchestrator.cli: error: cannot write trial t1" in (results / "quickstart/sweep.log").read_text()
+
+
 def test_failed_trials_are_exit_1_and_never_3(tmp_path, capsys, monkeypatch):
     _fake_sweep(monkeypatch, lambda study: SweepOutcome(study, ran=2, failed=1))
     argv = ["sweep", str(_quickstart(tmp_path)), "--results", str(tmp_path / "r"), "--no-report"]
