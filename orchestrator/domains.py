@@ -5,7 +5,8 @@ autoescape on (names may hold `&<>'"`) and StrictUndefined (a user template that
 variable we do not provide fails loudly, naming the template and the variable). The rendered
 text must parse as XML before anyone hands it to libvirt.
 
-The default template is domain_templates/guest.xml.j2; a plan may point at its own file.
+The default template is orchestrator/domain_templates/guest.xml.j2 (shipped in the package);
+a plan may point at its own file.
 Partials (`{% include %}`) are looked up next to the chosen template first, then in the
 default folder, so a user template can reuse `_network.xml.j2` and `_metadata.xml.j2`.
 """
@@ -22,8 +23,10 @@ from typing import Any, Literal
 import jinja2
 
 from orchestrator.errors import ProvisionError
+from orchestrator.kvm import DomainType
+from orchestrator.resources import package_file
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "domain_templates" / "guest.xml.j2"
+DEFAULT_TEMPLATE = package_file("domain_templates", "guest.xml.j2")
 
 # The namespace of our <metadata> element; cleanup recognises our domains by it.
 METADATA_NS = "https://ksm-lab.invalid/xmlns/guest/1"
@@ -33,7 +36,6 @@ METADATA_PREFIX = "ksmlab"
 # type='user' interfaces needs a newer libvirt and the passt binary.
 PASST_MIN_LIBVIRT_VERSION = 9_002_000
 
-DomainType = Literal["kvm", "qemu", "test"]
 UserNetBackend = Literal["qemu-commandline", "passt"]
 
 

@@ -34,19 +34,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
+from orchestrator.resources import is_recipe_name, package_file
 
 log = logging.getLogger(__name__)
 
 # Bump when the build steps below change what ends up in an image.
 BUILD_SCRIPT_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "workloads" / "images"
+# Shipped recipes; a bare recipe name ("debian-sysbench") means one of these.
+RECIPES_DIR = package_file("image_recipes")
 DEFAULT_RECIPE = RECIPES_DIR / "debian-sysbench.toml"
 DEFAULT_CACHE_DIR = Path("/var/lib/ksm-lab/images")
 CACHE_DIR_ENV = "KSM_LAB_IMAGE_CACHE"
 HostKeyPolicy = Literal["verify", "accept-any"]
-# A cache entry's secrets are root's alone (guests run as root: scripts/host-setup.sh). The
+# A cache entry's secrets are root's alone (guests run as root: host-setup.sh). The
 # login key opens every guest of the image; the base disk holds the guest's SSH host private
 # key, which is what sessions trust. The disk stays read-only too: a write to the shared base
 # would corrupt every overlay on it.
@@ -365,15 +366,15 @@ def resolve_image(
         return cached
     if not build:
         raise ProvisionError(f"image for {recipe_path} is not built yet: run "
-                             "`python -m orchestrator image build`")
+                             "`ksm-lab image build`")
     return build_image(recipe_path, cache_dir)
 
 
 def _recipe_path(value: str | None, base_dir: Path) -> Path:
     if value is None:
         return DEFAULT_RECIPE
-    if "/" not in value and not value.endswith(".toml"):
-        return RECIPES_DIR / f"{value}.toml"  # a bare name means a shipped recipe
+    if is_recipe_name(value):
+        return RECIPES_DIR / f"{value}.toml"
     return (base_dir / value).resolve()
 
 
@@ -466,7 +467,7 @@ def _check_build_host() -> None:
         raise HostError("building an image needs root (debootstrap, chroot)")
     missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
-        raise HostError(f"missing {', '.join(missing)}: run `python -m orchestrator host setup`")
+        raise HostError(f"missing {', '.join(missing)}: run `ksm-lab host setup`")
 
 
 def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_dir: Path,

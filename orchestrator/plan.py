@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
+from orchestrator.planpaths import relative_to_plan
 
 # KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
 # and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
@@ -567,7 +568,8 @@ def load_plan(path: Path | str) -> tuple[Plan, str]:
         text = path.read_text()
     except OSError as exc:
         raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
-    return parse_plan(text, source=str(path)), text
+    # Paths in the plan (templates, recipes, images, folders) are relative to its own folder.
+    return relative_to_plan(parse_plan(text, source=str(path)), path.parent), text
 
 
 def knobs_used(trials: list[Trial]) -> set[str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.hostsetup import CheckResult, check_host
-from orchestrator.ksm import KSM_REL, THP_REL, find_pids_by_comm, run_dir
+from orchestrator.hostsetup import CheckResult, check_host, libvirt_uri
+from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
+from orchestrator.probes import KSM_SYSFS
 
 
 def _writable(name: str, path: Path) -> CheckResult:
@@ -21,7 +22,7 @@ def _writable(name: str, path: Path) -> CheckResult:
 
 
 def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
-    ksm_dir = root / KSM_REL
+    ksm_dir = root / KSM_SYSFS
     if not ksm_dir.is_dir():
         return [CheckResult("KSM", False, f"{ksm_dir} missing: kernel without CONFIG_KSM")]
     results = [CheckResult("KSM", True, f"{len(list(ksm_dir.iterdir()))} files in {ksm_dir}")]
@@ -40,23 +41,29 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     return results
 
 
-def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path = Path("results")) -> list[CheckResult]:
-    """Every check; `ready(results)` says whether the host can run the plan."""
+def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path = Path("results"),
+               connect: str | None = None) -> list[CheckResult]:
+    """Every check; `ready(results)` says whether the host can run the plan.
+
+    libvirt is probed where the sweep would go: `connect` (-c), $LIBVIRT_DEFAULT_URI, the
+    plan's [guests] uri, qemu:///system (hostsetup.libvirt_uri)."""
     results = ksm_checks(root)
     needs_vms = False
+    plan_uri = None
     if plan_path is not None:
         from orchestrator.plan import check_against_host, expand, load_plan
 
         try:
             plan, _ = load_plan(plan_path)
             trials = expand(plan)
-            check_against_host(trials, root / KSM_REL)
+            check_against_host(trials, root / KSM_SYSFS)
             results.append(CheckResult("plan", True, f"{plan_path}: {len(trials)} trials"))
             needs_vms = plan.guests is not None
+            plan_uri = plan.guests.uri if plan.guests is not None else None
             results += space_checks(plan, trials, results_dir)
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
-    vm_results = check_host(plan_needs_vms=True)
+    vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
     if not needs_vms:
         # Without a VM plan the VM checks are information: they cannot make the host unready.
         vm_results = [dataclasses.replace(r, blocking=False) for r in vm_results]

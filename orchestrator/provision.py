@@ -53,6 +53,8 @@ from orchestrator.domains import (
 )
 from orchestrator import probes, states
 from orchestrator.errors import GuestBootError, GuestLostError, HostError, ProvisionError
+from orchestrator.fsutil import atomic_write_json
+from orchestrator.kvm import choose_domain_type  # noqa: F401 - the plan's domain_type, decided once
 from orchestrator.states import SavedSet
 
 log = logging.getLogger(__name__)
@@ -175,20 +177,6 @@ def check_memory_fits(
     return available_mib - (0 if hugepages else required_mib)
 
 
-def choose_domain_type(requested: str, root: Path = Path("/")) -> DomainType:
-    """'auto' -> kvm only with hardware virtualisation; a nested software /dev/kvm cannot run guests."""
-    if requested in ("kvm", "qemu", "test"):
-        return requested  # type: ignore[return-value]
-    if requested != "auto":
-        raise ProvisionError(f"unknown domain type {requested!r} (kvm, qemu, test or auto)")
-    try:
-        cpuinfo = (root / "proc" / "cpuinfo").read_text()
-    except OSError:
-        return "qemu"
-    has_hw_virt = re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.MULTILINE) is not None
-    return "kvm" if has_hw_virt and (root / "dev" / "kvm").exists() else "qemu"
-
-
 # --- loopback ports ------------------------------------------------------------------------------
 
 # flock is per open file; this lock keeps threads of one process apart as well.
@@ -199,11 +187,10 @@ _PORTS_IN_PROCESS: set[int] = set()
 def _process_start_ticks(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot; tells a live holder from a reused pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = probes.read_proc_stat(pid)
     except OSError:
         return None
-    # Field 22; split after the command name, which may contain spaces and parentheses.
-    return int(stat.rpartition(")")[2].split()[19])
+    return None if stat is None else stat.start_ticks
 
 
 class PortRegistry:
@@ -232,9 +219,7 @@ class PortRegistry:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 table = self._load()
                 yield table
-                tmp = self.table_path.with_name(f".ports.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(table, sort_keys=True))
-                os.replace(tmp, self.table_path)
+                atomic_write_json(self.table_path, table)
             finally:
                 os.close(lock_fd)  # drops the flock
 

@@ -25,10 +25,11 @@ import pandas as pd
 from orchestrator import metrics
 from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
+from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
 from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand,
                                fast_interval_s, processes_params)
 from orchestrator.preflight import space_checks
+from orchestrator.probes import KSM_SYSFS
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -40,11 +41,20 @@ class StopRequested(OrchestratorError):
     """SIGINT/SIGTERM arrived: finish tearing down, keep what was measured, exit non-zero."""
 
 
+class StopFlag(threading.Event):
+    """The sweep's stop request; `signum` is the signal that made it, so the CLI can exit with
+    128 + signum as a shell reports a signal (130 SIGINT, 143 SIGTERM)."""
+
+    signum: int | None = None
+
+
 @contextlib.contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     def request_stop(signum: int, _frame: Any) -> None:
         if not stop.is_set():
             log.warning("%s received: stopping after teardown (measured data is kept)", signal.Signals(signum).name)
+            if isinstance(stop, StopFlag):
+                stop.signum = signum
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -266,6 +276,7 @@ class SweepOutcome:
     failed: int = 0
     reruns: int = 0
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that interrupted it
     aborted: str | None = None  # why the study stopped early (results no longer writable)
 
 
@@ -283,16 +294,21 @@ def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
 
 
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
-              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/")) -> SweepOutcome:
+              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/"),
+              on_study: Callable[[Study], None] | None = None) -> SweepOutcome:
+    """Run (or resume) the study; `on_study` is called once its folder exists (the CLI opens
+    the study's sweep.log there)."""
     trials = expand(plan)
-    check_against_host(trials, root / KSM_REL)
+    check_against_host(trials, root / KSM_SYSFS)
     refuse_if_ksmtuned(root)
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start
         raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))
-    stop = threading.Event()
+    stop = StopFlag()
     with host_lock():
         study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
+        if on_study is not None:
+            on_study(study)
         host_json = study.path / "host.json"
         if not host_json.exists():
             atomic_write_json(host_json, collect_host_info(root, with_vm_tools=plan.guests is not None))
@@ -341,6 +357,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     finally:
                         # What was measured is summarised even when a restore step is refused.
                         outcome.interrupted = stop.is_set()
+                        outcome.stop_signal = stop.signum
                         try:
                             write_trials_table(study)
                         except StoreError as exc:

@@ -30,6 +30,7 @@ import pandas as pd
 from orchestrator import images, states
 from orchestrator.errors import GuestBootError, OrchestratorError, ProvisionError, WorkloadError
 from orchestrator.domains import template_digest
+from orchestrator.fsutil import atomic_copy
 from orchestrator.guest import GuestSession
 from orchestrator.plan import Trial, sysbench_params
 from orchestrator.provision import (
@@ -418,11 +419,8 @@ class VmRunner(TrialRunner):
             builder.wait_stopped(SHUTDOWN_TIMEOUT_S)
             layers[0].parent.mkdir(parents=True, exist_ok=True)
             for j, guest in enumerate(builder.guests):
-                target = layers[missing[j]]
-                tmp = target.with_name(f".{target.name}.tmp")
-                shutil.copyfile(guest.overlay_path, tmp)
-                tmp.chmod(0o444)  # a backing file: never written again
-                tmp.replace(target)
+                # Read-only: a backing file is never written again.
+                atomic_copy(guest.overlay_path, layers[missing[j]], mode=0o444)
             meta = dict(spec, prepare_s=round(max(prepare_s), 1), built_wall=time.time())
             atomic_write_json(meta_path, meta)
         finally:

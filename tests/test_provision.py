@@ -489,7 +489,7 @@ def _system_conn() -> libvirt.virConnect:
     try:
         return libvirt.open(SYSTEM_URI)
     except libvirt.libvirtError as exc:
-        pytest.fail(f"libvirtd is not answering on {SYSTEM_URI} ({exc}); run scripts/host-setup.sh")
+        pytest.fail(f"libvirtd is not answering on {SYSTEM_URI} ({exc}); run `make host`")
 
 
 def _ssh_connect(image):

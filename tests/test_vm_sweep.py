@@ -39,7 +39,7 @@ def _need_vm_host():
         pytest.fail(f"libvirtd does not answer at {URI}: {exc} (run `make host`)")
     image = images.find_cached(images.DEFAULT_RECIPE)
     if image is None:
-        pytest.fail("no guest image: run `python -m orchestrator image build`")
+        pytest.fail("no guest image: run `ksm-lab image build`")
     return image
 
 
