@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.recommend import add_command as add_recommend_command
 
 log = logging.getLogger("orchestrator")
 console = Console(stderr=True)
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("setup")
     hsub.add_parser("stop", help="stop the daemons `host setup` started (by pid)")
     p.set_defaults(func=cmd_host)
+
+    add_recommend_command(sub)
     return parser
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import metrics
+from orchestrator import metrics, policies
 from orchestrator.errors import OrchestratorError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
@@ -276,13 +276,19 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     refuse_if_ksmtuned(root)
     stop = threading.Event()
     with host_lock():
-        study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
+        planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
+        study = Study.create(results_dir, plan.study.name, plan_text, planned, resume)
+        if plan.search is not None:
+            from orchestrator.search import search_trials
+
+            trials = search_trials(plan, study)  # type: ignore[assignment]  # a generator of Trials
         host_json = study.path / "host.json"
         if not host_json.exists():
             atomic_write_json(host_json, collect_host_info(root, with_vm_tools=plan.guests is not None))
         outcome = SweepOutcome(study)
         settings = HostSettings(study.settings_record, root)
-        progress = progress_factory(len(trials)) if progress_factory else _LogProgress(len(trials))
+        total = plan.search.max_trials if plan.search is not None else len(trials)
+        progress = progress_factory(total) if progress_factory else _LogProgress(total)
         with stop_on_signals(stop), progress:
             runner = runner_for(plan, settings, stop, progress.phase)
             try:
@@ -297,7 +303,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
-                if plan.study.rerun_disturbed and not stop.is_set():
+                if plan.study.rerun_disturbed and not stop.is_set() and plan.search is None:
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
@@ -342,14 +348,19 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         "status": "failed",
         "reason": None,
         "started_wall": time.time(),
+        **trial.extra,
     }
     result: dict[str, Any] = {}
+    policy_run: policies.PolicyRun | None = None
     progress.start_trial(trial)
     try:
         with clock.phase("reset", None, progress.phase):
             record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
             settings.apply(trial.ksm, trial.host)
             record["ksm_applied"] = settable_knobs(settings.root)
+        # The policy (static, advisor, ksmtuned, kubevirt) decides how KSM runs during measure.
+        policy_run = policies.run_for(trial.policy, settings, study.trial_dir(trial.trial_id))
+        settings.policy_start = policy_run.start
         runner.run(trial, clock, result)
         record["status"] = "ok"
         record.update(outside_load(result.get("frames", {}).get("ksm"), trial.sampling))
@@ -362,6 +373,9 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         record["reason"] = f"{type(exc).__name__}: {exc}"
         log.exception("trial %s failed unexpectedly", trial.trial_id)
     finally:
+        settings.policy_start = None
+        if policy_run is not None:
+            record["policy"] = stop_policy(policy_run)
         with contextlib.suppress(OrchestratorError):
             settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"])
     record["timings"] = clock.timings
@@ -369,6 +383,17 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
     study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
     return record["status"]
+
+
+def stop_policy(policy_run: policies.PolicyRun) -> dict[str, Any]:
+    """Stop the trial's policy (before the reset: ksmtuned must not write after it) and return
+    its summary for trial.json; a stop that fails is recorded, never lost."""
+    try:
+        policy_run.stop()
+    except Exception as exc:
+        log.error("stopping the KSM policy failed: %s", exc)
+        return {**policy_run.summary(), "stop_error": f"{type(exc).__name__}: {exc}"}
+    return policy_run.summary()
 
 
 def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:
