@@ -273,6 +273,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
               progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/")) -> SweepOutcome:
     trials = expand(plan)
     check_against_host(trials, root / KSM_REL)
+    policies.check_host(trials, root)
     refuse_if_ksmtuned(root)
     stop = threading.Event()
     with host_lock():

@@ -518,3 +518,21 @@ def test_report_plots_policy_knobs_and_stars_the_recommendation(tmp_path):
     html = report.write_report(study).read_text()
     assert (study / "report" / "policy_knobs.png").exists()
     assert "Recommendation" in html and "significant" not in html.lower()
+
+
+def test_sweep_refuses_a_ksmtuned_plan_on_a_host_without_ksmtuned(tmp_path):
+    from orchestrator.errors import HostError
+    from orchestrator.policies import check_host
+
+    root = fake_root(tmp_path)
+    trials = expand(parse_plan(PLAN.format(ksm='policy = "ksmtuned"', extra="")))
+    with pytest.raises(HostError, match="apt-get install ksmtuned"):
+        check_host(trials, root)
+    (root / "usr/sbin").mkdir(parents=True)
+    (root / "usr/sbin/ksmtuned").write_text("#!/bin/bash\n")
+    (root / "etc").mkdir()
+    (root / "etc/ksmtuned.conf").write_text("# KSM_NPAGES_MAX=1250\n")
+    check_host(trials, root)
+    (root / "etc/ksmtuned.conf").write_text("KSM_NPAGES_MAX=1250\n")
+    with pytest.raises(HostError, match="KSM_NPAGES_MAX"):
+        check_host(trials, root)

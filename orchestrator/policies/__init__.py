@@ -47,3 +47,15 @@ def run_for(policy: dict[str, Any], settings: Any, work_dir: Path) -> PolicyRun:
 
         return KubevirtRun(settings, kv_params(policy))
     raise ValueError(f"unknown KSM policy {name!r} (known: {', '.join(POLICY_NAMES)})")
+
+
+def check_host(trials: list[Any], root: Path = Path("/")) -> None:
+    """Before the sweep touches anything: the policies its trials use can run here (ksmtuned
+    installed, /etc/ksmtuned.conf not overriding the plan). The advisor's kernel check is
+    plan.check_against_host's."""
+    if any(t.policy.get("name") == "ksmtuned" for t in trials):
+        from orchestrator.policies.ksmtuned import KSMTUNED, SYSTEM_CONF, KsmtunedRun
+        from orchestrator.policies.params import KsmtunedParams
+
+        KsmtunedRun(None, KsmtunedParams(), root, executable=root / KSMTUNED.relative_to("/"),
+                    system_conf=root / SYSTEM_CONF.relative_to("/")).check()
