@@ -40,6 +40,7 @@ from orchestrator.runlog import console
 
 PROG = "ksm-lab"
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
+from orchestrator.recommend import add_command as add_recommend_command
 
 log = logging.getLogger("orchestrator")
 phase_log = logging.getLogger(runlog.PROGRESS_LOGGER)
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("setup")
     hsub.add_parser("stop", help="stop the daemons `host setup` started (by pid)")
     p.set_defaults(func=cmd_host)
+
+    add_recommend_command(sub)
     return parser
 
 

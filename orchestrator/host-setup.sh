@@ -16,7 +16,10 @@ exec </dev/null
 export DEBIAN_FRONTEND=noninteractive CI=true LC_ALL=C
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config debootstrap e2fsprogs openssh-client)
+          libvirt-dev pkg-config debootstrap e2fsprogs openssh-client ksmtuned)
+# ksmtuned is installed for the "ksmtuned" KSM policy, which starts it per trial and stops it by
+# PID. It must never run on its own: its package enables ksmtuned.service and ksm.service (which
+# writes run=1 at boot), so they are installed with service starts denied and then disabled.
 # Overridable so tests can work on a scratch copy instead of the host's files.
 STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
 STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
@@ -89,7 +92,23 @@ install_packages() {
     fi
     say "packages: installing ${missing[*]}"
     apt-get update -q >/dev/null
+    local denied_starts=""
+    if [[ " ${missing[*]} " == *" ksmtuned "* && ! -e /usr/sbin/policy-rc.d ]]; then
+        # invoke-rc.d asks policy-rc.d; 101 = "action forbidden": no daemon starts during install
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        denied_starts=1
+    fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    [[ -n $denied_starts ]] && rm -f /usr/sbin/policy-rc.d
+    if [[ " ${missing[*]} " == *" ksmtuned "* ]]; then
+        if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+            systemctl disable ksmtuned.service ksm.service >/dev/null 2>&1 || true
+        fi
+        if pgrep -x ksmtuned >/dev/null; then
+            say "warning: ksmtuned is running (pid $(pgrep -x ksmtuned | tr '\n' ' ')); sweeps refuse to start" \
+                "until it is stopped"
+        fi
+    fi
     say "packages: installed ${#missing[@]}"
     if dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed"; then
         say "warning: libvirt-daemon-system is installed (not by this script); it may autostart" \

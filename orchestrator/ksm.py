@@ -22,7 +22,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class HostSettings:
         self.record_path = record_path
         self.entries: list[dict[str, str]] = []
         self.refused: list[dict[str, str]] = []
+        # Set by the sweep for one trial: how KSM starts for measure (policies/); None = run=1.
+        self.policy_start: Callable[[], None] | None = None
         if record_path.exists():
             for entry in _load_record(record_path):
                 if reason := self.outside_writable(entry["path"]):
@@ -148,6 +150,24 @@ class HostSettings:
         if actual != value:
             raise KsmError(f"wrote {value!r} to {path} but it reads back {actual!r}")
 
+    def remember(self, knob: str) -> None:
+        """Record a KSM knob's current value without writing it: for knobs a policy (ksmtuned,
+        the advisor) changes behind this object, so that restore() still puts them back."""
+        rel = KSM_SYSFS / knob
+        key = str(rel)
+        if any(e["path"] == key for e in self.entries):
+            return
+        self._refuse_outside(self._abs(rel))
+        try:
+            old = read_sysfs_value(self._abs(rel))
+        except OSError as exc:
+            raise KsmError(f"cannot read {self._abs(rel)}: {exc.strerror}") from None
+        self.entries.append({"path": key, "old": old, "new": "(set by a policy)"})
+        atomic_write_json(self.record_path, self.entries + self.refused)
+
+    def write_knob(self, knob: str, value: Any) -> None:
+        self.write(KSM_SYSFS / knob, value)
+
     def original(self, rel: Path | str) -> str | None:
         key = str(Path(rel))
         return next((e["old"] for e in self.entries if e["path"] == key), None)
@@ -188,8 +208,16 @@ class HostSettings:
         # pages_to_scan is refused while the advisor drives it.
         if "pages_to_scan" in ksm and "advisor_mode" not in ksm and self._abs(KSM_SYSFS / "advisor_mode").exists():
             wanted["advisor_mode"] = "none"
+        if wanted.get("advisor_mode") == "scan-time":
+            # The advisor drives pages_to_scan (the kernel refuses writes to it meanwhile).
+            wanted.pop("pages_to_scan", None)
         first = [k for k in _ORDER_FIRST if k in wanted]
-        for knob in first + sorted(set(wanted) - set(first)):
+        order = first + sorted(set(wanted) - set(first))
+        if wanted.get("advisor_mode") == "scan-time":
+            # Last: entering scan-time sets pages_to_scan to advisor_min_pages_to_scan, which
+            # must already be the trial's value.
+            order = [k for k in order if k != "advisor_mode"] + ["advisor_mode"]
+        for knob in order:
             self.write(KSM_SYSFS / knob, wanted[knob])
 
         for name, rel in HOST_KNOB_FILES.items():
@@ -198,6 +226,13 @@ class HostSettings:
                 self.write(rel, value)
 
     def start(self) -> None:
+        """KSM on for measure: the trial's policy decides how (static: run=1)."""
+        if self.policy_start is not None:
+            self.policy_start()
+        else:
+            self.run_ksmd()
+
+    def run_ksmd(self) -> None:
         self.write(KSM_SYSFS / "run", 1)
 
     def stop(self) -> None:
@@ -223,7 +258,10 @@ class HostSettings:
                 self._raw_write(run_path, "2")
             except KsmError as exc:
                 errors.append(str(exc))
-        for entry in reversed(self.entries):
+        # advisor_mode first: pages_to_scan is refused while it is scan-time.
+        advisor_rel = str(KSM_SYSFS / "advisor_mode")
+        ordered = sorted(reversed(self.entries), key=lambda e: e["path"] != advisor_rel)
+        for entry in ordered:
             if entry["path"] != run_rel:
                 self._restore_one(entry, restored, errors)
         if run_entry is not None:
@@ -274,12 +312,21 @@ def restore_from_record(record_path: Path, root: Path = Path("/")) -> list[str]:
 
 
 def find_pids_by_comm(name: str, root: Path = Path("/")) -> list[int]:
+    """Live processes named `name`; zombies (which keep their name but can no longer write
+    anything, and in a container without a reaping init may linger) are left out."""
     pids = []
     for comm in (root / "proc").glob("[0-9]*/comm"):
         with contextlib.suppress(OSError):
-            if comm.read_text().strip() == name:
+            if comm.read_text().strip() == name and not _is_zombie(comm.parent / "stat"):
                 pids.append(int(comm.parent.name))
     return sorted(pids)
+
+
+def _is_zombie(stat_path: Path) -> bool:
+    try:
+        return stat_path.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False  # unreadable: count it as live (refusing is the safe side)
 
 
 def refuse_if_ksmtuned(root: Path = Path("/")) -> None:

@@ -48,6 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from orchestrator.policy_metrics import policy_metrics
 from orchestrator.errors import StoreError
 from orchestrator.plan import writes_during_measure
 from orchestrator.stats import (
@@ -529,6 +530,8 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
         proc_out, per_proc = process_metrics(data.processes, steady_t_s)
         out.update(proc_out)
         out["per_process"] = per_proc
+    # The policy's name, whether it ever ran KSM, and the scan rate its knobs asked for.
+    out.update(policy_metrics(data.ksm, info))
     workload = info.get("workload") or {}
     choose_headline(out, writes_during_measure(workload))
     out.update(merged_share(out, workload))
@@ -696,6 +699,7 @@ SUMMARY_METRICS = (
     "ksmd_cpu_pct", "ksmd_cpu_pct_max", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s",
     "time_to_90pct_s", "full_scans",
     "saved_mib_end", "saved_mib_mean", "merged_share_mean_pct", "outside_cpu_pct",
+    "nominal_pages_per_s", "pages_scanned_per_s",
 )
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
 ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",

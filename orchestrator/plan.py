@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.errors import PlanError
 from orchestrator.planpaths import relative_to_plan
+from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName
 
 # KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
 # and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
@@ -81,12 +82,20 @@ class KsmSection(_Strict):
     advisor_min_pages_to_scan: int | None = None
     advisor_max_pages_to_scan: int | None = None
     advisor_target_scan_time: int | None = None
+    # Who drives the knobs during measure (orchestrator/policies/); None means "static".
+    policy: PolicyName | None = None
+    ksmtuned: KsmtunedParams | None = None
+    kubevirt: KubevirtParams | None = None
 
     @model_validator(mode="after")
     def _ranges(self) -> "KsmSection":
         for knob, value in self.model_dump(exclude_none=True).items():
-            check_ksm_value(knob, value)
+            if knob not in POLICY_KEYS:
+                check_ksm_value(knob, value)
         return self
+
+
+POLICY_KEYS = ("policy", "ksmtuned", "kubevirt")
 
 
 class HostSection(_Strict):
@@ -251,6 +260,38 @@ class SweepSection(_Strict):
     include: list[dict[str, Any]] = []
 
 
+class SearchSection(_Strict):
+    """Adaptive search over one KSM knob (orchestrator/search.py chooses each next setting).
+
+    knee: the setting past which more scanning buys little saving per ksmd CPU (the Kneedle
+    point of the saving-vs-CPU curve); budget: the largest saving with ksmd CPU at most
+    max_ksmd_cpu_pct of a core (and, for guests, tps loss at most max_tps_loss_pct)."""
+
+    knob: str = "pages_to_scan"
+    low: int = Field(ge=0)
+    high: int = Field(ge=1)
+    scale: Literal["log", "linear"] = "log"
+    objective: Literal["knee", "budget"] = "knee"
+    max_ksmd_cpu_pct: float | None = Field(None, gt=0)
+    max_tps_loss_pct: float | None = Field(None, ge=0)
+    max_trials: int = Field(12, ge=3, le=1000)  # the trial budget, repetitions included
+    repetitions: int = Field(1, ge=1, le=100)  # trials per chosen setting
+    tolerance_pct: float = Field(10.0, gt=0, le=100)  # pinned: bracket within this % of the answer
+    metric: str = "saved_mib"  # the saving column of trials.csv
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSection":
+        if self.knob not in KSM_INT_KNOBS:
+            raise ValueError(f"search.knob must be an integer KSM knob, got {self.knob!r}")
+        if self.high <= self.low:
+            raise ValueError("search.high must be > search.low")
+        if self.scale == "log" and self.low < 1:
+            raise ValueError("search.low must be >= 1 on a log scale")
+        if self.objective == "budget" and self.max_ksmd_cpu_pct is None and self.max_tps_loss_pct is None:
+            raise ValueError('search.objective = "budget" needs max_ksmd_cpu_pct and/or max_tps_loss_pct')
+        return self
+
+
 class Plan(_Strict):
     study: StudySection
     ksm: KsmSection = KsmSection()
@@ -261,6 +302,7 @@ class Plan(_Strict):
     guests: GuestsSection | None = None
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
+    search: SearchSection | None = None
 
     @field_validator("sweep", mode="before")
     @classmethod
@@ -313,6 +355,9 @@ class Trial:
     ksm_off: bool = False
     label: str = field(default="")
     rerun_of: str | None = None  # a rerun of a disturbed trial: that trial's id
+    # {"name": "static"|"advisor"|"ksmtuned"|"kubevirt", "<name>": {params}} (policies/)
+    policy: dict[str, Any] = field(default_factory=lambda: {"name": "static"})
+    extra: dict[str, Any] = field(default_factory=dict)  # more trial.json fields (search_reason)
 
 
 SECTIONS_SWEPT = ("ksm", "host", "workload", "guests")
@@ -394,12 +439,7 @@ def expand(plan: Plan) -> list[Trial]:
     if not points:
         raise PlanError("[sweep] excludes every trial: nothing to run")
 
-    base = {
-        "ksm": plan.ksm.model_dump(exclude_none=True),
-        "host": plan.host.model_dump(exclude_none=True),
-        "workload": plan.workload.model_dump(),
-        "guests": plan.guests.model_dump() if plan.guests else None,
-    }
+    base = _base(plan)
     resolved_points: list[tuple[dict[str, Any], bool]] = [(p, False) for p in points]
     if plan.study.ksm_off_baseline:
         seen: set[str] = set()
@@ -432,6 +472,7 @@ def expand(plan: Plan) -> list[Trial]:
                     sampling=resolved["sampling"],
                     ksm_off=ksm_off,
                     label=label or "default",
+                    policy=resolved.get("policy") or {"name": "static"},
                 )
             )
     order = plan.study.order or ("blocked" if plan.study.repetitions > 1 else "sequential")
@@ -443,6 +484,28 @@ def expand(plan: Plan) -> list[Trial]:
             random.Random(f"{plan.study.seed}:{block_index}").shuffle(block)
         trials = [t for block in blocks for t in block]
     return [dataclasses.replace(t, index=i) for i, t in enumerate(trials)]
+
+
+def _base(plan: Plan) -> dict[str, Any]:
+    return {
+        "ksm": plan.ksm.model_dump(exclude_none=True),
+        "host": plan.host.model_dump(exclude_none=True),
+        "workload": plan.workload.model_dump(),
+        "guests": plan.guests.model_dump() if plan.guests else None,
+    }
+
+
+def search_trial(plan: Plan, value: int | None, repetition: int, index: int, ksm_off: bool = False) -> Trial:
+    """One trial of a [search] (search.py chooses the value): the plan with ksm.<knob> = value."""
+    assert plan.search is not None
+    point = {} if ksm_off else {f"ksm.{plan.search.knob}": value}
+    resolved = _resolve(plan, _base(plan), point, ksm_off)
+    label = "KSM off" if ksm_off else f"{_short(plan.search.knob)}={value}"
+    return Trial(trial_id=_trial_id(point, resolved, repetition, ksm_off), index=index, repetition=repetition,
+                 settings=dict(point), ksm={} if ksm_off else resolved["ksm"], host=resolved["host"],
+                 workload=resolved["workload"], guests=resolved["guests"], phases=resolved["phases"],
+                 sampling=resolved["sampling"], ksm_off=ksm_off, label=label,
+                 policy=resolved.get("policy") or {"name": "static"})
 
 
 def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: bool) -> dict[str, Any]:
@@ -466,10 +529,30 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
     except ValidationError as exc:
         raise PlanError(_describe(exc, prefix=f"[sweep] point {point}: ")) from None
     _check_workload_adapter(merged["workload"])
+    _split_policy(merged)
     merged["ksm_off"] = ksm_off
     merged["phases"] = plan.phases.model_dump()
     merged["sampling"] = plan.sampling.model_dump()
     return merged
+
+
+def _split_policy(merged: dict[str, Any]) -> None:
+    """Move [ksm] policy keys out of the knobs ksm.py writes into merged["policy"]. A static
+    plan gets no "policy" key, so its trial ids stay what they were before policies existed."""
+    ksm = merged["ksm"]
+    name = ksm.pop("policy", None) or "static"
+    params = {key: ksm.pop(key) for key in ("ksmtuned", "kubevirt") if key in ksm}
+    if name == "static" and not params:
+        return
+    policy: dict[str, Any] = {"name": name}
+    if name in params:
+        policy[name] = params[name]
+    if name == "advisor":
+        if ksm.get("advisor_mode") == "none":
+            raise PlanError('[ksm] policy = "advisor" with advisor_mode = "none": drop advisor_mode')
+        ksm["advisor_mode"] = "scan-time"
+        ksm.pop("pages_to_scan", None)  # the advisor drives it; the kernel refuses writes meanwhile
+    merged["policy"] = policy
 
 
 def _check_workload_adapter(workload: dict[str, Any]) -> None:
@@ -578,6 +661,11 @@ def knobs_used(trials: list[Trial]) -> set[str]:
 
 def check_against_host(trials: list[Trial], ksm_dir: Path) -> None:
     """Refuse a plan that sets a knob this kernel lacks (older kernels have fewer files)."""
+    if any(t.policy.get("name") == "advisor" for t in trials):
+        from orchestrator.policies.advisor import advisor_refusal
+
+        if reason := advisor_refusal(ksm_dir):
+            raise PlanError(reason)
     missing = sorted(k for k in knobs_used(trials) if not (ksm_dir / k).exists())
     if missing:
         raise PlanError(

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestrator import metrics
+from orchestrator import metrics, policy_report, recommend
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
 from orchestrator.stats import (
     ONE_REPETITION,
@@ -125,8 +125,14 @@ def build_plots(study: StudyData, sm: StudyMetrics) -> list[Plot]:
         _plot_vs_setting(sm),
         _plot_frontier(sm),
         _plot_workload(sm),
+        _plot_policy_knobs(study, sm),
     ) if p is not None]
     return plots
+
+
+def _plot_policy_knobs(study: StudyData, sm: StudyMetrics) -> Plot | None:
+    drawn = policy_report.plot_policy_knobs(study, sm)
+    return Plot(*drawn) if drawn else None
 
 
 def _natural_key(value: Any) -> tuple[int, float, str]:
@@ -366,6 +372,7 @@ def _plot_frontier(sm: StudyMetrics) -> Plot | None:
                                          if len(key_lines) > MAX_KEY_LINES else [])
     ax.text(1.02, 1.0, "Pareto-optimal settings\n" + "\n".join(shown), transform=ax.transAxes,
             va="top", ha="left", fontsize=8, family="monospace")
+    recommend.mark_on_frontier(ax, recommend.report_recommendation(sm))
     ax.set_title("Cost/benefit frontier: memory saved vs ksmd CPU (each point = one setting)")
     ax.set_xlabel("ksmd CPU during measure (% of one core, mean)")
     ax.set_ylabel("saved (MiB, pages_sharing x page size)")
@@ -513,6 +520,11 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         fast = timed.loc[timed["time_to_90pct_s"].idxmin()]
         out.append(Finding(f"Fastest to 90% of its final sharing: {fast['setting']} "
                            f"({_num(fast['time_to_90pct_s'])} s after measure start)."))
+    rec = recommend.report_recommendation(sm)
+    if rec is not None:  # `recommend` without limits: the largest saving, the cheaper of a tie
+        out.append(Finding("Recommendation (no CPU or tps limit; `recommend --max-ksmd-cpu ...` adds them, "
+                           "star on the frontier plot): " + rec.reason))
+    out.extend(Finding(text, warn) for text, warn in policy_report.policy_findings(sm))
     out.extend(saving_basis_findings(sm))
     out.extend(_convergence_findings(sm))
     out.extend(_disagreement_findings(sm))

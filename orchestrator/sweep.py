@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import metrics
+from orchestrator import metrics, policies
 from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
@@ -300,13 +300,19 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     the study's sweep.log there)."""
     trials = expand(plan)
     check_against_host(trials, root / KSM_SYSFS)
+    policies.check_host(trials, root)
     refuse_if_ksmtuned(root)
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start
         raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))
     stop = StopFlag()
     with host_lock():
-        study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
+        planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
+        study = Study.create(results_dir, plan.study.name, plan_text, planned, resume)
+        if plan.search is not None:
+            from orchestrator.search import search_trials
+
+            trials = search_trials(plan, study)  # type: ignore[assignment]  # a generator of Trials
         if on_study is not None:
             on_study(study)
         host_json = study.path / "host.json"
@@ -314,7 +320,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
             atomic_write_json(host_json, collect_host_info(root, with_vm_tools=plan.guests is not None))
         outcome = SweepOutcome(study)
         settings = HostSettings(study.settings_record, root)
-        progress = progress_factory(len(trials)) if progress_factory else _LogProgress(len(trials))
+        total = plan.search.max_trials if plan.search is not None else len(trials)
+        progress = progress_factory(total) if progress_factory else _LogProgress(total)
         with stop_on_signals(stop), progress:
             runner = runner_for(plan, settings, stop, progress.phase)
             try:
@@ -335,7 +342,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
-                if plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None:
+                if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
+                        and plan.search is None):
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
@@ -387,14 +395,19 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         "status": "failed",
         "reason": None,
         "started_wall": time.time(),
+        **trial.extra,
     }
     result: dict[str, Any] = {}
+    policy_run: policies.PolicyRun | None = None
     progress.start_trial(trial)
     try:
         with clock.phase("reset", None, progress.phase):
             record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
             settings.apply(trial.ksm, trial.host)
             record["ksm_applied"] = settable_knobs(settings.root)
+        # The policy (static, advisor, ksmtuned, kubevirt) decides how KSM runs during measure.
+        policy_run = policies.run_for(trial.policy, settings, study.trial_dir(trial.trial_id))
+        settings.policy_start = policy_run.start
         runner.run(trial, clock, result)
         record["status"] = "ok"
         record.update(outside_load(result.get("frames", {}).get("ksm"), trial.sampling))
@@ -407,6 +420,9 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         record["reason"] = f"{type(exc).__name__}: {exc}"
         log.exception("trial %s failed unexpectedly", trial.trial_id)
     finally:
+        settings.policy_start = None
+        if policy_run is not None:
+            record["policy"] = stop_policy(policy_run)
         with contextlib.suppress(OrchestratorError):
             settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"])
     record["timings"] = clock.timings
@@ -422,6 +438,15 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
 
 class ResultsNotWritable(OrchestratorError):
     """The study folder took no more data: the sweep stops, keeping every trial written."""
+def stop_policy(policy_run: policies.PolicyRun) -> dict[str, Any]:
+    """Stop the trial's policy (before the reset: ksmtuned must not write after it) and return
+    its summary for trial.json; a stop that fails is recorded, never lost."""
+    try:
+        policy_run.stop()
+    except Exception as exc:
+        log.error("stopping the KSM policy failed: %s", exc)
+        return {**policy_run.summary(), "stop_error": f"{type(exc).__name__}: {exc}"}
+    return policy_run.summary()
 
 
 def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,19 @@
+"""static: the plan's knobs as applied, KSM on for measure (ksm-lab's behaviour before policies)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StaticRun:
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def start(self) -> None:
+        self.settings.run_ksmd()
+
+    def stop(self) -> None:
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": "static"}

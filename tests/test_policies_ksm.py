@@ -1,0 +1,133 @@
+"""Each KSM policy on the real KSM (marker ksm: one at a time, never beside another ksm test).
+
+A processes workload stands in for guests (no VMs needed). For each policy: the knobs it drives
+move as its rule says (ksmtuned: its log and the sampled knobs agree; kubevirt: the controller's
+recorded steps and the sampled knobs agree), the host is restored afterwards (ksm_guard), and
+no ksmtuned is left running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.ksm import KSM_SYSFS, find_pids_by_comm
+from orchestrator.plan import parse_plan
+from orchestrator.policies import ksmtuned
+from orchestrator.sweep import run_sweep
+
+pytestmark = pytest.mark.ksm
+
+ROOT = Path("/")
+
+
+def plan_text(policy: str, extra: str = "", measure_s: int = 12, pages_per_process: int = 4000) -> str:
+    return f"""
+[study]
+name = "policy-{policy}"
+[ksm]
+policy = "{policy}"
+sleep_millisecs = 20
+{extra}
+[workload]
+type = "processes"
+processes = 2
+pages_per_process = {pages_per_process}
+fill = "same"
+[phases]
+baseline_s = 1
+measure_s = {measure_s}
+[sampling]
+interval_s = 0.5
+pss_interval_s = 5
+"""
+
+
+def run(text: str, results: Path) -> tuple[dict, pd.DataFrame, Path]:
+    outcome = run_sweep(parse_plan(text), text, results)
+    (trial_dir,) = [p for p in (outcome.study.path / "trials").iterdir() if p.is_dir()]
+    record = json.loads((trial_dir / "trial.json").read_text())
+    assert record["status"] == "ok", record["reason"]
+    return record, pd.read_csv(trial_dir / "ksm.csv"), trial_dir
+
+
+def measured(ksm: pd.DataFrame, column: str) -> pd.Series:
+    rows = ksm[(ksm["phase"] == "measure") & ksm[column].notna()]
+    return rows[column].astype(int)
+
+
+def test_static_runs_ksm_with_the_plan_knobs(results_dir, ksm_guard):
+    record, ksm, _ = run(plan_text("static", "pages_to_scan = 1000"), results_dir)
+    assert record["policy"] == {"name": "static"}
+    assert set(measured(ksm, "pages_to_scan")) == {1000}
+    assert set(measured(ksm, "run")) == {1}
+
+
+def test_advisor_moves_pages_to_scan_itself(results_dir, ksm_guard):
+    if not (ROOT / KSM_SYSFS / "advisor_mode").exists():
+        pytest.skip("kernel without the scan-time advisor (< 6.8)")
+    extra = "advisor_min_pages_to_scan = 200\nadvisor_max_pages_to_scan = 20000\nadvisor_target_scan_time = 2"
+    # 60,000 pages at 200 pages per 20 ms: the first full scan takes ~6 s, three times the 2 s
+    # target, so at its end the advisor raises pages_to_scan (it adjusts once per full scan)
+    record, ksm, _ = run(plan_text("advisor", extra, measure_s=20, pages_per_process=30000), results_dir)
+    assert record["ksm_applied"]["advisor_mode"] == "scan-time"
+    pts = measured(ksm, "pages_to_scan")
+    assert pts.iloc[0] == 200  # entering scan-time starts at advisor_min_pages_to_scan
+    assert pts.max() > 200
+
+
+def test_ksmtuned_log_and_sampled_knobs_agree_and_it_is_gone_after(results_dir, ksm_guard):
+    if not ksmtuned.KSMTUNED.exists():
+        pytest.skip("ksmtuned is not installed (scripts/host-setup.sh --packages-only installs it)")
+    # thres_coef = 100: threshold = MemTotal, so free < threshold always: ksmtuned boosts on every
+    # adjustment whatever this host's memory, and the test sees KSM turned on.
+    extra = "[ksm.ksmtuned]\nmonitor_interval_s = 2\nthres_coef = 100\nnpages_boost = 300\nnpages_max = 1250"
+    record, ksm, trial_dir = run(plan_text("ksmtuned", extra, measure_s=12), results_dir)
+    policy = record["policy"]
+    assert policy["ksm_turned_on"] and policy["stopped"] in ("SIGTERM", "SIGKILL")
+    events = ksmtuned.parse_log((trial_dir / "ksmtuned.log").read_text())
+    starts = [e for e in events if e["action"] == "start"]
+    assert [e["pages_to_scan"] for e in starts[:3]] == [300, 600, 900][:len(starts[:3])]
+    # every knob value sampled while KSM ran is one ksmtuned logged writing
+    running = ksm[(ksm["phase"] == "measure") & (ksm["run"] == 1) & ksm["pages_to_scan"].notna()]
+    assert not running.empty
+    assert set(running["pages_to_scan"].astype(int)) <= {e["pages_to_scan"] for e in starts}
+    assert set(running["sleep_millisecs"].astype(int)) <= {e["sleep_millisecs"] for e in starts}
+    assert find_pids_by_comm("ksmtuned") == []
+
+
+def test_ksmtuned_that_never_turns_ksm_on_is_a_finding(results_dir, ksm_guard):
+    if not ksmtuned.KSMTUNED.exists():
+        pytest.skip("ksmtuned is not installed")
+    # thres_coef = 0 and thres_const = 0: threshold 0 KiB, free memory is always above it and
+    # (without -enable-kvm QEMU) committed memory is 0: ksmtuned keeps KSM stopped.
+    extra = "[ksm.ksmtuned]\nmonitor_interval_s = 2\nthres_coef = 0\nthres_const = 0"
+    record, ksm, _ = run(plan_text("ksmtuned", extra, measure_s=6), results_dir)
+    assert record["policy"]["ksm_turned_on"] is False
+    assert set(measured(ksm, "run")) <= {0, 2}
+    trials = pd.read_csv(results_dir / "policy-ksmtuned" / "trials.csv")
+    assert not trials["policy_ksm_turned_on"].iloc[0]
+    assert find_pids_by_comm("ksmtuned") == []
+
+
+def test_kubevirt_controller_steps_match_the_sampled_knobs(results_dir, ksm_guard):
+    # free_percent = 1.0: MemAvailable is always under 100% of MemTotal, so the rule is under
+    # "pressure" on every spin: on at pages_init, then +boost per spin up to pages_max.
+    extra = "[ksm.kubevirt]\nperiod_s = 2\nfree_percent = 1.0\npages_init = 100\npages_boost = 300"
+    record, ksm, _ = run(plan_text("kubevirt", extra, measure_s=10), results_dir)
+    steps = record["policy"]["steps"]
+    assert [s["pages_to_scan"] for s in steps[:4]] == [100, 400, 700, 1000][:len(steps[:4])]
+    assert all(s["running"] for s in steps)
+    sampled = set(measured(ksm, "pages_to_scan"))
+    assert {s["pages_to_scan"] for s in steps[:-1]} <= sampled
+    assert set(measured(ksm, "sleep_millisecs")) & {s["sleep_millisecs"] for s in steps}
+
+
+def test_kubevirt_without_pressure_keeps_ksm_off(results_dir, ksm_guard):
+    extra = "[ksm.kubevirt]\nperiod_s = 2\nfree_percent = 0.0"
+    record, ksm, _ = run(plan_text("kubevirt", extra, measure_s=5), results_dir)
+    assert record["policy"]["ksm_turned_on"] is False
+    assert set(measured(ksm, "run")) <= {0, 2}
