@@ -22,10 +22,16 @@ KSM's own memory
     Host-wide counters do not include the number of rmap items, but general_profit does:
     Documentation/admin-guide/mm/ksm.rst ("Monitoring KSM profit") gives
         general_profit =~ ksm_saved_pages * sizeof(page) - (all_rmap_items) * sizeof(rmap_item)
-    with ksm_saved_pages = pages_sharing (+ ksm_zero_pages since the zero pages were counted,
-    mm/ksm.c general_profit_show). So rmap_items = (saved bytes - general_profit) / 64.
+    and mm/ksm.c computes it as
+        (ksm_pages_sharing + ksm_zero_pages) * PAGE_SIZE - ksm_rmap_items * sizeof(struct ksm_rmap_item)
+    (general_profit_show; ksm_general_profit() in the Sept 2025 "memcg: add per-memcg
+    ksm_profit" series, same formula). ksm_zero_pages is added whatever use_zero_pages says now
+    (it counts zero-page mappings still in place), so the derivation here adds it too:
+        rmap_items = ((pages_sharing + ksm_zero_pages) * page - general_profit) / 64.
     Stable nodes are *not* subtracted in general_profit: one per KSM page (pages_shared) plus
-    one per chain head (stable_node_chains). Sizes on 64-bit, from mm/ksm.c (6.x):
+    one per chain head (stable_node_chains). (A 2024 proposal to subtract them, and one to
+    subtract mm slots, were not in that 2025 code; on a kernel that has them this derivation
+    overcounts rmap items by their bytes / 64, which ``ksm_rmap_items_processes`` would show.) Sizes on 64-bit, from mm/ksm.c (6.x):
         struct ksm_rmap_item    64 B  (rmap_list, anon_vma|nid, mm, address, oldchecksum + age,
                                        union {rb_node 24 B | head + hlist_node})
         struct ksm_stable_node  64 B  (union {rb_node | head + hlist_dup + list} 40 B, hlist 8,
@@ -52,7 +58,9 @@ import pandas as pd
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 RMAP_ITEM_BYTES = 64  # struct ksm_rmap_item, 64-bit (mm/ksm.c; "cache-friendly 64 bytes", commit 6514d511dbe5)
-STABLE_NODE_BYTES = 64  # struct ksm_stable_node, 64-bit with CONFIG_NUMA (mm/ksm.c)
+# struct ksm_stable_node, 64-bit (mm/ksm.c): 60 B without CONFIG_NUMA, padded to 64 by the
+# 8-byte alignment its slab cache uses (KSM_KMEM_CACHE: __alignof__), 64 B with it
+STABLE_NODE_BYTES = 64
 
 
 def _num(frame: pd.DataFrame, name: str) -> np.ndarray | None:
@@ -130,7 +138,7 @@ def zero_page_split(measure: pd.DataFrame, ksm_settings: Mapping[str, Any],
     return out
 
 
-def metadata_memory(measure: pd.DataFrame, ksm_settings: Mapping[str, Any], page_size_bytes: int,
+def metadata_memory(measure: pd.DataFrame, page_size_bytes: int,
                     rmap_items_from_processes: float = math.nan) -> dict[str, float]:
     """KSM's own memory at the end of measure, beside general_profit (see the module docstring).
 
@@ -143,7 +151,7 @@ def metadata_memory(measure: pd.DataFrame, ksm_settings: Mapping[str, Any], page
     profit = _last_finite(_num(measure, "general_profit"))
     shared = _last_finite(_num(measure, "pages_shared"))
     chains = _last_finite(_num(measure, "stable_node_chains"))
-    zero = _last_finite(_num(measure, "ksm_zero_pages")) if str(ksm_settings.get("use_zero_pages")) == "1" else 0.0
+    zero = _last_finite(_num(measure, "ksm_zero_pages"))  # added as the kernel adds it (docstring)
     out: dict[str, float] = {}
     saved_bytes = (sharing + (zero if math.isfinite(zero) else 0.0)) * page_size_bytes
     if math.isfinite(profit) and math.isfinite(saved_bytes):

@@ -555,7 +555,7 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
         measure = data.ksm.loc[phase_mask(data.ksm, "measure")]
         extra.update(costs.scan_speed(measure, ksm_settings, float(out.get("measure_s", math.nan))))
         extra.update(costs.zero_page_split(measure, ksm_settings, page_size_bytes))
-        extra.update(costs.metadata_memory(measure, ksm_settings, page_size_bytes,
+        extra.update(costs.metadata_memory(measure, page_size_bytes,
                                            float(out.get("ksm_rmap_items", math.nan))))
     if isinstance(info.get("probe"), dict):
         extra.update(costs.probe_record_metrics(info["probe"], page_size_bytes))

@@ -5,9 +5,11 @@ Phases (trial.json timings, ksm.csv ``phase``):
     settle / steady / baseline   as for every trial
     measure   KSM on until the worker's merged pages reach merge_target_pct of what can merge
               (or merge_timeout_s): the merge window. Its wall seconds and ksmd's CPU seconds
-              over it (read from /proc directly at both ends, not from the jittered ticks) give
+              over it (read from /proc directly at both ends, not from the jittered ticks; in clock
+              ticks of 10 ms, so a merge of a second has a CPU figure good to about 1%) give
               merge_mib_per_s and merge_mib_per_ksmd_cpu_s.
-    cow       the worker times its first write to sampled merged and control pages (cow.csv)
+    cow       ksmd stopped (run=0: merges kept); the worker times its first write to sampled
+              merged and control pages (cow.csv)
     unmerge   run=2 with the worker alive, so the unmerge really breaks its merges; seconds
               per GiB of what was merged when it started.
 A KSM-off trial fills and times writes with nothing merged: both regions are then the same
@@ -77,6 +79,9 @@ class ProbeRunner(TrialRunner):
                         with clock.phase("baseline", sampler, self.progress):
                             wait_or_stop(self.stop, phases["baseline_s"])
                         self._merge(trial, clock, sampler, worker, params, record)
+                        # run=0 stops ksmd and keeps what it merged: the timed writes then
+                        # do not share the CPU with a scan (2 cores here), nor race a re-merge.
+                        self.settings.stop()
                         with clock.phase("cow", sampler, self.progress):
                             record["cow_rows"] = worker.measure_cow(timeout_s=120)
                         if not trial.ksm_off:

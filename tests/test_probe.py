@@ -521,7 +521,7 @@ sample_pages = 8
 overhead_writes = 10
 merge_timeout_s = 0.3
 [phases]
-baseline_s = 0.1
+baseline_s = 0.5
 measure_s = 0.2
 [sampling]
 interval_s = 0.1

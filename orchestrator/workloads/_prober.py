@@ -3,7 +3,14 @@
 Run as ``python -m orchestrator.workloads._prober '<spec json>'`` by probe.py. Like _filler.py it
 is a fresh interpreter that dies with its parent (PR_SET_PDEATHSIG + parent check + stdin EOF).
 
-What it does, as the kernel's ksm_tests.c -C (COW time) does, in Python:
+The kernel's tools/testing/selftests/mm/ksm_tests.c -C times one loop of single-byte memsets
+to every other page of a '*'-filled area before merging (unmerged pages) and again after (the
+COW breaks), and reports the totals. This worker times every write on its own (a distribution,
+not a total) and takes its unmerged writes from a separate control mapping, alternated with
+the merged ones. -P (merge time) and -D (unmerge time, by MADV_UNMERGEABLE) are the models of
+the merge window and the unmerge; the unmerge here is host-wide run=2, what the sweep uses.
+
+What it does:
   1. maps `pages` pages MADV_MERGEABLE (the probe) and `pages` more without it (the control),
      and fills both with the same content (fill = same | zero | duplicate_fraction);
   2. says "filled" and waits for the controller's "measure" line on stdin: the controller
