@@ -123,3 +123,27 @@ def cost_sections(sm: StudyMetrics, table: TableFn) -> list[dict[str, Any]]:
             "density_mismatches counts guests whose pattern did not verify (any fails the trial)."],
             "table": table(density, DENSITY_COLUMNS)})
     return sections
+
+
+def cost_findings(sm: StudyMetrics) -> list[str]:
+    """One line each for the scan-rate shortfall, the COW gap and density, when measured."""
+    trials = public_trials_table(sm)
+    out: list[str] = []
+    if trials.empty:
+        return out
+    scan = _with(trials, "scan_rate_achieved_pct")
+    if not scan.empty:
+        pct = scan["scan_rate_achieved_pct"]
+        out.append(f"ksmd achieved {pct.min():.0f}–{pct.max():.0f}% of the scan rate its knobs asked for "
+                   f"(pages_to_scan × 1000 / sleep_millisecs) over {len(scan)} KSM-on trials; see "
+                   "\"Scan speed: asked and achieved\".")
+    cow = _with(trials, "cow_merged_p50_ns")
+    cow = cow[~cow["ksm_off"].astype(bool)] if "ksm_off" in cow else cow
+    if not cow.empty:
+        out.append(f"The first write to a merged page took a median {cow['cow_merged_p50_ns'].median():,.0f} ns "
+                   f"(net of the timer), to an unmerged one {cow['cow_unmerged_p50_ns'].median():,.0f} ns "
+                   f"(median over {len(cow)} probe trials): the copy-on-write gap KSM side channels time.")
+    dens = _with(trials, "density_guests")
+    for row in dens.itertuples():
+        out.append(f"Density, {row.setting}: {int(row.density_guests)} guests ({row.density_stop_reason}).")
+    return out

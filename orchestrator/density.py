@@ -17,6 +17,21 @@ summary) are tested without guests. ``run_density`` drives a ``DensityHost`` ada
 calls it needs from the VM side (start one more guest from the saved state, read PSS and
 MemAvailable, wait for KSM, run commands in a guest). The adapter over vmrunner.py/
 provision.py is not wired yet: ``density_runner`` says so when a real sweep reaches it.
+
+Why it is not wired, and what wiring needs (for whoever owns vmrunner.py / provision.py):
+- a GuestSet restores a whole saved set at once, and a saved guest comes back under its saved
+  name and uuid, so one saved guest cannot be restored twice side by side. Either a state of
+  max_guests guests is built (booting max_guests at once: check_memory_fits must allow it, and
+  that build is itself a memory peak the density rule cannot guard) and each step restores a
+  one-guest GuestSet over ``dataclasses.replace(saved, guests=(saved.guests[i],))``, or
+  restore_xml learns to give a restored copy a fresh name and uuid;
+- the sampler's targets must grow with the guests (a callable returning every started
+  guest's QEMU pid already works: Sampler reads targets on every tick);
+- ``wait_converged``: sweep.measure's rule on sampler.latest() pages_sharing;
+  ``measure``: summed pss_kib of the last PSS tick, mem_available_kib, ksmd_cpu_pct over the
+  window, and tps from a short sysbench run in every guest at that count (or a background run
+  per guest started with the guest);
+- ``run_in_guest``: GuestSession.run(["sh", "-c", command]) on the guest's session.
 """
 
 from __future__ import annotations

@@ -535,13 +535,17 @@ def writes_during_measure(workload: dict[str, Any]) -> bool:
 
 def fast_interval_s(sampling: dict[str, Any], workload: dict[str, Any]) -> float:
     """The KSM tier's tick: the plan's, or for "auto" 10 ticks per refill of a refilling
-    processes workload (never below 0.05 s), else the cheap tier's interval."""
+    processes workload (never below 0.05 s), 0.05 s for the probe workload, else the cheap
+    tier's interval."""
     interval_s = float(sampling["interval_s"])
     fast = sampling.get("fast_interval_s", "auto")
     if fast != "auto":
         return float(fast)
     if workload.get("type") == "processes" and writes_during_measure(workload):
         return min(interval_s, max(0.05, float(workload.get("round_wait_s", 1.0)) / 10))
+    if workload.get("type") == "probe":
+        # a probe's merge window can last under a second: 20 KSM ticks a second resolve it
+        return min(interval_s, 0.05)
     return interval_s
 
 

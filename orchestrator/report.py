@@ -29,7 +29,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orchestrator import metrics
-from orchestrator.costreport import cost_sections
+from orchestrator.costreport import cost_findings, cost_sections
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
 from orchestrator.stats import (
     ONE_REPETITION,
@@ -527,6 +527,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     out.extend(_disagreement_findings(sm))
     out.extend(_ksm_off_findings(sm))
     out.extend(_noise_findings(sm))
+    out.extend(Finding(text) for text in cost_findings(sm))
     return out
 
 
