@@ -15,23 +15,10 @@ against the one computed here; any mismatch fails the trial loudly.
 Pure parts (the stop rule, the cost estimate, the pattern commands and their check, the
 summary) are tested without guests. ``run_density`` drives a ``DensityHost`` adapter: the
 calls it needs from the VM side (start one more guest from the saved state, read PSS and
-MemAvailable, wait for KSM, run commands in a guest). The adapter over vmrunner.py/
-provision.py is not wired yet: ``density_runner`` says so when a real sweep reaches it.
-
-Why it is not wired, and what wiring needs (for whoever owns vmrunner.py / provision.py):
-- a GuestSet restores a whole saved set at once, and a saved guest comes back under its saved
-  name and uuid, so one saved guest cannot be restored twice side by side. Either a state of
-  max_guests guests is built (booting max_guests at once: check_memory_fits must allow it, and
-  that build is itself a memory peak the density rule cannot guard) and each step restores a
-  one-guest GuestSet over ``dataclasses.replace(saved, guests=(saved.guests[i],))``, or
-  restore_xml learns to give a restored copy a fresh name and uuid;
-- the sampler's targets must grow with the guests (a callable returning every started
-  guest's QEMU pid already works: Sampler reads targets on every tick);
-- ``wait_converged``: sweep.measure's rule on sampler.latest() pages_sharing;
-  ``measure``: summed pss_kib of the last PSS tick, mem_available_kib, ksmd_cpu_pct over the
-  window, and tps from a short sysbench run in every guest at that count (or a background run
-  per guest started with the guest);
-- ``run_in_guest``: GuestSession.run(["sh", "-c", command]) on the guest's session.
+MemAvailable, wait for KSM, run commands in a guest). densityvm.py implements it over the VM
+runner (written, never run on this machine: see its docstring). Its known limit: a saved guest
+comes back under its saved name and uuid, so the saved state holds max_guests guests, built by
+booting them all at once (check_memory_fits guards that build; the density rule cannot).
 """
 
 from __future__ import annotations
@@ -42,7 +29,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
-from orchestrator.errors import OrchestratorError, WorkloadError
+from orchestrator.errors import WorkloadError
 
 MIB = 1024 * 1024
 PATTERN_PATH = "/dev/shm/ksmlab-density.pattern"
@@ -189,11 +176,13 @@ class DensityResult:
                 "floor_crossed": self.floor_crossed, "mismatches": self.mismatches}
 
 
-def run_density(host: DensityHost, cfg: dict[str, Any], first_guest_mib: float) -> DensityResult:
+def run_density(host: DensityHost, cfg: dict[str, Any], first_guest_mib: float,
+                result: DensityResult | None = None) -> DensityResult:
     """Add guests until next_guest_allowed says no; then verify every guest's pattern.
 
+    Fills `result` as it goes (pass one in to keep what was measured when this raises).
     Raises WorkloadError when a pattern does not verify (after recording everything)."""
-    result = DensityResult()
+    result = result if result is not None else DensityResult()
     result.steps.append(host.measure(0, True))
     floor = float(cfg["mem_available_floor_mib"])
     while True:
@@ -245,21 +234,12 @@ def density_summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Set when a DensityHost over the VM runner exists; the real density test skips until then.
-ADAPTER_WIRED = False
+# A DensityHost over the VM runner exists (densityvm.py), written but not yet run on real guests.
+ADAPTER_WIRED = True
 
 
 def density_runner(plan: Any, settings: Any, stop: Any, progress: Any) -> Any:
-    """The sweep's runner for a [density] plan. Not wired to the VM runner yet: starting guests
-    one at a time from the saved state needs provision.GuestSet to grow by one guest, which it
-    does not do today. Fails each trial with that message instead of running something else."""
-    from orchestrator.sweep import TrialRunner
+    """The sweep's runner for a [density] plan (loads libvirt and paramiko only when used)."""
+    from orchestrator.densityvm import DensityVmRunner
 
-    class DensityNotWired(TrialRunner):
-        def run(self, trial: Any, clock: Any, result: dict[str, Any]) -> None:
-            raise OrchestratorError(
-                "[density] trials need a DensityHost adapter over vmrunner/provision (start one more "
-                "guest from the saved state); density.py has the stop rule, patterns and run loop, "
-                "the adapter is not wired yet")
-
-    return DensityNotWired(plan, settings, stop, progress)
+    return DensityVmRunner(plan, settings, stop, progress)

@@ -479,11 +479,11 @@ def test_real_zero_pages_separated_with_use_zero_pages(tmp_path: Path, ksm_guard
 @pytest.mark.vm
 def test_real_density_run_with_three_guests(tmp_path: Path, ksm_guard) -> None:
     if not density.ADAPTER_WIRED:
-        pytest.skip("density.py's DensityHost adapter over vmrunner/provision is not wired yet")
+        pytest.skip("density.py's DensityHost adapter over vmrunner/provision is not wired")
     from orchestrator.sweep import run_sweep
 
     text = (Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text()
-    text = text.replace("max_guests = 8", "max_guests = 3")
+    text = text.replace("max_guests = 6", "max_guests = 3")
     outcome = run_sweep(parse_plan(text), text, tmp_path / "results")
     trials = pd.read_csv(outcome.study.path / "trials.csv")
     assert (trials["status"] == "ok").all(), trials[["status", "reason"]].to_dict("records")
@@ -544,3 +544,25 @@ interval_s = 0.1
     if not ksm_off:
         assert "unmerge" in clock.timings and record["pages_sharing_after_unmerge"] == 0
     assert set(result["frames"]["ksm"]["phase"]) >= {"baseline", "measure"}
+
+
+def test_density_result_is_kept_when_verification_fails() -> None:
+    result = density.DensityResult()
+    with pytest.raises(WorkloadError):
+        density.run_density(ScriptedHost([500.0] * 4, start_available_mib=6000.0, corrupt=0), CFG,
+                            first_guest_mib=600.0, result=result)
+    assert result.steps[-1].guests >= 1 and result.mismatches
+
+
+def test_density_plan_picks_the_density_runner(tmp_path: Path) -> None:
+    import threading
+
+    from orchestrator.ksm import HostSettings
+    from orchestrator.sweep import runner_for
+
+    pytest.importorskip("libvirt")
+    from orchestrator.densityvm import DensityVmRunner
+
+    plan = parse_plan((Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text())
+    runner = runner_for(plan, HostSettings(tmp_path / "r.json", tmp_path), threading.Event(), lambda p: None)
+    assert isinstance(runner, DensityVmRunner)
