@@ -431,7 +431,9 @@ measure_s = 5
 interval_s = 0.25
 """
     plan = parse_plan(text)
-    outcome = run_sweep(plan, text, tmp_path / "results")
+    results = tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    outcome = run_sweep(plan, text, results)
     trials = pd.read_csv(outcome.study.path / "trials.csv")
     assert (trials["status"] == "ok").all(), trials[["status", "reason"]].to_dict("records")
     return trials
@@ -484,6 +486,7 @@ def test_real_density_run_with_three_guests(tmp_path: Path, ksm_guard) -> None:
 
     text = (Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text()
     text = text.replace("max_guests = 6", "max_guests = 3")
+    (tmp_path / "results").mkdir()
     outcome = run_sweep(parse_plan(text), text, tmp_path / "results")
     trials = pd.read_csv(outcome.study.path / "trials.csv")
     assert (trials["status"] == "ok").all(), trials[["status", "reason"]].to_dict("records")
