@@ -557,7 +557,8 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
         extra.update(costs.zero_page_split(measure, ksm_settings, page_size_bytes))
         extra.update(costs.metadata_memory(measure, page_size_bytes,
                                            float(out.get("ksm_rmap_items", math.nan))))
-    if isinstance(info.get("probe"), dict):
+    if isinstance(info.get("probe"), dict) and not out["ksm_off"]:
+        # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
         extra.update(costs.probe_record_metrics(info["probe"], page_size_bytes))
     extra.update(cowstats.cow_summary(data.cow))
     if isinstance(info.get("density"), dict):

@@ -569,3 +569,60 @@ def test_density_plan_picks_the_density_runner(tmp_path: Path) -> None:
     plan = parse_plan((Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text())
     runner = runner_for(plan, HostSettings(tmp_path / "r.json", tmp_path), threading.Event(), lambda p: None)
     assert isinstance(runner, DensityVmRunner)
+
+
+def test_probe_study_end_to_end_on_a_fake_sysfs_reaches_trials_csv_and_report(tmp_path: Path) -> None:
+    """sweep._run_one + the store + trials.csv + report for probe trials, KSM's files faked
+    (nothing merges; the real sysfs is only read by the sampler)."""
+    import threading
+
+    from orchestrator.ksm import KSM_REL, HostSettings
+    from orchestrator.plan import expand
+    from orchestrator.proberunner import ProbeRunner
+    from orchestrator.report import write_report
+    from orchestrator.store import Study
+    from orchestrator.sweep import _LogProgress, _run_one, write_trials_table
+
+    root = tmp_path / "root"
+    ksm_dir = root / KSM_REL
+    ksm_dir.mkdir(parents=True)
+    for name, value in {"run": "0", "pages_shared": "0", "pages_sharing": "0", "pages_to_scan": "100",
+                        "sleep_millisecs": "20", "use_zero_pages": "0"}.items():
+        (ksm_dir / name).write_text(value + "\n")
+    text = """
+[study]
+name = "fake-probe"
+ksm_off_baseline = true
+[ksm]
+pages_to_scan = 200
+[workload]
+type = "probe"
+pages = 64
+sample_pages = 8
+overhead_writes = 10
+merge_timeout_s = 0.3
+[phases]
+baseline_s = 0.5
+measure_s = 0.3
+[sampling]
+interval_s = 0.1
+"""
+    plan = parse_plan(text)
+    trials = expand(plan)
+    results = tmp_path / "results"
+    results.mkdir()
+    study = Study.create(results, plan.study.name, text, [t.trial_id for t in trials], False)
+    (study.path / "host.json").write_text("{}")
+    settings = HostSettings(study.settings_record, root)
+    stop = threading.Event()
+    runner = ProbeRunner(plan, settings, stop, lambda phase: None)
+    statuses = [_run_one(study, runner, settings, t, stop, _LogProgress(len(trials))) for t in trials]
+    assert statuses == ["ok", "ok"]
+    table = pd.read_csv(write_trials_table(study))
+    on = table[~table["ksm_off"].astype(bool)].iloc[0]
+    assert on["merge_target_reached"] is False or on["merge_target_reached"] in (0, "False")
+    assert on["pages_sharing_after_unmerge"] == 0
+    assert on["cow_merged_n"] > 0 and on["cow_unmerged_n"] > 0
+    assert math.isfinite(on["cow_overhead_ns"])
+    html = write_report(study.path).read_text()
+    assert "Copy-on-write break latency" in html and "Merge throughput and unmerge" in html
