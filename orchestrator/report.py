@@ -207,7 +207,7 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
     ax.plot([], [], ls="none", marker="o", ms=3.5, color="0.2", label=scan_note)
     if zero_lines:
         ax.plot([], [], ls=":", color="0.2", label="dotted line = content merges only (use_zero_pages=1: the gap above it is zero pages)")
-    ax.set_title("Memory saved over time (pages_sharing x page size), one colour per "
+    ax.set_title("Memory saved over time ((pages_sharing + zero pages) x page size), one colour per "
                  + (f"{coloured_by} value" if coloured_by else "setting"))
     ax.set_xlabel("time since measure start (s)")
     ax.set_ylabel("saved (MiB)")
@@ -222,7 +222,9 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
                 f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
                 "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
                 "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
-                "refills its pages shows its sawtooth: merges broken at each refill, then re-made.",
+                "refills its pages shows its sawtooth: merges broken at each refill, then re-made."
+                + (" For trials with use_zero_pages=1 a dotted line in the same colour is the content merges "
+                   "only (pages_sharing): the gap above it is zero pages (ksm_zero_pages)." if zero_lines else ""),
                 _png(fig))
 
 

@@ -626,3 +626,17 @@ interval_s = 0.1
     assert math.isfinite(on["cow_overhead_ns"])
     html = write_report(study.path).read_text()
     assert "Copy-on-write break latency" in html and "Merge throughput and unmerge" in html
+
+
+def test_report_draws_zero_pages_apart_and_lists_them(tmp_path: Path) -> None:
+    from orchestrator.report import write_report
+
+    study = start_study(tmp_path)
+    for zero in (0, 1):
+        ksm = scanning_frame(final_sharing=900, zero_pages=300)
+        write_trial(study, f"z{zero}", {"use_zero_pages": zero}, ksm=ksm, processes=processes_frame(ksm),
+                    ksm_knobs={"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": zero})
+    finish_study(study)
+    html = write_report(study).read_text()
+    assert "Zero pages and content merges" in html
+    assert "content merges only" in html  # the plot's legend names the dotted line
