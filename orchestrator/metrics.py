@@ -8,8 +8,8 @@ different question (on the reference host three idle guests gave 374 / 362 / 745
     x page size when the trial ran with ``use_zero_pages=1`` (empty pages merged with the kernel's
     zero page are not counted in pages_sharing). This is the raw saving, before KSM's costs.
 ``general_profit_mib``
-    The kernel's ``general_profit`` at the end of measure: the raw saving minus KSM's metadata
-    (one rmap_item per scanned page, plus stable-tree nodes). Below ``saved_mib``; negative when
+    The kernel's ``general_profit`` at the end of measure: the raw saving minus KSM's rmap
+    items (64 B per scanned page; stable-tree nodes are not subtracted, see costs.py). Below ``saved_mib``; negative when
     ksmd scans much and merges little.
 ``pss_drop_mib``
     What the tracked processes stopped paying: their summed PSS at baseline minus at the end of
@@ -49,8 +49,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from orchestrator.policy_metrics import policy_metrics
+from orchestrator import costs, cowstats
 from orchestrator.errors import StoreError
 from orchestrator.plan import writes_during_measure
+from orchestrator.stats import time_mean  # noqa: F401 - re-exported: sweep.py uses metrics.time_mean
 from orchestrator.stats import (
     NO_INTERVAL,
     Comparison,
@@ -83,6 +85,7 @@ class TrialData:
     processes: pd.DataFrame | None = None
     workload: pd.DataFrame | None = None
     fills: pd.DataFrame | None = None  # processes workload: every fill's start/end (fills.csv)
+    cow: pd.DataFrame | None = None  # probe workload: one row per timed write (cow.csv)
     workload_summary: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -178,6 +181,7 @@ def load_trial(trial_dir: Path) -> TrialData:
         processes=_to_frame(_read_table(trial_dir / "processes.csv", problems, PROCESS_COLUMNS)),
         workload=_read_csv(trial_dir / "workload.csv", problems),
         fills=_read_csv(trial_dir / "fills.csv", problems),
+        cow=_read_csv(trial_dir / "cow.csv", problems),
         workload_summary=summary if isinstance(summary, dict) else None,
         problems=problems,
     )
@@ -247,18 +251,6 @@ def _baseline_index(in_baseline: np.ndarray, usable: np.ndarray) -> int | None:
         return int(idx[-1])
     idx = np.flatnonzero(usable)
     return int(idx[0]) if idx.size else None
-
-
-def time_mean(t_s: np.ndarray, values: np.ndarray) -> float:
-    """Trapezoid average of a sampled signal over its span: ticks need not be evenly spaced
-    (they are jittered), and a tick that lands in a dense stretch must not weigh more."""
-    ok = np.isfinite(t_s) & np.isfinite(values)
-    t, v = t_s[ok], values[ok]
-    if t.size == 0:
-        return math.nan
-    if t.size == 1 or t[-1] <= t[0]:
-        return float(v.mean())
-    return float(np.sum((v[1:] + v[:-1]) * np.diff(t)) / 2.0 / (t[-1] - t[0]))
 
 
 STEADY_FRACTION = 0.90  # "steady" starts when the saving first reaches this share of its p95
@@ -537,11 +529,37 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     out.update(merged_share(out, workload))
     if data.ksm is not None and data.fills is not None and not data.fills.empty:
         out.update(refill_metrics(data.ksm, data.fills, ksm_settings, workload_pages(workload)))
+    out.update(cost_metrics(data, out, ksm_settings, page_size_bytes))
     guests = workload_per_guest(data.workload, data.workload_summary)
     out["workload_per_guest"] = guests
     for name in WORKLOAD_METRICS:
         out[name] = float(guests[name].mean()) if not guests.empty else math.nan
     return out
+
+
+def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, Any],
+                 page_size_bytes: int) -> dict[str, Any]:
+    """Scan speed, the zero-page split and KSM's own memory (KSM-on trials), the probe
+    workload's merge/unmerge record and its copy-on-write latencies (costs.py, cowstats.py)."""
+    extra: dict[str, Any] = {}
+    info = data.trial
+    if data.ksm is not None and not data.ksm.empty and not out["ksm_off"]:
+        measure = data.ksm.loc[phase_mask(data.ksm, "measure")]
+        # The nominal rate the policy's sampled knobs asked for (policy_metrics), when it has one.
+        extra.update(costs.scan_speed(measure, ksm_settings, float(out.get("measure_s", math.nan)),
+                                      nominal=out.get("nominal_pages_per_s")))
+        extra.update(costs.zero_page_split(measure, ksm_settings, page_size_bytes))
+        extra.update(costs.metadata_memory(measure, page_size_bytes,
+                                           float(out.get("ksm_rmap_items", math.nan))))
+    if isinstance(info.get("probe"), dict) and not out["ksm_off"]:
+        # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
+        extra.update(costs.probe_record_metrics(info["probe"], page_size_bytes))
+    extra.update(cowstats.cow_summary(data.cow))
+    if isinstance(info.get("density"), dict):
+        from orchestrator.density import density_summary
+
+        extra.update(density_summary(info["density"]))
+    return extra
 
 
 SAVING_VIEWS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib")
@@ -567,6 +585,8 @@ def choose_headline(out: dict[str, Any], writes: bool) -> None:
 
 def workload_pages(workload: dict[str, Any]) -> float:
     """Pages the processes workload maps in all (NaN for guests: their RAM is not all data)."""
+    if workload.get("type") == "probe":
+        return float(workload.get("pages", math.nan))
     if workload.get("type") != "processes":
         return math.nan
     try:
@@ -699,7 +719,14 @@ SUMMARY_METRICS = (
     "ksmd_cpu_pct", "ksmd_cpu_pct_max", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s",
     "time_to_90pct_s", "full_scans",
     "saved_mib_end", "saved_mib_mean", "merged_share_mean_pct", "outside_cpu_pct",
-    "nominal_pages_per_s", "pages_scanned_per_s",
+    # scan speed, zero pages, KSM's own memory (costs.py)
+    "pages_scanned_per_s", "nominal_pages_per_s", "scan_rate_achieved_pct", "seconds_per_full_scan",
+    "zero_pages_mib", "content_merged_mib", "rmap_items_mib", "stable_nodes_mib", "ksm_metadata_mib",
+    "profit_after_stable_nodes_mib",
+    # probe workload (costs.py, cowstats.py)
+    "merge_mib_per_s", "merge_mib_per_ksmd_cpu_s", "unmerge_s_per_gib",
+    "cow_merged_p50_ns", "cow_merged_p90_ns", "cow_merged_p99_ns",
+    "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns", "cow_median_ratio",
 )
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
 ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",

@@ -196,7 +196,21 @@ class SysbenchWorkloadSection(_Strict):
     warmup_s: int = Field(0, ge=0, le=3600)
 
 
-WorkloadSection = ProcessesWorkloadSection | IdleWorkloadSection | SysbenchWorkloadSection
+class ProbeWorkloadSection(_Strict):
+    """One host worker whose merge, copy-on-write break and unmerge are timed (proberunner.py)."""
+
+    type: Literal["probe"]
+    pages: int = Field(25600, ge=2)  # probe mapping; a control mapping of as many pages beside it
+    fill: Literal["same", "zero", "duplicate_fraction"] = "same"
+    duplicate_fraction: float = Field(0.5, gt=0, le=1)
+    sample_pages: int = Field(2000, ge=1)  # first writes timed, per region
+    overhead_writes: int = Field(2000, ge=2)  # empty-loop writes to one hot page (the timer's cost)
+    merge_target_pct: float = Field(95.0, gt=0, le=100)  # of the pages that can merge
+    merge_timeout_s: float = Field(300.0, gt=0, le=86400)
+    seed: int = Field(0, ge=0)
+
+
+WorkloadSection = ProcessesWorkloadSection | IdleWorkloadSection | SysbenchWorkloadSection | ProbeWorkloadSection
 
 
 class GuestsSection(_Strict):
@@ -252,6 +266,24 @@ class ReportSection(_Strict):
     references: list[Reference] = []
 
 
+class DensitySection(_Strict):
+    """Guest density (density.py): add guests one by one while the workload runs in all of them,
+    until the next guest would pass the memory budget or push MemAvailable under the floor."""
+
+    budget_mib: int = Field(ge=128)  # summed QEMU PSS the guests may take
+    mem_available_floor_mib: int = Field(1024, ge=0)  # host MemAvailable never planned below this
+    max_guests: int = Field(16, ge=1, le=256)
+    # Before each decision: let KSM converge (pages_sharing within converge_tolerance_pct over
+    # converge_window_s), at most converge_max_s, so the per-guest cost is the merged one.
+    converge_window_s: float = Field(20.0, gt=0)
+    converge_tolerance_pct: float = Field(2.0, gt=0, le=100)
+    converge_max_s: float = Field(180.0, gt=0)
+    # Each guest writes this many MiB of a known pattern and checks it at the end.
+    verify_mib: int = Field(64, ge=1)
+    # The next guest's cost is planned as the largest per-guest cost measured so far times this.
+    cost_margin: float = Field(1.1, ge=1.0, le=4.0)
+
+
 class SweepSection(_Strict):
     """Axes as nested tables: [sweep.ksm] pages_to_scan = [100, 1000]; [sweep.workload] ..."""
 
@@ -303,6 +335,7 @@ class Plan(_Strict):
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
     search: SearchSection | None = None
+    density: DensitySection | None = None
 
     @field_validator("sweep", mode="before")
     @classmethod
@@ -315,8 +348,10 @@ class Plan(_Strict):
     def _vm_workloads_need_guests(self) -> "Plan":
         if self.workload.type in ("idle", "sysbench") and self.guests is None:
             raise ValueError(f"workload type '{self.workload.type}' runs in guests: add a [guests] table")
-        if self.workload.type == "processes" and self.guests is not None:
-            raise ValueError("workload type 'processes' runs on the host: remove [guests]")
+        if self.workload.type in ("processes", "probe") and self.guests is not None:
+            raise ValueError(f"workload type '{self.workload.type}' runs on the host: remove [guests]")
+        if self.density is not None and self.guests is None:
+            raise ValueError("[density] adds guests: add a [guests] table (count = the first step)")
         return self
 
 
@@ -584,13 +619,17 @@ def writes_during_measure(workload: dict[str, Any]) -> bool:
 
 def fast_interval_s(sampling: dict[str, Any], workload: dict[str, Any]) -> float:
     """The KSM tier's tick: the plan's, or for "auto" 10 ticks per refill of a refilling
-    processes workload (never below 0.05 s), else the cheap tier's interval."""
+    processes workload (never below 0.05 s), 0.05 s for the probe workload, else the cheap
+    tier's interval."""
     interval_s = float(sampling["interval_s"])
     fast = sampling.get("fast_interval_s", "auto")
     if fast != "auto":
         return float(fast)
     if workload.get("type") == "processes" and writes_during_measure(workload):
         return min(interval_s, max(0.05, float(workload.get("round_wait_s", 1.0)) / 10))
+    if workload.get("type") == "probe":
+        # a probe's merge window can last under a second: 20 KSM ticks a second resolve it
+        return min(interval_s, 0.05)
     return interval_s
 
 
@@ -605,6 +644,7 @@ _WORKLOAD_BY_TYPE: dict[str, type[BaseModel]] = {
     "processes": ProcessesWorkloadSection,
     "idle": IdleWorkloadSection,
     "sysbench": SysbenchWorkloadSection,
+    "probe": ProbeWorkloadSection,
 }
 
 

@@ -15,17 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-def _time_mean(t_s: np.ndarray, values: np.ndarray) -> float:
-    """Mean over time (each value held until the next tick): ticks are jittered."""
-    if values.size == 0:
-        return math.nan
-    if values.size == 1:
-        return float(values[0])
-    weights = np.diff(t_s, append=t_s[-1])
-    weights[-1] = np.median(weights[:-1]) if weights.size > 1 else 1.0
-    total = weights.sum()
-    return float((values * weights).sum() / total) if total > 0 else float(values.mean())
+from orchestrator.stats import time_mean
 
 
 def nominal_scan_rate(ksm: pd.DataFrame) -> dict[str, float]:
@@ -47,7 +37,7 @@ def nominal_scan_rate(ksm: pd.DataFrame) -> dict[str, float]:
     on &= sleep > 0
     if on.any():
         rate = (pts[on] / sleep[on] * 1000.0).to_numpy(float)
-        out["nominal_pages_per_s"] = _time_mean(measure.loc[on, "t_s"].to_numpy(float), rate)
+        out["nominal_pages_per_s"] = time_mean(measure.loc[on, "t_s"].to_numpy(float), rate)
     return out
 
 

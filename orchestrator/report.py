@@ -29,6 +29,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orchestrator import metrics, policy_report, recommend
+from orchestrator.costreport import cost_findings, cost_sections
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
 from orchestrator.stats import (
     ONE_REPETITION,
@@ -168,6 +169,7 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
     ax = fig.add_subplot()
     labelled: set[str] = set()
     drawn = 0
+    zero_lines = False
     marker_stride_max = 1
     for data in study.trials:
         row = info.loc[data.trial_id]
@@ -187,6 +189,11 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
         labelled.add(shown)
         ax.plot(t_rel[keep], saved_mib[keep], color=color, lw=0.9 if churning(row) else 1.3, alpha=0.85,
                 ls="--" if row["ksm_off"] else "-", label=label)
+        if metrics.zero_pages_counted(row["_ksm"]) and "ksm_zero_pages" in ksm.columns:
+            # The same trial's content merges alone: the gap down to this line is zero pages.
+            content_mib = pd.to_numeric(ksm["pages_sharing"], errors="coerce").to_numpy(float) * sm.page_size_bytes / MIB
+            ax.plot(t_rel[keep], content_mib[keep], color=color, lw=1.0, alpha=0.85, ls=":")
+            zero_lines = True
         if "full_scans" in ksm.columns:
             scans = pd.to_numeric(ksm["full_scans"], errors="coerce").to_numpy(float)
             done = np.flatnonzero(np.diff(scans) > 0) + 1
@@ -204,7 +211,9 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
     scan_note = "dots = completed full scans" + (
         f" (every {marker_stride_max}th at most)" if marker_stride_max > 1 else "")
     ax.plot([], [], ls="none", marker="o", ms=3.5, color="0.2", label=scan_note)
-    ax.set_title("Memory saved over time (pages_sharing x page size), one colour per "
+    if zero_lines:
+        ax.plot([], [], ls=":", color="0.2", label="dotted line = content merges only (use_zero_pages=1: the gap above it is zero pages)")
+    ax.set_title("Memory saved over time ((pages_sharing + zero pages) x page size), one colour per "
                  + (f"{coloured_by} value" if coloured_by else "setting"))
     ax.set_xlabel("time since measure start (s)")
     ax.set_ylabel("saved (MiB)")
@@ -219,7 +228,9 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
                 f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
                 "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
                 "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
-                "refills its pages shows its sawtooth: merges broken at each refill, then re-made.",
+                "refills its pages shows its sawtooth: merges broken at each refill, then re-made."
+                + (" For trials with use_zero_pages=1 a dotted line in the same colour is the content merges "
+                   "only (pages_sharing): the gap above it is zero pages (ksm_zero_pages)." if zero_lines else ""),
                 _png(fig))
 
 
@@ -530,6 +541,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     out.extend(_disagreement_findings(sm))
     out.extend(_ksm_off_findings(sm))
     out.extend(_noise_findings(sm))
+    out.extend(Finding(text) for text in cost_findings(sm))
     return out
 
 
@@ -757,7 +769,8 @@ TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved
                  "remerge_s_median", "merged_share_mean_pct", "general_profit_mib",
                  "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib", "mem_available_rise_net_mib",
                  "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
-                 "converged", "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
+                 "converged", "zero_pages_mib", "content_merged_mib", "scan_rate_achieved_pct",
+                 "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
                  "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "disturbed", "stats_note",
                  "guest_start", "guest_start_s", "data_problems")
 SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib",
@@ -837,6 +850,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         noise_table=_noise_table(sm),
         no_noise_estimate=NO_NOISE_ESTIMATE,
         per_process=per_process,
+        cost_sections=cost_sections(sm, _table),
         swept_axes=sm.swept_axes,
         page_size_bytes=sm.page_size_bytes,
         host_rows=_flatten("", study.host),

@@ -243,6 +243,18 @@ def format_repetitions(n: float, cap: int = REPETITIONS_SEARCH_CAP) -> str:
     return f"> {cap}" if math.isinf(n) else str(int(n))
 
 
+def time_mean(t_s: np.ndarray, values: np.ndarray) -> float:
+    """Trapezoid average of a sampled signal over its span: ticks need not be evenly spaced
+    (they are jittered), and a tick that lands in a dense stretch must not weigh more."""
+    ok = np.isfinite(t_s) & np.isfinite(values)
+    t, v = t_s[ok], values[ok]
+    if t.size == 0:
+        return math.nan
+    if t.size == 1 or t[-1] <= t[0]:
+        return float(v.mean())
+    return float(np.sum((v[1:] + v[:-1]) * np.diff(t)) / 2.0 / (t[-1] - t[0]))
+
+
 PARETO_TOLERANCE = 0.01  # savings within 1% of the largest count as equal on the frontier
 
 

@@ -263,6 +263,14 @@ def sampler_health(sampler: Sampler) -> dict[str, Any]:
 def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:
     if plan.workload.type == "processes":
         return ProcessesRunner(plan, settings, stop, progress)
+    if plan.workload.type == "probe":
+        from orchestrator.proberunner import ProbeRunner
+
+        return ProbeRunner(plan, settings, stop, progress)
+    if plan.density is not None:
+        from orchestrator.density import density_runner
+
+        return density_runner(plan, settings, stop, progress)
     from orchestrator.vmrunner import VmRunner  # the VM stages load libvirt/paramiko only when needed
 
     return VmRunner(plan, settings, stop, progress)
