@@ -209,8 +209,10 @@ class HostSettings:
         if "pages_to_scan" in ksm and "advisor_mode" not in ksm and self._abs(KSM_SYSFS / "advisor_mode").exists():
             wanted["advisor_mode"] = "none"
         if wanted.get("advisor_mode") == "scan-time":
-            # The advisor drives pages_to_scan (the kernel refuses writes to it meanwhile).
+            # The advisor drives pages_to_scan (the kernel refuses writes to it meanwhile), and
+            # entering scan-time overwrites it: record its value now, before anything does.
             wanted.pop("pages_to_scan", None)
+            self.remember("pages_to_scan")
         first = [k for k in _ORDER_FIRST if k in wanted]
         order = first + sorted(set(wanted) - set(first))
         if wanted.get("advisor_mode") == "scan-time":

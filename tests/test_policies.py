@@ -536,3 +536,17 @@ def test_sweep_refuses_a_ksmtuned_plan_on_a_host_without_ksmtuned(tmp_path):
     (root / "etc/ksmtuned.conf").write_text("KSM_NPAGES_MAX=1250\n")
     with pytest.raises(HostError, match="KSM_NPAGES_MAX"):
         check_host(trials, root)
+
+
+def test_entering_scan_time_records_pages_to_scan_before_the_kernel_overwrites_it(tmp_path):
+    """Entering scan-time sets pages_to_scan to advisor_min_pages_to_scan (mm/ksm.c); the value
+    the host had must be what restore() puts back, not the advisor's."""
+    root = fake_root(tmp_path)
+    ksm_dir = root / KSM_SYSFS
+    original = knob(root, "pages_to_scan")
+    settings = HostSettings(tmp_path / "record.json", root)
+    (ksm_dir / "run").write_text("2\n")
+    settings.apply({"advisor_mode": "scan-time", "advisor_min_pages_to_scan": 777}, {})
+    (ksm_dir / "pages_to_scan").write_text("777\n")  # what the kernel does on entering scan-time
+    settings.restore()
+    assert knob(root, "pages_to_scan") == original
