@@ -25,6 +25,7 @@ STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
 STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
 QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
 BACKUP_SUFFIX=.ksm-lab-backup
+QEMU_CONF_RECORD=${KSM_LAB_QEMU_CONF_RECORD:-/var/lib/ksm-lab/qemu-conf-replaced}  # what --stop restores
 MARK_BEGIN="# >>> ksm-lab (host-setup.sh): run guests as root, no security driver"
 MARK_BEGIN_ANY="# >>> ksm-lab"   # earlier versions wrote another text after it
 MARK_END="# <<< ksm-lab"
@@ -137,8 +138,40 @@ qemu_conf_has() {  # key value: an active (uncommented) line sets key = value
     grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QEMU_CONF"
 }
 
+# A host whose libvirt was set up its own way (libvirt-daemon-system, a running libvirtd we did
+# not start, AppArmor/SELinux, dynamic ownership) keeps that set-up: guests run under its
+# policy. Only a bare host (no daemon answering, no libvirt-daemon-system: CI's) gets our
+# qemu.conf, and `--stop` puts the replaced file back.
+host_has_own_libvirt() {
+    dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed" && return 0
+    if virsh -c "$URI" version >/dev/null 2>&1 && ! grep -q "^libvirtd " "$STATE_FILE" 2>/dev/null; then
+        return 0
+    fi
+    return 1
+}
+
+restore_qemu_conf() {
+    [[ -s $QEMU_CONF_RECORD ]] || return 0
+    local original
+    original=$(head -n1 "$QEMU_CONF_RECORD")
+    if [[ $original == absent ]]; then
+        rm -f "$QEMU_CONF"
+        say "qemu.conf: removed (there was none before host-setup)"
+    elif [[ -f $original ]]; then
+        cp -p "$original" "$QEMU_CONF" && rm -f "$original"
+        say "qemu.conf: put back the original from $original"
+    else
+        say "warning: the original qemu.conf $original is missing; $QEMU_CONF left as it is"
+    fi
+    rm -f "$QEMU_CONF_RECORD"
+}
+
 configure_qemu_conf() {
-    mkdir -p "$(dirname "$QEMU_CONF")"
+    mkdir -p "$(dirname "$QEMU_CONF")" "$(dirname "$QEMU_CONF_RECORD")"
+    if host_has_own_libvirt; then
+        say "qemu.conf: this host has its own libvirt set-up; left as it is"
+        return 1
+    fi
     if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
         qemu_conf_has security_driver none; then
         say "qemu.conf: already runs guests as root with security_driver none"
@@ -147,6 +180,13 @@ configure_qemu_conf() {
     if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
         cp -p "$QEMU_CONF" "$QEMU_CONF$BACKUP_SUFFIX"
         say "qemu.conf: saved the original as $QEMU_CONF$BACKUP_SUFFIX"
+    fi
+    if [[ ! -s $QEMU_CONF_RECORD ]]; then
+        if [[ -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        else
+            echo absent >"$QEMU_CONF_RECORD"
+        fi
     fi
     local tmp
     tmp=$(mktemp "$QEMU_CONF.XXXXXX")
@@ -220,6 +260,7 @@ main() {
         exec 9>"$STATE_DIR/host-setup.lock"
         flock 9
         stop_started_daemons
+        restore_qemu_conf
         return 0
     fi
     if [[ ${1:-} == --packages-only ]]; then

@@ -72,6 +72,9 @@ def test_cache_room_is_measured_on_the_nearest_existing_folder(tmp_path: Path) -
 
 
 def _source_and_call(call: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # Never the host's own record of a replaced qemu.conf: a scratch one beside the test's file.
+    conf = Path(env.get("KSM_LAB_QEMU_CONF", "/nonexistent/qemu.conf"))
+    env = {"KSM_LAB_QEMU_CONF_RECORD": str(conf.parent / "replaced"), **env}
     return subprocess.run(["bash", "-c", f'source "{SETUP_SCRIPT}"; {call}'],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
 
@@ -104,6 +107,37 @@ def test_a_block_written_by_an_earlier_version_is_replaced_not_doubled(tmp_path:
     edited = conf.read_text()
     assert edited.count("# >>> ksm-lab") == 1 and "scripts/host-setup.sh" not in edited
     assert edited.startswith("# stock\n") and 'security_driver = "none"' in edited
+
+
+def test_stop_puts_back_the_qemu_conf_it_replaced(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('user = "libvirt-qemu"\n')
+    env = {"KSM_LAB_QEMU_CONF": str(conf)}
+    assert _source_and_call("configure_qemu_conf", env).returncode == 0
+    assert 'security_driver = "none"' in conf.read_text()
+    result = _source_and_call("restore_qemu_conf", env)
+    assert result.returncode == 0, result.stderr
+    assert conf.read_text() == 'user = "libvirt-qemu"\n'
+    assert not (tmp_path / "replaced").exists() and not (tmp_path / "qemu.conf.ksm-lab-backup").exists()
+    # Created from nothing: removed again.
+    conf.unlink()
+    assert _source_and_call("configure_qemu_conf", env).returncode == 0
+    _source_and_call("restore_qemu_conf", env)
+    assert not conf.exists()
+
+
+def test_a_host_with_its_own_libvirt_keeps_its_qemu_conf(tmp_path: Path) -> None:
+    """A libvirtd answering that this script did not start (empty record of started daemons):
+    the host set libvirt up its own way, and its security set-up is not ours to change."""
+    if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
+        pytest.skip("needs a libvirtd answering at qemu:///system")
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('user = "libvirt-qemu"\nsecurity_driver = "apparmor"\n')
+    state = tmp_path / "state"
+    state.mkdir()
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf), "KSM_LAB_STATE_DIR": str(state)})
+    assert result.returncode == 1 and "own libvirt set-up" in result.stdout
+    assert conf.read_text() == 'user = "libvirt-qemu"\nsecurity_driver = "apparmor"\n'
 
 
 def test_qemu_conf_is_created_when_absent(tmp_path: Path) -> None:
