@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("setup")
     hsub.add_parser("stop", help="stop the daemons `host setup` started (by pid)")
     p.set_defaults(func=cmd_host)
+
+    # -- nightly lab runs: compare, history, prune, collect, studies (orchestrator/nightly_cli.py)
+    from orchestrator.nightly_cli import register_nightly_commands
+    register_nightly_commands(sub)
     return parser
 
 
