@@ -38,7 +38,7 @@ def _png(fig: Figure) -> bytes:
 def _grid(n: int, width_in: float = 5.2, height_in: float = 3.2) -> tuple[Figure, list[Any]]:
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(width_in * cols, height_in * rows))
+    fig = Figure(figsize=(width_in * cols, height_in * rows), layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
     return fig, axes
 

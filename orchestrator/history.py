@@ -16,6 +16,7 @@ sd and n, the same interval the trial values give (see compare.welch_from_summar
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import os
@@ -28,11 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from orchestrator import catalog, metrics
 from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds, compare_summaries
-from orchestrator.stats import mean_ci95
+from orchestrator.stats import t_quantile_975
 from orchestrator.store import atomic_write_bytes
 
 INDEX_NAME = ".ksm-lab-history.parquet"
@@ -64,27 +66,60 @@ def _utc_date(wall: float) -> str:
     return datetime.fromtimestamp(wall, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def _as_bool(series: pd.Series) -> pd.Series:
-    if series.dtype == bool:
-        return series
-    return series.astype(str).str.lower().isin(("true", "1"))
+NEEDED_COLUMNS = ("setting", "ksm_off", "used_in_stats")
+TrialColumns = dict[str, Any]  # "setting": list[str], "ksm_off"/"used_in_stats": bool arrays, metrics: float arrays
 
 
-def _trial_table(entry: catalog.StudyEntry) -> pd.DataFrame | None:
-    """Per-trial metrics with setting, ksm_off and used_in_stats, from trials.csv (else computed)."""
-    path = entry.path / "trials.csv"
+def _bools(values: Any) -> np.ndarray:
+    return np.array([v is True or str(v).lower() in ("true", "1", "1.0") for v in values], dtype=bool)
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
     try:
-        table = pd.read_csv(path, engine="pyarrow")
-    except (OSError, ValueError, pa.ArrowInvalid):
-        table = None
-    if table is None or not {"setting", "used_in_stats", "ksm_off"} <= set(table.columns):
-        try:
-            table = metrics.public_trials_table(metrics.compute_study(metrics.load_study(entry.path)))
-        except Exception:  # one broken study must not stop the history of hundreds
+        return column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(float)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # text in a metric column: not a number
+        return pd.to_numeric(pd.Series(column.to_pylist(), dtype=object), errors="coerce").to_numpy(float)
+
+
+def _from_csv(path: Path) -> TrialColumns | None:
+    """The few trials.csv columns the index needs, read by pyarrow (pandas costs ~10x more per
+    small file, and history reads hundreds)."""
+    try:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if not set(NEEDED_COLUMNS) <= set(header):
             return None
-    table["used_in_stats"] = _as_bool(table["used_in_stats"])
-    table["ksm_off"] = _as_bool(table["ksm_off"])
-    return table
+        wanted = [c for c in (*NEEDED_COLUMNS, *METRIC_NAMES) if c in header]
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
+                               convert_options=pacsv.ConvertOptions(include_columns=wanted))
+    except (OSError, pa.ArrowInvalid):
+        return None
+    out: TrialColumns = {"setting": [str(v) for v in table.column("setting").to_pylist()],
+                         "ksm_off": _bools(table.column("ksm_off").to_pylist()),
+                         "used_in_stats": _bools(table.column("used_in_stats").to_pylist())}
+    for name in METRIC_NAMES:
+        if name in table.column_names:
+            out[name] = _floats(table.column(name))
+    return out
+
+
+def _from_samples(entry: catalog.StudyEntry) -> TrialColumns | None:
+    try:
+        trials = metrics.compute_study(metrics.load_study(entry.path)).trials
+    except Exception:  # one broken study must not stop the history of hundreds
+        return None
+    out: TrialColumns = {"setting": [str(v) for v in trials["setting"]], "ksm_off": _bools(trials["ksm_off"]),
+                         "used_in_stats": _bools(trials["used_in_stats"])}
+    for name in METRIC_NAMES:
+        if name in trials:
+            out[name] = pd.to_numeric(trials[name], errors="coerce").to_numpy(float)
+    return out
+
+
+def trial_columns(entry: catalog.StudyEntry) -> TrialColumns | None:
+    """Per-trial metrics with setting, ksm_off and used_in_stats: from trials.csv, else (a
+    trials.csv without the derived columns) computed from the stored samples."""
+    return _from_csv(entry.path / "trials.csv") or _from_samples(entry)
 
 
 def study_rows(entry: catalog.StudyEntry, root: Path, host_json: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -104,28 +139,59 @@ def study_rows(entry: catalog.StudyEntry, root: Path, host_json: dict[str, Any] 
         "trials_csv_mtime_ns": entry.trials_csv_mtime_ns if entry.trials_csv_mtime_ns is not None else NO_CSV,
         **{name: _dig(host_json, keys) for name, keys in VERSION_COLUMNS.items()},
     }
-    table = _trial_table(entry) if entry.state != catalog.UNFINISHED else None
-    if table is None or table.empty:
+    columns = trial_columns(entry) if entry.state != catalog.UNFINISHED else None
+    if not columns or not columns["setting"]:
         return [{**base, "setting": None, "ksm_off": None, "trials": 0, "n": 0}]
-    rows = []
-    for (setting, ksm_off), members in table.groupby(["setting", "ksm_off"], sort=False, dropna=False):
-        used = members[members["used_in_stats"]]
-        row = {**base, "setting": str(setting), "ksm_off": bool(ksm_off), "trials": len(members), "n": len(used)}
-        for name in METRIC_NAMES:
-            values = pd.to_numeric(used[name], errors="coerce") if name in used else pd.Series(dtype=float)
-            mean, half, n = mean_ci95(values)
-            finite = values.dropna().to_numpy(dtype=float)
-            row.update({name: mean, f"{name}_ci95": half, f"{name}_n": n,
-                        f"{name}_sd": float(finite.std(ddof=1)) if finite.size >= 2 else math.nan})
-        rows.append(row)
+    return [{**base, **row} for row in setting_summaries(columns)]
+
+
+def setting_summaries(columns: TrialColumns) -> list[dict[str, Any]]:
+    """Per setting (label + KSM off, in order of first appearance): trials, n (used in
+    statistics), and per metric the mean, 95% t half width (as stats.mean_ci95), sd (ddof=1) and
+    n over the finite values of the trials used. numpy bincounts: no per-group Python work."""
+    codes_of: dict[tuple[str, bool], int] = {}
+    codes = np.array([codes_of.setdefault((s, bool(o)), len(codes_of))
+                      for s, o in zip(columns["setting"], columns["ksm_off"])], dtype=int)
+    groups = len(codes_of)
+    used = columns["used_in_stats"]
+    rows: list[dict[str, Any]] = [{"setting": s, "ksm_off": o} for s, o in codes_of]
+    trials = np.bincount(codes, minlength=groups)
+    n_used = np.bincount(codes[used], minlength=groups)
+    for g, row in enumerate(rows):
+        row["trials"], row["n"] = int(trials[g]), int(n_used[g])
+    for name in METRIC_NAMES:
+        values = columns.get(name)
+        if values is None:
+            for row in rows:
+                row.update({name: math.nan, f"{name}_ci95": math.nan, f"{name}_sd": math.nan, f"{name}_n": 0})
+            continue
+        ok = used & np.isfinite(values)
+        count = np.bincount(codes[ok], minlength=groups)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.bincount(codes[ok], weights=values[ok], minlength=groups) / count
+            squares = np.bincount(codes[ok], weights=(values[ok] - mean[codes[ok]]) ** 2, minlength=groups)
+            sd = np.where(count >= 2, np.sqrt(squares / (count - 1)), math.nan)
+            half = np.where(count >= 2, t_quantile_975(np.maximum(count - 1, 1)) * sd / np.sqrt(count), math.nan)
+        for g, row in enumerate(rows):
+            row.update({name: float(mean[g]) if count[g] else math.nan, f"{name}_ci95": float(half[g]),
+                        f"{name}_sd": float(sd[g]), f"{name}_n": int(count[g])})
     return rows
 
 
-def _frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows), columns=list(COLUMNS))
-    for name in ("setting", "kernel", "qemu", "libvirt"):
-        frame[name] = frame[name].astype(object)
+TEXT_COLUMNS = ("study", "study_path", "plan", "host", "date", "state", *VERSION_COLUMNS, "setting")
+
+
+def _text_as_object(frame: pd.DataFrame) -> pd.DataFrame:
+    """One dtype for text whether built here or read back from Parquet (pandas may pick its
+    string dtype for the latter), with None for missing values."""
+    for name in TEXT_COLUMNS:
+        frame[name] = pd.Series([None if v is None or v != v else str(v) for v in frame[name]],
+                                index=frame.index, dtype=object)
     return frame
+
+
+def _frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    return _text_as_object(pd.DataFrame(list(rows), columns=list(COLUMNS)))
 
 
 def load_index(path: Path) -> pd.DataFrame:
@@ -136,7 +202,7 @@ def load_index(path: Path) -> pd.DataFrame:
         return _frame([])
     if frame.empty or "index_version" not in frame or (frame["index_version"] != INDEX_VERSION).any():
         return _frame([])
-    return frame
+    return _text_as_object(frame)
 
 
 @dataclass
@@ -239,30 +305,43 @@ def version_changes(rows: pd.DataFrame) -> list[VersionChange]:
     return out
 
 
-def _summary(row: Any, metric: str) -> tuple[float, float, int]:
-    n = row[f"{metric}_n"]
-    return float(row[metric]), float(row[f"{metric}_sd"]), int(n) if n == n else 0
-
-
 def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[Flag]:
     """Every regression and improvement (compare's rule) of a run against the previous run of the
-    same plan, host and setting."""
+    same plan, host and setting.
+
+    The Welch interval is computed for all pairs at once (the same formula as
+    compare.welch_from_summary); compare.compare_summaries then gives the verdict and its words
+    for the pairs that could be flagged (beyond the threshold, interval excluding 0)."""
+    if rows.empty:
+        return []
+    keys = ["plan", "host", "setting"]
+    rows = rows.sort_values([*keys, "created_wall"], kind="stable").reset_index(drop=True)
+    previous = rows.groupby(keys, sort=False).shift(1)
+    has_previous = previous["study"].notna().to_numpy()
     out = []
-    for (plan, host, setting), series in rows.groupby(["plan", "host", "setting"], sort=True):
-        series = series.sort_values("created_wall")
-        records = series.to_dict("records")
-        for before, now in zip(records, records[1:]):
-            for spec in METRICS:
-                if now["ksm_off"] and not spec.on_ksm_off:
-                    continue
-                a, b = _summary(before, spec.name), _summary(now, spec.name)
-                if not (a[2] and b[2]):
-                    continue
-                pct, half, verdict, note = compare_summaries(spec, a, b, thresholds)
-                if verdict in (REGRESSION, IMPROVEMENT):
-                    out.append(Flag(plan, host, now["study"], before["study"], now["created_wall"], setting,
-                                    spec.name, pct, half, verdict, note))
-    return out
+    for spec in METRICS:
+        if spec.name not in rows:
+            continue
+        a = [pd.to_numeric(previous[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
+        b = [pd.to_numeric(rows[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            va, vb = a[1] ** 2 / a[2], b[1] ** 2 / b[2]
+            se2 = va + vb
+            dof = se2**2 / (va**2 / (a[2] - 1) + vb**2 / (b[2] - 1))
+            half = np.where(se2 == 0, 0.0, t_quantile_975(np.nan_to_num(dof, nan=0.0)) * np.sqrt(se2))
+            pct = 100 * (b[0] - a[0]) / np.abs(a[0])
+            half_pct = 100 * half / np.abs(a[0])
+        applies = ~rows["ksm_off"].astype(bool).to_numpy() | spec.on_ksm_off
+        candidate = (has_previous & applies & (a[2] >= 2) & (b[2] >= 2) & (np.abs(a[0]) >= spec.near_zero)
+                     & (np.abs(pct) > half_pct) & (np.abs(pct) > thresholds.for_metric(spec)))
+        for i in np.flatnonzero(np.nan_to_num(candidate, nan=0).astype(bool)):
+            change, change_half, verdict, note = compare_summaries(
+                spec, (a[0][i], a[1][i], int(a[2][i])), (b[0][i], b[1][i], int(b[2][i])), thresholds)
+            if verdict in (REGRESSION, IMPROVEMENT):
+                now = rows.iloc[i]
+                out.append(Flag(now["plan"], now["host"], now["study"], previous["study"].iloc[i], now["created_wall"],
+                                now["setting"], spec.name, change, change_half, verdict, note))
+    return sorted(out, key=lambda f: (f.created_wall, f.study, f.setting, f.metric))
 
 
 def metrics_present(rows: pd.DataFrame) -> list[str]:
