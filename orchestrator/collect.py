@@ -36,6 +36,7 @@ METADATA_FILTER = ("--include=*/", "--include=study.json", "--include=host.json"
                    "--include=trial.json", "--exclude=*")
 STAGING = ".collect"
 HOST_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # never a leading "-": rsync would read an option
 RSYNC_TIMEOUT_S = 3600  # one study over a slow link; a hung connection must not hold the night
 
 
@@ -48,8 +49,8 @@ class HostSpec:
 
 def parse_host(spec: str, default_root: str = DEFAULT_REMOTE_ROOT) -> HostSpec:
     remote, _, root = spec.partition(":")
-    host = remote.rpartition("@")[2]
-    if not HOST_LABEL.match(host):
+    user, at, host = remote.rpartition("@")
+    if not HOST_LABEL.match(host) or (at and not USER.match(user)):
         raise CollectError(f"{spec!r}: expected [user@]host[:path] with a plain host name")
     return HostSpec(host, remote, (root or default_root).rstrip("/") or "/")
 
