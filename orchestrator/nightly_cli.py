@@ -78,6 +78,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.no_html:
         html = Path(args.html) if args.html else Path(args.study_b) / "report" / "compare.html"
         result.html = str(compare_report.write_compare_html(html, a, sa, b, sb, result))
+    if args.json_file:
+        from orchestrator.store import atomic_write_json
+
+        Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.json_file), result.to_json())
     if _want_json(args):
         _print_json(result.to_json())
     else:
@@ -232,6 +237,7 @@ def register_nightly_commands(sub: Any) -> None:
     p.add_argument("--json", dest="nightly_json", action="store_true", help="print the comparison as JSON")
     p.add_argument("--html", default=None, help="where to write the page (default: STUDY_B/report/compare.html)")
     p.add_argument("--no-html", action="store_true", help="do not write the page")
+    p.add_argument("--json-file", default=None, metavar="PATH", help="also write the JSON to this file")
     _add_thresholds(p)
     p.set_defaults(func=cmd_compare)
 
