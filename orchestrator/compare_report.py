@@ -22,6 +22,7 @@ from orchestrator import metrics
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Comparison
 from orchestrator.metrics import MIB, StudyData, StudyMetrics
 from orchestrator.report import Plot
+from orchestrator.errors import StoreError
 from orchestrator.store import atomic_write_bytes
 
 COLOR_A, COLOR_B = "#1f77b4", "#ff7f0e"
@@ -199,6 +200,10 @@ def write_compare_html(path: Path, a: StudyData, sa: StudyMetrics, b: StudyData,
     plots = [p for p in (plot_side_by_side(comparison), plot_changes(comparison),
                          plot_saving_over_time(a, sa, b, sb, comparison)) if p is not None]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, render_html(comparison, plots).encode())
+    html = render_html(comparison, plots)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, html.encode())
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}; pass --html elsewhere or --no-html") from None
     return path

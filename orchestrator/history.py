@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ from orchestrator import catalog, metrics
 from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds, compare_summaries
 from orchestrator.stats import t_quantile_975
 from orchestrator.store import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = ".ksm-lab-history.parquet"
 INDEX_VERSION = 1  # bump when the columns change: an old cache is then rebuilt, not misread
@@ -245,7 +248,10 @@ def build_index(root: Path, index_path: Path | None = None) -> IndexResult:
     if changed or not index_path.exists():
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(index, preserve_index=False), buffer)
-        atomic_write_bytes(index_path, buffer.getvalue())
+        try:
+            atomic_write_bytes(index_path, buffer.getvalue())
+        except OSError as exc:  # a cache: a read-only root (someone else's results) still gets its page
+            log.warning("history index not saved (%s: %s); pass --index to keep it elsewhere", index_path, exc.strerror)
     reread = len({r["study_path"] for r in fresh})
     return IndexResult(index, found, reread, index_path)
 

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, RULE, Thresholds
 from orchestrator.history import Flag, VersionChange, filtered, flags, metrics_present, version_changes
 from orchestrator.report import Plot
+from orchestrator.errors import StoreError
 from orchestrator.store import atomic_write_bytes
 
 MAX_SETTINGS_PER_PANEL = 10  # more lines than this are unreadable (and tab10 has 10 colours)
@@ -119,5 +120,9 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
 def write_history_html(path: Path, index: pd.DataFrame, root: Path, plan: str | None = None,
                        host: str | None = None, thresholds: Thresholds = Thresholds()) -> Path:
     path = Path(path)
-    atomic_write_bytes(path, render(index, plan, host, thresholds, root).encode())
+    html = render(index, plan, host, thresholds, root)
+    try:
+        atomic_write_bytes(path, html.encode())
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}; pass --out elsewhere") from None
     return path
