@@ -1,4 +1,5 @@
-"""Time `history` over 500 synthetic studies, cold (no index) and warm (index up to date).
+"""Time `history` over 500 synthetic studies: cold (no index), warm (index up to date) and warm
+with one new night (what the nightly job does).
 
 Each study is what a nightly sweep leaves: study.json, host.json, plan.toml, a trial.json per
 trial and a trials.csv as wide as a real one (identity, settings, ~70 metric columns), 16 trials
@@ -60,10 +61,10 @@ def _trials(rng: np.random.Generator, night: int) -> pd.DataFrame:
     return frame
 
 
-def build(root: Path, studies: int) -> None:
-    rng = np.random.default_rng(0)
+def build(root: Path, studies: int, first: int = 0) -> None:
+    rng = np.random.default_rng(first)
     plan = '[study]\nname = "nightly"\nrepetitions = 2\n'
-    for i in range(studies):
+    for i in range(first, studies):
         host, night = f"lab{i % HOSTS}", i // HOSTS
         created = 1_735_700_000 + night * 86_400.0
         study = root / host / f"night-{night:04d}" / "nightly"
@@ -78,6 +79,11 @@ def build(root: Path, studies: int) -> None:
         trials.to_csv(study / "trials.csv", index=False)  # after every trial.json, as sweep writes it
         (study / "study.json").write_text(json.dumps({"schema_version": 1, "name": "nightly", "created_wall": created,
                                                       "trial_ids": list(trials["trial_id"])}))
+
+
+def build_one(root: Path, i: int) -> None:
+    """One more night on lab0, as the nightly job adds it."""
+    build(root, i + 1, first=i)
 
 
 def run_history(root: Path) -> tuple[float, dict]:
@@ -97,7 +103,9 @@ def main() -> int:
         started = time.monotonic()
         build(root, args.studies)
         print(f"built {args.studies} studies in {time.monotonic() - started:.1f} s under {root}")
-        for label in ("cold", "warm"):
+        for label in ("cold", "warm", "warm, one new night"):
+            if label == "warm, one new night":
+                build_one(root, args.studies)
             wall_s, out = run_history(root)
             print(f"history {label}: {wall_s:.2f} s wall = {out['index_s']:.2f} s finding + indexing "
                   f"({out['reread']} of {out['studies']} studies read) + {out['page_s']:.2f} s trend page "

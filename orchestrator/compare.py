@@ -36,6 +36,7 @@ WITHIN_THRESHOLD = "within threshold"
 NO_CHANGE = "no detectable change"
 CANNOT_TELL = "cannot tell"
 VERDICTS = (REGRESSION, IMPROVEMENT, WITHIN_THRESHOLD, NO_CHANGE, CANNOT_TELL)
+MANY_COMPARISONS = 20  # from this many judged changes on, say that a few may be flagged by chance
 
 RULE = ("A change counts as a regression only when it goes the metric's bad way by more than its "
         "threshold AND its 95% interval (Welch, across the two studies' trials of that setting) "
@@ -274,6 +275,10 @@ def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetri
                 rows.append(change)
         changes.append(SettingChange(label, ksm_off, rows))
     notes = []
+    judged = sum(1 for c in changes for m in c.metrics if m.method == WELCH)
+    if judged >= MANY_COMPARISONS:
+        notes.append(f"{judged} changes were judged, each with a 95% interval: over that many, one can exceed its "
+                     "threshold by chance; a real change usually shows on several settings or saving views at once")
     if sa.blocks <= 1 or sb.blocks <= 1:
         notes.append("a study has one repetition: its settings have one trial each, so no change can be told "
                      "from noise (run the plan with repetitions >= 2 for intervals)")

@@ -350,5 +350,24 @@ def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[Fla
     return sorted(out, key=lambda f: (f.created_wall, f.study, f.setting, f.metric))
 
 
+def count_comparisons(rows: pd.DataFrame) -> int:
+    """How many run-vs-previous-run comparisons with an interval `flags` judged (both sides >= 2
+    trials): each is at 95%, so over many some are flagged by chance (the page says so)."""
+    if rows.empty:
+        return 0
+    keys = ["plan", "host", "setting"]
+    rows = rows.sort_values([*keys, "created_wall"], kind="stable").reset_index(drop=True)
+    previous = rows.groupby(keys, sort=False).shift(1)
+    total = 0
+    for spec in METRICS:
+        if f"{spec.name}_n" not in rows:
+            continue
+        applies = ~rows["ksm_off"].astype(bool) | spec.on_ksm_off
+        both = (pd.to_numeric(rows[f"{spec.name}_n"], errors="coerce") >= 2) & \
+            (pd.to_numeric(previous[f"{spec.name}_n"], errors="coerce") >= 2)
+        total += int((both & applies).sum())
+    return total
+
+
 def metrics_present(rows: pd.DataFrame) -> list[str]:
     return [m for m in METRIC_NAMES if m in rows and np.isfinite(pd.to_numeric(rows[m], errors="coerce")).any()]

@@ -21,7 +21,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, RULE, Thresholds
-from orchestrator.history import Flag, VersionChange, filtered, flags, metrics_present, version_changes
+from orchestrator.history import (Flag, VersionChange, count_comparisons, filtered, flags, metrics_present,
+                                  version_changes)
 from orchestrator.report import Plot
 from orchestrator.errors import StoreError
 from orchestrator.store import atomic_write_bytes
@@ -110,6 +111,7 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
                              autoescape=True, undefined=jinja2.StrictUndefined)
     return env.get_template("history.html.j2").render(
         root=str(root), plan=plan, host=host, plots=plots, rule=RULE, thresholds=thresholds,
+        comparisons=count_comparisons(rows),
         flags=sorted(all_flags, key=lambda f: -f.created_wall), changes=changes,
         studies=studies.sort_values("created_wall", ascending=False).to_dict("records"),
         date=lambda wall: datetime.fromtimestamp(float(wall), tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),

@@ -97,6 +97,15 @@ def test_saving_drop_beyond_threshold_is_a_regression(tmp_path: Path) -> None:
     assert drop.verdict == REGRESSION
     assert _change(result, "ksm.pages_to_scan=100", "saved_mib").verdict in (NO_CHANGE, WITHIN_THRESHOLD)
     assert ("ksm.pages_to_scan=1000", drop) in result.regressions
+    assert not any("by chance" in n for n in result.notes)  # 12 judged changes: under MANY_COMPARISONS
+
+
+def test_many_judged_changes_come_with_a_chance_warning(tmp_path: Path, monkeypatch) -> None:
+    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
+                 {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}})
+    monkeypatch.setattr(compare, "MANY_COMPARISONS", 12)
+    notes = _result(a, b).notes
+    assert any(n.startswith("12 changes were judged") and "by chance" in n for n in notes)
 
 
 def test_cli_exit_status_is_1_on_a_regression_and_0_with_a_looser_threshold(tmp_path: Path, capsys) -> None:
