@@ -31,13 +31,14 @@ from orchestrator import catalog
 from orchestrator.errors import CollectError
 
 DEFAULT_REMOTE_ROOT = "/var/lib/ksm-lab/results"  # the nightly job's default results root
-SSH_BASE = ("ssh", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes")
+SSH_BASE = ("ssh", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30")
 METADATA_FILTER = ("--include=*/", "--include=study.json", "--include=host.json", "--include=trials.csv",
                    "--include=trial.json", "--exclude=*")
 STAGING = ".collect"
 HOST_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # never a leading "-": rsync would read an option
 RSYNC_TIMEOUT_S = 3600  # one study over a slow link; a hung connection must not hold the night
+RSYNC_IO_TIMEOUT_S = 300  # rsync --timeout: no data for this long = a dead link
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,15 @@ def ssh_command(options: tuple[str, ...] = ()) -> str:
 
 
 def _rsync(rsync: str, ssh: str, args: list[str]) -> None:
-    argv = [*shlex.split(rsync), "-rt", "-e", ssh, *args]
+    argv = [*shlex.split(rsync), "-rt", f"--timeout={RSYNC_IO_TIMEOUT_S}", "-e", ssh, *args]
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RSYNC_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CollectError(f"{argv[0]}: {exc}") from None
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise CollectError(f"rsync exited {done.returncode}: {detail[-1] if detail else 'no message'}")
+        # ssh's own reason ("Host key verification failed.") comes before rsync's summary line
+        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        raise CollectError(f"rsync exited {done.returncode}: {'; '.join(lines[-4:]) or 'no message'}")
 
 
 def collect_host(spec: HostSpec, into: Path, rsync: str = "rsync", ssh_options: tuple[str, ...] = ()) -> HostResult:
