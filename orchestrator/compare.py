@@ -52,6 +52,7 @@ class MetricSpec:
     higher_is_better: bool
     threshold: str  # field of Thresholds
     near_zero: float  # |mean of A| below this: a percent change is undefined (e.g. no saving at all)
+    # (so is one whose own 95% interval includes 0, see percent_defined)
     on_ksm_off: bool  # meaningful for KSM-off settings too (workload), or only with KSM running
 
 
@@ -186,6 +187,21 @@ def _mean_half(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(t_quantile_975(values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
 
 
+def percent_defined(spec: MetricSpec, mean_a: float, half_a: float) -> bool:
+    """A percent of A's mean means something only when A's mean is away from 0: above the
+    metric's floor and outside its own 95% interval (a saving of 0.3 +- 0.8 MiB is no base for
+    "+200%"). With one trial (no interval) only the floor applies."""
+    if not (math.isfinite(mean_a) and abs(mean_a) >= spec.near_zero):
+        return False
+    return not (math.isfinite(half_a) and abs(mean_a) <= half_a)
+
+
+def _about_zero(interval_includes_zero: bool) -> tuple[str, str]:
+    if interval_includes_zero:
+        return NO_CHANGE, "A's mean cannot be told from 0, so no percent; the change's 95% interval includes 0"
+    return CANNOT_TELL, "A's mean cannot be told from 0 (under the floor or within its own interval): no percent, no threshold"
+
+
 def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: Thresholds) -> MetricChange | None:
     """One metric of one setting: Welch on the two studies' trial values. None when neither
     study has a value (the metric does not apply: tps of a processes study)."""
@@ -198,17 +214,15 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
     change, half = welch_ci95(b, a)
     has_interval = a.size >= 2 and b.size >= 2 and math.isfinite(half)
     scale = abs(a_mean)
-    if a.size and b.size and scale >= spec.near_zero:
+    if a.size and b.size and percent_defined(spec, a_mean, a_half):
         pct, half_pct = 100.0 * change / scale, 100.0 * half / scale
         verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, threshold)
     else:
         pct, half_pct = math.nan, math.nan
         if not (a.size and b.size):
             verdict, note = CANNOT_TELL, f"no value in study {'A' if not a.size else 'B'}"
-        elif has_interval and abs(change) <= half:
-            verdict, note = NO_CHANGE, "A's mean is about 0 (no percent); the 95% interval includes 0"
         else:
-            verdict, note = CANNOT_TELL, f"A's mean is about 0 (under {spec.near_zero:g} {spec.unit}): a percent threshold does not apply"
+            verdict, note = _about_zero(has_interval and abs(change) <= half)
     return MetricChange(spec.name, spec.unit, "higher" if spec.higher_is_better else "lower",
                         a_mean, a_half, int(a.size), b_mean, b_half, int(b.size), change,
                         half if has_interval else math.nan, pct, half_pct if has_interval else math.nan,
@@ -365,10 +379,9 @@ def compare_summaries(spec: MetricSpec, a: tuple[float, float, int], b: tuple[fl
         return math.nan, math.nan, CANNOT_TELL, "a side has no value"
     change, half = welch_from_summary(mean_a, sd_a, n_a, mean_b, sd_b, n_b)
     has_interval = math.isfinite(half)
-    if abs(mean_a) < spec.near_zero:
-        if has_interval and abs(change) <= half:
-            return math.nan, math.nan, NO_CHANGE, "A's mean is about 0; the 95% interval includes 0"
-        return math.nan, math.nan, CANNOT_TELL, "A's mean is about 0: a percent threshold does not apply"
+    half_a = float(t_quantile_975(n_a - 1)) * sd_a / math.sqrt(n_a) if n_a >= 2 else math.nan
+    if not percent_defined(spec, mean_a, half_a):
+        return (math.nan, math.nan, *_about_zero(has_interval and abs(change) <= half))
     pct, half_pct = 100.0 * change / abs(mean_a), 100.0 * half / abs(mean_a)
     verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, thresholds.for_metric(spec))
     return pct, half_pct, verdict, note

@@ -338,7 +338,10 @@ def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[Fla
             pct = 100 * (b[0] - a[0]) / np.abs(a[0])
             half_pct = 100 * half / np.abs(a[0])
         applies = ~rows["ksm_off"].astype(bool).to_numpy() | spec.on_ksm_off
+        with np.errstate(divide="ignore", invalid="ignore"):
+            half_a = t_quantile_975(np.nan_to_num(a[2] - 1, nan=0.0)) * a[1] / np.sqrt(a[2])
         candidate = (has_previous & applies & (a[2] >= 2) & (b[2] >= 2) & (np.abs(a[0]) >= spec.near_zero)
+                     & (np.abs(a[0]) > half_a)  # compare.percent_defined
                      & (np.abs(pct) > half_pct) & (np.abs(pct) > thresholds.for_metric(spec)))
         for i in np.flatnonzero(np.nan_to_num(candidate, nan=0).astype(bool)):
             change, change_half, verdict, note = compare_summaries(

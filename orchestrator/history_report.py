@@ -54,9 +54,11 @@ def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionCh
     colours = [colormaps["tab10"](i) for i in range(len(settings))]
     cols = min(2, len(present))
     nrows = math.ceil(len(present) / cols)
-    fig = Figure(figsize=(6.2 * cols, 2.8 * nrows + 0.8))
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=1 - 0.5 / (2.8 * nrows + 0.8), hspace=0.45,
-                        wspace=0.18)
+    legend_in = 0.2 * math.ceil(len(settings) / 3) + 0.3  # the settings' key, below the panels
+    height_in = 2.8 * nrows + 0.6 + legend_in
+    fig = Figure(figsize=(6.2 * cols, height_in))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=(legend_in + 0.35) / height_in, top=1 - 0.5 / height_in,
+                        hspace=0.45, wspace=0.18)
     flagged = {(f.study, f.setting, f.metric): f.verdict for f in group_flags}
     by_setting = {setting: rows[rows["setting"] == setting] for setting in settings}
     change_x = _dates([c.created_wall for c in changes])
@@ -81,8 +83,8 @@ def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionCh
         ax.set_title(f"{metric} ({UNITS[metric]})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        if i == 0:
-            ax.legend(fontsize=6, loc="best")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(f"{plan} on {host}: dotted = kernel/QEMU/libvirt changed; red ring = regression, "
                  "green = improvement vs the previous run", fontsize=10)
     return Plot(f"history_{plan}_{host}", f"{plan} on {host}",

@@ -159,6 +159,20 @@ def test_zero_saving_has_no_percent(tmp_path: Path) -> None:
     assert math.isnan(change.change_pct) and change.verdict == NO_CHANGE
 
 
+def test_no_percent_of_a_mean_that_its_own_interval_cannot_tell_from_zero() -> None:
+    spec = SPEC["pss_drop_mib"]
+    assert compare.percent_defined(spec, 40.0, 2.0)
+    assert not compare.percent_defined(spec, 2.0, 19.0)  # 2 +- 19 MiB: "+500%" would mean nothing
+    assert not compare.percent_defined(spec, 0.5, math.nan)  # under the 1 MiB floor
+    assert compare.percent_defined(spec, 2.0, math.nan)  # one trial: only the floor applies
+    change = compare.compare_values(spec, [0.5, 3.5], [10.0, 12.0], Thresholds())
+    assert math.isnan(change.change_pct) and change.verdict in (NO_CHANGE, CANNOT_TELL)
+    assert "cannot be told from 0" in change.note
+    summary = compare.compare_summaries(spec, (2.0, float(np.std([0.5, 3.5], ddof=1)), 2),
+                                        (11.0, float(np.std([10.0, 12.0], ddof=1)), 2), Thresholds())
+    assert (summary[2], summary[3]) == (change.verdict, change.note)  # history judges as compare does
+
+
 def test_hosts_and_plan_differences_are_shown(tmp_path: Path) -> None:
     plan_b = '[study]\nname = "nightly"\nrepetitions = 3\n\n[sweep.ksm]\npages_to_scan = [100, 1000]\n'
     a, b = _pair(tmp_path, {"kernel": "6.1.0", "qemu": "QEMU 7.2"},
