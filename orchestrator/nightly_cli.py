@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     a, sa, b, sb = compare.load_pair(Path(args.study_a), Path(args.study_b))
     result = compare.compare_studies(a, sa, b, sb, _thresholds(args))
-    if not args.no_html:
-        html = Path(args.html) if args.html else Path(args.study_b) / "report" / "compare.html"
-        result.html = str(compare_report.write_compare_html(html, a, sa, b, sb, result))
+    if args.html:
+        result.html = str(compare_report.write_compare_html(Path(args.html), a, sa, b, sb, result))
+    elif not args.no_html:
+        try:
+            default = Path(args.study_b) / "report" / "compare.html"
+            result.html = str(compare_report.write_compare_html(default, a, sa, b, sb, result))
+        except OrchestratorError as exc:  # a read-only study (collected, someone else's) still compares
+            logging.getLogger("orchestrator").warning("%s", exc)
     if args.json_file:
         from orchestrator.store import atomic_write_json
 
