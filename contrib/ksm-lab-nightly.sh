@@ -14,8 +14,8 @@
 #   and `history RESULTS_ROOT` (RESULTS_ROOT/history.html); `prune --keep N` when KSM_LAB_KEEP=N
 #
 # Exit status: 0 no regression; 1 a regression (compare's rule) or some trials failed; 2 an error
-# (bad plan, sweep or compare refused); 75 another nightly run is still going; 130 interrupted
-# (the next run resumes it).
+# (bad plan, sweep or compare refused or failed); 75 another nightly run is still going;
+# 128 + signal (130 SIGINT, 143 SIGTERM) the sweep was interrupted (the next run resumes it).
 #
 # Environment:
 #   KSM_LAB_RESULTS_ROOT   results root when not given as $2 (default /var/lib/ksm-lab/results)
@@ -77,10 +77,13 @@ else
 fi
 STUDY="$RESULTS_DIR/$NAME"
 log "sweep exited $SWEEP_RC"
+if [ "$SWEEP_RC" -ge 128 ]; then  # 128 + signal (130 SIGINT, 143 SIGTERM): knobs restored, data kept
+    log "interrupted: the next run resumes $STUDY"
+    exit "$SWEEP_RC"
+fi
 case $SWEEP_RC in
     0 | 1) ;;
-    130) log "interrupted: the next run resumes $STUDY"; exit 130 ;;
-    *) die "sweep failed (exit $SWEEP_RC)" ;;
+    *) die "sweep failed (exit $SWEEP_RC)" ;;  # 2 a clear error, 3 a bug (traceback in sweep.log)
 esac
 [ -f "$STUDY/study.json" ] || die "sweep left no study at $STUDY"
 

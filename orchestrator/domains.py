@@ -5,7 +5,8 @@ autoescape on (names may hold `&<>'"`) and StrictUndefined (a user template that
 variable we do not provide fails loudly, naming the template and the variable). The rendered
 text must parse as XML before anyone hands it to libvirt.
 
-The default template is domain_templates/guest.xml.j2; a plan may point at its own file.
+The default template is orchestrator/domain_templates/guest.xml.j2 (shipped in the package);
+a plan may point at its own file.
 Partials (`{% include %}`) are looked up next to the chosen template first, then in the
 default folder, so a user template can reuse `_network.xml.j2` and `_metadata.xml.j2`.
 """
@@ -22,8 +23,10 @@ from typing import Any, Literal
 import jinja2
 
 from orchestrator.errors import ProvisionError
+from orchestrator.kvm import DomainType
+from orchestrator.resources import package_file
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "domain_templates" / "guest.xml.j2"
+DEFAULT_TEMPLATE = package_file("domain_templates", "guest.xml.j2")
 
 # The namespace of our <metadata> element; cleanup recognises our domains by it.
 METADATA_NS = "https://ksm-lab.invalid/xmlns/guest/1"
@@ -33,7 +36,6 @@ METADATA_PREFIX = "ksmlab"
 # type='user' interfaces needs a newer libvirt and the passt binary.
 PASST_MIN_LIBVIRT_VERSION = 9_002_000
 
-DomainType = Literal["kvm", "qemu", "test"]
 UserNetBackend = Literal["qemu-commandline", "passt"]
 
 
@@ -179,6 +181,18 @@ def render_domain_xml(spec: DomainSpec, template_path: Path | None = None) -> st
     return xml
 
 
+def template_digest(template_path: Path | None = None) -> str:
+    """sha256 over a template and every partial it may include (its folder's and the default
+    folder's *.j2): what a saved guest state must be rebuilt for when it changes."""
+    chosen = Path(template_path or DEFAULT_TEMPLATE).resolve()
+    folders = dict.fromkeys([chosen.parent, DEFAULT_TEMPLATE.parent])
+    digest = hashlib.sha256(chosen.read_bytes())
+    for folder in folders:
+        for partial in sorted(folder.glob("_*.j2")):
+            digest.update(partial.name.encode() + partial.read_bytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class DomainMetadata:
     study: str
@@ -205,3 +219,54 @@ def parse_metadata(xml: str) -> DomainMetadata:
         overlay_path=Path(overlay) if overlay else None,
         console_log_path=Path(console) if console else None,
     )
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+_HOSTFWD = "hostfwd=tcp:"
+
+
+def restore_xml(saved_xml: str, *, study: str, overlay_path: Path, console_log_path: Path,
+                host_port: int | None) -> str:
+    """The domain XML to restore a saved guest with: the XML stored in its save image (libvirt
+    checks the ABI against it, so it must keep every default libvirt filled in, and the name and
+    uuid), changed only where a trial differs: the disk overlay, the console log, the loopback
+    port of the SSH forward and our metadata (the study it now belongs to)."""
+    ET.register_namespace("qemu", QEMU_NS)
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    try:
+        root = ET.fromstring(saved_xml)
+    except ET.ParseError as exc:
+        raise ProvisionError(f"unreadable domain XML in a saved guest state: {exc}") from exc
+    disks = [d for d in root.iter("disk") if d.get("device") == "disk"]
+    if len(disks) != 1 or disks[0].find("source") is None:
+        raise ProvisionError(f"saved guest {root.findtext('name')}: expected one disk with a source, "
+                             f"found {len(disks)}")
+    source = disks[0].find("source")
+    assert source is not None
+    source.set("file", str(overlay_path))
+    # libvirt records the chain it saw at save time; the new overlay's chain is read afresh.
+    for backing in disks[0].findall("backingStore"):
+        disks[0].remove(backing)
+    for device in ("serial", "console"):
+        for element in root.iter(device):
+            if element.get("type") == "file" and element.find("source") is not None:
+                element.find("source").set("path", str(console_log_path))  # type: ignore[union-attr]
+    if host_port is not None:
+        args = [a for a in root.iter(f"{{{QEMU_NS}}}arg") if _HOSTFWD in (a.get("value") or "")]
+        if len(args) != 1:
+            raise ProvisionError(f"saved guest {root.findtext('name')}: no SSH port forward to move")
+        value = args[0].get("value") or ""
+        head, _, rest = value.partition(_HOSTFWD)
+        address, _, tail = rest.partition("-")  # "127.0.0.1:PORT" "-" ":22,..."
+        host_addr = address.rsplit(":", 1)[0]
+        args[0].set("value", f"{head}{_HOSTFWD}{host_addr}:{host_port}-{tail}")
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    for old in list(metadata):
+        if old.tag.startswith(f"{{{METADATA_NS}}}"):
+            metadata.remove(old)
+    guest = ET.SubElement(metadata, f"{{{METADATA_NS}}}guest")
+    for tag, text in (("study", study), ("overlay", str(overlay_path)), ("console", str(console_log_path))):
+        ET.SubElement(guest, f"{{{METADATA_NS}}}{tag}").text = text
+    return ET.tostring(root, encoding="unicode")

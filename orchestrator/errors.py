@@ -50,6 +50,10 @@ class GuestBootError(ProvisionError):
         self.console_tail = console_tail
 
 
+class GuestLostError(GuestBootError):
+    """A guest stopped, crashed or was paused mid-trial; carries the console tails."""
+
+
 class GuestError(OrchestratorError):
     pass
 

@@ -154,6 +154,7 @@ class GuestSession:
         connect_timeout_s: float = 10.0,
         connect_deadline_s: float = 240.0,
         keepalive_s: int = 30,
+        retry_min_s: float = 0.5,
     ) -> None:
         if host_key_policy == "verify" and not known_host_key:
             raise GuestError(f"{host}:{port}: no known host key to verify the guest against")
@@ -166,6 +167,9 @@ class GuestSession:
         self.connect_timeout_s = connect_timeout_s
         self.connect_deadline_s = connect_deadline_s
         self.keepalive_s = keepalive_s
+        # First wait between attempts; a restored guest answers within a second, a booting one
+        # takes a minute, so callers that restore ask for short waits.
+        self.retry_min_s = retry_min_s
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._ssh_logger = logging.getLogger(f"{__name__}.ssh.{host}:{port}")
@@ -201,7 +205,7 @@ class GuestSession:
         self._ssh_logger.setLevel(logging.CRITICAL)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Transient),
-            wait=tenacity.wait_exponential(multiplier=0.5, min=0.5, max=5),
+            wait=tenacity.wait_exponential(multiplier=self.retry_min_s, min=self.retry_min_s, max=5),
             stop=tenacity.stop_after_delay(self.connect_deadline_s),
             reraise=True,
         )

@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -15,7 +16,14 @@ from typing import Any
 from orchestrator import __version__, probes
 from orchestrator.ksm import read_host_knobs, read_ksm_knobs
 
-_PACKAGES = ("libvirt-python", "paramiko", "psutil", "pandas", "jinja2", "tenacity", "pydantic", "pyarrow", "numpy")
+
+def _dependencies() -> list[str]:
+    """The runtime dependencies as the installed ksm-lab declares them (pyproject's list)."""
+    try:
+        requires = importlib.metadata.requires("ksm-lab") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
+        return []
+    return [re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0] for r in requires if "extra ==" not in r]
 
 
 def _cpu_model(root: Path) -> str:
@@ -42,7 +50,7 @@ def numa_nodes(root: Path = Path("/")) -> int:
 def collect_host_info(root: Path = Path("/"), with_vm_tools: bool = False) -> dict[str, Any]:
     uname = os.uname()
     versions = {"ksm-lab": __version__, "python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in _dependencies():
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
     if with_vm_tools:

@@ -1,4 +1,4 @@
-"""Is this host ready to run guests, and make it so (scripts/host-setup.sh does the work).
+"""Is this host ready to run guests, and make it so (the shipped host-setup.sh does the work).
 
 check_host() only reads; setup_host() installs packages and starts libvirtd as root.
 """
@@ -11,13 +11,15 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from orchestrator import images
 from orchestrator.errors import HostError
+from orchestrator.kvm import kvm_status
+from orchestrator.resources import package_file
 
-LIBVIRT_URI = "qemu:///system"
-SETUP_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "host-setup.sh"
+LIBVIRT_URI = "qemu:///system"  # the default, where a plan or option names none
+LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
+SETUP_SCRIPT = package_file("host-setup.sh")
 # An image build holds the rootfs (~0.8 GiB), the raw ext4 and the qcow2 at once.
 MIN_IMAGE_CACHE_FREE_GIB = 4.0
 _TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen")
@@ -32,52 +34,31 @@ class CheckResult:
     blocking: bool = True
 
 
-def kvm_status(root: Path = Path("/")) -> tuple[bool, str]:
-    """Whether guests can use KVM, and why (or why not) in words."""
-    cpuinfo = (root / "proc/cpuinfo").read_text(errors="replace")
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    virt_flag = "vmx" if "vmx" in flags else "svm" if "svm" in flags else None
-    dev_kvm = root / "dev/kvm"
-    present = dev_kvm.exists()
-    usable = present and os.access(dev_kvm, os.R_OK | os.W_OK)
-    if virt_flag and usable:
-        return True, f"yes: CPU has {virt_flag} and /dev/kvm is usable -> domain type kvm"
-    if virt_flag and present:
-        return False, "no: /dev/kvm is not readable+writable by this user -> use TCG"
-    if virt_flag:
-        return False, f"no: CPU has {virt_flag} but /dev/kvm is missing (kvm module?) -> use TCG"
-    if present:
-        # A software/nested KVM without vmx/svm cannot run a stock guest kernel (HOST.md).
-        return False, "no: /dev/kvm present but CPU has no vmx/svm (nested/software KVM) -> use TCG"
-    return False, "no: no /dev/kvm and CPU has no vmx/svm -> use TCG"
+def libvirt_uri(option: str | None = None, plan_uri: str | None = None) -> str:
+    """The libvirt to talk to, decided as virsh does: -c/--connect, else $LIBVIRT_DEFAULT_URI,
+    else the plan's [guests] uri, else qemu:///system."""
+    return option or os.environ.get(LIBVIRT_URI_ENV) or plan_uri or LIBVIRT_URI
 
 
-def detect_domain_type(root: Path = Path("/")) -> Literal["kvm", "qemu"]:
-    """libvirt domain type for this host: "kvm" with hardware virtualization, else "qemu" (TCG)."""
-    return "kvm" if kvm_status(root)[0] else "qemu"
-
-
-def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None) -> list[CheckResult]:
-    """The checks a plan needs; no VMs means nothing to check here."""
+def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
+               uri: str = LIBVIRT_URI) -> list[CheckResult]:
+    """The checks a plan needs (libvirt probed at `uri`); no VMs means nothing to check here."""
     if not plan_needs_vms:
         return []
-    results = [_check_libvirt()]
+    results = [_check_libvirt(uri)]
     kvm_ok, kvm_detail = kvm_status()
     results.append(CheckResult("kvm", kvm_ok, kvm_detail, blocking=False))
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     results.append(CheckResult(
         "tools", not missing,
-        f"missing {', '.join(missing)}: run `python -m orchestrator host setup`" if missing
+        f"missing {', '.join(missing)}: run `ksm-lab host setup`" if missing
         else "present: " + ", ".join(_TOOLS)))
     results.append(_check_image(image_cache_dir))
     results.append(_check_cache_room(image_cache_dir or images.default_cache_dir()))
     return results
 
 
-def _check_libvirt() -> CheckResult:
+def _check_libvirt(uri: str) -> CheckResult:
     try:
         import libvirt
     except ImportError as exc:
@@ -85,10 +66,10 @@ def _check_libvirt() -> CheckResult:
     # libvirt prints every error to stderr by default; we report it ourselves.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        return CheckResult("libvirt", False, f"{LIBVIRT_URI} unreachable ({exc}): run "
-                                             "`python -m orchestrator host setup`")
+        return CheckResult("libvirt", False, f"{uri} unreachable ({exc}): run "
+                                             "`ksm-lab host setup`")
     try:
         caps = conn.getCapabilities()
         version = conn.getLibVersion()
@@ -98,9 +79,9 @@ def _check_libvirt() -> CheckResult:
     has_qemu = re.search(r"<arch name='x86_64'>.*?<domain type='qemu'", caps, re.S) is not None
     lib = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
     if not has_qemu:
-        return CheckResult("libvirt", False, f"libvirt {lib} at {LIBVIRT_URI} has no QEMU "
+        return CheckResult("libvirt", False, f"libvirt {lib} at {uri} has no QEMU "
                                              "x86_64 driver: install libvirt-daemon-driver-qemu")
-    return CheckResult("libvirt", True, f"libvirt {lib} at {LIBVIRT_URI}, QEMU x86_64 driver present")
+    return CheckResult("libvirt", True, f"libvirt {lib} at {uri}, QEMU x86_64 driver present")
 
 
 def _check_image(cache_dir: Path | None) -> CheckResult:
@@ -110,7 +91,7 @@ def _check_image(cache_dir: Path | None) -> CheckResult:
         return CheckResult("image", False, f"default image unusable: {exc}")
     if image is None:
         return CheckResult("image", False, f"default image {images.image_key(images.DEFAULT_RECIPE)}"
-                                           " not built: run `python -m orchestrator image build`")
+                                           " not built: run `ksm-lab image build`")
     return CheckResult("image", True, f"{image.key} at {image.disk_path.parent}")
 
 
@@ -124,10 +105,11 @@ def _check_cache_room(cache_dir: Path) -> CheckResult:
 
 
 def setup_host(stop: bool = False, timeout_s: float = 900) -> str:
-    """Run scripts/host-setup.sh (or --stop) as root; returns what it printed."""
+    """Run host-setup.sh (or --stop) as root; returns what it printed."""
     if os.geteuid() != 0:
         raise HostError("host setup needs root (apt-get, libvirtd)")
-    argv = [str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
+    # Through bash: an installed wheel does not promise to keep the executable bit.
+    argv = ["bash", str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout_s)

@@ -34,19 +34,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
+from orchestrator.resources import is_recipe_name, package_file
 
 log = logging.getLogger(__name__)
 
 # Bump when the build steps below change what ends up in an image.
 BUILD_SCRIPT_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "workloads" / "images"
+# Shipped recipes; a bare recipe name ("debian-sysbench") means one of these.
+RECIPES_DIR = package_file("image_recipes")
 DEFAULT_RECIPE = RECIPES_DIR / "debian-sysbench.toml"
 DEFAULT_CACHE_DIR = Path("/var/lib/ksm-lab/images")
 CACHE_DIR_ENV = "KSM_LAB_IMAGE_CACHE"
 HostKeyPolicy = Literal["verify", "accept-any"]
-# A cache entry's secrets are root's alone (guests run as root: scripts/host-setup.sh). The
+# A cache entry's secrets are root's alone (guests run as root: host-setup.sh). The
 # login key opens every guest of the image; the base disk holds the guest's SSH host private
 # key, which is what sessions trust. The disk stays read-only too: a write to the shared base
 # would corrupt every overlay on it.
@@ -365,28 +366,51 @@ def resolve_image(
         return cached
     if not build:
         raise ProvisionError(f"image for {recipe_path} is not built yet: run "
-                             "`python -m orchestrator image build`")
+                             "`ksm-lab image build`")
     return build_image(recipe_path, cache_dir)
 
 
 def _recipe_path(value: str | None, base_dir: Path) -> Path:
     if value is None:
         return DEFAULT_RECIPE
-    if "/" not in value and not value.endswith(".toml"):
-        return RECIPES_DIR / f"{value}.toml"  # a bare name means a shipped recipe
+    if is_recipe_name(value):
+        return RECIPES_DIR / f"{value}.toml"
     return (base_dir / value).resolve()
 
 
+# Bounds on every build step (a mirror that stops answering must not hang a nightly run), and
+# on waiting for another process's build of the same image.
+DEBOOTSTRAP_TIMEOUT_S = 1800.0
+STEP_TIMEOUT_S = 600.0
+BUILD_LOCK_WAIT_S = 2400.0
+
+
 @contextmanager
-def _build_lock(cache_dir: Path, key: str) -> Iterator[None]:
+def _build_lock(cache_dir: Path, key: str, wait_s: float = BUILD_LOCK_WAIT_S) -> Iterator[None]:
+    """One build of an image at a time; waits at most `wait_s` for another, naming it."""
     lock_dir = cache_dir / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "w") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another build of %s to finish", key)
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+    with open(lock_dir / f"{key}.lock", "a+") as lock_file:
+        deadline = time.monotonic() + wait_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "unknown pid"
+                if time.monotonic() > deadline:
+                    raise ProvisionError(f"another build of image {key} ({holder}) still holds "
+                                         f"{lock_file.name} after {wait_s:.0f} s") from None
+                if not announced:
+                    log.info("waiting for another build of %s (%s) to finish", key, holder)
+                    announced = True
+                time.sleep(1.0)
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()}\n")
+        lock_file.flush()
         try:
             yield
         finally:
@@ -443,7 +467,7 @@ def _check_build_host() -> None:
         raise HostError("building an image needs root (debootstrap, chroot)")
     missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
-        raise HostError(f"missing {', '.join(missing)}: run `python -m orchestrator host setup`")
+        raise HostError(f"missing {', '.join(missing)}: run `ksm-lab host setup`")
 
 
 def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_dir: Path,
@@ -625,10 +649,21 @@ def _chroot(rootfs: Path, argv: list[str]) -> None:
     _run(["unshare", "--mount", "--propagation", "private", "chroot", str(rootfs), *argv], None)
 
 
-def _run(argv: list[str], log_path: Path | None) -> None:
+def _run(argv: list[str], log_path: Path | None, timeout_s: float | None = None) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    if timeout_s is None:
+        timeout_s = DEBOOTSTRAP_TIMEOUT_S if "debootstrap" in argv else STEP_TIMEOUT_S
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"") + (exc.stderr or b"")
+        text = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
+        if log_path is not None:
+            log_path.write_text(text)
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise ProvisionError(f"`{' '.join(argv)}` did not finish within {timeout_s:.0f} s:\n{tail}") from None
     if log_path is not None:
         log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -28,16 +28,17 @@ from typing import Any
 
 from orchestrator import probes
 from orchestrator.errors import HostError, KsmError, LockError
+from orchestrator.fsutil import atomic_write_json
+from orchestrator.probes import KSM_SYSFS
 
 log = logging.getLogger(__name__)
 
-KSM_REL = Path("sys/kernel/mm/ksm")
 THP_REL = Path("sys/kernel/mm/transparent_hugepage")
 HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "defrag"}
 
 # The only folders this module ever writes under, whatever a settings record names: a record
 # is a file in the results folder, and restore runs as root.
-WRITABLE_RELS = (KSM_REL, THP_REL)
+WRITABLE_RELS = (KSM_SYSFS, THP_REL)
 
 # Applied first, in this order, because later writes depend on them (see module docstring).
 _ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
@@ -66,15 +67,6 @@ def read_host_knobs(root: Path = Path("/")) -> dict[str, str]:
         with contextlib.suppress(OSError):
             values[name] = read_sysfs_value(root / rel)
     return values
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class HostSettings:
@@ -135,7 +127,7 @@ class HostSettings:
         if not any(e["path"] == key for e in self.entries):
             self.entries.append({"path": key, "old": old, "new": new})
             # Refused entries stay in the file: what a record said is evidence, not noise.
-            _atomic_write_json(self.record_path, self.entries + self.refused)
+            atomic_write_json(self.record_path, self.entries + self.refused)
         self._raw_write(path, new)
 
     def _refuse_outside(self, path: Path) -> None:
@@ -163,12 +155,12 @@ class HostSettings:
     # -- KSM operations ------------------------------------------------------------------------
 
     def read_counter(self, name: str) -> int:
-        return int(read_sysfs_value(self._abs(KSM_REL / name)))
+        return int(read_sysfs_value(self._abs(KSM_SYSFS / name)))
 
     def reset(self, timeout_s: float = 120.0) -> float:
         """Stop ksmd and unmerge everything; return how long unmerging took (s)."""
         start = time.monotonic()
-        self.write(KSM_REL / "run", 2)
+        self.write(KSM_SYSFS / "run", 2)
         deadline = start + timeout_s
         while self.read_counter("pages_shared") != 0:
             if time.monotonic() > deadline:
@@ -182,23 +174,23 @@ class HostSettings:
     def apply(self, ksm: Mapping[str, Any], host: Mapping[str, Any]) -> None:
         """Set a trial's knobs (KSM must be reset first). Knobs a previous trial changed but this
         one does not name go back to the host's original, so trials do not depend on order."""
-        if read_sysfs_value(self._abs(KSM_REL / "run")) != "2":
+        if read_sysfs_value(self._abs(KSM_SYSFS / "run")) != "2":
             raise KsmError("apply() needs KSM reset (run=2) first")
         wanted: dict[str, str] = {}
         for entry in self.entries:
             path = Path(entry["path"])
-            if path.parent == KSM_REL and path.name != "run":
+            if path.parent == KSM_SYSFS and path.name != "run":
                 wanted[path.name] = entry["old"]
         wanted.update({k: str(v) for k, v in ksm.items()})
-        missing = [k for k in wanted if not self._abs(KSM_REL / k).exists()]
+        missing = [k for k in wanted if not self._abs(KSM_SYSFS / k).exists()]
         if missing:
             raise KsmError(f"this kernel has no KSM knob(s): {', '.join(missing)}")
         # pages_to_scan is refused while the advisor drives it.
-        if "pages_to_scan" in ksm and "advisor_mode" not in ksm and self._abs(KSM_REL / "advisor_mode").exists():
+        if "pages_to_scan" in ksm and "advisor_mode" not in ksm and self._abs(KSM_SYSFS / "advisor_mode").exists():
             wanted["advisor_mode"] = "none"
         first = [k for k in _ORDER_FIRST if k in wanted]
         for knob in first + sorted(set(wanted) - set(first)):
-            self.write(KSM_REL / knob, wanted[knob])
+            self.write(KSM_SYSFS / knob, wanted[knob])
 
         for name, rel in HOST_KNOB_FILES.items():
             value = host.get(name, self.original(rel))
@@ -206,10 +198,10 @@ class HostSettings:
                 self.write(rel, value)
 
     def start(self) -> None:
-        self.write(KSM_REL / "run", 1)
+        self.write(KSM_SYSFS / "run", 1)
 
     def stop(self) -> None:
-        self.write(KSM_REL / "run", 0)
+        self.write(KSM_SYSFS / "run", 0)
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -220,9 +212,9 @@ class HostSettings:
         """
         restored: list[str] = []
         errors: list[str] = []
-        run_rel = str(KSM_REL / "run")
+        run_rel = str(KSM_SYSFS / "run")
         run_entry = next((e for e in self.entries if e["path"] == run_rel), None)
-        if any(Path(e["path"]).parent == KSM_REL for e in self.entries):
+        if any(Path(e["path"]).parent == KSM_SYSFS for e in self.entries):
             run_path = self._abs(run_rel)
             # Without a record for run, run never changed: it goes back to what it is now.
             run_entry = run_entry or {"path": run_rel, "old": read_sysfs_value(run_path), "new": "2"}

@@ -514,6 +514,11 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
         "per_process": pd.DataFrame(),
         "workload_per_guest": pd.DataFrame(columns=["guest", *WORKLOAD_METRICS]),
     }
+    provision = info.get("provision") or {}
+    out["guest_start"] = provision.get("start")
+    # Seconds from "start the guests" to "every guest answers": restore + SSH + clock + identity
+    # for restored trials, define + boot to SSH for booted ones (not kept: they did not start).
+    out["guest_start_s"] = provision.get("start_s", provision.get("boot_wall_s") if not provision.get("reused") else None)
     if out["status"] != "ok":
         return out
     ksm_settings = info.get("ksm") or {}

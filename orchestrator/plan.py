@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
+from orchestrator.planpaths import relative_to_plan
 
 # KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
 # and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
@@ -103,6 +104,13 @@ class PhasesSection(_Strict):
     converge_tolerance_pct: float = Field(1.0, gt=0, le=100)
     max_measure_s: float = Field(600.0, gt=0, le=86400)
     reset_timeout_s: float = Field(120.0, gt=0, le=3600)
+    # Before the baseline, wait until the guests (or workers) stop growing: the summed RSS of
+    # the tracked processes and host MemAvailable must each change by less than
+    # steady_slope_mib_per_min over steady_window_s, waiting at most steady_max_s (0: no wait).
+    # A guest still growing during the trial puts its growth into every delta-based saving.
+    steady_max_s: float = Field(0.0, ge=0, le=3600)
+    steady_window_s: float = Field(20.0, gt=0, le=600)
+    steady_slope_mib_per_min: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _cap(self) -> "PhasesSection":
@@ -198,9 +206,26 @@ class GuestsSection(_Strict):
     hugepages: bool = False
     vcpu_pins: list[str] | None = None
     numa_node: int | None = None
-    keep_across_trials: bool = True
+    # How each trial gets its guests. restore (default): boot the set once, prepare, warm up,
+    # save every guest (memory + a frozen disk layer), and start every trial by restoring all
+    # of them onto fresh overlays: each trial meets identical guest memory and disk, in seconds.
+    # boot: a fresh boot per trial (cold caches, every time). keep: one boot, guests kept across
+    # trials with the same guest set (each trial inherits the last one's THP splits, warm
+    # buffer pools and growth: drift that piles onto run order).
+    start: Literal["restore", "boot", "keep"] = "restore"
+    # Saved states are cached beside the image (keyed by everything that shaped them) for later
+    # studies and nights; false keeps them in the study's work folder and deletes them after.
+    cache_states: bool = True
     boot_timeout_s: float = Field(600.0, gt=0)
+    restore_timeout_s: float = Field(120.0, gt=0)
     workdir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "keep_across_trials" in data:
+            raise ValueError('keep_across_trials was replaced by start = "keep" | "boot" | "restore"')
+        return data
 
 
 class Reference(_Strict):
@@ -543,7 +568,8 @@ def load_plan(path: Path | str) -> tuple[Plan, str]:
         text = path.read_text()
     except OSError as exc:
         raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
-    return parse_plan(text, source=str(path)), text
+    # Paths in the plan (templates, recipes, images, folders) are relative to its own folder.
+    return relative_to_plan(parse_plan(text, source=str(path)), path.parent), text
 
 
 def knobs_used(trials: list[Trial]) -> set[str]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.hostsetup import CheckResult, check_host
-from orchestrator.ksm import KSM_REL, THP_REL, find_pids_by_comm, run_dir
+from orchestrator.hostsetup import CheckResult, check_host, libvirt_uri
+from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
+from orchestrator.probes import KSM_SYSFS
 
 
 def _writable(name: str, path: Path) -> CheckResult:
@@ -19,7 +22,7 @@ def _writable(name: str, path: Path) -> CheckResult:
 
 
 def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
-    ksm_dir = root / KSM_REL
+    ksm_dir = root / KSM_SYSFS
     if not ksm_dir.is_dir():
         return [CheckResult("KSM", False, f"{ksm_dir} missing: kernel without CONFIG_KSM")]
     results = [CheckResult("KSM", True, f"{len(list(ksm_dir.iterdir()))} files in {ksm_dir}")]
@@ -38,26 +41,86 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     return results
 
 
-def run_checks(plan_path: Path | None, root: Path = Path("/")) -> list[CheckResult]:
-    """Every check; `ready(results)` says whether the host can run the plan."""
+def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path = Path("results"),
+               connect: str | None = None) -> list[CheckResult]:
+    """Every check; `ready(results)` says whether the host can run the plan.
+
+    libvirt is probed where the sweep would go: `connect` (-c), $LIBVIRT_DEFAULT_URI, the
+    plan's [guests] uri, qemu:///system (hostsetup.libvirt_uri)."""
     results = ksm_checks(root)
     needs_vms = False
+    plan_uri = None
     if plan_path is not None:
         from orchestrator.plan import check_against_host, expand, load_plan
 
         try:
             plan, _ = load_plan(plan_path)
             trials = expand(plan)
-            check_against_host(trials, root / KSM_REL)
+            check_against_host(trials, root / KSM_SYSFS)
             results.append(CheckResult("plan", True, f"{plan_path}: {len(trials)} trials"))
             needs_vms = plan.guests is not None
+            plan_uri = plan.guests.uri if plan.guests is not None else None
+            results += space_checks(plan, trials, results_dir)
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
-    vm_results = check_host(plan_needs_vms=True)
+    vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
     if not needs_vms:
         # Without a VM plan the VM checks are information: they cannot make the host unready.
         vm_results = [dataclasses.replace(r, blocking=False) for r in vm_results]
     return results + vm_results
+
+
+# Generous per-row sizes of the CSVs a trial writes, measured on this host's studies (a ksm.csv
+# row of every column is ~700 bytes, a processes.csv row ~200) and doubled.
+KSM_ROW_BYTES = 1500
+PROCESS_ROW_BYTES = 400
+TRIAL_FIXED_BYTES = 2 * 2**20  # trial.json, workload files, the report's share
+OVERLAY_GROWTH_MIB = {"idle": 64, "sysbench": 512, "processes": 0}  # a guest's writes in one trial
+
+
+def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, int]:
+    """Bytes a study needs on each file system it writes: results, guest overlays, saved states.
+    Keyed by an existing folder on that file system (the nearest existing parent)."""
+    from orchestrator.plan import fast_interval_s
+
+    needs: dict[Path, int] = {}
+
+    def add(path: Path, nbytes: int) -> None:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        needs[folder] = needs.get(folder, 0) + int(nbytes)
+
+    for trial in trials:
+        phases = trial.phases
+        seconds = phases["baseline_s"] + phases["settle_s"] + phases["steady_max_s"] + (
+            phases["max_measure_s"] if phases["until_converged"] else phases["measure_s"])
+        fast = fast_interval_s(trial.sampling, trial.workload)
+        targets = trial.guests["count"] if trial.guests else trial.workload.get("processes", 1)
+        add(results_dir, TRIAL_FIXED_BYTES + seconds / fast * KSM_ROW_BYTES
+            + seconds / trial.sampling["interval_s"] * targets * PROCESS_ROW_BYTES)
+    if plan.guests is not None:
+        from orchestrator.provision import DEFAULT_WORK_ROOT
+
+        g = plan.guests
+        work = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
+        most = max(t.guests["count"] for t in trials)
+        add(work, most * OVERLAY_GROWTH_MIB.get(plan.workload.type, 512) * 2**20)
+        if g.start == "restore":
+            # A saved state takes at most the guests' RAM (only touched pages are written).
+            from orchestrator.images import default_cache_dir
+
+            add(default_cache_dir() if g.cache_states else work, most * g.memory_mib * 2**20)
+    return needs
+
+
+def space_checks(plan: Any, trials: list[Any], results_dir: Path) -> list[CheckResult]:
+    results = []
+    for folder, nbytes in space_needs(plan, trials, results_dir).items():
+        free = shutil.disk_usage(folder).free
+        results.append(CheckResult(f"free space in {folder}", free >= nbytes,
+                                   f"{free / 2**20:.0f} MiB free, the study needs up to {nbytes / 2**20:.0f} MiB"))
+    return results
 
 
 def ready(results: list[CheckResult]) -> bool:

@@ -135,6 +135,7 @@ class ProcStat:
     stime_ticks: int
     cutime_ticks: int = 0  # reaped children's user time
     cstime_ticks: int = 0
+    start_ticks: int = 0  # start time after boot: with the pid, names one process (pids recur)
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -156,7 +157,7 @@ def parse_proc_stat(text: str) -> ProcStat:
         raise ValueError(f"not a /proc/PID/stat line: {text[:80]!r}")
     pid_text, _, comm = head.partition(" (")
     # Fields after comm, numbered as in proc(5) minus 3: state=3, ppid=4, flags=9,
-    # utime=14, stime=15, cutime=16, cstime=17.
+    # utime=14, stime=15, cutime=16, cstime=17, starttime=22.
     fields = tail.split()
     return ProcStat(
         pid=int(pid_text),
@@ -168,6 +169,7 @@ def parse_proc_stat(text: str) -> ProcStat:
         stime_ticks=int(fields[12]),
         cutime_ticks=int(fields[13]),
         cstime_ticks=int(fields[14]),
+        start_ticks=int(fields[19]),
     )
 
 
@@ -264,13 +266,21 @@ def read_host_cpu(root: Path = Path("/")) -> HostCpu:
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo as {field: value}; values are KiB except the HugePages_* counts."""
+    """/proc/meminfo (the host's, or a guest's read over SSH) as {field: value}; values are KiB
+    except the HugePages_* counts. The one parser of that file in ksm-lab.
+
+    A line that is not `Name: <integer> [kB]` raises ValueError naming it: a wrong unit or a
+    truncated number must not become a plausible figure.
+    """
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(":")
         parts = rest.split()
-        if sep and parts:
-            values[key.strip()] = int(parts[0])
+        if not sep or not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] != "kB") or not parts[0].isdigit():
+            raise ValueError(f"unexpected /proc/meminfo line: {line.strip()!r}")
+        values[key.strip()] = int(parts[0])
     return values
 
 
@@ -285,6 +295,20 @@ def parse_vmstat(text: str) -> dict[str, int]:
 
 def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
     return parse_meminfo(_read(root / "proc" / "meminfo"))
+
+
+def parse_node_meminfo(text: str) -> dict[str, int]:
+    """/sys/devices/system/node/nodeN/meminfo ("Node 0 MemFree:  123 kB") as {field: KiB}:
+    /proc/meminfo's lines behind a "Node N" prefix, read by the same parser."""
+    return parse_meminfo("\n".join(line.split(None, 2)[2] for line in text.splitlines()
+                                    if line.startswith("Node ") and len(line.split(None, 2)) == 3))
+
+
+def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | None:
+    try:
+        return parse_node_meminfo(_read(root / "sys" / "devices" / "system" / "node" / f"node{node}" / "meminfo"))
+    except FileNotFoundError:
+        return None
 
 
 def read_vmstat(root: Path = Path("/")) -> dict[str, int]:

@@ -48,9 +48,14 @@ from orchestrator.domains import (
     mac_for_uuid,
     parse_metadata,
     render_domain_xml,
+    restore_xml,
     user_net_backend,
 )
-from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator import probes, states
+from orchestrator.errors import GuestBootError, GuestLostError, HostError, ProvisionError
+from orchestrator.fsutil import atomic_write_json
+from orchestrator.kvm import choose_domain_type  # noqa: F401 - the plan's domain_type, decided once
+from orchestrator.states import SavedSet
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +83,45 @@ def _libvirt_errors(action: str) -> Iterator[None]:
         raise ProvisionError(f"{action}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
+# libvirt's own event loop, run by one daemon thread for the whole process: it delivers domain
+# lifecycle events (a guest that dies or is paused mid-trial) and drives keepalive, which turns
+# a wedged libvirtd into an error instead of a call that never returns.
+_EVENT_LOOP_LOCK = threading.Lock()
+_event_loop: threading.Thread | None = None
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3  # unanswered probes before libvirt closes the connection: ~20 s
+
+
+def ensure_event_loop() -> None:
+    global _event_loop
+    with _EVENT_LOOP_LOCK:
+        if _event_loop is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
+def connect(uri: str) -> libvirt.virConnect:
+    """A libvirt connection with keepalive (where the driver has it: test:/// does not)."""
+    ensure_event_loop()
     with _libvirt_errors(f"cannot connect to libvirt at {uri}"):
         conn = libvirt.open(uri)
+    try:
+        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+    except libvirt.libvirtError:
+        pass  # local drivers without a daemon: nothing to keep alive
+    return conn
+
+
+@contextlib.contextmanager
+def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
+    conn = connect(uri)
     try:
         yield conn
     finally:
@@ -100,46 +140,41 @@ class MemoryMargin:
     fixed_mib: int = 512
 
 
-def _mem_available_kib(root: Path) -> int:
-    for line in (root / "proc" / "meminfo").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key == "MemAvailable":
-            return int(rest.split()[0])
-    raise HostError(f"{root / 'proc/meminfo'} has no MemAvailable")
-
-
 def check_memory_fits(
-    guest_count: int, memory_mib: int, margin: MemoryMargin = MemoryMargin(), *, root: Path = Path("/")
+    guest_count: int, memory_mib: int, margin: MemoryMargin = MemoryMargin(), *, root: Path = Path("/"),
+    hugepages: bool = False, numa_node: int | None = None,
 ) -> int:
-    """Refuse before anything starts when the guests cannot fit in MemAvailable.
+    """Refuse before anything starts when the guests cannot fit.
 
-    KSM might make them fit, but the KSM-off baseline must not push the host into swap.
+    KSM might make them fit, but the KSM-off baseline must not push the host into swap. Guests
+    backed by hugepages need free hugepages (KSM never merges those, and MemAvailable does not
+    count them); guests pinned to a NUMA node need that node's free memory.
     Returns the MiB left over after the guests and the margin.
     """
-    available_mib = _mem_available_kib(root) // 1024
+    meminfo = probes.read_meminfo(root)
+    if "MemAvailable" not in meminfo:
+        raise HostError(f"{root / 'proc/meminfo'} has no MemAvailable")
     guests_mib = guest_count * memory_mib
+    if hugepages:
+        free_mib = meminfo.get("HugePages_Free", 0) * meminfo.get("Hugepagesize", 0) // 1024
+        if guests_mib > free_mib:
+            raise HostError(f"{guest_count} guests x {memory_mib} MiB on hugepages need {guests_mib} MiB of "
+                            f"free hugepages, but only {free_mib} MiB are free (HugePages_Free x Hugepagesize)")
     required_mib = math.ceil(guests_mib * (1 + margin.fraction)) + margin.fixed_mib
-    if required_mib > available_mib:
+    available_mib = meminfo["MemAvailable"] // 1024
+    where = "MemAvailable"
+    if numa_node is not None:
+        node = probes.read_node_meminfo(numa_node, root)
+        if node is None:
+            raise HostError(f"guests are pinned to NUMA node {numa_node}, which this host does not have")
+        available_mib, where = min(available_mib, node.get("MemFree", 0) // 1024), f"node {numa_node} MemFree"
+    if not hugepages and required_mib > available_mib:
         raise HostError(
             f"{guest_count} guests x {memory_mib} MiB = {guests_mib} MiB need {required_mib} MiB "
             f"with the safety margin ({margin.fraction:.0%} + {margin.fixed_mib} MiB), "
-            f"but MemAvailable is {available_mib} MiB"
+            f"but {where} is {available_mib} MiB"
         )
-    return available_mib - required_mib
-
-
-def choose_domain_type(requested: str, root: Path = Path("/")) -> DomainType:
-    """'auto' -> kvm only with hardware virtualisation; a nested software /dev/kvm cannot run guests."""
-    if requested in ("kvm", "qemu", "test"):
-        return requested  # type: ignore[return-value]
-    if requested != "auto":
-        raise ProvisionError(f"unknown domain type {requested!r} (kvm, qemu, test or auto)")
-    try:
-        cpuinfo = (root / "proc" / "cpuinfo").read_text()
-    except OSError:
-        return "qemu"
-    has_hw_virt = re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.MULTILINE) is not None
-    return "kvm" if has_hw_virt and (root / "dev" / "kvm").exists() else "qemu"
+    return available_mib - (0 if hugepages else required_mib)
 
 
 # --- loopback ports ------------------------------------------------------------------------------
@@ -152,11 +187,10 @@ _PORTS_IN_PROCESS: set[int] = set()
 def _process_start_ticks(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot; tells a live holder from a reused pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = probes.read_proc_stat(pid)
     except OSError:
         return None
-    # Field 22; split after the command name, which may contain spaces and parentheses.
-    return int(stat.rpartition(")")[2].split()[19])
+    return None if stat is None else stat.start_ticks
 
 
 class PortRegistry:
@@ -185,9 +219,7 @@ class PortRegistry:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 table = self._load()
                 yield table
-                tmp = self.table_path.with_name(f".ports.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(table, sort_keys=True))
-                os.replace(tmp, self.table_path)
+                atomic_write_json(self.table_path, table)
             finally:
                 os.close(lock_fd)  # drops the flock
 
@@ -321,12 +353,31 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
             _unlink(meta.console_log_path)
             _undefine(dom)
             for folder in {p.parent for p in (meta.overlay_path, meta.console_log_path) if p}:
+                _remove_uncached_states(folder / UNCACHED_STATES)
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: other studies' files stay
             removed.append(name)
     # A killed sweep never released its forwarded ports; its entries go with its guests.
     PortRegistry().prune()
     return removed
+
+
+def _remove_uncached_states(folder: Path) -> None:
+    """A killed study's uncached saved states, beside its overlays. Only folders that hold
+    nothing but saved-state files are removed: metadata names the folder, it does not get to
+    name what is deleted."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            return
+        if any(f.is_symlink() or not f.is_file() or not states.is_state_file(f.name) for f in entry.iterdir()):
+            return
+    for entry in folder.iterdir():
+        for f in entry.iterdir():
+            f.unlink()
+        entry.rmdir()
+    folder.rmdir()
 
 
 # --- the guest set ---------------------------------------------------------------------------
@@ -397,11 +448,20 @@ class _Slot:
     mac: str | None = None
     ssh_host: str | None = None
     started_monotonic: float | None = None
+    restore_s: float | None = None
     torn_down: bool = False
 
 
 def _file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
+
+
+def study_work_dir(work_root: Path, study: str) -> Path:
+    """Where a study's overlays, console logs and uncached saved states live."""
+    return Path(work_root) / _file_slug(study)
+
+
+UNCACHED_STATES = "states"  # subfolder of a study's work folder (cache_states = false)
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -474,28 +534,42 @@ class GuestSet:
         image: BootImage,
         options: GuestSetOptions = GuestSetOptions(),
         work_dir: Path | None = None,
+        restore: SavedSet | None = None,
+        name_stem: str | None = None,
     ) -> None:
         if not requests:
             raise ProvisionError("a guest set needs at least one guest")
         if "/" in study or not study:
             raise ProvisionError(f"study name {study!r} cannot name a domain (empty or has '/')")
+        if restore is not None and len(restore.guests) != len(requests):
+            raise ProvisionError(f"saved state {restore.key} holds {len(restore.guests)} guests, "
+                                 f"{len(requests)} were asked for")
         self.uri = uri
         self.study = study
         self.image = image
         self.options = options
-        self.work_dir = Path(work_dir) if work_dir else options.work_root / _file_slug(study)
+        self.lost: dict[str, str] = {}  # guest name -> what happened to it (lifecycle events)
+        self._watching = False
+        self._event_id: int | None = None
+        # Restore: each guest comes back from its saved state, under its saved name and uuid
+        # (libvirt refuses another name for a save image).
+        self.restore = restore
+        self.name_stem = name_stem or study
+        self.work_dir = Path(work_dir) if work_dir else study_work_dir(options.work_root, study)
         self.ports = PortRegistry(options.port_state_dir)
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._slots = [self._plan_slot(i, request) for i, request in enumerate(requests)]
 
     def _plan_slot(self, index: int, request: GuestRequest) -> _Slot:
-        guest_uuid = str(uuidlib.uuid4())
-        # The uuid in the file names keeps a crashed run's files from colliding with ours.
-        stem = f"{_file_slug(self.study)}-{index}-{guest_uuid[:8]}"
+        saved = self.restore.guests[index] if self.restore is not None else None
+        guest_uuid = saved.uuid if saved else str(uuidlib.uuid4())
+        # A fresh token in the file names keeps a crashed run's files from colliding with ours
+        # (a restored guest keeps its uuid from trial to trial, so the uuid alone would not).
+        stem = f"{_file_slug(self.study)}-{index}-{uuidlib.uuid4().hex[:8]}"
         return _Slot(
             index=index,
-            name=f"{NAME_PREFIX}{self.study}-{index}",
+            name=saved.name if saved else f"{NAME_PREFIX}{self.name_stem}-{index}",
             uuid=guest_uuid,
             overlay_path=self.work_dir / f"{stem}.qcow2",
             console_log_path=self.work_dir / f"{stem}.console.log",
@@ -555,11 +629,54 @@ class GuestSet:
         with _libvirt_errors(f"define {slot.name}"):
             dom = self._conn.defineXML(xml)
         # Defined first, so the overlay we now create is recorded on a domain cleanup() finds.
+        if self.restore is not None:
+            self._restore_slot(slot)
+            return
         base = slot.request.disk_path or Path(self.image.disk_path)
         create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else self.image.disk_format)
         with _libvirt_errors(f"start {slot.name}"):
             dom.create()
         slot.started_monotonic = time.monotonic()
+
+    def _restore_slot(self, slot: _Slot) -> None:
+        """A fresh overlay on the frozen disk, then libvirt's restore of the saved memory into
+        the defined domain, with the XML stored in the save image changed only where a trial
+        differs (overlay, console log, SSH port, metadata)."""
+        assert self._conn is not None and self.restore is not None
+        saved = self.restore.guests[slot.index]
+        create_overlay(saved.disk_path, slot.overlay_path, "qcow2")
+        dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
+                           console_log_path=slot.console_log_path, host_port=slot.port)
+        slot.started_monotonic = time.monotonic()
+        with _libvirt_errors(f"restore {slot.name} from {saved.save_path}"):
+            self._conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        slot.restore_s = time.monotonic() - slot.started_monotonic
+
+    def restore_seconds(self) -> dict[str, float]:
+        """{guest name: seconds libvirt took to restore it} (restored sets only)."""
+        return {slot.name: round(slot.restore_s, 3) for slot in self._slots if slot.restore_s is not None}
+
+    def save(self, folder: Path, markers: Sequence[str]) -> list[dict[str, object]]:
+        """Save every running guest into `folder` (in parallel): libvirt's save of the domain
+        (memory and devices; the domain stops), then its overlay, consistent with that memory,
+        moves into the folder as the read-only disk layer. Returns state.json's guest entries.
+        The set is then only good for teardown."""
+        if self._conn is None:
+            raise ProvisionError(f"guest set of study {self.study!r} is not running")
+
+        def save_one(slot: _Slot) -> dict[str, object]:
+            save_path, disk_path, xml_path = states.guest_files(folder, slot.index)
+            dom = self._domain(slot)
+            with _libvirt_errors(f"save {slot.name}"):
+                dom.save(str(save_path))
+                xml_path.write_text(self._conn.saveImageGetXMLDesc(str(save_path), libvirt.VIR_DOMAIN_XML_SECURE))
+            os.replace(slot.overlay_path, disk_path)
+            disk_path.chmod(0o440)  # a backing file from now on: never written again
+            save_path.chmod(0o600)  # guest memory: the guest's secrets are in it
+            return {"index": slot.index, "name": slot.name, "uuid": slot.uuid, "marker": markers[slot.index]}
+
+        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="ksmlab-save") as pool:
+            return list(pool.map(save_one, self._slots))
 
     def __enter__(self) -> GuestSet:
         # Fresh uuids and files on every enter, so a set can be exited and entered again
@@ -570,8 +687,8 @@ class GuestSet:
         except OSError as exc:
             raise ProvisionError(f"cannot create work dir {self.work_dir}: {exc}") from exc
         try:
-            with _libvirt_errors(f"cannot connect to libvirt at {self.uri}"):
-                self._conn = libvirt.open(self.uri)
+            self._conn = connect(self.uri)
+            self._watch_lifecycle()
         except ProvisionError:
             with contextlib.suppress(OSError):
                 self.work_dir.rmdir()
@@ -597,6 +714,56 @@ class GuestSet:
             raise
         executor.shutdown(wait=True)
         return self
+
+    # -- guests that die or stop mid-trial ---------------------------------------------------
+
+    def _watch_lifecycle(self) -> None:
+        """Note every guest of ours that stops, crashes or is paused while the set is up
+        (libvirt lifecycle events, not polling): a trial must fail, not measure N-1 guests."""
+        assert self._conn is not None
+        self.lost = {}
+        self._watching = False
+        uuids = {slot.uuid: slot.name for slot in self._slots}
+
+        def on_event(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+            name = uuids.get(dom.UUIDString())
+            if name is None or not self._watching:
+                return
+            reason = _lost_reason(event, detail)
+            if reason is not None:
+                self.lost.setdefault(name, reason)
+                log.error("guest %s %s", name, reason)
+
+        try:
+            self._event_id = self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
+        except libvirt.libvirtError:
+            self._event_id = None  # a driver without events: raise_if_lost still checks states
+
+    def watch(self, on: bool = True) -> None:
+        """Guests stopping from here on are failures (off again before a save or teardown)."""
+        self._watching = on
+
+    def raise_if_lost(self) -> None:
+        """GuestLostError naming every guest that stopped, crashed or was paused, with its
+        console tail; also checks each domain's state, in case an event was missed."""
+        lost = dict(self.lost)
+        if self._conn is not None:
+            for slot in self._slots:
+                if slot.name in lost:
+                    continue
+                try:
+                    state, reason = self._domain(slot).state()
+                except ProvisionError as exc:
+                    lost[slot.name] = f"is gone ({exc})"
+                    continue
+                if state != libvirt.VIR_DOMAIN_RUNNING:
+                    lost[slot.name] = _state_reason(state, reason)
+        if lost:
+            tails = "\n".join(f"--- {slot.name} console ---\n{console_tail(slot.console_log_path, 15)}"
+                              for slot in self._slots if slot.name in lost)
+            detail = "; ".join(f"{name} {why}" for name, why in lost.items())
+            raise GuestLostError(f"{len(lost)} of {len(self._slots)} guest(s) lost mid-trial: {detail}", tails)
 
     # -- using -----------------------------------------------------------------------------
 
@@ -743,6 +910,11 @@ class GuestSet:
 
     def teardown(self) -> None:
         """Destroy, delete and undefine everything made so far. Idempotent; tries every guest."""
+        self._watching = False
+        if self._conn is not None and self._event_id is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.domainEventDeregisterAny(self._event_id)
+            self._event_id = None
         with self._lock:
             problems: list[str] = []
             for slot in self._slots:
@@ -775,6 +947,32 @@ class GuestSet:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown_after(exc, self.teardown)
+
+
+def _lost_reason(event: int, detail: int) -> str | None:
+    """What a lifecycle event means for a trial; None for events that do not end a guest."""
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        names = {libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "was destroyed",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed (QEMU exited)",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "was saved"}
+        return names.get(detail, "stopped")
+    if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+        return "crashed (guest panic)"
+    if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+        if detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+            return "was paused by QEMU on an I/O error (disk full?)"
+        return "was paused"
+    return None
+
+
+def _state_reason(state: int, reason: int) -> str:
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+        return "is paused on an I/O error (disk full?)"
+    names = {libvirt.VIR_DOMAIN_PAUSED: "is paused", libvirt.VIR_DOMAIN_SHUTOFF: "is shut off",
+             libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down"}
+    return names.get(state, f"is in state {state}")
 
 
 def find_qemu_pid(name: str, guest_uuid: str, pid_dir: Path | None, proc_root: Path = Path("/proc")) -> int | None:

@@ -740,11 +740,14 @@ def _noise_phrase(metric: str, r: pd.Series, n: int) -> str:
 # ----------------------------------------------------------------------------- HTML
 
 
-TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved_mib", "general_profit_mib",
+TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved_mib", "saving_basis",
+                 "saved_mib_end", "saved_share_before_refill_pct", "saved_share_after_refill_pct",
+                 "remerge_s_median", "merged_share_mean_pct", "general_profit_mib",
                  "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib", "mem_available_rise_net_mib",
                  "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
                  "converged", "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
-                 "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "stats_note", "data_problems")
+                 "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "disturbed", "stats_note",
+                 "guest_start", "guest_start_s", "data_problems")
 SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib",
                     "mem_available_rise_net_mib", "ksmd_cpu_pct", "time_to_90pct_s", "tps", "tps_guest_sd",
                     "tps_vs_off_pct", "latency_p95_ms", "latency_p95_ms_vs_off_pct")

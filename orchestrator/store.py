@@ -1,15 +1,13 @@
 """The results folder: layout, atomic writes, resume.
 
 <results>/<study>/plan.toml, study.json, host.json, settings-record.json, trials/<id>/...,
-trials.csv (see docs/ARCHITECTURE.md). A trial is finished when its trial.json says "ok";
+trials.csv (see docs/ARCHITECTURE.md), each written atomically (fsutil.py). A trial is finished when its trial.json says "ok";
 trial.json is written last, so a trial interrupted mid-write is simply run again on resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,31 +16,10 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import StoreError
+# Re-exported: the study's writers have always found them here.
+from orchestrator.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
 
 SCHEMA_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see old or new, whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -137,15 +114,21 @@ class Study:
 
     def write_trial(self, trial_id: str, record: Mapping[str, Any], frames: Mapping[str, pd.DataFrame],
                     extra_json: Mapping[str, Any] | None = None) -> Path:
-        """Write a trial's data files, then trial.json (the mark that it is complete)."""
+        """Write a trial's data files, then trial.json (the mark that it is complete).
+        StoreError (with the errno) when the folder cannot take them, e.g. a full disk."""
         folder = self.trial_dir(trial_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, frame in frames.items():
-            if frame is not None and not frame.empty:
-                atomic_write_csv(folder / f"{name}.csv", frame)
-        for name, data in (extra_json or {}).items():
-            atomic_write_json(folder / f"{name}.json", data)
-        atomic_write_json(folder / "trial.json", dict(record))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, frame in frames.items():
+                if frame is not None and not frame.empty:
+                    atomic_write_csv(folder / f"{name}.csv", frame)
+            for name, data in (extra_json or {}).items():
+                atomic_write_json(folder / f"{name}.json", data)
+            atomic_write_json(folder / "trial.json", dict(record))
+        except OSError as exc:
+            error = StoreError(f"cannot write trial {trial_id} into {folder}: {exc.strerror or exc}")
+            error.errno = exc.errno  # type: ignore[attr-defined]
+            raise error from None
         return folder
 
     def add_trial_ids(self, trial_ids: list[str]) -> None:
@@ -163,5 +146,8 @@ class Study:
 
     def write_trials_csv(self, table: pd.DataFrame) -> Path:
         path = self.path / "trials.csv"
-        atomic_write_csv(path, table)
+        try:
+            atomic_write_csv(path, table)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path

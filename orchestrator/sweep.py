@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -22,11 +23,13 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import metrics
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import KSM_REL, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
+from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
 from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand,
                                fast_interval_s, processes_params)
+from orchestrator.preflight import space_checks
+from orchestrator.probes import KSM_SYSFS
 from orchestrator.sampler import Sampler
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -38,11 +41,20 @@ class StopRequested(OrchestratorError):
     """SIGINT/SIGTERM arrived: finish tearing down, keep what was measured, exit non-zero."""
 
 
+class StopFlag(threading.Event):
+    """The sweep's stop request; `signum` is the signal that made it, so the CLI can exit with
+    128 + signum as a shell reports a signal (130 SIGINT, 143 SIGTERM)."""
+
+    signum: int | None = None
+
+
 @contextlib.contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     def request_stop(signum: int, _frame: Any) -> None:
         if not stop.is_set():
             log.warning("%s received: stopping after teardown (measured data is kept)", signal.Signals(signum).name)
+            if isinstance(stop, StopFlag):
+                stop.signum = signum
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -75,20 +87,30 @@ class PhaseClock:
             entry["duration_s"] = round(time.monotonic() - start, 3)
 
 
-def wait_or_stop(stop: threading.Event, seconds: float) -> None:
-    if seconds > 0 and stop.wait(seconds):
-        raise StopRequested("interrupted")
-    if stop.is_set():
-        raise StopRequested("interrupted")
+def wait_or_stop(stop: threading.Event, seconds: float, check: Callable[[], None] | None = None) -> None:
+    """Wait `seconds` unless a stop is requested; `check` (e.g. "are all guests alive?") runs
+    at least once a second and ends the wait by raising."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if stop.is_set() or (left > 0 and stop.wait(min(left, 1.0) if check else left)):
+            raise StopRequested("interrupted")
+        if deadline - time.monotonic() <= 0:
+            if check is not None:
+                check()
+            return
 
 
-def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event) -> bool:
+def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+            check: Callable[[], None] | None = None) -> bool:
     """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
     over converge_window_s, capped at max_measure_s. Returns whether it converged."""
     measure_s = float(plan_phases["measure_s"])
     start = time.monotonic()
     if not plan_phases["until_converged"]:
-        wait_or_stop(stop, measure_s)
+        wait_or_stop(stop, measure_s, check)
         return False
     window_s = float(plan_phases["converge_window_s"])
     tolerance = float(plan_phases["converge_tolerance_pct"]) / 100
@@ -96,7 +118,7 @@ def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Ev
     history: collections.deque[tuple[float, float]] = collections.deque()
     poll_s = min(1.0, window_s / 4)
     while True:
-        wait_or_stop(stop, poll_s)
+        wait_or_stop(stop, poll_s, check)
         now = time.monotonic() - start
         latest = sampler.latest() or {}
         if "pages_sharing" in latest:
@@ -110,6 +132,52 @@ def measure(plan_phases: Mapping[str, Any], sampler: Sampler, stop: threading.Ev
                 return True
         if now >= cap_s:
             return False
+
+
+def _slope_mib_per_min(t_s: Any, kib: Any) -> float:
+    """Least-squares slope of a KiB series in MiB per minute (NaN with < 3 points)."""
+    import numpy as np
+
+    t, v = np.asarray(t_s, dtype=float), np.asarray(kib, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(v)
+    if ok.sum() < 3 or np.ptp(t[ok]) <= 0:
+        return math.nan
+    return float(np.polyfit(t[ok], v[ok], 1)[0]) * 60.0 / 1024.0
+
+
+def wait_steady(phases: Mapping[str, Any], sampler: Sampler, stop: threading.Event,
+                check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Hold until the tracked processes' summed RSS and host MemAvailable each move by less than
+    steady_slope_mib_per_min over the last steady_window_s, at most steady_max_s. A guest that
+    is still growing puts its growth into every delta-based saving of the trial; waiting for it
+    (and saying how long it took, or that it never settled) keeps that out of the baseline."""
+    max_s = float(phases.get("steady_max_s", 0.0))
+    if max_s <= 0:
+        return {}
+    window_s = float(phases["steady_window_s"])
+    limit = float(phases["steady_slope_mib_per_min"])
+    started = time.monotonic()
+    slopes: dict[str, float] = {}
+    while True:
+        waited = time.monotonic() - started
+        if waited >= window_s:
+            ksm = sampler.ksm_frame()
+            procs = sampler.process_frame()
+            now_t = float(ksm["t_s"].iloc[-1]) if not ksm.empty else 0.0
+            recent = ksm[ksm["t_s"] >= now_t - window_s] if not ksm.empty else ksm
+            slopes = {"mem_available": _slope_mib_per_min(recent.get("t_s", []), recent.get("mem_available_kib", []))}
+            if not procs.empty and "rss_kib" in procs:
+                rss = procs[procs["t_s"] >= now_t - window_s].groupby("t_s")["rss_kib"].sum()
+                slopes["rss"] = _slope_mib_per_min(rss.index, rss.to_numpy())
+            if all(math.isfinite(v) and abs(v) < limit for v in slopes.values()):
+                return {"steady_wait_s": round(waited, 1), "steady_timed_out": False,
+                        "steady_slopes_mib_per_min": {k: round(v, 2) for k, v in slopes.items()}}
+        if waited >= max_s:
+            log.warning("guests still not steady after %.0f s (slopes %s MiB/min, limit %s): measuring anyway",
+                        max_s, {k: round(v, 1) for k, v in slopes.items()}, limit)
+            return {"steady_wait_s": round(waited, 1), "steady_timed_out": True,
+                    "steady_slopes_mib_per_min": {k: round(v, 2) for k, v in slopes.items()}}
+        wait_or_stop(stop, 1.0, check)
 
 
 class TrialRunner:
@@ -150,6 +218,10 @@ class TrialRunner:
     def close(self) -> None:
         """Release anything kept across trials (guests)."""
 
+    def finish(self) -> None:
+        """The study is over: release everything, including what lives for the whole study."""
+        self.close()
+
 
 def trial_phases(trial: Trial) -> dict[str, Any]:
     return trial.phases
@@ -168,6 +240,8 @@ class ProcessesRunner(TrialRunner):
                 with sampler:
                     with clock.phase("settle", sampler, self.progress):
                         wait_or_stop(self.stop, phases["settle_s"])
+                    with clock.phase("steady", sampler, self.progress):
+                        result.update(wait_steady(phases, sampler, self.stop))
                     result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
                 result["rounds_done"] = workload.rounds_done()
             finally:
@@ -202,6 +276,8 @@ class SweepOutcome:
     failed: int = 0
     reruns: int = 0
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that interrupted it
+    aborted: str | None = None  # why the study stopped early (results no longer writable)
 
 
 def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
@@ -218,13 +294,21 @@ def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
 
 
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
-              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/")) -> SweepOutcome:
+              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/"),
+              on_study: Callable[[Study], None] | None = None) -> SweepOutcome:
+    """Run (or resume) the study; `on_study` is called once its folder exists (the CLI opens
+    the study's sweep.log there)."""
     trials = expand(plan)
-    check_against_host(trials, root / KSM_REL)
+    check_against_host(trials, root / KSM_SYSFS)
     refuse_if_ksmtuned(root)
-    stop = threading.Event()
+    short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
+    if short:  # a study that cannot store what it measures must not start
+        raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))
+    stop = StopFlag()
     with host_lock():
         study = Study.create(results_dir, plan.study.name, plan_text, [t.trial_id for t in trials], resume)
+        if on_study is not None:
+            on_study(study)
         host_json = study.path / "host.json"
         if not host_json.exists():
             atomic_write_json(host_json, collect_host_info(root, with_vm_tools=plan.guests is not None))
@@ -241,11 +325,17 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         continue
                     if stop.is_set():
                         break
-                    status = _run_one(study, runner, settings, trial, stop, progress)
+                    try:
+                        status = _run_one(study, runner, settings, trial, stop, progress)
+                    except ResultsNotWritable as exc:
+                        outcome.aborted = str(exc)
+                        outcome.failed += 1
+                        log.error("%s: stopping the study (trials already written are kept)", exc)
+                        break
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
-                if plan.study.rerun_disturbed and not stop.is_set():
+                if plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None:
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
@@ -259,7 +349,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         progress.advance(rerun, status)
             finally:
                 try:
-                    runner.close()
+                    runner.finish()
                 finally:
                     try:
                         restored = settings.restore()
@@ -267,7 +357,14 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     finally:
                         # What was measured is summarised even when a restore step is refused.
                         outcome.interrupted = stop.is_set()
-                        write_trials_table(study)
+                        outcome.stop_signal = stop.signum
+                        try:
+                            write_trials_table(study)
+                        except StoreError as exc:
+                            log.error("trials.csv not written: %s", exc)
+    if outcome.aborted is not None:
+        raise StoreError(f"{outcome.aborted}. The study stopped there; the trials written before are in "
+                         f"{study.path}. Free space, then run the same command with --resume.")
     return outcome
 
 
@@ -315,8 +412,16 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     record["timings"] = clock.timings
     record["ended_wall"] = time.time()
     record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
-    study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+    try:
+        study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+    except StoreError as exc:
+        # Nothing more can be stored (a full disk): end the study here, keep what is written.
+        raise ResultsNotWritable(str(exc)) from None
     return record["status"]
+
+
+class ResultsNotWritable(OrchestratorError):
+    """The study folder took no more data: the sweep stops, keeping every trial written."""
 
 
 def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,12 @@
-"""VM trials: provision (or reuse) guests -> wait for SSH -> prepare (or reuse the prepared
-layer) -> [KSM reset + apply, done by the sweep] -> sampler on -> workload in all guests ->
-optional tail until KSM converges -> sampler off -> store -> teardown or keep.
+"""VM trials: guests -> [KSM reset + apply, done by the sweep] -> sampler on -> workload in all
+guests -> optional tail until KSM converges -> sampler off -> store -> teardown (or keep).
 
-A guest set is kept across trials that share it when the plan says so (`keep_across_trials`);
+How a trial gets its guests is the plan's `[guests] start`:
+- restore (default): a saved state of the guest set (booted, prepared, warmed up, then saved:
+  see states.py) is restored onto fresh overlays for every trial, so every trial starts from
+  the same guest memory and disk; the state is built once and cached for later studies.
+- boot: boot (and prepare, warm up) a fresh guest set for every trial.
+- keep: boot once and keep the guests across trials that share the guest set.
 KSM is reset between trials either way. Every failure marks the trial failed with its reason
 (a boot failure carries the guest's console tail); the guests are then torn down, never reused.
 """
@@ -23,20 +27,26 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import images
-from orchestrator.errors import OrchestratorError, WorkloadError
+from orchestrator import images, states
+from orchestrator.errors import GuestBootError, OrchestratorError, ProvisionError, WorkloadError
+from orchestrator.domains import template_digest
+from orchestrator.fsutil import atomic_copy
 from orchestrator.guest import GuestSession
 from orchestrator.plan import Trial, sysbench_params
 from orchestrator.provision import (
+    DEFAULT_WORK_ROOT,
+    UNCACHED_STATES,
     GuestRequest,
     GuestSet,
     GuestSetOptions,
     check_memory_fits,
     choose_domain_type,
     console_tail,
+    study_work_dir,
 )
 from orchestrator.store import atomic_write_json
-from orchestrator.sweep import PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop
+from orchestrator.sweep import (PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop,
+                               wait_steady)
 from orchestrator.workloads import guestmem, sysbench
 
 log = logging.getLogger(__name__)
@@ -76,6 +86,7 @@ class VmRunner(TrialRunner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.active: ActiveGuests | None = None
+        self._study_state_roots: set[Path] = set()  # uncached saved states, deleted at the end
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -85,25 +96,169 @@ class VmRunner(TrialRunner):
             log.info("tearing down %d guest(s)", len(active.guest_set.guests))
             active.close()
 
+    def finish(self) -> None:
+        try:
+            self.close()
+        finally:
+            self.close_study()
+
     def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
         guests_cfg = trial.guests or {}
         key = guest_set_key(trial)
-        if self.active is not None and (self.active.key != key or not guests_cfg.get("keep_across_trials", True)):
+        start = guests_cfg.get("start", "restore")
+        if start == "restore":
+            self._run_restored(trial, clock, result, key)
+            return
+        keep = start == "keep"
+        if self.active is not None and (self.active.key != key or not keep):
             self.close()
         try:
             if self.active is None:
                 with clock.phase("provision", None, self.progress):
                     self.active = self._provision(trial, key)
-                result["provision"] = dict(self.active.provision_info, reused=False)
+                result["provision"] = dict(self.active.provision_info, reused=False, start=start)
             else:
-                result["provision"] = dict(self.active.provision_info, reused=True)
+                result["provision"] = dict(self.active.provision_info, reused=True, start=start)
             self._measure(trial, clock, result, self.active)
         except BaseException:
             # A guest set that saw a failure is not trusted for the next trial.
             self.close()
             raise
-        if not guests_cfg.get("keep_across_trials", True):
+        if not keep:
             self.close()
+
+    # -- restore: every trial from the same saved guest state ------------------------------------
+
+    def _run_restored(self, trial: Trial, clock: PhaseClock, result: dict[str, Any], key: str) -> None:
+        saved, state_info = self._saved_set(trial, key, clock)
+        with clock.phase("restore", None, self.progress):
+            self.active = self._restore(trial, key, saved)
+        result["provision"] = dict(self.active.provision_info, **state_info, start="restore")
+        try:
+            self._measure(trial, clock, result, self.active)
+        finally:
+            self.close()  # the next trial restores afresh; nothing of this one carries over
+
+    def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
+        g = trial.guests or {}
+        if g.get("cache_states", True):
+            image_dir = Path(image.manifest_path).parent if image.manifest_path is not None else None
+            return states.states_root(image_dir, images.default_cache_dir(), Path(image.disk_path))
+        work_root = Path(g["workdir"]) if g.get("workdir") else DEFAULT_WORK_ROOT
+        return study_work_dir(work_root, self.plan.study.name) / UNCACHED_STATES
+
+    def _state_spec(self, trial: Trial, image: images.ImageRef, template: Path | None) -> dict[str, Any]:
+        """Everything that shapes a saved guest: the image, the guest hardware and domain
+        template, the prepared data and the warm-up. Study name, ports and paths do not."""
+        g = trial.guests or {}
+        hardware = {k: g.get(k) for k in ("count", "memory_mib", "vcpus", "domain_type", "nosharepages",
+                                          "hugepages", "vcpu_pins", "numa_node", "network")}
+        hardware["domain_type"] = choose_domain_type(g["domain_type"])
+        workload = {k: v for k, v in trial.workload.items() if k not in ("duration_s", "report_interval_s", "rate")}
+        return {"image": image.key or str(image.disk_path), "hardware": hardware, "workload": workload,
+                "template_sha256": template_digest(template)}
+
+    def _saved_set(self, trial: Trial, key: str, clock: PhaseClock) -> tuple[states.SavedSet, dict[str, Any]]:
+        g = trial.guests or {}
+        image = self._image(g)
+        template = Path(g["template"]) if g.get("template") else None
+        spec = self._state_spec(trial, image, template)
+        skey = states.state_key(spec)
+        root = self._states_root(trial, image)
+        if not g.get("cache_states", True):
+            self._study_state_roots.add(root)
+        saved = states.load(root / skey)
+        if saved is not None:
+            return saved, {"state": skey, "state_reused": True}
+        log.info("no saved guest state %s yet: booting, preparing and warming up %d guest(s) to save them",
+                 skey, int(g["count"]))
+        started = time.monotonic()
+        root.mkdir(parents=True, exist_ok=True)
+        states.remove_stale_builds(root)
+        with clock.phase("provision", None, self.progress):
+            active = self._provision(trial, key, name_stem=f"st{skey[:8]}")
+        try:
+            with clock.phase("save", None, self.progress):
+                markers = [states.new_marker(skey, i) for i in range(len(active.sessions))]
+                for marker, session in zip(markers, active.sessions.values()):
+                    session.run(["sh", "-c", f"printf %s {marker} > {states.MARKER_PATH}"], timeout_s=30, check=True)
+                # Close SSH first, so no guest is saved holding a session whose host end will
+                # not exist after a restore; give sshd a moment to end them.
+                for session in active.sessions.values():
+                    session.close()
+                active.sessions.clear()
+                wait_or_stop(self.stop, 1.0)
+                build = states.build_folder(root, skey)
+                active.guest_set.watch(False)  # saving stops the guests: that is not a loss
+                entries = active.guest_set.save(build, markers)
+                saved = states.commit(build, root, skey, spec, entries,
+                                      {"provision": active.provision_info})
+        finally:
+            active.close()
+        info = {"state": skey, "state_reused": False, "state_build_s": round(time.monotonic() - started, 1),
+                "state_bytes": saved.size_bytes}
+        log.info("saved guest state %s (%d guests, %.0f MiB) in %.0f s", skey, len(saved.guests),
+                 info["state_bytes"] / 2**20, info["state_build_s"])
+        return saved, info
+
+    def _restore(self, trial: Trial, key: str, saved: states.SavedSet) -> ActiveGuests:
+        """Restore every guest of `saved` in parallel onto fresh overlays, reconnect SSH, set each
+        guest's clock from the host and prove each is the saved guest (its marker in /run)."""
+        g = trial.guests or {}
+        image = self._image(g)
+        timeout_s = float(g["restore_timeout_s"])
+        started = time.monotonic()
+        guest_set = self._guest_set(trial, image, restore=saved)
+        guest_set.__enter__()
+        sessions: dict[str, GuestSession] = {}
+        try:
+            restored_s = time.monotonic() - started
+
+            def reconnect(guest: Any) -> GuestSession:
+                session = GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=timeout_s,
+                                                 connect_timeout_s=5.0, retry_min_s=0.05)
+                session.connect()
+                return session
+
+            guests = guest_set.guests
+            with ThreadPoolExecutor(max_workers=len(guests), thread_name_prefix="ksmlab-reconnect") as pool:
+                futures = {guest.name: pool.submit(reconnect, guest) for guest in guests}
+                for guest in guests:
+                    try:
+                        sessions[guest.name] = futures[guest.name].result()
+                    except OrchestratorError as exc:
+                        raise GuestBootError(f"{guest.name} restored but SSH did not answer: {exc}",
+                                             console_tail(guest.console_log_path)) from exc
+            ssh_s = time.monotonic() - started
+            with ThreadPoolExecutor(max_workers=len(guests), thread_name_prefix="ksmlab-clock") as pool:
+                offsets = dict(zip(sessions, pool.map(
+                    lambda item: set_clock_and_check(item[1], item[0].marker),
+                    zip(saved.guests, sessions.values()))))
+        except BaseException:
+            for session in sessions.values():
+                with contextlib.suppress(Exception):
+                    session.close()
+            guest_set.__exit__(None, None, None)
+            if self.stop.is_set():
+                raise StopRequested("interrupted while restoring guests") from None
+            raise
+        info = {
+            "image": image.key or str(image.disk_path), "guests": len(guests),
+            "restore_s": guest_set.restore_seconds(), "restore_wall_s": round(restored_s, 3),
+            "ssh_wall_s": round(ssh_s, 3), "start_s": round(time.monotonic() - started, 3),
+            "clock_offset_s": offsets, "overlays": [str(g.overlay_path) for g in guests],
+        }
+        log.info("restored %d guest(s) from state %s in %.2f s (SSH back at %.2f s)", len(guests), saved.key,
+                 info["start_s"], ssh_s)
+        return ActiveGuests(key, guest_set, image, sessions, info)
+
+    def close_study(self) -> None:
+        """Delete saved states that the plan asked not to cache (cache_states = false)."""
+        for root in self._study_state_roots:
+            shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                root.parent.rmdir()  # the study's work folder, once empty
+        self._study_state_roots.clear()
 
     # -- provision -----------------------------------------------------------------------------
 
@@ -112,7 +267,8 @@ class VmRunner(TrialRunner):
         return images.resolve_image(guests_cfg.get("image") or None, cache_dir=cache)
 
     def _guest_set(self, trial: Trial, image: images.ImageRef, study_suffix: str = "",
-                   disks: list[Path] | None = None, count: int | None = None) -> GuestSet:
+                   disks: list[Path] | None = None, count: int | None = None,
+                   restore: states.SavedSet | None = None, name_stem: str | None = None) -> GuestSet:
         g = trial.guests or {}
         count = count or int(g["count"])
         requests = [
@@ -133,7 +289,8 @@ class VmRunner(TrialRunner):
             template_path=Path(g["template"]) if g.get("template") else None,
             **({"work_root": Path(g["workdir"])} if g.get("workdir") else {}),
         )
-        return GuestSet(g["uri"], self.plan.study.name + study_suffix, requests, image, options)
+        return GuestSet(g["uri"], self.plan.study.name + study_suffix, requests, image, options,
+                        restore=restore, name_stem=name_stem)
 
     def _boot(self, guest_set: GuestSet, image: images.ImageRef,
               timeout_s: float) -> tuple[dict[str, GuestSession], dict[str, float]]:
@@ -158,11 +315,12 @@ class VmRunner(TrialRunner):
                 raise StopRequested("interrupted while booting guests") from None
             raise
 
-    def _provision(self, trial: Trial, key: str) -> ActiveGuests:
+    def _provision(self, trial: Trial, key: str, name_stem: str | None = None) -> ActiveGuests:
         g = trial.guests or {}
         workload = trial.workload
         image = self._image(g)
-        check_memory_fits(int(g["count"]), int(g["memory_mib"]))
+        check_memory_fits(int(g["count"]), int(g["memory_mib"]), hugepages=bool(g["hugepages"]),
+                          numa_node=g.get("numa_node"))
         info: dict[str, Any] = {"image": image.key or str(image.disk_path), "guests": int(g["count"])}
         disks: list[Path] | None = None
         if workload["type"] == "sysbench":
@@ -170,7 +328,7 @@ class VmRunner(TrialRunner):
             if workload["reuse_prepared"]:
                 disks, layer_info = self._prepared_layers(trial, image)
                 info.update(layer_info)
-        guest_set = self._guest_set(trial, image, disks=disks)
+        guest_set = self._guest_set(trial, image, disks=disks, name_stem=name_stem)
         started = time.monotonic()
         sessions, boot_s = self._boot(guest_set, image, float(g["boot_timeout_s"]))
         info["boot_to_ssh_s"] = {name: round(seconds, 1) for name, seconds in boot_s.items()}
@@ -261,11 +419,8 @@ class VmRunner(TrialRunner):
             builder.wait_stopped(SHUTDOWN_TIMEOUT_S)
             layers[0].parent.mkdir(parents=True, exist_ok=True)
             for j, guest in enumerate(builder.guests):
-                target = layers[missing[j]]
-                tmp = target.with_name(f".{target.name}.tmp")
-                shutil.copyfile(guest.overlay_path, tmp)
-                tmp.chmod(0o444)  # a backing file: never written again
-                tmp.replace(target)
+                # Read-only: a backing file is never written again.
+                atomic_copy(guest.overlay_path, layers[missing[j]], mode=0o444)
             meta = dict(spec, prepare_s=round(max(prepare_s), 1), built_wall=time.time())
             atomic_write_json(meta_path, meta)
         finally:
@@ -287,12 +442,16 @@ class VmRunner(TrialRunner):
         runs: dict[str, sysbench.GuestRun] = {}
         is_sysbench = trial.workload["type"] == "sysbench"
         params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload)) if is_sysbench else None
+        alive = active.guest_set.raise_if_lost
+        active.guest_set.watch()
         try:
             with sampler:
                 with clock.phase("settle", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["settle_s"])
+                    wait_or_stop(self.stop, phases["settle_s"], alive)
+                with clock.phase("steady", sampler, self.progress):
+                    result.update(wait_steady(phases, sampler, self.stop, alive))
                 with clock.phase("baseline", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["baseline_s"])
+                    wait_or_stop(self.stop, phases["baseline_s"], alive)
                 memory_rows += self._guest_memory(active, "start", params)
                 if trial.ksm_off:
                     self.settings.stop()
@@ -301,14 +460,15 @@ class VmRunner(TrialRunner):
                 with clock.phase("measure", sampler, self.progress):
                     if is_sysbench:
                         assert params is not None
-                        runs = self._run_workload(active, params)
+                        runs = self._run_workload(active, params, alive)
                     else:
-                        result["converged_by_rule"] = measure(phases, sampler, self.stop)
+                        result["converged_by_rule"] = measure(phases, sampler, self.stop, alive)
                 if is_sysbench and phases["until_converged"] and not trial.ksm_off:
                     # The workload ended; keep sampling until KSM settles (bounded by the cap).
                     with clock.phase("tail", sampler, self.progress):
-                        result["converged_by_rule"] = measure(dict(phases, measure_s=0), sampler, self.stop)
+                        result["converged_by_rule"] = measure(dict(phases, measure_s=0), sampler, self.stop, alive)
                 memory_rows += self._guest_memory(active, "end", params)
+                alive()  # a guest lost in the last second still fails the trial
         finally:
             result["frames"] = {
                 "ksm": sampler.ksm_frame(),
@@ -326,15 +486,18 @@ class VmRunner(TrialRunner):
                               for g in active.guest_set.guests if g.name in failed)
             raise WorkloadError(f"sysbench failed in {len(failed)} guest(s): {details}\n{tails}")
 
-    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams) -> dict[str, sysbench.GuestRun]:
-        """sysbench in every guest at once; a stop request does not wait for it to finish
-        (the guests are torn down, which ends the sessions)."""
+    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams,
+                      alive: Any = None) -> dict[str, sysbench.GuestRun]:
+        """sysbench in every guest at once; a stop request or a lost guest does not wait for it
+        to finish (the guests are torn down, which ends the sessions)."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksmlab-sysbench")
         future = pool.submit(sysbench.run_all, active.sessions, params, params.duration_s + 300)
         try:
             while not future.done():
                 if self.stop.wait(0.5):
                     raise StopRequested("interrupted during the workload")
+                if alive is not None:
+                    alive()
             return future.result()
         finally:
             pool.shutdown(wait=False)
@@ -357,3 +520,21 @@ def prepared_dir(image: images.ImageRef) -> Path:
         return Path(image.manifest_path).parent / "prepared"
     return images.default_cache_dir() / "prepared" / hashlib.sha256(str(image.disk_path).encode()).hexdigest()[:12]
 
+
+
+def set_clock_and_check(session: GuestSession, marker: str, timeout_s: float = 30.0) -> float:
+    """Prove the restored guest is the saved one (its marker, kept in guest memory), and set its
+    clock from the host: a restored guest's clock resumes at the moment it was saved. Returns
+    how far behind the host the guest clock was, in seconds."""
+    host_now = time.time()
+    result = session.run(["sh", "-c", f"cat {states.MARKER_PATH}; echo; date +%s.%N; date -u -s @{host_now:.6f} >/dev/null"],
+                         timeout_s=timeout_s)
+    lines = result.stdout.splitlines()
+    if not result.ok or len(lines) < 2:
+        raise ProvisionError(f"{session.where}: could not check the restored guest: {result.stderr.strip() or result.stdout!r}")
+    if lines[0].strip() != marker:
+        raise ProvisionError(f"{session.where} is not the saved guest: marker {lines[0].strip()!r}, expected {marker!r}")
+    try:
+        return round(host_now - float(lines[1]), 3)
+    except ValueError:
+        raise ProvisionError(f"{session.where}: unreadable guest clock {lines[1]!r}") from None

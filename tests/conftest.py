@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ksm import HOST_KNOB_FILES, KSM_REL, read_host_knobs, read_ksm_knobs, read_sysfs_value
+from orchestrator.ksm import HOST_KNOB_FILES, read_host_knobs, read_ksm_knobs, read_sysfs_value
+from orchestrator.probes import KSM_SYSFS
 
 ROOT = Path("/")
 # Knobs (not counters) whose value a test must leave as it found it.
@@ -29,7 +30,7 @@ def snapshot() -> dict[str, str]:
 
 
 def _force(state: dict[str, str]) -> None:
-    ksm_dir = ROOT / KSM_REL
+    ksm_dir = ROOT / KSM_SYSFS
     (ksm_dir / "run").write_text("2")
     order = ["advisor_mode"] + [k for k in state if k not in ("advisor_mode", "run")]
     for knob in order:
@@ -44,8 +45,13 @@ def _force(state: dict[str, str]) -> None:
 
 @pytest.fixture
 def ksm_guard():
-    if not os.access(ROOT / KSM_REL / "run", os.W_OK):
+    if not os.access(ROOT / KSM_SYSFS / "run", os.W_OK):
         pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
+    # Never change KSM under a running sweep (a `make demo` in another shell): its lock says so.
+    from orchestrator.ksm import host_lock
+
+    with host_lock():
+        pass
     before = snapshot()
     yield before
     after = snapshot()

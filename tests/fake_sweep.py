@@ -2,7 +2,7 @@
 nightly job's tests): writes a hand-made study DIR/<plan's study name> on this host, with no KSM.
 
 FAKE_SWEEP_SAVED_MIB: the saving at pages_to_scan=1000 (default 40; three repetitions, so the
-nightly compare has intervals). FAKE_SWEEP_INTERRUPT=1: leave the study unfinished and exit 130.
+nightly compare has intervals). FAKE_SWEEP_INTERRUPT=1: leave the study unfinished and exit 143 (SIGTERM, as the real sweep).
 Like the real sweep it refuses an existing folder without --resume and a missing one with it
 (exit 2). Every call is appended to FAKE_SWEEP_LOG as a JSON list.
 """
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     write_night(results, name=name, plan=plan_text, hostname=os.uname().nodename, created_wall=created,
                 saved_mib={100: [3.0, 3.1, 2.9], 1000: [saved, saved + 0.5, saved - 0.5]},
                 missing=("p1000-r2",) if interrupt else ())
-    return 130 if interrupt else 0
+    return 128 + 15 if interrupt else 0
 
 
 if __name__ == "__main__":

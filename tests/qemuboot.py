@@ -1,6 +1,6 @@
 """Boot an image with plain qemu-system-x86_64 (no libvirt) for image and guest tests.
 
-TCG always (HOST.md: the nested /dev/kvm here cannot run a stock guest kernel), user
+TCG always (a nested /dev/kvm without vmx/svm cannot run a stock guest kernel), user
 networking with restrict=on so the guest reaches nothing, SSH forwarded to 127.0.0.1 only.
 The guest writes to a qcow2 overlay over the base image; stop() kills QEMU by its PID and
 deletes the overlay and console log.

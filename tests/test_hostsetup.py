@@ -1,4 +1,4 @@
-"""Host readiness: KVM decision, checks, and scripts/host-setup.sh's own steps."""
+"""Host readiness: KVM decision, checks, and host-setup.sh's own steps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import hostsetup
-from orchestrator.hostsetup import SETUP_SCRIPT, check_host, detect_domain_type, kvm_status
+from orchestrator.hostsetup import SETUP_SCRIPT, check_host
+from orchestrator.kvm import choose_domain_type, kvm_status
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="host-setup.sh runs as root")
 
@@ -28,8 +29,8 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     has_virt = " vmx" in cpuinfo or " svm" in cpuinfo
     usable = has_virt and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    assert detect_domain_type() == ("kvm" if usable else "qemu")
-    if not has_virt and Path("/dev/kvm").exists():  # this machine kind (HOST.md)
+    assert choose_domain_type("auto") == ("kvm" if usable else "qemu")
+    if not has_virt and Path("/dev/kvm").exists():  # a nested/software KVM host
         assert kvm_status() == (False, "no: /dev/kvm present but CPU has no vmx/svm "
                                        "(nested/software KVM) -> use TCG")
 
@@ -44,7 +45,7 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
 def test_domain_type_from_flags_and_device(tmp_path: Path, flags: str, dev_kvm: bool,
                                            expected: str, reason: str) -> None:
     root = _fake_host(tmp_path, flags, dev_kvm)
-    assert detect_domain_type(root) == expected
+    assert choose_domain_type("auto", root) == expected
     assert reason in kvm_status(root)[1]
 
 
@@ -92,6 +93,17 @@ def test_qemu_conf_is_edited_once_with_a_backup(tmp_path: Path) -> None:
     assert second.returncode == 1  # nothing to change
     assert "already runs guests as root" in second.stdout
     assert conf.read_text() == edited
+
+
+def test_a_block_written_by_an_earlier_version_is_replaced_not_doubled(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('# stock\n# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver\n'
+                    'user = "root"\ngroup = "root"\n# <<< ksm-lab\n')
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    assert result.returncode == 0, result.stderr
+    edited = conf.read_text()
+    assert edited.count("# >>> ksm-lab") == 1 and "scripts/host-setup.sh" not in edited
+    assert edited.startswith("# stock\n") and 'security_driver = "none"' in edited
 
 
 def test_qemu_conf_is_created_when_absent(tmp_path: Path) -> None:

@@ -320,3 +320,27 @@ def test_built_image_boots_and_serves_sysbench_over_verified_ssh() -> None:
     assert not Path(f"/proc/{pid}").exists()
     assert not overlay.exists()
 
+
+
+def test_waiting_for_another_build_is_bounded_and_names_the_holder(tmp_path):
+    import fcntl
+
+    from orchestrator.errors import ProvisionError
+    from orchestrator.images import _build_lock
+
+    (tmp_path / ".locks").mkdir()
+    with open(tmp_path / ".locks" / "k.lock", "w") as other:
+        other.write("pid 4242\n")
+        other.flush()
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(ProvisionError, match="pid 4242"):
+            with _build_lock(tmp_path, "k", wait_s=1.5):
+                pass
+
+
+def test_a_build_step_that_hangs_is_cut_at_its_time_limit():
+    from orchestrator.errors import ProvisionError
+    from orchestrator.images import _run
+
+    with pytest.raises(ProvisionError, match="did not finish within 1 s"):
+        _run(["sleep", "30"], None, timeout_s=1)

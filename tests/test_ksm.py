@@ -10,7 +10,6 @@ import pytest
 
 from orchestrator.errors import HostError, KsmError, LockError
 from orchestrator.ksm import (
-    KSM_REL,
     HostSettings,
     host_lock,
     read_ksm_knobs,
@@ -18,12 +17,13 @@ from orchestrator.ksm import (
     refuse_if_ksmtuned,
     restore_from_record,
 )
+from orchestrator.probes import KSM_SYSFS
 
 ksm = pytest.mark.ksm
 
 
 def fake_ksm_tree(root: Path, files: dict[str, str]) -> Path:
-    ksm_dir = root / KSM_REL
+    ksm_dir = root / KSM_SYSFS
     ksm_dir.mkdir(parents=True)
     for name, value in files.items():
         (ksm_dir / name).write_text(value + "\n")
@@ -57,7 +57,7 @@ def test_record_is_written_before_the_write_and_restore_is_reverse(tmp_path):
     fake_ksm_tree(tmp_path, OLD_KERNEL)
     record = tmp_path / "record.json"
     settings = HostSettings(record, tmp_path)
-    settings.write(KSM_REL / "run", 2)
+    settings.write(KSM_SYSFS / "run", 2)
     settings.apply({"pages_to_scan": 1000, "merge_across_nodes": 0}, {})
     settings.start()
     entries = json.loads(record.read_text())
@@ -68,7 +68,7 @@ def test_record_is_written_before_the_write_and_restore_is_reverse(tmp_path):
     settings.apply({"pages_to_scan": 3000}, {})
     assert json.loads(record.read_text())[2]["old"] == "100"
     # merge_across_nodes goes back to the host's value because this trial did not name it.
-    assert read_sysfs_value(tmp_path / KSM_REL / "merge_across_nodes") == "1"
+    assert read_sysfs_value(tmp_path / KSM_SYSFS / "merge_across_nodes") == "1"
     restore_from_record(record, tmp_path)
     assert read_ksm_knobs(tmp_path) == {k: v for k, v in OLD_KERNEL.items()}
 
@@ -156,13 +156,13 @@ def test_resume_keeps_refused_entries_unwritten_and_in_the_record(tmp_path):
                      [{"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "1"}])
     settings = HostSettings(record, tmp_path / "root")  # what `sweep --resume` does
     assert settings.entries == [] and len(settings.refused) == 1
-    settings.write(KSM_REL / "pages_to_scan", 300)
+    settings.write(KSM_SYSFS / "pages_to_scan", 300)
     assert [e["path"] for e in json.loads(record.read_text())] == [
         "sys/kernel/mm/ksm/pages_to_scan", "sys/kernel/mm/ksm/../../../../x"]
     with pytest.raises(KsmError, match="refused 'sys/kernel/mm/ksm/../../../../x'"):
         settings.restore()
     assert not victim.exists()
-    assert read_sysfs_value(tmp_path / "root" / KSM_REL / "pages_to_scan") == "100"
+    assert read_sysfs_value(tmp_path / "root" / KSM_SYSFS / "pages_to_scan") == "100"
 
 
 def test_writes_never_leave_ksm_and_thp(tmp_path):
@@ -172,8 +172,8 @@ def test_writes_never_leave_ksm_and_thp(tmp_path):
         settings.write("sys/kernel/mm/ksm/../../../../record.json", "x")
     # Nor does a write create a knob the kernel does not have.
     with pytest.raises(KsmError, match="No such file"):
-        settings._raw_write(tmp_path / KSM_REL / "no_such_knob", "1")
-    assert not (tmp_path / KSM_REL / "no_such_knob").exists()
+        settings._raw_write(tmp_path / KSM_SYSFS / "no_such_knob", "1")
+    assert not (tmp_path / KSM_SYSFS / "no_such_knob").exists()
 
 
 @pytest.mark.parametrize("content", ['{"path": "x"}', '[{"path": 1, "old": "0", "new": "1"}]',

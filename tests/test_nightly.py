@@ -89,7 +89,7 @@ def test_an_interrupted_night_is_resumed_then_compared(tmp_path: Path, plan: Pat
     root = tmp_path / "results"
     assert _night(tmp_path, root, plan).returncode == 0
     cut = _night(tmp_path, root, plan, FAKE_SWEEP_INTERRUPT="1")
-    assert cut.returncode == 130 and "the next run resumes" in cut.stdout
+    assert cut.returncode == 143 and "the next run resumes" in cut.stdout
     interrupted = catalog.latest(catalog.scan(root))
     assert interrupted.state == catalog.UNFINISHED
     resumed = _night(tmp_path, root, plan)
@@ -103,7 +103,7 @@ def test_an_interrupted_night_is_resumed_then_compared(tmp_path: Path, plan: Pat
 
 def test_an_unfinished_night_of_another_plan_text_is_not_resumed(tmp_path: Path, plan: Path) -> None:
     root = tmp_path / "results"
-    assert _night(tmp_path, root, plan, FAKE_SWEEP_INTERRUPT="1").returncode == 130
+    assert _night(tmp_path, root, plan, FAKE_SWEEP_INTERRUPT="1").returncode == 143
     plan.write_text(PLAN.replace("[100, 1000]", "[100, 1000] # changed"))
     again = _night(tmp_path, root, plan)
     assert again.returncode == 0, again.stdout + again.stderr

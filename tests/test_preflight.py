@@ -26,3 +26,16 @@ def test_a_bad_plan_makes_check_fail(tmp_path):
     assert not ready(results)
     assert "workload.processes" in next(r for r in results if r.name == "plan").detail
     assert main(["check", str(plan)]) == 1
+
+
+def test_space_check_refuses_a_study_that_cannot_store_what_it_measures(tmp_path):
+    from orchestrator.plan import expand, parse_plan
+    from orchestrator.preflight import space_checks, space_needs
+
+    plan = parse_plan('[study]\nname = "s"\n[workload]\ntype = "processes"\n[phases]\nmeasure_s = 60\n'
+                      '[sweep.ksm]\npages_to_scan = [100, 1000]\n')
+    trials = expand(plan)
+    needs = space_needs(plan, trials, tmp_path / "not-yet" / "results")
+    assert list(needs) == [tmp_path]  # measured on the file system that will hold it
+    assert 4 * 2**20 < needs[tmp_path] < 100 * 2**20
+    assert all(c.ok for c in space_checks(plan, trials, tmp_path))

@@ -279,3 +279,16 @@ def test_process_readers_missing_pid_return_none(tmp_path):
     assert probes.read_statm(99, tmp_path) is None
     assert probes.read_smaps_rollup(99, tmp_path) is None
     assert probes.read_cpu_seconds(99, tmp_path) is None
+
+
+def test_parse_proc_stat_start_ticks_names_the_process():
+    text = "4242 (evil) R (x) ) S 1 4242 4242 0 -1 4194560 5 0 0 0 170 31 0 0 20 0 1 0 9 0 0\n"
+    assert probes.parse_proc_stat(text).start_ticks == 9
+    me = probes.read_proc_stat(os.getpid())
+    assert me is not None and 0 < me.start_ticks == probes.read_proc_stat(os.getpid()).start_ticks
+
+
+@pytest.mark.parametrize("line", ["MemTotal:       lots kB", "MemTotal:       1024 MB", "MemFree: 1 kB extra"])
+def test_parse_meminfo_refuses_a_line_it_cannot_read(line):
+    with pytest.raises(ValueError, match="unexpected /proc/meminfo line"):
+        probes.parse_meminfo(f"MemAvailable: 5 kB\n{line}\n")

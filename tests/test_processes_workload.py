@@ -201,6 +201,13 @@ def test_rounds_advance_then_workers_hold_their_pages():
         time.sleep(0.3)
         assert workload.rounds_done() == 4
         assert workload.is_running()
+        # Every fill is reported with its wall-clock start and end, in order, per worker.
+        fills = workload.fills()
+        assert sorted((f["label"], f["fill"]) for f in fills) == [(w, n) for w in ("proc-0", "proc-1") for n in range(1, 5)]
+        for worker in ("proc-0", "proc-1"):
+            mine = sorted((f for f in fills if f["label"] == worker), key=lambda f: f["fill"])
+            assert all(f["start_wall"] <= f["end_wall"] for f in mine)
+            assert all(a["end_wall"] <= b["start_wall"] for a, b in zip(mine, mine[1:]))
 
 
 def test_rounds_keep_coming_until_stopped(small):

@@ -410,6 +410,22 @@ def test_memory_check_refuses_with_the_numbers(tmp_path: Path) -> None:
     assert check_memory_fits(3, 1024, MemoryMargin(fraction=0.0, fixed_mib=0), root=root) == 0
 
 
+def test_memory_check_counts_hugepages_and_the_pinned_node(tmp_path: Path) -> None:
+    root = _meminfo_root(tmp_path, 20 * 1024 * 1024)
+    meminfo = root / "proc" / "meminfo"
+    meminfo.write_text(meminfo.read_text() + "HugePages_Free:      512\nHugepagesize:       2048 kB\n")
+    assert check_memory_fits(1, 1024, root=root, hugepages=True) == 20 * 1024  # 1 GiB of 2 MiB pages free
+    with pytest.raises(HostError, match="free hugepages, but only 1024 MiB"):
+        check_memory_fits(2, 1024, root=root, hugepages=True)
+    node = root / "sys" / "devices" / "system" / "node" / "node1"
+    node.mkdir(parents=True)
+    node.joinpath("meminfo").write_text("Node 1 MemTotal:  4194304 kB\nNode 1 MemFree:   2097152 kB\n")
+    with pytest.raises(HostError, match="node 1 MemFree is 2048 MiB"):
+        check_memory_fits(2, 1024, root=root, numa_node=1)
+    with pytest.raises(HostError, match="NUMA node 3"):
+        check_memory_fits(1, 512, root=root, numa_node=3)
+
+
 def test_memory_check_on_this_host_accepts_one_small_guest() -> None:
     assert check_memory_fits(1, 128) > 0
 
@@ -473,7 +489,7 @@ def _system_conn() -> libvirt.virConnect:
     try:
         return libvirt.open(SYSTEM_URI)
     except libvirt.libvirtError as exc:
-        pytest.fail(f"libvirtd is not answering on {SYSTEM_URI} ({exc}); run scripts/host-setup.sh")
+        pytest.fail(f"libvirtd is not answering on {SYSTEM_URI} ({exc}); run `make host`")
 
 
 def _ssh_connect(image):

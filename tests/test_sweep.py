@@ -3,6 +3,7 @@
 Every test here changes the host's one KSM (marker `ksm`) and runs one at a time."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def _wait_for_measure(results: Path, name: str, proc: subprocess.Popen, timeout_
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_restores_knobs_keeps_data_and_exits_130(tmp_path, results_dir, ksm_guard, signum):
+def test_signal_restores_knobs_keeps_data_and_exits_128_plus_signal(tmp_path, results_dir, ksm_guard, signum):
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text("sigint", fills=("same",), measure_s=60))
     proc = _start_sweep(plan, results_dir)
@@ -135,7 +136,7 @@ def test_signal_restores_knobs_keeps_data_and_exits_130(tmp_path, results_dir, k
     time.sleep(1.0)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    assert proc.returncode == 128 + signum, out  # 130 SIGINT, 143 SIGTERM
     assert snapshot() == ksm_guard
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     trial = next((results_dir / "sigint/trials").iterdir())
@@ -235,3 +236,47 @@ def test_outside_load_flags_the_disturbed_trial_and_reruns_it(results_dir, ksm_g
     # The disturbed trial is kept, marked; a resume does not run the rerun again.
     again = run_sweep(parse_plan(text), text, results_dir, resume=True)
     assert again.ran == 0 and again.reruns == 0
+
+
+class FillDiskAfterFirstTrial(HogDuringTrial):
+    """After the first trial is stored, fill the results file system to the last byte."""
+
+    def __init__(self, total: int, folder: Path) -> None:
+        super().__init__(total, hog_index=-1)
+        self.folder = folder
+        self.done = 0
+
+    def advance(self, trial, status: str) -> None:
+        self.done += 1
+        if self.done == 1:
+            with open(self.folder / "filler", "wb") as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * 65536)
+                except OSError:
+                    pass
+
+
+def test_a_full_results_disk_stops_the_study_keeps_what_was_written_and_resumes(tmp_path, ksm_guard):
+    import shutil
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    results = tmp_path / "small"
+    results.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(results)], check=True)
+    try:
+        text = plan_text("full", fills=("same",), pts=(1000, 2000, 4000), measure_s=2)
+        with pytest.raises(StoreError, match="--resume"):
+            run_sweep(parse_plan(text), text, results,
+                      progress_factory=lambda total: FillDiskAfterFirstTrial(total, results))
+        assert snapshot() == ksm_guard  # the host was restored on the way out
+        finished = [p for p in (results / "full" / "trials").iterdir() if (p / "trial.json").exists()]
+        assert len(finished) == 1  # the first trial, intact
+        assert json.loads((finished[0] / "trial.json").read_text())["status"] == "ok"
+        (results / "filler").unlink()
+        again = run_sweep(parse_plan(text), text, results, resume=True)
+        assert (again.skipped, again.ran, again.failed) == (1, 2, 0)
+        assert len(pd.read_csv(results / "full" / "trials.csv")) == 3
+    finally:
+        subprocess.run(["umount", str(results)], check=False)

@@ -39,7 +39,7 @@ def _need_vm_host():
         pytest.fail(f"libvirtd does not answer at {URI}: {exc} (run `make host`)")
     image = images.find_cached(images.DEFAULT_RECIPE)
     if image is None:
-        pytest.fail("no guest image: run `python -m orchestrator image build`")
+        pytest.fail("no guest image: run `ksm-lab image build`")
     return image
 
 
@@ -74,7 +74,7 @@ warmup_s = 5
 [guests]
 count = 2
 memory_mib = 1024
-keep_across_trials = false     # reboot per trial: the second boot reuses the prepared layers
+start = "boot"     # reboot per trial: the second boot reuses the prepared layers
 workdir = "{workdir}"
 [phases]
 settle_s = 2
@@ -128,6 +128,7 @@ type = "idle"
 [guests]
 count = 1
 memory_mib = 768
+start = "boot"
 workdir = "{workdir}"
 [phases]
 measure_s = 600

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from orchestrator import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.workloads.sysbench import Session, SysbenchParams, innodb_buffer_pool_argv
 
@@ -39,21 +40,14 @@ def meminfo_argv() -> list[str]:
 
 def parse_guest_meminfo(text: str) -> dict[str, float]:
     """The MEMINFO_FIELDS columns, in KiB; NaN for a field this kernel does not print."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        name, sep, rest = line.partition(":")
-        if not sep or name not in MEMINFO_FIELDS:
-            continue
-        parts = rest.split()
-        if not parts or (len(parts) > 1 and parts[1] != "kB"):
-            raise WorkloadError(f"unexpected /proc/meminfo line: {line.strip()!r}")
-        try:
-            values[MEMINFO_FIELDS[name]] = int(parts[0])
-        except ValueError:
-            raise WorkloadError(f"unexpected /proc/meminfo line: {line.strip()!r}") from None
-    if "mem_total_kib" not in values:
+    if not any(line.startswith("MemTotal:") for line in text.splitlines()):
         first = next((line for line in text.splitlines() if line.strip()), "")
         raise WorkloadError(f"not /proc/meminfo output (no MemTotal; first line {first[:200]!r})")
+    try:
+        meminfo = probes.parse_meminfo(text)
+    except ValueError as exc:
+        raise WorkloadError(str(exc)) from None
+    values = {column: meminfo[name] for name, column in MEMINFO_FIELDS.items() if name in meminfo}
     return {column: values.get(column, math.nan) for column in MEMINFO_FIELDS.values()}
 
 

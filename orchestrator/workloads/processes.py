@@ -33,10 +33,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Sequence
 
+from orchestrator import probes
 from orchestrator.errors import PlanError, WorkloadError
+from orchestrator.resources import package_root
 from orchestrator.workloads._filler import FILLS, memory_merge_supported
 
 log = logging.getLogger("orchestrator.workloads.processes")
@@ -48,7 +49,6 @@ MERGE_MODES = ("madvise", "prctl")
 # Never plan to take more than this share of MemAvailable: the sampler and ksmd need room too.
 _MEMORY_HEADROOM = 0.9
 _STDERR_TAIL_BYTES = 4096
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _is_int(value: object) -> bool:
@@ -132,12 +132,10 @@ class _Worker:
 
 def _mem_available_bytes() -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        available_kib = probes.read_meminfo().get("MemAvailable")
     except OSError:
-        pass
-    return None
+        return None
+    return None if available_kib is None else available_kib * 1024
 
 
 def _describe_exit(returncode: int) -> str:
@@ -183,7 +181,8 @@ class ProcessesWorkload:
                  params.processes, params.pages_per_process, params.bytes_total / 2**30, params.fill,
                  params.merge_mode, params.rounds or "until stopped", params.round_wait_s)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        # Workers import this same ksm-lab (checkout or installed wheel), whatever the cwd.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root()), env.get("PYTHONPATH")]))
         self._selector = selectors.DefaultSelector()
         try:
             for index in range(params.processes):

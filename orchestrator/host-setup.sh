@@ -2,9 +2,12 @@
 # Make this host ready to run ksm-lab guests: packages, libvirt's directories, user and
 # qemu.conf, then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
 #
-#   scripts/host-setup.sh          set up; every step is skipped when already in place
-#   scripts/host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
-#   scripts/host-setup.sh --packages-only   only the Debian packages (what the venv needs)
+#   host-setup.sh          set up; every step is skipped when already in place
+#   host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
+#   host-setup.sh --packages-only   only the Debian packages (what the venv needs)
+#
+# It ships inside the package (orchestrator/host-setup.sh): `ksm-lab host setup|stop` runs it
+# from an installed wheel, the Makefile from the checkout.
 #
 # Never installs libvirt-daemon-system: it pulls libvirt-daemon-config-network, which defines
 # and autostarts libvirt's 'default' NAT network. Guests here use QEMU user networking only.
@@ -19,7 +22,8 @@ STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
 STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
 QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
 BACKUP_SUFFIX=.ksm-lab-backup
-MARK_BEGIN="# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver"
+MARK_BEGIN="# >>> ksm-lab (host-setup.sh): run guests as root, no security driver"
+MARK_BEGIN_ANY="# >>> ksm-lab"   # earlier versions wrote another text after it
 MARK_END="# <<< ksm-lab"
 URI=qemu:///system
 
@@ -129,7 +133,7 @@ configure_qemu_conf() {
     tmp=$(mktemp "$QEMU_CONF.XXXXXX")
     if [[ -f $QEMU_CONF ]]; then
         # Drop an earlier ksm-lab block and comment out other settings of the same keys.
-        sed -e "\\|^$MARK_BEGIN\$|,\\|^$MARK_END\$|d" \
+        sed -e "\\|^$MARK_BEGIN_ANY |,\\|^$MARK_END\$|d" \
             -e 's/^\([[:space:]]*\(user\|group\|security_driver\)[[:space:]]*=.*\)$/# (ksm-lab) \1/' \
             "$QEMU_CONF" >"$tmp"
     fi

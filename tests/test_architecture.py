@@ -1,0 +1,49 @@
+"""docs/ARCHITECTURE.md lists every module of the package, and only modules that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "ARCHITECTURE.md"
+PACKAGE = REPO / "orchestrator"
+
+
+# An entry starts with a file name ("cli.py", "host-setup.sh") or a folder ("workloads/");
+# other lines continue the description above them.
+_ENTRY = re.compile(r"^( *)([A-Za-z0-9_][\w.-]*(?:/|\.\w+))(?:\s|$)")
+
+
+def _tree() -> list[tuple[int, str]]:
+    """(indent, name) of each entry of the first ``` block: the module tree."""
+    block = re.search(r"^```\n(.*?)^```", DOC.read_text(), re.S | re.M)
+    assert block, f"no module tree in {DOC}"
+    return [(len(m.group(1)), m.group(2)) for line in block.group(1).splitlines()
+            if (m := _ENTRY.match(line))]
+
+
+def _listed_paths() -> list[str]:
+    """Every name in the tree as a path from the repository root ("orchestrator/workloads/x.py")."""
+    paths, parents = [], []  # parents: (indent, folder) of the folders we are inside
+    for indent, name in _tree():
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = "".join(folder for _, folder in parents) + name
+        paths.append(path)
+        if name.endswith("/"):
+            parents.append((indent, name))
+    return paths
+
+
+def test_every_listed_name_exists():
+    missing = [p for p in _listed_paths() if not (REPO / p).exists()]
+    assert not missing, f"{DOC.name} names what is not in the repository: {missing}"
+
+
+def test_every_module_is_listed():
+    listed = {p for p in _listed_paths() if p.endswith(".py")}
+    modules = {p.relative_to(REPO).as_posix() for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" and "__pycache__" not in p.parts}
+    assert modules - listed == set(), f"modules missing from {DOC.name}"
+    assert listed - modules == set(), f"{DOC.name} lists modules that do not exist"

@@ -1,0 +1,220 @@
+"""Saved guest states (layout, commit, stale builds, cleanup's limits), the restore XML, and the
+pure pieces of trustworthy comparisons: blocked order, churn metrics, outside-load accounting.
+
+The guests themselves are restored in tests/test_vm_restore.py; here every input is a file
+written by a real save (tests/data/domains/saved-state-g0.xml) or a hand-made one."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator import metrics, states
+from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
+from orchestrator.errors import ProvisionError
+from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
+from orchestrator.provision import _remove_uncached_states
+from orchestrator.report import envelope_indices
+from orchestrator.sampler import Sampler
+
+SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
+
+
+# ----------------------------------------------------------------------------- restore XML
+
+
+def test_restore_xml_changes_only_what_a_trial_changes():
+    out = restore_xml(SAVED_XML, study="night-2", overlay_path=Path("/w/new.qcow2"),
+                      console_log_path=Path("/w/new.log"), host_port=40001)
+    root, saved = ET.fromstring(out), ET.fromstring(SAVED_XML)
+    assert root.findtext("name") == saved.findtext("name")  # libvirt refuses another name
+    assert root.findtext("uuid") == saved.findtext("uuid")
+    disk = [d for d in root.iter("disk") if d.get("device") == "disk"][0]
+    assert disk.find("source").get("file") == "/w/new.qcow2"
+    assert {e.find("source").get("path") for e in (*root.iter("serial"), *root.iter("console"))} == {"/w/new.log"}
+    forward = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg") if "hostfwd" in a.get("value")]
+    assert forward == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40001-:22"]
+    guest = root.find(f"metadata/{{{METADATA_NS}}}guest")
+    meta = parse_metadata(ET.tostring(guest, encoding="unicode"))
+    assert (meta.study, meta.overlay_path, meta.console_log_path) == ("night-2", Path("/w/new.qcow2"), Path("/w/new.log"))
+    # Everything else libvirt filled in at save time (the ABI it checks) is untouched.
+    for tag in ("memory", "vcpu", "os", "cpu", "devices/controller", "devices/interface"):
+        assert [ET.tostring(e) for e in root.findall(tag)] == [ET.tostring(e) for e in saved.findall(tag)]
+
+
+def test_restore_xml_refuses_a_state_without_a_port_forward_to_move():
+    no_forward = SAVED_XML.replace("hostfwd=tcp:", "guestfwd=tcp:")
+    with pytest.raises(ProvisionError, match="no SSH port forward"):
+        restore_xml(no_forward, study="s", overlay_path=Path("/o"), console_log_path=Path("/c"), host_port=1)
+
+
+# ----------------------------------------------------------------------------- the state folder
+
+
+def _fake_set(root: Path, key: str, guests: int = 2) -> states.SavedSet:
+    build = states.build_folder(root, key)
+    entries = []
+    for i in range(guests):
+        for path in states.guest_files(build, i):
+            path.write_text("x")
+        entries.append({"index": i, "name": f"ksmlab-st{key[:8]}-{i}", "uuid": f"u{i}", "marker": f"{key}:{i}:n"})
+    return states.commit(build, root, key, {"spec": 1}, entries, {})
+
+
+def test_a_committed_state_loads_lists_and_is_removed(tmp_path):
+    saved = _fake_set(tmp_path, "abcdef0123456789")
+    assert [g.name for g in saved.guests] == ["ksmlab-stabcdef01-0", "ksmlab-stabcdef01-1"]
+    assert [s.key for s in states.list_states(tmp_path)] == ["abcdef0123456789"]
+    assert not list(tmp_path.glob(".*"))  # the build folder became the state folder
+    states.remove(tmp_path, "abcdef0123456789")
+    assert states.list_states(tmp_path) == []
+    with pytest.raises(ProvisionError):
+        states.remove(tmp_path, "../etc")
+
+
+def test_an_incomplete_state_is_never_used(tmp_path):
+    saved = _fake_set(tmp_path, "1111222233334444")
+    saved.guests[1].save_path.unlink()
+    assert states.load(saved.folder) is None
+
+
+def test_stale_builds_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    dead = tmp_path / ".k.build-999999999"
+    mine = tmp_path / f".k.build-{os.getpid()}"
+    for folder in (dead, mine):
+        folder.mkdir()
+        (folder / "g0.save").write_text("memory")
+    assert states.remove_stale_builds(tmp_path) == [dead]
+    assert mine.exists()
+
+
+def test_cleanup_removes_uncached_states_but_nothing_else(tmp_path):
+    folder = tmp_path / "states"
+    _fake_set(folder, "aaaabbbbccccdddd")
+    _remove_uncached_states(folder)
+    assert not folder.exists()
+    # A folder that holds anything but saved-state files is not ours to delete.
+    _fake_set(folder, "aaaabbbbccccdddd")
+    (folder / "aaaabbbbccccdddd" / "thesis.tex").write_text("precious")
+    _remove_uncached_states(folder)
+    assert (folder / "aaaabbbbccccdddd" / "thesis.tex").exists()
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+BLOCKED = """
+[study]
+name = "b"
+repetitions = 3
+ksm_off_baseline = true
+seed = 5
+[workload]
+type = "processes"
+[sweep.ksm]
+pages_to_scan = [100, 1000, 5000]
+"""
+
+
+def test_repetitions_run_in_blocks_each_every_setting_once_in_its_own_order():
+    trials = expand(parse_plan(BLOCKED))
+    blocks = [trials[i:i + 4] for i in range(0, 12, 4)]
+    orders = []
+    for number, block in enumerate(blocks):
+        assert {t.repetition for t in block} == {number}
+        assert sorted(t.label for t in block) == sorted(["KSM off", "pts=100", "pts=1000", "pts=5000"])
+        orders.append([t.label for t in block])
+    assert len({tuple(o) for o in orders}) > 1  # not the same order in every block
+    assert [t.trial_id for t in expand(parse_plan(BLOCKED))] == [t.trial_id for t in trials]  # seeded
+
+
+def test_fast_tier_resolves_refills_only_for_refilling_processes():
+    sampling = {"interval_s": 1.0, "fast_interval_s": "auto"}
+    refilling = {"type": "processes", "rounds": 0, "round_wait_s": 1.0}
+    assert writes_during_measure(refilling) and fast_interval_s(sampling, refilling) == pytest.approx(0.1)
+    assert fast_interval_s(sampling, {"type": "processes", "rounds": 1}) == 1.0
+    assert fast_interval_s(sampling, {"type": "processes", "rounds": 0, "round_wait_s": 0.1}) == 0.05
+    assert writes_during_measure({"type": "sysbench"}) and not writes_during_measure({"type": "idle"})
+
+
+def test_keep_across_trials_is_refused_with_its_replacement():
+    with pytest.raises(Exception, match='replaced by start'):
+        parse_plan(BLOCKED.replace('[workload]\ntype = "processes"', '[workload]\ntype = "idle"\n[guests]\nkeep_across_trials = true'))
+
+
+# ----------------------------------------------------------------------------- churn metrics
+
+
+def sawtooth(phase_s: float, tick_s: float, seconds: float = 20, pages: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ksm.csv measure rows of a workload refilled every second: sharing drops to 0 at each
+    refill and climbs linearly back to `pages` within 0.5 s; plus the fills.csv it implies."""
+    t = np.arange(0, seconds, tick_s) + 1000.0
+    since = (t - phase_s) % 1.0
+    sharing = np.round(np.clip(since / 0.5, 0, 1) * pages)
+    ksm = pd.DataFrame({"t_wall": t, "t_s": t - 1000.0, "phase": "measure", "pages_sharing": sharing,
+                        "pages_shared": np.minimum(sharing, 1), "vmstat_cow_ksm": np.floor((t - phase_s)) * pages})
+    starts = np.arange(np.ceil(1000.0 - phase_s), 1000.0 + seconds, 1.0) + phase_s % 1.0
+    fills = pd.DataFrame({"label": "proc-0", "fill": np.arange(2, 2 + starts.size), "start_wall": starts - 0.001,
+                          "end_wall": starts + 0.001})
+    return ksm, fills
+
+
+def test_the_average_of_a_sawtooth_does_not_depend_on_the_sampling_phase():
+    means = []
+    for phase_s, tick_s in ((0.0, 0.1), (0.37, 0.13), (0.71, 0.09)):
+        ksm, fills = sawtooth(phase_s, tick_s)
+        out = metrics.ksm_metrics(ksm, {}, 4096)
+        means.append(out["saved_mib_steady"])
+        # A single end sample is wherever the last tick fell: the reason for the averages.
+        refills = metrics.refill_metrics(ksm, fills, {}, 1000)
+        assert refills["saved_share_after_refill_pct"] < refills["saved_share_mean_pct"] < refills["saved_share_before_refill_pct"]
+        assert 0.4 <= refills["remerge_s_median"] <= 0.6
+    assert max(means) - min(means) <= 0.05 * max(means)
+    # The true time average of this sawtooth is 0.75 of the peak (linear half, flat half).
+    assert np.mean(means) == pytest.approx(0.75 * 1000 * 4096 / 2**20, rel=0.05)
+
+
+def test_envelope_keeps_every_trough_of_a_long_sawtooth():
+    values = np.tile(np.r_[np.zeros(5), np.full(5, 10.0)], 1000)  # 10,000 samples
+    keep = envelope_indices(values, 2000)
+    assert keep.size <= 2000 and (np.diff(keep) > 0).all()
+    assert values[keep].min() == 0 and values[keep].max() == 10
+
+
+# ----------------------------------------------------------------------------- outside load
+
+
+def _proc_tree(root: Path, processes: dict[int, tuple[int, int, int]]) -> None:
+    """/proc/<pid>/stat for {pid: (ppid, cpu ticks, reaped children's ticks)}."""
+    proc = root / "proc"
+    if proc.exists():
+        for old in proc.iterdir():
+            (old / "stat").unlink()
+            old.rmdir()
+    for pid, (ppid, ticks, child_ticks) in processes.items():
+        (proc / str(pid)).mkdir(parents=True)
+        fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks), "0", str(child_ticks), "0"] + ["0"] * 30
+        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(fields) + "\n")
+
+
+def test_outside_load_counts_other_processes_and_the_last_interval_of_one_that_exited(tmp_path, monkeypatch):
+    me = os.getpid()
+    sampler = Sampler(1.0, 1, dict, root=tmp_path)
+    clock = iter([100.0, 101.0, 102.0])
+    monkeypatch.setattr("orchestrator.sampler.time.monotonic", lambda: next(clock))
+    # our pid (the study) and a stranger, with a child of its own; ticks are 1/100 s
+    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 0, 0), 500: (1, 100, 0), 501: (500, 100, 0)})
+    assert np.isnan(sampler._outside_cpu_pct([]))
+    # 1 s later: the stranger used 0.5 s; its child used 0.3 s more, then exited and was reaped
+    # (its 1.3 s total lands in the stranger's cutime). We used 5 s ourselves: not outside.
+    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 500, 0), 500: (1, 150, 130)})
+    assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
+    # A descendant of the study is the study.
+    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 500, 0), 500: (1, 150, 130), 700: (me, 900, 0)})
+    assert sampler._outside_cpu_pct([]) == pytest.approx(0.0)

@@ -1,0 +1,222 @@
+"""Trials that restore saved guests on qemu:///system: every trial starts from the same guest
+memory and disk, on fresh overlays; the restored guest proves it is the saved one; and nothing
+is left behind after success, SIGINT, or SIGKILL + `cleanup`.
+
+Marked vm (slow, needs `make host` and the image) and ksm (changes the host's one KSM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pandas as pd
+import psutil
+import pytest
+
+from orchestrator import images, states
+from orchestrator.plan import parse_plan
+from orchestrator.sweep import run_sweep
+from tests.conftest import snapshot
+
+pytestmark = [pytest.mark.vm, pytest.mark.ksm]
+REPO = Path(__file__).resolve().parent.parent
+URI = "qemu:///system"
+
+
+def _need_vm_host() -> images.ImageRef:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("this host cannot run QEMU (no qemu-system-x86_64; run `make host`)")
+    try:
+        libvirt.open(URI).close()
+    except libvirt.libvirtError as exc:
+        pytest.fail(f"libvirtd does not answer at {URI}: {exc} (run `make host`)")
+    image = images.find_cached(images.DEFAULT_RECIPE)
+    if image is None:
+        pytest.fail("no guest image: run `python -m orchestrator image build`")
+    return image
+
+
+def _ours(study: str) -> dict[str, list]:
+    """This study's domains (by our metadata: restored guests keep their saved names) and the
+    QEMU processes running them."""
+    names = []
+    with libvirt.open(URI) as conn:
+        for dom in conn.listAllDomains(0):
+            try:
+                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "https://ksm-lab.invalid/xmlns/guest/1")
+            except libvirt.libvirtError:
+                continue
+            if f">{study}<" in meta:
+                names.append(dom.name())
+    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"] and any(a.startswith("guest=") and a.split(",")[0][6:] in names
+                                          for a in p.info["cmdline"])] if names else []
+    return {"domains": names, "qemu": qemus}
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def idle_plan(study: str, workdir: Path, pts: list[int], measure_s: float = 3, cache: bool = False,
+              memory_mib: int = 640) -> str:
+    return f"""
+[study]
+name = "{study}"
+[workload]
+type = "idle"
+[guests]
+count = 2
+memory_mib = {memory_mib}
+start = "restore"
+cache_states = {str(cache).lower()}
+workdir = "{workdir}"
+[phases]
+baseline_s = 1
+measure_s = {measure_s}
+[sampling]
+interval_s = 1.0
+pss_interval_s = 1.0
+[sweep.ksm]
+pages_to_scan = {pts}
+"""
+
+
+def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, results_dir, ksm_guard):
+    _need_vm_host()
+    study = f"pyt-restore-{os.getpid()}"
+    # Fast scanning: 2 x 640 MiB of guest RAM is scanned twice (needed to merge) within measure.
+    text = idle_plan(study, tmp_path / "work", [20000, 40000], measure_s=6)
+    outcome = run_sweep(parse_plan(text), text, results_dir)
+    assert (outcome.ran, outcome.failed) == (2, 0), (results_dir / study / "trials.csv").read_text()
+    table = pd.read_csv(results_dir / study / "trials.csv")
+    first, second = (json.loads((results_dir / study / "trials" / t / "trial.json").read_text())["provision"]
+                     for t in table["trial_id"])
+    assert first["start"] == second["start"] == "restore"
+    assert (first["state_reused"], second["state_reused"]) == (False, True)
+    assert first["state"] == second["state"]
+    # The marker check passed (else the trial would have failed) and the clocks were set.
+    for info in (first, second):
+        assert set(info["clock_offset_s"]) == set(info["restore_s"]) and len(info["restore_s"]) == 2
+        assert info["start_s"] < 60
+    assert not set(first["overlays"]) & set(second["overlays"])  # fresh overlays per trial
+    # The saved guests' memory merges again in each trial: same state, same saving.
+    assert (table["saved_mib"] > 0).all()
+    # cache_states = false: states went with the study; nothing else is left either.
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []
+
+
+def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm_guard):
+    """Build a cached state, break its marker record, and the next restore must refuse it."""
+    image = _need_vm_host()
+    study = f"pyt-ident-{os.getpid()}"
+    text = idle_plan(study, tmp_path / "work", [1000], cache=True, memory_mib=576)
+    root = states.states_root(Path(image.manifest_path).parent, images.default_cache_dir(), image.disk_path)
+    before = {p.name for p in root.iterdir()} if root.exists() else set()
+    try:
+        assert run_sweep(parse_plan(text), text, results_dir).failed == 0
+        (new,) = {p.name for p in root.iterdir()} - before
+        meta_path = root / new / states.STATE_FILE
+        meta = json.loads(meta_path.read_text())
+        meta["guests"][0]["marker"] = "not-the-saved-guest"
+        meta_path.write_text(json.dumps(meta))
+        again = text.replace(f'name = "{study}"', f'name = "{study}-2"')
+        outcome = run_sweep(parse_plan(again), again, results_dir)
+        assert outcome.failed == 1
+        record = pd.read_csv(results_dir / f"{study}-2" / "trials.csv").iloc[0]
+        assert "is not the saved guest" in record["reason"]
+    finally:
+        for name in ({p.name for p in root.iterdir()} - before) if root.exists() else ():
+            shutil.rmtree(root / name)
+    assert _ours(study) == _ours(f"{study}-2") == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []
+
+
+def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int) -> subprocess.Popen:
+    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir),
+                              "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != str(pts) or \
+            Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1":
+        if sweep.poll() is not None:
+            raise AssertionError("sweep ended before its measure phase")
+        if time.monotonic() > deadline:
+            sweep.kill()
+            raise AssertionError("guests never reached the measure phase")
+        time.sleep(0.5)
+    return sweep
+
+
+def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ksm_guard):
+    _need_vm_host()
+    study = f"pyt-rint-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4322], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, 4322)
+    try:
+        assert _ours(study)["qemu"], "no QEMU process while measuring"
+        sweep.send_signal(signal.SIGINT)
+        assert sweep.wait(120) == 130
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []  # overlays, console logs and the uncached states
+    assert snapshot() == ksm_guard
+
+
+def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_dir, ksm_guard):
+    _need_vm_host()
+    study = f"pyt-rkill-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4323], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, 4323)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait(30)
+    assert _ours(study)["domains"]  # SIGKILL leaves them: that is what cleanup is for
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while _ours(study)["qemu"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []  # no overlay, console log or stray save file
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert snapshot() == ksm_guard
+
+
+def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path, results_dir, ksm_guard):
+    _need_vm_host()
+    study = f"pyt-rlost-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4324], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, 4324)
+    try:
+        victim = sorted(_ours(study)["domains"])[0]
+        with libvirt.open(URI) as conn:
+            conn.lookupByName(victim).destroy()  # what an OOM kill or a crash looks like from here
+        assert sweep.wait(120) == 1  # some trials failed: not an error of the tool
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    assert record["status"] == "failed"
+    # The lifecycle event ("was destroyed") or the state check that races it ("is shut off").
+    assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "console" in record["reason"]
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []
+    assert snapshot() == ksm_guard
