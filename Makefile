@@ -76,6 +76,7 @@ bench: venv
 	$(PY) benchmarks/fill_rate.py
 	$(PY) benchmarks/sampler_overhead.py
 	$(PY) benchmarks/report_speed.py
+	$(PY) benchmarks/history_speed.py
 
 clean-host:
 	$(PY) -m orchestrator cleanup

@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_host)
 
     add_recommend_command(sub)
+    # -- nightly lab runs: compare, history, prune, collect, studies (orchestrator/nightly_cli.py)
+    from orchestrator.nightly_cli import register_nightly_commands
+    register_nightly_commands(sub)
     return parser
 
 

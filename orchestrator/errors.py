@@ -9,7 +9,9 @@ OrchestratorError            anything the CLI reports as a clear one-line messag
  │   └─ GuestBootError       a guest did not become reachable (carries the console tail)
  ├─ GuestError               SSH to a guest failed (connect, auth, host key, timeout)
  ├─ WorkloadError            a workload failed to start, run or parse
- └─ StoreError               the results folder is unusable (exists, wrong schema, ...)
+ ├─ StoreError               the results folder is unusable (exists, wrong schema, ...)
+ ├─ CompareError             two studies cannot be compared (other plans, nothing in common)
+ └─ CollectError             rsync/SSH from a lab host failed, or a host name is malformed
 
 libvirt.libvirtError and paramiko.SSHException are translated into this tree at the boundary
 (provision.py, guest.py), so nothing above those modules imports libvirt or paramiko errors.
@@ -61,4 +63,12 @@ class WorkloadError(OrchestratorError):
 
 
 class StoreError(OrchestratorError):
+    pass
+
+
+class CompareError(OrchestratorError):
+    pass
+
+
+class CollectError(OrchestratorError):
     pass

@@ -1,0 +1,182 @@
+"""contrib/ksm-lab-nightly.sh: dated folders, resume, no overlap, compare with the last good night.
+
+All but the last test run the script with KSM_LAB_NIGHTLY_SWEEP pointing at tests/fake_sweep.py
+(hand-made studies, no KSM). The last runs the real sweep twice on a tiny processes plan and is
+marked ksm: it changes the host's KSM knobs (and puts them back)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import catalog
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+SCRIPT = CHECKOUT / "contrib" / "ksm-lab-nightly.sh"
+FAKE_SWEEP = Path(__file__).with_name("fake_sweep.py")
+PLAN = '[study]\nname = "nightly"\nrepetitions = 3\n\n[sweep.ksm]\npages_to_scan = [100, 1000]\n'
+HOST = os.uname().nodename
+
+
+def _env(tmp_path: Path, fake: bool = True, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KSM_LAB", "FAKE_SWEEP"))}
+    env.update({
+        "PYTHONPATH": str(CHECKOUT),  # this checkout's orchestrator, whatever the venv installed
+        "KSM_LAB_PYTHON": sys.executable,
+        "KSM_LAB": f"{sys.executable} -m orchestrator",
+        "FAKE_SWEEP_LOG": str(tmp_path / "sweep.log"),
+    })
+    if fake:
+        env["KSM_LAB_NIGHTLY_SWEEP"] = f"{sys.executable} {FAKE_SWEEP}"
+    env.update(extra)
+    return env
+
+
+def _night(tmp_path: Path, root: Path, plan: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), str(plan), str(root)], env=_env(tmp_path, **extra), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _sweeps(tmp_path: Path) -> list[list[str]]:
+    log = tmp_path / "sweep.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture()
+def plan(tmp_path: Path) -> Path:
+    path = tmp_path / "nightly.toml"
+    path.write_text(PLAN)
+    return path
+
+
+def test_first_night_has_nothing_to_compare_second_night_compares_with_it(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    first = _night(tmp_path, root, plan)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "nothing to compare with (first night)" in first.stdout
+    second = _night(tmp_path, root, plan)
+    assert second.returncode == 0, second.stdout + second.stderr
+    studies = catalog.scan(root)
+    assert [e.state for e in studies] == [catalog.GOOD, catalog.GOOD]
+    night1, night2 = (e.path for e in studies)
+    assert night1.parent.parent == night2.parent.parent == root / "nightly"  # RESULTS/<name>/<date>/<name>
+    assert night1 != night2
+    assert f"compare {night1} -> {night2}" in second.stdout
+    compared = json.loads((night2 / "report" / "compare.json").read_text())
+    assert compared["a"]["path"] == str(night1) and compared["b"]["path"] == str(night2)
+    assert compared["regressions"] == 0
+    assert (night2 / "report" / "compare.html").exists() and (root / "history.html").exists()
+    assert all("--resume" not in call for call in _sweeps(tmp_path))
+
+
+def test_a_regression_makes_the_job_exit_1(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    assert _night(tmp_path, root, plan).returncode == 0
+    worse = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="30")
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    assert "REGRESSION against" in worse.stdout
+    looser = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="29.5", KSM_LAB_COMPARE_ARGS="--max-saving-drop-pct 50")
+    assert looser.returncode == 0  # compared with night 2 (the last good), by a looser rule
+
+
+def test_an_interrupted_night_is_resumed_then_compared(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    assert _night(tmp_path, root, plan).returncode == 0
+    cut = _night(tmp_path, root, plan, FAKE_SWEEP_INTERRUPT="1")
+    assert cut.returncode == 143 and "the next run resumes" in cut.stdout
+    interrupted = catalog.latest(catalog.scan(root))
+    assert interrupted.state == catalog.UNFINISHED
+    resumed = _night(tmp_path, root, plan)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    last = _sweeps(tmp_path)[-1]
+    assert "--resume" in last and last[last.index("--results") + 1] == str(interrupted.path.parent)
+    studies = catalog.scan(root)
+    assert len(studies) == 2 and all(e.good for e in studies)
+    assert f"compare {studies[0].path} -> {interrupted.path}" in resumed.stdout
+
+
+def test_an_unfinished_night_of_another_plan_text_is_not_resumed(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    assert _night(tmp_path, root, plan, FAKE_SWEEP_INTERRUPT="1").returncode == 143
+    plan.write_text(PLAN.replace("[100, 1000]", "[100, 1000] # changed"))
+    again = _night(tmp_path, root, plan)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "started with another plan text: starting a new one" in again.stdout
+    assert "--resume" not in _sweeps(tmp_path)[-1]
+
+
+def test_refuses_to_overlap_with_a_run_still_going(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    root.mkdir()
+    with open(root / ".ksm-lab-nightly.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        blocked = _night(tmp_path, root, plan)
+    assert blocked.returncode == 75 and "still holds" in blocked.stdout
+    assert _sweeps(tmp_path) == [] and catalog.scan(root) == []
+
+
+def test_a_failing_sweep_is_an_error_and_nothing_is_compared(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    failing = _night(tmp_path, root, plan, KSM_LAB_NIGHTLY_SWEEP="false")
+    assert failing.returncode == 2 and "sweep failed (exit 1)" not in failing.stdout
+    assert "sweep left no study" in failing.stdout
+    assert _night(tmp_path, root, tmp_path / "nope.toml").returncode == 2
+
+
+def test_prune_after_the_run_when_asked(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    for _ in range(3):
+        assert _night(tmp_path, root, plan, KSM_LAB_KEEP="2").returncode == 0
+    assert len(catalog.scan(root)) == 2
+
+
+TINY_PLAN = """[study]
+name = "nightly-tiny"
+repetitions = 2
+ksm_off_baseline = true
+
+[ksm]
+sleep_millisecs = 20
+
+[workload]
+type = "processes"
+processes = 2
+pages_per_process = 2560
+rounds = 1
+merge_mode = "madvise"
+fill = "same"
+
+[phases]
+baseline_s = 1
+measure_s = 4
+
+[sampling]
+interval_s = 0.5
+pss_interval_s = 1.0
+
+[sweep.ksm]
+pages_to_scan = [100, 1000]
+"""
+
+
+@pytest.mark.ksm
+def test_two_real_nights_on_a_tiny_processes_plan(tmp_path: Path, ksm_guard) -> None:
+    plan = tmp_path / "tiny.toml"
+    plan.write_text(TINY_PLAN)
+    root = tmp_path / "results"
+    first = _night(tmp_path, root, plan, fake=False)
+    assert first.returncode in (0, 1), first.stdout + first.stderr
+    second = _night(tmp_path, root, plan, fake=False)
+    assert second.returncode in (0, 1), second.stdout + second.stderr  # 1: a real regression is possible
+    studies = catalog.scan(root, plan="nightly-tiny", host=HOST)
+    assert len(studies) == 2 and all(e.finished for e in studies)
+    compared = json.loads((studies[1].path / "report" / "compare.json").read_text())
+    assert compared["a"]["path"] == str(studies[0].path) and compared["b"]["path"] == str(studies[1].path)
+    assert {s["setting"] for s in compared["settings"]} == {"KSM off", "ksm.pages_to_scan=100", "ksm.pages_to_scan=1000"}
+    assert (root / "history.html").exists()
