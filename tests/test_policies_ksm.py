@@ -70,13 +70,19 @@ def test_advisor_moves_pages_to_scan_itself(results_dir, ksm_guard):
     if not (ROOT / KSM_SYSFS / "advisor_mode").exists():
         pytest.skip("kernel without the scan-time advisor (< 6.8)")
     extra = "advisor_min_pages_to_scan = 200\nadvisor_max_pages_to_scan = 20000\nadvisor_target_scan_time = 2"
-    # 60,000 pages at 200 pages per 20 ms: the first full scan takes ~6 s, three times the 2 s
-    # target, so at its end the advisor raises pages_to_scan (it adjusts once per full scan)
+    # 60,000 pages at 200 pages per 20 ms: the first full scan takes several seconds, and at its
+    # end the advisor sets pages_to_scan itself (it adjusts once per full scan). Which way it
+    # moves depends on the kernel's cost model: on 6.18 here it went from 200 to 70 after an
+    # 8 s scan, below advisor_min_pages_to_scan, so the test asks only that it moved then.
     record, ksm, _ = run(plan_text("advisor", extra, measure_s=20, pages_per_process=30000), results_dir)
     assert record["ksm_applied"]["advisor_mode"] == "scan-time"
     pts = measured(ksm, "pages_to_scan")
     assert pts.iloc[0] == 200  # entering scan-time starts at advisor_min_pages_to_scan
-    assert pts.max() > 200
+    rows = ksm[(ksm["phase"] == "measure") & ksm["pages_to_scan"].notna()]
+    before_first_scan = rows[rows["full_scans"] == rows["full_scans"].iloc[0]]["pages_to_scan"]
+    after = rows[rows["full_scans"] > rows["full_scans"].iloc[0]]["pages_to_scan"]
+    assert set(before_first_scan) == {200}  # nobody but the advisor writes it, and only per scan
+    assert not after.empty and (after != 200).any(), "the advisor never set pages_to_scan"
 
 
 def test_ksmtuned_log_and_sampled_knobs_agree_and_it_is_gone_after(results_dir, ksm_guard):
