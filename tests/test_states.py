@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during
 from orchestrator.provision import _remove_uncached_states
 from orchestrator.report import envelope_indices
 from orchestrator.sampler import Sampler
+from orchestrator.sweep import wait_steady
 
 SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
 
@@ -218,3 +221,41 @@ def test_outside_load_counts_other_processes_and_the_last_interval_of_one_that_e
     # A descendant of the study is the study.
     _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 500, 0), 500: (1, 150, 130), 700: (me, 900, 0)})
     assert sampler._outside_cpu_pct([]) == pytest.approx(0.0)
+
+
+class _Frames:
+    """What wait_steady reads of a sampler: its frames so far (an edge case: a scripted host)."""
+
+    def __init__(self, mem_available_kib, rss_kib) -> None:
+        self.mem_available_kib, self.rss_kib, self.t0 = mem_available_kib, rss_kib, time.monotonic()
+
+    def ksm_frame(self) -> pd.DataFrame:
+        t = np.arange(0, time.monotonic() - self.t0 + 0.01, 0.25)
+        return pd.DataFrame({"t_s": t, "mem_available_kib": [self.mem_available_kib(x) for x in t]})
+
+    def process_frame(self) -> pd.DataFrame:
+        t = self.ksm_frame()["t_s"]
+        return pd.DataFrame({"t_s": t, "label": "vm", "rss_kib": [self.rss_kib(x) for x in t]})
+
+
+STEADY = {"steady_max_s": 4.0, "steady_window_s": 1.5, "steady_slope_mib_per_min": 10.0}
+
+
+def test_steady_wait_ends_once_the_guests_stop_growing():
+    flat = _Frames(lambda t: 20_000_000, lambda t: 1_000_000)
+    out = wait_steady(STEADY, flat, threading.Event())
+    assert out["steady_timed_out"] is False and out["steady_wait_s"] < 3.5
+
+
+def test_steady_wait_is_bounded_and_says_it_timed_out():
+    # growing 1 GiB a minute: far above 10 MiB/min for the whole bound
+    growing = _Frames(lambda t: 20_000_000 - t * 17_476, lambda t: 1_000_000 + t * 17_476)
+    started = time.monotonic()
+    out = wait_steady(STEADY, growing, threading.Event())
+    assert out["steady_timed_out"] is True
+    assert 4.0 <= time.monotonic() - started < 7.0
+    assert out["steady_slopes_mib_per_min"]["rss"] > 500
+
+
+def test_no_steady_wait_unless_the_plan_asks():
+    assert wait_steady({"steady_max_s": 0}, None, threading.Event()) == {}
