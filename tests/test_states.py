@@ -6,7 +6,6 @@ written by a real save (tests/data/domains/saved-state-g0.xml) or a hand-made on
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time

@@ -24,23 +24,11 @@ from orchestrator import images, states
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
 from tests.conftest import snapshot
+from tests.vmhost import need_vm_host
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
 REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
-
-
-def _need_vm_host() -> images.ImageRef:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("this host cannot run QEMU (no qemu-system-x86_64; run `make host`)")
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as exc:
-        pytest.fail(f"libvirtd does not answer at {URI}: {exc} (run `make host`)")
-    image = images.find_cached(images.DEFAULT_RECIPE)
-    if image is None:
-        pytest.fail("no guest image: run `python -m orchestrator image build`")
-    return image
 
 
 def _ours(study: str) -> dict[str, list]:
@@ -90,7 +78,7 @@ pages_to_scan = {pts}
 
 
 def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, results_dir, ksm_guard):
-    _need_vm_host()
+    need_vm_host()
     study = f"pyt-restore-{os.getpid()}"
     # Fast scanning: 2 x 640 MiB of guest RAM is scanned twice (needed to merge) within measure.
     text = idle_plan(study, tmp_path / "work", [20000, 40000], measure_s=6)
@@ -116,7 +104,7 @@ def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, res
 
 def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm_guard):
     """Build a cached state, break its marker record, and the next restore must refuse it."""
-    image = _need_vm_host()
+    image = need_vm_host()
     study = f"pyt-ident-{os.getpid()}"
     text = idle_plan(study, tmp_path / "work", [1000], cache=True, memory_mib=576)
     root = states.states_root(Path(image.manifest_path).parent, images.default_cache_dir(), image.disk_path)
@@ -157,7 +145,7 @@ def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int) -> subproces
 
 
 def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ksm_guard):
-    _need_vm_host()
+    need_vm_host()
     study = f"pyt-rint-{os.getpid()}"
     plan = tmp_path / "plan.toml"
     plan.write_text(idle_plan(study, tmp_path / "work", [4322], measure_s=600))
@@ -176,7 +164,7 @@ def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ks
 
 
 def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_dir, ksm_guard):
-    _need_vm_host()
+    need_vm_host()
     study = f"pyt-rkill-{os.getpid()}"
     plan = tmp_path / "plan.toml"
     plan.write_text(idle_plan(study, tmp_path / "work", [4323], measure_s=600))
@@ -199,7 +187,7 @@ def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_
 
 
 def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path, results_dir, ksm_guard):
-    _need_vm_host()
+    need_vm_host()
     study = f"pyt-rlost-{os.getpid()}"
     plan = tmp_path / "plan.toml"
     plan.write_text(idle_plan(study, tmp_path / "work", [4324], measure_s=600))

@@ -17,30 +17,15 @@ import pandas as pd
 import psutil
 import pytest
 
-from orchestrator import images
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
 from orchestrator.vmrunner import prepared_dir
 from tests.conftest import snapshot
+from tests.vmhost import need_vm_host
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
 REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
-
-
-def _need_vm_host():
-    import shutil
-
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("this host cannot run QEMU (no qemu-system-x86_64; run `make host`)")
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as exc:
-        pytest.fail(f"libvirtd does not answer at {URI}: {exc} (run `make host`)")
-    image = images.find_cached(images.DEFAULT_RECIPE)
-    if image is None:
-        pytest.fail("no guest image: run `ksm-lab image build`")
-    return image
 
 
 def _ours(study: str) -> dict[str, list]:
@@ -88,7 +73,7 @@ pages_to_scan = [5000]
 
 
 def test_sysbench_in_two_guests_under_a_ksm_sweep_leaves_the_host_clean(tmp_path, results_dir, ksm_guard):
-    image = _need_vm_host()
+    image = need_vm_host()
     study = f"pyt-sb-{os.getpid()}"
     seed = random.randint(1000, 2**30)  # a fresh prepared layer: the build path runs every time
     text = sysbench_plan(study, tmp_path / "work", seed)
@@ -138,7 +123,7 @@ pages_to_scan = [4321]
 
 
 def test_sigkilled_vm_sweep_then_cleanup_and_restore_leave_nothing(tmp_path, results_dir, ksm_guard):
-    _need_vm_host()
+    need_vm_host()
     study = f"pyt-kill-{os.getpid()}"
     plan = tmp_path / "plan.toml"
     plan.write_text(KILL_PLAN.format(study=study, workdir=tmp_path / "work"))
