@@ -175,6 +175,11 @@ configure_qemu_conf() {
     if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
         qemu_conf_has security_driver none; then
         say "qemu.conf: already runs guests as root with security_driver none"
+        # Written by an earlier ksm-lab that kept no record: record its backup, so --stop can
+        # put the original back.
+        if [[ ! -s $QEMU_CONF_RECORD && -e $QEMU_CONF$BACKUP_SUFFIX ]] && grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        fi
         return 1
     fi
     if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
