@@ -232,14 +232,3 @@ def density_summary(record: dict[str, Any]) -> dict[str, Any]:
         "density_tps_per_guest": final.get("tps_per_guest"),
         "density_mismatches": len(record.get("mismatches") or []),
     }
-
-
-# A DensityHost over the VM runner exists (densityvm.py), written but not yet run on real guests.
-ADAPTER_WIRED = True
-
-
-def density_runner(plan: Any, settings: Any, stop: Any, progress: Any) -> Any:
-    """The sweep's runner for a [density] plan (loads libvirt and paramiko only when used)."""
-    from orchestrator.densityvm import DensityVmRunner
-
-    return DensityVmRunner(plan, settings, stop, progress)

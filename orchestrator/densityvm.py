@@ -31,7 +31,7 @@ from orchestrator.errors import WorkloadError
 from orchestrator.guest import GuestSession
 from orchestrator.plan import Trial, sysbench_params
 from orchestrator.provision import GuestSet
-from orchestrator.sweep import PhaseClock, sampler_health, wait_or_stop
+from orchestrator.phases import PhaseClock, sampler_health, wait_or_stop
 from orchestrator.vmrunner import VmRunner, guest_set_key, set_clock_and_check
 from orchestrator.workloads import sysbench
 

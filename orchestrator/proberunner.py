@@ -33,7 +33,7 @@ import pandas as pd
 
 from orchestrator import probes
 from orchestrator.plan import Trial
-from orchestrator.sweep import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop, wait_steady
+from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop, wait_steady
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from orchestrator.provision import (
     study_work_dir,
 )
 from orchestrator.store import atomic_write_json
-from orchestrator.sweep import (PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop,
+from orchestrator.phases import (PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop,
                                wait_steady)
 from orchestrator.workloads import guestmem, sysbench
 

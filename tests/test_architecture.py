@@ -47,3 +47,44 @@ def test_every_module_is_listed():
                if p.name != "__init__.py" and "__pycache__" not in p.parts}
     assert modules - listed == set(), f"modules missing from {DOC.name}"
     assert listed - modules == set(), f"{DOC.name} lists modules that do not exist"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every orchestrator module `path` imports, at module level or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("orchestrator"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("orchestrator"))
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Data flows one way: no circle of imports, function-level imports included."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {name: {d for d in _imports(path) if d in modules and d != name} for name, path in modules.items()}
+    state: dict[str, int] = {}
+    circles: list[str] = []
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                circles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not circles, "import circles:\n" + "\n".join(circles)

@@ -481,8 +481,6 @@ def test_real_zero_pages_separated_with_use_zero_pages(tmp_path: Path, ksm_guard
 @pytest.mark.ksm
 @pytest.mark.vm
 def test_real_density_run_with_three_guests(tmp_path: Path, ksm_guard) -> None:
-    if not density.ADAPTER_WIRED:
-        pytest.skip("density.py's DensityHost adapter over vmrunner/provision is not wired")
     from orchestrator.sweep import run_sweep
 
     text = (Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text()
@@ -507,7 +505,7 @@ def test_probe_runner_flow_on_a_fake_sysfs(tmp_path: Path, ksm_off: bool) -> Non
     from orchestrator.ksm import KSM_SYSFS, HostSettings
     from orchestrator.plan import expand
     from orchestrator.proberunner import ProbeRunner
-    from orchestrator.sweep import PhaseClock
+    from orchestrator.phases import PhaseClock
 
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS

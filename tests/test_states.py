@@ -23,7 +23,7 @@ from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during
 from orchestrator.provision import _remove_uncached_states
 from orchestrator.report import envelope_indices
 from orchestrator.sampler import Sampler
-from orchestrator.sweep import wait_steady
+from orchestrator.phases import wait_steady
 
 SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
 

@@ -1,0 +1,36 @@
+"""Trials of the processes workload: N host processes x M mergeable pages (no VMs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop, wait_steady
+from orchestrator.plan import Trial, processes_params
+from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
+
+
+class ProcessesRunner(TrialRunner):
+    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
+        params = ProcessesParams(**processes_params(trial.workload))
+        phases = trial_phases(trial)
+        with ProcessesWorkload(params) as workload:
+            with clock.phase("fill", None, self.progress):
+                workload.start()
+                workload.wait_filled(timeout_s=600)
+            sampler = self.sampler_for(trial, workload.pids)
+            try:
+                with sampler:
+                    with clock.phase("settle", sampler, self.progress):
+                        wait_or_stop(self.stop, phases["settle_s"])
+                    with clock.phase("steady", sampler, self.progress):
+                        result.update(wait_steady(phases, sampler, self.stop))
+                    result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
+                result["rounds_done"] = workload.rounds_done()
+            finally:
+                # Whatever happened, what was sampled is kept.
+                result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
+                                    "fills": pd.DataFrame(workload.fills())}
+                result["sampler"] = sampler_health(sampler)
+            workload.stop(timeout_s=10)
