@@ -52,7 +52,7 @@ from orchestrator.policy_metrics import policy_metrics
 from orchestrator import costs, cowstats
 from orchestrator.errors import StoreError
 from orchestrator.plan import writes_during_measure
-from orchestrator.stats import time_mean  # noqa: F401 - re-exported: sweep.py uses metrics.time_mean
+from orchestrator.stats import time_mean
 from orchestrator.stats import (
     NO_INTERVAL,
     Comparison,

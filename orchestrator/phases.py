@@ -163,6 +163,16 @@ class TrialRunner:
                        fast_interval_s=fast_interval_s(trial.sampling, trial.workload),
                        jitter_fraction=sampling.jitter_fraction)
 
+    def settle_and_steady(self, trial: Trial, sampler: Sampler, clock: PhaseClock, result: dict[str, Any],
+                          check: Callable[[], None] | None = None) -> None:
+        """settle (a fixed wait) -> steady (until the targets stop growing, bounded), every
+        runner's lead-in to its baseline; the steady wait's record goes into `result`."""
+        phases = trial_phases(trial)
+        with clock.phase("settle", sampler, self.progress):
+            wait_or_stop(self.stop, phases["settle_s"], check)
+        with clock.phase("steady", sampler, self.progress):
+            result.update(wait_steady(phases, sampler, self.stop, check))
+
     def ksm_phases(self, trial: Trial, sampler: Sampler, clock: PhaseClock) -> bool:
         """baseline (KSM stopped) -> measure (KSM running, or kept off for the baseline trial)."""
         phases = trial_phases(trial)

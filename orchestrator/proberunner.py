@@ -33,7 +33,7 @@ import pandas as pd
 
 from orchestrator import probes
 from orchestrator.plan import Trial
-from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop, wait_steady
+from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ class ProbeRunner(TrialRunner):
                 sampler = self.sampler_for(trial, lambda: {"probe": worker.pid})
                 try:
                     with sampler:
-                        with clock.phase("settle", sampler, self.progress):
-                            wait_or_stop(self.stop, phases["settle_s"])
-                        with clock.phase("steady", sampler, self.progress):
-                            result.update(wait_steady(phases, sampler, self.stop))
+                        self.settle_and_steady(trial, sampler, clock, result)
                         with clock.phase("baseline", sampler, self.progress):
                             wait_or_stop(self.stop, phases["baseline_s"])
                         self._merge(trial, clock, sampler, worker, params, record)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop, wait_steady
+from orchestrator.phases import PhaseClock, TrialRunner, sampler_health
 from orchestrator.plan import Trial, processes_params
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
 
@@ -14,7 +14,6 @@ from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
 class ProcessesRunner(TrialRunner):
     def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
         params = ProcessesParams(**processes_params(trial.workload))
-        phases = trial_phases(trial)
         with ProcessesWorkload(params) as workload:
             with clock.phase("fill", None, self.progress):
                 workload.start()
@@ -22,10 +21,7 @@ class ProcessesRunner(TrialRunner):
             sampler = self.sampler_for(trial, workload.pids)
             try:
                 with sampler:
-                    with clock.phase("settle", sampler, self.progress):
-                        wait_or_stop(self.stop, phases["settle_s"])
-                    with clock.phase("steady", sampler, self.progress):
-                        result.update(wait_steady(phases, sampler, self.stop))
+                    self.settle_and_steady(trial, sampler, clock, result)
                     result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
                 result["rounds_done"] = workload.rounds_done()
             finally:

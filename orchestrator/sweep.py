@@ -27,6 +27,7 @@ from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_
 from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand
 from orchestrator.preflight import space_checks
 from orchestrator.probes import KSM_SYSFS
+from orchestrator.stats import time_mean
 from orchestrator.store import Study, atomic_write_json
 from orchestrator.phases import PhaseClock, StopRequested, TrialRunner, trial_phases
 from orchestrator.processrunner import ProcessesRunner
@@ -263,7 +264,7 @@ def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[
     measure = ksm[(ksm["phase"] == "measure") & ksm["outside_cpu_pct"].notna()]
     if measure.empty:
         return {"outside_cpu_pct": None, "disturbed": False}
-    mean = metrics.time_mean(measure["t_s"].to_numpy(float), measure["outside_cpu_pct"].to_numpy(float))
+    mean = time_mean(measure["t_s"].to_numpy(float), measure["outside_cpu_pct"].to_numpy(float))
     limit = float(sampling.get("outside_load_max_pct", 5.0))
     return {"outside_cpu_pct": round(mean, 2), "outside_load_max_pct": limit, "disturbed": bool(mean > limit)}
 

@@ -45,8 +45,7 @@ from orchestrator.provision import (
     study_work_dir,
 )
 from orchestrator.store import atomic_write_json
-from orchestrator.phases import (PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop,
-                               wait_steady)
+from orchestrator.phases import PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
 
 log = logging.getLogger(__name__)
@@ -446,10 +445,7 @@ class VmRunner(TrialRunner):
         active.guest_set.watch()
         try:
             with sampler:
-                with clock.phase("settle", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["settle_s"], alive)
-                with clock.phase("steady", sampler, self.progress):
-                    result.update(wait_steady(phases, sampler, self.stop, alive))
+                self.settle_and_steady(trial, sampler, clock, result, alive)
                 with clock.phase("baseline", sampler, self.progress):
                     wait_or_stop(self.stop, phases["baseline_s"], alive)
                 memory_rows += self._guest_memory(active, "start", params)
