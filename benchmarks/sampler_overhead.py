@@ -3,9 +3,11 @@
 Spawns N child processes that each hold M MiB of touched private anonymous memory
 (so smaps_rollup has page tables to walk), samples them for --duration-s at each
 --interval-s, and prints next to it ksmd's CPU% over the same window.
-Target: the sampler under 1% of one core at 1 s ticks.
+Target: the sampler under 1% of one core at 1 s ticks, and with the KSM-counter tier at the
+0.05 s a refilling processes workload gets ("auto", plan.fast_interval_s).
 
     .venv/bin/python benchmarks/sampler_overhead.py --intervals 1.0 0.2
+    .venv/bin/python benchmarks/sampler_overhead.py --intervals 1.0 --fast-interval-s 0.05
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ def _reap(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def measure(interval_s: float, pss_every: int, duration_s: float, targets: dict[str, int]) -> None:
+def measure(interval_s: float, pss_every: int, duration_s: float, targets: dict[str, int],
+            fast_interval_s: float | None = None) -> None:
     ksmd_pid = probes.find_ksmd_pid()
     run_before = probes.read_ksm()["run"]
     ksmd_before = probes.read_cpu_seconds(ksmd_pid) if ksmd_pid else None
     proc_cpu_before = time.process_time()
     wall_before = time.monotonic()
-    with Sampler(interval_s, pss_every, lambda: targets) as sampler:
+    with Sampler(interval_s, pss_every, lambda: targets, fast_interval_s=fast_interval_s) as sampler:
         time.sleep(duration_s)
     wall_s = time.monotonic() - wall_before
     proc_cpu_s = time.process_time() - proc_cpu_before
@@ -73,12 +76,15 @@ def measure(interval_s: float, pss_every: int, duration_s: float, targets: dict[
 
     ksm = sampler.ksm_frame()
     rss_kib = sampler.process_frame().groupby("label")["rss_kib"].last()
-    print(f"\n== interval {interval_s:g} s, PSS every {pss_every} ticks, {wall_s:.1f} s wall, "
+    fast = f", KSM tier every {fast_interval_s:g} s" if fast_interval_s else ""
+    print(f"\n== interval {interval_s:g} s{fast}, PSS every {pss_every} ticks, {wall_s:.1f} s wall, "
           f"{len(ksm)} ticks, {len(targets)} targets, total target RSS {rss_kib.sum() / 1024:.0f} MiB")
-    for name, tier in (("cheap", ksm[~ksm["pss_tier"]]), ("pss", ksm[ksm["pss_tier"]])):
+    for name in ("ksm", "cheap", "pss"):
+        tier = ksm[ksm["tier"] == name]
         if len(tier):
             print(f"  tick_ms {name:5s}: n={len(tier):3d} mean={tier['tick_ms'].mean():7.3f} "
                   f"p95={tier['tick_ms'].quantile(0.95):7.3f} max={tier['tick_ms'].max():7.3f}")
+            print(f"  time in {name} ticks: {100 * tier['tick_ms'].sum() / 1000 / wall_s:.3f}% of the wall time")
     print(f"  sampler thread CPU: {sampler.cpu_s:.4f} s = {100 * sampler.cpu_s / wall_s:.3f}% of one core")
     print(f"  whole benchmark process CPU: {proc_cpu_s:.4f} s = {100 * proc_cpu_s / wall_s:.3f}% of one core")
     print(f"  ksmd CPU over the same window: {ksmd_pct:.3f}% of one core "
@@ -90,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", type=float, nargs="+", default=[1.0])
     parser.add_argument("--pss-every", type=int, default=5, help="PSS tier every N ticks")
+    parser.add_argument("--fast-interval-s", type=float, default=None,
+                        help="KSM-counter tier tick (default: the interval itself)")
     parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--mib", type=int, default=256)
@@ -100,7 +108,7 @@ def main() -> None:
     with ExitStack() as stack:
         targets = spawn_holders(stack, args.procs, args.mib, args.mergeable)
         for interval_s in args.intervals:
-            measure(interval_s, args.pss_every, args.duration_s, targets)
+            measure(interval_s, args.pss_every, args.duration_s, targets, args.fast_interval_s)
 
 
 if __name__ == "__main__":

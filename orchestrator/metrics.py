@@ -22,7 +22,9 @@ different question (on the reference host three idle guests gave 374 / 362 / 745
 
 Each view is kept three ways: ``<view>_end`` (the last sample of measure), ``<view>_mean`` (the
 time average over the whole of measure) and ``<view>_steady`` (the time average from the moment
-the saving first reached 90% of its 95th percentile over measure to the end). ``<view>`` itself,
+the saving first reached 90% of its 95th percentile over measure to the end; for a workload that
+refills on a cycle, cut to whole cycles, from the first refill start in that span to the last,
+so the average does not depend on the phase at which measure ends). ``<view>`` itself,
 the headline, is the steady average for workloads that write during measure (processes with
 rounds other than 1, sysbench) and the end value otherwise; ``saving_basis`` says which. A
 workload that refills its pages breaks merges by copy-on-write at every refill: pages_sharing is
@@ -269,14 +271,58 @@ def steady_start_index(saved: np.ndarray) -> int:
     return int(reached[0]) if reached.size else 0
 
 
-def view_summary(name: str, t_s: np.ndarray, values: np.ndarray, steady_from_s: float) -> dict[str, float]:
-    """<name>_end, _mean (whole measure) and _steady (from steady_from_s) of one saving view."""
+def view_summary(name: str, t_s: np.ndarray, values: np.ndarray, steady_from_s: float,
+                 steady_to_s: float = math.inf, steps_s: np.ndarray | None = None) -> dict[str, float]:
+    """<name>_end, _mean (whole measure) and _steady (the steady window) of one saving view.
+    ``steps_s``: refill starts, where the signal drops (stats.time_mean)."""
     finite = np.isfinite(values)
     out = {f"{name}_end": float(values[finite][-1]) if finite.any() else math.nan,
-           f"{name}_mean": time_mean(t_s, values)}
-    steady = t_s >= steady_from_s
-    out[f"{name}_steady"] = time_mean(t_s[steady], values[steady]) if steady.any() else out[f"{name}_end"]
+           f"{name}_mean": time_mean(t_s, values, steps_s=steps_s)}
+    steady = (t_s >= steady_from_s) & (t_s <= steady_to_s)
+    if steady.any() and math.isfinite(steady_to_s):
+        out[f"{name}_steady"] = time_mean(t_s, values, steady_from_s, steady_to_s, steps_s)
+    elif steady.any():
+        out[f"{name}_steady"] = time_mean(t_s[steady], values[steady], steps_s=steps_s)
+    else:
+        out[f"{name}_steady"] = out[f"{name}_end"]
     return out
+
+
+def steady_window(t_measure: np.ndarray, saved_measure: np.ndarray,
+                  cycle_starts_s: np.ndarray | None) -> tuple[float, float, int]:
+    """(from, to, whole cycles) of the steady window on the t_s clock.
+
+    From the first tick at 90% of the saving's p95 to the end of measure. When the workload
+    refills on a cycle, the window is cut to whole cycles instead: from the first refill start
+    in it to the last. A window that ends part-way through a sawtooth weighs that part's phase
+    (up to one cycle in N, 6% for 16 one-second cycles), so two samplers meeting the cycle at
+    different phases would disagree by that much; over whole cycles they do not.
+    """
+    steady_from = float(t_measure[steady_start_index(saved_measure)])
+    steady_to = math.inf
+    cycles = 0
+    if cycle_starts_s is not None:
+        starts = np.sort(cycle_starts_s[(cycle_starts_s >= steady_from) & (cycle_starts_s <= t_measure[-1])])
+        if starts.size >= 2:
+            steady_from, steady_to, cycles = float(starts[0]), float(starts[-1]), int(starts.size - 1)
+    return steady_from, steady_to, cycles
+
+
+def refill_starts_wall(fills: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(every refill's start, one worker's refill starts) on the wall clock, from fills.csv.
+
+    The first are where the saving drops (steps for the time average); the second, from the
+    worker with the most refills, are the cycle the steady window is cut to. Workers refill on
+    their own clocks; one worker's cycle bounds the window, the others' partial cycles weigh
+    1/N of a cycle at most."""
+    if fills is None or fills.empty or not {"label", "fill", "start_wall"} <= set(fills.columns):
+        return None
+    refills = fills[pd.to_numeric(fills["fill"], errors="coerce") >= 2]
+    if refills.empty:
+        return None
+    label = refills["label"].value_counts().index[0]
+    return (np.sort(refills["start_wall"].to_numpy(dtype=float)),
+            np.sort(refills.loc[refills["label"] == label, "start_wall"].to_numpy(dtype=float)))
 
 
 def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.ndarray:
@@ -288,8 +334,12 @@ def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.nd
     return pages + np.nan_to_num(zero) if zero is not None else pages
 
 
-def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes: int) -> dict[str, Any]:
-    """Metrics from ksm.csv: saving, convergence, ksmd cost, page-state shares, vmstat deltas."""
+def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes: int,
+                fills: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Metrics from ksm.csv: saving, convergence, ksmd cost, page-state shares, vmstat deltas.
+
+    ``fills``: the processes workload's fills.csv, when it refills; its refill times cut the
+    steady averages to whole cycles and mark where the saving drops."""
     out: dict[str, Any] = {}
     in_measure = phase_mask(ksm, "measure")
     in_baseline = phase_mask(ksm, "baseline")
@@ -303,20 +353,32 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     t_all = _col(ksm, "t_s")
     t_measure = t_all[in_measure] if t_all is not None else np.arange(int(in_measure.sum()), dtype=float)
     saved_measure = saved_pages[in_measure] * page_size_bytes / MIB
-    steady_from_s = float(t_measure[steady_start_index(saved_measure)])
+    t_wall = _col(ksm, "t_wall")
+    refills = refill_starts_wall(fills)
+    refill_starts_s = cycle_starts_s = None
+    if refills is not None and t_wall is not None and t_all is not None and np.isfinite(t_wall).all():
+        # refills are stamped on the wall clock, ticks on both: map the starts onto t_s
+        refill_starts_s, cycle_starts_s = (np.interp(w, t_wall, t_all, left=-math.inf, right=math.inf)
+                                           for w in refills)
+    steady_from_s, steady_to_s, cycles = steady_window(t_measure, saved_measure, cycle_starts_s)
     out["steady_from_s"] = steady_from_s - float(t_measure[0])
-    out["_steady_t_s"] = steady_from_s  # on the trial's t_s clock, for the PSS view
-    out.update(view_summary("saved_mib", t_measure, saved_measure, steady_from_s))
+    out["steady_s"] = min(steady_to_s, float(t_measure[-1])) - steady_from_s
+    if cycles:
+        out["steady_cycles"] = cycles
+    out["_steady_window_t_s"] = (steady_from_s, steady_to_s)  # on the trial's t_s clock, for the PSS view
+    out.update(view_summary("saved_mib", t_measure, saved_measure, steady_from_s, steady_to_s, refill_starts_s))
     out["pages_sharing"] = _last(_col(measure, "pages_sharing"))
     profit = _col(ksm, "general_profit")
     if profit is not None:
-        out.update(view_summary("general_profit_mib", t_measure, profit[in_measure] / MIB, steady_from_s))
+        out.update(view_summary("general_profit_mib", t_measure, profit[in_measure] / MIB, steady_from_s,
+                                steady_to_s, refill_starts_s))
     avail = _col(ksm, "mem_available_kib")
     if avail is not None:
         base = _baseline_index(in_baseline, np.isfinite(avail))
         if base is not None:
             rise = (avail[in_measure] - avail[base]) / 1024
-            out.update(view_summary("mem_available_rise_mib", t_measure, rise, steady_from_s))
+            out.update(view_summary("mem_available_rise_mib", t_measure, rise, steady_from_s, steady_to_s,
+                                    refill_starts_s))
     shared = _col(ksm, "pages_shared")
     sharing_all = _col(ksm, "pages_sharing")
     if shared is not None and sharing_all is not None:
@@ -396,7 +458,8 @@ def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarra
     return out
 
 
-def process_metrics(processes: pd.DataFrame, steady_t_s: float = -math.inf) -> tuple[dict[str, Any], pd.DataFrame]:
+def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, float] = (-math.inf, math.inf),
+                    ) -> tuple[dict[str, Any], pd.DataFrame]:
     """PSS drop (summed over tracked processes) and KSM metadata overhead; plus a per-process table.
 
     PSS is only read on PSS-tier ticks; the sampler writes one t_s per tick for all processes, so a
@@ -428,7 +491,7 @@ def process_metrics(processes: pd.DataFrame, steady_t_s: float = -math.inf) -> t
         if base is not None and measure_ticks.size:
             end = measure_ticks[-1]
             drop_mib = (tick_pss[base] - tick_pss[measure_ticks]) / 1024
-            out.update(view_summary("pss_drop_mib", ticks[measure_ticks], drop_mib, steady_t_s))
+            out.update(view_summary("pss_drop_mib", ticks[measure_ticks], drop_mib, *steady_window_t_s))
             out["pss_samples"] = int(measure_ticks.size)
             for name, tick in (("pss_before_kib", base), ("pss_after_kib", end)):
                 rows = tier[tick_of_row == tick]
@@ -516,10 +579,10 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
         return out
     ksm_settings = info.get("ksm") or {}
     if data.ksm is not None and not data.ksm.empty:
-        out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes))
-    steady_t_s = out.pop("_steady_t_s", -math.inf)
+        out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes, data.fills))
+    steady_window_t_s = out.pop("_steady_window_t_s", (-math.inf, math.inf))
     if data.processes is not None and not data.processes.empty:
-        proc_out, per_proc = process_metrics(data.processes, steady_t_s)
+        proc_out, per_proc = process_metrics(data.processes, steady_window_t_s)
         out.update(proc_out)
         out["per_process"] = per_proc
     # The policy's name, whether it ever ran KSM, and the scan rate its knobs asked for.

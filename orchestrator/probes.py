@@ -78,7 +78,7 @@ def parse_ksm_dir(texts: Mapping[str, str]) -> dict[str, int]:
 
 
 # The KSM files that move while ksmd works (the rest are knobs, which only the sweep or a policy
-# changes): what the fast sampling tier reads, at about half the cost of the whole folder.
+# changes): what the fast sampling tier reads, through CounterFiles.
 KSM_COUNTERS: tuple[str, ...] = (
     "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
     "pages_skipped", "full_scans", "general_profit", "ksm_zero_pages", "stable_node_chains",
@@ -104,6 +104,49 @@ def read_ksm_files(root: Path = Path("/"), names: tuple[str, ...] | None = None)
             # A write-only or vanished attribute is not a counter we can sample.
             continue
     return texts
+
+
+class CounterFiles:
+    """Files re-read every tick, opened once: pread at offset 0 makes sysfs and procfs produce
+    the value afresh, at about a tenth of the cost of open + read + close (11 KSM counters:
+    20 us against 270 us here). The fast sampling tier reads these up to 20 times a second.
+
+    Files that cannot be opened are left out (as read_ksm_files does); a read that fails later
+    (the process has gone) leaves that name out of that read.
+    """
+
+    def __init__(self, paths: Mapping[str, Path]) -> None:
+        self._fds: dict[str, int] = {}
+        for name, path in paths.items():
+            try:
+                self._fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+
+    def read(self) -> dict[str, str]:
+        texts: dict[str, str] = {}
+        for name, fd in self._fds.items():
+            try:
+                texts[name] = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
+            except OSError:
+                continue
+        return texts
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> CounterFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ksm_counter_paths(root: Path = Path("/")) -> dict[str, Path]:
+    """{name: path} of the KSM counters (KSM_COUNTERS), for CounterFiles."""
+    return {name: root / KSM_SYSFS / name for name in KSM_COUNTERS}
 
 
 def read_ksm(root: Path = Path("/"), names: tuple[str, ...] | None = None) -> dict[str, int]:

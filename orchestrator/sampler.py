@@ -40,6 +40,8 @@ from orchestrator import probes
 
 log = logging.getLogger(__name__)
 
+_KSMD_STAT = "ksmd/stat"  # ksmd's /proc stat among the open counter files
+
 _MEMINFO_COLUMNS = {
     "MemAvailable": "mem_available_kib",
     "MemFree": "mem_free_kib",
@@ -188,12 +190,20 @@ class Sampler:
     # --- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # The thread owns the open counter files: opened and closed here, read only here.
+        paths = probes.ksm_counter_paths(self.root)
+        if self._ksmd_pid is not None:
+            paths[_KSMD_STAT] = self.root / "proc" / str(self._ksmd_pid) / "stat"
+        with probes.CounterFiles(paths) as files:
+            self._loop(files)
+
+    def _loop(self, files: probes.CounterFiles) -> None:
         grid = self._t0  # the unjittered deadline of the current tick
         tick = 0
         step = self.fast_interval_s
         while True:
             try:
-                self._tick(tick)
+                self._tick(tick, files)
             except Exception as exc:  # noqa: BLE001 - one bad tick must not end sampling
                 self._record_error(exc)
             self.cpu_s = time.thread_time()
@@ -218,7 +228,7 @@ class Sampler:
         else:
             log.debug("sampler tick failed: %r", exc)
 
-    def _tick(self, tick: int) -> None:
+    def _tick(self, tick: int, files: probes.CounterFiles) -> None:
         started = time.monotonic()
         t_wall = time.time()
         phase = self._phase
@@ -227,8 +237,11 @@ class Sampler:
         common = {"t_wall": t_wall, "t_s": started - self._t0, "phase": phase}
 
         row: dict[str, Any] = dict(common)
-        row.update(probes.read_ksm(self.root, None if cheap_tier else probes.KSM_COUNTERS))
-        row.update(self._ksmd_cpu())
+        texts = files.read()
+        ksmd_stat = texts.pop(_KSMD_STAT, None)
+        # the cheap tier reads the whole folder (knobs too: a policy may change them)
+        row.update(probes.read_ksm(self.root) if cheap_tier else probes.parse_ksm_dir(texts))
+        row.update(self._ksmd_cpu(ksmd_stat))
         if not cheap_tier:
             row["tick_ms"] = (time.monotonic() - started) * 1000.0
             row["tier"] = "ksm"
@@ -272,13 +285,12 @@ class Sampler:
             self._record_error(exc)
             return {}
 
-    def _ksmd_cpu(self) -> dict[str, float]:
-        if self._ksmd_pid is None:
+    def _ksmd_cpu(self, stat_text: str | None) -> dict[str, float]:
+        """ksmd's CPU seconds and % of a core since the last tick, from its /proc stat text."""
+        if stat_text is None:
             return {"ksmd_cpu_s": math.nan, "ksmd_cpu_pct": math.nan}
         now = time.monotonic()
-        cpu_s = probes.read_cpu_seconds(self._ksmd_pid, self.root)
-        if cpu_s is None:
-            return {"ksmd_cpu_s": math.nan, "ksmd_cpu_pct": math.nan}
+        cpu_s = probes.parse_proc_stat(stat_text).cpu_s
         pct = math.nan
         if self._prev_ksmd is not None:
             prev_now, prev_cpu_s = self._prev_ksmd

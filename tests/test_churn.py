@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator import metrics
 from orchestrator.ksm import HostSettings
-from orchestrator.plan import parse_plan
+from orchestrator.plan import fast_interval_s, parse_plan
 from orchestrator.sampler import Sampler
 from orchestrator.sweep import run_sweep
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -60,23 +60,25 @@ def run_one(text: str, results: Path) -> pd.Series:
     return table.iloc[0]
 
 
-def test_refilled_saving_is_the_same_at_two_sampling_grids(tmp_path, ksm_guard):
-    """One trial, two samplers: 0.1 s ticks from t0 and 0.13 s ticks from t0 + 0.05 s meet the
-    ~1 s refill cycle at different phases all along. Their averaged savings must agree within 5%
-    (the same trial, so KSM's own trial-to-trial variation is not in the comparison)."""
+def test_refilled_saving_is_the_same_at_two_sampling_phases(tmp_path, ksm_guard):
+    """One trial, two samplers at the tick the sweep would choose ("auto"), the second started
+    0.53 s later (half a refill cycle plus half a tick): they meet the ~1 s refill cycle at
+    different phases all along. Their averaged savings must agree within 5% (the same trial, so
+    KSM's own trial-to-trial variation is not in the comparison)."""
     settings = HostSettings(tmp_path / "settings-record.json")
     params = ProcessesParams(processes=1, pages_per_process=10_000, fill="fixed_random", rounds=0, round_wait_s=1.0)
+    tick_s = fast_interval_s({"interval_s": 1.0}, {"type": "processes", "rounds": 0, "round_wait_s": 1.0})
     try:
         settings.reset(timeout_s=60)
         settings.apply({"pages_to_scan": 1000, "sleep_millisecs": 10}, {})
         with ProcessesWorkload(params) as workload:
             workload.start()
             workload.wait_filled(timeout_s=60)
-            a = Sampler(1.0, 5, workload.pids, fast_interval_s=0.1, jitter_fraction=0.2, phase="measure")
-            b = Sampler(1.0, 5, workload.pids, fast_interval_s=0.13, jitter_fraction=0.2, phase="measure")
+            a = Sampler(1.0, 5, workload.pids, fast_interval_s=tick_s, jitter_fraction=0.2, phase="measure")
+            b = Sampler(1.0, 5, workload.pids, fast_interval_s=tick_s, jitter_fraction=0.2, phase="measure")
             settings.start()
             with a:
-                time.sleep(0.05)
+                time.sleep(0.5 + tick_s / 2)
                 with b:
                     time.sleep(16)
             fills = pd.DataFrame(workload.fills())
@@ -86,13 +88,14 @@ def test_refilled_saving_is_the_same_at_two_sampling_grids(tmp_path, ksm_guard):
     views = []
     for sampler in (a, b):
         ksm = sampler.ksm_frame()
-        out = metrics.ksm_metrics(ksm, {}, PAGE)
+        out = metrics.ksm_metrics(ksm, {}, PAGE, fills)
         out.update(metrics.refill_metrics(ksm, fills, {}, 10_000))
         views.append(out)
     first, second = (v["saved_mib_steady"] for v in views)
     assert first > 5  # it merges between refills (10,000 pages = 39 MiB at most)
     assert abs(first - second) <= 0.05 * max(first, second), (first, second)
     for out in views:
+        assert out["steady_cycles"] >= 10  # whole refill cycles
         assert out["refills_in_measure"] >= 10
         # What KSM reaches just before a refill and what copy-on-write leaves just after bracket
         # the average over time.

@@ -292,3 +292,18 @@ def test_parse_proc_stat_start_ticks_names_the_process():
 def test_parse_meminfo_refuses_a_line_it_cannot_read(line):
     with pytest.raises(ValueError, match="unexpected /proc/meminfo line"):
         probes.parse_meminfo(f"MemAvailable: 5 kB\n{line}\n")
+
+
+def test_counter_files_reread_in_place_and_skip_what_is_missing(tmp_path: Path) -> None:
+    counter = tmp_path / "pages_sharing"
+    counter.write_text("10\n")
+    with probes.CounterFiles({"pages_sharing": counter, "gone": tmp_path / "absent"}) as files:
+        assert probes.parse_ksm_dir(files.read()) == {"pages_sharing": 10}
+        counter.write_text("12345\n")  # sysfs rewrites its value in place; pread sees the new one
+        assert probes.parse_ksm_dir(files.read()) == {"pages_sharing": 12345}
+    assert files.read() == {}  # closed
+
+
+def test_counter_files_follow_the_real_ksm_counters() -> None:
+    with probes.CounterFiles(probes.ksm_counter_paths()) as files:
+        assert probes.parse_ksm_dir(files.read()).keys() == probes.read_ksm(names=probes.KSM_COUNTERS).keys()

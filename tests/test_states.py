@@ -139,9 +139,10 @@ def test_repetitions_run_in_blocks_each_every_setting_once_in_its_own_order():
 def test_fast_tier_resolves_refills_only_for_refilling_processes():
     sampling = {"interval_s": 1.0, "fast_interval_s": "auto"}
     refilling = {"type": "processes", "rounds": 0, "round_wait_s": 1.0}
-    assert writes_during_measure(refilling) and fast_interval_s(sampling, refilling) == pytest.approx(0.1)
+    assert writes_during_measure(refilling) and fast_interval_s(sampling, refilling) == pytest.approx(0.05)
     assert fast_interval_s(sampling, {"type": "processes", "rounds": 1}) == 1.0
     assert fast_interval_s(sampling, {"type": "processes", "rounds": 0, "round_wait_s": 0.1}) == 0.05
+    assert fast_interval_s(sampling, {"type": "processes", "rounds": 0, "round_wait_s": 4.0}) == pytest.approx(0.2)
     assert writes_during_measure({"type": "sysbench"}) and not writes_during_measure({"type": "idle"})
 
 
