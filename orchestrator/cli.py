@@ -224,8 +224,12 @@ def _quiet_host(action: str):
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from orchestrator.ksm import restore_from_record
+    from orchestrator.policies.ksmtuned import stop_left_behind
 
     with _quiet_host("restoring KSM knobs"):
+        # A ksmtuned left running would rewrite the knobs after they are put back.
+        for line in stop_left_behind(Path(args.study_dir)):
+            print(f"stopped {line}")
         restored = restore_from_record(Path(args.study_dir) / "settings-record.json")
     for line in restored:
         print(f"restored {line}")

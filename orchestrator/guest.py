@@ -28,11 +28,11 @@ import select
 import shlex
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import paramiko
 import tenacity
@@ -57,6 +57,9 @@ KILL_AFTER_S = 5.0
 WATCHDOG_GRACE_S = 5.0
 # GNU timeout's exit status when it stopped the command (TERM) or had to KILL it (128 + 9).
 _TIMEOUT_STATUSES = (124, 137)
+# One small file each way (a config, a marker): seconds at most, unless the guest has stopped.
+SFTP_TIMEOUT_S = 30.0
+_T = TypeVar("_T")
 _NO_TIMEOUT_COMMAND = re.compile(r"(^|: )timeout: (command )?not found", re.MULTILINE)
 
 
@@ -267,9 +270,7 @@ class GuestSession:
             raise GuestError(f"cannot load SSH key {self.key_path}: {exc}") from None
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-            self._sftp = None
+        self._drop_sftp()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -360,25 +361,54 @@ class GuestSession:
 
     # --- files -----------------------------------------------------------------------------
 
-    def put_text(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Write a text file in the guest (temp name + rename, so readers never see half)."""
+    def put_text(self, path: str, text: str, mode: int = 0o644, timeout_s: float = SFTP_TIMEOUT_S) -> None:
+        """Write a text file in the guest (temp name + rename, so readers never see half),
+        within timeout_s."""
         temp_path = f"{path}.ksm-lab-tmp"
-        sftp = self._open_sftp()
-        try:
+
+        def write(sftp: paramiko.SFTPClient) -> None:
             with sftp.open(temp_path, "w") as remote:
                 remote.write(text.encode())
             sftp.chmod(temp_path, mode)
             sftp.posix_rename(temp_path, path)
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise GuestError(f"{self.where}: cannot write {path}: {exc}") from None
 
-    def get_text(self, path: str) -> str:
-        sftp = self._open_sftp()
-        try:
+        self._sftp_call(f"write {path}", timeout_s, write)
+
+    def get_text(self, path: str, timeout_s: float = SFTP_TIMEOUT_S) -> str:
+        """Read a text file from the guest, within timeout_s."""
+
+        def read(sftp: paramiko.SFTPClient) -> str:
             with sftp.open(path, "r") as remote:
                 return remote.read().decode(errors="replace")
+
+        return self._sftp_call(f"read {path}", timeout_s, read)
+
+    def _sftp_call(self, what: str, timeout_s: float, call: Callable[[paramiko.SFTPClient], _T]) -> _T:
+        """Run one SFTP exchange under a deadline. A guest whose SFTP server stops answering
+        (paused, its disk full) would otherwise block the sweep in a read forever: the watchdog
+        closes the SFTP channel at the deadline, which wakes the read; the next call opens a new
+        channel on the same SSH session."""
+        if not timeout_s > 0:
+            raise GuestError(f"{self.where}: cannot {what}: needs a timeout > 0 s, got {timeout_s}")
+        sftp = self._open_sftp()
+        watchdog = _Watchdog(sftp.get_channel(), timeout_s)
+        try:
+            with watchdog:
+                return call(sftp)
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise GuestError(f"{self.where}: cannot read {path}: {exc}") from None
+            if watchdog.fired.is_set() or not sftp.get_channel().active:
+                self._drop_sftp()
+            if watchdog.fired.is_set():
+                raise GuestError(f"{self.where}: cannot {what}: no answer within {timeout_s:g} s") from None
+            raise GuestError(f"{self.where}: cannot {what}: {exc}") from None
+
+    def _drop_sftp(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except (OSError, paramiko.SSHException, EOFError):
+                pass
+            self._sftp = None
 
     def _open_sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:

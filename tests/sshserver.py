@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 import paramiko
 
@@ -19,8 +20,14 @@ class _Handle(paramiko.SFTPHandle):
         return paramiko.SFTPAttributes.from_stat(os.fstat(self.readfile.fileno()))
 
 
+STALL_MARK = "stall-forever"  # opening a path containing this hangs, like a paused guest's server
+STALL_S = 30.0
+
+
 class _LocalSftp(paramiko.SFTPServerInterface):
     def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> paramiko.SFTPHandle | int:
+        if STALL_MARK in path:
+            time.sleep(STALL_S)
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as exc:

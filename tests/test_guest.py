@@ -18,6 +18,7 @@ import pytest
 from orchestrator.errors import GuestError
 from orchestrator import guest as guest_module
 from orchestrator.guest import CommandTimeout, GuestSession, deadline_wrapped
+from tests import sshserver
 from tests.sshserver import SshServer
 
 
@@ -250,6 +251,22 @@ def test_put_and_get_text_over_sftp(keys: dict, server: SshServer, tmp_path: Pat
     assert target.read_text() == text
     assert target.stat().st_mode & 0o777 == 0o600
     assert not list(target.parent.glob("*.ksm-lab-tmp"))
+
+
+def test_sftp_that_stops_answering_gives_up_at_its_deadline(keys: dict, server: SshServer, tmp_path: Path) -> None:
+    """A guest's SFTP server that never answers (a paused guest) cannot hang the sweep: the
+    call fails at its deadline, and the session still works, SFTP included."""
+    target = tmp_path / "ok.txt"
+    with _session(keys, server.port) as guest:
+        started = time.monotonic()
+        with pytest.raises(GuestError, match="no answer within 1 s"):
+            guest.get_text(str(tmp_path / sshserver.STALL_MARK), timeout_s=1)
+        with pytest.raises(GuestError, match="no answer within 1 s"):
+            guest.put_text(str(tmp_path / sshserver.STALL_MARK), "x", timeout_s=1)
+        assert time.monotonic() - started < 6
+        guest.put_text(str(target), "still here")
+        assert guest.get_text(str(target)) == "still here"
+        assert guest.run(["echo", "alive"], timeout_s=10).stdout == "alive\n"
 
 
 def test_run_without_connect_raises(keys: dict) -> None:

@@ -278,11 +278,43 @@ def test_ksmtuned_run_starts_and_stops_by_pid_with_a_stand_in(tmp_path):
     recorded = [e["path"].rsplit("/", 1)[1] for e in json.loads((tmp_path / "record.json").read_text())]
     assert recorded == ["run", "pages_to_scan", "sleep_millisecs"]  # before the daemon ran
     assert "KSM_NPAGES_BOOST=444" in (tmp_path / "trial" / "ksmtuned.env").read_text()
+    assert json.loads((tmp_path / "trial" / ksmtuned.RUNNING_NAME).read_text())["pid"] == pid
     run.stop()
     assert not _alive(pid)
     assert not Path(f"/proc/{pid}").exists()  # reaped (the sweep is its subreaper), not a zombie
+    assert not (tmp_path / "trial" / ksmtuned.RUNNING_NAME).exists()  # nothing for `restore` to stop
     summary = run.summary()
     assert summary["ksm_turned_on"] and summary["last_pages_to_scan"] == 444 and summary["stopped"] == "SIGTERM"
+
+
+def test_restore_stops_the_ksmtuned_a_killed_sweep_left_running(tmp_path):
+    """A sweep killed by SIGKILL never stops its ksmtuned; `restore STUDY` must, before it puts
+    the knobs back (the daemon would rewrite them). A record whose PID now names another
+    process (another start time) is not signalled."""
+    exe = tmp_path / "bin" / "ksmtuned"
+    exe.parent.mkdir()
+    exe.write_text(FAKE_KSMTUNED)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    conf = tmp_path / "ksmtuned.conf"
+    conf.write_text("")
+    study = tmp_path / "study"
+    settings = HostSettings(tmp_path / "record.json", fake_root(tmp_path))
+    left = ksmtuned.KsmtunedRun(settings, KsmtunedParams(), study / "trials" / "t1", executable=exe, system_conf=conf)
+    left.start()  # ... and the sweep is killed: stop() never runs
+    pid = left.pid
+    stranger = study / "trials" / "t0" / ksmtuned.RUNNING_NAME
+    stranger.parent.mkdir(parents=True)
+    stranger.write_text(json.dumps({"pid": os.getpid(), "start_ticks": 1}))  # our PID, another start time
+    try:
+        assert _alive(pid) and (study / "trials" / "t1" / ksmtuned.RUNNING_NAME).exists()
+        assert ksmtuned.stop_left_behind(study) == [f"ksmtuned pid {pid} of trial t1 (SIGTERM)"]
+        assert not _alive(pid)
+        assert not list(study.glob("trials/*/" + ksmtuned.RUNNING_NAME))
+        assert ksmtuned.stop_left_behind(study) == []
+    finally:
+        ksmtuned.stop_loop(pid)
+        ksmtuned._reap([pid], timeout_s=2)
+        ksmtuned._set_subreaper(False)
 
 
 def test_ksmtuned_refuses_a_system_conf_that_overrides(tmp_path):

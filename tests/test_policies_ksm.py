@@ -9,6 +9,9 @@ no ksmtuned is left running.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +25,7 @@ from orchestrator.sweep import run_sweep
 pytestmark = pytest.mark.ksm
 
 ROOT = Path("/")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def plan_text(policy: str, extra: str = "", measure_s: int = 12, pages_per_process: int = 4000) -> str:
@@ -137,3 +141,35 @@ def test_kubevirt_without_pressure_keeps_ksm_off(results_dir, ksm_guard):
     record, ksm, _ = run(plan_text("kubevirt", extra, measure_s=5), results_dir)
     assert record["policy"]["ksm_turned_on"] is False
     assert set(measured(ksm, "run")) <= {0, 2}
+
+
+def test_sigkilled_ksmtuned_sweep_then_restore_stops_it_and_puts_the_knobs_back(tmp_path, results_dir, ksm_guard):
+    """SIGKILL leaves the sweep's ksmtuned running (nobody stops it) and the knobs as it set
+    them; `restore STUDY` stops that daemon by its recorded PID first, then restores."""
+    if not ksmtuned.KSMTUNED.exists():
+        pytest.skip("ksmtuned is not installed")
+    extra = "[ksm.ksmtuned]\nmonitor_interval_s = 1\nthres_coef = 100\nnpages_boost = 300\nnpages_max = 1250"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text("ksmtuned", extra, measure_s=600))
+    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir),
+                              "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not find_pids_by_comm("ksmtuned") or (ROOT / KSM_SYSFS / "run").read_text().strip() != "1":
+            assert sweep.poll() is None, "the sweep ended before ksmtuned turned KSM on"
+            assert time.monotonic() < deadline, "ksmtuned never turned KSM on"
+            time.sleep(0.2)
+    finally:
+        sweep.kill()
+        sweep.wait(30)
+    (left,) = find_pids_by_comm("ksmtuned")
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / "policy-ksmtuned")],
+                         cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"stopped ksmtuned pid {left}" in out.stdout
+    assert find_pids_by_comm("ksmtuned") == []
+    # the workers exit by themselves once their sweep is gone (lifeline); ksm_guard checks the knobs
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (ROOT / KSM_SYSFS / "pages_sharing").read_text().strip() != "0":
+        time.sleep(0.5)

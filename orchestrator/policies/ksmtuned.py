@@ -21,6 +21,7 @@ KSM on says so (summary "ksm_turned_on": false): that is a finding, not a failur
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import re
@@ -30,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator import probes
 from orchestrator.errors import HostError
+from orchestrator.fsutil import atomic_write_json
 from orchestrator.policies.params import KsmtunedParams
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,10 @@ KSMTUNED = Path("/usr/sbin/ksmtuned")
 SYSTEM_CONF = Path("/etc/ksmtuned.conf")
 LOG_NAME = "ksmtuned.log"
 ENV_NAME = "ksmtuned.env"
+# {pid, start_ticks} of the running loop, in the trial folder from start to stop: a sweep killed
+# by SIGKILL cannot stop its ksmtuned, and `restore STUDY` finds it here (the start time tells
+# the same process from a later one that got its PID).
+RUNNING_NAME = "ksmtuned.running.json"
 # The knobs ksmtuned writes (KSMCTL in the script): recorded before it starts.
 DRIVEN_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 
@@ -152,6 +159,47 @@ def _reap(pids: list[int], timeout_s: float = 5.0) -> None:
             time.sleep(0.05)
 
 
+def stop_loop(pid: int) -> tuple[str, list[int]]:
+    """Stop ksmtuned's loop by its PID: SIGTERM, SIGKILL after 5 s, then the `sleep` it was
+    waiting on. Returns (how, the pids signalled). A PID that is no longer ksmtuned is left alone."""
+    if _comm(pid) != "ksmtuned":  # gone already, or the PID was reused: never signal a stranger
+        return "already gone", []
+    kids = [k for k in _children(pid) if _comm(k) == "sleep"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _comm(pid) == "ksmtuned" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    how = "SIGTERM"
+    if _comm(pid) == "ksmtuned":
+        os.kill(pid, signal.SIGKILL)
+        how = "SIGKILL"
+    for kid in kids:
+        if _comm(kid) == "sleep":  # its loop's pending `sleep`, orphaned by the kill
+            os.kill(kid, signal.SIGTERM)
+    return how, [pid, *kids]
+
+
+def stop_left_behind(study_dir: Path) -> list[str]:
+    """Stop every ksmtuned a killed sweep of this study left running (its trials' RUNNING_NAME
+    records), before `restore` puts the knobs back: otherwise the daemon rewrites them at its
+    next interval. Only a process with the recorded PID *and* start time is signalled."""
+    stopped = []
+    for record in sorted(study_dir.glob(f"trials/*/{RUNNING_NAME}")):
+        try:
+            info = json.loads(record.read_text())
+            pid, start_ticks = int(info["pid"]), info.get("start_ticks")
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is not a ksmtuned record; left alone", record)
+            continue
+        stat = probes.read_proc_stat(pid)
+        if stat is not None and (start_ticks is None or stat.start_ticks == start_ticks):
+            how, _ = stop_loop(pid)
+            if how != "already gone":
+                stopped.append(f"ksmtuned pid {pid} of trial {record.parent.name} ({how})")
+        record.unlink(missing_ok=True)
+    return stopped
+
+
 class KsmtunedRun:
     def __init__(self, settings: Any, params: KsmtunedParams, work_dir: Path,
                  executable: Path = KSMTUNED, system_conf: Path = SYSTEM_CONF) -> None:
@@ -203,6 +251,9 @@ class KsmtunedRun:
             time.sleep(0.05)
         if self.pid is None:
             raise HostError("ksmtuned started but wrote no PID file within 10 s")
+        stat = probes.read_proc_stat(self.pid)
+        atomic_write_json(self.work_dir / RUNNING_NAME,
+                          {"pid": self.pid, "start_ticks": stat.start_ticks if stat else None})
         self.started_wall = time.time()
         log.info("ksmtuned running as pid %d (interval %d s)", self.pid, self.params.monitor_interval_s)
 
@@ -212,22 +263,9 @@ class KsmtunedRun:
             return
         pid, self.pid = self.pid, None
         try:
-            if _comm(pid) != "ksmtuned":  # gone already, or the PID was reused: never signal a stranger
-                self.stopped_how = "already gone"
-                return
-            kids = [k for k in _children(pid) if _comm(k) == "sleep"]
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while _comm(pid) == "ksmtuned" and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.stopped_how = "SIGTERM"
-            if _comm(pid) == "ksmtuned":
-                os.kill(pid, signal.SIGKILL)
-                self.stopped_how = "SIGKILL"
-            for kid in kids:
-                if _comm(kid) == "sleep":  # its loop's pending `sleep`, orphaned by the kill
-                    os.kill(kid, signal.SIGTERM)
-            _reap([pid, *kids])
+            self.stopped_how, stopped = stop_loop(pid)
+            _reap(stopped)
+            (self.work_dir / RUNNING_NAME).unlink(missing_ok=True)
         finally:
             if self.subreaper:
                 _set_subreaper(False)
