@@ -149,6 +149,8 @@ def test_sampler_ticks_on_absolute_deadlines(tmp_path):
         _wait_for_ticks(sampler, 12)
     t_s = sampler.ksm_frame()["t_s"].to_numpy()
     drift_s = t_s - 0.1 * np.arange(len(t_s))
+    if sampler.missed_ticks:  # a skipped slot: measure each tick from its own grid slot
+        drift_s = t_s - 0.1 * np.round(t_s / 0.1)
     # A sleep(interval) loop drifts 0.04 s more every tick (median ~0.2 s here); the median,
     # and one missed tick allowed, keep a late wake-up on a loaded host from failing the test.
     assert np.median(np.abs(drift_s)) < 0.03
