@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestrator import metrics, policy_report, recommend
+from orchestrator import policy_report, recommend, samplemetrics, studydata, studymetrics
 from orchestrator.costreport import cost_findings, cost_sections
-from orchestrator.metrics import MIB, StudyData, StudyMetrics
+from orchestrator.samplemetrics import MIB
 from orchestrator.stats import (
     ONE_REPETITION,
     PAIRED,
@@ -43,6 +43,8 @@ from orchestrator.stats import (
     t_quantile_975,
 )
 from orchestrator.store import atomic_write_bytes
+from orchestrator.studydata import StudyData
+from orchestrator.studymetrics import StudyMetrics
 
 MAX_POINTS_PER_LINE = 2000  # longer traces keep each bucket's min and max: a sawtooth stays one
 MAX_SCAN_MARKERS = 40
@@ -73,19 +75,19 @@ class Finding:
 def write_report(study_dir: Path) -> Path:
     """Write the report folder for one study and return the path of report.html."""
     study_dir = Path(study_dir)
-    study = metrics.load_study(study_dir)
-    sm = metrics.compute_study(study)
+    study = studydata.load_study(study_dir)
+    sm = studymetrics.compute_study(study)
     out_dir = study_dir / "report"
     out_dir.mkdir(exist_ok=True)
 
-    trials_table = metrics.public_trials_table(sm)
+    trials_table = studymetrics.public_trials_table(sm)
     settings_table = _public(sm.settings)
     atomic_write_bytes(out_dir / "summary.csv", trials_table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "settings.csv", settings_table.to_csv(index=False).encode())
     if not sm.per_process.empty:
         atomic_write_bytes(out_dir / "per_process.csv", sm.per_process.to_csv(index=False).encode())
     buffer = io.BytesIO()
-    pq.write_table(metrics.samples_arrow(study, sm), buffer)
+    pq.write_table(studymetrics.samples_arrow(study, sm), buffer)
     atomic_write_bytes(out_dir / "samples.parquet", buffer.getvalue())
     del buffer
 
@@ -176,12 +178,12 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
         if row["status"] != "ok" or data.ksm is None or "pages_sharing" not in data.ksm.columns:
             continue
         ksm = data.ksm
-        measure_rows = np.flatnonzero(metrics.phase_mask(ksm, "measure"))
+        measure_rows = np.flatnonzero(samplemetrics.phase_mask(ksm, "measure"))
         if measure_rows.size == 0:
             continue
         t_s = pd.to_numeric(ksm["t_s"], errors="coerce").to_numpy(float)
         t_rel = t_s - t_s[measure_rows[0]]
-        saved_mib = metrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
+        saved_mib = samplemetrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
         keep = envelope_indices(saved_mib, MAX_POINTS_PER_LINE)
         color = "0.5" if row["ksm_off"] else color_of[row["_group"]]
         label = label_of[row["_group"]]
@@ -189,7 +191,7 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
         labelled.add(shown)
         ax.plot(t_rel[keep], saved_mib[keep], color=color, lw=0.9 if churning(row) else 1.3, alpha=0.85,
                 ls="--" if row["ksm_off"] else "-", label=label)
-        if metrics.zero_pages_counted(row["_ksm"]) and "ksm_zero_pages" in ksm.columns:
+        if samplemetrics.zero_pages_counted(row["_ksm"]) and "ksm_zero_pages" in ksm.columns:
             # The same trial's content merges alone: the gap down to this line is zero pages.
             content_mib = pd.to_numeric(ksm["pages_sharing"], errors="coerce").to_numpy(float) * sm.page_size_bytes / MIB
             ax.plot(t_rel[keep], content_mib[keep], color=color, lw=1.0, alpha=0.85, ls=":")
@@ -316,7 +318,7 @@ def _format_axis(ax: Any, cats: list[str] | None, log: bool) -> None:
 
 
 def _used_trials(sm: StudyMetrics) -> pd.DataFrame:
-    """Trials that feed statistics: ok, and not replaced by a rerun (metrics._mark_used_in_stats)."""
+    """Trials that feed statistics: ok, and not replaced by a rerun (studymetrics._mark_used_in_stats)."""
     return sm.trials[sm.trials["used_in_stats"]]
 
 
@@ -594,11 +596,11 @@ def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
     moving = known[known["converged"] == False]  # noqa: E712 - object column of True/False/None
     if moving.empty:
         return [Finding(f"All {len(known)} successful KSM-on trials had converged (pages_sharing moved "
-                        f"< {metrics.CONVERGENCE_TOLERANCE:.0%} over the last "
-                        f"{metrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure).")]
+                        f"< {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
+                        f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure).")]
     return [Finding(f"{len(moving)} of {len(known)} successful KSM-on trials had not converged (pages_sharing "
-                    f"still moving ≥ {metrics.CONVERGENCE_TOLERANCE:.0%} over the last "
-                    f"{metrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure): their savings are lower bounds; "
+                    f"still moving ≥ {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
+                    f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure): their savings are lower bounds; "
                     "a longer measure phase would tell the final value.", warn=True)]
 
 
@@ -611,7 +613,7 @@ def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
     net_of = _net_columns(ok)
 
     def view(raw: str, name: str) -> tuple[str, str]:
-        return (metrics.NET_OF_DRIFT[raw], f"{name} (net of drift)") if raw in net_of else (raw, name)
+        return (studymetrics.NET_OF_DRIFT[raw], f"{name} (net of drift)") if raw in net_of else (raw, name)
 
     (pss_col, pss_name), (avail_col, avail_name) = (view("pss_drop_mib", "the tracked processes' PSS drop"),
                                                     view("mem_available_rise_mib", "the MemAvailable rise"))
@@ -649,11 +651,11 @@ def _ksm_off_findings(sm: StudyMetrics) -> list[Finding]:
         if column not in on.columns or not on[column].notna().any():
             continue
         row = on.loc[on[column].idxmin() if worst_is == "min" else on[column].idxmax()]
-        comparison = metrics.settings_comparison(row, metric)
+        comparison = studymetrics.settings_comparison(row, metric)
         change = f"{comparison.pct:+.1f}%"
         if comparison.has_interval:
             change += f" ± {comparison.half_pct:.1f}%"
-        if row.get("baseline") == metrics.STUDY_OFF_MEAN:
+        if row.get("baseline") == studymetrics.STUDY_OFF_MEAN:
             change += " (vs the mean of all KSM-off trials: none had the same non-KSM settings)"
         verdict = comparison_verdict(comparison, one_repetition=sm.blocks <= 1)
         out.append(Finding(f"Worst {name} change vs KSM off: {row['setting']}: {change}; {verdict}."))
@@ -671,8 +673,8 @@ def _unreplicated_text(sm: StudyMetrics) -> str:
 
 
 def _net_columns(frame: pd.DataFrame) -> set[str]:
-    """The raw delta-based savings whose net-of-drift value the frame has (metrics.NET_OF_DRIFT)."""
-    return {raw for raw, net in metrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
+    """The raw delta-based savings whose net-of-drift value the frame has (studymetrics.NET_OF_DRIFT)."""
+    return {raw for raw, net in studymetrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
 
 
 DELTA_NAMES = {"pss_drop_mib": "PSS drop", "mem_available_rise_mib": "MemAvailable rise"}
@@ -684,7 +686,7 @@ def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
     values = []
     for raw in DELTA_NAMES:
         if raw in net_of:
-            net = metrics.NET_OF_DRIFT[raw]
+            net = studymetrics.NET_OF_DRIFT[raw]
             values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
         else:
             values.append(_num(row[raw]))
@@ -845,7 +847,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         created_wall=_utc(study.study.get("created_wall")),
         findings=findings,
         plots=plots,
-        trials_table=_table(metrics.public_trials_table(sm), TRIAL_COLUMNS),
+        trials_table=_table(studymetrics.public_trials_table(sm), TRIAL_COLUMNS),
         settings_table=settings_table,
         noise_table=_noise_table(sm),
         no_noise_estimate=NO_NOISE_ESTIMATE,
@@ -856,7 +858,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         host_rows=_flatten("", study.host),
         plan_text=study.plan_text,
         references=reference_rows(study.plan_text, sm),
-        convergence_tolerance_pct=100 * metrics.CONVERGENCE_TOLERANCE,
-        convergence_window_pct=100 * metrics.CONVERGENCE_WINDOW_FRACTION,
-        convergence_min_samples=metrics.CONVERGENCE_MIN_SAMPLES,
+        convergence_tolerance_pct=100 * samplemetrics.CONVERGENCE_TOLERANCE,
+        convergence_window_pct=100 * samplemetrics.CONVERGENCE_WINDOW_FRACTION,
+        convergence_min_samples=samplemetrics.CONVERGENCE_MIN_SAMPLES,
     )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import metrics, states
+from orchestrator import samplemetrics, states
 from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
 from orchestrator.errors import ProvisionError
 from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
@@ -172,10 +172,10 @@ def test_the_average_of_a_sawtooth_does_not_depend_on_the_sampling_phase():
     means = []
     for phase_s, tick_s in ((0.0, 0.1), (0.37, 0.13), (0.71, 0.09)):
         ksm, fills = sawtooth(phase_s, tick_s)
-        out = metrics.ksm_metrics(ksm, {}, 4096)
+        out = samplemetrics.ksm_metrics(ksm, {}, 4096)
         means.append(out["saved_mib_steady"])
         # A single end sample is wherever the last tick fell: the reason for the averages.
-        refills = metrics.refill_metrics(ksm, fills, {}, 1000)
+        refills = samplemetrics.refill_metrics(ksm, fills, {}, 1000)
         assert refills["saved_share_after_refill_pct"] < refills["saved_share_mean_pct"] < refills["saved_share_before_refill_pct"]
         assert 0.4 <= refills["remerge_s_median"] <= 0.6
     assert max(means) - min(means) <= 0.05 * max(means)
