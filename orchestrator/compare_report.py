@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from orchestrator import samplemetrics
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Comparison
-from orchestrator.report import Plot
+from orchestrator.reportplots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.samplemetrics import MIB
 from orchestrator.store import atomic_write_bytes

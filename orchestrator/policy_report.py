@@ -1,6 +1,7 @@
 """The report's policy parts: the knobs each policy chose over time beside the saving, and the
 findings a policy trial can produce (it never turned KSM on; its nominal vs measured scan rate).
-report.py calls these; they return plain data (png bytes, sentences) so they do not import it."""
+report.py (the findings) and reportplots.py (the plot) call these; they return plain data (png bytes,
+sentences) so they import neither."""
 
 from __future__ import annotations
 

@@ -259,7 +259,7 @@ def add_command(sub: Any) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-# ------------------------------------------------------------------------------ for report.py
+# ----------------------------------------------------------------- for report.py and reportplots.py
 
 
 def report_recommendation(sm: Any, limits: Limits = Limits()) -> Recommendation | None:

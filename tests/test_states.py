@@ -21,7 +21,7 @@ from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_x
 from orchestrator.errors import ProvisionError
 from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
 from orchestrator.provision import _remove_uncached_states
-from orchestrator.report import envelope_indices
+from orchestrator.reportplots import envelope_indices
 from orchestrator.sampler import Sampler
 from orchestrator.phases import wait_steady
 
