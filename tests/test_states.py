@@ -20,7 +20,7 @@ from orchestrator import samplemetrics, states
 from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
 from orchestrator.errors import ProvisionError
 from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
-from orchestrator.provision import _remove_uncached_states
+from orchestrator.states import remove_uncached_states
 from orchestrator.reportplots import envelope_indices
 from orchestrator.sampler import Sampler
 from orchestrator.phases import wait_steady
@@ -99,12 +99,12 @@ def test_stale_builds_of_dead_processes_are_removed_live_ones_kept(tmp_path):
 def test_cleanup_removes_uncached_states_but_nothing_else(tmp_path):
     folder = tmp_path / "states"
     _fake_set(folder, "aaaabbbbccccdddd")
-    _remove_uncached_states(folder)
+    remove_uncached_states(folder)
     assert not folder.exists()
     # A folder that holds anything but saved-state files is not ours to delete.
     _fake_set(folder, "aaaabbbbccccdddd")
     (folder / "aaaabbbbccccdddd" / "thesis.tex").write_text("precious")
-    _remove_uncached_states(folder)
+    remove_uncached_states(folder)
     assert (folder / "aaaabbbbccccdddd" / "thesis.tex").exists()
 
 
