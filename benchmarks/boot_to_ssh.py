@@ -9,7 +9,8 @@ from pathlib import Path
 
 from orchestrator import images
 from orchestrator.guest import GuestSession
-from orchestrator.provision import GuestRequest, GuestSet, GuestSetOptions, check_memory_fits
+from orchestrator.hostmemory import check_memory_fits
+from orchestrator.provision import GuestRequest, GuestSet, GuestSetOptions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("manifest", type=Path)

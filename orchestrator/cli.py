@@ -252,7 +252,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from orchestrator import images, states
     from orchestrator.hostsetup import libvirt_uri
-    from orchestrator.provision import cleanup
+    from orchestrator.cleanup import cleanup
 
     with _quiet_host("cleaning up guests"):
         removed = cleanup(libvirt_uri(args.connect), study=args.study)

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator import metrics
+from orchestrator import studydata, studymetrics
 from orchestrator.catalog import hostname_of
 from orchestrator.errors import CompareError
-from orchestrator.metrics import StudyData, StudyMetrics
 from orchestrator.stats import NO_INTERVAL, WELCH, t_quantile_975, welch_ci95
+from orchestrator.studydata import StudyData
+from orchestrator.studymetrics import StudyMetrics
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -307,9 +308,9 @@ def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetri
 
 
 def load_pair(study_a: Path, study_b: Path) -> tuple[StudyData, StudyMetrics, StudyData, StudyMetrics]:
-    a = metrics.load_study(Path(study_a))
-    b = metrics.load_study(Path(study_b))
-    return a, metrics.compute_study(a), b, metrics.compute_study(b)
+    a = studydata.load_study(Path(study_a))
+    b = studydata.load_study(Path(study_b))
+    return a, studymetrics.compute_study(a), b, studymetrics.compute_study(b)
 
 
 # ----------------------------------------------------------------------------- hosts and plans

@@ -18,12 +18,14 @@ import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
-from orchestrator import metrics
+from orchestrator import samplemetrics
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Comparison
-from orchestrator.metrics import MIB, StudyData, StudyMetrics
-from orchestrator.report import Plot
+from orchestrator.reportplots import Plot
 from orchestrator.errors import StoreError
+from orchestrator.samplemetrics import MIB
 from orchestrator.store import atomic_write_bytes
+from orchestrator.studydata import StudyData
+from orchestrator.studymetrics import StudyMetrics
 
 COLOR_A, COLOR_B = "#1f77b4", "#ff7f0e"
 VERDICT_COLORS = {REGRESSION: "#c62828", IMPROVEMENT: "#2e7d32"}
@@ -120,11 +122,11 @@ def _saved_traces(study: StudyData, sm: StudyMetrics, group: str) -> list[tuple[
     for data in study.trials:
         if data.trial_id not in used or data.ksm is None or data.ksm.empty or "t_s" not in data.ksm:
             continue
-        in_measure = metrics.phase_mask(data.ksm, "measure")
+        in_measure = samplemetrics.phase_mask(data.ksm, "measure")
         if not in_measure.any():
             continue
         t_s = data.ksm["t_s"].to_numpy(dtype=float)[in_measure]
-        saved = metrics.saved_pages_series(data.ksm, data.trial.get("ksm") or {})[in_measure]
+        saved = samplemetrics.saved_pages_series(data.ksm, data.trial.get("ksm") or {})[in_measure]
         traces.append((t_s - t_s[0], saved * study.page_size_bytes / MIB))
     return traces
 

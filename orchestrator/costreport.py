@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from orchestrator.metrics import StudyMetrics, public_trials_table
+from orchestrator.studymetrics import StudyMetrics, public_trials_table
 
 TableFn = Callable[[pd.DataFrame, tuple[str, ...]], dict[str, Any]]
 

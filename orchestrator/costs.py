@@ -3,7 +3,7 @@
 Four groups, each a set of trials.csv columns (see docs/ARCHITECTURE.md):
 
 scan speed (every KSM-on trial)
-    ``pages_scanned_per_s`` (metrics.py) is what ksmd achieved over measure.
+    ``pages_scanned_per_s`` (samplemetrics.py) is what ksmd achieved over measure.
     ``nominal_pages_per_s`` = pages_to_scan * 1000 / sleep_millisecs is what the knobs ask for:
     ksmd scans pages_to_scan pages, then sleeps sleep_millisecs (mm/ksm.c ksm_scan_thread). It
     is an upper bound that ignores the scan's own time, so a slow scan of a big batch falls

@@ -14,7 +14,8 @@ OrchestratorError            anything the CLI reports as a clear one-line messag
  └─ CollectError             rsync/SSH from a lab host failed, or a host name is malformed
 
 libvirt.libvirtError and paramiko.SSHException are translated into this tree at the boundary
-(provision.py, guest.py), so nothing above those modules imports libvirt or paramiko errors.
+(libvirtconn.py, provision.py, cleanup.py, guest.py), so nothing above those modules imports
+libvirt or paramiko errors.
 """
 
 

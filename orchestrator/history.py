@@ -8,7 +8,7 @@ is re-read only when its key (path + trials.csv mtime) is new or changed; remove
 A study's numbers come from its trials.csv, which sweep wrote with every derived metric per trial
 (``used_in_stats`` included), so the index never re-reads samples: hundreds of studies take
 seconds. A trials.csv without the derived columns (its metrics failed at sweep time) falls back to
-metrics.compute_study on the stored samples.
+studymetrics.compute_study on the stored samples.
 
 Regressions against the previous run use compare.compare_summaries: Welch from each side's mean,
 sd and n, the same interval the trial values give (see compare.welch_from_summary).
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator import catalog, metrics
+from orchestrator import catalog, studydata, studymetrics
 from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds, compare_summaries
 from orchestrator.stats import t_quantile_975
 from orchestrator.store import atomic_write_bytes
@@ -108,7 +108,7 @@ def _from_csv(path: Path) -> TrialColumns | None:
 
 def _from_samples(entry: catalog.StudyEntry) -> TrialColumns | None:
     try:
-        trials = metrics.compute_study(metrics.load_study(entry.path)).trials
+        trials = studymetrics.compute_study(studydata.load_study(entry.path)).trials
     except Exception:  # one broken study must not stop the history of hundreds
         return None
     out: TrialColumns = {"setting": [str(v) for v in trials["setting"]], "ksm_off": _bools(trials["ksm_off"]),

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, RULE, Thresholds
 from orchestrator.history import (Flag, VersionChange, count_comparisons, filtered, flags, metrics_present,
                                   version_changes)
-from orchestrator.report import Plot
+from orchestrator.reportplots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.store import atomic_write_bytes
 

@@ -2,7 +2,7 @@
 
 nominal_pages_per_s: the scan rate the knobs ask for, pages_to_scan / sleep_millisecs * 1000,
 time-averaged over the measure ticks on which KSM ran (run = 1) and the two knobs were read
-(cheap ticks; the fast tier reads only counters). ksmd's measured rate is metrics'
+(cheap ticks; the fast tier reads only counters). ksmd's measured rate is samplemetrics'
 pages_scanned_per_s; the nominal one is an upper bound (ksmd's scan of a batch takes time too,
 and the advisor changes pages_to_scan between ticks).
 """

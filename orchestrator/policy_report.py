@@ -1,6 +1,7 @@
 """The report's policy parts: the knobs each policy chose over time beside the saving, and the
 findings a policy trial can produce (it never turned KSM on; its nominal vs measured scan rate).
-report.py calls these; they return plain data (png bytes, sentences) so they do not import it."""
+report.py (the findings) and reportplots.py (the plot) call these; they return plain data (png bytes,
+sentences) so they import neither."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from orchestrator import metrics
-from orchestrator.metrics import MIB
+from orchestrator import samplemetrics
+from orchestrator.samplemetrics import MIB
 
 
 def _policy_of(row: Any) -> str:
@@ -39,7 +40,7 @@ def plot_policy_knobs(study: Any, sm: Any) -> tuple[str, str, str, bytes] | None
         if row["status"] != "ok" or row["ksm_off"] or data.ksm is None:
             continue
         ksm = data.ksm
-        measure = np.flatnonzero(metrics.phase_mask(ksm, "measure"))
+        measure = np.flatnonzero(samplemetrics.phase_mask(ksm, "measure"))
         if measure.size == 0:
             continue
         t_s = pd.to_numeric(ksm["t_s"], errors="coerce").to_numpy(float)
@@ -48,7 +49,7 @@ def plot_policy_knobs(study: Any, sm: Any) -> tuple[str, str, str, bytes] | None
         label = None if name in labelled else name
         labelled.add(name)
         colour = colours.get(name, "0.4")
-        saved = metrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
+        saved = samplemetrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
         axes[0].plot(t_rel, saved, color=colour, lw=1.0, label=label)
         for ax, knob in ((axes[1], "pages_to_scan"), (axes[2], "sleep_millisecs")):
             if knob in ksm.columns:

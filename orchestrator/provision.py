@@ -7,22 +7,22 @@ while it does, so a second Ctrl-C cannot cut the teardown short; they are delive
 
 Order matters for crash safety: a domain is defined (with our metadata naming its overlay and
 console log) before the overlay file is created, and undefined only after those files are gone.
-So after a SIGKILL every file we made is recorded on a domain `cleanup()` can find.
+So after a SIGKILL every file we made is recorded on a domain `cleanup()` (cleanup.py) can find.
 
-libvirt.libvirtError is translated into ProvisionError here; nothing above imports libvirt.
+Its parts live beside it: the libvirt connection, event loop and lifecycle events in
+libvirtconn.py, the port registry in ports.py, the wait for SSH in readiness.py, the memory check
+made before any guest starts in hostmemory.py. libvirt.libvirtError becomes ProvisionError in
+this module and those; nothing above them imports libvirt.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
+import functools
 import logging
-import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Protocol
 
 import libvirt
-import tenacity
 
 from orchestrator.domains import (
-    METADATA_NS,
     DiskBoot,
     DomainSpec,
     DomainType,
@@ -46,223 +44,29 @@ from orchestrator.domains import (
     NoNet,
     UserNet,
     mac_for_uuid,
-    parse_metadata,
     render_domain_xml,
     restore_xml,
     user_net_backend,
 )
-from orchestrator import probes, states
-from orchestrator.errors import GuestBootError, GuestLostError, HostError, ProvisionError
-from orchestrator.fsutil import atomic_write_json
+from orchestrator import states
+from orchestrator.cleanup import NAME_PREFIX, destroy, undefine, unlink
+from orchestrator.errors import GuestLostError, HostError, ProvisionError
 from orchestrator.kvm import choose_domain_type  # noqa: F401 - the plan's domain_type, decided once
+from orchestrator.libvirtconn import (
+    connect,
+    error_code,
+    libvirt_errors,
+    state_reason,
+    unwatch_lifecycle,
+    watch_lifecycle,
+)
+from orchestrator.ports import DEFAULT_PORT_STATE_DIR, PortRegistry
+from orchestrator.readiness import GuestDied, ReadyWait, console_tail, wait_all_ready
 from orchestrator.states import SavedSet
 
 log = logging.getLogger(__name__)
 
-NAME_PREFIX = "ksmlab-"
 DEFAULT_WORK_ROOT = Path("/var/lib/ksm-lab/work")
-DEFAULT_PORT_STATE_DIR = Path("/run/ksm-lab")
-CONSOLE_TAIL_LINES = 40
-
-# libvirt prints every error to stderr by default; we translate them instead.
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-# --- errors at the libvirt boundary -----------------------------------------------------------
-
-
-def _code(exc: libvirt.libvirtError) -> int:
-    return exc.get_error_code() or 0
-
-
-@contextlib.contextmanager
-def _libvirt_errors(action: str) -> Iterator[None]:
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        raise ProvisionError(f"{action}: {exc}") from exc
-
-
-# libvirt's own event loop, run by one daemon thread for the whole process: it delivers domain
-# lifecycle events (a guest that dies or is paused mid-trial) and drives keepalive, which turns
-# a wedged libvirtd into an error instead of a call that never returns.
-_EVENT_LOOP_LOCK = threading.Lock()
-_event_loop: threading.Thread | None = None
-KEEPALIVE_INTERVAL_S = 5
-KEEPALIVE_COUNT = 3  # unanswered probes before libvirt closes the connection: ~20 s
-
-
-def ensure_event_loop() -> None:
-    global _event_loop
-    with _EVENT_LOOP_LOCK:
-        if _event_loop is not None:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
-        _event_loop.start()
-
-
-def connect(uri: str) -> libvirt.virConnect:
-    """A libvirt connection with keepalive (where the driver has it: test:/// does not)."""
-    ensure_event_loop()
-    with _libvirt_errors(f"cannot connect to libvirt at {uri}"):
-        conn = libvirt.open(uri)
-    try:
-        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-    except libvirt.libvirtError:
-        pass  # local drivers without a daemon: nothing to keep alive
-    return conn
-
-
-@contextlib.contextmanager
-def open_connection(uri: str) -> Iterator[libvirt.virConnect]:
-    conn = connect(uri)
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-
-
-# --- host checks ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryMargin:
-    """Guests need their RAM plus QEMU's own overhead; keep this much free besides."""
-
-    fraction: float = 0.10
-    fixed_mib: int = 512
-
-
-def check_memory_fits(
-    guest_count: int, memory_mib: int, margin: MemoryMargin = MemoryMargin(), *, root: Path = Path("/"),
-    hugepages: bool = False, numa_node: int | None = None,
-) -> int:
-    """Refuse before anything starts when the guests cannot fit.
-
-    KSM might make them fit, but the KSM-off baseline must not push the host into swap. Guests
-    backed by hugepages need free hugepages (KSM never merges those, and MemAvailable does not
-    count them); guests pinned to a NUMA node need that node's free memory.
-    Returns the MiB left over after the guests and the margin.
-    """
-    meminfo = probes.read_meminfo(root)
-    if "MemAvailable" not in meminfo:
-        raise HostError(f"{root / 'proc/meminfo'} has no MemAvailable")
-    guests_mib = guest_count * memory_mib
-    if hugepages:
-        free_mib = meminfo.get("HugePages_Free", 0) * meminfo.get("Hugepagesize", 0) // 1024
-        if guests_mib > free_mib:
-            raise HostError(f"{guest_count} guests x {memory_mib} MiB on hugepages need {guests_mib} MiB of "
-                            f"free hugepages, but only {free_mib} MiB are free (HugePages_Free x Hugepagesize)")
-    required_mib = math.ceil(guests_mib * (1 + margin.fraction)) + margin.fixed_mib
-    available_mib = meminfo["MemAvailable"] // 1024
-    where = "MemAvailable"
-    if numa_node is not None:
-        node = probes.read_node_meminfo(numa_node, root)
-        if node is None:
-            raise HostError(f"guests are pinned to NUMA node {numa_node}, which this host does not have")
-        available_mib, where = min(available_mib, node.get("MemFree", 0) // 1024), f"node {numa_node} MemFree"
-    if not hugepages and required_mib > available_mib:
-        raise HostError(
-            f"{guest_count} guests x {memory_mib} MiB = {guests_mib} MiB need {required_mib} MiB "
-            f"with the safety margin ({margin.fraction:.0%} + {margin.fixed_mib} MiB), "
-            f"but {where} is {available_mib} MiB"
-        )
-    return available_mib - (0 if hugepages else required_mib)
-
-
-# --- loopback ports ------------------------------------------------------------------------------
-
-# flock is per open file; this lock keeps threads of one process apart as well.
-_PORTS_LOCK = threading.Lock()
-_PORTS_IN_PROCESS: set[int] = set()
-
-
-def _process_start_ticks(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot; tells a live holder from a reused pid."""
-    try:
-        stat = probes.read_proc_stat(pid)
-    except OSError:
-        return None
-    return None if stat is None else stat.start_ticks
-
-
-class PortRegistry:
-    """Loopback ports for SSH forwards, unique across threads, sweeps and processes.
-
-    The kernel picks a free port (bind 127.0.0.1:0), but QEMU binds it only seconds later, so
-    every port handed out is recorded in a flock'd host-wide table and a process-wide set until
-    released. Entries of processes that died without releasing (SIGKILL) are pruned on the
-    next use; a holder is its pid plus its start time, so a reused pid does not keep a port.
-    """
-
-    def __init__(self, state_dir: Path = DEFAULT_PORT_STATE_DIR) -> None:
-        self.state_dir = Path(state_dir)
-        self.lock_path = self.state_dir / "ports.lock"
-        self.table_path = self.state_dir / "ports.json"
-
-    @contextlib.contextmanager
-    def _locked_table(self) -> Iterator[dict[str, dict]]:
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise HostError(f"cannot open the port lock {self.lock_path}: {exc}") from exc
-        with _PORTS_LOCK:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
-                table = self._load()
-                yield table
-                atomic_write_json(self.table_path, table)
-            finally:
-                os.close(lock_fd)  # drops the flock
-
-    def _load(self) -> dict[str, dict]:
-        try:
-            table = json.loads(self.table_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        return {
-            port: entry
-            for port, entry in table.items()
-            if entry.get("start_ticks") is not None
-            and _process_start_ticks(int(entry["pid"])) == entry["start_ticks"]
-        }
-
-    def allocate(self, owner: str, attempts: int = 50) -> int:
-        with self._locked_table() as table:
-            for _ in range(attempts):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                    probe.bind(("127.0.0.1", 0))
-                    port = probe.getsockname()[1]
-                if str(port) not in table and port not in _PORTS_IN_PROCESS:
-                    table[str(port)] = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
-                                        "owner": owner}
-                    _PORTS_IN_PROCESS.add(port)
-                    return port
-        raise HostError(f"no free loopback port after {attempts} attempts ({self.table_path})")
-
-    def release(self, port: int) -> None:
-        with self._locked_table() as table:
-            entry = table.get(str(port))
-            if entry is not None and int(entry["pid"]) == os.getpid():
-                del table[str(port)]
-            _PORTS_IN_PROCESS.discard(port)
-
-    def prune(self) -> None:
-        """Drop the entries of dead holders (a SIGKILLed sweep): loading the table prunes it."""
-        with self._locked_table():
-            pass
-
-    def held(self) -> dict[int, dict]:
-        with self._locked_table() as table:
-            return {int(port): dict(entry) for port, entry in table.items()}
 
 
 # --- overlays ----------------------------------------------------------------------------------
@@ -281,103 +85,6 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "qcow2") -> Non
         raise ProvisionError(f"qemu-img create {overlay}: {exc}") from exc
     if done.returncode != 0:
         raise ProvisionError(f"qemu-img create {overlay} failed: {done.stderr.strip()}")
-
-
-# --- domain teardown pieces (shared by GuestSet and cleanup) -----------------------------------
-
-_NOT_RUNNING = (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN)
-# Strongest first; older drivers (and the test driver) refuse some flags with INVALID_ARG.
-_UNDEFINE_FLAGS = (
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
-    0,
-)
-
-
-def _destroy(dom: libvirt.virDomain) -> None:
-    try:
-        dom.destroy()
-    except libvirt.libvirtError as exc:
-        if _code(exc) not in _NOT_RUNNING:
-            raise
-
-
-def _undefine(dom: libvirt.virDomain) -> None:
-    for flags in _UNDEFINE_FLAGS:
-        try:
-            dom.undefineFlags(flags)
-            return
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
-                return
-            if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT) or flags == 0:
-                raise
-
-
-def _unlink(path: Path | None) -> None:
-    if path is not None:
-        path.unlink(missing_ok=True)
-
-
-def _our_metadata(dom: libvirt.virDomain):
-    """Our metadata on `dom`, or None when the domain is not ours."""
-    try:
-        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
-    except libvirt.libvirtError as exc:
-        if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
-            return None
-        raise
-    return parse_metadata(text)
-
-
-def cleanup(uri: str, study: str | None = None) -> list[str]:
-    """Remove every ksm-lab domain (of `study`, or of any study) with its overlay and console log.
-
-    A domain is ours only if its name starts with `ksmlab-` AND it carries our metadata element;
-    anything else is left alone. Returns the names removed.
-    """
-    removed: list[str] = []
-    with open_connection(uri) as conn, _libvirt_errors(f"cleanup on {uri}"):
-        for dom in conn.listAllDomains(0):
-            name = dom.name()
-            if not name.startswith(NAME_PREFIX):
-                continue
-            meta = _our_metadata(dom)
-            if meta is None or (study is not None and meta.study != study):
-                continue
-            _destroy(dom)
-            _unlink(meta.overlay_path)
-            _unlink(meta.console_log_path)
-            _undefine(dom)
-            for folder in {p.parent for p in (meta.overlay_path, meta.console_log_path) if p}:
-                _remove_uncached_states(folder / UNCACHED_STATES)
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty: other studies' files stay
-            removed.append(name)
-    # A killed sweep never released its forwarded ports; its entries go with its guests.
-    PortRegistry().prune()
-    return removed
-
-
-def _remove_uncached_states(folder: Path) -> None:
-    """A killed study's uncached saved states, beside its overlays. Only folders that hold
-    nothing but saved-state files are removed: metadata names the folder, it does not get to
-    name what is deleted."""
-    if not folder.is_dir() or folder.is_symlink():
-        return
-    for entry in folder.iterdir():
-        if entry.is_symlink() or not entry.is_dir():
-            return
-        if any(f.is_symlink() or not f.is_file() or not states.is_state_file(f.name) for f in entry.iterdir()):
-            return
-    for entry in folder.iterdir():
-        for f in entry.iterdir():
-            f.unlink()
-        entry.rmdir()
-    folder.rmdir()
 
 
 # --- the guest set ---------------------------------------------------------------------------
@@ -459,37 +166,6 @@ def _file_slug(text: str) -> str:
 def study_work_dir(work_root: Path, study: str) -> Path:
     """Where a study's overlays, console logs and uncached saved states live."""
     return Path(work_root) / _file_slug(study)
-
-
-UNCACHED_STATES = "states"  # subfolder of a study's work folder (cache_states = false)
-
-
-def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError as exc:
-        return f"(console log {path} unreadable: {exc})"
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
-
-
-def ssh_banner_check(guest: Guest, timeout_s: float = 5.0) -> None:
-    """Readiness without credentials: sshd answers with its 'SSH-' banner.
-
-    A bare TCP connect is not enough: QEMU's forward accepts before the guest listens.
-    """
-    if guest.ssh_host is None:
-        raise ConnectionError(f"{guest.name}: no address yet")
-    with socket.create_connection((guest.ssh_host, guest.ssh_port), timeout=timeout_s) as sock:
-        banner = sock.recv(64)
-    if not banner.startswith(b"SSH-"):
-        raise ConnectionError(f"{guest.name}: no SSH banner yet ({banner[:20]!r})")
-
-
-class _GuestDied(Exception):
-    pass
 
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -626,7 +302,7 @@ class GuestSet:
         else:
             slot.ssh_host = None
         xml = render_domain_xml(self._domain_spec(slot, lib_version), self.options.template_path)
-        with _libvirt_errors(f"define {slot.name}"):
+        with libvirt_errors(f"define {slot.name}"):
             dom = self._conn.defineXML(xml)
         # Defined first, so the overlay we now create is recorded on a domain cleanup() finds.
         if self.restore is not None:
@@ -634,7 +310,7 @@ class GuestSet:
             return
         base = slot.request.disk_path or Path(self.image.disk_path)
         create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else self.image.disk_format)
-        with _libvirt_errors(f"start {slot.name}"):
+        with libvirt_errors(f"start {slot.name}"):
             dom.create()
         slot.started_monotonic = time.monotonic()
 
@@ -648,7 +324,7 @@ class GuestSet:
         dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
                            console_log_path=slot.console_log_path, host_port=slot.port)
         slot.started_monotonic = time.monotonic()
-        with _libvirt_errors(f"restore {slot.name} from {saved.save_path}"):
+        with libvirt_errors(f"restore {slot.name} from {saved.save_path}"):
             self._conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
         slot.restore_s = time.monotonic() - slot.started_monotonic
 
@@ -667,7 +343,7 @@ class GuestSet:
         def save_one(slot: _Slot) -> dict[str, object]:
             save_path, disk_path, xml_path = states.guest_files(folder, slot.index)
             dom = self._domain(slot)
-            with _libvirt_errors(f"save {slot.name}"):
+            with libvirt_errors(f"save {slot.name}"):
                 dom.save(str(save_path))
                 xml_path.write_text(self._conn.saveImageGetXMLDesc(str(save_path), libvirt.VIR_DOMAIN_XML_SECURE))
             os.replace(slot.overlay_path, disk_path)
@@ -696,7 +372,7 @@ class GuestSet:
         workers = self.options.parallel_starts or len(self._slots)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-start")
         try:
-            with _libvirt_errors(f"libvirt version of {self.uri}"):
+            with libvirt_errors(f"libvirt version of {self.uri}"):
                 lib_version = self._conn.getLibVersion()
             futures = [executor.submit(self._bring_up, slot, lib_version) for slot in self._slots]
             errors = [f.exception() for f in futures]
@@ -725,20 +401,15 @@ class GuestSet:
         self._watching = False
         uuids = {slot.uuid: slot.name for slot in self._slots}
 
-        def on_event(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
-            name = uuids.get(dom.UUIDString())
+        def on_lost(guest_uuid: str, reason: str) -> None:
+            name = uuids.get(guest_uuid)
             if name is None or not self._watching:
                 return
-            reason = _lost_reason(event, detail)
-            if reason is not None:
-                self.lost.setdefault(name, reason)
-                log.error("guest %s %s", name, reason)
+            self.lost.setdefault(name, reason)
+            log.error("guest %s %s", name, reason)
 
-        try:
-            self._event_id = self._conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
-        except libvirt.libvirtError:
-            self._event_id = None  # a driver without events: raise_if_lost still checks states
+        # None: a driver without events; raise_if_lost still checks states
+        self._event_id = watch_lifecycle(self._conn, on_lost)
 
     def watch(self, on: bool = True) -> None:
         """Guests stopping from here on are failures (off again before a save or teardown)."""
@@ -758,7 +429,7 @@ class GuestSet:
                     lost[slot.name] = f"is gone ({exc})"
                     continue
                 if state != libvirt.VIR_DOMAIN_RUNNING:
-                    lost[slot.name] = _state_reason(state, reason)
+                    lost[slot.name] = state_reason(state, reason)
         if lost:
             tails = "\n".join(f"--- {slot.name} console ---\n{console_tail(slot.console_log_path, 15)}"
                               for slot in self._slots if slot.name in lost)
@@ -784,7 +455,7 @@ class GuestSet:
     def _domain(self, slot: _Slot) -> libvirt.virDomain:
         if self._conn is None:
             raise ProvisionError(f"guest set of study {self.study!r} is not running")
-        with _libvirt_errors(f"look up {slot.name}"):
+        with libvirt_errors(f"look up {slot.name}"):
             return self._conn.lookupByUUIDString(slot.uuid)
 
     def _pid_dir(self) -> Path | None:
@@ -807,7 +478,7 @@ class GuestSet:
 
     def _lease_address(self, slot: _Slot) -> str | None:
         assert self._conn is not None
-        with _libvirt_errors(f"DHCP leases of network {self.options.network}"):
+        with libvirt_errors(f"DHCP leases of network {self.options.network}"):
             leases = self._conn.networkLookupByName(self.options.network).DHCPLeases(slot.mac)
         addresses = [lease["ipaddr"] for lease in leases if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4]
         return addresses[0] if addresses else None
@@ -817,7 +488,7 @@ class GuestSet:
         deadline = time.monotonic() + timeout_s
         for slot in self._slots:
             while True:
-                with _libvirt_errors(f"state of {slot.name}"):
+                with libvirt_errors(f"state of {slot.name}"):
                     if not self._domain(slot).isActive():
                         break
                 if time.monotonic() > deadline:
@@ -833,58 +504,21 @@ class GuestSet:
         """
         if self._conn is None:
             raise ProvisionError(f"guest set of study {self.study!r} is not running")
-        stop = threading.Event()
-        deadline = time.monotonic() + timeout_s
 
-        def stopping() -> bool:
-            # `cancel` (the sweep's stop flag) ends every wait at its next attempt.
-            if cancel is not None and cancel.is_set():
-                stop.set()
-            return stop.is_set()
+        def attempt(slot: _Slot) -> None:
+            with libvirt_errors(f"state of {slot.name}"):
+                active = self._domain(slot).isActive()
+            if not active:
+                raise GuestDied(f"{slot.name} is no longer running")
+            if self.options.network not in ("user", "none") and slot.ssh_host is None:
+                slot.ssh_host = self._lease_address(slot)
+                if slot.ssh_host is None:
+                    raise ConnectionError(f"{slot.name}: no DHCP lease yet")
+            connect(self.guests[slot.index])
 
-        def backoff_sleep(seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while not stopping() and (left := end - time.monotonic()) > 0:
-                stop.wait(min(left, 0.5))
-
-        def wait_one(slot: _Slot) -> float:
-            def attempt() -> None:
-                if stopping():
-                    raise _GuestDied("stopped")
-                with _libvirt_errors(f"state of {slot.name}"):
-                    active = self._domain(slot).isActive()
-                if not active:
-                    raise _GuestDied(f"{slot.name} is no longer running")
-                if self.options.network not in ("user", "none") and slot.ssh_host is None:
-                    slot.ssh_host = self._lease_address(slot)
-                    if slot.ssh_host is None:
-                        raise ConnectionError(f"{slot.name}: no DHCP lease yet")
-                connect(self.guests[slot.index])
-
-            retrying = tenacity.Retrying(
-                stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
-                wait=tenacity.wait_exponential(multiplier=0.5, min=1, max=5),
-                retry=tenacity.retry_if_not_exception_type(_GuestDied),
-                sleep=backoff_sleep,
-                reraise=True,
-            )
-            try:
-                retrying(attempt)
-            except _GuestDied as exc:
-                raise GuestBootError(f"{exc} (waiting for SSH)", console_tail(slot.console_log_path)) from exc
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a boot error
-                raise GuestBootError(
-                    f"{slot.name} not reachable over SSH within {timeout_s:.0f} s: {exc}",
-                    console_tail(slot.console_log_path),
-                ) from exc
-            return time.monotonic() - (slot.started_monotonic or time.monotonic())
-
-        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="ksmlab-ready") as pool:
-            futures = {slot.name: pool.submit(wait_one, slot) for slot in self._slots}
-            try:
-                return {name: future.result() for name, future in futures.items()}
-            finally:
-                stop.set()  # on error or Ctrl-C the other waits end at their next attempt
+        waits = [ReadyWait(slot.name, functools.partial(attempt, slot), slot.console_log_path,
+                           lambda slot=slot: slot.started_monotonic) for slot in self._slots]
+        return wait_all_ready(waits, timeout_s, cancel)
 
     # -- tearing down ----------------------------------------------------------------------
 
@@ -894,16 +528,16 @@ class GuestSet:
             try:
                 dom = self._conn.lookupByUUIDString(slot.uuid)
             except libvirt.libvirtError as exc:
-                if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                if error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
                     raise
                 dom = None
         if dom is not None:
-            _destroy(dom)
+            destroy(dom)
         # Files before the definition: the metadata must outlive what it records.
-        _unlink(slot.overlay_path)
-        _unlink(slot.console_log_path)
+        unlink(slot.overlay_path)
+        unlink(slot.console_log_path)
         if dom is not None:
-            _undefine(dom)
+            undefine(dom)
         if slot.port is not None:
             self.ports.release(slot.port)
             slot.port = None
@@ -912,8 +546,7 @@ class GuestSet:
         """Destroy, delete and undefine everything made so far. Idempotent; tries every guest."""
         self._watching = False
         if self._conn is not None and self._event_id is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.domainEventDeregisterAny(self._event_id)
+            unwatch_lifecycle(self._conn, self._event_id)
             self._event_id = None
         with self._lock:
             problems: list[str] = []
@@ -948,31 +581,6 @@ class GuestSet:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown_after(exc, self.teardown)
 
-
-def _lost_reason(event: int, detail: int) -> str | None:
-    """What a lifecycle event means for a trial; None for events that do not end a guest."""
-    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-        names = {libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "was destroyed",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed (QEMU exited)",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "was saved"}
-        return names.get(detail, "stopped")
-    if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
-        return "crashed (guest panic)"
-    if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-        if detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
-            return "was paused by QEMU on an I/O error (disk full?)"
-        return "was paused"
-    return None
-
-
-def _state_reason(state: int, reason: int) -> str:
-    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
-        return "is paused on an I/O error (disk full?)"
-    names = {libvirt.VIR_DOMAIN_PAUSED: "is paused", libvirt.VIR_DOMAIN_SHUTOFF: "is shut off",
-             libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down"}
-    return names.get(state, f"is in state {state}")
 
 
 def find_qemu_pid(name: str, guest_uuid: str, pid_dir: Path | None, proc_root: Path = Path("/proc")) -> int | None:

@@ -222,9 +222,9 @@ def _paragraph(chosen: Candidate, leader: Candidate, tied: list[Any], unreplicat
 
 
 def recommend_study(study_dir: Path, limits: Limits) -> Recommendation:
-    from orchestrator import metrics
+    from orchestrator import studydata, studymetrics
 
-    return recommend(metrics.compute_study(metrics.load_study(Path(study_dir))), limits)
+    return recommend(studymetrics.compute_study(studydata.load_study(Path(study_dir))), limits)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -259,7 +259,7 @@ def add_command(sub: Any) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-# ------------------------------------------------------------------------------ for report.py
+# ----------------------------------------------------------------- for report.py and reportplots.py
 
 
 def report_recommendation(sm: Any, limits: Limits = Limits()) -> Recommendation | None:

@@ -6,13 +6,12 @@
 - ``settings.csv``     one row per setting: means and 95% CI half widths across repetitions
 - ``per_process.csv``  PSS before/after, merging pages, profit per trial x tracked process
 - ``samples.parquet``  every trial's ksm.csv rows stacked, with trial_id and swept settings
-- ``*.png``            the plots, each readable alone
+- ``*.png``            the plots (reportplots.py), each readable alone
 - ``report.html``      one self-contained page (plots embedded as data URIs, no external assets)
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 import tomllib
@@ -25,12 +24,10 @@ import jinja2
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
-from orchestrator import metrics, policy_report, recommend
+from orchestrator import policy_report, recommend, samplemetrics, studydata, studymetrics
 from orchestrator.costreport import cost_findings, cost_sections
-from orchestrator.metrics import MIB, StudyData, StudyMetrics
+from orchestrator.reportplots import Plot, build_plots, on_trials, pareto_tolerance_mib
 from orchestrator.stats import (
     ONE_REPETITION,
     PAIRED,
@@ -38,30 +35,13 @@ from orchestrator.stats import (
     WELCH,
     comparison_verdict,
     format_repetitions,
-    mean_ci95,
     pareto_mask,
-    t_quantile_975,
 )
 from orchestrator.store import atomic_write_bytes
+from orchestrator.studydata import StudyData
+from orchestrator.studymetrics import StudyMetrics
 
-MAX_POINTS_PER_LINE = 2000  # longer traces keep each bucket's min and max: a sawtooth stays one
-MAX_SCAN_MARKERS = 40
-MAX_SERIES_PER_PANEL = 6
-MAX_KEY_LINES = 25
-MAX_LEGEND_SETTINGS = 12  # more settings than this: the time plot is coloured by one axis  # more combinations of the other axes than this are pooled
 NEAR_MAX_FRACTION = 0.90
-
-
-@dataclass(frozen=True)
-class Plot:
-    name: str
-    title: str
-    caption: str
-    png: bytes
-
-    @property
-    def data_uri(self) -> str:
-        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -73,19 +53,19 @@ class Finding:
 def write_report(study_dir: Path) -> Path:
     """Write the report folder for one study and return the path of report.html."""
     study_dir = Path(study_dir)
-    study = metrics.load_study(study_dir)
-    sm = metrics.compute_study(study)
+    study = studydata.load_study(study_dir)
+    sm = studymetrics.compute_study(study)
     out_dir = study_dir / "report"
     out_dir.mkdir(exist_ok=True)
 
-    trials_table = metrics.public_trials_table(sm)
+    trials_table = studymetrics.public_trials_table(sm)
     settings_table = _public(sm.settings)
     atomic_write_bytes(out_dir / "summary.csv", trials_table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "settings.csv", settings_table.to_csv(index=False).encode())
     if not sm.per_process.empty:
         atomic_write_bytes(out_dir / "per_process.csv", sm.per_process.to_csv(index=False).encode())
     buffer = io.BytesIO()
-    pq.write_table(metrics.samples_arrow(study, sm), buffer)
+    pq.write_table(studymetrics.samples_arrow(study, sm), buffer)
     atomic_write_bytes(out_dir / "samples.parquet", buffer.getvalue())
     del buffer
 
@@ -98,345 +78,8 @@ def write_report(study_dir: Path) -> Path:
     return report_path
 
 
-
-
 def _public(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_")])
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _colors(n: int) -> list[Any]:
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
-    return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
-
-
-def build_plots(study: StudyData, sm: StudyMetrics) -> list[Plot]:
-    """Every plot the data allows; a plot with nothing to show is left out, not drawn empty."""
-    plots = [p for p in (
-        _plot_saving_over_time(study, sm),
-        _plot_vs_setting(sm),
-        _plot_frontier(sm),
-        _plot_workload(sm),
-        _plot_policy_knobs(study, sm),
-    ) if p is not None]
-    return plots
-
-
-def _plot_policy_knobs(study: StudyData, sm: StudyMetrics) -> Plot | None:
-    drawn = policy_report.plot_policy_knobs(study, sm)
-    return Plot(*drawn) if drawn else None
-
-
-def _natural_key(value: Any) -> tuple[int, float, str]:
-    """Sort numbers as numbers (5 < 20 < 100), then everything else as text."""
-    try:
-        return (0, float(value), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(value))
-
-
-def _line_colours(sm: StudyMetrics) -> tuple[dict[str, Any], dict[str, str], str | None]:
-    """Colour per trial group and legend label per group. With more settings than a legend can
-    hold, colour by one swept axis (a KSM one if any) and say so; lines of one colour then differ
-    in the other axes."""
-    ok = sm.trials[(sm.trials["status"] == "ok") & ~sm.trials["ksm_off"]]
-    groups = list(dict.fromkeys(ok["_group"]))
-    labels = dict(zip(sm.trials["_group"], sm.trials["setting"]))
-    if len(groups) <= MAX_LEGEND_SETTINGS or not sm.swept_axes:
-        return dict(zip(groups, _colors(len(groups)))), labels, None
-    axis = next((a for a in sm.swept_axes if a in sm.ksm_axes), sm.swept_axes[0])
-    values = sorted({str(v) for v in ok[axis]}, key=_natural_key)
-    colour_of_value = dict(zip(values, _colors(len(values))))
-    first_axis = ok.drop_duplicates("_group").set_index("_group")[axis].astype(str)
-    colours = {g: colour_of_value[first_axis[g]] for g in groups}
-    labels.update({g: f"{axis}={first_axis[g]}" for g in groups})
-    return colours, labels, axis
-
-
-def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
-    info = sm.trials.set_index("trial_id")
-    color_of, label_of, coloured_by = _line_colours(sm)
-    fig = Figure(figsize=(11, 5.5))
-    ax = fig.add_subplot()
-    labelled: set[str] = set()
-    drawn = 0
-    zero_lines = False
-    marker_stride_max = 1
-    for data in study.trials:
-        row = info.loc[data.trial_id]
-        if row["status"] != "ok" or data.ksm is None or "pages_sharing" not in data.ksm.columns:
-            continue
-        ksm = data.ksm
-        measure_rows = np.flatnonzero(metrics.phase_mask(ksm, "measure"))
-        if measure_rows.size == 0:
-            continue
-        t_s = pd.to_numeric(ksm["t_s"], errors="coerce").to_numpy(float)
-        t_rel = t_s - t_s[measure_rows[0]]
-        saved_mib = metrics.saved_pages_series(ksm, row["_ksm"]) * sm.page_size_bytes / MIB
-        keep = envelope_indices(saved_mib, MAX_POINTS_PER_LINE)
-        color = "0.5" if row["ksm_off"] else color_of[row["_group"]]
-        label = label_of[row["_group"]]
-        label, shown = (None, label) if label in labelled else (label, label)
-        labelled.add(shown)
-        ax.plot(t_rel[keep], saved_mib[keep], color=color, lw=0.9 if churning(row) else 1.3, alpha=0.85,
-                ls="--" if row["ksm_off"] else "-", label=label)
-        if metrics.zero_pages_counted(row["_ksm"]) and "ksm_zero_pages" in ksm.columns:
-            # The same trial's content merges alone: the gap down to this line is zero pages.
-            content_mib = pd.to_numeric(ksm["pages_sharing"], errors="coerce").to_numpy(float) * sm.page_size_bytes / MIB
-            ax.plot(t_rel[keep], content_mib[keep], color=color, lw=1.0, alpha=0.85, ls=":")
-            zero_lines = True
-        if "full_scans" in ksm.columns:
-            scans = pd.to_numeric(ksm["full_scans"], errors="coerce").to_numpy(float)
-            done = np.flatnonzero(np.diff(scans) > 0) + 1
-            if done.size:
-                every = max(1, math.ceil(done.size / MAX_SCAN_MARKERS))
-                marker_stride_max = max(marker_stride_max, every)
-                done = done[::every]
-                ax.plot(t_rel[done], saved_mib[done], ls="none", marker="o", ms=3.5, color=color)
-        drawn += 1
-    if drawn == 0:
-        return None
-    ax.axvline(0, color="0.3", lw=0.8, ls=":")
-    ax.annotate("measure starts", xy=(0, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                textcoords="offset points", fontsize=8, color="0.3")
-    scan_note = "dots = completed full scans" + (
-        f" (every {marker_stride_max}th at most)" if marker_stride_max > 1 else "")
-    ax.plot([], [], ls="none", marker="o", ms=3.5, color="0.2", label=scan_note)
-    if zero_lines:
-        ax.plot([], [], ls=":", color="0.2", label="dotted line = content merges only (use_zero_pages=1: the gap above it is zero pages)")
-    ax.set_title("Memory saved over time ((pages_sharing + zero pages) x page size), one colour per "
-                 + (f"{coloured_by} value" if coloured_by else "setting"))
-    ax.set_xlabel("time since measure start (s)")
-    ax.set_ylabel("saved (MiB)")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("dots"), _label_key(labels[i])))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7 if len(labels) > 8 else 8,
-              ncol=2 if len(labels) > 24 else 1, loc="upper left", bbox_to_anchor=(1.01, 1))
-    grouping = (f"colour = {coloured_by}; lines of one colour differ in the other swept axes"
-                if coloured_by else "repetitions share a colour")
-    return Plot("saving_over_time", "Saving over time",
-                f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
-                "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
-                "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
-                "refills its pages shows its sawtooth: merges broken at each refill, then re-made."
-                + (" For trials with use_zero_pages=1 a dotted line in the same colour is the content merges "
-                   "only (pages_sharing): the gap above it is zero pages (ksm_zero_pages)." if zero_lines else ""),
-                _png(fig))
-
-
-def churning(row: Any) -> bool:
-    basis = row.get("saving_basis") if hasattr(row, "get") else None
-    return isinstance(basis, str) and basis.startswith("steady")
-
-
-def envelope_indices(values: np.ndarray, max_points: int) -> np.ndarray:
-    """All indices, or for longer series each bucket's argmin and argmax in time order: a
-    stride would skip the troughs of a sawtooth and draw a smooth line that never happened."""
-    n = values.size
-    if n <= max_points:
-        return np.arange(n)
-    buckets = np.array_split(np.arange(n), max_points // 2)
-    filled = np.nan_to_num(values, nan=0.0)
-    keep = [idx for b in buckets for idx in sorted({b[np.argmin(filled[b])], b[np.argmax(filled[b])]})]
-    return np.asarray(keep)
-
-
-def _label_key(label: str) -> list[tuple[int, float, str]]:
-    """Sort "a=5, b=20" labels by their values, numerically where they are numbers."""
-    return [_natural_key(part.split("=", 1)[-1]) for part in label.split(", ")]
-
-
-def _axis_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None, bool]:
-    """x positions for an axis' values: numbers as they are (log scale when they span 20x),
-    anything else as evenly spaced categories (tick labels returned)."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all() and values.map(lambda v: not isinstance(v, bool)).all():
-        x = numeric.to_numpy(float)
-        log = bool((x > 0).all() and x.max() / x.min() >= 20)
-        return x, None, log
-    cats = sorted({str(v) for v in values}, key=_natural_key)
-    return np.array([cats.index(str(v)) for v in values], dtype=float), cats, False
-
-
-def _ci_table(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
-    """mean, 95% CI half width and n of column per group (vectorized t quantiles)."""
-    keyed = frame.assign(**{b: frame[b].astype(str) for b in by}, _x=frame[by[0]])
-    stats = keyed.groupby(by, sort=False).agg(x=("_x", "first"), mean=(column, "mean"),
-                                             std=(column, "std"), n=(column, "count")).reset_index()
-    stats["ci"] = t_quantile_975(stats["n"].to_numpy(float) - 1) * stats["std"] / np.sqrt(stats["n"])
-    return stats[stats["n"] > 0]
-
-
-def _series_by_others(frame: pd.DataFrame, axis: str, others: list[str]) -> tuple[list[str], bool]:
-    """The other swept axes to split lines by, or none (pooled) when that makes too many lines."""
-    if not others:
-        return [], False
-    combos = frame[others].astype(str).drop_duplicates()
-    return (others, False) if len(combos) <= MAX_SERIES_PER_PANEL else ([], True)
-
-
-def _draw_ci_series(ax: Any, frame: pd.DataFrame, axis: str, split: list[str], column: str,
-                    label: str | None = None) -> tuple[list[str] | None, bool]:
-    """One errorbar line per combination of the split columns; positions shared by all lines.
-    Split columns named with a leading underscore label lines by value alone ("KSM off")."""
-    stats = _ci_table(frame, [axis, *split], column)
-    if stats.empty:
-        return None, False
-    positions, cats, log = _axis_positions(stats["x"])
-    stats = stats.assign(_pos=positions)
-    series = [((), stats)] if not split else list(stats.groupby(split, sort=False))
-    series.sort(key=lambda item: [_natural_key(k) for k in (item[0] if isinstance(item[0], tuple) else (item[0],))])
-    for (key, part), color in zip(series, _colors(len(series))):
-        key_t = key if isinstance(key, tuple) else (key,)
-        line_label = ", ".join(str(k) if a.startswith("_") else f"{a}={k}" for a, k in zip(split, key_t)) or label
-        style: dict[str, Any] = {"color": color, "marker": "o", "capsize": 3, "lw": 1.3}
-        if "KSM off" in key_t:
-            style.update(color="k", ls="--")
-        part = part.sort_values("_pos")
-        ax.errorbar(part["_pos"], part["mean"], yerr=part["ci"], label=line_label, **style)
-    return cats, log
-
-
-def _format_axis(ax: Any, cats: list[str] | None, log: bool) -> None:
-    if cats is not None:
-        ax.set_xticks(range(len(cats)), cats, rotation=30 if max(map(len, cats)) > 6 else 0)
-    elif log:
-        ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-
-
-def _used_trials(sm: StudyMetrics) -> pd.DataFrame:
-    """Trials that feed statistics: ok, and not replaced by a rerun (metrics._mark_used_in_stats)."""
-    return sm.trials[sm.trials["used_in_stats"]]
-
-
-def _on_trials(sm: StudyMetrics) -> pd.DataFrame:
-    used = _used_trials(sm)
-    return used[~used["ksm_off"]]
-
-
-def _plot_vs_setting(sm: StudyMetrics) -> Plot | None:
-    """Saving and ksmd CPU% against each swept axis, mean +- 95% CI across repetitions."""
-    on = _on_trials(sm)
-    axes_list = [a for a in sm.swept_axes if on[a].notna().any()] if not on.empty else []
-    if not axes_list or not on["saved_mib"].notna().any():
-        return None
-    fig = Figure(figsize=(max(6.0, 4.8 * len(axes_list)), 7.5))
-    grid = fig.subplots(2, len(axes_list), squeeze=False)
-    pooled_any = False
-    for col, axis in enumerate(axes_list):
-        frame = on[on[axis].notna()]
-        split, pooled = _series_by_others(frame, axis, [a for a in axes_list if a != axis])
-        pooled_any |= pooled
-        for row, (column, ylabel) in enumerate((("saved_mib", "saved (MiB, pages_sharing)"),
-                                                ("ksmd_cpu_pct", "ksmd CPU (% of one core, mean)"))):
-            ax = grid[row][col]
-            cats, log = _draw_ci_series(ax, frame, axis, split, column)
-            _format_axis(ax, cats, log)
-            ax.set_xlabel(axis + (" (log scale)" if log else ""))
-            ax.set_ylabel(ylabel)
-            if split and row == 0:
-                ax.legend(fontsize=7)
-    fig.suptitle("Saving and ksmd CPU vs swept setting (mean ± 95% CI across repetitions)")
-    caption = "Error bars: Student t 95% interval across repetitions (none when a setting ran once)."
-    if pooled_any:
-        caption += " Where the other axes had too many combinations, they are pooled into one line."
-    return Plot("vs_setting", "Saving and ksmd CPU vs setting", caption, _png(fig))
-
-
-def _plot_frontier(sm: StudyMetrics) -> Plot | None:
-    settings = sm.settings
-    if settings.empty:
-        return None
-    on = settings[~settings["ksm_off"] & settings["saved_mib"].notna() & settings["ksmd_cpu_pct"].notna()]
-    if on.empty:
-        return None
-    front = pareto_mask(on["ksmd_cpu_pct"], on["saved_mib"], _pareto_tolerance_mib(on))
-    fig = Figure(figsize=(10, 6))
-    ax = fig.add_subplot()
-    for mask, color, label in ((~front, "0.6", "dominated setting"), (front, "tab:red", "Pareto-optimal setting")):
-        part = on[mask]
-        if part.empty:
-            continue
-        ax.errorbar(part["ksmd_cpu_pct"], part["saved_mib"], xerr=part["ksmd_cpu_pct_ci95"],
-                    yerr=part["saved_mib_ci95"], ls="none", marker="o", ms=7 if color != "0.6" else 5,
-                    color=color, capsize=2, label=label)
-    best = on[front].sort_values("ksmd_cpu_pct")
-    ax.step(best["ksmd_cpu_pct"], best["saved_mib"], where="post", color="tab:red", lw=0.8, alpha=0.6, ls="--")
-    # numbers on the points and the settings in a key: long labels on close points overlap
-    key_lines = []
-    for number, (_, row) in enumerate(best.iterrows(), start=1):
-        ax.annotate(str(number), (row["ksmd_cpu_pct"], row["saved_mib"]), xytext=(4, -12 if number % 2 else 4),
-                    textcoords="offset points", fontsize=8, color="tab:red", fontweight="bold")
-        key_lines.append(f"{number}: {row['setting']}  ({row['saved_mib']:.1f} MiB, {row['ksmd_cpu_pct']:.1f}%)")
-    shown = key_lines[:MAX_KEY_LINES] + ([f"... {len(key_lines) - MAX_KEY_LINES} more in report"]
-                                         if len(key_lines) > MAX_KEY_LINES else [])
-    ax.text(1.02, 1.0, "Pareto-optimal settings\n" + "\n".join(shown), transform=ax.transAxes,
-            va="top", ha="left", fontsize=8, family="monospace")
-    recommend.mark_on_frontier(ax, recommend.report_recommendation(sm))
-    ax.set_title("Cost/benefit frontier: memory saved vs ksmd CPU (each point = one setting)")
-    ax.set_xlabel("ksmd CPU during measure (% of one core, mean)")
-    ax.set_ylabel("saved (MiB, pages_sharing x page size)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return Plot("frontier", "Cost/benefit frontier",
-                "Up and left is better. A setting is Pareto-optimal when no other saves as much for less "
-                f"ksmd CPU (savings within {PARETO_TOLERANCE:.0%} of the largest count as equal). "
-                "Error bars: 95% CI across repetitions.", _png(fig))
-
-
-def _pareto_tolerance_mib(settings: pd.DataFrame) -> float:
-    largest = settings["saved_mib"].abs().max()
-    return float(PARETO_TOLERANCE * largest) if math.isfinite(largest) else 0.0
-
-
-def _plot_workload(sm: StudyMetrics) -> Plot | None:
-    """Throughput and p95 latency vs each swept axis, KSM-off shown as the baseline."""
-    # one sample per trial (its guests' mean): guests of one trial are not replicates
-    used = _used_trials(sm)
-    if sm.guests.empty or not used["tps"].notna().any():
-        return None
-    on, off = used[~used["ksm_off"]], used[used["ksm_off"]]
-    axes_list = [a for a in sm.swept_axes if on[a].notna().any()] or ["setting"]
-    fig = Figure(figsize=(max(6.0, 4.8 * len(axes_list)), 7.5))
-    grid = fig.subplots(2, len(axes_list), squeeze=False)
-    for col, axis in enumerate(axes_list):
-        frame = on[on[axis].notna()]
-        split, _ = _series_by_others(frame, axis, [a for a in axes_list if a not in (axis, "setting")])
-        # a non-KSM axis (threads, guests) that the KSM-off trials also swept: KSM off is a line of
-        # its own over the same x; otherwise it is one level, drawn across the panel
-        off_series = axis != "setting" and axis not in sm.ksm_axes and axis in off and off[axis].notna().any()
-        if off_series:
-            frame = pd.concat([frame.assign(_ksm="KSM on"), off[off[axis].notna()].assign(_ksm="KSM off")])
-            split = ["_ksm", *split]
-        for row, (column, ylabel) in enumerate((("tps", "throughput (transactions/s, guest mean)"),
-                                                ("latency_p95_ms", "p95 latency (ms)"))):
-            ax = grid[row][col]
-            cats, log = _draw_ci_series(ax, frame, axis, split, column, label="KSM on")
-            if not off_series and not off.empty and off[column].notna().any():
-                mean, half, _ = mean_ci95(off[column])
-                ax.axhline(mean, color="k", ls="--", lw=1.2, label="KSM off (mean)")
-                if math.isfinite(half):
-                    ax.axhspan(mean - half, mean + half, color="k", alpha=0.08, label="KSM off 95% CI")
-            _format_axis(ax, cats, log)
-            ax.set_xlabel(axis + (" (log scale)" if log else ""))
-            ax.set_ylabel(ylabel)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.suptitle("Workload vs swept setting (mean ± 95% CI across trials)")
-    return Plot("workload", "Workload throughput and latency",
-                "One sample per trial (the mean of its guests' sysbench results); error bars: Student t "
-                "95% interval across trials; the dashed line is the KSM-off baseline.", _png(fig))
 
 
 # ----------------------------------------------------------------------------- findings
@@ -514,7 +157,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         + net_note))
     costed = on[on["ksmd_cpu_pct"].notna()]
     if len(costed) > 1:
-        mask = pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], _pareto_tolerance_mib(costed))
+        mask = pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], pareto_tolerance_mib(costed))
         front = costed[mask].sort_values("ksmd_cpu_pct")
         listed = "; ".join(f"{r['setting']} ({r['saved_mib']:.1f} MiB at {r['ksmd_cpu_pct']:.1f}% CPU)"
                            for _, r in front.iterrows())
@@ -553,7 +196,7 @@ def reference_rows(plan_text: str, sm: StudyMetrics) -> list[dict[str, str]]:
     except tomllib.TOMLDecodeError:
         return []
     rows = []
-    ok = _on_trials(sm)
+    ok = on_trials(sm)
     for ref in references:
         metric, where = ref.get("metric"), ref.get("where") or {}
         match = ok[ok["_settings"].map(lambda s: all(s.get(k) == v for k, v in where.items()))] \
@@ -571,7 +214,7 @@ def reference_rows(plan_text: str, sm: StudyMetrics) -> list[dict[str, str]]:
 def saving_basis_findings(sm: StudyMetrics) -> list[Finding]:
     """Say which number the savings are: a time average for workloads that write during measure
     (one sample of a sawtooth is luck), the end value for those that do not."""
-    ok = _on_trials(sm)
+    ok = on_trials(sm)
     if "saving_basis" not in ok.columns or ok["saving_basis"].isna().all():
         return []
     churn = ok[ok["saving_basis"].astype(str).str.startswith("steady")]
@@ -587,23 +230,23 @@ def saving_basis_findings(sm: StudyMetrics) -> list[Finding]:
 
 
 def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
-    ok = _on_trials(sm)
+    ok = on_trials(sm)
     known = ok[ok["converged"].notna()]
     if known.empty:
         return []
     moving = known[known["converged"] == False]  # noqa: E712 - object column of True/False/None
     if moving.empty:
         return [Finding(f"All {len(known)} successful KSM-on trials had converged (pages_sharing moved "
-                        f"< {metrics.CONVERGENCE_TOLERANCE:.0%} over the last "
-                        f"{metrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure).")]
+                        f"< {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
+                        f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure).")]
     return [Finding(f"{len(moving)} of {len(known)} successful KSM-on trials had not converged (pages_sharing "
-                    f"still moving ≥ {metrics.CONVERGENCE_TOLERANCE:.0%} over the last "
-                    f"{metrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure): their savings are lower bounds; "
+                    f"still moving ≥ {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
+                    f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure): their savings are lower bounds; "
                     "a longer measure phase would tell the final value.", warn=True)]
 
 
 def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
-    ok = _on_trials(sm)
+    ok = on_trials(sm)
     ok = ok[ok["saved_mib"] > 0]
     if ok.empty:
         return []
@@ -611,7 +254,7 @@ def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
     net_of = _net_columns(ok)
 
     def view(raw: str, name: str) -> tuple[str, str]:
-        return (metrics.NET_OF_DRIFT[raw], f"{name} (net of drift)") if raw in net_of else (raw, name)
+        return (studymetrics.NET_OF_DRIFT[raw], f"{name} (net of drift)") if raw in net_of else (raw, name)
 
     (pss_col, pss_name), (avail_col, avail_name) = (view("pss_drop_mib", "the tracked processes' PSS drop"),
                                                     view("mem_available_rise_mib", "the MemAvailable rise"))
@@ -649,11 +292,11 @@ def _ksm_off_findings(sm: StudyMetrics) -> list[Finding]:
         if column not in on.columns or not on[column].notna().any():
             continue
         row = on.loc[on[column].idxmin() if worst_is == "min" else on[column].idxmax()]
-        comparison = metrics.settings_comparison(row, metric)
+        comparison = studymetrics.settings_comparison(row, metric)
         change = f"{comparison.pct:+.1f}%"
         if comparison.has_interval:
             change += f" ± {comparison.half_pct:.1f}%"
-        if row.get("baseline") == metrics.STUDY_OFF_MEAN:
+        if row.get("baseline") == studymetrics.STUDY_OFF_MEAN:
             change += " (vs the mean of all KSM-off trials: none had the same non-KSM settings)"
         verdict = comparison_verdict(comparison, one_repetition=sm.blocks <= 1)
         out.append(Finding(f"Worst {name} change vs KSM off: {row['setting']}: {change}; {verdict}."))
@@ -671,8 +314,8 @@ def _unreplicated_text(sm: StudyMetrics) -> str:
 
 
 def _net_columns(frame: pd.DataFrame) -> set[str]:
-    """The raw delta-based savings whose net-of-drift value the frame has (metrics.NET_OF_DRIFT)."""
-    return {raw for raw, net in metrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
+    """The raw delta-based savings whose net-of-drift value the frame has (studymetrics.NET_OF_DRIFT)."""
+    return {raw for raw, net in studymetrics.NET_OF_DRIFT.items() if net in frame.columns and frame[net].notna().any()}
 
 
 DELTA_NAMES = {"pss_drop_mib": "PSS drop", "mem_available_rise_mib": "MemAvailable rise"}
@@ -684,7 +327,7 @@ def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
     values = []
     for raw in DELTA_NAMES:
         if raw in net_of:
-            net = metrics.NET_OF_DRIFT[raw]
+            net = studymetrics.NET_OF_DRIFT[raw]
             values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
         else:
             values.append(_num(row[raw]))
@@ -845,7 +488,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         created_wall=_utc(study.study.get("created_wall")),
         findings=findings,
         plots=plots,
-        trials_table=_table(metrics.public_trials_table(sm), TRIAL_COLUMNS),
+        trials_table=_table(studymetrics.public_trials_table(sm), TRIAL_COLUMNS),
         settings_table=settings_table,
         noise_table=_noise_table(sm),
         no_noise_estimate=NO_NOISE_ESTIMATE,
@@ -856,7 +499,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         host_rows=_flatten("", study.host),
         plan_text=study.plan_text,
         references=reference_rows(study.plan_text, sm),
-        convergence_tolerance_pct=100 * metrics.CONVERGENCE_TOLERANCE,
-        convergence_window_pct=100 * metrics.CONVERGENCE_WINDOW_FRACTION,
-        convergence_min_samples=metrics.CONVERGENCE_MIN_SAMPLES,
+        convergence_tolerance_pct=100 * samplemetrics.CONVERGENCE_TOLERANCE,
+        convergence_window_pct=100 * samplemetrics.CONVERGENCE_WINDOW_FRACTION,
+        convergence_min_samples=samplemetrics.CONVERGENCE_MIN_SAMPLES,
     )

@@ -238,7 +238,7 @@ def _budget(spec: Spec, means: _Means) -> Decision:
 
 
 def observations_from(trials: Any, spec: Spec) -> list[Observation]:
-    """Observations from a trials table (metrics.study_metrics): ok, KSM-on rows of the knob."""
+    """Observations from a trials table (studymetrics.study_metrics): ok, KSM-on rows of the knob."""
     column = f"ksm.{spec.knob}"
     if trials is None or trials.empty or column not in trials.columns:
         return []
@@ -255,7 +255,7 @@ def observations_from(trials: Any, spec: Spec) -> list[Observation]:
 def search_trials(plan: Any, study: Any) -> Iterator[Any]:
     """The sweep's trials for a plan with [search]: a KSM-off reference first when the budget
     limits tps loss, then one chosen setting at a time; each decision also goes to search.json."""
-    from orchestrator import metrics
+    from orchestrator import studymetrics
     from orchestrator.plan import search_trial
 
     spec = spec_from(plan.search)
@@ -265,7 +265,7 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
         yield dataclasses.replace(off, extra={"search_reason": "KSM-off reference for the tps loss limit"})
     decisions: list[dict[str, Any]] = []
     while True:
-        table = metrics.study_metrics(study.path) if study.meta().get("trial_ids") else None
+        table = studymetrics.study_metrics(study.path) if study.meta().get("trial_ids") else None
         observations = observations_from(table, spec)
         attempted = [r for r in study.trial_records() if not r.get("ksm_off")]
         decision = choose(spec, observations)

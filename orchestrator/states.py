@@ -40,6 +40,7 @@ STATE_FORMAT = 1
 # Where, inside each guest, the marker proving "this is the saved guest" lives: /run is tmpfs,
 # so the marker is in guest memory only and a rebooted or wrong guest cannot show it.
 MARKER_PATH = "/run/ksmlab-state"
+UNCACHED_STATES = "states"  # subfolder of a study's work folder (cache_states = false)
 
 
 def states_root(image_dir: Path | None, cache_dir: Path, disk_path: Path) -> Path:
@@ -179,3 +180,21 @@ def remove_stale_builds(root: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def remove_uncached_states(folder: Path) -> None:
+    """A killed study's uncached saved states, beside its overlays. Only folders that hold
+    nothing but saved-state files are removed: metadata names the folder, it does not get to
+    name what is deleted."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            return
+        if any(f.is_symlink() or not f.is_file() or not is_state_file(f.name) for f in entry.iterdir()):
+            return
+    for entry in folder.iterdir():
+        for f in entry.iterdir():
+            f.unlink()
+        entry.rmdir()
+    folder.rmdir()

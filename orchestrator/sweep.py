@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import metrics, policies
+from orchestrator import policies, studymetrics
 from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
@@ -293,7 +293,7 @@ def write_trials_table(study: Study) -> Path:
         rows.append(row)
     table = pd.DataFrame(rows)
     try:
-        derived = metrics.study_metrics(study.path)
+        derived = studymetrics.study_metrics(study.path)
     except Exception as exc:  # the table of what ran must be written even if a metric breaks
         log.error("derived metrics failed, trials.csv has settings and status only: %s", exc)
         derived = pd.DataFrame()

@@ -33,17 +33,16 @@ from orchestrator.domains import template_digest
 from orchestrator.fsutil import atomic_copy
 from orchestrator.guest import GuestSession
 from orchestrator.plan import Trial, sysbench_params
+from orchestrator.hostmemory import check_memory_fits
 from orchestrator.provision import (
     DEFAULT_WORK_ROOT,
-    UNCACHED_STATES,
     GuestRequest,
     GuestSet,
     GuestSetOptions,
-    check_memory_fits,
     choose_domain_type,
-    console_tail,
     study_work_dir,
 )
+from orchestrator.readiness import console_tail
 from orchestrator.store import atomic_write_json
 from orchestrator.phases import PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
@@ -144,7 +143,7 @@ class VmRunner(TrialRunner):
             image_dir = Path(image.manifest_path).parent if image.manifest_path is not None else None
             return states.states_root(image_dir, images.default_cache_dir(), Path(image.disk_path))
         work_root = Path(g["workdir"]) if g.get("workdir") else DEFAULT_WORK_ROOT
-        return study_work_dir(work_root, self.plan.study.name) / UNCACHED_STATES
+        return study_work_dir(work_root, self.plan.study.name) / states.UNCACHED_STATES
 
     def _state_spec(self, trial: Trial, image: images.ImageRef, template: Path | None) -> dict[str, Any]:
         """Everything that shapes a saved guest: the image, the guest hardware and domain

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import metrics
+from orchestrator import samplemetrics
 from orchestrator.ksm import HostSettings
 from orchestrator.plan import fast_interval_s, parse_plan
 from orchestrator.sampler import Sampler
@@ -88,8 +88,8 @@ def test_refilled_saving_is_the_same_at_two_sampling_phases(tmp_path, ksm_guard)
     views = []
     for sampler in (a, b):
         ksm = sampler.ksm_frame()
-        out = metrics.ksm_metrics(ksm, {}, PAGE, fills)
-        out.update(metrics.refill_metrics(ksm, fills, {}, 10_000))
+        out = samplemetrics.ksm_metrics(ksm, {}, PAGE, fills)
+        out.update(samplemetrics.refill_metrics(ksm, fills, {}, 10_000))
         views.append(out)
     first, second = (v["saved_mib_steady"] for v in views)
     assert first > 5  # it merges between refills (10,000 pages = 39 MiB at most)

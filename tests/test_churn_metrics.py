@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import metrics
+from orchestrator import samplemetrics
 from orchestrator.stats import time_mean
 
 PAGE = 4096
@@ -54,8 +54,8 @@ def fills(offset_s: float) -> pd.DataFrame:
 
 @pytest.mark.parametrize("offset_s", [0.0, 0.31, 0.77])
 def test_two_sampling_grids_agree_over_whole_cycles(offset_s: float) -> None:
-    a = metrics.ksm_metrics(sampled(0.1, 0.0, offset_s, 1), {}, PAGE, fills(offset_s))
-    b = metrics.ksm_metrics(sampled(0.13, 0.05, offset_s, 2), {}, PAGE, fills(offset_s))
+    a = samplemetrics.ksm_metrics(sampled(0.1, 0.0, offset_s, 1), {}, PAGE, fills(offset_s))
+    b = samplemetrics.ksm_metrics(sampled(0.13, 0.05, offset_s, 2), {}, PAGE, fills(offset_s))
     truth = true_cycle_mean()
     for out in (a, b):
         assert out["steady_cycles"] >= 13
@@ -67,9 +67,9 @@ def test_a_window_that_ends_mid_cycle_is_phase_lucky() -> None:
     """Why the window is cut to whole cycles: without the refill times, the steady average runs
     to the end of measure, and where measure ends in the cycle moves it. Across offsets the
     spread is larger than whole-cycle averaging allows."""
-    uncut = [metrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE)["saved_mib_steady"]
+    uncut = [samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE)["saved_mib_steady"]
              for off in np.linspace(0, PERIOD_S, 8, endpoint=False)]
-    cut = [metrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE, fills(off))["saved_mib_steady"]
+    cut = [samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE, fills(off))["saved_mib_steady"]
            for off in np.linspace(0, PERIOD_S, 8, endpoint=False)]
     assert np.ptp(cut) < 0.5 * np.ptp(uncut)
     assert np.ptp(cut) <= 0.01 * true_cycle_mean()
@@ -78,7 +78,7 @@ def test_a_window_that_ends_mid_cycle_is_phase_lucky() -> None:
 def test_without_refills_the_window_runs_to_the_end() -> None:
     flat = pd.DataFrame({"t_s": np.arange(0, 10, 0.5), "phase": "measure",
                          "pages_sharing": np.full(20, 1000.0)})
-    out = metrics.ksm_metrics(flat, {}, PAGE, pd.DataFrame())
+    out = samplemetrics.ksm_metrics(flat, {}, PAGE, pd.DataFrame())
     assert "steady_cycles" not in out
     assert out["steady_s"] == pytest.approx(9.5)
     assert out["saved_mib_steady"] == pytest.approx(1000 * PAGE / 2**20)

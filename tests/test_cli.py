@@ -228,13 +228,13 @@ def test_report_json_is_the_study_summary(tmp_path, capsys, monkeypatch):
 
 
 def test_cleanup_connects_where_told(monkeypatch, capsys, tmp_path):
-    from orchestrator import provision
+    from orchestrator import cleanup as cleanup_module
 
     # cleanup takes the host lock: a private one, never the real sweep's.
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path))
     monkeypatch.setenv("KSM_LAB_IMAGE_CACHE", str(tmp_path / "images"))
     seen = []
-    monkeypatch.setattr(provision, "cleanup", lambda uri, study=None: seen.append(uri) or [])
+    monkeypatch.setattr(cleanup_module, "cleanup", lambda uri, study=None: seen.append(uri) or [])
     assert cli.main(["cleanup"]) == 0
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
     assert cli.main(["cleanup"]) == 0

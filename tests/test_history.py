@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator import catalog, cli, history, metrics
+from orchestrator import catalog, cli, history, studydata, studymetrics
 from orchestrator.compare import REGRESSION
 from tests.nightly_studies import write_night
 
@@ -46,7 +46,7 @@ def test_index_matches_the_metrics_settings_table(tmp_path: Path) -> None:
     root = tmp_path / "results"
     study = write_night(root, saved_mib={100: [3.0, 3.2, 2.8], 1000: [40.0, 41.0, 39.0]})
     index = history.build_index(root).index.set_index("setting")
-    settings = metrics.compute_study(metrics.load_study(study)).settings.set_index("setting")
+    settings = studymetrics.compute_study(studydata.load_study(study)).settings.set_index("setting")
     for setting in ("ksm.pages_to_scan=100", "ksm.pages_to_scan=1000"):
         for column in ("saved_mib", "saved_mib_ci95", "ksmd_cpu_pct", "time_to_90pct_s"):
             assert index.loc[setting, column] == pytest.approx(settings.loc[setting, column]), column

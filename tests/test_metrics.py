@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import metrics, stats
+from orchestrator import stats, studydata, studymetrics, trialmetrics
 from orchestrator.errors import StoreError
 
 PAGE = 4096
@@ -205,8 +205,8 @@ def block_study(root: Path, on_tps: list[float], off_tps: list[float], guest_spr
     return finish_study(study_dir)
 
 
-def computed(study_dir: Path) -> metrics.StudyMetrics:
-    return metrics.compute_study(metrics.load_study(study_dir))
+def computed(study_dir: Path) -> studymetrics.StudyMetrics:
+    return studymetrics.compute_study(studydata.load_study(study_dir))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -263,7 +263,7 @@ def ramp_trial(tmp_path: Path) -> Path:
 
 
 def test_linear_ramp_saving_four_ways(ramp_trial: Path) -> None:
-    m = metrics.trial_metrics(ramp_trial)
+    m = trialmetrics.trial_metrics(ramp_trial)
     assert m["saved_mib"] == pytest.approx(3.90625)  # 1000 pages x 4 KiB
     assert m["general_profit_mib"] == pytest.approx((1000 * PAGE - 2000 * 64) / MIB)
     assert m["pss_drop_mib"] == pytest.approx(3.90625)
@@ -272,7 +272,7 @@ def test_linear_ramp_saving_four_ways(ramp_trial: Path) -> None:
 
 
 def test_linear_ramp_convergence_times_and_scans(ramp_trial: Path) -> None:
-    m = metrics.trial_metrics(ramp_trial)
+    m = trialmetrics.trial_metrics(ramp_trial)
     assert m["time_to_50pct_s"] == 5.0
     assert m["time_to_90pct_s"] == 9.0
     assert m["time_to_99pct_s"] == 10.0
@@ -284,13 +284,13 @@ def test_linear_ramp_convergence_times_and_scans(ramp_trial: Path) -> None:
 def test_plateau_is_converged(tmp_path: Path) -> None:
     study = start_study(tmp_path)
     trial_dir = write_trial(study, "t0", {}, ksm=ramp_ksm_frame(plateau=True))
-    m = metrics.trial_metrics(trial_dir)
+    m = trialmetrics.trial_metrics(trial_dir)
     assert m["converged"] is True
     assert m["time_to_99pct_s"] == 0.0
 
 
 def test_ksmd_cost_from_cpu_seconds(ramp_trial: Path) -> None:
-    m = metrics.trial_metrics(ramp_trial)
+    m = trialmetrics.trial_metrics(ramp_trial)
     assert m["ksmd_cpu_pct"] == pytest.approx(5.0)
     assert m["ksmd_cpu_pct_max"] == pytest.approx(5.0)
     assert m["ksmd_cpu_s"] == pytest.approx(0.5)
@@ -298,7 +298,7 @@ def test_ksmd_cost_from_cpu_seconds(ramp_trial: Path) -> None:
 
 
 def test_overheads_and_side_effects(ramp_trial: Path) -> None:
-    m = metrics.trial_metrics(ramp_trial)
+    m = trialmetrics.trial_metrics(ramp_trial)
     assert m["rmap_items_per_merging_page"] == pytest.approx(2.0)
     assert m["ksm_merging_pages"] == 1000
     assert m["cow_ksm_delta"] == 2
@@ -308,7 +308,7 @@ def test_overheads_and_side_effects(ramp_trial: Path) -> None:
 
 
 def test_per_process_before_after(ramp_trial: Path) -> None:
-    per_proc = metrics.trial_metrics(ramp_trial)["per_process"].set_index("label")
+    per_proc = trialmetrics.trial_metrics(ramp_trial)["per_process"].set_index("label")
     assert per_proc.loc["proc-0", "pss_before_kib"] == 8000
     assert per_proc.loc["proc-0", "pss_after_kib"] == 6000
     assert per_proc.loc["proc-1", "ksm_merging_pages"] == 500
@@ -320,15 +320,15 @@ def test_zero_pages_count_only_when_use_zero_pages_was_on(tmp_path: Path) -> Non
     ksm = ramp_ksm_frame(zero_pages=256)
     on = write_trial(study, "zero-on", {}, ksm=ksm, ksm_knobs={"run": 1, "use_zero_pages": 1})
     off = write_trial(study, "zero-off", {}, ksm=ksm, ksm_knobs={"run": 1, "use_zero_pages": 0})
-    assert metrics.trial_metrics(on)["saved_mib"] == pytest.approx(3.90625 + 1.0)
-    assert metrics.trial_metrics(off)["saved_mib"] == pytest.approx(3.90625)
+    assert trialmetrics.trial_metrics(on)["saved_mib"] == pytest.approx(3.90625 + 1.0)
+    assert trialmetrics.trial_metrics(off)["saved_mib"] == pytest.approx(3.90625)
 
 
 def test_pss_baseline_falls_back_to_first_pss_row_without_baseline_phase(tmp_path: Path) -> None:
     study = start_study(tmp_path)
     ksm = ramp_ksm_frame(baseline_s=0)
     trial_dir = write_trial(study, "t0", {}, ksm=ksm, processes=processes_frame(ksm))
-    m = metrics.trial_metrics(trial_dir)
+    m = trialmetrics.trial_metrics(trial_dir)
     assert m["pss_drop_mib"] == pytest.approx(3.90625)
     assert m["mem_available_rise_mib"] == pytest.approx(3.90625)
 
@@ -336,7 +336,7 @@ def test_pss_baseline_falls_back_to_first_pss_row_without_baseline_phase(tmp_pat
 def test_failed_trial_has_status_and_no_metrics(tmp_path: Path) -> None:
     study = start_study(tmp_path)
     trial_dir = write_trial(study, "bad", {}, status="failed", reason="guest vm0 never answered SSH")
-    m = metrics.trial_metrics(trial_dir)
+    m = trialmetrics.trial_metrics(trial_dir)
     assert (m["status"], m["reason"]) == ("failed", "guest vm0 never answered SSH")
     assert "saved_mib" not in m
 
@@ -346,10 +346,10 @@ def test_failed_trial_has_status_and_no_metrics(tmp_path: Path) -> None:
 
 def test_study_metrics_one_row_per_trial_with_ci(tmp_path: Path) -> None:
     study_dir = sweep_study(tmp_path)
-    table = metrics.study_metrics(study_dir)
+    table = studymetrics.study_metrics(study_dir)
     assert len(table) == 4
     assert set(table["setting"]) == {"pages_to_scan=100", "pages_to_scan=1000"}
-    sm = metrics.compute_study(metrics.load_study(study_dir))
+    sm = studymetrics.compute_study(studydata.load_study(study_dir))
     assert sm.swept_axes == ["pages_to_scan"]
     row = sm.settings.set_index("setting").loc["pages_to_scan=1000"]
     saved = np.array([1000, 1040]) * PAGE / MIB
@@ -366,7 +366,7 @@ def test_study_with_failed_and_unrun_trials(tmp_path: Path) -> None:
     study = json.loads((study_dir / "study.json").read_text())
     study["trial_ids"].append("never-ran")
     (study_dir / "study.json").write_text(json.dumps(study))
-    table = metrics.study_metrics(study_dir).set_index("trial_id")
+    table = studymetrics.study_metrics(study_dir).set_index("trial_id")
     assert table.loc["good", "saved_mib"] == pytest.approx(3.90625)
     assert table.loc["bad", "status"] == "failed"
     assert math.isnan(table.loc["bad", "saved_mib"])
@@ -376,13 +376,13 @@ def test_study_with_failed_and_unrun_trials(tmp_path: Path) -> None:
 def test_all_failed_study_still_has_metric_columns(tmp_path: Path) -> None:
     study_dir = start_study(tmp_path)
     write_trial(study_dir, "bad", {}, status="failed", reason="boom")
-    table = metrics.study_metrics(finish_study(study_dir))
+    table = studymetrics.study_metrics(finish_study(study_dir))
     assert table["saved_mib"].isna().all()
 
 
 def test_not_a_study_folder_raises_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
-        metrics.load_study(tmp_path)
+        studydata.load_study(tmp_path)
 
 
 def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> Non
     # an unmatched KSM-off trial with other threads must not be used as the baseline
     write_trial(study_dir, "off-t4", {"threads": 4}, ksm_off=True, kind="sysbench", ksm=ksm,
                 workload_summary=guests_summary(400.0, 400.0))
-    sm = metrics.compute_study(metrics.load_study(finish_study(study_dir)))
+    sm = studymetrics.compute_study(studydata.load_study(finish_study(study_dir)))
     trials = sm.trials.set_index("trial_id")
     assert trials.loc["on-r0", "tps"] == pytest.approx(0.9 * 102.0)
     # vs the KSM-off trial of its own block (102 tps), not the mean over blocks
@@ -419,14 +419,14 @@ def test_workload_from_interval_rows_without_summary(tmp_path: Path) -> None:
                              "threads": 1, "tps": [10.0, 12.0, 20.0, 22.0], "qps": [200.0, 240, 400, 440],
                              "latency_p95_ms": [30.0, 40.0, 50.0, 60.0]})
     trial_dir = write_trial(study_dir, "t0", {}, kind="sysbench", ksm=ramp_ksm_frame(), workload=workload)
-    m = metrics.trial_metrics(trial_dir)
+    m = trialmetrics.trial_metrics(trial_dir)
     assert m["tps"] == pytest.approx(16.0)
     assert m["latency_p95_ms"] == pytest.approx(45.0)
 
 
 def test_samples_table_is_long_form_with_settings(tmp_path: Path) -> None:
     study_dir = sweep_study(tmp_path)
-    samples = metrics.samples_table(study_dir)
+    samples = studymetrics.samples_table(study_dir)
     assert len(samples) == 4 * len(ramp_ksm_frame())
     assert {"trial_id", "setting_pages_to_scan", "pages_sharing", "t_s", "phase"} <= set(samples.columns)
     by_trial = samples.groupby("trial_id", observed=True)["setting_pages_to_scan"].first()
@@ -437,7 +437,7 @@ def test_truncated_csv_is_reported_not_fatal(tmp_path: Path) -> None:
     study_dir = start_study(tmp_path)
     trial_dir = write_trial(study_dir, "t0", {})
     (trial_dir / "ksm.csv").write_bytes(b"")
-    m = metrics.trial_metrics(trial_dir)
+    m = trialmetrics.trial_metrics(trial_dir)
     assert "ksm.csv unreadable" in m["data_problems"]
 
 
@@ -458,7 +458,7 @@ def test_guests_that_agree_are_not_replicates(tmp_path: Path) -> None:
     assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("paired by block", 2)
     assert on["tps_vs_off_pct"] == pytest.approx(np.mean(blocks))
     assert on["tps_vs_off_ci95_pct"] == pytest.approx(12.7062 * np.std(blocks, ddof=1) / math.sqrt(2))
-    comparison = metrics.settings_comparison(on, "tps")
+    comparison = studymetrics.settings_comparison(on, "tps")
     assert comparison.differs is False
     assert stats.comparison_verdict(comparison) == "no difference detectable at 95% (n=2 blocks, paired)"
 
@@ -469,7 +469,7 @@ def test_consistent_trial_level_effect_is_claimed(tmp_path: Path) -> None:
     on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
     assert on["tps_vs_off_pct"] == pytest.approx(-30.0)
     assert on["tps_vs_off_ci95_pct"] == pytest.approx(4.3027 / math.sqrt(3))
-    assert stats.comparison_verdict(metrics.settings_comparison(on, "tps")) == \
+    assert stats.comparison_verdict(studymetrics.settings_comparison(on, "tps")) == \
         "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
     trials = sm.trials.set_index("trial_id")
     assert trials.loc["on-r1", "baseline"] == "same block"
@@ -500,7 +500,7 @@ def test_one_repetition_has_no_interval(tmp_path: Path) -> None:
     assert on["tps_vs_off_pct"] == pytest.approx(-10.0)
     assert math.isnan(on["tps_vs_off_ci95_pct"]) and math.isnan(on["tps_ci95"])
     assert sm.blocks == 1
-    assert stats.comparison_verdict(metrics.settings_comparison(on, "tps"), one_repetition=True) == \
+    assert stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"), one_repetition=True) == \
         "one repetition: this study cannot tell workload differences from noise"
 
 
@@ -570,7 +570,7 @@ def test_savings_net_of_drift_use_the_same_block(tmp_path: Path) -> None:
 
 def test_no_net_savings_without_ksm_off_trials(tmp_path: Path) -> None:
     sm = computed(sweep_study(tmp_path))
-    for column in metrics.NET_METRICS:
+    for column in studymetrics.NET_METRICS:
         assert sm.trials[column].isna().all() and sm.settings[column].isna().all()
 
 

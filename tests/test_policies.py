@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import cli, metrics, search
+from orchestrator import cli, search, studydata, studymetrics
 from orchestrator.errors import PlanError
 from orchestrator.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
 from orchestrator.plan import check_against_host, expand, parse_plan
@@ -420,8 +420,8 @@ def two_setting_study(tmp_path: Path, a: tuple[int, tuple[int, int], float], b: 
     return finish_study(study)
 
 
-def computed(study_dir: Path) -> metrics.StudyMetrics:
-    return metrics.compute_study(metrics.load_study(study_dir))
+def computed(study_dir: Path) -> studymetrics.StudyMetrics:
+    return studymetrics.compute_study(studydata.load_study(study_dir))
 
 
 def test_recommend_takes_the_largest_saving_when_it_is_told_apart(tmp_path):

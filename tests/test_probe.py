@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import costs, cowstats, density, metrics
+from orchestrator import costs, cowstats, density, trialmetrics
 from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.plan import parse_plan
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
@@ -45,7 +45,7 @@ def one_trial(tmp_path: Path, knobs: dict, ksm: pd.DataFrame, *, ksm_off: bool =
     if cow is not None:
         cow.to_csv(trial_dir / "cow.csv", index=False)
     finish_study(study)
-    return metrics.trial_metrics(trial_dir, PAGE)
+    return trialmetrics.trial_metrics(trial_dir, PAGE)
 
 
 # ----------------------------------------------------------------------------- scan speed

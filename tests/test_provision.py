@@ -20,20 +20,19 @@ import pytest
 
 from orchestrator.domains import METADATA_NS
 from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator.cleanup import cleanup
+from orchestrator.hostmemory import MemoryMargin, check_memory_fits
+from orchestrator.ports import PortRegistry
 from orchestrator.provision import (
     Guest,
     GuestRequest,
     GuestSet,
     GuestSetOptions,
-    MemoryMargin,
-    PortRegistry,
-    check_memory_fits,
     choose_domain_type,
-    cleanup,
     create_overlay,
     find_qemu_pid,
-    ssh_banner_check,
 )
+from orchestrator.readiness import ssh_banner_check
 
 TEST_URI = "test:///default"
 NASTY = "s&<>'\""
@@ -346,7 +345,7 @@ def test_ports_are_unique_across_threads_and_released(tmp_path: Path) -> None:
 _HOLDER = """
 import sys
 from pathlib import Path
-from orchestrator.provision import PortRegistry
+from orchestrator.ports import PortRegistry
 registry = PortRegistry(Path(sys.argv[1]))
 print(" ".join(str(registry.allocate("holder")) for _ in range(30)), flush=True)
 sys.stdin.read()

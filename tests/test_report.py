@@ -85,9 +85,9 @@ def test_findings_name_frontier_and_cheapest_near_max(tmp_path: Path) -> None:
 
 
 def _computed(study_dir: Path):  # noqa: ANN202 - test helper
-    from orchestrator import metrics
+    from orchestrator import studydata, studymetrics
 
-    return metrics.compute_study(metrics.load_study(study_dir))
+    return studymetrics.compute_study(studydata.load_study(study_dir))
 
 
 def test_failed_trial_is_shown_with_reason(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import metrics, states
+from orchestrator import samplemetrics, states
 from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
 from orchestrator.errors import ProvisionError
 from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
-from orchestrator.provision import _remove_uncached_states
-from orchestrator.report import envelope_indices
+from orchestrator.states import remove_uncached_states
+from orchestrator.reportplots import envelope_indices
 from orchestrator.sampler import Sampler
 from orchestrator.phases import wait_steady
 
@@ -99,12 +99,12 @@ def test_stale_builds_of_dead_processes_are_removed_live_ones_kept(tmp_path):
 def test_cleanup_removes_uncached_states_but_nothing_else(tmp_path):
     folder = tmp_path / "states"
     _fake_set(folder, "aaaabbbbccccdddd")
-    _remove_uncached_states(folder)
+    remove_uncached_states(folder)
     assert not folder.exists()
     # A folder that holds anything but saved-state files is not ours to delete.
     _fake_set(folder, "aaaabbbbccccdddd")
     (folder / "aaaabbbbccccdddd" / "thesis.tex").write_text("precious")
-    _remove_uncached_states(folder)
+    remove_uncached_states(folder)
     assert (folder / "aaaabbbbccccdddd" / "thesis.tex").exists()
 
 
@@ -172,10 +172,10 @@ def test_the_average_of_a_sawtooth_does_not_depend_on_the_sampling_phase():
     means = []
     for phase_s, tick_s in ((0.0, 0.1), (0.37, 0.13), (0.71, 0.09)):
         ksm, fills = sawtooth(phase_s, tick_s)
-        out = metrics.ksm_metrics(ksm, {}, 4096)
+        out = samplemetrics.ksm_metrics(ksm, {}, 4096)
         means.append(out["saved_mib_steady"])
         # A single end sample is wherever the last tick fell: the reason for the averages.
-        refills = metrics.refill_metrics(ksm, fills, {}, 1000)
+        refills = samplemetrics.refill_metrics(ksm, fills, {}, 1000)
         assert refills["saved_share_after_refill_pct"] < refills["saved_share_mean_pct"] < refills["saved_share_before_refill_pct"]
         assert 0.4 <= refills["remerge_s_median"] <= 0.6
     assert max(means) - min(means) <= 0.05 * max(means)

@@ -151,7 +151,7 @@ def test_sigkilled_vm_sweep_then_cleanup_and_restore_leave_nothing(tmp_path, res
         time.sleep(0.5)
     assert _ours(study) == {"domains": [], "qemu": []}
     assert _files(tmp_path / "work") == []
-    from orchestrator.provision import PortRegistry
+    from orchestrator.ports import PortRegistry
 
     assert not [e for e in PortRegistry().held().values() if study in e["owner"]]  # ports released
     out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,
