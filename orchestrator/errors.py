@@ -35,6 +35,16 @@ class LockError(HostError):
     pass
 
 
+class HostUnresponsive(HostError):
+    """A host service the study needs (libvirtd) stopped answering. No later trial could run,
+    so the sweep fails the trial it happened in and ends the study there; ``advice`` says what
+    to do once the service answers again."""
+
+    def __init__(self, message: str, advice: str = "") -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
 class KsmError(OrchestratorError):
     pass
 

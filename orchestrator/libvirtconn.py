@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import libvirt
 
-from orchestrator.errors import ProvisionError
+from orchestrator.errors import HostUnresponsive, ProvisionError
 
 # libvirt prints every error to stderr by default; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -55,16 +55,68 @@ def ensure_event_loop() -> None:
         _event_loop.start()
 
 
-def connect(uri: str) -> libvirt.virConnect:
-    """A libvirt connection with keepalive (where the driver has it: test:/// does not)."""
+CONNECT_TIMEOUT_S = 30.0  # libvirt.open() against a stopped libvirtd waits forever, not for an error
+
+
+def connect(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> libvirt.virConnect:
+    """A libvirt connection with keepalive (where the driver has it: test:/// does not).
+
+    The socket of a stopped (SIGSTOP) or wedged libvirtd still accepts; the handshake then
+    never gets an answer, and keepalive only starts once a connection exists. So the open runs
+    in a daemon thread and HostUnresponsive is raised at ``timeout_s``; the thread is left to
+    finish or hang on its own.
+    """
     ensure_event_loop()
-    with libvirt_errors(f"cannot connect to libvirt at {uri}"):
-        conn = libvirt.open(uri)
+    box: dict[str, object] = {}
+
+    def open_it() -> None:
+        try:
+            box["conn"] = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            box["error"] = exc
+
+    opener = threading.Thread(target=open_it, name="libvirt-open", daemon=True)
+    opener.start()
+    opener.join(timeout_s)
+    if opener.is_alive():
+        raise HostUnresponsive(f"libvirt at {uri} did not answer within {timeout_s:g} s "
+                               "(is libvirtd stopped or wedged?)")
+    if "error" in box:
+        raise ProvisionError(f"cannot connect to libvirt at {uri}: {box['error']}") from box["error"]  # type: ignore[misc]
+    conn = box["conn"]
+    assert isinstance(conn, libvirt.virConnect)
     try:
         conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
     except libvirt.libvirtError:
         pass  # local drivers without a daemon: nothing to keep alive
     return conn
+
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "a socket error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: (f"no keepalive answer for {KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT} s: "
+                                                 "libvirtd is stopped or wedged"),
+}
+
+
+def watch_close(conn: libvirt.virConnect, on_close: Callable[[str], None]) -> None:
+    """Call ``on_close(why)`` when libvirt drops the connection on its own (keepalive timeout,
+    EOF, socket error); our own close() is not reported. Drivers without it: nothing."""
+
+    def closed(_conn: object, reason: int, _opaque: object) -> None:
+        if reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:
+            on_close(_CLOSE_REASONS.get(reason, f"close reason {reason}"))
+
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.registerCloseCallback(closed, None)
+
+
+def is_alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 @contextlib.contextmanager

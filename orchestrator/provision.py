@@ -50,14 +50,16 @@ from orchestrator.domains import (
 )
 from orchestrator import states
 from orchestrator.cleanup import NAME_PREFIX, destroy, undefine, unlink
-from orchestrator.errors import GuestLostError, HostError, ProvisionError
+from orchestrator.errors import GuestLostError, HostError, HostUnresponsive, ProvisionError
 from orchestrator.kvm import choose_domain_type  # noqa: F401 - the plan's domain_type, decided once
 from orchestrator.libvirtconn import (
     connect,
     error_code,
+    is_alive,
     libvirt_errors,
     state_reason,
     unwatch_lifecycle,
+    watch_close,
     watch_lifecycle,
 )
 from orchestrator.ports import DEFAULT_PORT_STATE_DIR, PortRegistry
@@ -195,6 +197,9 @@ def signals_deferred(signums: Sequence[int] = DEFERRED_SIGNALS) -> Iterator[list
         signal.raise_signal(signum)
 
 
+TEARDOWN_CONNECT_TIMEOUT_S = 10.0  # a libvirtd that was restarted answers at once; a stopped one never
+
+
 class GuestSet:
     """Guests `ksmlab-<study>-<i>` for one study, torn down on every exit path.
 
@@ -234,6 +239,7 @@ class GuestSet:
         self.work_dir = Path(work_dir) if work_dir else study_work_dir(options.work_root, study)
         self.ports = PortRegistry(options.port_state_dir)
         self._conn: libvirt.virConnect | None = None
+        self.connection_lost: str | None = None  # why libvirt dropped our connection, if it did
         self._lock = threading.Lock()
         self._slots = [self._plan_slot(i, request) for i, request in enumerate(requests)]
 
@@ -364,8 +370,10 @@ class GuestSet:
             raise ProvisionError(f"cannot create work dir {self.work_dir}: {exc}") from exc
         try:
             self._conn = connect(self.uri)
+            self.connection_lost = None
+            watch_close(self._conn, self._on_connection_lost)
             self._watch_lifecycle()
-        except ProvisionError:
+        except (ProvisionError, HostUnresponsive):
             with contextlib.suppress(OSError):
                 self.work_dir.rmdir()
             raise
@@ -411,6 +419,18 @@ class GuestSet:
         # None: a driver without events; raise_if_lost still checks states
         self._event_id = watch_lifecycle(self._conn, on_lost)
 
+    def _on_connection_lost(self, why: str) -> None:
+        self.connection_lost = why
+        log.error("lost the libvirt connection to %s: %s", self.uri, why)
+
+    def _unresponsive(self, what: str) -> HostUnresponsive:
+        names = ", ".join(slot.name for slot in self._slots if not slot.torn_down) or "none"
+        return HostUnresponsive(
+            f"{what}: libvirt at {self.uri} stopped answering ({self.connection_lost or 'connection dead'}); "
+            f"guests left as they were: {names}",
+            advice=f"Once libvirtd answers again, run `ksm-lab cleanup --study {self.study}` to remove "
+                   "them, then the same sweep with --resume.")
+
     def watch(self, on: bool = True) -> None:
         """Guests stopping from here on are failures (off again before a save or teardown)."""
         self._watching = on
@@ -418,6 +438,8 @@ class GuestSet:
     def raise_if_lost(self) -> None:
         """GuestLostError naming every guest that stopped, crashed or was paused, with its
         console tail; also checks each domain's state, in case an event was missed."""
+        if self.connection_lost is not None:
+            raise self._unresponsive("guests unknown mid-trial")
         lost = dict(self.lost)
         if self._conn is not None:
             for slot in self._slots:
@@ -426,6 +448,9 @@ class GuestSet:
                 try:
                     state, reason = self._domain(slot).state()
                 except ProvisionError as exc:
+                    # a state call cut off by keepalive: it is libvirtd that is gone, not the guest
+                    if self.connection_lost is not None or not is_alive(self._conn):
+                        raise self._unresponsive("guests unknown mid-trial") from None
                     lost[slot.name] = f"is gone ({exc})"
                     continue
                 if state != libvirt.VIR_DOMAIN_RUNNING:
@@ -549,6 +574,8 @@ class GuestSet:
             unwatch_lifecycle(self._conn, self._event_id)
             self._event_id = None
         with self._lock:
+            if self._conn is not None and (self.connection_lost is not None or not is_alive(self._conn)):
+                self._reconnect_for_teardown()
             problems: list[str] = []
             for slot in self._slots:
                 if slot.torn_down:
@@ -566,6 +593,18 @@ class GuestSet:
                 self.work_dir.rmdir()  # only when empty
             if problems:
                 raise ProvisionError("teardown incomplete: " + "; ".join(problems))
+
+    def _reconnect_for_teardown(self) -> None:
+        """The connection died (libvirtd was stopped or restarted): one bounded attempt at a
+        new one, or HostUnresponsive naming what is left for `cleanup`."""
+        dead, self._conn = self._conn, None
+        with contextlib.suppress(libvirt.libvirtError):
+            dead.close()
+        try:
+            self._conn = connect(self.uri, timeout_s=TEARDOWN_CONNECT_TIMEOUT_S)
+        except (HostUnresponsive, ProvisionError):
+            raise self._unresponsive("teardown incomplete") from None
+        self.connection_lost = None
 
     def _teardown_after(self, exc: BaseException | None, work: Callable[[], None]) -> None:
         """Teardown with signals deferred. With an error in flight, a teardown failure or a

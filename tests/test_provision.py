@@ -19,7 +19,7 @@ import libvirt
 import pytest
 
 from orchestrator.domains import METADATA_NS
-from orchestrator.errors import GuestBootError, HostError, ProvisionError
+from orchestrator.errors import GuestBootError, HostError, HostUnresponsive, ProvisionError
 from orchestrator.cleanup import cleanup
 from orchestrator.hostmemory import MemoryMargin, check_memory_fits
 from orchestrator.ports import PortRegistry
@@ -108,6 +108,21 @@ def test_guest_set_defines_starts_and_tears_down_everything(test_conn, image, op
     assert names(test_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
     assert PortRegistry(tmp_path / "run").held() == {}
+
+
+def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(test_conn, image, options, tmp_path) -> None:
+    """libvirt dropping our connection (keepalive: libvirtd stopped) fails the trial as the host's
+    problem, with what to do; teardown then reconnects once and removes everything."""
+    with GuestSet(TEST_URI, "drop", [GuestRequest(memory_mib=128)], image, options) as guests:
+        guests.watch()
+        guests.raise_if_lost()  # all well
+        guests._on_connection_lost("no keepalive answer for 15 s: libvirtd is stopped or wedged")
+        with pytest.raises(HostUnresponsive, match="stopped answering .no keepalive answer") as caught:
+            guests.raise_if_lost()
+        assert "ksmlab-drop-0" in str(caught.value) and "cleanup --study drop" in caught.value.advice
+        guests._conn.close()  # what libvirt did to it; the teardown must open a new one
+    assert names(test_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
 
 
 def test_study_name_with_xml_special_characters(test_conn, image, options, tmp_path) -> None:
