@@ -22,8 +22,6 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
-
 import pandas as pd
 
 from orchestrator import density, probes, states

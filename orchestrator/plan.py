@@ -519,7 +519,7 @@ def _base(plan: Plan) -> dict[str, Any]:
     return {
         "ksm": plan.ksm.model_dump(exclude_none=True),
         "host": plan.host.model_dump(exclude_none=True),
-        "workload": plan.workload.model_dump(),
+        "workload": plan.workload.model_dump(mode="json"),  # as TOML has it: cpu_pin a list
         "guests": plan.guests.model_dump() if plan.guests else None,
     }
 

@@ -25,7 +25,7 @@ from orchestrator.workloads.processes import ProcessesParams
 from orchestrator.provision import _remove_uncached_states
 from orchestrator.report import envelope_indices
 from orchestrator.sampler import Sampler
-from orchestrator.phases import wait_steady
+from orchestrator.phases import SteadyWait, TrialResult, wait_steady
 
 SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
 
@@ -271,3 +271,18 @@ def test_steady_wait_is_bounded_and_says_it_timed_out():
 
 def test_no_steady_wait_unless_the_plan_asks():
     assert wait_steady(PhasesSection(steady_max_s=0), None, threading.Event()) is None
+
+
+def test_trial_result_gives_trial_json_what_the_runner_set_in_the_usual_order():
+    result = TrialResult()
+    assert result.record() == {}
+    result.sampler = {"error_count": 0, "last_error": None, "missed_ticks": 0}
+    result.converged_by_rule = False  # False is a finding, not "absent"
+    result.steady = SteadyWait(3.2, False, {"rss": 0.4})
+    result.provision = {"start": "restore"}
+    result.frames = {"ksm": pd.DataFrame({"t_s": [0.0]})}
+    result.extra_json = {"workload_summary": {}}
+    assert list(result.record().items()) == [
+        ("provision", {"start": "restore"}), ("steady_wait_s", 3.2), ("steady_timed_out", False),
+        ("steady_slopes_mib_per_min", {"rss": 0.4}), ("converged_by_rule", False),
+        ("sampler", {"error_count": 0, "last_error": None, "missed_ticks": 0})]

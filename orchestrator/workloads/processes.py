@@ -83,7 +83,7 @@ class ProcessesParams(Params):
     cpu_pin: Literal["none", "alternate"] | tuple[int, ...] = "none"
     seed: int = Field(0, ge=0, **_INT)  # numpy's SeedSequence takes no negative seed
 
-    @field_validator("cpu_pin", mode="plain")
+    @field_validator("cpu_pin", mode="before")
     @classmethod
     def _cpu_pin(cls, pin: object) -> object:
         if pin in ("none", "alternate"):
