@@ -260,3 +260,32 @@ def test_trial_ids_are_what_they_were_before_the_workload_models_moved():
     }
     for text, ids in plans.items():
         assert [t.trial_id for t in expand(parse_plan(text.replace('name = "x"', 'name = "t"')))] == ids
+
+
+def test_the_readme_plan_reference_lists_each_workloads_keys_and_defaults():
+    """README's [workload] reference names every key of each workload's one model, and no
+    other; its values are the models' defaults (sysbench's warmup_s = 30 is advice, not one)."""
+    import tomllib
+
+    from orchestrator.plan import WORKLOAD_MODELS
+
+    text = (PLANS.parent / "README.md").read_text()
+    start = text.index("[workload]                   # one of four types:")
+    block = text[start:text.index("\n[guests]", start)]
+    tables: dict[str, dict] = {}
+    for line in block.splitlines()[1:]:
+        line = line.removeprefix("# ").split(" #", 1)[0].strip()
+        if "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key == "type":
+            current = tables.setdefault(tomllib.loads(f"v = {value}")["v"], {})
+        else:
+            current[key] = tomllib.loads(f"v = {value}")["v"]
+    assert set(tables) == set(WORKLOAD_MODELS)
+    for kind, model in WORKLOAD_MODELS.items():
+        assert set(tables[kind]) == set(model.model_fields) - {"type"}, kind
+        defaults = model().model_dump(mode="json")
+        advice = {"warmup_s"} if kind == "sysbench" else set()
+        assert {k: v for k, v in tables[kind].items() if k not in advice} == \
+            {k: defaults[k] for k in tables[kind] if k not in advice}, kind
