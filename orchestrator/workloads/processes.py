@@ -10,7 +10,7 @@ Workers are fresh interpreters (``python -m orchestrator.workloads._filler``), n
 the sweep, and they die with it: PR_SET_PDEATHSIG, a parent-pid check for the race before that,
 and a stdin lifeline that exits on EOF.
 
-    params = ProcessesParams(processes=4, pages_per_process=10_000, fill="fixed_random")
+    params = ProcessesParams(processes=4, pages_per_process=10_000, fill="fixed_random", rounds=0)
     with ProcessesWorkload(params) as workload:
         workload.start()
         workload.wait_filled(timeout_s=60)
