@@ -6,7 +6,7 @@ Below plan.py and the workload adapters alike: both import it, it imports neithe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,15 +20,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def problems(exc: ValidationError, drop: Any = None) -> list[str]:
+def problems(exc: ValidationError, drop: Callable[[list[str]], list[str]] | None = None,
+             whole: str = "(plan)") -> list[str]:
     """One "key: problem (got value)" line per error. `drop(loc)` may return a shorter
-    location (the plan drops a discriminated union's tag: "workload.processes.pages")."""
+    location (the plan drops a discriminated union's tag: "workload.processes.pages");
+    `whole` names what an error of no one key is about ("": the message alone)."""
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         if drop is not None:
             loc = drop(loc)
-        key = ".".join(loc) or "(plan)"
+        key = ".".join(loc) or whole
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -36,7 +38,7 @@ def problems(exc: ValidationError, drop: Any = None) -> list[str]:
             msg = "required key is missing"
         got = err.get("input")
         tail = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{tail}")
+        lines.append(f"{key}: {msg}{tail}" if key else f"{msg}{tail}")
     return lines
 
 
@@ -53,4 +55,4 @@ class Params(Strict):
         try:
             return cls.model_validate(dict(values))
         except ValidationError as exc:
-            raise PlanError(f"{cls.kind} workload: " + "; ".join(problems(exc))) from None
+            raise PlanError(f"{cls.kind} workload: " + "; ".join(problems(exc, whole=""))) from None
