@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
 from orchestrator.errors import WorkloadError
+from orchestrator.plan import DensitySection
 
 MIB = 1024 * 1024
 PATTERN_PATH = "/dev/shm/ksmlab-density.pattern"
@@ -176,7 +177,7 @@ class DensityResult:
                 "floor_crossed": self.floor_crossed, "mismatches": self.mismatches}
 
 
-def run_density(host: DensityHost, cfg: dict[str, Any], first_guest_mib: float,
+def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
                 result: DensityResult | None = None) -> DensityResult:
     """Add guests until next_guest_allowed says no; then verify every guest's pattern.
 
@@ -184,20 +185,18 @@ def run_density(host: DensityHost, cfg: dict[str, Any], first_guest_mib: float,
     Raises WorkloadError when a pattern does not verify (after recording everything)."""
     result = result if result is not None else DensityResult()
     result.steps.append(host.measure(0, True))
-    floor = float(cfg["mem_available_floor_mib"])
+    floor = float(cfg.mem_available_floor_mib)
     while True:
-        allowed, reason = next_guest_allowed(result.steps, float(cfg["budget_mib"]), floor,
-                                             margin=float(cfg.get("cost_margin", 1.1)),
-                                             first_guest_mib=first_guest_mib,
-                                             max_guests=int(cfg.get("max_guests", 256)))
+        allowed, reason = next_guest_allowed(result.steps, float(cfg.budget_mib), floor,
+                                             margin=cfg.cost_margin, first_guest_mib=first_guest_mib,
+                                             max_guests=cfg.max_guests)
         if not allowed:
             result.stop_reason = reason
             break
         index = result.steps[-1].guests
         host.start_guest(index)
-        host.run_in_guest(index, write_command(index, int(cfg["verify_mib"])), timeout_s=120)
-        converged = host.wait_converged(float(cfg["converge_window_s"]), float(cfg["converge_tolerance_pct"]),
-                                        float(cfg["converge_max_s"]))
+        host.run_in_guest(index, write_command(index, cfg.verify_mib), timeout_s=120)
+        converged = host.wait_converged(cfg.converge_window_s, cfg.converge_tolerance_pct, cfg.converge_max_s)
         step = host.measure(index + 1, converged)
         result.steps.append(step)
         if step.mem_available_mib < floor:
@@ -207,7 +206,7 @@ def run_density(host: DensityHost, cfg: dict[str, Any], first_guest_mib: float,
             break
     for index in range(result.steps[-1].guests):
         output = host.run_in_guest(index, verify_command(), timeout_s=120)
-        problem = check_verify_output(index, int(cfg["verify_mib"]), output)
+        problem = check_verify_output(index, cfg.verify_mib, output)
         if problem:
             result.mismatches.append(problem)
     if result.mismatches:

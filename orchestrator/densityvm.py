@@ -22,17 +22,15 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
-
 import pandas as pd
 
 from orchestrator import density, probes, states
 from orchestrator.errors import WorkloadError
 from orchestrator.guest import GuestSession
-from orchestrator.plan import Trial, sysbench_params
+from orchestrator.plan import Trial
 from orchestrator.provision import GuestSet
-from orchestrator.phases import PhaseClock, sampler_health, wait_or_stop
-from orchestrator.vmrunner import VmRunner, guest_set_key, set_clock_and_check
+from orchestrator.phases import PhaseClock, TrialResult, sampler_health, wait_or_stop
+from orchestrator.vmrunner import VmRunner, guest_set_key, guests_of, set_clock_and_check
 from orchestrator.workloads import sysbench
 
 log = logging.getLogger(__name__)
@@ -46,13 +44,13 @@ class VmDensityHost:
         self.runner = runner
         self.trial = trial
         self.saved = saved
-        self.image = runner._image(trial.guests or {})
+        self.image = runner._image(guests_of(trial))
         self.sets: list[GuestSet] = []
         self.sessions: dict[int, GuestSession] = {}
         self.pids: dict[str, int] = {}
         self.root = runner.settings.root
-        self.params = (sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
-                       if trial.workload["type"] == "sysbench" else None)
+        workload = trial.workload_model
+        self.params = workload.params() if isinstance(workload, sysbench.SysbenchWorkload) else None
         self._cpu_mark: tuple[float, float] | None = None  # (monotonic, ksmd CPU s) at window start
 
     # -- DensityHost -----------------------------------------------------------------------
@@ -66,7 +64,7 @@ class VmDensityHost:
         guest_set.__enter__()
         self.sets.append(guest_set)
         guest = guest_set.guests[0]
-        timeout_s = float((self.trial.guests or {})["restore_timeout_s"])
+        timeout_s = guests_of(self.trial).restore_timeout_s
         session = GuestSession.for_image(self.image, guest.ssh_port, connect_deadline_s=timeout_s,
                                          connect_timeout_s=5.0, retry_min_s=0.05)
         session.connect()
@@ -124,7 +122,7 @@ class VmDensityHost:
     def _tps_burst(self) -> float:
         if self.params is None:
             return math.nan
-        burst = self.params.model_copy(update={"duration_s": max(1, int(self.trial.phases["measure_s"]))})
+        burst = self.params.model_copy(update={"duration_s": max(1, int(self.trial.phases_model.measure_s))})
         sessions = {str(i): s for i, s in self.sessions.items()}
         runs = sysbench.run_all(sessions, burst, burst.duration_s + 120)
         values = [r.summary.tps for r in runs.values() if r.ok and r.summary.tps is not None]
@@ -145,30 +143,30 @@ class VmDensityHost:
 
 
 class DensityVmRunner(VmRunner):
-    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
-        assert self.plan.density is not None
-        cfg = self.plan.density.model_dump()
-        guests_cfg = dict(trial.guests or {}, count=int(cfg["max_guests"]))
-        state_trial = dataclasses.replace(trial, guests=guests_cfg)
+    def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
+        cfg = self.plan.density
+        assert cfg is not None
+        # The saved state holds max_guests guests; each step restores the next one.
+        state_trial = dataclasses.replace(trial, guests=dict(trial.guests or {}, count=cfg.max_guests))
         saved, state_info = self._saved_set(state_trial, guest_set_key(state_trial), clock)
-        result["provision"] = dict(state_info, start="restore", density=True)
+        result.provision = dict(state_info, start="restore", density=True)
         host = VmDensityHost(self, state_trial, saved)
         outcome = density.DensityResult()
         sampler = self.sampler_for(trial, host.qemu_pids)
         try:
             with sampler:
                 with clock.phase("baseline", sampler, self.progress):
-                    wait_or_stop(self.stop, trial.phases["baseline_s"])
+                    wait_or_stop(self.stop, trial.phases_model.baseline_s)
                 if trial.ksm_off:
                     self.settings.stop()
                 else:
                     self.settings.start()
                 with clock.phase("measure", sampler, self.progress):
-                    first_mib = int(guests_cfg["memory_mib"]) + QEMU_OVERHEAD_MIB
+                    first_mib = guests_of(state_trial).memory_mib + QEMU_OVERHEAD_MIB
                     density.run_density(host, cfg, first_guest_mib=first_mib, result=outcome)
         finally:
-            result["density"] = outcome.record()
-            result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
-                                "density": pd.DataFrame([dataclasses.asdict(s) for s in outcome.steps])}
-            result["sampler"] = sampler_health(sampler)
+            result.density = outcome.record()
+            result.frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
+                             "density": pd.DataFrame([dataclasses.asdict(s) for s in outcome.steps])}
+            result.sampler = sampler_health(sampler)
             host.close()

@@ -17,13 +17,18 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.planpaths import relative_to_plan
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName
+from orchestrator.validation import Strict, problems
+from orchestrator.workloads.probe import ProbeParams
+from orchestrator.workloads.processes import ProcessesParams
+from orchestrator.workloads.sysbench import SysbenchWorkload
 
 # KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
 # and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
@@ -45,11 +50,7 @@ THP_MODES = ("always", "madvise", "never")
 THP_DEFRAG_MODES = ("always", "defer", "defer+madvise", "madvise", "never")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StudySection(_Strict):
+class StudySection(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     repetitions: int = Field(1, ge=1, le=1000)
@@ -67,7 +68,7 @@ class StudySection(_Strict):
     ksm_off_baseline: bool = False
 
 
-class KsmSection(_Strict):
+class KsmSection(Strict):
     """KSM knobs held for every trial (a sweep axis overrides one per trial)."""
 
     pages_to_scan: int | None = None
@@ -98,12 +99,12 @@ class KsmSection(_Strict):
 POLICY_KEYS = ("policy", "ksmtuned", "kubevirt")
 
 
-class HostSection(_Strict):
+class HostSection(Strict):
     thp_enabled: Literal["always", "madvise", "never"] | None = None
     thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] | None = None
 
 
-class PhasesSection(_Strict):
+class PhasesSection(Strict):
     settle_s: float = Field(0.0, ge=0, le=3600)
     baseline_s: float = Field(5.0, ge=0, le=3600)
     measure_s: float = Field(30.0, gt=0, le=86400)
@@ -128,7 +129,7 @@ class PhasesSection(_Strict):
         return self
 
 
-class SamplingSection(_Strict):
+class SamplingSection(Strict):
     interval_s: float = Field(1.0, ge=0.05, le=600)
     # smaps_rollup walks page tables (~5-6 ms per 256 MiB resident): read PSS on a slower tier.
     pss_interval_s: float = Field(5.0, ge=0.05, le=3600)
@@ -157,63 +158,28 @@ class SamplingSection(_Strict):
         return self
 
 
-class ProcessesWorkloadSection(_Strict):
-    type: Literal["processes"]
-    processes: int = Field(2, ge=1, le=4096)
-    pages_per_process: int = Field(25600, ge=1)
-    fill: Literal["zero", "same", "fixed_random", "random", "duplicate_fraction"] = "same"
-    distinct_pages: int = Field(26, ge=1)
-    duplicate_fraction: float = Field(0.5, ge=0, le=1)
-    # Fills per worker, the first included; 0 = refill every round_wait_s until the trial ends.
-    # Refills rewrite merged pages: copy-on-write breaks merges, which is what makes pages volatile.
-    rounds: int = Field(1, ge=0)
-    round_wait_s: float = Field(1.0, ge=0)
-    merge_mode: Literal["madvise", "prctl"] = "madvise"
-    cpu_pin: Literal["none", "alternate"] | list[int] = "none"
-    seed: int = 0
+class IdleWorkload(Strict):
+    """Guests that only run: what they hold in memory after boot is what KSM merges."""
+
+    type: Literal["idle"] = "idle"
+
+    writes_during_measure: ClassVar[bool] = False
 
 
-class IdleWorkloadSection(_Strict):
-    type: Literal["idle"]
+# Each workload's one model is its adapter's (workloads/): the plan validates its [workload]
+# table with it, the runner gets it back from Trial.workload_model. "type" tells them apart.
+Workload = ProcessesParams | IdleWorkload | SysbenchWorkload | ProbeParams
+WorkloadSection = Annotated[Workload, Field(discriminator="type")]
+WORKLOAD_MODELS: dict[str, type[BaseModel]] = {m.model_fields["type"].default: m for m in get_args(Workload)}
 
 
-class SysbenchWorkloadSection(_Strict):
-    type: Literal["sysbench"]
-    test: str = "oltp_read_write"
-    tables: int = Field(4, ge=1, le=1024)
-    table_size: int = Field(10000, ge=1)
-    threads: int = Field(1, ge=1, le=1024)
-    duration_s: int = Field(60, ge=1, le=86400)
-    report_interval_s: int = Field(1, ge=1, le=3600)
-    rate: int = Field(0, ge=0)
-    # "per_guest": each guest index gets its own data (its own seed); "shared": every guest
-    # boots from one prepared layer and holds identical tables (KSM merges far more).
-    data: Literal["per_guest", "shared"] = "per_guest"
-    rand_seed: int = Field(1, ge=1, le=2**31 - 1)
-    reuse_prepared: bool = True
-    # Unmeasured sysbench run after the guests boot: without it the first trial meets a cold
-    # InnoDB buffer pool and page cache, and its throughput says more about order than KSM.
-    warmup_s: int = Field(0, ge=0, le=3600)
+class _WorkloadTable(BaseModel):
+    """A [workload] table on its own (a sweep point's, a trial's): errors name workload.<key>."""
+
+    workload: WorkloadSection
 
 
-class ProbeWorkloadSection(_Strict):
-    """One host worker whose merge, copy-on-write break and unmerge are timed (proberunner.py)."""
-
-    type: Literal["probe"]
-    pages: int = Field(25600, ge=2)  # probe mapping; a control mapping of as many pages beside it
-    fill: Literal["same", "zero", "duplicate_fraction"] = "same"
-    duplicate_fraction: float = Field(0.5, gt=0, le=1)
-    sample_pages: int = Field(2000, ge=1)  # first writes timed, per region
-    overhead_writes: int = Field(2000, ge=2)  # empty-loop writes to one hot page (the timer's cost)
-    merge_target_pct: float = Field(95.0, gt=0, le=100)  # of the pages that can merge
-    merge_timeout_s: float = Field(300.0, gt=0, le=86400)
-    seed: int = Field(0, ge=0)
-
-
-WorkloadSection = ProcessesWorkloadSection | IdleWorkloadSection | SysbenchWorkloadSection | ProbeWorkloadSection
-
-
-class GuestsSection(_Strict):
+class GuestsSection(Strict):
     count: int = Field(2, ge=1, le=256)
     memory_mib: int = Field(1024, ge=128)
     vcpus: int = Field(1, ge=1, le=256)
@@ -251,7 +217,7 @@ class GuestsSection(_Strict):
         return data
 
 
-class Reference(_Strict):
+class Reference(Strict):
     """A published figure to print beside this study's own, on the same definition."""
 
     metric: str = Field(pattern=r"^[a-z0-9_]+$")  # a trials.csv column, e.g. merged_share_mean_pct
@@ -262,11 +228,11 @@ class Reference(_Strict):
     note: str = ""
 
 
-class ReportSection(_Strict):
+class ReportSection(Strict):
     references: list[Reference] = []
 
 
-class DensitySection(_Strict):
+class DensitySection(Strict):
     """Guest density (density.py): add guests one by one while the workload runs in all of them,
     until the next guest would pass the memory budget or push MemAvailable under the floor."""
 
@@ -284,7 +250,7 @@ class DensitySection(_Strict):
     cost_margin: float = Field(1.1, ge=1.0, le=4.0)
 
 
-class SweepSection(_Strict):
+class SweepSection(Strict):
     """Axes as nested tables: [sweep.ksm] pages_to_scan = [100, 1000]; [sweep.workload] ..."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -292,7 +258,7 @@ class SweepSection(_Strict):
     include: list[dict[str, Any]] = []
 
 
-class SearchSection(_Strict):
+class SearchSection(Strict):
     """Adaptive search over one KSM knob (orchestrator/search.py chooses each next setting).
 
     knee: the setting past which more scanning buys little saving per ksmd CPU (the Kneedle
@@ -324,13 +290,13 @@ class SearchSection(_Strict):
         return self
 
 
-class Plan(_Strict):
+class Plan(Strict):
     study: StudySection
     ksm: KsmSection = KsmSection()
     host: HostSection = HostSection()
     phases: PhasesSection = PhasesSection()
     sampling: SamplingSection = SamplingSection()
-    workload: WorkloadSection = Field(discriminator="type")
+    workload: WorkloadSection
     guests: GuestsSection | None = None
     sweep: SweepSection = SweepSection()
     report: ReportSection = ReportSection()
@@ -375,7 +341,11 @@ def check_ksm_value(knob: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class Trial:
-    """One point of the sweep, fully resolved: what ksm.py applies and the workload runs."""
+    """One point of the sweep, fully resolved: what ksm.py applies and the workload runs.
+
+    The section fields are the resolved tables as the plan wrote them (values as typed in the
+    TOML): trial ids, trial.json and cache keys are made of them. Runners read the settings
+    typed, from the *_model properties (validated once, then cached)."""
 
     trial_id: str
     index: int
@@ -393,6 +363,30 @@ class Trial:
     # {"name": "static"|"advisor"|"ksmtuned"|"kubevirt", "<name>": {params}} (policies/)
     policy: dict[str, Any] = field(default_factory=lambda: {"name": "static"})
     extra: dict[str, Any] = field(default_factory=dict)  # more trial.json fields (search_reason)
+
+    @cached_property
+    def workload_model(self) -> Workload:
+        return workload_model(self.workload)
+
+    @cached_property
+    def guests_model(self) -> GuestsSection | None:
+        return None if self.guests is None else GuestsSection.model_validate(self.guests)
+
+    @cached_property
+    def phases_model(self) -> PhasesSection:
+        return PhasesSection.model_validate(self.phases)
+
+    @cached_property
+    def sampling_model(self) -> SamplingSection:
+        return SamplingSection.model_validate(self.sampling)
+
+
+def workload_model(workload: dict[str, Any]) -> Workload:
+    """A resolved [workload] table as its workload's model; PlanError naming the key if invalid."""
+    try:
+        return _WorkloadTable.model_validate({"workload": workload}).workload
+    except ValidationError as exc:
+        raise PlanError(_describe(exc)) from None
 
 
 SECTIONS_SWEPT = ("ksm", "host", "workload", "guests")
@@ -525,7 +519,7 @@ def _base(plan: Plan) -> dict[str, Any]:
     return {
         "ksm": plan.ksm.model_dump(exclude_none=True),
         "host": plan.host.model_dump(exclude_none=True),
-        "workload": plan.workload.model_dump(),
+        "workload": plan.workload.model_dump(mode="json"),  # as TOML has it: cpu_pin a list
         "guests": plan.guests.model_dump() if plan.guests else None,
     }
 
@@ -558,12 +552,11 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
     try:
         KsmSection.model_validate(merged["ksm"])
         HostSection.model_validate(merged["host"])
-        _WORKLOAD_BY_TYPE[merged["workload"]["type"]].model_validate(merged["workload"])
         if merged["guests"] is not None:
             GuestsSection.model_validate(merged["guests"])
+        _WorkloadTable.model_validate({"workload": merged["workload"]})
     except ValidationError as exc:
         raise PlanError(_describe(exc, prefix=f"[sweep] point {point}: ")) from None
-    _check_workload_adapter(merged["workload"])
     _split_policy(merged)
     merged["ksm_off"] = ksm_off
     merged["phases"] = plan.phases.model_dump()
@@ -590,34 +583,18 @@ def _split_policy(merged: dict[str, Any]) -> None:
     merged["policy"] = policy
 
 
-def _check_workload_adapter(workload: dict[str, Any]) -> None:
-    """The workload adapters have rules of their own (e.g. select_random_* needs tables = 1);
-    check them now, not after the guests booted."""
-    if workload["type"] == "sysbench":
-        from orchestrator.workloads.sysbench import SysbenchParams
-
-        SysbenchParams.from_mapping(sysbench_params(workload))
-    elif workload["type"] == "processes":
-        from orchestrator.workloads.processes import ProcessesParams
-
-        ProcessesParams(**processes_params(workload))
-
-
-def sysbench_params(workload: dict[str, Any]) -> dict[str, Any]:
-    """The adapter's parameters: the plan's table minus what the sweep itself interprets."""
-    return {k: v for k, v in workload.items() if k not in ("type", "data", "reuse_prepared", "warmup_s")}
-
-
 def writes_during_measure(workload: dict[str, Any]) -> bool:
     """Does the workload rewrite memory while KSM measures? Then merged pages keep breaking by
     copy-on-write and any single sample of the saving is a phase-lucky snapshot: report
-    averages over time. processes with rounds other than 1 refill; sysbench writes always."""
-    if workload.get("type") == "processes":
-        return int(workload.get("rounds", 1)) != 1
-    return workload.get("type") == "sysbench"
+    averages over time. processes with rounds other than 1 refill; sysbench writes always.
+
+    For a stored trial's workload table (trial.json): its model's rule and defaults, without
+    refusing a table an older version wrote."""
+    model = WORKLOAD_MODELS.get(str(workload.get("type")))
+    return bool(model is not None and model.model_construct(**workload).writes_during_measure)
 
 
-def fast_interval_s(sampling: dict[str, Any], workload: dict[str, Any]) -> float:
+def fast_interval_s(sampling: SamplingSection, workload: BaseModel) -> float:
     """The KSM tier's tick: the plan's, or for "auto" 20 ticks per refill of a refilling
     processes workload (never below 0.05 s, about 0.6% of a core), 0.05 s for the probe
     workload, else the cheap tier's interval.
@@ -626,31 +603,14 @@ def fast_interval_s(sampling: dict[str, Any], workload: dict[str, Any]) -> float
     those steps misplaces them. Re-sampling a 0.01 s record of a 1 s refill cycle (pages_to_scan
     1000, sleep 10 ms) at random phases, the whole-cycle average of 0.05 s ticks had a 0.5%
     standard deviation, of 0.1 s ticks 0.9%, of 0.13 s ticks 5%."""
-    interval_s = float(sampling["interval_s"])
-    fast = sampling.get("fast_interval_s", "auto")
-    if fast != "auto":
-        return float(fast)
-    if workload.get("type") == "processes" and writes_during_measure(workload):
-        return min(interval_s, max(0.05, float(workload.get("round_wait_s", 1.0)) / 20))
-    if workload.get("type") == "probe":
+    if sampling.fast_interval_s != "auto":
+        return float(sampling.fast_interval_s)
+    if isinstance(workload, ProcessesParams) and workload.writes_during_measure:
+        return min(sampling.interval_s, max(0.05, workload.round_wait_s / 20))
+    if isinstance(workload, ProbeParams):
         # a probe's merge window can last under a second: 20 KSM ticks a second resolve it
-        return min(interval_s, 0.05)
-    return interval_s
-
-
-def processes_params(workload: dict[str, Any]) -> dict[str, Any]:
-    values = {k: v for k, v in workload.items() if k != "type"}
-    pin = values.get("cpu_pin")
-    values["cpu_pin"] = None if pin == "none" else (tuple(pin) if isinstance(pin, list) else pin)
-    return values
-
-
-_WORKLOAD_BY_TYPE: dict[str, type[BaseModel]] = {
-    "processes": ProcessesWorkloadSection,
-    "idle": IdleWorkloadSection,
-    "sysbench": SysbenchWorkloadSection,
-    "probe": ProbeWorkloadSection,
-}
+        return min(sampling.interval_s, 0.05)
+    return sampling.interval_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,22 +618,13 @@ _WORKLOAD_BY_TYPE: dict[str, type[BaseModel]] = {
 
 
 def _describe(exc: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+    def drop_tag(loc: list[str]) -> list[str]:
         # A discriminated union adds the tag to the path ("workload.processes.pages"): drop it.
-        if len(loc) > 1 and loc[0] == "workload" and loc[1] in _WORKLOAD_BY_TYPE:
-            loc.pop(1)
-        key = ".".join(loc) or "(plan)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        got = err.get("input")
-        tail = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{prefix}{key}: {msg}{tail}")
-    return "invalid plan:\n  " + "\n  ".join(lines)
+        if len(loc) > 1 and loc[0] == "workload" and loc[1] in WORKLOAD_MODELS:
+            return loc[:1] + loc[2:]
+        return loc
+
+    return "invalid plan:\n  " + "\n  ".join(prefix + line for line in problems(exc, drop_tag))
 
 
 def parse_plan(text: str, source: str = "<plan>") -> Plan:

@@ -82,6 +82,7 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
     """Bytes a study needs on each file system it writes: results, guest overlays, saved states.
     Keyed by an existing folder on that file system (the nearest existing parent)."""
     from orchestrator.plan import fast_interval_s
+    from orchestrator.workloads.processes import ProcessesParams
 
     needs: dict[Path, int] = {}
 
@@ -92,19 +93,19 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
         needs[folder] = needs.get(folder, 0) + int(nbytes)
 
     for trial in trials:
-        phases = trial.phases
-        seconds = phases["baseline_s"] + phases["settle_s"] + phases["steady_max_s"] + (
-            phases["max_measure_s"] if phases["until_converged"] else phases["measure_s"])
-        fast = fast_interval_s(trial.sampling, trial.workload)
-        targets = trial.guests["count"] if trial.guests else trial.workload.get("processes", 1)
+        phases, guests, workload = trial.phases_model, trial.guests_model, trial.workload_model
+        seconds = phases.baseline_s + phases.settle_s + phases.steady_max_s + (
+            phases.max_measure_s if phases.until_converged else phases.measure_s)
+        fast = fast_interval_s(trial.sampling_model, workload)
+        targets = guests.count if guests else workload.processes if isinstance(workload, ProcessesParams) else 1
         add(results_dir, TRIAL_FIXED_BYTES + seconds / fast * KSM_ROW_BYTES
-            + seconds / trial.sampling["interval_s"] * targets * PROCESS_ROW_BYTES)
+            + seconds / trial.sampling_model.interval_s * targets * PROCESS_ROW_BYTES)
     if plan.guests is not None:
         from orchestrator.provision import DEFAULT_WORK_ROOT
 
         g = plan.guests
         work = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
-        most = max(t.guests["count"] for t in trials)
+        most = max(t.guests_model.count for t in trials if t.guests_model)
         add(work, most * OVERLAY_GROWTH_MIB.get(plan.workload.type, 512) * 2**20)
         if g.start == "restore":
             # A saved state takes at most the guests' RAM (only touched pages are written).

@@ -33,15 +33,11 @@ import pandas as pd
 
 from orchestrator import probes
 from orchestrator.plan import Trial
-from orchestrator.phases import PhaseClock, TrialRunner, sampler_health, trial_phases, wait_or_stop
+from orchestrator.phases import PhaseClock, TrialResult, TrialRunner, sampler_health, wait_or_stop
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
 log = logging.getLogger(__name__)
 MERGE_POLL_S = 0.05  # ksm_stat is a cheap read; 50 ms keeps the merge time's error small
-
-
-def probe_params(workload: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in workload.items() if k != "type"}
 
 
 def merged_mappings(counters: dict[str, int], zero_pages_counted: bool) -> float:
@@ -54,15 +50,16 @@ def merged_mappings(counters: dict[str, int], zero_pages_counted: bool) -> float
 
 
 class ProbeRunner(TrialRunner):
-    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
-        params = ProbeParams(**probe_params(trial.workload))
-        phases = trial_phases(trial)
+    def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
+        params = trial.workload_model
+        assert isinstance(params, ProbeParams)
+        phases = trial.phases_model
         root = self.settings.root
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-probe-"))
         record: dict[str, Any] = {"pages": params.pages, "fill": params.fill,
                                   "mergeable_pages": params.mergeable_pages(),
                                   "merge_target_pages": params.merge_target_pages()}
-        result["probe"] = record
+        result.probe = record
         samples_path = workdir / "cow.csv"
         try:
             with ProbeWorker(params, samples_path, root=root) as worker:
@@ -74,7 +71,7 @@ class ProbeRunner(TrialRunner):
                     with sampler:
                         self.settle_and_steady(trial, sampler, clock, result)
                         with clock.phase("baseline", sampler, self.progress):
-                            wait_or_stop(self.stop, phases["baseline_s"])
+                            wait_or_stop(self.stop, phases.baseline_s)
                         self._merge(trial, clock, sampler, worker, params, record)
                         # run=0 stops ksmd and keeps what it merged: the timed writes then
                         # do not share the CPU with a scan (2 cores here), nor race a re-merge.
@@ -84,13 +81,13 @@ class ProbeRunner(TrialRunner):
                         if not trial.ksm_off:
                             with clock.phase("unmerge", sampler, self.progress):
                                 self._unmerge(trial, record)
-                            wait_or_stop(self.stop, max(0.2, float(trial.sampling["interval_s"])))
+                            wait_or_stop(self.stop, max(0.2, trial.sampling_model.interval_s))
                 finally:
                     frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()}
                     if samples_path.exists():
                         frames["cow"] = pd.read_csv(samples_path)
-                    result["frames"] = frames
-                    result["sampler"] = sampler_health(sampler)
+                    result.frames = frames
+                    result.sampler = sampler_health(sampler)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -113,7 +110,7 @@ class ProbeRunner(TrialRunner):
                     break
                 wait_or_stop(self.stop, MERGE_POLL_S)
             if trial.ksm_off:
-                wait_or_stop(self.stop, float(trial.phases["measure_s"]))
+                wait_or_stop(self.stop, trial.phases_model.measure_s)
         wall_s = time.monotonic() - started
         cpu_after = probes.read_cpu_seconds(ksmd, root) if ksmd else None
         record.update({
@@ -129,6 +126,6 @@ class ProbeRunner(TrialRunner):
     def _unmerge(self, trial: Trial, record: dict[str, Any]) -> None:
         counted = str(trial.ksm.get("use_zero_pages")) == "1"
         record["pages_before_unmerge"] = merged_mappings(probes.read_ksm(self.settings.root), counted)
-        record["unmerge_s"] = round(self.settings.reset(timeout_s=trial.phases["reset_timeout_s"]), 4)
+        record["unmerge_s"] = round(self.settings.reset(timeout_s=trial.phases_model.reset_timeout_s), 4)
         after = probes.read_ksm(self.settings.root)
         record["pages_sharing_after_unmerge"] = after.get("pages_sharing", math.nan)

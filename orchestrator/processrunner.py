@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 
-from orchestrator.phases import PhaseClock, TrialRunner, sampler_health
-from orchestrator.plan import Trial, processes_params
+from orchestrator.phases import PhaseClock, TrialResult, TrialRunner, sampler_health
+from orchestrator.plan import Trial
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
 
 
 class ProcessesRunner(TrialRunner):
-    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
-        params = ProcessesParams(**processes_params(trial.workload))
+    def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
+        params = trial.workload_model
+        assert isinstance(params, ProcessesParams)
         with ProcessesWorkload(params) as workload:
             with clock.phase("fill", None, self.progress):
                 workload.start()
@@ -22,11 +21,11 @@ class ProcessesRunner(TrialRunner):
             try:
                 with sampler:
                     self.settle_and_steady(trial, sampler, clock, result)
-                    result["converged_by_rule"] = self.ksm_phases(trial, sampler, clock)
-                result["rounds_done"] = workload.rounds_done()
+                    result.converged_by_rule = self.ksm_phases(trial, sampler, clock)
+                result.rounds_done = workload.rounds_done()
             finally:
                 # Whatever happened, what was sampled is kept.
-                result["frames"] = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
-                                    "fills": pd.DataFrame(workload.fills())}
-                result["sampler"] = sampler_health(sampler)
+                result.frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
+                                 "fills": pd.DataFrame(workload.fills())}
+                result.sampler = sampler_health(sampler)
             workload.stop(timeout_s=10)

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,12 @@ from orchestrator import policies, studymetrics
 from orchestrator.errors import HostError, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
-from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, Trial, check_against_host, expand
+from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand
 from orchestrator.preflight import space_checks
 from orchestrator.probes import KSM_SYSFS
 from orchestrator.stats import time_mean
 from orchestrator.store import Study, atomic_write_json
-from orchestrator.phases import PhaseClock, StopRequested, TrialRunner, trial_phases
+from orchestrator.phases import PhaseClock, StopRequested, TrialResult, TrialRunner
 from orchestrator.processrunner import ProcessesRunner
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,13 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         "started_wall": time.time(),
         **trial.extra,
     }
-    result: dict[str, Any] = {}
+    result = TrialResult()
     policy_run: policies.PolicyRun | None = None
+    reset_timeout_s = trial.phases_model.reset_timeout_s
     progress.start_trial(trial)
     try:
         with clock.phase("reset", None, progress.phase):
-            record["unmerge_s"] = round(settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"]), 3)
+            record["unmerge_s"] = round(settings.reset(timeout_s=reset_timeout_s), 3)
             settings.apply(trial.ksm, trial.host)
             record["ksm_applied"] = settable_knobs(settings.root)
         # The policy (static, advisor, ksmtuned, kubevirt) decides how KSM runs during measure.
@@ -217,7 +218,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         settings.policy_start = policy_run.start
         runner.run(trial, clock, result)
         record["status"] = "ok"
-        record.update(outside_load(result.get("frames", {}).get("ksm"), trial.sampling))
+        record.update(outside_load(result.frames.get("ksm"), trial.sampling_model))
     except StopRequested:
         record["reason"] = "interrupted by signal"
     except OrchestratorError as exc:
@@ -231,12 +232,12 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         if policy_run is not None:
             record["policy"] = stop_policy(policy_run)
         with contextlib.suppress(OrchestratorError):
-            settings.reset(timeout_s=trial_phases(trial)["reset_timeout_s"])
+            settings.reset(timeout_s=reset_timeout_s)
     record["timings"] = clock.timings
     record["ended_wall"] = time.time()
-    record.update({k: v for k, v in result.items() if k not in ("frames", "json")})
+    record.update(result.record())
     try:
-        study.write_trial(trial.trial_id, record, result.get("frames", {}), result.get("json"))
+        study.write_trial(trial.trial_id, record, result.frames, result.extra_json)
     except StoreError as exc:
         # Nothing more can be stored (a full disk): end the study here, keep what is written.
         raise ResultsNotWritable(str(exc)) from None
@@ -256,7 +257,7 @@ def stop_policy(policy_run: policies.PolicyRun) -> dict[str, Any]:
     return policy_run.summary()
 
 
-def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[str, Any]:
+def outside_load(ksm: pd.DataFrame | None, sampling: SamplingSection) -> dict[str, Any]:
     """The trial's mean CPU use outside the study over measure (% of one core) and whether it
     exceeds the plan's threshold: a disturbed trial's numbers say more about the host than KSM."""
     if ksm is None or ksm.empty or "outside_cpu_pct" not in ksm.columns:
@@ -265,7 +266,7 @@ def outside_load(ksm: pd.DataFrame | None, sampling: Mapping[str, Any]) -> dict[
     if measure.empty:
         return {"outside_cpu_pct": None, "disturbed": False}
     mean = time_mean(measure["t_s"].to_numpy(float), measure["outside_cpu_pct"].to_numpy(float))
-    limit = float(sampling.get("outside_load_max_pct", 5.0))
+    limit = sampling.outside_load_max_pct
     return {"outside_cpu_pct": round(mean, 2), "outside_load_max_pct": limit, "disturbed": bool(mean > limit)}
 
 

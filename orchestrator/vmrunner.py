@@ -32,8 +32,8 @@ from orchestrator.errors import GuestBootError, OrchestratorError, ProvisionErro
 from orchestrator.domains import template_digest
 from orchestrator.fsutil import atomic_copy
 from orchestrator.guest import GuestSession
-from orchestrator.plan import Trial, sysbench_params
 from orchestrator.hostmemory import check_memory_fits
+from orchestrator.plan import GuestsSection, Trial
 from orchestrator.provision import (
     DEFAULT_WORK_ROOT,
     GuestRequest,
@@ -44,7 +44,7 @@ from orchestrator.provision import (
 )
 from orchestrator.readiness import console_tail
 from orchestrator.store import atomic_write_json
-from orchestrator.phases import PhaseClock, StopRequested, TrialRunner, measure, sampler_health, wait_or_stop
+from orchestrator.phases import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class ActiveGuests:
 
 
 def guest_set_key(trial: Trial) -> str:
-    """Trials with the same key can share booted guests (same hardware, image and data)."""
+    """Trials with the same key can share booted guests (same hardware, image and data).
+    Keys (this one, the saved state's, the prepared layer's) hash the trial's tables as the plan
+    wrote them, as trial ids do; settings are read from the typed models."""
     workload = trial.workload
     data = {k: workload.get(k) for k in ("type", "test", "tables", "table_size", "data", "rand_seed", "reuse_prepared")}
     return hashlib.sha256(json.dumps({"guests": trial.guests, "data": data}, sort_keys=True).encode()).hexdigest()[:16]
@@ -100,10 +102,9 @@ class VmRunner(TrialRunner):
         finally:
             self.close_study()
 
-    def run(self, trial: Trial, clock: PhaseClock, result: dict[str, Any]) -> None:
-        guests_cfg = trial.guests or {}
+    def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
         key = guest_set_key(trial)
-        start = guests_cfg.get("start", "restore")
+        start = guests_of(trial).start
         if start == "restore":
             self._run_restored(trial, clock, result, key)
             return
@@ -114,9 +115,9 @@ class VmRunner(TrialRunner):
             if self.active is None:
                 with clock.phase("provision", None, self.progress):
                     self.active = self._provision(trial, key)
-                result["provision"] = dict(self.active.provision_info, reused=False, start=start)
+                result.provision = dict(self.active.provision_info, reused=False, start=start)
             else:
-                result["provision"] = dict(self.active.provision_info, reused=True, start=start)
+                result.provision = dict(self.active.provision_info, reused=True, start=start)
             self._measure(trial, clock, result, self.active)
         except BaseException:
             # A guest set that saw a failure is not trusted for the next trial.
@@ -127,22 +128,22 @@ class VmRunner(TrialRunner):
 
     # -- restore: every trial from the same saved guest state ------------------------------------
 
-    def _run_restored(self, trial: Trial, clock: PhaseClock, result: dict[str, Any], key: str) -> None:
+    def _run_restored(self, trial: Trial, clock: PhaseClock, result: TrialResult, key: str) -> None:
         saved, state_info = self._saved_set(trial, key, clock)
         with clock.phase("restore", None, self.progress):
             self.active = self._restore(trial, key, saved)
-        result["provision"] = dict(self.active.provision_info, **state_info, start="restore")
+        result.provision = dict(self.active.provision_info, **state_info, start="restore")
         try:
             self._measure(trial, clock, result, self.active)
         finally:
             self.close()  # the next trial restores afresh; nothing of this one carries over
 
     def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
-        g = trial.guests or {}
-        if g.get("cache_states", True):
+        g = guests_of(trial)
+        if g.cache_states:
             image_dir = Path(image.manifest_path).parent if image.manifest_path is not None else None
             return states.states_root(image_dir, images.default_cache_dir(), Path(image.disk_path))
-        work_root = Path(g["workdir"]) if g.get("workdir") else DEFAULT_WORK_ROOT
+        work_root = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
         return study_work_dir(work_root, self.plan.study.name) / states.UNCACHED_STATES
 
     def _state_spec(self, trial: Trial, image: images.ImageRef, template: Path | None) -> dict[str, Any]:
@@ -151,25 +152,25 @@ class VmRunner(TrialRunner):
         g = trial.guests or {}
         hardware = {k: g.get(k) for k in ("count", "memory_mib", "vcpus", "domain_type", "nosharepages",
                                           "hugepages", "vcpu_pins", "numa_node", "network")}
-        hardware["domain_type"] = choose_domain_type(g["domain_type"])
+        hardware["domain_type"] = choose_domain_type(guests_of(trial).domain_type)
         workload = {k: v for k, v in trial.workload.items() if k not in ("duration_s", "report_interval_s", "rate")}
         return {"image": image.key or str(image.disk_path), "hardware": hardware, "workload": workload,
                 "template_sha256": template_digest(template)}
 
     def _saved_set(self, trial: Trial, key: str, clock: PhaseClock) -> tuple[states.SavedSet, dict[str, Any]]:
-        g = trial.guests or {}
+        g = guests_of(trial)
         image = self._image(g)
-        template = Path(g["template"]) if g.get("template") else None
+        template = Path(g.template) if g.template else None
         spec = self._state_spec(trial, image, template)
         skey = states.state_key(spec)
         root = self._states_root(trial, image)
-        if not g.get("cache_states", True):
+        if not g.cache_states:
             self._study_state_roots.add(root)
         saved = states.load(root / skey)
         if saved is not None:
             return saved, {"state": skey, "state_reused": True}
         log.info("no saved guest state %s yet: booting, preparing and warming up %d guest(s) to save them",
-                 skey, int(g["count"]))
+                 skey, g.count)
         started = time.monotonic()
         root.mkdir(parents=True, exist_ok=True)
         states.remove_stale_builds(root)
@@ -202,9 +203,9 @@ class VmRunner(TrialRunner):
     def _restore(self, trial: Trial, key: str, saved: states.SavedSet) -> ActiveGuests:
         """Restore every guest of `saved` in parallel onto fresh overlays, reconnect SSH, set each
         guest's clock from the host and prove each is the saved guest (its marker in /run)."""
-        g = trial.guests or {}
+        g = guests_of(trial)
         image = self._image(g)
-        timeout_s = float(g["restore_timeout_s"])
+        timeout_s = g.restore_timeout_s
         started = time.monotonic()
         guest_set = self._guest_set(trial, image, restore=saved)
         guest_set.__enter__()
@@ -260,34 +261,34 @@ class VmRunner(TrialRunner):
 
     # -- provision -----------------------------------------------------------------------------
 
-    def _image(self, guests_cfg: Mapping[str, Any]) -> images.ImageRef:
-        cache = Path(guests_cfg["image_cache_dir"]) if guests_cfg.get("image_cache_dir") else None
-        return images.resolve_image(guests_cfg.get("image") or None, cache_dir=cache)
+    def _image(self, g: GuestsSection) -> images.ImageRef:
+        cache = Path(g.image_cache_dir) if g.image_cache_dir else None
+        return images.resolve_image(g.image or None, cache_dir=cache)
 
     def _guest_set(self, trial: Trial, image: images.ImageRef, study_suffix: str = "",
                    disks: list[Path] | None = None, count: int | None = None,
                    restore: states.SavedSet | None = None, name_stem: str | None = None) -> GuestSet:
-        g = trial.guests or {}
-        count = count or int(g["count"])
+        g = guests_of(trial)
+        count = count or g.count
         requests = [
             GuestRequest(
-                memory_mib=int(g["memory_mib"]),
-                vcpus=int(g["vcpus"]),
-                nosharepages=bool(g["nosharepages"]),
-                hugepages=bool(g["hugepages"]),
-                vcpu_pins=tuple(g.get("vcpu_pins") or ()),
-                numa_node=g.get("numa_node"),
+                memory_mib=g.memory_mib,
+                vcpus=g.vcpus,
+                nosharepages=g.nosharepages,
+                hugepages=g.hugepages,
+                vcpu_pins=tuple(g.vcpu_pins or ()),
+                numa_node=g.numa_node,
                 disk_path=disks[i] if disks else None,
             )
             for i in range(count)
         ]
         options = GuestSetOptions(
-            domain_type=choose_domain_type(g["domain_type"]),
-            network=g["network"],
-            template_path=Path(g["template"]) if g.get("template") else None,
-            **({"work_root": Path(g["workdir"])} if g.get("workdir") else {}),
+            domain_type=choose_domain_type(g.domain_type),
+            network=g.network,
+            template_path=Path(g.template) if g.template else None,
+            **({"work_root": Path(g.workdir)} if g.workdir else {}),
         )
-        return GuestSet(g["uri"], self.plan.study.name + study_suffix, requests, image, options,
+        return GuestSet(g.uri, self.plan.study.name + study_suffix, requests, image, options,
                         restore=restore, name_stem=name_stem)
 
     def _boot(self, guest_set: GuestSet, image: images.ImageRef,
@@ -314,36 +315,35 @@ class VmRunner(TrialRunner):
             raise
 
     def _provision(self, trial: Trial, key: str, name_stem: str | None = None) -> ActiveGuests:
-        g = trial.guests or {}
-        workload = trial.workload
+        g = guests_of(trial)
+        workload = trial.workload_model
         image = self._image(g)
-        check_memory_fits(int(g["count"]), int(g["memory_mib"]), hugepages=bool(g["hugepages"]),
-                          numa_node=g.get("numa_node"))
-        info: dict[str, Any] = {"image": image.key or str(image.disk_path), "guests": int(g["count"])}
+        check_memory_fits(g.count, g.memory_mib, hugepages=g.hugepages, numa_node=g.numa_node)
+        info: dict[str, Any] = {"image": image.key or str(image.disk_path), "guests": g.count}
         disks: list[Path] | None = None
-        if workload["type"] == "sysbench":
-            info["data"] = workload["data"]
-            if workload["reuse_prepared"]:
+        if isinstance(workload, sysbench.SysbenchWorkload):
+            info["data"] = workload.data
+            if workload.reuse_prepared:
                 disks, layer_info = self._prepared_layers(trial, image)
                 info.update(layer_info)
         guest_set = self._guest_set(trial, image, disks=disks, name_stem=name_stem)
         started = time.monotonic()
-        sessions, boot_s = self._boot(guest_set, image, float(g["boot_timeout_s"]))
+        sessions, boot_s = self._boot(guest_set, image, g.boot_timeout_s)
         info["boot_to_ssh_s"] = {name: round(seconds, 1) for name, seconds in boot_s.items()}
         info["boot_wall_s"] = round(time.monotonic() - started, 1)
         active = ActiveGuests(key, guest_set, image, sessions, info)
         try:
-            if workload["type"] == "sysbench" and disks is None:
-                info["prepare_s"] = self._prepare_all(trial, sessions)
-            if workload["type"] == "sysbench" and workload.get("warmup_s"):
-                info["warmup_s"] = self._warm_up(trial, active)
+            if isinstance(workload, sysbench.SysbenchWorkload) and disks is None:
+                info["prepare_s"] = self._prepare_all(workload, sessions)
+            if isinstance(workload, sysbench.SysbenchWorkload) and workload.warmup_s:
+                info["warmup_s"] = self._warm_up(workload, active)
         except BaseException:
             active.close()
             raise
         return active
 
-    def _prepare_all(self, trial: Trial, sessions: Mapping[str, GuestSession]) -> dict[str, float]:
-        params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
+    def _prepare_all(self, workload: sysbench.SysbenchWorkload, sessions: Mapping[str, GuestSession]) -> dict[str, float]:
+        params = workload.params()
         names = list(sessions)
 
         def one(index: int) -> float:
@@ -354,9 +354,8 @@ class VmRunner(TrialRunner):
             durations = list(pool.map(one, range(len(names))))
         return {name: round(d, 1) for name, d in zip(names, durations)}
 
-    def _warm_up(self, trial: Trial, active: ActiveGuests) -> float:
-        params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
-        params = params.model_copy(update={"duration_s": int(trial.workload["warmup_s"])})
+    def _warm_up(self, workload: sysbench.SysbenchWorkload, active: ActiveGuests) -> float:
+        params = workload.params(duration_s=workload.warmup_s)
         log.info("warming up: sysbench for %d s in every guest (not measured)", params.duration_s)
         started = time.monotonic()
         runs = self._run_workload(active, params)
@@ -374,13 +373,13 @@ class VmRunner(TrialRunner):
         so guests prepared separately hold different data). shared: one layer for every guest,
         so all guests hold identical tables (KSM merges far more of them).
         """
-        g = trial.guests or {}
-        workload = trial.workload
-        count = int(g["count"])
-        shared = workload["data"] == "shared"
+        workload = trial.workload_model
+        assert isinstance(workload, sysbench.SysbenchWorkload)
+        count = guests_of(trial).count
+        shared = workload.data == "shared"
         wanted = 1 if shared else count
         layer_dir = prepared_dir(image)
-        spec = {k: workload[k] for k in ("test", "tables", "table_size", "rand_seed")}
+        spec = {k: trial.workload[k] for k in ("test", "tables", "table_size", "rand_seed")}
         spec["image"] = image.key or str(image.disk_path)
         spec["image_mtime_ns"] = Path(image.disk_path).stat().st_mtime_ns
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -389,19 +388,20 @@ class VmRunner(TrialRunner):
         missing = [i for i, p in enumerate(layers) if not p.exists()]
         info: dict[str, Any] = {"prepared_layer": digest, "prepared_layer_reused": not missing}
         if missing:
-            info["prepared_layer_build_s"] = self._build_layers(trial, image, layers, missing, spec, meta_path)
+            info["prepared_layer_build_s"] = self._build_layers(trial, workload, image, layers, missing, spec,
+                                                                meta_path)
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         info["prepare_s_saved"] = meta.get("prepare_s")
         disks = [layers[0]] * count if shared else layers
         return disks, info
 
-    def _build_layers(self, trial: Trial, image: images.ImageRef, layers: list[Path], missing: list[int],
-                      spec: dict[str, Any], meta_path: Path) -> float:
+    def _build_layers(self, trial: Trial, workload: sysbench.SysbenchWorkload, image: images.ImageRef,
+                      layers: list[Path], missing: list[int], spec: dict[str, Any], meta_path: Path) -> float:
         started = time.monotonic()
         log.info("preparing sysbench data in %d guest(s) to cache as disk layers", len(missing))
-        params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload))
+        params = workload.params()
         builder = self._guest_set(trial, image, study_suffix="-prep", count=len(missing))
-        sessions, _ = self._boot(builder, image, float((trial.guests or {})["boot_timeout_s"]))
+        sessions, _ = self._boot(builder, image, guests_of(trial).boot_timeout_s)
         try:
             names = list(sessions)
             with ThreadPoolExecutor(max_workers=len(names)) as pool:
@@ -430,23 +430,24 @@ class VmRunner(TrialRunner):
 
     # -- measure -------------------------------------------------------------------------------
 
-    def _measure(self, trial: Trial, clock: PhaseClock, result: dict[str, Any], active: ActiveGuests) -> None:
-        phases = trial.phases
+    def _measure(self, trial: Trial, clock: PhaseClock, result: TrialResult, active: ActiveGuests) -> None:
+        phases = trial.phases_model
         # QEMU pids do not change while guests run: find them once, not on every sampler tick
         # (each lookup reads libvirt's pid file and the process's cmdline per guest).
         qemu_pids = active.guest_set.qemu_pids()
         sampler = self.sampler_for(trial, lambda: qemu_pids)
         memory_rows: list[dict[str, Any]] = []
         runs: dict[str, sysbench.GuestRun] = {}
-        is_sysbench = trial.workload["type"] == "sysbench"
-        params = sysbench.SysbenchParams.from_mapping(sysbench_params(trial.workload)) if is_sysbench else None
+        workload = trial.workload_model
+        is_sysbench = isinstance(workload, sysbench.SysbenchWorkload)
+        params = workload.params() if isinstance(workload, sysbench.SysbenchWorkload) else None
         alive = active.guest_set.raise_if_lost
         active.guest_set.watch()
         try:
             with sampler:
                 self.settle_and_steady(trial, sampler, clock, result, alive)
                 with clock.phase("baseline", sampler, self.progress):
-                    wait_or_stop(self.stop, phases["baseline_s"], alive)
+                    wait_or_stop(self.stop, phases.baseline_s, alive)
                 memory_rows += self._guest_memory(active, "start", params)
                 if trial.ksm_off:
                     self.settings.stop()
@@ -457,23 +458,24 @@ class VmRunner(TrialRunner):
                         assert params is not None
                         runs = self._run_workload(active, params, alive)
                     else:
-                        result["converged_by_rule"] = measure(phases, sampler, self.stop, alive)
-                if is_sysbench and phases["until_converged"] and not trial.ksm_off:
+                        result.converged_by_rule = measure(phases, sampler, self.stop, alive)
+                if is_sysbench and phases.until_converged and not trial.ksm_off:
                     # The workload ended; keep sampling until KSM settles (bounded by the cap).
                     with clock.phase("tail", sampler, self.progress):
-                        result["converged_by_rule"] = measure(dict(phases, measure_s=0), sampler, self.stop, alive)
+                        tail = phases.model_copy(update={"measure_s": 0})
+                        result.converged_by_rule = measure(tail, sampler, self.stop, alive)
                 memory_rows += self._guest_memory(active, "end", params)
                 alive()  # a guest lost in the last second still fails the trial
         finally:
-            result["frames"] = {
+            result.frames = {
                 "ksm": sampler.ksm_frame(),
                 "processes": sampler.process_frame(),
                 "guest_memory": pd.DataFrame(memory_rows),
             }
-            result["sampler"] = sampler_health(sampler)
+            result.sampler = sampler_health(sampler)
             if runs:
-                result["frames"]["workload"] = sysbench.intervals_frame(runs)
-                result["json"] = {"workload_summary": sysbench.summary_dict(runs)}
+                result.frames["workload"] = sysbench.intervals_frame(runs)
+                result.extra_json = {"workload_summary": sysbench.summary_dict(runs)}
         failed = {name: run.error for name, run in runs.items() if not run.ok}
         if failed:
             details = "; ".join(f"{name}: {error}" for name, error in failed.items())
@@ -533,3 +535,11 @@ def set_clock_and_check(session: GuestSession, marker: str, timeout_s: float = 3
         return round(host_now - float(lines[1]), 3)
     except ValueError:
         raise ProvisionError(f"{session.where}: unreadable guest clock {lines[1]!r}") from None
+
+
+def guests_of(trial: Trial) -> GuestsSection:
+    """The trial's [guests] settings (a VM trial always has them: the plan checks)."""
+    guests = trial.guests_model
+    if guests is None:
+        raise ProvisionError(f"trial {trial.trial_id} runs in guests but has no [guests] table")
+    return guests

@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator import samplemetrics
 from orchestrator.ksm import HostSettings
-from orchestrator.plan import fast_interval_s, parse_plan
+from orchestrator.plan import SamplingSection, fast_interval_s, parse_plan
 from orchestrator.sampler import Sampler
 from orchestrator.sweep import run_sweep
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
@@ -67,7 +67,7 @@ def test_refilled_saving_is_the_same_at_two_sampling_phases(tmp_path, ksm_guard)
     KSM's own trial-to-trial variation is not in the comparison)."""
     settings = HostSettings(tmp_path / "settings-record.json")
     params = ProcessesParams(processes=1, pages_per_process=10_000, fill="fixed_random", rounds=0, round_wait_s=1.0)
-    tick_s = fast_interval_s({"interval_s": 1.0}, {"type": "processes", "rounds": 0, "round_wait_s": 1.0})
+    tick_s = fast_interval_s(SamplingSection(interval_s=1.0), params)
     try:
         settings.reset(timeout_s=60)
         settings.apply({"pages_to_scan": 1000, "sleep_millisecs": 10}, {})

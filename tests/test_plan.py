@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,145 @@ def test_guest_count_is_a_sweep_axis_and_changes_the_guest_set():
         keys[t.guests["count"]].add(guest_set_key(t))
     # Trials differing only in KSM knobs share booted guests; a new count boots a new set.
     assert all(len(k) == 1 for k in keys.values()) and keys[1] != keys[3]
+
+
+# -- one model per workload: the plan validates with the adapter's own ---------------------------
+
+SYSBENCH = '[study]\nname = "x"\n[workload]\ntype = "sysbench"\n{extra}\n[guests]\ncount = 1\n'
+PROCESSES = '[study]\nname = "x"\n[workload]\ntype = "processes"\n{extra}\n'
+
+
+def test_the_plan_builds_the_adapters_own_models():
+    from orchestrator.workloads.probe import ProbeParams
+    from orchestrator.workloads.processes import ProcessesParams
+    from orchestrator.workloads.sysbench import SysbenchWorkload
+
+    assert type(parse_plan(PROCESSES.format(extra="")).workload) is ProcessesParams
+    assert type(parse_plan(SYSBENCH.format(extra="")).workload) is SysbenchWorkload
+    probe = '[study]\nname = "x"\n[workload]\ntype = "probe"\n'
+    assert type(expand(parse_plan(probe))[0].workload_model) is ProbeParams
+
+
+def test_processes_rounds_default_is_one_in_plan_and_adapter():
+    """One default (the README's rounds = 1: fill once, then hold), not 1 here and 0 there."""
+    from orchestrator.workloads.processes import ProcessesParams
+
+    trial = expand(parse_plan(PROCESSES.format(extra="")))[0]
+    assert trial.workload["rounds"] == trial.workload_model.rounds == ProcessesParams().rounds == 1
+    assert not trial.workload_model.writes_during_measure
+
+
+@pytest.mark.parametrize("tables, ok", [(1000, True), (1001, False), (1024, False)])
+def test_sysbench_tables_limit_is_one_limit(tables, ok):
+    """The plan refused tables > 1000 at load before (the adapter's check), while its own
+    model said 1024: one limit now, 1000, the same from the plan and from the adapter."""
+    from orchestrator.workloads.sysbench import SysbenchParams
+
+    text = SYSBENCH.format(extra=f"tables = {tables}")
+    if ok:
+        assert parse_plan(text).workload.tables == tables
+        assert SysbenchParams.from_mapping({"tables": tables}).tables == tables
+        return
+    with pytest.raises(PlanError, match=r"workload\.tables: Input should be less than or equal to 1000"):
+        parse_plan(text)
+    with pytest.raises(PlanError, match=r"^sysbench workload: tables: Input should be less than or equal to 1000"):
+        SysbenchParams.from_mapping({"tables": tables})
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("processes = true", "workload.processes"),  # a whole number, not a bool (the adapter's rule)
+    ("processes = 5000", "workload.processes"),  # <= 4096 (the plan's rule)
+    ("seed = -1", "workload.seed"),  # numpy's SeedSequence takes no negative seed
+    ("round_wait_s = inf", "workload.round_wait_s"),
+    ("cpu_pin = []", "workload.cpu_pin"),
+    ("cpu_pin = [0, -1]", "workload.cpu_pin"),
+    ("pages_per_process = 2.5", "workload.pages_per_process"),
+])
+def test_processes_rules_of_plan_and_adapter_both_hold_at_load(extra, key):
+    with pytest.raises(PlanError, match=rf"\n  {re.escape(key)}: "):
+        parse_plan(PROCESSES.format(extra=extra))
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('test = "oltp_bogus"', "workload.test"),  # the adapter's list of Lua tests
+    ("duration_s = 100000", "workload.duration_s"),  # the plan's cap
+    ('mysql_socket = "/tmp/x.sock"', "workload.mysql_socket"),  # the image's, not a plan key
+])
+def test_sysbench_rules_of_plan_and_adapter_both_hold_at_load(extra, key):
+    with pytest.raises(PlanError, match=rf"\n  {re.escape(key)}: "):
+        parse_plan(SYSBENCH.format(extra=extra))
+
+
+def test_probe_plan_rules_hold_for_the_adapter_too():
+    from orchestrator.workloads.probe import ProbeParams
+
+    for bad in ({"overhead_writes": 1}, {"duplicate_fraction": 0}, {"merge_timeout_s": 0}, {"seed": -1}):
+        with pytest.raises(PlanError, match=rf"^probe workload: {next(iter(bad))}: "):
+            ProbeParams.from_mapping(bad)
+
+
+def test_a_bad_swept_workload_value_names_the_axis_and_the_key():
+    text = PROCESSES.format(extra="") + "[sweep.workload]\nrounds = [1, -1]\n"
+    with pytest.raises(PlanError, match=r"point \{'workload.rounds': -1\}: workload.rounds: Input should be greater"):
+        parse_plan(text)
+
+
+def test_trials_give_runners_typed_settings_with_the_swept_values():
+    text = PROCESSES.format(extra="cpu_pin = [1, 0]") + ("[phases]\nmeasure_s = 12\n[sampling]\ninterval_s = 0.5\n"
+                                                         "[sweep.workload]\nrounds = [0, 3]\n")
+    trials = expand(parse_plan(text))
+    assert [t.workload_model.rounds for t in trials] == [0, 3]
+    first = trials[0]
+    assert first.workload_model.cpu_pin == (1, 0) and first.workload["cpu_pin"] == [1, 0]
+    assert first.phases_model.measure_s == 12.0 and first.sampling_model.interval_s == 0.5
+    assert first.guests_model is None
+    vm = expand(parse_plan(SYSBENCH.format(extra="warmup_s = 7\ntables = 2")))[0]
+    assert vm.guests_model.count == 1 and vm.workload_model.warmup_s == 7
+    params = vm.workload_model.params(duration_s=7)
+    assert (params.tables, params.duration_s, params.mysql_db) == (2, 7, "sbtest")
+
+
+def test_trial_ids_are_what_they_were_before_the_workload_models_moved():
+    """Resume finds finished trials by id: the ids of these plans were recorded before the
+    workloads' models moved into their adapters, and must not change."""
+    plans = {
+        PROCESSES.format(extra="cpu_pin = [0, 1]") + "[sweep.workload]\nrounds = [0, 1]\nround_wait_s = [0.5]\n":
+            ["rounds0-round-wait-s0.5_r0_2c043481", "rounds1-round-wait-s0.5_r0_cad8a5c0"],
+        SYSBENCH.format(extra="tables = 2\nwarmup_s = 5").replace("count = 1", "count = 2")
+        + "[sweep.ksm]\npages_to_scan = [100]\n": ["pts100_r0_fda30752"],
+        '[study]\nname = "t"\n[workload]\ntype = "probe"\npages = 64\n[sweep.host]\nthp_enabled = ["never"]\n':
+            ["thpnever_r0_a28a8e8d"],
+        '[study]\nname = "t"\nksm_off_baseline = true\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
+        "[sweep.ksm]\npages_to_scan = [100]\n": ["ksmoff_r0_d356b048", "pts100_r0_128741fa"],
+    }
+    for text, ids in plans.items():
+        assert [t.trial_id for t in expand(parse_plan(text.replace('name = "x"', 'name = "t"')))] == ids
+
+
+def test_the_readme_plan_reference_lists_each_workloads_keys_and_defaults():
+    """README's [workload] reference names every key of each workload's one model, and no
+    other; its values are the models' defaults (sysbench's warmup_s = 30 is advice, not one)."""
+    import tomllib
+
+    from orchestrator.plan import WORKLOAD_MODELS
+
+    text = (PLANS.parent / "README.md").read_text()
+    start = text.index("[workload]                   # one of four types:")
+    block = text[start:text.index("\n[guests]", start)]
+    tables: dict[str, dict] = {}
+    for line in block.splitlines()[1:]:
+        line = line.removeprefix("# ").split(" #", 1)[0].strip()
+        if "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key == "type":
+            current = tables.setdefault(tomllib.loads(f"v = {value}")["v"], {})
+        else:
+            current[key] = tomllib.loads(f"v = {value}")["v"]
+    assert set(tables) == set(WORKLOAD_MODELS)
+    for kind, model in WORKLOAD_MODELS.items():
+        assert set(tables[kind]) == set(model.model_fields) - {"type"}, kind
+        defaults = model().model_dump(mode="json")
+        advice = {"warmup_s"} if kind == "sysbench" else set()
+        assert {k: v for k, v in tables[kind].items() if k not in advice} == \
+            {k: defaults[k] for k in tables[kind] if k not in advice}, kind

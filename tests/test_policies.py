@@ -508,8 +508,8 @@ class SyntheticRunner:
         self.settings.start()  # the policy hook (static: run=1 on the fake tree)
         x = trial.ksm["pages_to_scan"]
         pages = int(saving(x) * 1024 * 1024 / 4096)
-        result["frames"] = {"ksm": ramp_ksm_frame(final_sharing=pages, plateau=True,
-                                                  cpu_core_fraction=cpu(x) / 100)}
+        result.frames = {"ksm": ramp_ksm_frame(final_sharing=pages, plateau=True,
+                                               cpu_core_fraction=cpu(x) / 100)}
 
     def finish(self):
         pass

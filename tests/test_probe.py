@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator import costs, cowstats, density, trialmetrics
 from orchestrator.errors import PlanError, WorkloadError
-from orchestrator.plan import parse_plan
+from orchestrator.plan import DensitySection, parse_plan
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 from tests.test_metrics import PAGE, finish_study, processes_frame, ramp_ksm_frame, start_study, write_trial
 
@@ -219,8 +219,8 @@ def test_probe_params_target_counts_only_mergeable_pages() -> None:
     assert ProbeParams(pages=1000, fill="duplicate_fraction", duplicate_fraction=0.25,
                        merge_target_pct=80).merge_target_pages() == 200
     assert ProbeParams(pages=1000, fill="same").merge_target_pages() == 950
-    with pytest.raises(PlanError):
-        ProbeParams(pages=1000, fill="random")
+    with pytest.raises(PlanError, match="^probe workload: fill: "):
+        ProbeParams.from_mapping({"pages": 1000, "fill": "random"})
 
 
 def test_shipped_plans_parse() -> None:
@@ -321,8 +321,8 @@ class ScriptedHost:
         return density.Step(guests, self.pss, self.available, ksmd_cpu_pct=3.0, tps_per_guest=20.0)
 
 
-CFG = {"budget_mib": 100_000, "mem_available_floor_mib": 4000, "max_guests": 64, "converge_window_s": 1,
-       "converge_tolerance_pct": 2, "converge_max_s": 1, "verify_mib": 1, "cost_margin": 1.1}
+CFG = DensitySection(budget_mib=100_000, mem_available_floor_mib=4000, max_guests=64, converge_window_s=1,
+                     converge_tolerance_pct=2, converge_max_s=1, verify_mib=1, cost_margin=1.1)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -333,12 +333,12 @@ def test_density_never_crosses_the_floor_when_costs_stay_within_the_margin(seed:
     costs_mib = list(base * rng.uniform(0.96, 1.04, 64))
     host = ScriptedHost(costs_mib, start_available_mib=float(rng.uniform(5000, 20000)))
     result = density.run_density(host, CFG, first_guest_mib=1000.0)
-    assert host.lowest_available >= CFG["mem_available_floor_mib"]
+    assert host.lowest_available >= CFG.mem_available_floor_mib
     assert not result.floor_crossed
     assert "floor" in result.stop_reason or "max_guests" in result.stop_reason
     # and it stopped only when the next guest really could have crossed (not far too early)
-    assert host.available - 1.1 * max(costs_mib[: host.started]) < CFG["mem_available_floor_mib"] or \
-        host.started == CFG["max_guests"]
+    assert host.available - 1.1 * max(costs_mib[: host.started]) < CFG.mem_available_floor_mib or \
+        host.started == CFG.max_guests
 
 
 def test_density_first_guest_is_planned_at_its_maximum() -> None:
@@ -363,7 +363,7 @@ def test_density_plans_with_the_largest_cost_seen_not_the_cheapest() -> None:
 
 
 def test_density_with_cheaper_merged_guests_fits_more_in_a_budget() -> None:
-    cfg = dict(CFG, budget_mib=3000, mem_available_floor_mib=0)
+    cfg = CFG.model_copy(update={"budget_mib": 3000, "mem_available_floor_mib": 0})
     off = density.run_density(ScriptedHost([500.0] * 64), cfg, first_guest_mib=600.0)
     merged = density.run_density(ScriptedHost([500.0] + [250.0] * 63), cfg, first_guest_mib=600.0)
     assert off.steps[-1].guests == 5  # 5 x 500 + 550 > 3000
@@ -507,7 +507,7 @@ def test_probe_runner_flow_on_a_fake_sysfs(tmp_path: Path, ksm_off: bool) -> Non
     from orchestrator.ksm import KSM_SYSFS, HostSettings
     from orchestrator.plan import expand
     from orchestrator.proberunner import ProbeRunner
-    from orchestrator.phases import PhaseClock
+    from orchestrator.phases import PhaseClock, TrialResult
 
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS
@@ -538,16 +538,16 @@ interval_s = 0.1
         trial = dataclasses.replace(trial, ksm_off=True, ksm={})
     settings = HostSettings(tmp_path / "record.json", root)
     runner = ProbeRunner(plan, settings, threading.Event(), lambda phase: None)
-    clock, result = PhaseClock(), {}
+    clock, result = PhaseClock(), TrialResult()
     runner.run(trial, clock, result)
-    record = result["probe"]
+    record = result.probe
     assert record["merged_pages"] == 0 and record["merge_target_reached"] is False
-    assert record["cow_rows"] == len(result["frames"]["cow"]) > 0
+    assert record["cow_rows"] == len(result.frames["cow"]) > 0
     assert {"fill", "baseline", "measure", "cow"} <= set(clock.timings)
     assert (ksm_dir / "run").read_text().strip() == ("0" if ksm_off else "2")
     if not ksm_off:
         assert "unmerge" in clock.timings and record["pages_sharing_after_unmerge"] == 0
-    assert set(result["frames"]["ksm"]["phase"]) >= {"baseline", "measure"}
+    assert set(result.frames["ksm"]["phase"]) >= {"baseline", "measure"}
 
 
 def test_density_result_is_kept_when_verification_fails() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.workloads import processes
@@ -108,7 +109,9 @@ GOOD = dict(processes=2, pages_per_process=64, fill="same")
     ("cpu_pin", "odd"), ("cpu_pin", []), ("cpu_pin", [0, -1]), ("seed", -3),
 ])
 def test_bad_params_raise_plan_error_naming_the_field(field, value):
-    with pytest.raises(PlanError, match=field):
+    with pytest.raises(PlanError, match=rf"^processes workload: {field}: "):
+        ProcessesParams.from_mapping({**GOOD, field: value})
+    with pytest.raises(ValidationError, match=field):
         ProcessesParams(**{**GOOD, field: value})
 
 
@@ -153,7 +156,7 @@ def ksm_stat(pid: int) -> dict[str, str]:
 
 @pytest.fixture
 def small() -> ProcessesParams:
-    return ProcessesParams(processes=2, pages_per_process=256, fill="fixed_random", round_wait_s=0.05)
+    return ProcessesParams(processes=2, pages_per_process=256, fill="fixed_random", rounds=0, round_wait_s=0.05)
 
 
 def test_workers_map_mergeable_pages_with_madvise(small):

@@ -19,11 +19,13 @@ import pytest
 from orchestrator import samplemetrics, states
 from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
 from orchestrator.errors import ProvisionError
-from orchestrator.plan import expand, fast_interval_s, parse_plan, writes_during_measure
-from orchestrator.states import remove_uncached_states
+from orchestrator.plan import PhasesSection, SamplingSection, expand, fast_interval_s, parse_plan, writes_during_measure
 from orchestrator.reportplots import envelope_indices
+from orchestrator.states import remove_uncached_states
+from orchestrator.workloads.probe import ProbeParams
+from orchestrator.workloads.processes import ProcessesParams
 from orchestrator.sampler import Sampler
-from orchestrator.phases import wait_steady
+from orchestrator.phases import SteadyWait, TrialResult, wait_steady
 
 SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
 
@@ -137,13 +139,23 @@ def test_repetitions_run_in_blocks_each_every_setting_once_in_its_own_order():
 
 
 def test_fast_tier_resolves_refills_only_for_refilling_processes():
-    sampling = {"interval_s": 1.0, "fast_interval_s": "auto"}
-    refilling = {"type": "processes", "rounds": 0, "round_wait_s": 1.0}
-    assert writes_during_measure(refilling) and fast_interval_s(sampling, refilling) == pytest.approx(0.05)
-    assert fast_interval_s(sampling, {"type": "processes", "rounds": 1}) == 1.0
-    assert fast_interval_s(sampling, {"type": "processes", "rounds": 0, "round_wait_s": 0.1}) == 0.05
-    assert fast_interval_s(sampling, {"type": "processes", "rounds": 0, "round_wait_s": 4.0}) == pytest.approx(0.2)
+    sampling = SamplingSection(interval_s=1.0, fast_interval_s="auto")
+    refilling = ProcessesParams(rounds=0, round_wait_s=1.0)
+    assert refilling.writes_during_measure and fast_interval_s(sampling, refilling) == pytest.approx(0.05)
+    assert fast_interval_s(sampling, ProcessesParams(rounds=1)) == 1.0
+    assert fast_interval_s(sampling, ProcessesParams(rounds=0, round_wait_s=0.1)) == 0.05
+    assert fast_interval_s(sampling, ProcessesParams(rounds=0, round_wait_s=4.0)) == pytest.approx(0.2)
+    assert fast_interval_s(sampling, ProbeParams()) == 0.05
+    assert fast_interval_s(SamplingSection(interval_s=1.0, fast_interval_s=0.3), refilling) == 0.3
+
+
+def test_stored_workload_tables_say_whether_they_write_during_measure():
+    """metrics.py asks of trial.json's table, with the model's own defaults (rounds = 1)."""
+    assert writes_during_measure({"type": "processes", "rounds": 0, "round_wait_s": 1.0})
+    assert not writes_during_measure({"type": "processes"})
     assert writes_during_measure({"type": "sysbench"}) and not writes_during_measure({"type": "idle"})
+    assert not writes_during_measure({"type": "probe"}) and not writes_during_measure({})
+    assert writes_during_measure({"type": "processes", "rounds": 3, "a_key_of_an_older_version": 1})
 
 
 def test_keep_across_trials_is_refused_with_its_replacement():
@@ -238,13 +250,13 @@ class _Frames:
         return pd.DataFrame({"t_s": t, "label": "vm", "rss_kib": [self.rss_kib(x) for x in t]})
 
 
-STEADY = {"steady_max_s": 4.0, "steady_window_s": 1.5, "steady_slope_mib_per_min": 10.0}
+STEADY = PhasesSection(steady_max_s=4.0, steady_window_s=1.5, steady_slope_mib_per_min=10.0)
 
 
 def test_steady_wait_ends_once_the_guests_stop_growing():
     flat = _Frames(lambda t: 20_000_000, lambda t: 1_000_000)
     out = wait_steady(STEADY, flat, threading.Event())
-    assert out["steady_timed_out"] is False and out["steady_wait_s"] < 3.5
+    assert out is not None and out.timed_out is False and out.wait_s < 3.5
 
 
 def test_steady_wait_is_bounded_and_says_it_timed_out():
@@ -252,10 +264,25 @@ def test_steady_wait_is_bounded_and_says_it_timed_out():
     growing = _Frames(lambda t: 20_000_000 - t * 17_476, lambda t: 1_000_000 + t * 17_476)
     started = time.monotonic()
     out = wait_steady(STEADY, growing, threading.Event())
-    assert out["steady_timed_out"] is True
+    assert out is not None and out.timed_out is True
     assert 4.0 <= time.monotonic() - started < 7.0
-    assert out["steady_slopes_mib_per_min"]["rss"] > 500
+    assert out.slopes_mib_per_min["rss"] > 500
 
 
 def test_no_steady_wait_unless_the_plan_asks():
-    assert wait_steady({"steady_max_s": 0}, None, threading.Event()) == {}
+    assert wait_steady(PhasesSection(steady_max_s=0), None, threading.Event()) is None
+
+
+def test_trial_result_gives_trial_json_what_the_runner_set_in_the_usual_order():
+    result = TrialResult()
+    assert result.record() == {}
+    result.sampler = {"error_count": 0, "last_error": None, "missed_ticks": 0}
+    result.converged_by_rule = False  # False is a finding, not "absent"
+    result.steady = SteadyWait(3.2, False, {"rss": 0.4})
+    result.provision = {"start": "restore"}
+    result.frames = {"ksm": pd.DataFrame({"t_s": [0.0]})}
+    result.extra_json = {"workload_summary": {}}
+    assert list(result.record().items()) == [
+        ("provision", {"start": "restore"}), ("steady_wait_s", 3.2), ("steady_timed_out", False),
+        ("steady_slopes_mib_per_min", {"rss": 0.4}), ("converged_by_rule", False),
+        ("sampler", {"error_count": 0, "last_error": None, "missed_ticks": 0})]

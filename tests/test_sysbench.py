@@ -156,6 +156,8 @@ def test_bad_params_name_the_key(bad, key):
 def test_select_random_tests_need_one_table():
     with pytest.raises(ValidationError, match="supports only tables = 1"):
         SysbenchParams(test="select_random_points", tables=2)
+    with pytest.raises(PlanError, match="supports only tables = 1"):
+        SysbenchParams.from_mapping({"test": "select_random_points", "tables": 2})
     assert SysbenchParams(test="select_random_ranges", tables=1).tables == 1
 
 

@@ -208,3 +208,59 @@ def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path
     assert _ours(study) == {"domains": [], "qemu": []}
     assert _files(tmp_path / "work") == []
     assert snapshot() == ksm_guard
+
+
+def _libvirtd_pid() -> int:
+    pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd", "the pid file does not name libvirtd"
+    return pid
+
+
+def test_libvirtd_stopped_mid_trial_ends_the_study_with_what_to_do(tmp_path, results_dir, ksm_guard):
+    """SIGSTOP libvirtd while a trial measures: keepalive turns the silence into an error, the
+    trial fails as the host's problem, the study ends there (no later trial waits on a dead
+    daemon), the KSM knobs are put back, and the message says to run cleanup. After SIGCONT,
+    `cleanup --study` leaves nothing."""
+    need_vm_host()
+    libvirtd = _libvirtd_pid()
+    study = f"pyt-rstop-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4325, 4326], measure_s=600))
+    output = tmp_path / "sweep.out"
+    with output.open("w") as out:
+        sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
+                                  str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
+    try:
+        deadline = time.monotonic() + 600
+        while not (Path("/sys/kernel/mm/ksm/run").read_text().strip() == "1" and _ours(study)["qemu"]):
+            assert sweep.poll() is None, output.read_text()[-3000:]
+            assert time.monotonic() < deadline, "guests never reached the measure phase"
+            time.sleep(0.5)
+        os.kill(libvirtd, signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            code = sweep.wait(240)
+            took_s = time.monotonic() - stopped_at
+        finally:
+            os.kill(libvirtd, signal.SIGCONT)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    text = output.read_text()
+    assert code == 2, text[-3000:]  # a clear error, not "some trials failed" and not a traceback
+    assert "stopped answering" in text and f"cleanup --study {study}" in text, text[-3000:]
+    assert took_s < 120
+    records = [json.loads(p.read_text()) for p in (results_dir / study / "trials").glob("*/trial.json")]
+    assert len(records) == 1 and records[0]["status"] == "failed"  # the second trial never started
+    assert "stopped answering" in records[0]["reason"]
+    assert snapshot() == ksm_guard  # the knobs went back without libvirt
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while _ours(study)["qemu"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []

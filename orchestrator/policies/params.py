@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from orchestrator.validation import Strict as _Strict
 
 POLICY_NAMES = ("static", "advisor", "ksmtuned", "kubevirt")
 PolicyName = Literal["static", "advisor", "ksmtuned", "kubevirt"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class KsmtunedParams(_Strict):

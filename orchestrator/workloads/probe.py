@@ -20,35 +20,37 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from orchestrator import probes
-from orchestrator.errors import PlanError, WorkloadError
+from orchestrator.errors import WorkloadError
+from orchestrator.validation import Params
 from orchestrator.workloads._prober import PROBE_FILLS
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True)
-class ProbeParams:
-    pages: int = 25600  # 100 MiB of 4 KiB pages in the probe mapping (and as many in the control)
-    fill: str = "same"
-    duplicate_fraction: float = 0.5
-    sample_pages: int = 2000  # merged pages (and as many control pages) whose first write is timed
-    overhead_writes: int = 2000
-    merge_target_pct: float = 95.0  # of the pages that can merge
-    merge_timeout_s: float = 300.0
-    seed: int = 0
+class ProbeParams(Params):
+    """The probe workload: a plan's [workload] type = "probe" table, validated here for the plan
+    and for the worker alike."""
 
-    def __post_init__(self) -> None:
-        if self.fill not in PROBE_FILLS:
-            raise PlanError(f"probe workload: fill must be one of {', '.join(PROBE_FILLS)}, got {self.fill!r}")
-        if self.pages < 2 or self.sample_pages < 1:
-            raise PlanError("probe workload: pages must be >= 2 and sample_pages >= 1")
-        if not 0 < self.merge_target_pct <= 100:
-            raise PlanError(f"probe workload: merge_target_pct must be in (0, 100], got {self.merge_target_pct}")
+    kind: ClassVar[str] = "probe"
+
+    type: Literal["probe"] = "probe"
+    pages: int = Field(25600, ge=2)  # 100 MiB of 4 KiB pages in the probe mapping (and as many in the control)
+    fill: Literal[PROBE_FILLS] = "same"  # the worker's own list of fills
+    duplicate_fraction: float = Field(0.5, gt=0, le=1)
+    sample_pages: int = Field(2000, ge=1)  # merged pages (and as many control pages) whose first write is timed
+    overhead_writes: int = Field(2000, ge=2)  # empty-loop writes to one hot page (the timer's cost)
+    merge_target_pct: float = Field(95.0, gt=0, le=100)  # of the pages that can merge
+    merge_timeout_s: float = Field(300.0, gt=0, le=86400)
+    seed: int = Field(0, ge=0)
+
+    writes_during_measure: ClassVar[bool] = False  # the timed writes come after measure
 
     def mergeable_pages(self) -> int:
         """Pages whose content has a twin (what KSM can merge at best)."""

@@ -10,7 +10,7 @@ Workers are fresh interpreters (``python -m orchestrator.workloads._filler``), n
 the sweep, and they die with it: PR_SET_PDEATHSIG, a parent-pid check for the race before that,
 and a stdin lifeline that exits on EOF.
 
-    params = ProcessesParams(processes=4, pages_per_process=10_000, fill="fixed_random")
+    params = ProcessesParams(processes=4, pages_per_process=10_000, fill="fixed_random", rounds=0)
     with ProcessesWorkload(params) as workload:
         workload.start()
         workload.wait_filled(timeout_s=60)
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 import os
 import selectors
@@ -33,18 +32,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
+
+from pydantic import Field, field_validator
 
 from orchestrator import probes
-from orchestrator.errors import PlanError, WorkloadError
+from orchestrator.errors import WorkloadError
 from orchestrator.resources import package_root
+from orchestrator.validation import Params
 from orchestrator.workloads._filler import FILLS, memory_merge_supported
 
 log = logging.getLogger("orchestrator.workloads.processes")
 
-Fill = Literal["zero", "same", "fixed_random", "random", "duplicate_fraction"]
+Fill = Literal[FILLS]  # the worker's own list of fills
 MergeMode = Literal["madvise", "prctl"]
-MERGE_MODES = ("madvise", "prctl")
 
 # Never plan to take more than this share of MemAvailable: the sampler and ksmd need room too.
 _MEMORY_HEADROOM = 0.9
@@ -55,49 +56,46 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# Whole numbers only (not true, 2.0 or "2"), finite numbers only: a typo in a plan is refused,
+# not read as 1 or as "wait forever".
+_INT = {"strict": True}
+_NUMBER = {"strict": True, "allow_inf_nan": False}
 
 
-@dataclass(frozen=True)
-class ProcessesParams:
-    """One trial's worth of processes-workload settings. Invalid values raise PlanError."""
+class ProcessesParams(Params):
+    """The processes workload: a plan's [workload] type = "processes" table, validated here
+    for the plan and for the workers alike."""
 
-    processes: int
-    pages_per_process: int
-    fill: Fill
-    distinct_pages: int = 26  # K patterns for fill="fixed_random" (the original used 26 letters)
-    duplicate_fraction: float = 0.5  # share of identical pages for fill="duplicate_fraction"
-    rounds: int = 0  # fills per worker, the first included; 0 = until stopped
-    round_wait_s: float = 1.0
+    kind: ClassVar[str] = "processes"
+
+    type: Literal["processes"] = "processes"
+    processes: int = Field(2, ge=1, le=4096, **_INT)
+    pages_per_process: int = Field(25600, ge=1, **_INT)
+    fill: Fill = "same"
+    distinct_pages: int = Field(26, ge=1, **_INT)  # K patterns for fill="fixed_random" (the original used 26 letters)
+    duplicate_fraction: float = Field(0.5, ge=0, le=1, **_NUMBER)  # share of identical pages for "duplicate_fraction"
+    # Fills per worker, the first included; 0 = refill every round_wait_s until the trial ends.
+    # Refills rewrite merged pages: copy-on-write breaks merges, which is what makes pages volatile.
+    rounds: int = Field(1, ge=0, **_INT)
+    round_wait_s: float = Field(1.0, ge=0, **_NUMBER)
     merge_mode: MergeMode = "madvise"
-    cpu_pin: None | Literal["alternate"] | tuple[int, ...] = None
-    seed: int = 0
+    # "none", "alternate" (worker i on CPU i % ncpu) or CPU ids (a tuple: the params stay hashable)
+    cpu_pin: Literal["none", "alternate"] | tuple[int, ...] = "none"
+    seed: int = Field(0, ge=0, **_INT)  # numpy's SeedSequence takes no negative seed
 
-    def __post_init__(self) -> None:
-        def bad(name: str, problem: str) -> PlanError:
-            return PlanError(f"processes workload: {name} {problem}, got {getattr(self, name)!r}")
+    @field_validator("cpu_pin", mode="before")
+    @classmethod
+    def _cpu_pin(cls, pin: object) -> object:
+        if pin in ("none", "alternate"):
+            return pin
+        if isinstance(pin, (list, tuple)) and pin and all(_is_int(c) and c >= 0 for c in pin):
+            return tuple(pin)
+        raise ValueError('must be "none", "alternate" or a non-empty list of CPU ids >= 0')
 
-        for name, minimum in (("processes", 1), ("pages_per_process", 1), ("distinct_pages", 1),
-                              ("rounds", 0), ("seed", 0)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < minimum:
-                raise bad(name, f"must be an integer >= {minimum}")
-        if self.fill not in FILLS:
-            raise bad("fill", f"must be one of {', '.join(FILLS)}")
-        if self.merge_mode not in MERGE_MODES:
-            raise bad("merge_mode", f"must be one of {', '.join(MERGE_MODES)}")
-        if not _is_finite_number(self.duplicate_fraction) or not 0 <= self.duplicate_fraction <= 1:
-            raise bad("duplicate_fraction", "must be a number in [0, 1]")
-        if not _is_finite_number(self.round_wait_s) or self.round_wait_s < 0:
-            raise bad("round_wait_s", "must be a finite number >= 0")
-        pin = self.cpu_pin
-        if isinstance(pin, str):
-            if pin != "alternate":
-                raise bad("cpu_pin", 'must be None, "alternate" or a list of CPU ids')
-        elif pin is not None:
-            if not isinstance(pin, Sequence) or not pin or not all(_is_int(c) and c >= 0 for c in pin):
-                raise bad("cpu_pin", 'must be None, "alternate" or a non-empty list of CPU ids >= 0')
-            object.__setattr__(self, "cpu_pin", tuple(pin))  # lists from TOML; keep the params hashable
+    @property
+    def writes_during_measure(self) -> bool:
+        """Refills (rounds other than 1) keep rewriting merged pages while KSM measures."""
+        return self.rounds != 1
 
     @property
     def bytes_total(self) -> int:
@@ -109,7 +107,7 @@ class ProcessesParams:
         "alternate" is round robin over the CPUs this process may use, which on an unrestricted
         host is the original study's `i % ncpu`.
         """
-        if self.cpu_pin is None:
+        if self.cpu_pin == "none":
             return None
         cpus = sorted(usable_cpus) if self.cpu_pin == "alternate" else self.cpu_pin
         return cpus[worker_index % len(cpus)]

@@ -14,14 +14,13 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import pandas as pd
-from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from orchestrator.errors import GuestError, PlanError, WorkloadError
+from orchestrator.errors import GuestError, WorkloadError
+from orchestrator.validation import Params
 
 # The lua tests sysbench 1.0 ships in /usr/share/sysbench (all use the oltp_common schema).
 SysbenchTest = Literal[
@@ -49,20 +48,33 @@ WORKLOAD_COLUMNS = [
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-class SysbenchParams(BaseModel):
-    """One sysbench configuration, as a plan's `[workload]` table describes it."""
+class _SysbenchRun(Params):
+    """What one sysbench run is given, as a plan's [workload] table sets it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: ClassVar[str] = "sysbench"
 
     test: SysbenchTest = "oltp_read_write"
     tables: int = Field(4, ge=1, le=1000)
     table_size: int = Field(10_000, ge=1)
     threads: int = Field(1, ge=1, le=1024)
-    duration_s: int = Field(60, ge=1)
-    report_interval_s: int = Field(1, ge=1)
+    duration_s: int = Field(60, ge=1, le=86400)
+    report_interval_s: int = Field(1, ge=1, le=3600)
     rate: int = Field(0, ge=0, description="target transactions/s per guest; 0 = unlimited")
     # 0 would make sysbench seed its run from the clock (see seed_for_guest for prepare).
     rand_seed: int = Field(1, ge=1, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _one_table_tests(self) -> _SysbenchRun:
+        # select_random_*.lua assert tables == 1 and fail only once the run has started.
+        if self.test.startswith("select_random_") and self.tables != 1:
+            raise ValueError(f"{self.test} supports only tables = 1, got {self.tables}")
+        return self
+
+
+class SysbenchParams(_SysbenchRun):
+    """One sysbench configuration: the run's settings plus how to reach the guest's MariaDB
+    (the guest image's facts, not a plan's keys). What the command builders take."""
+
     mysql_socket: str = "/run/mysqld/mysqld.sock"
     mysql_db: str = "sbtest"
     mysql_user: str = "root"
@@ -82,24 +94,26 @@ class SysbenchParams(BaseModel):
             raise ValueError(f"must be an absolute path in the guest, got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _one_table_tests(self) -> SysbenchParams:
-        # select_random_*.lua assert tables == 1 and fail only once the run has started.
-        if self.test.startswith("select_random_") and self.tables != 1:
-            raise ValueError(f"{self.test} supports only tables = 1, got {self.tables}")
-        return self
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> SysbenchParams:
-        """Validate a plan's table; every problem is reported in one PlanError line per key."""
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'workload'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise PlanError(f"sysbench workload: {problems}") from exc
+class SysbenchWorkload(_SysbenchRun):
+    """A plan's [workload] type = "sysbench" table: the run's settings plus how the VM runner
+    prepares and warms up the guests' data (vmrunner.py)."""
+
+    type: Literal["sysbench"] = "sysbench"
+    # "per_guest": each guest index gets its own data (its own seed); "shared": every guest
+    # boots from one prepared layer and holds identical tables (KSM merges far more).
+    data: Literal["per_guest", "shared"] = "per_guest"
+    reuse_prepared: bool = True
+    # Unmeasured sysbench run after the guests boot: without it the first trial meets a cold
+    # InnoDB buffer pool and page cache, and its throughput says more about order than KSM.
+    warmup_s: int = Field(0, ge=0, le=3600)
+
+    writes_during_measure: ClassVar[bool] = True  # every OLTP test writes (the undo log, at least)
+
+    def params(self, **update: Any) -> SysbenchParams:
+        """The run's parameters (a warm-up or a burst changes duration_s through `update`)."""
+        run = self.model_dump(include=set(_SysbenchRun.model_fields))
+        return SysbenchParams(**{**run, **update})
 
 
 # ---------------------------------------------------------------- command builders

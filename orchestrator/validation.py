@@ -1,0 +1,58 @@
+"""The base of every settings model (plan sections, workload parameters) and the one way a
+pydantic ValidationError becomes "key: problem" lines of a PlanError.
+
+Below plan.py and the workload adapters alike: both import it, it imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from orchestrator.errors import PlanError
+
+
+class Strict(BaseModel):
+    """Unknown keys are refused and a validated model never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def problems(exc: ValidationError, drop: Callable[[list[str]], list[str]] | None = None,
+             whole: str = "(plan)") -> list[str]:
+    """One "key: problem (got value)" line per error. `drop(loc)` may return a shorter
+    location (the plan drops a discriminated union's tag: "workload.processes.pages");
+    `whole` names what an error of no one key is about ("": the message alone)."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        if drop is not None:
+            loc = drop(loc)
+        key = ".".join(loc) or whole
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = err.get("input")
+        tail = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{key}: {msg}{tail}" if key else f"{msg}{tail}")
+    return lines
+
+
+class Params(Strict):
+    """A workload's parameters: the model the plan validates its [workload] table with and the
+    adapter runs with. from_mapping refuses a bad table with one PlanError naming every bad
+    key, "<kind> workload: key: problem"; the constructor raises pydantic's ValidationError.
+    (No __init__ of its own: pydantic would call it inside the plan's validation too.)"""
+
+    kind: ClassVar[str] = "the"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Any:
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise PlanError(f"{cls.kind} workload: " + "; ".join(problems(exc, whole=""))) from None
