@@ -112,10 +112,17 @@ def watch_close(conn: libvirt.virConnect, on_close: Callable[[str], None]) -> No
         conn.registerCloseCallback(closed, None)
 
 
+def unwatch_close(conn: libvirt.virConnect) -> None:
+    """Undo watch_close: the registration holds a reference that would keep the connection
+    (and a test:/// driver's state) alive after close()."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.unregisterCloseCallback()
+
+
 def is_alive(conn: libvirt.virConnect) -> bool:
     try:
         return bool(conn.isAlive())
-    except libvirt.libvirtError:
+    except (libvirt.libvirtError, TypeError):  # TypeError: a connection already closed here
         return False
 
 

@@ -58,6 +58,7 @@ from orchestrator.libvirtconn import (
     is_alive,
     libvirt_errors,
     state_reason,
+    unwatch_close,
     unwatch_lifecycle,
     watch_close,
     watch_lifecycle,
@@ -586,6 +587,7 @@ class GuestSet:
                 except (libvirt.libvirtError, OSError, HostError) as exc:
                     problems.append(f"{slot.name}: {exc}")
             if self._conn is not None and not problems:
+                unwatch_close(self._conn)
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
@@ -598,6 +600,7 @@ class GuestSet:
         """The connection died (libvirtd was stopped or restarted): one bounded attempt at a
         new one, or HostUnresponsive naming what is left for `cleanup`."""
         dead, self._conn = self._conn, None
+        unwatch_close(dead)
         with contextlib.suppress(libvirt.libvirtError):
             dead.close()
         try:

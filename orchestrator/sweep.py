@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import policies, studymetrics
-from orchestrator.errors import HostError, OrchestratorError, StoreError
+from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
 from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand
@@ -84,7 +84,7 @@ class SweepOutcome:
     reruns: int = 0
     interrupted: bool = False
     stop_signal: int | None = None  # the signal that interrupted it
-    aborted: str | None = None  # why the study stopped early (results no longer writable)
+    aborted: StudyHalted | None = None  # why the study stopped early (results not writable, libvirtd gone)
 
 
 def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
@@ -141,9 +141,11 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         break
                     try:
                         status = _run_one(study, runner, settings, trial, stop, progress)
-                    except ResultsNotWritable as exc:
-                        outcome.aborted = str(exc)
+                    except StudyHalted as exc:
+                        outcome.aborted = exc
+                        outcome.ran += exc.trial_written
                         outcome.failed += 1
+                        progress.advance(trial, "failed")
                         log.error("%s: stopping the study (trials already written are kept)", exc)
                         break
                     outcome.ran += 1
@@ -178,8 +180,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         except StoreError as exc:
                             log.error("trials.csv not written: %s", exc)
     if outcome.aborted is not None:
-        raise StoreError(f"{outcome.aborted}. The study stopped there; the trials written before are in "
-                         f"{study.path}. Free space, then run the same command with --resume.")
+        halt = outcome.aborted
+        raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
+                         f"{study.path}. {halt.advice}")
     return outcome
 
 
@@ -205,6 +208,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         **trial.extra,
     }
     result = TrialResult()
+    host_gone: HostUnresponsive | None = None
     policy_run: policies.PolicyRun | None = None
     reset_timeout_s = trial.phases_model.reset_timeout_s
     progress.start_trial(trial)
@@ -221,6 +225,11 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         record.update(outside_load(result.frames.get("ksm"), trial.sampling_model))
     except StopRequested:
         record["reason"] = "interrupted by signal"
+    except HostUnresponsive as exc:
+        # libvirtd stopped answering: no later trial can start, so this one ends the study
+        record["reason"] = str(exc)
+        log.error("trial %s failed: %s", trial.trial_id, exc)
+        host_gone = exc
     except OrchestratorError as exc:
         record["reason"] = str(exc)
         log.error("trial %s failed: %s", trial.trial_id, exc)
@@ -240,12 +249,23 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         study.write_trial(trial.trial_id, record, result.frames, result.extra_json)
     except StoreError as exc:
         # Nothing more can be stored (a full disk): end the study here, keep what is written.
-        raise ResultsNotWritable(str(exc)) from None
+        raise StudyHalted(str(exc), StoreError, "Free space, then run the same command with --resume.",
+                          trial_written=False) from None
+    if host_gone is not None:
+        raise StudyHalted(str(host_gone), HostUnresponsive, host_gone.advice, trial_written=True)
     return record["status"]
 
 
-class ResultsNotWritable(OrchestratorError):
-    """The study folder took no more data: the sweep stops, keeping every trial written."""
+class StudyHalted(OrchestratorError):
+    """No later trial can run (the study folder takes no more data; libvirtd stopped
+    answering): the sweep ends the study after this trial, keeping every trial written, and
+    raises ``error`` with ``advice`` once the host settings are restored."""
+
+    def __init__(self, message: str, error: type[OrchestratorError], advice: str, trial_written: bool) -> None:
+        super().__init__(message)
+        self.error = error
+        self.advice = advice
+        self.trial_written = trial_written
 def stop_policy(policy_run: policies.PolicyRun) -> dict[str, Any]:
     """Stop the trial's policy (before the reset: ksmtuned must not write after it) and return
     its summary for trial.json; a stop that fails is recorded, never lost."""

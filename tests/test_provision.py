@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator.domains import METADATA_NS
 from orchestrator.errors import GuestBootError, HostError, HostUnresponsive, ProvisionError
+from orchestrator.libvirtconn import unwatch_close, unwatch_lifecycle
 from orchestrator.cleanup import cleanup
 from orchestrator.hostmemory import MemoryMargin, check_memory_fits
 from orchestrator.ports import PortRegistry
@@ -120,7 +121,11 @@ def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(test_conn, im
         with pytest.raises(HostUnresponsive, match="stopped answering .no keepalive answer") as caught:
             guests.raise_if_lost()
         assert "ksmlab-drop-0" in str(caught.value) and "cleanup --study drop" in caught.value.advice
-        guests._conn.close()  # what libvirt did to it; the teardown must open a new one
+        # What libvirt did to it; the teardown must open a new one. (Registrations left on a
+        # closed connection would keep the test driver's state for the next tests.)
+        unwatch_close(guests._conn)
+        unwatch_lifecycle(guests._conn, guests._event_id)
+        guests._conn.close()
     assert names(test_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
