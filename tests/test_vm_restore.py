@@ -264,3 +264,31 @@ def test_libvirtd_stopped_mid_trial_ends_the_study_with_what_to_do(tmp_path, res
         time.sleep(0.5)
     assert _ours(study) == {"domains": [], "qemu": []}
     assert _files(tmp_path / "work") == []
+
+
+def test_a_guest_paused_mid_measure_fails_the_trial_and_never_hangs(tmp_path, results_dir, ksm_guard):
+    """A paused guest (QEMU pauses one whose disk is full; here libvirt's suspend does it) keeps
+    its QEMU process and answers nothing: the lifecycle event must fail the trial at once, and
+    the sweep go on to tear it down, not wait on the silent guest."""
+    need_vm_host()
+    study = f"pyt-rpause-{os.getpid()}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [4327], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, 4327)
+    try:
+        victim = sorted(_ours(study)["domains"])[0]
+        with libvirt.open(URI) as conn:
+            conn.lookupByName(victim).suspend()
+        paused_at = time.monotonic()
+        assert sweep.wait(120) == 1  # the trial failed; not an error of the tool
+        assert time.monotonic() - paused_at < 60
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    assert record["status"] == "failed"
+    assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "paused" in record["reason"]
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(tmp_path / "work") == []
+    assert snapshot() == ksm_guard
