@@ -51,9 +51,13 @@ def net_latency_ns(samples: pd.DataFrame, region: str, overhead: float) -> np.nd
     return np.maximum(values, FLOOR_NS)
 
 
-def cow_summary(samples: pd.DataFrame | None) -> dict[str, Any]:
+def cow_summary(samples: pd.DataFrame | None, merged_pages: float | None = None) -> dict[str, Any]:
     """cow_<region>_p50/p90/p99_ns, cow_<region>_n, cow_overhead_ns and cow_median_ratio
-    (merged p50 / unmerged p50, both net of overhead)."""
+    (merged p50 / unmerged p50, both net of overhead).
+
+    ``merged_pages`` = 0 (a KSM-on probe whose merge window merged nothing; seen: fill=zero
+    under thp=always): the "merged" region's first writes were not KSM copy-on-write breaks,
+    whatever they cost (THP faults there), so no ratio is claimed and ``cow_note`` says why."""
     if samples is None or samples.empty or not {"region", "latency_ns"} <= set(samples.columns):
         return {}
     overhead = overhead_ns(samples)
@@ -65,4 +69,7 @@ def cow_summary(samples: pd.DataFrame | None) -> dict[str, Any]:
             out[f"cow_{region}_p{pct}_ns"] = float(np.percentile(values, pct)) if values.size else math.nan
     merged, unmerged = out["cow_merged_p50_ns"], out["cow_unmerged_p50_ns"]
     out["cow_median_ratio"] = merged / unmerged if unmerged > 0 and math.isfinite(merged) else math.nan
+    if merged_pages == 0:
+        out["cow_median_ratio"] = math.nan
+        out["cow_note"] = "nothing merged: the merged region's writes are not KSM copy-on-write breaks"
     return out

@@ -149,6 +149,17 @@ def ksm_counter_paths(root: Path = Path("/")) -> dict[str, Path]:
     return {name: root / KSM_SYSFS / name for name in KSM_COUNTERS}
 
 
+def ksm_knob_names(root: Path = Path("/")) -> tuple[str, ...] | None:
+    """The files of the KSM folder that are not KSM_COUNTERS (the knobs, which the sweep or a
+    policy changes, and read-only settings); None when this kernel has no KSM folder."""
+    try:
+        entries = os.scandir(root / KSM_SYSFS)
+    except FileNotFoundError:
+        return None
+    with entries:
+        return tuple(sorted(e.name for e in entries if e.is_file() and e.name not in KSM_COUNTERS))
+
+
 def read_ksm(root: Path = Path("/"), names: tuple[str, ...] | None = None) -> dict[str, int]:
     """Every integer KSM sysfs value, or those of `names` that exist (general_profit in bytes,
     may be negative)."""

@@ -112,6 +112,7 @@ class Sampler:
         self._ksm_rows: list[dict[str, Any]] = []
         self._process_rows: list[dict[str, Any]] = []
         self._ksmd_pid: int | None = None
+        self._knob_names: tuple[str, ...] | None = None  # the KSM folder minus its counters
         self._prev_ksmd: tuple[float, float] | None = None  # (monotonic s, cpu s)
         # (monotonic s, {pid: cpu s incl. reaped children}, {pid: ppid}, study pids) of the last cheap tick
         self._prev_host: tuple[float, dict[int, float], dict[int, int], set[int]] | None = None
@@ -194,6 +195,8 @@ class Sampler:
         paths = probes.ksm_counter_paths(self.root)
         if self._ksmd_pid is not None:
             paths[_KSMD_STAT] = self.root / "proc" / str(self._ksmd_pid) / "stat"
+        # The cheap tier adds the rest of the folder (knobs: a policy may change them).
+        self._knob_names = probes.ksm_knob_names(self.root)
         with probes.CounterFiles(paths) as files:
             self._loop(files)
 
@@ -239,8 +242,10 @@ class Sampler:
         row: dict[str, Any] = dict(common)
         texts = files.read()
         ksmd_stat = texts.pop(_KSMD_STAT, None)
-        # the cheap tier reads the whole folder (knobs too: a policy may change them)
-        row.update(probes.read_ksm(self.root) if cheap_tier else probes.parse_ksm_dir(texts))
+        row.update(probes.parse_ksm_dir(texts))
+        if cheap_tier:
+            # None (no KSM folder when the thread started): read_ksm says so, as an error per tick
+            row.update(probes.read_ksm(self.root, self._knob_names))
         row.update(self._ksmd_cpu(ksmd_stat))
         if not cheap_tier:
             row["tick_ms"] = (time.monotonic() - started) * 1000.0

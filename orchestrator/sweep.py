@@ -225,14 +225,11 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         record.update(outside_load(result.frames.get("ksm"), trial.sampling_model))
     except StopRequested:
         record["reason"] = "interrupted by signal"
-    except HostUnresponsive as exc:
-        # libvirtd stopped answering: no later trial can start, so this one ends the study
-        record["reason"] = str(exc)
-        log.error("trial %s failed: %s", trial.trial_id, exc)
-        host_gone = exc
     except OrchestratorError as exc:
         record["reason"] = str(exc)
         log.error("trial %s failed: %s", trial.trial_id, exc)
+        if isinstance(exc, HostUnresponsive):  # libvirtd stopped answering: no later trial can start
+            host_gone = exc
     except Exception as exc:  # a bug in one trial must not lose the study: record it and go on
         record["reason"] = f"{type(exc).__name__}: {exc}"
         log.exception("trial %s failed unexpectedly", trial.trial_id)

@@ -113,16 +113,11 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
         extra.update(costs.zero_page_split(measure, ksm_settings, page_size_bytes))
         extra.update(costs.metadata_memory(measure, page_size_bytes,
                                            float(out.get("ksm_rmap_items", math.nan))))
-    if isinstance(info.get("probe"), dict) and not out["ksm_off"]:
-        # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
-        extra.update(costs.probe_record_metrics(info["probe"], page_size_bytes))
-    extra.update(cowstats.cow_summary(data.cow))
-    if isinstance(info.get("probe"), dict) and not out["ksm_off"] and not info["probe"].get("merged_pages"):
-        # Nothing merged (seen: fill=zero under thp=always, 0 pages in the merge window): the
-        # "merged" region's first writes were not KSM copy-on-write breaks, whatever they cost
-        # (3.9 us median there: THP faults), so no merged/unmerged ratio is claimed.
-        extra["cow_median_ratio"] = math.nan
-        extra["cow_note"] = "nothing merged: the merged region's writes are not KSM copy-on-write breaks"
+    # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
+    probe = info.get("probe") if isinstance(info.get("probe"), dict) and not out["ksm_off"] else {}
+    if probe:
+        extra.update(costs.probe_record_metrics(probe, page_size_bytes))
+    extra.update(cowstats.cow_summary(data.cow, merged_pages=probe.get("merged_pages")))
     if isinstance(info.get("density"), dict):
         from orchestrator.density import density_summary
 

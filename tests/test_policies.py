@@ -261,13 +261,19 @@ def _alive(pid: int) -> bool:
     return ksmtuned._comm(pid) == "ksmtuned"
 
 
-def test_ksmtuned_run_starts_and_stops_by_pid_with_a_stand_in(tmp_path):
+def _stand_in(tmp_path: Path, conf_text: str) -> tuple[Path, Path]:
+    """(executable, system conf) of a stand-in ksmtuned under tmp_path."""
     exe = tmp_path / "bin" / "ksmtuned"
     exe.parent.mkdir()
     exe.write_text(FAKE_KSMTUNED)
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     conf = tmp_path / "ksmtuned.conf"
-    conf.write_text("# KSM_MONITOR_INTERVAL=60\n")
+    conf.write_text(conf_text)
+    return exe, conf
+
+
+def test_ksmtuned_run_starts_and_stops_by_pid_with_a_stand_in(tmp_path):
+    exe, conf = _stand_in(tmp_path, "# KSM_MONITOR_INTERVAL=60\n")
     root = fake_root(tmp_path)
     settings = HostSettings(tmp_path / "record.json", root)
     run = ksmtuned.KsmtunedRun(settings, KsmtunedParams(npages_boost=444, sleep_ms=12), tmp_path / "trial",
@@ -291,12 +297,7 @@ def test_restore_stops_the_ksmtuned_a_killed_sweep_left_running(tmp_path):
     """A sweep killed by SIGKILL never stops its ksmtuned; `restore STUDY` must, before it puts
     the knobs back (the daemon would rewrite them). A record whose PID now names another
     process (another start time) is not signalled."""
-    exe = tmp_path / "bin" / "ksmtuned"
-    exe.parent.mkdir()
-    exe.write_text(FAKE_KSMTUNED)
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    conf = tmp_path / "ksmtuned.conf"
-    conf.write_text("")
+    exe, conf = _stand_in(tmp_path, "")
     study = tmp_path / "study"
     settings = HostSettings(tmp_path / "record.json", fake_root(tmp_path))
     left = ksmtuned.KsmtunedRun(settings, KsmtunedParams(), study / "trials" / "t1", executable=exe, system_conf=conf)

@@ -128,10 +128,13 @@ def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm
     assert _files(tmp_path / "work") == []
 
 
-def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int) -> subprocess.Popen:
-    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir),
-                              "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int, output: Path | None = None) -> subprocess.Popen:
+    """Start the sweep and return once its trial at pages_to_scan=pts measures; its terminal
+    output (wide, so messages are not wrapped) goes to `output` when given."""
+    with (output.open("w") if output else open(os.devnull, "w")) as out:
+        sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
+                                  str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
     deadline = time.monotonic() + 600
     while Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != str(pts) or \
             Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1":
@@ -142,6 +145,41 @@ def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int) -> subproces
             raise AssertionError("guests never reached the measure phase")
         time.sleep(0.5)
     return sweep
+
+
+def _lose_a_guest_mid_measure(tmp_path: Path, results_dir: Path, study: str, pts: int,
+                              act: str) -> tuple[dict, str]:
+    """Run a one-trial restored study, do `act` ("destroy", "suspend") to one guest while it
+    measures, and return (the trial's record, the guest's name) once the sweep has ended with
+    "some trials failed" within 60 s."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(idle_plan(study, tmp_path / "work", [pts], measure_s=600))
+    sweep = _sweep_until_measuring(plan, results_dir, pts)
+    try:
+        victim = sorted(_ours(study)["domains"])[0]
+        with libvirt.open(URI) as conn:
+            getattr(conn.lookupByName(victim), act)()
+        acted_at = time.monotonic()
+        assert sweep.wait(120) == 1  # some trials failed: not an error of the tool
+        assert time.monotonic() - acted_at < 60
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    return record, victim
+
+
+def _cleanup_leaves_nothing(study: str, workdir: Path) -> None:
+    """`cleanup --study` after a sweep that could not tear down: no domain, QEMU or file left."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while _ours(study)["qemu"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ours(study) == {"domains": [], "qemu": []}
+    assert _files(workdir) == []  # no overlay, console log or stray save file
 
 
 def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ksm_guard):
@@ -172,14 +210,7 @@ def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_
     sweep.send_signal(signal.SIGKILL)
     sweep.wait(30)
     assert _ours(study)["domains"]  # SIGKILL leaves them: that is what cleanup is for
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    deadline = time.monotonic() + 30
-    while _ours(study)["qemu"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []  # no overlay, console log or stray save file
+    _cleanup_leaves_nothing(study, tmp_path / "work")
     out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
@@ -189,19 +220,8 @@ def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_
 def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path, results_dir, ksm_guard):
     need_vm_host()
     study = f"pyt-rlost-{os.getpid()}"
-    plan = tmp_path / "plan.toml"
-    plan.write_text(idle_plan(study, tmp_path / "work", [4324], measure_s=600))
-    sweep = _sweep_until_measuring(plan, results_dir, 4324)
-    try:
-        victim = sorted(_ours(study)["domains"])[0]
-        with libvirt.open(URI) as conn:
-            conn.lookupByName(victim).destroy()  # what an OOM kill or a crash looks like from here
-        assert sweep.wait(120) == 1  # some trials failed: not an error of the tool
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
-    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    # destroy: what an OOM kill or a crash looks like from here
+    record, victim = _lose_a_guest_mid_measure(tmp_path, results_dir, study, 4324, "destroy")
     assert record["status"] == "failed"
     # The lifecycle event ("was destroyed") or the state check that races it ("is shut off").
     assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "console" in record["reason"]
@@ -227,16 +247,8 @@ def test_libvirtd_stopped_mid_trial_ends_the_study_with_what_to_do(tmp_path, res
     plan = tmp_path / "plan.toml"
     plan.write_text(idle_plan(study, tmp_path / "work", [4325, 4326], measure_s=600))
     output = tmp_path / "sweep.out"
-    with output.open("w") as out:
-        sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
-                                  str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
+    sweep = _sweep_until_measuring(plan, results_dir, 4325, output)
     try:
-        deadline = time.monotonic() + 600
-        while not (Path("/sys/kernel/mm/ksm/run").read_text().strip() == "1" and _ours(study)["qemu"]):
-            assert sweep.poll() is None, output.read_text()[-3000:]
-            assert time.monotonic() < deadline, "guests never reached the measure phase"
-            time.sleep(0.5)
         os.kill(libvirtd, signal.SIGSTOP)
         try:
             stopped_at = time.monotonic()
@@ -256,14 +268,7 @@ def test_libvirtd_stopped_mid_trial_ends_the_study_with_what_to_do(tmp_path, res
     assert len(records) == 1 and records[0]["status"] == "failed"  # the second trial never started
     assert "stopped answering" in records[0]["reason"]
     assert snapshot() == ksm_guard  # the knobs went back without libvirt
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
-    deadline = time.monotonic() + 30
-    while _ours(study)["qemu"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    _cleanup_leaves_nothing(study, tmp_path / "work")
 
 
 def test_a_guest_paused_mid_measure_fails_the_trial_and_never_hangs(tmp_path, results_dir, ksm_guard):
@@ -272,21 +277,7 @@ def test_a_guest_paused_mid_measure_fails_the_trial_and_never_hangs(tmp_path, re
     the sweep go on to tear it down, not wait on the silent guest."""
     need_vm_host()
     study = f"pyt-rpause-{os.getpid()}"
-    plan = tmp_path / "plan.toml"
-    plan.write_text(idle_plan(study, tmp_path / "work", [4327], measure_s=600))
-    sweep = _sweep_until_measuring(plan, results_dir, 4327)
-    try:
-        victim = sorted(_ours(study)["domains"])[0]
-        with libvirt.open(URI) as conn:
-            conn.lookupByName(victim).suspend()
-        paused_at = time.monotonic()
-        assert sweep.wait(120) == 1  # the trial failed; not an error of the tool
-        assert time.monotonic() - paused_at < 60
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
-    record = json.loads(next((results_dir / study / "trials").glob("*/trial.json")).read_text())
+    record, victim = _lose_a_guest_mid_measure(tmp_path, results_dir, study, 4327, "suspend")
     assert record["status"] == "failed"
     assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "paused" in record["reason"]
     assert _ours(study) == {"domains": [], "qemu": []}
