@@ -324,3 +324,56 @@ def pareto_mask(cost: Any, benefit: Any, tolerance: float = 0.0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+# ----------------------------------------------------------------------------- families of tests
+# One source for the multiplicity rules: the nightly exit status (Holm over a declared headline
+# set), flags on a history page (Benjamini-Hochberg) and the worst-of-k headline all use these.
+
+
+def t_two_sided_p(estimate: Any, se: Any, dof: Any) -> Any:
+    """Two-sided p-value of estimate / se under Student t with dof degrees of freedom.
+
+    NaN where se or dof is not usable (se <= 0 or non-finite, dof < 1): a test with no spread
+    measured has no p-value, never 0 (see the callers' "no spread measured: cannot tell")."""
+    from scipy.stats import t as student_t
+
+    est, se_arr, dof_arr = (np.asarray(x, dtype=float) for x in (estimate, se, dof))
+    ok = np.isfinite(est) & np.isfinite(se_arr) & (se_arr > 0) & np.isfinite(dof_arr) & (dof_arr >= 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = np.where(ok, np.abs(est) / np.where(ok, se_arr, 1.0), np.nan)
+    p = np.where(ok, 2.0 * student_t.sf(stat, np.where(ok, dof_arr, 1.0)), np.nan)
+    return float(p) if p.ndim == 0 else p
+
+
+def holm_reject(p_values: Any, alpha: float = 0.05) -> np.ndarray:
+    """Holm-Bonferroni step-down over one family: sort p ascending, reject p_(i) while
+    p_(i) <= alpha / (m - i + 1), stop at the first that is not. Controls the chance of any false
+    rejection in the family at alpha. NaN p-values are never rejected but count in m (a test
+    that was declared part of the family does not leave it by failing to give a p-value)."""
+    p = np.asarray(p_values, dtype=float).ravel()
+    m = p.size
+    reject = np.zeros(m, dtype=bool)
+    order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
+    for rank, i in enumerate(order):
+        if not (np.isfinite(p[i]) and p[i] <= alpha / (m - rank)):
+            break
+        reject[i] = True
+    return reject
+
+
+def bh_reject(p_values: Any, q: float = 0.05) -> np.ndarray:
+    """Benjamini-Hochberg step-up: reject the k smallest p-values, k the largest rank with
+    p_(k) <= q k / m. Keeps the expected share of false flags among the flags at q (and, when
+    nothing changed at all, the chance of any flag at q). NaN p-values count in m, never flag."""
+    p = np.asarray(p_values, dtype=float).ravel()
+    m = p.size
+    reject = np.zeros(m, dtype=bool)
+    if m == 0:
+        return reject
+    finite = np.where(np.isfinite(p), p, np.inf)
+    order = np.argsort(finite, kind="stable")
+    below = np.flatnonzero(finite[order] <= q * np.arange(1, m + 1) / m)
+    if below.size:
+        reject[order[: below[-1] + 1]] = True
+    return reject
