@@ -10,10 +10,15 @@
 #   host is unfinished and was started with the same plan text, it is resumed (sweep --resume)
 # - never two at once: a second run while one is going exits 75 at once (flock on
 #   RESULTS_ROOT/.ksm-lab-nightly.lock; the kernel drops the lock when the holder dies)
-# - then `compare LAST_GOOD NEW` (page: NEW/report/compare.html, JSON: NEW/report/compare.json)
-#   and `history RESULTS_ROOT` (RESULTS_ROOT/history.html); `prune --keep N` when KSM_LAB_KEEP=N
+# - then `compare LAST_GOOD NEW --history RESULTS_ROOT` (page: NEW/report/compare.html, JSON:
+#   NEW/report/compare.json): NEW is judged against the band of the earlier nights of this plan and
+#   host (the night is the level; Holm across the headline family), then `confirm NEW`: a headline
+#   change outside the band is re-measured in a short confirmation study (NEW/confirm/, bounded by
+#   the plan's [nightly] confirm_max_s) and is a regression only when it is still there
+#   (NEW/report/confirm.json says "confirmed" or "not confirmed");
+#   then `history RESULTS_ROOT` (RESULTS_ROOT/history.html); `prune --keep N` when KSM_LAB_KEEP=N
 #
-# Exit status: 0 no regression; 1 a regression (compare's rule) or some trials failed; 2 an error
+# Exit status: 0 no regression; 1 a confirmed regression or some trials failed; 2 an error
 # (bad plan, sweep or compare refused or failed); 75 another nightly run is still going;
 # 128 + signal (130 SIGINT, 143 SIGTERM) the sweep was interrupted (the next run resumes it).
 #
@@ -22,7 +27,8 @@
 #   KSM_LAB                the ksm-lab command (default: `ksm-lab` if on PATH, else `python3 -m orchestrator`)
 #   KSM_LAB_PYTHON         a Python >= 3.11, to read the plan's study name (default python3)
 #   KSM_LAB_NIGHTLY_SWEEP  the sweep command (default: "$KSM_LAB sweep"); tests point it at a fake
-#   KSM_LAB_COMPARE_ARGS   extra compare arguments (thresholds), e.g. "--max-tps-drop-pct 3"
+#   KSM_LAB_COMPARE_ARGS   extra compare and confirm arguments (thresholds), e.g. "--max-tps-drop-pct 3"
+#   KSM_LAB_NO_CONFIRM     set to 1: judge only, no confirmation study (the compare verdict stands)
 #   KSM_LAB_KEEP           keep this many studies per plan and host (prune); unset: keep all
 
 set -u -o pipefail
@@ -91,12 +97,21 @@ RC=$SWEEP_RC  # 1: some trials failed
 BASELINE=$("${KSM[@]}" studies "$ROOT" --plan "$NAME" --host "$HOST" --state good --latest --exclude "$STUDY" --paths) \
     || BASELINE=""
 if [ -n "$BASELINE" ]; then
-    log "compare $BASELINE -> $STUDY"
-    "${KSM[@]}" compare "$BASELINE" "$STUDY" --json-file "$STUDY/report/compare.json" "${COMPARE_ARGS[@]}"
+    log "compare $BASELINE -> $STUDY, judged against the earlier nights under $ROOT"
+    "${KSM[@]}" compare "$BASELINE" "$STUDY" --history "$ROOT" --json-file "$STUDY/report/compare.json" \
+        "${COMPARE_ARGS[@]}"
     COMPARE_RC=$?
     case $COMPARE_RC in
-        0) log "no regression against $BASELINE" ;;
-        1) log "REGRESSION against $BASELINE (see $STUDY/report/compare.html)"; RC=1 ;;
+        0 | 1)
+            CONFIRM_FLAGS=()
+            [ "${KSM_LAB_NO_CONFIRM:-0}" = 1 ] && CONFIRM_FLAGS=(--no-confirm)
+            "${KSM[@]}" confirm "$STUDY" --history "$ROOT" "${CONFIRM_FLAGS[@]}" "${COMPARE_ARGS[@]}"
+            CONFIRM_RC=$?
+            case $CONFIRM_RC in
+                0) log "no confirmed regression (see $STUDY/report/compare.html)" ;;
+                1) log "REGRESSION confirmed (see $STUDY/report/compare.html, $STUDY/report/confirm.json)"; RC=1 ;;
+                *) log "confirm refused or failed (exit $CONFIRM_RC)"; RC=2 ;;
+            esac ;;
         *) log "compare refused or failed (exit $COMPARE_RC)"; RC=2 ;;
     esac
 else

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from orchestrator import samplemetrics
-from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Comparison
+from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, SPECS, SUSPECT, UNCONFIRMED, Comparison, chance_sentence
 from orchestrator.reportplots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.samplemetrics import MIB
@@ -28,7 +28,7 @@ from orchestrator.studydata import StudyData
 from orchestrator.studymetrics import StudyMetrics
 
 COLOR_A, COLOR_B = "#1f77b4", "#ff7f0e"
-VERDICT_COLORS = {REGRESSION: "#c62828", IMPROVEMENT: "#2e7d32"}
+VERDICT_COLORS = {REGRESSION: "#c62828", SUSPECT: "#ef6c00", UNCONFIRMED: "#ef6c00", IMPROVEMENT: "#2e7d32"}
 MAX_TIME_PANELS = 12  # more KSM-on settings than this: the first 12 (the table has them all)
 
 
@@ -180,12 +180,16 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
     rows = []
     for setting in comparison.settings:
         for c in setting.metrics:
-            pct = "–" if not math.isfinite(c.change_pct) else f"{c.change_pct:+.1f}%"
+            unit = " pt" if SPECS[c.metric].absolute else "%"
+            pct = "–" if not math.isfinite(c.change_pct) else f"{c.change_pct:+.1f}{unit}"
             if math.isfinite(c.change_ci95_pct):
-                pct += f" ± {c.change_ci95_pct:.1f}%"
-            rows.append({"setting": setting.setting, "metric": f"{c.metric} ({c.unit})", "better": c.better,
-                         "a": _pm(c.a_mean, c.a_ci95, c.a_n), "b": _pm(c.b_mean, c.b_ci95, c.b_n),
-                         "change": pct, "threshold": f"{c.threshold_pct:g}%", "verdict": c.verdict,
+                pct += f" ± {c.change_ci95_pct:.1f}{unit}"
+            band = "–"
+            if c.band_nights:
+                band = f"{c.band_low:.4g} to {c.band_high:.4g} ({c.band_nights} nights)"
+            rows.append({"setting": setting.setting, "metric": f"{c.metric} ({c.unit})" + (" *" if c.headline else ""),
+                         "better": c.better, "a": _pm(c.a_mean, c.a_ci95, c.a_n), "b": _pm(c.b_mean, c.b_ci95, c.b_n),
+                         "change": pct, "band": band, "threshold": f"{c.threshold_pct:g}{unit}", "verdict": c.verdict,
                          "note": c.note})
     return rows
 
@@ -194,7 +198,8 @@ def render_html(comparison: Comparison, plots: list[Plot]) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("orchestrator", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     return env.get_template("compare.html.j2").render(c=comparison, rows=table_rows(comparison), plots=plots,
-                                                      regressions=len(comparison.regressions), fmt=_fmt)
+                                                      regressions=len(comparison.regressions), fmt=_fmt,
+                                                      chance=chance_sentence(comparison))
 
 
 def write_compare_html(path: Path, a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics,

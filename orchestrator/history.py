@@ -10,8 +10,10 @@ A study's numbers come from its trials.csv, which sweep wrote with every derived
 seconds. A trials.csv without the derived columns (its metrics failed at sweep time) falls back to
 studymetrics.compute_study on the stored samples.
 
-Regressions against the previous run use compare.compare_summaries: Welch from each side's mean,
-sd and n, the same interval the trial values give (see compare.welch_from_summary).
+Flags: every night of a series (plan, host, setting, metric) is judged against the band of the
+nights before it (nights.walk: the night is the level of replication, not the trial), and the
+page's judged changes are put through Benjamini-Hochberg at q = alpha; a change is flagged when BH
+keeps it and it is beyond the metric's threshold. compare judges tonight with the same walk.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator import catalog, studydata, studymetrics
-from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds, compare_summaries
+from orchestrator import catalog, nights, studydata, studymetrics
+from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds
 from orchestrator.stats import t_quantile_975
 from orchestrator.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = ".ksm-lab-history.parquet"
-INDEX_VERSION = 1  # bump when the columns change: an old cache is then rebuilt, not misread
+INDEX_VERSION = 2  # bump when the columns change: an old cache is then rebuilt, not misread
+# 2: the within-night changes vs KSM off (tps_vs_off_pct, latency_p95_ms_vs_off_pct) joined METRICS
 NO_CSV = -1  # trials_csv_mtime_ns of a study without trials.csv (unfinished: no numbers yet)
 # host.json values whose change between two runs is marked on the trend plots
 VERSION_COLUMNS = {"kernel": ("kernel",), "qemu": ("versions", "qemu"), "libvirt": ("versions", "libvirtd")}
@@ -201,9 +204,17 @@ def load_index(path: Path) -> pd.DataFrame:
     """The cached index, or an empty one when absent, unreadable or of another INDEX_VERSION."""
     try:
         frame = pq.read_table(path).to_pandas()
-    except (OSError, pa.ArrowInvalid):
+    except FileNotFoundError:
         return _frame([])
-    if frame.empty or "index_version" not in frame or (frame["index_version"] != INDEX_VERSION).any():
+    except (OSError, pa.ArrowInvalid) as exc:
+        log.warning("history index %s unreadable (%s): rebuilding it from the studies", path, exc)
+        return _frame([])
+    if frame.empty:
+        return _frame([])
+    versions = set(frame["index_version"]) if "index_version" in frame else {"none"}
+    if versions != {INDEX_VERSION} or set(COLUMNS) - set(frame.columns):
+        log.warning("history index %s is of schema %s, this ksm-lab writes %d: rebuilding it from the studies",
+                    path, ", ".join(map(str, sorted(versions, key=str))), INDEX_VERSION)
         return _frame([])
     return _text_as_object(frame)
 
@@ -270,19 +281,24 @@ class VersionChange:
 
 @dataclass
 class Flag:
-    """A setting's metric that moved against the previous run of the same plan and host."""
+    """A setting's metric outside the band of the earlier nights of the same plan, host and
+    setting, kept by Benjamini-Hochberg across the page."""
 
     plan: str
     host: str
     study: str
-    previous: str
+    previous: str  # the latest earlier night in the band
     created_wall: float
     setting: str
     metric: str
-    change_pct: float
+    change_pct: float  # against the band's mean: percent, or points for the changes vs KSM off
     change_ci95_pct: float
     verdict: str
     note: str
+    p: float = math.nan
+    band_low: float = math.nan
+    band_high: float = math.nan
+    band_nights: int = 0
 
 
 def filtered(index: pd.DataFrame, plan: str | None = None, host: str | None = None) -> pd.DataFrame:
@@ -311,65 +327,65 @@ def version_changes(rows: pd.DataFrame) -> list[VersionChange]:
     return out
 
 
-def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[Flag]:
-    """Every regression and improvement (compare's rule) of a run against the previous run of the
-    same plan, host and setting.
+@dataclass
+class PageTest:
+    """One judged night: a row of the index, a metric, and its judgement against the band."""
 
-    The Welch interval is computed for all pairs at once (the same formula as
-    compare.welch_from_summary); compare.compare_summaries then gives the verdict and its words
-    for the pairs that could be flagged (beyond the threshold, interval excluding 0)."""
+    row: dict[str, Any]
+    metric: str
+    previous: str
+    judgement: nights.Judgement
+
+
+def judge_page(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
+               rules: nights.NightRules = nights.NightRules()) -> list[PageTest]:
+    """Every night of every series on the page judged against the nights before it (nights.walk);
+    only judgements with a p-value (a band and a value) are returned."""
+    out: list[PageTest] = []
     if rows.empty:
-        return []
-    keys = ["plan", "host", "setting"]
-    rows = rows.sort_values([*keys, "created_wall"], kind="stable").reset_index(drop=True)
-    previous = rows.groupby(keys, sort=False).shift(1)
-    has_previous = previous["study"].notna().to_numpy()
+        return out
+    rows = rows.sort_values(["created_wall", "study_path"], kind="stable")
+    for _, group in rows.groupby(["plan", "host", "setting", "ksm_off"], sort=True):
+        records = group.to_dict("records")
+        for spec in METRICS:
+            if spec.name not in group or (bool(records[0]["ksm_off"]) and not spec.on_ksm_off):
+                continue
+            cols = [pd.to_numeric(group[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
+            series = [(float(m), float(sd), int(n) if math.isfinite(n) else 0) for m, sd, n in zip(*cols)]
+            judged, _ = nights.walk(series, spec.higher_is_better, thresholds.for_metric(spec), spec.absolute,
+                                    spec.near_zero, spec.resolution, rules)
+            for i, j in enumerate(judged):
+                if math.isfinite(j.p):
+                    out.append(PageTest(records[i], spec.name, records[i - 1]["study"] if i else "", j))
+    return out
+
+
+def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
+          rules: nights.NightRules = nights.NightRules()) -> list[Flag]:
+    """The regressions and improvements of the page (module docstring: band, then BH)."""
+    tests = judge_page(rows, thresholds, rules)
+    keep = nights.bh_flags([t.judgement.p for t in tests], [t.judgement.beyond for t in tests], rules.alpha)
     out = []
-    for spec in METRICS:
-        if spec.name not in rows:
+    for t, flagged in zip(tests, keep):
+        if not flagged:
             continue
-        a = [pd.to_numeric(previous[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
-        b = [pd.to_numeric(rows[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            va, vb = a[1] ** 2 / a[2], b[1] ** 2 / b[2]
-            se2 = va + vb
-            dof = se2**2 / (va**2 / (a[2] - 1) + vb**2 / (b[2] - 1))
-            half = np.where(se2 == 0, 0.0, t_quantile_975(np.nan_to_num(dof, nan=0.0)) * np.sqrt(se2))
-            pct = 100 * (b[0] - a[0]) / np.abs(a[0])
-            half_pct = 100 * half / np.abs(a[0])
-        applies = ~rows["ksm_off"].astype(bool).to_numpy() | spec.on_ksm_off
-        with np.errstate(divide="ignore", invalid="ignore"):
-            half_a = t_quantile_975(np.nan_to_num(a[2] - 1, nan=0.0)) * a[1] / np.sqrt(a[2])
-        candidate = (has_previous & applies & (a[2] >= 2) & (b[2] >= 2) & (np.abs(a[0]) >= spec.near_zero)
-                     & (np.abs(a[0]) > half_a)  # compare.percent_defined
-                     & (np.abs(pct) > half_pct) & (np.abs(pct) > thresholds.for_metric(spec)))
-        for i in np.flatnonzero(np.nan_to_num(candidate, nan=0).astype(bool)):
-            change, change_half, verdict, note = compare_summaries(
-                spec, (a[0][i], a[1][i], int(a[2][i])), (b[0][i], b[1][i], int(b[2][i])), thresholds)
-            if verdict in (REGRESSION, IMPROVEMENT):
-                now = rows.iloc[i]
-                out.append(Flag(now["plan"], now["host"], now["study"], previous["study"].iloc[i], now["created_wall"],
-                                now["setting"], spec.name, change, change_half, verdict, note))
+        j, now = t.judgement, t.row
+        absolute = next(m.absolute for m in METRICS if m.name == t.metric)
+        unit = "points" if absolute else "%"
+        note = (f"outside the band of {j.band.nights} earlier nights ({j.band_low:.4g} to {j.band_high:.4g}), "
+                f"p = {j.p:.2g}, kept by Benjamini-Hochberg across the page's {len(tests)} judged changes "
+                f"({unit})")
+        out.append(Flag(now["plan"], now["host"], now["study"], t.previous, now["created_wall"], now["setting"],
+                        t.metric, j.change_pct, j.half_pct, REGRESSION if j.beyond < 0 else IMPROVEMENT, note,
+                        j.p, j.band_low, j.band_high, j.band.nights))
     return sorted(out, key=lambda f: (f.created_wall, f.study, f.setting, f.metric))
 
 
-def count_comparisons(rows: pd.DataFrame) -> int:
-    """How many run-vs-previous-run comparisons with an interval `flags` judged (both sides >= 2
-    trials): each is at 95%, so over many some are flagged by chance (the page says so)."""
-    if rows.empty:
-        return 0
-    keys = ["plan", "host", "setting"]
-    rows = rows.sort_values([*keys, "created_wall"], kind="stable").reset_index(drop=True)
-    previous = rows.groupby(keys, sort=False).shift(1)
-    total = 0
-    for spec in METRICS:
-        if f"{spec.name}_n" not in rows:
-            continue
-        applies = ~rows["ksm_off"].astype(bool) | spec.on_ksm_off
-        both = (pd.to_numeric(rows[f"{spec.name}_n"], errors="coerce") >= 2) & \
-            (pd.to_numeric(previous[f"{spec.name}_n"], errors="coerce") >= 2)
-        total += int((both & applies).sum())
-    return total
+def count_comparisons(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
+                      rules: nights.NightRules = nights.NightRules()) -> int:
+    """How many nights x settings x metrics were judged against a band: BH's m (the page says how
+    many flags chance alone would give over that many)."""
+    return len(judge_page(rows, thresholds, rules))
 
 
 def metrics_present(rows: pd.DataFrame) -> list[str]:

@@ -2,13 +2,16 @@
 
 One figure per plan x host: a panel per metric, a line per setting (mean across its trials, error
 bars = 95% interval across trials; none with one trial), dotted vertical lines where kernel, QEMU
-or libvirt changed, red rings on regressions and green rings on improvements against the previous
-run (compare's rule). Tables below list those points, the version changes and every study.
+or libvirt changed, red rings on regressions and green rings on improvements against the band of
+the earlier nights (history.flags: the night is the level, Benjamini-Hochberg across the page).
+Tables below list those points with the band and the nightly job's confirmation, the version
+changes and every study.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +23,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, RULE, Thresholds
+from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
 from orchestrator.history import (Flag, VersionChange, count_comparisons, filtered, flags, metrics_present,
                                   version_changes)
 from orchestrator.reportplots import Plot
@@ -86,10 +89,38 @@ def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionCh
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(f"{plan} on {host}: dotted = kernel/QEMU/libvirt changed; red ring = regression, "
-                 "green = improvement vs the previous run", fontsize=10)
+                 "green = improvement vs the earlier nights' band", fontsize=10)
     return Plot(f"history_{plan}_{host}", f"{plan} on {host}",
                 "Mean per setting per study; band: 95% interval across that study's trials (none with one trial).",
                 _png(fig))
+
+
+PAGE_RULE = ("Each night of a setting's metric is judged against the band of the earlier nights of the same plan, "
+             "host and setting (random-effects prediction interval: the night, not the trial, is the unit; a band "
+             "needs 3 earlier nights). A change is flagged when it is beyond its threshold and Benjamini-Hochberg "
+             "across every change judged on this page keeps it. A night outside its band does not join it, so a "
+             "step stays flagged while it lasts; after 3 such nights running it is the new level.")
+
+
+def chance_sentence(judged: int, flagged: int, q: float) -> str:
+    if not judged:
+        return "No change could be judged yet: a band needs 3 earlier nights of the same plan, host and setting."
+    return (f"{judged} changes were judged against their band, with Benjamini-Hochberg at q = {q:g}: if nothing "
+            f"changed on this page, chance alone gives any flag at most {100 * q:g}% of the time; of the {flagged} "
+            f"flag{'s' if flagged != 1 else ''} shown, about {q * flagged:.1f} may be chance.")
+
+
+def _confirmations(studies: pd.DataFrame) -> dict[tuple[str, str, str], str]:
+    """(study, setting, metric) -> the nightly job's confirmation verdict (report/confirm.json)."""
+    out: dict[tuple[str, str, str], str] = {}
+    for study, path in zip(studies["study"], studies["study_path"]):
+        try:
+            data = json.loads((Path(path) / "report" / "confirm.json").read_text())
+            for r in data.get("results", []):
+                out[(study, str(r["setting"]), str(r["metric"]))] = str(r["verdict"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no confirmation run (the usual case), or a damaged file: nothing to show
+    return out
 
 
 def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: Thresholds,
@@ -97,6 +128,7 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
     rows = filtered(index, plan, host)
     changes = version_changes(rows)
     all_flags = flags(rows, thresholds)
+    judged = count_comparisons(rows, thresholds)
     plots = []
     for (group_plan, group_host), group in rows.groupby(["plan", "host"], sort=True):
         plot = plot_group(group_plan, group_host, group,
@@ -111,13 +143,15 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
         studies = studies[studies["host"] == host]
     env = jinja2.Environment(loader=jinja2.PackageLoader("orchestrator", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
+    confirmed = _confirmations(studies[studies["study"].isin({f.study for f in all_flags})])
     return env.get_template("history.html.j2").render(
-        root=str(root), plan=plan, host=host, plots=plots, rule=RULE, thresholds=thresholds,
-        comparisons=count_comparisons(rows),
+        root=str(root), plan=plan, host=host, plots=plots, rule=PAGE_RULE, thresholds=thresholds,
+        chance=chance_sentence(judged, len(all_flags), 0.05),
+        confirmation=lambda f: confirmed.get((f.study, f.setting, f.metric), "not run"),
         flags=sorted(all_flags, key=lambda f: -f.created_wall), changes=changes,
         studies=studies.sort_values("created_wall", ascending=False).to_dict("records"),
         date=lambda wall: datetime.fromtimestamp(float(wall), tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        pct=lambda v, h: ("–" if not math.isfinite(v) else f"{v:+.1f}%") + (f" ± {h:.1f}%" if math.isfinite(h) else ""),
+        pct=lambda v, h: ("–" if not math.isfinite(v) else f"{v:+.1f}") + (f" ± {h:.1f}" if math.isfinite(h) else ""),
     )
 
 

@@ -19,18 +19,74 @@ from orchestrator.errors import OrchestratorError
 
 COMPARE_HELP = """Compare study B (typically last night's) with study A (the reference) setting by setting.
 
-For every setting both ran (same swept settings, same KSM on/off): the change in saving
-(saved_mib, general_profit_mib, pss_drop_mib, mem_available_rise_mib), ksmd_cpu_pct,
-time_to_90pct_s, tps and latency_p95_ms, with a 95% Welch interval across the two studies'
-trials of that setting (the trial is the unit of replication; guests never are).
+For every setting both ran: saved_mib (and general_profit_mib, pss_drop_mib, mem_available_rise_mib),
+ksmd_cpu_pct, time_to_90pct_s, tps and latency_p95_ms, and the within-night changes vs that night's
+KSM-off trials (tps_vs_off_pct, latency_p95_ms_vs_off_pct, in points), with a 95% Welch interval
+across the two studies' trials of that setting.
 
-Rule: a change is a REGRESSION only when it goes the metric's bad way (less saving or tps, more
-CPU, time or latency) by more than its threshold (percent of A's mean) AND its 95% interval
-excludes 0; an improvement likewise the good way. With one trial on a side there is no interval
-and the verdict is "cannot tell".
+What the verdict can rest on:
+- two studies only: nothing is known of how much nights differ, so a bad-way change beyond its
+  threshold is UNCONFIRMED and the exit status stays 0;
+- --history RESULTS_ROOT: B is judged against the band of the earlier nights of the same plan,
+  host and setting (at least --min-nights of them), the night being the unit of replication;
+- --night-sd METRIC=VALUE: the sd between nights' means of METRIC (its unit), from earlier nights.
+Exit status 1 needs a headline change (--headline; default saved_mib, ksmd_cpu_pct, tps_vs_off_pct,
+latency_p95_ms_vs_off_pct, per KSM-on setting) that goes the bad way beyond its threshold and
+survives Holm-Bonferroni at --alpha across the headline family; everything else is reported.
 
 Exit status: 0 no regression, 1 at least one regression, 2 error (not a study, studies of
-different plans or swept axes, no setting in common)."""
+different plans or swept axes, no setting in common, bad arguments)."""
+
+
+def _night_sd(values: list[str]) -> dict[str, float]:
+    import math
+
+    from orchestrator.compare import check_metric_names
+
+    out: dict[str, float] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not sep or not math.isfinite(value) or value < 0:
+            raise OrchestratorError(f"--night-sd {item!r}: expected METRIC=VALUE with a finite VALUE >= 0")
+        out[check_metric_names([name], "--night-sd")[0]] = value
+    return out
+
+
+def _nightly_section(study_dir: Path) -> Any:
+    """Study B's [nightly] settings (defaults when its plan has none or cannot be read)."""
+    from orchestrator.plan import NightlySection, parse_plan
+
+    try:
+        return parse_plan((study_dir / "plan.toml").read_text(), str(study_dir / "plan.toml")).nightly
+    except (OSError, OrchestratorError) as exc:
+        logging.getLogger("orchestrator").warning("%s: [nightly] defaults used (%s)", study_dir, exc)
+        return NightlySection()
+
+
+def _context(args: argparse.Namespace, study_b: Path) -> Any:
+    from orchestrator import history
+    from orchestrator.compare import NightContext, check_metric_names
+    from orchestrator.nights import NightRules
+
+    section = _nightly_section(study_b)
+    try:
+        rules = NightRules(min_nights=args.min_nights or section.min_nights,
+                           window=max(args.window or section.window, args.min_nights or section.min_nights),
+                           alpha=args.alpha or section.alpha, new_level_after=args.min_nights or section.min_nights)
+    except ValueError as exc:
+        raise OrchestratorError(f"compare: {exc}") from None
+    headline = check_metric_names(args.headline or section.headline, "headline")
+    rows = None
+    if args.history:
+        root = Path(args.history)
+        if not root.is_dir():
+            raise OrchestratorError(f"--history {root}: no such results folder")
+        rows = history.filtered(history.build_index(root).index)
+    return NightContext(history=rows, night_sd=_night_sd(args.night_sd or []), rules=rules, headline=headline), section
 
 
 def _thresholds(args: argparse.Namespace) -> Any:
@@ -58,6 +114,19 @@ def _add_thresholds(p: argparse.ArgumentParser) -> None:
                    help="latency_p95_ms (default %(default)s)")
 
 
+def _add_nights(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("nights (defaults: the plan's [nightly] table)")
+    g.add_argument("--history", default=None, metavar="RESULTS_ROOT",
+                   help="judge against the earlier nights of this plan and host under RESULTS_ROOT")
+    g.add_argument("--night-sd", action="append", default=[], metavar="METRIC=VALUE",
+                   help="sd between nights' means of METRIC, in its unit (repeatable)")
+    g.add_argument("--min-nights", type=int, default=None, metavar="K", help="earlier nights a band needs (3)")
+    g.add_argument("--window", type=int, default=None, metavar="N", help="a band uses the latest N nights (10)")
+    g.add_argument("--alpha", type=float, default=None, help="family-wise error of the exit status (0.05)")
+    g.add_argument("--headline", action="append", default=None, metavar="METRIC",
+                   help="a metric of the gating family (repeatable; default the plan's [nightly] headline)")
+
+
 def _want_json(args: argparse.Namespace) -> bool:
     # cli.py may grow a global --json: honour it as well as ours
     return bool(getattr(args, "nightly_json", False) or getattr(args, "json", False))
@@ -75,7 +144,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from orchestrator import compare, compare_report
 
     a, sa, b, sb = compare.load_pair(Path(args.study_a), Path(args.study_b))
-    result = compare.compare_studies(a, sa, b, sb, _thresholds(args))
+    context, _ = _context(args, Path(args.study_b))
+    result = compare.compare_studies(a, sa, b, sb, _thresholds(args), context)
     if args.html:
         result.html = str(compare_report.write_compare_html(Path(args.html), a, sa, b, sb, result))
     elif not args.no_html:
@@ -105,14 +175,14 @@ def print_comparison(result: Any) -> None:
     out = Console(width=200)
     out.print(f"A: {result.a['path']} (host {result.a['host']}, kernel {result.a['kernel']})", highlight=False)
     out.print(f"B: {result.b['path']} (host {result.b['host']}, kernel {result.b['kernel']})", highlight=False)
-    table = Table(title="change B - A per setting (95% Welch interval across trials)")
-    for column in ("setting", "metric", "A", "B", "change", "threshold", "verdict", "why"):
+    table = Table(title="change B - A per setting (95% Welch interval across trials); * headline")
+    for column in ("setting", "metric", "A", "B", "change", "earlier nights' band", "threshold", "verdict", "why"):
         table.add_column(column, overflow="fold")
-    colours = {"regression": "red", "improvement": "green"}
+    colours = {"regression": "red", "suspect": "yellow", "unconfirmed": "yellow", "improvement": "green"}
     for r in table_rows(result):
         style = colours.get(r["verdict"])
-        table.add_row(r["setting"], r["metric"], r["a"], r["b"], r["change"], r["threshold"], r["verdict"],
-                      r["note"], style=style)
+        table.add_row(r["setting"], r["metric"], r["a"], r["b"], r["change"], r["band"], r["threshold"],
+                      r["verdict"], r["note"], style=style)
     out.print(table)
     for note in result.notes:
         out.print(f"note: {note}", highlight=False)
@@ -127,10 +197,43 @@ def print_comparison(result: Any) -> None:
         out.print("host.json: nothing differs", highlight=False)
     out.print("plan.toml: " + ("differs:\n" + result.plan_diff if result.plan_diff else "identical"),
               highlight=False, markup=False)
+    from orchestrator.compare import chance_sentence
+
+    out.print(f"judged by: {result.mode}. {result.mode_rule}", highlight=False)
     out.print(f"rule: {result.rule}", highlight=False)
+    out.print(f"chance: {chance_sentence(result)}", highlight=False)
     count = len(result.regressions)
-    out.print(f"{count} regression{'s' if count != 1 else ''}" + (f"; page: {result.html}" if result.html else ""),
-              highlight=False)
+    suspects = len(result.suspects) - count
+    out.print(f"{count} regression{'s' if count != 1 else ''}"
+              + (f", {suspects} suspect{'s' if suspects != 1 else ''} (`ksm-lab confirm` re-measures them)"
+                 if suspects else "")
+              + (f"; page: {result.html}" if result.html else ""), highlight=False)
+
+
+# ----------------------------------------------------------------------------- confirm
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from orchestrator import confirm
+
+    study = Path(args.study)
+    context, section = _context(args, study)
+    if context.history is None:
+        raise OrchestratorError("confirm needs --history RESULTS_ROOT: the band it confirms against")
+    result, tonight = confirm.run_confirmation(study, context, _thresholds(args), max_s=args.max_s,
+                                               enabled=section.confirm and not args.no_confirm)
+    path = confirm.record(study, result)
+    if _want_json(args):
+        _print_json(result.to_json())
+    else:
+        if result.note:
+            print(f"confirm: {result.note}")
+        for r in result.results:
+            print(f"{r.setting} {r.metric}: {r.verdict.upper()} (tonight {r.tonight_pct:+.1f}, confirmation "
+                  f"{r.confirm_pct:+.1f} p={r.confirm_p:.2g} over {r.confirm_n} trials, combined {r.combined_pct:+.1f} "
+                  f"p={r.combined_p:.2g}): {r.note}")
+        print(f"{'CONFIRMED regression' if result.confirmed else 'no confirmed regression'}; {path}")
+    return 1 if result.confirmed else 0
 
 
 # ----------------------------------------------------------------------------- history
@@ -235,7 +338,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def register_nightly_commands(sub: Any) -> None:
-    """Add compare, history, prune, collect and studies to cli.py's subparsers."""
+    """Add compare, confirm, history, prune, collect and studies to cli.py's subparsers."""
     p = sub.add_parser("compare", help="compare two studies of one plan: regressions, host and plan changes",
                        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study_a", help="reference study folder (e.g. the last good night)")
@@ -244,8 +347,26 @@ def register_nightly_commands(sub: Any) -> None:
     p.add_argument("--html", default=None, help="where to write the page (default: STUDY_B/report/compare.html)")
     p.add_argument("--no-html", action="store_true", help="do not write the page")
     p.add_argument("--json-file", default=None, metavar="PATH", help="also write the JSON to this file")
+    _add_nights(p)
     _add_thresholds(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("confirm", help="re-measure tonight's suspect regressions; exit 1 only when confirmed",
+                       description="Judge STUDY against the band of the earlier nights under --history (as "
+                                   "compare does); when a headline change lies outside it the bad way, run a "
+                                   "short confirmation study of just those settings and KSM off, blocked, inside "
+                                   "STUDY/confirm/, bounded by the plan's [nightly] confirm_max_s. Exit 1 only "
+                                   "when the regression is still there (the confirmation alone, after Holm "
+                                   "across the suspects, and combined with tonight's trials); the result goes "
+                                   "to STUDY/report/confirm.json and compare.json.")
+    p.add_argument("study", help="tonight's study folder")
+    p.add_argument("--max-s", type=float, default=None, metavar="S", help="time bound (default: the plan's "
+                   "[nightly] confirm_max_s)")
+    p.add_argument("--no-confirm", action="store_true", help="judge only: the compare verdict stands")
+    p.add_argument("--json", dest="nightly_json", action="store_true")
+    _add_nights(p)
+    _add_thresholds(p)
+    p.set_defaults(func=cmd_confirm)
 
     p = sub.add_parser("history", help="index every study under a results root; write history.html",
                        description="Find every study under RESULTS_ROOT (any depth), update the cached index "

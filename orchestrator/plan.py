@@ -250,6 +250,29 @@ class DensitySection(Strict):
     cost_margin: float = Field(1.1, ge=1.0, le=4.0)
 
 
+class NightlySection(Strict):
+    """How the nightly job judges and confirms (compare --history, ksm-lab confirm, nights.py).
+
+    min_nights earlier nights of the same plan, host and setting make a band (at most window of
+    the latest); the exit status is Holm over the headline metrics of every KSM-on setting at
+    alpha; a suspect is re-measured in a confirmation study of at most confirm_blocks blocks that
+    must fit in confirm_max_s (sized from tonight's trial time; stopped when it runs over)."""
+
+    min_nights: int = Field(3, ge=2, le=100)
+    window: int = Field(10, ge=2, le=1000)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    headline: list[str] = ["saved_mib", "ksmd_cpu_pct", "tps_vs_off_pct", "latency_p95_ms_vs_off_pct"]
+    confirm: bool = True
+    confirm_max_s: float = Field(1800.0, gt=0, le=86400)  # finite: a bound
+    confirm_blocks: int = Field(3, ge=2, le=50)
+
+    @model_validator(mode="after")
+    def _window(self) -> "NightlySection":
+        if self.window < self.min_nights:
+            raise ValueError(f"nightly.window ({self.window}) must be >= nightly.min_nights ({self.min_nights})")
+        return self
+
+
 class SweepSection(Strict):
     """Axes as nested tables: [sweep.ksm] pages_to_scan = [100, 1000]; [sweep.workload] ..."""
 
@@ -302,6 +325,7 @@ class Plan(Strict):
     report: ReportSection = ReportSection()
     search: SearchSection | None = None
     density: DensitySection | None = None
+    nightly: NightlySection = NightlySection()
 
     @field_validator("sweep", mode="before")
     @classmethod
