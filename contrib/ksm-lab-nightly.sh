@@ -109,7 +109,12 @@ if [ -n "$BASELINE" ]; then
             CONFIRM_RC=$?
             case $CONFIRM_RC in
                 0) log "no confirmed regression (see $STUDY/report/compare.html)" ;;
-                1) log "REGRESSION confirmed (see $STUDY/report/compare.html, $STUDY/report/confirm.json)"; RC=1 ;;
+                1) if [ "${KSM_LAB_NO_CONFIRM:-0}" = 1 ]; then
+                       log "REGRESSION (not re-measured: KSM_LAB_NO_CONFIRM=1; see $STUDY/report/compare.html)"
+                   else
+                       log "REGRESSION confirmed (see $STUDY/report/compare.html, $STUDY/report/confirm.json)"
+                   fi
+                   RC=1 ;;
                 *) log "confirm refused or failed (exit $CONFIRM_RC)"; RC=2 ;;
             esac ;;
         *) log "compare refused or failed (exit $COMPARE_RC)"; RC=2 ;;

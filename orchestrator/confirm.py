@@ -147,6 +147,23 @@ def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def decide(band: nights.Band | str, spec: compare.MetricSpec, tonight: Any, confirmation: Any,
+           thresholds: Thresholds, rules: nights.NightRules) -> tuple[nights.Judgement, nights.Judgement]:
+    """One suspect: the confirmation's trials alone, and tonight's with them, against the band."""
+    args = (spec.higher_is_better, thresholds.for_metric(spec), spec.absolute, spec.near_zero, rules)
+    alone = nights.judge(compare._summary(confirmation), band, *args)
+    both = nights.judge(compare._summary(list(tonight) + list(confirmation)), band, *args)
+    return alone, both
+
+
+def still_there(pairs: list[tuple[nights.Judgement, nights.Judgement]], alpha: float) -> list[bool]:
+    """Confirmed: the confirmation alone outside the band the bad way beyond the threshold after
+    Holm across the suspects, and the combined evidence the bad way beyond it at p < alpha."""
+    alone_ok = nights.holm_gate([a.p for a, _ in pairs], [a.beyond < 0 for a, _ in pairs], alpha)
+    return [bool(ok and both.beyond < 0 and math.isfinite(both.p) and both.p < alpha)
+            for ok, (_, both) in zip(alone_ok, pairs)]
+
+
 def judge_suspects(tonight: compare.Comparison, b: studydata.StudyData, sb: studymetrics.StudyMetrics,
                    conf_sm: studymetrics.StudyMetrics, context: NightContext, thresholds: Thresholds,
                    points: dict[str, dict[str, Any]]) -> list[SuspectResult]:
@@ -166,23 +183,18 @@ def judge_suspects(tonight: compare.Comparison, b: studydata.StudyData, sb: stud
         same = [_key(dict(s)) == point for s in used_c["_settings"]] if not used_c.empty else []
         values_c = used_c.loc[np.array(same, dtype=bool) & ~used_c["ksm_off"].to_numpy(bool), spec.name] \
             if spec.name in used_c and len(same) else []
-        args = (spec.higher_is_better, thresholds.for_metric(spec), spec.absolute, spec.near_zero, context.rules)
-        alone = nights.judge(compare._summary(values_c), band, *args)
-        both = nights.judge(compare._summary(list(values_b) + list(values_c)), band, *args)
-        rows.append((setting, change, alone, both))
-    reject_alone = nights.holm_gate([r[2].p for r in rows], [r[2].beyond < 0 for r in rows], context.rules.alpha)
+        rows.append((setting, change, *decide(band, spec, values_b, values_c, thresholds, context.rules)))
+    verdicts = still_there([(alone, both) for _, _, alone, both in rows], context.rules.alpha)
     out = []
-    for (setting, change, alone, both), still in zip(rows, reject_alone):
-        combined = both.beyond < 0 and math.isfinite(both.p) and both.p < context.rules.alpha
-        ok = bool(still and combined)
+    for (setting, change, alone, both), ok in zip(rows, verdicts):
         if ok:
             note = "still outside the band the bad way on its own (Holm across the suspects) and combined"
         elif alone.why_no_band or not math.isfinite(alone.p):
             note = f"the confirmation gave no judgement ({alone.why_no_band or 'no value'})"
-        elif not still:
-            note = "the confirmation on its own is not outside the band the bad way beyond the threshold (after Holm)"
+        elif not (alone.beyond < 0):
+            note = "the confirmation on its own is within the threshold or the good way: the change is not there"
         else:
-            note = "the combined evidence is not outside the band the bad way beyond the threshold"
+            note = "not outside the band the bad way after Holm across the suspects, alone and combined"
         out.append(SuspectResult(setting, change.metric, CONFIRMED if ok else NOT_CONFIRMED, change.band_change_pct,
                                  alone.change_pct, alone.p, both.change_pct, both.p, alone.n, note))
     return out
@@ -230,11 +242,13 @@ def run_confirmation(study_dir: Path, context: NightContext, thresholds: Thresho
     out_dir = b.study_dir / CONFIRM_DIR
     out_dir.mkdir(exist_ok=True)
     (out_dir / "plan.toml").write_text(conf_text)
-    log.info("confirming %s: %d blocks of %d trials (about %.0f s) in %s", ", ".join(suspects), n_blocks,
-             per_block, n_blocks * per_block * trial_s, out_dir)
+    took = f"about {n_blocks * per_block * trial_s:.0f} s" if math.isfinite(trial_s) else "trial time unknown"
+    log.info("confirming %s: %d blocks of %d trials (%s, bound %.0f s) in %s", ", ".join(suspects), n_blocks,
+             per_block, took, max_s, out_dir)
     timer = _deadline(max_s * 1.5 + OVERRUN_GRACE_S)
     try:
-        outcome = run_sweep(conf_plan, conf_text, out_dir, resume=True)
+        # an interrupted confirmation is finished, not restarted, when confirm runs again
+        outcome = run_sweep(conf_plan, conf_text, out_dir, resume=(out_dir / conf_plan.study.name).exists())
     finally:
         timer.cancel()
     conf = studydata.load_study(outcome.study.path)

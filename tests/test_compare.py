@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from orchestrator import cli, compare, stats
-from orchestrator.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, WITHIN_THRESHOLD, Thresholds,
-                                  judge)
+from orchestrator.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
+                                  Thresholds, judge)
 from orchestrator.errors import CompareError
 from tests.nightly_studies import write_night
 
@@ -94,27 +94,32 @@ def test_saving_drop_beyond_threshold_is_a_regression(tmp_path: Path) -> None:
     assert drop.method == stats.WELCH and drop.a_n == drop.b_n == 3
     expected_half = stats.welch_ci95([30.0, 30.5, 29.5], [40.0, 40.5, 39.5])[1]
     assert drop.change_ci95 == pytest.approx(expected_half, rel=1e-3)
-    assert drop.verdict == REGRESSION
+    assert drop.verdict == UNCONFIRMED  # two single studies: beyond the threshold, but no night spread known
     assert _change(result, "ksm.pages_to_scan=100", "saved_mib").verdict in (NO_CHANGE, WITHIN_THRESHOLD)
-    assert ("ksm.pages_to_scan=1000", drop) in result.regressions
+    assert not result.regressions and result.mode == compare.TWO_STUDIES
     assert not any("by chance" in n for n in result.notes)  # 12 judged changes: under MANY_COMPARISONS
 
 
 def test_many_judged_changes_come_with_a_chance_warning(tmp_path: Path, monkeypatch) -> None:
     a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
                  {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}})
-    monkeypatch.setattr(compare, "MANY_COMPARISONS", 12)
-    notes = _result(a, b).notes
-    assert any(n.startswith("12 changes were judged") and "by chance" in n for n in notes)
+    monkeypatch.setattr(compare, "MANY_COMPARISONS", 4)
+    result = _result(a, b)
+    judged = sum(1 for s in result.settings for m in s.metrics if m.method == stats.WELCH)
+    assert judged >= 4
+    assert any(n.startswith(f"{judged} changes were judged") and "by chance" in n for n in result.notes)
 
 
 def test_cli_exit_status_is_1_on_a_regression_and_0_with_a_looser_threshold(tmp_path: Path, capsys) -> None:
     a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}},
                  {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [30.0, 30.5, 29.5]}})
     code, out, _ = _run(capsys, "compare", str(a), str(b))
-    assert code == 1
-    assert "regression" in out and "excludes 0" in out and "significant" not in out.lower()
-    code, _, _ = _run(capsys, "compare", str(a), str(b), "--max-saving-drop-pct", "30", "--no-html")
+    assert code == 0  # two studies: "unconfirmed", never exit 1
+    assert "unconfirmed" in out and "excludes 0" in out and "significant" not in out.lower()
+    code, out, _ = _run(capsys, "compare", str(a), str(b), "--night-sd", "saved_mib=0.5")
+    assert code == 1 and "regression" in out
+    code, _, _ = _run(capsys, "compare", str(a), str(b), "--night-sd", "saved_mib=0.5", "--max-saving-drop-pct", "30",
+                      "--no-html")
     assert code == 0
 
 
@@ -123,9 +128,10 @@ def test_more_cpu_is_bad_less_cpu_is_an_improvement(tmp_path: Path) -> None:
     a, b = _pair(tmp_path, {"saved_mib": saved, "cpu_pct": {100: [2.0, 2.1, 1.9], 1000: [10.0, 10.2, 9.8]}},
                  {"saved_mib": saved, "cpu_pct": {100: [3.0, 3.1, 2.9], 1000: [5.0, 5.1, 4.9]}})
     result = _result(a, b)
-    assert _change(result, "ksm.pages_to_scan=100", "ksmd_cpu_pct").verdict == REGRESSION  # +50%
+    assert _change(result, "ksm.pages_to_scan=100", "ksmd_cpu_pct").verdict == UNCONFIRMED  # +50%, two studies
     assert _change(result, "ksm.pages_to_scan=1000", "ksmd_cpu_pct").verdict == IMPROVEMENT  # -50%
-    assert _change(result, "ksm.pages_to_scan=1000", "saved_mib").verdict == NO_CHANGE
+    flat = _change(result, "ksm.pages_to_scan=1000", "saved_mib")  # every trial 40.0 on both sides
+    assert flat.verdict == CANNOT_TELL and "no spread measured" in flat.note and math.isnan(flat.change_ci95)
 
 
 def test_tps_and_latency_directions_and_ksm_off_compares_only_the_workload(tmp_path: Path) -> None:
@@ -134,7 +140,8 @@ def test_tps_and_latency_directions_and_ksm_off_compares_only_the_workload(tmp_p
     saved = {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}
     a, b = _pair(tmp_path, {"saved_mib": saved, "tps": tps_a}, {"saved_mib": saved, "tps": tps_b})
     result = _result(a, b)
-    assert _change(result, "ksm.pages_to_scan=1000", "tps").verdict == REGRESSION
+    assert _change(result, "ksm.pages_to_scan=1000", "tps").verdict == UNCONFIRMED
+    assert _change(result, "ksm.pages_to_scan=1000", "tps_vs_off_pct").verdict == UNCONFIRMED  # -10 points
     assert _change(result, "KSM off", "tps").verdict == NO_CHANGE
     off = next(s for s in result.settings if s.ksm_off)
     assert {m.metric for m in off.metrics} == {"tps", "latency_p95_ms"}  # no saving / ksmd without KSM
@@ -156,7 +163,7 @@ def test_zero_saving_has_no_percent(tmp_path: Path) -> None:
     a, b = _pair(tmp_path, {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}},
                  {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}})
     change = _change(_result(a, b), "ksm.pages_to_scan=100", "saved_mib")
-    assert math.isnan(change.change_pct) and change.verdict == NO_CHANGE
+    assert math.isnan(change.change_pct) and change.verdict == CANNOT_TELL  # all zero: no spread, no percent
 
 
 def test_no_percent_of_a_mean_that_its_own_interval_cannot_tell_from_zero() -> None:
@@ -204,9 +211,10 @@ def test_html_page_is_self_contained_with_side_by_side_plots(tmp_path: Path, cap
     code, _, _ = _run(capsys, "compare", str(a), str(b))
     html = (b / "report" / "compare.html").read_text()
     images = [Image.open(io.BytesIO(base64.b64decode(m, validate=True))) for m in DATA_URI.findall(html)]
-    assert code == 1 and len(images) == 3 and all(i.format == "PNG" for i in images)
+    assert code == 0 and len(images) == 3 and all(i.format == "PNG" for i in images)
     assert not re.search(r'(src|href)="(https?:)?//', html)
-    assert "regression" in html and compare.RULE.split(";")[0] in html.replace("&#39;", "'")
+    assert "unconfirmed" in html and compare.RULE.split(";")[0] in html.replace("&#39;", "'")
+    assert compare.RULES[compare.TWO_STUDIES].split(",")[0] in html.replace("&#39;", "'")
     assert "significant" not in html.lower()
 
 

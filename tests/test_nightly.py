@@ -75,14 +75,21 @@ def test_first_night_has_nothing_to_compare_second_night_compares_with_it(tmp_pa
     assert all("--resume" not in call for call in _sweeps(tmp_path))
 
 
-def test_a_regression_makes_the_job_exit_1(tmp_path: Path, plan: Path) -> None:
+def test_a_regression_makes_the_job_exit_1_once_there_are_enough_nights(tmp_path: Path, plan: Path) -> None:
     root = tmp_path / "results"
     assert _night(tmp_path, root, plan).returncode == 0
-    worse = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="30")
+    early = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="30", KSM_LAB_NO_CONFIRM="1")
+    assert early.returncode == 0, early.stdout  # one earlier night: "unconfirmed", no band yet
+    assert "unconfirmed" in early.stdout and "3 needed" in " ".join(early.stdout.split())
+    root = tmp_path / "later"
+    for _ in range(4):
+        assert _night(tmp_path, root, plan).returncode == 0
+    worse = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="30", KSM_LAB_NO_CONFIRM="1")
     assert worse.returncode == 1, worse.stdout + worse.stderr
-    assert "REGRESSION against" in worse.stdout
-    looser = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="29.5", KSM_LAB_COMPARE_ARGS="--max-saving-drop-pct 50")
-    assert looser.returncode == 0  # compared with night 2 (the last good), by a looser rule
+    assert "REGRESSION (not re-measured" in worse.stdout
+    looser = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="29.5", KSM_LAB_NO_CONFIRM="1",
+                    KSM_LAB_COMPARE_ARGS="--max-saving-drop-pct 50")
+    assert looser.returncode == 0, looser.stdout  # the same band, a looser rule
 
 
 def test_an_interrupted_night_is_resumed_then_compared(tmp_path: Path, plan: Path) -> None:
