@@ -165,6 +165,8 @@ class MetricChange:
     band_night_sd: float = math.nan  # the night-level spread beyond the trials' own, in unit
     band_change_pct: float = math.nan  # B against the band's mean, in % (points for vs-off metrics)
     band_half_pct: float = math.nan
+    a_values: list[float] = field(default_factory=list)  # the raw per-trial values behind the means
+    b_values: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -303,7 +305,8 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
                                             else math.nan)
         return MetricChange(spec.name, spec.unit, "higher" if spec.higher_is_better else "lower",
                             a_mean, a_half, int(a.size), b_mean, b_half, int(b.size), change, math.nan, pct,
-                            math.nan, NO_INTERVAL, threshold, verdict, note)
+                            math.nan, NO_INTERVAL, threshold, verdict, note,
+                            a_values=a.tolist(), b_values=b.tolist())
     if a.size and b.size and (spec.absolute or percent_defined(spec, a_mean, a_half)):
         pct, half_pct = (change, half) if spec.absolute else (100.0 * change / scale, 100.0 * half / scale)
         verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, threshold)
@@ -316,7 +319,8 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
     return MetricChange(spec.name, spec.unit, "higher" if spec.higher_is_better else "lower",
                         a_mean, a_half, int(a.size), b_mean, b_half, int(b.size), change,
                         half if has_interval else math.nan, pct, half_pct if has_interval else math.nan,
-                        WELCH if has_interval else NO_INTERVAL, threshold, verdict, note)
+                        WELCH if has_interval else NO_INTERVAL, threshold, verdict, note,
+                        a_values=a.tolist(), b_values=b.tolist())
 
 
 # ----------------------------------------------------------------------------- the two studies

@@ -71,18 +71,28 @@ def plot_side_by_side(comparison: Comparison) -> Plot | None:
     fig, axes = _grid(len(by_metric))
     for ax, (metric, rows) in zip(axes, by_metric.items()):
         x = np.array([p for p, _, _ in rows], dtype=float)
+        for position, _, c in rows:  # the earlier nights' band B was judged against (history)
+            if c.band_nights:
+                ax.fill_between([position - 0.35, position + 0.35], c.band_low, c.band_high, color="#999999",
+                                alpha=0.25, lw=0, label="earlier nights' band" if position == rows[0][0] else None)
         for offset, side, color, name in ((-0.15, "a", COLOR_A, "A"), (0.15, "b", COLOR_B, "B")):
             means = [getattr(c, f"{side}_mean") for _, _, c in rows]
             halves = [_err(getattr(c, f"{side}_ci95")) for _, _, c in rows]
             ax.errorbar(x + offset, means, yerr=halves, fmt="o", color=color, capsize=3, label=name)
+            for position, _, c in rows:  # each trial beside its mean
+                values = getattr(c, f"{side}_values")
+                ax.plot([position + 2 * offset] * len(values), values, ls="none", marker="x", ms=3, color=color,
+                        alpha=0.7)
         ax.set_title(f"{metric} ({rows[0][2].unit})", fontsize=9)
         _ticks(ax, rows)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("A (blue) and B (orange): mean per setting, bars = 95% interval across trials (none with 1 trial)")
+    fig.suptitle("A (blue) and B (orange): mean per setting, bars = 95% interval across trials (none with 1 trial); "
+                 "x = each trial; grey = earlier nights' band")
     return Plot("compare_metrics", "Each metric, A and B side by side",
-                "Means across the trials of each setting; error bars are 95% t intervals across trials "
-                "(absent with one trial).", _png(fig))
+                "Means across the trials of each setting with each trial beside them (x); error bars are 95% t "
+                "intervals across trials (absent with one trial); the grey band, with --history, is the 95% "
+                "prediction band of the earlier nights B was judged against.", _png(fig))
 
 
 def plot_changes(comparison: Comparison) -> Plot | None:
