@@ -577,38 +577,3 @@ def plan_difference(plan_a: str, plan_b: str, name_a: str = "A", name_b: str = "
     """Unified diff of the two plan.toml texts ("" when they are identical)."""
     return "".join(difflib.unified_diff(plan_a.splitlines(keepends=True), plan_b.splitlines(keepends=True),
                                         fromfile=f"{name_a}/plan.toml", tofile=f"{name_b}/plan.toml"))
-
-
-# ----------------------------------------------------------------------------- summary statistics
-
-
-def welch_from_summary(mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: float,
-                       n_b: int) -> tuple[float, float]:
-    """(mean_b - mean_a, half width of Welch's 95% interval) from each side's mean, sd (ddof=1)
-    and trial count: the same numbers stats.welch_ci95 gives on the trial values (history keeps
-    only these summaries per study and setting). Half is NaN when a side has fewer than 2 trials."""
-    diff = mean_b - mean_a
-    if not (n_a >= 2 and n_b >= 2 and math.isfinite(sd_a) and math.isfinite(sd_b)):
-        return diff, math.nan
-    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
-    se2 = va + vb
-    if se2 == 0:
-        return diff, 0.0
-    dof = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
-    return diff, float(t_quantile_975(dof)) * math.sqrt(se2)
-
-
-def compare_summaries(spec: MetricSpec, a: tuple[float, float, int], b: tuple[float, float, int],
-                      thresholds: Thresholds) -> tuple[float, float, str, str]:
-    """(change %, interval half %, verdict, note) of B against A from (mean, sd, n) summaries."""
-    (mean_a, sd_a, n_a), (mean_b, sd_b, n_b) = a, b
-    if not (n_a and n_b and math.isfinite(mean_a) and math.isfinite(mean_b)):
-        return math.nan, math.nan, CANNOT_TELL, "a side has no value"
-    change, half = welch_from_summary(mean_a, sd_a, n_a, mean_b, sd_b, n_b)
-    has_interval = math.isfinite(half)
-    half_a = float(t_quantile_975(n_a - 1)) * sd_a / math.sqrt(n_a) if n_a >= 2 else math.nan
-    if not percent_defined(spec, mean_a, half_a):
-        return (math.nan, math.nan, *_about_zero(has_interval and abs(change) <= half))
-    pct, half_pct = 100.0 * change / abs(mean_a), 100.0 * half / abs(mean_a)
-    verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, thresholds.for_metric(spec))
-    return pct, half_pct, verdict, note

@@ -151,6 +151,12 @@ def test_history_flags_use_the_band_and_bh(tmp_path: Path) -> None:
     assert [(f.setting, f.metric, f.verdict) for f in found if f.metric == "saved_mib"] == [
         ("ksm.pages_to_scan=1000", "saved_mib", compare.REGRESSION)]
     assert found[0].band_nights == 4 and math.isfinite(found[0].p)
+    # compare judges that night as the page does: the same walk, the same band
+    paths = sorted(p.parent for p in tmp_path.glob("n*/nightly/study.json"))
+    result = compare.compare_studies(*compare.load_pair(paths[-2], paths[-1]), Thresholds(),
+                                     NightContext(history=rows))
+    drop = _change(result, "ksm.pages_to_scan=1000", "saved_mib")
+    assert drop.p == pytest.approx(found[0].p) and drop.band_low == pytest.approx(found[0].band_low)
     assert history.count_comparisons(rows) >= 1
 
 
