@@ -15,9 +15,10 @@ from orchestrator.errors import PlanError
 
 
 class Strict(BaseModel):
-    """Unknown keys are refused and a validated model never changes."""
+    """Unknown keys are refused, a validated model never changes, and no number is inf or nan
+    (TOML spells both: `boot_timeout_s = inf` would be a wait without a bound)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def problems(exc: ValidationError, drop: Callable[[list[str]], list[str]] | None = None,

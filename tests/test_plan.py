@@ -289,3 +289,13 @@ def test_the_readme_plan_reference_lists_each_workloads_keys_and_defaults():
         advice = {"warmup_s"} if kind == "sysbench" else set()
         assert {k: v for k, v in tables[kind].items() if k not in advice} == \
             {k: defaults[k] for k in tables[kind] if k not in advice}, kind
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_timeout_of_inf_or_nan_is_refused_naming_the_key(value: str) -> None:
+    text = ('[study]\nname = "t"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
+            f'boot_timeout_s = {value}\n')
+    with pytest.raises(PlanError, match="boot_timeout_s"):
+        parse_plan(text)
+    with pytest.raises(PlanError, match="confirm_max_s"):
+        parse_plan(f'[study]\nname = "t"\n[workload]\ntype = "processes"\n[nightly]\nconfirm_max_s = {value}\n')
