@@ -19,7 +19,9 @@ study folder once found (its trials/ can hold thousands of files).
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +132,35 @@ def read_entry(study_dir: Path) -> StudyEntry | None:
     )
 
 
+FUTURE_TOLERANCE_S = 86_400.0  # a clock a day fast is a clock; beyond that the date is not believed
+EARLIEST_WALL = 946_684_800.0  # 2000-01-01: a study "older" than ksm-lab is a reset clock or a forgery
+
+
+def date_trusted(wall: float, now_wall: float | None = None) -> bool:
+    """Whether a study's claimed created_wall can order it among the others: a number, not
+    before 2000, not more than a day in the future. A study dated wrongly (a clock wrong at
+    boot, a cloned host, a crafted folder) must not push real studies out of prune's newest N or
+    become the nightly's baseline."""
+    now_wall = time.time() if now_wall is None else now_wall
+    return math.isfinite(wall) and EARLIEST_WALL <= wall <= now_wall + FUTURE_TOLERANCE_S
+
+
+def _order(e: StudyEntry) -> tuple[float, str]:
+    return (e.created_wall if math.isfinite(e.created_wall) else -math.inf, str(e.path))
+
+
 def scan(root: Path, plan: str | None = None, host: str | None = None) -> list[StudyEntry]:
     """Every study under root, oldest first (by created_wall, then path), optionally filtered."""
     entries = [e for e in (read_entry(d) for d in find_study_dirs(root)) if e is not None]
     entries = [e for e in entries if (plan is None or e.name == plan) and (host is None or e.host == host)]
-    return sorted(entries, key=lambda e: (e.created_wall, str(e.path)))
+    return sorted(entries, key=_order)
 
 
 def latest(entries: list[StudyEntry], states: tuple[str, ...] = STATES,
            exclude: Path | None = None) -> StudyEntry | None:
-    """The newest entry in one of the states, skipping `exclude` (the study just run)."""
+    """The newest entry in one of the states, skipping `exclude` (the study just run) and
+    studies whose date is not trusted (date_trusted)."""
     excluded = Path(exclude).resolve() if exclude is not None else None
-    kept = [e for e in entries if e.state in states and (excluded is None or e.path.resolve() != excluded)]
-    return kept[-1] if kept else None
+    kept = [e for e in entries if e.state in states and (excluded is None or e.path.resolve() != excluded)
+            and date_trusted(e.created_wall)]
+    return max(kept, key=_order) if kept else None

@@ -1,6 +1,9 @@
 """Remove old studies from a results root, never the one a nightly compare needs.
 
-Per plan and host (study.json name, host.json hostname), studies are ordered by created_wall.
+Per plan and host (study.json name, host.json hostname), studies are ordered by created_wall; a
+study whose date is not believable (catalog.date_trusted: NaN, before 2000, more than a day in
+the future) is kept and left out of the order, so it can neither push real studies out of the
+newest N nor count as the newest or the last good one.
 A study is removed when it is beyond the newest ``keep`` (if given) AND older than
 ``older_than_days`` (if given). Two are always kept: the last good study (finished, every trial
 ok: the nightly's compare baseline) and the newest study (it may be running or about to be
@@ -40,9 +43,14 @@ def plan_prune(entries: list[catalog.StudyEntry], keep: int | None = None, older
         raise StoreError("--keep must be at least 1")
     now_wall = time.time() if now_wall is None else now_wall
     groups: dict[tuple[str, str], list[catalog.StudyEntry]] = {}
-    for entry in entries:
-        groups.setdefault((entry.name, entry.host), []).append(entry)
     decisions = []
+    for entry in entries:
+        if not catalog.date_trusted(entry.created_wall, now_wall):
+            decisions.append(PruneDecision(entry, False, f"its created_wall ({entry.created_wall!r}) is not a "
+                                           "believable date (not a number, before 2000 or in the future): kept, and "
+                                           "left out of the order so it cannot push real studies out"))
+            continue
+        groups.setdefault((entry.name, entry.host), []).append(entry)
     for group in groups.values():
         group = sorted(group, key=lambda e: (e.created_wall, str(e.path)))
         newest = group[-1]

@@ -102,3 +102,17 @@ def test_prune_needs_a_rule(tmp_path: Path, capsys) -> None:
     (tmp_path / "results").mkdir()
     assert cli.main(["prune", str(tmp_path / "results")]) == 2
     assert "--keep N or --older-than DAYS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("claimed", [4_000_000_000.0, float("nan"), float("inf"), 12.0])
+def test_a_study_with_an_unbelievable_date_cannot_push_real_ones_out(tmp_path: Path, claimed: float) -> None:
+    root = tmp_path / "results"
+    real = [_night(root, day) for day in (1, 2, 3)]
+    forged = write_night(root / "forged", created_wall=claimed)  # same plan and host, date in the future or NaN
+    decisions = prune(root, keep=1, now_wall=NOW)
+    kept = {d.entry.path for d in decisions if not d.remove}
+    assert real[2] in kept and real[2].exists()  # the real newest, also the last good one
+    assert forged in kept and "not a believable date" in next(d.why for d in decisions if d.entry.path == forged)
+    assert not real[0].exists() and not real[1].exists()
+    # nor does it become the nightly's baseline
+    assert catalog.latest(catalog.scan(root), (catalog.GOOD,)).path == real[2]
