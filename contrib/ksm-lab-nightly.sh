@@ -9,7 +9,8 @@
 # - an interrupted night is finished, not restarted: when the newest study of this plan on this
 #   host is unfinished and was started with the same plan text, it is resumed (sweep --resume)
 # - never two at once: a second run while one is going exits 75 at once (flock on
-#   RESULTS_ROOT/.ksm-lab-nightly.lock; the kernel drops the lock when the holder dies)
+#   RESULTS_ROOT/.ksm-lab-nightly.lock; the kernel drops the lock when the holder dies); when the
+#   holder started more than KSM_LAB_STUCK_S (default a day) ago it is stuck: exit 2, not 75
 # - then `compare LAST_GOOD NEW --history RESULTS_ROOT` (page: NEW/report/compare.html, JSON:
 #   NEW/report/compare.json): NEW is judged against the band of the earlier nights of this plan and
 #   host (the night is the level; Holm across the headline family), then `confirm NEW`: a headline
@@ -18,7 +19,7 @@
 #   (NEW/report/confirm.json says "confirmed" or "not confirmed");
 #   then `history RESULTS_ROOT` (RESULTS_ROOT/history.html); `prune --keep N` when KSM_LAB_KEEP=N
 #
-# Exit status: 0 no regression; 1 a confirmed regression or some trials failed; 2 an error
+# Exit status: 0 no regression; 1 a confirmed regression or some trials failed; 2 an error (or a stuck run)
 # (bad plan, sweep or compare refused or failed); 75 another nightly run is still going;
 # 128 + signal (130 SIGINT, 143 SIGTERM) the sweep was interrupted (the next run resumes it).
 #
@@ -28,6 +29,7 @@
 #   KSM_LAB_PYTHON         a Python >= 3.11, to read the plan's study name (default python3)
 #   KSM_LAB_NIGHTLY_SWEEP  the sweep command (default: "$KSM_LAB sweep"); tests point it at a fake
 #   KSM_LAB_COMPARE_ARGS   extra compare and confirm arguments (thresholds), e.g. "--max-tps-drop-pct 3"
+#   KSM_LAB_STUCK_S        a run holding the lock longer than this is stuck (default 86400)
 #   KSM_LAB_NO_CONFIRM     set to 1: judge only, no confirmation study (the compare verdict stands)
 #   KSM_LAB_KEEP           keep this many studies per plan and host (prune); unset: keep all
 
@@ -52,10 +54,19 @@ read -r -a COMPARE_ARGS <<<"${KSM_LAB_COMPARE_ARGS:-}"
 mkdir -p "$ROOT" || die "cannot create results root $ROOT"
 
 exec 9>>"$ROOT/.ksm-lab-nightly.lock" || die "cannot open the lock file in $ROOT"
+STARTED="$ROOT/.ksm-lab-nightly.started"  # "<epoch s> <pid>" of the run holding the lock
 if ! flock -n 9; then
+    read -r SINCE HOLDER <"$STARTED" 2>/dev/null || SINCE=""
+    AGE=$(( $(date +%s) - ${SINCE:-$(date +%s)} ))
+    if [ -n "$SINCE" ] && [ "$AGE" -gt "${KSM_LAB_STUCK_S:-86400}" ]; then
+        # a run older than a night is stuck, not busy: say so loudly instead of skipping silently
+        log "error: the run holding $ROOT/.ksm-lab-nightly.lock (pid ${HOLDER:-?}) started $((AGE / 3600)) h ago: stuck? (not killed)"
+        exit 2
+    fi
     log "another nightly run still holds $ROOT/.ksm-lab-nightly.lock: not starting a second one"
     exit 75
 fi
+printf '%s %s\n' "$(date +%s)" "$$" >"$STARTED"
 
 NAME=$("$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["study"]["name"])' "$PLAN") \
     || die "cannot read [study] name from $PLAN"

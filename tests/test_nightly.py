@@ -128,6 +128,19 @@ def test_refuses_to_overlap_with_a_run_still_going(tmp_path: Path, plan: Path) -
     assert _sweeps(tmp_path) == [] and catalog.scan(root) == []
 
 
+def test_a_run_holding_the_lock_for_more_than_a_day_is_reported_stuck(tmp_path: Path, plan: Path) -> None:
+    import time
+
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / ".ksm-lab-nightly.started").write_text(f"{int(time.time()) - 2 * 86400} 4242\n")
+    with open(root / ".ksm-lab-nightly.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        stuck = _night(tmp_path, root, plan)
+    assert stuck.returncode == 2 and "pid 4242" in stuck.stdout and "stuck?" in stuck.stdout
+    assert _sweeps(tmp_path) == []
+
+
 def test_a_failing_sweep_is_an_error_and_nothing_is_compared(tmp_path: Path, plan: Path) -> None:
     root = tmp_path / "results"
     failing = _night(tmp_path, root, plan, KSM_LAB_NIGHTLY_SWEEP="false")
