@@ -575,3 +575,15 @@ def test_run_all_against_a_real_mariadb(mariadb_socket):
     summaries = summary_dict(runs)
     assert summaries["vm-0"]["tps"] > 0 and not math.isnan(summaries["vm-0"]["duration_s"])
     assert good.run(cleanup_argv(params), 60).exit_status == 0
+
+
+@pytest.mark.parametrize(("old", "new", "named"), [
+    ("(607.27 per sec.)", "(nan per sec.)", "tps = nan"),
+    ("(607.27 per sec.)", "(inf per sec.)", "tps = inf"),
+    ("(607.27 per sec.)", "(-607.27 per sec.)", "tps = -607.27"),
+])
+def test_forged_statistics_are_rejected_naming_the_value(old: str, new: str, named: str) -> None:
+    text = captured("run_1thread")
+    assert old in text
+    with pytest.raises(WorkloadError, match=named.replace(".", r"\.")):
+        parse_summary(text.replace(old, new, 1))

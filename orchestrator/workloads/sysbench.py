@@ -428,7 +428,21 @@ def parse_summary(text: str) -> Summary:
         values["latency_percentile"] = float(m[1])
         values["latency_pct_ms"] = float(m[2])
     _check_is_sysbench(text, found_anything=bool(values))
+    _check_believable(values)
     return Summary(threads=parse_threads(text), **values)
+
+
+# The figures compare and the nightly verdicts rest on: a guest that prints nan, inf or a negative
+# rate (a broken sysbench, or a hostile guest forging numbers) has its result rejected, never averaged.
+_CHECKED = ("tps", "qps", "latency_avg_ms", "latency_pct_ms", "latency_max_ms", "total_time_s")
+
+
+def _check_believable(values: dict[str, Any]) -> None:
+    bad = [f"{k} = {values[k]}" for k in _CHECKED if k in values and not (math.isfinite(values[k]) and values[k] >= 0)]
+    if "tps" in values and "qps" in values and not bad and values["qps"] < values["tps"]:
+        bad.append(f"qps {values['qps']} < tps {values['tps']} (every transaction has queries)")
+    if bad:
+        raise WorkloadError("sysbench's statistics are not a measurement (" + "; ".join(bad) + "): result rejected")
 
 
 def _last_interval_end(text: str) -> int:
