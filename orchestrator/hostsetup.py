@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import images
-from orchestrator.errors import HostError
+from orchestrator.errors import HostError, OrchestratorError
 from orchestrator.kvm import kvm_status
 from orchestrator.resources import package_file
 
@@ -40,6 +40,9 @@ def libvirt_uri(option: str | None = None, plan_uri: str | None = None) -> str:
     return option or os.environ.get(LIBVIRT_URI_ENV) or plan_uri or LIBVIRT_URI
 
 
+LIBVIRT_CHECK_TIMEOUT_S = 10.0
+
+
 def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
                uri: str = LIBVIRT_URI) -> list[CheckResult]:
     """The checks a plan needs (libvirt probed at `uri`); no VMs means nothing to check here."""
@@ -58,18 +61,19 @@ def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
     return results
 
 
-def _check_libvirt(uri: str) -> CheckResult:
+def _check_libvirt(uri: str, timeout_s: float = LIBVIRT_CHECK_TIMEOUT_S) -> CheckResult:
     try:
         import libvirt
+
+        from orchestrator.libvirtconn import connect
     except ImportError as exc:
         return CheckResult("libvirt", False, f"libvirt-python missing: {exc}")
     # libvirt prints every error to stderr by default; we report it ourselves.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        return CheckResult("libvirt", False, f"{uri} unreachable ({exc}): run "
-                                             "`ksm-lab host setup`")
+        conn = connect(uri, timeout_s)  # bounded: a stopped libvirtd's socket accepts and never answers
+    except OrchestratorError as exc:
+        return CheckResult("libvirt", False, f"{uri} unreachable ({exc}): run `ksm-lab host setup`")
     try:
         caps = conn.getCapabilities()
         version = conn.getLibVersion()

@@ -55,3 +55,12 @@ def test_test_driver_connects_and_is_alive() -> None:
         assert is_alive(conn)
     finally:
         conn.close()
+
+
+def test_check_gives_up_on_a_libvirtd_that_never_answers(silent_socket: Path) -> None:
+    from orchestrator.hostsetup import _check_libvirt
+
+    started = time.monotonic()
+    result = _check_libvirt(f"qemu+unix:///system?socket={silent_socket}", timeout_s=1)
+    assert not result.ok and "did not answer within 1 s" in result.detail
+    assert time.monotonic() - started < 30
