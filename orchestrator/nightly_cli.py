@@ -157,8 +157,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json_file:
         from orchestrator.store import atomic_write_json
 
-        Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.json_file), result.to_json())
+        try:
+            Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.json_file), result.to_json())
+        except OSError as exc:  # a full or read-only disk is the host's problem, not a bug (exit 2)
+            raise OrchestratorError(f"cannot write {args.json_file}: {exc.strerror or exc}") from None
     if _want_json(args):
         _print_json(result.to_json())
     else:
@@ -222,7 +225,10 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         raise OrchestratorError("confirm needs --history RESULTS_ROOT: the band it confirms against")
     result, tonight = confirm.run_confirmation(study, context, _thresholds(args), max_s=args.max_s,
                                                enabled=section.confirm and not args.no_confirm)
-    path = confirm.record(study, result)
+    try:
+        path = confirm.record(study, result)
+    except OSError as exc:
+        raise OrchestratorError(f"cannot write the confirmation record in {study}/report: {exc.strerror or exc}") from None
     if _want_json(args):
         _print_json(result.to_json())
     else:

@@ -204,3 +204,11 @@ def test_confirmation_plan_keeps_only_the_suspects() -> None:
     assert sum(t.ksm_off for t in trials) == 2 * 1  # KSM off for fill=same, per block
     with pytest.raises(confirm.ConfirmError, match="not in the plan"):
         confirm.confirmation_plan(text, [{"ksm.pages_to_scan": 7}], 2)
+
+
+def test_an_unwritable_json_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    a = write_night(tmp_path / "a", saved_mib={100: [3.0, 3.1], 1000: [40.0, 40.5]})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = cli.main(["compare", str(a), str(a), "--no-html", "--json-file", str(blocker / "x.json")])
+    assert code == 2 and "cannot write" in capsys.readouterr().err
