@@ -39,6 +39,14 @@ HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "
 # The only folders this module ever writes under, whatever a settings record names: a record
 # is a file in the results folder, and restore runs as root.
 WRITABLE_RELS = (KSM_SYSFS, THP_REL)
+# ... and in them only these files (the knobs; a crafted record naming another file of the two
+# trees, or a new kernel's file we have never measured, is refused).
+WRITABLE_FILES = frozenset(
+    [KSM_SYSFS / name for name in (
+        "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes", "use_zero_pages",
+        "stable_node_chains_prune_millisecs", "smart_scan", "advisor_mode", "advisor_max_cpu",
+        "advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time")]
+    + list(HOST_KNOB_FILES.values()))
 
 # Applied first, in this order, because later writes depend on them (see module docstring).
 _ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
@@ -110,7 +118,9 @@ class HostSettings:
         for folder in WRITABLE_RELS:
             base = self._abs(folder).resolve()
             if resolved != base and resolved.is_relative_to(base):
-                return None
+                if folder / resolved.relative_to(base) in WRITABLE_FILES:
+                    return None
+                return f"resolves to {resolved}, which is not a KSM or THP knob ksm-lab sets"
         allowed = " or ".join(f"/{folder}/" for folder in WRITABLE_RELS)
         return f"resolves to {resolved}, outside {allowed}"
 

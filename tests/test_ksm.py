@@ -129,6 +129,9 @@ def test_restore_refuses_record_entries_outside_ksm_and_thp(tmp_path):
         {"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "x"},
         {"path": "sys/kernel/mm/ksm/link", "old": "pwned", "new": "x"},
         {"path": "sys/kernel/mm/ksm", "old": "pwned", "new": "x"},
+        # inside the trees, but not a knob ksm-lab sets (a counter, a file of khugepaged)
+        {"path": "sys/kernel/mm/ksm/pages_shared", "old": "7", "new": "x"},
+        {"path": "sys/kernel/mm/transparent_hugepage/khugepaged/defrag", "old": "0", "new": "x"},
     ]
     record = _record(tmp_path / "record.json", [
         {"path": "sys/kernel/mm/ksm/pages_to_scan", "old": "100", "new": "5000"},
@@ -141,6 +144,8 @@ def test_restore_refuses_record_entries_outside_ksm_and_thp(tmp_path):
     for entry in escapes:
         assert f"refused {entry['path']!r}" in message
     assert "outside /sys/kernel/mm/ksm/ or /sys/kernel/mm/transparent_hugepage/" in message
+    assert "not a KSM or THP knob ksm-lab sets" in message
+    assert not (thp / "khugepaged").exists()
     assert Path("/etc/passwd").read_bytes() == passwd_before
     assert victim.read_text() == "untouched\n" and (ksm_dir / "link").is_symlink()
     # The entries inside KSM/THP were restored all the same.
@@ -170,9 +175,12 @@ def test_writes_never_leave_ksm_and_thp(tmp_path):
     settings = HostSettings(tmp_path / "record.json", tmp_path)
     with pytest.raises(KsmError, match="refusing to write .*outside"):
         settings.write("sys/kernel/mm/ksm/../../../../record.json", "x")
-    # Nor does a write create a knob the kernel does not have.
-    with pytest.raises(KsmError, match="No such file"):
+    # Nor does a write create a file the kernel does not have, or write one that is no knob.
+    with pytest.raises(KsmError, match="not a KSM or THP knob"):
         settings._raw_write(tmp_path / KSM_SYSFS / "no_such_knob", "1")
+    (tmp_path / KSM_SYSFS / "smart_scan").unlink(missing_ok=True)
+    with pytest.raises(KsmError, match="No such file"):
+        settings._raw_write(tmp_path / KSM_SYSFS / "smart_scan", "1")
     assert not (tmp_path / KSM_SYSFS / "no_such_knob").exists()
 
 
