@@ -98,7 +98,7 @@ def _from_csv(path: Path) -> TrialColumns | None:
         wanted = [c for c in (*NEEDED_COLUMNS, *METRIC_NAMES) if c in header]
         table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
                                convert_options=pacsv.ConvertOptions(include_columns=wanted))
-    except (OSError, pa.ArrowInvalid):
+    except (OSError, ValueError, pa.ArrowInvalid):  # ValueError: a trials.csv that is not UTF-8 text
         return None
     out: TrialColumns = {"setting": [str(v) for v in table.column("setting").to_pylist()],
                          "ksm_off": _bools(table.column("ksm_off").to_pylist()),

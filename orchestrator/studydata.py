@@ -83,7 +83,7 @@ def _read_table(path: Path, problems: list[str], columns: tuple[str, ...] | None
                 header = next(csv.reader(handle), [])
             options.include_columns = [c for c in columns if c in header]
         return pacsv.read_csv(path, convert_options=options)
-    except (pa.ArrowInvalid, OSError) as exc:  # a truncated file must not sink the whole report
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:  # truncated or not text (UnicodeDecodeError): noted, not fatal
         problems.append(f"{path.name} unreadable: {exc}")
         return None
 

@@ -441,6 +441,14 @@ def test_truncated_csv_is_reported_not_fatal(tmp_path: Path) -> None:
     assert "ksm.csv unreadable" in m["data_problems"]
 
 
+def test_a_csv_that_is_not_text_is_reported_not_fatal(tmp_path: Path) -> None:
+    study_dir = start_study(tmp_path)
+    trial_dir = write_trial(study_dir, "t0", {})
+    (trial_dir / "processes.csv").write_bytes(b"\xff\xfe\x00t_s,pss\x80\n\x81")
+    m = trialmetrics.trial_metrics(trial_dir)
+    assert "processes.csv unreadable" in m["data_problems"]
+
+
 # ----------------------------------------------------------------------------- trial as the unit
 
 
