@@ -109,6 +109,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     check_against_host(trials, root / KSM_SYSFS)
     policies.check_host(trials, root)
     refuse_if_ksmtuned(root)
+    if plan.guests is not None:
+        _refuse_unreachable_libvirt(plan.guests.uri)
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start
         raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))
@@ -184,6 +186,19 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
         raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
                          f"{study.path}. {halt.advice}")
     return outcome
+
+
+def _refuse_unreachable_libvirt(uri: str) -> None:
+    """A VM plan whose libvirt cannot be reached is refused before the study starts (exit 2),
+    not run trial by trial to "failed"."""
+    from orchestrator.libvirtconn import connect  # libvirt loads only for VM plans
+
+    try:
+        conn = connect(uri)
+    except OrchestratorError as exc:
+        raise HostError(f"refusing to start: {exc} (check [guests] uri, -c, or `ksm-lab host setup`)") from None
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: Trial,

@@ -178,6 +178,17 @@ def test_connect_beats_the_environment_which_beats_the_plan(tmp_path, capsys, mo
     assert cli._with_uri(plan, "qemu+ssh://lab/system").guests.uri == "qemu+ssh://lab/system"
 
 
+def test_a_vm_plan_whose_libvirt_is_unreachable_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    plan = tmp_path / "vm.toml"
+    plan.write_text(VM_PLAN.replace("qemu:///session", f"qemu+unix:///system?socket={tmp_path}/no.sock"))
+    results = tmp_path / "results"
+    assert cli.main(["sweep", str(plan), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and "no.sock" in err
+    assert not (results / "vm").exists()  # no study folder, no failed trial
+
+
 def test_check_probes_the_uri_the_plan_or_option_names(tmp_path, monkeypatch):
     from orchestrator import preflight
 
