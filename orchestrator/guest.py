@@ -45,6 +45,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _READ_CHUNK_BYTES = 65536
+# A command's output kept per stream: its first and last half of this (a long sysbench run prints
+# ~150 bytes a second, 0.5 MiB an hour). A guest that floods its output cannot exhaust the
+# sweep's memory; what was cut is marked in the text.
+OUTPUT_CAP_BYTES = 16 * 1024 * 1024
+
+
+class CappedOutput:
+    """A stream's bytes, keeping the head and the tail once more than `cap` arrived."""
+
+    def __init__(self, cap: int | None = None) -> None:
+        self.cap = OUTPUT_CAP_BYTES if cap is None else cap
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.cut = 0  # bytes dropped between head and tail
+
+    def __iadd__(self, data: bytes) -> "CappedOutput":
+        half = self.cap // 2
+        room = half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > half:
+                drop = len(self.tail) - half
+                self.cut += drop
+                del self.tail[:drop]
+        return self
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def text(self) -> str:
+        if not self.cut:
+            return (bytes(self.head) + bytes(self.tail)).decode(errors="replace")
+        marker = f"\n[ksm-lab: {self.cut} bytes of output cut here (kept the first and last {self.cap // 2} bytes)]\n"
+        return self.head.decode(errors="replace") + marker + self.tail.decode(errors="replace")
 # Longest pause between two looks at a running command's channel; the channel's own fd wakes
 # us sooner when output arrives.
 _POLL_S = 0.5
@@ -300,7 +337,7 @@ class GuestSession:
             channel = self._transport().open_session(timeout=min(timeout_s, self.connect_timeout_s))
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise GuestError(f"{self.where}: cannot open a channel for `{command}`: {exc}") from None
-        stdout, stderr = bytearray(), bytearray()
+        stdout, stderr = CappedOutput(), CappedOutput()
         exit_status = -1
         watchdog = _Watchdog(channel, timeout_s + KILL_AFTER_S + WATCHDOG_GRACE_S)
         try:
@@ -314,8 +351,7 @@ class GuestSession:
                 raise GuestError(f"{self.where}: `{command}` failed in transit: {exc}") from None
         finally:
             channel.close()
-        result = CommandResult(command, exit_status, stdout.decode(errors="replace"),
-                               stderr.decode(errors="replace"), time.monotonic() - started)
+        result = CommandResult(command, exit_status, stdout.text(), stderr.text(), time.monotonic() - started)
         self._raise_if_timed_out(result, timeout_s, watchdog.fired.is_set())
         if exit_status == 127 and _NO_TIMEOUT_COMMAND.search(result.stderr):
             raise GuestError(f"{self.where}: the guest has no `timeout` command (coreutils), "
@@ -337,7 +373,7 @@ class GuestSession:
         if result.exit_status in _TIMEOUT_STATUSES and result.duration_s >= timeout_s:
             raise CommandTimeout(f"{what} (stopped in the guest)", result)
 
-    def _collect(self, channel: paramiko.Channel, stdout: bytearray, stderr: bytearray) -> None:
+    def _collect(self, channel: paramiko.Channel, stdout: CappedOutput, stderr: CappedOutput) -> None:
         """Read both streams into the buffers until the command's status and EOF are in.
 
         The buffers are the caller's so a command cut off by the watchdog keeps its output.

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ DEFAULT_PORT_STATE_DIR = Path("/run/ksm-lab")
 
 # flock is per open file; this lock keeps threads of one process apart as well.
 _PORTS_LOCK = threading.Lock()
+PORT_LOCK_TIMEOUT_S = 30.0  # the table is held for milliseconds; longer means a stuck holder
+_LOCK_POLL_S = 0.05
 _PORTS_IN_PROCESS: set[int] = set()
 
 
@@ -42,8 +45,9 @@ class PortRegistry:
     next use; a holder is its pid plus its start time, so a reused pid does not keep a port.
     """
 
-    def __init__(self, state_dir: Path = DEFAULT_PORT_STATE_DIR) -> None:
+    def __init__(self, state_dir: Path = DEFAULT_PORT_STATE_DIR, lock_timeout_s: float = PORT_LOCK_TIMEOUT_S) -> None:
         self.state_dir = Path(state_dir)
+        self.lock_timeout_s = lock_timeout_s
         self.lock_path = self.state_dir / "ports.lock"
         self.table_path = self.state_dir / "ports.json"
 
@@ -56,12 +60,24 @@ class PortRegistry:
             raise HostError(f"cannot open the port lock {self.lock_path}: {exc}") from exc
         with _PORTS_LOCK:
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                self._flock_within(lock_fd)
                 table = self._load()
                 yield table
                 atomic_write_json(self.table_path, table)
             finally:
                 os.close(lock_fd)  # drops the flock
+
+    def _flock_within(self, fd: int) -> None:
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HostError(f"the port table lock {self.lock_path} was not free within "
+                                    f"{self.lock_timeout_s:g} s: another process holds it (stuck?)") from None
+                time.sleep(_LOCK_POLL_S)
 
     def _load(self) -> dict[str, dict]:
         try:

@@ -273,3 +273,15 @@ def test_run_without_connect_raises(keys: dict) -> None:
     session = _session(keys, 1)
     with pytest.raises(GuestError, match="no open SSH session"):
         session.run(["true"], timeout_s=1)
+
+
+def test_a_flood_of_output_is_capped_head_and_tail_kept(keys: dict, server: SshServer, monkeypatch) -> None:
+    from orchestrator import guest as guest_module
+
+    monkeypatch.setattr(guest_module, "OUTPUT_CAP_BYTES", 1_000_000)
+    with _session(keys, server.port) as guest:
+        result = guest.run("printf START; head -c 3000000 /dev/zero | tr '\\0' x; printf END", timeout_s=30,
+                           check=True)
+    assert result.stdout.startswith("START") and result.stdout.endswith("END")
+    assert "bytes of output cut here" in result.stdout
+    assert len(result.stdout) < 1_100_000

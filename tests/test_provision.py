@@ -611,3 +611,22 @@ def test_cleanup_after_the_provisioner_was_killed(vm_study: str, tmp_path: Path)
         assert files_under(tmp_path / "work") == []
     finally:
         conn.close()
+
+
+def test_the_port_table_lock_is_given_up_at_its_deadline(tmp_path: Path) -> None:
+    import fcntl as _fcntl
+    import os as _os
+
+    from orchestrator.errors import HostError as _HostError
+
+    registry = PortRegistry(tmp_path, lock_timeout_s=0.3)
+    tmp_path.mkdir(exist_ok=True)
+    holder = _os.open(registry.lock_path, _os.O_RDWR | _os.O_CREAT, 0o644)
+    try:
+        _fcntl.flock(holder, _fcntl.LOCK_EX)  # another process (a stuck sweep) holds the table
+        with pytest.raises(_HostError, match="not free within 0.3 s"):
+            registry.allocate("test")
+    finally:
+        _os.close(holder)
+    port = registry.allocate("test")  # free again: it works
+    registry.release(port)
