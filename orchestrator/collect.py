@@ -29,6 +29,7 @@ from pathlib import Path
 
 from orchestrator import catalog
 from orchestrator.errors import CollectError
+from orchestrator.subproc import run_bounded
 
 DEFAULT_REMOTE_ROOT = "/var/lib/ksm-lab/results"  # the nightly job's default results root
 SSH_BASE = ("ssh", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30")
@@ -71,7 +72,7 @@ def ssh_command(options: tuple[str, ...] = ()) -> str:
 def _rsync(rsync: str, ssh: str, args: list[str]) -> None:
     argv = [*shlex.split(rsync), "-rt", f"--timeout={RSYNC_IO_TIMEOUT_S}", "-e", ssh, *args]
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RSYNC_TIMEOUT_S)
+        done = run_bounded(argv, RSYNC_TIMEOUT_S, text=True)  # rsync's ssh too
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CollectError(f"{argv[0]}: {exc}") from None
     if done.returncode != 0:

@@ -16,6 +16,7 @@ from orchestrator import images
 from orchestrator.errors import HostError, OrchestratorError
 from orchestrator.kvm import kvm_status
 from orchestrator.resources import package_file
+from orchestrator.subproc import run_bounded
 
 LIBVIRT_URI = "qemu:///system"  # the default, where a plan or option names none
 LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
@@ -115,8 +116,7 @@ def setup_host(stop: bool = False, timeout_s: float = 900) -> str:
     # Through bash: an installed wheel does not promise to keep the executable bit.
     argv = ["bash", str(SETUP_SCRIPT)] + (["--stop"] if stop else [])
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = run_bounded(argv, timeout_s, text=True)  # apt-get's children too
     except subprocess.TimeoutExpired as exc:
         raise HostError(f"{SETUP_SCRIPT.name} did not finish within {timeout_s:g} s") from exc
     if proc.returncode != 0:

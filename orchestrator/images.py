@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
 from orchestrator.resources import is_recipe_name, package_file
+from orchestrator.subproc import run_bounded
 
 log = logging.getLogger(__name__)
 
@@ -655,8 +656,7 @@ def _run(argv: list[str], log_path: Path | None, timeout_s: float | None = None)
     if timeout_s is None:
         timeout_s = DEBOOTSTRAP_TIMEOUT_S if "debootstrap" in argv else STEP_TIMEOUT_S
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
-                              timeout=timeout_s)
+        proc = run_bounded(argv, timeout_s, text=True, env=env)  # debootstrap's and apt's children too
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"") + (exc.stderr or b"")
         text = output.decode(errors="replace") if isinstance(output, bytes) else str(output)

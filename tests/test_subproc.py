@@ -1,0 +1,39 @@
+"""run_bounded: at the deadline the command and everything it started are stopped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.subproc import run_bounded
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
+    return stat not in ("Z", "X")
+
+
+def test_the_deadline_stops_the_command_and_its_children(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    with pytest.raises(subprocess.TimeoutExpired) as err:
+        run_bounded(["sh", "-c", f"sleep 1000 & echo $! > {pidfile}; echo started; wait"], 0.5, text=True)
+    assert "started" in (err.value.output or "")
+    child = int(pidfile.read_text())
+    for _ in range(50):  # the group got SIGTERM; give the kernel a moment to reap
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child), "the command's child outlived the deadline"
+
+
+def test_a_command_that_finishes_gives_its_output_and_status() -> None:
+    done = run_bounded(["sh", "-c", "echo out; echo err >&2; exit 3"], 10, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
