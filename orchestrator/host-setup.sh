@@ -98,9 +98,14 @@ install_packages() {
         # invoke-rc.d asks policy-rc.d; 101 = "action forbidden": no daemon starts during install
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
         denied_starts=1
+        # gone again however this ends (apt fails under set -e, a signal): it denies every service start
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    [[ -n $denied_starts ]] && rm -f /usr/sbin/policy-rc.d
+    if [[ -n $denied_starts ]]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
     if [[ " ${missing[*]} " == *" ksmtuned "* ]]; then
         if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
             systemctl disable ksmtuned.service ksm.service >/dev/null 2>&1 || true
