@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,7 +25,7 @@ import pandas as pd
 from orchestrator import policies, studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned
+from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
 from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand
 from orchestrator.preflight import space_checks
 from orchestrator.probes import KSM_SYSFS
@@ -108,6 +110,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     trials = expand(plan)
     check_against_host(trials, root / KSM_SYSFS)
     policies.check_host(trials, root)
+    with host_lock():  # a live sweep holds it; if we get it, the one the marker names is dead
+        heal_killed_sweep(root)
     refuse_if_ksmtuned(root)
     if plan.guests is not None:
         _refuse_unreachable_libvirt(plan.guests.uri)
@@ -118,6 +122,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     with host_lock():
         planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
         study = Study.create(results_dir, plan.study.name, plan_text, planned, resume)
+        marker = running_marker()
+        atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid()})
         if plan.search is not None:
             from orchestrator.search import search_trials
 
@@ -181,11 +187,46 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                             write_trials_table(study)
                         except StoreError as exc:
                             log.error("trials.csv not written: %s", exc)
+                        marker.unlink(missing_ok=True)  # knobs restored: nothing left to heal
     if outcome.aborted is not None:
         halt = outcome.aborted
         raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
                          f"{study.path}. {halt.advice}")
     return outcome
+
+
+def running_marker() -> Path:
+    """Names the study of the sweep holding the host lock; removed once its knobs are restored.
+    Found by the next sweep, it means the last one was killed (SIGKILL, the OOM killer, a
+    reboot has /run emptied: nothing to do then)."""
+    return run_dir() / "sweep-study.json"
+
+
+def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
+    """Undo what a killed sweep left (call with the host lock held): stop the ksmtuned it
+    started (by recorded pid and start time), put back the knobs of its settings record.
+    Guests it left are named for `ksm-lab cleanup` (libvirt is not opened here)."""
+    marker = running_marker()
+    try:
+        study_dir = Path(json.loads(marker.read_text())["study"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s is unreadable: removed", marker)
+        marker.unlink(missing_ok=True)
+        return []
+    done: list[str] = []
+    from orchestrator.policies.ksmtuned import stop_left_behind
+
+    done += [f"stopped {line}" for line in stop_left_behind(study_dir)]
+    record = study_dir / "settings-record.json"
+    if record.exists():
+        done += [f"restored {line}" for line in HostSettings(record, root).restore()]
+    if (study_dir / "plan.toml").exists() and "[guests]" in (study_dir / "plan.toml").read_text():
+        log.warning("the killed sweep of %s ran guests: `ksm-lab cleanup` removes any it left", study_dir)
+    log.warning("the last sweep (%s) was killed before it cleaned up: %s", study_dir, "; ".join(done) or "nothing left")
+    marker.unlink(missing_ok=True)
+    return done
 
 
 def _refuse_unreachable_libvirt(uri: str) -> None:

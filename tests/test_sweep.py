@@ -298,3 +298,28 @@ def test_a_full_results_disk_stops_the_study_keeps_what_was_written_and_resumes(
         assert len(pd.read_csv(results / "full" / "trials.csv")) == 3
     finally:
         subprocess.run(["umount", str(results)], check=False)
+
+
+def test_the_next_sweep_heals_what_a_killed_sweep_left(results_dir, ksm_guard, tmp_path, monkeypatch):
+    """A sweep killed with SIGKILL restores nothing: its knobs stay changed. The next sweep finds
+    its marker (the host lock was free, so it is dead) and puts the knobs back first."""
+    from orchestrator import sweep as sweep_module
+    from orchestrator.ksm import KSM_SYSFS as _KSM
+
+    monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
+    knob = Path("/") / _KSM / "sleep_millisecs"
+    original = ksm_guard["sleep_millisecs"]
+    killed = tmp_path / "killed-study"
+    killed.mkdir()
+    (killed / "settings-record.json").write_text(json.dumps(
+        [{"path": str(_KSM / "sleep_millisecs"), "old": original, "new": "4321"}]))
+    knob.write_text("4321")  # what the killed sweep left on the host
+    marker = sweep_module.running_marker()
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"study": str(killed), "pid": 999999}))
+    outcome = sweep(plan_text("heal", fills=("same",), measure_s=2, pts=(1000,)), results_dir)
+    assert (pd.read_csv(outcome.study.path / "trials.csv")["status"] == "ok").all()
+    assert knob.read_text().strip() == original  # healed first, so this sweep restored to the original
+    assert not marker.exists()
+    record = json.loads((outcome.study.path / "settings-record.json").read_text())
+    assert all(e["old"] != "4321" for e in record)
