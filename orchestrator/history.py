@@ -36,7 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from orchestrator import catalog, nights, studydata, studymetrics
-from orchestrator.compare import METRICS, REGRESSION, IMPROVEMENT, Thresholds
+from orchestrator.compare import HEADLINE, IMPROVEMENT, METRICS, REGRESSION, SPECS, WORSE, Thresholds, band_verdict
 from orchestrator.stats import t_quantile_975
 from orchestrator.store import atomic_write_bytes
 
@@ -357,6 +357,61 @@ def judge_page(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
             for i, j in enumerate(judged):
                 if math.isfinite(j.p):
                     out.append(PageTest(records[i], spec.name, records[i - 1]["study"] if i else "", j))
+    return out
+
+
+OUTSIDE_WORSE = "outside the band, the bad way"
+
+
+@dataclass
+class LatestRow:
+    """One headline metric of one KSM-on setting on the latest night of a plan and host."""
+
+    plan: str
+    host: str
+    study: str
+    setting: str
+    metric: str
+    mean: float
+    ci95: float
+    n: int
+    band_low: float
+    band_high: float
+    band_nights: int
+    verdict: str
+
+
+def latest_nights(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
+                  rules: nights.NightRules = nights.NightRules(), headline: tuple[str, ...] = HEADLINE) -> list[LatestRow]:
+    """The dashboard's first table: per plan and host, the latest night's headline metrics with
+    their interval, the band of the nights before, and the verdict word (before any family
+    correction: the page's flags are the BH-corrected ones)."""
+    out: list[LatestRow] = []
+    if rows.empty:
+        return out
+    rows = rows.sort_values(["created_wall", "study_path"], kind="stable")
+    for (plan, host), group in rows.groupby(["plan", "host"], sort=True):
+        latest = group["study_path"].iloc[-1]
+        for (setting, off), series_rows in group.groupby(["setting", "ksm_off"], sort=False):
+            if bool(off) or series_rows["study_path"].iloc[-1] != latest:
+                continue
+            now = series_rows.iloc[-1]
+            for name in headline:
+                spec = SPECS[name]
+                if name not in series_rows or not math.isfinite(float(pd.to_numeric(now[name], errors="coerce"))):
+                    continue
+                cols = [pd.to_numeric(series_rows[f"{name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
+                series = [(float(m), float(sd), int(n) if math.isfinite(n) else 0) for m, sd, n in zip(*cols)]
+                judged, _ = nights.walk(series, spec.higher_is_better, thresholds.for_metric(spec), spec.absolute,
+                                        spec.near_zero, spec.resolution, rules)
+                j = judged[-1]
+                verdict = band_verdict(j, rules.suspect_p) if j.band is not None and not j.why_no_band else \
+                    f"no band ({j.why_no_band})"
+                if verdict == WORSE:  # one test, before Holm: whether it gates is the nightly compare's call
+                    verdict = OUTSIDE_WORSE
+                out.append(LatestRow(plan, host, now["study"], setting, name, j.mean,
+                                     float(pd.to_numeric(now[f"{name}_ci95"], errors="coerce")), j.n,
+                                     j.band_low, j.band_high, j.band.nights if j.band else 0, verdict))
     return out
 
 

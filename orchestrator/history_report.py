@@ -24,8 +24,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orchestrator.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
-from orchestrator.history import (Flag, VersionChange, count_comparisons, filtered, flags, metrics_present,
-                                  version_changes)
+from orchestrator.history import (Flag, VersionChange, count_comparisons, filtered, flags, latest_nights,
+                                  metrics_present, version_changes)
 from orchestrator.reportplots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.store import atomic_write_bytes
@@ -147,6 +147,7 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
     return env.get_template("history.html.j2").render(
         root=str(root), plan=plan, host=host, plots=plots, rule=PAGE_RULE, thresholds=thresholds,
         chance=chance_sentence(judged, len(all_flags), 0.05),
+        latest=latest_nights(rows, thresholds),
         confirmation=lambda f: confirmed.get((f.study, f.setting, f.metric), "not run"),
         flags=sorted(all_flags, key=lambda f: -f.created_wall), changes=changes,
         studies=studies.sort_values("created_wall", ascending=False).to_dict("records"),

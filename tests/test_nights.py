@@ -212,3 +212,16 @@ def test_an_unwritable_json_file_is_a_clear_error(tmp_path: Path, capsys) -> Non
     blocker.write_text("")
     code = cli.main(["compare", str(a), str(a), "--no-html", "--json-file", str(blocker / "x.json")])
     assert code == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_the_page_opens_with_the_latest_nights_headline_against_its_band(tmp_path: Path) -> None:
+    _nights(tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
+            [30.0, 30.5, 29.5])
+    rows = history.filtered(history.build_index(tmp_path).index)
+    latest = {(r.setting, r.metric): r for r in history.latest_nights(rows)}
+    drop = latest[("ksm.pages_to_scan=1000", "saved_mib")]
+    assert drop.verdict == history.OUTSIDE_WORSE and drop.band_nights == 4 and drop.band_low < 40 < drop.band_high
+    assert latest[("ksm.pages_to_scan=1000", "ksmd_cpu_pct")].verdict.startswith("no band")  # equal trials
+    assert cli.main(["history", str(tmp_path), "--out", str(tmp_path / "h.html")]) == 0
+    html = (tmp_path / "h.html").read_text()
+    assert "The latest night, headline metrics" in html and "outside the band, the bad way" in html
