@@ -14,6 +14,16 @@ from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
 from orchestrator.probes import KSM_SYSFS
 
 
+# Daemons that drive KSM on their own (the comm the kernel shows: at most 15 characters). The
+# sweep refuses ksmtuned (it rewrites the knobs every minute); these are warned about, since they
+# may be installed with their KSM handling off.
+OTHER_KSM_DRIVERS = {
+    "oVirt MOM (momd)": "momd",
+    "Kata ksm-throttler": "kata-ksm-thrott",
+    "KubeVirt virt-handler (with KSM handling on it drives the knobs)": "virt-handler",
+}
+
+
 def _writable(name: str, path: Path) -> CheckResult:
     if not path.exists():
         return CheckResult(name, False, f"{path} missing")
@@ -32,6 +42,11 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     tuned = find_pids_by_comm("ksmtuned", root)
     results.append(CheckResult("ksmtuned not running", not tuned,
                                f"running as pid {tuned}: stop it first" if tuned else "not running"))
+    others = {what: pids for what, comm in OTHER_KSM_DRIVERS.items() if (pids := find_pids_by_comm(comm, root))}
+    results.append(CheckResult(
+        "no other KSM driver", not others,
+        "; ".join(f"{what} running as pid {pids}: it may write the KSM knobs during the study" for what, pids in others.items())
+        or "none of " + ", ".join(OTHER_KSM_DRIVERS) + " running", blocking=False))
     rd = run_dir()
     try:
         rd.mkdir(parents=True, exist_ok=True)

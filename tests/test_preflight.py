@@ -39,3 +39,15 @@ def test_space_check_refuses_a_study_that_cannot_store_what_it_measures(tmp_path
     assert list(needs) == [tmp_path]  # measured on the file system that will hold it
     assert 4 * 2**20 < needs[tmp_path] < 100 * 2**20
     assert all(c.ok for c in space_checks(plan, trials, tmp_path))
+
+
+def test_another_ksm_driver_is_named_without_blocking(tmp_path):
+    (tmp_path / "sys/kernel/mm/ksm").mkdir(parents=True)
+    for knob in ("run", "pages_to_scan", "sleep_millisecs"):
+        (tmp_path / "sys/kernel/mm/ksm" / knob).write_text("0\n")
+    (tmp_path / "proc/4242").mkdir(parents=True)
+    (tmp_path / "proc/4242/comm").write_text("momd\n")
+    results = {r.name: r for r in ksm_checks(tmp_path)}
+    other = results["no other KSM driver"]
+    assert not other.ok and not other.blocking and "oVirt MOM (momd) running as pid [4242]" in other.detail
+    assert results["ksmtuned not running"].ok
