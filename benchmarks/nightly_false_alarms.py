@@ -4,7 +4,7 @@ A 5-setting plan (5 KSM-on settings + KSM off, 3 trials a setting per night, blo
 simulated lab: per night, trial values are drawn, summarised by history.setting_summaries (as the
 index stores them), and tonight is judged as `compare --history` does (compare._against_history:
 the band of the earlier nights; compare.apply_gate: Holm across the headline family); suspects are
-re-measured by a simulated confirmation study (2 blocks, the same night) and decided by
+re-measured by a simulated confirmation study (3 blocks, the plan's default; the same night) and decided by
 confirm.decide / confirm.still_there. History pages are judged by history.flags (band + BH).
 
 Scenarios: unchanged nights with iid trial noise; unchanged nights with a night effect as large as
@@ -36,7 +36,7 @@ COST = [-1.0, -2.0, -6.0, -12.0, -25.0]  # tps change vs KSM off, percent
 TPS_OFF = 1000.0
 LAT_OFF = 20.0  # ms
 TRIALS = 3  # per setting per night (blocks)
-CONFIRM_BLOCKS = 2
+CONFIRM_BLOCKS = 3  # the plan's default ([nightly] confirm_blocks)
 CV = 0.03
 WARMUP = 10  # nights before the judged ones: the band's window is full
 JUDGED = 30

@@ -10,6 +10,8 @@ we made is recorded on a domain ``cleanup()`` can find.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from pathlib import Path
 
 import libvirt
@@ -21,6 +23,12 @@ from orchestrator.ports import PortRegistry
 
 # Every domain GuestSet defines is named so: ksmlab-<study>-<i>, restored ones ksmlab-st<key>-<i>.
 NAME_PREFIX = "ksmlab-"
+# The files GuestSet makes for a guest (provision._Slot): <study slug>-<index>-<8 hex>.qcow2 and
+# .console.log. Metadata is data on a domain anyone with libvirt access can define: it names which
+# of OUR files to remove, never which file to remove.
+OUR_FILE = re.compile(r"[A-Za-z0-9_.-]+-[0-9]+-[0-9a-f]{8}\.(qcow2|console\.log)")
+
+log = logging.getLogger(__name__)
 
 # --- domain teardown pieces (shared by GuestSet and cleanup) -----------------------------------
 
@@ -61,6 +69,30 @@ def unlink(path: Path | None) -> None:
         path.unlink(missing_ok=True)
 
 
+def our_files(overlay: Path | None, console: Path | None) -> list[Path]:
+    """The metadata's paths that are files GuestSet made: an absolute path named like ours, a
+    regular file or absent (not a link, not a folder), overlay and console log in one folder.
+    Anything else is refused with a warning and left where it is."""
+    named = [p for p in (overlay, console) if p is not None]
+    folders = {p.parent for p in named}
+    out = []
+    for path in named:
+        why = None
+        if not path.is_absolute() or ".." in path.parts:
+            why = "not an absolute path"
+        elif not OUR_FILE.fullmatch(path.name):
+            why = "not named like a ksm-lab overlay or console log"
+        elif len(folders) > 1:
+            why = "overlay and console log in different folders"
+        elif path.is_symlink() or (path.exists() and not path.is_file()):
+            why = "not a regular file"
+        if why:
+            log.warning("cleanup: leaving %s alone (%s)", path, why)
+        else:
+            out.append(path)
+    return out
+
+
 def _our_metadata(dom: libvirt.virDomain):
     """Our metadata on `dom`, or None when the domain is not ours."""
     try:
@@ -88,10 +120,11 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
             if meta is None or (study is not None and meta.study != study):
                 continue
             destroy(dom)
-            unlink(meta.overlay_path)
-            unlink(meta.console_log_path)
+            files = our_files(meta.overlay_path, meta.console_log_path)
+            for path in files:
+                unlink(path)
             undefine(dom)
-            for folder in {p.parent for p in (meta.overlay_path, meta.console_log_path) if p}:
+            for folder in {p.parent for p in files}:
                 states.remove_uncached_states(folder / states.UNCACHED_STATES)
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: other studies' files stay

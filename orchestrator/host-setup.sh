@@ -16,7 +16,8 @@ exec </dev/null
 export DEBIAN_FRONTEND=noninteractive CI=true LC_ALL=C
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config debootstrap e2fsprogs openssh-client ksmtuned)
+          libvirt-dev pkg-config debootstrap debian-archive-keyring e2fsprogs openssh-client ksmtuned)
+# debian-archive-keyring: debootstrap runs with --force-check-gpg and verifies against it.
 # ksmtuned is installed for the "ksmtuned" KSM policy, which starts it per trial and stops it by
 # PID. It must never run on its own: its package enables ksmtuned.service and ksm.service (which
 # writes run=1 at boot), so they are installed with service starts denied and then disabled.

@@ -480,7 +480,9 @@ def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_d
              len(boot.packages), boot.mirror)
     # A private mount namespace: whatever debootstrap mounts in the rootfs goes away with it,
     # even if it is killed, so the temp folder can always be deleted.
-    _run(["unshare", "--mount", "--propagation", "private", "debootstrap",
+    # --force-check-gpg: a Release file that cannot be verified against the host's archive keyring
+    # fails the build instead of being used unchecked (the mirror is plain http).
+    _run(["unshare", "--mount", "--propagation", "private", "debootstrap", "--force-check-gpg",
           f"--variant={boot.variant}", f"--components={','.join(boot.components)}",
           f"--include={','.join(boot.packages)}", boot.suite, str(rootfs), boot.mirror],
          work_dir / "debootstrap.log")

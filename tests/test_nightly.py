@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,29 @@ def test_two_real_nights_on_a_tiny_processes_plan(tmp_path: Path, ksm_guard) -> 
     assert compared["a"]["path"] == str(studies[0].path) and compared["b"]["path"] == str(studies[1].path)
     assert {s["setting"] for s in compared["settings"]} == {"KSM off", "ksm.pages_to_scan=100", "ksm.pages_to_scan=1000"}
     assert (root / "history.html").exists()
+
+
+# --- the systemd unit ----------------------------------------------------------------------------
+
+UNIT = CHECKOUT / "contrib" / "ksm-lab-nightly.service"
+# A hardening directive that would take away what the job needs: KSM knobs under /sys, the
+# results root under /var/lib, libvirtd's socket, or root's own capabilities.
+BREAKS_THE_JOB = ("ProtectKernelTunables", "ProtectSystem=strict", "PrivateDevices", "DynamicUser",
+                  "CapabilityBoundingSet", "ReadOnlyPaths=/sys", "InaccessiblePaths=/run")
+
+
+def test_nightly_unit_is_hardened_and_valid(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    directives = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
+                  if "=" in line and not line.startswith("#")}
+    assert directives["ProtectSystem"] == "full" and directives["PrivateTmp"] == "true"
+    assert directives["NoNewPrivileges"] == "true" and directives["ProtectHome"] == "read-only"
+    assert not [d for d in BREAKS_THE_JOB if d in text.replace("no ProtectKernelTunables", "")]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    # verify needs the ExecStart binary to exist; everything else is checked as shipped.
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace(directives["ExecStart"], "/bin/true"))
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Unknown key" not in done.stderr, done.stderr

@@ -239,6 +239,40 @@ def test_interrupt_in_body_still_tears_down(test_conn, image, options, tmp_path)
 # --- cleanup -----------------------------------------------------------------------------------
 
 
+def _crafted_domain(conn: libvirt.virConnect, name: str, overlay: Path, console: Path) -> None:
+    conn.defineXML(
+        f"<domain type='test'><name>{name}</name><memory>131072</memory>"
+        "<os><type arch='i686'>hvm</type></os>"
+        f"<metadata><k:guest xmlns:k='{METADATA_NS}'><k:study>evil</k:study>"
+        f"<k:overlay>{overlay}</k:overlay><k:console>{console}</k:console></k:guest></metadata></domain>"
+    )
+
+
+def test_cleanup_removes_only_files_named_like_ours(test_conn, tmp_path) -> None:
+    # Metadata anyone with libvirt access can write names files outside our work: a domain
+    # named like ours whose metadata points at a config file, a link and a folder.
+    victim = tmp_path / "etc" / "important.conf"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    link = tmp_path / "w" / "evil-0-0123abcd.qcow2"
+    link.parent.mkdir()
+    link.symlink_to(victim)
+    folder = tmp_path / "w" / "evil-1-0123abcd.console.log"
+    folder.mkdir()
+    ours = tmp_path / "w2" / "evil-2-89abcdef.qcow2"
+    ours.parent.mkdir()
+    ours.write_bytes(b"overlay")
+    _crafted_domain(test_conn, "ksmlab-evil-0", victim, tmp_path / "w" / "evil-0-0123abcd.console.log")
+    _crafted_domain(test_conn, "ksmlab-evil-1", link, folder)
+    _crafted_domain(test_conn, "ksmlab-evil-2", ours, tmp_path / "w2" / "evil-2-89abcdef.console.log")
+
+    assert sorted(cleanup(TEST_URI, study="evil")) == ["ksmlab-evil-0", "ksmlab-evil-1", "ksmlab-evil-2"]
+    assert victim.read_text() == "keep me"
+    assert link.is_symlink() and folder.is_dir()
+    assert not ours.exists()  # named like ours, a regular file: removed, and its empty folder
+    assert not ours.parent.exists()
+
+
 def test_cleanup_removes_only_our_domains(test_conn, image, options, tmp_path) -> None:
     # An unrelated domain, and one with our prefix but without our metadata: neither is ours.
     for name in ("someone-elses-vm", "ksmlab-handmade-0"):
