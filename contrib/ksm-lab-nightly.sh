@@ -10,7 +10,8 @@
 #   host is unfinished and was started with the same plan text, it is resumed (sweep --resume)
 # - never two at once: a second run while one is going exits 75 at once (flock on
 #   RESULTS_ROOT/.ksm-lab-nightly.lock; the kernel drops the lock when the holder dies); when the
-#   holder started more than KSM_LAB_STUCK_S (default a day) ago it is stuck: exit 2, not 75
+#   holder started more than KSM_LAB_STUCK_S (default a day) ago it is stuck: exit 2, not 75; so
+#   is the KSM_LAB_MAX_SKIPPED-th (default 3rd) run in a row that finds the lock held
 # - then `compare LAST_GOOD NEW --history RESULTS_ROOT` (page: NEW/report/compare.html, JSON:
 #   NEW/report/compare.json): NEW is judged against the band of the earlier nights of this plan and
 #   host (the night is the level; Holm across the headline family), then `confirm NEW`: a headline
@@ -30,6 +31,7 @@
 #   KSM_LAB_NIGHTLY_SWEEP  the sweep command (default: "$KSM_LAB sweep"); tests point it at a fake
 #   KSM_LAB_COMPARE_ARGS   extra compare and confirm arguments (thresholds), e.g. "--max-tps-drop-pct 3"
 #   KSM_LAB_STUCK_S        a run holding the lock longer than this is stuck (default 86400)
+#   KSM_LAB_MAX_SKIPPED    this many runs in a row finding the lock held exit 2, not 75 (default 3)
 #   KSM_LAB_NO_CONFIRM     set to 1: judge only, no confirmation study (the compare verdict stands)
 #   KSM_LAB_KEEP           keep this many studies per plan and host (prune); unset: keep all
 
@@ -55,6 +57,7 @@ mkdir -p "$ROOT" || die "cannot create results root $ROOT"
 
 exec 9>>"$ROOT/.ksm-lab-nightly.lock" || die "cannot open the lock file in $ROOT"
 STARTED="$ROOT/.ksm-lab-nightly.started"  # "<epoch s> <pid>" of the run holding the lock
+SKIPS="$ROOT/.ksm-lab-nightly.skipped"  # how many runs in a row found the lock held
 if ! flock -n 9; then
     read -r SINCE HOLDER <"$STARTED" 2>/dev/null || SINCE=""
     AGE=$(( $(date +%s) - ${SINCE:-$(date +%s)} ))
@@ -63,10 +66,19 @@ if ! flock -n 9; then
         log "error: the run holding $ROOT/.ksm-lab-nightly.lock (pid ${HOLDER:-?}) started $((AGE / 3600)) h ago: stuck? (not killed)"
         exit 2
     fi
-    log "another nightly run still holds $ROOT/.ksm-lab-nightly.lock: not starting a second one"
+    # Skipping is fine once; night after night it means no night is measured: count the skips
+    # in a row (a run that gets the lock resets the count) and fail loudly at the limit.
+    SKIPPED=$(( $(cat "$SKIPS" 2>/dev/null || echo 0) + 1 ))
+    echo "$SKIPPED" >"$SKIPS" 2>/dev/null || true
+    if [ "$SKIPPED" -ge "${KSM_LAB_MAX_SKIPPED:-3}" ]; then
+        log "error: $SKIPPED nights in a row skipped: the run holding $ROOT/.ksm-lab-nightly.lock (pid ${HOLDER:-?}) has not finished since"
+        exit 2
+    fi
+    log "another nightly run still holds $ROOT/.ksm-lab-nightly.lock: not starting a second one (skipped $SKIPPED in a row)"
     exit 75
 fi
 printf '%s %s\n' "$(date +%s)" "$$" >"$STARTED"
+rm -f "$SKIPS"
 
 NAME=$("$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["study"]["name"])' "$PLAN") \
     || die "cannot read [study] name from $PLAN"

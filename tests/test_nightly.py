@@ -129,6 +129,21 @@ def test_refuses_to_overlap_with_a_run_still_going(tmp_path: Path, plan: Path) -
     assert _sweeps(tmp_path) == [] and catalog.scan(root) == []
 
 
+def test_nights_skipped_in_a_row_fail_loudly_and_a_run_resets_the_count(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    root.mkdir()
+    with open(root / ".ksm-lab-nightly.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        codes = [_night(tmp_path, root, plan, KSM_LAB_MAX_SKIPPED="3") for _ in range(3)]
+    assert [c.returncode for c in codes] == [75, 75, 2]
+    assert "3 nights in a row skipped" in codes[2].stdout
+    assert _night(tmp_path, root, plan).returncode == 0  # the lock is free: it runs, the count goes
+    assert not (root / ".ksm-lab-nightly.skipped").exists()
+    with open(root / ".ksm-lab-nightly.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _night(tmp_path, root, plan).returncode == 75
+
+
 def test_a_run_holding_the_lock_for_more_than_a_day_is_reported_stuck(tmp_path: Path, plan: Path) -> None:
     import time
 
