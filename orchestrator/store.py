@@ -131,6 +131,26 @@ class Study:
             raise error from None
         return folder
 
+    def set_aside_attempt(self, trial_id: str) -> Path | None:
+        """Before a trial runs again (a resume, a failed attempt): move what an earlier attempt left
+        in its folder (its trial.json, CSVs, the policy's log) to attempts/<trial_id>.<n>, so the
+        new record never sits beside the old attempt's files. Nothing measured is deleted."""
+        folder = self.trial_dir(trial_id)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return None
+        attempts = self.path / "attempts"
+        n = 1
+        while (attempts / f"{trial_id}.{n}").exists():
+            n += 1
+        target = attempts / f"{trial_id}.{n}"
+        try:
+            attempts.mkdir(exist_ok=True)
+            folder.rename(target)
+        except OSError as exc:
+            raise StoreError(f"cannot set aside the earlier attempt of trial {trial_id} ({folder}): "
+                             f"{exc.strerror or exc}") from None
+        return target
+
     def add_trial_ids(self, trial_ids: list[str]) -> None:
         """Append trials decided during the study (reruns) to study.json's list."""
         meta = self.meta()

@@ -244,6 +244,9 @@ def _refuse_unreachable_libvirt(uri: str) -> None:
 
 def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: Trial,
              stop: threading.Event, progress: Any) -> str:
+    earlier = study.set_aside_attempt(trial.trial_id)
+    if earlier is not None:
+        log.info("trial %s: the earlier attempt's files are kept in %s", trial.trial_id, earlier)
     clock = PhaseClock()
     record: dict[str, Any] = {
         "trial_id": trial.trial_id,

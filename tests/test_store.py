@@ -108,3 +108,18 @@ def test_atomic_copy_sets_the_mode(tmp_path):
     assert (tmp_path / "copy.qcow2").read_bytes() == source.read_bytes()
     assert stat.S_IMODE((tmp_path / "copy.qcow2").stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.qcow2", "layer.qcow2"]
+
+
+def test_an_earlier_attempt_is_set_aside_whole_before_the_trial_runs_again(tmp_path):
+    study = _create(tmp_path)
+    assert study.set_aside_attempt("a") is None  # never ran: nothing to move
+    study.write_trial("a", {"trial_id": "a", "status": "failed"}, {"ksm": pd.DataFrame({"t_s": [0.0]})})
+    (study.trial_dir("a") / "ksmtuned.log").write_text("old attempt's log\n")
+    first = study.set_aside_attempt("a")
+    assert first == study.path / "attempts" / "a.1"
+    assert sorted(p.name for p in first.iterdir()) == ["ksm.csv", "ksmtuned.log", "trial.json"]
+    assert not study.trial_dir("a").exists() and study.trial_record("a") is None
+    study.write_trial("a", {"trial_id": "a", "status": "failed"}, {})
+    assert study.set_aside_attempt("a") == study.path / "attempts" / "a.2"  # never overwrites a.1
+    assert (first / "ksmtuned.log").read_text() == "old attempt's log\n"
+    assert [r["status"] for r in study.trial_records()] == ["not_run", "not_run"]
