@@ -110,16 +110,27 @@ if [ "$SWEEP_RC" -ge 128 ]; then  # 128 + signal (130 SIGINT, 143 SIGTERM): knob
     log "interrupted: the next run resumes $STUDY"
     exit "$SWEEP_RC"
 fi
+RC=$SWEEP_RC  # 1: some trials failed
+JUDGE=1
+# A failed sweep (2 a clear error, e.g. a full disk; 3 a bug, traceback in sweep.log) is not
+# judged, but history and prune still run: they do not depend on tonight, and a full disk is
+# exactly when prune must run.
 case $SWEEP_RC in
     0 | 1) ;;
-    *) die "sweep failed (exit $SWEEP_RC)" ;;  # 2 a clear error, 3 a bug (traceback in sweep.log)
+    *) log "error: sweep failed (exit $SWEEP_RC): tonight is not compared"; RC=2; JUDGE=0 ;;
 esac
-[ -f "$STUDY/study.json" ] || die "sweep left no study at $STUDY"
+if [ "$JUDGE" = 1 ] && [ ! -f "$STUDY/study.json" ]; then
+    log "error: sweep left no study at $STUDY"; RC=2; JUDGE=0
+fi
 
-RC=$SWEEP_RC  # 1: some trials failed
-BASELINE=$("${KSM[@]}" studies "$ROOT" --plan "$NAME" --host "$HOST" --state good --latest --exclude "$STUDY" --paths) \
-    || BASELINE=""
-if [ -n "$BASELINE" ]; then
+BASELINE=""
+if [ "$JUDGE" = 1 ]; then
+    BASELINE=$("${KSM[@]}" studies "$ROOT" --plan "$NAME" --host "$HOST" --state good --latest --exclude "$STUDY" --paths) \
+        || BASELINE=""
+fi
+if [ "$JUDGE" = 0 ]; then
+    :
+elif [ -n "$BASELINE" ]; then
     log "compare $BASELINE -> $STUDY, judged against the earlier nights under $ROOT"
     "${KSM[@]}" compare "$BASELINE" "$STUDY" --history "$ROOT" --json-file "$STUDY/report/compare.json" \
         "${COMPARE_ARGS[@]}"

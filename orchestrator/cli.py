@@ -421,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of stdout went away (`| head`): not a bug. Quiet, as if killed by SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as exc:
+        # The host refused a read or write (a full disk, a read-only mount, a file removed under
+        # us): a clear error about the environment, not a bug. What was measured is already stored.
+        where = f" {exc.filename}" if exc.filename else ""
+        console.print(f"error: cannot use{where}: {exc.strerror or exc}", markup=False, highlight=False,
+                      soft_wrap=True)
+        runlog.to_study_log(logging.ERROR, f"error: cannot use{where}: {exc.strerror or exc}")
+        return EXIT_ERROR
     except Exception as exc:  # a bug: one line here, the traceback kept for the report
         try:
             where = f"traceback in {runlog.save_traceback(_crash_folder(args), [PROG, *argv])}"

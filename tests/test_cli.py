@@ -75,6 +75,23 @@ def test_unexpected_error_is_exit_3_one_line_and_a_traceback_file(tmp_path, caps
     assert "Traceback" in text and "boom" in text and "report" in text.splitlines()[0]
 
 
+def test_a_full_disk_while_writing_is_exit_2_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from orchestrator import report
+
+    target = tmp_path / "results" / "s" / "report" / "report.html"
+
+    def disk_full(study_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(report, "write_report", disk_full)
+    assert cli.main(["report", str(_fake_study(tmp_path))]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot use {target}: No space left on device" in err
+
+
 def _quickstart(tmp_path: Path) -> Path:
     plan = tmp_path / "quickstart.toml"
     plan.write_text((PLANS / "quickstart.toml").read_text())

@@ -172,6 +172,19 @@ def test_prune_after_the_run_when_asked(tmp_path: Path, plan: Path) -> None:
     assert len(catalog.scan(root)) == 2
 
 
+def test_a_failed_sweep_is_not_judged_but_history_and_prune_still_run(tmp_path: Path, plan: Path) -> None:
+    root = tmp_path / "results"
+    for _ in range(3):
+        assert _night(tmp_path, root, plan).returncode == 0
+    full_disk = tmp_path / "full-disk-sweep"
+    full_disk.write_text("#!/bin/sh\necho 'error: cannot write report: No space left on device' >&2\nexit 2\n")
+    full_disk.chmod(0o755)
+    failed = _night(tmp_path, root, plan, KSM_LAB_NIGHTLY_SWEEP=str(full_disk), KSM_LAB_KEEP="1")
+    assert failed.returncode == 2 and "tonight is not compared" in failed.stdout
+    assert "compare " not in failed.stdout and "history failed" not in failed.stdout
+    assert len(catalog.scan(root)) == 1  # prune ran: keep 1
+
+
 TINY_PLAN = """[study]
 name = "nightly-tiny"
 repetitions = 2
