@@ -131,7 +131,11 @@ def build_folder(root: Path, key: str) -> Path:
     folder = root / f".{key}.build-{os.getpid()}"
     if folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, mode=0o700)
+    folder.mkdir(parents=True)
+    # Search, no read: QEMU runs as libvirt's unprivileged user and must reach each guest's disk
+    # layer by name (a backing file); the saved memory files in it stay 0600 root (libvirt opens
+    # them and hands QEMU the descriptor), and the folder cannot be listed.
+    folder.chmod(0o711)
     return folder
 
 

@@ -76,6 +76,8 @@ def test_a_committed_state_loads_lists_and_is_removed(tmp_path):
     assert [g.name for g in saved.guests] == ["ksmlab-stabcdef01-0", "ksmlab-stabcdef01-1"]
     assert [s.key for s in states.list_states(tmp_path)] == ["abcdef0123456789"]
     assert not list(tmp_path.glob(".*"))  # the build folder became the state folder
+    # QEMU (libvirt's unprivileged user) can reach the disk layers by name, not list the folder.
+    assert (saved.folder.stat().st_mode & 0o777) == 0o711
     states.remove(tmp_path, "abcdef0123456789")
     assert states.list_states(tmp_path) == []
     with pytest.raises(ProvisionError):
