@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 import shutil
@@ -274,3 +275,25 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert re.search(r'<table id="trials-table">', dom)
     assert re.search(r'<tr class="failed">.*?sysbench prepare failed', dom, re.S)
     assert dom.count('<tr class="ok">') == 3
+
+
+def test_sequential_study_says_welch_and_never_paired(tmp_path: Path) -> None:
+    off = [100.0, 104.8, 95.2]
+    study = block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off, guest_spread=0.0)
+    meta = json.loads((study / "study.json").read_text())
+    (study / "study.json").write_text(json.dumps({**meta, "order": "sequential"}))
+    html = report.write_report(study).read_text()
+    findings = _findings(html)
+    assert any(f.startswith("Changes vs KSM off are compared by Welch across trials, not paired: the plan ran in "
+                            "sequential order") for f in findings)
+    assert "paired" not in _section(html, "settings")
+    worst = next(f for f in findings if f.startswith("Worst throughput change"))
+    assert "trials, Welch" in worst and "paired" not in worst
+
+
+def test_blocked_study_says_why_it_pairs(tmp_path: Path) -> None:
+    off = [100.0, 104.8, 95.2]
+    html = report.write_report(block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off,
+                                           guest_spread=0.0)).read_text()
+    assert any(f.startswith("Changes vs KSM off are paired by block: the plan ran in blocked order")
+               for f in _findings(html))

@@ -108,3 +108,15 @@ def test_atomic_copy_sets_the_mode(tmp_path):
     assert (tmp_path / "copy.qcow2").read_bytes() == source.read_bytes()
     assert stat.S_IMODE((tmp_path / "copy.qcow2").stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.qcow2", "layer.qcow2"]
+
+
+def test_study_json_records_the_run_order_and_keeps_it_on_resume(tmp_path):
+    from orchestrator.plan import parse_plan, run_order
+
+    workload = '[workload]\ntype = "processes"\n'
+    assert run_order(parse_plan(PLAN + "repetitions = 3\n" + workload)) == "blocked"
+    assert run_order(parse_plan(PLAN + 'repetitions = 3\norder = "sequential"\n' + workload)) == "sequential"
+    study = Study.create(tmp_path, "s", PLAN, ["a"], resume=False, order="shuffled")
+    assert study.meta()["order"] == "shuffled"
+    again = Study.create(tmp_path, "s", PLAN, ["a"], resume=True, order="shuffled")
+    assert again.meta()["order"] == "shuffled"
