@@ -401,6 +401,43 @@ def test_search_is_a_pure_replay():
     assert again.next_value == observations[5].value
 
 
+def knee_score_of(observations: list[search.Observation], value: int) -> float:
+    ends = {o.value: o for o in observations if o.value in (50, 20000)}
+    lo, hi = ends[50], ends[20000]
+    o = next(o for o in observations if o.value == value)
+    return ((o.saved_mib - lo.saved_mib) / (hi.saved_mib - lo.saved_mib)
+            - (o.ksmd_cpu_pct - lo.ksmd_cpu_pct) / (hi.ksmd_cpu_pct - lo.ksmd_cpu_pct))
+
+
+def test_spent_knee_search_answers_by_knee_score_and_calls_it_a_bracket():
+    """Four trials: both ends and two probes. Saving per CPU would answer the cheap end (50:
+    33 MiB per % of a core, its knee score 0); the knee search must answer its own objective."""
+    spec = search.Spec(low=50, high=20000, objective="knee", max_trials=4)
+    observations, decision = observe(spec)
+    measured = sorted({o.value for o in observations})
+    best = max(measured, key=lambda v: knee_score_of(observations, v))
+    assert decision.answer == best and best not in (50, 20000)
+    assert knee_score_of(observations, best) > 0.3
+    assert "budget spent" in decision.reason and "bracket" in decision.reason and "not pinned" in decision.reason
+    assert f"best knee score measured: pages_to_scan={best}" in decision.reason
+
+
+def test_noisy_repeated_knee_search_stops_flat_between_the_probes():
+    """Two repetitions a setting, +-150 MiB of run-to-run noise on an 800 MiB curve: the probes'
+    scores differ by less than their noise, so the search says so and stops early."""
+    spec = search.Spec(low=50, high=20000, objective="knee", repetitions=2, max_trials=40)
+    observations: list[search.Observation] = []
+    decision = search.choose(spec, observations)
+    while not decision.done:
+        x = decision.next_value
+        assert x is not None
+        noise = 150.0 if sum(o.value == x for o in observations) % 2 == 0 else -150.0
+        observations.append(search.Observation(x, saving(x) + noise, cpu(x)))
+        decision = search.choose(spec, observations)
+    assert decision.reason.startswith("flat between pages_to_scan=")
+    assert len(observations) < 40 and decision.answer is not None
+
+
 def test_flat_saving_makes_the_cheap_end_the_knee():
     spec = search.Spec(low=50, high=20000)
     obs = [search.Observation(50, 100.0, 1.0), search.Observation(20000, 100.0, 30.0)]
