@@ -327,7 +327,9 @@ def _vs_off_columns(on: pd.DataFrame, off: pd.DataFrame, offkey: str, paired_by_
     out: dict[str, Any] = {"baseline": how}
     pairable = _pairable_blocks(on).intersection(_pairable_blocks(base)) if paired_by_block else pd.Index([])
     for name in WORKLOAD_METRICS:
-        if how == MATCHED:
+        if not on[name].notna().any():  # not measured (a processes study): nothing to compare
+            comparison = Comparison(math.nan, math.nan, 0, NO_INTERVAL)
+        elif how == MATCHED:
             paired = pd.concat([_by_block(on, name), _by_block(base, name)], axis=1, join="inner")
             paired = paired[paired.index.isin(pairable)]
             comparison = compare_pct(paired.iloc[:, 0], paired.iloc[:, 1], on[name], base[name])
