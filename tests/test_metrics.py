@@ -671,18 +671,23 @@ def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
     assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -29.0]))
 
 
-def test_holm_marks_only_changes_that_survive_the_family(tmp_path: Path) -> None:
-    """Three settings, three blocks: one clear -30% (p ~ 0.001), one borderline (its own interval
-    just excludes 0, p ~ 0.03 > 0.05 / 2 after the first), one nothing."""
-    study = start_study(tmp_path)
-    off = [10.0, 12.0, 8.0]
-    effects = {100: [-30.0, -31.0, -29.0], 200: [-9.2, -4.8, -7.0], 300: [1.0, -1.0, 0.5]}
+def family_study(root: Path, effects: dict[int, list[float]], off: tuple[float, ...] = (10.0, 12.0, 8.0)) -> Path:
+    """KSM off and one setting per pages_to_scan in each block; a setting's tps is the block's
+    KSM-off tps changed by effects[pages][block] percent."""
+    study = start_study(root)
     for block, ref in enumerate(off):
         sysbench_trial(study, f"off-r{block}", {"threads": 1}, ref, rep=block, ksm_off=True, guest_spread=0.0)
         for pages, pcts in effects.items():
             sysbench_trial(study, f"p{pages}-r{block}", {"threads": 1, "ksm.pages_to_scan": pages},
                            ref * (1 + pcts[block] / 100), rep=block, guest_spread=0.0)
-    settings = computed(finish_study(study)).settings.set_index("setting")
+    return finish_study(study)
+
+
+def test_holm_marks_only_changes_that_survive_the_family(tmp_path: Path) -> None:
+    """Three settings, three blocks: one clear -30% (p ~ 0.001), one borderline (its own interval
+    just excludes 0, p ~ 0.03 > 0.05 / 2 after the first), one nothing."""
+    effects = {100: [-30.0, -31.0, -29.0], 200: [-9.2, -4.8, -7.0], 300: [1.0, -1.0, 0.5]}
+    settings = computed(family_study(tmp_path, effects)).settings.set_index("setting")
     rows = {p: settings.loc[f"ksm.pages_to_scan={p}"] for p in effects}
     assert stats.Comparison(rows[200]["tps_vs_off_pct"], rows[200]["tps_vs_off_ci95_pct"], 3, stats.PAIRED).differs
     p = {k: r["tps_vs_off_p"] for k, r in rows.items()}

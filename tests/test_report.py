@@ -20,6 +20,7 @@ from tests.test_metrics import (
     block_study,
     disturbed_study,
     drift_study,
+    family_study,
     finish_study,
     guests_summary,
     processes_frame,
@@ -297,3 +298,25 @@ def test_blocked_study_says_why_it_pairs(tmp_path: Path) -> None:
                                            guest_spread=0.0)).read_text()
     assert any(f.startswith("Changes vs KSM off are paired by block: the plan ran in blocked order")
                for f in _findings(html))
+
+
+def test_worst_of_k_that_only_its_own_interval_calls_different_is_not_claimed(tmp_path: Path) -> None:
+    """The worst of 3 settings is -7% ± 5.5% on its own (p ~ 0.03): after Holm across the 3 it is
+    not a difference; the table marks only a change that survives (none here)."""
+    study = family_study(tmp_path, {100: [-9.2, -4.8, -7.0], 200: [1.0, -1.0, 0.5], 300: [0.5, 0.0, -0.5]})
+    html = report.write_report(study).read_text()
+    worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
+    assert "pages_to_scan=100: -7.0%" in worst
+    assert "no difference shown once the 3 settings are taken together" in worst
+    assert "Holm across the 3 KSM-on settings" in worst
+    assert "differs from KSM off" not in html
+    assert " *</td>" not in _section(html, "settings")
+
+
+def test_settings_table_marks_changes_that_survive_holm(tmp_path: Path) -> None:
+    study = family_study(tmp_path, {100: [-30.0, -31.0, -29.0], 200: [1.0, -1.0, 0.5], 300: [0.5, 0.0, -0.5]})
+    html = report.write_report(study).read_text()
+    settings = _section(html, "settings")
+    assert settings.count("paired) *</td>") == 1
+    worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
+    assert "differs from KSM off (95% level kept by Holm across the 3 KSM-on settings" in worst
