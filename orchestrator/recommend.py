@@ -242,7 +242,8 @@ def _paragraph(chosen: Candidate, leader: Candidate, tied: list[Any], not_worse:
                unreplicated: list[Candidate], ok: list[Candidate], candidates: list[Candidate], limits: Limits,
                margin_mib: float, margin_pct: float) -> str:
     if limits.text() == "no limits":
-        parts = [f"No limits given: {len(ok)} KSM-on setting{'s' if len(ok) != 1 else ''} with a saving to choose from."]
+        plural = "s" if len(ok) != 1 else ""
+        parts = [f"{len(ok)} KSM-on setting{plural} measured a saving; with no limits given, each is a candidate."]
     else:
         parts = [f"{len(ok)} of {len(candidates)} settings meet {limits.text()}."]
     describe = (f"saves {_pm(chosen.saved_mib, chosen.saved_mib_ci95, ' MiB')} for "

@@ -177,27 +177,34 @@ def _best_so_far(spec: Spec, means: _Means) -> tuple[int | None, str]:
     return best, f"best knee score measured: {spec.knob}={best} ({score(best, ''):.3f})"
 
 
-def _knee_score(spec: Spec, means: _Means) -> Any:
-    """score(value, why): scaled saving minus scaled CPU between the cheap and the expensive end,
-    or None when either end lacks its repetitions or the ends do not span both axes."""
+class _KneeScore:
+    """Scaled saving minus scaled CPU between the cheap and the expensive end: of a setting's
+    mean (call) or of each of its trials (per_trial, for the noise of a score)."""
+
+    def __init__(self, means: _Means, cheap: tuple[float, float, float], dear: tuple[float, float, float]) -> None:
+        self.means, self.cheap = means, cheap
+        self.saving_span, self.cpu_span = dear[0] - cheap[0], dear[1] - cheap[1]
+
+    def _of(self, saved_mib: float, cpu_pct: float) -> float:
+        return (saved_mib - self.cheap[0]) / self.saving_span - (cpu_pct - self.cheap[1]) / self.cpu_span
+
+    def __call__(self, value: int, why: str) -> float:
+        saved, cpu, _ = self.means.get(value, why)
+        return self._of(saved, cpu)
+
+    def per_trial(self, value: int) -> list[float]:
+        return [self._of(o.saved_mib, o.ksmd_cpu_pct) for o in self.means.by_value.get(value, [])]
+
+
+def _knee_score(spec: Spec, means: _Means) -> _KneeScore | None:
+    """The knee score, or None when either end lacks its repetitions or the ends do not span
+    both axes (more scanning bought no saving, or cost no CPU)."""
     try:
         (_, c_m), (_, d_m) = _ends(spec, means, "")
     except _Need:
         return None
-    saving_span, cpu_span = d_m[0] - c_m[0], d_m[1] - c_m[1]
-    if not (saving_span > 0 and cpu_span > 0):
-        return None
-
-    def score(value: int, why: str) -> float:
-        saved, cpu, _ = means.get(value, why)
-        return (saved - c_m[0]) / saving_span - (cpu - c_m[1]) / cpu_span
-
-    def per_trial(value: int) -> list[float]:
-        return [(o.saved_mib - c_m[0]) / saving_span - (o.ksmd_cpu_pct - c_m[1]) / cpu_span
-                for o in means.by_value.get(value, [])]
-
-    score.per_trial = per_trial  # type: ignore[attr-defined]
-    return score
+    score = _KneeScore(means, c_m, d_m)
+    return score if score.saving_span > 0 and score.cpu_span > 0 else None
 
 
 def _ends(spec: Spec, means: _Means, why: str) -> tuple[tuple[int, tuple[float, float, float]], tuple[int, tuple[float, float, float]]]:
@@ -246,7 +253,7 @@ def _knee(spec: Spec, means: _Means) -> Decision:
             d = a + GOLDEN * (b - a)
 
 
-def _flat(spec: Spec, score: Any, xc: int, xd: int) -> tuple[float, float] | None:
+def _flat(spec: Spec, score: _KneeScore, xc: int, xd: int) -> tuple[float, float] | None:
     """(difference, 95% half width) of the two probes' knee scores when their Welch interval
     over the repetitions includes 0; None when it does not, or with one repetition (no noise
     measured: a search of single trials goes on to the tolerance as before)."""

@@ -159,6 +159,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
+                # Reruns come after the whole study, far in time from their block's other trials:
+                # the analysis therefore does not pair a block that holds a rerun
+                # (studymetrics._pairable_blocks), which is smaller than reordering the sweep.
                 if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
                         and plan.search is None):
                     for rerun in disturbed_reruns(study, trials):

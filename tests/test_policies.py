@@ -484,7 +484,7 @@ def test_recommend_keeps_the_leader_when_the_cheaper_one_is_only_not_told_apart(
     assert rec.chosen is rec.leader and not rec.tied
     assert [c.setting for c in rec.not_shown_worse] == ["pages_to_scan=1000"]
     assert "pages_to_scan=1000 is cheaper" in rec.reason and "not shown to be worse" in rec.reason
-    assert rec.reason.startswith("No limits given: 2 KSM-on settings")
+    assert rec.reason.startswith("2 KSM-on settings measured a saving; with no limits given, each is a candidate.")
 
 
 def test_recommend_does_not_give_up_a_3x_saving_it_could_not_resolve(tmp_path):
