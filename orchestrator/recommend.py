@@ -293,6 +293,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     try:
         if not (study_dir / "study.json").exists():
             raise BadInput(f"{study_dir} is not a study folder (no study.json)")
+        if not args.saving_margin >= 0:
+            raise BadInput(f"--saving-margin must be >= 0 (% of the largest saving), not {args.saving_margin:g}")
         result = recommend_study(study_dir, limits, args.saving_margin)
     except (BadInput, OrchestratorError) as exc:
         if args.json:

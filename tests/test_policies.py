@@ -508,6 +508,20 @@ def test_recommend_takes_the_cheaper_of_two_that_save_the_same_within_the_margin
     assert strict.chosen is not None and strict.chosen.setting == "pages_to_scan=2000"
 
 
+
+def test_recommend_cli_takes_the_saving_margin(tmp_path, capsys):
+    study = two_setting_study(tmp_path, (1000, (1000, 1010), 0.10), (2000, (1001, 1012), 0.20))
+    assert cli.main(["recommend", str(study), "--json"]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert wide["recommended"]["setting"] == "pages_to_scan=1000" and wide["saving_margin_pct"] == 2.0
+    assert cli.main(["recommend", str(study), "--saving-margin", "0.01", "--json"]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["recommended"]["setting"] == "pages_to_scan=2000"
+    assert [c["setting"] for c in strict["not_shown_worse"]] == ["pages_to_scan=1000"]
+    assert strict["limit_evidence"] is None
+    assert cli.main(["recommend", str(study), "--saving-margin", "-1"]) == 2
+
+
 def test_saving_verdict_is_an_equivalence_test():
     assert recommend_mod.saving_verdict(1.0, 2.0, 5.0) == recommend_mod.SAME
     assert recommend_mod.saving_verdict(1.0, 2.0, 2.5) == recommend_mod.NOT_SHOWN_WORSE
