@@ -528,7 +528,7 @@ def expand(plan: Plan) -> list[Trial]:
                     policy=resolved.get("policy") or {"name": "static"},
                 )
             )
-    order = plan.study.order or ("blocked" if plan.study.repetitions > 1 else "sequential")
+    order = run_order(plan)
     if order == "shuffled":
         random.Random(plan.study.seed).shuffle(trials)
     elif order == "blocked":
@@ -537,6 +537,15 @@ def expand(plan: Plan) -> list[Trial]:
             random.Random(f"{plan.study.seed}:{block_index}").shuffle(block)
         trials = [t for block in blocks for t in block]
     return [dataclasses.replace(t, index=i) for i, t in enumerate(trials)]
+
+
+def run_order(plan: Plan) -> str:
+    """The order the sweep runs the trials in (study.json records it: the analysis pairs by block
+    only when blocked). A [search] runs each setting's repetitions as it chooses them, with no
+    blocks: sequential."""
+    if plan.search is not None:
+        return "sequential"
+    return plan.study.order or ("blocked" if plan.study.repetitions > 1 else "sequential")
 
 
 def _base(plan: Plan) -> dict[str, Any]:

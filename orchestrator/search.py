@@ -14,9 +14,13 @@ budget  the largest saving whose mean ksmd CPU stays <= max_ksmd_cpu_pct (and me
         cost and saving both grow from the cheap end of the range to the expensive one.
 
 Each setting is run `repetitions` times and its trial means are used; the search stops when
-the bracket is within tolerance_pct (pinned) or max_trials trials were run (budget spent).
-Means of trials are compared, never single guests; no interval is claimed here: `recommend`
-and the report give the intervals over the repetitions.
+the bracket is within tolerance_pct (pinned), when (repetitions >= 2) the two golden-section
+probes' knee scores differ by less than their noise (flat: a 95% Welch interval of the
+difference over the repetitions includes 0, so the knee cannot be placed between them), or
+when max_trials trials were run (budget spent: the answer is the best of the objective being
+searched among the settings measured, and the result is a bracket, not a pinned point).
+Means of trials are compared, never single guests; no other interval is claimed here:
+`recommend` and the report give the intervals over the repetitions.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from orchestrator.stats import welch_ci95
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class _Means:
 
     def __init__(self, spec: Spec, observations: Sequence[Observation]) -> None:
         self.spec = spec
+        self.bracket: tuple[int, int] | None = None  # the search's current bracket, once it has one
         self.by_value: dict[int, list[Observation]] = {}
         for obs in observations:
             self.by_value.setdefault(int(obs.value), []).append(obs)
@@ -133,20 +140,71 @@ def choose(spec: Spec, observations: Sequence[Observation]) -> Decision:
         return _budget(spec, means)
     except _Need as need:
         if spent:
-            best = _best_so_far(spec, means)
-            return Decision(None, f"trial budget spent ({spec.max_trials} trials) before the answer was "
-                            f"pinned; best measured so far: {spec.knob}={best}", best)
+            return budget_spent(spec, means, f"trial budget spent ({spec.max_trials} trials)")
         return Decision(need.value, need.reason)
 
 
-def _best_so_far(spec: Spec, means: _Means) -> int | None:
-    complete = {v: means.get(v, "") for v, obs in means.by_value.items() if len(obs) >= spec.repetitions}
+def budget_spent(spec: Spec, means: _Means, why: str) -> Decision:
+    """The answer when trials run out before the search pinned it: the best of the objective
+    being searched (knee score, or the largest feasible saving) among the settings measured,
+    with the bracket the search had reached."""
+    best, how = _best_so_far(spec, means)
+    bracket = (f"the {'knee' if spec.objective == 'knee' else 'edge'} lies in the bracket "
+               f"[{means.bracket[0]}, {means.bracket[1]}], not pinned; " if means.bracket else "")
+    return Decision(None, f"{why} before the answer was pinned: {bracket}{how}", best)
+
+
+def _complete(spec: Spec, means: _Means) -> dict[int, tuple[float, float, float]]:
+    return {v: means.get(v, "") for v, obs in means.by_value.items() if len(obs) >= spec.repetitions}
+
+
+def _best_so_far(spec: Spec, means: _Means) -> tuple[int | None, str]:
+    """(setting, what it is) by the search's own objective: a budget search and a knee search
+    answer different questions, so one's best is not the other's."""
+    complete = _complete(spec, means)
     if not complete:
-        return None
+        return None, "nothing measured yet"
     if spec.objective == "budget":
         ok = [v for v, m in complete.items() if _feasible(spec, m)]
-        return max(ok, key=lambda v: complete[v][0]) if ok else None
-    return max(complete, key=lambda v: complete[v][0] / max(complete[v][1], 1e-9))
+        if not ok:
+            return None, f"no setting measured meets {_limits(spec)}"
+        best = max(ok, key=lambda v: complete[v][0])
+        return best, f"largest saving measured within {_limits(spec)}: {spec.knob}={best} ({complete[best][0]:.1f} MiB)"
+    score = _knee_score(spec, means)
+    if score is None:
+        return None, "both ends of the range are needed for a knee score, and they were not both measured"
+    best = max(complete, key=lambda v: score(v, ""))
+    return best, f"best knee score measured: {spec.knob}={best} ({score(best, ''):.3f})"
+
+
+class _KneeScore:
+    """Scaled saving minus scaled CPU between the cheap and the expensive end: of a setting's
+    mean (call) or of each of its trials (per_trial, for the noise of a score)."""
+
+    def __init__(self, means: _Means, cheap: tuple[float, float, float], dear: tuple[float, float, float]) -> None:
+        self.means, self.cheap = means, cheap
+        self.saving_span, self.cpu_span = dear[0] - cheap[0], dear[1] - cheap[1]
+
+    def _of(self, saved_mib: float, cpu_pct: float) -> float:
+        return (saved_mib - self.cheap[0]) / self.saving_span - (cpu_pct - self.cheap[1]) / self.cpu_span
+
+    def __call__(self, value: int, why: str) -> float:
+        saved, cpu, _ = self.means.get(value, why)
+        return self._of(saved, cpu)
+
+    def per_trial(self, value: int) -> list[float]:
+        return [self._of(o.saved_mib, o.ksmd_cpu_pct) for o in self.means.by_value.get(value, [])]
+
+
+def _knee_score(spec: Spec, means: _Means) -> _KneeScore | None:
+    """The knee score, or None when either end lacks its repetitions or the ends do not span
+    both axes (more scanning bought no saving, or cost no CPU)."""
+    try:
+        (_, c_m), (_, d_m) = _ends(spec, means, "")
+    except _Need:
+        return None
+    score = _KneeScore(means, c_m, d_m)
+    return score if score.saving_span > 0 and score.cpu_span > 0 else None
 
 
 def _ends(spec: Spec, means: _Means, why: str) -> tuple[tuple[int, tuple[float, float, float]], tuple[int, tuple[float, float, float]]]:
@@ -160,20 +218,17 @@ def _ends(spec: Spec, means: _Means, why: str) -> tuple[tuple[int, tuple[float, 
 
 def _knee(spec: Spec, means: _Means) -> Decision:
     (cheap, c_m), (dear, d_m) = _ends(spec, means, "both ends scale saving and CPU for the knee")
-    saving_span, cpu_span = d_m[0] - c_m[0], d_m[1] - c_m[1]
-    if not (saving_span > 0 and cpu_span > 0):
+    score = _knee_score(spec, means)
+    if score is None:
         return Decision(None, f"the expensive end ({spec.knob}={dear}) saved {d_m[0]:.1f} MiB at {d_m[1]:.2f}% CPU "
                         f"against {c_m[0]:.1f} MiB at {c_m[1]:.2f}% at the cheap end: more scanning bought no "
                         f"saving, so the cheap end is the knee", cheap)
-
-    def score(value: int, why: str) -> float:
-        saved, cpu, _ = means.get(value, why)
-        return (saved - c_m[0]) / saving_span - (cpu - c_m[1]) / cpu_span
 
     a, b = to_unit(spec, spec.low), to_unit(spec, spec.high)
     c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
     while True:
         xa, xb, xc, xd = (from_unit(spec, u) for u in (a, b, c, d))
+        means.bracket = (xa, xb)
         if pinned(spec, xa, xb) or xc == xd:
             best = max((v for v in means.by_value if xa <= v <= xb and len(means.by_value[v]) >= spec.repetitions),
                        key=lambda v: score(v, ""), default=from_unit(spec, (a + b) / 2))
@@ -183,12 +238,31 @@ def _knee(spec: Spec, means: _Means) -> Decision:
         bracket = f"the knee lies in [{xa}, {xb}]"
         fc = score(xc, f"golden-section probe: {bracket}")
         fd = score(xd, f"golden-section probe: {bracket}; {spec.knob}={xc} scored {fc:.3f}")
+        flat = _flat(spec, score, xc, xd)
+        if flat is not None:
+            best = xc if fc >= fd else xd
+            return Decision(None, f"flat between {spec.knob}={xc} and {xd}: their knee scores ({fc:.3f}, {fd:.3f}) "
+                            f"differ by {flat[0]:+.3f} ± {flat[1]:.3f} (95%, over {spec.repetitions} repetitions "
+                            f"each), less than their noise, so the knee cannot be placed between them; "
+                            f"{spec.knob}={best} scored higher", best)
         if fc >= fd:
             b, d = d, c
             c = b - GOLDEN * (b - a)
         else:
             a, c = c, d
             d = a + GOLDEN * (b - a)
+
+
+def _flat(spec: Spec, score: _KneeScore, xc: int, xd: int) -> tuple[float, float] | None:
+    """(difference, 95% half width) of the two probes' knee scores when their Welch interval
+    over the repetitions includes 0; None when it does not, or with one repetition (no noise
+    measured: a search of single trials goes on to the tolerance as before)."""
+    if spec.repetitions < 2:
+        return None
+    diff, half = welch_ci95(score.per_trial(xc), score.per_trial(xd))
+    if math.isfinite(half) and abs(diff) <= half:
+        return diff, half
+    return None
 
 
 def _feasible(spec: Spec, m: tuple[float, float, float]) -> bool:
@@ -221,6 +295,7 @@ def _budget(spec: Spec, means: _Means) -> Decision:
     good, bad = to_unit(spec, cheap), to_unit(spec, dear)  # feasible side, infeasible side
     while True:
         xg, xb = from_unit(spec, good), from_unit(spec, bad)
+        means.bracket = (min(xg, xb), max(xg, xb))
         if pinned(spec, xg, xb):
             saved = means.get(xg, "")[0]
             return Decision(None, f"edge of {limits} pinned between {spec.knob}={xg} (meets it, saves "
@@ -252,6 +327,16 @@ def observations_from(trials: Any, spec: Spec) -> list[Observation]:
     return out
 
 
+def _spent_replay(spec: Spec, observations: Sequence[Observation], why: str) -> Decision:
+    """budget_spent after replaying the search, so the answer names the bracket it reached."""
+    means = _Means(spec, observations)
+    try:
+        _knee(spec, means) if spec.objective == "knee" else _budget(spec, means)
+    except _Need:
+        pass
+    return budget_spent(spec, means, why)
+
+
 def search_trials(plan: Any, study: Any) -> Iterator[Any]:
     """The sweep's trials for a plan with [search]: a KSM-off reference first when the budget
     limits tps loss, then one chosen setting at a time; each decision also goes to search.json."""
@@ -270,8 +355,7 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
         attempted = [r for r in study.trial_records() if not r.get("ksm_off")]
         decision = choose(spec, observations)
         if not decision.done and len(attempted) >= spec.max_trials:
-            decision = Decision(None, f"trial budget spent ({len(attempted)} trials, failed ones included)",
-                                _best_so_far(spec, _Means(spec, observations)))
+            decision = _spent_replay(spec, observations, f"trial budget spent ({len(attempted)} trials, failed ones included)")
         decisions.append({"next": decision.next_value, "reason": decision.reason, "answer": decision.answer,
                           "observations": len(observations)})
         (study.path / "search.json").write_text(json.dumps({"spec": dataclasses.asdict(spec),

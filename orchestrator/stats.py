@@ -377,3 +377,41 @@ def bh_reject(p_values: Any, q: float = 0.05) -> np.ndarray:
     if below.size:
         reject[order[: below[-1] + 1]] = True
     return reject
+
+
+# ----------------------------------------------------------------------------- p-values of comparisons
+# Appended for the worst-of-k headline (Holm across a study's KSM-on settings): a Comparison
+# keeps its half width, not its p-value, so the p-value is recovered from the interval it gave.
+
+
+def welch_dof(a: Any, b: Any) -> float:
+    """Welch-Satterthwaite degrees of freedom of mean(a) - mean(b); NaN when either side has < 2
+    finite values or neither side varies."""
+    a_arr, b_arr = _finite(a), _finite(b)
+    if a_arr.size < 2 or b_arr.size < 2:
+        return math.nan
+    va, vb = a_arr.var(ddof=1) / a_arr.size, b_arr.var(ddof=1) / b_arr.size
+    if va + vb == 0:
+        return math.nan
+    return float((va + vb) ** 2 / (va**2 / (a_arr.size - 1) + vb**2 / (b_arr.size - 1)))
+
+
+def comparison_dof(comparison: Comparison, on_trials: Any, off_trials: Any) -> float:
+    """Degrees of freedom behind a Comparison's interval: blocks - 1 when paired, Welch's for
+    Welch (from the trial values it was built on), NaN without an interval."""
+    if not comparison.has_interval:
+        return math.nan
+    if comparison.method == PAIRED:
+        return float(comparison.n - 1)
+    return welch_dof(on_trials, off_trials)
+
+
+def comparison_p_value(comparison: Comparison, dof: float) -> float:
+    """Two-sided p-value of a Comparison's difference from 0. The interval is
+    pct ± t(0.975, dof) * se, so se is its half width over that quantile."""
+    if not (comparison.has_interval and math.isfinite(dof) and dof >= 1):
+        return math.nan
+    if comparison.half_pct == 0:
+        return 0.0 if comparison.pct != 0 else 1.0
+    se = comparison.half_pct / float(t_quantile_975(dof))
+    return float(t_two_sided_p(comparison.pct, se, dof))

@@ -46,7 +46,10 @@ class Study:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, results_dir: Path, name: str, plan_text: str, trial_ids: list[str], resume: bool) -> "Study":
+    def create(cls, results_dir: Path, name: str, plan_text: str, trial_ids: list[str], resume: bool,
+               order: str | None = None) -> "Study":
+        """order: the run order (plan.run_order), recorded so the analysis knows whether a
+        repetition is a block of trials run side by side."""
         path = results_dir / name
         study = cls(path)
         if path.exists():
@@ -60,6 +63,8 @@ class Study:
             # Reruns of disturbed trials are not in the plan's list: keep them.
             meta["trial_ids"] = trial_ids + [t for t in meta.get("trial_ids", []) if t not in trial_ids]
             meta["resumed_wall"] = meta.get("resumed_wall", []) + [time.time()]
+            if order is not None:
+                meta.setdefault("order", order)  # the plan is unchanged, so is its order
             atomic_write_json(path / "study.json", meta)
             return study
         if resume:
@@ -72,7 +77,8 @@ class Study:
         atomic_write_text(path / "plan.toml", plan_text)
         atomic_write_json(
             path / "study.json",
-            {"schema_version": SCHEMA_VERSION, "name": name, "created_wall": time.time(), "trial_ids": trial_ids},
+            {"schema_version": SCHEMA_VERSION, "name": name, "created_wall": time.time(), "trial_ids": trial_ids,
+             **({"order": order} if order is not None else {})},
         )
         return study
 

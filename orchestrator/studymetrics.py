@@ -5,7 +5,9 @@ The unit of replication is the trial. A trial's workload value is its guests' me
 one trial share the host, ksmd's timing and each other, so their spread is described
 (``{m}_guest_sd``) but never used for an interval or a verdict. With repetitions > 1 the sweep
 runs trials in blocks (block = trial.json "repetition"): every setting once per block, plus a
-KSM-off trial per non-KSM setting, so comparisons with KSM off are paired within blocks.
+KSM-off trial per non-KSM setting, so comparisons with KSM off are paired within blocks. Only
+then: a study whose plan ran in sequential or shuffled order (study.json "order") has
+repetitions that are labels, not blocks run side by side, so it is compared by Welch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from orchestrator.stats import (
     NO_INTERVAL,
     Comparison,
     compare_pct,
+    comparison_dof,
+    comparison_p_value,
+    holm_reject,
     mean_ci95,
     minimum_detectable_effect,
     pct_difference,
@@ -66,6 +71,11 @@ class StudyMetrics:
     ksm_axes: list[str]
     page_size_bytes: int
     noise: pd.DataFrame = field(default_factory=pd.DataFrame)
+    order: str = "blocked"  # study.json "order" (see study_order)
+
+    @property
+    def paired_by_block(self) -> bool:
+        return self.order == BLOCKED
 
     @property
     def blocks(self) -> int:
@@ -85,10 +95,13 @@ SUMMARY_METRICS = (
     # probe workload (costs.py, cowstats.py)
     "merge_mib_per_s", "merge_mib_per_ksmd_cpu_s", "unmerge_s_per_gib",
     "cow_merged_p50_ns", "cow_merged_p90_ns", "cow_merged_p99_ns",
-    "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns", "cow_median_ratio",
+    "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns", "cow_p50_diff_ns",
 )
+# Per trial only, never averaged with an interval: a ratio whose denominator sits near the
+# timer's floor is not a quantity a t interval describes (cowstats.py).
+DESCRIPTION_ONLY = ("cow_median_ratio",)
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
-ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",
+ALWAYS_COLUMNS = (*SUMMARY_METRICS, *DESCRIPTION_ONLY, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",
                   "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta")
 # The statistics read these whether or not the sweep / sampler recorded them.
 STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
@@ -101,6 +114,16 @@ NET_METRICS = tuple(NET_OF_DRIFT.values())
 SAME_BLOCK = "same block"            # the matched KSM-off trial(s) of the trial's own block
 MATCHED = "matched"                  # mean of the matched KSM-off trials of all blocks
 STUDY_OFF_MEAN = "study KSM-off mean"  # no matched KSM-off trial: every KSM-off trial
+
+
+BLOCKED = "blocked"
+
+
+def study_order(study_json: dict[str, Any]) -> str:
+    """The run order study.json records. Studies written before the field existed ran blocked
+    whenever they had repetitions (the plan's default then), so they are read as blocked."""
+    order = study_json.get("order")
+    return str(order) if order else BLOCKED
 
 
 def _trial_row(data: TrialData, page_size_bytes: int) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
@@ -156,12 +179,13 @@ def compute_study(study: StudyData) -> StudyMetrics:
     _add_guest_spread(trials, guests_df)
     _mark_used_in_stats(trials)
     _add_ksm_off_deltas(trials)
-    settings_df = _settings_table(trials, axes)
+    order = study_order(study.study)
+    settings_df = _settings_table(trials, axes, paired_by_block=order == BLOCKED)
     per_process = pd.concat(procs, ignore_index=True) if procs else pd.DataFrame()
     if not per_process.empty:
         per_process = per_process[["trial_id", *[c for c in per_process.columns if c != "trial_id"]]]
     return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page,
-                        noise=noise_floor(trials))
+                        noise=noise_floor(trials), order=order)
 
 
 def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
@@ -280,18 +304,34 @@ def _by_block(frame: pd.DataFrame, name: str) -> pd.Series:
     return values.groupby(frame["repetition"]).mean()
 
 
-def _vs_off_columns(on: pd.DataFrame, off: pd.DataFrame, offkey: str) -> dict[str, Any]:
-    """``{m}_vs_off_pct``, ``_ci95_pct``, ``_n``, ``_method`` of one KSM-on setting.
+def _pairable_blocks(frame: pd.DataFrame) -> pd.Index:
+    """Blocks of a side that can pair: a block whose used trial is a rerun is left out, because
+    the sweep runs reruns after the whole study, far from the block's other trials; drift between
+    them is exactly what pairing must not absorb (the rerun still counts in the setting's mean).
+    Smaller than moving reruns next to the trial they replace, and right for old studies too."""
+    reruns = frame["rerun_of"].notna() if "rerun_of" in frame.columns else pd.Series(False, index=frame.index)
+    blocks = frame["repetition"]
+    return pd.Index(blocks[~blocks.isin(blocks[reruns])].dropna().unique())
 
-    Paired by block when >= 2 blocks hold both the setting and its matched KSM-off trial, else
-    Welch on trial values, else no interval (stats.compare_pct). Against unmatched KSM-off
-    trials only the difference of means is given: their spread includes other settings' effects,
-    so it is not noise and no interval is drawn from it."""
+
+def _vs_off_columns(on: pd.DataFrame, off: pd.DataFrame, offkey: str, paired_by_block: bool = True) -> dict[str, Any]:
+    """``{m}_vs_off_pct``, ``_ci95_pct``, ``_n``, ``_method``, ``_p`` of one KSM-on setting.
+
+    Paired by block when the study ran blocked and >= 2 blocks hold both the setting and its
+    matched KSM-off trial, else Welch on trial values, else no interval (stats.compare_pct). A
+    study run in sequential or shuffled order gets Welch: its "blocks" did not run side by
+    side, so a pair's difference holds the drift between them. Against unmatched KSM-off
+    trials only the difference of means is given: their spread includes other settings'
+    effects, so it is not noise and no interval is drawn from it."""
     base, how = _off_baseline(off, offkey)
     out: dict[str, Any] = {"baseline": how}
+    pairable = _pairable_blocks(on).intersection(_pairable_blocks(base)) if paired_by_block else pd.Index([])
     for name in WORKLOAD_METRICS:
-        if how == MATCHED:
+        if not on[name].notna().any():  # not measured (a processes study): nothing to compare
+            comparison = Comparison(math.nan, math.nan, 0, NO_INTERVAL)
+        elif how == MATCHED:
             paired = pd.concat([_by_block(on, name), _by_block(base, name)], axis=1, join="inner")
+            paired = paired[paired.index.isin(pairable)]
             comparison = compare_pct(paired.iloc[:, 0], paired.iloc[:, 1], on[name], base[name])
         else:
             comparison = Comparison(pct_difference(on[name], base[name]), math.nan,
@@ -300,7 +340,46 @@ def _vs_off_columns(on: pd.DataFrame, off: pd.DataFrame, offkey: str) -> dict[st
         out[f"{name}_vs_off_ci95_pct"] = comparison.half_pct
         out[f"{name}_vs_off_n"] = comparison.n
         out[f"{name}_vs_off_method"] = comparison.method
+        out[f"{name}_vs_off_p"] = comparison_p_value(comparison, comparison_dof(comparison, on[name], base[name]))
     return out
+
+
+def _add_holm(settings: pd.DataFrame) -> None:
+    """``{m}_vs_off_holm``: the setting's change vs KSM off survives Holm across the study's
+    KSM-on settings with that metric. A headline that names the worst of k settings has picked
+    its comparison after seeing k of them: at 95% each, with no effect anywhere, 5 settings made
+    it say "differs" in 7.3% of studies. A setting without a p-value stays in the family."""
+    for name in WORKLOAD_METRICS:
+        column = f"{name}_vs_off_holm"
+        settings[column] = False
+        p_column = f"{name}_vs_off_p"
+        if p_column not in settings.columns:
+            continue
+        family = settings.index[~settings["ksm_off"] & settings[f"{name}_vs_off_pct"].notna()]
+        if len(family):
+            settings.loc[family, column] = holm_reject(settings.loc[family, p_column].to_numpy(float))
+
+
+@dataclass(frozen=True)
+class WorstChange:
+    """The worst KSM-on setting's change vs KSM off for one metric, judged in its family."""
+
+    row: pd.Series
+    comparison: Comparison
+    survives_holm: bool
+    family_size: int  # KSM-on settings with a change for this metric (Holm's m)
+
+
+def worst_change(settings: pd.DataFrame, metric: str, worst_is: str) -> WorstChange | None:
+    """The setting with the lowest (worst_is="min") or highest ("max") change vs KSM off."""
+    column = f"{metric}_vs_off_pct"
+    if settings.empty or column not in settings.columns:
+        return None
+    on = settings[~settings["ksm_off"] & settings[column].notna()]
+    if on.empty:
+        return None
+    row = on.loc[on[column].idxmin() if worst_is == "min" else on[column].idxmax()]
+    return WorstChange(row, settings_comparison(row, metric), bool(row.get(f"{metric}_vs_off_holm", False)), len(on))
 
 
 def settings_comparison(row: Any, metric: str) -> Comparison:
@@ -313,7 +392,7 @@ def settings_comparison(row: Any, metric: str) -> Comparison:
     return Comparison(float(get("_pct")), float(get("_ci95_pct")), int(get("_n", 0)), str(get("_method", NO_INTERVAL)))
 
 
-def _settings_table(trials: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+def _settings_table(trials: pd.DataFrame, axes: list[str], paired_by_block: bool = True) -> pd.DataFrame:
     """One row per setting: trials, ok and n (trials used in statistics), then for every metric
     the mean, the 95% t half width and the count of trials it is over. All intervals are across
     trials (one value per trial: a trial's workload value is its guests' mean); the guests'
@@ -335,11 +414,13 @@ def _settings_table(trials: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         for name in WORKLOAD_METRICS:
             row[f"{name}_guest_sd"] = float(in_stats[f"{name}_guest_sd"].mean()) if len(in_stats) else math.nan
         if not first["ksm_off"] and not off.empty:
-            row.update(_vs_off_columns(in_stats, off, first["_offkey"]))
+            row.update(_vs_off_columns(in_stats, off, first["_offkey"], paired_by_block))
         row["_group"] = group
         row["_offkey"] = first["_offkey"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    _add_holm(table)
+    return table
 
 
 # ---- noise floor

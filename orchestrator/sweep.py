@@ -26,7 +26,7 @@ from orchestrator import policies, studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
-from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand
+from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
 from orchestrator.preflight import space_checks
 from orchestrator.probes import KSM_SYSFS
 from orchestrator.stats import time_mean
@@ -121,7 +121,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     stop = StopFlag()
     with host_lock():
         planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
-        study = Study.create(results_dir, plan.study.name, plan_text, planned, resume)
+        study = Study.create(results_dir, plan.study.name, plan_text, planned, resume, order=run_order(plan))
         marker = running_marker()
         atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid()})
         if plan.search is not None:
@@ -159,6 +159,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
+                # Reruns come after the whole study, far in time from their block's other trials:
+                # the analysis therefore does not pair a block that holds a rerun
+                # (studymetrics._pairable_blocks), which is smaller than reordering the sweep.
                 if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
                         and plan.search is None):
                     for rerun in disturbed_reruns(study, trials):

@@ -627,3 +627,69 @@ def test_rerun_of_a_disturbed_rerun_is_followed(tmp_path: Path) -> None:
     trials = computed(finish_study(study_dir)).trials.set_index("trial_id")
     assert trials.loc["t", "stats_note"] == "disturbed; rerun t3 used"
     assert trials["used_in_stats"].to_dict() == {"t": False, "t2": False, "t3": True}
+
+
+# ----------------------------------------------------------------------------- design and family
+
+
+def with_order(study_dir: Path, order: str) -> Path:
+    """Record the plan's run order in study.json, as the sweep does."""
+    meta = json.loads((study_dir / "study.json").read_text())
+    (study_dir / "study.json").write_text(json.dumps({**meta, "order": order}))
+    return study_dir
+
+
+def test_sequential_study_is_compared_by_welch_not_paired(tmp_path: Path) -> None:
+    """Same trials as the consistent -30% blocked study: run sequentially, the repetitions are
+    labels, so the comparison is Welch over the 6 trials, never "paired"."""
+    study = block_study(tmp_path, on_tps=[7.0, 8.28, 5.68], off_tps=[10.0, 12.0, 8.0], guest_spread=0.0)
+    sm = computed(with_order(study, "sequential"))
+    on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
+    assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("Welch", 6)
+    assert sm.order == "sequential" and not sm.paired_by_block
+    assert "paired" not in stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"))
+
+
+def test_study_without_order_is_read_as_blocked(tmp_path: Path) -> None:
+    sm = computed(block_study(tmp_path, on_tps=[7.0, 8.28, 5.68], off_tps=[10.0, 12.0, 8.0], guest_spread=0.0))
+    assert sm.order == "blocked"
+    assert sm.settings[~sm.settings["ksm_off"]].iloc[0]["tps_vs_off_method"] == "paired by block"
+
+
+def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
+    """Block 1's KSM-on trial was disturbed and rerun after the study: only blocks 0 and 2 pair."""
+    study = start_study(tmp_path)
+    on = {"threads": 1, "ksm.pages_to_scan": 1000}
+    for block, (a, b) in enumerate(((7.0, 10.0), (8.28, 12.0), (5.68, 8.0))):
+        sysbench_trial(study, f"off-r{block}", {"threads": 1}, b, rep=block, ksm_off=True, guest_spread=0.0)
+        sysbench_trial(study, f"on-r{block}", on, a, rep=block, guest_spread=0.0,
+                       extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0})
+    sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0, extra={"rerun_of": "on-r1"})
+    settings = computed(finish_study(study)).settings
+    row = settings[~settings["ksm_off"]].iloc[0]
+    assert (row["tps_vs_off_method"], row["tps_vs_off_n"]) == ("paired by block", 2)
+    assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -29.0]))
+
+
+def family_study(root: Path, effects: dict[int, list[float]], off: tuple[float, ...] = (10.0, 12.0, 8.0)) -> Path:
+    """KSM off and one setting per pages_to_scan in each block; a setting's tps is the block's
+    KSM-off tps changed by effects[pages][block] percent."""
+    study = start_study(root)
+    for block, ref in enumerate(off):
+        sysbench_trial(study, f"off-r{block}", {"threads": 1}, ref, rep=block, ksm_off=True, guest_spread=0.0)
+        for pages, pcts in effects.items():
+            sysbench_trial(study, f"p{pages}-r{block}", {"threads": 1, "ksm.pages_to_scan": pages},
+                           ref * (1 + pcts[block] / 100), rep=block, guest_spread=0.0)
+    return finish_study(study)
+
+
+def test_holm_marks_only_changes_that_survive_the_family(tmp_path: Path) -> None:
+    """Three settings, three blocks: one clear -30% (p ~ 0.001), one borderline (its own interval
+    just excludes 0, p ~ 0.03 > 0.05 / 2 after the first), one nothing."""
+    effects = {100: [-30.0, -31.0, -29.0], 200: [-9.2, -4.8, -7.0], 300: [1.0, -1.0, 0.5]}
+    settings = computed(family_study(tmp_path, effects)).settings.set_index("setting")
+    rows = {p: settings.loc[f"ksm.pages_to_scan={p}"] for p in effects}
+    assert stats.Comparison(rows[200]["tps_vs_off_pct"], rows[200]["tps_vs_off_ci95_pct"], 3, stats.PAIRED).differs
+    p = {k: r["tps_vs_off_p"] for k, r in rows.items()}
+    assert p[100] < 0.05 / 3 and 0.05 / 2 < p[200] < 0.05 and p[300] > 0.05
+    assert [bool(rows[k]["tps_vs_off_holm"]) for k in effects] == [True, False, False]

@@ -20,11 +20,13 @@ from orchestrator.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
 from orchestrator.plan import check_against_host, expand, parse_plan
 from orchestrator.policies import ksmtuned, kubevirt, run_for
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams
+from orchestrator import recommend as recommend_mod
 from orchestrator.recommend import BadInput, Limits, recommend
 from tests.test_metrics import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
                                 write_trial)
 
 GIB_KIB = 1024 * 1024
+MIB_PER_PAGE = 1024 * 1024 / 4096  # pages of 4 KiB in a MiB
 
 BASE_KSM = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "0",
             "pages_sharing": "0", "pages_unshared": "0", "pages_volatile": "0", "full_scans": "0",
@@ -399,6 +401,43 @@ def test_search_is_a_pure_replay():
     assert again.next_value == observations[5].value
 
 
+def knee_score_of(observations: list[search.Observation], value: int) -> float:
+    ends = {o.value: o for o in observations if o.value in (50, 20000)}
+    lo, hi = ends[50], ends[20000]
+    o = next(o for o in observations if o.value == value)
+    return ((o.saved_mib - lo.saved_mib) / (hi.saved_mib - lo.saved_mib)
+            - (o.ksmd_cpu_pct - lo.ksmd_cpu_pct) / (hi.ksmd_cpu_pct - lo.ksmd_cpu_pct))
+
+
+def test_spent_knee_search_answers_by_knee_score_and_calls_it_a_bracket():
+    """Four trials: both ends and two probes. Saving per CPU would answer the cheap end (50:
+    33 MiB per % of a core, its knee score 0); the knee search must answer its own objective."""
+    spec = search.Spec(low=50, high=20000, objective="knee", max_trials=4)
+    observations, decision = observe(spec)
+    measured = sorted({o.value for o in observations})
+    best = max(measured, key=lambda v: knee_score_of(observations, v))
+    assert decision.answer == best and best not in (50, 20000)
+    assert knee_score_of(observations, best) > 0.3
+    assert "budget spent" in decision.reason and "bracket" in decision.reason and "not pinned" in decision.reason
+    assert f"best knee score measured: pages_to_scan={best}" in decision.reason
+
+
+def test_noisy_repeated_knee_search_stops_flat_between_the_probes():
+    """Two repetitions a setting, +-150 MiB of run-to-run noise on an 800 MiB curve: the probes'
+    scores differ by less than their noise, so the search says so and stops early."""
+    spec = search.Spec(low=50, high=20000, objective="knee", repetitions=2, max_trials=40)
+    observations: list[search.Observation] = []
+    decision = search.choose(spec, observations)
+    while not decision.done:
+        x = decision.next_value
+        assert x is not None
+        noise = 150.0 if sum(o.value == x for o in observations) % 2 == 0 else -150.0
+        observations.append(search.Observation(x, saving(x) + noise, cpu(x)))
+        decision = search.choose(spec, observations)
+    assert decision.reason.startswith("flat between pages_to_scan=")
+    assert len(observations) < 40 and decision.answer is not None
+
+
 def test_flat_saving_makes_the_cheap_end_the_knee():
     spec = search.Spec(low=50, high=20000)
     obs = [search.Observation(50, 100.0, 1.0), search.Observation(20000, 100.0, 30.0)]
@@ -436,12 +475,59 @@ def test_recommend_respects_the_cpu_limit(tmp_path):
     assert rec.chosen is not None and rec.chosen.setting == "pages_to_scan=100"
 
 
-def test_recommend_prefers_the_cheaper_of_two_it_cannot_tell_apart(tmp_path):
+def test_recommend_keeps_the_leader_when_the_cheaper_one_is_only_not_told_apart(tmp_path):
+    """1100 vs 1150 pages of sharing over 2 noisy blocks: the interval of the difference includes
+    0 but reaches far past the 2% margin, so "cannot tell apart" is not "the same"."""
     study = two_setting_study(tmp_path, (1000, (1000, 1200), 0.10), (2000, (1300, 1000), 0.20))
     rec = recommend(computed(study), Limits())
     assert rec.leader is not None and rec.leader.setting == "pages_to_scan=2000"
+    assert rec.chosen is rec.leader and not rec.tied
+    assert [c.setting for c in rec.not_shown_worse] == ["pages_to_scan=1000"]
+    assert "pages_to_scan=1000 is cheaper" in rec.reason and "not shown to be worse" in rec.reason
+    assert rec.reason.startswith("2 KSM-on settings measured a saving; with no limits given, each is a candidate.")
+
+
+def test_recommend_does_not_give_up_a_3x_saving_it_could_not_resolve(tmp_path):
+    """The issue's case: 101 MiB vs 300 MiB over 2 blocks, noisy enough that the difference's
+    interval is about +-1900 MiB. The cheaper, smaller saving must not be the pick."""
+    pages = lambda mib: int(mib * MIB_PER_PAGE)  # noqa: E731
+    study = two_setting_study(tmp_path, (100, (pages(10), pages(192)), 0.02), (1000, (pages(450), pages(150)), 0.10))
+    rec = recommend(computed(study), Limits())
     assert rec.chosen is not None and rec.chosen.setting == "pages_to_scan=1000"
-    assert "cannot tell the two apart" in rec.reason and "cheaper" in rec.reason
+    assert [c.setting for c in rec.not_shown_worse] == ["pages_to_scan=100"]
+
+
+def test_recommend_takes_the_cheaper_of_two_that_save_the_same_within_the_margin(tmp_path):
+    """Paired differences of 1 and 2 pages on ~1000: the whole interval is inside 2%."""
+    study = two_setting_study(tmp_path, (1000, (1000, 1010), 0.10), (2000, (1001, 1012), 0.20))
+    rec = recommend(computed(study), Limits())
+    assert rec.leader is not None and rec.leader.setting == "pages_to_scan=2000"
+    assert rec.chosen is not None and rec.chosen.setting == "pages_to_scan=1000"
+    assert "save the same" in rec.reason and "cheaper" in rec.reason
+    strict = recommend(computed(study), Limits(), saving_margin_pct=0.01)
+    assert strict.chosen is not None and strict.chosen.setting == "pages_to_scan=2000"
+
+
+
+def test_recommend_cli_takes_the_saving_margin(tmp_path, capsys):
+    study = two_setting_study(tmp_path, (1000, (1000, 1010), 0.10), (2000, (1001, 1012), 0.20))
+    assert cli.main(["recommend", str(study), "--json"]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert wide["recommended"]["setting"] == "pages_to_scan=1000" and wide["saving_margin_pct"] == 2.0
+    assert cli.main(["recommend", str(study), "--saving-margin", "0.01", "--json"]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["recommended"]["setting"] == "pages_to_scan=2000"
+    assert [c["setting"] for c in strict["not_shown_worse"]] == ["pages_to_scan=1000"]
+    assert strict["limit_evidence"] is None
+    assert cli.main(["recommend", str(study), "--saving-margin", "-1"]) == 2
+
+
+def test_saving_verdict_is_an_equivalence_test():
+    assert recommend_mod.saving_verdict(1.0, 2.0, 5.0) == recommend_mod.SAME
+    assert recommend_mod.saving_verdict(1.0, 2.0, 2.5) == recommend_mod.NOT_SHOWN_WORSE
+    assert recommend_mod.saving_verdict(199.0, 1893.0, 6.0) == recommend_mod.NOT_SHOWN_WORSE
+    assert recommend_mod.saving_verdict(10.0, 2.0, 5.0) == recommend_mod.SMALLER
+    assert recommend_mod.saving_verdict(10.0, math.nan, 5.0) == recommend_mod.NO_INTERVAL
 
 
 def test_recommend_nothing_qualifies_exits_1(tmp_path, capsys):
@@ -471,6 +557,11 @@ def test_recommend_with_one_trial_per_setting_says_it_rests_on_single_trials(tmp
     rec = recommend(computed(finish_study(study)), Limits())
     assert rec.chosen is not None and rec.chosen.setting == "pages_to_scan=1000"
     assert "single trials" in rec.reason and "no interval" in rec.reason
+    assert rec.chosen.limit_evidence is None  # no limit was judged
+    limited = recommend(computed(study), Limits(max_ksmd_cpu_pct=10))
+    assert limited.chosen is not None and limited.chosen.limit_evidence == "one trial"
+    assert "on one trial's value (no interval)" in limited.reason
+    assert limited.as_json()["limit_evidence"] == "one trial"
 
 
 # ----------------------------------------------------------------------------- trials table

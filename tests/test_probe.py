@@ -147,7 +147,10 @@ def test_cow_percentiles_are_net_of_the_loop_overhead() -> None:
         assert out[f"cow_merged_p{pct}_ns"] == pytest.approx(np.percentile(merged_net, pct))
     assert out["cow_merged_p50_ns"] == pytest.approx(3000, rel=0.05)
     assert out["cow_unmerged_p50_ns"] == pytest.approx(40, rel=0.05)
-    assert out["cow_median_ratio"] == pytest.approx(out["cow_merged_p50_ns"] / out["cow_unmerged_p50_ns"])
+    raw = {r: np.median(samples.loc[samples["region"] == r, "latency_ns"]) for r in ("merged", "unmerged")}
+    assert out["cow_p50_diff_ns"] == pytest.approx(raw["merged"] - raw["unmerged"])
+    assert out["cow_p50_diff_ns"] == pytest.approx(out["cow_merged_p50_ns"] - out["cow_unmerged_p50_ns"])
+    assert out["cow_median_ratio"] == pytest.approx(raw["merged"] / raw["unmerged"])  # raw: timer included
     assert out["cow_merged_n"] == out["cow_unmerged_n"] == 1000
 
 
@@ -157,7 +160,25 @@ def test_cow_latency_below_overhead_is_floored_not_negative() -> None:
     out = cowstats.cow_summary(samples)
     assert out["cow_unmerged_p50_ns"] == cowstats.FLOOR_NS
     assert out["cow_merged_p50_ns"] == pytest.approx(500)
-    assert out["cow_median_ratio"] == pytest.approx(500)
+    # the difference and the ratio use the raw medians (600 and 95): the floor never enters them
+    assert out["cow_p50_diff_ns"] == pytest.approx(505)
+    assert out["cow_median_ratio"] == pytest.approx(600 / 95)
+
+
+def test_cow_gap_is_stable_where_the_floored_ratio_was_not() -> None:
+    """The issue's case: the unmerged median moves by 2 ns across the 1 ns floor. The net ratio
+    went 4843 -> 2200; the difference of medians moves by 2 ns of ~4842."""
+    def gap(unmerged_ns: float) -> dict:
+        samples = pd.DataFrame({"region": ["overhead"] * 3 + ["unmerged"] * 3 + ["merged"] * 3,
+                                "order": list(range(3)) * 3,
+                                "latency_ns": [160, 160, 160, *[unmerged_ns] * 3, *[160 + 4843] * 3]})
+        return cowstats.cow_summary(samples)
+
+    before, after = gap(161.0), gap(163.0)
+    assert before["cow_merged_p50_ns"] / before["cow_unmerged_p50_ns"] == pytest.approx(4843)
+    assert after["cow_merged_p50_ns"] / after["cow_unmerged_p50_ns"] == pytest.approx(4843 / 3)
+    assert before["cow_p50_diff_ns"] - after["cow_p50_diff_ns"] == pytest.approx(2.0)
+    assert after["cow_median_ratio"] == pytest.approx(5003 / 163)
 
 
 def test_cow_summary_of_nothing_is_empty() -> None:
@@ -194,6 +215,7 @@ def test_a_probe_that_merged_nothing_claims_no_cow_ratio(tmp_path: Path) -> None
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 20, "use_zero_pages": 0}
     m = one_trial(tmp_path, knobs, scanning_frame(), extra={"probe": probe, "kind": "probe"}, cow=synthetic_cow())
     assert math.isnan(m["cow_median_ratio"]) and "nothing merged" in m["cow_note"]
+    assert math.isnan(m["cow_p50_diff_ns"])
     assert m["cow_merged_p50_ns"] > 0  # the latencies themselves are kept
 
 
@@ -655,3 +677,28 @@ def test_report_draws_zero_pages_apart_and_lists_them(tmp_path: Path) -> None:
     html = write_report(study).read_text()
     assert "Zero pages and content merges" in html
     assert "content merges only" in html  # the plot's legend names the dotted line
+
+
+def test_cow_gap_has_an_interval_across_trials_and_the_ratio_none(tmp_path: Path) -> None:
+    from orchestrator import studydata, studymetrics
+    from orchestrator.costreport import cow_gap_findings
+
+    study = start_study(tmp_path)
+    knobs = {"pages_to_scan": 1000, "sleep_millisecs": 20, "use_zero_pages": 0}
+    probe = {"merged_pages": 25600, "merge_target_reached": True, "merge_wall_s": 2.0, "merge_ksmd_cpu_s": 0.5}
+    gaps = []
+    for rep in range(3):
+        cow = synthetic_cow(seed=rep + 1)
+        gaps.append(cowstats.cow_summary(cow)["cow_p50_diff_ns"])
+        trial_dir = write_trial(study, f"t{rep}", {"pages_to_scan": 1000}, repetition=rep, ksm=scanning_frame(),
+                                ksm_knobs=knobs, extra={"probe": probe, "kind": "probe"})
+        cow.to_csv(trial_dir / "cow.csv", index=False)
+    sm = studymetrics.compute_study(studydata.load_study(finish_study(study)))
+    row = sm.settings.iloc[0]
+    assert row["cow_p50_diff_ns"] == pytest.approx(np.mean(gaps))
+    assert row["cow_p50_diff_ns_ci95"] == pytest.approx(4.3027 * np.std(gaps, ddof=1) / math.sqrt(3))
+    assert "cow_median_ratio_ci95" not in sm.settings.columns and "cow_median_ratio" not in sm.settings.columns
+    assert "cow_median_ratio" in sm.trials.columns  # per trial, description
+    (finding,) = cow_gap_findings(sm)
+    assert finding.startswith(f"Copy-on-write gap, all trials: a first write to a merged page took {np.mean(gaps):,.0f} ± ")
+    assert "(95% interval across 3 trials)" in finding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 import shutil
@@ -19,6 +20,7 @@ from tests.test_metrics import (
     block_study,
     disturbed_study,
     drift_study,
+    family_study,
     finish_study,
     guests_summary,
     processes_frame,
@@ -136,7 +138,8 @@ def test_vm_study_with_ksm_off_baseline_reports_workload_change(tmp_path: Path) 
     assert (html_path.parent / "workload.png").exists()
     assert len(_pngs_in(html)) == 4
     worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+%; (.*?)\.</li>", html)
-    assert worst and worst.group(1) == "differs from KSM off (95% interval excludes 0; n=2 blocks, paired)"
+    assert worst and worst.group(1) == ("differs from KSM off (95% level kept by Holm across the 2 KSM-on settings; "
+                                        "n=2 blocks, paired)")
     summary = pd.read_csv(html_path.parent / "summary.csv").set_index("trial_id")
     # per trial: vs the KSM-off trial of the same block (100 tps in r1); r1 ran at 0.9 x 100 = 90 tps
     assert summary.loc["p1000-r1", "tps_vs_off_pct"] == pytest.approx(-10.0)
@@ -273,3 +276,47 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert re.search(r'<table id="trials-table">', dom)
     assert re.search(r'<tr class="failed">.*?sysbench prepare failed', dom, re.S)
     assert dom.count('<tr class="ok">') == 3
+
+
+def test_sequential_study_says_welch_and_never_paired(tmp_path: Path) -> None:
+    off = [100.0, 104.8, 95.2]
+    study = block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off, guest_spread=0.0)
+    meta = json.loads((study / "study.json").read_text())
+    (study / "study.json").write_text(json.dumps({**meta, "order": "sequential"}))
+    html = report.write_report(study).read_text()
+    findings = _findings(html)
+    assert any(f.startswith("Changes vs KSM off are compared by Welch across trials, not paired: the plan ran in "
+                            "sequential order") for f in findings)
+    assert "paired" not in _section(html, "settings")
+    worst = next(f for f in findings if f.startswith("Worst throughput change"))
+    assert "trials, Welch" in worst and "paired" not in worst
+
+
+def test_blocked_study_says_why_it_pairs(tmp_path: Path) -> None:
+    off = [100.0, 104.8, 95.2]
+    html = report.write_report(block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off,
+                                           guest_spread=0.0)).read_text()
+    assert any(f.startswith("Changes vs KSM off are paired by block: the plan ran in blocked order")
+               for f in _findings(html))
+
+
+def test_worst_of_k_that_only_its_own_interval_calls_different_is_not_claimed(tmp_path: Path) -> None:
+    """The worst of 3 settings is -7% ± 5.5% on its own (p ~ 0.03): after Holm across the 3 it is
+    not a difference; the table marks only a change that survives (none here)."""
+    study = family_study(tmp_path, {100: [-9.2, -4.8, -7.0], 200: [1.0, -1.0, 0.5], 300: [0.5, 0.0, -0.5]})
+    html = report.write_report(study).read_text()
+    worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
+    assert "pages_to_scan=100: -7.0%" in worst
+    assert "no difference shown once the 3 settings are taken together" in worst
+    assert "Holm across the 3 KSM-on settings" in worst
+    assert "differs from KSM off" not in html
+    assert " *</td>" not in _section(html, "settings")
+
+
+def test_settings_table_marks_changes_that_survive_holm(tmp_path: Path) -> None:
+    study = family_study(tmp_path, {100: [-30.0, -31.0, -29.0], 200: [1.0, -1.0, 0.5], 300: [0.5, 0.0, -0.5]})
+    html = report.write_report(study).read_text()
+    settings = _section(html, "settings")
+    assert settings.count("paired) *</td>") == 1
+    worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
+    assert "differs from KSM off (95% level kept by Holm across the 3 KSM-on settings" in worst

@@ -123,3 +123,15 @@ def test_an_earlier_attempt_is_set_aside_whole_before_the_trial_runs_again(tmp_p
     assert study.set_aside_attempt("a") == study.path / "attempts" / "a.2"  # never overwrites a.1
     assert (first / "ksmtuned.log").read_text() == "old attempt's log\n"
     assert [r["status"] for r in study.trial_records()] == ["not_run", "not_run"]
+
+
+def test_study_json_records_the_run_order_and_keeps_it_on_resume(tmp_path):
+    from orchestrator.plan import parse_plan, run_order
+
+    workload = '[workload]\ntype = "processes"\n'
+    assert run_order(parse_plan(PLAN + "repetitions = 3\n" + workload)) == "blocked"
+    assert run_order(parse_plan(PLAN + 'repetitions = 3\norder = "sequential"\n' + workload)) == "sequential"
+    study = Study.create(tmp_path, "s", PLAN, ["a"], resume=False, order="shuffled")
+    assert study.meta()["order"] == "shuffled"
+    again = Study.create(tmp_path, "s", PLAN, ["a"], resume=True, order="shuffled")
+    assert again.meta()["order"] == "shuffled"
