@@ -93,7 +93,7 @@ SUMMARY_METRICS = (
     "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns", "cow_median_ratio",
 )
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
-ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",
+ALWAYS_COLUMNS = (*SUMMARY_METRICS, *WORKLOAD_METRICS, "converged", "time_to_50pct_s", "trial_wall_s",
                   "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta")
 # The statistics read these whether or not the sweep / sampler recorded them.
 STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
