@@ -11,6 +11,7 @@ which Welch's interval needs).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -201,6 +202,7 @@ def t_test_power(nc: Any, dof: float, alpha: float = MDE_ALPHA) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
+@functools.lru_cache(maxsize=4096)  # bisections over n ask for the same few dof again and again
 def detectable_noncentrality(dof: float, power: float = MDE_POWER, alpha: float = MDE_ALPHA) -> float:
     """The true mean / se that a two-sided t test at level alpha detects with the given power;
     NaN where dof < 1."""
