@@ -41,10 +41,14 @@ EFFECTS_PCT = (-2.0, -8.0, -15.0, -4.0)  # the settings' true changes (the poole
 
 def block_values(rng: np.random.Generator, blocks: int, effects_pct: list[float], block_effect: bool,
                  studies: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(off[study, block], on[study, setting, block]) tps."""
-    speed = TPS_OFF * (1 + (rng.normal(0, BLOCK_SD, (studies, blocks)) if block_effect else 0.0))
-    off = np.abs(speed) * (1 + rng.normal(0, TRIAL_CV, (studies, blocks)))
-    change = np.asarray(effects_pct)[None, :, None] + rng.normal(0, SD_D_PCT, (studies, len(effects_pct), blocks))
+    """(off[study, block], on[study, setting, block]) tps. Half of a difference's variance is the
+    KSM-off trial's own noise, which every setting of the block shares (their differences are
+    correlated, as in a real study), half the setting's."""
+    speed = np.abs(TPS_OFF * (1 + (rng.normal(0, BLOCK_SD, (studies, blocks)) if block_effect else 0.0)))
+    shared = rng.normal(0, SD_D_PCT / math.sqrt(2), (studies, 1, blocks))
+    own = rng.normal(0, SD_D_PCT / math.sqrt(2), (studies, len(effects_pct), blocks))
+    change = np.asarray(effects_pct)[None, :, None] + own - shared
+    off = speed * (1 + rng.normal(0, TRIAL_CV, (studies, blocks)))
     return off, off[:, None, :] * (1 + change / 100)
 
 

@@ -48,7 +48,7 @@ class Pilot:
     blocks: int
     settings_compared: int
     sd_d_pct: float           # pooled sd of the per-block differences
-    sd_dof: int
+    sd_dof: float             # see studymetrics.paired_spread
     trial_sd_pct: float       # KSM-off trials repeated in a block: trial-level sd (NaN: none)
     trial_dof: int
     trial_weight: float       # mean of 1/r_on + 1/r_off over the pilot's pairs
@@ -156,6 +156,17 @@ def _trial_weight(trials: pd.DataFrame) -> float:
     return float(np.mean(weights)) if weights else 2.0
 
 
+def _pooled_over_groups(spreads: list[studymetrics.PairedSpread]) -> tuple[float, float]:
+    """(sd, dof) over non-KSM setting groups: their squares add (each over its own divisor),
+    and so do their dof (the groups share no KSM-off trial)."""
+    usable = [s for s in spreads if s.independent_dof >= 1]
+    divisor = sum(s.independent_dof for s in usable)
+    if not divisor:
+        return math.nan, 0.0
+    squares = sum(s.sd**2 * s.independent_dof for s in usable)
+    return math.sqrt(squares / divisor), float(sum(s.dof for s in usable))
+
+
 def pilot_from_trials(trials: pd.DataFrame, metric: str = DEFAULT_METRIC) -> Pilot:
     """The pilot's figures from a trials table (studymetrics' columns); DesignError when the
     pilot cannot size a paired design."""
@@ -167,14 +178,17 @@ def pilot_from_trials(trials: pd.DataFrame, metric: str = DEFAULT_METRIC) -> Pil
                           "pilot with 2 or more (run it with repetitions >= 2)")
     if not (trials["ksm_off"] & trials["used_in_stats"]).any():
         raise DesignError("the pilot has no usable KSM-off trials: run it with ksm_off_baseline = true")
-    differences = [d for _, _, d in studymetrics.paired_differences(trials, metric)]
-    sd, dof = stats.pooled_sd(differences)
+    by_group: dict[str, list[pd.Series]] = {}
+    for offkey, _, d in studymetrics.paired_differences(trials, metric):
+        by_group.setdefault(offkey, []).append(d)
+    sd, dof = _pooled_over_groups([studymetrics.paired_spread(group) for group in by_group.values()])
     if dof < 1:
         raise DesignError(f"the pilot has no {metric} compared with KSM off in 2 or more blocks "
                           "(a guests workload with ksm_off_baseline = true gives it)")
     trial_sd, trial_dof = _trial_level(trials, metric)
     walls = pd.to_numeric(trials.get("trial_wall_s", pd.Series(dtype=float)), errors="coerce").dropna()
-    return Pilot(blocks=blocks, settings_compared=sum(1 for d in differences if d.size >= 2), sd_d_pct=sd,
+    compared = sum(1 for group in by_group.values() for d in group if d.size >= 2)
+    return Pilot(blocks=blocks, settings_compared=compared, sd_d_pct=sd,
                  sd_dof=dof, trial_sd_pct=trial_sd, trial_dof=trial_dof, trial_weight=_trial_weight(trials),
                  trials_per_block=int(trials["_group"].nunique()),  # settings + KSM-off: one block
                  trial_wall_s=float(walls.median()) if walls.size else math.nan)
@@ -216,7 +230,7 @@ def _text_lines(d: Design) -> list[str]:
     p, n = d.pilot, stats.format_repetitions
     lines = [f"pilot: {p.blocks} blocks, {p.settings_compared} KSM-on setting(s) against KSM off, "
              f"{p.trials_per_block} trials per block, {_num(p.trial_wall_s)} s per trial (median)",
-             f"per-block {d.metric} difference vs KSM off: sd {_num(p.sd_d_pct)}% (dof {p.sd_dof})"]
+             f"per-block {d.metric} difference vs KSM off: sd {_num(p.sd_d_pct)}% (dof {_num(p.sd_dof)})"]
     if math.isfinite(p.trial_sd_pct):
         lines.append(f"  trial level (KSM-off trials repeated in a block): sd {_num(p.trial_sd_pct)}% (dof {p.trial_dof}); "
                      f"block level: sd {_num(p.block_sd_pct)}%; one trial per side per block: sd {_num(d.design_sd_pct)}%")

@@ -84,11 +84,13 @@ def paired_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
 
 
 def paired_pct_differences(on: Any, off: Any) -> np.ndarray:
-    """Per pair 100 * (on - off) / off, of the usable pairs (both finite, off non-zero): what
-    paired_pct_ci95 averages, and what the paired noise floor takes the spread of."""
+    """Per pair 100 * (on - off) / off, NaN where the pair is not usable (a side missing, off
+    zero), aligned with the input: what paired_pct_ci95 averages, and what the paired noise
+    floor takes the spread of."""
     on_arr, off_arr = np.asarray(on, dtype=float), np.asarray(off, dtype=float)
     usable = np.isfinite(on_arr) & np.isfinite(off_arr) & (off_arr != 0)
-    return 100.0 * (on_arr[usable] - off_arr[usable]) / off_arr[usable]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(usable, 100.0 * (on_arr - off_arr) / off_arr, np.nan)
 
 
 def welch_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
@@ -311,6 +313,30 @@ def pooled_sd(groups: Any) -> tuple[float, int]:
             squares += float(((arr - arr.mean()) ** 2).sum())
             dof += int(arr.size - 1)
     return (math.sqrt(squares / dof), dof) if dof else (math.nan, 0)
+
+
+def shared_block_dof(differences: Any) -> float:
+    """Degrees of freedom of pooled_sd over a complete settings x blocks matrix of paired
+    differences whose settings share each block's reference trial.
+
+    The shared trial's noise moves every setting's difference in that block together, so the
+    sum(blocks - 1) per setting overstates what the pooled sd knows. With the two-way split
+    d = setting + block + residual, the pooled variance is MS_block / S + (S - 1) / S * MS_resid
+    (S settings), and Satterthwaite's dof of that sum runs from S (B - 1) (no shared part) down
+    to B - 1 (all of it shared). One setting: B - 1."""
+    d = np.asarray(differences, dtype=float)
+    settings, blocks = d.shape
+    full = settings * (blocks - 1)
+    if settings < 2 or blocks < 2:
+        return float(full)
+    centered = d - d.mean(axis=1, keepdims=True)
+    block_means = centered.mean(axis=0)
+    block_part = (block_means**2).sum() / (blocks - 1)  # MS_block / S
+    resid_part = ((centered - block_means) ** 2).sum() / (settings * (blocks - 1))  # (S-1)/S MS_resid
+    if block_part + resid_part == 0:
+        return float(full)
+    dof = (block_part + resid_part) ** 2 / (block_part**2 / (blocks - 1) + resid_part**2 / ((settings - 1) * (blocks - 1)))
+    return float(min(max(dof, blocks - 1), full))
 
 
 def sd_range95(sd: float, dof: float) -> tuple[float, float]:

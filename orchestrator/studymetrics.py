@@ -33,6 +33,7 @@ from orchestrator.stats import (
     pooled_sd,
     repetitions_needed,
     sd_range95,
+    shared_block_dof,
 )
 from orchestrator.studydata import StudyData, TrialData, load_study
 from orchestrator.trialmetrics import WORKLOAD_METRICS, trial_metrics
@@ -368,8 +369,8 @@ NOISE_COLUMNS = ("metric", "group", "design", "n_trials", "n_blocks", "sd_dof", 
 METRIC_UNITS = {"tps": "tps", "qps": "qps", "latency_p95_ms": "ms", "mem_available_rise_mib": "MiB"}
 
 
-def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str, np.ndarray]]:
-    """(offkey, setting, per-block differences) of every KSM-on setting against its own block's
+def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str, pd.Series]]:
+    """(offkey, setting, differences by block) of every KSM-on setting against its own block's
     matched KSM-off trial: percent of KSM off for PERCENT_METRICS, else on - off in the metric's
     unit. Replicated trials of a block (a trial and its rerun, two KSM-off trials) are averaged
     within the block first, as the study's paired comparison does, so each block gives one
@@ -383,14 +384,39 @@ def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str
         base, how = _off_baseline(off, on["_offkey"].iloc[0])
         if how != MATCHED:
             continue  # unmatched KSM-off trials carry other settings' effects: not noise
-        paired = pd.concat([_by_block(on, metric), _by_block(base, metric)], axis=1, join="inner").dropna()
+        paired = pd.concat([_by_block(on, metric), _by_block(base, metric)], axis=1, join="inner")
         on_values, off_values = paired.iloc[:, 0].to_numpy(float), paired.iloc[:, 1].to_numpy(float)
         if metric in PERCENT_METRICS:
             differences = paired_pct_differences(on_values, off_values)
         else:
             differences = on_values - off_values
-        out.append((str(on["_offkey"].iloc[0]), str(on["setting"].iloc[0]), differences))
+        out.append((str(on["_offkey"].iloc[0]), str(on["setting"].iloc[0]),
+                    pd.Series(differences, index=paired.index).dropna()))
     return out
+
+
+@dataclass(frozen=True)
+class PairedSpread:
+    """The pooled sd of per-block paired differences (each setting keeps its own mean)."""
+
+    sd: float
+    dof: float            # shared_block_dof when every setting has every block, else sum(n_s - 1)
+    independent_dof: int  # sum(n_s - 1): the pooled sum of squares' divisor
+    blocks: int           # the most blocks a setting was compared over
+
+
+def paired_spread(differences: list[pd.Series]) -> PairedSpread:
+    """Pool the settings' differences. The settings of a block share its KSM-off trial, so their
+    differences move together; with complete blocks stats.shared_block_dof says how much the
+    pool really knows. With blocks missing (a failed trial) the dof is sum(n_s - 1), which
+    overstates it as far as the settings share their noise."""
+    sd, independent = pooled_sd([d.to_numpy(float) for d in differences])
+    usable = [d for d in differences if d.size >= 2]
+    blocks = max((d.size for d in differences), default=0)
+    matrix = pd.concat(usable, axis=1) if usable else pd.DataFrame()
+    complete = not matrix.empty and not matrix.isna().to_numpy().any()
+    dof = shared_block_dof(matrix.to_numpy(float).T) if complete else float(independent)
+    return PairedSpread(sd, dof, independent, blocks)
 
 
 def noise_floor(trials: pd.DataFrame) -> pd.DataFrame:
@@ -399,7 +425,7 @@ def noise_floor(trials: pd.DataFrame) -> pd.DataFrame:
 
     paired by block (a KSM-on setting and its matched KSM-off trial share >= 2 blocks): sd is
     the pooled sd of the per-block differences (``paired_differences``; each setting keeps its
-    own mean, dof = sum(blocks_s - 1) in sd_dof), with its 95% chi-square range sd_low..sd_high;
+    own mean; sd_dof from ``paired_spread``), with its 95% chi-square range sd_low..sd_high;
     mde: stats.paired_minimum_detectable_effect at n_blocks (the most blocks a setting was
     compared over); repetitions_for_5pct (tps): blocks a 5% change needs, with the range from
     sd's range. sd, mde in sd_unit: "%" (of KSM off) or the metric's unit.
@@ -431,16 +457,16 @@ def _needed(sd: float, sd_low: float, sd_high: float, target: float, needed_at: 
             "repetitions_for_5pct_high": needed_at(sd_high, target)}
 
 
-def _paired_noise_row(metric: str, differences: list[np.ndarray], off_values: np.ndarray) -> dict[str, Any] | None:
-    sd, dof = pooled_sd(differences)
-    if dof < 1:
+def _paired_noise_row(metric: str, differences: list[pd.Series], off_values: np.ndarray) -> dict[str, Any] | None:
+    spread = paired_spread(differences)
+    if spread.independent_dof < 1:
         return None
-    blocks = max(d.size for d in differences)
-    low, high = sd_range95(sd, dof)
+    sd, blocks = spread.sd, spread.blocks
+    low, high = sd_range95(sd, spread.dof)
     mean = float(off_values.mean())
     percent = metric in PERCENT_METRICS
     mde = float(paired_minimum_detectable_effect(sd, blocks))
-    row = {"design": PAIRED_DESIGN, "n_trials": int(off_values.size), "n_blocks": int(blocks), "sd_dof": int(dof),
+    row = {"design": PAIRED_DESIGN, "n_trials": int(off_values.size), "n_blocks": int(blocks), "sd_dof": spread.dof,
            "mean": mean, "sd": sd, "sd_low": low, "sd_high": high, "sd_unit": "%" if percent else METRIC_UNITS[metric],
            "cv_pct": math.nan, "mde": mde, "mde_pct_of_mean": mde if percent else math.nan}
     wanted = percent and metric in REPETITIONS_TARGET_METRICS

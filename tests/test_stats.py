@@ -170,6 +170,15 @@ def test_pooled_sd_keeps_each_group_mean() -> None:
     assert stats.pooled_sd([[1.0]]) == (pytest.approx(math.nan, nan_ok=True), 0)
 
 
+def test_shared_block_dof_runs_from_independent_to_one_shared_trial() -> None:
+    rng = np.random.default_rng(3)
+    independent = rng.normal(0.0, 1.0, (4, 40))
+    assert stats.shared_block_dof(independent) == pytest.approx(4 * 39, rel=0.25)
+    shared = rng.normal(0.0, 1.0, (1, 40)) + rng.normal(0.0, 1e-3, (4, 40))  # all noise from the block
+    assert stats.shared_block_dof(shared) == pytest.approx(39, rel=0.01)
+    assert stats.shared_block_dof(np.array([[1.0, 2.0, 4.0]])) == 2  # one setting: blocks - 1
+
+
 def test_expected_power_allows_for_the_pilot_sd() -> None:
     # with a well-measured sd expected power is the power; with a pilot of 3 dof it needs more blocks
     assert stats.paired_expected_power(0.996, 1.0, 10_000, 10) == pytest.approx(0.80, abs=3e-3)
