@@ -13,7 +13,9 @@ design and S_d is used as measured.
 A pilot of 2 blocks measures its sd with few dof, and a study sized on a low draw misses the
 effect: the recommended blocks reach 80% power on average over what the true sd could be
 (stats.blocks_needed_expected); the range is the blocks needed at the ends of the sd's 95%
-chi-square range.
+chi-square range. Both use the dof of studymetrics.paired_spread (the settings of a block share
+its KSM-off trial); with the trial level split off, the design's sd keeps those dof, a little
+optimistic since T1^2 has its own.
 """
 
 from __future__ import annotations

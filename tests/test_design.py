@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli, design, stats, studymetrics
-from tests.test_metrics import finish_study, start_study, sysbench_trial
+from tests.test_metrics import finish_study, ramp_ksm_frame, start_study, sysbench_trial, write_trial
 
 ON = {"threads": 1, "ksm.pages_to_scan": 1000}
 OFF = {"threads": 1}
@@ -100,3 +100,17 @@ def test_a_pilot_without_ksm_off_trials_is_refused(tmp_path: Path, capsys: pytes
     studymetrics.study_metrics(study_dir).to_csv(study_dir / "trials.csv", index=False)
     code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%")
     assert code == 2 and "no usable KSM-off trials" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_pilot_without_the_metric_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a processes study: KSM off and on in two blocks, but no tps to compare
+    study_dir = start_study(tmp_path)
+    for block in (0, 1):
+        write_trial(study_dir, f"off-r{block}", OFF, repetition=block, ksm_off=True, ksm=ramp_ksm_frame(final_sharing=0))
+        write_trial(study_dir, f"on-r{block}", ON, repetition=block, ksm=ramp_ksm_frame())
+    finish_study(study_dir)
+    studymetrics.study_metrics(study_dir).to_csv(study_dir / "trials.csv", index=False)
+    code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%")
+    assert code == 2 and "no tps compared with KSM off in 2 or more blocks" in err
+    code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%", "--metric", "saved")
+    assert code == 2 and "--metric 'saved': one of tps, qps, latency_p95_ms" in err
