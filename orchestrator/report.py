@@ -389,7 +389,9 @@ def _noise_findings(sm: StudyMetrics) -> list[Finding]:
         name = group["group"].iloc[0]
         if (by_metric["design"] == studymetrics.PAIRED_DESIGN).any():
             blocks = int(by_metric["n_blocks"].max())
-            parts = [_paired_noise_phrase(metric, r, blocks) for metric, r in by_metric.iterrows()]
+            parts = [_paired_noise_phrase(metric, r, blocks) if r["design"] == studymetrics.PAIRED_DESIGN
+                     else _noise_phrase(metric, r, int(r["n_trials"])) + " (unpaired: no pairs of this metric)"
+                     for metric, r in by_metric.iterrows()]
             out.append(Finding(f"Noise floor, paired by block ({blocks} blocks, each KSM-on setting against the "
                                f"{name} trial of its block): " + "; ".join(parts) + ". (Smallest detectable: the "
                                f"change from KSM off that a paired 95% test over {blocks} blocks finds with 80% "
