@@ -223,9 +223,10 @@ def design_study(study_dir: Path, target_pct: float, metric: str = DEFAULT_METRI
 
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
-        return "unknown (the trials have no started_wall / ended_wall)"
+        return "sweep time unknown (the pilot's trials have no started_wall / ended_wall)"
     hours, rest = divmod(round(seconds), 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+    took = f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+    return f"about {took} of sweep time at the pilot's time per trial"
 
 
 def _text_lines(d: Design) -> list[str]:
@@ -249,7 +250,7 @@ def _text_lines(d: Design) -> list[str]:
               f"({n(d.blocks_range[0])}-{n(d.blocks_range[1])} over the sd's 95% range; {n(d.blocks_if_sd_as_measured)} "
               "if the sd is exactly as measured): the recommended blocks allow for the pilot's uncertainty",
               f"at {n(d.blocks)} blocks the smallest detectable change is {_num(d.mde_pct)}%",
-              f"that design: {n(d.trials)} trials, about {_duration(d.wall_s)} of sweep time",
+              f"that design: {n(d.trials)} trials, {_duration(d.wall_s)}",
               "", d.plan_toml.rstrip()]
     return lines
 
