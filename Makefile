@@ -77,6 +77,7 @@ bench: venv
 	$(PY) benchmarks/sampler_overhead.py
 	$(PY) benchmarks/report_speed.py
 	$(PY) benchmarks/history_speed.py
+	$(PY) benchmarks/stats_calibration.py
 
 clean-host:
 	$(PY) -m orchestrator cleanup

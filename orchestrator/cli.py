@@ -40,6 +40,7 @@ from orchestrator.runlog import console
 
 PROG = "ksm-lab"
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
+from orchestrator.design import add_command as add_design_command
 from orchestrator.recommend import add_command as add_recommend_command
 
 log = logging.getLogger("orchestrator")
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_host)
 
     add_recommend_command(sub)
+    add_design_command(sub)
     # -- nightly lab runs: compare, history, prune, collect, studies (orchestrator/nightly_cli.py)
     from orchestrator.nightly_cli import register_nightly_commands
     register_nightly_commands(sub)

@@ -11,6 +11,7 @@ OrchestratorError            anything the CLI reports as a clear one-line messag
  ├─ WorkloadError            a workload failed to start, run or parse
  ├─ StoreError               the results folder is unusable (exists, wrong schema, ...)
  ├─ CompareError             two studies cannot be compared (other plans, nothing in common)
+ ├─ DesignError              a pilot study cannot size a design (one block, no KSM-off trials, bad target)
  └─ CollectError             rsync/SSH from a lab host failed, or a host name is malformed
 
 libvirt.libvirtError and paramiko.SSHException are translated into this tree at the boundary
@@ -78,6 +79,10 @@ class StoreError(OrchestratorError):
 
 
 class CompareError(OrchestratorError):
+    pass
+
+
+class DesignError(OrchestratorError):
     pass
 
 

@@ -34,7 +34,7 @@ from orchestrator.stats import (
     PARETO_TOLERANCE,
     WELCH,
     comparison_verdict,
-    format_repetitions,
+    format_needed_range,
     pareto_mask,
 )
 from orchestrator.store import atomic_write_bytes
@@ -409,27 +409,54 @@ def _noise_estimated(sm: StudyMetrics) -> pd.DataFrame:
 
 
 def _noise_findings(sm: StudyMetrics) -> list[Finding]:
-    """One sentence per non-KSM setting group: how much identical KSM-off runs moved, and what
-    that means for the smallest difference this study could see."""
+    """One sentence per non-KSM setting group: how much identical runs moved, for the design
+    the study ran (paired by block, or unpaired), and what that means for the smallest
+    difference this study could see."""
     estimated = _noise_estimated(sm)
     if estimated.empty:
         return [Finding(NO_NOISE_ESTIMATE, warn=True)]
     out = []
     for _, group in list(estimated.groupby("_offkey", sort=False))[:MAX_NOISE_FINDINGS]:
         by_metric = group.set_index("metric")
+        name = group["group"].iloc[0]
+        if (by_metric["design"] == studymetrics.PAIRED_DESIGN).any():
+            blocks = int(by_metric["n_blocks"].max())
+            parts = [_paired_noise_phrase(metric, r, blocks) if r["design"] == studymetrics.PAIRED_DESIGN
+                     else _noise_phrase(metric, r, int(r["n_trials"])) + " (unpaired: no pairs of this metric)"
+                     for metric, r in by_metric.iterrows()]
+            out.append(Finding(f"Noise floor, paired by block ({blocks} blocks, each KSM-on setting against the "
+                               f"{name} trial of its block): " + "; ".join(parts) + ". (Smallest detectable: the "
+                               f"change from KSM off that a paired 95% test over {blocks} blocks finds with 80% "
+                               "power; ranges from the 95% range of the sd.)"))
+            continue
         n = int(by_metric["n_trials"].max())
         parts = [_noise_phrase(metric, r, n) for metric, r in by_metric.iterrows()]
-        out.append(Finding(f"Noise floor from {n} KSM-off trials ({group['group'].iloc[0]}): " + "; ".join(parts)
+        out.append(Finding(f"Noise floor, unpaired, from {n} KSM-off trials ({name}): " + "; ".join(parts)
                            + f". (Smallest detectable: the difference between two settings of {n} trials each "
                            "that a 95% test finds with 80% power.)"))
     return out
+
+
+def _needed_text(r: pd.Series) -> str:
+    return format_needed_range(r["repetitions_for_5pct"], r["repetitions_for_5pct_low"], r["repetitions_for_5pct_high"])
+
+
+def _paired_noise_phrase(metric: str, r: pd.Series, blocks: int) -> str:
+    unit = r["sd_unit"] if r["sd_unit"] == "%" else f" {r['sd_unit']}"
+    spread = f"sd {_num(r['sd'])}{unit} (95% range {_num(r['sd_low'])}-{_num(r['sd_high'])}{unit})"
+    if metric == "tps":
+        return (f"the per-block tps change vs KSM off varied by {spread}, so the smallest detectable tps change "
+                f"at {blocks} blocks is {_num(r['mde'])}%; a 5% change needs {_needed_text(r)} blocks")
+    if metric == "latency_p95_ms":
+        return f"per-block p95 latency change {spread}, smallest detectable change {_num(r['mde'])}%"
+    return f"per-block MemAvailable difference {spread}, smallest detectable difference {_num(r['mde'])}{unit}"
 
 
 def _noise_phrase(metric: str, r: pd.Series, n: int) -> str:
     if metric == "tps":
         return (f"tps varied {_num(r['cv_pct'])}% run to run (sd {_num(r['sd'])} tps), so with {n} trials per "
                 f"setting the smallest detectable tps change is {_num(r['mde_pct_of_mean'])}% ({_num(r['mde'])} tps); "
-                f"a 5% change would need {format_repetitions(r['repetitions_for_5pct'])} repetitions")
+                f"a 5% change would need {_needed_text(r)} repetitions")
     if metric == "latency_p95_ms":
         return (f"p95 latency sd {_num(r['sd'])} ms (CV {_num(r['cv_pct'])}%), smallest detectable change "
                 f"{_num(r['mde'])} ms")
@@ -451,8 +478,8 @@ TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved
 SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib",
                     "mem_available_rise_net_mib", "ksmd_cpu_pct", "time_to_90pct_s", "tps", "tps_guest_sd",
                     "tps_vs_off_pct", "latency_p95_ms", "latency_p95_ms_vs_off_pct")
-NOISE_TABLE_COLUMNS = ("metric", "group", "n_trials", "mean", "sd", "cv_pct", "mde", "mde_pct_of_mean",
-                       "repetitions_for_5pct")
+NOISE_TABLE_COLUMNS = ("metric", "group", "design", "n_trials", "n_blocks", "sd_dof", "mean", "sd", "sd_range",
+                       "sd_unit", "cv_pct", "mde", "mde_pct_of_mean", "repetitions_for_5pct")
 ALWAYS_SHOWN = ("trial_id", "status", "reason", "setting")
 METHOD_SHORT = {PAIRED: " blocks, paired", WELCH: " trials, Welch"}
 HOLM_MARK = " *"  # the change vs KSM off survives Holm across the KSM-on settings (report.html.j2 says so)
@@ -495,7 +522,10 @@ def _noise_table(sm: StudyMetrics) -> dict[str, Any] | None:
     estimated = _noise_estimated(sm)
     if estimated.empty:
         return None
-    shown = estimated.assign(repetitions_for_5pct=estimated["repetitions_for_5pct"].map(format_repetitions))
+    needed = [_needed_text(r) for _, r in estimated.iterrows()]
+    sd_range = [f"{_fmt(r['sd_low'])}-{_fmt(r['sd_high'])}" if math.isfinite(r["sd_low"]) else ""
+                for _, r in estimated.iterrows()]
+    shown = estimated.assign(repetitions_for_5pct=needed, sd_range=sd_range)
     return _table(shown, NOISE_TABLE_COLUMNS)
 
 

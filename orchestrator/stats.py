@@ -5,66 +5,37 @@ The unit of replication is the trial: guests inside one trial share everything t
 from trial to trial (host state, ksmd's timing, the other guests), so they are not replicates.
 Callers pass one value per trial (or per block), never one per guest.
 
-scipy is not a dependency for a few numbers; the t quantiles come from tables.
+The quantiles and the noncentral-t power come from scipy.stats (exact at fractional dof,
+which Welch's interval needs).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-# Two-sided 95% Student t quantiles t(0.975, df) from standard tables; between entries we
-# interpolate linearly in 1/df, which is accurate to about 1e-3 over this range.
-_T975_TABLE = {
-    1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060,
-    9: 2.2622, 10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314,
-    16: 2.1199, 17: 2.1098, 18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739,
-    23: 2.0687, 24: 2.0639, 25: 2.0595, 26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452,
-    30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799,
-}
-_T975_INF = 1.9600
-# One-sided t(0.80, df), the power term of the minimum detectable effect (80% power).
-_T80_TABLE = {
-    1: 1.3764, 2: 1.0607, 3: 0.9785, 4: 0.9410, 5: 0.9195, 6: 0.9057, 7: 0.8960, 8: 0.8889,
-    9: 0.8834, 10: 0.8791, 11: 0.8755, 12: 0.8726, 13: 0.8702, 14: 0.8681, 15: 0.8662,
-    16: 0.8647, 17: 0.8633, 18: 0.8620, 19: 0.8610, 20: 0.8600, 21: 0.8591, 22: 0.8583,
-    23: 0.8575, 24: 0.8569, 25: 0.8562, 26: 0.8557, 27: 0.8551, 28: 0.8546, 29: 0.8542,
-    30: 0.8538, 40: 0.8507, 60: 0.8477, 120: 0.8446,
-}
-_T80_INF = 0.8416
+from scipy import stats as sps
+from scipy.optimize import brentq
 
 
-def _table_interpolator(table: dict[int, float], at_infinity: float) -> tuple[np.ndarray, np.ndarray]:
-    """Table points sorted by 1/df ascending (df = infinity, i.e. 1/df = 0, first)."""
-    dofs = sorted(table, reverse=True)
-    xs = np.array([0.0] + [1.0 / d for d in dofs])
-    ys = np.array([at_infinity] + [table[d] for d in dofs])
-    return xs, ys
-
-
-_T975_POINTS = _table_interpolator(_T975_TABLE, _T975_INF)
-_T80_POINTS = _table_interpolator(_T80_TABLE, _T80_INF)
-
-
-def _t_quantile(dof: Any, points: tuple[np.ndarray, np.ndarray]) -> Any:
+def _t_quantile(dof: Any, probability: float) -> Any:
     dof_arr = np.asarray(dof, dtype=float)
-    inv = np.divide(1.0, dof_arr, out=np.full_like(dof_arr, np.nan), where=dof_arr >= 1)
-    out = np.interp(np.nan_to_num(inv, nan=0.0), *points)
-    out = np.where(np.isnan(inv), np.nan, out)
+    usable = ~np.isnan(dof_arr) & (dof_arr >= 1)  # inf dof is the normal, which scipy's t gives
+    out = np.where(usable, sps.t.ppf(probability, np.where(usable, dof_arr, 1.0)), np.nan)
     return float(out) if out.ndim == 0 else out
 
 
 def t_quantile_975(dof: Any) -> Any:
     """t(0.975, dof) for the two-sided 95% interval; NaN where dof < 1. Accepts arrays."""
-    return _t_quantile(dof, _T975_POINTS)
+    return _t_quantile(dof, 0.975)
 
 
 def t_quantile_80(dof: Any) -> Any:
     """t(0.80, dof), the one-sided quantile for 80% power; NaN where dof < 1. Accepts arrays."""
-    return _t_quantile(dof, _T80_POINTS)
+    return _t_quantile(dof, 0.80)
 
 
 def mean_ci95(values: Any) -> tuple[float, float, int]:
@@ -109,9 +80,17 @@ def paired_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
 
     A pair is one block: the setting and its KSM-off trial ran back to back, so whatever drifts
     between blocks (host state, time of day) cancels in the difference."""
+    return mean_ci95(paired_pct_differences(on, off))
+
+
+def paired_pct_differences(on: Any, off: Any) -> np.ndarray:
+    """Per pair 100 * (on - off) / off, NaN where the pair is not usable (a side missing, off
+    zero), aligned with the input: what paired_pct_ci95 averages, and what the paired noise
+    floor takes the spread of."""
     on_arr, off_arr = np.asarray(on, dtype=float), np.asarray(off, dtype=float)
     usable = np.isfinite(on_arr) & np.isfinite(off_arr) & (off_arr != 0)
-    return mean_ci95(100.0 * (on_arr[usable] - off_arr[usable]) / off_arr[usable])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(usable, 100.0 * (on_arr - off_arr) / off_arr, np.nan)
 
 
 def welch_pct_ci95(on: Any, off: Any) -> tuple[float, float, int]:
@@ -203,37 +182,106 @@ def comparison_verdict(comparison: Comparison, one_repetition: bool = False) -> 
 
 
 # ----------------------------------------------------------------------------- noise floor
+# Power is exact: a two-sided t test at level alpha with noncentrality nc rejects with
+# probability P(T' > t_crit) + P(T' < -t_crit), T' ~ noncentral t(dof, nc) (scipy.stats.nct).
+# The smallest detectable effect is the nc that gives 80% power, times the standard error.
 
 MDE_POWER = 0.80
+MDE_ALPHA = 0.05
 REPETITIONS_SEARCH_CAP = 1000
+_NC_SEARCH_MAX = 40.0  # 80% power needs nc 16.5 at dof 1, less at every larger dof
+
+
+def t_test_power(nc: Any, dof: float, alpha: float = MDE_ALPHA) -> Any:
+    """Chance that a two-sided t test at level alpha rejects when the true mean / se is nc.
+    Accepts an array of nc."""
+    crit = float(sps.t.ppf(1 - alpha / 2, dof))
+    nc_arr = np.abs(np.asarray(nc, dtype=float))  # the test is symmetric
+    # scipy's nct loses the far tail of the wrong side (NaN at dof 1, nc 12-25), where it is
+    # below Phi(-nc) < 1e-30: count it as 0
+    wrong_side = np.nan_to_num(sps.nct.cdf(-crit, dof, nc_arr), nan=0.0)
+    out = sps.nct.sf(crit, dof, nc_arr) + wrong_side
+    return float(out) if out.ndim == 0 else out
+
+
+@functools.lru_cache(maxsize=4096)  # bisections over n ask for the same few dof again and again
+def detectable_noncentrality(dof: float, power: float = MDE_POWER, alpha: float = MDE_ALPHA) -> float:
+    """The true mean / se that a two-sided t test at level alpha detects with the given power;
+    NaN where dof < 1."""
+    if not (math.isfinite(dof) and dof >= 1):
+        return math.nan
+    return float(brentq(lambda nc: t_test_power(nc, dof, alpha) - power, 0.0, _NC_SEARCH_MAX, xtol=1e-10))
+
+
+def _per_n(n: Any, one: Any) -> Any:
+    """Apply one(n) to each n (scalar or array), NaN where n < 2."""
+    n_arr = np.asarray(n, dtype=float)
+    out = np.array([one(float(k)) if k >= 2 else math.nan for k in n_arr.ravel()]).reshape(n_arr.shape)
+    return float(out) if out.ndim == 0 else out
+
+
+def _scaled(factor: Any, sd: Any) -> Any:
+    out = np.asarray(factor, dtype=float) * np.asarray(sd, dtype=float)
+    return float(out) if out.ndim == 0 else out
 
 
 def minimum_detectable_effect(sd: Any, n: Any) -> Any:
-    """Smallest true difference between two settings of n trials each that a two-sided 95% test
-    detects with 80% power, given run-to-run standard deviation sd (same units as sd):
+    """Smallest true difference between two settings of n independent trials each that a
+    two-sided 95% two-sample t test detects with 80% power, given run-to-run sd (its units):
 
-        MDE = (t(0.975, df) + t(0.80, df)) * sd * sqrt(2 / n),   df = 2n - 2
+        MDE = nc(df) * sd * sqrt(2 / n),   df = 2n - 2,   nc: detectable_noncentrality
 
-    (the two-sample t test's normal-approximation power formula with t quantiles in place of
-    z). NaN where n < 2. A paired design can detect less when blocks differ; this is the
-    conservative, unpaired bound. Accepts arrays."""
-    n_arr = np.asarray(n, dtype=float)
-    dof = 2 * n_arr - 2
-    factor = t_quantile_975(dof) + t_quantile_80(dof)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(n_arr >= 2, factor * np.asarray(sd, dtype=float) * np.sqrt(2.0 / n_arr), np.nan)
-    return float(out) if out.ndim == 0 else out
+    The unpaired design: for a study whose settings share blocks, paired_minimum_detectable_effect
+    on the sd of the per-block differences is the figure for the comparison the study makes.
+    NaN where n < 2. Accepts arrays."""
+    factor = _per_n(n, lambda k: detectable_noncentrality(2 * k - 2) * math.sqrt(2.0 / k))
+    return _scaled(factor, sd)
+
+
+def paired_minimum_detectable_effect(sd_d: Any, blocks: Any) -> Any:
+    """Smallest true mean paired difference that a two-sided 95% paired t test over `blocks`
+    per-block differences of sd sd_d detects with 80% power:
+
+        MDE = nc(blocks - 1) * sd_d / sqrt(blocks)
+
+    NaN where blocks < 2. Accepts arrays."""
+    factor = _per_n(blocks, lambda k: detectable_noncentrality(k - 1) / math.sqrt(k))
+    return _scaled(factor, sd_d)
+
+
+def _usable_sd_target(sd: float, target: float) -> bool:
+    return math.isfinite(sd) and math.isfinite(target) and target > 0 and sd >= 0
+
+
+def _smallest_n(enough: Any, cap: int) -> float:
+    """Smallest n in [2, cap] with enough(n), by bisection (enough never turns false as n grows:
+    power rises with n); math.inf when even cap is not enough."""
+    if enough(2):
+        return 2.0
+    if not enough(cap):
+        return math.inf
+    low, high = 2, cap  # not enough(low), enough(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return float(high)
 
 
 def repetitions_needed(sd: float, target: float, cap: int = REPETITIONS_SEARCH_CAP) -> float:
     """Smallest n (trials per setting, n >= 2) with minimum_detectable_effect(sd, n) <= target,
     as a float so that it sits in a numeric column: math.inf when more than cap trials would be
     needed, NaN when sd or target is not a finite usable number."""
-    if not (math.isfinite(sd) and math.isfinite(target) and target > 0 and sd >= 0):
+    if not _usable_sd_target(sd, target):
         return math.nan
-    n = np.arange(2, cap + 1)
-    ok = np.flatnonzero(minimum_detectable_effect(sd, n) <= target)
-    return float(n[ok[0]]) if ok.size else math.inf
+    return _smallest_n(lambda n: minimum_detectable_effect(sd, n) <= target, cap)
+
+
+def blocks_needed(sd_d: float, target: float, cap: int = REPETITIONS_SEARCH_CAP) -> float:
+    """Smallest number of blocks (>= 2) with paired_minimum_detectable_effect(sd_d, n) <= target;
+    math.inf past cap, NaN when sd_d or target is not usable (as repetitions_needed)."""
+    if not _usable_sd_target(sd_d, target):
+        return math.nan
+    return _smallest_n(lambda n: paired_minimum_detectable_effect(sd_d, n) <= target, cap)
 
 
 def format_repetitions(n: float, cap: int = REPETITIONS_SEARCH_CAP) -> str:
@@ -241,6 +289,108 @@ def format_repetitions(n: float, cap: int = REPETITIONS_SEARCH_CAP) -> str:
     if math.isnan(n):
         return ""
     return f"> {cap}" if math.isinf(n) else str(int(n))
+
+
+def format_needed_range(n: float, low: float, high: float, cap: int = REPETITIONS_SEARCH_CAP) -> str:
+    """blocks_needed with the range from sd's 95% range: "4 (3-9)", "4 (3 to > 1000)", "" for NaN."""
+    if math.isnan(n):
+        return ""
+    text = format_repetitions(n, cap)
+    if math.isnan(low) or math.isnan(high):
+        return text
+    joint = " to " if math.isinf(high) else "-"
+    return f"{text} ({format_repetitions(low, cap)}{joint}{format_repetitions(high, cap)})"
+
+
+def pooled_sd(groups: Any) -> tuple[float, int]:
+    """(pooled sd, dof) over groups that each have their own mean: sqrt(sum of squared
+    deviations from each group's mean / sum(n_g - 1)). Groups with fewer than 2 finite values
+    add nothing; (NaN, 0) when no group has 2."""
+    squares, dof = 0.0, 0
+    for values in groups:
+        arr = _finite(values)
+        if arr.size >= 2:
+            squares += float(((arr - arr.mean()) ** 2).sum())
+            dof += int(arr.size - 1)
+    return (math.sqrt(squares / dof), dof) if dof else (math.nan, 0)
+
+
+def shared_block_dof(differences: Any) -> float:
+    """Degrees of freedom of pooled_sd over a complete settings x blocks matrix of paired
+    differences whose settings share each block's reference trial.
+
+    The shared trial's noise moves every setting's difference in that block together, so the
+    sum(blocks - 1) per setting overstates what the pooled sd knows. With the two-way split
+    d = setting + block + residual, the pooled variance is MS_block / S + (S - 1) / S * MS_resid
+    (S settings), and Satterthwaite's dof of that sum runs from S (B - 1) (no shared part) down
+    to B - 1 (all of it shared). One setting: B - 1."""
+    d = np.asarray(differences, dtype=float)
+    settings, blocks = d.shape
+    full = settings * (blocks - 1)
+    if settings < 2 or blocks < 2:
+        return float(full)
+    centered = d - d.mean(axis=1, keepdims=True)
+    block_means = centered.mean(axis=0)
+    block_part = (block_means**2).sum() / (blocks - 1)  # MS_block / S
+    resid_part = ((centered - block_means) ** 2).sum() / (settings * (blocks - 1))  # (S-1)/S MS_resid
+    if block_part + resid_part == 0:
+        return float(full)
+    dof = (block_part + resid_part) ** 2 / (block_part**2 / (blocks - 1) + resid_part**2 / ((settings - 1) * (blocks - 1)))
+    return float(min(max(dof, blocks - 1), full))
+
+
+def sd_range95(sd: float, dof: float) -> tuple[float, float]:
+    """95% range of the true sd from a sample sd with dof degrees of freedom (chi-square):
+    sd * sqrt(dof / chi2(0.975, dof)) .. sd * sqrt(dof / chi2(0.025, dof)); NaN when dof < 1."""
+    if not (math.isfinite(sd) and math.isfinite(dof) and dof >= 1):
+        return math.nan, math.nan
+    return (sd * math.sqrt(dof / sps.chi2.ppf(0.975, dof)), sd * math.sqrt(dof / sps.chi2.ppf(0.025, dof)))
+
+
+# A design sized on a pilot's sd inherits the pilot's luck: an sd estimated low sizes a study
+# that misses the effect. Expected power averages the power over what the true sd could be
+# given the pilot (sigma = s * sqrt(dof / X), X ~ chi2(dof)); because power depends on the sd
+# only through effect / sd, a design that reaches 80% expected power for every pilot reaches
+# 80% on average over pilots. Quantile midpoints of X are the average's nodes.
+_EXPECTED_POWER_NODES = 200
+
+
+def _sd_draws(sd: float, sd_dof: float) -> np.ndarray:
+    x = sps.chi2.ppf((np.arange(_EXPECTED_POWER_NODES) + 0.5) / _EXPECTED_POWER_NODES, sd_dof)
+    return sd * np.sqrt(sd_dof / x)
+
+
+def paired_expected_power(effect: float, sd_d: float, sd_dof: float, blocks: int) -> float:
+    """Power of the paired t test over `blocks` blocks for a true mean difference `effect`,
+    averaged over the true sd given a pilot's sd_d with sd_dof degrees of freedom."""
+    if blocks < 2 or not (sd_dof >= 1 and math.isfinite(sd_d)):
+        return math.nan
+    if sd_d == 0:
+        return 1.0 if effect else MDE_ALPHA
+    nc = effect * math.sqrt(blocks) / _sd_draws(sd_d, sd_dof)
+    return float(np.mean(t_test_power(nc, blocks - 1)))
+
+
+def paired_expected_mde(sd_d: float, sd_dof: float, blocks: int, power: float = MDE_POWER) -> float:
+    """The true mean difference that the paired test over `blocks` blocks finds with the given
+    expected power (paired_expected_power); NaN where it cannot be computed."""
+    if blocks < 2 or not (sd_dof >= 1 and math.isfinite(sd_d) and sd_d >= 0):
+        return math.nan
+    if sd_d == 0:
+        return 0.0
+    high = paired_minimum_detectable_effect(sd_d, blocks)
+    while paired_expected_power(high, sd_d, sd_dof, blocks) < power:
+        high *= 2.0
+    return float(brentq(lambda e: paired_expected_power(e, sd_d, sd_dof, blocks) - power, 0.0, high, xtol=1e-9 * high))
+
+
+def blocks_needed_expected(sd_d: float, sd_dof: float, target: float,
+                           cap: int = REPETITIONS_SEARCH_CAP, power: float = MDE_POWER) -> float:
+    """Smallest number of blocks whose paired test finds `target` with the given expected power
+    (the pilot's uncertainty in sd_d allowed for); inf past cap, NaN when not usable."""
+    if not (_usable_sd_target(sd_d, target) and sd_dof >= 1):
+        return math.nan
+    return _smallest_n(lambda n: paired_expected_power(target, sd_d, sd_dof, n) >= power, cap)
 
 
 def time_mean(t_s: np.ndarray, values: np.ndarray, start_s: float | None = None,
@@ -336,13 +486,11 @@ def t_two_sided_p(estimate: Any, se: Any, dof: Any) -> Any:
 
     NaN where se or dof is not usable (se <= 0 or non-finite, dof < 1): a test with no spread
     measured has no p-value, never 0 (see the callers' "no spread measured: cannot tell")."""
-    from scipy.stats import t as student_t
-
     est, se_arr, dof_arr = (np.asarray(x, dtype=float) for x in (estimate, se, dof))
     ok = np.isfinite(est) & np.isfinite(se_arr) & (se_arr > 0) & np.isfinite(dof_arr) & (dof_arr >= 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         stat = np.where(ok, np.abs(est) / np.where(ok, se_arr, 1.0), np.nan)
-    p = np.where(ok, 2.0 * student_t.sf(stat, np.where(ok, dof_arr, 1.0)), np.nan)
+    p = np.where(ok, 2.0 * sps.t.sf(stat, np.where(ok, dof_arr, 1.0)), np.nan)
     return float(p) if p.ndim == 0 else p
 
 

@@ -29,10 +29,16 @@ from orchestrator.stats import (
     comparison_dof,
     comparison_p_value,
     holm_reject,
+    blocks_needed,
     mean_ci95,
     minimum_detectable_effect,
+    paired_minimum_detectable_effect,
+    paired_pct_differences,
     pct_difference,
+    pooled_sd,
     repetitions_needed,
+    sd_range95,
+    shared_block_dof,
 )
 from orchestrator.studydata import StudyData, TrialData, load_study
 from orchestrator.trialmetrics import WORKLOAD_METRICS, trial_metrics
@@ -59,7 +65,7 @@ class StudyMetrics:
     trials: one row per trial (failed and excluded ones too; ``used_in_stats`` says which feed
     the aggregates). settings: one row per setting (trials that differ only by repetition) with
     means and 95% CI half widths across trials. per_process / guests: long tables. noise: the
-    run-to-run noise floor from repeated KSM-off trials (see ``noise_floor``).
+    run-to-run noise floor, paired by block where the study is blocked (see ``noise_floor``).
     """
 
     trials: pd.DataFrame
@@ -101,7 +107,7 @@ SUMMARY_METRICS = (
 # timer's floor is not a quantity a t interval describes (cowstats.py).
 DESCRIPTION_ONLY = ("cow_median_ratio",)
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
-ALWAYS_COLUMNS = (*SUMMARY_METRICS, *DESCRIPTION_ONLY, *WORKLOAD_METRICS, "converged", "time_to_50pct_s",
+ALWAYS_COLUMNS = (*SUMMARY_METRICS, *DESCRIPTION_ONLY, *WORKLOAD_METRICS, "converged", "time_to_50pct_s", "trial_wall_s",
                   "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta")
 # The statistics read these whether or not the sweep / sampler recorded them.
 STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
@@ -424,47 +430,143 @@ def _settings_table(trials: pd.DataFrame, axes: list[str], paired_by_block: bool
 
 
 # ---- noise floor
+# Two designs, each with the figure for the comparison the study really makes. Paired by block:
+# the study compares a setting with its block's KSM-off trial, so the noise that matters is the
+# spread of those per-block differences (whatever drifts between blocks cancels in them), and
+# the test has blocks - 1 dof. Unpaired: where no setting shares blocks with its KSM-off trials,
+# the spread of single KSM-off trials and the two-sample test (2n - 2 dof).
 
 NOISE_METRICS = ("tps", "latency_p95_ms", "mem_available_rise_mib")
+# compared as a percent of KSM off, as the study's paired comparison does (_vs_off_columns);
+# the others as a difference in their own unit (MemAvailable's rise is drift near 0 in KSM off)
+PERCENT_METRICS = WORKLOAD_METRICS
 REPETITIONS_TARGET_PCT = 5.0  # "how many repetitions would a 5% tps change need"
 REPETITIONS_TARGET_METRICS = ("tps",)  # a % of mean drift (MemAvailable) is not a useful target
-NOISE_COLUMNS = ("metric", "group", "n_trials", "mean", "sd", "cv_pct", "mde", "mde_pct_of_mean",
-                 "repetitions_for_5pct", "_offkey")
+PAIRED_DESIGN = "paired by block"
+UNPAIRED_DESIGN = "unpaired"
+NOISE_COLUMNS = ("metric", "group", "design", "n_trials", "n_blocks", "sd_dof", "mean", "sd", "sd_low",
+                 "sd_high", "sd_unit", "cv_pct", "mde", "mde_pct_of_mean", "repetitions_for_5pct",
+                 "repetitions_for_5pct_low", "repetitions_for_5pct_high", "_offkey")
+METRIC_UNITS = {"tps": "tps", "qps": "qps", "latency_p95_ms": "ms", "mem_available_rise_mib": "MiB"}
+
+
+def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str, pd.Series]]:
+    """(offkey, setting, differences by block) of every KSM-on setting against its own block's
+    matched KSM-off trial: percent of KSM off for PERCENT_METRICS, else on - off in the metric's
+    unit. Replicated trials of a block (a trial and its rerun, two KSM-off trials) are averaged
+    within the block first, as the study's paired comparison does, so each block gives one
+    difference and blocks stay the unit of replication."""
+    if trials.empty or "used_in_stats" not in trials.columns:
+        return []
+    used = trials[trials["used_in_stats"]]
+    off = used[used["ksm_off"]]
+    out = []
+    for _, on in used[~used["ksm_off"]].groupby("_group", sort=False):
+        base, how = _off_baseline(off, on["_offkey"].iloc[0])
+        if how != MATCHED:
+            continue  # unmatched KSM-off trials carry other settings' effects: not noise
+        paired = pd.concat([_by_block(on, metric), _by_block(base, metric)], axis=1, join="inner")
+        on_values, off_values = paired.iloc[:, 0].to_numpy(float), paired.iloc[:, 1].to_numpy(float)
+        if metric in PERCENT_METRICS:
+            differences = paired_pct_differences(on_values, off_values)
+        else:
+            differences = on_values - off_values
+        out.append((str(on["_offkey"].iloc[0]), str(on["setting"].iloc[0]),
+                    pd.Series(differences, index=paired.index).dropna()))
+    return out
+
+
+@dataclass(frozen=True)
+class PairedSpread:
+    """The pooled sd of per-block paired differences (each setting keeps its own mean)."""
+
+    sd: float
+    dof: float            # shared_block_dof when every setting has every block, else sum(n_s - 1)
+    independent_dof: int  # sum(n_s - 1): the pooled sum of squares' divisor
+    blocks: int           # the most blocks a setting was compared over
+
+
+def paired_spread(differences: list[pd.Series]) -> PairedSpread:
+    """Pool the settings' differences. The settings of a block share its KSM-off trial, so their
+    differences move together; with complete blocks stats.shared_block_dof says how much the
+    pool really knows. With blocks missing (a failed trial) the dof is sum(n_s - 1), which
+    overstates it as far as the settings share their noise."""
+    sd, independent = pooled_sd([d.to_numpy(float) for d in differences])
+    usable = [d for d in differences if d.size >= 2]
+    blocks = max((d.size for d in differences), default=0)
+    matrix = pd.concat(usable, axis=1) if usable else pd.DataFrame()
+    complete = not matrix.empty and not matrix.isna().to_numpy().any()
+    dof = shared_block_dof(matrix.to_numpy(float).T) if complete else float(independent)
+    return PairedSpread(sd, dof, independent, blocks)
 
 
 def noise_floor(trials: pd.DataFrame) -> pd.DataFrame:
-    """Run-to-run noise from the KSM-off trials, which repeat once per block with the same
-    non-KSM settings: one row per metric x non-KSM setting group.
+    """Run-to-run noise, one row per metric x non-KSM setting group, for the design the study
+    ran (``design``):
 
-    n_trials: KSM-off trials of the group with a value; mean, sd (ddof=1), cv_pct = 100 sd/|mean|;
-    mde: stats.minimum_detectable_effect(sd, n_trials), the smallest difference between two
-    settings of n_trials trials each detectable at 95% confidence with 80% power (metric units),
-    and as % of the mean; repetitions_for_5pct (tps only): trials per setting needed for a 5%
-    change (inf: more than stats.REPETITIONS_SEARCH_CAP). sd and what follows are NaN below 2 trials.
-    """
+    paired by block (a KSM-on setting and its matched KSM-off trial share >= 2 blocks): sd is
+    the pooled sd of the per-block differences (``paired_differences``; each setting keeps its
+    own mean; sd_dof from ``paired_spread``), with its 95% chi-square range sd_low..sd_high;
+    mde: stats.paired_minimum_detectable_effect at n_blocks (the most blocks a setting was
+    compared over); repetitions_for_5pct (tps): blocks a 5% change needs, with the range from
+    sd's range. sd, mde in sd_unit: "%" (of KSM off) or the metric's unit.
+
+    unpaired (no pairs): mean, sd (ddof=1) and cv_pct of the group's KSM-off trials; mde:
+    stats.minimum_detectable_effect(sd, n_trials), between two settings of n_trials trials each;
+    repetitions_for_5pct: trials per setting for a 5% change. NaN below 2 trials.
+
+    Every mde is the smallest difference a two-sided 95% test finds with 80% power (exact,
+    noncentral t)."""
     if trials.empty or "used_in_stats" not in trials.columns:
         return pd.DataFrame(columns=list(NOISE_COLUMNS))
     off = trials[trials["ksm_off"] & trials["used_in_stats"]]
+    pairs = {metric: paired_differences(trials, metric) for metric in NOISE_METRICS}
     rows = []
     for offkey, members in off.groupby("_offkey", sort=False):
         for metric in NOISE_METRICS:
             values = pd.to_numeric(members[metric], errors="coerce").dropna().to_numpy(float)
-            if values.size:
-                rows.append({"metric": metric, "group": members["setting"].iloc[0], "_offkey": offkey,
-                             **_noise_row(metric, values)})
+            if not values.size:
+                continue
+            mine = [d for key, _, d in pairs[metric] if key == offkey]
+            row = _paired_noise_row(metric, mine, values) or _unpaired_noise_row(metric, values)
+            rows.append({"metric": metric, "group": members["setting"].iloc[0], "_offkey": offkey, **row})
     return pd.DataFrame(rows, columns=list(NOISE_COLUMNS))
 
 
-def _noise_row(metric: str, values: np.ndarray) -> dict[str, Any]:
+def _needed(sd: float, sd_low: float, sd_high: float, target: float, needed_at: Any) -> dict[str, float]:
+    return {"repetitions_for_5pct": needed_at(sd, target), "repetitions_for_5pct_low": needed_at(sd_low, target),
+            "repetitions_for_5pct_high": needed_at(sd_high, target)}
+
+
+def _paired_noise_row(metric: str, differences: list[pd.Series], off_values: np.ndarray) -> dict[str, Any] | None:
+    spread = paired_spread(differences)
+    if spread.independent_dof < 1:
+        return None
+    sd, blocks = spread.sd, spread.blocks
+    low, high = sd_range95(sd, spread.dof)
+    mean = float(off_values.mean())
+    percent = metric in PERCENT_METRICS
+    mde = float(paired_minimum_detectable_effect(sd, blocks))
+    row = {"design": PAIRED_DESIGN, "n_trials": int(off_values.size), "n_blocks": int(blocks), "sd_dof": spread.dof,
+           "mean": mean, "sd": sd, "sd_low": low, "sd_high": high, "sd_unit": "%" if percent else METRIC_UNITS[metric],
+           "cv_pct": math.nan, "mde": mde, "mde_pct_of_mean": mde if percent else math.nan}
+    wanted = percent and metric in REPETITIONS_TARGET_METRICS
+    row.update(_needed(sd, low, high, REPETITIONS_TARGET_PCT, blocks_needed) if wanted
+               else _needed(math.nan, math.nan, math.nan, math.nan, blocks_needed))
+    return row
+
+
+def _unpaired_noise_row(metric: str, values: np.ndarray) -> dict[str, Any]:
     n = int(values.size)
     mean = float(values.mean())
     sd = float(values.std(ddof=1)) if n >= 2 else math.nan
+    low, high = sd_range95(sd, n - 1)
     scale = abs(mean) if mean else math.nan  # no percentages of a zero mean
     mde = float(minimum_detectable_effect(sd, n))
-    reps = (repetitions_needed(sd, REPETITIONS_TARGET_PCT / 100 * scale)
-            if metric in REPETITIONS_TARGET_METRICS else math.nan)
-    return {"n_trials": n, "mean": mean, "sd": sd, "cv_pct": 100 * sd / scale, "mde": mde,
-            "mde_pct_of_mean": 100 * mde / scale, "repetitions_for_5pct": reps}
+    target = REPETITIONS_TARGET_PCT / 100 * scale if metric in REPETITIONS_TARGET_METRICS else math.nan
+    return {"design": UNPAIRED_DESIGN, "n_trials": n, "n_blocks": math.nan, "sd_dof": n - 1, "mean": mean,
+            "sd": sd, "sd_low": low, "sd_high": high, "sd_unit": METRIC_UNITS[metric], "cv_pct": 100 * sd / scale,
+            "mde": mde, "mde_pct_of_mean": 100 * mde / scale, **_needed(sd, low, high, target, repetitions_needed)}
 
 
 def study_metrics(study_dir: Path) -> pd.DataFrame:

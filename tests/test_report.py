@@ -191,10 +191,13 @@ def test_clear_effect_is_claimed_with_noise_floor_and_n(tmp_path: Path) -> None:
     assert worst == ("Worst throughput change vs KSM off: all trials: -30.0% ± 0.0%; differs from KSM off "
                      "(95% interval excludes 0; n=3 blocks, paired).")
     noise = next(f for f in findings if f.startswith("Noise floor"))
-    assert "tps varied 4.80% run to run (sd 4.80 tps)" in noise
-    assert "a 5% change would need 16 repetitions" in noise
+    # every block's change is -30.0% exactly: the paired differences do not vary at all
+    assert noise.startswith("Noise floor, paired by block (3 blocks, each KSM-on setting against the KSM off trial")
+    assert "the per-block tps change vs KSM off varied by sd 0%" in noise
+    assert "a 5% change needs 2 (2-2) blocks" in noise
     table = _section(html, "noise")
-    assert 'id="noise-table"' in table and "<td>16</td>" in table.replace(' class="text"', "")
+    cells = table.replace(' class="text"', "")
+    assert 'id="noise-table"' in table and "<td>paired by block</td>" in cells and "<td>2 (2-2)</td>" in cells
     settings = _section(html, "settings")
     assert "(n=3)" in settings and "(n=3 blocks, paired)" in settings
     assert "<th>n</th>" in settings
