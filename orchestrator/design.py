@@ -215,6 +215,9 @@ def design_study(study_dir: Path, target_pct: float, metric: str = DEFAULT_METRI
     if not (study_dir / "trials.csv").is_file():
         raise DesignError(f"{study_dir} has no trials.csv: not a finished study folder")
     sm = studymetrics.compute_study(studydata.load_study(study_dir))
+    if not sm.paired_by_block:
+        raise DesignError(f"the pilot ran in {sm.order} order: its trials do not pair by block, and a paired "
+                          "design cannot be sized on it (run the pilot with the default blocked order)")
     return design_from_pilot(pilot_from_trials(sm.trials, metric), target_pct, metric, study=str(study_dir))
 
 

@@ -191,7 +191,7 @@ def compute_study(study: StudyData) -> StudyMetrics:
     if not per_process.empty:
         per_process = per_process[["trial_id", *[c for c in per_process.columns if c != "trial_id"]]]
     return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page,
-                        noise=noise_floor(trials), order=order)
+                        noise=noise_floor(trials, paired_by_block=order == BLOCKED), order=order)
 
 
 def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
@@ -450,13 +450,16 @@ NOISE_COLUMNS = ("metric", "group", "design", "n_trials", "n_blocks", "sd_dof", 
 METRIC_UNITS = {"tps": "tps", "qps": "qps", "latency_p95_ms": "ms", "mem_available_rise_mib": "MiB"}
 
 
-def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str, pd.Series]]:
+def paired_differences(trials: pd.DataFrame, metric: str, paired_by_block: bool = True
+                       ) -> list[tuple[str, str, pd.Series]]:
     """(offkey, setting, differences by block) of every KSM-on setting against its own block's
     matched KSM-off trial: percent of KSM off for PERCENT_METRICS, else on - off in the metric's
     unit. Replicated trials of a block (a trial and its rerun, two KSM-off trials) are averaged
     within the block first, as the study's paired comparison does, so each block gives one
-    difference and blocks stay the unit of replication."""
-    if trials.empty or "used_in_stats" not in trials.columns:
+    difference and blocks stay the unit of replication. Only blocks the comparison pairs
+    (_pairable_blocks: none holding a rerun), and none at all when the study did not run blocked:
+    the noise floor sizes the test the study makes, one rule for both."""
+    if trials.empty or "used_in_stats" not in trials.columns or not paired_by_block:
         return []
     used = trials[trials["used_in_stats"]]
     off = used[used["ksm_off"]]
@@ -466,6 +469,7 @@ def paired_differences(trials: pd.DataFrame, metric: str) -> list[tuple[str, str
         if how != MATCHED:
             continue  # unmatched KSM-off trials carry other settings' effects: not noise
         paired = pd.concat([_by_block(on, metric), _by_block(base, metric)], axis=1, join="inner")
+        paired = paired[paired.index.isin(_pairable_blocks(on).intersection(_pairable_blocks(base)))]
         on_values, off_values = paired.iloc[:, 0].to_numpy(float), paired.iloc[:, 1].to_numpy(float)
         if metric in PERCENT_METRICS:
             differences = paired_pct_differences(on_values, off_values)
@@ -500,7 +504,7 @@ def paired_spread(differences: list[pd.Series]) -> PairedSpread:
     return PairedSpread(sd, dof, independent, blocks)
 
 
-def noise_floor(trials: pd.DataFrame) -> pd.DataFrame:
+def noise_floor(trials: pd.DataFrame, paired_by_block: bool = True) -> pd.DataFrame:
     """Run-to-run noise, one row per metric x non-KSM setting group, for the design the study
     ran (``design``):
 
@@ -520,7 +524,7 @@ def noise_floor(trials: pd.DataFrame) -> pd.DataFrame:
     if trials.empty or "used_in_stats" not in trials.columns:
         return pd.DataFrame(columns=list(NOISE_COLUMNS))
     off = trials[trials["ksm_off"] & trials["used_in_stats"]]
-    pairs = {metric: paired_differences(trials, metric) for metric in NOISE_METRICS}
+    pairs = {metric: paired_differences(trials, metric, paired_by_block) for metric in NOISE_METRICS}
     rows = []
     for offkey, members in off.groupby("_offkey", sort=False):
         for metric in NOISE_METRICS:

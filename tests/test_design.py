@@ -117,3 +117,13 @@ def test_a_pilot_without_the_metric_names_it(tmp_path: Path, capsys: pytest.Capt
     assert code == 2 and "no tps compared with KSM off in 2 or more blocks" in err
     code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%", "--metric", "saved")
     assert code == 2 and "--metric 'saved': one of tps, qps, latency_p95_ms" in err
+
+
+def test_a_pilot_run_in_sequential_order_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_metrics import with_order
+
+    study_dir = with_order(pilot(tmp_path, [95.0, 96.0, 94.0], [[100.0], [101.0], [99.0]]), "sequential")
+    code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%")
+    assert code == 2 and "sequential order" in err and len(err.strip().splitlines()) == 1
+    with_order(study_dir, "blocked")
+    assert run_cli(capsys, str(study_dir), "--detect", "5%")[0] == 0

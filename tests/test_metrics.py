@@ -685,6 +685,11 @@ def test_sequential_study_is_compared_by_welch_not_paired(tmp_path: Path) -> Non
     assert (on["tps_vs_off_method"], on["tps_vs_off_n"]) == ("Welch", 6)
     assert sm.order == "sequential" and not sm.paired_by_block
     assert "paired" not in stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"))
+    # The noise floor sizes the test the study makes: unpaired, never the paired figure.
+    tps = sm.noise[sm.noise["metric"] == "tps"].iloc[0]
+    assert tps["design"] == "unpaired"
+    blocked = computed(with_order(study, "blocked")).noise
+    assert blocked[blocked["metric"] == "tps"].iloc[0]["design"] == "paired by block"
 
 
 def test_study_without_order_is_read_as_blocked(tmp_path: Path) -> None:
