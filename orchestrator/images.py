@@ -234,7 +234,8 @@ def load_manifest(manifest_path: Path) -> ImageRef:
 
 
 def _restrict_secrets(ref: ImageRef) -> None:
-    """Take group/other (and write) bits off a cache entry's login key and base disk.
+    """Take group/other (and write) bits off a cache entry's login key and base disk, and give
+    them back to root where another owner was left.
 
     Only files inside the entry's own folder are touched (a hand-edited manifest may point
     elsewhere), symlinks are not followed, and bits are only ever removed.
@@ -243,7 +244,18 @@ def _restrict_secrets(ref: ImageRef) -> None:
     for path, mode in ((ref.ssh_key_path, SSH_KEY_MODE), (ref.disk_path, BASE_DISK_MODE)):
         if entry is None or path.parent.resolve() != entry or path.is_symlink():
             continue
-        current = path.stat().st_mode & 0o7777
+        st = path.stat()
+        if st.st_uid != 0 and os.geteuid() == 0:
+            # libvirt gives a guest's backing files to QEMU's user and never back (GuestSet
+            # puts them back; a killed sweep cannot): a QEMU owning the base could chmod it.
+            try:
+                os.chown(path, 0, 0)
+                log.warning("%s was owned by uid %d (left by a killed guest set): given back to root",
+                            path, st.st_uid)
+            except OSError as exc:
+                log.warning("%s is owned by uid %d; could not give it back to root: %s", path, st.st_uid,
+                            exc.strerror or exc)
+        current = st.st_mode & 0o7777
         if current & ~mode:
             try:
                 path.chmod(current & mode)

@@ -76,6 +76,8 @@ def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path
             needs_vms = plan.guests is not None
             plan_uri = plan.guests.uri if plan.guests is not None else None
             results += space_checks(plan, trials, results_dir)
+            if needs_vms:
+                results += qemu_reach_checks(plan)
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
     vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
@@ -136,6 +138,69 @@ def space_checks(plan: Any, trials: list[Any], results_dir: Path) -> list[CheckR
         free = shutil.disk_usage(folder).free
         results.append(CheckResult(f"free space in {folder}", free >= nbytes,
                                    f"{free / 2**20:.0f} MiB free, the study needs up to {nbytes / 2**20:.0f} MiB"))
+    return results
+
+
+# The user libvirt's QEMU driver runs guests as, unless qemu.conf says otherwise (Debian's name).
+QEMU_USER = "libvirt-qemu"
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+def _qemu_user(qemu_conf: Path = QEMU_CONF) -> str:
+    """The user= of qemu.conf's active lines, else libvirt's default."""
+    try:
+        lines = qemu_conf.read_text(errors="replace").splitlines()
+    except OSError:
+        return QEMU_USER
+    for line in reversed(lines):
+        key, _, value = line.partition("=")
+        if key.strip() == "user" and not line.lstrip().startswith("#"):
+            return value.strip().strip('"') or QEMU_USER
+    return QEMU_USER
+
+
+def unreachable_by(folder: Path, uid: int, gids: set[int]) -> Path | None:
+    """The first folder on the way to `folder` (itself or the nearest existing parent) that
+    `uid` cannot search, or None: QEMU opens its disks by path, so every folder above them
+    needs x for its user (a 0700 folder anywhere above stops it)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    for step in (*reversed(folder.parents), folder):
+        st = step.stat()
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid in gids else 0o001
+        if not st.st_mode & bit:
+            return step
+    return None
+
+
+def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResult]:
+    """Can QEMU's user reach the folders its disks live in (overlays, saved states, the image)?"""
+    import grp
+    import pwd
+
+    from orchestrator.images import default_cache_dir
+    from orchestrator.provision import DEFAULT_WORK_ROOT
+
+    user = _qemu_user(qemu_conf)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return []  # no such user here: libvirt will say so itself, and `host setup` creates it
+    if entry.pw_uid == 0:
+        return []
+    gids = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    g = plan.guests
+    folders = {"guest work folder": Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT,
+               "image cache": default_cache_dir()}
+    results = []
+    for name, folder in folders.items():
+        blocked = unreachable_by(folder, entry.pw_uid, gids)
+        results.append(CheckResult(
+            f"{name} reachable by {user}", blocked is None,
+            f"{folder}" if blocked is None else
+            f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}) lets {user} not search it: QEMU cannot "
+            f"open disks under {folder}; give the folders above it x for {user} (e.g. chmod o+x {blocked})"))
     return results
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -88,6 +89,41 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "qcow2") -> Non
         raise ProvisionError(f"qemu-img create {overlay}: {exc}") from exc
     if done.returncode != 0:
         raise ProvisionError(f"qemu-img create {overlay} failed: {done.stderr.strip()}")
+
+
+def chain_owners(image: Path) -> dict[Path, tuple[int, int]]:
+    """(uid, gid) of `image` and every file below it in its backing chain, as they are now.
+
+    libvirt's DAC driver gives every disk of a starting guest to QEMU's user, backing files
+    included, and never gives a read-only backing file back (other guests may still use it).
+    Recorded before our guests start and put back after the last is gone, so a cached base
+    image or saved-state layer stays root's: a later QEMU cannot chmod and write it."""
+    argv = ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(image)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        chain = json.loads(done.stdout) if done.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        chain = []
+    files = [Path(entry["filename"]) for entry in chain if isinstance(entry, dict) and "filename" in entry] \
+        or [Path(image)]
+    owners = {}
+    for path in files:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            owners[path.resolve()] = (st.st_uid, st.st_gid)
+    return owners
+
+
+def give_back(owners: dict[Path, tuple[int, int]]) -> list[Path]:
+    """Put each file's recorded owner back where it changed; the files changed."""
+    changed = []
+    for path, (uid, gid) in owners.items():
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if (st.st_uid, st.st_gid) != (uid, gid) and not path.is_symlink():
+                os.chown(path, uid, gid)
+                changed.append(path)
+    return changed
 
 
 # --- the guest set ---------------------------------------------------------------------------
@@ -243,6 +279,7 @@ class GuestSet:
         self.connection_lost: str | None = None  # why libvirt dropped our connection, if it did
         self._lock = threading.Lock()
         self._slots = [self._plan_slot(i, request) for i, request in enumerate(requests)]
+        self._owners: dict[Path, tuple[int, int]] = {}  # backing files' owners before our guests started
 
     def _plan_slot(self, index: int, request: GuestRequest) -> _Slot:
         saved = self.restore.guests[index] if self.restore is not None else None
@@ -378,6 +415,12 @@ class GuestSet:
             with contextlib.suppress(OSError):
                 self.work_dir.rmdir()
             raise
+        # Before any guest starts: libvirt relabels the shared backing files at the first start.
+        self._owners = {}
+        for slot in self._slots:
+            backing = (self.restore.guests[slot.index].disk_path if self.restore is not None
+                       else slot.request.disk_path or Path(self.image.disk_path))
+            self._owners.update({p: o for p, o in chain_owners(Path(backing)).items() if p not in self._owners})
         workers = self.options.parallel_starts or len(self._slots)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-start")
         try:
@@ -586,6 +629,9 @@ class GuestSet:
                     slot.torn_down = True
                 except (libvirt.libvirtError, OSError, HostError) as exc:
                     problems.append(f"{slot.name}: {exc}")
+            if not problems and all(slot.torn_down for slot in self._slots):
+                for path in give_back(self._owners):
+                    log.info("gave %s back to its owner (libvirt had given it to QEMU's user)", path)
             if self._conn is not None and not problems:
                 unwatch_close(self._conn)
                 with contextlib.suppress(libvirt.libvirtError):

@@ -27,7 +27,7 @@ from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, 
 from orchestrator.hostinfo import collect_host_info
 from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
 from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
-from orchestrator.preflight import space_checks
+from orchestrator.preflight import qemu_reach_checks, space_checks
 from orchestrator.probes import KSM_SYSFS
 from orchestrator.stats import time_mean
 from orchestrator.store import Study, atomic_write_json
@@ -115,6 +115,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     refuse_if_ksmtuned(root)
     if plan.guests is not None:
         _refuse_unreachable_libvirt(plan.guests.uri)
+        blocked = [c for c in qemu_reach_checks(plan) if not c.ok]
+        if blocked:  # every trial would fail at "Permission denied" on its disks
+            raise HostError("; ".join(f"{c.name}: {c.detail}" for c in blocked))
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start
         raise HostError("not enough disk space: " + "; ".join(f"{c.name}: {c.detail}" for c in short))

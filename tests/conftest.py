@@ -60,6 +60,21 @@ def ksm_guard():
     assert after == before, f"KSM/THP knobs not restored: {set(before.items()) ^ set(after.items())}"
 
 
+@pytest.fixture(autouse=True)
+def _qemu_can_reach_tmp_path(request: pytest.FixtureRequest) -> None:
+    """VM tests put overlays and saved states under tmp_path, which pytest makes 0700 (with its
+    parents). QEMU runs as libvirt's unprivileged user and needs search permission on every
+    folder above its disks, as on a real host's /var/lib/ksm-lab: give exactly that (x, not r)."""
+    if request.node.get_closest_marker("vm") is None:
+        return
+    tmp = request.getfixturevalue("tmp_path")
+    base = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    for folder in (tmp, *tmp.parents):
+        if folder == base.parent.parent:  # /tmp (or what --basetemp names): the host's own
+            break
+        folder.chmod(folder.stat().st_mode | 0o011)
+
+
 @pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
     path = tmp_path / "results"

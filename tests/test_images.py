@@ -175,6 +175,17 @@ def test_cached_secrets_are_root_only_and_old_entries_are_fixed_on_use(tmp_path:
     assert (entry / "vmlinuz").stat().st_mode & 0o777 == 0o644  # not a secret, left alone
 
 
+def test_a_base_disk_left_to_qemu_s_user_is_given_back_to_root(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change a file's owner")
+    entry = _fake_cache_entry(tmp_path, image_key(DEFAULT_RECIPE))
+    os.chown(entry / "base.qcow2", 65534, 65534)  # as libvirt leaves it after a killed guest set
+    ref = build_image(DEFAULT_RECIPE, tmp_path)
+    assert (ref.disk_path.stat().st_uid, ref.disk_path.stat().st_gid) == (0, 0)
+
+
 def test_a_manifest_outside_the_cache_does_not_change_modes(tmp_path: Path) -> None:
     entry = _fake_cache_entry(tmp_path, "a-000000000001")
     moved = tmp_path / "my-image"  # a folder not named after the key: not a cache entry

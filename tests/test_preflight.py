@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from orchestrator.cli import main
 from orchestrator.preflight import ksm_checks, ready, run_checks
 
@@ -51,3 +53,25 @@ def test_another_ksm_driver_is_named_without_blocking(tmp_path):
     other = results["no other KSM driver"]
     assert not other.ok and not other.blocking and "oVirt MOM (momd) running as pid [4242]" in other.detail
     assert results["ksmtuned not running"].ok
+
+
+def test_a_0700_folder_above_the_guest_disks_is_named_for_qemu_s_user(tmp_path) -> None:
+    import os
+
+    from orchestrator.preflight import unreachable_by
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    # Judged for root (uid 0) with no groups: the folders above tmp_path are root's and searchable
+    # by their owner; `top` belongs to nobody, so only its "other" bits speak for root here.
+    nobody, nogroup = 65534, 65534
+    top = tmp_path / "work"
+    (top / "study").mkdir(parents=True)
+    os.chown(top, nobody, nogroup)
+    top.chmod(0o700)
+    assert unreachable_by(top / "study" / "not-yet", 0, set()) == top
+    top.chmod(0o711)  # search without listing is enough
+    assert unreachable_by(top / "study" / "not-yet", 0, set()) is None
+    top.chmod(0o750)
+    assert unreachable_by(top / "study", 0, set()) == top
+    assert unreachable_by(top / "study", 0, {nogroup}) is None  # through its group

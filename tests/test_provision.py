@@ -578,6 +578,7 @@ def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Pa
     conn = _system_conn()
     check_memory_fits(2, 1024)
     options = GuestSetOptions(domain_type="qemu", work_root=tmp_path / "work")
+    base = Path(image.disk_path).stat()
     try:
         with GuestSet(SYSTEM_URI, vm_study, [GuestRequest(memory_mib=1024)] * 2, image, options) as guests:
             ready_s = guests.wait_ready(_ssh_connect(image), timeout_s=VM_BOOT_TIMEOUT_S)
@@ -586,6 +587,8 @@ def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Pa
             for guest in guests.guests:
                 process = psutil.Process(pids[guest.name])
                 assert guest.uuid in process.cmdline() and process.is_running()
+                # libvirt's unprivileged user, never root: a guest escape is not root on the host.
+                assert process.username() == "libvirt-qemu"
                 # The forward listens on loopback only.
                 listening = {c.laddr for c in process.net_connections("tcp") if c.status == "LISTEN"}
                 assert ("127.0.0.1", guest.ssh_port) in listening
@@ -595,6 +598,9 @@ def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Pa
         assert not any(psutil.pid_exists(pid) for pid in pids.values())
         assert not any(p.exists() for p in overlays)
         assert files_under(tmp_path / "work") == []
+        # libvirt gave the shared base to QEMU's user while the guests ran; it is given back.
+        after = Path(image.disk_path).stat()
+        assert (after.st_uid, after.st_gid, after.st_mode) == (base.st_uid, base.st_gid, base.st_mode)
     finally:
         conn.close()
 
