@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make this host ready to run ksm-lab guests: packages, libvirt's directories and its unprivileged
-# user (guests run as libvirt-qemu; qemu.conf is left to libvirt's defaults), then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
+# Make this host ready to run ksm-lab guests: packages, libvirt's directories, user and
+# qemu.conf, then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
 #
 #   host-setup.sh          set up; every step is skipped when already in place
 #   host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
@@ -25,8 +25,10 @@ PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu l
 STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
 STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
 QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
+BACKUP_SUFFIX=.ksm-lab-backup
 QEMU_CONF_RECORD=${KSM_LAB_QEMU_CONF_RECORD:-/var/lib/ksm-lab/qemu-conf-replaced}  # what --stop restores
-MARK_BEGIN_ANY="# >>> ksm-lab"   # the start of the block earlier versions wrote (guests as root)
+MARK_BEGIN="# >>> ksm-lab (host-setup.sh): run guests as root, no security driver"
+MARK_BEGIN_ANY="# >>> ksm-lab"   # earlier versions wrote another text after it
 MARK_END="# <<< ksm-lab"
 URI=qemu:///system
 
@@ -142,67 +144,75 @@ qemu_conf_has() {  # key value: an active (uncommented) line sets key = value
     grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QEMU_CONF"
 }
 
-# Guests run as libvirt's unprivileged user (libvirt-qemu) under its DAC driver with dynamic
-# ownership: libvirt's defaults, so this script writes nothing into qemu.conf. Earlier versions
-# wrote a block running QEMU as root with no security driver (a guest escape was full root);
-# that block, and the original file it replaced, are put back here and by --stop.
-restore_qemu_conf() {
-    local changed=1
-    if [[ -s $QEMU_CONF_RECORD ]]; then
-        local original
-        original=$(head -n1 "$QEMU_CONF_RECORD")
-        if [[ $original == absent ]]; then
-            rm -f "$QEMU_CONF"
-            say "qemu.conf: removed the root set-up an earlier ksm-lab wrote (there was none before)"
-            changed=0
-        elif [[ -f $original ]]; then
-            cp -p "$original" "$QEMU_CONF" && rm -f "$original"
-            say "qemu.conf: put back the original from $original"
-            changed=0
-        else
-            say "warning: the original qemu.conf $original is missing; $QEMU_CONF left as it is"
-        fi
-        rm -f "$QEMU_CONF_RECORD"
-    fi
-    if [[ -f $QEMU_CONF ]] && grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
-        # A block with no record of the original: drop it and undo its commenting-out.
-        local tmp
-        tmp=$(mktemp "$QEMU_CONF.XXXXXX")
-        sed -e "\\|^$MARK_BEGIN_ANY|,\\|^$MARK_END\$|d" -e 's/^# (ksm-lab) //' "$QEMU_CONF" >"$tmp"
-        chmod --reference="$QEMU_CONF" "$tmp" 2>/dev/null || chmod 0644 "$tmp"
-        mv "$tmp" "$QEMU_CONF"
-        say "qemu.conf: removed the block an earlier ksm-lab wrote (guests as root)"
-        changed=0
-    fi
-    return $changed
-}
-
-warn_root_guests() {
-    if [[ -f $QEMU_CONF ]] && { qemu_conf_has user root || qemu_conf_has security_driver none; }; then
-        say "warning: $QEMU_CONF runs QEMU as root or without a security driver (not set by ksm-lab):" \
-            "a guest escape would be root on this host"
-    fi
-}
-
-# libvirtd reads qemu.conf only at start: after qemu.conf changed, the daemon must be restarted
-# for guests to stop running as root. Ours (recorded pid) is restarted here; a systemd one with
-# try-restart (it keeps running only if it was running).
-restart_libvirtd_if_running() {
-    local pid
-    pid=$(awk '$1 == "libvirtd" {print $2}' "$STATE_FILE" 2>/dev/null | tail -n1)
-    if [[ -n $pid ]] && pid_alive "$pid" "$(command -v libvirtd || echo /usr/sbin/libvirtd)"; then
-        kill -TERM "$pid"
-        local _
-        for _ in $(seq 50); do pid_alive "$pid" "$(command -v libvirtd)" || break; sleep 0.2; done
-        pid_alive "$pid" "$(command -v libvirtd)" && kill -KILL "$pid"
-        sed -i "/^libvirtd $pid\$/d" "$STATE_FILE"
-        say "libvirtd (pid $pid) stopped to apply qemu.conf"
-        return 0  # the caller starts it again
-    fi
-    if have_systemd && systemctl is-active --quiet libvirtd.service 2>/dev/null; then
-        systemctl try-restart libvirtd.service && say "libvirtd restarted with systemctl to apply qemu.conf"
+# A host whose libvirt was set up its own way (libvirt-daemon-system, a running libvirtd we did
+# not start, AppArmor/SELinux, dynamic ownership) keeps that set-up: guests run under its
+# policy. Only a bare host (no daemon answering, no libvirt-daemon-system: CI's) gets our
+# qemu.conf, and `--stop` puts the replaced file back.
+host_has_own_libvirt() {
+    dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed" && return 0
+    if virsh -c "$URI" version >/dev/null 2>&1 && ! grep -q "^libvirtd " "$STATE_FILE" 2>/dev/null; then
+        return 0
     fi
     return 1
+}
+
+restore_qemu_conf() {
+    [[ -s $QEMU_CONF_RECORD ]] || return 0
+    local original
+    original=$(head -n1 "$QEMU_CONF_RECORD")
+    if [[ $original == absent ]]; then
+        rm -f "$QEMU_CONF"
+        say "qemu.conf: removed (there was none before host-setup)"
+    elif [[ -f $original ]]; then
+        cp -p "$original" "$QEMU_CONF" && rm -f "$original"
+        say "qemu.conf: put back the original from $original"
+    else
+        say "warning: the original qemu.conf $original is missing; $QEMU_CONF left as it is"
+    fi
+    rm -f "$QEMU_CONF_RECORD"
+}
+
+configure_qemu_conf() {
+    mkdir -p "$(dirname "$QEMU_CONF")" "$(dirname "$QEMU_CONF_RECORD")"
+    if host_has_own_libvirt; then
+        say "qemu.conf: this host has its own libvirt set-up; left as it is"
+        return 1
+    fi
+    if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
+        qemu_conf_has security_driver none; then
+        say "qemu.conf: already runs guests as root with security_driver none"
+        # Written by an earlier ksm-lab that kept no record: record its backup, so --stop can
+        # put the original back.
+        if [[ ! -s $QEMU_CONF_RECORD && -e $QEMU_CONF$BACKUP_SUFFIX ]] && grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        fi
+        return 1
+    fi
+    if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+        cp -p "$QEMU_CONF" "$QEMU_CONF$BACKUP_SUFFIX"
+        say "qemu.conf: saved the original as $QEMU_CONF$BACKUP_SUFFIX"
+    fi
+    if [[ ! -s $QEMU_CONF_RECORD ]]; then
+        if [[ -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        else
+            echo absent >"$QEMU_CONF_RECORD"
+        fi
+    fi
+    local tmp
+    tmp=$(mktemp "$QEMU_CONF.XXXXXX")
+    if [[ -f $QEMU_CONF ]]; then
+        # Drop an earlier ksm-lab block and comment out other settings of the same keys.
+        sed -e "\\|^$MARK_BEGIN_ANY |,\\|^$MARK_END\$|d" \
+            -e 's/^\([[:space:]]*\(user\|group\|security_driver\)[[:space:]]*=.*\)$/# (ksm-lab) \1/' \
+            "$QEMU_CONF" >"$tmp"
+    fi
+    printf '%s\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n%s\n' \
+        "$MARK_BEGIN" "$MARK_END" >>"$tmp"
+    chmod 0644 "$tmp"
+    mv "$tmp" "$QEMU_CONF"
+    say "qemu.conf: set user/group root and security_driver none in $QEMU_CONF"
+    return 0
 }
 
 have_systemd() { [[ -d /run/systemd/system ]]; }
@@ -218,6 +228,7 @@ start_daemon() {  # name pidfile args...
         else
             systemctl start "$name.service"
             say "$name: started with systemctl"
+            if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
         fi
         return 0
     fi
@@ -237,6 +248,7 @@ start_daemon() {  # name pidfile args...
     pid=$(head -n1 "$pidfile")
     echo "$name $pid" >>"$STATE_FILE"
     say "$name: started by hand (pid $pid, recorded in $STATE_FILE)"
+    if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
 }
 
 wait_for_libvirt() {
@@ -258,9 +270,8 @@ main() {
         mkdir -p "$STATE_DIR"
         exec 9>"$STATE_DIR/host-setup.lock"
         flock 9
-        # The daemons go first: a libvirtd we started needs no restart for the file put back.
         stop_started_daemons
-        if restore_qemu_conf; then restart_libvirtd_if_running || true; fi
+        restore_qemu_conf
         return 0
     fi
     if [[ ${1:-} == --packages-only ]]; then
@@ -274,10 +285,14 @@ main() {
     flock 9
     install_packages
     prepare_dirs_and_user
-    if restore_qemu_conf; then restart_libvirtd_if_running || true; fi
-    warn_root_guests
+    local conf_changed=no
+    if configure_qemu_conf; then conf_changed=yes; fi
+    STARTED_LIBVIRTD_NOW=no
     start_daemon virtlogd /run/virtlogd.pid
     start_daemon libvirtd /run/libvirtd.pid
+    if [[ $conf_changed == yes && $STARTED_LIBVIRTD_NOW == no ]]; then
+        say "warning: qemu.conf changed while libvirtd was already running; restart it to apply"
+    fi
     wait_for_libvirt
 }
 

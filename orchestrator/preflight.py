@@ -146,7 +146,7 @@ QEMU_USER = "libvirt-qemu"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 
-def _qemu_user(qemu_conf: Path = QEMU_CONF) -> str:
+def qemu_user(qemu_conf: Path = QEMU_CONF) -> str:
     """The user= of qemu.conf's active lines, else libvirt's default."""
     try:
         lines = qemu_conf.read_text(errors="replace").splitlines()
@@ -182,7 +182,7 @@ def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResul
     from orchestrator.images import default_cache_dir
     from orchestrator.provision import DEFAULT_WORK_ROOT
 
-    user = _qemu_user(qemu_conf)
+    user = qemu_user(qemu_conf)
     try:
         entry = pwd.getpwnam(user)
     except KeyError:

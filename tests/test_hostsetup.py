@@ -79,45 +79,73 @@ def _source_and_call(call: str, env: dict[str, str]) -> subprocess.CompletedProc
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
 
 
-def test_setup_leaves_qemu_conf_to_libvirt_and_warns_about_a_root_one(tmp_path: Path) -> None:
+def test_qemu_conf_is_edited_once_with_a_backup(tmp_path: Path) -> None:
     conf = tmp_path / "qemu.conf"
-    stock = '# stock file\n#user = "root"\nvnc_listen = "0.0.0.0"\n'
-    conf.write_text(stock)
+    original = '# stock file\n#user = "root"\nuser = "libvirt-qemu"\nvnc_listen = "0.0.0.0"\n'
+    conf.write_text(original)
     env = {"KSM_LAB_QEMU_CONF": str(conf)}
-    result = _source_and_call("if restore_qemu_conf; then echo rc=0; else echo rc=1; fi; warn_root_guests", env)
-    assert "rc=1" in result.stdout and "warning" not in result.stdout  # nothing to undo, nothing said
-    assert conf.read_text() == stock and sorted(p.name for p in tmp_path.iterdir()) == ["qemu.conf"]
-    # The host's own file runs QEMU as root: kept as the host has it, and said.
-    conf.write_text('user = "root"\n')
-    result = _source_and_call("restore_qemu_conf || true; warn_root_guests", env)
-    assert "runs QEMU as root" in result.stdout and conf.read_text() == 'user = "root"\n'
+    first = _source_and_call("configure_qemu_conf", env)
+    assert first.returncode == 0, first.stderr
+    edited = conf.read_text()
+    assert (tmp_path / "qemu.conf.ksm-lab-backup").read_text() == original
+    assert '# (ksm-lab) user = "libvirt-qemu"' in edited
+    assert 'vnc_listen = "0.0.0.0"' in edited
+    assert edited.count('user = "root"\n') == 2  # the stock comment and our block
+    assert 'security_driver = "none"' in edited
+    second = _source_and_call("configure_qemu_conf", env)
+    assert second.returncode == 1  # nothing to change
+    assert "already runs guests as root" in second.stdout
+    assert conf.read_text() == edited
 
 
-def test_the_root_block_an_earlier_version_wrote_is_removed_and_its_edits_undone(tmp_path: Path) -> None:
+def test_a_block_written_by_an_earlier_version_is_replaced_not_doubled(tmp_path: Path) -> None:
     conf = tmp_path / "qemu.conf"
-    conf.write_text('# stock\n# (ksm-lab) user = "libvirt-qemu"\n'
-                    '# >>> ksm-lab (host-setup.sh): run guests as root, no security driver\n'
-                    'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n# <<< ksm-lab\nvnc_tls = 0\n')
-    result = _source_and_call("restore_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    conf.write_text('# stock\n# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver\n'
+                    'user = "root"\ngroup = "root"\n# <<< ksm-lab\n')
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
     assert result.returncode == 0, result.stderr
-    assert conf.read_text() == '# stock\nuser = "libvirt-qemu"\nvnc_tls = 0\n'
+    edited = conf.read_text()
+    assert edited.count("# >>> ksm-lab") == 1 and "scripts/host-setup.sh" not in edited
+    assert edited.startswith("# stock\n") and 'security_driver = "none"' in edited
 
 
-def test_the_original_an_earlier_version_replaced_is_put_back(tmp_path: Path) -> None:
+def test_stop_puts_back_the_qemu_conf_it_replaced(tmp_path: Path) -> None:
     conf = tmp_path / "qemu.conf"
-    backup = tmp_path / "qemu.conf.ksm-lab-backup"
-    backup.write_text('user = "libvirt-qemu"\n')
-    conf.write_text('# >>> ksm-lab\nuser = "root"\n# <<< ksm-lab\n')
-    (tmp_path / "replaced").write_text(f"{backup}\n")
+    conf.write_text('user = "libvirt-qemu"\n')
     env = {"KSM_LAB_QEMU_CONF": str(conf)}
-    assert _source_and_call("restore_qemu_conf", env).returncode == 0
+    assert _source_and_call("configure_qemu_conf", env).returncode == 0
+    assert 'security_driver = "none"' in conf.read_text()
+    result = _source_and_call("restore_qemu_conf", env)
+    assert result.returncode == 0, result.stderr
     assert conf.read_text() == 'user = "libvirt-qemu"\n'
-    assert not backup.exists() and not (tmp_path / "replaced").exists()
-    # There was none before: removed.
-    conf.write_text('# >>> ksm-lab\nuser = "root"\n# <<< ksm-lab\n')
-    (tmp_path / "replaced").write_text("absent\n")
-    assert _source_and_call("restore_qemu_conf", env).returncode == 0
+    assert not (tmp_path / "replaced").exists() and not (tmp_path / "qemu.conf.ksm-lab-backup").exists()
+    # Created from nothing: removed again.
+    conf.unlink()
+    assert _source_and_call("configure_qemu_conf", env).returncode == 0
+    _source_and_call("restore_qemu_conf", env)
     assert not conf.exists()
+
+
+def test_a_host_with_its_own_libvirt_keeps_its_qemu_conf(tmp_path: Path) -> None:
+    """A libvirtd answering that this script did not start (empty record of started daemons):
+    the host set libvirt up its own way, and its security set-up is not ours to change."""
+    if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
+        pytest.skip("needs a libvirtd answering at qemu:///system")
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('user = "libvirt-qemu"\nsecurity_driver = "apparmor"\n')
+    state = tmp_path / "state"
+    state.mkdir()
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf), "KSM_LAB_STATE_DIR": str(state)})
+    assert result.returncode == 1 and "own libvirt set-up" in result.stdout
+    assert conf.read_text() == 'user = "libvirt-qemu"\nsecurity_driver = "apparmor"\n'
+
+
+def test_qemu_conf_is_created_when_absent(tmp_path: Path) -> None:
+    conf = tmp_path / "libvirt" / "qemu.conf"
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    assert result.returncode == 0, result.stderr
+    assert 'group = "root"' in conf.read_text()
+    assert not (conf.parent / "qemu.conf.ksm-lab-backup").exists()
 
 
 @needs_root
@@ -165,11 +193,10 @@ def test_setup_reaches_libvirt_and_a_second_run_changes_nothing() -> None:
             assert not [f for f in fds if f.endswith("host-setup.lock")], (pidfile, fds)
         second = hostsetup.setup_host()
         assert "packages: all" in second and "present" in second
+        assert "qemu.conf: already runs guests as root" in second
         assert "started" not in second, second
-        # Guests run as libvirt-qemu with libvirt's defaults: the file is never written (an
-        # earlier ksm-lab's root block would be removed, and said).
-        if "earlier ksm-lab" not in first:
-            assert (qemu_conf.read_bytes() if qemu_conf.exists() else None) == before
+        if before is not None and "qemu.conf: set" not in first:
+            assert qemu_conf.read_bytes() == before
     finally:
         if not was_up:
             hostsetup.setup_host(stop=True)

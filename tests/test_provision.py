@@ -24,6 +24,7 @@ from orchestrator.libvirtconn import unwatch_close, unwatch_lifecycle
 from orchestrator.cleanup import cleanup
 from orchestrator.hostmemory import MemoryMargin, check_memory_fits
 from orchestrator.ports import PortRegistry
+from orchestrator.preflight import qemu_user
 from orchestrator.provision import (
     Guest,
     GuestRequest,
@@ -587,8 +588,8 @@ def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Pa
             for guest in guests.guests:
                 process = psutil.Process(pids[guest.name])
                 assert guest.uuid in process.cmdline() and process.is_running()
-                # libvirt's unprivileged user, never root: a guest escape is not root on the host.
-                assert process.username() == "libvirt-qemu"
+                # The user qemu.conf names (libvirt's unprivileged libvirt-qemu by default).
+                assert process.username() == qemu_user()
                 # The forward listens on loopback only.
                 listening = {c.laddr for c in process.net_connections("tcp") if c.status == "LISTEN"}
                 assert ("127.0.0.1", guest.ssh_port) in listening
