@@ -66,6 +66,15 @@ class StudySection(Strict):
     # A KSM-off trial for every combination of the non-KSM axes: the reference the workload's
     # throughput/latency and the memory baseline are compared against.
     ksm_off_baseline: bool = False
+    # KSM-off trials per block (with ksm_off_baseline): 2 separate the trial-to-trial noise from
+    # the block-to-block part (Kalibera & Jones's dimensioning run), which `ksm-lab design` reads.
+    ksm_off_per_block: int = Field(1, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _off_per_block(self) -> "StudySection":
+        if self.ksm_off_per_block > 1 and not self.ksm_off_baseline:
+            raise ValueError("study.ksm_off_per_block needs ksm_off_baseline = true")
+        return self
 
 
 class KsmSection(Strict):
@@ -466,9 +475,17 @@ def _short(name: str) -> str:
     return abbreviations.get(leaf, leaf)
 
 
-def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool) -> str:
-    digest = hashlib.sha256(_canonical({"resolved": resolved, "rep": repetition}).encode()).hexdigest()
+def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool,
+              copy: int = 0) -> str:
+    """Stable across runs of one plan (resume finds its trials by id); a second KSM-off trial of
+    a block (copy 1, ...) gets its own id, the first keeps the id it always had."""
+    key: dict[str, Any] = {"resolved": resolved, "rep": repetition}
+    if copy:
+        key["copy"] = copy
+    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()
     parts = ["ksmoff"] if ksm_off else []
+    if copy:
+        parts.append(f"c{copy}")
     parts += [f"{_short(k)}{v}" for k, v in point.items() if not (ksm_off and k.startswith("ksm."))]
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", "_".join(parts))[:60].strip("-_") or "trial"
     return f"{slug}_r{repetition}_{digest[:8]}"
@@ -493,21 +510,24 @@ def expand(plan: Plan) -> list[Trial]:
         raise PlanError("[sweep] excludes every trial: nothing to run")
 
     base = _base(plan)
-    resolved_points: list[tuple[dict[str, Any], bool]] = [(p, False) for p in points]
+    resolved_points: list[tuple[dict[str, Any], bool, int]] = [(p, False, 0) for p in points]
     if plan.study.ksm_off_baseline:
-        seen: set[str] = set()
+        seen: list[str] = []
         for p in points:
             non_ksm = {k: v for k, v in p.items() if not k.startswith("ksm.")}
             key = _canonical(non_ksm)
             if key not in seen:
-                seen.add(key)
-                resolved_points.insert(len(seen) - 1, (non_ksm, True))
+                seen.append(key)
+                for copy in range(plan.study.ksm_off_per_block):
+                    # KSM-off trials first, as before: (group, copy) order
+                    resolved_points.insert((len(seen) - 1) * plan.study.ksm_off_per_block + copy,
+                                           (non_ksm, True, copy))
 
     trials: list[Trial] = []
     for repetition in range(plan.study.repetitions):
-        for point, ksm_off in resolved_points:
+        for point, ksm_off, copy in resolved_points:
             resolved = _resolve(plan, base, point, ksm_off)
-            trial_id = _trial_id(point, resolved, repetition, ksm_off)
+            trial_id = _trial_id(point, resolved, repetition, ksm_off, copy)
             label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={v}" for k, v in point.items())
             if ksm_off and point:
                 label += " (" + ", ".join(f"{_short(k)}={v}" for k, v in point.items()) + ")"

@@ -147,6 +147,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     if (on["n"] < 2).all():
         out.append(Finding(_unreplicated_text(sm), warn=True))
 
+    out.extend(answer_findings(sm, on))
     top = on.loc[on["saved_mib"].idxmax()]
     pss, avail, net_note = _delta_savings(top, _net_columns(on))
     out.append(Finding(
@@ -186,6 +187,41 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     out.extend(_ksm_off_findings(sm))
     out.extend(_noise_findings(sm))
     out.extend(Finding(text) for text in cost_findings(sm))
+    return out
+
+
+ANSWERED_SETTINGS = 12  # one sentence each; a larger sweep is read from the settings table
+
+
+def _workload_answer(row: pd.Series, metric: str, label: str, k: int, one_repetition: bool) -> str | None:
+    """'tps -7.1% ± 1.9% vs KSM off: <verdict>' for one setting, or None when not measured. The
+    verdict is the family's (worst_verdict): with k settings, "differs" needs Holm across them."""
+    comparison = studymetrics.settings_comparison(row, metric)
+    if not math.isfinite(comparison.pct):
+        return None
+    change = f"{label} {_pm(comparison.pct, comparison.half_pct, '%', integers=False)} vs KSM off"
+    judged = studymetrics.WorstChange(row, comparison, bool(row.get(f"{metric}_vs_off_holm", False)), k)
+    return f"{change}: {worst_verdict(judged, one_repetition=one_repetition)}"
+
+
+def answer_findings(sm: StudyMetrics, on: pd.DataFrame) -> list[Finding]:
+    """The study's answer, one sentence per KSM-on setting: what it saved, what ksmd cost, and
+    the workload's change vs KSM off with its interval and verdict."""
+    one_repetition = bool((on["n"] < 2).all())
+    out = []
+    for _, row in on.head(ANSWERED_SETTINGS).iterrows():
+        parts = [f"saved {_pm(row['saved_mib'], row['saved_mib_ci95'], ' MiB', integers=False)}"]
+        if isinstance(row.get("ksmd_cpu_pct"), float) and math.isfinite(row["ksmd_cpu_pct"]):
+            parts.append(f"ksmd {_pm(row['ksmd_cpu_pct'], row['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core")
+        for metric, label in (("tps", "tps"), ("latency_p95_ms", "p95 latency")):
+            column = f"{metric}_vs_off_pct"
+            k = int(pd.to_numeric(on[column], errors="coerce").notna().sum()) if column in on else 0
+            answer = _workload_answer(row, metric, label, k, one_repetition)
+            if answer:
+                parts.append(answer)
+        out.append(Finding(f"{row['setting']}: " + "; ".join(parts) + "."))
+    if len(on) > ANSWERED_SETTINGS:
+        out.append(Finding(f"... and {len(on) - ANSWERED_SETTINGS} more settings: see the settings table."))
     return out
 
 
@@ -317,7 +353,7 @@ def worst_verdict(worst: studymetrics.WorstChange, one_repetition: bool = False)
         return f"differs from KSM off (95% level kept by {holm}; {replication})"
     if comparison.differs:
         return (f"no difference shown once the {k} settings are taken together (its own 95% interval excludes 0, "
-                f"but the worst of {k} does that by chance too often; {holm}; {replication})")
+                f"but among {k} settings one does that by chance too often; {holm}; {replication})")
     return f"no difference detectable at 95% ({holm}; {replication})"
 
 

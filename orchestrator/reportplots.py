@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestrator import policy_report, recommend, samplemetrics
+from orchestrator import policy_report, recommend, samplemetrics, studymetrics
 from orchestrator.samplemetrics import MIB
 from orchestrator.stats import PARETO_TOLERANCE, mean_ci95, pareto_mask, t_quantile_975
 from orchestrator.studydata import StudyData
@@ -64,6 +64,7 @@ def build_plots(study: StudyData, sm: StudyMetrics) -> list[Plot]:
         _plot_vs_setting(sm),
         _plot_frontier(sm),
         _plot_workload(sm),
+        _plot_change_vs_off(sm),
         _plot_policy_knobs(study, sm),
     ) if p is not None]
     return plots
@@ -375,3 +376,49 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
     return Plot("workload", "Workload throughput and latency",
                 "One sample per trial (the mean of its guests' sysbench results); error bars: Student t "
                 "95% interval across trials; the dashed line is the KSM-off baseline.", _png(fig))
+
+
+def _plot_change_vs_off(sm: StudyMetrics) -> Plot | None:
+    """The evidence the workload verdicts use: per KSM-on setting, the change vs KSM off with the
+    interval the study's comparison gives (paired by block, or Welch), and each block's paired
+    difference as a point. Raw tps intervals (the workload plot) hold the blocks' drift; this
+    one does not, so the two can look different for the same study."""
+    settings = sm.settings
+    if settings.empty or "tps_vs_off_pct" not in settings:
+        return None
+    on = settings[~settings["ksm_off"] & settings["tps_vs_off_pct"].notna()]
+    if on.empty:
+        return None
+    order = sorted(on["setting"].astype(str), key=_natural_key)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(order) + 3.0), 7.0))
+    grid = fig.subplots(2, 1, squeeze=False)
+    methods = set()
+    for ax, (metric, ylabel) in zip(grid[:, 0], (("tps", "throughput change vs KSM off (%)"),
+                                                  ("latency_p95_ms", "p95 latency change vs KSM off (%)"))):
+        points = {setting: d for _, setting, d in studymetrics.paired_differences(sm.trials, metric, sm.paired_by_block)}
+        for i, setting in enumerate(order):
+            row = on[on["setting"].astype(str) == setting].iloc[0]
+            comparison = studymetrics.settings_comparison(row, metric)
+            if not math.isfinite(comparison.pct):
+                continue
+            methods.add(comparison.method)
+            if setting in points and len(points[setting]):
+                jitter = np.linspace(-0.12, 0.12, len(points[setting]))
+                ax.scatter(i + jitter, points[setting].to_numpy(float), s=14, color="0.55", zorder=2,
+                           label="one block (paired)" if i == 0 else None)
+            holm = bool(row.get(f"{metric}_vs_off_holm", False))
+            ax.errorbar([i], [comparison.pct], yerr=[comparison.half_pct if comparison.has_interval else 0.0],
+                        fmt="o", mfc="C3" if holm else "white", color="C3", capsize=4, zorder=3,
+                        label="mean ± 95% interval" if i == 0 else None)
+        ax.axhline(0.0, color="k", lw=1.0)
+        ax.set_xticks(range(len(order)), order, rotation=30 if max(map(len, order)) > 6 else 0)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    how = " and ".join(sorted(methods))
+    fig.suptitle(f"Change vs KSM off per setting ({how}; mean ± 95% interval)")
+    return Plot("change_vs_off", "Workload change vs KSM off, as the verdicts judge it",
+                f"Per KSM-on setting: the change vs KSM off ({how}) with its 95% interval; grey points: "
+                "each block's difference from its own KSM-off trial (drawn only when the study pairs by "
+                "block); a filled marker survives Holm across the settings.", _png(fig))

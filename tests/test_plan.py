@@ -299,3 +299,16 @@ def test_a_timeout_of_inf_or_nan_is_refused_naming_the_key(value: str) -> None:
         parse_plan(text)
     with pytest.raises(PlanError, match="confirm_max_s"):
         parse_plan(f'[study]\nname = "t"\n[workload]\ntype = "processes"\n[nightly]\nconfirm_max_s = {value}\n')
+
+
+def test_two_ksm_off_trials_per_block_with_their_own_ids_the_first_id_unchanged():
+    one = expand(parse_plan(GOOD))
+    two = expand(parse_plan(GOOD.replace("ksm_off_baseline = true", "ksm_off_baseline = true\nksm_off_per_block = 2")))
+    assert len(two) == len(one) + 4  # 2 fill groups x 2 blocks, one more KSM-off trial each
+    assert len({t.trial_id for t in two}) == len(two)
+    assert {t.trial_id for t in one} <= {t.trial_id for t in two}  # resume of an older study finds its trials
+    for block in (0, 1):
+        offs = [t for t in two if t.ksm_off and t.repetition == block]
+        assert len(offs) == 4 and sum("_c1_" in t.trial_id or t.trial_id.startswith("ksmoff_c1") for t in offs) == 2
+    with pytest.raises(PlanError, match="ksm_off_per_block needs ksm_off_baseline"):
+        parse_plan(GOOD.replace("ksm_off_baseline = true", "ksm_off_per_block = 2"))

@@ -46,6 +46,7 @@ def test_processes_study_writes_every_artifact(tmp_path: Path) -> None:
                  "saving_over_time.png", "vs_setting.png", "frontier.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "workload.png").exists()  # no workload data, no empty plot
+    assert not (out / "change_vs_off.png").exists()
     summary = pd.read_csv(out / "summary.csv").set_index("trial_id")
     assert summary.loc["p1000-r0", "saved_mib"] == pytest.approx(3.90625)
     assert summary.loc["p1000-r0", "pages_to_scan"] == 1000
@@ -323,3 +324,36 @@ def test_settings_table_marks_changes_that_survive_holm(tmp_path: Path) -> None:
     assert settings.count("paired) *</td>") == 1
     worst = next(f for f in _findings(html) if f.startswith("Worst throughput change"))
     assert "differs from KSM off (95% level kept by Holm across the 3 KSM-on settings" in worst
+
+
+def test_the_findings_open_with_one_answer_per_setting(tmp_path: Path) -> None:
+    """Saved MiB, ksmd CPU, and the workload change vs KSM off with its interval and the family's
+    verdict: the -30% setting differs after Holm; the flat ones say no difference detectable."""
+    study = family_study(tmp_path, {100: [-30.0, -31.0, -29.0], 200: [1.0, -1.0, 0.5], 300: [0.5, 0.0, -0.5]})
+    findings = _findings(report.write_report(study).read_text())
+    answers = [f for f in findings if f.startswith("ksm.pages_to_scan=")]
+    assert [a.split(":")[0] for a in answers] == [f"ksm.pages_to_scan={v}" for v in (100, 200, 300)]
+    first, second = answers[0], answers[1]
+    assert "saved " in first and " MiB" in first
+    assert "ksmd 5.00 ± 0% of one core" in first
+    assert "tps -30.00 ± 2.48% vs KSM off" in first and "differs from KSM off (95% level kept by Holm across the 3" in first
+    assert "no difference detectable at 95% (Holm across the 3 KSM-on settings" in second
+    # They come before the other findings about settings.
+    assert findings.index(answers[0]) < next(i for i, f in enumerate(findings) if f.startswith("Largest saving"))
+
+
+def test_the_change_vs_off_plot_shows_the_paired_evidence_or_says_welch(tmp_path: Path) -> None:
+    from orchestrator import reportplots, studydata, studymetrics
+
+    study = family_study(tmp_path / "a", {100: [-30.0, -31.0, -29.0], 200: [1.0, -1.0, 0.5]})
+    out = report.write_report(study).parent
+    image = Image.open(out / "change_vs_off.png")
+    assert image.format == "PNG" and image.width > 300
+    sm = studymetrics.compute_study(studydata.load_study(study))
+    plot = next(p for p in reportplots.build_plots(studydata.load_study(study), sm) if p.name == "change_vs_off")
+    assert "paired" in plot.caption and "each block's difference" in plot.caption
+    meta = json.loads((study / "study.json").read_text())
+    (study / "study.json").write_text(json.dumps({**meta, "order": "sequential"}))
+    sm = studymetrics.compute_study(studydata.load_study(study))
+    plot = next(p for p in reportplots.build_plots(studydata.load_study(study), sm) if p.name == "change_vs_off")
+    assert plot.caption.startswith("Per KSM-on setting: the change vs KSM off (Welch)")
