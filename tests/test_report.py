@@ -136,8 +136,8 @@ def test_vm_study_with_ksm_off_baseline_reports_workload_change(tmp_path: Path) 
                         ksm=ksm, workload_summary=guests_summary(a * factor, b * factor, p95_ms=25.0))
     html_path = report.write_report(finish_study(study))
     html = html_path.read_text()
-    assert (html_path.parent / "workload.png").exists()
-    assert len(_pngs_in(html)) == 4
+    assert (html_path.parent / "workload.png").exists() and (html_path.parent / "change_vs_off.png").exists()
+    assert len(_pngs_in(html)) == 5
     worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+%; (.*?)\.</li>", html)
     assert worst and worst.group(1) == ("differs from KSM off (95% level kept by Holm across the 2 KSM-on settings; "
                                         "n=2 blocks, paired)")
@@ -276,7 +276,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     dom = result.stdout
     assert 'data-loaded="yes"' in dom, result.stderr[-2000:]
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == 4 and all(w > 300 for w in widths)  # every plot decoded
+    assert len(widths) == 5 and all(w > 300 for w in widths)  # every plot decoded (workload change vs KSM off too)
     assert re.search(r'<table id="trials-table">', dom)
     assert re.search(r'<tr class="failed">.*?sysbench prepare failed', dom, re.S)
     assert dom.count('<tr class="ok">') == 3
