@@ -214,8 +214,9 @@ def answer_findings(sm: StudyMetrics, on: pd.DataFrame) -> list[Finding]:
         if isinstance(row.get("ksmd_cpu_pct"), float) and math.isfinite(row["ksmd_cpu_pct"]):
             parts.append(f"ksmd {_pm(row['ksmd_cpu_pct'], row['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core")
         for metric, label in (("tps", "tps"), ("latency_p95_ms", "p95 latency")):
-            column = f"{metric}_vs_off_pct"
-            k = int(pd.to_numeric(on[column], errors="coerce").notna().sum()) if column in on else 0
+            column = f"{metric}_vs_off_pct"  # Holm's family, as studymetrics._add_holm draws it
+            family = sm.settings[~sm.settings["ksm_off"]]
+            k = int(pd.to_numeric(family[column], errors="coerce").notna().sum()) if column in family else 0
             answer = _workload_answer(row, metric, label, k, one_repetition)
             if answer:
                 parts.append(answer)
