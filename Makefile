@@ -78,6 +78,7 @@ bench: venv
 	$(PY) benchmarks/report_speed.py
 	$(PY) benchmarks/history_speed.py
 	$(PY) benchmarks/stats_calibration.py
+	$(PY) benchmarks/stats_calibration_decisions.py
 
 clean-host:
 	$(PY) -m orchestrator cleanup
