@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         # The host refused a read or write (a full disk, a read-only mount, a file removed under
         # us): a clear error about the environment, not a bug. What was measured is already stored.
         where = f" {exc.filename}" if exc.filename else ""
-        console.print(f"error: cannot use{where}: {exc.strerror or exc}", markup=False, highlight=False,
-                      soft_wrap=True)
-        runlog.to_study_log(logging.ERROR, f"error: cannot use{where}: {exc.strerror or exc}")
+        message = f"error: cannot use{where}: {exc.strerror or exc}"
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+        runlog.to_study_log(logging.ERROR, message)
         return EXIT_ERROR
     except Exception as exc:  # a bug: one line here, the traceback kept for the report
         try:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from orchestrator import compare, nights, studydata, studymetrics
+from orchestrator import compare, nights, studydata, studymetrics, trialmetrics
 from orchestrator.compare import NightContext, Thresholds
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import Plan, expand, parse_plan
@@ -82,11 +82,7 @@ class Confirmation:
 
 def per_trial_s(study: studydata.StudyData) -> float:
     """Median wall time of tonight's finished trials (what one confirmation trial will take)."""
-    spans = []
-    for trial in study.trials:
-        start, end = trial.trial.get("started_wall"), trial.trial.get("ended_wall")
-        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end > start:
-            spans.append(float(end - start))
+    spans = [s for s in (trialmetrics.trial_wall_s(trial.trial) for trial in study.trials) if math.isfinite(s)]
     return statistics.median(spans) if spans else math.nan
 
 

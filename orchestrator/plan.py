@@ -510,18 +510,18 @@ def expand(plan: Plan) -> list[Trial]:
         raise PlanError("[sweep] excludes every trial: nothing to run")
 
     base = _base(plan)
-    resolved_points: list[tuple[dict[str, Any], bool, int]] = [(p, False, 0) for p in points]
+    # KSM-off trials first (one group per combination of the non-KSM axes, in order of first
+    # appearance, ksm_off_per_block copies each), then the plan's points.
+    off_points: list[tuple[dict[str, Any], bool, int]] = []
     if plan.study.ksm_off_baseline:
-        seen: list[str] = []
+        seen: set[str] = set()
         for p in points:
             non_ksm = {k: v for k, v in p.items() if not k.startswith("ksm.")}
             key = _canonical(non_ksm)
             if key not in seen:
-                seen.append(key)
-                for copy in range(plan.study.ksm_off_per_block):
-                    # KSM-off trials first, as before: (group, copy) order
-                    resolved_points.insert((len(seen) - 1) * plan.study.ksm_off_per_block + copy,
-                                           (non_ksm, True, copy))
+                seen.add(key)
+                off_points += [(non_ksm, True, copy) for copy in range(plan.study.ksm_off_per_block)]
+    resolved_points = off_points + [(p, False, 0) for p in points]
 
     trials: list[Trial] = []
     for repetition in range(plan.study.repetitions):

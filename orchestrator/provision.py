@@ -416,11 +416,11 @@ class GuestSet:
                 self.work_dir.rmdir()
             raise
         # Before any guest starts: libvirt relabels the shared backing files at the first start.
+        backings = {Path(self.restore.guests[slot.index].disk_path) if self.restore is not None
+                    else Path(slot.request.disk_path or self.image.disk_path) for slot in self._slots}
         self._owners = {}
-        for slot in self._slots:
-            backing = (self.restore.guests[slot.index].disk_path if self.restore is not None
-                       else slot.request.disk_path or Path(self.image.disk_path))
-            self._owners.update({p: o for p, o in chain_owners(Path(backing)).items() if p not in self._owners})
+        for backing in backings:  # guests share a base: one qemu-img call per distinct chain top
+            self._owners.update({p: o for p, o in chain_owners(backing).items() if p not in self._owners})
         workers = self.options.parallel_starts or len(self._slots)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-start")
         try:

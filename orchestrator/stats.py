@@ -65,8 +65,7 @@ def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
     se2 = va + vb
     if se2 == 0:
         return diff, 0.0
-    dof = se2**2 / (va**2 / (a_arr.size - 1) + vb**2 / (b_arr.size - 1))
-    return diff, float(t_quantile_975(dof)) * math.sqrt(se2)
+    return diff, float(t_quantile_975(welch_dof(a_arr, b_arr))) * math.sqrt(se2)
 
 
 def _finite(values: Any) -> np.ndarray:

@@ -49,9 +49,9 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def _trial_wall_s(info: dict[str, Any]) -> float:
+def trial_wall_s(info: dict[str, Any]) -> float:
     """Seconds the sweep spent on the trial, reset to reset (trial.json started_wall..ended_wall):
-    what one more trial of this plan costs, for sizing a study (design.py)."""
+    what one more trial of this plan costs, for sizing a study (design.py, confirm.py)."""
     start, end = info.get("started_wall"), info.get("ended_wall")
     if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end > start:
         return float(end - start)
@@ -83,7 +83,7 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     # Seconds from "start the guests" to "every guest answers": restore + SSH + clock + identity
     # for restored trials, define + boot to SSH for booted ones (not kept: they did not start).
     out["guest_start_s"] = provision.get("start_s", provision.get("boot_wall_s") if not provision.get("reused") else None)
-    out["trial_wall_s"] = _trial_wall_s(info)
+    out["trial_wall_s"] = trial_wall_s(info)
     if out["status"] != "ok":
         return out
     ksm_settings = info.get("ksm") or {}
