@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 # Shipped inside the package, so an installed wheel runs the same script (`ksm-lab host setup`).
-HOST_SETUP := bash orchestrator/host-setup.sh
+HOST_SETUP := bash orchestrator/guests/host-setup.sh
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: help host venv test-deps demo quickstart test test-fast test-vm wheel-check bench clean-host

@@ -7,10 +7,10 @@ import contextlib
 import time
 from pathlib import Path
 
-from orchestrator import images
-from orchestrator.guest import GuestSession
-from orchestrator.hostmemory import check_memory_fits
-from orchestrator.provision import GuestRequest, GuestSet, GuestSetOptions
+from orchestrator.guests import images
+from orchestrator.guests.guest import GuestSession
+from orchestrator.guests.hostmemory import check_memory_fits
+from orchestrator.guests.provision import GuestRequest, GuestSet, GuestSetOptions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("manifest", type=Path)

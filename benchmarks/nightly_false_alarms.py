@@ -26,8 +26,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from orchestrator import compare, confirm, history, nights
-from orchestrator.compare import HEADLINE, SPECS, MetricChange, NightContext, Thresholds
+from orchestrator.analysis import compare, history, nights
+from orchestrator.cli import confirm
+from orchestrator.analysis.compare import HEADLINE, SPECS, MetricChange, NightContext, Thresholds
 
 SETTINGS = [f"pages_to_scan={v}" for v in (100, 300, 1000, 3000, 10000)]
 SAVED = [60.0, 120.0, 180.0, 190.0, 195.0]  # MiB

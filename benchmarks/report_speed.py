@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from orchestrator.report import write_report  # noqa: E402
+from orchestrator.report.study import write_report  # noqa: E402
 
 PROCESSES = 4
 PSS_EVERY = 5

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import probes  # noqa: E402
-from orchestrator.sampler import Sampler  # noqa: E402
+from orchestrator.host import probes  # noqa: E402
+from orchestrator.host.sampler import Sampler  # noqa: E402
 
 HOLDER = """
 import mmap, sys

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from orchestrator import design, stats, studymetrics
+from orchestrator.analysis import design, stats, studymetrics
 
 SD_D_PCT = 4.0  # sd of a setting's per-block change vs KSM off, percent
 TPS_OFF = 1000.0

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator import recommend, report, studymetrics
-from orchestrator.trialmetrics import WORKLOAD_METRICS
+from orchestrator.analysis import recommend, studymetrics
+from orchestrator.report import study as report
+from orchestrator.analysis.trialmetrics import WORKLOAD_METRICS
 
 TARGET_PCT = 5.0
 STUDIES = 400  # per check: a 5% rate to about +-1 point, the whole run under 2 minutes

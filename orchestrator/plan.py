@@ -26,6 +26,7 @@ from orchestrator.errors import PlanError
 from orchestrator.planpaths import relative_to_plan
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName
 from orchestrator.validation import Strict, problems
+from orchestrator.workloads.density import DensitySection
 from orchestrator.workloads.probe import ProbeParams
 from orchestrator.workloads.processes import ProcessesParams
 from orchestrator.workloads.sysbench import SysbenchWorkload
@@ -241,24 +242,6 @@ class ReportSection(Strict):
     references: list[Reference] = []
 
 
-class DensitySection(Strict):
-    """Guest density (density.py): add guests one by one while the workload runs in all of them,
-    until the next guest would pass the memory budget or push MemAvailable under the floor."""
-
-    budget_mib: int = Field(ge=128)  # summed QEMU PSS the guests may take
-    mem_available_floor_mib: int = Field(1024, ge=0)  # host MemAvailable never planned below this
-    max_guests: int = Field(16, ge=1, le=256)
-    # Before each decision: let KSM converge (pages_sharing within converge_tolerance_pct over
-    # converge_window_s), at most converge_max_s, so the per-guest cost is the merged one.
-    converge_window_s: float = Field(20.0, gt=0)
-    converge_tolerance_pct: float = Field(2.0, gt=0, le=100)
-    converge_max_s: float = Field(180.0, gt=0)
-    # Each guest writes this many MiB of a known pattern and checks it at the end.
-    verify_mib: int = Field(64, ge=1)
-    # The next guest's cost is planned as the largest per-guest cost measured so far times this.
-    cost_margin: float = Field(1.1, ge=1.0, le=4.0)
-
-
 class NightlySection(Strict):
     """How the nightly job judges and confirms (compare --history, ksm-lab confirm, nights.py).
 
@@ -291,7 +274,7 @@ class SweepSection(Strict):
 
 
 class SearchSection(Strict):
-    """Adaptive search over one KSM knob (orchestrator/search.py chooses each next setting).
+    """Adaptive search over one KSM knob (orchestrator/analysis/search.py chooses each next setting).
 
     knee: the setting past which more scanning buys little saving per ksmd CPU (the Kneedle
     point of the saving-vs-CPU curve); budget: the largest saving with ksmd CPU at most

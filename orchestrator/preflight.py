@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.hostsetup import CheckResult, check_host, libvirt_uri
-from orchestrator.ksm import THP_REL, find_pids_by_comm, run_dir
-from orchestrator.probes import KSM_SYSFS
+from orchestrator.guests.hostsetup import CheckResult, check_host, libvirt_uri
+from orchestrator.host.ksm import THP_REL, find_pids_by_comm, run_dir
+from orchestrator.host.probes import KSM_SYSFS
 
 
 # Daemons that drive KSM on their own (the comm the kernel shows: at most 15 characters). The
@@ -118,7 +118,7 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
         add(results_dir, TRIAL_FIXED_BYTES + seconds / fast * KSM_ROW_BYTES
             + seconds / trial.sampling_model.interval_s * targets * PROCESS_ROW_BYTES)
     if plan.guests is not None:
-        from orchestrator.provision import DEFAULT_WORK_ROOT
+        from orchestrator.guests.provision import DEFAULT_WORK_ROOT
 
         g = plan.guests
         work = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
@@ -126,7 +126,7 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
         add(work, most * OVERLAY_GROWTH_MIB.get(plan.workload.type, 512) * 2**20)
         if g.start == "restore":
             # A saved state takes at most the guests' RAM (only touched pages are written).
-            from orchestrator.images import default_cache_dir
+            from orchestrator.guests.images import default_cache_dir
 
             add(default_cache_dir() if g.cache_states else work, most * g.memory_mib * 2**20)
     return needs
@@ -179,8 +179,8 @@ def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResul
     import grp
     import pwd
 
-    from orchestrator.images import default_cache_dir
-    from orchestrator.provision import DEFAULT_WORK_ROOT
+    from orchestrator.guests.images import default_cache_dir
+    from orchestrator.guests.provision import DEFAULT_WORK_ROOT
 
     user = qemu_user(qemu_conf)
     try:

@@ -3,10 +3,10 @@
 They are found through importlib.resources, never through the checkout's layout, so an
 installed wheel finds the same files as `pip install -e .`:
 
-  domain_templates/   default libvirt domain XML (domains.py)
-  image_recipes/      guest image recipes and the guest files they name (images.py)
-  host-setup.sh       host packages + libvirtd (hostsetup.py, the Makefile)
-  templates/          report.html.j2 (report.py)
+  guests/domain_templates/   default libvirt domain XML (guests/domains.py)
+  guests/image_recipes/      guest image recipes and the guest files they name (guests/images.py)
+  guests/host-setup.sh       host packages + libvirtd (guests/hostsetup.py, the Makefile)
+  report/templates/          the study, compare and history pages (report/)
 
 The top-level domain_templates/ and workloads/images/ of a checkout are symlinks to these.
 """

@@ -22,17 +22,19 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import policies, studymetrics
+from orchestrator import policies
+from orchestrator.analysis import studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
-from orchestrator.hostinfo import collect_host_info
-from orchestrator.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
+from orchestrator.host.hostinfo import collect_host_info
+from orchestrator.host.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
 from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
 from orchestrator.preflight import qemu_reach_checks, space_checks
-from orchestrator.probes import KSM_SYSFS
-from orchestrator.stats import time_mean
-from orchestrator.store import Study, atomic_write_json
-from orchestrator.phases import PhaseClock, StopRequested, TrialResult, TrialRunner
-from orchestrator.processrunner import ProcessesRunner
+from orchestrator.host.probes import KSM_SYSFS
+from orchestrator.analysis.stats import time_mean
+from orchestrator.fsutil import atomic_write_json
+from orchestrator.store.study import Study
+from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner
+from orchestrator.runners.processes import ProcessesRunner
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,14 @@ def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progre
     if plan.workload.type == "processes":
         return ProcessesRunner(plan, settings, stop, progress)
     if plan.workload.type == "probe":
-        from orchestrator.proberunner import ProbeRunner
+        from orchestrator.runners.probe import ProbeRunner
 
         return ProbeRunner(plan, settings, stop, progress)
     if plan.density is not None:
-        from orchestrator.densityvm import DensityVmRunner  # libvirt/paramiko only when needed
+        from orchestrator.runners.density import DensityVmRunner  # libvirt/paramiko only when needed
 
         return DensityVmRunner(plan, settings, stop, progress)
-    from orchestrator.vmrunner import VmRunner  # the VM stages load libvirt/paramiko only when needed
+    from orchestrator.runners.vm import VmRunner  # the VM stages load libvirt/paramiko only when needed
 
     return VmRunner(plan, settings, stop, progress)
 
@@ -128,7 +130,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
         marker = running_marker()
         atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid()})
         if plan.search is not None:
-            from orchestrator.search import search_trials
+            from orchestrator.analysis.search import search_trials
 
             trials = search_trials(plan, study)  # type: ignore[assignment]  # a generator of Trials
         if on_study is not None:
@@ -238,7 +240,7 @@ def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
 def _refuse_unreachable_libvirt(uri: str) -> None:
     """A VM plan whose libvirt cannot be reached is refused before the study starts (exit 2),
     not run trial by trial to "failed"."""
-    from orchestrator.libvirtconn import connect  # libvirt loads only for VM plans
+    from orchestrator.guests.libvirtconn import connect  # libvirt loads only for VM plans
 
     try:
         conn = connect(uri)

@@ -93,7 +93,7 @@ done
 "$PY" - <<'EOF' || fail "package data"
 import subprocess
 from pathlib import Path
-from orchestrator import domains, hostsetup, images
+from orchestrator.guests import domains, hostsetup, images
 
 spec = domains.DomainSpec(
     name="ksmlab-wheel-0", uuid="00000000-0000-4000-8000-000000000001", study="wheel",

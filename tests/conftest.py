@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ksm import HOST_KNOB_FILES, read_host_knobs, read_ksm_knobs, read_sysfs_value
-from orchestrator.probes import KSM_SYSFS
+from orchestrator.host.ksm import HOST_KNOB_FILES, read_host_knobs, read_ksm_knobs, read_sysfs_value
+from orchestrator.host.probes import KSM_SYSFS
 
 ROOT = Path("/")
 # Knobs (not counters) whose value a test must leave as it found it.
@@ -48,7 +48,7 @@ def ksm_guard():
     if not os.access(ROOT / KSM_SYSFS / "run", os.W_OK):
         pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
     # Never change KSM under a running sweep (a `make demo` in another shell): its lock says so.
-    from orchestrator.ksm import host_lock
+    from orchestrator.host.ksm import host_lock
 
     with host_lock():
         pass

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.store import Study
+from orchestrator.store.study import Study
 from orchestrator.sweep import write_trials_table
 from tests.test_metrics import PAGE, guests_summary, processes_frame, ramp_ksm_frame, start_study, write_trial
 

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from orchestrator.images import ImageRef
+from orchestrator.guests.images import ImageRef
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ DOC = REPO / "docs" / "ARCHITECTURE.md"
 PACKAGE = REPO / "orchestrator"
 
 
-# An entry starts with a file name ("cli.py", "host-setup.sh") or a folder ("workloads/");
+# An entry starts with a file name ("sweep.py", "host-setup.sh") or a folder ("workloads/");
 # other lines continue the description above them.
 _ENTRY = re.compile(r"^( *)([A-Za-z0-9_][\w.-]*(?:/|\.\w+))(?:\s|$)")
 
@@ -88,3 +88,60 @@ def test_no_module_imports_one_that_imports_it_back():
         if name not in state:
             visit(name, [])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+# The layers, lowest first: a module imports its own group and the groups before it, never one
+# after it, and never a peer on its own rank (policies and workloads do not import each other).
+LAYERS = (
+    ("vocabulary",),
+    ("host",),
+    ("policies", "workloads"),
+    ("plan",),
+    ("guests",),
+    ("runners",),
+    ("store",),
+    ("analysis",),
+    ("report",),
+    ("preflight",),
+    ("sweep",),
+    ("cli",),
+)
+VOCABULARY = {"__init__", "errors", "validation", "fsutil", "resources", "subproc", "units"}
+
+
+def _group(module: str) -> str:
+    """The layer group of a dotted module name ("orchestrator.host.ksm" -> "host")."""
+    parts = module.split(".")[1:]
+    head = parts[0] if parts else "__init__"
+    if head in VOCABULARY or head == "__version__":
+        return "vocabulary"
+    if head in ("plan", "planpaths"):
+        return "plan"
+    if head == "__main__":
+        return "cli"
+    return head
+
+
+def test_imports_follow_the_layer_order():
+    rank = {group: i for i, groups in enumerate(LAYERS) for group in groups}
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        mine = _group(name)
+        assert mine in rank, f"{path} is in no layer: add its folder to LAYERS"
+        for dep in _imports(path):
+            theirs = _group(dep)
+            if theirs == mine or theirs not in rank:  # "orchestrator.x.name" of a non-module: its module counts
+                continue
+            if rank[theirs] >= rank[mine]:
+                wrong.append(f"{path.relative_to(REPO)} ({mine}) imports {dep} ({theirs})")
+    assert not wrong, "imports against the layer order:\n" + "\n".join(sorted(set(wrong)))
+
+
+def test_no_folder_is_crowded():
+    """A reader finds a module by its role: a short top level, small folders."""
+    top = [p for p in PACKAGE.iterdir() if p.name not in ("__pycache__",)]
+    assert len(top) <= 22, sorted(p.name for p in top)
+    for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 14, f"{folder.name}/ holds {len(modules)} modules"

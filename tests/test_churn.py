@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import samplemetrics
-from orchestrator.ksm import HostSettings
+from orchestrator.analysis import samplemetrics
+from orchestrator.host.ksm import HostSettings
 from orchestrator.plan import SamplingSection, fast_interval_s, parse_plan
-from orchestrator.sampler import Sampler
+from orchestrator.host.sampler import Sampler
 from orchestrator.sweep import run_sweep
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import samplemetrics
-from orchestrator.stats import time_mean
+from orchestrator.analysis import samplemetrics
+from orchestrator.analysis.stats import time_mean
 
 PAGE = 4096
 PAGES = 10_000

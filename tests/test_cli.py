@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import __version__, cli, runlog
-from orchestrator.hostsetup import CheckResult
+from orchestrator import __version__
+from orchestrator.cli import main as cli, runlog
+from orchestrator.guests.hostsetup import CheckResult
 from orchestrator.plan import load_plan
-from orchestrator.store import Study
+from orchestrator.store.study import Study
 from orchestrator.sweep import StopFlag, SweepOutcome, stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def _fake_study(tmp_path: Path) -> Path:
 
 
 def test_unexpected_error_is_exit_3_one_line_and_a_traceback_file(tmp_path, capsys, monkeypatch):
-    from orchestrator import report
+    from orchestrator.report import study as report
 
     def broken(study_dir):
         raise RuntimeError("boom\nsecond line")
@@ -78,7 +79,7 @@ def test_unexpected_error_is_exit_3_one_line_and_a_traceback_file(tmp_path, caps
 def test_a_full_disk_while_writing_is_exit_2_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     import errno
 
-    from orchestrator import report
+    from orchestrator.report import study as report
 
     target = tmp_path / "results" / "s" / "report" / "report.html"
 
@@ -153,7 +154,7 @@ def test_a_clear_error_after_the_study_started_is_in_sweep_log_too(tmp_path, cap
     results = tmp_path / "results"
     assert cli.main(["sweep", str(_quickstart(tmp_path)), "--results", str(results)]) == cli.EXIT_ERROR
     assert "No space left on device" in capsys.readouterr().err
-    assert "ERROR   orchestrator.cli: error: cannot write trial t1" in (results / "quickstart/sweep.log").read_text()
+    assert "ERROR   orchestrator.cli.main: error: cannot write trial t1" in (results / "quickstart/sweep.log").read_text()
 
 
 def test_failed_trials_are_exit_1_and_never_3(tmp_path, capsys, monkeypatch):
@@ -245,7 +246,7 @@ def test_image_list_json(tmp_path, capsys):
 
 
 def test_report_json_is_the_study_summary(tmp_path, capsys, monkeypatch):
-    from orchestrator import report
+    from orchestrator.report import study as report
 
     monkeypatch.setattr(report, "write_report", lambda study_dir: study_dir / "report" / "report.html")
     study_dir = _fake_study(tmp_path)
@@ -256,7 +257,7 @@ def test_report_json_is_the_study_summary(tmp_path, capsys, monkeypatch):
 
 
 def test_cleanup_connects_where_told(monkeypatch, capsys, tmp_path):
-    from orchestrator import cleanup as cleanup_module
+    from orchestrator.guests import cleanup as cleanup_module
 
     # cleanup takes the host lock: a private one, never the real sweep's.
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import catalog, cli, history
-from orchestrator.collect import SSH_BASE, parse_host
+from orchestrator.analysis import history
+from orchestrator.cli import main as cli
+from orchestrator.store import catalog
+from orchestrator.store.collect import SSH_BASE, parse_host
 from orchestrator.errors import CollectError
 from tests.nightly_studies import write_night
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator import cli, compare, stats
-from orchestrator.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
+from orchestrator.analysis import compare, stats
+from orchestrator.cli import main as cli
+from orchestrator.analysis.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
                                   Thresholds, judge)
 from orchestrator.errors import CompareError
 from tests.nightly_studies import write_night

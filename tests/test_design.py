@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli, design, stats, studymetrics
+from orchestrator.analysis import design, stats, studymetrics
+from orchestrator.cli import main as cli
 from orchestrator.plan import StudySection
 from tests.test_metrics import finish_study, ramp_ksm_frame, start_study, sysbench_trial, write_trial
 

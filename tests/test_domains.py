@@ -10,7 +10,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator.domains import (
+from orchestrator.guests.domains import (
     METADATA_NS,
     PASST_MIN_LIBVIRT_VERSION,
     DiskBoot,

@@ -16,8 +16,8 @@ import paramiko
 import pytest
 
 from orchestrator.errors import GuestError
-from orchestrator import guest as guest_module
-from orchestrator.guest import CommandTimeout, GuestSession, deadline_wrapped
+from orchestrator.guests import guest as guest_module
+from orchestrator.guests.guest import CommandTimeout, GuestSession, deadline_wrapped
 from tests import sshserver
 from tests.sshserver import SshServer
 
@@ -276,7 +276,7 @@ def test_run_without_connect_raises(keys: dict) -> None:
 
 
 def test_a_flood_of_output_is_capped_head_and_tail_kept(keys: dict, server: SshServer, monkeypatch) -> None:
-    from orchestrator import guest as guest_module
+    from orchestrator.guests import guest as guest_module
 
     monkeypatch.setattr(guest_module, "OUTPUT_CAP_BYTES", 1_000_000)
     with _session(keys, server.port) as guest:

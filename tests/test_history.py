@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator import catalog, cli, history, studydata, studymetrics
-from orchestrator.compare import REGRESSION
+from orchestrator.analysis import history, studymetrics
+from orchestrator.cli import main as cli
+from orchestrator.store import catalog, studydata
+from orchestrator.analysis.compare import REGRESSION
 from tests.nightly_studies import write_night
 
 DAY_S = 86_400.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import hostsetup
-from orchestrator.hostsetup import SETUP_SCRIPT, check_host
-from orchestrator.kvm import choose_domain_type, kvm_status
+from orchestrator.guests import hostsetup
+from orchestrator.guests.hostsetup import SETUP_SCRIPT, check_host
+from orchestrator.guests.kvm import choose_domain_type, kvm_status
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="host-setup.sh runs as root")
 

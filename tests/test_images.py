@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import images
+from orchestrator.guests import images
 from orchestrator.errors import PlanError, ProvisionError
-from orchestrator.guest import GuestSession
-from orchestrator.images import (DEFAULT_RECIPE, build_image, image_from_table,
+from orchestrator.guests.guest import GuestSession
+from orchestrator.guests.images import (DEFAULT_RECIPE, build_image, image_from_table,
                                  image_key, list_images, load_recipe, recipe_hash, remove_image,
                                  resolve_image)
 
@@ -337,7 +337,7 @@ def test_waiting_for_another_build_is_bounded_and_names_the_holder(tmp_path):
     import fcntl
 
     from orchestrator.errors import ProvisionError
-    from orchestrator.images import _build_lock
+    from orchestrator.guests.images import _build_lock
 
     (tmp_path / ".locks").mkdir()
     with open(tmp_path / ".locks" / "k.lock", "w") as other:
@@ -351,7 +351,7 @@ def test_waiting_for_another_build_is_bounded_and_names_the_holder(tmp_path):
 
 def test_a_build_step_that_hangs_is_cut_at_its_time_limit():
     from orchestrator.errors import ProvisionError
-    from orchestrator.images import _run
+    from orchestrator.guests.images import _run
 
     with pytest.raises(ProvisionError, match="did not finish within 1 s"):
         _run(["sleep", "30"], None, timeout_s=1)

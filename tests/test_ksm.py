@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import HostError, KsmError, LockError
-from orchestrator.ksm import (
+from orchestrator.host.ksm import (
     HostSettings,
     host_lock,
     read_ksm_knobs,
@@ -17,7 +17,7 @@ from orchestrator.ksm import (
     refuse_if_ksmtuned,
     restore_from_record,
 )
-from orchestrator.probes import KSM_SYSFS
+from orchestrator.host.probes import KSM_SYSFS
 
 ksm = pytest.mark.ksm
 
@@ -98,7 +98,7 @@ def test_second_sweep_is_refused_by_the_host_lock(tmp_path):
     lock = tmp_path / "sweep.lock"
     with host_lock(lock):
         code = (
-            "import sys; from pathlib import Path; from orchestrator.ksm import host_lock\n"
+            "import sys; from pathlib import Path; from orchestrator.host.ksm import host_lock\n"
             "from orchestrator.errors import LockError\n"
             f"try:\n    with host_lock(Path({str(lock)!r})): sys.exit(0)\n"
             "except LockError as e:\n    print(e); sys.exit(3)\n"

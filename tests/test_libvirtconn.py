@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import HostUnresponsive
-from orchestrator.libvirtconn import connect, is_alive
+from orchestrator.guests.libvirtconn import connect, is_alive
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_test_driver_connects_and_is_alive() -> None:
 
 
 def test_check_gives_up_on_a_libvirtd_that_never_answers(silent_socket: Path) -> None:
-    from orchestrator.hostsetup import _check_libvirt
+    from orchestrator.guests.hostsetup import _check_libvirt
 
     started = time.monotonic()
     result = _check_libvirt(f"qemu+unix:///system?socket={silent_socket}", timeout_s=1)

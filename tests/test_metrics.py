@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import stats, studydata, studymetrics, trialmetrics
+from orchestrator.analysis import stats, studymetrics, trialmetrics
+from orchestrator.store import studydata
 from orchestrator.errors import StoreError
 
 PAGE = 4096

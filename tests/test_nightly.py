@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import catalog
+from orchestrator.store import catalog
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 SCRIPT = CHECKOUT / "contrib" / "ksm-lab-nightly.sh"

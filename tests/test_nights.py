@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from orchestrator import cli, compare, confirm, history, nights
-from orchestrator.compare import NightContext, Thresholds
-from orchestrator.stats import bh_reject, holm_reject
+from orchestrator.analysis import compare, history, nights
+from orchestrator.cli import main as cli, confirm
+from orchestrator.analysis.compare import NightContext, Thresholds
+from orchestrator.analysis.stats import bh_reject, holm_reject
 from tests.nightly_studies import write_night
 
 RULES = nights.NightRules()

@@ -94,7 +94,7 @@ def test_bad_plans_name_the_key_and_the_problem(text, message):
 
 
 def test_cli_reports_bad_plan_without_traceback(tmp_path, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     plan = tmp_path / "bad.toml"
     plan.write_text('[study]\nname = "x"\n[workload]\ntype = "processes"\nprocesses = -2\n')
@@ -121,7 +121,7 @@ def test_shipped_plans_are_valid(name):
 
 
 def test_dry_run_touches_nothing(tmp_path, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     assert main(["sweep", str(PLANS / "quickstart.toml"), "--dry-run", "--results", str(tmp_path)]) == 0
     assert list(tmp_path.iterdir()) == []
@@ -136,7 +136,7 @@ def test_workload_adapter_rules_are_checked_at_load():
 
 
 def test_guest_count_is_a_sweep_axis_and_changes_the_guest_set():
-    from orchestrator.vmrunner import guest_set_key
+    from orchestrator.runners.vm import guest_set_key
 
     text = ('[study]\nname = "x"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
             '[sweep.guests]\ncount = [1, 3]\n[sweep.ksm]\npages_to_scan = [100, 1000]\n')

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import cli, search, studydata, studymetrics
+from orchestrator.analysis import search, studymetrics
+from orchestrator.cli import main as cli
+from orchestrator.store import studydata
 from orchestrator.errors import PlanError
-from orchestrator.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
+from orchestrator.host.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
 from orchestrator.plan import check_against_host, expand, parse_plan
 from orchestrator.policies import ksmtuned, kubevirt, run_for
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams
-from orchestrator import recommend as recommend_mod
-from orchestrator.recommend import BadInput, Limits, recommend
+from orchestrator.analysis import recommend as recommend_mod
+from orchestrator.analysis.recommend import BadInput, Limits, recommend
 from tests.test_metrics import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
                                 write_trial)
 
@@ -577,7 +579,7 @@ def test_nominal_scan_rate_and_policy_columns(tmp_path):
     row = sm.trials.iloc[0]
     assert row["policy"] == "ksmtuned" and bool(row["policy_ksm_turned_on"]) is False
     assert row["nominal_pages_per_s"] == pytest.approx(5000.0)
-    from orchestrator.policy_report import policy_findings
+    from orchestrator.report.policy import policy_findings
 
     texts = [t for t, _ in policy_findings(sm)]
     assert any("never turned KSM on" in t for t in texts)
@@ -628,7 +630,7 @@ def test_run_sweep_search_hook_on_a_fake_host(tmp_path, monkeypatch):
 
 
 def test_report_plots_policy_knobs_and_stars_the_recommendation(tmp_path):
-    from orchestrator import report
+    from orchestrator.report import study as report
 
     study = start_study(tmp_path)
     for name, final, cpu_share, pts in (("static", 1000, 0.10, 1000), ("kubevirt", 900, 0.03, 400)):

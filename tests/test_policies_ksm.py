@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator.ksm import KSM_SYSFS, find_pids_by_comm
+from orchestrator.host.ksm import KSM_SYSFS, find_pids_by_comm
 from orchestrator.plan import parse_plan
 from orchestrator.policies import ksmtuned
 from orchestrator.sweep import run_sweep

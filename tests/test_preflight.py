@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.preflight import ksm_checks, ready, run_checks
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import costs, cowstats, density, trialmetrics
+from orchestrator.analysis import costs, cowstats, trialmetrics
+from orchestrator.workloads import density
 from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.plan import DensitySection, parse_plan
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
@@ -187,7 +188,7 @@ def test_cow_summary_of_nothing_is_empty() -> None:
 
 
 def test_probe_trial_columns_and_report_sections(tmp_path: Path) -> None:
-    from orchestrator.report import write_report
+    from orchestrator.report.study import write_report
 
     probe = {"merged_pages": 25600, "merge_target_reached": True, "merge_wall_s": 2.0, "merge_ksmd_cpu_s": 0.5,
              "unmerge_s": 0.25, "pages_before_unmerge": 262144, "pages_sharing_after_unmerge": 0}
@@ -540,10 +541,10 @@ def test_probe_runner_flow_on_a_fake_sysfs(tmp_path: Path, ksm_off: bool) -> Non
     its timeout), and run=2 'unmerges' at once. The real sysfs is only read (by the sampler)."""
     import threading
 
-    from orchestrator.ksm import KSM_SYSFS, HostSettings
+    from orchestrator.host.ksm import KSM_SYSFS, HostSettings
     from orchestrator.plan import expand
-    from orchestrator.proberunner import ProbeRunner
-    from orchestrator.phases import PhaseClock, TrialResult
+    from orchestrator.runners.probe import ProbeRunner
+    from orchestrator.runners.base import PhaseClock, TrialResult
 
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS
@@ -597,11 +598,11 @@ def test_density_result_is_kept_when_verification_fails() -> None:
 def test_density_plan_picks_the_density_runner(tmp_path: Path) -> None:
     import threading
 
-    from orchestrator.ksm import HostSettings
+    from orchestrator.host.ksm import HostSettings
     from orchestrator.sweep import runner_for
 
     pytest.importorskip("libvirt")
-    from orchestrator.densityvm import DensityVmRunner
+    from orchestrator.runners.density import DensityVmRunner
 
     plan = parse_plan((Path(__file__).resolve().parents[1] / "plans" / "density.toml").read_text())
     runner = runner_for(plan, HostSettings(tmp_path / "r.json", tmp_path), threading.Event(), lambda p: None)
@@ -613,11 +614,11 @@ def test_probe_study_end_to_end_on_a_fake_sysfs_reaches_trials_csv_and_report(tm
     (nothing merges; the real sysfs is only read by the sampler)."""
     import threading
 
-    from orchestrator.ksm import KSM_SYSFS, HostSettings
+    from orchestrator.host.ksm import KSM_SYSFS, HostSettings
     from orchestrator.plan import expand
-    from orchestrator.proberunner import ProbeRunner
-    from orchestrator.report import write_report
-    from orchestrator.store import Study
+    from orchestrator.runners.probe import ProbeRunner
+    from orchestrator.report.study import write_report
+    from orchestrator.store.study import Study
     from orchestrator.sweep import _LogProgress, _run_one, write_trials_table
 
     root = tmp_path / "root"
@@ -666,7 +667,7 @@ interval_s = 0.1
 
 
 def test_report_draws_zero_pages_apart_and_lists_them(tmp_path: Path) -> None:
-    from orchestrator.report import write_report
+    from orchestrator.report.study import write_report
 
     study = start_study(tmp_path)
     for zero in (0, 1):
@@ -680,8 +681,9 @@ def test_report_draws_zero_pages_apart_and_lists_them(tmp_path: Path) -> None:
 
 
 def test_cow_gap_has_an_interval_across_trials_and_the_ratio_none(tmp_path: Path) -> None:
-    from orchestrator import studydata, studymetrics
-    from orchestrator.costreport import cow_gap_findings
+    from orchestrator.analysis import studymetrics
+    from orchestrator.store import studydata
+    from orchestrator.report.costs import cow_gap_findings
 
     study = start_study(tmp_path)
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 20, "use_zero_pages": 0}

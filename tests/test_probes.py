@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import HostError
 
 DATA = Path(__file__).parent / "data"

@@ -18,14 +18,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator.domains import METADATA_NS
+from orchestrator.guests.domains import METADATA_NS
 from orchestrator.errors import GuestBootError, HostError, HostUnresponsive, ProvisionError
-from orchestrator.libvirtconn import unwatch_close, unwatch_lifecycle
-from orchestrator.cleanup import cleanup
-from orchestrator.hostmemory import MemoryMargin, check_memory_fits
-from orchestrator.ports import PortRegistry
+from orchestrator.guests.libvirtconn import unwatch_close, unwatch_lifecycle
+from orchestrator.guests.cleanup import cleanup
+from orchestrator.guests.hostmemory import MemoryMargin, check_memory_fits
+from orchestrator.guests.ports import PortRegistry
 from orchestrator.preflight import qemu_user
-from orchestrator.provision import (
+from orchestrator.guests.provision import (
     Guest,
     GuestRequest,
     GuestSet,
@@ -34,7 +34,7 @@ from orchestrator.provision import (
     create_overlay,
     find_qemu_pid,
 )
-from orchestrator.readiness import ssh_banner_check
+from orchestrator.guests.readiness import ssh_banner_check
 
 TEST_URI = "test:///default"
 NASTY = "s&<>'\""
@@ -400,7 +400,7 @@ def test_ports_are_unique_across_threads_and_released(tmp_path: Path) -> None:
 _HOLDER = """
 import sys
 from pathlib import Path
-from orchestrator.ports import PortRegistry
+from orchestrator.guests.ports import PortRegistry
 registry = PortRegistry(Path(sys.argv[1]))
 print(" ".join(str(registry.allocate("holder")) for _ in range(30)), flush=True)
 sys.stdin.read()
@@ -524,7 +524,7 @@ def _vm_image():
     """The base image: KSM_LAB_IMAGE_MANIFEST, the image helper's .image-ready, or the cache."""
     import shutil
 
-    from orchestrator import images
+    from orchestrator.guests import images
 
     if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
         pytest.skip("this host cannot run QEMU (qemu-system-x86_64/qemu-img missing; run `make host`)")
@@ -547,7 +547,7 @@ def _system_conn() -> libvirt.virConnect:
 
 
 def _ssh_connect(image):
-    from orchestrator.guest import GuestSession
+    from orchestrator.guests.guest import GuestSession
 
     def connect(guest: Guest) -> None:
         # One short attempt per call; wait_ready does the retrying and owns the deadline.
@@ -609,8 +609,8 @@ def test_two_tcg_guests_answer_ssh_and_leave_nothing(vm_study: str, tmp_path: Pa
 _KILLED_PROVISIONER = """
 import sys, time
 from pathlib import Path
-from orchestrator import images
-from orchestrator.provision import GuestRequest, GuestSet, GuestSetOptions
+from orchestrator.guests import images
+from orchestrator.guests.provision import GuestRequest, GuestSet, GuestSetOptions
 image = images.load_manifest(Path(sys.argv[1]))
 options = GuestSetOptions(domain_type="qemu", work_root=Path(sys.argv[3]))
 guests = GuestSet("qemu:///system", sys.argv[2], [GuestRequest(memory_mib=512)], image, options)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import catalog, cli
+from orchestrator.cli import main as cli
+from orchestrator.store import catalog
 from orchestrator.errors import StoreError
-from orchestrator.prune import prune, remove_study
+from orchestrator.store.prune import prune, remove_study
 from tests.nightly_studies import write_night
 
 DAY_S = 86_400.0

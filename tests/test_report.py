@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator import report
+from orchestrator.report import study as report
 from orchestrator.errors import StoreError
 from tests.test_metrics import (
     block_study,
@@ -88,7 +88,8 @@ def test_findings_name_frontier_and_cheapest_near_max(tmp_path: Path) -> None:
 
 
 def _computed(study_dir: Path):  # noqa: ANN202 - test helper
-    from orchestrator import studydata, studymetrics
+    from orchestrator.analysis import studymetrics
+    from orchestrator.store import studydata
 
     return studymetrics.compute_study(studydata.load_study(study_dir))
 
@@ -343,7 +344,9 @@ def test_the_findings_open_with_one_answer_per_setting(tmp_path: Path) -> None:
 
 
 def test_the_change_vs_off_plot_shows_the_paired_evidence_or_says_welch(tmp_path: Path) -> None:
-    from orchestrator import reportplots, studydata, studymetrics
+    from orchestrator.analysis import studymetrics
+    from orchestrator.report import plots as reportplots
+    from orchestrator.store import studydata
 
     study = family_study(tmp_path / "a", {100: [-30.0, -31.0, -29.0], 200: [1.0, -1.0, 0.5]})
     out = report.write_report(study).parent

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import HostError
-from orchestrator.sampler import Sampler
+from orchestrator.host.sampler import Sampler
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,16 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import samplemetrics, states
-from orchestrator.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
+from orchestrator.analysis import samplemetrics
+from orchestrator.guests import states
+from orchestrator.guests.domains import METADATA_NS, QEMU_NS, parse_metadata, restore_xml
 from orchestrator.errors import ProvisionError
 from orchestrator.plan import PhasesSection, SamplingSection, expand, fast_interval_s, parse_plan, writes_during_measure
-from orchestrator.reportplots import envelope_indices
-from orchestrator.states import remove_uncached_states
+from orchestrator.report.plots import envelope_indices
+from orchestrator.guests.states import remove_uncached_states
 from orchestrator.workloads.probe import ProbeParams
 from orchestrator.workloads.processes import ProcessesParams
-from orchestrator.sampler import Sampler
-from orchestrator.phases import SteadyWait, TrialResult, wait_steady
+from orchestrator.host.sampler import Sampler
+from orchestrator.runners.base import SteadyWait, TrialResult, wait_steady
 
 SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").read_text()
 
@@ -224,7 +225,7 @@ def test_outside_load_counts_other_processes_and_the_last_interval_of_one_that_e
     me = os.getpid()
     sampler = Sampler(1.0, 1, dict, root=tmp_path)
     clock = iter([100.0, 101.0, 102.0])
-    monkeypatch.setattr("orchestrator.sampler.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("orchestrator.host.sampler.time.monotonic", lambda: next(clock))
     # our pid (the study) and a stranger, with a child of its own; ticks are 1/100 s
     _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 0, 0), 500: (1, 100, 0), 501: (500, 100, 0)})
     assert np.isnan(sampler._outside_cpu_pct([]))

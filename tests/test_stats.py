@@ -1,4 +1,4 @@
-"""orchestrator.stats with numbers worked out by hand (t quantiles as printed in standard tables)."""
+"""orchestrator.analysis.stats with numbers worked out by hand (t quantiles as printed in standard tables)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator import stats
+from orchestrator.analysis import stats
 from tests.test_metrics import _t_pdf
 
 T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}

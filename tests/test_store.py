@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import fsutil
 from orchestrator.errors import StoreError
-from orchestrator.store import SCHEMA_VERSION, Study
+from orchestrator.store.study import SCHEMA_VERSION, Study
 
 PLAN = '[study]\nname = "s"\n'
 

@@ -73,7 +73,7 @@ def test_same_fill_merges_and_random_does_not(results_dir, ksm_guard):
     assert random["ksm_merging_pages"].max() == 0
 
     # The report on this real study: every trial in the table, the plots, the computed verdict.
-    from orchestrator.report import write_report
+    from orchestrator.report.study import write_report
 
     html = write_report(outcome.study.path).read_text()
     for trial_id in table["trial_id"]:
@@ -304,7 +304,7 @@ def test_the_next_sweep_heals_what_a_killed_sweep_left(results_dir, ksm_guard, t
     """A sweep killed with SIGKILL restores nothing: its knobs stay changed. The next sweep finds
     its marker (the host lock was free, so it is dead) and puts the knobs back first."""
     from orchestrator import sweep as sweep_module
-    from orchestrator.ksm import KSM_SYSFS as _KSM
+    from orchestrator.host.ksm import KSM_SYSFS as _KSM
 
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
     knob = Path("/") / _KSM / "sleep_millisecs"

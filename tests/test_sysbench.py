@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from orchestrator.errors import GuestError, PlanError, WorkloadError
-from orchestrator.guest import CommandResult, CommandTimeout
+from orchestrator.guests.guest import CommandResult, CommandTimeout
 from orchestrator.workloads.sysbench import (
     WORKLOAD_COLUMNS, GuestRun, Summary, SysbenchParams, cleanup_argv, create_database_argv,
     innodb_buffer_pool_argv, intervals_frame, parse_intervals, parse_summary, parse_threads,

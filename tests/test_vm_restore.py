@@ -20,7 +20,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from orchestrator import images, states
+from orchestrator.guests import images, states
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
 from tests.conftest import snapshot

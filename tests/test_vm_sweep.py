@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
-from orchestrator.vmrunner import prepared_dir
+from orchestrator.runners.vm import prepared_dir
 from tests.conftest import snapshot
 from tests.vmhost import need_vm_host
 
@@ -151,7 +151,7 @@ def test_sigkilled_vm_sweep_then_cleanup_and_restore_leave_nothing(tmp_path, res
         time.sleep(0.5)
     assert _ours(study) == {"domains": [], "qemu": []}
     assert _files(tmp_path / "work") == []
-    from orchestrator.ports import PortRegistry
+    from orchestrator.guests.ports import PortRegistry
 
     assert not [e for e in PortRegistry().held().values() if study in e["owner"]]  # ports released
     out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,

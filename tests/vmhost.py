@@ -7,7 +7,7 @@ import shutil
 import libvirt
 import pytest
 
-from orchestrator import images
+from orchestrator.guests import images
 
 URI = "qemu:///system"
 

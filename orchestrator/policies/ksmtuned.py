@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import HostError
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.policies.params import KsmtunedParams

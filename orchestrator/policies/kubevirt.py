@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.policies.params import KubevirtParams
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.workloads.sysbench import Session, SysbenchParams, innodb_buffer_pool_argv
 

@@ -8,7 +8,7 @@ the merge, then the copy-on-write break of the merged pages, then the unmerge.
         worker.measure_cow(timeout_s=60)      # cow.csv written at samples_path
     # leaving the block stops and reaps the worker
 
-The controller side only: the runner (proberunner.py) drives KSM and the sampler.
+The controller side only: the runner (runners/probe.py) drives KSM and the sampler.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.validation import Params
 from orchestrator.workloads._prober import PROBE_FILLS

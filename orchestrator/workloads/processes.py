@@ -36,7 +36,7 @@ from typing import ClassVar, Literal, Sequence
 
 from pydantic import Field, field_validator
 
-from orchestrator import probes
+from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.resources import package_root
 from orchestrator.validation import Params

@@ -97,7 +97,7 @@ class SysbenchParams(_SysbenchRun):
 
 class SysbenchWorkload(_SysbenchRun):
     """A plan's [workload] type = "sysbench" table: the run's settings plus how the VM runner
-    prepares and warms up the guests' data (vmrunner.py)."""
+    prepares and warms up the guests' data (runners/vm.py)."""
 
     type: Literal["sysbench"] = "sysbench"
     # "per_guest": each guest index gets its own data (its own seed); "shared": every guest

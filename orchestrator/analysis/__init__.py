@@ -1,0 +1,1 @@
+"""Numbers from stored studies: statistics, sample/trial/study metrics, decisions."""

@@ -1,0 +1,1 @@
+"""The guests: images, libvirt, domains, overlays, saved states, SSH, readiness, cleanup."""

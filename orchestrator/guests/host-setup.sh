@@ -1,0 +1,302 @@
+#!/usr/bin/env bash
+# Make this host ready to run ksm-lab guests: packages, libvirt's directories, user and
+# qemu.conf, then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
+#
+#   host-setup.sh          set up; every step is skipped when already in place
+#   host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
+#   host-setup.sh --packages-only   only the Debian packages (what the venv needs)
+#
+# It ships inside the package (orchestrator/guests/host-setup.sh): `ksm-lab host setup|stop` runs it
+# from an installed wheel, the Makefile from the checkout.
+#
+# Never installs libvirt-daemon-system: it pulls libvirt-daemon-config-network, which defines
+# and autostarts libvirt's 'default' NAT network. Guests here use QEMU user networking only.
+set -euo pipefail
+exec </dev/null
+export DEBIAN_FRONTEND=noninteractive CI=true LC_ALL=C
+
+PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+          libvirt-dev pkg-config debootstrap debian-archive-keyring e2fsprogs openssh-client ksmtuned)
+# debian-archive-keyring: debootstrap runs with --force-check-gpg and verifies against it.
+# ksmtuned is installed for the "ksmtuned" KSM policy, which starts it per trial and stops it by
+# PID. It must never run on its own: its package enables ksmtuned.service and ksm.service (which
+# writes run=1 at boot), so they are installed with service starts denied and then disabled.
+# Overridable so tests can work on a scratch copy instead of the host's files.
+STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
+STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
+QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
+BACKUP_SUFFIX=.ksm-lab-backup
+QEMU_CONF_RECORD=${KSM_LAB_QEMU_CONF_RECORD:-/var/lib/ksm-lab/qemu-conf-replaced}  # what --stop restores
+MARK_BEGIN="# >>> ksm-lab (host-setup.sh): run guests as root, no security driver"
+MARK_BEGIN_ANY="# >>> ksm-lab"   # earlier versions wrote another text after it
+MARK_END="# <<< ksm-lab"
+URI=qemu:///system
+
+say() { printf 'host-setup: %s\n' "$*"; }
+die() { printf 'host-setup: error: %s\n' "$*" >&2; exit 1; }
+
+# A daemon is alive when its pid file names a live process running the expected binary
+# (the binary check guards against a stale pid file whose PID was reused).
+pid_alive() {  # pid binary
+    local pid=$1 binary=$2
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -d /proc/$pid ]] &&
+        [[ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" == "$(readlink -f "$binary")" ]]
+}
+pidfile_alive() {  # pidfile binary
+    [[ -r $1 ]] && pid_alive "$(head -n1 "$1")" "$2"
+}
+
+stop_started_daemons() {
+    if [[ ! -s $STATE_FILE ]]; then
+        say "nothing to stop: no daemons recorded in $STATE_FILE"
+        return 0
+    fi
+    # Reverse order: libvirtd before the virtlogd it logs through.
+    tac "$STATE_FILE" | while read -r name pid; do
+        local binary
+        binary=$(command -v "$name" || echo "/usr/sbin/$name")
+        if ! pid_alive "$pid" "$binary"; then
+            say "$name (pid $pid) already gone"
+            continue
+        fi
+        kill -TERM "$pid"
+        for _ in $(seq 50); do pid_alive "$pid" "$binary" || break; sleep 0.2; done
+        if pid_alive "$pid" "$binary"; then
+            kill -KILL "$pid"
+            say "stopped $name (pid $pid) with SIGKILL after 10 s"
+        else
+            say "stopped $name (pid $pid)"
+        fi
+    done
+    rm -f "$STATE_FILE"
+}
+
+# What building the venv needs (libvirt-python compiles against libvirt-dev), when the
+# python3 in PATH lacks it: a fresh Debian has python3 without venv or headers.
+python_build_packages() {
+    command -v gcc >/dev/null || echo gcc
+    python3 -c 'import ensurepip' 2>/dev/null || echo python3-venv
+    python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+        2>/dev/null || echo python3-dev
+}
+
+install_packages() {
+    local missing=() pkg
+    mapfile -t extra < <(python_build_packages)
+    for pkg in "${PACKAGES[@]}" "${extra[@]}"; do
+        if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]]; then
+            missing+=("$pkg")
+        fi
+    done
+    if ((${#missing[@]} == 0)); then
+        say "packages: all ${#PACKAGES[@]} present"
+        return 0
+    fi
+    say "packages: installing ${missing[*]}"
+    apt-get update -q >/dev/null
+    local denied_starts=""
+    if [[ " ${missing[*]} " == *" ksmtuned "* && ! -e /usr/sbin/policy-rc.d ]]; then
+        # invoke-rc.d asks policy-rc.d; 101 = "action forbidden": no daemon starts during install
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        denied_starts=1
+        # gone again however this ends (apt fails under set -e, a signal): it denies every service start
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ -n $denied_starts ]]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    if [[ " ${missing[*]} " == *" ksmtuned "* ]]; then
+        if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+            systemctl disable ksmtuned.service ksm.service >/dev/null 2>&1 || true
+        fi
+        if pgrep -x ksmtuned >/dev/null; then
+            say "warning: ksmtuned is running (pid $(pgrep -x ksmtuned | tr '\n' ' ')); sweeps refuse to start" \
+                "until it is stopped"
+        fi
+    fi
+    say "packages: installed ${#missing[@]}"
+    if dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed"; then
+        say "warning: libvirt-daemon-system is installed (not by this script); it may autostart" \
+            "libvirt's 'default' NAT network"
+    fi
+}
+
+prepare_dirs_and_user() {
+    local dir
+    for dir in /var/log/libvirt/qemu /var/lib/libvirt/qemu /run/libvirt "$STATE_DIR"; do
+        if [[ ! -d $dir ]]; then mkdir -p "$dir"; say "created $dir"; fi
+    done
+    # Debian's QEMU driver resolves this compiled-in user before reading qemu.conf.
+    if ! getent group libvirt-qemu >/dev/null; then
+        groupadd --system libvirt-qemu
+        say "created group libvirt-qemu"
+    fi
+    if ! getent passwd libvirt-qemu >/dev/null; then
+        useradd --system --gid libvirt-qemu --no-create-home --home-dir /var/lib/libvirt \
+            --shell /usr/sbin/nologin libvirt-qemu
+        say "created user libvirt-qemu"
+    fi
+}
+
+qemu_conf_has() {  # key value: an active (uncommented) line sets key = value
+    grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QEMU_CONF"
+}
+
+# A host whose libvirt was set up its own way (libvirt-daemon-system, a running libvirtd we did
+# not start, AppArmor/SELinux, dynamic ownership) keeps that set-up: guests run under its
+# policy. Only a bare host (no daemon answering, no libvirt-daemon-system: CI's) gets our
+# qemu.conf, and `--stop` puts the replaced file back.
+host_has_own_libvirt() {
+    dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed" && return 0
+    if virsh -c "$URI" version >/dev/null 2>&1 && ! grep -q "^libvirtd " "$STATE_FILE" 2>/dev/null; then
+        return 0
+    fi
+    return 1
+}
+
+restore_qemu_conf() {
+    [[ -s $QEMU_CONF_RECORD ]] || return 0
+    local original
+    original=$(head -n1 "$QEMU_CONF_RECORD")
+    if [[ $original == absent ]]; then
+        rm -f "$QEMU_CONF"
+        say "qemu.conf: removed (there was none before host-setup)"
+    elif [[ -f $original ]]; then
+        cp -p "$original" "$QEMU_CONF" && rm -f "$original"
+        say "qemu.conf: put back the original from $original"
+    else
+        say "warning: the original qemu.conf $original is missing; $QEMU_CONF left as it is"
+    fi
+    rm -f "$QEMU_CONF_RECORD"
+}
+
+configure_qemu_conf() {
+    mkdir -p "$(dirname "$QEMU_CONF")" "$(dirname "$QEMU_CONF_RECORD")"
+    if host_has_own_libvirt; then
+        say "qemu.conf: this host has its own libvirt set-up; left as it is"
+        return 1
+    fi
+    if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
+        qemu_conf_has security_driver none; then
+        say "qemu.conf: already runs guests as root with security_driver none"
+        # Written by an earlier ksm-lab that kept no record: record its backup, so --stop can
+        # put the original back.
+        if [[ ! -s $QEMU_CONF_RECORD && -e $QEMU_CONF$BACKUP_SUFFIX ]] && grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        fi
+        return 1
+    fi
+    if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+        cp -p "$QEMU_CONF" "$QEMU_CONF$BACKUP_SUFFIX"
+        say "qemu.conf: saved the original as $QEMU_CONF$BACKUP_SUFFIX"
+    fi
+    if [[ ! -s $QEMU_CONF_RECORD ]]; then
+        if [[ -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
+            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
+        else
+            echo absent >"$QEMU_CONF_RECORD"
+        fi
+    fi
+    local tmp
+    tmp=$(mktemp "$QEMU_CONF.XXXXXX")
+    if [[ -f $QEMU_CONF ]]; then
+        # Drop an earlier ksm-lab block and comment out other settings of the same keys.
+        sed -e "\\|^$MARK_BEGIN_ANY |,\\|^$MARK_END\$|d" \
+            -e 's/^\([[:space:]]*\(user\|group\|security_driver\)[[:space:]]*=.*\)$/# (ksm-lab) \1/' \
+            "$QEMU_CONF" >"$tmp"
+    fi
+    printf '%s\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n%s\n' \
+        "$MARK_BEGIN" "$MARK_END" >>"$tmp"
+    chmod 0644 "$tmp"
+    mv "$tmp" "$QEMU_CONF"
+    say "qemu.conf: set user/group root and security_driver none in $QEMU_CONF"
+    return 0
+}
+
+have_systemd() { [[ -d /run/systemd/system ]]; }
+
+start_daemon() {  # name pidfile args...
+    local name=$1 pidfile=$2
+    shift 2
+    local binary
+    binary=$(command -v "$name") || die "$name not found"
+    if have_systemd && systemctl cat "$name.service" >/dev/null 2>&1; then
+        if systemctl is-active --quiet "$name.service"; then
+            say "$name: running (systemd)"
+        else
+            systemctl start "$name.service"
+            say "$name: started with systemctl"
+            if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
+        fi
+        return 0
+    fi
+    if pidfile_alive "$pidfile" "$binary"; then
+        say "$name: running (pid $(head -n1 "$pidfile"))"
+        return 0
+    fi
+    rm -f "$pidfile"
+    # Daemonized; its start-up messages go to a log instead of our caller's pipes.
+    # 9>&-: the daemon must not inherit (and hold forever) this script's lock.
+    "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1 9>&-
+    local _
+    for _ in $(seq 50); do pidfile_alive "$pidfile" "$binary" && break; sleep 0.1; done
+    pidfile_alive "$pidfile" "$binary" ||
+        die "$name did not start; see /var/log/libvirt/ksm-lab-$name.log"
+    local pid
+    pid=$(head -n1 "$pidfile")
+    echo "$name $pid" >>"$STATE_FILE"
+    say "$name: started by hand (pid $pid, recorded in $STATE_FILE)"
+    if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
+}
+
+wait_for_libvirt() {
+    local _
+    for _ in $(seq 60); do
+        if virsh -c "$URI" version >/dev/null 2>&1; then
+            say "libvirt answers at $URI: $(virsh -c "$URI" version 2>/dev/null |
+                grep -E 'Running hypervisor|Using library' | sed 's/  */ /g' | paste -sd';')"
+            return 0
+        fi
+        sleep 0.5
+    done
+    die "libvirt did not answer at $URI within 30 s"
+}
+
+main() {
+    [[ $EUID -eq 0 ]] || die "run as root"
+    if [[ ${1:-} == --stop ]]; then
+        mkdir -p "$STATE_DIR"
+        exec 9>"$STATE_DIR/host-setup.lock"
+        flock 9
+        stop_started_daemons
+        restore_qemu_conf
+        return 0
+    fi
+    if [[ ${1:-} == --packages-only ]]; then
+        install_packages
+        return 0
+    fi
+    [[ $# -eq 0 ]] || die "usage: $0 [--stop | --packages-only]"
+    mkdir -p "$STATE_DIR"
+    # Two set-ups at once would both find libvirtd down and both start one.
+    exec 9>"$STATE_DIR/host-setup.lock"
+    flock 9
+    install_packages
+    prepare_dirs_and_user
+    local conf_changed=no
+    if configure_qemu_conf; then conf_changed=yes; fi
+    STARTED_LIBVIRTD_NOW=no
+    start_daemon virtlogd /run/virtlogd.pid
+    start_daemon libvirtd /run/libvirtd.pid
+    if [[ $conf_changed == yes && $STARTED_LIBVIRTD_NOW == no ]]; then
+        say "warning: qemu.conf changed while libvirtd was already running; restart it to apply"
+    fi
+    wait_for_libvirt
+}
+
+# Sourcing the script (tests) defines the functions without running anything.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi

@@ -1,0 +1,1 @@
+"""One runner per trial kind over one base (the phases every trial goes through)."""
