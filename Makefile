@@ -34,13 +34,10 @@ $(STAMP):
 
 venv: $(STAMP)
 
-# Test-only packages: Chromium renders the report; sysbench + MariaDB let the sysbench adapter
-# run for real on the host (the guests have their own).
+# Test-only packages (Chromium, sysbench, MariaDB): installed with service starts denied, every
+# package that was not there recorded; `make test` purges exactly those after the tests.
 test-deps:
-	@for p in chromium sysbench mariadb-server mariadb-client; do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
-	  if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -q >/dev/null; \
-	  apt-get install -y -q --no-install-recommends $$missing >/dev/null; fi
+	bash scripts/test-deps.sh install
 
 # Each run gets its own results folder: a study folder is never overwritten.
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
@@ -60,7 +57,7 @@ test: host venv test-deps
 	$(PY) -m orchestrator image build
 	$(PYTEST) tests -ra; rc=$$?; \
 	  PYTHON=$(PY) bash scripts/wheel-check.sh || rc=$$((rc ? rc : 1)); \
-	  $(HOST_SETUP) --stop; exit $$rc
+	  $(HOST_SETUP) --stop; bash scripts/test-deps.sh remove; exit $$rc
 
 test-fast: venv
 	$(PYTEST) tests -ra -m "not vm and not browser"

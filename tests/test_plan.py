@@ -262,14 +262,14 @@ def test_trial_ids_are_what_they_were_before_the_workload_models_moved():
         assert [t.trial_id for t in expand(parse_plan(text.replace('name = "x"', 'name = "t"')))] == ids
 
 
-def test_the_readme_plan_reference_lists_each_workloads_keys_and_defaults():
-    """README's [workload] reference names every key of each workload's one model, and no
+def test_the_plan_reference_lists_each_workloads_keys_and_defaults():
+    """The plan reference's [workload] reference names every key of each workload's one model, and no
     other; its values are the models' defaults (sysbench's warmup_s = 30 is advice, not one)."""
     import tomllib
 
     from orchestrator.plan import WORKLOAD_MODELS
 
-    text = (PLANS.parent / "README.md").read_text()
+    text = (PLANS.parent / "docs" / "plan-reference.md").read_text()
     start = text.index("[workload]                   # one of four types:")
     block = text[start:text.index("\n[guests]", start)]
     tables: dict[str, dict] = {}
