@@ -128,7 +128,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
         planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
         study = Study.create(results_dir, plan.study.name, plan_text, planned, resume, order=run_order(plan))
         marker = running_marker()
-        atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid()})
+        # The libvirt URI and study name let the next sweep remove guests this one leaves if killed.
+        atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid(), "name": plan.study.name,
+                                   "uri": plan.guests.uri if plan.guests is not None else None})
         if plan.search is not None:
             from orchestrator.analysis.search import search_trials
 
@@ -212,11 +214,15 @@ def running_marker() -> Path:
 
 def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
     """Undo what a killed sweep left (call with the host lock held): stop the ksmtuned it
-    started (by recorded pid and start time), put back the knobs of its settings record.
-    Guests it left are named for `ksm-lab cleanup` (libvirt is not opened here)."""
+    started (by recorded pid and start time), put back the knobs of its settings record, and
+    remove the guests it left (only those whose metadata names its study, on its libvirt URI).
+
+    Leftover guests would keep running through the next night, ksmd scanning them, and their
+    saved-state names would make every restored trial fail."""
     marker = running_marker()
     try:
-        study_dir = Path(json.loads(marker.read_text())["study"])
+        recorded = json.loads(marker.read_text())
+        study_dir = Path(recorded["study"])
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError):
@@ -230,11 +236,31 @@ def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
     record = study_dir / "settings-record.json"
     if record.exists():
         done += [f"restored {line}" for line in HostSettings(record, root).restore()]
-    if (study_dir / "plan.toml").exists() and "[guests]" in (study_dir / "plan.toml").read_text():
-        log.warning("the killed sweep of %s ran guests: `ksm-lab cleanup` removes any it left", study_dir)
+    done += _remove_killed_guests(recorded, study_dir)
     log.warning("the last sweep (%s) was killed before it cleaned up: %s", study_dir, "; ".join(done) or "nothing left")
     marker.unlink(missing_ok=True)
     return done
+
+
+def _remove_killed_guests(recorded: dict[str, Any], study_dir: Path) -> list[str]:
+    """The killed sweep's guests (and their saved-state builds' guests, "<name>-prep"), removed
+    through `cleanup`; a libvirt that cannot be reached leaves them, named for `ksm-lab cleanup`."""
+    uri, name = recorded.get("uri"), recorded.get("name")
+    if not isinstance(uri, str) or not isinstance(name, str):
+        plan_file = study_dir / "plan.toml"
+        if plan_file.exists() and "[guests]" in plan_file.read_text(errors="replace"):
+            log.warning("the killed sweep of %s ran guests: `ksm-lab cleanup` removes any it left", study_dir)
+        return []
+    from orchestrator.guests.cleanup import cleanup
+
+    removed: list[str] = []
+    for study in (name, f"{name}-prep"):
+        try:
+            removed += cleanup(uri, study=study)
+        except OrchestratorError as exc:
+            log.warning("could not remove the killed sweep's guests (%s): run `ksm-lab cleanup -c %s`", exc, uri)
+            break
+    return [f"removed guest {guest}" for guest in removed]
 
 
 def _refuse_unreachable_libvirt(uri: str) -> None:
