@@ -22,6 +22,7 @@ def pages_for_mib(mib: float) -> int:
 def write_night(root: Path, *, name: str = "nightly", saved_mib: dict[int, list[float]] | None = None,
                 cpu_pct: dict[int, list[float]] | None = None, tps: dict[Any, list[float]] | None = None,
                 hostname: str = "lab1", kernel: str = "6.1.0-test", qemu: str | None = None,
+                machine_id: str | None = None,
                 created_wall: float = 1_700_000_000.0, plan: str | None = None, axis: str = "ksm.pages_to_scan",
                 failed: tuple[str, ...] = (), ksm_off: bool = True, trials_csv: bool = True,
                 missing: tuple[str, ...] = ()) -> Path:
@@ -58,7 +59,7 @@ def write_night(root: Path, *, name: str = "nightly", saved_mib: dict[int, list[
                         workload_summary=summary, kind="sysbench" if tps else "processes",
                         status="failed" if trial_id in failed else "ok",
                         reason="guest vm0 never answered SSH" if trial_id in failed else None)
-    host = {"hostname": hostname, "kernel": kernel, "cpu_model": "Test CPU", "cpu_count": 2,
+    host = {"hostname": hostname, "machine_id": machine_id, "kernel": kernel, "cpu_model": "Test CPU", "cpu_count": 2,
             "mem_total_kib": 24_000_000, "thp": {"enabled": "madvise"}, "collected_wall": created_wall,
             "versions": {"python": "3.11", "ksm-lab": "0.1.0", **({"qemu": qemu} if qemu else {})}}
     (study_dir / "host.json").write_text(json.dumps(host))

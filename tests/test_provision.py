@@ -52,7 +52,7 @@ class FakeImage:
 
 
 @pytest.fixture
-def test_conn():
+def pristine_conn():
     # test:///default keeps its state only while a connection is open: hold one for the test,
     # so every test starts from the driver's pristine state (one domain, "test").
     conn = libvirt.open(TEST_URI)
@@ -90,13 +90,13 @@ def qemu_img_info(path: Path) -> dict:
 # --- GuestSet on the test driver -----------------------------------------------------------
 
 
-def test_guest_set_defines_starts_and_tears_down_everything(test_conn, image, options, tmp_path) -> None:
+def test_guest_set_defines_starts_and_tears_down_everything(pristine_conn, image, options, tmp_path) -> None:
     requests = [GuestRequest(memory_mib=256), GuestRequest(memory_mib=256, nosharepages=True)]
     with GuestSet(TEST_URI, "idle", requests, image, options) as guests:
         assert [g.name for g in guests.guests] == ["ksmlab-idle-0", "ksmlab-idle-1"]
-        assert names(test_conn) == {"test", "ksmlab-idle-0", "ksmlab-idle-1"}
+        assert names(pristine_conn) == {"test", "ksmlab-idle-0", "ksmlab-idle-1"}
         for guest in guests.guests:
-            dom = test_conn.lookupByName(guest.name)
+            dom = pristine_conn.lookupByName(guest.name)
             assert dom.isActive() and dom.UUIDString() == guest.uuid
             assert guest.ssh_host == "127.0.0.1" and guest.ssh_port > 0
             info = qemu_img_info(guest.overlay_path)
@@ -104,15 +104,15 @@ def test_guest_set_defines_starts_and_tears_down_everything(test_conn, image, op
             assert info["backing-filename"] == str(image.disk_path)  # absolute
             meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
             assert str(guest.overlay_path) in meta and "<study>idle</study>" in meta
-        assert "<nosharepages/>" in test_conn.lookupByName("ksmlab-idle-1").XMLDesc()
+        assert "<nosharepages/>" in pristine_conn.lookupByName("ksmlab-idle-1").XMLDesc()
         ports = {g.ssh_port for g in guests.guests}
         assert len(ports) == 2 and set(guests.ports.held()) == ports
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
     assert PortRegistry(tmp_path / "run").held() == {}
 
 
-def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(test_conn, image, options, tmp_path) -> None:
+def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(pristine_conn, image, options, tmp_path) -> None:
     """libvirt dropping our connection (keepalive: libvirtd stopped) fails the trial as the host's
     problem, with what to do; teardown then reconnects once and removes everything."""
     with GuestSet(TEST_URI, "drop", [GuestRequest(memory_mib=128)], image, options) as guests:
@@ -127,22 +127,22 @@ def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(test_conn, im
         unwatch_close(guests._conn)
         unwatch_lifecycle(guests._conn, guests._event_id)
         guests._conn.close()
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
 
-def test_study_name_with_xml_special_characters(test_conn, image, options, tmp_path) -> None:
+def test_study_name_with_xml_special_characters(pristine_conn, image, options, tmp_path) -> None:
     with GuestSet(TEST_URI, NASTY, [GuestRequest(memory_mib=128)], image, options) as guests:
-        assert names(test_conn) == {"test", f"ksmlab-{NASTY}-0"}
+        assert names(pristine_conn) == {"test", f"ksmlab-{NASTY}-0"}
         assert guests.guests[0].overlay_path.is_file()
         assert cleanup(TEST_URI, study="other") == []
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
 
-def test_failure_midway_leaves_nothing_and_spares_the_squatter(test_conn, image, options, tmp_path) -> None:
+def test_failure_midway_leaves_nothing_and_spares_the_squatter(pristine_conn, image, options, tmp_path) -> None:
     # Someone else's domain already has the name our guest 1 wants: its define fails.
-    squatter = test_conn.defineXML(
+    squatter = pristine_conn.defineXML(
         "<domain type='test'><name>ksmlab-clash-1</name><memory>131072</memory>"
         "<os><type arch='i686'>hvm</type></os></domain>"
     )
@@ -150,33 +150,33 @@ def test_failure_midway_leaves_nothing_and_spares_the_squatter(test_conn, image,
     with pytest.raises(ProvisionError, match="1 of 3 guests failed to start: ksmlab-clash-1"):
         with GuestSet(TEST_URI, "clash", requests, image, options):
             pytest.fail("entered a half-made guest set")
-    assert names(test_conn) == {"test", "ksmlab-clash-1"}
-    assert squatter.UUIDString() == test_conn.lookupByName("ksmlab-clash-1").UUIDString()
+    assert names(pristine_conn) == {"test", "ksmlab-clash-1"}
+    assert squatter.UUIDString() == pristine_conn.lookupByName("ksmlab-clash-1").UUIDString()
     assert files_under(tmp_path / "work") == []
     assert PortRegistry(tmp_path / "run").held() == {}
 
 
-def test_missing_base_image_fails_after_define_and_is_undone(test_conn, options, tmp_path) -> None:
+def test_missing_base_image_fails_after_define_and_is_undone(pristine_conn, options, tmp_path) -> None:
     image = FakeImage(disk_path=tmp_path / "absent.qcow2")
     with pytest.raises(ProvisionError, match="absent.qcow2 does not exist"):
         with GuestSet(TEST_URI, "nobase", [GuestRequest(memory_mib=128)] * 2, image, options):
             pass
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert not (tmp_path / "work" / "nobase").exists()
 
 
-def test_teardown_is_idempotent_and_survives_outside_cleanup(test_conn, image, options, tmp_path) -> None:
+def test_teardown_is_idempotent_and_survives_outside_cleanup(pristine_conn, image, options, tmp_path) -> None:
     guests = GuestSet(TEST_URI, "twice", [GuestRequest(memory_mib=128)] * 2, image, options).__enter__()
     # Someone (the `cleanup` command) already removed one guest behind our back.
-    test_conn.lookupByName("ksmlab-twice-0").destroy()
+    pristine_conn.lookupByName("ksmlab-twice-0").destroy()
     guests.teardown()
     guests.teardown()
     guests.__exit__(None, None, None)
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
 
-def test_guest_set_can_be_kept_across_trials(test_conn, image, options) -> None:
+def test_guest_set_can_be_kept_across_trials(pristine_conn, image, options) -> None:
     with GuestSet(TEST_URI, "keep", [GuestRequest(memory_mib=128)] * 2, image, options) as guests:
         first = guests.guests
         for _trial in range(3):
@@ -184,18 +184,18 @@ def test_guest_set_can_be_kept_across_trials(test_conn, image, options) -> None:
             assert guests.guests == first
 
 
-def test_guest_set_can_be_exited_and_entered_again(test_conn, image, options, tmp_path) -> None:
+def test_guest_set_can_be_exited_and_entered_again(pristine_conn, image, options, tmp_path) -> None:
     guest_set = GuestSet(TEST_URI, "reboot", [GuestRequest(memory_mib=128)], image, options)
     with guest_set:
         first_uuid = guest_set.guests[0].uuid
     with guest_set:
         assert guest_set.guests[0].uuid != first_uuid
-        assert test_conn.lookupByName("ksmlab-reboot-0").isActive()
-    assert names(test_conn) == {"test"}
+        assert pristine_conn.lookupByName("ksmlab-reboot-0").isActive()
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
 
-def test_second_interrupt_during_teardown_does_not_cut_it_short(test_conn, image, options, tmp_path) -> None:
+def test_second_interrupt_during_teardown_does_not_cut_it_short(pristine_conn, image, options, tmp_path) -> None:
     class SlowTeardown(GuestSet):
         def _teardown_slot(self, slot) -> None:
             if slot.index == 0:
@@ -206,14 +206,14 @@ def test_second_interrupt_during_teardown_does_not_cut_it_short(test_conn, image
     with pytest.raises(KeyboardInterrupt):
         with SlowTeardown(TEST_URI, "sigint", [GuestRequest(memory_mib=128)] * 3, image, options):
             pass
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
     assert PortRegistry(tmp_path / "run").held() == {}
 
 
-def test_sigterm_handler_runs_after_the_teardown_not_during_it(test_conn, image, options) -> None:
+def test_sigterm_handler_runs_after_the_teardown_not_during_it(pristine_conn, image, options) -> None:
     calls: list[set[str]] = []
-    previous = signal.signal(signal.SIGTERM, lambda _n, _f: calls.append(names(test_conn)))
+    previous = signal.signal(signal.SIGTERM, lambda _n, _f: calls.append(names(pristine_conn)))
 
     class TermDuringTeardown(GuestSet):
         def _teardown_slot(self, slot) -> None:
@@ -229,11 +229,11 @@ def test_sigterm_handler_runs_after_the_teardown_not_during_it(test_conn, image,
     assert calls == [{"test"}]  # once, and only when our domains were already gone
 
 
-def test_interrupt_in_body_still_tears_down(test_conn, image, options, tmp_path) -> None:
+def test_interrupt_in_body_still_tears_down(pristine_conn, image, options, tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         with GuestSet(TEST_URI, "ctrlc", [GuestRequest(memory_mib=128)], image, options):
             raise KeyboardInterrupt
-    assert names(test_conn) == {"test"}
+    assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
 
 
@@ -249,7 +249,7 @@ def _crafted_domain(conn: libvirt.virConnect, name: str, overlay: Path, console:
     )
 
 
-def test_cleanup_removes_only_files_named_like_ours(test_conn, tmp_path) -> None:
+def test_cleanup_removes_only_files_named_like_ours(pristine_conn, tmp_path) -> None:
     # Metadata anyone with libvirt access can write names files outside our work: a domain
     # named like ours whose metadata points at a config file, a link and a folder.
     victim = tmp_path / "etc" / "important.conf"
@@ -263,9 +263,9 @@ def test_cleanup_removes_only_files_named_like_ours(test_conn, tmp_path) -> None
     ours = tmp_path / "w2" / "evil-2-89abcdef.qcow2"
     ours.parent.mkdir()
     ours.write_bytes(b"overlay")
-    _crafted_domain(test_conn, "ksmlab-evil-0", victim, tmp_path / "w" / "evil-0-0123abcd.console.log")
-    _crafted_domain(test_conn, "ksmlab-evil-1", link, folder)
-    _crafted_domain(test_conn, "ksmlab-evil-2", ours, tmp_path / "w2" / "evil-2-89abcdef.console.log")
+    _crafted_domain(pristine_conn, "ksmlab-evil-0", victim, tmp_path / "w" / "evil-0-0123abcd.console.log")
+    _crafted_domain(pristine_conn, "ksmlab-evil-1", link, folder)
+    _crafted_domain(pristine_conn, "ksmlab-evil-2", ours, tmp_path / "w2" / "evil-2-89abcdef.console.log")
 
     assert sorted(cleanup(TEST_URI, study="evil")) == ["ksmlab-evil-0", "ksmlab-evil-1", "ksmlab-evil-2"]
     assert victim.read_text() == "keep me"
@@ -274,10 +274,10 @@ def test_cleanup_removes_only_files_named_like_ours(test_conn, tmp_path) -> None
     assert not ours.parent.exists()
 
 
-def test_cleanup_removes_only_our_domains(test_conn, image, options, tmp_path) -> None:
+def test_cleanup_removes_only_our_domains(pristine_conn, image, options, tmp_path) -> None:
     # An unrelated domain, and one with our prefix but without our metadata: neither is ours.
     for name in ("someone-elses-vm", "ksmlab-handmade-0"):
-        test_conn.defineXML(
+        pristine_conn.defineXML(
             f"<domain type='test'><name>{name}</name><memory>131072</memory>"
             "<os><type arch='i686'>hvm</type></os></domain>"
         )
@@ -292,7 +292,7 @@ def test_cleanup_removes_only_our_domains(test_conn, image, options, tmp_path) -
     assert beta.guests[0].overlay_path.is_file()
     assert cleanup(TEST_URI) == ["ksmlab-beta-0"]
     assert cleanup(TEST_URI) == []
-    assert names(test_conn) == {"test", "someone-elses-vm", "ksmlab-handmade-0"}
+    assert names(pristine_conn) == {"test", "someone-elses-vm", "ksmlab-handmade-0"}
     assert files_under(tmp_path / "work") == []
     for guest_set in (alpha, beta):
         guest_set.teardown()  # releases ports and the connection; nothing else left to do
@@ -301,7 +301,7 @@ def test_cleanup_removes_only_our_domains(test_conn, image, options, tmp_path) -
 # --- readiness ------------------------------------------------------------------------------------
 
 
-def test_wait_ready_retries_until_connect_succeeds(test_conn, image, options) -> None:
+def test_wait_ready_retries_until_connect_succeeds(pristine_conn, image, options) -> None:
     attempts: dict[str, int] = {}
 
     def flaky(guest: Guest) -> None:
@@ -315,7 +315,7 @@ def test_wait_ready_retries_until_connect_succeeds(test_conn, image, options) ->
     assert set(ready_s) == set(attempts) and all(s > 0 for s in ready_s.values())
 
 
-def test_wait_ready_timeout_carries_the_console_tail(test_conn, image, options) -> None:
+def test_wait_ready_timeout_carries_the_console_tail(pristine_conn, image, options) -> None:
     def never(guest: Guest) -> None:
         raise ConnectionRefusedError("refused")
 
@@ -331,9 +331,9 @@ def test_wait_ready_timeout_carries_the_console_tail(test_conn, image, options) 
     assert "boot line 99" in caught.value.console_tail and "boot line 10\n" not in caught.value.console_tail
 
 
-def test_wait_ready_gives_up_at_once_when_the_guest_died(test_conn, image, options) -> None:
+def test_wait_ready_gives_up_at_once_when_the_guest_died(pristine_conn, image, options) -> None:
     with GuestSet(TEST_URI, "died", [GuestRequest(memory_mib=128)], image, options) as guests:
-        test_conn.lookupByName("ksmlab-died-0").destroy()
+        pristine_conn.lookupByName("ksmlab-died-0").destroy()
         started = time.monotonic()
         with pytest.raises(GuestBootError, match="no longer running"):
             guests.wait_ready(lambda guest: None, timeout_s=120)
@@ -671,3 +671,40 @@ def test_the_port_table_lock_is_given_up_at_its_deadline(tmp_path: Path) -> None
         _os.close(holder)
     port = registry.allocate("test")  # free again: it works
     registry.release(port)
+
+
+def test_next_sweep_heal_removes_only_the_killed_studys_guests(pristine_conn, image, options, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A killed sweep's marker names its study and URI: the heal removes that study's guests
+    (and its saved-state build's, "<name>-prep") and leaves another study's running."""
+    from orchestrator import sweep as sweep_module
+
+    monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
+    killed = GuestSet(TEST_URI, "night", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    prep = GuestSet(TEST_URI, "night-prep", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    other = GuestSet(TEST_URI, "nightly-2", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    marker = sweep_module.running_marker()
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
+                                  "uri": TEST_URI}))
+    done = sweep_module.heal_killed_sweep()
+    assert sorted(done) == ["removed guest ksmlab-night-0", "removed guest ksmlab-night-prep-0"]
+    assert not killed.guests[0].overlay_path.exists() and not prep.guests[0].overlay_path.exists()
+    assert [d.name() for d in pristine_conn.listAllDomains(0) if d.name().startswith("ksmlab-")] == ["ksmlab-nightly-2-0"]
+    assert other.guests[0].overlay_path.is_file()
+    assert not marker.exists()
+    for guest_set in (killed, prep, other):
+        guest_set.teardown()  # releases this process's ports and connections
+
+
+def test_heal_with_libvirt_unreachable_names_cleanup_and_goes_on(tmp_path, monkeypatch, caplog) -> None:
+    from orchestrator import sweep as sweep_module
+
+    monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
+    marker = sweep_module.running_marker()
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
+                                  "uri": "qemu+unix:///system?socket=" + str(tmp_path / "no-such-socket")}))
+    assert sweep_module.heal_killed_sweep() == []
+    assert "ksm-lab cleanup" in caplog.text
+    assert not marker.exists()

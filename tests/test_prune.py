@@ -117,3 +117,31 @@ def test_a_study_with_an_unbelievable_date_cannot_push_real_ones_out(tmp_path: P
     assert not real[0].exists() and not real[1].exists()
     # nor does it become the nightly's baseline
     assert catalog.latest(catalog.scan(root), (catalog.GOOD,)).path == real[2]
+
+
+def test_two_machines_sharing_a_hostname_never_prune_each_others_studies(tmp_path: Path) -> None:
+    """The host is its /etc/machine-id where host.json records one: a cloned or renamed machine
+    collected into the same root keeps its own newest and last good study."""
+    root = tmp_path / "results"
+    first, second = "a" * 32, "b" * 32
+    mine = [_night(root, day, machine_id=first) for day in (1, 2, 3)]
+    clone = _night(root, 4, machine_id=second, failed=("p1000-r0",))  # newest by date, same hostname
+    assert catalog.read_entry(clone).host == catalog.read_entry(mine[0]).host == "lab1"
+    decisions = {d.entry.path: d for d in prune(root, keep=1, dry_run=True, now_wall=NOW)}
+    assert not decisions[mine[2]].remove and "newest" in decisions[mine[2]].why
+    assert not decisions[clone].remove and "newest" in decisions[clone].why
+    assert [decisions[p].remove for p in mine[:2]] == [True, True]
+    # Filtering by either name of the host finds its studies.
+    assert {e.path for e in catalog.scan(root, host=second)} == {clone}
+    assert len(catalog.scan(root, host="lab1")) == 4
+
+
+def test_host_json_records_the_machine_id(tmp_path: Path) -> None:
+    from orchestrator.host.hostinfo import machine_id
+
+    (tmp_path / "etc").mkdir()
+    assert machine_id(tmp_path) is None
+    (tmp_path / "etc" / "machine-id").write_text("3D1219C7C4C5404AAA1F6D2A48ADFDA4\n")
+    assert machine_id(tmp_path) == "3d1219c7c4c5404aaa1f6d2a48adfda4"
+    (tmp_path / "etc" / "machine-id").write_text("uninitialized\n")  # systemd's first-boot value
+    assert machine_id(tmp_path) is None

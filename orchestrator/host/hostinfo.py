@@ -48,6 +48,16 @@ def numa_nodes(root: Path = Path("/")) -> int:
     return len(list((root / "sys/devices/system/node").glob("node[0-9]*"))) or 1
 
 
+def machine_id(root: Path = Path("/")) -> str | None:
+    """/etc/machine-id (32 hex digits, systemd and dbus keep it), or None. The host's identity for
+    prune and the nightly's groups: a hostname is not one (two lab hosts, a clone, a rename)."""
+    try:
+        text = (root / "etc" / "machine-id").read_text(errors="replace").strip().lower()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{32}", text) else None
+
+
 def collect_host_info(root: Path = Path("/"), with_vm_tools: bool = False) -> dict[str, Any]:
     uname = os.uname()
     versions = {"ksm-lab": __version__, "python": platform.python_version()}
@@ -60,6 +70,7 @@ def collect_host_info(root: Path = Path("/"), with_vm_tools: bool = False) -> di
     return {
         "collected_wall": time.time(),
         "hostname": uname.nodename,
+        "machine_id": machine_id(root),
         "kernel": uname.release,
         "kernel_version": uname.version,
         "arch": uname.machine,

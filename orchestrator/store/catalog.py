@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,13 +65,14 @@ def _mtime_ns(path: Path) -> int | None:
 class StudyEntry:
     path: Path
     name: str
-    host: str
+    host: str  # the hostname, for people
     created_wall: float
     schema_version: Any
     state: str
     trials: int
     failed: int
     trials_csv_mtime_ns: int | None
+    host_id: str = UNKNOWN_HOST  # the machine id host.json records, else the hostname: prune's groups
 
     @property
     def good(self) -> bool:
@@ -85,6 +87,14 @@ def hostname_of(host: Any) -> str:
     if isinstance(host, dict) and isinstance(host.get("hostname"), str) and host["hostname"]:
         return host["hostname"]
     return UNKNOWN_HOST
+
+
+def host_id_of(host: Any) -> str:
+    """The machine id a study's host.json records (studies before it was recorded: the hostname)."""
+    if isinstance(host, dict) and isinstance(host.get("machine_id"), str) \
+            and re.fullmatch(r"[0-9a-f]{32}", host["machine_id"]):
+        return host["machine_id"]
+    return hostname_of(host)
 
 
 def study_state(study_dir: Path, trial_ids: list[str]) -> tuple[str, int]:
@@ -119,10 +129,12 @@ def read_entry(study_dir: Path) -> StudyEntry | None:
     trial_ids = [str(t) for t in meta.get("trial_ids") or []]
     state, failed = study_state(study_dir, trial_ids)
     created = meta.get("created_wall")
+    host = _read_json(study_dir / "host.json")
     return StudyEntry(
         path=study_dir,
         name=str(meta.get("name") or study_dir.name),
-        host=hostname_of(_read_json(study_dir / "host.json")),
+        host=hostname_of(host),
+        host_id=host_id_of(host),
         created_wall=float(created) if isinstance(created, (int, float)) else 0.0,
         schema_version=meta.get("schema_version"),
         state=state,
@@ -150,9 +162,10 @@ def _order(e: StudyEntry) -> tuple[float, str]:
 
 
 def scan(root: Path, plan: str | None = None, host: str | None = None) -> list[StudyEntry]:
-    """Every study under root, oldest first (by created_wall, then path), optionally filtered."""
+    """Every study under root, oldest first (by created_wall, then path), optionally filtered
+    (`host`: a hostname or a machine id)."""
     entries = [e for e in (read_entry(d) for d in find_study_dirs(root)) if e is not None]
-    entries = [e for e in entries if (plan is None or e.name == plan) and (host is None or e.host == host)]
+    entries = [e for e in entries if (plan is None or e.name == plan) and (host is None or host in (e.host, e.host_id))]
     return sorted(entries, key=_order)
 
 

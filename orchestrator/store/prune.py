@@ -1,6 +1,6 @@
 """Remove old studies from a results root, never the one a nightly compare needs.
 
-Per plan and host (study.json name, host.json hostname), studies are ordered by created_wall; a
+Per plan and host (study.json name, host.json machine_id, else its hostname), studies are ordered by created_wall; a
 study whose date is not believable (catalog.date_trusted: NaN, before 2000, more than a day in
 the future) is kept and left out of the order, so it can neither push real studies out of the
 newest N nor count as the newest or the last good one.
@@ -50,7 +50,9 @@ def plan_prune(entries: list[catalog.StudyEntry], keep: int | None = None, older
                                            "believable date (not a number, before 2000 or in the future): kept, and "
                                            "left out of the order so it cannot push real studies out"))
             continue
-        groups.setdefault((entry.name, entry.host), []).append(entry)
+        # The host is its machine id where host.json records one: two machines sharing a hostname
+        # (a clone, a rename, studies collected from elsewhere) never prune each other's studies.
+        groups.setdefault((entry.name, entry.host_id), []).append(entry)
     for group in groups.values():
         group = sorted(group, key=lambda e: (e.created_wall, str(e.path)))
         newest = group[-1]
