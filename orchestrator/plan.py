@@ -18,12 +18,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.planpaths import relative_to_plan
+from orchestrator.plugins import workload_plugins
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName
 from orchestrator.validation import Strict, problems
 from orchestrator.workloads.density import DensitySection
@@ -168,19 +169,13 @@ class SamplingSection(Strict):
         return self
 
 
-class IdleWorkload(Strict):
-    """Guests that only run: what they hold in memory after boot is what KSM merges."""
-
-    type: Literal["idle"] = "idle"
-
-    writes_during_measure: ClassVar[bool] = False
-
-
-# Each workload's one model is its adapter's (workloads/): the plan validates its [workload]
-# table with it, the runner gets it back from Trial.workload_model. "type" tells them apart.
-Workload = ProcessesParams | IdleWorkload | SysbenchWorkload | ProbeParams
+# Each workload's one model is its adapter's (workloads/, registered as plugins): the plan
+# validates its [workload] table with it, the runner gets it back from Trial.workload_model.
+# "type" tells them apart.
+WORKLOAD_PLUGINS = workload_plugins()
+WORKLOAD_MODELS: dict[str, type[BaseModel]] = {name: p.model for name, p in WORKLOAD_PLUGINS.items()}
+Workload = Union[tuple(WORKLOAD_MODELS.values())]  # type: ignore[valid-type]  # built from the plugins
 WorkloadSection = Annotated[Workload, Field(discriminator="type")]
-WORKLOAD_MODELS: dict[str, type[BaseModel]] = {m.model_fields["type"].default: m for m in get_args(Workload)}
 
 
 class _WorkloadTable(BaseModel):
@@ -328,9 +323,10 @@ class Plan(Strict):
 
     @model_validator(mode="after")
     def _vm_workloads_need_guests(self) -> "Plan":
-        if self.workload.type in ("idle", "sysbench") and self.guests is None:
+        where = WORKLOAD_PLUGINS[self.workload.type].where
+        if where == "guests" and self.guests is None:
             raise ValueError(f"workload type '{self.workload.type}' runs in guests: add a [guests] table")
-        if self.workload.type in ("processes", "probe") and self.guests is not None:
+        if where == "host" and self.guests is not None:
             raise ValueError(f"workload type '{self.workload.type}' runs on the host: remove [guests]")
         if self.density is not None and self.guests is None:
             raise ValueError("[density] adds guests: add a [guests] table (count = the first step)")

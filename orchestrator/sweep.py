@@ -27,14 +27,15 @@ from orchestrator.analysis import studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.host.hostinfo import collect_host_info
 from orchestrator.host.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
-from orchestrator.plan import KSM_INT_KNOBS, KSM_STR_KNOBS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
+from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, WORKLOAD_PLUGINS, Plan, SamplingSection, Trial,
+                               check_against_host, expand, run_order)
+from orchestrator.plugins import load_object
 from orchestrator.preflight import qemu_reach_checks, space_checks
 from orchestrator.host.probes import KSM_SYSFS
 from orchestrator.analysis.stats import time_mean
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.store.study import Study
 from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner
-from orchestrator.runners.processes import ProcessesRunner
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,14 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:
-    if plan.workload.type == "processes":
-        return ProcessesRunner(plan, settings, stop, progress)
-    if plan.workload.type == "probe":
-        from orchestrator.runners.probe import ProbeRunner
-
-        return ProbeRunner(plan, settings, stop, progress)
+    """The workload's registered runner (plugins.py); [density] has its own over the VM runner.
+    Runners load here, so libvirt and paramiko load only for plans that run guests."""
     if plan.density is not None:
-        from orchestrator.runners.density import DensityVmRunner  # libvirt/paramiko only when needed
+        from orchestrator.runners.density import DensityVmRunner
 
         return DensityVmRunner(plan, settings, stop, progress)
-    from orchestrator.runners.vm import VmRunner  # the VM stages load libvirt/paramiko only when needed
-
-    return VmRunner(plan, settings, stop, progress)
+    runner = load_object(WORKLOAD_PLUGINS[plan.workload.type].runner)
+    return runner(plan, settings, stop, progress)
 
 
 @dataclass

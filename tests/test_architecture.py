@@ -106,7 +106,7 @@ LAYERS = (
     ("sweep",),
     ("cli",),
 )
-VOCABULARY = {"__init__", "errors", "validation", "fsutil", "resources", "subproc", "units"}
+VOCABULARY = {"__init__", "errors", "validation", "fsutil", "resources", "subproc", "units", "plugins"}
 
 
 def _group(module: str) -> str:

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
+from orchestrator.plugins import WorkloadPlugin
 from orchestrator.validation import Params
 from orchestrator.workloads._prober import PROBE_FILLS
 
@@ -176,3 +177,6 @@ class ProbeWorker:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+PLUGIN = WorkloadPlugin(type="probe", model=ProbeParams, runner="orchestrator.runners.probe:ProbeRunner", where="host")

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.resources import package_root
+from orchestrator.plugins import WorkloadPlugin
 from orchestrator.validation import Params
 from orchestrator.workloads._filler import FILLS, memory_merge_supported
 
@@ -385,3 +386,6 @@ class ProcessesWorkload:
                     stream.close()
         if alive:
             log.info("stopped %d worker(s)", len(alive))
+
+
+PLUGIN = WorkloadPlugin(type="processes", model=ProcessesParams, runner="orchestrator.runners.processes:ProcessesRunner", where="host")

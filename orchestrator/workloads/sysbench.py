@@ -20,6 +20,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from orchestrator.errors import GuestError, WorkloadError
+from orchestrator.plugins import WorkloadPlugin
 from orchestrator.validation import Params
 
 # The lua tests sysbench 1.0 ships in /usr/share/sysbench (all use the oltp_common schema).
@@ -685,3 +686,6 @@ def summary_dict(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> dict[str,
         entry["error"] = run.error
         out[run.guest] = entry
     return out
+
+
+PLUGIN = WorkloadPlugin(type="sysbench", model=SysbenchWorkload, runner="orchestrator.runners.vm:VmRunner", where="guests")
