@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import cached_property
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -185,6 +185,13 @@ class _WorkloadTable(BaseModel):
 
 
 class GuestsSection(Strict):
+    # Fields that do not shape a saved guest (where it runs, how it starts, bounds, folders; the
+    # image and template are keyed by their own digests). Every other field, including one added
+    # later, is part of the saved state's key: a new field that shapes a guest changes the key.
+    NOT_GUEST_SHAPE: ClassVar[frozenset[str]] = frozenset({
+        "uri", "template", "image", "image_cache_dir", "start", "cache_states", "boot_timeout_s",
+        "restore_timeout_s", "workdir"})
+
     count: int = Field(2, ge=1, le=256)
     memory_mib: int = Field(1024, ge=128)
     vcpus: int = Field(1, ge=1, le=256)

@@ -78,7 +78,7 @@ def guest_set_key(trial: Trial) -> str:
     Keys (this one, the saved state's, the prepared layer's) hash the trial's tables as the plan
     wrote them, as trial ids do; settings are read from the typed models."""
     workload = trial.workload
-    data = {k: workload.get(k) for k in ("type", "test", "tables", "table_size", "data", "rand_seed", "reuse_prepared")}
+    data = {k: workload.get(k) for k in ("type", *sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS, "data", "reuse_prepared")}
     return hashlib.sha256(json.dumps({"guests": trial.guests, "data": data}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,8 +150,7 @@ class VmRunner(TrialRunner):
         """Everything that shapes a saved guest: the image, the guest hardware and domain
         template, the prepared data and the warm-up. Study name, ports and paths do not."""
         g = trial.guests or {}
-        hardware = {k: g.get(k) for k in ("count", "memory_mib", "vcpus", "domain_type", "nosharepages",
-                                          "hugepages", "vcpu_pins", "numa_node", "network")}
+        hardware = {k: g.get(k) for k in GuestsSection.model_fields if k not in GuestsSection.NOT_GUEST_SHAPE}
         hardware["domain_type"] = choose_domain_type(guests_of(trial).domain_type)
         workload = {k: v for k, v in trial.workload.items() if k not in ("duration_s", "report_interval_s", "rate")}
         return {"image": image.key or str(image.disk_path), "hardware": hardware, "workload": workload,
@@ -379,7 +378,7 @@ class VmRunner(TrialRunner):
         shared = workload.data == "shared"
         wanted = 1 if shared else count
         layer_dir = prepared_dir(image)
-        spec = {k: trial.workload[k] for k in ("test", "tables", "table_size", "rand_seed")}
+        spec = {k: trial.workload[k] for k in sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS}
         spec["image"] = image.key or str(image.disk_path)
         spec["image_mtime_ns"] = Path(image.disk_path).stat().st_mtime_ns
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]

@@ -110,6 +110,9 @@ class SysbenchWorkload(_SysbenchRun):
     warmup_s: int = Field(0, ge=0, le=3600)
 
     writes_during_measure: ClassVar[bool] = True  # every OLTP test writes (the undo log, at least)
+    # What the prepared database depends on: the keys of its cached disk layer and of booted
+    # guests that can be shared between trials (runners/vm.py) both come from this one list.
+    PREPARED_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("test", "tables", "table_size", "rand_seed")
 
     def params(self, **update: Any) -> SysbenchParams:
         """The run's parameters (a warm-up or a burst changes duration_s through `update`)."""
