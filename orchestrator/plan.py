@@ -379,6 +379,9 @@ class Trial:
     ksm_off: bool = False
     label: str = field(default="")
     rerun_of: str | None = None  # a rerun of a disturbed trial: that trial's id
+    # The rerun ran right after the trial it replaces, inside its block (pairable with the
+    # block's KSM-off trial); False for reruns run after the study (a resumed one's leftovers).
+    rerun_in_block: bool = False
     # {"name": "static"|"advisor"|"ksmtuned"|"kubevirt", "<name>": {params}} (policies/)
     policy: dict[str, Any] = field(default_factory=lambda: {"name": "static"})
     extra: dict[str, Any] = field(default_factory=dict)  # more trial.json fields (search_reason)

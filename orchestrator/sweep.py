@@ -100,6 +100,25 @@ def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
     return reruns
 
 
+def _add_trials(progress: Any, count: int) -> None:
+    """Grow the progress total for reruns (a caller's progress object may not know how)."""
+    grow = getattr(progress, "add_trials", None)
+    if grow is not None:
+        grow(count)
+
+
+def _in_block_rerun(plan: Plan, study: Study, trial: Trial) -> Trial | None:
+    """The rerun of `trial` to run right now, when it finished disturbed (one rerun at most; a
+    search plan's trials are chosen as it goes and never rerun)."""
+    if not plan.study.rerun_disturbed or plan.search is not None or trial.rerun_of is not None:
+        return None
+    record = study.trial_record(trial.trial_id) or {}
+    rerun_id = f"{trial.trial_id}-rerun1"
+    if record.get("status") != "ok" or not record.get("disturbed") or study.is_finished(rerun_id):
+        return None
+    return dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id, rerun_in_block=True)
+
+
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
               progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/"),
               on_study: Callable[[Study], None] | None = None) -> SweepOutcome:
@@ -162,15 +181,29 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     outcome.ran += 1
                     outcome.failed += status != "ok"
                     progress.advance(trial, status)
-                # Reruns come after the whole study, far in time from their block's other trials:
-                # the analysis therefore does not pair a block that holds a rerun
-                # (studymetrics._pairable_blocks), which is smaller than reordering the sweep.
+                    # A disturbed trial runs again at once, inside its block: the rerun sits
+                    # beside the block's other trials in time, so its pair with the block's
+                    # KSM-off trial holds no drift and the block still pairs.
+                    rerun = _in_block_rerun(plan, study, trial)
+                    if rerun is not None and not stop.is_set():
+                        study.add_trial_ids([rerun.trial_id])
+                        _add_trials(progress, 1)
+                        log.warning("trial %s was disturbed by outside load: running it again now as %s",
+                                    trial.trial_id, rerun.trial_id)
+                        status = _run_one(study, runner, settings, rerun, stop, progress)
+                        outcome.ran += 1
+                        outcome.reruns += 1
+                        outcome.failed += status != "ok"
+                        progress.advance(rerun, status)
+                # Leftovers (a resumed study whose disturbed trial has no rerun yet) run after
+                # the study, far from their block: the analysis does not pair their block.
                 if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
                         and plan.search is None):
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
                         study.add_trial_ids([rerun.trial_id])
+                        _add_trials(progress, 1)
                         log.warning("trial %s was disturbed by outside load: running it again as %s",
                                     rerun.rerun_of, rerun.trial_id)
                         status = _run_one(study, runner, settings, rerun, stop, progress)
@@ -291,6 +324,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         "kind": trial.workload["type"],
         "ksm_off": trial.ksm_off,
         "rerun_of": trial.rerun_of,
+        "rerun_in_block": trial.rerun_in_block,
         "status": "failed",
         "reason": None,
         "started_wall": time.time(),
@@ -395,6 +429,7 @@ def write_trials_table(study: Study) -> Path:
             "ksm_off": record.get("ksm_off"),
             "disturbed": record.get("disturbed"),
             "rerun_of": record.get("rerun_of"),
+            "rerun_in_block": bool(record.get("rerun_in_block")),
         }
         row.update(record.get("settings") or {})
         rows.append(row)
@@ -430,3 +465,6 @@ class _LogProgress:
 
     def advance(self, trial: Trial, status: str) -> None:
         log.info("trial %s: %s", trial.trial_id, status)
+
+    def add_trials(self, count: int) -> None:
+        self.total += count

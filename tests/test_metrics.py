@@ -714,6 +714,23 @@ def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
     assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -29.0]))
 
 
+def test_a_rerun_run_inside_its_block_pairs(tmp_path: Path) -> None:
+    """The sweep reruns a disturbed trial at once, right after it (rerun_in_block): the block
+    still pairs, with the rerun in place of the disturbed trial."""
+    study = start_study(tmp_path)
+    on = {"threads": 1, "ksm.pages_to_scan": 1000}
+    for block, (a, b) in enumerate(((7.0, 10.0), (8.28, 12.0), (5.68, 8.0))):
+        sysbench_trial(study, f"off-r{block}", {"threads": 1}, b, rep=block, ksm_off=True, guest_spread=0.0)
+        sysbench_trial(study, f"on-r{block}", on, a, rep=block, guest_spread=0.0,
+                       extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0})
+    sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0,
+                   extra={"rerun_of": "on-r1", "rerun_in_block": True})
+    settings = computed(finish_study(study)).settings
+    row = settings[~settings["ksm_off"]].iloc[0]
+    assert (row["tps_vs_off_method"], row["tps_vs_off_n"]) == ("paired by block", 3)
+    assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -30.0, -29.0]))
+
+
 def family_study(root: Path, effects: dict[int, list[float]], off: tuple[float, ...] = (10.0, 12.0, 8.0)) -> Path:
     """KSM off and one setting per pages_to_scan in each block; a setting's tps is the block's
     KSM-off tps changed by effects[pages][block] percent."""

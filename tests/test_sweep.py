@@ -228,6 +228,11 @@ def test_outside_load_flags_the_disturbed_trial_and_reruns_it(tmp_path, results_
     assert disturbed["outside_cpu_pct"].iloc[0] > 30  # a busy loop for most of measure
     rerun = table.loc[f"{original}-rerun1"]
     assert rerun["rerun_of"] == original and not rerun["disturbed"]
+    # It ran at once, inside its block: the next trial to start after the one it replaces.
+    assert rerun["rerun_in_block"]
+    started = sorted(table.index, key=lambda t: json.loads(
+        (results_dir / "disturbed" / "trials" / t / "trial.json").read_text())["started_wall"])
+    assert started[started.index(original) + 1] == f"{original}-rerun1"
     calm = table.drop(index=[original])
     assert (calm["outside_cpu_pct"] < 5).all(), calm["outside_cpu_pct"]
     # The disturbed trial is kept, marked; a resume does not run the rerun again.

@@ -145,6 +145,7 @@ def _trial_row(data: TrialData, page_size_bytes: int) -> tuple[dict[str, Any], p
     if isinstance(info.get("outside_cpu_pct"), (int, float)):
         m["outside_cpu_pct"] = float(info["outside_cpu_pct"])
     m["rerun_of"] = str(info["rerun_of"]) if info.get("rerun_of") else None
+    m["rerun_in_block"] = bool(info.get("rerun_in_block", False))
     return m, per_proc, per_guest
 
 
@@ -174,7 +175,7 @@ def compute_study(study: StudyData) -> StudyMetrics:
     for r in rows:
         r["_offkey"] = _setting_key(r["_settings"], other_axes)
     identity = ["trial_id", "status", "reason", "ksm_off", "kind", "repetition", "index", "setting",
-                "data_problems", "disturbed", "rerun_of", "_settings", "_ksm", "_group", "_offkey"]
+                "data_problems", "disturbed", "rerun_of", "rerun_in_block", "_settings", "_ksm", "_group", "_offkey"]
     trials = pd.DataFrame(rows, columns=None if rows else identity)
     trials["ksm_off"] = trials["ksm_off"].astype(bool)
     trials["disturbed"] = trials["disturbed"].astype(bool)
@@ -311,11 +312,13 @@ def _by_block(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def _pairable_blocks(frame: pd.DataFrame) -> pd.Index:
-    """Blocks of a side that can pair: a block whose used trial is a rerun is left out, because
-    the sweep runs reruns after the whole study, far from the block's other trials; drift between
-    them is exactly what pairing must not absorb (the rerun still counts in the setting's mean).
-    Smaller than moving reruns next to the trial they replace, and right for old studies too."""
+    """Blocks of a side that can pair: a block whose used trial is a rerun run after the study
+    is left out, because it ran far from the block's other trials; drift between them is
+    exactly what pairing must not absorb (the rerun still counts in the setting's mean). A
+    rerun the sweep ran at once, right after the trial it replaces (rerun_in_block), pairs."""
     reruns = frame["rerun_of"].notna() if "rerun_of" in frame.columns else pd.Series(False, index=frame.index)
+    if "rerun_in_block" in frame.columns:
+        reruns &= ~frame["rerun_in_block"].fillna(False).astype(bool)
     blocks = frame["repetition"]
     return pd.Index(blocks[~blocks.isin(blocks[reruns])].dropna().unique())
 

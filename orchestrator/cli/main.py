@@ -84,6 +84,11 @@ class RichProgress:
             log.warning("trial %s: %s", trial.trial_id, status)
         self.progress.advance(self.task)
 
+    def add_trials(self, count: int) -> None:
+        """Reruns join the study as it runs: the bar's total grows, never reads 10/8."""
+        total = self.progress.tasks[self.task].total or 0
+        self.progress.update(self.task, total=total + count)
+
 
 def study_summary(study_dir: Path) -> dict[str, Any]:
     """What a script wants to know about a study folder: where things are, each trial's status."""
