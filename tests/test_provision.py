@@ -684,7 +684,7 @@ def test_next_sweep_heal_removes_only_the_killed_studys_guests(pristine_conn, im
     prep = GuestSet(TEST_URI, "night-prep", [GuestRequest(memory_mib=128)], image, options).__enter__()
     other = GuestSet(TEST_URI, "nightly-2", [GuestRequest(memory_mib=128)], image, options).__enter__()
     marker = sweep_module.running_marker()
-    marker.parent.mkdir(parents=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)  # the guest sets keep their ports there
     marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
                                   "uri": TEST_URI}))
     done = sweep_module.heal_killed_sweep()
@@ -702,7 +702,7 @@ def test_heal_with_libvirt_unreachable_names_cleanup_and_goes_on(tmp_path, monke
 
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
     marker = sweep_module.running_marker()
-    marker.parent.mkdir(parents=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)  # the guest sets keep their ports there
     marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
                                   "uri": "qemu+unix:///system?socket=" + str(tmp_path / "no-such-socket")}))
     assert sweep_module.heal_killed_sweep() == []
