@@ -41,6 +41,7 @@ from orchestrator.errors import CompareError
 from orchestrator.analysis.stats import NO_INTERVAL, WELCH, t_quantile_975, t_two_sided_p, welch_ci95
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
+from orchestrator.host.probes import KSM_COUNTERS
 
 REGRESSION = "regression"  # gating: a headline change that survives Holm (exit 1)
 SUSPECT = "suspect"  # a headline change outside the band that does not survive Holm: confirm it
@@ -542,12 +543,16 @@ def load_pair(study_a: Path, study_b: Path) -> tuple[StudyData, StudyMetrics, St
 
 # ----------------------------------------------------------------------------- hosts and plans
 
-# host.json keys that always differ between runs, and say nothing about the host
-_HOST_NOISE = {"collected_wall"}
+# host.json keys that always differ between runs, and say nothing about the host: the times,
+# KSM's counters in the before/after snapshots (state, not settings: the knobs stay compared)
+# and the sanity judgement's details (its "ok" stays)
+_HOST_NOISE = {"collected_wall", "ended_wall", "ksm_counter_sanity.checked", "ksm_counter_sanity.problems"}
+_HOST_NOISE |= {f"{snapshot}.{counter}" for snapshot in ("ksm_before", "ksm_after") for counter in KSM_COUNTERS}
 # what a reader looks for first; the rest follows in key order
 _HOST_ORDER = ("hostname", "kernel", "kernel_version", "arch", "cpu_model", "cpu_count", "numa_nodes",
-               "mem_total_kib", "page_size_bytes", "versions.qemu", "versions.libvirtd", "thp.", "ksm_before.",
-               "versions.")
+               "mem_total_kib", "page_size_bytes", "versions.qemu", "versions.libvirtd", "kernel_config.",
+               "cpu_topology.", "cpufreq.", "cpu_vulnerabilities.", "thp.", "thp_settings.", "sysctl_vm.",
+               "ksm_before.", "ksm_after.", "ksm_counter_sanity.", "versions.")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
