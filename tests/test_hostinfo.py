@@ -141,7 +141,17 @@ def test_compare_lists_the_environment_that_differs_and_not_the_counters(tmp_pat
     assert diff == {"cpufreq.governors.performance": (4, None), "cpufreq.governors.powersave": (None, 4),
                     "cpu_vulnerabilities.spectre_v2": ("Mitigation: Retpolines", "Vulnerable")}
     (b_root / "proc/sys/vm/swappiness").write_text("10\n")
-    (b_root / KSM_SYSFS / "pages_to_scan").write_text("500\n")  # a knob not restored: shown
+    b = hostinfo.collect_host_info(b_root)
+    (b_root / KSM_SYSFS / "pages_to_scan").write_text("500\n")  # a knob not restored at the end: shown
     b = hostinfo.study_end_info(b, b_root)
     diff = {d["key"]: (d["a"], d["b"]) for d in host_differences(a, b)}
     assert diff["sysctl_vm.swappiness"] == ("60", "10") and diff["ksm_after.pages_to_scan"] == ("100", "500")
+
+
+def test_compare_with_a_study_from_before_the_snapshot_shows_one_row_per_new_section(tmp_path):
+    root = crafted_root(tmp_path)
+    new = hostinfo.collect_host_info(root)
+    old = {k: v for k, v in new.items() if k not in ("sysctl_vm", "thp_settings", "cpu_vulnerabilities")}
+    diff = {d["key"]: (d["a"], d["b"]) for d in host_differences(old, new)}
+    assert diff == {"cpu_vulnerabilities": (None, "(recorded: 2 values)"),
+                    "thp_settings": (None, "(recorded: 3 values)"), "sysctl_vm": (None, "(recorded: 2 values)")}

@@ -242,7 +242,8 @@ def test_throttler_steps_down_after_a_start_as_kata_does():
 
 def test_throttler_params_are_validated():
     (trial,) = expand(parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\naggressive_s = 2', extra="")))
-    assert trial.policy == {"name": "throttler", "throttler": {"aggressive_s": 2}}
+    assert trial.policy == {"name": "throttler", "throttler": {"aggressive_s": 2.0, "standard_s": 120.0,
+                                                               "slow_s": 120.0, "initial_run": 1}}
     with pytest.raises(PlanError, match="initial_run"):
         parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\ninitial_run = 2', extra=""))
     with pytest.raises(PlanError, match="slow_s"):

@@ -192,7 +192,15 @@ def test_throttler_bursts_after_the_worker_starts_then_restores_the_plan_knobs(r
     sampled = list(zip(rows["pages_to_scan"].astype(int), rows["sleep_millisecs"].astype(int)))
     wanted = [(s["pages_to_scan"], s["sleep_millisecs"]) for s in steps[1:]]
     seen = [pair for i, pair in enumerate(sampled) if i == 0 or pair != sampled[i - 1]]
+    if seen[0] == (150, 20):  # a tick between measure start and the kick's delivery
+        seen = seen[1:]
     assert [pair for pair in seen if pair in wanted] == wanted, seen
-    assert sampled[-1] == (150, 20) and set(measured(ksm, "run")) == {1}
+    assert sampled[-1] == (150, 20)
+    # each tune writes run=0 for an instant (ksm.tune's order): a tick may catch it, rarely
+    assert (measured(ksm, "run") == 1).mean() > 0.9
     trials = pd.read_csv(results_dir / "policy-throttler" / "trials.csv")
     assert trials["policy"].iloc[0] == "throttler" and trials["policy_ksm_turned_on"].iloc[0]
+    from orchestrator.report import study as report  # the knobs-over-time plot draws these steps
+
+    report.write_report(results_dir / "policy-throttler")
+    assert (results_dir / "policy-throttler" / "report" / "policy_knobs.png").exists()

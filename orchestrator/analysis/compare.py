@@ -574,9 +574,19 @@ def _order(key: str) -> tuple[int, str]:
 def host_differences(host_a: dict[str, Any], host_b: dict[str, Any]) -> list[dict[str, Any]]:
     """[{"key", "a", "b"}] for every host.json value (flattened: thp.enabled, versions.qemu, ...)
     that differs, kernel, CPU, memory, QEMU and libvirt first. A key missing on one side is None."""
-    fa, fb = flatten(host_a or {}), flatten(host_b or {})
+    host_a, host_b = host_a or {}, host_b or {}
+    # A section only one study recorded (host.json before it had one): one row, not one per value
+    one_sided = {k for k in set(host_a) ^ set(host_b) if isinstance(host_a.get(k, host_b.get(k)), dict)}
+    fa = flatten({k: v for k, v in host_a.items() if k not in one_sided})
+    fb = flatten({k: v for k, v in host_b.items() if k not in one_sided})
+    for key in one_sided:
+        fa[key], fb[key] = (_recorded(host_a.get(key)), _recorded(host_b.get(key)))
     keys = sorted((set(fa) | set(fb)) - _HOST_NOISE, key=_order)
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in keys if fa.get(k) != fb.get(k)]
+
+
+def _recorded(section: Any) -> str | None:
+    return None if section is None else f"(recorded: {len(flatten(section))} values)"
 
 
 def plan_difference(plan_a: str, plan_b: str, name_a: str = "A", name_b: str = "B") -> str:
