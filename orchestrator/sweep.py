@@ -118,7 +118,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     if plan.guests is not None:
         _refuse_unreachable_libvirt(plan.guests.uri)
         blocked = [c for c in qemu_reach_checks(plan) + memory_backing_checks(trials) if not c.ok]
-        if blocked:  # every trial would fail at "Permission denied" on its disks
+        if blocked:  # every trial would fail on its disks, or measure RAM KSM never merges
             raise HostError("; ".join(f"{c.name}: {c.detail}" for c in blocked))
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start

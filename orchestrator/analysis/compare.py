@@ -566,7 +566,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _order(key: str) -> tuple[int, str]:
     for i, head in enumerate(_HOST_ORDER):
-        if key == head or (head.endswith(".") and key.startswith(head)):
+        if key == head or (head.endswith(".") and (key.startswith(head) or key == head[:-1])):
             return i, key
     return len(_HOST_ORDER), key
 
