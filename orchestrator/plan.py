@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import PlanError
 from orchestrator.planpaths import relative_to_plan
 from orchestrator.plugins import workload_plugins
-from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName
+from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName, ThrottlerParams
 from orchestrator.validation import Strict, problems
 from orchestrator.workloads.density import DensitySection
 from orchestrator.workloads.probe import ProbeParams
@@ -98,6 +98,7 @@ class KsmSection(Strict):
     policy: PolicyName | None = None
     ksmtuned: KsmtunedParams | None = None
     kubevirt: KubevirtParams | None = None
+    throttler: ThrottlerParams | None = None
 
     @model_validator(mode="after")
     def _ranges(self) -> "KsmSection":
@@ -107,7 +108,7 @@ class KsmSection(Strict):
         return self
 
 
-POLICY_KEYS = ("policy", "ksmtuned", "kubevirt")
+POLICY_KEYS = ("policy", "ksmtuned", "kubevirt", "throttler")
 
 
 class HostSection(Strict):
@@ -611,7 +612,7 @@ def _split_policy(merged: dict[str, Any]) -> None:
     plan gets no "policy" key, so its trial ids stay what they were before policies existed."""
     ksm = merged["ksm"]
     name = ksm.pop("policy", None) or "static"
-    params = {key: ksm.pop(key) for key in ("ksmtuned", "kubevirt") if key in ksm}
+    params = {key: ksm.pop(key) for key in POLICY_KEYS[1:] if key in ksm}
     if name == "static" and not params:
         return
     policy: dict[str, Any] = {"name": name}

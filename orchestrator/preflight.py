@@ -78,6 +78,7 @@ def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path
             results += space_checks(plan, trials, results_dir)
             if needs_vms:
                 results += qemu_reach_checks(plan)
+                results += memory_backing_checks(trials)
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
     vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
@@ -202,6 +203,47 @@ def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResul
             f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}) lets {user} not search it: QEMU cannot "
             f"open disks under {folder}; give the folders above it x for {user} (e.g. chmod o+x {blocked})"))
     return results
+
+
+def memory_backing_checks(trials: list[Any]) -> list[CheckResult]:
+    """Guest RAM that KSM can never merge (hugepages, memfd or file backing, shared access) makes
+    every KSM-on trial measure nothing: refused, naming the [guests] key that asks for it. The
+    domain XML is rendered as provisioning would (same template, same [guests] values)."""
+    import platform
+
+    from orchestrator.guests import domains
+
+    problems: set[str] = set()
+    judged: set[tuple[bool, str | None]] = set()
+    for trial in trials:
+        g = trial.guests_model
+        if g is None or (g.hugepages, g.template) in judged:
+            continue
+        judged.add((g.hugepages, g.template))
+        if g.hugepages:
+            problems.add("[guests] hugepages = true (hugetlbfs)")
+        try:
+            spec = domains.DomainSpec(
+                name="ksmlab-check", uuid="00000000-0000-4000-8000-000000000000", study="check",
+                domain_type="qemu", arch=platform.machine(), memory_mib=g.memory_mib, vcpus=g.vcpus,
+                overlay_path=Path("/nonexistent/check.qcow2"), console_log_path=Path("/nonexistent/console.log"),
+                boot=domains.DiskBoot(), network=domains.UserNet(host_port=2222), nosharepages=g.nosharepages,
+                hugepages=g.hugepages, vcpu_pins=tuple(g.vcpu_pins or ()), numa_node=g.numa_node)
+            xml = domains.render_domain_xml(spec, Path(g.template) if g.template else None)
+        except OrchestratorError:
+            continue  # provisioning names a template (or pins) it cannot use
+        rest = [found for found in domains.unmergeable_backing(xml) if not (g.hugepages and found == "<hugepages/>")]
+        if rest:
+            problems.add(f"[guests] template = {g.template!r} renders {' '.join(rest)}" if g.template
+                         else f"the default template renders {' '.join(rest)}")
+    if not judged:
+        return []
+    return [CheckResult(
+        "guest RAM mergeable backing", not problems,
+        ("; ".join(sorted(problems)) + ": KSM never merges that memory (only private anonymous pages), so "
+         "every KSM-on trial would measure nothing; drop it (to measure guests opted out of KSM, use "
+         "[guests] nosharepages = true)") if problems else
+        "private anonymous guest RAM (no hugepages, memfd, file or shared backing)")]
 
 
 def ready(results: list[CheckResult]) -> bool:

@@ -25,12 +25,12 @@ import pandas as pd
 from orchestrator import policies
 from orchestrator.analysis import studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
-from orchestrator.host.hostinfo import collect_host_info
+from orchestrator.host.hostinfo import collect_host_info, study_end_info
 from orchestrator.host.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
 from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, WORKLOAD_PLUGINS, Plan, SamplingSection, Trial,
                                check_against_host, expand, run_order)
 from orchestrator.plugins import load_object
-from orchestrator.preflight import qemu_reach_checks, space_checks
+from orchestrator.preflight import memory_backing_checks, qemu_reach_checks, space_checks
 from orchestrator.host.probes import KSM_SYSFS
 from orchestrator.analysis.stats import time_mean
 from orchestrator.fsutil import atomic_write_json
@@ -132,8 +132,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
     refuse_if_ksmtuned(root)
     if plan.guests is not None:
         _refuse_unreachable_libvirt(plan.guests.uri)
-        blocked = [c for c in qemu_reach_checks(plan) if not c.ok]
-        if blocked:  # every trial would fail at "Permission denied" on its disks
+        blocked = [c for c in qemu_reach_checks(plan) + memory_backing_checks(trials) if not c.ok]
+        if blocked:  # every trial would fail on its disks, or measure RAM KSM never merges
             raise HostError("; ".join(f"{c.name}: {c.detail}" for c in blocked))
     short = [c for c in space_checks(plan, trials, results_dir) if not c.ok]
     if short:  # a study that cannot store what it measures must not start
@@ -222,6 +222,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         # What was measured is summarised even when a restore step is refused.
                         outcome.interrupted = stop.is_set()
                         outcome.stop_signal = stop.signum
+                        record_study_end(host_json, root)
                         try:
                             write_trials_table(study)
                         except StoreError as exc:
@@ -232,6 +233,21 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
         raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
                          f"{study.path}. {halt.advice}")
     return outcome
+
+
+def record_study_end(host_json: Path, root: Path) -> None:
+    """host.json gets the KSM files after the study (knobs restored) and the counters' sanity
+    judgement between before and after; a failure here is logged, never the study's end."""
+    try:
+        host = json.loads(host_json.read_text())
+        end = study_end_info(host, root)
+        atomic_write_json(host_json, end)
+    except (OSError, ValueError, OrchestratorError) as exc:
+        log.error("host.json: the study's end was not recorded: %s", exc)
+        return
+    sanity = end.get("ksm_counter_sanity") or {}
+    if sanity.get("ok") is False:
+        log.warning("KSM counters misbehaved during the study: %s", "; ".join(sanity["problems"]))
 
 
 def running_marker() -> Path:
@@ -340,9 +356,11 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
             record["unmerge_s"] = round(settings.reset(timeout_s=reset_timeout_s), 3)
             settings.apply(trial.ksm, trial.host)
             record["ksm_applied"] = settable_knobs(settings.root)
-        # The policy (static, advisor, ksmtuned, kubevirt) decides how KSM runs during measure.
+        # The policy (static, advisor, ksmtuned, kubevirt, throttler) decides how KSM runs
+        # during measure; the throttler also hears the trial's guest and worker starts.
         policy_run = policies.run_for(trial.policy, settings, study.trial_dir(trial.trial_id))
         settings.policy_start = policy_run.start
+        settings.start_listener = getattr(policy_run, "on_start", None)
         runner.run(trial, clock, result)
         record["status"] = "ok"
         record.update(outside_load(result.frames.get("ksm"), trial.sampling_model))
@@ -358,6 +376,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         log.exception("trial %s failed unexpectedly", trial.trial_id)
     finally:
         settings.policy_start = None
+        settings.start_listener = None
         if policy_run is not None:
             record["policy"] = stop_policy(policy_run)
         with contextlib.suppress(OrchestratorError):

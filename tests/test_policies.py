@@ -20,8 +20,8 @@ from orchestrator.store import studydata
 from orchestrator.errors import PlanError
 from orchestrator.host.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
 from orchestrator.plan import check_against_host, expand, parse_plan
-from orchestrator.policies import ksmtuned, kubevirt, run_for
-from orchestrator.policies.params import KsmtunedParams, KubevirtParams
+from orchestrator.policies import ksmtuned, kubevirt, run_for, throttler
+from orchestrator.policies.params import KsmtunedParams, KubevirtParams, ThrottlerParams
 from orchestrator.analysis import recommend as recommend_mod
 from orchestrator.analysis.recommend import BadInput, Limits, recommend
 from tests.test_metrics import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
@@ -48,10 +48,10 @@ def fake_root(tmp_path: Path, advisor: bool = True, mem_total_kib: int = 8 * GIB
     return root
 
 
-def set_meminfo(root: Path, total_kib: int, available_kib: int) -> None:
+def set_meminfo(root: Path, total_kib: int, available_kib: int, anon_kib: int = GIB_KIB) -> None:
     (root / "proc").mkdir(exist_ok=True)
     (root / "proc/meminfo").write_text(f"MemTotal: {total_kib} kB\nMemFree: {available_kib // 2} kB\n"
-                                       f"MemAvailable: {available_kib} kB\n")
+                                       f"MemAvailable: {available_kib} kB\nAnonPages: {anon_kib} kB\n")
 
 
 def knob(root: Path, name: str) -> str:
@@ -216,6 +216,90 @@ def test_kubevirt_controller_writes_through_host_settings(tmp_path):
     assert summary["ksm_turned_on"] and [s["pages_to_scan"] for s in summary["steps"]][-2:] == [100, 400]
     settings.restore()
     assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("0", "100", "20")
+
+
+# ----------------------------------------------------------------------------- throttler
+
+
+def test_throttler_steps_down_after_a_start_as_kata_does():
+    params = ThrottlerParams()
+    anon = 1_000_000  # pages
+    step = throttler.throttler_step("initial", "start", anon, params)
+    assert step == throttler.Step("aggressive", 100_000, 1, 30.0)
+    step = throttler.throttler_step(step.mode, "timer", anon, params)
+    assert step == throttler.Step("standard", 10_000, 10, 120.0)
+    step = throttler.throttler_step(step.mode, "timer", anon, params)
+    assert step == throttler.Step("slow", 2_000, 100, 120.0)
+    step = throttler.throttler_step(step.mode, "timer", anon, params)
+    assert step == throttler.Step("initial", None, None, None)
+    # the timer never moves "initial"; a start in any step goes back to aggressive
+    assert throttler.throttler_step("initial", "timer", anon, params).mode == "initial"
+    for mode in ("standard", "slow", "aggressive"):
+        assert throttler.throttler_step(mode, "start", 999, params) == throttler.Step("aggressive", 99, 1, 30.0)
+    short = ThrottlerParams(aggressive_s=1, standard_s=2, slow_s=3)
+    assert [throttler.throttler_step(m, "timer", anon, short).hold_s for m in ("aggressive", "standard")] == [2, 3]
+
+
+def test_throttler_params_are_validated():
+    (trial,) = expand(parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\naggressive_s = 2', extra="")))
+    assert trial.policy == {"name": "throttler", "throttler": {"aggressive_s": 2.0, "standard_s": 120.0,
+                                                               "slow_s": 120.0, "initial_run": 1}}
+    with pytest.raises(PlanError, match="initial_run"):
+        parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\ninitial_run = 2', extra=""))
+    with pytest.raises(PlanError, match="slow_s"):
+        parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\nslow_s = 0', extra=""))
+
+
+def test_throttler_controller_on_a_fake_tree_kicks_steps_and_restores(tmp_path):
+    root = fake_root(tmp_path)
+    set_meminfo(root, 8 * GIB_KIB, 6 * GIB_KIB, anon_kib=400_000)  # 100,000 pages of 4 KiB
+    settings = HostSettings(tmp_path / "record.json", root)
+    settings.reset(timeout_s=1)
+    settings.apply({"pages_to_scan": 300, "sleep_millisecs": 50}, {})
+    run = throttler.ThrottlerRun(settings, ThrottlerParams(aggressive_s=3600), page_size_bytes=4096)
+    settings.start_listener = run.on_start
+    settings.announce_start("guest a")  # before measure: delivered when measure starts
+    settings.announce_start("guest b")
+    settings.policy_start = run.start
+    try:
+        settings.start()
+        deadline = time.monotonic() + 10
+        while len(run.steps) < 2:
+            assert time.monotonic() < deadline, "the start was never delivered"
+            time.sleep(0.01)
+        assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("1", "10000", "1")
+        run.transition("timer", [])  # what the timer does after aggressive_s
+        assert (knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("1000", "10")
+        run.transition("timer", [])
+        assert (knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("200", "100")
+        run.transition("timer", [])
+        assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("1", "300", "50")
+    finally:
+        run.stop()
+    summary = run.summary()
+    assert [s["mode"] for s in summary["steps"]] == ["initial", "aggressive", "standard", "slow", "initial"]
+    assert summary["steps"][1]["event"] == "start x2" and summary["steps"][1]["anon_pages"] == 100_000
+    assert [s["source"] for s in summary["starts"]] == ["guest a", "guest b"]
+    assert summary["original"] == {"pages_to_scan": "300", "sleep_millisecs": "50", "run": "1"}
+    settings.restore()
+    assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == ("0", "100", "20")
+
+
+def test_throttler_stop_is_bounded_while_it_holds_a_step(tmp_path):
+    root = fake_root(tmp_path)
+    settings = HostSettings(tmp_path / "record.json", root)
+    settings.reset(timeout_s=1)
+    run = throttler.ThrottlerRun(settings, ThrottlerParams(), page_size_bytes=4096)  # holds 30 s, 120 s...
+    run.on_start("worker 0")
+    run.start()
+    deadline = time.monotonic() + 10
+    while len(run.steps) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    run.stop()
+    assert time.monotonic() - started < 2 and run.thread is not None and not run.thread.is_alive()
+    assert run.steps[-1]["mode"] == "aggressive" and run.error is None
 
 
 # ----------------------------------------------------------------------------- ksmtuned

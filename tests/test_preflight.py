@@ -75,3 +75,38 @@ def test_a_0700_folder_above_the_guest_disks_is_named_for_qemu_s_user(tmp_path) 
     top.chmod(0o750)
     assert unreachable_by(top / "study", 0, set()) == top
     assert unreachable_by(top / "study", 0, {nogroup}) is None  # through its group
+
+
+def _vm_plan(guests: str) -> str:
+    return ('[study]\nname = "b"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
+            f'{guests}\n[sweep.ksm]\npages_to_scan = [100]\n')
+
+
+def test_guest_memory_that_ksm_can_never_merge_is_refused_naming_the_key(tmp_path):
+    from orchestrator.guests.domains import DEFAULT_TEMPLATE
+    from orchestrator.plan import expand, parse_plan
+    from orchestrator.preflight import memory_backing_checks
+
+    (ok,) = memory_backing_checks(expand(parse_plan(_vm_plan(""))))
+    assert ok.ok and ok.name == "guest RAM mergeable backing"
+    (opted_out,) = memory_backing_checks(expand(parse_plan(_vm_plan("nosharepages = true"))))
+    assert opted_out.ok  # <nosharepages/> is the on/off control, not a backing that never merges
+    (huge,) = memory_backing_checks(expand(parse_plan(_vm_plan("hugepages = true"))))
+    assert not huge.ok and huge.blocking
+    assert huge.detail.startswith("[guests] hugepages = true (hugetlbfs): KSM never merges that memory")
+    template = tmp_path / "memfd.xml.j2"
+    template.write_text(DEFAULT_TEMPLATE.read_text().replace(
+        "<vcpu placement='static'>",
+        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n  <vcpu placement='static'>"))
+    (memfd,) = memory_backing_checks(expand(parse_plan(_vm_plan(f'template = "{template}"'))))
+    assert not memfd.ok
+    assert f"[guests] template = '{template}' renders <source type='memfd'/> <access mode='shared'/>" in memfd.detail
+    # a processes plan has no guests: no row
+    assert memory_backing_checks(expand(parse_plan('[study]\nname = "p"\n[workload]\ntype = "processes"\n'))) == []
+
+
+def test_check_shows_the_refused_backing(tmp_path):
+    plan = tmp_path / "huge.toml"
+    plan.write_text(_vm_plan("hugepages = true"))
+    results = {r.name: r for r in run_checks(plan)}
+    assert not results["guest RAM mergeable backing"].ok and not ready(list(results.values()))

@@ -95,6 +95,9 @@ def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, res
         assert set(info["clock_offset_s"]) == set(info["restore_s"]) and len(info["restore_s"]) == 2
         assert info["start_s"] < 60
     assert not set(first["overlays"]) & set(second["overlays"])  # fresh overlays per trial
+    for trial_id in table["trial_id"]:  # restored QEMUs' guest RAM is marked mergeable too
+        mergeable = json.loads((results_dir / study / "trials" / trial_id / "trial.json").read_text())["mergeable"]
+        assert len(mergeable) == 2 and all(g["mergeable"] is True for g in mergeable.values()), mergeable
     # The saved guests' memory merges again in each trial: same state, same saving.
     assert (table["saved_mib"] > 0).all()
     # cache_states = false: states went with the study; nothing else is left either.

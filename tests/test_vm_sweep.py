@@ -93,6 +93,9 @@ def test_sysbench_in_two_guests_under_a_ksm_sweep_leaves_the_host_clean(tmp_path
             assert procs["label"].nunique() == 2 and procs["pss_kib"].max() > 100_000  # QEMU sampled
             memory = pd.read_csv(folder / "guest_memory.csv")
             assert set(memory["when"]) == {"start", "end"} and memory["innodb_buffer_pool_bytes"].gt(0).all()
+            # each QEMU's guest RAM (one 1 GiB mapping) carries VmFlags mg, read once per trial
+            assert len(record["mergeable"]) == 2, record["mergeable"]
+            assert all(g["mergeable"] is True and g["big_kib"] >= 1024 * 1024 for g in record["mergeable"].values())
         first, second = (records[t] for t in table["trial_id"])
         assert first["provision"]["prepared_layer_reused"] is False
         assert second["provision"]["prepared_layer_reused"] is True  # rebooted on the cached layer

@@ -41,6 +41,7 @@ from orchestrator.errors import CompareError
 from orchestrator.analysis.stats import NO_INTERVAL, WELCH, t_quantile_975, t_two_sided_p, welch_ci95
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
+from orchestrator.host.probes import KSM_COUNTERS
 
 REGRESSION = "regression"  # gating: a headline change that survives Holm (exit 1)
 SUSPECT = "suspect"  # a headline change outside the band that does not survive Holm: confirm it
@@ -542,12 +543,16 @@ def load_pair(study_a: Path, study_b: Path) -> tuple[StudyData, StudyMetrics, St
 
 # ----------------------------------------------------------------------------- hosts and plans
 
-# host.json keys that always differ between runs, and say nothing about the host
-_HOST_NOISE = {"collected_wall"}
+# host.json keys that always differ between runs, and say nothing about the host: the times,
+# KSM's counters in the before/after snapshots (state, not settings: the knobs stay compared)
+# and the sanity judgement's details (its "ok" stays)
+_HOST_NOISE = {"collected_wall", "ended_wall", "ksm_counter_sanity.checked", "ksm_counter_sanity.problems"}
+_HOST_NOISE |= {f"{snapshot}.{counter}" for snapshot in ("ksm_before", "ksm_after") for counter in KSM_COUNTERS}
 # what a reader looks for first; the rest follows in key order
 _HOST_ORDER = ("hostname", "kernel", "kernel_version", "arch", "cpu_model", "cpu_count", "numa_nodes",
-               "mem_total_kib", "page_size_bytes", "versions.qemu", "versions.libvirtd", "thp.", "ksm_before.",
-               "versions.")
+               "mem_total_kib", "page_size_bytes", "versions.qemu", "versions.libvirtd", "kernel_config.",
+               "cpu_topology.", "cpufreq.", "cpu_vulnerabilities.", "thp.", "thp_settings.", "sysctl_vm.",
+               "ksm_before.", "ksm_after.", "ksm_counter_sanity.", "versions.")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -561,7 +566,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _order(key: str) -> tuple[int, str]:
     for i, head in enumerate(_HOST_ORDER):
-        if key == head or (head.endswith(".") and key.startswith(head)):
+        if key == head or (head.endswith(".") and (key.startswith(head) or key == head[:-1])):
             return i, key
     return len(_HOST_ORDER), key
 
@@ -569,9 +574,19 @@ def _order(key: str) -> tuple[int, str]:
 def host_differences(host_a: dict[str, Any], host_b: dict[str, Any]) -> list[dict[str, Any]]:
     """[{"key", "a", "b"}] for every host.json value (flattened: thp.enabled, versions.qemu, ...)
     that differs, kernel, CPU, memory, QEMU and libvirt first. A key missing on one side is None."""
-    fa, fb = flatten(host_a or {}), flatten(host_b or {})
+    host_a, host_b = host_a or {}, host_b or {}
+    # A section only one study recorded (host.json before it had one): one row, not one per value
+    one_sided = {k for k in set(host_a) ^ set(host_b) if isinstance(host_a.get(k, host_b.get(k)), dict)}
+    fa = flatten({k: v for k, v in host_a.items() if k not in one_sided})
+    fb = flatten({k: v for k, v in host_b.items() if k not in one_sided})
+    for key in one_sided:
+        fa[key], fb[key] = (_recorded(host_a.get(key)), _recorded(host_b.get(key)))
     keys = sorted((set(fa) | set(fb)) - _HOST_NOISE, key=_order)
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in keys if fa.get(k) != fb.get(k)]
+
+
+def _recorded(section: Any) -> str | None:
+    return None if section is None else f"(recorded: {len(flatten(section))} values)"
 
 
 def plan_difference(plan_a: str, plan_b: str, name_a: str = "A", name_b: str = "B") -> str:

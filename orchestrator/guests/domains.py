@@ -181,6 +181,25 @@ def render_domain_xml(spec: DomainSpec, template_path: Path | None = None) -> st
     return xml
 
 
+def unmergeable_backing(xml: str) -> list[str]:
+    """What in a domain's <memoryBacking> keeps KSM from ever merging its RAM (KSM merges only
+    private anonymous pages): hugepages (hugetlbfs), a memfd or file source, shared access.
+    Each as the element that says it, e.g. "<hugepages/>", "<source type='memfd'/>"."""
+    backing = ET.fromstring(xml).find("memoryBacking")
+    if backing is None:
+        return []
+    found = []
+    if backing.find("hugepages") is not None:
+        found.append("<hugepages/>")
+    source = backing.find("source")
+    if source is not None and source.get("type") in ("memfd", "file"):
+        found.append(f"<source type='{source.get('type')}'/>")
+    access = backing.find("access")
+    if access is not None and access.get("mode") == "shared":
+        found.append("<access mode='shared'/>")
+    return found
+
+
 def template_digest(template_path: Path | None = None) -> str:
     """sha256 over a template and every partial it may include (its folder's and the default
     folder's *.j2): what a saved guest state must be rebuilt for when it changes."""

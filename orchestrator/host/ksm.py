@@ -94,6 +94,9 @@ class HostSettings:
         self.refused: list[dict[str, str]] = []
         # Set by the sweep for one trial: how KSM starts for measure (policies/); None = run=1.
         self.policy_start: Callable[[], None] | None = None
+        # Set by the sweep for one trial: who hears that a guest or worker started (the
+        # throttler policy, as Kata's throttler hears of a new VM); None = nobody listens.
+        self.start_listener: Callable[[str], None] | None = None
         if record_path.exists():
             for entry in _load_record(record_path):
                 if reason := self.outside_writable(entry["path"]):
@@ -243,6 +246,12 @@ class HostSettings:
             self.policy_start()
         else:
             self.run_ksmd()
+
+    def announce_start(self, source: str) -> None:
+        """A guest or worker of the trial started (the runners call this): the trial's policy
+        may act on it."""
+        if self.start_listener is not None:
+            self.start_listener(source)
 
     def run_ksmd(self) -> None:
         self.write(KSM_SYSFS / "run", 1)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import HostError
 
@@ -418,6 +419,74 @@ def parse_ksm_stat(text: str) -> dict[str, int | bool]:
         elif key in _KSM_STAT_FLAGS:
             values[key] = value == "yes"
     return values
+
+
+@dataclass(frozen=True)
+class SmapsMapping:
+    """One mapping of /proc/PID/smaps: its size, whether it is anonymous, its VmFlags."""
+
+    start: int
+    size_kib: int
+    anonymous: bool  # no file behind it (no path, or [heap] / [anon:NAME]); never shared memory
+    flags: frozenset[str]
+
+    @property
+    def mergeable(self) -> bool:
+        """VmFlags "mg": madvise(MADV_MERGEABLE) or prctl(PR_SET_MEMORY_MERGE) marked it for KSM."""
+        return "mg" in self.flags
+
+
+def parse_smaps_mappings(text: str) -> list[SmapsMapping]:
+    """Every mapping of a /proc/PID/smaps text with its Size and VmFlags (kernels before 3.8
+    print no VmFlags: flags are then empty)."""
+    mappings: list[SmapsMapping] = []
+    header: list[str] | None = None
+    size_kib = 0
+    flags: frozenset[str] = frozenset()
+
+    def close() -> None:
+        if header is not None:
+            path = header[5] if len(header) > 5 else ""
+            # an inode of 0 with no path (or the kernel's own names) is anonymous memory;
+            # shared anonymous memory (rw-s) is shmem, which KSM never merges either
+            anonymous = header[4] == "0" and (path == "" or path == "[heap]" or path.startswith("[anon:")) \
+                and header[1][3:4] == "p"
+            mappings.append(SmapsMapping(int(header[0].split("-")[0], 16), size_kib, anonymous, flags))
+
+    for line in text.splitlines():
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if "-" in first and not first.endswith(":"):
+            close()
+            header, size_kib, flags = line.split(maxsplit=5), 0, frozenset()
+        elif line.startswith("Size:"):
+            size_kib = int(line.split()[1])
+        elif line.startswith("VmFlags:"):
+            flags = frozenset(line.split()[1:])
+    close()
+    return mappings
+
+
+def guest_ram_mergeable(mappings: list[SmapsMapping], min_kib: int) -> dict[str, Any]:
+    """Are a process's big anonymous mappings (>= min_kib: a QEMU's guest RAM) marked for KSM?
+
+    {"big_mappings", "mergeable_mappings", "big_kib", "mergeable_kib", "mergeable": bool | None}:
+    mergeable is None when there is no such mapping (nothing to judge)."""
+    # Executable ones are left out: TCG's translation buffer (QEMU without KVM) is an anonymous
+    # rwx mapping of up to 1 GiB that QEMU never marks, and guest RAM is never executable here.
+    big = [m for m in mappings if m.anonymous and "ex" not in m.flags and m.size_kib >= min_kib]
+    marked = [m for m in big if m.mergeable]
+    return {"big_mappings": len(big), "mergeable_mappings": len(marked),
+            "big_kib": sum(m.size_kib for m in big), "mergeable_kib": sum(m.size_kib for m in marked),
+            "mergeable": (len(marked) == len(big)) if big else None}
+
+
+def read_guest_ram_mergeable(pid: int, min_kib: int, root: Path = Path("/")) -> dict[str, Any] | None:
+    """guest_ram_mergeable of a live process (None if it has gone); reads /proc/PID/smaps once
+    (it walks the page tables: a fraction of a second for a guest of a few GiB)."""
+    text = _read_process_file(pid, "smaps", root)
+    if not text:
+        return None
+    return guest_ram_mergeable(parse_smaps_mappings(text), min_kib)
 
 
 def parse_statm(text: str, page_kib: int = PAGE_KIB) -> dict[str, int]:

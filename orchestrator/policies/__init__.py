@@ -4,10 +4,13 @@ static    the plan's knobs, run=1 (what ksm-lab always did)
 advisor   the kernel's scan-time advisor (Linux 6.8+) drives pages_to_scan
 ksmtuned  the distribution's ksmtuned daemon, started for the trial and stopped by PID
 kubevirt  an emulation of KubeVirt's virt-handler node rule, as a controller thread
+throttler an emulation of Kata's ksm-throttler: bursts of scanning after each guest/worker start
 
 Each policy is one small module with a pure rule (tested without sysfs) and a `Run` object the
 sweep holds for one trial: `start()` replaces "write run=1" at the start of measure, `stop()`
-runs before the sweep resets KSM, `summary()` goes into trial.json under "policy".
+runs before the sweep resets KSM, `summary()` goes into trial.json under "policy". A Run with
+an `on_start(source)` method hears each guest or worker start the runner announces
+(HostSettings.announce_start): the throttler acts on them.
 Before a policy writes a knob behind HostSettings' back (ksmtuned, the advisor), the knob's
 current value is recorded (HostSettings.remember), so restore() puts it back.
 """
@@ -46,6 +49,10 @@ def run_for(policy: dict[str, Any], settings: Any, work_dir: Path) -> PolicyRun:
         from orchestrator.policies.kubevirt import KubevirtRun, params_from as kv_params
 
         return KubevirtRun(settings, kv_params(policy))
+    if name == "throttler":
+        from orchestrator.policies.throttler import ThrottlerRun, params_from as th_params
+
+        return ThrottlerRun(settings, th_params(policy))
     raise ValueError(f"unknown KSM policy {name!r} (known: {', '.join(POLICY_NAMES)})")
 
 

@@ -1,4 +1,4 @@
-"""Plan tables of the KSM policies ([ksm.ksmtuned], [ksm.kubevirt]): pydantic only, so that
+"""Plan tables of the KSM policies ([ksm.ksmtuned], [ksm.kubevirt], [ksm.throttler]): pydantic only, so that
 plan.py can import them without pulling in the policies' runtime (threads, subprocesses)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pydantic import Field
 
 from orchestrator.validation import Strict as _Strict
 
-POLICY_NAMES = ("static", "advisor", "ksmtuned", "kubevirt")
-PolicyName = Literal["static", "advisor", "ksmtuned", "kubevirt"]
+POLICY_NAMES = ("static", "advisor", "ksmtuned", "kubevirt", "throttler")
+PolicyName = Literal["static", "advisor", "ksmtuned", "kubevirt", "throttler"]
 
 
 class KsmtunedParams(_Strict):
@@ -41,4 +41,19 @@ class KubevirtParams(_Strict):
     free_percent: float = Field(0.2, ge=0, le=1)  # a fraction of MemTotal, as in KubeVirt
 
 
-PARAMS_BY_POLICY: dict[str, type[_Strict]] = {"ksmtuned": KsmtunedParams, "kubevirt": KubevirtParams}
+class ThrottlerParams(_Strict):
+    """Kata's ksm-throttler: how long each step lasts after a guest (or worker) start. Defaults
+    are its ksmAggressiveInterval, ksmStandardInterval and ksmSlowInterval; shorter ones let a
+    trial (or a test) see the whole sequence."""
+
+    aggressive_s: float = Field(30.0, gt=0, le=3600)  # AnonPages/10 every 1 ms
+    standard_s: float = Field(120.0, gt=0, le=3600)  # AnonPages/100 every 10 ms
+    slow_s: float = Field(120.0, gt=0, le=3600)  # AnonPages/500 every 100 ms
+    # The run state the throttler finds and returns to after the slow step (its "initial"
+    # settings, with the plan's pages_to_scan and sleep_millisecs): 1, a host that runs KSM
+    # between starts (what static measures); 0, KSM stopped between starts (merged pages stay).
+    initial_run: Literal[0, 1] = 1
+
+
+PARAMS_BY_POLICY: dict[str, type[_Strict]] = {"ksmtuned": KsmtunedParams, "kubevirt": KubevirtParams,
+                                              "throttler": ThrottlerParams}

@@ -87,7 +87,9 @@ def policy_findings(sm: Any) -> list[tuple[str, bool]]:
             why = (" (ksmtuned turns KSM on only when QEMU's committed memory plus its threshold nears "
                    "MemTotal, or free memory falls below the threshold)" if name == "ksmtuned" else
                    " (the KubeVirt rule turns KSM on only when MemAvailable falls to free_percent of MemTotal)"
-                   if name == "kubevirt" else "")
+                   if name == "kubevirt" else
+                   " (the throttler runs KSM only after a guest or worker start, and with initial_run = 0 "
+                   "none reached it)" if name == "throttler" else "")
             out.append((f"Policy {name} never turned KSM on in {len(group)} of "
                         f"{int((ok['policy'] == name).sum())} trials{why}: on this host and load it would "
                         "save nothing. That is a finding about the policy, not a failed trial.", True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,7 +75,7 @@ def write_report(study_dir: Path) -> Path:
     plots = build_plots(study, sm)
     for plot in plots:
         atomic_write_bytes(out_dir / f"{plot.name}.png", plot.png)
-    html = render_html(study, sm, plots, study_findings(sm))
+    html = render_html(study, sm, plots, study_findings(sm) + host_findings(study.host))
     report_path = out_dir / "report.html"
     atomic_write_bytes(report_path, html.encode())
     return report_path
@@ -119,6 +120,20 @@ def _pm(mean: float, half: float, unit: str = "", integers: bool = True) -> str:
     if isinstance(half, float) and math.isfinite(half):
         text += f" ± {_fmt(half, integers=integers)}"
     return text + unit
+
+
+def host_findings(host: Mapping[str, Any] | None) -> list[Finding]:
+    """A warning when KSM's counters misbehaved between host.json's before and after snapshots
+    (hostinfo.judge_ksm_counters): the counts built on them are then suspect."""
+    sanity = (host or {}).get("ksm_counter_sanity")
+    if not isinstance(sanity, dict) or sanity.get("ok") is not False:
+        return []
+    known = (" This kernel is older than 6.10, where ksm_zero_pages could read -1 and pages_scanned stall."
+             if sanity.get("known_counter_bugs") else "")
+    return [Finding(f"KSM's counters misbehaved on kernel {sanity.get('kernel')}: "
+                    + "; ".join(sanity.get("problems") or []) + "." + known
+                    + " The zero-page split and the scan speed of this study rest on them: treat them as suspect.",
+                    warn=True)]
 
 
 def study_findings(sm: StudyMetrics) -> list[Finding]:

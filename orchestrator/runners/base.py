@@ -51,6 +51,7 @@ class TrialResult:
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv in the trial folder
     extra_json: dict[str, Any] = field(default_factory=dict)  # <name>.json in the trial folder
     provision: dict[str, Any] | None = None  # how the guests were started (VM runners)
+    mergeable: dict[str, Any] | None = None  # VM runners: {guest: its QEMU's guest RAM VmFlags mg}
     probe: dict[str, Any] | None = None  # the probe runner's record (costs.probe_record_metrics)
     density: dict[str, Any] | None = None  # density.DensityResult.record()
     steady: SteadyWait | None = None  # None: no steady wait (steady_max_s = 0)
@@ -61,7 +62,7 @@ class TrialResult:
     def record(self) -> dict[str, Any]:
         """Its trial.json fields, in the order the runners have always written them."""
         out: dict[str, Any] = {}
-        for name in ("provision", "probe", "density"):
+        for name in ("provision", "mergeable", "probe", "density"):
             if (value := getattr(self, name)) is not None:
                 out[name] = value
         if self.steady is not None:

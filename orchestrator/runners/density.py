@@ -73,6 +73,7 @@ class VmDensityHost:
         self.sessions[index] = session
         set_clock_and_check(session, saved_guest.marker)
         self.pids.update(guest_set.qemu_pids())
+        self.runner.settings.announce_start(f"guest {guest.name}")  # the throttler policy acts on it
 
     def run_in_guest(self, index: int, command: str, timeout_s: float) -> str:
         result = self.sessions[index].run(command, timeout_s=timeout_s)

@@ -65,6 +65,7 @@ class ProbeRunner(TrialRunner):
             with ProbeWorker(params, samples_path, root=root) as worker:
                 with clock.phase("fill", None, self.progress):
                     worker.start()
+                    self.settings.announce_start("worker probe")  # the throttler policy acts on it
                     worker.wait_filled(timeout_s=600)
                 sampler = self.sampler_for(trial, lambda: {"probe": worker.pid})
                 try:

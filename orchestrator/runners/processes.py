@@ -16,6 +16,8 @@ class ProcessesRunner(TrialRunner):
         with ProcessesWorkload(params) as workload:
             with clock.phase("fill", None, self.progress):
                 workload.start()
+                for name in workload.pids():
+                    self.settings.announce_start(f"worker {name}")
                 workload.wait_filled(timeout_s=600)
             sampler = self.sampler_for(trial, workload.pids)
             try:

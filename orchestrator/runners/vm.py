@@ -43,6 +43,7 @@ from orchestrator.guests.provision import (
     study_work_dir,
 )
 from orchestrator.guests.readiness import console_tail
+from orchestrator.host import probes
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
@@ -434,6 +435,13 @@ class VmRunner(TrialRunner):
         # QEMU pids do not change while guests run: find them once, not on every sampler tick
         # (each lookup reads libvirt's pid file and the process's cmdline per guest).
         qemu_pids = active.guest_set.qemu_pids()
+        result.mergeable = mergeable_record(qemu_pids, guests_of(trial).memory_mib, self.settings.root)
+        if reason := unmergeable_reason(trial, result.mergeable):
+            raise ProvisionError(reason)
+        if not (result.provision or {}).get("reused"):
+            # Started (booted or restored) for this trial: the throttler policy acts on it.
+            for name in qemu_pids:
+                self.settings.announce_start(f"guest {name}")
         sampler = self.sampler_for(trial, lambda: qemu_pids)
         memory_rows: list[dict[str, Any]] = []
         runs: dict[str, sysbench.GuestRun] = {}
@@ -508,6 +516,35 @@ class VmRunner(TrialRunner):
             except OrchestratorError as exc:
                 log.warning("guest memory snapshot of %s (%s) failed: %s", name, when, exc)
         return rows
+
+
+def mergeable_record(qemu_pids: Mapping[str, int], memory_mib: int, root: Path) -> dict[str, Any]:
+    """{guest: {"pid", big_mappings, mergeable, ...}}: is each QEMU's guest RAM marked for KSM
+    (VmFlags mg in /proc/PID/smaps), read once per trial. Guest RAM is one anonymous mapping of
+    the guest's size: mappings of half that or more are judged. A read that fails is recorded."""
+    record: dict[str, Any] = {}
+    for name, pid in qemu_pids.items():
+        try:
+            found = probes.read_guest_ram_mergeable(pid, memory_mib * 1024 // 2, root)
+            record[name] = {"pid": pid, **(found or {"error": "the process has gone"})}
+        except (OrchestratorError, OSError) as exc:
+            record[name] = {"pid": pid, "error": str(exc)}
+    return record
+
+
+def unmergeable_reason(trial: Trial, record: Mapping[str, Any]) -> str | None:
+    """Why the trial must not measure: KSM is to run, the guests are not opted out
+    (nosharepages), yet a QEMU's guest RAM lacks the mg flag: KSM could merge nothing of it."""
+    if trial.ksm_off or guests_of(trial).nosharepages:
+        return None
+    bad = [f"{name} (QEMU pid {info['pid']}: {info['big_mappings'] - info['mergeable_mappings']} of "
+           f"{info['big_mappings']} guest RAM mappings without mg)"
+           for name, info in record.items() if info.get("mergeable") is False]
+    if not bad:
+        return None
+    return ("guest RAM is not mergeable (no VmFlags mg in /proc/PID/smaps) in " + ", ".join(bad)
+            + ": KSM cannot merge it, so this trial would measure nothing. Check the domain's "
+            "<memoryBacking> (nosharepages, memfd, shared access) and QEMU's mem-merge option")
 
 
 def prepared_dir(image: images.ImageRef) -> Path:
