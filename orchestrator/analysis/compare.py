@@ -566,12 +566,26 @@ def _order(key: str) -> tuple[int, str]:
     return len(_HOST_ORDER), key
 
 
+def hosts_differences(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"key", "values": {name: value}}] for every host.json value (flattened: thp.enabled,
+    versions.qemu, ...) that is not the same in all the named host.json records, kernel, CPU,
+    memory, QEMU and libvirt first. A key missing from a record is None there."""
+    flat = {name: flatten(host or {}) for name, host in hosts.items()}
+    keys = sorted(set().union(*flat.values()) - _HOST_NOISE, key=_order) if flat else []
+    out = []
+    for k in keys:
+        values = {name: f.get(k) for name, f in flat.items()}
+        first = next(iter(values.values()))
+        if any(v != first for v in values.values()):
+            out.append({"key": k, "values": values})
+    return out
+
+
 def host_differences(host_a: dict[str, Any], host_b: dict[str, Any]) -> list[dict[str, Any]]:
-    """[{"key", "a", "b"}] for every host.json value (flattened: thp.enabled, versions.qemu, ...)
-    that differs, kernel, CPU, memory, QEMU and libvirt first. A key missing on one side is None."""
-    fa, fb = flatten(host_a or {}), flatten(host_b or {})
-    keys = sorted((set(fa) | set(fb)) - _HOST_NOISE, key=_order)
-    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in keys if fa.get(k) != fb.get(k)]
+    """[{"key", "a", "b"}] for every host.json value that differs between two hosts or runs
+    (hosts_differences of the pair)."""
+    return [{"key": d["key"], "a": d["values"]["a"], "b": d["values"]["b"]}
+            for d in hosts_differences({"a": host_a, "b": host_b})]
 
 
 def plan_difference(plan_a: str, plan_b: str, name_a: str = "A", name_b: str = "B") -> str:
