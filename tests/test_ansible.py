@@ -22,7 +22,8 @@ PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"  # ansible-core, fro
 HOST_PATHS = ("/opt/ksm-lab", "/etc/ksm-lab", "/usr/local/lib/ksm-lab", "/etc/default/ksm-lab-nightly",
               "/etc/cron.d/ksm-lab", "/etc/systemd/system/ksm-lab-nightly.service",
               "/etc/systemd/system/ksm-lab-nightly.timer", "/etc/systemd/system/ksm-lab-nightly.service.d",
-              "/var/lib/ksm-lab", "/var/log/ksm-lab-nightly.log", str(Path.home() / ".ansible"))
+              "/var/lib/ksm-lab", "/var/log/ksm-lab-nightly.log", str(Path.home() / ".ansible"),
+              str(Path.home() / ".ansible_async"))
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,8 @@ def _play(tmp_path: Path, playbook: str, extra: dict[str, object], *args: str) -
     variables.write_text(json.dumps(extra))
     home = tmp_path / "ansible"
     env = {**os.environ, "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
-           "ANSIBLE_REMOTE_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": os.devnull,
+           "ANSIBLE_REMOTE_TEMP": str(home / "tmp"),
+           "ANSIBLE_ASYNC_DIR": str(home / "async"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": os.devnull,
            "PYTHONWARNINGS": "ignore", "TMPDIR": "/tmp"}
     done = subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ANSIBLE / playbook), "-e", f"@{variables}", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -93,7 +95,7 @@ def test_site_installs_plan_and_nightly_then_study_check(tmp_path: Path) -> None
 
     # starting a study on every host, in --check: it says what it would run and starts nothing
     done = _play(tmp_path, "study.yml", {**where, "ksm_lab_nightly": "cron"}, "--check")
-    assert "Run the nightly script detached" in done.stdout
+    assert f"{script} {tmp_path}/etc/nightly.toml {tmp_path}/results (detached" in done.stdout
     assert not any((tmp_path / "results").iterdir())
 
     assert _state() == before
