@@ -12,7 +12,8 @@ OrchestratorError            anything the CLI reports as a clear one-line messag
  ├─ StoreError               the results folder is unusable (exists, wrong schema, ...)
  ├─ CompareError             two studies cannot be compared (other plans, nothing in common)
  ├─ DesignError              a pilot study cannot size a design (one block, no KSM-off trials, bad target)
- └─ CollectError             rsync/SSH from a lab host failed, or a host name is malformed
+ ├─ CollectError             rsync/SSH from a lab host failed, or a host name is malformed
+ └─ FleetError               no fleet to summarise: no studies, an unknown plan, a single host
 
 libvirt.libvirtError and paramiko.SSHException are translated into this tree at the boundary
 (libvirtconn.py, provision.py, cleanup.py, guest.py), so nothing above those modules imports
@@ -87,4 +88,8 @@ class DesignError(OrchestratorError):
 
 
 class CollectError(OrchestratorError):
+    pass
+
+
+class FleetError(OrchestratorError):
     pass

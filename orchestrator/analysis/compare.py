@@ -571,18 +571,34 @@ def _order(key: str) -> tuple[int, str]:
     return len(_HOST_ORDER), key
 
 
+def hosts_differences(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"key", "values": {name: value}}] for every host.json value (flattened: thp.enabled,
+    versions.qemu, ...) that is not the same in all the named host.json records, kernel, CPU,
+    memory, QEMU and libvirt first. A key missing from a record is None there."""
+    hosts = {name: host or {} for name, host in hosts.items()}
+    # A section only some studies recorded (host.json before it had one): one row, not one per value
+    every = [set(h) for h in hosts.values()]
+    one_sided = {k for k in set().union(*every) - set.intersection(*every)
+                 if any(isinstance(h.get(k), dict) for h in hosts.values())} if every else set()
+    flat = {}
+    for name, host in hosts.items():
+        flat[name] = flatten({k: v for k, v in host.items() if k not in one_sided})
+        flat[name].update({k: _recorded(host.get(k)) for k in one_sided})
+    keys = sorted(set().union(*flat.values()) - _HOST_NOISE, key=_order) if flat else []
+    out = []
+    for k in keys:
+        values = {name: f.get(k) for name, f in flat.items()}
+        first = next(iter(values.values()))
+        if any(v != first for v in values.values()):
+            out.append({"key": k, "values": values})
+    return out
+
+
 def host_differences(host_a: dict[str, Any], host_b: dict[str, Any]) -> list[dict[str, Any]]:
-    """[{"key", "a", "b"}] for every host.json value (flattened: thp.enabled, versions.qemu, ...)
-    that differs, kernel, CPU, memory, QEMU and libvirt first. A key missing on one side is None."""
-    host_a, host_b = host_a or {}, host_b or {}
-    # A section only one study recorded (host.json before it had one): one row, not one per value
-    one_sided = {k for k in set(host_a) ^ set(host_b) if isinstance(host_a.get(k, host_b.get(k)), dict)}
-    fa = flatten({k: v for k, v in host_a.items() if k not in one_sided})
-    fb = flatten({k: v for k, v in host_b.items() if k not in one_sided})
-    for key in one_sided:
-        fa[key], fb[key] = (_recorded(host_a.get(key)), _recorded(host_b.get(key)))
-    keys = sorted((set(fa) | set(fb)) - _HOST_NOISE, key=_order)
-    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in keys if fa.get(k) != fb.get(k)]
+    """[{"key", "a", "b"}] for every host.json value that differs between two hosts or runs
+    (hosts_differences of the pair)."""
+    return [{"key": d["key"], "a": d["values"]["a"], "b": d["values"]["b"]}
+            for d in hosts_differences({"a": host_a, "b": host_b})]
 
 
 def _recorded(section: Any) -> str | None:

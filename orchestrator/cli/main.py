@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     # -- nightly lab runs: compare, history, prune, collect, studies (orchestrator/cli/nightly.py)
     from orchestrator.cli.nightly import register_nightly_commands
     register_nightly_commands(sub)
+    # -- the host as a level: fleet (orchestrator/cli/fleet.py)
+    from orchestrator.cli.fleet import register_fleet_command
+    register_fleet_command(sub)
     return parser
 
 
