@@ -239,11 +239,11 @@ def test_outside_load_is_host_busy_time_minus_the_study_and_reads_no_other_proce
     assert np.isnan(sampler._outside_cpu_pct([]))
     # 1 s later, 2 CPUs: 1.6 CPU s busy (idle rose 0.4 s). We used 0.5 s; our child, started since
     # the last tick, 0.3 s: the study. The other 0.8 s is outside: 80% of one core.
-    _host_tree(tmp_path, 51.0, int(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, int(50.5 * hz))})
+    _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))})
     assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
     # 1 s later: busy 0.1 s, the child's last 0.1 s; it exited and we reaped it (its 0.4 s total
     # lands in our cutime, of which 0.3 s were counted): nothing outside.
-    _host_tree(tmp_path, 52.0, int(102.3 * hz), {me: (1, hz // 2, hz * 4 // 10, 0)})
+    _host_tree(tmp_path, 52.0, round(102.3 * hz), {me: (1, hz // 2, hz * 4 // 10, 0)})
     assert sampler._outside_cpu_pct([]) == pytest.approx(0.0, abs=1e-6)
 
 
