@@ -113,28 +113,28 @@ def _in_turn(labels: tuple[str, ...], reads: list[tuple[float, str]]) -> bool:
     return [label for _, label in reads] == [labels[i % len(labels)] for i in range(len(reads))]
 
 
-def test_sampler_small_budget_reads_one_target_per_pss_tick_in_turn_within_the_age_bound(holder):
-    """A budget smaller than a tick's cheap reads (0.2% of a core earns 0.2 ms a 0.1 s tick) but
-    larger than one 8 MiB PSS read: the floor alone reads, one target per PSS tick, the one
-    whose PSS is oldest, so the targets come in turn; none waits longer than the recorded bound
-    (targets x PSS interval)."""
+def test_sampler_small_budget_reads_one_target_per_floor_tick_in_turn_within_the_age_bound(holder):
+    """A budget smaller than a tick's cheap reads (0.2% of a core earns 0.2 ms a 0.1 s tick; a
+    tick's reads cost more): only the floor reads, one target on each of its PSS ticks (every k-th,
+    k from the costliest read), the one whose PSS is oldest, so the targets come in turn; none
+    waits longer than the recorded bound, targets x k PSS intervals."""
     labels = ("a", "b", "c", "d")
     targets = {label: holder(mib=8).pid for label in labels}
     with Sampler(0.1, 1, lambda: targets, cpu_budget_pct=0.2) as sampler:
-        _wait_for_ticks(sampler, 25)
+        _wait_for_ticks(sampler, 30)
     assert sampler.error_count == 0, sampler.last_error
     record = sampler.budget_record()
-    assert record["pss_floor_every_pss_ticks"] == 1, record  # one read costs under 0.2 ms here
+    k = record["pss_floor_every_pss_ticks"]
     ksm = sampler.ksm_frame()
-    assert (ksm["pss_reads"] == 1).all()
+    assert ksm["pss_reads"].isin([0, 1]).all()
     reads = _pss_reads(sampler)
     assert _in_turn(labels, reads)
-    assert record["pss_reads"] == record["pss_floor_reads"] == len(reads) == len(ksm)
-    assert record["pss_age_bound_ticks"] == 4 and record["pss_age_bound_s"] == pytest.approx(0.4)
+    assert record["pss_reads"] == record["pss_floor_reads"] == len(reads) >= len(ksm) // k - 1
+    assert record["pss_age_bound_ticks"] == 4 * k and record["pss_age_bound_s"] == pytest.approx(0.4 * k)
     slack_s = 0.1 * (1 + sampler.missed_ticks)  # a late wake-up moves a read by one tick
     assert set(record["pss_age_max_s"]) == set(labels)
     for label, age in record["pss_age_max_s"].items():
-        assert 0.25 <= age <= record["pss_age_bound_s"] + slack_s, (label, age)
+        assert age <= record["pss_age_bound_s"] + slack_s, (label, age)
 
 
 def test_sampler_budget_below_one_read_per_pss_tick_stretches_the_floor_and_its_bound(holder):
@@ -174,7 +174,7 @@ def test_sampler_budget_pays_for_every_due_target_and_records_its_use(holder):
     assert record["pss_floor_every_pss_ticks"] == 1
     assert 1 <= record["pss_floor_reads"] <= int(ksm["pss_tier"].sum())
     assert record["cpu_budget_pct"] == 100
-    assert 0 < record["cpu_s"] <= sampler.cpu_s + 1e-9
+    assert record["cpu_s"] == pytest.approx(sampler.cpu_s, abs=1e-4) and record["cpu_s"] > 0
     assert 0 < record["cpu_pct"] < 100 and record["cpu_pct"] == pytest.approx(100 * record["cpu_s"] / wall_s, rel=0.2)
     slack_s = 0.1 * (1 + sampler.missed_ticks)
     assert max(record["pss_age_max_s"].values()) <= 0.2 + slack_s

@@ -19,10 +19,10 @@ Three tiers, each a subset of the next:
     most n x k PSS intervals old (`pss_age_bound_s`, the largest over the run): each floor
     read takes one older than it, or none is due;
   * the budget: any cheap tick also reads the next due targets (PSS older than
-    pss_every_n_ticks cheap ticks) while the thread's CPU credit lasts (a token bucket filled at
-    cpu_budget_pct from zero, holding at most one PSS interval's worth, charged with everything
-    the thread uses). A small host reads every target every PSS tick; a 1 TiB one reads what the
-    budget pays for.
+    pss_every_n_ticks cheap ticks) while the thread's CPU credit pays for the next read in full
+    (at its last read's cost). The credit is a token bucket filled at cpu_budget_pct from zero,
+    holding at most one PSS interval's worth, charged with everything the thread uses. A small
+    host reads every target every PSS tick; a 1 TiB one reads what the budget pays for.
   Rows without a fresh read keep NaN in pss_kib/uss_kib; the analysis carries each target's last
   PSS forward with its age (samplemetrics.process_metrics). `budget_record()` is what was used.
   PSS ticks also read `outside_cpu_pct`.
@@ -140,6 +140,7 @@ class Sampler:
         self._label_order: dict[str, int] = {}  # first-seen order: ties in the round-robin
         self._floor_at = -math.inf  # PSS tick of the floor's last read
         self._read_cost_max_s = 0.0  # the costliest PSS read so far, thread CPU s
+        self._read_cost_s: dict[str, float] = {}  # label -> CPU s of its last PSS read
         self.pss_age_bound_ticks = 0  # cheap ticks; the largest targets x k x pss_every_n_ticks
         self.pss_reads = 0
         self.pss_floor_reads = 0  # reads taken by the floor, budget or not
@@ -400,8 +401,11 @@ class Sampler:
             if self._cheap_index - self._pss_read_at.get(label, never) < self.pss_every_n_ticks:
                 break  # sorted oldest first: no later one is due either
             floor = floor_tick and reads == 0
-            if not floor and (self._credit_s <= 0 or self._stop.is_set()):
-                break  # one read may overdraw the credit; the next ticks pay it back
+            # a read the credit pays for in full (its last cost, else the costliest so far):
+            # the budget is a ceiling, not an average that overdrawn reads pull above it
+            expected_s = self._read_cost_s.get(label, self._read_cost_max_s)
+            if not floor and (self._credit_s < expected_s or self._credit_s <= 0 or self._stop.is_set()):
+                break
             cpu_before = time.thread_time()
             try:
                 smaps = probes.read_smaps_rollup(process_row["pid"], self.root)
@@ -411,6 +415,7 @@ class Sampler:
             cost_s = time.thread_time() - cpu_before
             self.pss_read_cpu_s += cost_s
             self._read_cost_max_s = max(self._read_cost_max_s, cost_s)
+            self._read_cost_s[label] = cost_s
             self._charge()
             reads += 1
             self.pss_reads += 1
