@@ -1,18 +1,26 @@
 """How much does the Sampler cost? Prints tick times per tier and its CPU share of one core.
 
-Spawns N child processes that each hold M MiB of touched private anonymous memory
-(so smaps_rollup has page tables to walk), samples them for --duration-s at each
+Spawns N child processes that each hold M MiB of touched private anonymous memory in 4 KiB
+pages (so smaps_rollup has page tables to walk), samples them for --duration-s at each
 --interval-s, and prints next to it ksmd's CPU% over the same window.
 Target: the sampler under 1% of one core at 1 s ticks, and with the KSM-counter tier at the
 0.05 s a refilling processes workload gets ("auto", plan.fast_interval_s).
 
+--budget: the PSS budget's targets (issue 21): 64 targets x 256 MiB and 16 x 1 GiB at the
+plan's default sampling (1 s ticks, PSS every 5, cpu_budget_pct 1): the whole sampler thread
+<= 1% of one core and every target's PSS no older than its bound; then the smaps_rollup cost
+per GiB measured here and a model of the cost for 1 TiB of guests. Each scenario's memory is
+freed before the next.
+
     .venv/bin/python benchmarks/sampler_overhead.py --intervals 1.0 0.2
     .venv/bin/python benchmarks/sampler_overhead.py --intervals 1.0 --fast-interval-s 0.05
+    .venv/bin/python benchmarks/sampler_overhead.py --budget
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -24,15 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.host import probes  # noqa: E402
 from orchestrator.host.sampler import Sampler  # noqa: E402
+from orchestrator.plan import SamplingSection  # noqa: E402
 
 HOLDER = """
 import mmap, sys
 size = int(sys.argv[1]) << 20
 buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+buf.madvise(mmap.MADV_NOHUGEPAGE)  # 4 KiB pages: the page-table walk's worst case
 if sys.argv[2] == "1":
     buf.madvise(mmap.MADV_MERGEABLE)
-for off in range(0, size, 4096):
-    buf[off:off + 8] = off.to_bytes(8, "little")  # unique pages: nothing for KSM to merge
+    for off in range(0, size, 4096):
+        buf[off:off + 8] = off.to_bytes(8, "little")  # unique pages: nothing for KSM to merge
+else:
+    chunk = bytes([1]) * (64 << 20)  # not mergeable: any content, written at memset speed
+    for off in range(0, size, len(chunk)):
+        buf[off:off + len(chunk)] = chunk[:size - off]
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -92,6 +106,83 @@ def measure(interval_s: float, pss_every: int, duration_s: float, targets: dict[
     print(f"  tick errors: {sampler.error_count}, missed ticks: {sampler.missed_ticks}")
 
 
+BUDGET_SCENARIOS = ((64, 256), (16, 1024))  # (targets, MiB each): 16 GiB resident each
+
+
+def smaps_cost_ms_per_gib(targets: dict[str, int], mib: int, reads: int = 3) -> float:
+    """CPU time of one smaps_rollup read per GiB resident, the median over targets x reads."""
+    costs = []
+    for pid in list(targets.values())[:8]:
+        for _ in range(reads):
+            before = time.thread_time()
+            probes.read_smaps_rollup(pid)
+            costs.append((time.thread_time() - before) * 1000 / (mib / 1024))
+    return float(sorted(costs)[len(costs) // 2])
+
+
+def measure_budget(count: int, mib: int, duration_s: float, mergeable: bool) -> dict[str, float]:
+    """One scenario at the plan's default sampling; prints the budget's use and the ages."""
+    defaults = SamplingSection()
+    pss_every = max(1, round(defaults.pss_interval_s / defaults.interval_s))
+    with ExitStack() as stack:
+        spawn_started = time.monotonic()
+        targets = spawn_holders(stack, count, mib, mergeable)
+        print(f"\n== {count} targets x {mib} MiB ({count * mib / 1024:.0f} GiB resident, spawned in "
+              f"{time.monotonic() - spawn_started:.0f} s), interval {defaults.interval_s:g} s, PSS every "
+              f"{pss_every} ticks, budget {defaults.cpu_budget_pct:g}% of one core, {duration_s:g} s")
+        per_gib_ms = smaps_cost_ms_per_gib(targets, mib)
+        with Sampler(defaults.interval_s, pss_every, lambda: targets, jitter_fraction=defaults.jitter_fraction,
+                     cpu_budget_pct=defaults.cpu_budget_pct) as sampler:
+            time.sleep(duration_s)
+        record = sampler.budget_record()
+        ksm = sampler.ksm_frame()
+    # the memory is freed here (ExitStack reaped the holders), before the next scenario
+    cheap = ksm[ksm["tier"] != "ksm"]
+    no_pss = cheap[cheap["pss_reads"] == 0]
+    fixed_ms = float(no_pss["tick_ms"].median()) if len(no_pss) else float("nan")
+    age_max = max(record["pss_age_max_s"].values())
+    bound = record["pss_age_bound_s"]
+    cpu_pct = record["cpu_pct"]
+    print(f"  smaps_rollup: {per_gib_ms:.2f} ms CPU per GiB resident (4 KiB pages, median of reads)")
+    print(f"  cheap tick without PSS: median {fixed_ms:.2f} ms ({fixed_ms / count * 1000:.0f} us per target)")
+    print(f"  PSS reads: {record['pss_reads']} ({record['pss_floor_reads']} by the floor), "
+          f"{record['pss_read_cpu_s']:.3f} s CPU; ticks {len(ksm)}, missed {sampler.missed_ticks}, "
+          f"errors {sampler.error_count}")
+    print(f"  sampler thread {cpu_pct:.3f}% of one core (target <= {defaults.cpu_budget_pct:g}%): "
+          f"{'PASS' if cpu_pct <= defaults.cpu_budget_pct else 'FAIL'}")
+    ages = sorted(record["pss_age_max_s"].values())
+    print(f"  largest PSS age {age_max:.1f} s (median target {ages[len(ages) // 2]:.1f} s) vs bound {bound:.0f} s "
+          f"(targets x pss_interval_s): {'PASS' if age_max <= bound + defaults.interval_s else 'FAIL'}")
+    return {"per_gib_ms": per_gib_ms, "fixed_ms_per_target": fixed_ms / count}
+
+
+def print_model(per_gib_ms: float, fixed_ms_per_target: float) -> None:
+    """Extrapolate the measured costs to 1 TiB of guests at the default sampling, by the
+    sampler's own rules (host/sampler.py): the floor reads one target every k PSS ticks, k the
+    fewest that keep it within the budget; the budget's spare CPU reads more, at most every
+    target once per PSS interval."""
+    defaults = SamplingSection()
+    budget_ms_per_s = defaults.cpu_budget_pct / 100 * 1000
+    pss_s = defaults.pss_interval_s
+    round_ms = per_gib_ms * 1024  # every target's PSS once
+    print(f"\n== model: 1 TiB of guests at the default sampling (cheap tick {defaults.interval_s:g} s, PSS interval "
+          f"{pss_s:g} s, budget {defaults.cpu_budget_pct:g}% = {budget_ms_per_s:.0f} ms CPU per s), from the costs "
+          f"measured above: smaps_rollup {per_gib_ms:.2f} ms per GiB, cheap tier {fixed_ms_per_target * 1000:.0f} us "
+          "per target per tick")
+    print(f"  without the budget (every target on every PSS tick): {round_ms / 1000:.1f} s CPU per PSS tick in one "
+          f"burst, {100 * round_ms / 1000 / pss_s:.0f}% of one core")
+    for guests in (16, 64, 256):
+        read_ms = per_gib_ms * 1024 / guests
+        fixed_ms_per_s = fixed_ms_per_target * guests / defaults.interval_s
+        k = max(1, math.ceil(read_ms / (budget_ms_per_s * pss_s)))
+        floor_ms_per_s = read_ms / (k * pss_s)
+        pss_ms_per_s = min(round_ms / pss_s, max(budget_ms_per_s - fixed_ms_per_s, floor_ms_per_s))
+        thread_pct = 100 * (fixed_ms_per_s + pss_ms_per_s) / 1000
+        print(f"  {guests:3d} guests x {1024 / guests:4.0f} GiB: one read {read_ms:5.0f} ms, cheap tier "
+              f"{100 * fixed_ms_per_s / 1000:.2f}%, floor every {k} PSS tick(s); thread about {thread_pct:.2f}% of "
+              f"one core; each PSS about every {round_ms / pss_ms_per_s:.0f} s, bound {guests * k * pss_s:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", type=float, nargs="+", default=[1.0])
@@ -103,7 +194,14 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     # Off by default: KSM is one per host, and another run may be measuring it.
     parser.add_argument("--mergeable", action="store_true", help="MADV_MERGEABLE the holders' memory")
+    parser.add_argument("--budget", action="store_true",
+                        help="the budget scenarios (64 x 256 MiB, 16 x 1 GiB) and the 1 TiB model")
     args = parser.parse_args()
+    if args.budget:
+        print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
+        costs = [measure_budget(count, mib, args.duration_s, args.mergeable) for count, mib in BUDGET_SCENARIOS]
+        print_model(max(c["per_gib_ms"] for c in costs), max(c["fixed_ms_per_target"] for c in costs))
+        return
     print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, holders {args.procs} x {args.mib} MiB")
     with ExitStack() as stack:
         targets = spawn_holders(stack, args.procs, args.mib, args.mergeable)

@@ -143,8 +143,13 @@ class PhasesSection(Strict):
 
 class SamplingSection(Strict):
     interval_s: float = Field(1.0, ge=0.05, le=600)
-    # smaps_rollup walks page tables (~5-6 ms per 256 MiB resident): read PSS on a slower tier.
+    # smaps_rollup walks page tables (about 4-5 ms per GiB resident): each target's PSS is read
+    # at most this often, one target at a time (round-robin), and at least once per
+    # (targets x pss_interval_s); in between as often as cpu_budget_pct allows (host/sampler.py).
     pss_interval_s: float = Field(5.0, ge=0.05, le=3600)
+    # The sampler thread's CPU budget, % of one core over the trial: what PSS reads may use on
+    # top of the cheap tiers. trial.json "sampler" records what was used.
+    cpu_budget_pct: float = Field(1.0, gt=0, le=100)
     # The KSM counters alone, read this often (~0.3 ms a tick here). "auto": fast enough to
     # resolve a processes workload's refill cycle (10 ticks per round_wait_s, >= 0.05 s);
     # interval_s otherwise. A sampling period near the refill period aliases.
@@ -604,6 +609,9 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
     merged["ksm_off"] = ksm_off
     merged["phases"] = plan.phases.model_dump()
     merged["sampling"] = plan.sampling.model_dump()
+    if merged["sampling"]["cpu_budget_pct"] == SamplingSection().cpu_budget_pct:
+        # the default budget keeps trial ids from before the budget (resume finds its trials)
+        del merged["sampling"]["cpu_budget_pct"]
     return merged
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analysis import stats, studymetrics, trialmetrics
+from orchestrator.analysis import samplemetrics, stats, studymetrics, trialmetrics
 from orchestrator.store import studydata
 from orchestrator.errors import StoreError
 
@@ -753,3 +753,28 @@ def test_holm_marks_only_changes_that_survive_the_family(tmp_path: Path) -> None
     p = {k: r["tps_vs_off_p"] for k, r in rows.items()}
     assert p[100] < 0.05 / 3 and 0.05 / 2 < p[200] < 0.05 and p[300] > 0.05
     assert [bool(rows[k]["tps_vs_off_holm"]) for k in effects] == [True, False, False]
+
+
+def test_pss_drop_carries_each_targets_last_read_forward_when_reads_take_turns() -> None:
+    """The budgeted sampler reads one target's PSS per tick in turn: the summed PSS at a tick is
+    each target's last read (a known answer: every target drops 1000 -> 700 KiB when measure
+    starts, and each is read every third tick), and the figures' age is stated."""
+    labels = ("a", "b", "c")
+    rows = []
+    for t in range(20):
+        phase = "baseline" if t < 5 else "measure"
+        for i, label in enumerate(labels):
+            read = t % 3 == i
+            pss = (1000.0 if t < 5 else 700.0) if read else np.nan
+            rows.append({"t_s": float(t), "phase": phase, "label": label, "rss_kib": 1000.0, "pss_kib": pss})
+    out, per_proc = samplemetrics.process_metrics(pd.DataFrame(rows))
+    # baseline: the last tick of baseline, every target read before it (a@3, b@4, c@2): 3000 KiB;
+    # end: all three read again in measure (by t=7): 2100 KiB. Summing only a tick's fresh
+    # reads would give 700 KiB ticks.
+    assert out["pss_drop_mib_end"] == pytest.approx((3000 - 2100) / 1024)
+    assert out["pss_samples"] == 15
+    assert out["pss_age_max_s"] == 2.0  # every figure summed is at most 2 ticks old
+    per_proc = per_proc.set_index("label")
+    assert per_proc["pss_before_kib"].tolist() == [1000.0] * 3
+    assert per_proc["pss_after_kib"].tolist() == [700.0] * 3
+    assert per_proc["pss_age_end_s"].tolist() == [1.0, 0.0, 2.0]  # t=19 reads b; a@18, c@17

@@ -210,6 +210,9 @@ def test_headline_says_net_of_drift_or_raw(tmp_path: Path) -> None:
     largest = next(f for f in _findings(net) if f.startswith("Largest saving"))
     assert "PSS drop 100 ± 0 MiB, MemAvailable rise 100 ± 0 MiB" in largest
     assert "PSS drop and MemAvailable rise are net of drift" in largest
+    # every target's PSS read on the same ticks here: the figures are as old as the tick
+    assert "the PSS figures summed were up to 0 s old" in largest
+    assert "<th>pss_age_max_s</th>" in _section(net, "trials")
     raw = report.write_report(sweep_study(tmp_path / "b")).read_text()
     largest = next(f for f in _findings(raw) if f.startswith("Largest saving"))
     assert "PSS drop and MemAvailable rise are the raw change" in largest

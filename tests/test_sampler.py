@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 import time
@@ -73,6 +74,7 @@ def test_sampler_real_host_rows_phases_and_pss_cadence(child):
     assert procs["pss_kib"][tier].notna().all() and (procs["pss_kib"][tier] >= 32 * 1024).all()
     assert procs["pss_kib"][~tier].isna().all()
     assert procs["uss_kib"][~tier].isna().all()
+    assert ksm["pss_reads"].tolist() == tier.astype(int).tolist()  # one target: read on each PSS tick
     assert procs["ksm_merging_pages"].notna().all()
     assert sampler.latest()["t_s"] == ksm["t_s"].iloc[-1]
 
@@ -99,6 +101,102 @@ def test_sampler_real_host_process_appearing_and_exiting(child):
     assert by_label.max()["first"] < last_t_s  # no rows after it exited
     assert by_label.min()["late"] > 0.25  # no rows before it existed
     assert by_label.max()["late"] == last_t_s
+
+
+def _pss_reads(sampler: Sampler) -> list[tuple[float, str]]:
+    procs = sampler.process_frame()
+    read = procs[procs["pss_kib"].notna()]
+    return list(zip(read["t_s"], read["label"]))
+
+
+def _in_turn(labels: tuple[str, ...], reads: list[tuple[float, str]]) -> bool:
+    return [label for _, label in reads] == [labels[i % len(labels)] for i in range(len(reads))]
+
+
+def test_sampler_small_budget_reads_one_target_per_floor_tick_in_turn_within_the_age_bound(holder):
+    """A budget smaller than a tick's cheap reads (0.2% of a core earns 0.2 ms a 0.1 s tick; a
+    tick's reads cost more): only the floor reads, one target on each of its PSS ticks (every k-th,
+    k from the costliest read), the one whose PSS is oldest, so the targets come in turn; none
+    waits longer than the recorded bound, targets x k PSS intervals."""
+    labels = ("a", "b", "c", "d")
+    targets = {label: holder(mib=8).pid for label in labels}
+    with Sampler(0.1, 1, lambda: targets, cpu_budget_pct=0.2) as sampler:
+        _wait_for_ticks(sampler, 30)
+    assert sampler.error_count == 0, sampler.last_error
+    record = sampler.budget_record()
+    k = record["pss_floor_every_pss_ticks"]
+    ksm = sampler.ksm_frame()
+    assert ksm["pss_reads"].isin([0, 1]).all()
+    reads = _pss_reads(sampler)
+    assert _in_turn(labels, reads)
+    assert record["pss_reads"] == record["pss_floor_reads"] == len(reads) >= len(ksm) // k - 1
+    assert record["pss_age_bound_ticks"] == 4 * k and record["pss_age_bound_s"] == pytest.approx(0.4 * k)
+    slack_s = 0.1 * (1 + sampler.missed_ticks)  # a late wake-up moves a read by one tick
+    assert set(record["pss_age_max_s"]) == set(labels)
+    for label, age in record["pss_age_max_s"].items():
+        assert age <= record["pss_age_bound_s"] + slack_s, (label, age)
+
+
+def test_sampler_budget_below_one_read_per_pss_tick_stretches_the_floor_and_its_bound(holder):
+    """0.001% of a core earns 2 us a PSS interval, less than one PSS read: the floor reads only
+    every k-th PSS tick, k = ceil(costliest read / budget per PSS interval), and the recorded
+    bound grows to targets x k PSS intervals: the budget and the target count set it."""
+    labels = ("a", "b", "c")
+    targets = {label: holder(mib=8).pid for label in labels}
+    with Sampler(0.1, 2, lambda: targets, cpu_budget_pct=0.001) as sampler:
+        _wait_for_ticks(sampler, 20)
+    assert sampler.error_count == 0, sampler.last_error
+    record = sampler.budget_record()
+    k = record["pss_floor_every_pss_ticks"]
+    assert k == math.ceil(record["pss_read_max_ms"] / 1000 / (0.001 / 100 * 0.1 * 2)) >= 2
+    assert record["pss_age_bound_ticks"] == 3 * k * 2
+    assert record["pss_reads"] == record["pss_floor_reads"] < int(sampler.ksm_frame()["pss_tier"].sum())
+    assert _in_turn(labels, _pss_reads(sampler))
+
+
+def test_sampler_budget_pays_for_every_due_target_and_records_its_use(holder):
+    """With budget to spare every target is read as soon as it is due (every PSS interval, as
+    before the budget, in turn); the record's counts match the rows written and its CPU share
+    is the thread's own, a share of its wall time."""
+    labels = ("a", "b", "c")
+    targets = {label: holder(mib=8).pid for label in labels}
+    started = time.monotonic()
+    with Sampler(0.1, 2, lambda: targets, cpu_budget_pct=100) as sampler:
+        _wait_for_ticks(sampler, 20)
+    wall_s = time.monotonic() - started
+    assert sampler.error_count == 0, sampler.last_error
+    ksm = sampler.ksm_frame()
+    record = sampler.budget_record()
+    reads = _pss_reads(sampler)
+    assert _in_turn(labels, reads)
+    assert record["pss_reads"] == len(reads) == int(ksm["pss_reads"].sum())
+    assert len(reads) >= 3 * (len(ksm) // 2 - 1)  # each target once per PSS interval
+    assert record["pss_floor_every_pss_ticks"] == 1
+    assert 1 <= record["pss_floor_reads"] <= int(ksm["pss_tier"].sum())
+    assert record["cpu_budget_pct"] == 100
+    assert record["cpu_s"] == pytest.approx(sampler.cpu_s, abs=1e-4) and record["cpu_s"] > 0
+    assert 0 < record["cpu_pct"] < 100 and record["cpu_pct"] == pytest.approx(100 * record["cpu_s"] / wall_s, rel=0.2)
+    slack_s = 0.1 * (1 + sampler.missed_ticks)
+    assert max(record["pss_age_max_s"].values()) <= 0.2 + slack_s
+
+
+def test_sampler_stop_is_bounded_while_a_pss_read_hangs(tmp_path):
+    """A smaps_rollup read that blocks (here a FIFO nobody writes) cannot hold stop() past its
+    grace; the thread ends as soon as the read returns."""
+    root = _fake_root(tmp_path, pids=(500,))
+    fifo = root / "proc" / "500" / "smaps_rollup"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    sampler = Sampler(0.05, 1, lambda: {"vm": 500}, root=root).start()
+    time.sleep(0.3)
+    assert sampler.tick_count == 0 and sampler.running  # the first tick waits in the FIFO
+    asked = time.monotonic()
+    sampler.stop(grace_s=0.3)
+    assert time.monotonic() - asked < 1.0
+    assert sampler.running  # still in the read
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer comes and goes: EOF
+    sampler._thread.join(5)
+    assert not sampler.running
 
 
 # --- fake trees -----------------------------------------------------------------------
@@ -229,6 +327,8 @@ def test_sampler_rejects_bad_arguments_and_double_start(tmp_path):
         Sampler(0, 1, dict)
     with pytest.raises(ValueError):
         Sampler(1.0, 0, dict)
+    with pytest.raises(ValueError):
+        Sampler(1.0, 1, dict, cpu_budget_pct=0)
     sampler = Sampler(0.05, 1, dict, root=_fake_root(tmp_path))
     with sampler:
         with pytest.raises(RuntimeError):

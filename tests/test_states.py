@@ -7,6 +7,7 @@ written by a real save (tests/data/domains/saved-state-g0.xml) or a hand-made on
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -25,6 +26,7 @@ from orchestrator.report.plots import envelope_indices
 from orchestrator.guests.states import remove_uncached_states
 from orchestrator.workloads.probe import ProbeParams
 from orchestrator.workloads.processes import ProcessesParams
+from orchestrator.host import probes
 from orchestrator.host.sampler import Sampler
 from orchestrator.runners.base import SteadyWait, TrialResult, wait_steady
 
@@ -208,34 +210,47 @@ def test_envelope_keeps_every_trough_of_a_long_sawtooth():
 # ----------------------------------------------------------------------------- outside load
 
 
-def _proc_tree(root: Path, processes: dict[int, tuple[int, int, int]]) -> None:
-    """/proc/<pid>/stat for {pid: (ppid, cpu ticks, reaped children's ticks)}."""
+def _host_tree(root: Path, uptime_s: float, idle_ticks: int,
+               processes: dict[int, tuple[int, int, int, int]]) -> None:
+    """A 2-CPU host: /proc/stat (idle ticks), /proc/uptime, and /proc/<pid>/stat and
+    task/<pid>/children for {pid: (ppid, cpu ticks, reaped children's ticks, start ticks)}."""
     proc = root / "proc"
-    if proc.exists():
-        for old in proc.iterdir():
-            (old / "stat").unlink()
-            old.rmdir()
-    for pid, (ppid, ticks, child_ticks) in processes.items():
-        (proc / str(pid)).mkdir(parents=True)
-        fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks), "0", str(child_ticks), "0"] + ["0"] * 30
+    shutil.rmtree(proc, ignore_errors=True)
+    proc.mkdir(parents=True)
+    (proc / "stat").write_text(f"cpu  5000 0 1000 {idle_ticks} 0 0 0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\n")
+    (proc / "uptime").write_text(f"{uptime_s:.2f} 0.00\n")
+    for pid, (ppid, ticks, child_ticks, start_ticks) in processes.items():
+        (proc / str(pid) / "task" / str(pid)).mkdir(parents=True)
+        fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks), "0", str(child_ticks), "0"] + ["0"] * 4
+        fields += [str(start_ticks)] + ["0"] * 25
         (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(fields) + "\n")
+        children = [str(child) for child, spec in processes.items() if spec[0] == pid]
+        (proc / str(pid) / "task" / str(pid) / "children").write_text(" ".join(children) + " " if children else "")
 
 
-def test_outside_load_counts_other_processes_and_the_last_interval_of_one_that_exited(tmp_path, monkeypatch):
+def test_outside_load_is_host_busy_time_minus_the_study_and_reads_no_other_process(tmp_path, monkeypatch):
     me = os.getpid()
+    hz = probes.CLOCK_TICKS_PER_S
     sampler = Sampler(1.0, 1, dict, root=tmp_path)
     clock = iter([100.0, 101.0, 102.0])
     monkeypatch.setattr("orchestrator.host.sampler.time.monotonic", lambda: next(clock))
-    # our pid (the study) and a stranger, with a child of its own; ticks are 1/100 s
-    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 0, 0), 500: (1, 100, 0), 501: (500, 100, 0)})
+    # Unrelated processes are not in the tree at all: the reading must not need them.
+    _host_tree(tmp_path, 50.0, 100 * hz, {me: (1, 0, 0, 0)})
     assert np.isnan(sampler._outside_cpu_pct([]))
-    # 1 s later: the stranger used 0.5 s; its child used 0.3 s more, then exited and was reaped
-    # (its 1.3 s total lands in the stranger's cutime). We used 5 s ourselves: not outside.
-    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 500, 0), 500: (1, 150, 130)})
+    # 1 s later, 2 CPUs: 1.6 CPU s busy (idle rose 0.4 s). We used 0.5 s; our child, started since
+    # the last tick, 0.3 s: the study. The other 0.8 s is outside: 80% of one core.
+    _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))})
     assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
-    # A descendant of the study is the study.
-    _proc_tree(tmp_path, {1: (0, 0, 0), me: (1, 500, 0), 500: (1, 150, 130), 700: (me, 900, 0)})
-    assert sampler._outside_cpu_pct([]) == pytest.approx(0.0)
+    # 1 s later: busy 0.1 s, the child's last 0.1 s; it exited and we reaped it (its 0.4 s total
+    # lands in our cutime, of which 0.3 s were counted): nothing outside.
+    _host_tree(tmp_path, 52.0, round(102.3 * hz), {me: (1, hz // 2, hz * 4 // 10, 0)})
+    assert sampler._outside_cpu_pct([]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_host_cpu_parser_counts_cpus_and_the_time_no_task_ran():
+    cpu = probes.parse_host_cpu("cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 5 0 2 50 3 1 1 2 0 0\ncpu1 5 1 3 50 4 1 2 2\nintr 0\n")
+    assert cpu.cpus == 2 and cpu.busy_ticks == 10 + 1 + 5 + 2 + 3 + 4
+    assert cpu.not_working_ticks == 100 + 7 + 4  # idle, iowait, steal
 
 
 class _Frames:

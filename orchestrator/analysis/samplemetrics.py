@@ -307,10 +307,15 @@ def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, flo
                     ) -> tuple[dict[str, Any], pd.DataFrame]:
     """PSS drop (summed over tracked processes) and KSM metadata overhead; plus a per-process table.
 
-    PSS is only read on PSS-tier ticks; the sampler writes one t_s per tick for all processes, so a
-    tick is identified by t_s. Baseline = last PSS tick of phase baseline (else the first PSS
-    tick); end = last PSS tick of measure. Merging pages, rmap items and profit are taken from
-    each process's last measure row (those come from ksm_stat on every tick).
+    The sampler reads PSS one target at a time under a CPU budget (host/sampler.py), so a
+    tick's rows hold a fresh PSS for some targets and NaN for the rest. Each target's last PSS
+    is carried forward with its age; the summed PSS is evaluated at every tick that read at
+    least one PSS, once every target of that tick has been read (ticks are identified by t_s:
+    the sampler writes one t_s per tick for all processes). Baseline = the last such tick of
+    phase baseline (else the first); end = the last one of measure. ``pss_age_max_s`` is the
+    oldest PSS inside those sums over measure and baseline, ``pss_age_end_s`` per process at
+    the end. Merging pages, rmap items and profit are taken from each process's last measure
+    row (those come from ksm_stat on every tick).
     """
     out: dict[str, Any] = {}
     if "label" not in processes.columns or "t_s" not in processes.columns:
@@ -327,20 +332,35 @@ def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, flo
 
     pss = _col(processes, "pss_kib")
     if pss is not None and np.isfinite(pss).any():
-        tier = np.flatnonzero(np.isfinite(pss))
-        ticks, first_row, tick_of_row = np.unique(t_s[tier], return_index=True, return_inverse=True)
-        tick_pss = np.bincount(tick_of_row, weights=pss[tier])
-        tick_rows = tier[first_row]
-        base = _baseline_index(in_baseline[tick_rows], np.ones(ticks.size, dtype=bool))
-        measure_ticks = np.flatnonzero(in_measure[tick_rows])
+        fresh = np.isfinite(pss)
+        order = np.argsort(t_s, kind="stable")  # rows in time order, within a label too
+        by_label = pd.DataFrame({"code": codes[order], "pss": pss[order],
+                                 "read_t": np.where(fresh, t_s, np.nan)[order]}).groupby("code")
+        carried, read_t = np.empty(pss.size), np.empty(pss.size)
+        carried[order] = by_label["pss"].ffill().to_numpy()
+        read_t[order] = by_label["read_t"].ffill().to_numpy()
+        age = t_s - read_t
+        ticks, tick_of_row = np.unique(t_s, return_inverse=True)
+        missing = np.bincount(tick_of_row, weights=~np.isfinite(carried), minlength=ticks.size)
+        reads = np.bincount(tick_of_row, weights=fresh, minlength=ticks.size)
+        tick_pss = np.bincount(tick_of_row, weights=np.nan_to_num(carried), minlength=ticks.size)
+        tick_age = np.zeros(ticks.size)
+        np.maximum.at(tick_age, tick_of_row, np.nan_to_num(age))
+        first_row = np.full(ticks.size, pss.size)
+        np.minimum.at(first_row, tick_of_row, np.arange(pss.size))
+        usable = (reads > 0) & (missing == 0)
+        base = _baseline_index(in_baseline[first_row], usable)
+        measure_ticks = np.flatnonzero(usable & in_measure[first_row])
         if base is not None and measure_ticks.size:
             end = measure_ticks[-1]
             drop_mib = (tick_pss[base] - tick_pss[measure_ticks]) / 1024
             out.update(view_summary("pss_drop_mib", ticks[measure_ticks], drop_mib, *steady_window_t_s))
             out["pss_samples"] = int(measure_ticks.size)
-            for name, tick in (("pss_before_kib", base), ("pss_after_kib", end)):
-                rows = tier[tick_of_row == tick]
-                per_proc[name] = (pd.Series(pss[rows], index=codes[rows]).groupby(level=0).sum()
+            out["pss_age_max_s"] = float(max(tick_age[base], tick_age[measure_ticks].max()))
+            for name, tick in (("pss_before_kib", base), ("pss_after_kib", end), ("pss_age_end_s", end)):
+                rows = np.flatnonzero(tick_of_row == tick)
+                values = age[rows] if name == "pss_age_end_s" else carried[rows]
+                per_proc[name] = (pd.Series(values, index=codes[rows]).groupby(level=0).sum()
                                   .reindex(range(names.size)).to_numpy())
             per_proc["pss_drop_kib"] = per_proc["pss_before_kib"] - per_proc["pss_after_kib"]
 

@@ -108,7 +108,7 @@ SUMMARY_METRICS = (
 DESCRIPTION_ONLY = ("cow_median_ratio",)
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
 ALWAYS_COLUMNS = (*SUMMARY_METRICS, *DESCRIPTION_ONLY, *WORKLOAD_METRICS, "converged", "time_to_50pct_s", "trial_wall_s",
-                  "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta")
+                  "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta", "pss_age_max_s")
 # The statistics read these whether or not the sweep / sampler recorded them.
 STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
 # Savings net of drift: a delta-based saving minus the same delta in the matched KSM-off trials

@@ -290,31 +290,70 @@ def find_ksmd_pid(root: Path = Path("/")) -> int | None:
 
 @dataclass(frozen=True)
 class HostCpu:
-    """The aggregate "cpu" line of /proc/stat, in clock ticks summed over all CPUs."""
+    """The aggregate "cpu" line of /proc/stat, in clock ticks summed over all CPUs, and how many
+    CPUs are online (its "cpuN" lines)."""
 
     busy_ticks: int  # user + nice + system + irq + softirq + steal
     total_ticks: int  # busy + idle + iowait
+    not_working_ticks: int = 0  # idle + iowait + steal: time no task of this host ran
+    cpus: int = 1
 
     @property
     def busy_s(self) -> float:
         return self.busy_ticks / CLOCK_TICKS_PER_S
 
+    @property
+    def not_working_s(self) -> float:
+        return self.not_working_ticks / CLOCK_TICKS_PER_S
+
 
 def parse_host_cpu(text: str) -> HostCpu:
     """/proc/stat's first line. guest/guest_nice are already inside user/nice (proc(5)), so
-    they are not added again; iowait is idle time waiting for I/O, not CPU work."""
+    they are not added again; iowait is idle time waiting for I/O, not CPU work.
+
+    The busy fields are sampled at the timer tick and miss work done in short bursts between
+    ticks (ksmd's); on a tickless (NO_HZ) kernel idle and iowait are measured at every idle
+    entry and exit instead, so wall time x CPUs minus `not_working_s` is the precise busy time."""
+    aggregate: HostCpu | None = None
+    cpus = 0
     for line in text.splitlines():
         if line.startswith("cpu "):
             values = [int(v) for v in line.split()[1:]]
             values += [0] * (8 - len(values))
             user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
             busy = user + nice + system + irq + softirq + steal
-            return HostCpu(busy_ticks=busy, total_ticks=busy + idle + iowait)
-    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+            aggregate = HostCpu(busy_ticks=busy, total_ticks=busy + idle + iowait,
+                                not_working_ticks=idle + iowait + steal)
+        elif line.startswith("cpu") and line[3:4].isdigit():
+            cpus += 1
+    if aggregate is None:
+        raise ValueError("no aggregate 'cpu' line in /proc/stat")
+    return HostCpu(aggregate.busy_ticks, aggregate.total_ticks, aggregate.not_working_ticks, max(1, cpus))
 
 
 def read_host_cpu(root: Path = Path("/")) -> HostCpu:
     return parse_host_cpu(_read(root / "proc" / "stat"))
+
+
+def read_uptime_s(root: Path = Path("/")) -> float:
+    """Seconds since boot (/proc/uptime), the clock of ProcStat.start_ticks."""
+    return float(_read(root / "proc" / "uptime").split()[0])
+
+
+def read_children(pid: int, root: Path = Path("/")) -> set[int]:
+    """The child processes of pid, from /proc/PID/task/TID/children of each of its threads
+    (a child belongs to the thread that forked it); empty if pid has gone."""
+    children: set[int] = set()
+    try:
+        tasks = [entry.name for entry in os.scandir(root / "proc" / str(pid) / "task")]
+    except OSError:
+        return children
+    for tid in tasks:
+        try:
+            children.update(int(child) for child in _read(root / "proc" / str(pid) / "task" / tid / "children").split())
+        except (OSError, ValueError):
+            continue
+    return children
 
 
 # --- system memory -------------------------------------------------------------

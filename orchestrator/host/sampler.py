@@ -6,19 +6,37 @@ Three tiers, each a subset of the next:
   second (a 1 s tick against a ~1 s refill cycle aliases: the saving it reports depends on
   where the tick falls in the cycle).
 - cheap: every `interval_s` also reads meminfo, vmstat and each target's statm RSS and ksm_stat.
-- pss: every `pss_every_n_ticks`-th cheap tick (and the first) also reads smaps_rollup, which
-  walks the page tables of each target and so costs time proportional to its RSS, and every
-  process's CPU time (`outside_cpu_pct`).
+- pss: smaps_rollup (PSS, USS) walks the page tables of a target while holding its mmap lock,
+  about 4-5 ms per GiB resident: on a host with 1 TiB of guests, reading every target at once
+  takes seconds of CPU in one burst. So PSS reads are spread under a CPU budget
+  (`cpu_budget_pct` of one core for the whole thread, averaged over the trial), one target at a
+  time, oldest PSS first (round-robin):
+  * the floor: every `pss_every_n_ticks`-th cheap tick is a "PSS tick" (the first one
+    included); every k-th PSS tick reads the target whose PSS is oldest, budget or not, where
+    k is the smallest that keeps the floor alone within the budget (1 unless one read costs
+    more than the budget earns in a PSS interval: k = ceil(costliest read / (budget x PSS
+    interval)), from the reads measured so far). With n targets each target's PSS is then at
+    most n x k PSS intervals old (`pss_age_bound_s`, the largest over the run): each floor
+    read takes one older than it, or none is due;
+  * the budget: any cheap tick also reads the next due targets (PSS older than
+    pss_every_n_ticks cheap ticks) while the thread's CPU credit pays for the next read in full
+    (at its last read's cost). The credit is a token bucket filled at cpu_budget_pct from zero,
+    holding at most one PSS interval's worth, charged with everything the thread uses. A small
+    host reads every target every PSS tick; a 1 TiB one reads what the budget pays for.
+  Rows without a fresh read keep NaN in pss_kib/uss_kib; the analysis carries each target's last
+  PSS forward with its age (samplemetrics.process_metrics). `budget_record()` is what was used.
+  PSS ticks also read `outside_cpu_pct`.
 
 Ticks sit on absolute monotonic deadlines (start + k * fast_interval_s), so the time spent
 reading does not push later ticks back; each tick may be moved by up to +-jitter_fraction/2 of
 an interval, so that no periodic workload can stay in phase with the sampling. A tick that
 overruns skips the deadlines it missed instead of firing a burst to catch up.
 
-`outside_cpu_pct` (pss ticks): CPU time used by every process that is not the study (ksmd,
+`outside_cpu_pct` (PSS ticks): CPU time used by every process that is not the study (ksmd,
 this process, the targets: workers or QEMU, and their descendants), in % of one core. Another
 job, a backup or a cron task on a 2-core host moves throughput by tens of percent; this column
-is how a trial knows it was disturbed.
+is how a trial knows it was disturbed. Its cost grows with the study's processes, not the
+host's: the host's busy time (from /proc/stat) minus the study's (see _outside_cpu_pct).
 """
 
 from __future__ import annotations
@@ -54,18 +72,7 @@ _KSM_STAT_COLUMNS = ("ksm_merging_pages", "ksm_rmap_items", "ksm_zero_pages", "k
 Targets = Callable[[], Mapping[str, int]]
 
 
-def _with_descendants(pids: set[int], stats: Mapping[int, probes.ProcStat]) -> set[int]:
-    """`pids` and every process below them (an ssh or qemu-img the study started is the study)."""
-    children: dict[int, list[int]] = {}
-    for pid, st in stats.items():
-        children.setdefault(st.ppid, []).append(pid)
-    found, todo = set(pids), list(pids)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+DEFAULT_CPU_BUDGET_PCT = 1.0  # of one core, the whole sampler thread (plan: sampling.cpu_budget_pct)
 
 
 class Sampler:
@@ -74,6 +81,7 @@ class Sampler:
     `targets` is called on every tick and returns {label: pid}, so processes
     that appear late (QEMU started after the sampler) or exit are handled.
     A failing tick is counted (`error_count`, `last_error`) and sampling goes on.
+    `cpu_budget_pct`: the thread's CPU budget in % of one core (module docstring).
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class Sampler:
         fast_interval_s: float | None = None,
         jitter_fraction: float = 0.0,
         seed: int | None = None,
+        cpu_budget_pct: float = DEFAULT_CPU_BUDGET_PCT,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
@@ -96,6 +105,8 @@ class Sampler:
             raise ValueError(f"fast_interval_s must be in (0, interval_s], got {fast_interval_s}")
         if not 0 <= jitter_fraction < 1:
             raise ValueError(f"jitter_fraction must be in [0, 1), got {jitter_fraction}")
+        if not 0 < cpu_budget_pct <= 100:
+            raise ValueError(f"cpu_budget_pct must be in (0, 100], got {cpu_budget_pct}")
         self.interval_s = interval_s
         self.fast_interval_s = fast
         # A cheap tick every this many ticks: the fast grid is the clock, cheap ticks sit on it.
@@ -114,8 +125,27 @@ class Sampler:
         self._ksmd_pid: int | None = None
         self._knob_names: tuple[str, ...] | None = None  # the KSM folder minus its counters
         self._prev_ksmd: tuple[float, float] | None = None  # (monotonic s, cpu s)
-        # (monotonic s, {pid: cpu s incl. reaped children}, {pid: ppid}, study pids) of the last cheap tick
-        self._prev_host: tuple[float, dict[int, float], dict[int, int], set[int]] | None = None
+        # (monotonic s, host CPU, {(pid, start ticks): (cpu s incl. reaped children, ppid)} of
+        # the study, s since boot) at the last PSS tick
+        self._prev_host: tuple[float, probes.HostCpu, dict[tuple[int, int], tuple[float, int]], float] | None = None
+        # The PSS budget (module docstring): credit in CPU s, refilled at cpu_budget_pct.
+        self.cpu_budget_pct = cpu_budget_pct
+        self._credit_cap_s = cpu_budget_pct / 100 * interval_s * pss_every_n_ticks
+        self._credit_s = 0.0  # earned from the first tick on: no burst at start
+        self._charged_at: tuple[float, float] | None = None  # (monotonic s, thread CPU s)
+        self._cheap_index = -1  # cheap ticks so far, minus one
+        self._pss_read_at: dict[str, int] = {}  # label -> cheap tick of its last PSS read
+        self._pss_read_t: dict[str, float] = {}  # label -> monotonic s of that read (or first sight)
+        self._pss_age_max_s: dict[str, float] = {}
+        self._label_order: dict[str, int] = {}  # first-seen order: ties in the round-robin
+        self._floor_at = -math.inf  # PSS tick of the floor's last read
+        self._read_cost_max_s = 0.0  # the costliest PSS read so far, thread CPU s
+        self._read_cost_s: dict[str, float] = {}  # label -> CPU s of its last PSS read
+        self.pss_age_bound_ticks = 0  # cheap ticks; the largest targets x k x pss_every_n_ticks
+        self.pss_reads = 0
+        self.pss_floor_reads = 0  # reads taken by the floor, budget or not
+        self.pss_read_cpu_s = 0.0
+        self._stopped_at: float | None = None
         self._t0 = 0.0
         self.tick_count = 0
         self.missed_ticks = 0
@@ -141,6 +171,8 @@ class Sampler:
         self._stop.set()
         if self._thread is None:
             return
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         if grace_s is None:
             grace_s = max(5.0, 2 * self.interval_s)
         self._thread.join(grace_s)
@@ -188,6 +220,26 @@ class Sampler:
         with self._lock:
             return dict(self._ksm_rows[-1]) if self._ksm_rows else {}
 
+    def budget_record(self) -> dict[str, Any]:
+        """What the sampling budget bought, for trial.json "sampler": the thread's CPU (s and %
+        of one core over the time it ran), PSS reads done (and how many the floor forced), the
+        age bound the round-robin guarantees and the largest age each target's PSS reached."""
+        wall_s = (self._stopped_at or time.monotonic()) - self._t0 if self._t0 else 0.0
+        bound_ticks = self.pss_age_bound_ticks
+        return {
+            "cpu_budget_pct": self.cpu_budget_pct,
+            "cpu_s": round(self.cpu_s, 4),
+            "cpu_pct": round(100 * self.cpu_s / wall_s, 3) if wall_s > 0 else None,
+            "pss_reads": self.pss_reads,
+            "pss_floor_reads": self.pss_floor_reads,
+            "pss_read_cpu_s": round(self.pss_read_cpu_s, 4),
+            "pss_read_max_ms": round(1000 * self._read_cost_max_s, 3),
+            "pss_floor_every_pss_ticks": self.floor_every_pss_ticks(),
+            "pss_age_bound_ticks": bound_ticks,
+            "pss_age_bound_s": round(bound_ticks * self.interval_s, 3),
+            "pss_age_max_s": {label: round(age, 3) for label, age in sorted(self._pss_age_max_s.items())},
+        }
+
     # --- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -197,6 +249,7 @@ class Sampler:
             paths[_KSMD_STAT] = self.root / "proc" / str(self._ksmd_pid) / "stat"
         # The cheap tier adds the rest of the folder (knobs: a policy may change them).
         self._knob_names = probes.ksm_knob_names(self.root)
+        self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
         with probes.CounterFiles(paths) as files:
             self._loop(files)
 
@@ -236,6 +289,7 @@ class Sampler:
         t_wall = time.time()
         phase = self._phase
         cheap_tier = tick % self.cheap_every_n_ticks == 0
+        # the PSS tick: the floor's read and the outside load (module docstring)
         pss_tier = cheap_tier and (tick // self.cheap_every_n_ticks) % self.pss_every_n_ticks == 0
         common = {"t_wall": t_wall, "t_s": started - self._t0, "phase": phase}
 
@@ -265,16 +319,18 @@ class Sampler:
 
         process_rows = []
         targets = self._current_targets()
-        if pss_tier:  # every process's stat costs ~40 us here: on the slow tier, not every tick
+        self._cheap_index = tick // self.cheap_every_n_ticks
+        if pss_tier:
             row["outside_cpu_pct"] = self._outside_cpu_pct(targets.values())
         for label, pid in targets.items():
             try:
-                process_row = self._sample_process(label, pid, pss_tier)
+                process_row = self._sample_process(label, pid)
             except Exception as exc:  # noqa: BLE001 - other targets still get sampled
                 self._record_error(exc)
                 continue
             if process_row is not None:
                 process_rows.append({**common, **process_row})
+        row["pss_reads"] = self._read_pss(process_rows, pss_tier, started)
 
         row["tick_ms"] = (time.monotonic() - started) * 1000.0
         row["tier"] = "pss" if pss_tier else "cheap"
@@ -304,50 +360,146 @@ class Sampler:
         self._prev_ksmd = (now, cpu_s)
         return {"ksmd_cpu_s": cpu_s, "ksmd_cpu_pct": pct}
 
-    def _outside_cpu_pct(self, target_pids: Any) -> float:
-        """% of one core that processes outside the study used since the previous pss tick
-        (NaN on the first one). The study is ksmd, this process, the targets (workers or QEMU)
-        and their descendants; everything else, kernel threads included, is outside.
+    def _charge(self) -> float:
+        """Refill the budget's credit for the wall time since the last call, charge it the
+        thread's CPU over that time; the credit left, in CPU s."""
+        now, cpu_s = time.monotonic(), time.thread_time()
+        if self._charged_at is not None:
+            then, cpu_then = self._charged_at
+            earned = self.cpu_budget_pct / 100 * (now - then)
+            self._credit_s = min(self._credit_cap_s, self._credit_s + earned - (cpu_s - cpu_then))
+        self._charged_at = (now, cpu_s)
+        return self._credit_s
 
-        Per-process times, not /proc/stat: the kernel's per-CPU busy counters are sampled at
-        the timer tick and miss most of a ksmd that runs in 1 ms bursts (here /proc/stat showed
-        22% busy while ksmd alone used 40%), which would hide real load. A process that exited
-        since the last tick hands its total to its parent's cutime/cstime: that total minus what
-        was already counted is its last interval. Not clamped: a tick's noise averages out over
-        measure, where a clamp at 0 would bias the mean upwards."""
-        now = time.monotonic()
-        stats = probes.read_all_proc_stats(self.root)
-        if not stats:
-            return math.nan
-        study = {os.getpid(), *target_pids}
+    def floor_every_pss_ticks(self) -> int:
+        """k: the floor reads on every k-th PSS tick, the fewest that keep its own reads within
+        the budget (module docstring)."""
+        earned_s = self.cpu_budget_pct / 100 * self.interval_s * self.pss_every_n_ticks
+        return max(1, math.ceil(self._read_cost_max_s / earned_s))
+
+    def _read_pss(self, process_rows: list[dict[str, Any]], pss_tick: bool, started: float) -> int:
+        """Read PSS into this tick's rows of the targets whose turn it is (module docstring):
+        oldest first; on the floor's PSS tick the first one whatever the budget, then while
+        credit lasts. A target is due once its PSS is pss_every_n_ticks cheap ticks old.
+        Returns the reads done."""
+        pss_tick_index = self._cheap_index // self.pss_every_n_ticks
+        floor_tick = pss_tick and pss_tick_index - self._floor_at >= self.floor_every_pss_ticks()
+        self.pss_age_bound_ticks = max(self.pss_age_bound_ticks,
+                                       len(process_rows) * self.floor_every_pss_ticks() * self.pss_every_n_ticks)
+        for process_row in process_rows:
+            label = process_row["label"]
+            self._label_order.setdefault(label, len(self._label_order))
+            since = self._pss_read_t.setdefault(label, started)  # never read: age from first sight
+            self._pss_age_max_s[label] = max(self._pss_age_max_s.get(label, 0.0), started - since)
+        never = -1 - self.pss_every_n_ticks
+        order = sorted(process_rows, key=lambda r: (self._pss_read_at.get(r["label"], never),
+                                                    self._label_order[r["label"]]))
+        self._charge()
+        reads = 0
+        for process_row in order:
+            label = process_row["label"]
+            if self._cheap_index - self._pss_read_at.get(label, never) < self.pss_every_n_ticks:
+                break  # sorted oldest first: no later one is due either
+            floor = floor_tick and reads == 0
+            # a read the credit pays for in full (its last cost, else the costliest so far):
+            # the budget is a ceiling, not an average that overdrawn reads pull above it
+            expected_s = self._read_cost_s.get(label, self._read_cost_max_s)
+            if not floor and (self._credit_s < expected_s or self._credit_s <= 0 or self._stop.is_set()):
+                break
+            cpu_before = time.thread_time()
+            try:
+                smaps = probes.read_smaps_rollup(process_row["pid"], self.root)
+            except Exception as exc:  # noqa: BLE001 - the next target is still worth reading
+                self._record_error(exc)
+                smaps = None
+            cost_s = time.thread_time() - cpu_before
+            self.pss_read_cpu_s += cost_s
+            self._read_cost_max_s = max(self._read_cost_max_s, cost_s)
+            self._read_cost_s[label] = cost_s
+            self._charge()
+            reads += 1
+            self.pss_reads += 1
+            self.pss_floor_reads += floor
+            if floor:
+                self._floor_at = pss_tick_index
+            self._pss_read_at[label] = self._cheap_index
+            self._pss_read_t[label] = started
+            for column in _PSS_TIER_COLUMNS:
+                process_row[column] = smaps.get(column, math.nan) if smaps else math.nan
+        return reads
+
+    def _study_stats(self, target_pids: Any) -> dict[tuple[int, int], tuple[float, int]]:
+        """{(pid, start ticks): (CPU s incl. reaped children, ppid)} of the study: ksmd, this
+        process, the targets and their descendants (found through /proc/PID/task/*/children,
+        so the cost grows with the study's processes, not with the host's)."""
+        roots = {os.getpid(), *target_pids}
         if self._ksmd_pid is not None:
-            study.add(self._ksmd_pid)
-        study = _with_descendants(study, stats)
-        totals = {pid: st.cpu_s + st.children_cpu_s for pid, st in stats.items()}
-        parents = {pid: st.ppid for pid, st in stats.items()}
+            roots.add(self._ksmd_pid)
+        found: dict[tuple[int, int], tuple[float, int]] = {}
+        seen: set[int] = set()
+        todo = list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            stat = probes.read_proc_stat(pid, self.root)
+            if stat is None:
+                continue
+            found[(pid, stat.start_ticks)] = (stat.cpu_s + stat.children_cpu_s, stat.ppid)
+            if pid != self._ksmd_pid:
+                todo.extend(probes.read_children(pid, self.root))
+        return found
+
+    def _outside_cpu_pct(self, target_pids: Any) -> float:
+        """% of one core that processes outside the study used since the previous PSS tick
+        (NaN on the first one). The study is ksmd, this process, the targets (workers or QEMU)
+        and their descendants; everything else, kernel threads and interrupts included, is
+        outside: the host's busy time minus the study's.
+
+        The host's busy time is wall time x CPUs minus /proc/stat's idle, iowait and steal, not
+        its busy fields: those are sampled at the timer tick and miss most of a ksmd that runs
+        in 1 ms bursts (here they showed 22% busy while ksmd alone used 40%); a tickless kernel
+        measures idle at every idle entry and exit. The study's time is per process (exact
+        runtime). A study process that exited since the last tick and was reaped by a study
+        process hands its total to that parent's cutime/cstime: what we had counted of it comes
+        off; one whose parent is outside the study (QEMU under libvirtd) leaves its last
+        interval outside. A process that joined the study after starting elsewhere counts from
+        the tick after. Not clamped: a tick's noise averages out over measure, where a clamp at
+        0 would bias the mean upwards."""
+        now = time.monotonic()
+        try:
+            host = probes.read_host_cpu(self.root)
+            boot_s = probes.read_uptime_s(self.root)
+        except (OSError, ValueError):
+            return math.nan
+        study = self._study_stats(target_pids)
         previous = self._prev_host
-        self._prev_host = (now, totals, parents, study)
+        self._prev_host = (now, host, study, boot_s)
         if previous is None or now <= previous[0]:
             return math.nan
-        prev_now, prev_totals, prev_parents, prev_study = previous
-        outside_s = 0.0
-        for pid, total in totals.items():
-            if pid not in study:
-                outside_s += total - prev_totals.get(pid, 0.0)
-        for pid, total in prev_totals.items():
-            # Gone since the last tick: its parent's cutime now holds what we had counted.
-            if pid not in totals and pid not in prev_study and prev_parents.get(pid) not in prev_study:
-                outside_s -= total
-        return 100.0 * outside_s / (now - prev_now)
+        prev_now, prev_host, prev_study, prev_boot_s = previous
+        elapsed_s = now - prev_now
+        busy_s = elapsed_s * host.cpus - (host.not_working_s - prev_host.not_working_s)
+        study_s = 0.0
+        for key, (total, _) in study.items():
+            if key in prev_study:
+                study_s += total - prev_study[key][0]
+            elif key[1] / probes.CLOCK_TICKS_PER_S >= prev_boot_s:
+                study_s += total  # started since the last tick: all of it is this interval's
+        living = {pid for pid, _ in study}
+        for key, (total, ppid) in prev_study.items():
+            if key not in study and ppid in living:
+                study_s -= total  # reaped into a study parent's cutime, already counted
+        return 100.0 * (busy_s - study_s) / elapsed_s
 
-    def _sample_process(self, label: str, pid: int, pss_tier: bool) -> dict[str, Any] | None:
+    def _sample_process(self, label: str, pid: int) -> dict[str, Any] | None:
         statm = probes.read_statm(pid, self.root)
         if statm is None:
             return None  # exited (or zombie) since targets() listed it
         row: dict[str, Any] = {"label": label, "pid": pid, "rss_kib": statm["rss_kib"]}
-        smaps = probes.read_smaps_rollup(pid, self.root) if pss_tier else None
         for column in _PSS_TIER_COLUMNS:
-            row[column] = smaps.get(column, math.nan) if smaps else math.nan
+            row[column] = math.nan  # unless this tick reads its PSS (_read_pss)
         ksm_stat = probes.read_ksm_stat(pid, self.root) or {}
         for column in _KSM_STAT_COLUMNS:
             row[column] = ksm_stat.get(column, math.nan)

@@ -172,7 +172,7 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         f"pages_sharing; general_profit {_num(top['general_profit_mib'])} MiB, PSS drop {pss} MiB, "
         f"MemAvailable rise {avail} MiB; "
         f"ksmd used {_pm(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core. "
-        + net_note))
+        + net_note + _pss_age_note(sm)))
     costed = on[on["ksmd_cpu_pct"].notna()]
     if len(costed) > 1:
         mask = pareto_mask(costed["ksmd_cpu_pct"], costed["saved_mib"], pareto_tolerance_mib(costed))
@@ -430,6 +430,18 @@ def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
     return values[0], values[1], "; ".join(parts) + "."
 
 
+def _pss_age_note(sm: StudyMetrics) -> str:
+    """How old the PSS figures are: the sampler reads one target's PSS at a time under its CPU
+    budget and the PSS drop sums each target's last read (samplemetrics.process_metrics)."""
+    ages = on_trials(sm).get("pss_age_max_s")
+    ages = ages.dropna() if ages is not None else ages
+    if ages is None or ages.empty:
+        return ""
+    return (f" Each target's PSS is read in turn within the sampler's CPU budget and carried forward: the PSS "
+            f"figures summed were up to {_num(float(ages.max()))} s old (median over trials of the oldest, "
+            f"{_num(float(ages.median()))} s; column pss_age_max_s).")
+
+
 def _is_are(names: str) -> str:
     return "are" if " and " in names else "is"
 
@@ -523,8 +535,8 @@ def _noise_phrase(metric: str, r: pd.Series, n: int) -> str:
 TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved_mib", "saving_basis",
                  "saved_mib_end", "saved_share_before_refill_pct", "saved_share_after_refill_pct",
                  "remerge_s_median", "merged_share_mean_pct", "general_profit_mib",
-                 "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib", "mem_available_rise_net_mib",
-                 "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
+                 "pss_drop_mib", "pss_drop_net_mib", "pss_age_max_s", "mem_available_rise_mib",
+                 "mem_available_rise_net_mib", "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
                  "converged", "zero_pages_mib", "content_merged_mib", "scan_rate_achieved_pct",
                  "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
                  "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "disturbed", "stats_note",

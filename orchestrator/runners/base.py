@@ -201,7 +201,8 @@ class TrialRunner:
         # The first tick fires on entry, before the first phase is announced: name it here.
         return Sampler(sampling.interval_s, pss_every, targets, phase="settle",
                        fast_interval_s=fast_interval_s(trial.sampling_model, trial.workload_model),
-                       jitter_fraction=sampling.jitter_fraction)
+                       jitter_fraction=sampling.jitter_fraction,
+                       cpu_budget_pct=sampling.cpu_budget_pct)
 
     def settle_and_steady(self, trial: Trial, sampler: Sampler, clock: PhaseClock, result: TrialResult,
                           check: Callable[[], None] | None = None) -> None:
@@ -243,4 +244,5 @@ def sampler_health(sampler: Sampler) -> dict[str, Any]:
         "error_count": sampler.error_count,
         "last_error": repr(sampler.last_error) if sampler.last_error else None,
         "missed_ticks": getattr(sampler, "missed_ticks", 0),
+        **sampler.budget_record(),  # the sampling budget's use, PSS reads and ages
     }
