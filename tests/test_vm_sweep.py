@@ -137,7 +137,10 @@ def test_sigkilled_vm_sweep_then_cleanup_and_restore_leave_nothing(tmp_path, res
             assert sweep.poll() is None, "sweep ended before its measure phase"
             assert time.monotonic() < deadline, "guest never reached the measure phase"
             time.sleep(1)
-        assert _ours(study)["qemu"], "no QEMU process while measuring"
+        qemus = _ours(study)["qemu"]
+        assert qemus, "no QEMU process while measuring"
+        # Guests run as libvirt's unprivileged user (libvirt-qemu on a host ksm-lab set up), not root.
+        assert "root" not in {psutil.Process(pid).username() for pid in qemus}
     finally:
         sweep.send_signal(signal.SIGKILL)
         sweep.wait(30)
