@@ -143,11 +143,16 @@ def test_a_kvm_device_only_root_can_open_is_given_to_group_kvm_and_put_back(tmp_
     QEMU user cannot open it. Set-up gives it to group kvm with libvirt-qemu in it; --stop's
     restore puts back the mode, group, group membership and group exactly as they were."""
     import grp
+    import shutil
     import stat
+    import tempfile
 
     if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode != 0:
         pytest.skip("needs the libvirt-qemu user (make host)")
-    device = tmp_path / "kvm"
+    # Where libvirt-qemu can reach it (pytest's tmp folders are 0700): a 0711 folder in /tmp.
+    reachable = Path(tempfile.mkdtemp(prefix="ksmlab-kvm-", dir="/tmp"))
+    reachable.chmod(0o711)
+    device = reachable / "kvm"
     os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a char device like /dev/kvm
     os.chown(device, 0, 0)
     groups_before = subprocess.run(["id", "-nG", "libvirt-qemu"], capture_output=True, text=True).stdout.split()
@@ -164,8 +169,9 @@ def test_a_kvm_device_only_root_can_open_is_given_to_group_kvm_and_put_back(tmp_
         assert "can open it" in again.stdout  # a second run changes nothing
     finally:
         restored = _source_and_call("restore_kvm_device", env)
+        st = device.stat()
+        shutil.rmtree(reachable)
     assert restored.returncode == 0, restored.stdout + restored.stderr
-    st = device.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, 0)
     assert subprocess.run(["id", "-nG", "libvirt-qemu"], capture_output=True, text=True).stdout.split() == groups_before
     assert [g.gr_name for g in grp.getgrall() if g.gr_name == "kvm"] == kvm_before
