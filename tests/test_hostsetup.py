@@ -79,51 +79,48 @@ def _source_and_call(call: str, env: dict[str, str]) -> subprocess.CompletedProc
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
 
 
-def test_qemu_conf_is_edited_once_with_a_backup(tmp_path: Path) -> None:
-    conf = tmp_path / "qemu.conf"
-    original = '# stock file\n#user = "root"\nuser = "libvirt-qemu"\nvnc_listen = "0.0.0.0"\n'
-    conf.write_text(original)
-    env = {"KSM_LAB_QEMU_CONF": str(conf)}
-    first = _source_and_call("configure_qemu_conf", env)
-    assert first.returncode == 0, first.stderr
-    edited = conf.read_text()
-    assert (tmp_path / "qemu.conf.ksm-lab-backup").read_text() == original
-    assert '# (ksm-lab) user = "libvirt-qemu"' in edited
-    assert 'vnc_listen = "0.0.0.0"' in edited
-    assert edited.count('user = "root"\n') == 2  # the stock comment and our block
-    assert 'security_driver = "none"' in edited
-    second = _source_and_call("configure_qemu_conf", env)
-    assert second.returncode == 1  # nothing to change
-    assert "already runs guests as root" in second.stdout
-    assert conf.read_text() == edited
+ROOT_BLOCK = ('# >>> ksm-lab (host-setup.sh): run guests as root, no security driver\n'
+              'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n# <<< ksm-lab\n')
 
 
-def test_a_block_written_by_an_earlier_version_is_replaced_not_doubled(tmp_path: Path) -> None:
-    conf = tmp_path / "qemu.conf"
-    conf.write_text('# stock\n# >>> ksm-lab (scripts/host-setup.sh): run guests as root, no security driver\n'
-                    'user = "root"\ngroup = "root"\n# <<< ksm-lab\n')
+def test_a_bare_host_gets_no_qemu_conf_guests_run_as_libvirt_qemu(tmp_path: Path) -> None:
+    """libvirt's defaults are what we want (QEMU as libvirt-qemu, DAC, dynamic ownership):
+    set-up writes nothing, and never root or security_driver "none"."""
+    conf = tmp_path / "libvirt" / "qemu.conf"
     result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
-    assert result.returncode == 0, result.stderr
-    edited = conf.read_text()
-    assert edited.count("# >>> ksm-lab") == 1 and "scripts/host-setup.sh" not in edited
-    assert edited.startswith("# stock\n") and 'security_driver = "none"' in edited
-
-
-def test_stop_puts_back_the_qemu_conf_it_replaced(tmp_path: Path) -> None:
-    conf = tmp_path / "qemu.conf"
-    conf.write_text('user = "libvirt-qemu"\n')
-    env = {"KSM_LAB_QEMU_CONF": str(conf)}
-    assert _source_and_call("configure_qemu_conf", env).returncode == 0
-    assert 'security_driver = "none"' in conf.read_text()
-    result = _source_and_call("restore_qemu_conf", env)
-    assert result.returncode == 0, result.stderr
-    assert conf.read_text() == 'user = "libvirt-qemu"\n'
-    assert not (tmp_path / "replaced").exists() and not (tmp_path / "qemu.conf.ksm-lab-backup").exists()
-    # Created from nothing: removed again.
-    conf.unlink()
-    assert _source_and_call("configure_qemu_conf", env).returncode == 0
-    _source_and_call("restore_qemu_conf", env)
+    assert result.returncode == 1 and "libvirt's defaults" in result.stdout
     assert not conf.exists()
+    conf.parent.mkdir()
+    conf.write_text('# stock file\nvnc_listen = "0.0.0.0"\n')
+    assert _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)}).returncode == 1
+    assert conf.read_text() == '# stock file\nvnc_listen = "0.0.0.0"\n'
+
+
+def test_an_earlier_root_block_is_taken_out_with_its_recorded_original(tmp_path: Path) -> None:
+    """What earlier versions did (QEMU as root, no security driver) is undone: the original they
+    recorded comes back (here: there was none, so the file goes), and qemu.conf 'changed'."""
+    conf = tmp_path / "qemu.conf"
+    conf.write_text(ROOT_BLOCK)
+    (tmp_path / "replaced").write_text("absent\n")
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not conf.exists() and not (tmp_path / "replaced").exists()
+    # A recorded backup of the host's own file: that file, byte for byte.
+    conf.write_text('# stock\n# (ksm-lab) user = "qemu"\n' + ROOT_BLOCK)
+    backup = tmp_path / "qemu.conf.ksm-lab-backup"
+    backup.write_text('# stock\nuser = "qemu"\n')
+    (tmp_path / "replaced").write_text(f"{backup}\n")
+    assert _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)}).returncode == 0
+    assert conf.read_text() == '# stock\nuser = "qemu"\n' and not backup.exists()
+
+
+def test_an_earlier_root_block_without_a_record_is_cut_out(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('# stock\n# (ksm-lab) security_driver = "apparmor"\n' + ROOT_BLOCK + 'max_files = 4096\n')
+    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
+    assert result.returncode == 0 and "removed the block" in result.stdout, result.stdout + result.stderr
+    assert conf.read_text() == '# stock\nsecurity_driver = "apparmor"\nmax_files = 4096\n'
+    assert _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)}).returncode == 1
 
 
 def test_a_host_with_its_own_libvirt_keeps_its_qemu_conf(tmp_path: Path) -> None:
@@ -140,12 +137,76 @@ def test_a_host_with_its_own_libvirt_keeps_its_qemu_conf(tmp_path: Path) -> None
     assert conf.read_text() == 'user = "libvirt-qemu"\nsecurity_driver = "apparmor"\n'
 
 
-def test_qemu_conf_is_created_when_absent(tmp_path: Path) -> None:
-    conf = tmp_path / "libvirt" / "qemu.conf"
-    result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
-    assert result.returncode == 0, result.stderr
-    assert 'group = "root"' in conf.read_text()
-    assert not (conf.parent / "qemu.conf.ksm-lab-backup").exists()
+@needs_root
+def test_a_kvm_device_only_root_can_open_is_given_to_group_kvm_and_put_back(tmp_path: Path) -> None:
+    """/dev/kvm 0600 root (no udev): libvirt re-probes QEMU at every capabilities look-up when its
+    QEMU user cannot open it. Set-up gives it to group kvm with libvirt-qemu in it; --stop's
+    restore puts back the mode, group, group membership and group exactly as they were."""
+    import grp
+    import shutil
+    import stat
+    import tempfile
+
+    if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode != 0:
+        pytest.skip("needs the libvirt-qemu user (make host)")
+    # Where libvirt-qemu can reach it (pytest's tmp folders are 0700): a 0711 folder in /tmp.
+    reachable = Path(tempfile.mkdtemp(prefix="ksmlab-kvm-", dir="/tmp"))
+    reachable.chmod(0o711)
+    device = reachable / "kvm"
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a char device like /dev/kvm
+    os.chown(device, 0, 0)
+    groups_before = subprocess.run(["id", "-nG", "libvirt-qemu"], capture_output=True, text=True).stdout.split()
+    kvm_before = [g.gr_name for g in grp.getgrall() if g.gr_name == "kvm"]
+    env = {"KSM_LAB_KVM_DEVICE": str(device), "KSM_LAB_KVM_RECORD": str(tmp_path / "kvm-record")}
+    try:
+        opened = _source_and_call("open_kvm_to_qemu_user", env)
+        assert opened.returncode == 0, opened.stdout + opened.stderr
+        st = device.stat()
+        assert (stat.S_IMODE(st.st_mode), grp.getgrgid(st.st_gid).gr_name) == (0o660, "kvm")
+        assert subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "test", "-r", str(device), "-a", "-w",
+                               str(device)]).returncode == 0
+        again = _source_and_call("open_kvm_to_qemu_user", env)
+        assert "can open it" in again.stdout  # a second run changes nothing
+    finally:
+        restored = _source_and_call("restore_kvm_device", env)
+        st = device.stat()
+        shutil.rmtree(reachable)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, 0)
+    assert subprocess.run(["id", "-nG", "libvirt-qemu"], capture_output=True, text=True).stdout.split() == groups_before
+    assert [g.gr_name for g in grp.getgrall() if g.gr_name == "kvm"] == kvm_before
+    assert not (tmp_path / "kvm-record").exists()
+
+
+def _lock_held_after_a_child_outlives_us(tmp_path: Path, start_child: str) -> bool:
+    """Take a flock, hand its descriptor to bash, let bash start `sleep` with `start_child`
+    before it, close our own copy: is the lock still held (by the child)?"""
+    import fcntl
+
+    lock = tmp_path / "run.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        child = subprocess.run(
+            ["bash", "-c", f'source "{SETUP_SCRIPT}"; ({start_child} exec sleep 30) >/dev/null 2>&1 & echo $!'],
+            capture_output=True, text=True, pass_fds=(held.fileno(),), timeout=30)
+    pid = int(child.stdout.split()[-1])
+    try:
+        with lock.open("w") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+    finally:
+        os.kill(pid, 9)
+
+
+def test_a_started_daemon_inherits_no_lock_of_its_caller(tmp_path: Path) -> None:
+    """`flock LOCK make demo` ran `make host`: a daemon that inherited the flock's descriptor
+    held the shared run lock for as long as it lived, and every later flock waited forever."""
+    assert _lock_held_after_a_child_outlives_us(tmp_path, "")  # what an inherited descriptor does
+    assert not _lock_held_after_a_child_outlives_us(tmp_path, "close_inherited_fds;")
+    assert "close_inherited_fds" in SETUP_SCRIPT.read_text().split("start_daemon() {")[1]
 
 
 @needs_root
@@ -193,7 +254,7 @@ def test_setup_reaches_libvirt_and_a_second_run_changes_nothing() -> None:
             assert not [f for f in fds if f.endswith("host-setup.lock")], (pidfile, fds)
         second = hostsetup.setup_host()
         assert "packages: all" in second and "present" in second
-        assert "qemu.conf: already runs guests as root" in second
+        assert "qemu.conf: libvirt's defaults" in second
         assert "started" not in second, second
         if before is not None and "qemu.conf: set" not in first:
             assert qemu_conf.read_bytes() == before

@@ -263,15 +263,37 @@ def test_cleanup_removes_only_files_named_like_ours(pristine_conn, tmp_path) -> 
     ours = tmp_path / "w2" / "evil-2-89abcdef.qcow2"
     ours.parent.mkdir()
     ours.write_bytes(b"overlay")
+    # Its console log as virtlogd leaves it: the log and two rotated copies; a third "copy" is a link.
+    console = tmp_path / "w2" / "evil-2-89abcdef.console.log"
+    for path in (console, console.with_name(console.name + ".0"), console.with_name(console.name + ".1")):
+        path.write_text("boot")
+    console.with_name(console.name + ".2").symlink_to(victim)
     _crafted_domain(pristine_conn, "ksmlab-evil-0", victim, tmp_path / "w" / "evil-0-0123abcd.console.log")
     _crafted_domain(pristine_conn, "ksmlab-evil-1", link, folder)
-    _crafted_domain(pristine_conn, "ksmlab-evil-2", ours, tmp_path / "w2" / "evil-2-89abcdef.console.log")
+    _crafted_domain(pristine_conn, "ksmlab-evil-2", ours, console)
 
     assert sorted(cleanup(TEST_URI, study="evil")) == ["ksmlab-evil-0", "ksmlab-evil-1", "ksmlab-evil-2"]
     assert victim.read_text() == "keep me"
     assert link.is_symlink() and folder.is_dir()
-    assert not ours.exists()  # named like ours, a regular file: removed, and its empty folder
-    assert not ours.parent.exists()
+    assert not ours.exists()  # named like ours, a regular file: removed, with its rotated logs
+    assert [p.name for p in ours.parent.iterdir()] == [console.name + ".2"]  # the link stays
+
+
+def test_a_job_whose_call_never_returns_is_given_up_with_what_was_done(monkeypatch) -> None:
+    """The edge a real guest cannot show on demand: libvirt's call still hangs after the job was
+    stopped (a wedged libvirtd). run_job returns at deadline + grace, saying so."""
+    from orchestrator.guests import provision
+
+    monkeypatch.setattr(provision, "STOP_JOB_GRACE_S", 0.5)
+    never = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(ProvisionError) as caught:
+        provision.run_job("restore g0 from /s", never.wait, 0.2, lambda: ["destroy did not return within 15 s"])
+    took_s = time.monotonic() - started
+    assert str(caught.value) == ("restore g0 from /s did not finish within 0.2 s: destroy did not return within "
+                                 "15 s; the restore call had not returned 0.5 s later")
+    assert took_s < 0.2 + 0.5 + 2
+    never.set()
 
 
 def test_cleanup_removes_only_our_domains(pristine_conn, image, options, tmp_path) -> None:

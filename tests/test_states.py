@@ -55,6 +55,17 @@ def test_restore_xml_changes_only_what_a_trial_changes():
         assert [ET.tostring(e) for e in root.findall(tag)] == [ET.tostring(e) for e in saved.findall(tag)]
 
 
+def test_restore_xml_moves_the_capped_console_log():
+    """A state saved with a pty console logged by virtlogd (guest.xml.j2; written by a real save,
+    no network): the <log file> moves to the trial's console log, serial and console alike."""
+    saved = (Path(__file__).parent / "data" / "domains" / "saved-state-pty-g0.xml").read_text()
+    out = restore_xml(saved, study="s", overlay_path=Path("/w/o.qcow2"), console_log_path=Path("/w/c.log"),
+                      host_port=None)
+    root = ET.fromstring(out)
+    logs = [(e.tag, e.get("type"), e.find("log").get("file")) for e in (*root.iter("serial"), *root.iter("console"))]
+    assert logs == [("serial", "pty", "/w/c.log"), ("console", "pty", "/w/c.log")]
+
+
 def test_restore_xml_refuses_a_state_without_a_port_forward_to_move():
     no_forward = SAVED_XML.replace("hostfwd=tcp:", "guestfwd=tcp:")
     with pytest.raises(ProvisionError, match="no SSH port forward"):

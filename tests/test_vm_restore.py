@@ -192,7 +192,10 @@ def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ks
     plan.write_text(idle_plan(study, tmp_path / "work", [4322], measure_s=600))
     sweep = _sweep_until_measuring(plan, results_dir, 4322)
     try:
-        assert _ours(study)["qemu"], "no QEMU process while measuring"
+        qemus = _ours(study)["qemu"]
+        assert qemus, "no QEMU process while measuring"
+        # Restored guests, too, run as libvirt's unprivileged user (libvirt-qemu here), not root.
+        assert "root" not in {psutil.Process(pid).username() for pid in qemus}
         sweep.send_signal(signal.SIGINT)
         assert sweep.wait(120) == 130
     finally:

@@ -69,6 +69,21 @@ def unlink(path: Path | None) -> None:
         path.unlink(missing_ok=True)
 
 
+# virtlogd rotates a capped console log to <log>.0, <log>.1, ... (max_backups, 3 by default).
+ROTATED_LOGS = 10
+
+
+def unlink_console_log(path: Path | None) -> None:
+    """A console log and the copies virtlogd rotated it to (regular files only)."""
+    if path is None:
+        return
+    unlink(path)
+    for n in range(ROTATED_LOGS):
+        rotated = path.with_name(f"{path.name}.{n}")
+        if rotated.is_file() and not rotated.is_symlink():
+            rotated.unlink()
+
+
 def our_files(overlay: Path | None, console: Path | None) -> list[Path]:
     """The metadata's paths that are files GuestSet made: an absolute path named like ours, a
     regular file or absent (not a link, not a folder), overlay and console log in one folder.
@@ -122,7 +137,10 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
             destroy(dom)
             files = our_files(meta.overlay_path, meta.console_log_path)
             for path in files:
-                unlink(path)
+                if path == meta.console_log_path:
+                    unlink_console_log(path)
+                else:
+                    unlink(path)
             undefine(dom)
             for folder in {p.parent for p in files}:
                 states.remove_uncached_states(folder / states.UNCACHED_STATES)

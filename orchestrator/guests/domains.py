@@ -270,6 +270,8 @@ def restore_xml(saved_xml: str, *, study: str, overlay_path: Path, console_log_p
         for element in root.iter(device):
             if element.get("type") == "file" and element.find("source") is not None:
                 element.find("source").set("path", str(console_log_path))  # type: ignore[union-attr]
+            if element.find("log") is not None:  # the capped log virtlogd writes (guest.xml.j2)
+                element.find("log").set("file", str(console_log_path))  # type: ignore[union-attr]
     if host_port is not None:
         args = [a for a in root.iter(f"{{{QEMU_NS}}}arg") if _HOSTFWD in (a.get("value") or "")]
         if len(args) != 1:

@@ -25,12 +25,15 @@ PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu l
 STATE_DIR=${KSM_LAB_STATE_DIR:-/run/ksm-lab}
 STATE_FILE=$STATE_DIR/host-daemons          # "<name> <pid>" per daemon this script started
 QEMU_CONF=${KSM_LAB_QEMU_CONF:-/etc/libvirt/qemu.conf}
-BACKUP_SUFFIX=.ksm-lab-backup
 QEMU_CONF_RECORD=${KSM_LAB_QEMU_CONF_RECORD:-/var/lib/ksm-lab/qemu-conf-replaced}  # what --stop restores
-MARK_BEGIN="# >>> ksm-lab (host-setup.sh): run guests as root, no security driver"
-MARK_BEGIN_ANY="# >>> ksm-lab"   # earlier versions wrote another text after it
+# Versions before this one wrote a block running QEMU as root with no security driver; it is
+# removed wherever it is found. Nothing else is written: libvirt's defaults run guests as
+# libvirt-qemu under its DAC driver with dynamic ownership, which is what ksm-lab wants.
+MARK_BEGIN_ANY="# >>> ksm-lab"
 MARK_END="# <<< ksm-lab"
 URI=qemu:///system
+KVM_DEVICE=${KSM_LAB_KVM_DEVICE:-/dev/kvm}
+KVM_RECORD=${KSM_LAB_KVM_RECORD:-/var/lib/ksm-lab/kvm-device-changed}  # what --stop puts back
 
 say() { printf 'host-setup: %s\n' "$*"; }
 die() { printf 'host-setup: error: %s\n' "$*" >&2; exit 1; }
@@ -46,13 +49,15 @@ pidfile_alive() {  # pidfile binary
     [[ -r $1 ]] && pid_alive "$(head -n1 "$1")" "$2"
 }
 
-stop_started_daemons() {
+stop_started_daemons() {  # [name...]: only these (default: every recorded daemon)
     if [[ ! -s $STATE_FILE ]]; then
         say "nothing to stop: no daemons recorded in $STATE_FILE"
         return 0
     fi
+    local only=" $* "
     # Reverse order: libvirtd before the virtlogd it logs through.
     tac "$STATE_FILE" | while read -r name pid; do
+        [[ $# -eq 0 || $only == *" $name "* ]] || continue
         local binary
         binary=$(command -v "$name" || echo "/usr/sbin/$name")
         if ! pid_alive "$pid" "$binary"; then
@@ -68,7 +73,24 @@ stop_started_daemons() {
             say "stopped $name (pid $pid)"
         fi
     done
-    rm -f "$STATE_FILE"
+    if [[ $# -eq 0 ]]; then
+        rm -f "$STATE_FILE"
+    else
+        local kept
+        kept=$(grep -v -E "^($(IFS='|'; echo "$*")) " "$STATE_FILE" || true)
+        if [[ -n $kept ]]; then printf '%s\n' "$kept" >"$STATE_FILE"; else rm -f "$STATE_FILE"; fi
+    fi
+}
+
+# qemu.conf changed under a running libvirtd: restart the one we run so the change applies
+# (systemd's, or the one this script started by hand: stopped here, started again by main).
+restart_libvirtd_for_new_conf() {
+    if have_systemd && systemctl is-active --quiet libvirtd.service 2>/dev/null; then
+        systemctl restart libvirtd.service
+        say "libvirtd: restarted with systemctl for the new qemu.conf"
+    elif grep -q "^libvirtd " "$STATE_FILE" 2>/dev/null; then
+        stop_started_daemons libvirtd
+    fi
 }
 
 # What building the venv needs (libvirt-python compiles against libvirt-dev), when the
@@ -140,14 +162,9 @@ prepare_dirs_and_user() {
     fi
 }
 
-qemu_conf_has() {  # key value: an active (uncommented) line sets key = value
-    grep -Eq "^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"$2\"[[:space:]]*$" "$QEMU_CONF"
-}
-
 # A host whose libvirt was set up its own way (libvirt-daemon-system, a running libvirtd we did
-# not start, AppArmor/SELinux, dynamic ownership) keeps that set-up: guests run under its
-# policy. Only a bare host (no daemon answering, no libvirt-daemon-system: CI's) gets our
-# qemu.conf, and `--stop` puts the replaced file back.
+# not start, AppArmor/SELinux) keeps that set-up: guests run under its policy. Only a bare host
+# (no daemon answering, no libvirt-daemon-system: CI's) is ours to configure.
 host_has_own_libvirt() {
     dpkg-query -W -f='${Status}' libvirt-daemon-system 2>/dev/null | grep -q "ok installed" && return 0
     if virsh -c "$URI" version >/dev/null 2>&1 && ! grep -q "^libvirtd " "$STATE_FILE" 2>/dev/null; then
@@ -156,8 +173,10 @@ host_has_own_libvirt() {
     return 1
 }
 
+# Put back the qemu.conf an earlier set-up replaced (its record names the original, or "absent").
+# Returns 1 when there was nothing to put back.
 restore_qemu_conf() {
-    [[ -s $QEMU_CONF_RECORD ]] || return 0
+    [[ -s $QEMU_CONF_RECORD ]] || return 1
     local original
     original=$(head -n1 "$QEMU_CONF_RECORD")
     if [[ $original == absent ]]; then
@@ -170,52 +189,85 @@ restore_qemu_conf() {
         say "warning: the original qemu.conf $original is missing; $QEMU_CONF left as it is"
     fi
     rm -f "$QEMU_CONF_RECORD"
+    return 0
 }
 
+# Guests run as libvirt's unprivileged user: a bare host needs no qemu.conf at all. What an
+# earlier ksm-lab wrote there (QEMU as root, security_driver "none") is taken out again: the
+# recorded original is put back, or, with no record, our block is removed and the settings it
+# commented out are restored. Returns 0 when qemu.conf changed (libvirtd must be restarted).
 configure_qemu_conf() {
-    mkdir -p "$(dirname "$QEMU_CONF")" "$(dirname "$QEMU_CONF_RECORD")"
     if host_has_own_libvirt; then
         say "qemu.conf: this host has its own libvirt set-up; left as it is"
         return 1
     fi
-    if [[ -f $QEMU_CONF ]] && qemu_conf_has user root && qemu_conf_has group root &&
-        qemu_conf_has security_driver none; then
-        say "qemu.conf: already runs guests as root with security_driver none"
-        # Written by an earlier ksm-lab that kept no record: record its backup, so --stop can
-        # put the original back.
-        if [[ ! -s $QEMU_CONF_RECORD && -e $QEMU_CONF$BACKUP_SUFFIX ]] && grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
-            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
-        fi
+    if [[ ! -f $QEMU_CONF ]] || ! grep -q "^$MARK_BEGIN_ANY" "$QEMU_CONF"; then
+        say "qemu.conf: libvirt's defaults (guests as libvirt-qemu under the DAC driver)"
         return 1
     fi
-    if [[ -f $QEMU_CONF && ! -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
-        cp -p "$QEMU_CONF" "$QEMU_CONF$BACKUP_SUFFIX"
-        say "qemu.conf: saved the original as $QEMU_CONF$BACKUP_SUFFIX"
+    if ! restore_qemu_conf; then
+        local tmp
+        tmp=$(mktemp "$QEMU_CONF.XXXXXX")
+        sed -e "\\|^$MARK_BEGIN_ANY |,\\|^$MARK_END\$|d" -e 's/^# (ksm-lab) //' "$QEMU_CONF" >"$tmp"
+        chmod --reference="$QEMU_CONF" "$tmp"
+        mv "$tmp" "$QEMU_CONF"
+        say "qemu.conf: removed the block an earlier ksm-lab wrote (guests as root, no security driver)"
     fi
-    if [[ ! -s $QEMU_CONF_RECORD ]]; then
-        if [[ -e $QEMU_CONF$BACKUP_SUFFIX ]]; then
-            echo "$QEMU_CONF$BACKUP_SUFFIX" >"$QEMU_CONF_RECORD"
-        else
-            echo absent >"$QEMU_CONF_RECORD"
-        fi
-    fi
-    local tmp
-    tmp=$(mktemp "$QEMU_CONF.XXXXXX")
-    if [[ -f $QEMU_CONF ]]; then
-        # Drop an earlier ksm-lab block and comment out other settings of the same keys.
-        sed -e "\\|^$MARK_BEGIN_ANY |,\\|^$MARK_END\$|d" \
-            -e 's/^\([[:space:]]*\(user\|group\|security_driver\)[[:space:]]*=.*\)$/# (ksm-lab) \1/' \
-            "$QEMU_CONF" >"$tmp"
-    fi
-    printf '%s\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n%s\n' \
-        "$MARK_BEGIN" "$MARK_END" >>"$tmp"
-    chmod 0644 "$tmp"
-    mv "$tmp" "$QEMU_CONF"
-    say "qemu.conf: set user/group root and security_driver none in $QEMU_CONF"
     return 0
 }
 
+# libvirt 9.0 asks "can QEMU's user open /dev/kvm?" with a plain access check as that user every
+# time it looks up QEMU's capabilities, but probes those capabilities with CAP_DAC_OVERRIDE. With
+# /dev/kvm 0600 root (no udev rule gave it to group kvm, as on this kind of machine) the probe
+# finds KVM and the check does not, so every look-up throws the cached capabilities away and
+# probes QEMU again, ~4 s each: a restore makes about a dozen look-ups (61 s for one guest, 113-126
+# s for two at once, against 0.4 s as root). Hosts with udev have /dev/kvm in group kvm (0660 or
+# 0666) and libvirt's packages put libvirt-qemu in group kvm: a bare host gets the same here.
+open_kvm_to_qemu_user() {
+    [[ -c $KVM_DEVICE ]] || return 0
+    if runuser -u libvirt-qemu -- test -r "$KVM_DEVICE" -a -w "$KVM_DEVICE"; then
+        say "$KVM_DEVICE: QEMU's user (libvirt-qemu) can open it"
+        return 0
+    fi
+    mkdir -p "$(dirname "$KVM_RECORD")"
+    if [[ ! -s $KVM_RECORD ]]; then
+        local group_was=created member_was=added
+        getent group kvm >/dev/null && group_was=there
+        id -nG libvirt-qemu | grep -qw kvm && member_was=there
+        echo "$(stat -c '%a %G' "$KVM_DEVICE") $group_was $member_was" >"$KVM_RECORD"
+    fi
+    getent group kvm >/dev/null || groupadd --system kvm
+    id -nG libvirt-qemu | grep -qw kvm || gpasswd -a libvirt-qemu kvm >/dev/null
+    chgrp kvm "$KVM_DEVICE"
+    chmod 0660 "$KVM_DEVICE"
+    say "$KVM_DEVICE: group kvm, mode 0660, libvirt-qemu in group kvm (what udev and libvirt's packages do)"
+}
+
+restore_kvm_device() {
+    [[ -s $KVM_RECORD ]] || return 0
+    local mode group group_was member_was
+    read -r mode group group_was member_was <"$KVM_RECORD"
+    if [[ -c $KVM_DEVICE ]]; then
+        chgrp "$group" "$KVM_DEVICE"
+        chmod "$mode" "$KVM_DEVICE"
+    fi
+    if [[ $member_was == added ]]; then gpasswd -d libvirt-qemu kvm >/dev/null || true; fi
+    if [[ $group_was == created ]]; then groupdel kvm || true; fi
+    rm -f "$KVM_RECORD"
+    say "$KVM_DEVICE: put back to mode $mode group $group (group kvm $group_was, libvirt-qemu $member_was)"
+}
+
 have_systemd() { [[ -d /run/systemd/system ]]; }
+
+# Close every descriptor above stderr in this (sub)shell: what a daemon started from it must not
+# inherit. The list is read first: the glob itself opens /proc/<pid>/fd while it runs.
+close_inherited_fds() {
+    local fds=() fd
+    for fd in /proc/$BASHPID/fd/*; do fds+=("${fd##*/}"); done
+    for fd in "${fds[@]}"; do
+        if ((fd > 2)) && [[ -e /proc/$BASHPID/fd/$fd ]]; then exec {fd}>&-; fi
+    done
+}
 
 start_daemon() {  # name pidfile args...
     local name=$1 pidfile=$2
@@ -228,7 +280,6 @@ start_daemon() {  # name pidfile args...
         else
             systemctl start "$name.service"
             say "$name: started with systemctl"
-            if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
         fi
         return 0
     fi
@@ -237,9 +288,14 @@ start_daemon() {  # name pidfile args...
         return 0
     fi
     rm -f "$pidfile"
-    # Daemonized; its start-up messages go to a log instead of our caller's pipes.
-    # 9>&-: the daemon must not inherit (and hold forever) this script's lock.
-    "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1 9>&-
+    # Daemonized; its start-up messages go to a log instead of our caller's pipes. It gets no
+    # descriptor but 0-2: a daemon lives on and holds what it inherits for its whole life, so
+    # this script's lock, or a caller's (`flock /tmp/x.lock make demo` ran `make host`), would
+    # stay held after they exit and every later flock on it would wait forever.
+    (
+        close_inherited_fds
+        exec "$binary" -d --pid-file "$pidfile" "$@" >>"/var/log/libvirt/ksm-lab-$name.log" 2>&1
+    )
     local _
     for _ in $(seq 50); do pidfile_alive "$pidfile" "$binary" && break; sleep 0.1; done
     pidfile_alive "$pidfile" "$binary" ||
@@ -248,7 +304,6 @@ start_daemon() {  # name pidfile args...
     pid=$(head -n1 "$pidfile")
     echo "$name $pid" >>"$STATE_FILE"
     say "$name: started by hand (pid $pid, recorded in $STATE_FILE)"
-    if [[ $name == libvirtd ]]; then STARTED_LIBVIRTD_NOW=yes; fi
 }
 
 wait_for_libvirt() {
@@ -271,7 +326,8 @@ main() {
         exec 9>"$STATE_DIR/host-setup.lock"
         flock 9
         stop_started_daemons
-        restore_qemu_conf
+        restore_kvm_device
+        if restore_qemu_conf; then restart_libvirtd_for_new_conf; fi
         return 0
     fi
     if [[ ${1:-} == --packages-only ]]; then
@@ -285,14 +341,10 @@ main() {
     flock 9
     install_packages
     prepare_dirs_and_user
-    local conf_changed=no
-    if configure_qemu_conf; then conf_changed=yes; fi
-    STARTED_LIBVIRTD_NOW=no
+    if configure_qemu_conf; then restart_libvirtd_for_new_conf; fi
+    if ! host_has_own_libvirt; then open_kvm_to_qemu_user; fi
     start_daemon virtlogd /run/virtlogd.pid
     start_daemon libvirtd /run/libvirtd.pid
-    if [[ $conf_changed == yes && $STARTED_LIBVIRTD_NOW == no ]]; then
-        say "warning: qemu.conf changed while libvirtd was already running; restart it to apply"
-    fi
     wait_for_libvirt
 }
 

@@ -50,7 +50,7 @@ from orchestrator.guests.domains import (
     user_net_backend,
 )
 from orchestrator.guests import states
-from orchestrator.guests.cleanup import NAME_PREFIX, destroy, undefine, unlink
+from orchestrator.guests.cleanup import NAME_PREFIX, destroy, undefine, unlink, unlink_console_log
 from orchestrator.errors import GuestLostError, HostError, HostUnresponsive, ProvisionError
 from orchestrator.guests.kvm import choose_domain_type  # noqa: F401 - the plan's domain_type, decided once
 from orchestrator.guests.libvirtconn import (
@@ -126,6 +126,75 @@ def give_back(owners: dict[Path, tuple[int, int]]) -> list[Path]:
     return changed
 
 
+# --- libvirt jobs with a deadline ------------------------------------------------------------
+
+# How long each step of stopping a job past its deadline may take: abortJob (it waits for
+# libvirt's job lock, held while a monitor call to a wedged QEMU waits), destroy (it kills QEMU
+# first, so it returns even then), and the job's own call returning after that.
+STOP_JOB_GRACE_S = 15.0
+
+
+class _Call:
+    """A blocking call in a daemon thread, waited for within a bound and otherwise left behind
+    (a libvirt call on a wedged libvirtd returns when keepalive closes the connection)."""
+
+    def __init__(self, call: Callable[[], object], name: str) -> None:
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], object]) -> None:
+        try:
+            self._value = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            self._error = exc
+
+    def wait(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def value(self) -> object:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def stop_job(lookup: Callable[[], libvirt.virDomain], abortable: bool) -> list[str]:
+    """Stop a guest's libvirt job that ran past its deadline: abortJob where libvirt can abort it
+    (a save; never a start, which a restore is: libvirt says to destroy instead), then destroy
+    the guest. Each step is bounded. Returns what happened, for the error message."""
+    said = []
+    steps = [("abortJob", lambda: lookup().abortJob())] if abortable else []
+    steps.append(("destroy", lambda: destroy(lookup())))
+    for step, call in steps:
+        done = _Call(call, f"ksmlab-{step}")
+        if not done.wait(STOP_JOB_GRACE_S):
+            said.append(f"{step} did not return within {STOP_JOB_GRACE_S:g} s")
+            continue
+        try:
+            done.value()
+            said.append("job aborted" if step == "abortJob" else "guest destroyed")
+        except (libvirt.libvirtError, ProvisionError) as exc:
+            said.append(f"{step} refused: {exc}")
+    return said
+
+
+def run_job(action: str, call: Callable[[], object], timeout_s: float,
+            stop: Callable[[], list[str]]) -> object:
+    """libvirt's blocking `call` (a save or restore of one guest) within timeout_s. Past the
+    deadline `stop` ends it (stop_job) and ProvisionError says what ran over and what was done;
+    libvirt's own errors become ProvisionError naming `action`."""
+    job = _Call(call, "ksmlab-job")
+    if job.wait(timeout_s):
+        with libvirt_errors(action):
+            return job.value()
+    said = stop()
+    if not job.wait(STOP_JOB_GRACE_S):
+        said.append(f"the {action.split()[0]} call had not returned {STOP_JOB_GRACE_S:g} s later")
+    raise ProvisionError(f"{action} did not finish within {timeout_s:g} s: {'; '.join(said)}")
+
+
 # --- the guest set ---------------------------------------------------------------------------
 
 
@@ -168,6 +237,10 @@ class GuestSetOptions:
     work_root: Path = DEFAULT_WORK_ROOT
     port_state_dir: Path = DEFAULT_PORT_STATE_DIR
     parallel_starts: int = 0  # 0 = all at once
+    # Deadlines of libvirt's save and restore of one guest (both are blocking calls that wait on
+    # QEMU and, without a bound, wait forever on a wedged one). A 1 GiB guest takes seconds.
+    save_timeout_s: float = 600.0
+    restore_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -368,8 +441,10 @@ class GuestSet:
         dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
                            console_log_path=slot.console_log_path, host_port=slot.port)
         slot.started_monotonic = time.monotonic()
-        with libvirt_errors(f"restore {slot.name} from {saved.save_path}"):
-            self._conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        conn = self._conn
+        run_job(f"restore {slot.name} from {saved.save_path}",
+                lambda: conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING),
+                self.options.restore_timeout_s, lambda: stop_job(lambda: self._domain(slot), abortable=False))
         slot.restore_s = time.monotonic() - slot.started_monotonic
 
     def restore_seconds(self) -> dict[str, float]:
@@ -387,8 +462,9 @@ class GuestSet:
         def save_one(slot: _Slot) -> dict[str, object]:
             save_path, disk_path, xml_path = states.guest_files(folder, slot.index)
             dom = self._domain(slot)
-            with libvirt_errors(f"save {slot.name}"):
-                dom.save(str(save_path))
+            run_job(f"save {slot.name}", lambda: dom.save(str(save_path)), self.options.save_timeout_s,
+                    lambda: stop_job(lambda: dom, abortable=True))
+            with libvirt_errors(f"saved XML of {slot.name}"):
                 xml_path.write_text(self._conn.saveImageGetXMLDesc(str(save_path), libvirt.VIR_DOMAIN_XML_SECURE))
             os.replace(slot.overlay_path, disk_path)
             disk_path.chmod(0o440)  # a backing file from now on: never written again
@@ -604,7 +680,7 @@ class GuestSet:
             destroy(dom)
         # Files before the definition: the metadata must outlive what it records.
         unlink(slot.overlay_path)
-        unlink(slot.console_log_path)
+        unlink_console_log(slot.console_log_path)
         if dom is not None:
             undefine(dom)
         if slot.port is not None:

@@ -189,7 +189,11 @@ class VmRunner(TrialRunner):
                 wait_or_stop(self.stop, 1.0)
                 build = states.build_folder(root, skey)
                 active.guest_set.watch(False)  # saving stops the guests: that is not a loss
-                entries = active.guest_set.save(build, markers)
+                try:
+                    entries = active.guest_set.save(build, markers)
+                except BaseException:
+                    shutil.rmtree(build, ignore_errors=True)  # a half-written set is never used
+                    raise
                 saved = states.commit(build, root, skey, spec, entries,
                                       {"provision": active.provision_info})
         finally:
@@ -286,6 +290,7 @@ class VmRunner(TrialRunner):
             domain_type=choose_domain_type(g.domain_type),
             network=g.network,
             template_path=Path(g.template) if g.template else None,
+            restore_timeout_s=g.restore_timeout_s,
             **({"work_root": Path(g.workdir)} if g.workdir else {}),
         )
         return GuestSet(g.uri, self.plan.study.name + study_suffix, requests, image, options,
