@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.workloads._filler import SAME_BYTE, Filler, first_touch_populator, map_pages  # noqa: E402
+from orchestrator.units import MIB
 
 TARGET_FIRST_TOUCH = 0.8
 TARGET_REFILL = 0.5
@@ -110,7 +111,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is printed")
     args = parser.parse_args()
-    size_bytes = args.size_mib * 2**20
+    size_bytes = args.size_mib * MIB
     gib = size_bytes / 2**30
 
     run = ksm_run_state()

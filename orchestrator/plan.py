@@ -12,17 +12,19 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import random
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
+from orchestrator.host.ksm import KSM_INT_KNOBS, KSM_STR_KNOBS, THP_DEFRAG_MODES, THP_MODES
 from orchestrator.planpaths import relative_to_plan
 from orchestrator.plugins import workload_plugins
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName, ThrottlerParams
@@ -31,26 +33,6 @@ from orchestrator.workloads.density import DensitySection
 from orchestrator.workloads.probe import ProbeParams
 from orchestrator.workloads.processes import ProcessesParams
 from orchestrator.workloads.sysbench import SysbenchWorkload
-
-# KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are read-only
-# and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1, off -> 0).
-KSM_INT_KNOBS: dict[str, tuple[int, int]] = {
-    "pages_to_scan": (0, 2**31 - 1),
-    "sleep_millisecs": (0, 2**31 - 1),
-    "max_page_sharing": (2, 2**31 - 1),
-    "merge_across_nodes": (0, 1),
-    "use_zero_pages": (0, 1),
-    "stable_node_chains_prune_millisecs": (0, 2**31 - 1),
-    "smart_scan": (0, 1),
-    "advisor_max_cpu": (1, 100),
-    "advisor_min_pages_to_scan": (1, 2**31 - 1),
-    "advisor_max_pages_to_scan": (1, 2**31 - 1),
-    "advisor_target_scan_time": (1, 2**31 - 1),
-}
-KSM_STR_KNOBS: dict[str, tuple[str, ...]] = {"advisor_mode": ("none", "scan-time")}
-THP_MODES = ("always", "madvise", "never")
-THP_DEFRAG_MODES = ("always", "defer", "defer+madvise", "madvise", "never")
-
 
 class StudySection(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -112,8 +94,41 @@ POLICY_KEYS = ("policy", "ksmtuned", "kubevirt", "throttler")
 
 
 class HostSection(Strict):
-    thp_enabled: Literal["always", "madvise", "never"] | None = None
-    thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] | None = None
+    thp_enabled: Literal[THP_MODES] | None = None  # type: ignore[valid-type]
+    thp_defrag: Literal[THP_DEFRAG_MODES] | None = None  # type: ignore[valid-type]
+
+
+# The plan's default for converge_tolerance_pct; the analysis uses it for studies whose plan
+# cannot be read. pages_sharing_converged is the rule it parametrises.
+CONVERGE_TOLERANCE_PCT = 1.0
+
+
+def pages_sharing_converged(pages_sharing: Iterable[float], tolerance_pct: float) -> bool:
+    """The one "KSM has converged" rule, for a window of pages_sharing samples: the spread
+    (largest - smallest) is within tolerance_pct of the largest. Used by until_converged
+    (runners.base.measure), density's wait before each decision (runners/density.py) and the
+    analysis' "converged" column (samplemetrics), each with the plan's tolerance.
+
+    A window in which nothing is merged (largest 0, or no finite sample) is NOT converged:
+    ksmd merges nothing during its first full scan (a page enters the unstable tree only after
+    its checksum held still between two scans), so a flat zero early in measure means "not
+    begun", and calling it converged would end an until_converged measure or a density step's
+    wait before KSM merged anything. A trial that never merges runs to its cap and says so."""
+    values = [v for v in map(float, pages_sharing) if math.isfinite(v)]
+    if not values:
+        return False
+    high = max(values)
+    return high > 0 and high - min(values) <= tolerance_pct / 100 * high
+
+
+def stored_converge_tolerance_pct(plan_text: str) -> float:
+    """converge_tolerance_pct of a stored plan.toml ([phases] is never swept: one per study); the
+    default when the study has no readable plan or its [phases] no longer validates."""
+    try:
+        phases = tomllib.loads(plan_text).get("phases", {})
+        return PhasesSection.model_validate(phases).converge_tolerance_pct
+    except (tomllib.TOMLDecodeError, ValidationError, AttributeError):
+        return CONVERGE_TOLERANCE_PCT
 
 
 class PhasesSection(Strict):
@@ -123,7 +138,7 @@ class PhasesSection(Strict):
     # Keep measuring past measure_s until pages_sharing is stable, at most max_measure_s.
     until_converged: bool = False
     converge_window_s: float = Field(10.0, gt=0)
-    converge_tolerance_pct: float = Field(1.0, gt=0, le=100)
+    converge_tolerance_pct: float = Field(CONVERGE_TOLERANCE_PCT, gt=0, le=100)
     max_measure_s: float = Field(600.0, gt=0, le=86400)
     reset_timeout_s: float = Field(120.0, gt=0, le=3600)
     # Before the baseline, wait until the guests (or workers) stop growing: the summed RSS of

@@ -10,8 +10,10 @@ from typing import Any
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.guests.hostsetup import CheckResult, check_host, libvirt_uri
-from orchestrator.host.ksm import THP_REL, find_pids_by_comm, run_dir
+from orchestrator.host.ksm import THP_REL, run_dir
+from orchestrator.host.probes import live_pids_named
 from orchestrator.host.probes import KSM_SYSFS
+from orchestrator.units import MIB
 
 
 # Daemons that drive KSM on their own (the comm the kernel shows: at most 15 characters). The
@@ -39,10 +41,10 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     results += [_writable(f"ksm/{knob}", ksm_dir / knob) for knob in ("run", "pages_to_scan", "sleep_millisecs")]
     thp = root / THP_REL / "enabled"
     results.append(CheckResult("THP enabled", thp.exists(), thp.read_text().strip() if thp.exists() else "missing"))
-    tuned = find_pids_by_comm("ksmtuned", root)
+    tuned = live_pids_named("ksmtuned", root)
     results.append(CheckResult("ksmtuned not running", not tuned,
                                f"running as pid {tuned}: stop it first" if tuned else "not running"))
-    others = {what: pids for what, comm in OTHER_KSM_DRIVERS.items() if (pids := find_pids_by_comm(comm, root))}
+    others = {what: pids for what, comm in OTHER_KSM_DRIVERS.items() if (pids := live_pids_named(comm, root))}
     results.append(CheckResult(
         "no other KSM driver", not others,
         "; ".join(f"{what} running as pid {pids}: it may write the KSM knobs during the study" for what, pids in others.items())
@@ -92,7 +94,7 @@ def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path
 # row of every column is ~700 bytes, a processes.csv row ~200) and doubled.
 KSM_ROW_BYTES = 1500
 PROCESS_ROW_BYTES = 400
-TRIAL_FIXED_BYTES = 2 * 2**20  # trial.json, workload files, the report's share
+TRIAL_FIXED_BYTES = 2 * MIB  # trial.json, workload files, the report's share
 OVERLAY_GROWTH_MIB = {"idle": 64, "sysbench": 512, "processes": 0}  # a guest's writes in one trial
 
 
@@ -124,12 +126,12 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
         g = plan.guests
         work = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
         most = max(t.guests_model.count for t in trials if t.guests_model)
-        add(work, most * OVERLAY_GROWTH_MIB.get(plan.workload.type, 512) * 2**20)
+        add(work, most * OVERLAY_GROWTH_MIB.get(plan.workload.type, 512) * MIB)
         if g.start == "restore":
             # A saved state takes at most the guests' RAM (only touched pages are written).
             from orchestrator.guests.images import default_cache_dir
 
-            add(default_cache_dir() if g.cache_states else work, most * g.memory_mib * 2**20)
+            add(default_cache_dir() if g.cache_states else work, most * g.memory_mib * MIB)
     return needs
 
 
@@ -138,7 +140,7 @@ def space_checks(plan: Any, trials: list[Any], results_dir: Path) -> list[CheckR
     for folder, nbytes in space_needs(plan, trials, results_dir).items():
         free = shutil.disk_usage(folder).free
         results.append(CheckResult(f"free space in {folder}", free >= nbytes,
-                                   f"{free / 2**20:.0f} MiB free, the study needs up to {nbytes / 2**20:.0f} MiB"))
+                                   f"{free / MIB:.0f} MiB free, the study needs up to {nbytes / MIB:.0f} MiB"))
     return results
 
 

@@ -12,10 +12,9 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,42 +25,17 @@ from orchestrator import policies
 from orchestrator.analysis import studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.host.hostinfo import collect_host_info, study_end_info
-from orchestrator.host.ksm import HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
-from orchestrator.plan import (KSM_INT_KNOBS, KSM_STR_KNOBS, WORKLOAD_PLUGINS, Plan, SamplingSection, Trial,
-                               check_against_host, expand, run_order)
+from orchestrator.host.ksm import KSM_INT_KNOBS, KSM_STR_KNOBS, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
+from orchestrator.plan import WORKLOAD_PLUGINS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
 from orchestrator.plugins import load_object
 from orchestrator.preflight import memory_backing_checks, qemu_reach_checks, space_checks
 from orchestrator.host.probes import KSM_SYSFS
 from orchestrator.analysis.stats import time_mean
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.store.study import Study
-from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner
+from orchestrator.runners.base import PhaseClock, StopFlag, StopRequested, TrialResult, TrialRunner, stop_on_signals
 
 log = logging.getLogger(__name__)
-
-
-class StopFlag(threading.Event):
-    """The sweep's stop request; `signum` is the signal that made it, so the CLI can exit with
-    128 + signum as a shell reports a signal (130 SIGINT, 143 SIGTERM)."""
-
-    signum: int | None = None
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    def request_stop(signum: int, _frame: Any) -> None:
-        if not stop.is_set():
-            log.warning("%s received: stopping after teardown (measured data is kept)", signal.Signals(signum).name)
-            if isinstance(stop, StopFlag):
-                stop.signum = signum
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:

@@ -11,15 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.host.ksm import HOST_KNOB_FILES, read_host_knobs, read_ksm_knobs, read_sysfs_value
+from orchestrator.host.ksm import HOST_KNOB_FILES, KSM_KNOBS, read_host_knobs, read_ksm_knobs, read_sysfs_value
 from orchestrator.host.probes import KSM_SYSFS
 
 ROOT = Path("/")
 # Knobs (not counters) whose value a test must leave as it found it.
-KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
-         "use_zero_pages", "stable_node_chains_prune_millisecs", "smart_scan", "advisor_mode",
-         "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
-         "advisor_target_scan_time")
+KNOBS = KSM_KNOBS
 
 
 def snapshot() -> dict[str, str]:

@@ -1,58 +1,16 @@
 """A small SSH server on 127.0.0.1 for testing guest.py against real SSH, not mocks.
 
-Public-key auth for one key, exec requests run with `sh -c` in a subprocess, and an SFTP
-subsystem over the local filesystem. Stop it with stop(), which also kills what it started.
+Public-key auth for one key, exec requests run with `sh -c` in a subprocess. Stop it with
+stop(), which also kills what it started.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
-import time
 
 import paramiko
-
-
-class _Handle(paramiko.SFTPHandle):
-    def stat(self) -> paramiko.SFTPAttributes | int:
-        return paramiko.SFTPAttributes.from_stat(os.fstat(self.readfile.fileno()))
-
-
-STALL_MARK = "stall-forever"  # opening a path containing this hangs, like a paused guest's server
-STALL_S = 30.0
-
-
-class _LocalSftp(paramiko.SFTPServerInterface):
-    def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> paramiko.SFTPHandle | int:
-        if STALL_MARK in path:
-            time.sleep(STALL_S)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            return paramiko.SFTPServer.convert_errno(exc.errno)
-        mode = "r+b" if flags & os.O_RDWR else ("wb" if flags & os.O_WRONLY else "rb")
-        handle = _Handle(flags)
-        handle.readfile = handle.writefile = os.fdopen(fd, mode)
-        return handle
-
-    def stat(self, path: str) -> paramiko.SFTPAttributes | int:
-        try:
-            return paramiko.SFTPAttributes.from_stat(os.stat(path))
-        except OSError as exc:
-            return paramiko.SFTPServer.convert_errno(exc.errno)
-
-    lstat = stat
-
-    def chattr(self, path: str, attr: paramiko.SFTPAttributes) -> int:
-        if attr.st_mode is not None:
-            os.chmod(path, attr.st_mode & 0o7777)
-        return paramiko.SFTP_OK
-
-    def posix_rename(self, oldpath: str, newpath: str) -> int:
-        os.replace(oldpath, newpath)
-        return paramiko.SFTP_OK
 
 
 class _Server(paramiko.ServerInterface):
@@ -102,7 +60,6 @@ class SshServer:
                 return
             transport = paramiko.Transport(conn)
             transport.add_server_key(self.host_key)
-            transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _LocalSftp)
             self._transports.append(transport)
             try:
                 transport.start_server(server=_Server(self))

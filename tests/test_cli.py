@@ -19,7 +19,8 @@ from orchestrator.cli import main as cli, runlog
 from orchestrator.guests.hostsetup import CheckResult
 from orchestrator.plan import load_plan
 from orchestrator.store.study import Study
-from orchestrator.sweep import StopFlag, SweepOutcome, stop_on_signals
+from orchestrator.runners.base import StopFlag, stop_on_signals
+from orchestrator.sweep import SweepOutcome
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = REPO / "plans"

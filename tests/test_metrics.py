@@ -290,6 +290,30 @@ def test_plateau_is_converged(tmp_path: Path) -> None:
     assert m["time_to_99pct_s"] == 0.0
 
 
+def test_converged_column_uses_the_plans_tolerance(tmp_path: Path) -> None:
+    """A plateau whose last sample dips 1.5%: not converged at the default 1%, converged when
+    the study's plan allows 2% (the tolerance until_converged stopped on)."""
+    ksm = ramp_ksm_frame(plateau=True)
+    ksm.loc[ksm.index[-1], "pages_sharing"] = 985
+    strict = start_study(tmp_path, "strict")
+    loose = start_study(tmp_path, "loose", plan='[study]\nname = "loose"\n[phases]\nconverge_tolerance_pct = 2.0\n')
+    for study_dir in (strict, loose):
+        write_trial(study_dir, "t0", {}, ksm=ksm)
+        finish_study(study_dir)
+    sm_strict = studymetrics.compute_study(studydata.load_study(strict))
+    sm_loose = studymetrics.compute_study(studydata.load_study(loose))
+    assert sm_strict.converge_tolerance_pct == 1.0 and sm_loose.converge_tolerance_pct == 2.0
+    assert sm_strict.trials["converged"].tolist() == [False]
+    assert sm_loose.trials["converged"].tolist() == [True]
+
+
+def test_nothing_merged_is_not_converged(tmp_path: Path) -> None:
+    """pages_sharing flat at 0 all through measure: KSM had not begun, not converged."""
+    study = start_study(tmp_path)
+    trial_dir = write_trial(study, "t0", {}, ksm=ramp_ksm_frame(final_sharing=0, plateau=True))
+    assert trialmetrics.trial_metrics(trial_dir)["converged"] is False
+
+
 def test_ksmd_cost_from_cpu_seconds(ramp_trial: Path) -> None:
     m = trialmetrics.trial_metrics(ramp_trial)
     assert m["ksmd_cpu_pct"] == pytest.approx(5.0)
@@ -427,7 +451,8 @@ def test_workload_from_interval_rows_without_summary(tmp_path: Path) -> None:
 
 def test_samples_table_is_long_form_with_settings(tmp_path: Path) -> None:
     study_dir = sweep_study(tmp_path)
-    samples = studymetrics.samples_table(study_dir)
+    study = studydata.load_study(study_dir)
+    samples = studymetrics.samples_arrow(study, studymetrics.compute_study(study)).to_pandas()
     assert len(samples) == 4 * len(ramp_ksm_frame())
     assert {"trial_id", "setting_pages_to_scan", "pages_sharing", "t_s", "phase"} <= set(samples.columns)
     by_trial = samples.groupby("trial_id", observed=True)["setting_pages_to_scan"].first()

@@ -1,9 +1,11 @@
+import math
 import re
 from pathlib import Path
 
 import pytest
 
 from orchestrator.errors import PlanError
+from orchestrator import plan as plan_mod
 from orchestrator.plan import check_against_host, expand, load_plan, parse_plan
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
@@ -312,3 +314,41 @@ def test_two_ksm_off_trials_per_block_with_their_own_ids_the_first_id_unchanged(
         assert len(offs) == 4 and sum(t.trial_id.startswith("ksmoff-c1-") for t in offs) == 2
     with pytest.raises(PlanError, match="ksm_off_per_block needs ksm_off_baseline"):
         parse_plan(GOOD.replace("ksm_off_baseline = true", "ksm_off_per_block = 2"))
+
+
+# ----------------------------------------------------------------------------- convergence rule
+
+
+def test_flat_series_is_converged():
+    assert plan_mod.pages_sharing_converged([1000, 1000, 1000, 1000], tolerance_pct=1.0)
+
+
+def test_zero_series_is_not_converged():
+    """ksmd merges nothing on its first full scan: a window of zeros is "not begun"."""
+    assert not plan_mod.pages_sharing_converged([0, 0, 0, 0], tolerance_pct=1.0)
+    assert not plan_mod.pages_sharing_converged([], tolerance_pct=1.0)
+    assert not plan_mod.pages_sharing_converged([math.nan, math.nan], tolerance_pct=1.0)
+
+
+def test_rising_series_is_not_converged():
+    assert not plan_mod.pages_sharing_converged([600, 700, 800, 900, 1000], tolerance_pct=1.0)
+    # the same rise is within a 50% tolerance: the plan's tolerance decides
+    assert plan_mod.pages_sharing_converged([600, 700, 800, 900, 1000], tolerance_pct=50.0)
+
+
+def test_tolerance_edge_is_inclusive_and_relative_to_the_largest_sample():
+    assert plan_mod.pages_sharing_converged([99, 100, 100], tolerance_pct=1.0)  # 1 <= 1% of 100
+    assert not plan_mod.pages_sharing_converged([98.9, 100, 100], tolerance_pct=1.0)
+    # relative to the largest value, wherever it sits in the window (a falling series too)
+    assert plan_mod.pages_sharing_converged([200, 199, 198], tolerance_pct=1.0)
+    assert not plan_mod.pages_sharing_converged([200, 199, 197.9], tolerance_pct=1.0)
+    # NaN ticks (a missed read) are left out, not counted as zero
+    assert plan_mod.pages_sharing_converged([100, math.nan, 100], tolerance_pct=1.0)
+
+
+def test_stored_tolerance_is_the_plans_else_the_default():
+    assert plan_mod.stored_converge_tolerance_pct('[phases]\nconverge_tolerance_pct = 2.5\n') == 2.5
+    assert plan_mod.stored_converge_tolerance_pct('[study]\nname = "x"\n') == plan_mod.CONVERGE_TOLERANCE_PCT
+    assert plan_mod.stored_converge_tolerance_pct("") == plan_mod.CONVERGE_TOLERANCE_PCT
+    assert plan_mod.stored_converge_tolerance_pct("not toml [") == plan_mod.CONVERGE_TOLERANCE_PCT
+    assert plan_mod.PhasesSection().converge_tolerance_pct == plan_mod.CONVERGE_TOLERANCE_PCT

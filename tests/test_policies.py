@@ -18,6 +18,7 @@ from orchestrator.analysis import search, studymetrics
 from orchestrator.cli import main as cli
 from orchestrator.store import studydata
 from orchestrator.errors import PlanError
+from orchestrator.host import probes
 from orchestrator.host.ksm import KSM_SYSFS, HostSettings, read_sysfs_value
 from orchestrator.plan import check_against_host, expand, parse_plan
 from orchestrator.policies import ksmtuned, kubevirt, run_for, throttler
@@ -346,7 +347,7 @@ echo $! > "$PIDFILE"
 
 
 def _alive(pid: int) -> bool:
-    return ksmtuned._comm(pid) == "ksmtuned"
+    return probes.live_comm(pid) == "ksmtuned"
 
 
 def _stand_in(tmp_path: Path, conf_text: str) -> tuple[Path, Path]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator.host.ksm import KSM_SYSFS, find_pids_by_comm
+from orchestrator.host.ksm import KSM_SYSFS
+from orchestrator.host.probes import live_pids_named
 from orchestrator.plan import parse_plan
 from orchestrator.policies import ksmtuned
 from orchestrator.sweep import run_sweep
@@ -106,7 +107,7 @@ def test_ksmtuned_log_and_sampled_knobs_agree_and_it_is_gone_after(results_dir, 
     assert not running.empty
     assert set(running["pages_to_scan"].astype(int)) <= {e["pages_to_scan"] for e in starts}
     assert set(running["sleep_millisecs"].astype(int)) <= {e["sleep_millisecs"] for e in starts}
-    assert find_pids_by_comm("ksmtuned") == []
+    assert live_pids_named("ksmtuned") == []
 
 
 def test_ksmtuned_that_never_turns_ksm_on_is_a_finding(results_dir, ksm_guard):
@@ -120,7 +121,7 @@ def test_ksmtuned_that_never_turns_ksm_on_is_a_finding(results_dir, ksm_guard):
     assert set(measured(ksm, "run")) <= {0, 2}
     trials = pd.read_csv(results_dir / "policy-ksmtuned" / "trials.csv")
     assert not trials["policy_ksm_turned_on"].iloc[0]
-    assert find_pids_by_comm("ksmtuned") == []
+    assert live_pids_named("ksmtuned") == []
 
 
 def test_kubevirt_controller_steps_match_the_sampled_knobs(results_dir, ksm_guard):
@@ -156,19 +157,19 @@ def test_sigkilled_ksmtuned_sweep_then_restore_stops_it_and_puts_the_knobs_back(
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not find_pids_by_comm("ksmtuned") or (ROOT / KSM_SYSFS / "run").read_text().strip() != "1":
+        while not live_pids_named("ksmtuned") or (ROOT / KSM_SYSFS / "run").read_text().strip() != "1":
             assert sweep.poll() is None, "the sweep ended before ksmtuned turned KSM on"
             assert time.monotonic() < deadline, "ksmtuned never turned KSM on"
             time.sleep(0.2)
     finally:
         sweep.kill()
         sweep.wait(30)
-    (left,) = find_pids_by_comm("ksmtuned")
+    (left,) = live_pids_named("ksmtuned")
     out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / "policy-ksmtuned")],
                          cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"stopped ksmtuned pid {left}" in out.stdout
-    assert find_pids_by_comm("ksmtuned") == []
+    assert live_pids_named("ksmtuned") == []
     # the workers exit by themselves once their sweep is gone (lifeline); ksm_guard checks the knobs
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (ROOT / KSM_SYSFS / "pages_sharing").read_text().strip() != "0":

@@ -23,17 +23,11 @@ def test_read_ksm_real_host_has_core_counters_and_splits_text_files():
     for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                  "full_scans", "run", "pages_to_scan", "sleep_millisecs"):
         assert isinstance(values[name], int), name
-    text_values = probes.read_ksm_text()
-    assert not set(values) & set(text_values)
-    # Every file lands in exactly one of the two views.
-    assert set(values) | set(text_values) == set(os.listdir(KSM_DIR))
+    files = probes.read_ksm_files()
+    assert set(files) == set(os.listdir(KSM_DIR))
+    # The integer files are read_ksm's; text files (advisor_mode) stay out of it.
+    assert set(values) <= set(files) and "advisor_mode" not in values
     assert values["run"] == int((KSM_DIR / "run").read_text())
-
-
-def test_read_ksm_text_real_host_advisor_mode():
-    if not (KSM_DIR / "advisor_mode").exists():
-        pytest.skip("kernel has no KSM advisor")
-    assert "[" in probes.read_ksm_text()["advisor_mode"]
 
 
 def test_find_ksmd_pid_real_host_is_the_ksmd_kernel_thread():
@@ -175,8 +169,8 @@ def test_parse_proc_stat_captured_ksmd():
 
 def test_parse_proc_stat_cpu_captured_user_process():
     text = (DATA / "proc_pid_stat.txt").read_text()
-    assert probes.parse_proc_stat_cpu(text) == (3, 2)
     stat = probes.parse_proc_stat(text)
+    assert (stat.utime_ticks, stat.stime_ticks) == (3, 2)
     assert stat.comm == "python"
     assert not stat.is_kernel_thread
 
@@ -186,7 +180,49 @@ def test_parse_proc_stat_comm_with_parenthesis_and_spaces():
     stat = probes.parse_proc_stat(text)
     assert stat.comm == "evil) R (x) "
     assert stat.state == "S"
-    assert probes.parse_proc_stat_cpu(text) == (170, 31)
+    assert (stat.utime_ticks, stat.stime_ticks) == (170, 31)
+
+
+def _proc_stat_line(pid: int, comm: str, state: str, ppid: int) -> str:
+    return f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 4194560 5 0 0 0 1 1 0 0 20 0 1 0 9 0 0\n"
+
+
+def _crafted_proc(tmp_path: Path, *tasks: tuple[int, str, str, int]) -> Path:
+    for pid, comm, state, ppid in tasks:
+        folder = tmp_path / "proc" / str(pid)
+        folder.mkdir(parents=True)
+        (folder / "stat").write_text(_proc_stat_line(pid, comm, state, ppid))
+    return tmp_path
+
+
+def test_live_comm_children_and_names_under_a_crafted_root(tmp_path: Path):
+    """Zombies keep their comm but are never a live holder of a name; the tree under root is
+    the one read (not the host's /proc)."""
+    root = _crafted_proc(tmp_path, (10, "ksmtuned", "S", 1), (11, "sleep", "S", 10),
+                         (12, "ksmtuned", "Z", 1), (13, "sleep", "Z", 10), (14, "bash", "S", 11))
+    assert probes.live_comm(10, root) == "ksmtuned"
+    assert probes.live_comm(12, root) is None  # zombie
+    assert probes.live_comm(99, root) is None  # gone
+    assert probes.children_of(10, root) == [11, 13]
+    assert probes.live_pids_named("ksmtuned", root) == [10]
+    assert probes.live_pids_named("sleep", root) == [11]
+    (root / "proc" / "15").mkdir()
+    (root / "proc" / "15" / "stat").write_text("garbage")
+    assert probes.live_comm(15, root) is None
+
+
+def test_live_comm_and_children_of_a_real_child():
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert probes.live_comm(child.pid) == "sleep"
+        assert child.pid in probes.children_of(os.getpid())
+        assert child.pid in probes.live_pids_named("sleep")
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert probes.live_comm(child.pid) is None
 
 
 def test_parse_statm():
@@ -227,13 +263,14 @@ def test_read_ksm_older_kernel_without_newer_files(tmp_path):
     values = probes.read_ksm(tmp_path)
     assert not set(newer) & set(values)
     assert values["pages_sharing"] == 1234
-    assert probes.read_ksm_text(tmp_path) == {}
+    assert not set(newer) & set(probes.read_ksm_files(tmp_path))
 
 
 def test_read_ksm_negative_general_profit_and_text_values(tmp_path):
     _ksm_tree(tmp_path, general_profit="-409600\n")
     assert probes.read_ksm(tmp_path)["general_profit"] == -409600
-    assert probes.read_ksm_text(tmp_path) == {"advisor_mode": "[none] scan-time"}
+    assert "advisor_mode" not in probes.read_ksm(tmp_path)
+    assert probes.read_ksm_files(tmp_path)["advisor_mode"].strip() == "[none] scan-time"
 
 
 def test_read_ksm_without_ksm_dir_raises_host_error(tmp_path):

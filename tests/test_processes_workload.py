@@ -23,6 +23,7 @@ from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.workloads import processes
 from orchestrator.workloads._filler import CHUNK_PAGES, SAME_BYTE, Filler
 from orchestrator.workloads.processes import ProcessesParams, ProcessesWorkload
+from orchestrator.host import probes
 
 PAGE = mmap.PAGESIZE
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +128,7 @@ def test_cpu_pin_list_becomes_a_tuple_and_round_robins():
 
 def alive(pid: int) -> bool:
     """Exists and is not a zombie (a zombie holds no memory and is only waiting to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return probes.live_comm(pid) is not None
 
 
 def vma_flags(pid: int, address: int) -> list[str]:

@@ -38,7 +38,7 @@ from orchestrator.analysis import nights, studymetrics
 from orchestrator.store import studydata
 from orchestrator.store.catalog import hostname_of
 from orchestrator.errors import CompareError
-from orchestrator.analysis.stats import NO_INTERVAL, WELCH, t_quantile_975, t_two_sided_p, welch_ci95
+from orchestrator.analysis.stats import NO_INTERVAL, WELCH, half_width95, mean_ci95, t_two_sided_p, welch_ci95
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
 from orchestrator.host.probes import KSM_COUNTERS
@@ -267,11 +267,8 @@ def _finite(values: Any) -> np.ndarray:
 
 
 def _mean_half(values: np.ndarray) -> tuple[float, float]:
-    if values.size == 0:
-        return math.nan, math.nan
-    if values.size == 1:
-        return float(values[0]), math.nan
-    return float(values.mean()), float(t_quantile_975(values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    mean, half, _ = mean_ci95(values)
+    return mean, half
 
 
 def percent_defined(spec: MetricSpec, mean_a: float, half_a: float) -> bool:
@@ -445,7 +442,7 @@ def _with_night_sd(m: MetricChange, spec: MetricSpec, a_values: Any, b_values: A
     scale = 1.0 if spec.absolute else (100.0 / abs(mean_a) if abs(mean_a) >= spec.near_zero else math.nan)
     if not math.isfinite(scale):
         return False
-    half = float(t_quantile_975(dof)) * se
+    half = half_width95(se, dof)
     m.p = float(t_two_sided_p(change, se, dof))
     verdict, note = judge(change * scale, half * scale, True, spec.higher_is_better, thresholds.for_metric(spec))
     m.verdict = WORSE if verdict == REGRESSION else verdict

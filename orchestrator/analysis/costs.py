@@ -55,7 +55,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-MIB = 1024 * 1024
+from orchestrator.units import MIB
+
 GIB = 1024 * MIB
 RMAP_ITEM_BYTES = 64  # struct ksm_rmap_item, 64-bit (mm/ksm.c; "cache-friendly 64 bytes", commit 6514d511dbe5)
 # struct ksm_stable_node, 64-bit (mm/ksm.c): 60 B without CONFIG_NUMA, padded to 64 by the

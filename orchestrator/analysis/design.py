@@ -35,6 +35,7 @@ from orchestrator.analysis import stats, studymetrics
 from orchestrator.store import studydata
 from orchestrator.errors import DesignError
 from orchestrator.analysis.trialmetrics import WORKLOAD_METRICS
+from orchestrator.units import number
 
 DESIGN_METRICS = WORKLOAD_METRICS  # compared with KSM off in percent, as the study does
 DEFAULT_METRIC = "tps"
@@ -236,31 +237,27 @@ def _duration(seconds: float) -> str:
 def _text_lines(d: Design) -> list[str]:
     p, n = d.pilot, stats.format_repetitions
     lines = [f"pilot: {p.blocks} blocks, {p.settings_compared} KSM-on setting(s) against KSM off, "
-             f"{p.trials_per_block} trials per block, {_num(p.trial_wall_s)} s per trial (median)",
-             f"per-block {d.metric} difference vs KSM off: sd {_num(p.sd_d_pct)}% (dof {_num(p.sd_dof)})"]
+             f"{p.trials_per_block} trials per block, {number(p.trial_wall_s, integers=False)} s per trial (median)",
+             f"per-block {d.metric} difference vs KSM off: sd {number(p.sd_d_pct, integers=False)}% (dof {number(p.sd_dof)})"]
     if math.isfinite(p.trial_sd_pct):
-        lines.append(f"  trial level (KSM-off trials repeated in a block): sd {_num(p.trial_sd_pct)}% (dof {p.trial_dof}); "
-                     f"block level: sd {_num(p.block_sd_pct)}%; one trial per side per block: sd {_num(d.design_sd_pct)}%")
+        lines.append(f"  trial level (KSM-off trials repeated in a block): sd {number(p.trial_sd_pct, integers=False)}% (dof {p.trial_dof}); "
+                     f"block level: sd {number(p.block_sd_pct, integers=False)}%; one trial per side per block: sd {number(d.design_sd_pct, integers=False)}%")
         lines.append(f"  trials per setting per block: {TRIALS_PER_SETTING_PER_BLOCK} (a block costs nothing beyond its "
                      "trials, so more blocks are the cheaper replication)")
     else:
         lines.append("  trial level not separable (one KSM-off trial per block): the block-level sd is used as measured")
     low, high = d.design_sd_range_pct
-    lines.append(f"  95% range of that sd: {_num(low)}-{_num(high)}%")
+    lines.append(f"  95% range of that sd: {number(low, integers=False)}-{number(high, integers=False)}%")
     if not math.isfinite(d.blocks):
         lines.append(f"a {d.target_pct:g}% change needs more than {stats.REPETITIONS_SEARCH_CAP} blocks at 80% power")
         return lines
     lines += [f"a {d.target_pct:g}% {d.metric} change at 80% power needs {n(d.blocks)} blocks "
               f"({n(d.blocks_range[0])}-{n(d.blocks_range[1])} over the sd's 95% range; {n(d.blocks_if_sd_as_measured)} "
               "if the sd is exactly as measured): the recommended blocks allow for the pilot's uncertainty",
-              f"at {n(d.blocks)} blocks the smallest detectable change is {_num(d.mde_pct)}%",
+              f"at {n(d.blocks)} blocks the smallest detectable change is {number(d.mde_pct, integers=False)}%",
               f"that design: {n(d.trials)} trials, {_duration(d.wall_s)}",
               "", d.plan_toml.rstrip()]
     return lines
-
-
-def _num(value: float) -> str:
-    return "" if not math.isfinite(value) else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
 def cmd_design(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from orchestrator.analysis import nights, studymetrics
 from orchestrator.store import catalog, studydata
 from orchestrator.analysis.compare import HEADLINE, IMPROVEMENT, METRICS, REGRESSION, SPECS, WORSE, Thresholds, band_verdict
-from orchestrator.analysis.stats import t_quantile_975
+from orchestrator.analysis.stats import mean_half_width95
 from orchestrator.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def setting_summaries(columns: TrialColumns) -> list[dict[str, Any]]:
             mean = np.bincount(codes[ok], weights=values[ok], minlength=groups) / count
             squares = np.bincount(codes[ok], weights=(values[ok] - mean[codes[ok]]) ** 2, minlength=groups)
             sd = np.where(count >= 2, np.sqrt(squares / (count - 1)), math.nan)
-            half = np.where(count >= 2, t_quantile_975(np.maximum(count - 1, 1)) * sd / np.sqrt(count), math.nan)
+        half = mean_half_width95(sd, count)
         for g, row in enumerate(rows):
             row.update({name: float(mean[g]) if count[g] else math.nan, f"{name}_ci95": float(half[g]),
                         f"{name}_sd": float(sd[g]), f"{name}_n": int(count[g])})

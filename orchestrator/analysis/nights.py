@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from orchestrator.analysis.stats import bh_reject, holm_reject, t_quantile_975, t_two_sided_p
+from orchestrator.analysis.stats import bh_reject, half_width95, holm_reject, t_two_sided_p
 
 SUSPECT_P = 0.05  # a night outside its band at this level is a suspect (confirmation, not an alarm)
 
@@ -82,7 +82,7 @@ class Band:
         return math.sqrt(var)
 
     def half(self, n_tonight: int) -> float:
-        return float(t_quantile_975(self.dof)) * self.se(n_tonight)
+        return half_width95(self.se(n_tonight), self.dof)
 
 
 NO_SPREAD = "no spread measured in the earlier nights: cannot tell"

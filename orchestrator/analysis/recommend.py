@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.units import has_value, plus_minus
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -234,8 +236,8 @@ def saving_verdict(diff_mib: float, half_mib: float, margin_mib: float) -> str:
     return NOT_SHOWN_WORSE
 
 
-def _pm(mean: float, half: float, unit: str, digits: int = 1) -> str:
-    return f"{mean:.{digits}f} ± {half:.{digits}f}{unit}" if math.isfinite(half) else f"{mean:.{digits}f}{unit} (no interval)"
+def _pm(mean: float, half: float, unit: str) -> str:
+    return plus_minus(mean, half, unit, integers=False) + ("" if has_value(half) else " (no interval)")
 
 
 def _paragraph(chosen: Candidate, leader: Candidate, tied: list[Any], not_worse: list[Any],
@@ -247,7 +249,7 @@ def _paragraph(chosen: Candidate, leader: Candidate, tied: list[Any], not_worse:
     else:
         parts = [f"{len(ok)} of {len(candidates)} settings meet {limits.text()}."]
     describe = (f"saves {_pm(chosen.saved_mib, chosen.saved_mib_ci95, ' MiB')} for "
-                f"{_pm(chosen.ksmd_cpu_pct, chosen.ksmd_cpu_pct_ci95, '% of a core', 2)} of ksmd CPU "
+                f"{_pm(chosen.ksmd_cpu_pct, chosen.ksmd_cpu_pct_ci95, '% of a core')} of ksmd CPU "
                 f"(means over n={chosen.n} trials, 95% intervals across trials)")
     margin = f"±{margin_mib:.1f} MiB, {margin_pct:g}% of the largest saving"
     if chosen is leader and not tied:

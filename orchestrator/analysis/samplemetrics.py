@@ -46,13 +46,14 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis.stats import time_mean
+from orchestrator.plan import CONVERGE_TOLERANCE_PCT, pages_sharing_converged
+from orchestrator.units import MIB
 
-MIB = 1024 * 1024
 CONVERGENCE_THRESHOLDS = (50, 90, 99)
-# "Converged" = pages_sharing moved less than this fraction of its final value over the window
-# made of the last CONVERGENCE_WINDOW_FRACTION of measure samples (at least
-# CONVERGENCE_MIN_SAMPLES). Fewer measure samples than that: cannot tell (None).
-CONVERGENCE_TOLERANCE = 0.01
+# "Converged" = plan.pages_sharing_converged with the plan's converge_tolerance_pct, over the
+# window made of the last CONVERGENCE_WINDOW_FRACTION of measure samples (at least
+# CONVERGENCE_MIN_SAMPLES): every trial is judged, also those that ran a fixed measure_s.
+# Fewer measure samples than that: cannot tell (None).
 CONVERGENCE_WINDOW_FRACTION = 0.10
 CONVERGENCE_MIN_SAMPLES = 5
 
@@ -180,11 +181,13 @@ def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.nd
 
 
 def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes: int,
-                fills: pd.DataFrame | None = None) -> dict[str, Any]:
+                fills: pd.DataFrame | None = None,
+                converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT) -> dict[str, Any]:
     """Metrics from ksm.csv: saving, convergence, ksmd cost, page-state shares, vmstat deltas.
 
     ``fills``: the processes workload's fills.csv, when it refills; its refill times cut the
-    steady averages to whole cycles and mark where the saving drops."""
+    steady averages to whole cycles and mark where the saving drops. ``converge_tolerance_pct``:
+    the plan's ([phases]), for the "converged" column."""
     out: dict[str, Any] = {}
     in_measure = phase_mask(ksm, "measure")
     in_baseline = phase_mask(ksm, "baseline")
@@ -243,7 +246,7 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     t_rel = t_s - t_s[0] if t_s is not None else None
     out["measure_s"] = float(t_rel[-1]) if t_rel is not None else math.nan
     if sharing is not None:
-        out.update(_convergence(sharing, t_rel, scans))
+        out.update(_convergence(sharing, t_rel, scans, converge_tolerance_pct))
     out["full_scans"] = _delta(scans)
     scanned = _col(measure, "pages_scanned")
     if scanned is not None and out["measure_s"] > 0:
@@ -277,8 +280,10 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     return out
 
 
-def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarray | None) -> dict[str, Any]:
-    """Time and full scans (since measure start) to first reach 50/90/99% of the final value.
+def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarray | None,
+                 tolerance_pct: float) -> dict[str, Any]:
+    """Time and full scans (since measure start) to first reach 50/90/99% of the final value,
+    and whether the last samples of measure had converged (plan.pages_sharing_converged).
 
     "Final" is the last pages_sharing of measure. Time resolution is the sampling interval: we
     report the first sample at or above the threshold, without interpolating between samples.
@@ -298,8 +303,7 @@ def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarra
         out["converged"] = None
     else:
         window = sharing[-max(CONVERGENCE_MIN_SAMPLES, math.ceil(n * CONVERGENCE_WINDOW_FRACTION)):]
-        spread = float(np.nanmax(window) - np.nanmin(window))
-        out["converged"] = bool(spread <= CONVERGENCE_TOLERANCE * final) if final > 0 else spread == 0
+        out["converged"] = pages_sharing_converged(window, tolerance_pct)
     return out
 
 

@@ -38,6 +38,23 @@ def t_quantile_80(dof: Any) -> Any:
     return _t_quantile(dof, 0.80)
 
 
+def half_width95(se: Any, dof: Any) -> Any:
+    """Half width of the two-sided 95% t interval of an estimate with standard error `se` at
+    `dof` degrees of freedom: every t interval of the package is this. NaN where dof < 1."""
+    half = t_quantile_975(dof) * np.asarray(se, dtype=float)
+    return float(half) if np.ndim(half) == 0 else half
+
+
+def mean_half_width95(sd: Any, n: Any) -> Any:
+    """Half width of the 95% t interval of a mean of n values with sample sd (ddof=1);
+    NaN where n < 2. Accepts arrays (one mean per group)."""
+    n_arr = np.asarray(n, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        half = np.where(n_arr >= 2, t_quantile_975(np.maximum(n_arr - 1, 1)) * np.asarray(sd, dtype=float)
+                        / np.sqrt(n_arr), np.nan)
+    return float(half) if half.ndim == 0 else half
+
+
 def mean_ci95(values: Any) -> tuple[float, float, int]:
     """(mean, half width of the 95% t interval, n) of the finite values; half is NaN if n < 2."""
     arr = np.asarray(values, dtype=float)
@@ -47,8 +64,7 @@ def mean_ci95(values: Any) -> tuple[float, float, int]:
         return math.nan, math.nan, 0
     if n == 1:
         return float(arr[0]), math.nan, 1
-    half = t_quantile_975(n - 1) * float(arr.std(ddof=1)) / math.sqrt(n)
-    return float(arr.mean()), half, n
+    return float(arr.mean()), mean_half_width95(float(arr.std(ddof=1)), n), n
 
 
 def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
@@ -65,7 +81,7 @@ def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
     se2 = va + vb
     if se2 == 0:
         return diff, 0.0
-    return diff, float(t_quantile_975(welch_dof(a_arr, b_arr))) * math.sqrt(se2)
+    return diff, half_width95(math.sqrt(se2), welch_dof(a_arr, b_arr))
 
 
 def _finite(values: Any) -> np.ndarray:

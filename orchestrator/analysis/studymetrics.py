@@ -40,6 +40,7 @@ from orchestrator.analysis.stats import (
     sd_range95,
     shared_block_dof,
 )
+from orchestrator.plan import CONVERGE_TOLERANCE_PCT, stored_converge_tolerance_pct
 from orchestrator.store.studydata import StudyData, TrialData, load_study
 from orchestrator.analysis.trialmetrics import WORKLOAD_METRICS, trial_metrics
 
@@ -78,6 +79,7 @@ class StudyMetrics:
     page_size_bytes: int
     noise: pd.DataFrame = field(default_factory=pd.DataFrame)
     order: str = "blocked"  # study.json "order" (see study_order)
+    converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT  # the plan's, behind the "converged" column
 
     @property
     def paired_by_block(self) -> bool:
@@ -132,9 +134,10 @@ def study_order(study_json: dict[str, Any]) -> str:
     return str(order) if order else BLOCKED
 
 
-def _trial_row(data: TrialData, page_size_bytes: int) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+def _trial_row(data: TrialData, page_size_bytes: int,
+               converge_tolerance_pct: float) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     """One trials-table row (with internal _columns) and the trial's per-process / per-guest frames."""
-    m = trial_metrics(data, page_size_bytes)
+    m = trial_metrics(data, page_size_bytes, converge_tolerance_pct)
     per_proc, per_guest = m.pop("per_process"), m.pop("workload_per_guest")
     info = data.trial
     settings = info.get("settings") or {}
@@ -151,9 +154,10 @@ def _trial_row(data: TrialData, page_size_bytes: int) -> tuple[dict[str, Any], p
 
 def compute_study(study: StudyData) -> StudyMetrics:
     page = study.page_size_bytes
+    tolerance_pct = stored_converge_tolerance_pct(study.plan_text)
     rows, procs, guests = [], [], []
     for data in study.trials:
-        m, per_proc, per_guest = _trial_row(data, page)
+        m, per_proc, per_guest = _trial_row(data, page, tolerance_pct)
         rows.append(m)
         if not per_proc.empty:
             procs.append(per_proc.assign(trial_id=m["trial_id"]))
@@ -192,7 +196,8 @@ def compute_study(study: StudyData) -> StudyMetrics:
     if not per_process.empty:
         per_process = per_process[["trial_id", *[c for c in per_process.columns if c != "trial_id"]]]
     return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page,
-                        noise=noise_floor(trials, paired_by_block=order == BLOCKED), order=order)
+                        noise=noise_floor(trials, paired_by_block=order == BLOCKED), order=order,
+                        converge_tolerance_pct=tolerance_pct)
 
 
 def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
@@ -621,12 +626,3 @@ def samples_arrow(study: StudyData, sm: StudyMetrics) -> pa.Table:
     for i, (name, column) in enumerate(extra):
         table = table.add_column(i, name, column)
     return table
-
-
-def samples_from(study: StudyData, sm: StudyMetrics) -> pd.DataFrame:
-    return samples_arrow(study, sm).to_pandas()
-
-
-def samples_table(study_dir: Path) -> pd.DataFrame:
-    study = load_study(Path(study_dir))
-    return samples_from(study, compute_study(study))

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.analysis import costs, cowstats
-from orchestrator.plan import writes_during_measure
+from orchestrator.plan import CONVERGE_TOLERANCE_PCT, writes_during_measure
 from orchestrator.analysis.policymetrics import policy_metrics
 from orchestrator.analysis.samplemetrics import choose_headline, ksm_metrics, phase_mask, process_metrics, refill_metrics
 from orchestrator.store.studydata import DEFAULT_PAGE_SIZE_BYTES, TrialData, load_trial
@@ -58,8 +58,10 @@ def trial_wall_s(info: dict[str, Any]) -> float:
     return math.nan
 
 
-def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES) -> dict[str, Any]:
+def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES,
+                  converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT) -> dict[str, Any]:
     """All scalar metrics of one trial plus "per_process" and "workload_per_guest" (DataFrames).
+    ``converge_tolerance_pct``: the study's plan's (plan.stored_converge_tolerance_pct).
 
     Failed and not-run trials get their status and reason and no metrics (NaN in study tables):
     partial data from a failed trial is not mixed into means.
@@ -88,7 +90,7 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
         return out
     ksm_settings = info.get("ksm") or {}
     if data.ksm is not None and not data.ksm.empty:
-        out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes, data.fills))
+        out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes, data.fills, converge_tolerance_pct))
     steady_window_t_s = out.pop("_steady_window_t_s", (-math.inf, math.inf))
     if data.processes is not None and not data.processes.empty:
         proc_out, per_proc = process_metrics(data.processes, steady_window_t_s)

@@ -43,6 +43,7 @@ PROG = "ksm-lab"
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
 from orchestrator.analysis.design import add_command as add_design_command
 from orchestrator.analysis.recommend import add_command as add_recommend_command
+from orchestrator.units import MIB, NO_VALUE, number
 
 log = logging.getLogger("orchestrator")
 phase_log = logging.getLogger(runlog.PROGRESS_LOGGER)
@@ -302,12 +303,12 @@ def cmd_image(args: argparse.Namespace) -> int:
                                      "guests": len(s.guests)} for s in saved_sets]})
             return EXIT_OK
         for ref in refs:
-            size_mib = ref.disk_path.stat().st_size / 2**20 if ref.disk_path.exists() else float("nan")
-            print(f"{ref.key}\t{size_mib:.0f} MiB\t{ref.manifest_path}")
+            size_mib = number(ref.disk_path.stat().st_size / MIB) if ref.disk_path.exists() else NO_VALUE
+            print(f"{ref.key}\t{size_mib} MiB\t{ref.manifest_path}")
         if not refs:
             print(f"no images in {cache or images.default_cache_dir()}")
         for saved in saved_sets:
-            print(f"state {saved.key}\t{saved.size_bytes / 2**20:.0f} MiB\t{len(saved.guests)} guest(s)\t{saved.folder}")
+            print(f"state {saved.key}\t{saved.size_bytes / MIB:.0f} MiB\t{len(saved.guests)} guest(s)\t{saved.folder}")
     elif args.image_cmd == "rm":
         roots = [r for r in states.all_roots(cache or images.default_cache_dir()) if (r / args.key).is_dir()]
         if roots:  # a saved guest state's key

@@ -28,16 +28,17 @@ import select
 import shlex
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal
 
 import paramiko
 import tenacity
 
 from orchestrator.errors import GuestError
+from orchestrator.units import MIB
 
 if TYPE_CHECKING:
     from orchestrator.guests.images import ImageRef
@@ -48,7 +49,7 @@ _READ_CHUNK_BYTES = 65536
 # A command's output kept per stream: its first and last half of this (a long sysbench run prints
 # ~150 bytes a second, 0.5 MiB an hour). A guest that floods its output cannot exhaust the
 # sweep's memory; what was cut is marked in the text.
-OUTPUT_CAP_BYTES = 16 * 1024 * 1024
+OUTPUT_CAP_BYTES = 16 * MIB
 
 
 class CappedOutput:
@@ -94,9 +95,6 @@ KILL_AFTER_S = 5.0
 WATCHDOG_GRACE_S = 5.0
 # GNU timeout's exit status when it stopped the command (TERM) or had to KILL it (128 + 9).
 _TIMEOUT_STATUSES = (124, 137)
-# One small file each way (a config, a marker): seconds at most, unless the guest has stopped.
-SFTP_TIMEOUT_S = 30.0
-_T = TypeVar("_T")
 _NO_TIMEOUT_COMMAND = re.compile(r"(^|: )timeout: (command )?not found", re.MULTILINE)
 
 
@@ -211,7 +209,6 @@ class GuestSession:
         # takes a minute, so callers that restore ask for short waits.
         self.retry_min_s = retry_min_s
         self._client: paramiko.SSHClient | None = None
-        self._sftp: paramiko.SFTPClient | None = None
         self._ssh_logger = logging.getLogger(f"{__name__}.ssh.{host}:{port}")
 
     @classmethod
@@ -307,7 +304,6 @@ class GuestSession:
             raise GuestError(f"cannot load SSH key {self.key_path}: {exc}") from None
 
     def close(self) -> None:
-        self._drop_sftp()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -394,67 +390,6 @@ class GuestSession:
                     return
             # The channel's fd is readable when stdout or stderr has data or the channel ends.
             select.select([channel], [], [], _POLL_S)
-
-    # --- files -----------------------------------------------------------------------------
-
-    def put_text(self, path: str, text: str, mode: int = 0o644, timeout_s: float = SFTP_TIMEOUT_S) -> None:
-        """Write a text file in the guest (temp name + rename, so readers never see half),
-        within timeout_s."""
-        temp_path = f"{path}.ksm-lab-tmp"
-
-        def write(sftp: paramiko.SFTPClient) -> None:
-            with sftp.open(temp_path, "w") as remote:
-                remote.write(text.encode())
-            sftp.chmod(temp_path, mode)
-            sftp.posix_rename(temp_path, path)
-
-        self._sftp_call(f"write {path}", timeout_s, write)
-
-    def get_text(self, path: str, timeout_s: float = SFTP_TIMEOUT_S) -> str:
-        """Read a text file from the guest, within timeout_s."""
-
-        def read(sftp: paramiko.SFTPClient) -> str:
-            with sftp.open(path, "r") as remote:
-                return remote.read().decode(errors="replace")
-
-        return self._sftp_call(f"read {path}", timeout_s, read)
-
-    def _sftp_call(self, what: str, timeout_s: float, call: Callable[[paramiko.SFTPClient], _T]) -> _T:
-        """Run one SFTP exchange under a deadline. A guest whose SFTP server stops answering
-        (paused, its disk full) would otherwise block the sweep in a read forever: the watchdog
-        closes the SFTP channel at the deadline, which wakes the read; the next call opens a new
-        channel on the same SSH session."""
-        if not timeout_s > 0:
-            raise GuestError(f"{self.where}: cannot {what}: needs a timeout > 0 s, got {timeout_s}")
-        sftp = self._open_sftp()
-        watchdog = _Watchdog(sftp.get_channel(), timeout_s)
-        try:
-            with watchdog:
-                return call(sftp)
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            if watchdog.fired.is_set() or not sftp.get_channel().active:
-                self._drop_sftp()
-            if watchdog.fired.is_set():
-                raise GuestError(f"{self.where}: cannot {what}: no answer within {timeout_s:g} s") from None
-            raise GuestError(f"{self.where}: cannot {what}: {exc}") from None
-
-    def _drop_sftp(self) -> None:
-        if self._sftp is not None:
-            try:
-                self._sftp.close()
-            except (OSError, paramiko.SSHException, EOFError):
-                pass
-            self._sftp = None
-
-    def _open_sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            try:
-                self._sftp = paramiko.SFTPClient.from_transport(self._transport())
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise GuestError(f"{self.where}: SFTP unavailable: {exc}") from None
-            if self._sftp is None:
-                raise GuestError(f"{self.where}: SFTP unavailable")
-        return self._sftp
 
 
 def _parse_public_key(line: str) -> tuple[str, paramiko.PKey]:

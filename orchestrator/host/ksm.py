@@ -33,6 +33,29 @@ from orchestrator.host.probes import KSM_SYSFS
 
 log = logging.getLogger(__name__)
 
+# The one list of KSM knobs and THP modes (plan.py validates with it, this module writes only
+# these). KSM knobs a plan may set, with the range the kernel accepts (mm/ksm.c). Counters are
+# read-only and are not listed. "run" is driven by the sweep itself (reset -> 2, measure -> 1,
+# off -> 0).
+KSM_INT_KNOBS: dict[str, tuple[int, int]] = {
+    "pages_to_scan": (0, 2**31 - 1),
+    "sleep_millisecs": (0, 2**31 - 1),
+    "max_page_sharing": (2, 2**31 - 1),
+    "merge_across_nodes": (0, 1),
+    "use_zero_pages": (0, 1),
+    "stable_node_chains_prune_millisecs": (0, 2**31 - 1),
+    "smart_scan": (0, 1),
+    "advisor_max_cpu": (1, 100),
+    "advisor_min_pages_to_scan": (1, 2**31 - 1),
+    "advisor_max_pages_to_scan": (1, 2**31 - 1),
+    "advisor_target_scan_time": (1, 2**31 - 1),
+}
+KSM_STR_KNOBS: dict[str, tuple[str, ...]] = {"advisor_mode": ("none", "scan-time")}
+THP_MODES = ("always", "madvise", "never")
+THP_DEFRAG_MODES = ("always", "defer", "defer+madvise", "madvise", "never")
+# Every KSM knob: the ones a plan sets and run.
+KSM_KNOBS: tuple[str, ...] = ("run", *KSM_INT_KNOBS, *KSM_STR_KNOBS)
+
 THP_REL = Path("sys/kernel/mm/transparent_hugepage")
 HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "defrag"}
 
@@ -41,12 +64,7 @@ HOST_KNOB_FILES = {"thp_enabled": THP_REL / "enabled", "thp_defrag": THP_REL / "
 WRITABLE_RELS = (KSM_SYSFS, THP_REL)
 # ... and in them only these files (the knobs; a crafted record naming another file of the two
 # trees, or a new kernel's file we have never measured, is refused).
-WRITABLE_FILES = frozenset(
-    [KSM_SYSFS / name for name in (
-        "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes", "use_zero_pages",
-        "stable_node_chains_prune_millisecs", "smart_scan", "advisor_mode", "advisor_max_cpu",
-        "advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time")]
-    + list(HOST_KNOB_FILES.values()))
+WRITABLE_FILES = frozenset([KSM_SYSFS / name for name in KSM_KNOBS] + list(HOST_KNOB_FILES.values()))
 
 # Applied first, in this order, because later writes depend on them (see module docstring).
 _ORDER_FIRST = ("advisor_mode", "merge_across_nodes")
@@ -332,28 +350,10 @@ def restore_from_record(record_path: Path, root: Path = Path("/")) -> list[str]:
 # Host-wide guards
 
 
-def find_pids_by_comm(name: str, root: Path = Path("/")) -> list[int]:
-    """Live processes named `name`; zombies (which keep their name but can no longer write
-    anything, and in a container without a reaping init may linger) are left out."""
-    pids = []
-    for comm in (root / "proc").glob("[0-9]*/comm"):
-        with contextlib.suppress(OSError):
-            if comm.read_text().strip() == name and not _is_zombie(comm.parent / "stat"):
-                pids.append(int(comm.parent.name))
-    return sorted(pids)
-
-
-def _is_zombie(stat_path: Path) -> bool:
-    try:
-        return stat_path.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return False  # unreadable: count it as live (refusing is the safe side)
-
-
 def refuse_if_ksmtuned(root: Path = Path("/")) -> None:
     """ksmtuned rewrites pages_to_scan/sleep_millisecs/run on its own schedule: the sweep's
     settings would silently not be what was measured."""
-    pids = find_pids_by_comm("ksmtuned", root)
+    pids = probes.live_pids_named("ksmtuned", root)
     if pids:
         raise HostError(
             f"ksmtuned is running (pid {', '.join(map(str, pids))}) and would change KSM knobs under "

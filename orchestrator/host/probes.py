@@ -68,7 +68,7 @@ def parse_ksm_dir(texts: Mapping[str, str]) -> dict[str, int]:
     """Integer-valued files of the KSM sysfs dir, from {file name: file text}.
 
     Files whose text is not one integer (advisor_mode "[none] scan-time") are
-    left out; read_ksm_text() returns those.
+    left out; ksm.read_ksm_knobs reads those.
     """
     values: dict[str, int] = {}
     for name, text in texts.items():
@@ -167,15 +167,6 @@ def read_ksm(root: Path = Path("/"), names: tuple[str, ...] | None = None) -> di
     return parse_ksm_dir(read_ksm_files(root, names))
 
 
-def read_ksm_text(root: Path = Path("/")) -> dict[str, str]:
-    """The KSM sysfs values that are not integers (e.g. advisor_mode), stripped."""
-    return {
-        name: text.strip()
-        for name, text in read_ksm_files(root).items()
-        if _parse_int(text) is None
-    }
-
-
 # --- /proc/PID/stat and ksmd ---------------------------------------------------
 
 
@@ -195,6 +186,12 @@ class ProcStat:
     @property
     def is_kernel_thread(self) -> bool:
         return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def is_dead(self) -> bool:
+        """A zombie (or dying) task: it keeps its comm, and without a reaping init it may stay
+        one, but it can no longer write anything (never a live holder of a name)."""
+        return self.state in ("Z", "X")
 
     @property
     def cpu_s(self) -> float:
@@ -228,12 +225,6 @@ def parse_proc_stat(text: str) -> ProcStat:
     )
 
 
-def parse_proc_stat_cpu(text: str) -> tuple[int, int]:
-    """(utime_ticks, stime_ticks) from /proc/PID/stat."""
-    stat = parse_proc_stat(text)
-    return stat.utime_ticks, stat.stime_ticks
-
-
 def read_proc_stat(pid: int, root: Path = Path("/")) -> ProcStat | None:
     try:
         return parse_proc_stat(_read(root / "proc" / str(pid) / "stat"))
@@ -263,6 +254,25 @@ def read_all_proc_stats(root: Path = Path("/")) -> dict[int, ProcStat]:
         except (OSError, ValueError, IndexError):
             continue
     return stats
+
+
+def live_comm(pid: int, root: Path = Path("/")) -> str | None:
+    """The name of live process pid; None when it is gone, a zombie or unreadable."""
+    try:
+        stat = read_proc_stat(pid, root)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if stat is None or stat.is_dead else stat.comm
+
+
+def live_pids_named(name: str, root: Path = Path("/")) -> list[int]:
+    """Live processes (zombies left out) whose comm is exactly `name`, ascending."""
+    return sorted(pid for pid, stat in read_all_proc_stats(root).items() if stat.comm == name and not stat.is_dead)
+
+
+def children_of(pid: int, root: Path = Path("/")) -> list[int]:
+    """Direct children of pid (their /proc/PID/stat ppid), ascending."""
+    return sorted(child for child, stat in read_all_proc_stats(root).items() if stat.ppid == pid)
 
 
 def find_ksmd_pid(root: Path = Path("/")) -> int | None:

@@ -103,31 +103,6 @@ def parse_log(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def _children(pid: int, proc: Path = Path("/proc")) -> list[int]:
-    """Direct children of pid (the `sleep` its loop waits on), from /proc/*/stat."""
-    kids = []
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _comm(pid: int) -> str | None:
-    """The live process's name; None when it is gone or a zombie (a zombie keeps its comm, and
-    in a container without a reaping init it may stay one: it can no longer write sysfs)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return None
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except (OSError, IndexError):
-        return None
-
-
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
@@ -159,22 +134,25 @@ def _reap(pids: list[int], timeout_s: float = 5.0) -> None:
             time.sleep(0.05)
 
 
-def stop_loop(pid: int) -> tuple[str, list[int]]:
+def stop_loop(pid: int, root: Path = Path("/")) -> tuple[str, list[int]]:
     """Stop ksmtuned's loop by its PID: SIGTERM, SIGKILL after 5 s, then the `sleep` it was
     waiting on. Returns (how, the pids signalled). A PID that is no longer ksmtuned is left alone."""
-    if _comm(pid) != "ksmtuned":  # gone already, or the PID was reused: never signal a stranger
+    def comm(p: int) -> str | None:
+        return probes.live_comm(p, root)
+
+    if comm(pid) != "ksmtuned":  # gone already, or the PID was reused: never signal a stranger
         return "already gone", []
-    kids = [k for k in _children(pid) if _comm(k) == "sleep"]
+    kids = [k for k in probes.children_of(pid, root) if comm(k) == "sleep"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while _comm(pid) == "ksmtuned" and time.monotonic() < deadline:
+    while comm(pid) == "ksmtuned" and time.monotonic() < deadline:
         time.sleep(0.05)
     how = "SIGTERM"
-    if _comm(pid) == "ksmtuned":
+    if comm(pid) == "ksmtuned":
         os.kill(pid, signal.SIGKILL)
         how = "SIGKILL"
     for kid in kids:
-        if _comm(kid) == "sleep":  # its loop's pending `sleep`, orphaned by the kill
+        if comm(kid) == "sleep":  # its loop's pending `sleep`, orphaned by the kill
             os.kill(kid, signal.SIGTERM)
     return how, [pid, *kids]
 

@@ -66,7 +66,7 @@ def kubevirt_step(running: bool, pages_now: int, total_kib: int, available_kib: 
 
 
 def read_meminfo_kib(root: Path) -> tuple[int, int]:
-    info = probes.parse_meminfo((root / "proc/meminfo").read_text())
+    info = probes.read_meminfo(root)
     return int(info["MemTotal"]), int(info["MemAvailable"])
 
 

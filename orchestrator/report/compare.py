@@ -21,11 +21,11 @@ from orchestrator.analysis import samplemetrics
 from orchestrator.analysis.compare import IMPROVEMENT, METRICS, REGRESSION, SPECS, SUSPECT, UNCONFIRMED, Comparison, chance_sentence
 from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError
-from orchestrator.analysis.samplemetrics import MIB
 from orchestrator.fsutil import atomic_write_bytes
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
 from orchestrator.report.pages import page_template
+from orchestrator.units import MIB, NO_VALUE, number, plus_minus, signed_change
 
 COLOR_A, COLOR_B = "#1f77b4", "#ff7f0e"
 VERDICT_COLORS = {REGRESSION: "#c62828", SUSPECT: "#ef6c00", UNCONFIRMED: "#ef6c00", IMPROVEMENT: "#2e7d32"}
@@ -171,19 +171,8 @@ def plot_saving_over_time(a: StudyData, sa: StudyMetrics, b: StudyData, sb: Stud
                 "One line per trial, from the stored ksm.csv samples.", _png(fig))
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def _pm(mean: float, half: float, n: int) -> str:
-    text = _fmt(mean)
-    if isinstance(half, float) and math.isfinite(half):
-        text += f" ± {_fmt(half, 2)}"
-    return f"{text} (n={n})"
+    return f"{plus_minus(mean, half)} (n={n})"
 
 
 def table_rows(comparison: Comparison) -> list[dict[str, str]]:
@@ -191,10 +180,8 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
     for setting in comparison.settings:
         for c in setting.metrics:
             unit = " pt" if SPECS[c.metric].absolute else "%"
-            pct = "–" if not math.isfinite(c.change_pct) else f"{c.change_pct:+.1f}{unit}"
-            if math.isfinite(c.change_ci95_pct):
-                pct += f" ± {c.change_ci95_pct:.1f}{unit}"
-            band = "–"
+            pct = signed_change(c.change_pct, c.change_ci95_pct, unit)
+            band = NO_VALUE
             if c.band_nights:
                 band = f"{c.band_low:.4g} to {c.band_high:.4g} ({c.band_nights} nights)"
             rows.append({"setting": setting.setting, "metric": f"{c.metric} ({c.unit})" + (" *" if c.headline else ""),
@@ -206,7 +193,7 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
 
 def render_html(comparison: Comparison, plots: list[Plot]) -> str:
     return page_template("compare.html.j2").render(c=comparison, rows=table_rows(comparison), plots=plots,
-                                                      regressions=len(comparison.regressions), fmt=_fmt,
+                                                      regressions=len(comparison.regressions), fmt=number,
                                                       chance=chance_sentence(comparison))
 
 

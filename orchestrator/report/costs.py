@@ -12,6 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from orchestrator.analysis.studymetrics import StudyMetrics, public_trials_table
+from orchestrator.units import number
 
 TableFn = Callable[[pd.DataFrame, tuple[str, ...]], dict[str, Any]]
 
@@ -40,12 +41,6 @@ def _with(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame[(frame["status"] == "ok") & frame[column].notna()]
 
 
-def _fmt(value: float) -> str:
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return "n/a"
-    return "unbounded" if math.isinf(value) else f"{value:,.0f}"
-
-
 def cost_sections(sm: StudyMetrics, table: TableFn) -> list[dict[str, Any]]:
     trials = public_trials_table(sm)
     if trials.empty:
@@ -60,13 +55,13 @@ def cost_sections(sm: StudyMetrics, table: TableFn) -> list[dict[str, Any]]:
             "the first. The nominal rate ignores the time the scan itself takes, so a large batch falls short "
             "of it; sleep_millisecs = 0 asks for no sleep (nominal unbounded, share not defined). "
             f"seconds_per_full_scan = measure seconds / full scans completed in measure. For scale: the "
-            f"original study's 1000 pages per 1 ms asked for {_fmt(ORIGINAL_STUDY_PAGES_PER_S)} pages a second.",
+            f"original study's 1000 pages per 1 ms asked for {number(ORIGINAL_STUDY_PAGES_PER_S)} pages a second.",
         ]
         achieved = scan["scan_rate_achieved_pct"].dropna() if "scan_rate_achieved_pct" in scan else pd.Series(dtype=float)
         if not achieved.empty:
             low = scan.loc[achieved.idxmin()]
             paragraphs.append(f"Lowest share achieved: {low['setting']} ({achieved.min():.1f}% of "
-                              f"{_fmt(low['nominal_pages_per_s'])} pages/s asked).")
+                              f"{number(low['nominal_pages_per_s'])} pages/s asked).")
         sections.append({"id": "scan-speed", "title": "Scan speed: asked and achieved", "paragraphs": paragraphs,
                          "table": table(scan, SCAN_COLUMNS)})
     zero = _with(trials, "zero_pages_mib")

@@ -29,6 +29,7 @@ from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.fsutil import atomic_write_bytes
 from orchestrator.report.pages import page_template
+from orchestrator.units import signed_change
 
 MAX_SETTINGS_PER_PANEL = 10  # more lines than this are unreadable (and tab10 has 10 colours)
 UNITS = {m.name: m.unit for m in METRICS}
@@ -150,7 +151,7 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
         flags=sorted(all_flags, key=lambda f: -f.created_wall), changes=changes,
         studies=studies.sort_values("created_wall", ascending=False).to_dict("records"),
         date=lambda wall: datetime.fromtimestamp(float(wall), tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        pct=lambda v, h: ("–" if not math.isfinite(v) else f"{v:+.1f}") + (f" ± {h:.1f}" if math.isfinite(h) else ""),
+        pct=signed_change,
     )
 
 

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from orchestrator.analysis import recommend, samplemetrics, studymetrics
 from orchestrator.report import policy as policy_report
-from orchestrator.analysis.samplemetrics import MIB
-from orchestrator.analysis.stats import PARETO_TOLERANCE, mean_ci95, pareto_mask, t_quantile_975
+from orchestrator.units import MIB
+from orchestrator.analysis.stats import PARETO_TOLERANCE, mean_ci95, mean_half_width95, pareto_mask
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
 
@@ -213,7 +213,7 @@ def _ci_table(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
     keyed = frame.assign(**{b: frame[b].astype(str) for b in by}, _x=frame[by[0]])
     stats = keyed.groupby(by, sort=False).agg(x=("_x", "first"), mean=(column, "mean"),
                                              std=(column, "std"), n=(column, "count")).reset_index()
-    stats["ci"] = t_quantile_975(stats["n"].to_numpy(float) - 1) * stats["std"] / np.sqrt(stats["n"])
+    stats["ci"] = mean_half_width95(stats["std"].to_numpy(float), stats["n"].to_numpy(float))
     return stats[stats["n"] > 0]
 
 

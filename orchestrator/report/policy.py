@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from orchestrator.analysis import samplemetrics
-from orchestrator.analysis.samplemetrics import MIB
+from orchestrator.units import MIB
 
 
 def _policy_of(row: Any) -> str:

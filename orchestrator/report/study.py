@@ -40,6 +40,7 @@ from orchestrator.analysis.stats import (
     pareto_mask,
 )
 from orchestrator.fsutil import atomic_write_bytes
+from orchestrator.units import NO_VALUE, has_value, number, plus_minus
 from orchestrator.store.studydata import StudyData
 from orchestrator.analysis.studymetrics import StudyMetrics
 from orchestrator.report.pages import page_template
@@ -88,40 +89,6 @@ def _public(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- findings
 
 
-def _fmt(value: Any, digits: int = 3, integers: bool = True) -> str:
-    """A table cell or a number in a sentence. integers=False keeps "2.00" next to "10.50"
-    (sentences); tables show whole floats (counts, deltas) without decimals."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value)}"
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if abs(v) < 1e-9:  # float residue of a difference of equal numbers (-6.8e-15) reads as 0
-            v = 0.0
-        if integers and v == int(v) and abs(v) < 1e6:
-            return f"{int(v)}"
-        if abs(v) >= 100:
-            return f"{v:.0f}"
-        if abs(v) >= 1:
-            return f"{v:.2f}"
-        return f"{v:.{digits}g}"
-    return str(value)
-
-
-def _num(value: Any) -> str:
-    return _fmt(value, integers=False)
-
-
-def _pm(mean: float, half: float, unit: str = "", integers: bool = True) -> str:
-    text = _fmt(mean, integers=integers)
-    if isinstance(half, float) and math.isfinite(half):
-        text += f" ± {_fmt(half, integers=integers)}"
-    return text + unit
-
-
 def host_findings(host: Mapping[str, Any] | None) -> list[Finding]:
     """A warning when KSM's counters misbehaved between host.json's before and after snapshots
     (hostinfo.judge_ksm_counters): the counts built on them are then suspect."""
@@ -168,10 +135,10 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
     top = on.loc[on["saved_mib"].idxmax()]
     pss, avail, net_note = _delta_savings(top, _net_columns(on))
     out.append(Finding(
-        f"Largest saving: {top['setting']}: {_pm(top['saved_mib'], top['saved_mib_ci95'], ' MiB', integers=False)} by "
-        f"pages_sharing; general_profit {_num(top['general_profit_mib'])} MiB, PSS drop {pss} MiB, "
+        f"Largest saving: {top['setting']}: {plus_minus(top['saved_mib'], top['saved_mib_ci95'], ' MiB', integers=False)} by "
+        f"pages_sharing; general_profit {number(top['general_profit_mib'], integers=False)} MiB, PSS drop {pss} MiB, "
         f"MemAvailable rise {avail} MiB; "
-        f"ksmd used {_pm(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core. "
+        f"ksmd used {plus_minus(top['ksmd_cpu_pct'], top['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core. "
         + net_note + _pss_age_note(sm)))
     costed = on[on["ksmd_cpu_pct"].notna()]
     if len(costed) > 1:
@@ -185,13 +152,13 @@ def study_findings(sm: StudyMetrics) -> list[Finding]:
         cheap = near.loc[near["ksmd_cpu_pct"].idxmin()]
         out.append(Finding(
             f"Cheapest setting reaching ≥{NEAR_MAX_FRACTION:.0%} of the largest saving: {cheap['setting']} "
-            f"({_num(cheap['saved_mib'])} MiB at {_num(cheap['ksmd_cpu_pct'])}% of one core"
-            + (f", vs {_num(top['ksmd_cpu_pct'])}% for the largest)." if cheap["setting"] != top["setting"] else ").")))
+            f"({number(cheap['saved_mib'], integers=False)} MiB at {number(cheap['ksmd_cpu_pct'], integers=False)}% of one core"
+            + (f", vs {number(top['ksmd_cpu_pct'], integers=False)}% for the largest)." if cheap["setting"] != top["setting"] else ").")))
     timed = on[on["time_to_90pct_s"].notna()]
     if len(timed) > 1:
         fast = timed.loc[timed["time_to_90pct_s"].idxmin()]
         out.append(Finding(f"Fastest to 90% of its final sharing: {fast['setting']} "
-                           f"({_num(fast['time_to_90pct_s'])} s after measure start)."))
+                           f"({number(fast['time_to_90pct_s'], integers=False)} s after measure start)."))
     rec = recommend.report_recommendation(sm)
     if rec is not None:  # `recommend` without limits: the largest saving, the cheaper of a tie
         out.append(Finding("Recommendation (no CPU or tps limit; `recommend --max-ksmd-cpu ...` adds them, "
@@ -216,7 +183,7 @@ def _workload_answer(row: pd.Series, metric: str, label: str, k: int, one_repeti
     comparison = studymetrics.settings_comparison(row, metric)
     if not math.isfinite(comparison.pct):
         return None
-    change = f"{label} {_pm(comparison.pct, comparison.half_pct, '%', integers=False)} vs KSM off"
+    change = f"{label} {plus_minus(comparison.pct, comparison.half_pct, '%', integers=False)} vs KSM off"
     judged = studymetrics.WorstChange(row, comparison, bool(row.get(f"{metric}_vs_off_holm", False)), k)
     return f"{change}: {worst_verdict(judged, one_repetition=one_repetition)}"
 
@@ -227,9 +194,9 @@ def answer_findings(sm: StudyMetrics, on: pd.DataFrame) -> list[Finding]:
     one_repetition = bool((on["n"] < 2).all())
     out = []
     for _, row in on.head(ANSWERED_SETTINGS).iterrows():
-        parts = [f"saved {_pm(row['saved_mib'], row['saved_mib_ci95'], ' MiB', integers=False)}"]
+        parts = [f"saved {plus_minus(row['saved_mib'], row['saved_mib_ci95'], ' MiB', integers=False)}"]
         if isinstance(row.get("ksmd_cpu_pct"), float) and math.isfinite(row["ksmd_cpu_pct"]):
-            parts.append(f"ksmd {_pm(row['ksmd_cpu_pct'], row['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core")
+            parts.append(f"ksmd {plus_minus(row['ksmd_cpu_pct'], row['ksmd_cpu_pct_ci95'], '%', integers=False)} of one core")
         for metric, label in (("tps", "tps"), ("latency_p95_ms", "p95 latency")):
             column = f"{metric}_vs_off_pct"  # Holm's family, as studymetrics._add_holm draws it
             family = sm.settings[~sm.settings["ksm_off"]]
@@ -257,8 +224,8 @@ def reference_rows(plan_text: str, sm: StudyMetrics) -> list[dict[str, str]]:
         match = ok[ok["_settings"].map(lambda s: all(s.get(k) == v for k, v in where.items()))] \
             if not ok.empty else ok
         values = pd.to_numeric(match[metric], errors="coerce").dropna() if metric in match.columns else pd.Series(dtype=float)
-        published = _num(ref.get("low")) + (f"–{_num(ref['high'])}" if ref.get("high") is not None else "")
-        ours = (f"{_num(float(values.mean()))} (range {_num(float(values.min()))}–{_num(float(values.max()))}, "
+        published = number(ref.get("low"), integers=False) + (f"–{number(ref['high'], integers=False)}" if ref.get("high") is not None else "")
+        ours = (f"{number(float(values.mean()), integers=False)} (range {number(float(values.min()), integers=False)}–{number(float(values.max()), integers=False)}, "
                 f"{len(values)} trial(s))" if len(values) else "no matching trial")
         rows.append({"metric": str(metric), "where": ", ".join(f"{k}={v}" for k, v in where.items()) or "all",
                      "published": published, "ours": ours, "source": str(ref.get("source", "")),
@@ -281,7 +248,7 @@ def saving_basis_findings(sm: StudyMetrics) -> list[Finding]:
         f"{len(churn)} trial(s) ran a workload that writes during measure: their savings are time averages "
         "over the steady part of measure (from the first time the saving reached 90% of its 95th "
         "percentile), not the last sample; the end value differed from the average by up to "
-        f"{_num(float(spread.max()))} MiB (columns saved_mib_end, saved_mib_mean, saved_mib_steady).")]
+        f"{number(float(spread.max()), integers=False)} MiB (columns saved_mib_end, saved_mib_mean, saved_mib_steady).")]
 
 
 def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
@@ -290,14 +257,15 @@ def _convergence_findings(sm: StudyMetrics) -> list[Finding]:
     if known.empty:
         return []
     moving = known[known["converged"] == False]  # noqa: E712 - object column of True/False/None
+    tolerance = f"{sm.converge_tolerance_pct:g}%"
     if moving.empty:
         return [Finding(f"All {len(known)} successful KSM-on trials had converged (pages_sharing moved "
-                        f"< {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
+                        f"≤ {tolerance} over the last "
                         f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure).")]
     return [Finding(f"{len(moving)} of {len(known)} successful KSM-on trials had not converged (pages_sharing "
-                    f"still moving ≥ {samplemetrics.CONVERGENCE_TOLERANCE:.0%} over the last "
-                    f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure): their savings are lower bounds; "
-                    "a longer measure phase would tell the final value.", warn=True)]
+                    f"still moving > {tolerance} over the last "
+                    f"{samplemetrics.CONVERGENCE_WINDOW_FRACTION:.0%} of measure, or nothing merged yet): their "
+                    "savings are lower bounds; a longer measure phase would tell the final value.", warn=True)]
 
 
 def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
@@ -317,7 +285,7 @@ def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
     for column, name in ((pss_col, pss_name), (avail_col, avail_name), ("general_profit_mib", "general_profit")):
         ratio = (ok[column] / ok["saved_mib"]).dropna()
         if not ratio.empty:
-            parts.append(f"{name} was {_num(float(ratio.median()))}x")
+            parts.append(f"{name} was {number(float(ratio.median()), integers=False)}x")
     if not parts:
         return []
     text = "Four views of the saving, median over successful trials relative to pages_sharing: " + ", ".join(parts) + "."
@@ -325,7 +293,7 @@ def _disagreement_findings(sm: StudyMetrics) -> list[Finding]:
     splits = over["thp_split_page_delta"].dropna()
     if not over.empty and (splits > 0).any():
         text += (f" In {len(over)} trial(s) the host got back over 20% more than KSM counts, and ksmd split "
-                 f"transparent huge pages (thp_split_page up to +{_num(float(splits.max()))}): the freed zero "
+                 f"transparent huge pages (thp_split_page up to +{number(float(splits.max()), integers=False)}): the freed zero "
                  "tails of split THPs are memory KSM never counts.")
     return [Finding(text)]
 
@@ -414,9 +382,9 @@ def _delta_savings(row: pd.Series, net_of: set[str]) -> tuple[str, str, str]:
     for raw in DELTA_NAMES:
         if raw in net_of:
             net = studymetrics.NET_OF_DRIFT[raw]
-            values.append(_pm(row[net], row[f"{net}_ci95"], integers=False))
+            values.append(plus_minus(row[net], row[f"{net}_ci95"], integers=False))
         else:
-            values.append(_num(row[raw]))
+            values.append(number(row[raw], integers=False))
     net_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r in net_of)
     raw_names = " and ".join(DELTA_NAMES[r] for r in DELTA_NAMES if r not in net_of)
     parts = []
@@ -438,8 +406,8 @@ def _pss_age_note(sm: StudyMetrics) -> str:
     if ages is None or ages.empty:
         return ""
     return (f" Each target's PSS is read in turn within the sampler's CPU budget and carried forward: the PSS "
-            f"figures summed were up to {_num(float(ages.max()))} s old (median over trials of the oldest, "
-            f"{_num(float(ages.median()))} s; column pss_age_max_s).")
+            f"figures summed were up to {number(float(ages.max()), integers=False)} s old (median over trials of the oldest, "
+            f"{number(float(ages.median()), integers=False)} s; column pss_age_max_s).")
 
 
 def _is_are(names: str) -> str:
@@ -453,7 +421,7 @@ def _disturbed_findings(sm: StudyMetrics) -> list[Finding]:
         return []
     parts = []
     for row in hit.itertuples():
-        load = (f"outside CPU {_num(row.outside_cpu_pct)}%" if isinstance(row.outside_cpu_pct, float)
+        load = (f"outside CPU {number(row.outside_cpu_pct, integers=False)}%" if isinstance(row.outside_cpu_pct, float)
                 and math.isfinite(row.outside_cpu_pct) else "outside CPU above the threshold")
         what = str(row.stats_note or "").removeprefix("disturbed; ")
         parts.append(f"{row.trial_id} ({load}; {what})")
@@ -509,24 +477,24 @@ def _needed_text(r: pd.Series) -> str:
 
 def _paired_noise_phrase(metric: str, r: pd.Series, blocks: int) -> str:
     unit = r["sd_unit"] if r["sd_unit"] == "%" else f" {r['sd_unit']}"
-    spread = f"sd {_num(r['sd'])}{unit} (95% range {_num(r['sd_low'])}-{_num(r['sd_high'])}{unit})"
+    spread = f"sd {number(r['sd'], integers=False)}{unit} (95% range {number(r['sd_low'], integers=False)}-{number(r['sd_high'], integers=False)}{unit})"
     if metric == "tps":
         return (f"the per-block tps change vs KSM off varied by {spread}, so the smallest detectable tps change "
-                f"at {blocks} blocks is {_num(r['mde'])}%; a 5% change needs {_needed_text(r)} blocks")
+                f"at {blocks} blocks is {number(r['mde'], integers=False)}%; a 5% change needs {_needed_text(r)} blocks")
     if metric == "latency_p95_ms":
-        return f"per-block p95 latency change {spread}, smallest detectable change {_num(r['mde'])}%"
-    return f"per-block MemAvailable difference {spread}, smallest detectable difference {_num(r['mde'])}{unit}"
+        return f"per-block p95 latency change {spread}, smallest detectable change {number(r['mde'], integers=False)}%"
+    return f"per-block MemAvailable difference {spread}, smallest detectable difference {number(r['mde'], integers=False)}{unit}"
 
 
 def _noise_phrase(metric: str, r: pd.Series, n: int) -> str:
     if metric == "tps":
-        return (f"tps varied {_num(r['cv_pct'])}% run to run (sd {_num(r['sd'])} tps), so with {n} trials per "
-                f"setting the smallest detectable tps change is {_num(r['mde_pct_of_mean'])}% ({_num(r['mde'])} tps); "
+        return (f"tps varied {number(r['cv_pct'], integers=False)}% run to run (sd {number(r['sd'], integers=False)} tps), so with {n} trials per "
+                f"setting the smallest detectable tps change is {number(r['mde_pct_of_mean'], integers=False)}% ({number(r['mde'], integers=False)} tps); "
                 f"a 5% change would need {_needed_text(r)} repetitions")
     if metric == "latency_p95_ms":
-        return (f"p95 latency sd {_num(r['sd'])} ms (CV {_num(r['cv_pct'])}%), smallest detectable change "
-                f"{_num(r['mde'])} ms")
-    return f"MemAvailable change sd {_num(r['sd'])} MiB, smallest detectable difference {_num(r['mde'])} MiB"
+        return (f"p95 latency sd {number(r['sd'], integers=False)} ms (CV {number(r['cv_pct'], integers=False)}%), smallest detectable change "
+                f"{number(r['mde'], integers=False)} ms")
+    return f"MemAvailable change sd {number(r['sd'], integers=False)} MiB, smallest detectable difference {number(r['mde'], integers=False)} MiB"
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -559,8 +527,8 @@ def _ci_cell(record: dict[str, Any], column: str) -> str:
         unit = METHOD_SHORT.get(record.get(f"{metric}_vs_off_method"), "")
     else:
         half, n, unit = record.get(f"{column}_ci95"), record.get(f"{column}_n"), ""
-    text = _pm(record[column], half)
-    if text and isinstance(n, (int, float, np.integer, np.floating)) and math.isfinite(n):
+    text = plus_minus(record[column], half)
+    if has_value(record[column]) and has_value(n):
         text += f" (n={int(n)}{unit})"
     if column.endswith("_vs_off_pct") and isinstance(record.get(f"{metric}_vs_off_holm"), (bool, np.bool_)) \
             and record[f"{metric}_vs_off_holm"]:
@@ -577,7 +545,7 @@ def _table(frame: pd.DataFrame, columns: tuple[str, ...], ci: bool = False) -> d
         for c in shown:
             value = record[c]
             has_ci = f"{c}_ci95" in record or c.endswith("_vs_off_pct")
-            text = _ci_cell(record, c) if ci and has_ci else _fmt(value)
+            text = _ci_cell(record, c) if ci and has_ci else number(value)
             # words read left-aligned, numbers right-aligned
             cells.append({"text": text, "is_text": isinstance(value, str)})
         rows.append({"cells": cells, "failed": record.get("status", "ok") != "ok"})
@@ -589,7 +557,7 @@ def _noise_table(sm: StudyMetrics) -> dict[str, Any] | None:
     if estimated.empty:
         return None
     needed = [_needed_text(r) for _, r in estimated.iterrows()]
-    sd_range = [f"{_fmt(r['sd_low'])}-{_fmt(r['sd_high'])}" if math.isfinite(r["sd_low"]) else ""
+    sd_range = [f"{number(r['sd_low'])}-{number(r['sd_high'])}" if math.isfinite(r["sd_low"]) else NO_VALUE
                 for _, r in estimated.iterrows()]
     shown = estimated.assign(repetitions_for_5pct=needed, sd_range=sd_range)
     return _table(shown, NOISE_TABLE_COLUMNS)
@@ -629,7 +597,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         host_rows=_flatten("", study.host),
         plan_text=study.plan_text,
         references=reference_rows(study.plan_text, sm),
-        convergence_tolerance_pct=100 * samplemetrics.CONVERGENCE_TOLERANCE,
+        convergence_tolerance_pct=sm.converge_tolerance_pct,
         convergence_window_pct=100 * samplemetrics.CONVERGENCE_WINDOW_FRACTION,
         convergence_min_samples=samplemetrics.CONVERGENCE_MIN_SAMPLES,
     )

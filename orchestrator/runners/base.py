@@ -2,8 +2,10 @@
 
 TrialRunner is the base of the runners (processes, probe, VM, density); TrialResult is what a
 runner hands the sweep; PhaseClock times the phases for trial.json; wait_or_stop, wait_steady
-and measure are the bounded waits a phase is made of, each ending early on a stop request
-(StopRequested). Runners import this module, the sweep imports the runners: data flows one way.
+and measure are the bounded waits a phase is made of, each ending early on a stop request.
+The stop request lives here whole: stop_on_signals turns SIGINT/SIGTERM into a StopFlag, the
+waits raise StopRequested on it. Runners import this module, the sweep imports the runners:
+data flows one way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import collections
 import contextlib
 import logging
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -23,14 +26,42 @@ import pandas as pd
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.host.ksm import HostSettings
-from orchestrator.plan import PhasesSection, Plan, Trial, fast_interval_s
+from orchestrator.plan import PhasesSection, Plan, Trial, fast_interval_s, pages_sharing_converged
 from orchestrator.host.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
 
+# --- the stop request: a signal sets a flag (stop_on_signals), every bounded wait checks it and
+# raises StopRequested, the sweep finishes tearing down, the CLI exits 128 + signum.
+
+
 class StopRequested(OrchestratorError):
     """SIGINT/SIGTERM arrived: finish tearing down, keep what was measured, exit non-zero."""
+
+
+class StopFlag(threading.Event):
+    """The sweep's stop request; `signum` is the signal that made it, so the CLI can exit with
+    128 + signum as a shell reports a signal (130 SIGINT, 143 SIGTERM)."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    def request_stop(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            log.warning("%s received: stopping after teardown (measured data is kept)", signal.Signals(signum).name)
+            if isinstance(stop, StopFlag):
+                stop.signum = signum
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -115,14 +146,14 @@ def wait_or_stop(stop: threading.Event, seconds: float, check: Callable[[], None
 def measure(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
             check: Callable[[], None] | None = None) -> bool:
     """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
-    over converge_window_s, capped at max_measure_s. Returns whether it converged."""
+    over converge_window_s (plan.pages_sharing_converged), capped at max_measure_s. Returns
+    whether it converged."""
     measure_s = phases.measure_s
     start = time.monotonic()
     if not phases.until_converged:
         wait_or_stop(stop, measure_s, check)
         return False
     window_s = phases.converge_window_s
-    tolerance = phases.converge_tolerance_pct / 100
     cap_s = phases.max_measure_s
     history: collections.deque[tuple[float, float]] = collections.deque()
     poll_s = min(1.0, window_s / 4)
@@ -135,9 +166,7 @@ def measure(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
         while history and history[0][0] < now - window_s:
             history.popleft()
         if now >= measure_s and history and history[-1][0] - history[0][0] >= window_s * 0.9:
-            values = [v for _, v in history]
-            high = max(values)
-            if high > 0 and (high - min(values)) <= tolerance * high:
+            if pages_sharing_converged((v for _, v in history), phases.converge_tolerance_pct):
                 return True
         if now >= cap_s:
             return False

@@ -29,7 +29,7 @@ from orchestrator.host import probes
 from orchestrator.workloads import density
 from orchestrator.errors import WorkloadError
 from orchestrator.guests.guest import GuestSession
-from orchestrator.plan import Trial
+from orchestrator.plan import Trial, pages_sharing_converged
 from orchestrator.guests.provision import GuestSet
 from orchestrator.runners.base import PhaseClock, TrialResult, sampler_health, wait_or_stop
 from orchestrator.runners.vm import VmRunner, guest_set_key, guests_of, set_clock_and_check
@@ -82,9 +82,14 @@ class VmDensityHost:
         return result.stdout
 
     def wait_converged(self, window_s: float, tolerance_pct: float, max_s: float) -> bool:
-        """sweep.measure's rule: pages_sharing within tolerance over the window, at most max_s."""
+        """until_converged's rule (plan.pages_sharing_converged) over the window, at most max_s.
+        With KSM off nothing merges, which the rule never calls converged: hold one window
+        (the span the step's ksmd CPU is measured over) and say it did not converge."""
         started = time.monotonic()
         self._cpu_mark = (started, self._ksmd_cpu_s())
+        if self.trial.ksm_off:
+            wait_or_stop(self.runner.stop, window_s)
+            return False
         history: collections.deque[tuple[float, float]] = collections.deque()
         while True:
             wait_or_stop(self.runner.stop, 1.0)
@@ -93,9 +98,7 @@ class VmDensityHost:
             while history and history[0][0] < now - window_s:
                 history.popleft()
             if history[-1][0] - history[0][0] >= 0.9 * window_s:
-                values = [v for _, v in history]
-                high = max(values)
-                if high == 0 or (high - min(values)) <= tolerance_pct / 100 * high:
+                if pages_sharing_converged((v for _, v in history), tolerance_pct):
                     return True
             if now >= max_s:
                 return False

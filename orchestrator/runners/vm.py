@@ -47,6 +47,7 @@ from orchestrator.host import probes
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
 from orchestrator.workloads import guestmem, sysbench
+from orchestrator.units import MIB
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class VmRunner(TrialRunner):
         info = {"state": skey, "state_reused": False, "state_build_s": round(time.monotonic() - started, 1),
                 "state_bytes": saved.size_bytes}
         log.info("saved guest state %s (%d guests, %.0f MiB) in %.0f s", skey, len(saved.guests),
-                 info["state_bytes"] / 2**20, info["state_build_s"])
+                 info["state_bytes"] / MIB, info["state_build_s"])
         return saved, info
 
     def _restore(self, trial: Trial, key: str, saved: states.SavedSet) -> ActiveGuests:

@@ -33,8 +33,8 @@ from pydantic import Field
 
 from orchestrator.errors import WorkloadError
 from orchestrator.validation import Strict
+from orchestrator.units import MIB
 
-MIB = 1024 * 1024
 PATTERN_PATH = "/dev/shm/ksmlab-density.pattern"
 # A line repeated to the size asked: `yes` writes it fast in any guest, and the host computes
 # the same bytes to know the digest. Shared lines merge across guests; per-guest ones do not.
