@@ -53,13 +53,15 @@ quickstart: venv
 
 # Tests run one at a time: several change the host's one KSM and must not overlap. Then the
 # wheel check proves the installed (not editable) ksm-lab works too, quickstart study included.
+# Whatever fails, the daemons `host` started are stopped and the test packages removed after.
 test: host venv test-deps
-	$(PY) -m orchestrator image build
-	$(PYTEST) tests -ra; rc=$$?; \
+	rc=0; $(PY) -m ruff check orchestrator tests benchmarks scripts contrib || rc=1; \
+	  $(PY) -m orchestrator image build && { $(PYTEST) tests -ra || rc=$$((rc ? rc : $$?)); } || rc=$$((rc ? rc : 1)); \
 	  PYTHON=$(PY) bash scripts/wheel-check.sh || rc=$$((rc ? rc : 1)); \
 	  $(HOST_SETUP) --stop; bash scripts/test-deps.sh remove; exit $$rc
 
 test-fast: venv
+	$(PY) -m ruff check orchestrator tests benchmarks scripts contrib
 	$(PYTEST) tests -ra -m "not vm and not browser"
 
 test-vm: host venv

@@ -32,7 +32,7 @@ from orchestrator.validation import Strict, problems
 from orchestrator.workloads.density import DensitySection
 from orchestrator.workloads.probe import ProbeParams
 from orchestrator.workloads.processes import ProcessesParams
-from orchestrator.workloads.sysbench import SysbenchWorkload
+
 
 class StudySection(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -530,14 +530,14 @@ def expand(plan: Plan) -> list[Trial]:
             key = _canonical(non_ksm)
             if key not in seen:
                 seen.add(key)
-                off_points += [(non_ksm, True, copy) for copy in range(plan.study.ksm_off_per_block)]
+                off_points += [(non_ksm, True, off_copy) for off_copy in range(plan.study.ksm_off_per_block)]
     resolved_points = off_points + [(p, False, 0) for p in points]
 
     trials: list[Trial] = []
     for repetition in range(plan.study.repetitions):
-        for point, ksm_off, copy in resolved_points:
+        for point, ksm_off, off_copy in resolved_points:
             resolved = _resolve(plan, base, point, ksm_off)
-            trial_id = _trial_id(point, resolved, repetition, ksm_off, copy)
+            trial_id = _trial_id(point, resolved, repetition, ksm_off, off_copy)
             label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={v}" for k, v in point.items())
             if ksm_off and point:
                 label += " (" + ", ".join(f"{_short(k)}={v}" for k, v in point.items()) + ")"

@@ -9,7 +9,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -129,7 +129,7 @@ def test_snapshot_when_must_be_start_or_end():
 
 
 @needs_mariadb
-def test_snapshot_against_real_meminfo_and_mariadb(mariadb_socket):
+def test_snapshot_against_real_meminfo_and_mariadb(mariadb_socket):  # noqa: F811 - the fixture imported above
     row = snapshot(LocalSession(mariadb_socket), "local", "end", params=SysbenchParams())
     assert row["mem_total_kib"] == parse_guest_meminfo(Path("/proc/meminfo").read_text())[
         "mem_total_kib"]

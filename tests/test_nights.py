@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats as sps
 
