@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Make this host ready to run ksm-lab guests: packages, libvirt's directories, user and
-# qemu.conf, then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
+# Make this host ready to run ksm-lab guests as libvirt's unprivileged user: packages, libvirt's
+# directories and user, /dev/kvm for that user where no udev gave it (and no qemu.conf: libvirt's
+# defaults), then virtlogd + libvirtd (systemctl where systemd is PID 1, by hand otherwise).
 #
 #   host-setup.sh          set up; every step is skipped when already in place
-#   host-setup.sh --stop   stop only the daemons this script started (by recorded PID)
+#   host-setup.sh --stop   stop only the daemons this script started (by recorded PID) and put
+#                          back what it changed (/dev/kvm, an earlier version's qemu.conf)
 #   host-setup.sh --packages-only   only the Debian packages (what the venv needs)
 #
 # It ships inside the package (orchestrator/guests/host-setup.sh): `ksm-lab host setup|stop` runs it
