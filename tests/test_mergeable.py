@@ -73,7 +73,7 @@ def test_vm_record_and_refusal_on_real_processes(holder):
     record = mergeable_record({"g0": marked.pid, "g1": plain.pid}, 64, probes.Path("/"))
     assert record["g0"]["pid"] == marked.pid and record["g0"]["mergeable"] is True
     assert record["g1"]["mergeable"] is False
-    base = ('[study]\nname = "t"\n{off}\n[workload]\ntype = "idle"\n[guests]\ncount = 2\nmemory_mib = 64\n{guests}\n'
+    base = ('[study]\nname = "t"\n{off}\n[workload]\ntype = "idle"\n[guests]\ncount = 2\nmemory_mib = 128\n{guests}\n'
             "[sweep.ksm]\npages_to_scan = [100]\n")
     (on,) = expand(parse_plan(base.format(off="", guests="")))
     reason = unmergeable_reason(on, record)
