@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -109,6 +110,16 @@ def measure(interval_s: float, pss_every: int, duration_s: float, targets: dict[
 BUDGET_SCENARIOS = ((64, 256), (16, 1024))  # (targets, MiB each): 16 GiB resident each
 
 
+def cpu_ms(read: Callable[[], object], repeat: int = 5) -> float:
+    """Median thread CPU of one call of `read`, in ms."""
+    costs = []
+    for _ in range(repeat):
+        before = time.thread_time()
+        read()
+        costs.append((time.thread_time() - before) * 1000)
+    return sorted(costs)[len(costs) // 2]
+
+
 def smaps_cost_ms_per_gib(targets: dict[str, int], mib: int, reads: int = 3) -> float:
     """CPU time of one smaps_rollup read per GiB resident, the median over targets x reads."""
     costs = []
@@ -131,6 +142,10 @@ def measure_budget(count: int, mib: int, duration_s: float, mergeable: bool) -> 
               f"{time.monotonic() - spawn_started:.0f} s), interval {defaults.interval_s:g} s, PSS every "
               f"{pss_every} ticks, budget {defaults.cpu_budget_pct:g}% of one core, {duration_s:g} s")
         per_gib_ms = smaps_cost_ms_per_gib(targets, mib)
+        # a cheap tick's CPU: its host-wide reads, and statm + ksm_stat per target
+        host_ms = cpu_ms(lambda: (probes.read_ksm(), probes.read_meminfo(), probes.read_vmstat()))
+        per_target_ms = cpu_ms(lambda: [(probes.read_statm(pid), probes.read_ksm_stat(pid))
+                                        for pid in targets.values()]) / count
         with Sampler(defaults.interval_s, pss_every, lambda: targets, jitter_fraction=defaults.jitter_fraction,
                      cpu_budget_pct=defaults.cpu_budget_pct) as sampler:
             time.sleep(duration_s)
@@ -144,7 +159,8 @@ def measure_budget(count: int, mib: int, duration_s: float, mergeable: bool) -> 
     bound = record["pss_age_bound_s"]
     cpu_pct = record["cpu_pct"]
     print(f"  smaps_rollup: {per_gib_ms:.2f} ms CPU per GiB resident (4 KiB pages, median of reads)")
-    print(f"  cheap tick without PSS: median {fixed_ms:.2f} ms ({fixed_ms / count * 1000:.0f} us per target)")
+    print(f"  cheap tick without PSS: median {fixed_ms:.2f} ms wall; CPU {host_ms:.2f} ms host-wide reads + "
+          f"{per_target_ms * 1000:.0f} us per target (statm, ksm_stat)")
     print(f"  PSS reads: {record['pss_reads']} ({record['pss_floor_reads']} by the floor), "
           f"{record['pss_read_cpu_s']:.3f} s CPU; ticks {len(ksm)}, missed {sampler.missed_ticks}, "
           f"errors {sampler.error_count}")
@@ -153,10 +169,10 @@ def measure_budget(count: int, mib: int, duration_s: float, mergeable: bool) -> 
     ages = sorted(record["pss_age_max_s"].values())
     print(f"  largest PSS age {age_max:.1f} s (median target {ages[len(ages) // 2]:.1f} s) vs bound {bound:.0f} s "
           f"(targets x pss_interval_s): {'PASS' if age_max <= bound + defaults.interval_s else 'FAIL'}")
-    return {"per_gib_ms": per_gib_ms, "fixed_ms_per_target": fixed_ms / count}
+    return {"per_gib_ms": per_gib_ms, "host_ms": host_ms, "per_target_ms": per_target_ms}
 
 
-def print_model(per_gib_ms: float, fixed_ms_per_target: float) -> None:
+def print_model(per_gib_ms: float, host_ms: float, per_target_ms: float) -> None:
     """Extrapolate the measured costs to 1 TiB of guests at the default sampling, by the
     sampler's own rules (host/sampler.py): the floor reads one target every k PSS ticks, k the
     fewest that keep it within the budget; the budget's spare CPU reads more, at most every
@@ -167,13 +183,13 @@ def print_model(per_gib_ms: float, fixed_ms_per_target: float) -> None:
     round_ms = per_gib_ms * 1024  # every target's PSS once
     print(f"\n== model: 1 TiB of guests at the default sampling (cheap tick {defaults.interval_s:g} s, PSS interval "
           f"{pss_s:g} s, budget {defaults.cpu_budget_pct:g}% = {budget_ms_per_s:.0f} ms CPU per s), from the costs "
-          f"measured above: smaps_rollup {per_gib_ms:.2f} ms per GiB, cheap tier {fixed_ms_per_target * 1000:.0f} us "
-          "per target per tick")
+          f"measured above: smaps_rollup {per_gib_ms:.2f} ms per GiB, a cheap tick {host_ms:.2f} ms + "
+          f"{per_target_ms * 1000:.0f} us per target")
     print(f"  without the budget (every target on every PSS tick): {round_ms / 1000:.1f} s CPU per PSS tick in one "
           f"burst, {100 * round_ms / 1000 / pss_s:.0f}% of one core")
     for guests in (16, 64, 256):
         read_ms = per_gib_ms * 1024 / guests
-        fixed_ms_per_s = fixed_ms_per_target * guests / defaults.interval_s
+        fixed_ms_per_s = (host_ms + per_target_ms * guests) / defaults.interval_s
         k = max(1, math.ceil(read_ms / (budget_ms_per_s * pss_s)))
         floor_ms_per_s = read_ms / (k * pss_s)
         pss_ms_per_s = min(round_ms / pss_s, max(budget_ms_per_s - fixed_ms_per_s, floor_ms_per_s))
@@ -200,7 +216,7 @@ def main() -> None:
     if args.budget:
         print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
         costs = [measure_budget(count, mib, args.duration_s, args.mergeable) for count, mib in BUDGET_SCENARIOS]
-        print_model(max(c["per_gib_ms"] for c in costs), max(c["fixed_ms_per_target"] for c in costs))
+        print_model(*(max(c[key] for c in costs) for key in ("per_gib_ms", "host_ms", "per_target_ms")))
         return
     print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, holders {args.procs} x {args.mib} MiB")
     with ExitStack() as stack:
