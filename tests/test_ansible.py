@@ -44,9 +44,11 @@ def _play(tmp_path: Path, playbook: str, extra: dict[str, object], *args: str) -
     variables = tmp_path / "vars.json"
     variables.write_text(json.dumps(extra))
     home = tmp_path / "ansible"
+    config = tmp_path / "ansible.cfg"  # ours, so that no ansible.cfg of the machine or the user applies
+    config.write_text("[defaults]\n")
     env = {**os.environ, "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
            "ANSIBLE_REMOTE_TEMP": str(home / "tmp"),
-           "ANSIBLE_ASYNC_DIR": str(home / "async"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": os.devnull,
+           "ANSIBLE_ASYNC_DIR": str(home / "async"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": str(config),
            "PYTHONWARNINGS": "ignore", "TMPDIR": "/tmp"}
     done = subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ANSIBLE / playbook), "-e", f"@{variables}", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
