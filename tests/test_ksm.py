@@ -89,6 +89,8 @@ def test_restore_without_record_is_a_clear_error(tmp_path):
 def test_ksmtuned_is_refused(tmp_path):
     (tmp_path / "proc/4242").mkdir(parents=True)
     (tmp_path / "proc/4242/comm").write_text("ksmtuned\n")
+    # the name is read from /proc/PID/stat (probes' one parser), as the kernel writes it
+    (tmp_path / "proc/4242/stat").write_text("4242 (ksmtuned) S 1 4242 4242 0 -1 4194560 5 0 0 0 1 1 0 0 20 0 1 0 9 0 0\n")
     with pytest.raises(HostError, match="ksmtuned is running \\(pid 4242\\)"):
         refuse_if_ksmtuned(tmp_path)
     refuse_if_ksmtuned(Path("/"))  # this host runs no ksmtuned

@@ -49,6 +49,7 @@ def test_another_ksm_driver_is_named_without_blocking(tmp_path):
         (tmp_path / "sys/kernel/mm/ksm" / knob).write_text("0\n")
     (tmp_path / "proc/4242").mkdir(parents=True)
     (tmp_path / "proc/4242/comm").write_text("momd\n")
+    (tmp_path / "proc/4242/stat").write_text("4242 (momd) S 1 4242 4242 0 -1 4194560 5 0 0 0 1 1 0 0 20 0 1 0 9 0 0\n")
     results = {r.name: r for r in ksm_checks(tmp_path)}
     other = results["no other KSM driver"]
     assert not other.ok and not other.blocking and "oVirt MOM (momd) running as pid [4242]" in other.detail

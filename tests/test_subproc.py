@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -10,15 +9,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.subproc import run_bounded
+from orchestrator.host import probes
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
-    return stat not in ("Z", "X")
+    """Exists and is not a zombie."""
+    return probes.live_comm(pid) is not None
 
 
 def test_the_deadline_stops_the_command_and_its_children(tmp_path: Path) -> None:
