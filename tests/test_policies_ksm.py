@@ -183,7 +183,7 @@ def test_throttler_bursts_after_the_worker_starts_then_restores_the_plan_knobs(r
     record, ksm, _ = run(plan_text("throttler", extra, measure_s=14), results_dir)
     policy = record["policy"]
     assert policy["error"] is None
-    assert [s["source"] for s in policy["starts"]] == ["worker 0", "worker 1"]
+    assert [s["source"] for s in policy["starts"]] == ["worker proc-0", "worker proc-1"]
     steps = policy["steps"]
     assert [s["mode"] for s in steps] == ["initial", "aggressive", "standard", "slow", "initial"]
     for step, (divisor, sleep_ms) in zip(steps[1:4], ((10, 1), (100, 10), (500, 100))):
