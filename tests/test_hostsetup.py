@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,12 @@ def _lock_held_after_a_child_outlives_us(tmp_path: Path, start_child: str) -> bo
             ["bash", "-c", f'source "{SETUP_SCRIPT}"; ({start_child} exec sleep 30) >/dev/null 2>&1 & echo $!'],
             capture_output=True, text=True, pass_fds=(held.fileno(),), timeout=30)
     pid = int(child.stdout.split()[-1])
+    # The subshell runs start_child and then execs sleep in the background: judge the lock only
+    # once sleep runs (bounded), or a loaded host reads it before the descriptors were closed.
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "the child never reached exec sleep"
+        time.sleep(0.01)
     try:
         with lock.open("w") as other:
             try:

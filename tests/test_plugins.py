@@ -19,21 +19,38 @@ from orchestrator.plugins import WORKLOAD_GROUP, WorkloadPlugin, _check
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The toy: one child process holding MiB of identical pages marked MADV_MERGEABLE. Its model,
-# runner and plugin live in its own package, as a third party would write them.
-TOY_MODULE = textwrap.dedent('''
+# The toy: one child process holding MiB of identical pages marked MADV_MERGEABLE. Its model and
+# plugin (toyload/__init__.py) and its runner (toyload/runner.py) live in its own package, as a
+# third party would write them: the plugin's module imports no runner (the plan loads it while
+# orchestrator.plan is still importing), the runner is named by a string and loaded by the sweep.
+TOY_INIT = textwrap.dedent('''
+    from __future__ import annotations
+
+    from typing import ClassVar, Literal
+
+    from pydantic import Field
+
+    from orchestrator.plugins import WorkloadPlugin
+    from orchestrator.validation import Strict
+
+
+    class ToyParams(Strict):
+        type: Literal["toy"] = "toy"
+        mib: int = Field(16, ge=1, le=256)
+
+        writes_during_measure: ClassVar[bool] = False
+
+
+    PLUGIN = WorkloadPlugin(type="toy", model=ToyParams, runner="toyload.runner:ToyRunner", where="host")
+''')
+
+TOY_RUNNER = textwrap.dedent('''
     from __future__ import annotations
 
     import subprocess
     import sys
-    from typing import ClassVar, Literal
 
-    import pandas as pd
-    from pydantic import Field
-
-    from orchestrator.plugins import WorkloadPlugin
     from orchestrator.runners.base import TrialRunner, sampler_health
-    from orchestrator.validation import Strict
 
     CHILD = """
     import mmap, sys
@@ -45,13 +62,6 @@ TOY_MODULE = textwrap.dedent('''
     print("ready", flush=True)
     sys.stdin.read()  # until the runner closes the pipe
     """
-
-
-    class ToyParams(Strict):
-        type: Literal["toy"] = "toy"
-        mib: int = Field(16, ge=1, le=256)
-
-        writes_during_measure: ClassVar[bool] = False
 
 
     class ToyRunner(TrialRunner):
@@ -72,9 +82,6 @@ TOY_MODULE = textwrap.dedent('''
             finally:
                 child.stdin.close()
                 child.wait(timeout=10)
-
-
-    PLUGIN = WorkloadPlugin(type="toy", model=ToyParams, runner="toyload:ToyRunner", where="host")
 ''')
 
 TOY_PLAN = """
@@ -99,11 +106,13 @@ pages_to_scan = [5000]
 """
 
 
-def _install_toy(site: Path, module: str = TOY_MODULE) -> dict[str, str]:
-    """A distribution in `site` (its module and its .dist-info with the entry point), and the
+def _install_toy(site: Path, init: str = TOY_INIT) -> dict[str, str]:
+    """A distribution in `site` (its package and its .dist-info with the entry point), and the
     environment a child ksm-lab needs to see it."""
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "toyload.py").write_text(module)
+    package = site / "toyload"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    (package / "runner.py").write_text(TOY_RUNNER)
     info = site / "toyload-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyload\nVersion: 0.1\n")
@@ -151,7 +160,7 @@ def test_a_toy_workload_from_its_own_package_runs_a_study(tmp_path: Path, ksm_gu
 
 
 def test_a_broken_third_party_plugin_is_left_out_with_a_warning(tmp_path: Path) -> None:
-    env = _install_toy(tmp_path / "site", module="raise ImportError('toy is broken')\n")
+    env = _install_toy(tmp_path / "site", init="raise ImportError('toy is broken')\n")
     run = subprocess.run([sys.executable, "-c", "from orchestrator.plan import WORKLOAD_MODELS; print(sorted(WORKLOAD_MODELS))"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

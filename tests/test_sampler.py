@@ -148,7 +148,9 @@ def test_sampler_budget_below_one_read_per_pss_tick_stretches_the_floor_and_its_
     assert sampler.error_count == 0, sampler.last_error
     record = sampler.budget_record()
     k = record["pss_floor_every_pss_ticks"]
-    assert k == math.ceil(record["pss_read_max_ms"] / 1000 / (0.001 / 100 * 0.1 * 2)) >= 2
+    # The record rounds the read time (ms, 2 decimals): the k it implies may differ by one.
+    implied = math.ceil(record["pss_read_max_ms"] / 1000 / (0.001 / 100 * 0.1 * 2))
+    assert k >= 2 and abs(k - implied) <= 1, (k, implied)
     assert record["pss_age_bound_ticks"] == 3 * k * 2
     assert record["pss_reads"] == record["pss_floor_reads"] < int(sampler.ksm_frame()["pss_tier"].sum())
     assert _in_turn(labels, _pss_reads(sampler))

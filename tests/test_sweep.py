@@ -84,12 +84,12 @@ def test_same_fill_merges_and_random_does_not(results_dir, ksm_guard):
 
 
 def test_knobs_restored_after_a_trial_raises(results_dir, ksm_guard, monkeypatch):
-    from orchestrator import sweep as sweep_module
+    from orchestrator.runners.processes import ProcessesRunner  # the processes plugin's runner
 
     def explode(self, trial, clock, result):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(sweep_module.ProcessesRunner, "run", explode)
+    monkeypatch.setattr(ProcessesRunner, "run", explode)
     outcome = sweep(plan_text("boom", fills=("same",)), results_dir)
     assert outcome.failed == 1
     record = json.loads(next((outcome.study.path / "trials").glob("*/trial.json")).read_text())
@@ -97,12 +97,12 @@ def test_knobs_restored_after_a_trial_raises(results_dir, ksm_guard, monkeypatch
 
 
 def test_knobs_restored_when_the_loop_itself_is_interrupted(results_dir, ksm_guard, monkeypatch):
-    from orchestrator import sweep as sweep_module
+    from orchestrator.runners.processes import ProcessesRunner  # the processes plugin's runner
 
     def interrupt(self, trial, clock, result):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_module.ProcessesRunner, "run", interrupt)
+    monkeypatch.setattr(ProcessesRunner, "run", interrupt)
     with pytest.raises(KeyboardInterrupt):
         sweep(plan_text("kbd", fills=("same",)), results_dir)
 
