@@ -27,11 +27,12 @@ from orchestrator import __version__
 from orchestrator.errors import OrchestratorError
 from orchestrator.host import probes
 from orchestrator.host.ksm import THP_REL, chosen_value, read_host_knobs, read_ksm_knobs
+from orchestrator.units import MIB
 
 # Bounds on what a snapshot reads: a file's first bytes, a folder's first entries.
 MAX_FILE_BYTES = 4096
 MAX_ENTRIES = 256
-MAX_CONFIG_BYTES = 8 * 2**20  # a decompressed kernel config is ~0.3 MiB
+MAX_CONFIG_BYTES = 8 * MIB  # a decompressed kernel config is ~0.3 MiB
 CPU_REL = Path("sys/devices/system/cpu")
 # Counters (not settings) in the THP folders: they differ on every run and say nothing.
 THP_COUNTERS = frozenset({"full_scans", "pages_collapsed"})
