@@ -81,6 +81,20 @@ def _add_trials(progress: Any, count: int) -> None:
         grow(count)
 
 
+def _run_rerun(study: Study, runner: TrialRunner, settings: HostSettings, rerun: Trial,
+               stop: threading.Event, progress: Any, outcome: "SweepOutcome", when: str) -> None:
+    """Run a disturbed trial's rerun (`when`: "now", inside its block, or "after the study")."""
+    study.add_trial_ids([rerun.trial_id])
+    _add_trials(progress, 1)
+    log.warning("trial %s was disturbed by outside load: running it again %s as %s",
+                rerun.rerun_of, when, rerun.trial_id)
+    status = _run_one(study, runner, settings, rerun, stop, progress)
+    outcome.ran += 1
+    outcome.reruns += 1
+    outcome.failed += status != "ok"
+    progress.advance(rerun, status)
+
+
 def _in_block_rerun(plan: Plan, study: Study, trial: Trial) -> Trial | None:
     """The rerun of `trial` to run right now, when it finished disturbed (one rerun at most; a
     search plan's trials are chosen as it goes and never rerun)."""
@@ -160,15 +174,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     # KSM-off trial holds no drift and the block still pairs.
                     rerun = _in_block_rerun(plan, study, trial)
                     if rerun is not None and not stop.is_set():
-                        study.add_trial_ids([rerun.trial_id])
-                        _add_trials(progress, 1)
-                        log.warning("trial %s was disturbed by outside load: running it again now as %s",
-                                    trial.trial_id, rerun.trial_id)
-                        status = _run_one(study, runner, settings, rerun, stop, progress)
-                        outcome.ran += 1
-                        outcome.reruns += 1
-                        outcome.failed += status != "ok"
-                        progress.advance(rerun, status)
+                        _run_rerun(study, runner, settings, rerun, stop, progress, outcome, "now")
                 # Leftovers (a resumed study whose disturbed trial has no rerun yet) run after
                 # the study, far from their block: the analysis does not pair their block.
                 if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
@@ -176,15 +182,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
-                        study.add_trial_ids([rerun.trial_id])
-                        _add_trials(progress, 1)
-                        log.warning("trial %s was disturbed by outside load: running it again as %s",
-                                    rerun.rerun_of, rerun.trial_id)
-                        status = _run_one(study, runner, settings, rerun, stop, progress)
-                        outcome.ran += 1
-                        outcome.reruns += 1
-                        outcome.failed += status != "ok"
-                        progress.advance(rerun, status)
+                        _run_rerun(study, runner, settings, rerun, stop, progress, outcome, "after the study")
             finally:
                 try:
                     runner.finish()
