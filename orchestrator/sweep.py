@@ -61,17 +61,20 @@ class SweepOutcome:
     aborted: StudyHalted | None = None  # why the study stopped early (results not writable, libvirtd gone)
 
 
+def rerun_of(study: Study, trial: Trial, in_block: bool = False) -> Trial | None:
+    """The rerun of `trial` when it finished disturbed by outside load and has no finished rerun
+    yet (so a resumed study does not rerun twice): the same trial under the id
+    <trial_id>-rerun1; the disturbed one stays in the study, marked."""
+    record = study.trial_record(trial.trial_id) or {}
+    rerun_id = f"{trial.trial_id}-rerun1"
+    if record.get("status") != "ok" or not record.get("disturbed") or study.is_finished(rerun_id):
+        return None
+    return dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id, rerun_in_block=in_block)
+
+
 def disturbed_reruns(study: Study, trials: list[Trial]) -> list[Trial]:
-    """One rerun for each finished trial that outside load disturbed and that has no finished
-    rerun yet (so a resumed study does not rerun twice). The rerun is the same trial under the
-    id <trial_id>-rerun1; the disturbed one stays in the study, marked."""
-    reruns = []
-    for trial in trials:
-        record = study.trial_record(trial.trial_id) or {}
-        rerun_id = f"{trial.trial_id}-rerun1"
-        if record.get("status") == "ok" and record.get("disturbed") and not study.is_finished(rerun_id):
-            reruns.append(dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id))
-    return reruns
+    """One rerun for each finished trial that is still owed one (see rerun_of)."""
+    return [rerun for rerun in (rerun_of(study, trial) for trial in trials) if rerun is not None]
 
 
 def _add_trials(progress: Any, count: int) -> None:
@@ -96,15 +99,11 @@ def _run_rerun(study: Study, runner: TrialRunner, settings: HostSettings, rerun:
 
 
 def _in_block_rerun(plan: Plan, study: Study, trial: Trial) -> Trial | None:
-    """The rerun of `trial` to run right now, when it finished disturbed (one rerun at most; a
-    search plan's trials are chosen as it goes and never rerun)."""
+    """The rerun of `trial` to run right now, inside its block (one rerun at most; a search
+    plan's trials are chosen as it goes and never rerun)."""
     if not plan.study.rerun_disturbed or plan.search is not None or trial.rerun_of is not None:
         return None
-    record = study.trial_record(trial.trial_id) or {}
-    rerun_id = f"{trial.trial_id}-rerun1"
-    if record.get("status") != "ok" or not record.get("disturbed") or study.is_finished(rerun_id):
-        return None
-    return dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id, rerun_in_block=True)
+    return rerun_of(study, trial, in_block=True)
 
 
 def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,

@@ -724,17 +724,23 @@ def test_study_without_order_is_read_as_blocked(tmp_path: Path) -> None:
     assert sm.settings[~sm.settings["ksm_off"]].iloc[0]["tps_vs_off_method"] == "paired by block"
 
 
-def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
-    """Block 1's KSM-on trial was disturbed and rerun after the study: only blocks 0 and 2 pair."""
-    study = start_study(tmp_path)
+def _three_blocks_with_a_rerun(root: Path, rerun_extra: dict) -> pd.Series:
+    """KSM off and one setting in 3 blocks; block 1's KSM-on trial was disturbed and rerun
+    (rerun_extra: how). Returns the setting's row of the settings table."""
+    study = start_study(root)
     on = {"threads": 1, "ksm.pages_to_scan": 1000}
     for block, (a, b) in enumerate(((7.0, 10.0), (8.28, 12.0), (5.68, 8.0))):
         sysbench_trial(study, f"off-r{block}", {"threads": 1}, b, rep=block, ksm_off=True, guest_spread=0.0)
         sysbench_trial(study, f"on-r{block}", on, a, rep=block, guest_spread=0.0,
                        extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0})
-    sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0, extra={"rerun_of": "on-r1"})
+    sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0, extra={"rerun_of": "on-r1", **rerun_extra})
     settings = computed(finish_study(study)).settings
-    row = settings[~settings["ksm_off"]].iloc[0]
+    return settings[~settings["ksm_off"]].iloc[0]
+
+
+def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
+    """Block 1's KSM-on trial was disturbed and rerun after the study: only blocks 0 and 2 pair."""
+    row = _three_blocks_with_a_rerun(tmp_path, {})
     assert (row["tps_vs_off_method"], row["tps_vs_off_n"]) == ("paired by block", 2)
     assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -29.0]))
 
@@ -742,16 +748,7 @@ def test_a_block_with_a_rerun_is_not_paired(tmp_path: Path) -> None:
 def test_a_rerun_run_inside_its_block_pairs(tmp_path: Path) -> None:
     """The sweep reruns a disturbed trial at once, right after it (rerun_in_block): the block
     still pairs, with the rerun in place of the disturbed trial."""
-    study = start_study(tmp_path)
-    on = {"threads": 1, "ksm.pages_to_scan": 1000}
-    for block, (a, b) in enumerate(((7.0, 10.0), (8.28, 12.0), (5.68, 8.0))):
-        sysbench_trial(study, f"off-r{block}", {"threads": 1}, b, rep=block, ksm_off=True, guest_spread=0.0)
-        sysbench_trial(study, f"on-r{block}", on, a, rep=block, guest_spread=0.0,
-                       extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0})
-    sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0,
-                   extra={"rerun_of": "on-r1", "rerun_in_block": True})
-    settings = computed(finish_study(study)).settings
-    row = settings[~settings["ksm_off"]].iloc[0]
+    row = _three_blocks_with_a_rerun(tmp_path, {"rerun_in_block": True})
     assert (row["tps_vs_off_method"], row["tps_vs_off_n"]) == ("paired by block", 3)
     assert row["tps_vs_off_pct"] == pytest.approx(np.mean([-30.0, -30.0, -29.0]))
 

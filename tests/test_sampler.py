@@ -296,7 +296,8 @@ def test_sampler_without_ksm_records_host_error_and_keeps_running(tmp_path):
     with Sampler(0.05, 1, dict, root=tmp_path) as sampler:
         _wait_for_ticks(sampler, 3)
         assert sampler.running
-    assert sampler.error_count == sampler.tick_count >= 3
+    # every tick that ran failed; a loaded host may skip grid positions (counted in tick_count)
+    assert sampler.error_count == sampler.tick_count - sampler.missed_ticks >= 1
     assert isinstance(sampler.last_error, HostError)
     assert sampler.ksm_frame().empty
     assert sampler.latest() == {}

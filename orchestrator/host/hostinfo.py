@@ -254,7 +254,12 @@ def machine_id(root: Path = Path("/")) -> str | None:
         text = (root / "etc" / "machine-id").read_text(errors="replace").strip().lower()
     except OSError:
         return None
-    return text if re.fullmatch(r"[0-9a-f]{32}", text) else None
+    return text if is_machine_id(text) else None
+
+
+def is_machine_id(value: object) -> bool:
+    """32 lower-case hex digits, as machine-id(5) writes it (not "uninitialized", not empty)."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) is not None
 
 
 def collect_host_info(root: Path = Path("/"), with_vm_tools: bool = False) -> dict[str, Any]:

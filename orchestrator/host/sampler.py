@@ -383,9 +383,10 @@ class Sampler:
         credit lasts. A target is due once its PSS is pss_every_n_ticks cheap ticks old.
         Returns the reads done."""
         pss_tick_index = self._cheap_index // self.pss_every_n_ticks
-        floor_tick = pss_tick and pss_tick_index - self._floor_at >= self.floor_every_pss_ticks()
+        floor_every = self.floor_every_pss_ticks()
+        floor_tick = pss_tick and pss_tick_index - self._floor_at >= floor_every
         self.pss_age_bound_ticks = max(self.pss_age_bound_ticks,
-                                       len(process_rows) * self.floor_every_pss_ticks() * self.pss_every_n_ticks)
+                                       len(process_rows) * floor_every * self.pss_every_n_ticks)
         for process_row in process_rows:
             label = process_row["label"]
             self._label_order.setdefault(label, len(self._label_order))

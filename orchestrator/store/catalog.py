@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.host.hostinfo import is_machine_id
 
 STUDY_FILE = "study.json"
 GOOD, FINISHED, UNFINISHED = "good", "finished", "unfinished"
@@ -91,8 +92,7 @@ def hostname_of(host: Any) -> str:
 
 def host_id_of(host: Any) -> str:
     """The machine id a study's host.json records (studies before it was recorded: the hostname)."""
-    if isinstance(host, dict) and isinstance(host.get("machine_id"), str) \
-            and re.fullmatch(r"[0-9a-f]{32}", host["machine_id"]):
+    if isinstance(host, dict) and is_machine_id(host.get("machine_id")):
         return host["machine_id"]
     return hostname_of(host)
 
