@@ -1,4 +1,4 @@
-"""ksm-lab: measure what Linux KSM saves and costs (sweep, check, restore, cleanup, image, host, report).
+"""ksm-lab: measure what Linux KSM saves and costs, study by study and night by night.
 
 Run as `ksm-lab` (the installed command) or `python -m orchestrator`: the same program.
 
