@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.analysis import costs, cowstats, exposure
+from orchestrator.analysis import costs, cowstats
 from orchestrator.plan import CONVERGE_TOLERANCE_PCT, writes_during_measure
 from orchestrator.analysis.policymetrics import policy_metrics
 from orchestrator.analysis.samplemetrics import choose_headline, ksm_metrics, phase_mask, process_metrics, refill_metrics
@@ -128,7 +128,7 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
     # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
     record = info.get("probe") if isinstance(info.get("probe"), dict) else {}
     if record.get("mode") == "exposure":  # its own columns, KSM off included (the chance level)
-        extra.update(exposure.exposure_metrics(data.exposure, record))
+        extra.update(cowstats.exposure_metrics(data.exposure, record))
         return extra
     probe = record if not out["ksm_off"] else {}
     if probe:

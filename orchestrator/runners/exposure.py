@@ -10,7 +10,7 @@ Phases (trial.json timings, ksm.csv ``phase``):
 Then run=0 (the merges stay for the sweep's reset, run=2, which unmerges with both alive).
 
 trial.json "probe" gets the mode's record (threshold, truth source, counts); the observer's
-rows joined with the victim's write times go to exposure.csv; analysis/exposure.py turns both
+rows joined with the victim's write times go to exposure.csv; analysis/cowstats.py turns both
 into trials.csv columns.
 """
 

@@ -10,7 +10,7 @@ unrelated processes, and the table their outputs make together (exposure.csv).
     # leaving the block stops and reaps both
 
 The runner (runners/exposure.py) drives KSM and the sampler; the statistics are
-analysis/exposure.py's.
+analysis/cowstats.py's.
 """
 
 from __future__ import annotations
