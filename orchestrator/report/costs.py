@@ -159,9 +159,13 @@ def cost_findings(sm: StudyMetrics) -> list[str]:
                    f"(pages_to_scan × 1000 / sleep_millisecs) over {len(scan)} KSM-on trials; see "
                    "\"Scan speed: asked and achieved\".")
     out.extend(cow_gap_findings(sm))
-    for row in _with(trials, "exposure_summary").to_dict("records"):
+    exposed = _with(trials, "exposure_summary")
+    repeated = set(exposed["setting"][exposed["setting"].duplicated()]) if not exposed.empty else set()
+    for row in exposed.to_dict("records"):
         cpu = row.get("ksmd_cpu_pct")
-        out.append(f"Exposure, {row['setting']}: {row['exposure_summary']}"
+        # an include point's extra knob is not a sweep axis: its label repeats, its trial id does not
+        label = f"{row['setting']} ({row['trial_id']})" if row["setting"] in repeated else row["setting"]
+        out.append(f"Exposure, {label}: {row['exposure_summary']}"
                    + (f"; ksmd {number(cpu, integers=False)}% of one core." if has_value(cpu) else "."))
     dens = _with(trials, "density_guests")
     for row in dens.itertuples():
