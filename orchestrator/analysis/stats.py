@@ -67,6 +67,19 @@ def mean_ci95(values: Any) -> tuple[float, float, int]:
     return float(arr.mean()), mean_half_width95(float(arr.std(ddof=1)), n), n
 
 
+def wilson_ci95(successes: int, n: int) -> tuple[float, float]:
+    """(low, high) of the 95% Wilson score interval of a proportion successes / n (a rate with
+    its count: a true-positive rate of tested pages); (NaN, NaN) for n = 0. Wilson, not the
+    normal approximation: it stays inside [0, 1] and is usable at 0 of n and n of n."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = float(sps.norm.ppf(0.975))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def welch_ci95(a: Any, b: Any) -> tuple[float, float]:
     """(mean(a) - mean(b), half width of Welch's 95% interval); half NaN when either n < 2."""
     a_arr = np.asarray(a, dtype=float)

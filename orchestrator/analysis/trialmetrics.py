@@ -126,7 +126,11 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
         extra.update(costs.metadata_memory(measure, page_size_bytes,
                                            float(out.get("ksm_rmap_items", math.nan))))
     # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
-    probe = info.get("probe") if isinstance(info.get("probe"), dict) and not out["ksm_off"] else {}
+    record = info.get("probe") if isinstance(info.get("probe"), dict) else {}
+    if record.get("mode") == "exposure":  # its own columns, KSM off included (the chance level)
+        extra.update(cowstats.exposure_metrics(data.exposure, record))
+        return extra
+    probe = record if not out["ksm_off"] else {}
     if probe:
         extra.update(costs.probe_record_metrics(probe, page_size_bytes))
     extra.update(cowstats.cow_summary(data.cow, merged_pages=probe.get("merged_pages")))
@@ -141,7 +145,7 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
 def workload_pages(workload: dict[str, Any]) -> float:
     """Pages the processes workload maps in all (NaN for guests: their RAM is not all data)."""
     if workload.get("type") == "probe":
-        return float(workload.get("pages", math.nan))
+        return float(workload.get("pages", math.nan)) if workload.get("mode", "cost") == "cost" else math.nan
     if workload.get("type") != "processes":
         return math.nan
     try:

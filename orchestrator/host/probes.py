@@ -591,3 +591,68 @@ def read_ksm_stat(pid: int, root: Path = Path("/")) -> dict[str, int | bool] | N
         value = _parse_int(text)
         return {"ksm_merging_pages": value} if value is not None else None
     return {} if proc_dir.is_dir() else None
+
+
+# ---- one page's state: /proc/PID/pagemap + /proc/kpageflags (Documentation/admin-guide/mm/pagemap.rst)
+# A pagemap entry is 64 bits per virtual page: bit 63 present, bits 0-54 the PFN (zero to a
+# reader without CAP_SYS_ADMIN). kpageflags holds 64 flag bits per PFN.
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+KPF_KSM = 21  # include/uapi/linux/kernel-page-flags.h: a page KSM merged
+KPF_ZERO_PAGE = 24  # the zero page (use_zero_pages: KSM maps empty pages to it)
+
+
+def parse_pagemap_entry(entry: int) -> int | None:
+    """The PFN of one pagemap entry; None when the page is not present or its PFN is hidden."""
+    if not entry & PAGEMAP_PRESENT:
+        return None
+    pfn = entry & PAGEMAP_PFN_MASK
+    return pfn or None
+
+
+def page_flags_merged(flags: int) -> bool:
+    """A page a write would copy because KSM merged it: a KSM page, or the zero page it maps."""
+    return bool(flags & ((1 << KPF_KSM) | (1 << KPF_ZERO_PAGE)))
+
+
+class PageMergeReader:
+    """Per virtual address of process `pid`: is that page merged now? (pagemap -> PFN ->
+    kpageflags). Two preads per question, cheap enough to ask right before a timed write.
+    `usable` is False where the kernel hides PFNs (not root) or a file is missing: the caller
+    falls back to per-process ksm_stat counts."""
+
+    def __init__(self, pid: int | str = "self", root: Path = Path("/")) -> None:
+        self._fds: list[int] = []
+        try:
+            self._pagemap = self._open(root / "proc" / str(pid) / "pagemap")
+            self._flags = self._open(root / "proc" / "kpageflags")
+        except OSError:
+            self.close()
+            self._pagemap = self._flags = -1
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
+
+    def _open(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fds.append(fd)
+        return fd
+
+    @property
+    def usable(self) -> bool:
+        return self._pagemap >= 0 and self._flags >= 0
+
+    def pfn(self, address: int) -> int | None:
+        raw = os.pread(self._pagemap, 8, (address // self.page_size) * 8)
+        return parse_pagemap_entry(int.from_bytes(raw, "little")) if len(raw) == 8 else None
+
+    def merged(self, address: int) -> bool | None:
+        """True/False for a present page whose PFN the kernel shows; None otherwise."""
+        pfn = self.pfn(address)
+        if pfn is None:
+            return None
+        raw = os.pread(self._flags, 8, pfn * 8)
+        return page_flags_merged(int.from_bytes(raw, "little")) if len(raw) == 8 else None
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

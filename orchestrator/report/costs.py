@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from orchestrator.analysis.studymetrics import StudyMetrics, public_trials_table
-from orchestrator.units import number
+from orchestrator.units import has_value, number
 
 TableFn = Callable[[pd.DataFrame, tuple[str, ...]], dict[str, Any]]
 
@@ -30,6 +30,12 @@ PROBE_COLUMNS = ("trial_id", "setting", "merged_mib", "merge_wall_s", "merge_ksm
 COW_COLUMNS = ("trial_id", "setting", "cow_overhead_ns", "cow_merged_n", "cow_merged_p50_ns", "cow_merged_p90_ns",
                "cow_merged_p99_ns", "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns",
                "cow_p50_diff_ns", "cow_median_ratio")
+EXPOSURE_COLUMNS = ("trial_id", "setting", "ksmd_cpu_pct", "pages_scanned_per_s", "seconds_per_full_scan",
+                    "exposure_summary", "exposure_median_detect_s", "exposure_first_detect_s",
+                    "exposure_median_merged_s", "exposure_secrets_detected", "exposure_secrets",
+                    "exposure_tp", "exposure_truth_pos", "exposure_tpr", "exposure_tpr_low", "exposure_tpr_high",
+                    "exposure_fp", "exposure_truth_neg", "exposure_fpr", "exposure_fpr_low", "exposure_fpr_high",
+                    "exposure_balanced_accuracy", "exposure_threshold_ns", "exposure_truth_source")
 DENSITY_COLUMNS = ("trial_id", "setting", "density_guests", "density_guests_pss_mib", "density_pss_per_guest_mib",
                    "density_ksmd_cpu_pct", "density_tps_per_guest", "density_stop_reason", "density_floor_crossed",
                    "density_mismatches")
@@ -112,6 +118,23 @@ def cost_sections(sm: StudyMetrics, table: TableFn) -> list[dict[str, Any]]:
             "sees the slow path learns that another process held identical content. A KSM-off trial "
             "times the same writes with nothing merged: its ratio is the method's own floor."],
             "table": table(cow, COW_COLUMNS)})
+    exposed = _with(trials, "exposure_summary")
+    if not exposed.empty:
+        sections.append({"id": "exposure", "title": "What merging exposes (probe, exposure mode)", "paragraphs": [
+            "Two unrelated processes: a victim writes secret pages on a schedule; an observer holding one "
+            "candidate page per secret (and decoy pages no one else holds, all MADV_MERGEABLE) times a write "
+            "to one page every test interval and calls it merged when the write took longer than its threshold "
+            "(threshold_factor × the threshold_quantile of its own writes to known-unmerged pages). The truth "
+            "per tested page is the kernel's: pagemap PFN → kpageflags KSM bit, read just before the write.",
+            "exposure_median_detect_s: median over the secrets of the time from the victim's write to the first "
+            "test that was called merged and was merged (a secret never detected counts as later than any; no "
+            "median when half were never detected); exposure_median_merged_s: the same from the truth alone, "
+            "KSM's own latency. TPR / FPR: the calls against the truth over this trial's tests, with counts and "
+            "95% Wilson intervals (_low, _high); they describe these tests, not the spread across trials. "
+            "Balanced accuracy = (TPR + 1 − FPR) / 2, 50% is chance. KSM off merges nothing: every merged "
+            "call is a false positive. ksmd CPU and the achieved scan rate beside it are the other side of the "
+            "setting's trade."],
+            "table": table(exposed, EXPOSURE_COLUMNS)})
     density = _with(trials, "density_guests")
     if not density.empty:
         sections.append({"id": "density", "title": "Guest density per memory budget", "paragraphs": [
@@ -136,6 +159,14 @@ def cost_findings(sm: StudyMetrics) -> list[str]:
                    f"(pages_to_scan × 1000 / sleep_millisecs) over {len(scan)} KSM-on trials; see "
                    "\"Scan speed: asked and achieved\".")
     out.extend(cow_gap_findings(sm))
+    exposed = _with(trials, "exposure_summary")
+    repeated = set(exposed["setting"][exposed["setting"].duplicated()]) if not exposed.empty else set()
+    for row in exposed.to_dict("records"):
+        cpu = row.get("ksmd_cpu_pct")
+        # an include point's extra knob is not a sweep axis: its label repeats, its trial id does not
+        label = f"{row['setting']} ({row['trial_id']})" if row["setting"] in repeated else row["setting"]
+        out.append(f"Exposure, {label}: {row['exposure_summary']}"
+                   + (f"; ksmd {number(cpu, integers=False)}% of one core." if has_value(cpu) else "."))
     dens = _with(trials, "density_guests")
     for row in dens.itertuples():
         out.append(f"Density, {row.setting}: {int(row.density_guests)} guests ({row.density_stop_reason}).")

@@ -507,8 +507,8 @@ TRIAL_COLUMNS = ("trial_id", "status", "reason", "setting", "repetition", "saved
                  "mem_available_rise_net_mib", "ksmd_cpu_pct", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s", "time_to_90pct_s", "full_scans",
                  "converged", "zero_pages_mib", "content_merged_mib", "scan_rate_achieved_pct",
                  "thp_split_page_delta", "tps", "tps_guest_sd", "qps", "latency_p95_ms",
-                 "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "outside_cpu_pct", "disturbed", "stats_note",
-                 "guest_start", "guest_start_s", "data_problems")
+                 "tps_vs_off_pct", "latency_p95_ms_vs_off_pct", "exposure_summary", "outside_cpu_pct", "disturbed",
+                 "stats_note", "guest_start", "guest_start_s", "data_problems")
 SETTINGS_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "pss_drop_net_mib", "mem_available_rise_mib",
                     "mem_available_rise_net_mib", "ksmd_cpu_pct", "time_to_90pct_s", "tps", "tps_guest_sd",
                     "tps_vs_off_pct", "latency_p95_ms", "latency_p95_ms_vs_off_pct")

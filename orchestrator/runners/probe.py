@@ -16,7 +16,7 @@ A KSM-off trial fills and times writes with nothing merged: both regions are the
 kind of page, and its latency ratio is the method's own floor (near 1).
 
 What the runner records goes to trial.json "probe"; costs.probe_record_metrics turns it into
-trials.csv columns.
+trials.csv columns. mode = "exposure" is another trial altogether: runners/exposure.py runs it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import pandas as pd
 
 from orchestrator.host import probes
 from orchestrator.plan import Trial
+from orchestrator.runners.exposure import ExposureRunner
 from orchestrator.runners.base import PhaseClock, TrialResult, TrialRunner, sampler_health, wait_or_stop
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
@@ -53,6 +54,9 @@ class ProbeRunner(TrialRunner):
     def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
         params = trial.workload_model
         assert isinstance(params, ProbeParams)
+        if params.mode == "exposure":
+            ExposureRunner(self.plan, self.settings, self.stop, self.progress).run(trial, clock, result)
+            return
         phases = trial.phases_model
         root = self.settings.root
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-probe-"))

@@ -35,6 +35,7 @@ class TrialData:
     workload: pd.DataFrame | None = None
     fills: pd.DataFrame | None = None  # processes workload: every fill's start/end (fills.csv)
     cow: pd.DataFrame | None = None  # probe workload: one row per timed write (cow.csv)
+    exposure: pd.DataFrame | None = None  # probe, mode exposure: the observer's tests (exposure.csv)
     workload_summary: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -131,6 +132,7 @@ def load_trial(trial_dir: Path) -> TrialData:
         workload=_read_csv(trial_dir / "workload.csv", problems),
         fills=_read_csv(trial_dir / "fills.csv", problems),
         cow=_read_csv(trial_dir / "cow.csv", problems),
+        exposure=_read_csv(trial_dir / "exposure.csv", problems),
         workload_summary=summary if isinstance(summary, dict) else None,
         problems=problems,
     )

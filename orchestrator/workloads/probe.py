@@ -21,27 +21,53 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from orchestrator.host import probes
 from orchestrator.errors import WorkloadError
 from orchestrator.plugins import WorkloadPlugin
-from orchestrator.validation import Params
+from orchestrator.validation import Params, Strict
 from orchestrator.workloads._prober import PROBE_FILLS
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+class ExposureParams(Strict):
+    """[workload.exposure] of a probe in mode = "exposure" (workloads/exposure.py runs it): a
+    victim process writes `secrets` distinct secret pages, one every write_gap_s after warmup_s;
+    an unrelated observer holds one candidate page per secret and `decoys` pages of content
+    nobody else has, all MADV_MERGEABLE, and times a write to one of them every test_interval_s."""
+
+    secrets: int = Field(20, ge=1, le=1000)  # one candidate page each in the observer
+    decoys: int = Field(20, ge=1, le=10000)  # observer pages no other process holds
+    background_pages: int = Field(25600, ge=0, le=4 * 1024 * 1024)  # the victim's other mergeable pages (unique)
+    calibration_writes: int = Field(500, ge=100, le=100_000)  # tests of known-unmerged pages, one per test_interval_s
+    threshold_quantile: float = Field(0.99, ge=0.5, lt=1)  # of the calibration latencies
+    threshold_factor: float = Field(2.0, ge=1, le=100)  # "merged" above factor x that quantile
+    test_interval_s: float = Field(0.01, ge=0.001, le=10)  # one timed write per interval
+    warmup_s: float = Field(12.0, ge=0, le=3600)  # KSM on -> the victim's first write
+    write_gap_s: float = Field(1.5, gt=0, le=3600)
+    observe_s: float = Field(30.0, gt=0, le=3600)  # tests go on this long after the last write
+    seed: int = Field(0, ge=0)
+
+    def duration_s(self) -> float:
+        """KSM on -> the observer's last test."""
+        return self.warmup_s + self.write_gap_s * (self.secrets - 1) + self.observe_s
+
+
 class ProbeParams(Params):
     """The probe workload: a plan's [workload] type = "probe" table, validated here for the plan
-    and for the worker alike."""
+    and for the worker alike. mode = "cost" (the default) times merge, COW and unmerge; mode =
+    "exposure" runs a victim and an observer ([workload.exposure], ExposureParams)."""
 
     kind: ClassVar[str] = "probe"
 
     type: Literal["probe"] = "probe"
+    mode: Literal["cost", "exposure"] = "cost"
+    exposure: ExposureParams | None = None  # mode = "exposure" only; None: ExposureParams()
     pages: int = Field(25600, ge=2)  # 100 MiB of 4 KiB pages in the probe mapping (and as many in the control)
     fill: Literal[PROBE_FILLS] = "same"  # the worker's own list of fills
     duplicate_fraction: float = Field(0.5, gt=0, le=1)
@@ -52,6 +78,24 @@ class ProbeParams(Params):
     seed: int = Field(0, ge=0)
 
     writes_during_measure: ClassVar[bool] = False  # the timed writes come after measure
+
+    @model_validator(mode="after")
+    def _exposure_only_in_its_mode(self) -> "ProbeParams":
+        if self.mode != "exposure" and self.exposure is not None:
+            raise ValueError('[workload.exposure] needs mode = "exposure"')
+        return self
+
+    @model_serializer(mode="wrap")
+    def _cost_mode_dumps_as_before(self, handler: Any) -> dict[str, Any]:
+        # Trial ids hash the dumped table: a cost-mode probe keeps the ids it had before modes.
+        data = handler(self)
+        if self.mode == "cost":
+            data.pop("mode", None)
+            data.pop("exposure", None)
+        return data
+
+    def exposure_params(self) -> ExposureParams:
+        return self.exposure or ExposureParams()
 
     def mergeable_pages(self) -> int:
         """Pages whose content has a twin (what KSM can merge at best)."""
@@ -97,15 +141,21 @@ class ProbeWorker:
 
     def start(self) -> None:
         p = self.params
-        spec = {"parent_pid": os.getpid(), "pages": p.pages, "fill": p.fill,
+        spec = {"pages": p.pages, "fill": p.fill,
                 "duplicate_fraction": p.duplicate_fraction, "sample_pages": p.sample_pages,
                 "overhead_writes": p.overhead_writes, "seed": p.seed, "mergeable": self._mergeable,
                 "samples_path": str(self.samples_path)}
+        self._spawn("orchestrator.workloads._prober", spec)
+
+    def _spawn(self, module: str, spec: dict) -> None:
+        """Start `python -m module '<spec json>'` (its own session, our pid as its parent check)
+        and the thread that reads its event lines."""
+        spec = {"parent_pid": os.getpid(), **spec}
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         try:
             self._process = subprocess.Popen(
-                [self._python, "-m", "orchestrator.workloads._prober", json.dumps(spec)],
+                [self._python, "-m", module, json.dumps(spec)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                 start_new_session=True)
         except OSError as exc:
@@ -150,11 +200,15 @@ class ProbeWorker:
         """This worker's merged pages now (/proc/PID/ksm_stat through probes.py)."""
         return merged_pages_of(probes.read_ksm_stat(self.pid, self._root))
 
+    def send(self, command: str) -> None:
+        """One command line on the worker's stdin."""
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.write(command.encode() + b"\n")
+        self._process.stdin.flush()
+
     def measure_cow(self, timeout_s: float) -> int:
         """Ask for the timed writes; returns the number of rows written to samples_path."""
-        assert self._process is not None and self._process.stdin is not None
-        self._process.stdin.write(b"measure\n")
-        self._process.stdin.flush()
+        self.send("measure")
         rows, _, _ = self._wait("measured", timeout_s).partition(" ")
         return int(rows)
 
