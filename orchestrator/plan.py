@@ -405,7 +405,7 @@ class Trial:
     rerun_in_block: bool = False
     # {"name": "static"|"advisor"|"ksmtuned"|"kubevirt", "<name>": {params}} (policies/)
     policy: dict[str, Any] = field(default_factory=lambda: {"name": "static"})
-    extra: dict[str, Any] = field(default_factory=dict)  # more trial.json fields (search_reason)
+    search_reason: str | None = None  # [search] plans: why the search chose this trial (trial.json)
 
     @cached_property
     def workload_model(self) -> Workload:

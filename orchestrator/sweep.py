@@ -33,7 +33,9 @@ from orchestrator.host.probes import KSM_SYSFS
 from orchestrator.analysis.stats import time_mean
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.store.study import Study
+from orchestrator.analysis.studymetrics import StudyAnalysis
 from orchestrator.runners.base import PhaseClock, StopFlag, StopRequested, TrialResult, TrialRunner, stop_on_signals
+from orchestrator.runners.record import PhaseTiming, PolicyRecord, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,17 @@ class SweepOutcome:
     interrupted: bool = False
     stop_signal: int | None = None  # the signal that interrupted it
     aborted: StudyHalted | None = None  # why the study stopped early (results not writable, libvirtd gone)
+    # The study read and analysed once, for trials.csv; the report reuses it (report.study.write_report).
+    analysis: StudyAnalysis | None = None
 
 
 def rerun_of(study: Study, trial: Trial, in_block: bool = False) -> Trial | None:
     """The rerun of `trial` when it finished disturbed by outside load and has no finished rerun
     yet (so a resumed study does not rerun twice): the same trial under the id
     <trial_id>-rerun1; the disturbed one stays in the study, marked."""
-    record = study.trial_record(trial.trial_id) or {}
+    record = study.trial_record(trial.trial_id)
     rerun_id = f"{trial.trial_id}-rerun1"
-    if record.get("status") != "ok" or not record.get("disturbed") or study.is_finished(rerun_id):
+    if record is None or record.status != "ok" or not record.disturbed or study.is_finished(rerun_id):
         return None
     return dataclasses.replace(trial, trial_id=rerun_id, rerun_of=trial.trial_id, rerun_in_block=in_block)
 
@@ -195,7 +199,8 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         outcome.stop_signal = stop.signum
                         record_study_end(host_json, root)
                         try:
-                            write_trials_table(study)
+                            outcome.analysis = analyse_study(study)
+                            write_trials_table(study, outcome.analysis)
                         except StoreError as exc:
                             log.error("trials.csv not written: %s", exc)
                         marker.unlink(missing_ok=True)  # knobs restored: nothing left to heal
@@ -298,25 +303,15 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     if earlier is not None:
         log.info("trial %s: the earlier attempt's files are kept in %s", trial.trial_id, earlier)
     clock = PhaseClock()
-    record: dict[str, Any] = {
-        "trial_id": trial.trial_id,
-        "index": trial.index,
-        "repetition": trial.repetition,
-        "label": trial.label,
-        "settings": trial.settings,
-        "ksm": trial.ksm,
-        "host": trial.host,
-        "workload": trial.workload,
-        "guests": trial.guests,
-        "kind": trial.workload["type"],
-        "ksm_off": trial.ksm_off,
-        "rerun_of": trial.rerun_of,
-        "rerun_in_block": trial.rerun_in_block,
-        "status": "failed",
-        "reason": None,
-        "started_wall": time.time(),
-        **trial.extra,
-    }
+    # The trial's record, written by this function alone (runners/record.py): failed until
+    # the runner returns; the runner's parts join it at the end, whatever happened.
+    record = TrialRecord(
+        trial_id=trial.trial_id, index=trial.index, repetition=trial.repetition, label=trial.label,
+        settings=trial.settings, ksm=trial.ksm, host=trial.host, workload=trial.workload, guests=trial.guests,
+        kind=trial.workload["type"], ksm_off=trial.ksm_off, rerun_of=trial.rerun_of,
+        rerun_in_block=trial.rerun_in_block, search_reason=trial.search_reason,
+        status="failed", reason=None, started_wall=time.time(),
+    )
     result = TrialResult()
     host_gone: HostUnresponsive | None = None
     policy_run: policies.PolicyRun | None = None
@@ -324,37 +319,38 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     progress.start_trial(trial)
     try:
         with clock.phase("reset", None, progress.phase):
-            record["unmerge_s"] = round(settings.reset(timeout_s=reset_timeout_s), 3)
+            record.reset_unmerge_s = round(settings.reset(timeout_s=reset_timeout_s), 3)
             settings.apply(trial.ksm, trial.host)
-            record["ksm_applied"] = settable_knobs(settings.root)
+            record.ksm_applied = settable_knobs(settings.root)
         # The policy (static, advisor, ksmtuned, kubevirt, throttler) decides how KSM runs
         # during measure; the throttler also hears the trial's guest and worker starts.
         policy_run = policies.run_for(trial.policy, settings, study.trial_dir(trial.trial_id))
         settings.policy_start = policy_run.start
         settings.start_listener = getattr(policy_run, "on_start", None)
         runner.run(trial, clock, result)
-        record["status"] = "ok"
-        record.update(outside_load(result.frames.get("ksm"), trial.sampling_model))
+        record.status = "ok"
+        load = outside_load(result.frames.get("ksm"), trial.sampling_model)
+        record.outside_cpu_pct, record.outside_load_max_pct, record.disturbed = load
     except StopRequested:
-        record["reason"] = "interrupted by signal"
+        record.reason = "interrupted by signal"
     except OrchestratorError as exc:
-        record["reason"] = str(exc)
+        record.reason = str(exc)
         log.error("trial %s failed: %s", trial.trial_id, exc)
         if isinstance(exc, HostUnresponsive):  # libvirtd stopped answering: no later trial can start
             host_gone = exc
     except Exception as exc:  # a bug in one trial must not lose the study: record it and go on
-        record["reason"] = f"{type(exc).__name__}: {exc}"
+        record.reason = f"{type(exc).__name__}: {exc}"
         log.exception("trial %s failed unexpectedly", trial.trial_id)
     finally:
         settings.policy_start = None
         settings.start_listener = None
         if policy_run is not None:
-            record["policy"] = stop_policy(policy_run)
+            record.policy = stop_policy(policy_run)
         with contextlib.suppress(OrchestratorError):
             settings.reset(timeout_s=reset_timeout_s)
-    record["timings"] = clock.timings
-    record["ended_wall"] = time.time()
-    record.update(result.record())
+    record.timings = {name: PhaseTiming.model_validate(span) for name, span in clock.timings.items()}
+    record.ended_wall = time.time()
+    result.fill(record)
     try:
         study.write_trial(trial.trial_id, record, result.frames, result.extra_json)
     except StoreError as exc:
@@ -363,7 +359,7 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
                           trial_written=False) from None
     if host_gone is not None:
         raise StudyHalted(str(host_gone), HostUnresponsive, host_gone.advice, trial_written=True)
-    return record["status"]
+    return record.status
 
 
 class StudyHalted(OrchestratorError):
@@ -376,28 +372,29 @@ class StudyHalted(OrchestratorError):
         self.error = error
         self.advice = advice
         self.trial_written = trial_written
-def stop_policy(policy_run: policies.PolicyRun) -> dict[str, Any]:
+def stop_policy(policy_run: policies.PolicyRun) -> PolicyRecord:
     """Stop the trial's policy (before the reset: ksmtuned must not write after it) and return
     its summary for trial.json; a stop that fails is recorded, never lost."""
     try:
         policy_run.stop()
     except Exception as exc:
         log.error("stopping the KSM policy failed: %s", exc)
-        return {**policy_run.summary(), "stop_error": f"{type(exc).__name__}: {exc}"}
-    return policy_run.summary()
+        return PolicyRecord.model_validate({**policy_run.summary(), "stop_error": f"{type(exc).__name__}: {exc}"})
+    return PolicyRecord.model_validate(policy_run.summary())
 
 
-def outside_load(ksm: pd.DataFrame | None, sampling: SamplingSection) -> dict[str, Any]:
-    """The trial's mean CPU use outside the study over measure (% of one core) and whether it
-    exceeds the plan's threshold: a disturbed trial's numbers say more about the host than KSM."""
+def outside_load(ksm: pd.DataFrame | None, sampling: SamplingSection) -> tuple[float | None, float | None, bool]:
+    """The trial's mean CPU use outside the study over measure (% of one core), the plan's
+    threshold, and whether the mean exceeds it: a disturbed trial's numbers say more about the
+    host than KSM. (None, None, False) when nothing was sampled."""
     if ksm is None or ksm.empty or "outside_cpu_pct" not in ksm.columns:
-        return {"outside_cpu_pct": None, "disturbed": False}
+        return None, None, False
     measure = ksm[(ksm["phase"] == "measure") & ksm["outside_cpu_pct"].notna()]
     if measure.empty:
-        return {"outside_cpu_pct": None, "disturbed": False}
+        return None, None, False
     mean = time_mean(measure["t_s"].to_numpy(float), measure["outside_cpu_pct"].to_numpy(float))
     limit = sampling.outside_load_max_pct
-    return {"outside_cpu_pct": round(mean, 2), "outside_load_max_pct": limit, "disturbed": bool(mean > limit)}
+    return round(mean, 2), limit, bool(mean > limit)
 
 
 def settable_knobs(root: Path) -> dict[str, str]:
@@ -406,29 +403,37 @@ def settable_knobs(root: Path) -> dict[str, str]:
     return {k: knobs[k] for k in (*KSM_INT_KNOBS, *KSM_STR_KNOBS) if k in knobs}
 
 
-def write_trials_table(study: Study) -> Path:
-    """trials.csv: one row per trial (finished, failed or not run), swept settings + metrics."""
+def analyse_study(study: Study) -> StudyAnalysis | None:
+    """The study read and analysed once (trials.csv's metrics, then the report's); None, logged,
+    when a metric breaks: the table of what ran is written all the same."""
+    try:
+        return StudyAnalysis.of(study.path)
+    except Exception as exc:
+        log.error("derived metrics failed, trials.csv has settings and status only: %s", exc)
+        return None
+
+
+def write_trials_table(study: Study, analysis: StudyAnalysis | None = None) -> Path:
+    """trials.csv: one row per trial (finished, failed or not run), swept settings + metrics.
+    `analysis`: the study's (analyse_study), else computed here."""
     rows = []
     for record in study.trial_records():
         row: dict[str, Any] = {
-            "trial_id": record["trial_id"],
-            "status": record.get("status"),
-            "reason": record.get("reason"),
-            "label": record.get("label"),
-            "repetition": record.get("repetition"),
-            "ksm_off": record.get("ksm_off"),
-            "disturbed": record.get("disturbed"),
-            "rerun_of": record.get("rerun_of"),
-            "rerun_in_block": bool(record.get("rerun_in_block")),
+            "trial_id": record.trial_id,
+            "status": record.status,
+            "reason": record.reason,
+            "label": record.label if record.status != "not_run" else None,
+            "repetition": record.repetition,
+            "ksm_off": record.ksm_off if record.status != "not_run" else None,
+            "disturbed": record.disturbed if record.status == "ok" else None,
+            "rerun_of": record.rerun_of,
+            "rerun_in_block": record.rerun_in_block,
         }
-        row.update(record.get("settings") or {})
+        row.update(record.settings)
         rows.append(row)
     table = pd.DataFrame(rows)
-    try:
-        derived = studymetrics.study_metrics(study.path)
-    except Exception as exc:  # the table of what ran must be written even if a metric breaks
-        log.error("derived metrics failed, trials.csv has settings and status only: %s", exc)
-        derived = pd.DataFrame()
+    analysis = analysis if analysis is not None else analyse_study(study)
+    derived = studymetrics.public_trials_table(analysis.metrics) if analysis is not None else pd.DataFrame()
     if not derived.empty and "trial_id" in derived:
         extra = [c for c in derived.columns if c not in table.columns or c == "trial_id"]
         table = table.merge(derived[extra], on="trial_id", how="left")

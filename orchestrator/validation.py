@@ -43,6 +43,15 @@ def problems(exc: ValidationError, drop: Callable[[list[str]], list[str]] | None
     return lines
 
 
+class RecordPart(BaseModel):
+    """A part of a stored record (trial.json's probe, density, sampler, ... parts): its fields
+    typed, and keys it does not name (a policy's own, an older study's) kept as read. Numbers
+    may be NaN: a measurement that had nothing to measure is stored as NaN. The attribute
+    docstrings are the fields' documentation (docs/results.md is generated from them)."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+
 class Params(Strict):
     """A workload's parameters: the model the plan validates its [workload] table with and the
     adapter runs with. from_mapping refuses a bad table with one PlanError naming every bad

@@ -271,3 +271,34 @@ def test_cleanup_connects_where_told(monkeypatch, capsys, tmp_path):
     assert cli.main(["cleanup", "--connect", "qemu:///session"]) == 0
     assert cli.main(["cleanup", "--uri", "qemu:///system"]) == 0  # the old spelling
     assert seen == ["qemu:///system", "test:///default", "qemu:///session", "qemu:///system"]
+
+
+def test_the_sweep_analyses_the_study_once_and_the_report_reuses_it(tmp_path, capsys, monkeypatch):
+    """trials.csv and the report come from one analysis: `sweep` hands the report the one its
+    trials.csv was made of (a study written by plans/quickstart.toml, tests/data)."""
+    import shutil
+
+    from orchestrator.analysis import studymetrics
+    from orchestrator.analysis.studymetrics import StudyAnalysis
+
+    computed: list[Path] = []
+    real = studymetrics.compute_study
+
+    def counted(study):
+        computed.append(study.study_dir)
+        return real(study)
+
+    monkeypatch.setattr(studymetrics, "compute_study", counted)
+
+    def body(study):
+        shutil.copytree(Path(__file__).parent / "data" / "study-v1-quickstart" / "trials", study.trials_dir,
+                        dirs_exist_ok=True)
+        return SweepOutcome(study, ran=7, analysis=StudyAnalysis.of(study.path))
+
+    _fake_sweep(monkeypatch, body)
+    results = tmp_path / "r"
+    assert cli.main(["sweep", str(_quickstart(tmp_path)), "--results", str(results)]) == cli.EXIT_OK
+    assert len(computed) == 1
+    assert (results / "quickstart" / "report" / "report.html").is_file()
+    assert cli.main(["report", str(results / "quickstart")]) == cli.EXIT_OK  # `report` alone analyses it
+    assert len(computed) == 2

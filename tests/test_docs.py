@@ -30,3 +30,16 @@ def test_every_docs_page_is_in_the_site_nav() -> None:
     nav = (REPO / "mkdocs.yml").read_text()
     pages = {p.name for p in (REPO / "docs").glob("*.md")}
     assert {p for p in pages if p not in nav} == set()
+
+
+def test_results_doc_holds_the_trial_record_schema_generated_from_the_model() -> None:
+    """docs/results.md's trial.json tables are the model's fields and docstrings, one copy:
+    a field added to TrialRecord (or a part) without regenerating the page fails here."""
+    from orchestrator.runners.record import TrialRecord, doc_with_schema
+
+    text = (REPO / "docs" / "results.md").read_text()
+    assert doc_with_schema(text) == text, (
+        "docs/results.md's trial.json schema differs from the model: run "
+        "`python -m orchestrator.runners.record docs/results.md`")
+    for name in TrialRecord.model_fields:
+        assert f"| `{name}` |" in text

@@ -706,8 +706,8 @@ def test_run_sweep_search_hook_on_a_fake_host(tmp_path, monkeypatch):
     study = outcome.study
     records = study.trial_records()
     assert 4 <= len(records) <= 15 and outcome.failed == 0
-    assert all(r["search_reason"] for r in records)
-    assert records[0]["settings"] == {"ksm.pages_to_scan": 50} and "low end" in records[0]["search_reason"]
+    assert all(r.search_reason for r in records)
+    assert records[0].settings == {"ksm.pages_to_scan": 50} and "low end" in records[0].search_reason
     decisions = json.loads((study.path / "search.json").read_text())["decisions"]
     truth, _ = grid_knee(50, 20000, 400)
     assert decisions[-1]["next"] is None and abs(decisions[-1]["answer"] - truth) / truth <= 0.10

@@ -572,12 +572,12 @@ interval_s = 0.1
     clock, result = PhaseClock(), TrialResult()
     runner.run(trial, clock, result)
     record = result.probe
-    assert record["merged_pages"] == 0 and record["merge_target_reached"] is False
-    assert record["cow_rows"] == len(result.frames["cow"]) > 0
+    assert record.merged_pages == 0 and record.merge_target_reached is False
+    assert record.cow_rows == len(result.frames["cow"]) > 0
     assert {"fill", "baseline", "measure", "cow"} <= set(clock.timings)
     assert (ksm_dir / "run").read_text().strip() == ("0" if ksm_off else "2")
     if not ksm_off:
-        assert "unmerge" in clock.timings and record["pages_sharing_after_unmerge"] == 0
+        assert "unmerge" in clock.timings and record.pages_sharing_after_unmerge == 0
     assert set(result.frames["ksm"]["phase"]) >= {"baseline", "measure"}
 
 

@@ -303,18 +303,25 @@ def test_no_steady_wait_unless_the_plan_asks():
 
 
 def test_trial_result_gives_trial_json_what_the_runner_set_in_the_usual_order():
+    from orchestrator.runners.record import ProvisionRecord, SamplerRecord, TrialRecord
+
     result = TrialResult()
-    assert result.record() == {}
-    result.sampler = {"error_count": 0, "last_error": None, "missed_ticks": 0}
+    empty = TrialRecord(trial_id="t")
+    result.fill(empty)
+    assert empty.to_json() == TrialRecord(trial_id="t").to_json()  # nothing set: no part written
+    result.sampler = SamplerRecord(error_count=0, last_error=None, missed_ticks=0)
     result.converged_by_rule = False  # False is a finding, not "absent"
     result.steady = SteadyWait(3.2, False, {"rss": 0.4})
-    result.provision = {"start": "restore"}
+    result.provision = ProvisionRecord(start="restore")
     result.frames = {"ksm": pd.DataFrame({"t_s": [0.0]})}
     result.extra_json = {"workload_summary": {}}
-    assert list(result.record().items()) == [
-        ("provision", {"start": "restore"}), ("steady_wait_s", 3.2), ("steady_timed_out", False),
-        ("steady_slopes_mib_per_min", {"rss": 0.4}), ("converged_by_rule", False),
-        ("sampler", {"error_count": 0, "last_error": None, "missed_ticks": 0})]
+    record = TrialRecord(trial_id="t")
+    result.fill(record)
+    parts = {k: v for k, v in record.to_json().items() if k not in TrialRecord(trial_id="t").to_json()}
+    assert list(parts) == ["provision", "steady_wait_s", "steady_timed_out", "steady_slopes_mib_per_min",
+                           "converged_by_rule", "sampler"]
+    assert parts["provision"]["start"] == "restore" and parts["converged_by_rule"] is False
+    assert parts["steady_slopes_mib_per_min"] == {"rss": 0.4} and parts["sampler"]["error_count"] == 0
 
 
 def test_every_guests_field_shapes_the_saved_state_unless_declared_otherwise():

@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator import fsutil
 from orchestrator.errors import StoreError
+from orchestrator.runners.record import TrialRecord
 from orchestrator.store.study import SCHEMA_VERSION, Study
 
 PLAN = '[study]\nname = "s"\n'
@@ -27,7 +28,7 @@ def test_a_new_study_holds_the_plan_as_run_and_its_trial_ids(tmp_path):
     assert (study.path / "plan.toml").read_text() == PLAN
     meta = study.meta()
     assert meta["schema_version"] == SCHEMA_VERSION and meta["trial_ids"] == ["a", "b"]
-    assert [r["status"] for r in study.trial_records()] == ["not_run", "not_run"]
+    assert [r.status for r in study.trial_records()] == ["not_run", "not_run"]
 
 
 def test_an_existing_study_folder_is_never_overwritten(tmp_path):
@@ -76,10 +77,10 @@ def test_not_a_study_folder_and_a_corrupt_study_json(tmp_path):
 def test_a_trial_is_finished_only_once_its_trial_json_says_ok(tmp_path):
     study = _create(tmp_path)
     frames = {"ksm": pd.DataFrame({"t_s": [0.0, 1.0]}), "empty": pd.DataFrame()}
-    folder = study.write_trial("a", {"trial_id": "a", "status": "failed"}, frames)
+    folder = study.write_trial("a", TrialRecord(trial_id="a", status="failed"), frames)
     assert (folder / "ksm.csv").is_file() and not (folder / "empty.csv").exists()
     assert not study.is_finished("a")
-    study.write_trial("a", {"trial_id": "a", "status": "ok"}, {})
+    study.write_trial("a", TrialRecord(trial_id="a", status="ok"), {})
     (study.trial_dir("b")).mkdir()
     (study.trial_dir("b") / "trial.json").write_text('{"status": "ok"')  # cut short
     assert study.is_finished("a") and not study.is_finished("b")
@@ -113,16 +114,16 @@ def test_atomic_copy_sets_the_mode(tmp_path):
 def test_an_earlier_attempt_is_set_aside_whole_before_the_trial_runs_again(tmp_path):
     study = _create(tmp_path)
     assert study.set_aside_attempt("a") is None  # never ran: nothing to move
-    study.write_trial("a", {"trial_id": "a", "status": "failed"}, {"ksm": pd.DataFrame({"t_s": [0.0]})})
+    study.write_trial("a", TrialRecord(trial_id="a", status="failed"), {"ksm": pd.DataFrame({"t_s": [0.0]})})
     (study.trial_dir("a") / "ksmtuned.log").write_text("old attempt's log\n")
     first = study.set_aside_attempt("a")
     assert first == study.path / "attempts" / "a.1"
     assert sorted(p.name for p in first.iterdir()) == ["ksm.csv", "ksmtuned.log", "trial.json"]
     assert not study.trial_dir("a").exists() and study.trial_record("a") is None
-    study.write_trial("a", {"trial_id": "a", "status": "failed"}, {})
+    study.write_trial("a", TrialRecord(trial_id="a", status="failed"), {})
     assert study.set_aside_attempt("a") == study.path / "attempts" / "a.2"  # never overwrites a.1
     assert (first / "ksmtuned.log").read_text() == "old attempt's log\n"
-    assert [r["status"] for r in study.trial_records()] == ["not_run", "not_run"]
+    assert [r.status for r in study.trial_records()] == ["not_run", "not_run"]
 
 
 def test_study_json_records_the_run_order_and_keeps_it_on_resume(tmp_path):

@@ -55,6 +55,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from orchestrator.runners.record import ProbeRecord
 from orchestrator.units import MIB
 
 GIB = 1024 * MIB
@@ -192,16 +193,17 @@ def unmerge_per_gib(unmerge_s: float, merged_pages: float, page_size_bytes: int)
     return unmerge_s / gib if gib > 0 and math.isfinite(unmerge_s) else math.nan
 
 
-def probe_record_metrics(probe: Mapping[str, Any], page_size_bytes: int) -> dict[str, float]:
+def probe_record_metrics(probe: ProbeRecord, page_size_bytes: int) -> dict[str, float]:
     """trials.csv columns from trial.json's "probe" record (written by runners/probe.py)."""
-    def get(name: str) -> float:
-        value = probe.get(name)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    def get(value: float | None) -> float:
+        return math.nan if value is None else float(value)
 
-    out = merge_throughput(get("merged_pages"), page_size_bytes, get("merge_wall_s"), get("merge_ksmd_cpu_s"))
-    out["merge_target_reached"] = bool(probe.get("merge_target_reached", False))
-    out["unmerge_s"] = get("unmerge_s")
-    out["unmerged_pages"] = get("pages_before_unmerge")
-    out["unmerge_s_per_gib"] = unmerge_per_gib(get("unmerge_s"), get("pages_before_unmerge"), page_size_bytes)
-    out["pages_sharing_after_unmerge"] = get("pages_sharing_after_unmerge")
+    unmerge_s, before = get(probe.unmerge_s), get(probe.pages_before_unmerge)
+    out = merge_throughput(get(probe.merged_pages), page_size_bytes, get(probe.merge_wall_s),
+                           get(probe.merge_ksmd_cpu_s))
+    out["merge_target_reached"] = bool(probe.merge_target_reached)
+    out["unmerge_s"] = unmerge_s
+    out["unmerged_pages"] = before
+    out["unmerge_s_per_gib"] = unmerge_per_gib(unmerge_s, before, page_size_bytes)
+    out["pages_sharing_after_unmerge"] = get(probe.pages_sharing_after_unmerge)
     return out

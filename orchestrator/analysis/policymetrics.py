@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.analysis.stats import time_mean
+from orchestrator.runners.record import PolicyRecord, TrialRecord
 
 
 def nominal_scan_rate(ksm: pd.DataFrame) -> dict[str, float]:
@@ -40,12 +41,10 @@ def nominal_scan_rate(ksm: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def policy_metrics(ksm: pd.DataFrame | None, trial: dict[str, Any]) -> dict[str, Any]:
+def policy_metrics(ksm: pd.DataFrame | None, trial: TrialRecord) -> dict[str, Any]:
     """trials.csv columns: policy, whether it ever turned KSM on, the nominal scan rate."""
-    policy = trial.get("policy") or {}
-    out: dict[str, Any] = {"policy": policy.get("name", "static")}
-    turned_on = policy.get("ksm_turned_on")
-    out["policy_ksm_turned_on"] = None if turned_on is None else bool(turned_on)
+    policy = trial.policy or PolicyRecord()
+    out: dict[str, Any] = {"policy": policy.name, "policy_ksm_turned_on": policy.ksm_turned_on}
     if ksm is not None:
         out.update(nominal_scan_rate(ksm))
     return out

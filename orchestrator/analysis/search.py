@@ -347,12 +347,12 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
     if spec.max_tps_loss_pct is not None and plan.guests is not None:
         off = search_trial(plan, None, 0, 0, ksm_off=True)
         study.add_trial_ids([off.trial_id])
-        yield dataclasses.replace(off, extra={"search_reason": "KSM-off reference for the tps loss limit"})
+        yield dataclasses.replace(off, search_reason="KSM-off reference for the tps loss limit")
     decisions: list[dict[str, Any]] = []
     while True:
         table = studymetrics.study_metrics(study.path) if study.meta().get("trial_ids") else None
         observations = observations_from(table, spec)
-        attempted = [r for r in study.trial_records() if not r.get("ksm_off")]
+        attempted = [r for r in study.trial_records() if not r.ksm_off]
         decision = choose(spec, observations)
         if not decision.done and len(attempted) >= spec.max_trials:
             decision = _spent_replay(spec, observations, f"trial budget spent ({len(attempted)} trials, failed ones included)")
@@ -367,4 +367,4 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
         trial = search_trial(plan, decision.next_value, repetition, len(attempted))
         study.add_trial_ids([trial.trial_id])
         log.info("search: %s", decision.reason)
-        yield dataclasses.replace(trial, extra={"search_reason": decision.reason})
+        yield dataclasses.replace(trial, search_reason=decision.reason)

@@ -140,15 +140,14 @@ def _trial_row(data: TrialData, page_size_bytes: int,
     m = trial_metrics(data, page_size_bytes, converge_tolerance_pct)
     per_proc, per_guest = m.pop("per_process"), m.pop("workload_per_guest")
     info = data.trial
-    settings = info.get("settings") or {}
-    m["_settings"] = {str(k): _settings_value(v) for k, v in settings.items()}
-    m["_ksm"] = info.get("ksm") or {}
+    m["_settings"] = {str(k): _settings_value(v) for k, v in info.settings.items()}
+    m["_ksm"] = info.ksm
     # disturbance is judged by the sweep during measure; trial.json's value wins over a ksm.csv mean
-    m["disturbed"] = bool(info.get("disturbed", False))
-    if isinstance(info.get("outside_cpu_pct"), (int, float)):
-        m["outside_cpu_pct"] = float(info["outside_cpu_pct"])
-    m["rerun_of"] = str(info["rerun_of"]) if info.get("rerun_of") else None
-    m["rerun_in_block"] = bool(info.get("rerun_in_block", False))
+    m["disturbed"] = info.disturbed
+    if info.outside_cpu_pct is not None:
+        m["outside_cpu_pct"] = float(info.outside_cpu_pct)
+    m["rerun_of"] = info.rerun_of or None
+    m["rerun_in_block"] = info.rerun_in_block
     return m, per_proc, per_guest
 
 
@@ -584,6 +583,21 @@ def _unpaired_noise_row(metric: str, values: np.ndarray) -> dict[str, Any]:
 def study_metrics(study_dir: Path) -> pd.DataFrame:
     """One row per trial (failed ones included, with status/reason and NaN metrics)."""
     return public_trials_table(compute_study(load_study(Path(study_dir))))
+
+
+@dataclass(frozen=True)
+class StudyAnalysis:
+    """A study folder read (store/studydata.py) and analysed (compute_study), once: the sweep
+    computes it for trials.csv and hands it to the report, which would otherwise read and
+    compute the same study again."""
+
+    study: StudyData
+    metrics: StudyMetrics
+
+    @classmethod
+    def of(cls, study_dir: Path) -> "StudyAnalysis":
+        study = load_study(Path(study_dir))
+        return cls(study, compute_study(study))
 
 
 def public_trials_table(sm: StudyMetrics) -> pd.DataFrame:

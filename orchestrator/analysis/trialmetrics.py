@@ -16,6 +16,7 @@ from orchestrator.analysis import costs, cowstats
 from orchestrator.plan import CONVERGE_TOLERANCE_PCT, writes_during_measure
 from orchestrator.analysis.policymetrics import policy_metrics
 from orchestrator.analysis.samplemetrics import choose_headline, ksm_metrics, phase_mask, process_metrics, refill_metrics
+from orchestrator.runners.record import ProvisionRecord, TrialRecord
 from orchestrator.store.studydata import DEFAULT_PAGE_SIZE_BYTES, TrialData, load_trial
 
 WORKLOAD_METRICS = ("tps", "qps", "latency_p95_ms")
@@ -49,11 +50,11 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def trial_wall_s(info: dict[str, Any]) -> float:
+def trial_wall_s(info: TrialRecord) -> float:
     """Seconds the sweep spent on the trial, reset to reset (trial.json started_wall..ended_wall):
     what one more trial of this plan costs, for sizing a study (design.py, confirm.py)."""
-    start, end = info.get("started_wall"), info.get("ended_wall")
-    if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end > start:
+    start, end = info.started_wall, info.ended_wall
+    if start is not None and end is not None and end > start:
         return float(end - start)
     return math.nan
 
@@ -70,25 +71,26 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     info = data.trial
     out: dict[str, Any] = {
         "trial_id": data.trial_id,
-        "status": str(info.get("status") or "unknown"),
-        "reason": info.get("reason"),
-        "ksm_off": bool(info.get("ksm_off", False)),
-        "kind": info.get("kind"),
-        "repetition": info.get("repetition"),
-        "index": info.get("index"),
+        "status": info.status,
+        "reason": info.reason,
+        "ksm_off": info.ksm_off,
+        "kind": info.kind,
+        "repetition": info.repetition,
+        "index": info.index,
         "data_problems": "; ".join(data.problems) or None,
         "per_process": pd.DataFrame(),
         "workload_per_guest": pd.DataFrame(columns=["guest", *WORKLOAD_METRICS]),
     }
-    provision = info.get("provision") or {}
-    out["guest_start"] = provision.get("start")
+    provision = info.provision or ProvisionRecord()
+    out["guest_start"] = provision.start
     # Seconds from "start the guests" to "every guest answers": restore + SSH + clock + identity
     # for restored trials, define + boot to SSH for booted ones (not kept: they did not start).
-    out["guest_start_s"] = provision.get("start_s", provision.get("boot_wall_s") if not provision.get("reused") else None)
+    out["guest_start_s"] = (provision.start_s if provision.start_s is not None
+                            else provision.boot_wall_s if not provision.reused else None)
     out["trial_wall_s"] = trial_wall_s(info)
     if out["status"] != "ok":
         return out
-    ksm_settings = info.get("ksm") or {}
+    ksm_settings = info.ksm
     if data.ksm is not None and not data.ksm.empty:
         out.update(ksm_metrics(data.ksm, ksm_settings, page_size_bytes, data.fills, converge_tolerance_pct))
     steady_window_t_s = out.pop("_steady_window_t_s", (-math.inf, math.inf))
@@ -98,7 +100,7 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
         out["per_process"] = per_proc
     # The policy's name, whether it ever ran KSM, and the scan rate its knobs asked for.
     out.update(policy_metrics(data.ksm, info))
-    workload = info.get("workload") or {}
+    workload = info.workload
     choose_headline(out, writes_during_measure(workload))
     out.update(merged_share(out, workload))
     if data.ksm is not None and data.fills is not None and not data.fills.empty:
@@ -126,18 +128,18 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
         extra.update(costs.metadata_memory(measure, page_size_bytes,
                                            float(out.get("ksm_rmap_items", math.nan))))
     # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
-    record = info.get("probe") if isinstance(info.get("probe"), dict) else {}
-    if record.get("mode") == "exposure":  # its own columns, KSM off included (the chance level)
-        extra.update(cowstats.exposure_metrics(data.exposure, record))
+    probe = info.probe
+    if probe is not None and getattr(probe, "mode", None) == "exposure":  # its own columns, KSM off included (chance)
+        extra.update(cowstats.exposure_metrics(data.exposure, probe.model_dump()))
         return extra
-    probe = record if not out["ksm_off"] else {}
-    if probe:
+    probe = probe if not out["ksm_off"] else None
+    if probe is not None:
         extra.update(costs.probe_record_metrics(probe, page_size_bytes))
-    extra.update(cowstats.cow_summary(data.cow, merged_pages=probe.get("merged_pages")))
-    if isinstance(info.get("density"), dict):
+    extra.update(cowstats.cow_summary(data.cow, merged_pages=probe.merged_pages if probe is not None else None))
+    if info.density is not None:
         from orchestrator.workloads.density import density_summary
 
-        extra.update(density_summary(info["density"]))
+        extra.update(density_summary(info.density))
     return extra
 
 

@@ -103,8 +103,9 @@ def study_summary(study_dir: Path) -> dict[str, Any]:
         "name": study.meta().get("name"),
         "trials_csv": str((study.path / "trials.csv").resolve()),
         "log": str(log_path.resolve()) if log_path.exists() else None,
-        "status_counts": dict(Counter(str(r.get("status")) for r in records)),
-        "trials": [{k: r.get(k) for k in ("trial_id", "label", "status", "reason")} for r in records],
+        "status_counts": dict(Counter(r.status for r in records)),
+        "trials": [{"trial_id": r.trial_id, "label": r.label, "status": r.status, "reason": r.reason}
+                   for r in records],
     }
 
 
@@ -170,7 +171,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from orchestrator.report.study import write_report
 
         try:
-            html = write_report(study_dir)
+            html = write_report(study_dir, outcome.analysis)  # the sweep's analysis, not computed again
             log.info("report: %s", html)
         except OrchestratorError as exc:
             log.error("report failed: %s", exc)

@@ -136,7 +136,7 @@ def _saved_traces(study: StudyData, sm: StudyMetrics, group: str) -> list[tuple[
         if not in_measure.any():
             continue
         t_s = data.ksm["t_s"].to_numpy(dtype=float)[in_measure]
-        saved = samplemetrics.saved_pages_series(data.ksm, data.trial.get("ksm") or {})[in_measure]
+        saved = samplemetrics.saved_pages_series(data.ksm, data.trial.ksm)[in_measure]
         traces.append((t_s - t_s[0], saved * study.page_size_bytes / MIB))
     return traces
 

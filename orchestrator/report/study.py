@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from orchestrator.analysis import recommend, samplemetrics, studymetrics
 from orchestrator.report import policy as policy_report
-from orchestrator.store import studydata
 from orchestrator.report.costs import cost_findings, cost_sections
 from orchestrator.report.plots import Plot, build_plots, on_trials, pareto_tolerance_mib
 from orchestrator.analysis.stats import (
@@ -42,7 +41,7 @@ from orchestrator.analysis.stats import (
 from orchestrator.fsutil import atomic_write_bytes
 from orchestrator.units import NO_VALUE, has_value, number, plus_minus
 from orchestrator.store.studydata import StudyData
-from orchestrator.analysis.studymetrics import StudyMetrics
+from orchestrator.analysis.studymetrics import StudyAnalysis, StudyMetrics
 from orchestrator.report.pages import page_template
 
 NEAR_MAX_FRACTION = 0.90
@@ -54,11 +53,13 @@ class Finding:
     warn: bool = False
 
 
-def write_report(study_dir: Path) -> Path:
-    """Write the report folder for one study and return the path of report.html."""
+def write_report(study_dir: Path, analysis: StudyAnalysis | None = None) -> Path:
+    """Write the report folder for one study and return the path of report.html. `analysis`:
+    the study already read and analysed (the sweep's, for trials.csv), else read here."""
     study_dir = Path(study_dir)
-    study = studydata.load_study(study_dir)
-    sm = studymetrics.compute_study(study)
+    if analysis is None or Path(analysis.study.study_dir) != study_dir:
+        analysis = StudyAnalysis.of(study_dir)
+    study, sm = analysis.study, analysis.metrics
     out_dir = study_dir / "report"
     out_dir.mkdir(exist_ok=True)
 

@@ -27,6 +27,8 @@ import pandas as pd
 from orchestrator.errors import OrchestratorError
 from orchestrator.host.ksm import HostSettings
 from orchestrator.plan import PhasesSection, Plan, Trial, fast_interval_s, pages_sharing_converged
+from orchestrator.runners.record import MergeableRecord, ProbeRecord, ProvisionRecord, SamplerRecord, TrialRecord
+from orchestrator.workloads.density import DensityRecord
 from orchestrator.host.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -76,33 +78,35 @@ class SteadyWait:
 @dataclass
 class TrialResult:
     """What a runner measured in one trial. The runner fills it as data arrives, so that a
-    failure or a stop request keeps what was measured; the sweep stores it (store.write_trial).
-    None means "this runner does not produce it": the field is then absent from trial.json."""
+    failure or a stop request keeps what was measured; the sweep puts its parts into the trial's
+    record (runners/record.py TrialRecord) and the store writes them. None means "this runner
+    does not produce it": the part is then absent from trial.json."""
 
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv in the trial folder
     extra_json: dict[str, Any] = field(default_factory=dict)  # <name>.json in the trial folder
-    provision: dict[str, Any] | None = None  # how the guests were started (VM runners)
+    provision: ProvisionRecord | None = None  # how the guests were started (VM runners)
     mergeable: dict[str, Any] | None = None  # VM runners: {guest: its QEMU's guest RAM VmFlags mg}
-    probe: dict[str, Any] | None = None  # the probe runner's record (costs.probe_record_metrics)
-    density: dict[str, Any] | None = None  # density.DensityResult.record()
+    probe: ProbeRecord | None = None  # the probe runner's record (costs.probe_record_metrics)
+    density: DensityRecord | None = None  # density.DensityResult.record()
     steady: SteadyWait | None = None  # None: no steady wait (steady_max_s = 0)
     converged_by_rule: bool | None = None  # measure ended by the until_converged rule
     rounds_done: int | None = None  # processes: fills by the slowest worker
-    sampler: dict[str, Any] | None = None  # sampler_health
+    sampler: SamplerRecord | None = None  # sampler_health
 
-    def record(self) -> dict[str, Any]:
-        """Its trial.json fields, in the order the runners have always written them."""
-        out: dict[str, Any] = {}
-        for name in ("provision", "mergeable", "probe", "density"):
-            if (value := getattr(self, name)) is not None:
-                out[name] = value
+    def fill(self, record: TrialRecord) -> None:
+        """Put what the runner measured into the trial's record."""
+        record.provision = self.provision
+        record.mergeable = (None if self.mergeable is None else
+                            {name: MergeableRecord.model_validate(info) for name, info in self.mergeable.items()})
+        record.probe = self.probe
+        record.density = self.density
         if self.steady is not None:
-            out.update(steady_wait_s=self.steady.wait_s, steady_timed_out=self.steady.timed_out,
-                       steady_slopes_mib_per_min=self.steady.slopes_mib_per_min)
-        for name in ("converged_by_rule", "rounds_done", "sampler"):
-            if (value := getattr(self, name)) is not None:
-                out[name] = value
-        return out
+            record.steady_wait_s = self.steady.wait_s
+            record.steady_timed_out = self.steady.timed_out
+            record.steady_slopes_mib_per_min = self.steady.slopes_mib_per_min
+        record.converged_by_rule = self.converged_by_rule
+        record.rounds_done = self.rounds_done
+        record.sampler = self.sampler
 
 
 @dataclass
@@ -268,10 +272,10 @@ class TrialRunner:
         self.close()
 
 
-def sampler_health(sampler: Sampler) -> dict[str, Any]:
-    return {
-        "error_count": sampler.error_count,
-        "last_error": repr(sampler.last_error) if sampler.last_error else None,
-        "missed_ticks": getattr(sampler, "missed_ticks", 0),
+def sampler_health(sampler: Sampler) -> SamplerRecord:
+    return SamplerRecord(
+        error_count=sampler.error_count,
+        last_error=repr(sampler.last_error) if sampler.last_error else None,
+        missed_ticks=getattr(sampler, "missed_ticks", 0),
         **sampler.budget_record(),  # the sampling budget's use, PSS reads and ages
-    }
+    )

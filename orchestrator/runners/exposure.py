@@ -24,7 +24,9 @@ from typing import Any
 
 from orchestrator.errors import WorkloadError
 from orchestrator.plan import Trial
+
 from orchestrator.runners.base import PhaseClock, TrialResult, TrialRunner, sampler_health, wait_or_stop
+from orchestrator.runners.record import ProbeRecord
 from orchestrator.workloads.exposure import ExposurePair
 from orchestrator.workloads.probe import ProbeParams
 
@@ -41,7 +43,6 @@ class ExposureRunner(TrialRunner):
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-exposure-"))
         record: dict[str, Any] = {"mode": "exposure", "secrets": e.secrets, "decoys": e.decoys, "observe_s": e.observe_s,
                                   "background_pages": e.background_pages, "duration_s": e.duration_s()}
-        result.probe = record
         try:
             with ExposurePair(params, workdir, root=self.settings.root) as pair:
                 with clock.phase("fill", None, self.progress):
@@ -71,6 +72,7 @@ class ExposureRunner(TrialRunner):
                     result.frames.update({"ksm": sampler.ksm_frame(), "processes": sampler.process_frame()})
                     result.sampler = sampler_health(sampler)
         finally:
+            result.probe = ProbeRecord.model_validate(record)  # what was measured, even on a failure
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _wait_done(self, pair: ExposurePair, bound_s: float) -> None:

@@ -11,7 +11,8 @@ Phases (trial.json timings, ksm.csv ``phase``):
     cow       ksmd stopped (run=0: merges kept); the worker times its first write to sampled
               merged and control pages (cow.csv)
     unmerge   run=2 with the worker alive, so the unmerge really breaks its merges; seconds
-              per GiB of what was merged when it started.
+              per GiB of what was merged when it started (trial.json probe.unmerge_s: not the
+              reset before every trial, which is reset_unmerge_s).
 A KSM-off trial fills and times writes with nothing merged: both regions are then the same
 kind of page, and its latency ratio is the method's own floor (near 1).
 
@@ -35,6 +36,7 @@ from orchestrator.host import probes
 from orchestrator.plan import Trial
 from orchestrator.runners.exposure import ExposureRunner
 from orchestrator.runners.base import PhaseClock, TrialResult, TrialRunner, sampler_health, wait_or_stop
+from orchestrator.runners.record import ProbeRecord
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,8 @@ class ProbeRunner(TrialRunner):
         phases = trial.phases_model
         root = self.settings.root
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-probe-"))
-        record: dict[str, Any] = {"pages": params.pages, "fill": params.fill,
-                                  "mergeable_pages": params.mergeable_pages(),
-                                  "merge_target_pages": params.merge_target_pages()}
+        record = ProbeRecord(pages=params.pages, fill=params.fill, mergeable_pages=params.mergeable_pages(),
+                             merge_target_pages=params.merge_target_pages())
         result.probe = record
         samples_path = workdir / "cow.csv"
         try:
@@ -82,7 +83,7 @@ class ProbeRunner(TrialRunner):
                         # do not share the CPU with a scan (2 cores here), nor race a re-merge.
                         self.settings.stop()
                         with clock.phase("cow", sampler, self.progress):
-                            record["cow_rows"] = worker.measure_cow(timeout_s=120)
+                            record.cow_rows = worker.measure_cow(timeout_s=120)
                         if not trial.ksm_off:
                             with clock.phase("unmerge", sampler, self.progress):
                                 self._unmerge(trial, record)
@@ -97,7 +98,7 @@ class ProbeRunner(TrialRunner):
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _merge(self, trial: Trial, clock: PhaseClock, sampler: Any, worker: ProbeWorker,
-               params: ProbeParams, record: dict[str, Any]) -> None:
+               params: ProbeParams, record: ProbeRecord) -> None:
         root = self.settings.root
         ksmd = probes.find_ksmd_pid(root)
         cpu_before = probes.read_cpu_seconds(ksmd, root) if ksmd else None
@@ -118,19 +119,17 @@ class ProbeRunner(TrialRunner):
                 wait_or_stop(self.stop, trial.phases_model.measure_s)
         wall_s = time.monotonic() - started
         cpu_after = probes.read_cpu_seconds(ksmd, root) if ksmd else None
-        record.update({
-            "merged_pages": merged,
-            "merge_target_reached": bool(merged >= target),
-            "merge_wall_s": round(wall_s, 4),
-            "merge_ksmd_cpu_s": (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None,
-        })
+        record.merged_pages = merged
+        record.merge_target_reached = bool(merged >= target)
+        record.merge_wall_s = round(wall_s, 4)
+        record.merge_ksmd_cpu_s = (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None
         if not trial.ksm_off and merged < target:
             log.warning("probe: %d of %d target pages merged after %.0f s: throughput is over a partial merge",
                         merged, target, wall_s)
 
-    def _unmerge(self, trial: Trial, record: dict[str, Any]) -> None:
+    def _unmerge(self, trial: Trial, record: ProbeRecord) -> None:
         counted = str(trial.ksm.get("use_zero_pages")) == "1"
-        record["pages_before_unmerge"] = merged_mappings(probes.read_ksm(self.settings.root), counted)
-        record["unmerge_s"] = round(self.settings.reset(timeout_s=trial.phases_model.reset_timeout_s), 4)
+        record.pages_before_unmerge = merged_mappings(probes.read_ksm(self.settings.root), counted)
+        record.unmerge_s = round(self.settings.reset(timeout_s=trial.phases_model.reset_timeout_s), 4)
         after = probes.read_ksm(self.settings.root)
-        record["pages_sharing_after_unmerge"] = after.get("pages_sharing", math.nan)
+        record.pages_sharing_after_unmerge = after.get("pages_sharing", math.nan)

@@ -46,6 +46,7 @@ from orchestrator.guests.readiness import console_tail
 from orchestrator.host import probes
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
+from orchestrator.runners.record import ProvisionRecord
 from orchestrator.workloads import guestmem, sysbench
 from orchestrator.units import MIB
 
@@ -117,9 +118,9 @@ class VmRunner(TrialRunner):
             if self.active is None:
                 with clock.phase("provision", None, self.progress):
                     self.active = self._provision(trial, key)
-                result.provision = dict(self.active.provision_info, reused=False, start=start)
+                result.provision = ProvisionRecord(**{**self.active.provision_info, "reused": False, "start": start})
             else:
-                result.provision = dict(self.active.provision_info, reused=True, start=start)
+                result.provision = ProvisionRecord(**{**self.active.provision_info, "reused": True, "start": start})
             self._measure(trial, clock, result, self.active)
         except BaseException:
             # A guest set that saw a failure is not trusted for the next trial.
@@ -134,7 +135,7 @@ class VmRunner(TrialRunner):
         saved, state_info = self._saved_set(trial, key, clock)
         with clock.phase("restore", None, self.progress):
             self.active = self._restore(trial, key, saved)
-        result.provision = dict(self.active.provision_info, **state_info, start="restore")
+        result.provision = ProvisionRecord(**{**self.active.provision_info, **state_info, "start": "restore"})
         try:
             self._measure(trial, clock, result, self.active)
         finally:
@@ -444,7 +445,7 @@ class VmRunner(TrialRunner):
         result.mergeable = mergeable_record(qemu_pids, guests_of(trial).memory_mib, self.settings.root)
         if reason := unmergeable_reason(trial, result.mergeable):
             raise ProvisionError(reason)
-        if not (result.provision or {}).get("reused"):
+        if result.provision is None or not result.provision.reused:
             # Started (booted or restored) for this trial: the throttler policy acts on it.
             for name in qemu_pids:
                 self.settings.announce_start(f"guest {name}")

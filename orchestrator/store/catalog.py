@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import StoreError
 from orchestrator.host.hostinfo import is_machine_id
+from orchestrator.runners.record import TrialRecord
 
 STUDY_FILE = "study.json"
 GOOD, FINISHED, UNFINISHED = "good", "finished", "unfinished"
@@ -104,13 +106,17 @@ def study_state(study_dir: Path, trial_ids: list[str]) -> tuple[str, int]:
     failed = 0
     for trial_id in trial_ids:
         path = study_dir / "trials" / str(trial_id) / "trial.json"
-        record = _read_json(path)
-        if not isinstance(record, dict) or record.get("status") not in ("ok", "failed"):
+        try:
+            record = TrialRecord.from_json(_read_json(path), str(path))
+        except StoreError:  # none, cut short, or a shape or schema this ksm-lab does not read
             unfinished = True
             continue
-        if record.get("status") != "ok":
+        if record.status not in ("ok", "failed"):
+            unfinished = True
+            continue
+        if record.status != "ok":
             failed += 1
-            if record.get("reason") == INTERRUPTED_REASON:
+            if record.reason == INTERRUPTED_REASON:
                 unfinished = True
         mtime = _mtime_ns(path)
         if csv_mtime is not None and mtime is not None and mtime > csv_mtime:

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import StoreError
+from orchestrator.runners.record import TrialRecord, UnknownTrialSchema, not_run_record
 # Re-exported: the study's writers have always found them here.
 from orchestrator.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -107,18 +108,25 @@ class Study:
 
     # -- trials --------------------------------------------------------------------------------
 
-    def trial_record(self, trial_id: str) -> dict[str, Any] | None:
+    def trial_record(self, trial_id: str) -> TrialRecord | None:
+        """The trial's record; None when it has none or an unreadable one (cut short, a shape
+        the model does not read): such a trial runs again on resume. A schema version this
+        ksm-lab does not read is refused (UnknownTrialSchema)."""
         path = self.trial_dir(trial_id) / "trial.json"
         try:
-            return json.loads(path.read_text())
+            return TrialRecord.from_json(json.loads(path.read_text()), str(path))
         except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        except UnknownTrialSchema:
+            raise
+        except StoreError:
             return None
 
     def is_finished(self, trial_id: str) -> bool:
         record = self.trial_record(trial_id)
-        return record is not None and record.get("status") == "ok"
+        return record is not None and record.status == "ok"
 
-    def write_trial(self, trial_id: str, record: Mapping[str, Any], frames: Mapping[str, pd.DataFrame],
+    def write_trial(self, trial_id: str, record: TrialRecord, frames: Mapping[str, pd.DataFrame],
                     extra_json: Mapping[str, Any] | None = None) -> Path:
         """Write a trial's data files, then trial.json (the mark that it is complete).
         StoreError (with the errno) when the folder cannot take them, e.g. a full disk."""
@@ -130,7 +138,7 @@ class Study:
                     atomic_write_csv(folder / f"{name}.csv", frame)
             for name, data in (extra_json or {}).items():
                 atomic_write_json(folder / f"{name}.json", data)
-            atomic_write_json(folder / "trial.json", dict(record))
+            atomic_write_json(folder / "trial.json", record.to_json())
         except OSError as exc:
             error = StoreError(f"cannot write trial {trial_id} into {folder}: {exc.strerror or exc}")
             error.errno = exc.errno  # type: ignore[attr-defined]
@@ -163,11 +171,11 @@ class Study:
         meta["trial_ids"] = meta.get("trial_ids", []) + [t for t in trial_ids if t not in meta.get("trial_ids", [])]
         atomic_write_json(self.path / "study.json", meta)
 
-    def trial_records(self) -> list[dict[str, Any]]:
+    def trial_records(self) -> list[TrialRecord]:
         records = []
         for trial_id in self.meta()["trial_ids"]:
             record = self.trial_record(trial_id)
-            records.append(record or {"trial_id": trial_id, "status": "not_run"})
+            records.append(record or not_run_record(trial_id))
         return records
 
     def write_trials_csv(self, table: pd.DataFrame) -> Path:

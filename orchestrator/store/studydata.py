@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from orchestrator.errors import StoreError
+from orchestrator.runners.record import TrialRecord, UnknownTrialSchema, not_run_record
 
 DEFAULT_PAGE_SIZE_BYTES = 4096
 
@@ -28,7 +29,7 @@ class TrialData:
     """One trial folder as the store wrote it; frames are None when the file is absent."""
 
     trial_dir: Path
-    trial: dict[str, Any]
+    trial: TrialRecord
     ksm: pd.DataFrame | None = None
     ksm_table: pa.Table | None = None  # the same ksm.csv as Arrow, for samples.parquet
     processes: pd.DataFrame | None = None
@@ -41,7 +42,7 @@ class TrialData:
 
     @property
     def trial_id(self) -> str:
-        return str(self.trial.get("trial_id") or self.trial_dir.name)
+        return self.trial.trial_id or self.trial_dir.name
 
 
 @dataclass
@@ -109,18 +110,24 @@ def _read_json(path: Path, problems: list[str]) -> Any:
 
 
 def load_trial(trial_dir: Path) -> TrialData:
-    """Read one trial folder. A folder without trial.json is reported as status "not_run"."""
+    """Read one trial folder. A folder without trial.json, or with one that cannot be read
+    (cut short, a shape the record's model does not read), is reported as status "not_run"
+    with the reason; a trial.json of a schema version this ksm-lab does not read is refused
+    (UnknownTrialSchema: the study was written by another ksm-lab)."""
     trial_dir = Path(trial_dir)
     problems: list[str] = []
-    trial = _read_json(trial_dir / "trial.json", problems)
-    if not isinstance(trial, dict):
-        trial = {
-            "trial_id": trial_dir.name,
-            "status": "not_run",
-            "reason": problems[0] if problems else "no trial.json (not run, or crashed before storing)",
-            "settings": {},
-            "ksm": {},
-        }
+    raw = _read_json(trial_dir / "trial.json", problems)
+    trial: TrialRecord | None = None
+    if raw is not None:
+        try:
+            trial = TrialRecord.from_json(raw, str(trial_dir / "trial.json"))
+        except UnknownTrialSchema:
+            raise
+        except StoreError as exc:
+            problems.append(str(exc))
+    if trial is None:
+        trial = not_run_record(trial_dir.name, problems[0] if problems else
+                               "no trial.json (not run, or crashed before storing)")
     summary = _read_json(trial_dir / "workload_summary.json", problems)
     ksm_table = _read_table(trial_dir / "ksm.csv", problems)
     return TrialData(

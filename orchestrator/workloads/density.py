@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import math
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from pydantic import Field
 
 from orchestrator.errors import WorkloadError
-from orchestrator.validation import Strict
+from orchestrator.validation import RecordPart, Strict
 from orchestrator.units import MIB
 
 PATTERN_PATH = "/dev/shm/ksmlab-density.pattern"
@@ -193,9 +193,23 @@ class DensityResult:
     floor_crossed: bool = False
     mismatches: list[str] = field(default_factory=list)
 
-    def record(self) -> dict[str, Any]:
-        return {"steps": [asdict(s) for s in self.steps], "stop_reason": self.stop_reason,
-                "floor_crossed": self.floor_crossed, "mismatches": self.mismatches}
+    def record(self) -> "DensityRecord":
+        return DensityRecord(steps=list(self.steps), stop_reason=self.stop_reason,
+                             floor_crossed=self.floor_crossed, mismatches=list(self.mismatches))
+
+
+class DensityRecord(RecordPart):
+    """density ([density] trials): how guest density went (run_density)."""
+
+    steps: list[Step] = Field(default_factory=list)
+    """Each step, the host with N guests after KSM converged: guests, guests_pss_mib,
+    mem_available_mib, ksmd_cpu_pct, tps_per_guest, converged, pages_sharing (density.csv)."""
+    stop_reason: str = ""
+    """Why no further guest was added."""
+    floor_crossed: bool = False
+    """MemAvailable fell under the floor."""
+    mismatches: list[str] = Field(default_factory=list)
+    """The guests whose pattern did not verify."""
 
 
 def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
@@ -235,20 +249,19 @@ def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
     return result
 
 
-def density_summary(record: dict[str, Any]) -> dict[str, Any]:
+def density_summary(record: DensityRecord) -> dict[str, Any]:
     """trials.csv columns from trial.json's "density" record."""
-    steps = record.get("steps") or []
-    if not steps:
+    if not record.steps:
         return {}
-    final = steps[-1]
-    guests = int(final.get("guests", 0))
+    final = record.steps[-1]
+    guests = int(final.guests)
     return {
         "density_guests": guests,
-        "density_stop_reason": record.get("stop_reason"),
-        "density_floor_crossed": bool(record.get("floor_crossed", False)),
-        "density_guests_pss_mib": final.get("guests_pss_mib"),
-        "density_pss_per_guest_mib": final["guests_pss_mib"] / guests if guests else math.nan,
-        "density_ksmd_cpu_pct": final.get("ksmd_cpu_pct"),
-        "density_tps_per_guest": final.get("tps_per_guest"),
-        "density_mismatches": len(record.get("mismatches") or []),
+        "density_stop_reason": record.stop_reason,
+        "density_floor_crossed": record.floor_crossed,
+        "density_guests_pss_mib": final.guests_pss_mib,
+        "density_pss_per_guest_mib": final.guests_pss_mib / guests if guests else math.nan,
+        "density_ksmd_cpu_pct": final.ksmd_cpu_pct,
+        "density_tps_per_guest": final.tps_per_guest,
+        "density_mismatches": len(record.mismatches),
     }
