@@ -131,6 +131,33 @@ def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(pristine_conn
     assert files_under(tmp_path / "work") == []
 
 
+def test_libvirt_dropping_the_connection_while_guests_start_is_the_host(pristine_conn, image, options, tmp_path,
+                                                                        monkeypatch) -> None:
+    """libvirtd stopped while a guest is defined, started or restored: keepalive drops the
+    connection and the call fails. That is HostUnresponsive (the sweep ends the study with what
+    to do), not "a guest failed to start" (every later trial would wait on the dead daemon);
+    the teardown still removes what was made."""
+    real = GuestSet._bring_up
+
+    def bring_up_then_lose(self, slot, lib_version):
+        real(self, slot, lib_version)
+        self._on_connection_lost("no keepalive answer for 15 s: libvirtd is stopped or wedged")
+        raise libvirt.libvirtError("internal error: connection closed due to keepalive timeout")
+
+    monkeypatch.setattr(GuestSet, "_bring_up", bring_up_then_lose)
+    with pytest.raises(HostUnresponsive, match=r"starting guests \(1 of 1 guests failed to start: .*keepalive") as caught:
+        GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    assert "stopped answering (no keepalive answer for 15 s" in str(caught.value)
+    assert "cleanup --study gone" in caught.value.advice
+    assert names(pristine_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+    monkeypatch.setattr(GuestSet, "_bring_up", lambda self, slot, v: (_ for _ in ()).throw(
+        libvirt.libvirtError("define refused")))
+    with pytest.raises(ProvisionError) as plain:  # a connection that still answers: a guest's failure
+        GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    assert not isinstance(plain.value, HostUnresponsive)
+
+
 def test_study_name_with_xml_special_characters(pristine_conn, image, options, tmp_path) -> None:
     with GuestSet(TEST_URI, NASTY, [GuestRequest(memory_mib=128)], image, options) as guests:
         assert names(pristine_conn) == {"test", f"ksmlab-{NASTY}-0"}

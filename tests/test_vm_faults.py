@@ -216,7 +216,10 @@ def _kill_at(case: str, study: str, workdir: Path, results_dir: Path, tmp_path: 
             finally:
                 os.kill(libvirtd, signal.SIGCONT)
             text = output.read_text(errors="replace")
-            assert code in (1, 2), text[-3000:]  # a failed trial or a halted study: never a traceback
+            # The host's problem: the study ends with what to do (exit 2), not "some trials failed"
+            # (each later trial would wait on the dead daemon), never a traceback.
+            assert code == 2, text[-3000:]
+            assert "libvirt at qemu:///system" in text and f"cleanup --study {study}" in text, text[-3000:]
             assert "Traceback" not in text, text[-3000:]
             assert took_s < STOPPED_LIBVIRTD_S, (took_s, text[-3000:])
             return f"sweep ended {took_s:.0f} s after libvirtd stopped, exit {code}"
