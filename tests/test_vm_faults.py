@@ -195,7 +195,7 @@ def _kill_at(case: str, study: str, workdir: Path, results_dir: Path, tmp_path: 
             _wait_for(sweep, "phase save", _log_says(log, r"phase save"))
             _wait_for(sweep, "a save image being written", _save_file_growing(workdir, study))
         elif case == "saved":  # saved and torn down, not yet restored: no domain names the state
-            _wait_for(sweep, "the saved state", _log_says(log, r"saved guest state"), poll_s=0.01)
+            _wait_for(sweep, "the saved state", _log_says(log, r": saved guest state "), poll_s=0.01)
         elif case == "restore":
             _wait_for(sweep, "phase restore", _log_says(log, r"phase restore"), poll_s=0.01)
             _wait_for(sweep, "a restoring guest", _domain_of(study, states=(
