@@ -84,6 +84,8 @@ def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path
         except OrchestratorError as exc:
             results.append(CheckResult("plan", False, str(exc)))
     vm_results = check_host(plan_needs_vms=True, uri=libvirt_uri(connect, plan_uri))
+    if (kvm_row := kvm_access_check(root)) is not None:
+        vm_results.append(kvm_row)
     if not needs_vms:
         # Without a VM plan the VM checks are information: they cannot make the host unready.
         vm_results = [dataclasses.replace(r, blocking=False) for r in vm_results]
@@ -149,17 +151,51 @@ QEMU_USER = "libvirt-qemu"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 
-def qemu_user(qemu_conf: Path = QEMU_CONF) -> str:
-    """The user= of qemu.conf's active lines, else libvirt's default."""
+def _qemu_conf_value(name: str, qemu_conf: Path) -> str | None:
+    """The value of qemu.conf's last active `name = "..."` line, None when absent."""
     try:
         lines = qemu_conf.read_text(errors="replace").splitlines()
     except OSError:
-        return QEMU_USER
+        return None
     for line in reversed(lines):
         key, _, value = line.partition("=")
-        if key.strip() == "user" and not line.lstrip().startswith("#"):
-            return value.strip().strip('"') or QEMU_USER
-    return QEMU_USER
+        if key.strip() == name and not line.lstrip().startswith("#"):
+            return value.strip().strip('"') or None
+    return None
+
+
+def qemu_user(qemu_conf: Path = QEMU_CONF) -> str:
+    """The user= of qemu.conf's active lines, else libvirt's default."""
+    return _qemu_conf_value("user", qemu_conf) or QEMU_USER
+
+
+def _qemu_ids(user: str, qemu_conf: Path) -> tuple[int, set[int]] | None:
+    """QEMU's uid and groups: qemu.conf's group= (else the user's own), plus the user's
+    supplementary groups, which libvirt gives the QEMU process. None: no such user here."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    gids = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    if (group := _qemu_conf_value("group", qemu_conf)) is not None:
+        try:
+            gids = (gids - {entry.pw_gid}) | {grp.getgrnam(group).gr_gid}
+        except KeyError:
+            pass  # libvirt refuses to start QEMU then, and says so
+    return entry.pw_uid, gids
+
+
+def _access_bits(st: os.stat_result, uid: int, gids: set[int]) -> int:
+    """The rwx bits (0-7) of a file's mode that apply to uid with these groups (owner, else
+    group, else other: the first class that matches decides, as the kernel does; ACLs aside)."""
+    if st.st_uid == uid:
+        return (st.st_mode >> 6) & 7
+    if st.st_gid in gids:
+        return (st.st_mode >> 3) & 7
+    return st.st_mode & 7
 
 
 def unreachable_by(folder: Path, uid: int, gids: set[int]) -> Path | None:
@@ -170,41 +206,73 @@ def unreachable_by(folder: Path, uid: int, gids: set[int]) -> Path | None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     for step in (*reversed(folder.parents), folder):
-        st = step.stat()
-        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid in gids else 0o001
-        if not st.st_mode & bit:
+        if not _access_bits(step.stat(), uid, gids) & 1:
             return step
     return None
 
 
 def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResult]:
     """Can QEMU's user reach the folders its disks live in (overlays, saved states, the image)?"""
-    import grp
-    import pwd
-
     from orchestrator.guests.images import default_cache_dir
     from orchestrator.guests.provision import DEFAULT_WORK_ROOT
 
     user = qemu_user(qemu_conf)
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
+    ids = _qemu_ids(user, qemu_conf)
+    if ids is None:
         return []  # no such user here: libvirt will say so itself, and `host setup` creates it
-    if entry.pw_uid == 0:
+    uid, gids = ids
+    if uid == 0:
         return []
-    gids = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
     g = plan.guests
     folders = {"guest work folder": Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT,
                "image cache": default_cache_dir()}
     results = []
     for name, folder in folders.items():
-        blocked = unreachable_by(folder, entry.pw_uid, gids)
+        blocked = unreachable_by(folder, uid, gids)
         results.append(CheckResult(
             f"{name} reachable by {user}", blocked is None,
             f"{folder}" if blocked is None else
             f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}) lets {user} not search it: QEMU cannot "
             f"open disks under {folder}; give the folders above it x for {user} (e.g. chmod o+x {blocked})"))
     return results
+
+
+def kvm_access_check(root: Path = Path("/"), qemu_conf: Path = QEMU_CONF) -> CheckResult | None:
+    """Can QEMU's user (qemu.conf, else libvirt's default) open /dev/kvm read-write? This user
+    (root) can, so domain_type "auto" picks kvm wherever the CPU has vmx/svm; a /dev/kvm only
+    root may open (0600 root:root, a host without udev's kvm rule) then fails every guest start.
+    A warning, not a refusal: TCG guests (domain_type "qemu") do not need it. None: no /dev/kvm,
+    or no such user (libvirt says so itself)."""
+    import grp
+    import pwd
+
+    dev_kvm = root / "dev/kvm"
+    try:
+        st = dev_kvm.stat()
+    except OSError:
+        return None
+    user = qemu_user(qemu_conf)
+    ids = _qemu_ids(user, qemu_conf)
+    if ids is None:
+        return None
+    uid, gids = ids
+    name = f"/dev/kvm usable by {user}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    mode = f"{st.st_mode & 0o777:o} {owner}:{group}"
+    if uid == 0 or _access_bits(st, uid, gids) & 6 == 6:
+        return CheckResult(name, True, f"{dev_kvm} is {mode}", blocking=False)
+    return CheckResult(name, False, (
+        f"{dev_kvm} is {mode}: QEMU runs as {user} (qemu.conf, else libvirt's default) and cannot open it "
+        f"read-write, so guests of domain type kvm fail to start (domain_type = \"auto\" picks kvm when the CPU "
+        f"has vmx/svm); give it to a group {user} is in (chgrp kvm {dev_kvm}; chmod 660 {dev_kvm}, as udev's "
+        f"kvm rule does) or set [guests] domain_type = \"qemu\""), blocking=False)
 
 
 def memory_backing_checks(trials: list[Any]) -> list[CheckResult]:

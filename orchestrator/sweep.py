@@ -134,9 +134,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
         planned = [] if plan.search is not None else [t.trial_id for t in trials]  # search: chosen as it goes
         study = Study.create(results_dir, plan.study.name, plan_text, planned, resume, order=run_order(plan))
         marker = running_marker()
-        # The libvirt URI and study name let the next sweep remove guests this one leaves if killed.
-        atomic_write_json(marker, {"study": str(study.path), "pid": os.getpid(), "name": plan.study.name,
-                                   "uri": plan.guests.uri if plan.guests is not None else None})
+        # The libvirt URI, study name and work folder let the next sweep remove guests (and uncached
+        # saved states) this one leaves if killed.
+        atomic_write_json(marker, _marker_record(plan, study.path))
         if plan.search is not None:
             from orchestrator.analysis.search import search_trials
 
@@ -203,7 +203,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                             write_trials_table(study, outcome.analysis)
                         except StoreError as exc:
                             log.error("trials.csv not written: %s", exc)
-                        marker.unlink(missing_ok=True)  # knobs restored: nothing left to heal
+                        _close_marker(marker, plan)
     if outcome.aborted is not None:
         halt = outcome.aborted
         raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
@@ -233,10 +233,52 @@ def running_marker() -> Path:
     return run_dir() / "sweep-study.json"
 
 
+def _marker_record(plan: Plan, study_path: Path) -> dict[str, Any]:
+    record: dict[str, Any] = {"study": str(study_path), "pid": os.getpid(), "name": plan.study.name, "uri": None}
+    if plan.guests is not None:
+        from orchestrator.guests.provision import DEFAULT_WORK_ROOT, study_work_dir
+
+        work_root = Path(plan.guests.workdir) if plan.guests.workdir else DEFAULT_WORK_ROOT
+        record.update(uri=plan.guests.uri, work_dir=str(study_work_dir(work_root, plan.study.name).absolute()))
+    return record
+
+
+# How long the sweep's last look for guests it could not tear down waits for libvirt to answer.
+LEFTOVER_CHECK_TIMEOUT_S = 10.0
+
+
+def _close_marker(marker: Path, plan: Plan) -> None:
+    """The knobs are restored. The marker goes, unless guests of this study may still be defined
+    (libvirtd stopped answering during a trial or the teardown, so the set could not be torn down;
+    a restore that libvirtd finishes once it runs again starts a guest nobody owns): then it stays,
+    marked so, and the next sweep removes them (heal_killed_sweep) without touching the knobs."""
+    if plan.guests is not None:
+        from orchestrator.guests.cleanup import leftover
+
+        name = plan.study.name
+        try:
+            left = leftover(plan.guests.uri, (name, f"{name}-prep"), LEFTOVER_CHECK_TIMEOUT_S)
+        except OrchestratorError as exc:
+            left = [f"unknown ({exc})"]
+        if left:
+            log.warning("guests of this study may be left (%s): the next sweep removes them, or run "
+                        "`ksm-lab cleanup --study %s`", ", ".join(left), name)
+            try:
+                recorded = json.loads(marker.read_text())
+                atomic_write_json(marker, dict(recorded, settings_restored=True, guests_left=left))
+                return
+            except (OSError, ValueError, OrchestratorError) as exc:
+                log.error("%s: could not mark the guests left: %s", marker, exc)
+    marker.unlink(missing_ok=True)
+
+
 def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
     """Undo what a killed sweep left (call with the host lock held): stop the ksmtuned it
-    started (by recorded pid and start time), put back the knobs of its settings record, and
-    remove the guests it left (only those whose metadata names its study, on its libvirt URI).
+    started (by recorded pid and start time), put back the knobs of its settings record (unless
+    it ended and restored them itself, leaving only guests libvirt would not let it remove), and
+    remove the guests it left (only those whose metadata names its study, on its libvirt URI)
+    with its uncached saved states. One attempt: a libvirt that cannot be reached is named for
+    `ksm-lab cleanup` and the marker goes.
 
     Leftover guests would keep running through the next night, ksmd scanning them, and their
     saved-state names would make every restored trial fail."""
@@ -255,24 +297,26 @@ def heal_killed_sweep(root: Path = Path("/")) -> list[str]:
 
     done += [f"stopped {line}" for line in stop_left_behind(study_dir)]
     record = study_dir / "settings-record.json"
-    if record.exists():
+    if record.exists() and not recorded.get("settings_restored"):
         done += [f"restored {line}" for line in HostSettings(record, root).restore()]
     done += _remove_killed_guests(recorded, study_dir)
-    log.warning("the last sweep (%s) was killed before it cleaned up: %s", study_dir, "; ".join(done) or "nothing left")
+    how = "ended leaving guests" if recorded.get("settings_restored") else "was killed before it cleaned up"
+    log.warning("the last sweep (%s) %s: %s", study_dir, how, "; ".join(done) or "nothing left")
     marker.unlink(missing_ok=True)
     return done
 
 
 def _remove_killed_guests(recorded: dict[str, Any], study_dir: Path) -> list[str]:
     """The killed sweep's guests (and their saved-state builds' guests, "<name>-prep"), removed
-    through `cleanup`; a libvirt that cannot be reached leaves them, named for `ksm-lab cleanup`."""
+    through `cleanup`, then its uncached saved states; a libvirt that cannot be reached leaves
+    them, named for `ksm-lab cleanup`."""
     uri, name = recorded.get("uri"), recorded.get("name")
     if not isinstance(uri, str) or not isinstance(name, str):
         plan_file = study_dir / "plan.toml"
         if plan_file.exists() and "[guests]" in plan_file.read_text(errors="replace"):
             log.warning("the killed sweep of %s ran guests: `ksm-lab cleanup` removes any it left", study_dir)
         return []
-    from orchestrator.guests.cleanup import cleanup
+    from orchestrator.guests.cleanup import cleanup, remove_study_states
 
     removed: list[str] = []
     for study in (name, f"{name}-prep"):
@@ -280,8 +324,12 @@ def _remove_killed_guests(recorded: dict[str, Any], study_dir: Path) -> list[str
             removed += cleanup(uri, study=study)
         except OrchestratorError as exc:
             log.warning("could not remove the killed sweep's guests (%s): run `ksm-lab cleanup -c %s`", exc, uri)
-            break
-    return [f"removed guest {guest}" for guest in removed]
+            return [f"removed guest {guest}" for guest in removed]
+    done = [f"removed guest {guest}" for guest in removed]
+    work_dir = recorded.get("work_dir")
+    if isinstance(work_dir, str) and remove_study_states(Path(work_dir)):
+        done.append(f"removed the uncached saved states in {work_dir}")
+    return done
 
 
 def _refuse_unreachable_libvirt(uri: str) -> None:

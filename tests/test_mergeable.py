@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from orchestrator.host import probes
 from orchestrator.plan import expand, parse_plan
 from orchestrator.runners.vm import mergeable_record, unmergeable_reason
@@ -90,3 +92,29 @@ def test_vm_record_and_refusal_on_real_processes(holder):
     plain.kill()
     plain.wait()
     assert mergeable_record({"g1": gone}, 64, probes.Path("/"))["g1"] == {"pid": gone, "error": "the process has gone"}
+
+
+def test_density_trials_record_each_started_guest_and_refuse_an_unmergeable_one(holder):
+    """Density restores its guests one by one: each one's mg flags join the trial's record as
+    it starts (the same record VM trials write), and a guest KSM cannot merge fails the trial
+    after it is recorded; guests opted out of KSM (nosharepages) are recorded, not refused."""
+    from orchestrator.errors import ProvisionError
+    from orchestrator.runners.density import note_mergeable
+
+    plan = ('[study]\nname = "d"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 128\n{guests}\n'
+            "[density]\nbudget_mib = 1024\nmem_available_floor_mib = 512\nmax_guests = 3\n"
+            "[sweep.ksm]\npages_to_scan = [100]\n")
+    (trial,) = expand(parse_plan(plan.format(guests="")))
+    marked, other, plain = holder(64, mergeable=True), holder(64, mergeable=True), holder(64, mergeable=False)
+    record: dict = {}
+    note_mergeable(record, trial, {"g0": marked.pid}, probes.Path("/"))
+    note_mergeable(record, trial, {"g1": other.pid}, probes.Path("/"))
+    assert [(name, info["pid"], info["mergeable"]) for name, info in record.items()] == [
+        ("g0", marked.pid, True), ("g1", other.pid, True)]
+    with pytest.raises(ProvisionError, match=rf"g2 \(QEMU pid {plain.pid}: 1 of 1 guest RAM mappings without mg\)"):
+        note_mergeable(record, trial, {"g2": plain.pid}, probes.Path("/"))
+    assert record["g2"]["mergeable"] is False  # recorded before the refusal
+    (opted_out,) = expand(parse_plan(plan.format(guests="nosharepages = true")))
+    kept: dict = {}
+    note_mergeable(kept, opted_out, {"g0": plain.pid}, probes.Path("/"))
+    assert kept["g0"]["mergeable"] is False

@@ -111,3 +111,44 @@ def test_check_shows_the_refused_backing(tmp_path):
     plan.write_text(_vm_plan("hugepages = true"))
     results = {r.name: r for r in run_checks(plan)}
     assert not results["guest RAM mergeable backing"].ok and not ready(list(results.values()))
+
+
+def test_a_dev_kvm_qemu_s_user_cannot_open_is_a_warning_row(tmp_path):
+    """A crafted /dev/kvm (a file with the device's owner and mode) and qemu.conf: the row warns
+    when QEMU's user may not open it read-write, and never blocks (TCG guests do not need it)."""
+    import os
+
+    from orchestrator.preflight import kvm_access_check, qemu_user
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to root:root")
+    conf = tmp_path / "qemu.conf"
+    assert kvm_access_check(tmp_path, conf) is None  # no /dev/kvm: the kvm row speaks for it
+    kvm = tmp_path / "dev" / "kvm"
+    kvm.parent.mkdir()
+    kvm.write_text("")
+    os.chown(kvm, 0, 0)
+    kvm.chmod(0o600)
+    conf.write_text('# user = "root"\nuser = "nobody"\n')
+    row = kvm_access_check(tmp_path, conf)
+    assert row is not None and not row.ok and not row.blocking and row.name == "/dev/kvm usable by nobody"
+    assert f"{kvm} is 600 root:root: QEMU runs as nobody" in row.detail and 'domain_type = "qemu"' in row.detail
+    os.chown(kvm, 0, 65534)
+    kvm.chmod(0o660)
+    assert kvm_access_check(tmp_path, conf).ok  # through nobody's own group
+    conf.write_text('user = "nobody"\ngroup = "root"\n')
+    assert not kvm_access_check(tmp_path, conf).ok  # QEMU runs with group root, not nobody's nogroup
+    kvm.chmod(0o640)
+    conf.write_text('user = "nobody"\n')
+    assert not kvm_access_check(tmp_path, conf).ok  # read-only for the group is not enough
+    kvm.chmod(0o606)  # group nogroup (nobody's) may not, though others may: the group class decides
+    assert not kvm_access_check(tmp_path, conf).ok
+    os.chown(kvm, 0, 0)
+    assert kvm_access_check(tmp_path, conf).ok and "606 root:root" in kvm_access_check(tmp_path, conf).detail
+    kvm.chmod(0o600)
+    conf.write_text('user = "root"\n')
+    assert kvm_access_check(tmp_path, conf).ok
+    # `check` shows it among the VM rows, for the host's own qemu.conf (libvirt's default user here)
+    rows = {r.name: r for r in run_checks(None, root=tmp_path)}
+    row = rows[f"/dev/kvm usable by {qemu_user()}"]
+    assert row.ok == (qemu_user() == "root") and not row.blocking

@@ -131,6 +131,33 @@ def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(pristine_conn
     assert files_under(tmp_path / "work") == []
 
 
+def test_libvirt_dropping_the_connection_while_guests_start_is_the_host(pristine_conn, image, options, tmp_path,
+                                                                        monkeypatch) -> None:
+    """libvirtd stopped while a guest is defined, started or restored: keepalive drops the
+    connection and the call fails. That is HostUnresponsive (the sweep ends the study with what
+    to do), not "a guest failed to start" (every later trial would wait on the dead daemon);
+    the teardown still removes what was made."""
+    real = GuestSet._bring_up
+
+    def bring_up_then_lose(self, slot, lib_version):
+        real(self, slot, lib_version)
+        self._on_connection_lost("no keepalive answer for 15 s: libvirtd is stopped or wedged")
+        raise libvirt.libvirtError("internal error: connection closed due to keepalive timeout")
+
+    monkeypatch.setattr(GuestSet, "_bring_up", bring_up_then_lose)
+    with pytest.raises(HostUnresponsive, match=r"starting guests \(1 of 1 guests failed to start: .*keepalive") as caught:
+        GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    assert "stopped answering (no keepalive answer for 15 s" in str(caught.value)
+    assert "cleanup --study gone" in caught.value.advice
+    assert names(pristine_conn) == {"test"}
+    assert files_under(tmp_path / "work") == []
+    monkeypatch.setattr(GuestSet, "_bring_up", lambda self, slot, v: (_ for _ in ()).throw(
+        libvirt.libvirtError("define refused")))
+    with pytest.raises(ProvisionError) as plain:  # a connection that still answers: a guest's failure
+        GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    assert not isinstance(plain.value, HostUnresponsive)
+
+
 def test_study_name_with_xml_special_characters(pristine_conn, image, options, tmp_path) -> None:
     with GuestSet(TEST_URI, NASTY, [GuestRequest(memory_mib=128)], image, options) as guests:
         assert names(pristine_conn) == {"test", f"ksmlab-{NASTY}-0"}
@@ -717,6 +744,57 @@ def test_next_sweep_heal_removes_only_the_killed_studys_guests(pristine_conn, im
     assert not marker.exists()
     for guest_set in (killed, prep, other):
         guest_set.teardown()  # releases this process's ports and connections
+
+
+def test_a_sweep_that_could_not_tear_down_keeps_its_marker_for_the_next_one(pristine_conn, image, options, tmp_path,
+                                                                           monkeypatch, caplog) -> None:
+    """A sweep that ends with its guests still defined (libvirtd stopped answering, and a restore
+    it finished later started one) keeps its marker, marked "settings restored": the next sweep
+    removes the guests, with the study's uncached saved states, and leaves the knobs alone. A
+    sweep whose guests are all gone removes its marker."""
+    from orchestrator import sweep as sweep_module
+    from orchestrator.guests import states
+    from orchestrator.plan import parse_plan
+
+    monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
+    work = tmp_path / "plan-work"  # not the guest set's (options): only the heal's own step can clear it
+    plan = parse_plan(f'[study]\nname = "night"\n[workload]\ntype = "idle"\n[guests]\nuri = "{TEST_URI}"\n'
+                      f'workdir = "{work}"\n')
+    left = GuestSet(TEST_URI, "night", [GuestRequest(memory_mib=128)], image, options).__enter__()
+    marker = sweep_module.running_marker()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    record = sweep_module._marker_record(plan, tmp_path / "results" / "night")
+    assert record["work_dir"] == str(work / "night") and record["uri"] == TEST_URI
+    marker.write_text(json.dumps(record))
+    sweep_module._close_marker(marker, plan)
+    kept = json.loads(marker.read_text())
+    assert kept["settings_restored"] is True and kept["guests_left"] == ["ksmlab-night-0"]
+    # Uncached saved states no domain names (killed between saving and restoring), and a
+    # half-built set whose sweep is dead; a file that is not a state file keeps its folder.
+    saved = work / "night" / states.UNCACHED_STATES / "0123456789abcdef"
+    build = work / "night" / states.UNCACHED_STATES / ".0123456789abcdef.build-999999"
+    for folder in (saved, build):
+        folder.mkdir(parents=True)
+        (folder / "g0.save").write_text("memory")
+    (tmp_path / "results" / "night").mkdir(parents=True)
+    (tmp_path / "results" / "night" / "settings-record.json").write_text("[]")
+    with monkeypatch.context() as m:
+        m.setattr(sweep_module.HostSettings, "restore", lambda self: pytest.fail("knobs restored twice"))
+        done = sweep_module.heal_killed_sweep()
+    assert done == ["removed guest ksmlab-night-0", f"removed the uncached saved states in {work / 'night'}"]
+    assert "ended leaving guests" in caplog.text
+    assert not (work / "night").exists() and not marker.exists()
+    assert not {name for name in names(pristine_conn) if name.startswith("ksmlab-")}
+    left.teardown()  # releases this process's ports and connections
+    marker.write_text(json.dumps(record))
+    sweep_module._close_marker(marker, plan)  # nothing left: the marker goes
+    assert not marker.exists()
+    other = work / "other" / states.UNCACHED_STATES / "0123456789abcdef"
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("not ours")
+    from orchestrator.guests.cleanup import remove_study_states
+
+    assert remove_study_states(work / "other") is False and (other / "notes.txt").exists()
 
 
 def test_heal_with_libvirt_unreachable_names_cleanup_and_goes_on(tmp_path, monkeypatch, caplog) -> None:

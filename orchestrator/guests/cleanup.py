@@ -18,7 +18,7 @@ import libvirt
 
 from orchestrator.guests import states
 from orchestrator.guests.domains import METADATA_NS, parse_metadata
-from orchestrator.guests.libvirtconn import error_code, libvirt_errors, open_connection
+from orchestrator.guests.libvirtconn import connect, error_code, libvirt_errors, open_connection
 from orchestrator.guests.ports import PortRegistry
 
 # Every domain GuestSet defines is named so: ksmlab-<study>-<i>, restored ones ksmlab-st<key>-<i>.
@@ -149,4 +149,33 @@ def cleanup(uri: str, study: str | None = None) -> list[str]:
             removed.append(name)
     # A killed sweep never released its forwarded ports; its entries go with its guests.
     PortRegistry().prune()
+    return removed
+
+
+def leftover(uri: str, studies: tuple[str, ...], timeout_s: float) -> list[str]:
+    """Names of our domains (by metadata) of any of `studies` still defined at `uri`; libvirt
+    is given timeout_s to answer the open (HostUnresponsive / ProvisionError otherwise)."""
+    conn = connect(uri, timeout_s=timeout_s)
+    try:
+        with libvirt_errors(f"listing domains on {uri}"):
+            return [dom.name() for dom in conn.listAllDomains(0) if dom.name().startswith(NAME_PREFIX)
+                    and (meta := _our_metadata(dom)) is not None and meta.study in studies]
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def remove_study_states(work_dir: Path) -> bool:
+    """A killed study's uncached saved states in its work folder (cache_states = false), which no
+    domain names once its guests are gone (killed between saving and restoring): half-built ones
+    whose sweep is dead, then the saved ones (only folders of nothing but state files), then the
+    folder itself if empty. True if anything was removed."""
+    folder = work_dir / states.UNCACHED_STATES
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    removed = bool(states.remove_stale_builds(folder))
+    states.remove_uncached_states(folder)
+    removed |= not folder.exists()
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # only when empty
     return removed

@@ -509,12 +509,20 @@ class GuestSet:
                 detail = "; ".join(f"{slot.name}: {e}" for slot, e in failed)
                 raise ProvisionError(f"{len(failed)} of {len(self._slots)} guests failed to start: {detail}")
         except BaseException as exc:
+            # Read before the teardown reconnects (which forgets why the old connection died).
+            lost = self.connection_lost or (None if self._conn is None or is_alive(self._conn)
+                                            else "connection dead")
+
             def finish() -> None:
                 # Threads still defining/starting must finish before we undo their work.
                 executor.shutdown(wait=True, cancel_futures=True)
                 self.teardown()
 
             self._teardown_after(exc, finish)
+            if lost is not None and isinstance(exc, Exception) and not isinstance(exc, HostUnresponsive):
+                # libvirtd stopped answering while the guests were defined, started or restored:
+                # the host's problem (the study ends there), not a guest that failed to start.
+                raise self._unresponsive(f"starting guests ({exc})", why=lost) from exc
             raise
         executor.shutdown(wait=True)
         return self
@@ -543,10 +551,10 @@ class GuestSet:
         self.connection_lost = why
         log.error("lost the libvirt connection to %s: %s", self.uri, why)
 
-    def _unresponsive(self, what: str) -> HostUnresponsive:
+    def _unresponsive(self, what: str, why: str | None = None) -> HostUnresponsive:
         names = ", ".join(slot.name for slot in self._slots if not slot.torn_down) or "none"
         return HostUnresponsive(
-            f"{what}: libvirt at {self.uri} stopped answering ({self.connection_lost or 'connection dead'}); "
+            f"{what}: libvirt at {self.uri} stopped answering ({why or self.connection_lost or 'connection dead'}); "
             f"guests left as they were: {names}",
             advice=f"Once libvirtd answers again, run `ksm-lab cleanup --study {self.study}` to remove "
                    "them, then the same sweep with --resume.")

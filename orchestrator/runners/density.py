@@ -22,17 +22,22 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import pandas as pd
 
 from orchestrator.guests import states
 from orchestrator.host import probes
 from orchestrator.workloads import density
-from orchestrator.errors import WorkloadError
+from orchestrator.errors import ProvisionError, WorkloadError
 from orchestrator.guests.guest import GuestSession
 from orchestrator.plan import Trial, pages_sharing_converged
 from orchestrator.guests.provision import GuestSet
 from orchestrator.runners.base import PhaseClock, TrialResult, sampler_health, wait_or_stop
-from orchestrator.runners.vm import VmRunner, guest_set_key, guests_of, set_clock_and_check
+from orchestrator.runners.vm import (
+    VmRunner, guest_set_key, guests_of, mergeable_record, set_clock_and_check, unmergeable_reason)
 from orchestrator.workloads import sysbench
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ class VmDensityHost:
         self.sets: list[GuestSet] = []
         self.sessions: dict[int, GuestSession] = {}
         self.pids: dict[str, int] = {}
+        self.mergeable: dict[str, Any] = {}  # {guest: its QEMU's guest RAM VmFlags mg}, as VM trials record
         self.root = runner.settings.root
         workload = trial.workload_model
         self.params = workload.params() if isinstance(workload, sysbench.SysbenchWorkload) else None
@@ -72,7 +78,9 @@ class VmDensityHost:
         session.connect()
         self.sessions[index] = session
         set_clock_and_check(session, saved_guest.marker)
-        self.pids.update(guest_set.qemu_pids())
+        pids = guest_set.qemu_pids()
+        self.pids.update(pids)
+        note_mergeable(self.mergeable, self.trial, pids, self.root)
         self.runner.settings.announce_start(f"guest {guest.name}")  # the throttler policy acts on it
 
     def run_in_guest(self, index: int, command: str, timeout_s: float) -> str:
@@ -148,6 +156,16 @@ class VmDensityHost:
         self.sets.clear()
 
 
+def note_mergeable(record: dict[str, Any], trial: Trial, qemu_pids: Mapping[str, int], root: Path) -> None:
+    """Add these (just started) QEMUs' guest RAM mg flags to the trial's record, as VM trials
+    record them (vm.mergeable_record, read once per guest); a guest KSM could not merge fails
+    the trial with vm.unmergeable_reason, after it is recorded."""
+    found = mergeable_record(qemu_pids, guests_of(trial).memory_mib, root)
+    record.update(found)
+    if reason := unmergeable_reason(trial, found):
+        raise ProvisionError(reason)
+
+
 class DensityVmRunner(VmRunner):
     def run(self, trial: Trial, clock: PhaseClock, result: TrialResult) -> None:
         cfg = self.plan.density
@@ -172,6 +190,7 @@ class DensityVmRunner(VmRunner):
                     density.run_density(host, cfg, first_guest_mib=first_mib, result=outcome)
         finally:
             result.density = outcome.record()
+            result.mergeable = dict(host.mergeable)
             result.frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
                              "density": pd.DataFrame([dataclasses.asdict(s) for s in outcome.steps])}
             result.sampler = sampler_health(sampler)
