@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.errors import PlanError
-from orchestrator.plan import POLICY_PLUGINS, WORKLOAD_PLUGINS, parse_plan
+from orchestrator.plan import POLICY_PLUGINS, WORKLOAD_PLUGINS, expand, load_plan, parse_plan
 from orchestrator.plugins import POLICY_GROUP, WORKLOAD_GROUP, PolicyPlugin, WorkloadPlugin, _check_policy, _check_workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -245,6 +245,16 @@ def test_the_shipped_policies_are_registered_as_plugins():
     assert set(POLICY_PLUGINS) == {"static", "advisor", "ksmtuned", "kubevirt", "throttler"}
     assert {n for n, p in POLICY_PLUGINS.items() if p.params is not None} == {"ksmtuned", "kubevirt", "throttler"}
     assert POLICY_PLUGINS["advisor"].refusal is not None and POLICY_PLUGINS["ksmtuned"].check_host is not None
+
+
+def test_policy_trial_ids_are_what_they_were_before_policies_became_plugins():
+    """Resume finds finished trials by id: plans/policies.toml (every shipped policy, the
+    advisor's knob changes, parameter tables) expands to the ids it had before."""
+    plan, _ = load_plan(REPO / "plans" / "policies.toml")
+    assert [t.trial_id for t in expand(plan)] == [
+        "ksmoff_r0_5f5732a4", "policykubevirt_r0_b888b57c", "policythrottler_r0_5ccbde13", "policyadvisor_r0_989eef44",
+        "policyksmtuned_r0_3ff327a7", "policystatic_r0_245c7f1e", "policystatic_r1_f51403dc", "policyadvisor_r1_80b2b824",
+        "ksmoff_r1_9e22a07c", "policythrottler_r1_31be4157", "policykubevirt_r1_f7512a88", "policyksmtuned_r1_d00640a5"]
 
 
 def test_a_policy_plugin_without_a_callable_start_or_under_another_name_is_refused():
