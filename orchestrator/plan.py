@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -60,10 +61,20 @@ class StudySection(Strict):
         return self
 
 
-# KSM policies are plugins (orchestrator/plugins.py): [ksm] policy names one, [ksm.<name>] holds its
-# parameters (validated by its model). A policy may not take a knob's name.
-POLICY_PLUGINS = {name: plugin for name, plugin in policy_plugins().items()
-                  if name not in KSM_INT_KNOBS and name not in KSM_STR_KNOBS and name != "policy"}
+def _usable_policies() -> dict[str, Any]:
+    """KSM policies are plugins (orchestrator/plugins.py): [ksm] policy names one, [ksm.<name>]
+    holds its parameters (validated by its model). One named like a [ksm] key is left out with a
+    warning (its table would be that key)."""
+    usable = {}
+    for name, plugin in policy_plugins().items():
+        if name in KSM_INT_KNOBS or name in KSM_STR_KNOBS or name == "policy":
+            logging.getLogger(__name__).warning("policy plugin %r left out: [ksm] has a key of that name", name)
+        else:
+            usable[name] = plugin
+    return usable
+
+
+POLICY_PLUGINS = _usable_policies()
 
 
 class _KsmKnobs(Strict):
