@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -21,13 +22,12 @@ from pathlib import Path
 from functools import cached_property
 from typing import Annotated, Any, ClassVar, Iterable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.host.ksm import KSM_INT_KNOBS, KSM_STR_KNOBS, THP_DEFRAG_MODES, THP_MODES
 from orchestrator.planpaths import relative_to_plan
-from orchestrator.plugins import workload_plugins
-from orchestrator.policies.params import KsmtunedParams, KubevirtParams, PolicyName, ThrottlerParams
+from orchestrator.plugins import policy_plugins, workload_plugins
 from orchestrator.validation import Strict, problems
 from orchestrator.workloads.density import DensitySection
 from orchestrator.workloads.probe import ProbeParams
@@ -61,7 +61,23 @@ class StudySection(Strict):
         return self
 
 
-class KsmSection(Strict):
+def _usable_policies() -> dict[str, Any]:
+    """KSM policies are plugins (orchestrator/plugins.py): [ksm] policy names one, [ksm.<name>]
+    holds its parameters (validated by its model). One named like a [ksm] key is left out with a
+    warning (its table would be that key)."""
+    usable = {}
+    for name, plugin in policy_plugins().items():
+        if name in KSM_INT_KNOBS or name in KSM_STR_KNOBS or name == "policy":
+            logging.getLogger(__name__).warning("policy plugin %r left out: [ksm] has a key of that name", name)
+        else:
+            usable[name] = plugin
+    return usable
+
+
+POLICY_PLUGINS = _usable_policies()
+
+
+class _KsmKnobs(Strict):
     """KSM knobs held for every trial (a sweep axis overrides one per trial)."""
 
     pages_to_scan: int | None = None
@@ -76,21 +92,29 @@ class KsmSection(Strict):
     advisor_min_pages_to_scan: int | None = None
     advisor_max_pages_to_scan: int | None = None
     advisor_target_scan_time: int | None = None
-    # Who drives the knobs during measure (orchestrator/policies/); None means "static".
-    policy: PolicyName | None = None
-    ksmtuned: KsmtunedParams | None = None
-    kubevirt: KubevirtParams | None = None
-    throttler: ThrottlerParams | None = None
+    # Who drives the knobs during measure (a registered policy); None means "static".
+    policy: str | None = None
+
+    @field_validator("policy")
+    @classmethod
+    def _registered_policy(cls, value: str | None) -> str | None:
+        if value is not None and value not in POLICY_PLUGINS:
+            raise ValueError(f"not an installed KSM policy; installed: {', '.join(sorted(POLICY_PLUGINS))}")
+        return value
 
     @model_validator(mode="after")
-    def _ranges(self) -> "KsmSection":
+    def _ranges(self) -> "_KsmKnobs":
         for knob, value in self.model_dump(exclude_none=True).items():
             if knob not in POLICY_KEYS:
                 check_ksm_value(knob, value)
         return self
 
 
-POLICY_KEYS = ("policy", "ksmtuned", "kubevirt", "throttler")
+# [ksm]: the knobs, `policy`, and one optional [ksm.<name>] table per policy with parameters.
+KsmSection = create_model(  # type: ignore[call-overload]  # fields from the plugins
+    "KsmSection", __base__=_KsmKnobs, __doc__=_KsmKnobs.__doc__,
+    **{name: (plugin.params | None, None) for name, plugin in POLICY_PLUGINS.items() if plugin.params is not None})
+POLICY_KEYS = ("policy", *(name for name, plugin in POLICY_PLUGINS.items() if plugin.params is not None))
 
 
 class HostSection(Strict):
@@ -641,11 +665,9 @@ def _split_policy(merged: dict[str, Any]) -> None:
     policy: dict[str, Any] = {"name": name}
     if name in params:
         policy[name] = params[name]
-    if name == "advisor":
-        if ksm.get("advisor_mode") == "none":
-            raise PlanError('[ksm] policy = "advisor" with advisor_mode = "none": drop advisor_mode')
-        ksm["advisor_mode"] = "scan-time"
-        ksm.pop("pages_to_scan", None)  # the advisor drives it; the kernel refuses writes meanwhile
+    adjust = POLICY_PLUGINS[name].knobs
+    if adjust is not None:
+        adjust(ksm)  # the advisor sets advisor_mode, drops pages_to_scan
     merged["policy"] = policy
 
 
@@ -723,10 +745,9 @@ def knobs_used(trials: list[Trial]) -> set[str]:
 
 def check_against_host(trials: list[Trial], ksm_dir: Path) -> None:
     """Refuse a plan that sets a knob this kernel lacks (older kernels have fewer files)."""
-    if any(t.policy.get("name") == "advisor" for t in trials):
-        from orchestrator.policies.advisor import advisor_refusal
-
-        if reason := advisor_refusal(ksm_dir):
+    for name in sorted({t.policy.get("name", "static") for t in trials}):
+        refusal = POLICY_PLUGINS[name].refusal
+        if refusal is not None and (reason := refusal(ksm_dir)):
             raise PlanError(reason)
     missing = sorted(k for k in knobs_used(trials) if not (ksm_dir / k).exists())
     if missing:

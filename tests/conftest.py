@@ -5,14 +5,18 @@ failing test never leaves the host changed)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.host.ksm import HOST_KNOB_FILES, KSM_KNOBS, read_host_knobs, read_ksm_knobs, read_sysfs_value
 from orchestrator.host.probes import KSM_SYSFS
+from tests.guest_sessions import have_mariadb
 
 ROOT = Path("/")
 # Knobs (not counters) whose value a test must leave as it found it.
@@ -114,3 +118,41 @@ def holder():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mariadb_socket():
+    """A throwaway mariadbd in a temp datadir, no networking; stopped by its PID afterwards."""
+    reason = have_mariadb()
+    if reason:
+        pytest.skip(reason)
+    tmp = Path(tempfile.mkdtemp(prefix="ksmlab-mariadb-"))
+    socket = tmp / "sock"
+    server = None
+    try:
+        subprocess.run(
+            ["mariadb-install-db", f"--datadir={tmp / 'data'}", "--skip-test-db", "--user=root",
+             "--auth-root-authentication-method=socket"],
+            check=True, capture_output=True, timeout=120,
+        )
+        server = subprocess.Popen(
+            ["mariadbd", f"--datadir={tmp / 'data'}", f"--socket={socket}", "--skip-networking",
+             f"--pid-file={tmp / 'pid'}", "--user=root", f"--log-error={tmp / 'error.log'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while not socket.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
+                pytest.fail(f"mariadbd did not start:\n{log[-2000:]}")
+            time.sleep(0.2)
+        yield str(socket)
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Hand-made nights: study folders as sweep leaves them (trials.csv included), for compare,
-history, prune, collect and the nightly job's tests. Built on tests/test_metrics.py's builders."""
+history, prune, collect and the nightly job's tests. Built on tests/builders.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator.store.study import Study
 from orchestrator.sweep import write_trials_table
-from tests.test_metrics import PAGE, guests_summary, processes_frame, ramp_ksm_frame, start_study, write_trial
+from tests.builders import PAGE, guests_summary, processes_frame, ramp_ksm_frame, start_study, write_trial
 
 MIB = 1024 * 1024
 PLAN = '[study]\nname = "nightly"\nrepetitions = 2\n\n[sweep.ksm]\npages_to_scan = [100, 1000]\n'

@@ -71,7 +71,9 @@ def test_collects_finished_studies_per_host_and_skips_unfinished(lab, capsys) ->
 def test_ssh_verifies_host_keys_and_the_user_cannot_turn_that_off(lab, capsys) -> None:
     _collect(capsys, "lab1", "--into", str(lab["into"]), "--ssh-option=-oStrictHostKeyChecking=no",
              "--ssh-option=-p2222")
-    for call in _calls(lab["log"]):
+    calls = _calls(lab["log"])
+    assert len(calls) == 2  # metadata + one study: the checks below ran on every rsync
+    for call in calls:
         ssh = call[call.index("-e") + 1].split()
         assert ssh[: len(SSH_BASE)] == list(SSH_BASE)  # ssh takes the first value of an option
         assert ssh[len(SSH_BASE):] == ["-oStrictHostKeyChecking=no", "-p2222"]

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.analysis import design, stats, studymetrics
 from orchestrator.cli import main as cli
 from orchestrator.plan import StudySection
-from tests.test_metrics import finish_study, ramp_ksm_frame, start_study, sysbench_trial, write_trial
+from tests.builders import finish_study, ramp_ksm_frame, start_study, sysbench_trial, write_trial
 
 ON = {"threads": 1, "ksm.pages_to_scan": 1000}
 OFF = {"threads": 1}
@@ -121,7 +121,7 @@ def test_a_pilot_without_the_metric_names_it(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_a_pilot_run_in_sequential_order_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_metrics import with_order
+    from tests.builders import with_order
 
     study_dir = with_order(pilot(tmp_path, [95.0, 96.0, 94.0], [[100.0], [101.0], [99.0]]), "sequential")
     code, _, err = run_cli(capsys, str(study_dir), "--detect", "5%")

@@ -14,9 +14,7 @@ from orchestrator.workloads.guestmem import (
     snapshot,
 )
 from orchestrator.workloads.sysbench import SysbenchParams
-from tests.test_sysbench import (  # noqa: F401 - mariadb_socket is a fixture
-    CannedSession, LocalSession, Result, mariadb_socket, needs_mariadb,
-)
+from tests.guest_sessions import LocalSession, Result, needs_mariadb
 
 DATA = Path(__file__).parent / "data" / "sysbench"
 MEMINFO = (DATA / "meminfo.txt").read_text()
@@ -129,7 +127,7 @@ def test_snapshot_when_must_be_start_or_end():
 
 
 @needs_mariadb
-def test_snapshot_against_real_meminfo_and_mariadb(mariadb_socket):  # noqa: F811 - the fixture imported above
+def test_snapshot_against_real_meminfo_and_mariadb(mariadb_socket):  # the fixture is conftest's
     row = snapshot(LocalSession(mariadb_socket), "local", "end", params=SysbenchParams())
     assert row["mem_total_kib"] == parse_guest_meminfo(Path("/proc/meminfo").read_text())[
         "mem_total_kib"]

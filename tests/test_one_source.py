@@ -100,7 +100,7 @@ def test_no_second_convergence_tolerance():
 
 def test_t_quantiles_and_scipy_only_in_stats():
     """Every t interval and Welch computation goes through analysis/stats.py."""
-    names = {"t_quantile_975", "t_quantile_80", "_t_quantile", "ppf", "sps", "scipy"}
+    names = {"t_quantile_975", "_t_quantile", "ppf", "sps", "scipy"}
 
     def uses(node: ast.AST) -> bool:
         if isinstance(node, (ast.Import, ast.ImportFrom)):

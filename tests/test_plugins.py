@@ -1,5 +1,6 @@
-"""Workloads are plugins: a toy workload from a package of its own (a real distribution with an
-entry point, found by importlib.metadata) runs a study end to end, with no edit to ksm-lab."""
+"""Workloads and KSM policies are plugins: a toy workload and a toy policy, each from a package of
+its own (a real distribution with an entry point, found by importlib.metadata), run a study end to
+end, with no edit to ksm-lab."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pandas as pd
 import pytest
 
 from orchestrator.errors import PlanError
-from orchestrator.plan import WORKLOAD_PLUGINS, parse_plan
-from orchestrator.plugins import WORKLOAD_GROUP, WorkloadPlugin, _check
+from orchestrator.plan import POLICY_PLUGINS, WORKLOAD_PLUGINS, expand, load_plan, parse_plan
+from orchestrator.plugins import POLICY_GROUP, WORKLOAD_GROUP, PolicyPlugin, WorkloadPlugin, _check_policy, _check_workload
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,9 +131,9 @@ def test_a_plugin_whose_model_does_not_carry_its_type_is_refused():
     from orchestrator.workloads.idle import IdleWorkload
 
     with pytest.raises(PlanError, match="Literal"):
-        _check("toy", WorkloadPlugin(type="toy", model=IdleWorkload, runner="x:Y", where="host"))
+        _check_workload("toy", WorkloadPlugin(type="toy", model=IdleWorkload, runner="x:Y", where="host"))
     with pytest.raises(PlanError, match="not a WorkloadPlugin"):
-        _check("toy", object())
+        _check_workload("toy", object())
 
 
 def test_an_unknown_workload_type_names_the_registered_ones():
@@ -166,3 +167,141 @@ def test_a_broken_third_party_plugin_is_left_out_with_a_warning(tmp_path: Path) 
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "['idle', 'probe', 'processes', 'sysbench']"
     assert "workload plugin 'toy'" in run.stderr and "toy is broken" in run.stderr
+
+
+# The toy policy: KSM on for measure at the pages_to_scan its [ksm.toyrate] table gives, written
+# through HostSettings (recorded, restored); its Run says what it wrote in trial.json's "policy".
+TOY_POLICY = textwrap.dedent('''
+    from __future__ import annotations
+
+    from pydantic import Field
+
+    from orchestrator.plugins import PolicyPlugin
+    from orchestrator.validation import Strict
+
+
+    class ToyRateParams(Strict):
+        pages_to_scan: int = Field(200, ge=1, le=100000)
+
+
+    class ToyRateRun:
+        def __init__(self, settings, params):
+            self.settings = settings
+            self.params = params
+            self.wrote = None
+
+        def start(self):
+            self.settings.write_knob("pages_to_scan", self.params.pages_to_scan)
+            self.wrote = self.settings.read_counter("pages_to_scan")
+            self.settings.run_ksmd()
+
+        def stop(self):
+            return None
+
+        def summary(self):
+            return {"name": "toyrate", "wrote_pages_to_scan": self.wrote}
+
+
+    PLUGIN = PolicyPlugin(name="toyrate", params=ToyRateParams,
+                          start=lambda settings, params, work_dir: ToyRateRun(settings, params))
+''')
+
+TOY_POLICY_PLAN = """
+[study]
+name = "toyrate"
+[ksm]
+sleep_millisecs = 10
+pages_to_scan = 100
+policy = "toyrate"
+[ksm.toyrate]
+pages_to_scan = 321
+[workload]
+type = "processes"
+processes = 2
+pages_per_process = 2048
+[phases]
+settle_s = 0
+steady_max_s = 2
+baseline_s = 1
+measure_s = 3
+[sampling]
+interval_s = 0.25
+pss_interval_s = 1
+"""
+
+
+def _install_toy_policy(site: Path, module: str = TOY_POLICY) -> dict[str, str]:
+    """A distribution in `site` with one policy module and its entry point; the child's environment."""
+    site.mkdir(parents=True)
+    (site / "toyrate.py").write_text(module)
+    info = site / "toyrate-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyrate\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{POLICY_GROUP}]\ntoyrate = toyrate:PLUGIN\n")
+    return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+
+
+def test_the_shipped_policies_are_registered_as_plugins():
+    assert set(POLICY_PLUGINS) == {"static", "advisor", "ksmtuned", "kubevirt", "throttler"}
+    assert {n for n, p in POLICY_PLUGINS.items() if p.params is not None} == {"ksmtuned", "kubevirt", "throttler"}
+    assert POLICY_PLUGINS["advisor"].refusal is not None and POLICY_PLUGINS["ksmtuned"].check_host is not None
+
+
+def test_policy_trial_ids_are_what_they_were_before_policies_became_plugins():
+    """Resume finds finished trials by id: plans/policies.toml (every shipped policy, the
+    advisor's knob changes, parameter tables) expands to the ids it had before."""
+    plan, _ = load_plan(REPO / "plans" / "policies.toml")
+    assert [t.trial_id for t in expand(plan)] == [
+        "ksmoff_r0_5f5732a4", "policykubevirt_r0_b888b57c", "policythrottler_r0_5ccbde13", "policyadvisor_r0_989eef44",
+        "policyksmtuned_r0_3ff327a7", "policystatic_r0_245c7f1e", "policystatic_r1_f51403dc", "policyadvisor_r1_80b2b824",
+        "ksmoff_r1_9e22a07c", "policythrottler_r1_31be4157", "policykubevirt_r1_f7512a88", "policyksmtuned_r1_d00640a5"]
+
+
+def test_a_policy_plugin_without_a_callable_start_or_under_another_name_is_refused():
+    def start(settings, params, work_dir):
+        return None
+
+    with pytest.raises(PlanError, match="not a PolicyPlugin"):
+        _check_policy("toyrate", object())
+    with pytest.raises(PlanError, match="same identifier"):
+        _check_policy("toyrate", PolicyPlugin(name="other", start=start))
+    with pytest.raises(PlanError, match="start must be callable"):
+        _check_policy("toyrate", PolicyPlugin(name="toyrate", start="module:Class"))  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="pydantic model"):
+        _check_policy("toyrate", PolicyPlugin(name="toyrate", start=start, params=dict))
+    assert _check_policy("toyrate", PolicyPlugin(name="toyrate", start=start)).name == "toyrate"
+
+
+def test_an_unknown_policy_names_the_installed_ones():
+    with pytest.raises(PlanError) as caught:
+        parse_plan(TOY_POLICY_PLAN.replace("[ksm.toyrate]\npages_to_scan = 321\n", ""))  # no toyrate here
+    assert "ksm.policy: not an installed KSM policy; installed: advisor, ksmtuned, kubevirt, static, throttler " \
+        "(got 'toyrate')" in str(caught.value)
+
+
+@pytest.mark.ksm
+def test_a_toy_policy_from_its_own_package_runs_a_study(tmp_path: Path, ksm_guard) -> None:
+    env = _install_toy_policy(tmp_path / "site")
+    plan = tmp_path / "toyrate.toml"
+    plan.write_text(TOY_POLICY_PLAN)
+    results = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results),
+                          "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["exit_code"] == 0
+    trials = pd.read_csv(results / "toyrate" / "trials.csv")
+    assert list(trials["status"]) == ["ok"]
+    record = json.loads(next((results / "toyrate" / "trials").glob("*/trial.json")).read_text())
+    # the plan's [ksm.toyrate] reached the policy, which wrote it to the real knob during measure
+    assert record["policy"] == {"name": "toyrate", "wrote_pages_to_scan": 321}
+    assert (results / "toyrate" / "report" / "report.html").exists()
+
+
+def test_a_broken_third_party_policy_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    env = _install_toy_policy(tmp_path / "site", module="raise ImportError('toyrate is broken')\n")
+    run = subprocess.run([sys.executable, "-c", "from orchestrator.plan import POLICY_PLUGINS; print(sorted(POLICY_PLUGINS))"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['advisor', 'ksmtuned', 'kubevirt', 'static', 'throttler']"
+    assert "policy plugin 'toyrate'" in run.stderr and "toyrate is broken" in run.stderr

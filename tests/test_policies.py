@@ -25,7 +25,7 @@ from orchestrator.policies import ksmtuned, kubevirt, run_for, throttler
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, ThrottlerParams
 from orchestrator.analysis import recommend as recommend_mod
 from orchestrator.analysis.recommend import BadInput, Limits, recommend
-from tests.test_metrics import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
+from tests.builders import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
                                 write_trial)
 
 GIB_KIB = 1024 * 1024

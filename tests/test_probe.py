@@ -1,7 +1,7 @@
 """Issue 12: scan speed, zero pages, KSM's own memory, the probe workload (merge, COW, unmerge)
 and guest density.
 
-Pure tests run on hand-made frames (tests/test_metrics.py builders) and scripted hosts. Tests
+Pure tests run on hand-made frames (tests/builders.py) and scripted hosts. Tests
 marked ksm change the real KSM (run by the engineer who owns the host's KSM); vm ones start guests.
 """
 
@@ -23,7 +23,7 @@ from orchestrator.errors import PlanError, WorkloadError
 from orchestrator.plan import DensitySection, parse_plan
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 from orchestrator.host import probes
-from tests.test_metrics import PAGE, finish_study, processes_frame, ramp_ksm_frame, start_study, write_trial
+from tests.builders import PAGE, finish_study, processes_frame, ramp_ksm_frame, start_study, write_trial
 
 MIB = 1024 * 1024
 

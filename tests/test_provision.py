@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,6 @@ from orchestrator.guests.provision import (
     create_overlay,
     find_qemu_pid,
 )
-from orchestrator.guests.readiness import ssh_banner_check
 
 TEST_URI = "test:///default"
 NASTY = "s&<>'\""
@@ -387,40 +385,6 @@ def test_wait_ready_gives_up_at_once_when_the_guest_died(pristine_conn, image, o
         with pytest.raises(GuestBootError, match="no longer running"):
             guests.wait_ready(lambda guest: None, timeout_s=120)
         assert time.monotonic() - started < 10
-
-
-def _serve_once(payload: bytes) -> tuple[socket.socket, threading.Thread]:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        conn, _ = server.accept()
-        with conn:
-            if payload:
-                conn.sendall(payload)
-            else:
-                time.sleep(0.5)
-
-    thread = threading.Thread(target=answer)
-    thread.start()
-    return server, thread
-
-
-@pytest.mark.parametrize(("payload", "ready"), [(b"SSH-2.0-OpenSSH_9.2\r\n", True), (b"", False)])
-def test_ssh_banner_check_needs_the_banner_not_just_a_connect(payload: bytes, ready: bool) -> None:
-    server, thread = _serve_once(payload)
-    guest = Guest("g", "u", "127.0.0.1", server.getsockname()[1], Path("/nonexistent"), Path("/nonexistent"))
-    try:
-        if ready:
-            ssh_banner_check(guest, timeout_s=2)
-        else:
-            with pytest.raises(OSError):
-                ssh_banner_check(guest, timeout_s=2)
-    finally:
-        thread.join()
-        server.close()
-
-
-# --- ports -----------------------------------------------------------------------------------
 
 
 def test_ports_are_unique_across_threads_and_released(tmp_path: Path) -> None:

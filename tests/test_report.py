@@ -16,7 +16,7 @@ from PIL import Image
 
 from orchestrator.report import study as report
 from orchestrator.errors import StoreError
-from tests.test_metrics import (
+from tests.builders import (
     block_study,
     disturbed_study,
     drift_study,

@@ -8,27 +8,50 @@ import numpy as np
 import pytest
 
 from orchestrator.analysis import stats
-from tests.test_metrics import _t_pdf
 
 T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}
 T80 = {4: 0.9410, 28: 0.8546, 30: 0.8538}
 
 
-# ----------------------------------------------------------------------------- t(0.80)
+# ----------------------------------------------------------------------------- t(0.975), mean_ci95, pareto_mask
 
 
-@pytest.mark.parametrize("dof", [1, 2, 3, 4, 7, 13, 30, 45, 90, 250])
-def test_t_quantile_80_leaves_20_percent_above(dof: float) -> None:
-    q = stats.t_quantile_80(dof)
-    x = np.linspace(0.0, q, 200_001)
-    below = 0.5 + np.trapezoid(_t_pdf(x, dof), x)
-    assert below == pytest.approx(0.80, abs=2e-4)
+def _t_pdf(x: np.ndarray, dof: float) -> np.ndarray:
+    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    return np.exp(log_norm - (dof + 1) / 2 * np.log1p(x * x / dof))
 
 
-def test_t_quantile_80_limits_and_arrays() -> None:
-    assert stats.t_quantile_80(1e9) == pytest.approx(0.8416, abs=1e-4)
-    assert math.isnan(stats.t_quantile_80(0.5))
-    assert stats.t_quantile_80(np.array([4.0, 30.0])) == pytest.approx([T80[4], T80[30]], abs=1e-4)
+@pytest.mark.parametrize("dof", [1, 2, 3, 5, 7, 13, 30, 45, 90, 250])
+def test_t_quantile_covers_95_percent(dof: float) -> None:
+    q = stats.t_quantile_975(dof)
+    x = np.linspace(-q, q, 400_001)
+    coverage = np.trapezoid(_t_pdf(x, dof), x)
+    assert coverage == pytest.approx(0.95, abs=2e-4)
+
+
+def test_t_quantile_large_dof_is_normal_and_small_dof_nan() -> None:
+    assert stats.t_quantile_975(1e9) == pytest.approx(1.96, abs=1e-4)
+    assert math.isnan(stats.t_quantile_975(0))
+
+
+def test_mean_ci95_of_two_values_uses_t_with_one_dof() -> None:
+    mean, half, n = stats.mean_ci95([10.0, 14.0, math.nan])
+    assert (mean, n) == (12.0, 2)
+    assert half == pytest.approx(12.7062 * np.std([10.0, 14.0], ddof=1) / math.sqrt(2))
+    assert math.isnan(stats.mean_ci95([3.0])[1])
+
+
+def test_pareto_mask_keeps_non_dominated_points() -> None:
+    cost = [1.0, 2.0, 2.0, 3.0, math.nan]
+    saved = [10.0, 20.0, 15.0, 19.0, 50.0]
+    assert stats.pareto_mask(cost, saved).tolist() == [True, True, False, False, False]
+
+
+def test_pareto_mask_tolerance_drops_noise_sized_gains_and_duplicates() -> None:
+    cost = [1.0, 2.0, 5.0, 5.0]
+    saved = [100.0, 100.5, 200.0, 200.0]
+    assert stats.pareto_mask(cost, saved).tolist() == [True, True, True, False]
+    assert stats.pareto_mask(cost, saved, tolerance=2.0).tolist() == [True, False, True, False]
 
 
 def test_t_quantiles_match_the_printed_tables_and_fractional_dof() -> None:

@@ -4,13 +4,8 @@ run_all against a hand-started MariaDB (skipped when sysbench/MariaDB are not in
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,110 +19,13 @@ from orchestrator.workloads.sysbench import (
     prepare_argv,
     prepare_guest, run_all, run_argv, run_guest, seed_for_guest, summary_dict,
 )
+from tests.guest_sessions import GUEST_SOCKET, CannedSession, LocalSession, Result, needs_mariadb
 
 DATA = Path(__file__).parent / "data" / "sysbench"
-GUEST_SOCKET = SysbenchParams().mysql_socket
 
 
 def captured(name: str) -> str:
     return (DATA / f"{name}.stdout").read_text()
-
-
-# ---------------------------------------------------------------- stand-in sessions
-
-
-@dataclass(frozen=True)
-class Result:
-    exit_status: int
-    stdout: str
-    stderr: str
-    duration_s: float
-
-
-class LocalSession:
-    """Runs a guest's argv on this host; the guest's MariaDB socket path is mapped to a local one."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-
-    def run(self, cmd, timeout_s: float, check: bool = False) -> Result:
-        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [
-            arg.replace(GUEST_SOCKET, self.socket_path) for arg in cmd
-        ]
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise GuestError(f"`{argv[0]}` timed out after {timeout_s:g} s") from None
-        result = Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-        if check and result.exit_status != 0:
-            raise GuestError(f"`{argv[0]}` exited {result.exit_status}")
-        return result
-
-
-class CannedSession:
-    """Answers every run() with one recorded result (for failure paths only)."""
-
-    def __init__(self, result: Result | Exception) -> None:
-        self.result = result
-        self.calls: list[list[str]] = []
-
-    def run(self, cmd, timeout_s: float, check: bool = False) -> Result:
-        self.calls.append(list(cmd))
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
-
-
-def _have_mariadb() -> str | None:
-    missing = [tool for tool in ("sysbench", "mariadb", "mariadbd", "mariadb-install-db")
-               if shutil.which(tool) is None]
-    if missing:
-        return f"not installed: {', '.join(missing)}"
-    if os.geteuid() != 0:
-        return "MariaDB root over the unix socket needs the OS user root"
-    return None
-
-
-needs_mariadb = pytest.mark.skipif(_have_mariadb() is not None, reason=str(_have_mariadb()))
-
-
-@pytest.fixture(scope="module")
-def mariadb_socket():
-    """A throwaway mariadbd in a temp datadir, no networking; stopped by its PID afterwards."""
-    reason = _have_mariadb()
-    if reason:
-        pytest.skip(reason)
-    tmp = Path(tempfile.mkdtemp(prefix="ksmlab-mariadb-"))
-    socket = tmp / "sock"
-    server = None
-    try:
-        subprocess.run(
-            ["mariadb-install-db", f"--datadir={tmp / 'data'}", "--skip-test-db", "--user=root",
-             "--auth-root-authentication-method=socket"],
-            check=True, capture_output=True, timeout=120,
-        )
-        server = subprocess.Popen(
-            ["mariadbd", f"--datadir={tmp / 'data'}", f"--socket={socket}", "--skip-networking",
-             f"--pid-file={tmp / 'pid'}", "--user=root", f"--log-error={tmp / 'error.log'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while not socket.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
-                pytest.fail(f"mariadbd did not start:\n{log[-2000:]}")
-            time.sleep(0.2)
-        yield str(socket)
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- params and argv

@@ -33,11 +33,6 @@ def t_quantile_975(dof: Any) -> Any:
     return _t_quantile(dof, 0.975)
 
 
-def t_quantile_80(dof: Any) -> Any:
-    """t(0.80, dof), the one-sided quantile for 80% power; NaN where dof < 1. Accepts arrays."""
-    return _t_quantile(dof, 0.80)
-
-
 def half_width95(se: Any, dof: Any) -> Any:
     """Half width of the two-sided 95% t interval of an estimate with standard error `se` at
     `dof` degrees of freedom: every t interval of the package is this. NaN where dof < 1."""

@@ -66,10 +66,6 @@ def open_study_log(study_dir: Path) -> Path:
     return path
 
 
-def study_log_path() -> Path | None:
-    return Path(_study_log.baseFilename) if _study_log is not None else None
-
-
 def close_study_log() -> None:
     global _study_log
     if _study_log is not None:

@@ -7,7 +7,6 @@ credentials, a real SSH session proves more.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,19 +39,6 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     except OSError as exc:
         return f"(console log {path} unreadable: {exc})"
     return "\n".join(text.replace("\r", "").splitlines()[-lines:])
-
-
-def ssh_banner_check(guest: SshTarget, timeout_s: float = 5.0) -> None:
-    """Readiness without credentials: sshd answers with its 'SSH-' banner.
-
-    A bare TCP connect is not enough: QEMU's forward accepts before the guest listens.
-    """
-    if guest.ssh_host is None:
-        raise ConnectionError(f"{guest.name}: no address yet")
-    with socket.create_connection((guest.ssh_host, guest.ssh_port), timeout=timeout_s) as sock:
-        banner = sock.recv(64)
-    if not banner.startswith(b"SSH-"):
-        raise ConnectionError(f"{guest.name}: no SSH banner yet ({banner[:20]!r})")
 
 
 class GuestDied(Exception):

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import PlanError
+from orchestrator.plugins import PolicyPlugin
+
 ADVISOR_FILES = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
                  "advisor_max_pages_to_scan", "advisor_target_scan_time")
 
@@ -45,3 +48,16 @@ class AdvisorRun:
 
     def summary(self) -> dict[str, Any]:
         return {"name": "advisor"}
+
+
+def advisor_knobs(ksm: dict[str, Any]) -> None:
+    """A trial's knobs under the advisor: advisor_mode scan-time, no pages_to_scan (the advisor
+    drives it; the kernel refuses writes meanwhile)."""
+    if ksm.get("advisor_mode") == "none":
+        raise PlanError('[ksm] policy = "advisor" with advisor_mode = "none": drop advisor_mode')
+    ksm["advisor_mode"] = "scan-time"
+    ksm.pop("pages_to_scan", None)
+
+
+PLUGIN = PolicyPlugin(name="advisor", start=lambda settings, params, work_dir: AdvisorRun(settings),
+                      knobs=advisor_knobs, refusal=advisor_refusal)

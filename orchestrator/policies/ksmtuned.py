@@ -34,6 +34,7 @@ from typing import Any
 from orchestrator.host import probes
 from orchestrator.errors import HostError
 from orchestrator.fsutil import atomic_write_json
+from orchestrator.plugins import PolicyPlugin
 from orchestrator.policies.params import KsmtunedParams
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,6 @@ ENV_BY_PARAM = {
     "thres_const": "KSM_THRES_CONST",
     "sleep_ms": "KSM_SLEEP_MSEC",
 }
-
-
-def params_from(policy: dict[str, Any]) -> KsmtunedParams:
-    return KsmtunedParams(**(policy.get("ksmtuned") or {}))
 
 
 def config_env(params: KsmtunedParams, log_path: Path, pid_path: Path) -> dict[str, str]:
@@ -258,3 +255,13 @@ class KsmtunedRun:
                 "last_pages_to_scan": starts[-1]["pages_to_scan"] if starts else None,
                 "last_sleep_millisecs": starts[-1]["sleep_millisecs"] if starts else None,
                 "stopped": self.stopped_how}
+
+
+def check_host(root: Path) -> None:
+    """ksmtuned can run under `root`: its script installed, /etc/ksmtuned.conf not overriding the plan."""
+    KsmtunedRun(None, KsmtunedParams(), root, executable=root / KSMTUNED.relative_to("/"),
+                system_conf=root / SYSTEM_CONF.relative_to("/")).check()
+
+
+PLUGIN = PolicyPlugin(name="ksmtuned", params=KsmtunedParams, check_host=check_host,
+                      start=lambda settings, params, work_dir: KsmtunedRun(settings, params, work_dir))

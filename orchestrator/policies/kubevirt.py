@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.host import probes
+from orchestrator.plugins import PolicyPlugin
 from orchestrator.policies.params import KubevirtParams
 
 log = logging.getLogger(__name__)
 
 SIXTEEN_GIB_KIB = 16 * 1024 * 1024
-
-
-def params_from(policy: dict[str, Any]) -> KubevirtParams:
-    return KubevirtParams(**(policy.get("kubevirt") or {}))
 
 
 @dataclass(frozen=True)
@@ -122,3 +119,7 @@ class KubevirtRun:
         return {"name": "kubevirt", "emulation_of": "kubevirt/kubevirt pkg/virt-handler/ksm/ksm.go",
                 "params": self.params.model_dump(), "steps": self.steps,
                 "ksm_turned_on": any(s["running"] for s in self.steps), "error": self.error}
+
+
+PLUGIN = PolicyPlugin(name="kubevirt", params=KubevirtParams,
+                      start=lambda settings, params, work_dir: KubevirtRun(settings, params))

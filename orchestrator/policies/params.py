@@ -9,9 +9,6 @@ from pydantic import Field
 
 from orchestrator.validation import Strict as _Strict
 
-POLICY_NAMES = ("static", "advisor", "ksmtuned", "kubevirt", "throttler")
-PolicyName = Literal["static", "advisor", "ksmtuned", "kubevirt", "throttler"]
-
 
 class KsmtunedParams(_Strict):
     """ksmtuned's settings (its KSM_* variables); defaults are the script's own except the
@@ -54,6 +51,3 @@ class ThrottlerParams(_Strict):
     # between starts (what static measures); 0, KSM stopped between starts (merged pages stay).
     initial_run: Literal[0, 1] = 1
 
-
-PARAMS_BY_POLICY: dict[str, type[_Strict]] = {"ksmtuned": KsmtunedParams, "kubevirt": KubevirtParams,
-                                              "throttler": ThrottlerParams}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.plugins import PolicyPlugin
+
 
 class StaticRun:
     def __init__(self, settings: Any) -> None:
@@ -17,3 +19,6 @@ class StaticRun:
 
     def summary(self) -> dict[str, Any]:
         return {"name": "static"}
+
+
+PLUGIN = PolicyPlugin(name="static", start=lambda settings, params, work_dir: StaticRun(settings))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.host import probes
+from orchestrator.plugins import PolicyPlugin
 from orchestrator.policies.params import ThrottlerParams
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ SETTINGS = {"aggressive": (10, 1), "standard": (100, 10), "slow": (500, 100)}
 NEXT = {"aggressive": "standard", "standard": "slow", "slow": "initial"}
 
 Event = Literal["start", "timer"]
-
-
-def params_from(policy: dict[str, Any]) -> ThrottlerParams:
-    return ThrottlerParams(**(policy.get("throttler") or {}))
 
 
 @dataclass(frozen=True)
@@ -186,3 +183,7 @@ class ThrottlerRun:
                 "pages_to_scan": int(self.original["pages_to_scan"]) if initial else step.pages_to_scan,
                 "sleep_millisecs": int(self.original["sleep_millisecs"]) if initial else step.sleep_millisecs,
                 "run": int(self.original["run"]) if initial else 1, "hold_s": step.hold_s}
+
+
+PLUGIN = PolicyPlugin(name="throttler", params=ThrottlerParams,
+                      start=lambda settings, params, work_dir: ThrottlerRun(settings, params))
