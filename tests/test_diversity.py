@@ -22,10 +22,11 @@ from orchestrator.guests.provision import GuestRequest, GuestSet, GuestSetOption
 from orchestrator.plan import expand, parse_plan
 from orchestrator.report import study as report
 from orchestrator.runners import vm
+from orchestrator.units import MIB
 from tests.test_metrics import PAGE, computed, finish_study, ramp_ksm_frame, start_study, write_trial
 
 REPO = Path(__file__).resolve().parent.parent
-MIB = 1024 * 1024
+
 
 HEAD = '[study]\nname = "x"\n[workload]\ntype = "idle"\n'
 

@@ -37,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.analysis.stats import mean_ci95
+from orchestrator.units import MIB
 
 SPLIT_COLUMNS = ("trial_id", "block", "setting", "guests", "guest_ram_mib", "content_mib", "zero_mib",
                  "within_mib", "across_mib", "within_pct", "across_pct", "zero_pct", "content_pct_of_ram",
@@ -133,7 +134,7 @@ def _zero_by_image(per_process: pd.DataFrame, trial_id: str, layout: list[str],
         index = guest_index(label)
         if index is None or index >= len(layout) or not math.isfinite(zero):
             continue
-        out[layout[index]] = out.get(layout[index], 0.0) + zero * page_size_bytes / 2**20
+        out[layout[index]] = out.get(layout[index], 0.0) + zero * page_size_bytes / MIB
     return out
 
 
@@ -143,7 +144,7 @@ def _mappings_per_ksm_page(per_process: pd.DataFrame, trial: Mapping[str, Any], 
         return math.nan
     merging = pd.to_numeric(per_process.loc[per_process["trial_id"] == trial["trial_id"], "ksm_merging_pages"],
                             errors="coerce").sum()
-    sharing = _finite(trial.get("content_merged_mib")) * 2**20 / page_size_bytes
+    sharing = _finite(trial.get("content_merged_mib")) * MIB / page_size_bytes
     shared = _finite(trial.get("merged_pages_end")) - sharing
     return float(merging) / shared if shared > 0 and merging > 0 else math.nan
 
@@ -206,7 +207,7 @@ def add_columns(trials: pd.DataFrame, study: Any, per_process: pd.DataFrame, pag
     layouts = _trial_layouts(study)
     for index, trial in trials.iterrows():
         info = layouts.get(trial["trial_id"])
-        if not info or trial["ksm_off"]:
+        if not info or not info["layout"] or trial["ksm_off"]:
             continue
         content = _finite(trial["content_merged_mib"])
         kind = "one_image" if len(set(info["layout"])) == 1 else "mixed"
