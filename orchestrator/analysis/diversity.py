@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.analysis.stats import mean_ci95
-from orchestrator.units import MIB
+from orchestrator.units import MIB, number
 
 SPLIT_COLUMNS = ("trial_id", "block", "setting", "guests", "guest_ram_mib", "content_mib", "zero_mib",
                  "within_mib", "across_mib", "within_pct", "across_pct", "zero_pct", "content_pct_of_ram",
@@ -170,7 +170,7 @@ def split(study: Any, trials: pd.DataFrame, per_process: pd.DataFrame, page_size
         rows.append({"trial_id": trial["trial_id"], "block": trial["repetition"], "setting": trial["setting"],
                      "guests": len(info["layout"]), "guest_ram_mib": info["ram_mib"], **est,
                      "content_pct_of_ram": _pct(est["content_mib"], info["ram_mib"]),
-                     "zero_by_image_mib": "; ".join(f"{_short(k)} {v:.1f}" for k, v in zero_by_image.items())})
+                     "zero_by_image_mib": "; ".join(f"{_short(k)} {number(v, integers=False)}" for k, v in zero_by_image.items())})
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
 
 
