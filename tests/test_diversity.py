@@ -84,7 +84,7 @@ def test_a_swept_groups_axis_must_add_up_to_count_and_names_the_point() -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ('[density]\nmax_guests = 4\n', "[density] restores guests of one image"),
+    ('[density]\nbudget_mib = 2048\n', "[density] restores guests of one image"),
 ])
 def test_groups_with_density_are_refused_in_one_line(extra: str, message: str) -> None:
     with pytest.raises(PlanError) as info:
