@@ -44,8 +44,10 @@ def diversity_sections(study: Any, sm: StudyMetrics, table: TableFn) -> list[dic
                            for setting, group in one.groupby("setting", sort=False))
         paragraphs.append("Assumption check (one-image trials, mean over blocks): guests' pages mapping each KSM "
                           f"page, sum of ksm_merging_pages / pages_shared: {checks}. It equals the guest count "
-                          "when every shared page is in every guest; lower means some pages are shared by "
-                          "fewer guests, and the (k − 1)/(n − 1) scaling is then an approximation.")
+                          "when every shared page is in every guest once; below it, some pages are shared by "
+                          "fewer guests; above it, pages are duplicated inside a guest (self-sharing), which "
+                          "the (k − 1)/(n − 1) scaling treats as sharing between guests, so across-group "
+                          "sharing reads high. Either way the split is an approximation.")
     return [{"id": "image-diversity", "title": "Sharing within and across image groups",
              "paragraphs": paragraphs, "table": table(rows, diversity.SPLIT_COLUMNS)}]
 
