@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analysis import diversity
+from orchestrator.analysis import costs as diversity
 from orchestrator.errors import PlanError
 from orchestrator.guests import images, states
 from orchestrator.guests.provision import GuestRequest, GuestSet, GuestSetOptions
@@ -293,7 +293,7 @@ def test_split_of_crafted_trials_has_the_known_answer_and_interval(tmp_path: Pat
     assert rows["across_mib"].tolist() == pytest.approx([300 * page_mib, 500 * page_mib])
     assert rows["zero_mib"].tolist() == pytest.approx([256 * page_mib] * 2)
     assert rows["across_pct"].tolist() == pytest.approx([100 * 300 / 1800, 100 * 500 / 2000])
-    assert rows["zero_by_image_mib"].iloc[0] == "debian-sysbench 0.500; debian-web 0.500"  # 128 pages each
+    assert rows["zero_by_image_mib"].iloc[0] == "debian-sysbench 0.5; debian-web 0.5"  # 128 pages each
     summary = diversity.summarize(rows).iloc[0]
     assert summary["blocks"] == 2
     assert summary["across_mib"] == pytest.approx(400 * page_mib)

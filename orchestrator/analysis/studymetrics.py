@@ -42,7 +42,7 @@ from orchestrator.analysis.stats import (
 )
 from orchestrator.plan import CONVERGE_TOLERANCE_PCT, axis_value_text, stored_converge_tolerance_pct
 from orchestrator.store.studydata import StudyData, TrialData, load_study
-from orchestrator.analysis import diversity
+from orchestrator.analysis import costs as diversity
 from orchestrator.analysis.trialmetrics import WORKLOAD_METRICS, trial_metrics
 
 

@@ -1,5 +1,5 @@
 """The report's image-diversity section and finding: the saving of guests of several images
-split into zero pages, within-group and across-group sharing (analysis/diversity.py)."""
+split into zero pages, within-group and across-group sharing (analysis/costs.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from orchestrator.analysis import diversity
+from orchestrator.analysis import costs as diversity
 from orchestrator.analysis.stats import mean_ci95
 from orchestrator.analysis.studymetrics import StudyMetrics
 from orchestrator.units import number, plus_minus
