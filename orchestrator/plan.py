@@ -229,13 +229,31 @@ class _WorkloadTable(BaseModel):
     workload: WorkloadSection
 
 
+class GuestGroup(Strict):
+    """guests.groups entry: `count` guests from `image` (a recipe name, or a table as [guests]
+    image takes; none: [guests] image). Guests are numbered group after group."""
+
+    count: int = Field(ge=1, le=256)
+    image: dict[str, Any] | None = None
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _recipe_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and value:
+            return {"recipe": value}
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("image must name a recipe or be a table like [guests] image")
+        return value
+
+
 class GuestsSection(Strict):
     # Fields that do not shape a saved guest (where it runs, how it starts, bounds, folders; the
-    # image and template are keyed by their own digests). Every other field, including one added
-    # later, is part of the saved state's key: a new field that shapes a guest changes the key.
+    # image and template are keyed by their own digests, and so is each group's image). Every
+    # other field, including one added later, is part of the saved state's key: a new field
+    # that shapes a guest changes the key.
     NOT_GUEST_SHAPE: ClassVar[frozenset[str]] = frozenset({
         "uri", "template", "image", "image_cache_dir", "start", "cache_states", "boot_timeout_s",
-        "restore_timeout_s", "workdir"})
+        "restore_timeout_s", "workdir", "groups"})
 
     count: int = Field(2, ge=1, le=256)
     memory_mib: int = Field(1024, ge=128)
@@ -265,13 +283,33 @@ class GuestsSection(Strict):
     boot_timeout_s: float = Field(600.0, gt=0)
     restore_timeout_s: float = Field(120.0, gt=0)
     workdir: str | None = None
+    # Guests from more than one image: [[guests.groups]] count = 2, image = "debian-web". The
+    # groups' counts add up to count (count may be left out then); absent: every guest from image.
+    groups: list[GuestGroup] | None = Field(None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "keep_across_trials" in data:
             raise ValueError('keep_across_trials was replaced by start = "keep" | "boot" | "restore"')
+        if isinstance(data, dict) and "count" not in data and isinstance(data.get("groups"), list):
+            counts = [g.get("count") if isinstance(g, dict) else None for g in data["groups"]]
+            if counts and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+                data = dict(data, count=sum(counts))  # type: ignore[arg-type]
         return data
+
+    @model_validator(mode="after")
+    def _groups_add_up(self) -> "GuestsSection":
+        if self.groups is not None and sum(g.count for g in self.groups) != self.count:
+            raise ValueError(f"groups add up to {sum(g.count for g in self.groups)} guests but "
+                             f"count = {self.count}: make them agree (or leave count out)")
+        return self
+
+    def guest_images(self) -> list[dict[str, Any]]:
+        """Each guest's image table, by guest index: group after group, else [guests] image."""
+        if self.groups is None:
+            return [self.image] * self.count
+        return [g.image if g.image is not None else self.image for g in self.groups for _ in range(g.count)]
 
 
 class Reference(Strict):
@@ -509,6 +547,29 @@ def _short(name: str) -> str:
     return abbreviations.get(leaf, leaf)
 
 
+def axis_value_text(name: str, value: Any) -> str:
+    """An axis value as labels and trial ids show it: guests.groups as "2xdebian-sysbench+2xdebian-web"."""
+    if name == "guests.groups" and isinstance(value, list):
+        return "+".join(f"{g.get('count')}x{group_image_name(g.get('image'))}" if isinstance(g, dict) else str(g)
+                        for g in value)
+    return f"{value}"
+
+
+def group_image_name(image: Any) -> str:
+    """A short name of a group's image for labels: the recipe's name, else the file's stem."""
+    if image is None:
+        return "image"
+    if isinstance(image, str):
+        return Path(image).stem if "/" in image else image
+    if isinstance(image, dict):
+        for key in ("recipe", "manifest", "disk"):
+            if isinstance(image.get(key), str):
+                return group_image_name(image[key]) if key == "recipe" else Path(image[key]).stem
+        if isinstance(image.get("name"), str):
+            return image["name"]
+    return "image"
+
+
 def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool,
               copy: int = 0) -> str:
     """Stable across runs of one plan (resume finds its trials by id); a second KSM-off trial of
@@ -520,7 +581,7 @@ def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, 
     parts = ["ksmoff"] if ksm_off else []
     if copy:
         parts.append(f"c{copy}")
-    parts += [f"{_short(k)}{v}" for k, v in point.items() if not (ksm_off and k.startswith("ksm."))]
+    parts += [f"{_short(k)}{axis_value_text(k, v)}" for k, v in point.items() if not (ksm_off and k.startswith("ksm."))]
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", "_".join(parts))[:60].strip("-_") or "trial"
     return f"{slug}_r{repetition}_{digest[:8]}"
 
@@ -562,9 +623,9 @@ def expand(plan: Plan) -> list[Trial]:
         for point, ksm_off, off_copy in resolved_points:
             resolved = _resolve(plan, base, point, ksm_off)
             trial_id = _trial_id(point, resolved, repetition, ksm_off, off_copy)
-            label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={v}" for k, v in point.items())
+            label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={axis_value_text(k, v)}" for k, v in point.items())
             if ksm_off and point:
-                label += " (" + ", ".join(f"{_short(k)}={v}" for k, v in point.items()) + ")"
+                label += " (" + ", ".join(f"{_short(k)}={axis_value_text(k, v)}" for k, v in point.items()) + ")"
             trials.append(
                 Trial(
                     trial_id=trial_id,
@@ -607,8 +668,19 @@ def _base(plan: Plan) -> dict[str, Any]:
         "ksm": plan.ksm.model_dump(exclude_none=True),
         "host": plan.host.model_dump(exclude_none=True),
         "workload": plan.workload.model_dump(mode="json"),  # as TOML has it: cpu_pin a list
-        "guests": plan.guests.model_dump() if plan.guests else None,
+        "guests": _guests_table(plan.guests) if plan.guests else None,
     }
+
+
+def _guests_table(guests: GuestsSection) -> dict[str, Any]:
+    """[guests] as trials hold it. A plan without groups has no groups key, so its trial ids
+    (and cache keys) stay what they were before groups existed."""
+    table = guests.model_dump()
+    if table.get("groups") is None:
+        table.pop("groups", None)
+    else:
+        table["groups"] = [{k: v for k, v in g.items() if v is not None} for g in table["groups"]]
+    return table
 
 
 def search_trial(plan: Plan, value: int | None, repetition: int, index: int, ksm_off: bool = False) -> Trial:
@@ -640,7 +712,9 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
         KsmSection.model_validate(merged["ksm"])
         HostSection.model_validate(merged["host"])
         if merged["guests"] is not None:
-            GuestsSection.model_validate(merged["guests"])
+            guests = GuestsSection.model_validate(merged["guests"])
+            if guests.groups is not None:
+                _check_groups_fit(plan, merged["workload"], point)
         _WorkloadTable.model_validate({"workload": merged["workload"]})
     except ValidationError as exc:
         raise PlanError(_describe(exc, prefix=f"[sweep] point {point}: ")) from None
@@ -652,6 +726,17 @@ def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: b
         # the default budget keeps trial ids from before the budget (resume finds its trials)
         del merged["sampling"]["cpu_budget_pct"]
     return merged
+
+
+def _check_groups_fit(plan: Plan, workload: dict[str, Any], point: dict[str, Any]) -> None:
+    """What guests.groups cannot be combined with (yet), as one line naming both."""
+    where = f"[sweep] point {point}: " if point else ""
+    if plan.density is not None:
+        raise PlanError(f"{where}guests.groups: [density] restores guests of one image one by one; "
+                        "use one image with [density]")
+    if workload.get("type") == "sysbench" and workload.get("reuse_prepared"):
+        raise PlanError(f"{where}guests.groups: workload.reuse_prepared = true caches database layers "
+                        "of one image; set reuse_prepared = false with groups")
 
 
 def _split_policy(merged: dict[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """Relative paths in a plan name files beside the plan, wherever the sweep is started from.
 
 load_plan() hands the loaded plan and its folder to `relative_to_plan`, which makes every path
-of [guests] (template, workdir, image_cache_dir) and of [guests.image] (recipe, manifest, disk,
-kernel, initrd, ssh_key, known_host_key_file) absolute: in the tables, in [sweep.guests] axes
-and in [[sweep.include]]/[[sweep.exclude]] entries alike, so excludes still match. A bare
-recipe name ("debian-sysbench") means a shipped recipe and is left as it is.
+of [guests] (template, workdir, image_cache_dir) and of [guests.image] and each guests.groups
+image (recipe, manifest, disk, kernel, initrd, ssh_key, known_host_key_file) absolute: in the
+tables, in [sweep.guests] axes and in [[sweep.include]]/[[sweep.exclude]] entries alike, so
+excludes still match. A bare recipe name ("debian-sysbench") means a shipped recipe and is left as it is.
 """
 
 from __future__ import annotations
@@ -63,7 +63,28 @@ def _fix_guests(guests: Any, base_dir: Path, axes: bool) -> Any:
         fixed["image"] = [_fix_image(table, lambda f, v: f(v), base_dir) for table in image]
     elif image is not None:
         fixed["image"] = _fix_image(image, each, base_dir)
+    groups = fixed.get("groups")
+    if isinstance(groups, list):
+        # [guests] groups is a list of groups; a [sweep.guests] groups axis, a list of such lists
+        fixed["groups"] = ([_fix_groups(value, base_dir) for value in groups] if axes
+                           else _fix_groups(groups, base_dir))
     return fixed
+
+
+def _fix_groups(groups: Any, base_dir: Path) -> Any:
+    """guests.groups with each group's image paths absolute (a bare string is a recipe)."""
+    if not isinstance(groups, list):
+        return groups
+
+    def fix(group: Any) -> Any:
+        if not isinstance(group, dict) or group.get("image") is None:
+            return group
+        image = group["image"]
+        if isinstance(image, str):
+            return dict(group, image=_image_value("recipe", image, base_dir))
+        return dict(group, image=_fix_image(image, lambda f, v: f(v), base_dir))
+
+    return [fix(group) for group in groups]
 
 
 def relative_to_plan(plan: PlanT, base_dir: Path) -> PlanT:

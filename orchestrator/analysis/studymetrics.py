@@ -40,8 +40,9 @@ from orchestrator.analysis.stats import (
     sd_range95,
     shared_block_dof,
 )
-from orchestrator.plan import CONVERGE_TOLERANCE_PCT, stored_converge_tolerance_pct
+from orchestrator.plan import CONVERGE_TOLERANCE_PCT, axis_value_text, stored_converge_tolerance_pct
 from orchestrator.store.studydata import StudyData, TrialData, load_study
+from orchestrator.analysis import costs as diversity
 from orchestrator.analysis.trialmetrics import WORKLOAD_METRICS, trial_metrics
 
 
@@ -189,21 +190,32 @@ def compute_study(study: StudyData) -> StudyMetrics:
     _add_guest_spread(trials, guests_df)
     _mark_used_in_stats(trials)
     _add_ksm_off_deltas(trials)
-    order = study_order(study.study)
-    settings_df = _settings_table(trials, axes, paired_by_block=order == BLOCKED)
     per_process = pd.concat(procs, ignore_index=True) if procs else pd.DataFrame()
     if not per_process.empty:
         per_process = per_process[["trial_id", *[c for c in per_process.columns if c != "trial_id"]]]
+    diversity.add_columns(trials, study, per_process, page)
+    order = study_order(study.study)
+    settings_df = _settings_table(trials, axes, paired_by_block=order == BLOCKED)
     return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page,
                         noise=noise_floor(trials, paired_by_block=order == BLOCKED), order=order,
                         converge_tolerance_pct=tolerance_pct)
 
 
 def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
-    parts = [f"{a}={settings.get(a)}" for a in axes if settings.get(a) is not None]
+    parts = [f"{a}={_label_value(a, settings.get(a))}" for a in axes if settings.get(a) is not None]
     if ksm_off:
         parts.insert(0, "KSM off")
     return ", ".join(parts) or "all trials"
+
+
+def _label_value(axis: str, value: Any) -> str:
+    """A setting's value in its label; guests.groups (stored as JSON) as "2xdebian-sysbench+2xdebian-web"."""
+    if axis == "guests.groups" and isinstance(value, str):
+        try:
+            return axis_value_text(axis, json.loads(value))
+        except ValueError:
+            return value
+    return f"{value}"
 
 
 def study_blocks(trials: pd.DataFrame) -> int:

@@ -221,6 +221,9 @@ class GuestRequest:
     # This guest's overlay backs onto this qcow2 instead of the image's disk (e.g. a cached
     # layer holding a prepared database, itself backed by the image).
     disk_path: Path | None = None
+    # This guest's own image (disk, kernel, initrd, cmdline) in a set of mixed images
+    # ([guests] groups); None: the set's image.
+    image: BootImage | None = None
 
 
 @dataclass(frozen=True)
@@ -371,8 +374,15 @@ class GuestSet:
 
     # -- building --------------------------------------------------------------------------
 
+    def image_of(self, slot: _Slot) -> BootImage:
+        return slot.request.image or self.image
+
+    def images_by_name(self) -> dict[str, BootImage]:
+        """{guest name: its image} (the set's image unless a request names its own)."""
+        return {slot.name: self.image_of(slot) for slot in self._slots}
+
     def _domain_spec(self, slot: _Slot, lib_version: int) -> DomainSpec:
-        image = self.image
+        image = self.image_of(slot)
         boot: KernelBoot | DiskBoot
         if image.kernel_path is not None:
             boot = KernelBoot(Path(image.kernel_path), image.initrd_path and Path(image.initrd_path),
@@ -425,8 +435,9 @@ class GuestSet:
         if self.restore is not None:
             self._restore_slot(slot)
             return
-        base = slot.request.disk_path or Path(self.image.disk_path)
-        create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else self.image.disk_format)
+        image = self.image_of(slot)
+        base = slot.request.disk_path or Path(image.disk_path)
+        create_overlay(Path(base), slot.overlay_path, "qcow2" if slot.request.disk_path else image.disk_format)
         with libvirt_errors(f"start {slot.name}"):
             dom.create()
         slot.started_monotonic = time.monotonic()
@@ -493,7 +504,7 @@ class GuestSet:
             raise
         # Before any guest starts: libvirt relabels the shared backing files at the first start.
         backings = {Path(self.restore.guests[slot.index].disk_path) if self.restore is not None
-                    else Path(slot.request.disk_path or self.image.disk_path) for slot in self._slots}
+                    else Path(slot.request.disk_path or self.image_of(slot).disk_path) for slot in self._slots}
         self._owners = {}
         for backing in backings:  # guests share a base: one qemu-img call per distinct chain top
             self._owners.update({p: o for p, o in chain_owners(backing).items() if p not in self._owners})

@@ -51,6 +51,13 @@ def states_root(image_dir: Path | None, cache_dir: Path, disk_path: Path) -> Pat
     return Path(cache_dir) / "states" / hashlib.sha256(str(disk_path).encode()).hexdigest()[:12]
 
 
+def mixed_root(cache_dir: Path, image_ids: list[str]) -> Path:
+    """Cached saved states of guest sets that mix images ([guests] groups): under the cache's
+    states/, named by the images, since no one image's folder holds them."""
+    digest = hashlib.sha256(json.dumps(sorted(image_ids)).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "states" / f"mixed-{digest}"
+
+
 def all_roots(cache_dir: Path) -> list[Path]:
     """Every folder under an image cache that may hold saved states."""
     cache_dir = Path(cache_dir)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from orchestrator.analysis import recommend, samplemetrics, studymetrics
 from orchestrator.report import policy as policy_report
 from orchestrator.report.costs import cost_findings, cost_sections
+from orchestrator.report.diversity import diversity_findings, diversity_sections
 from orchestrator.report.plots import Plot, build_plots, on_trials, pareto_tolerance_mib
 from orchestrator.analysis.stats import (
     ONE_REPETITION,
@@ -77,7 +78,8 @@ def write_report(study_dir: Path, analysis: StudyAnalysis | None = None) -> Path
     plots = build_plots(study, sm)
     for plot in plots:
         atomic_write_bytes(out_dir / f"{plot.name}.png", plot.png)
-    html = render_html(study, sm, plots, study_findings(sm) + host_findings(study.host))
+    findings = study_findings(sm) + [Finding(text) for text in diversity_findings(study, sm)] + host_findings(study.host)
+    html = render_html(study, sm, plots, findings)
     report_path = out_dir / "report.html"
     atomic_write_bytes(report_path, html.encode())
     return report_path
@@ -592,7 +594,7 @@ def render_html(study: StudyData, sm: StudyMetrics, plots: list[Plot], findings:
         noise_table=_noise_table(sm),
         no_noise_estimate=NO_NOISE_ESTIMATE,
         per_process=per_process,
-        cost_sections=cost_sections(sm, _table),
+        cost_sections=cost_sections(sm, _table) + diversity_sections(study, sm, _table),
         swept_axes=sm.swept_axes,
         page_size_bytes=sm.page_size_bytes,
         host_rows=_flatten("", study.host),

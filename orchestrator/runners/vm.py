@@ -144,6 +144,9 @@ class VmRunner(TrialRunner):
     def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
         g = guests_of(trial)
         if g.cache_states:
+            distinct = _distinct(self._guest_images(g))
+            if len(distinct) > 1:  # guests of several images: no one image's folder holds them
+                return states.mixed_root(images.default_cache_dir(), [image_id(i) for i in distinct])
             image_dir = Path(image.manifest_path).parent if image.manifest_path is not None else None
             return states.states_root(image_dir, images.default_cache_dir(), Path(image.disk_path))
         work_root = Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT
@@ -156,8 +159,17 @@ class VmRunner(TrialRunner):
         hardware = {k: g.get(k) for k in GuestsSection.model_fields if k not in GuestsSection.NOT_GUEST_SHAPE}
         hardware["domain_type"] = choose_domain_type(guests_of(trial).domain_type)
         workload = {k: v for k, v in trial.workload.items() if k not in ("duration_s", "report_interval_s", "rate")}
-        return {"image": image.key or str(image.disk_path), "hardware": hardware, "workload": workload,
+        spec = {"image": image_id(image), "hardware": hardware, "workload": workload,
                 "template_sha256": template_digest(template)}
+        g_model = guests_of(trial)
+        if g_model.groups is not None:
+            # Which image each guest boots, group by group; the disks' mtimes too, since a set
+            # of several images is cached apart from them and outlives an `image rm`.
+            per_guest = self._guest_images(g_model)
+            spec["groups"] = [{"count": group.count, "image": image_id(per_guest[first]),
+                               "disk_mtime_ns": Path(per_guest[first].disk_path).stat().st_mtime_ns}
+                              for group, first in zip(g_model.groups, _group_starts(g_model))]
+        return spec
 
     def _saved_set(self, trial: Trial, key: str, clock: PhaseClock) -> tuple[states.SavedSet, dict[str, Any]]:
         g = guests_of(trial)
@@ -218,9 +230,10 @@ class VmRunner(TrialRunner):
         sessions: dict[str, GuestSession] = {}
         try:
             restored_s = time.monotonic() - started
+            image_of = guest_set.images_by_name()
 
             def reconnect(guest: Any) -> GuestSession:
-                session = GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=timeout_s,
+                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=timeout_s,
                                                  connect_timeout_s=5.0, retry_min_s=0.05)
                 session.connect()
                 return session
@@ -248,7 +261,7 @@ class VmRunner(TrialRunner):
                 raise StopRequested("interrupted while restoring guests") from None
             raise
         info = {
-            "image": image.key or str(image.disk_path), "guests": len(guests),
+            "image": image_id(image), "guests": len(guests), **_images_info(image_of),
             "restore_s": guest_set.restore_seconds(), "restore_wall_s": round(restored_s, 3),
             "ssh_wall_s": round(ssh_s, 3), "start_s": round(time.monotonic() - started, 3),
             "clock_offset_s": offsets, "overlays": [str(g.overlay_path) for g in guests],
@@ -268,14 +281,30 @@ class VmRunner(TrialRunner):
     # -- provision -----------------------------------------------------------------------------
 
     def _image(self, g: GuestsSection) -> images.ImageRef:
+        """The set's image: [guests] image, or with groups the first guest's."""
+        return self._guest_images(g)[0]
+
+    def _guest_images(self, g: GuestsSection) -> list[images.ImageRef]:
+        """Each guest's image by index ([guests] groups, else [guests] image for all), each
+        distinct one resolved (built if not cached) once."""
         cache = Path(g.image_cache_dir) if g.image_cache_dir else None
-        return images.resolve_image(g.image or None, cache_dir=cache)
+        resolved: dict[str, images.ImageRef] = {}
+        out = []
+        for table in g.guest_images():
+            text = json.dumps(table, sort_keys=True, default=str)
+            if text not in resolved:
+                resolved[text] = images.resolve_image(table or None, cache_dir=cache)
+            out.append(resolved[text])
+        return out
 
     def _guest_set(self, trial: Trial, image: images.ImageRef, study_suffix: str = "",
                    disks: list[Path] | None = None, count: int | None = None,
                    restore: states.SavedSet | None = None, name_stem: str | None = None) -> GuestSet:
         g = guests_of(trial)
         count = count or g.count
+        # Guests of several images (groups): each request names its own; the plan refuses
+        # groups where a set of other than count guests is made (prepared layers, density).
+        per_guest = self._guest_images(g) if g.groups is not None and count == g.count else None
         requests = [
             GuestRequest(
                 memory_mib=g.memory_mib,
@@ -285,6 +314,7 @@ class VmRunner(TrialRunner):
                 vcpu_pins=tuple(g.vcpu_pins or ()),
                 numa_node=g.numa_node,
                 disk_path=disks[i] if disks else None,
+                image=per_guest[i] if per_guest else None,
             )
             for i in range(count)
         ]
@@ -304,14 +334,16 @@ class VmRunner(TrialRunner):
         Returns the sessions and each guest's seconds from start to SSH."""
         guest_set.__enter__()
         try:
+            image_of = guest_set.images_by_name()
+
             def connect(guest: Any) -> None:
-                with GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=5.0):
+                with GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=5.0):
                     pass
 
             boot_s = guest_set.wait_ready(connect, timeout_s, cancel=self.stop)
             sessions = {}
             for guest in guest_set.guests:
-                session = GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=60.0)
+                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=60.0)
                 session.connect()
                 sessions[guest.name] = session
             return sessions, boot_s
@@ -326,7 +358,7 @@ class VmRunner(TrialRunner):
         workload = trial.workload_model
         image = self._image(g)
         check_memory_fits(g.count, g.memory_mib, hugepages=g.hugepages, numa_node=g.numa_node)
-        info: dict[str, Any] = {"image": image.key or str(image.disk_path), "guests": g.count}
+        info: dict[str, Any] = {"image": image_id(image), "guests": g.count}
         disks: list[Path] | None = None
         if isinstance(workload, sysbench.SysbenchWorkload):
             info["data"] = workload.data
@@ -336,6 +368,7 @@ class VmRunner(TrialRunner):
         guest_set = self._guest_set(trial, image, disks=disks, name_stem=name_stem)
         started = time.monotonic()
         sessions, boot_s = self._boot(guest_set, image, g.boot_timeout_s)
+        info.update(_images_info(guest_set.images_by_name()))
         info["boot_to_ssh_s"] = {name: round(seconds, 1) for name, seconds in boot_s.items()}
         info["boot_wall_s"] = round(time.monotonic() - started, 1)
         active = ActiveGuests(key, guest_set, image, sessions, info)
@@ -578,6 +611,30 @@ def set_clock_and_check(session: GuestSession, marker: str, timeout_s: float = 3
         return round(host_now - float(lines[1]), 3)
     except ValueError:
         raise ProvisionError(f"{session.where}: unreadable guest clock {lines[1]!r}") from None
+
+
+def image_id(image: images.ImageRef) -> str:
+    """An image as keys and trial.json name it: its cache key, else (brought) its disk."""
+    return image.key or str(image.disk_path)
+
+
+def _distinct(refs: list[images.ImageRef]) -> list[images.ImageRef]:
+    return list({image_id(ref): ref for ref in refs}.values())
+
+
+def _group_starts(g: GuestsSection) -> list[int]:
+    """The index of each group's first guest."""
+    starts, at = [], 0
+    for group in g.groups or []:
+        starts.append(at)
+        at += group.count
+    return starts
+
+
+def _images_info(image_of: Mapping[str, Any]) -> dict[str, Any]:
+    """trial.json's provision "guest_images" {guest name: image} where a set mixes images."""
+    ids = {name: image_id(ref) for name, ref in image_of.items()}
+    return {"guest_images": ids} if len(set(ids.values())) > 1 else {}
 
 
 def guests_of(trial: Trial) -> GuestsSection:
