@@ -569,13 +569,12 @@ class Sampler:
 
     def _sample_process(self, label: str, pid: int) -> dict[str, Any] | None:
         files = self._target_files.get(pid)
-        if files is None or files.gone:
-            # first sight of this pid, or its process has gone (a new one may have its number)
-            if files is not None:
-                files.close()
+        if files is None:  # first sight of this pid (or of a new process with its number)
             files = self._target_files[pid] = probes.ProcessCounters(pid, self.root)
         statm = files.statm()
         if statm is None:
+            if files.gone:  # reaped: its files read nothing ever again
+                self._target_files.pop(pid).close()
             return None  # exited (or zombie) since targets() listed it
         row: dict[str, Any] = {"label": label, "pid": pid, "rss_kib": statm["rss_kib"]}
         for column in _PSS_TIER_COLUMNS:
