@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -106,6 +107,72 @@ def test_readers_return_none_for_zombie_then_reaped_process(holder):
     assert probes.read_proc_stat(proc.pid) is None
 
 
+def test_process_counters_reread_open_files_then_see_zombie_and_reaped_process(holder):
+    """statm and ksm_stat read through descriptors kept open give what the path readers give;
+    a zombie reads as None (no address space), a reaped process as gone, and the descriptors
+    never read a later process."""
+    proc = holder(mib=16, mergeable=True)
+    with probes.ProcessCounters(proc.pid) as files:
+        assert files.has("statm") and files.has("ksm_stat") and not files.gone
+        first = files.statm()
+        assert first is not None and first["rss_kib"] >= 16 * 1024
+        assert abs(first["rss_kib"] - probes.read_statm(proc.pid)["rss_kib"]) <= 1024
+        assert files.ksm_stat()["ksm_mergeable"] is True
+        assert files.statm() is not None  # read again through the same descriptor
+        proc.kill()
+        deadline = time.monotonic() + 5
+        while probes.read_proc_stat(proc.pid).state != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert files.statm() is None and files.ksm_stat() is None and not files.gone  # zombie
+        proc.wait()
+        assert files.statm() is None and files.ksm_stat() is None and files.gone  # reaped
+    assert not files.has("statm")  # closed
+
+
+def test_process_counters_of_a_pid_that_does_not_exist_are_gone(tmp_path):
+    (tmp_path / "proc").mkdir()
+    with probes.ProcessCounters(99, tmp_path) as files:
+        assert files.gone and files.statm() is None and files.ksm_stat() is None
+
+
+def test_process_counters_fall_back_like_read_ksm_stat_on_older_kernels(tmp_path):
+    for pid in (10, 11):
+        (tmp_path / "proc" / str(pid)).mkdir(parents=True)
+        (tmp_path / "proc" / str(pid) / "statm").write_text("1000 500 100 1 0 400 0\n")
+    (tmp_path / "proc" / "10" / "ksm_merging_pages").write_text("77\n")
+    for pid in (10, 11):
+        with probes.ProcessCounters(pid, tmp_path) as files:
+            assert files.ksm_stat() == probes.read_ksm_stat(pid, tmp_path)
+            assert files.statm() == probes.read_statm(pid, tmp_path)
+    assert probes.ProcessCounters(10, tmp_path).ksm_stat() == {"ksm_merging_pages": 77}
+    assert probes.ProcessCounters(11, tmp_path).ksm_stat() == {}
+
+
+def test_counter_files_read_a_file_longer_than_their_buffer_whole(tmp_path):
+    """/proc/stat runs to tens of KiB on a big host (its intr line): one read, the whole text."""
+    big = tmp_path / "stat"
+    text = "cpu  1 2 3 4 5 6 7 8 0 0\n" + "".join(f"cpu{i} 1 2 3 4 5 6 7 8 0 0\n" for i in range(256)) \
+        + "intr " + " ".join(["12345"] * 5000) + "\n"
+    big.write_text(text)
+    with probes.CounterFiles({"stat": big}) as files:
+        assert files.read() == {"stat": text}
+        assert files.read(["stat", "absent"]) == {"stat": text}
+    assert probes.parse_host_cpu(text).cpus == 256
+
+
+def test_host_counter_files_parse_on_this_host():
+    with probes.CounterFiles(probes.host_counter_paths()) as files:
+        texts = files.read()
+    assert set(texts) == {"meminfo", "vmstat", "stat", "uptime", "loadavg"}
+    assert probes.parse_meminfo(texts["meminfo"], ("MemAvailable",))["MemAvailable"] > 0
+    assert probes.parse_host_cpu(texts["stat"]).cpus == os.cpu_count()
+    assert 0 < probes.parse_uptime_s(texts["uptime"]) <= probes.read_uptime_s()
+    before = probes.parse_last_pid(texts["loadavg"])
+    subprocess.run(["true"], check=True)  # a new process moves the host's last pid
+    with probes.CounterFiles(probes.host_counter_paths()) as files:
+        assert probes.parse_last_pid(files.read(["loadavg"])["loadavg"]) != before
+
+
 # --- captured text ------------------------------------------------------------------
 
 
@@ -159,6 +226,21 @@ def test_parse_vmstat_captured_has_ksm_and_thp_counters():
     assert vmstat["nr_free_pages"] == 819170
     for name in probes.VMSTAT_OF_INTEREST:
         assert vmstat[name] == 0, name
+
+
+@pytest.mark.parametrize("name", ["meminfo.txt", "vmstat.txt"])
+def test_parse_only_the_fields_asked_for_gives_what_the_full_parse_gives(name):
+    """A sampler asks for a few fields; found by search, they must be exactly the full parse's
+    (a name that is the prefix of another, thp_split_page / thp_split_page_failed, included)."""
+    text = (DATA / name).read_text()
+    parse = probes.parse_meminfo if name == "meminfo.txt" else probes.parse_vmstat
+    full = parse(text)
+    wanted = (*list(full)[:3], *list(full)[-2:], "thp_split_page", "Hugepagesize", "MemFree", "no_such_field")
+    assert parse(text, wanted) == {key: full[key] for key in wanted if key in full}
+    assert parse(text, ()) == {}
+    if name == "meminfo.txt":  # the one parser still refuses a line it cannot read
+        with pytest.raises(ValueError, match="unexpected /proc/meminfo line"):
+            parse("MemFree: 12 MB\n", ("MemFree",))
 
 
 def test_parse_proc_stat_captured_ksmd():

@@ -94,6 +94,7 @@ def test_sampler_real_host_process_appearing_and_exiting(child):
         _wait_for_ticks(sampler, sampler.tick_count + 3)
         first.wait()
         _wait_for_ticks(sampler, sampler.tick_count + 3)
+        assert _cheap_fds(first.pid) == {}  # reaped: its files closed, no new process to open
     assert sampler.error_count == 0, sampler.last_error
     procs = sampler.process_frame()
     last_t_s = sampler.ksm_frame()["t_s"].iloc[-1]
@@ -101,6 +102,50 @@ def test_sampler_real_host_process_appearing_and_exiting(child):
     assert by_label.max()["first"] < last_t_s  # no rows after it exited
     assert by_label.min()["late"] > 0.25  # no rows before it existed
     assert by_label.max()["late"] == last_t_s
+
+
+def _open_proc_files(pid: int) -> dict[int, str]:
+    """{fd: file name} of this process's descriptors open on /proc/<pid>/*."""
+    found = {}
+    for entry in os.scandir("/proc/self/fd"):
+        try:
+            target = os.readlink(entry.path)
+        except OSError:  # closed while we looked
+            continue
+        if target.startswith(f"/proc/{pid}/"):
+            found[int(entry.name)] = target.rsplit("/", 1)[1]
+    return found
+
+
+def _cheap_fds(pid: int) -> dict[int, str]:
+    return {fd: name for fd, name in _open_proc_files(pid).items() if name in ("statm", "ksm_stat")}
+
+
+def test_sampler_keeps_each_targets_files_open_and_opens_new_ones_for_a_new_pid(holder):
+    """statm and ksm_stat are opened once per target process and re-read (the same descriptors
+    tick after tick); when a label's pid changes (a restarted target) the new process's files are
+    opened, the old ones closed, and its rows carry the new process's RSS. Nothing stays open."""
+    small, big = holder(mib=8), holder(mib=64)
+    current = {"vm": small.pid}
+    with Sampler(0.1, 1, lambda: dict(current)) as sampler:
+        _wait_for_ticks(sampler, 3)
+        first = _cheap_fds(small.pid)
+        assert sorted(first.values()) == ["ksm_stat", "statm"]
+        _wait_for_ticks(sampler, sampler.tick_count + 3)
+        assert _cheap_fds(small.pid) == first  # the same descriptors, not reopened
+        switched_at = sampler.tick_count
+        current["vm"] = big.pid
+        _wait_for_ticks(sampler, switched_at + 4)
+        assert _cheap_fds(small.pid) == {}
+        assert sorted(_cheap_fds(big.pid).values()) == ["ksm_stat", "statm"]
+    assert sampler.error_count == 0, sampler.last_error
+    assert _open_proc_files(small.pid) == {} and _open_proc_files(big.pid) == {}
+    procs = sampler.process_frame()
+    assert set(procs["pid"]) == {small.pid, big.pid}
+    assert (procs.loc[procs["pid"] == small.pid, "rss_kib"] < 32 * 1024).all()
+    assert (procs.loc[procs["pid"] == big.pid, "rss_kib"] >= 64 * 1024).all()
+    assert procs.index[procs["pid"] == small.pid].max() < procs.index[procs["pid"] == big.pid].min()
+    assert procs["ksm_merging_pages"].notna().all()
 
 
 def _pss_reads(sampler: Sampler) -> list[tuple[float, str]]:
@@ -180,6 +225,8 @@ def test_sampler_budget_pays_for_every_due_target_and_records_its_use(holder):
     assert 0 < record["cpu_pct"] < 100 and record["cpu_pct"] == pytest.approx(100 * record["cpu_s"] / wall_s, rel=0.2)
     slack_s = 0.1 * (1 + sampler.missed_ticks)
     assert max(record["pss_age_max_s"].values()) <= 0.2 + slack_s
+    assert record["outside_reads"] == int(ksm["outside_cpu_pct"].notna().sum()) + 1  # the first one is NaN
+    assert 1 <= record["outside_walks"] <= record["outside_reads"]
 
 
 def test_sampler_stop_is_bounded_while_a_pss_read_hangs(tmp_path):

@@ -222,16 +222,22 @@ def test_envelope_keeps_every_trough_of_a_long_sawtooth():
 
 
 def _host_tree(root: Path, uptime_s: float, idle_ticks: int,
-               processes: dict[int, tuple[int, int, int, int]]) -> None:
-    """A 2-CPU host: /proc/stat (idle ticks), /proc/uptime, and /proc/<pid>/stat and
-    task/<pid>/children for {pid: (ppid, cpu ticks, reaped children's ticks, start ticks)}."""
+               processes: dict[int, tuple[int, int, int, int]], last_pid: int | None = None) -> None:
+    """A 2-CPU host: /proc/stat (idle ticks), /proc/uptime, /proc/loadavg (with last_pid), and
+    /proc/<pid>/stat and task/<pid>/children for {pid: (ppid, cpu ticks, reaped children's ticks,
+    start ticks)}. Files are rewritten in place, as procfs regenerates them under a sampler that
+    keeps them open; the folder of a process no longer listed is removed."""
     proc = root / "proc"
-    shutil.rmtree(proc, ignore_errors=True)
-    proc.mkdir(parents=True)
+    proc.mkdir(parents=True, exist_ok=True)
+    for folder in proc.iterdir():
+        if folder.name.isdigit() and int(folder.name) not in processes:
+            shutil.rmtree(folder)
     (proc / "stat").write_text(f"cpu  5000 0 1000 {idle_ticks} 0 0 0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\n")
     (proc / "uptime").write_text(f"{uptime_s:.2f} 0.00\n")
+    if last_pid is not None:
+        (proc / "loadavg").write_text(f"0.00 0.00 0.00 1/100 {last_pid}\n")
     for pid, (ppid, ticks, child_ticks, start_ticks) in processes.items():
-        (proc / str(pid) / "task" / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
         fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks), "0", str(child_ticks), "0"] + ["0"] * 4
         fields += [str(start_ticks)] + ["0"] * 25
         (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(fields) + "\n")
@@ -247,15 +253,52 @@ def test_outside_load_is_host_busy_time_minus_the_study_and_reads_no_other_proce
     monkeypatch.setattr("orchestrator.host.sampler.time.monotonic", lambda: next(clock))
     # Unrelated processes are not in the tree at all: the reading must not need them.
     _host_tree(tmp_path, 50.0, 100 * hz, {me: (1, 0, 0, 0)})
-    assert np.isnan(sampler._outside_cpu_pct([]))
-    # 1 s later, 2 CPUs: 1.6 CPU s busy (idle rose 0.4 s). We used 0.5 s; our child, started since
-    # the last tick, 0.3 s: the study. The other 0.8 s is outside: 80% of one core.
-    _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))})
-    assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
-    # 1 s later: busy 0.1 s, the child's last 0.1 s; it exited and we reaped it (its 0.4 s total
-    # lands in our cutime, of which 0.3 s were counted): nothing outside.
-    _host_tree(tmp_path, 52.0, round(102.3 * hz), {me: (1, hz // 2, hz * 4 // 10, 0)})
-    assert sampler._outside_cpu_pct([]) == pytest.approx(0.0, abs=1e-6)
+    with probes.CounterFiles(probes.host_counter_paths(tmp_path)) as sampler._host_files:
+        assert np.isnan(sampler._outside_cpu_pct([]))
+        # 1 s later, 2 CPUs: 1.6 CPU s busy (idle rose 0.4 s). We used 0.5 s; our child, started
+        # since the last tick, 0.3 s: the study. The other 0.8 s is outside: 80% of one core.
+        _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))})
+        assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
+        # 1 s later: busy 0.1 s, the child's last 0.1 s; it exited and we reaped it (its 0.4 s
+        # total lands in our cutime, of which 0.3 s were counted): nothing outside.
+        _host_tree(tmp_path, 52.0, round(102.3 * hz), {me: (1, hz // 2, hz * 4 // 10, 0)})
+        assert sampler._outside_cpu_pct([]) == pytest.approx(0.0, abs=1e-6)
+    assert sampler.study_walks == 3  # no /proc/loadavg: no way to skip a walk
+
+
+def test_outside_load_walks_the_study_only_when_a_process_may_have_been_created(tmp_path, monkeypatch):
+    """While the host's last pid (/proc/loadavg) stands still no process can have joined the
+    study: the processes of the last walk are read again (their stat kept open), no children
+    files. A child listed with the last pid unchanged (impossible on a real host) shows it: it is
+    not read until the last pid moves."""
+    me = os.getpid()
+    hz = probes.CLOCK_TICKS_PER_S
+    sampler = Sampler(1.0, 1, dict, root=tmp_path)
+    clock = iter([100.0, 101.0, 102.0, 103.0])
+    monkeypatch.setattr("orchestrator.host.sampler.time.monotonic", lambda: next(clock))
+    _host_tree(tmp_path, 50.0, 100 * hz, {me: (1, 0, 0, 0)}, last_pid=1000)
+    with probes.CounterFiles(probes.host_counter_paths(tmp_path)) as sampler._host_files:
+        assert np.isnan(sampler._outside_cpu_pct([]))
+        assert sampler.study_walks == 1
+        # busy 1.6 s, we used 0.5 s; the child's 0.3 s is not seen: 1.1 s outside
+        _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))},
+                   last_pid=1000)
+        assert sampler._outside_cpu_pct([]) == pytest.approx(110.0)
+        assert sampler.study_walks == 1
+        # the last pid moved: walked, the child found; it joined (started before the last tick)
+        # and counts from the next: busy 1.0 s, we used 0.2 s, 0.8 s outside
+        _host_tree(tmp_path, 52.0, round(101.4 * hz), {me: (1, hz * 7 // 10, 0, 0), 700: (me, hz * 6 // 10, 0, round(50.5 * hz))},
+                   last_pid=1001)
+        assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
+        assert sampler.study_walks == 2
+        # still: no walk, the child read through its open stat; busy 0.6 s, we 0.1 s, it 0.3 s
+        _host_tree(tmp_path, 53.0, round(102.8 * hz), {me: (1, hz * 8 // 10, 0, 0), 700: (me, hz * 9 // 10, 0, round(50.5 * hz))},
+                   last_pid=1001)
+        assert sampler._outside_cpu_pct([]) == pytest.approx(20.0)
+        assert sampler.study_walks == 2
+        assert set(sampler._stat_files) == {me, 700}
+    for files in sampler._stat_files.values():
+        files.close()
 
 
 def test_host_cpu_parser_counts_cpus_and_the_time_no_task_ran():

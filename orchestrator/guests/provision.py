@@ -197,6 +197,17 @@ def run_job(action: str, call: Callable[[], object], timeout_s: float,
 
 # --- the guest set ---------------------------------------------------------------------------
 
+JOBS_PER_CPU = 2
+MAX_PARALLEL_JOBS = 16
+
+
+def job_pool_size(jobs: int, bound: int = 0) -> int:
+    """Workers for `jobs` libvirt jobs of one guest set: `bound` if given, else 2 per host CPU
+    (at most 16); never more than there are jobs, never fewer than one."""
+    limit = bound if bound > 0 else min(MAX_PARALLEL_JOBS, JOBS_PER_CPU * (os.cpu_count() or 1))
+    return max(1, min(jobs, limit))
+
+
 
 class BootImage(Protocol):
     """What provisioning needs from orchestrator.guests.images.ImageRef."""
@@ -239,7 +250,10 @@ class GuestSetOptions:
     template_path: Path | None = None
     work_root: Path = DEFAULT_WORK_ROOT
     port_state_dir: Path = DEFAULT_PORT_STATE_DIR
-    parallel_starts: int = 0  # 0 = all at once
+    # libvirt jobs (define + start or restore, save, teardown) run at most this many at once;
+    # 0: job_pool_size's default, 2 per host CPU (16 guests restored at once on 2 cores only
+    # queue in libvirtd and fight for the CPUs, and every one's deadline runs meanwhile).
+    parallel_jobs: int = 0
     # Deadlines of libvirt's save and restore of one guest (both are blocking calls that wait on
     # QEMU and, without a bound, wait forever on a wedged one). A 1 GiB guest takes seconds.
     save_timeout_s: float = 600.0
@@ -330,6 +344,7 @@ class GuestSet:
         work_dir: Path | None = None,
         restore: SavedSet | None = None,
         name_stem: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         if not requests:
             raise ProvisionError("a guest set needs at least one guest")
@@ -348,6 +363,9 @@ class GuestSet:
         # Restore: each guest comes back from its saved state, under its saved name and uuid
         # (libvirt refuses another name for a save image).
         self.restore = restore
+        # One deadline (monotonic s) for every restore of the set, queued ones included: a job
+        # gets what is left of it (at most restore_timeout_s), none starts after it.
+        self.deadline = deadline
         self.name_stem = name_stem or study
         self.work_dir = Path(work_dir) if work_dir else study_work_dir(options.work_root, study)
         self.ports = PortRegistry(options.port_state_dir)
@@ -452,10 +470,16 @@ class GuestSet:
         dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
                            console_log_path=slot.console_log_path, host_port=slot.port)
         slot.started_monotonic = time.monotonic()
+        timeout_s = self.options.restore_timeout_s
+        if self.deadline is not None:
+            timeout_s = min(timeout_s, self.deadline - slot.started_monotonic)
+            if timeout_s <= 0:
+                raise ProvisionError(f"restore {slot.name}: the set's deadline passed before its turn "
+                                     f"({job_pool_size(len(self._slots), self.options.parallel_jobs)} at a time)")
         conn = self._conn
         run_job(f"restore {slot.name} from {saved.save_path}",
                 lambda: conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING),
-                self.options.restore_timeout_s, lambda: stop_job(lambda: self._domain(slot), abortable=False))
+                timeout_s, lambda: stop_job(lambda: self._domain(slot), abortable=False))
         slot.restore_s = time.monotonic() - slot.started_monotonic
 
     def restore_seconds(self) -> dict[str, float]:
@@ -482,7 +506,8 @@ class GuestSet:
             save_path.chmod(0o600)  # guest memory: the guest's secrets are in it
             return {"index": slot.index, "name": slot.name, "uuid": slot.uuid, "marker": markers[slot.index]}
 
-        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="ksmlab-save") as pool:
+        workers = job_pool_size(len(self._slots), self.options.parallel_jobs)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-save") as pool:
             return list(pool.map(save_one, self._slots))
 
     def __enter__(self) -> GuestSet:
@@ -508,7 +533,7 @@ class GuestSet:
         self._owners = {}
         for backing in backings:  # guests share a base: one qemu-img call per distinct chain top
             self._owners.update({p: o for p, o in chain_owners(backing).items() if p not in self._owners})
-        workers = self.options.parallel_starts or len(self._slots)
+        workers = job_pool_size(len(self._slots), self.options.parallel_jobs)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-start")
         try:
             with libvirt_errors(f"libvirt version of {self.uri}"):
@@ -716,14 +741,21 @@ class GuestSet:
             if self._conn is not None and (self.connection_lost is not None or not is_alive(self._conn)):
                 self._reconnect_for_teardown()
             problems: list[str] = []
-            for slot in self._slots:
-                if slot.torn_down:
-                    continue
+
+            def down(slot: _Slot) -> None:
                 try:
                     self._teardown_slot(slot)
                     slot.torn_down = True
                 except (libvirt.libvirtError, OSError, HostError) as exc:
                     problems.append(f"{slot.name}: {exc}")
+
+            # In a bounded pool: destroy waits for QEMU to exit (up to seconds each), and 16
+            # guests one after another would hold the next trial back for that much longer.
+            left = [slot for slot in self._slots if not slot.torn_down]
+            if left:
+                workers = job_pool_size(len(left), self.options.parallel_jobs)
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksmlab-teardown") as pool:
+                    list(pool.map(down, left))
             if not problems and all(slot.torn_down for slot in self._slots):
                 for path in give_back(self._owners):
                     log.info("gave %s back to its owner (libvirt had given it to QEMU's user)", path)

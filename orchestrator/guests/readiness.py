@@ -20,6 +20,13 @@ import tenacity
 from orchestrator.errors import GuestBootError
 
 CONSOLE_TAIL_LINES = 40
+MAX_SSH_THREADS = 64
+
+
+def ssh_pool_size(guests: int) -> int:
+    """Threads for one SSH step over every guest (readiness, connect, a command): one per guest,
+    as the work is waiting on the guests, not the host's CPUs, up to 64."""
+    return max(1, min(guests, MAX_SSH_THREADS))
 
 
 class SshTarget(Protocol):
@@ -101,7 +108,7 @@ def wait_all_ready(waits: Sequence[ReadyWait], timeout_s: float,
             ) from exc
         return time.monotonic() - (wait.started() or time.monotonic())
 
-    with ThreadPoolExecutor(max_workers=len(waits), thread_name_prefix="ksmlab-ready") as pool:
+    with ThreadPoolExecutor(max_workers=ssh_pool_size(len(waits)), thread_name_prefix="ksmlab-ready") as pool:
         futures = {wait.name: pool.submit(wait_one, wait) for wait in waits}
         try:
             return {name: future.result() for name, future in futures.items()}

@@ -42,7 +42,7 @@ from orchestrator.guests.provision import (
     choose_domain_type,
     study_work_dir,
 )
-from orchestrator.guests.readiness import console_tail
+from orchestrator.guests.readiness import console_tail, ssh_pool_size
 from orchestrator.host import probes
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
@@ -139,7 +139,9 @@ class VmRunner(TrialRunner):
         try:
             self._measure(trial, clock, result, self.active)
         finally:
+            began = time.monotonic()
             self.close()  # the next trial restores afresh; nothing of this one carries over
+            result.provision["teardown_s"] = round(time.monotonic() - began, 3)
 
     def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
         g = guests_of(trial)
@@ -219,13 +221,20 @@ class VmRunner(TrialRunner):
         return saved, info
 
     def _restore(self, trial: Trial, key: str, saved: states.SavedSet) -> ActiveGuests:
-        """Restore every guest of `saved` in parallel onto fresh overlays, reconnect SSH, set each
-        guest's clock from the host and prove each is the saved guest (its marker in /run)."""
+        """Restore every guest of `saved` onto fresh overlays (a bounded pool of libvirt jobs),
+        reconnect SSH (one session per guest), set each guest's clock from the host and prove
+        each is the saved guest (its marker in /run): all of it within one deadline,
+        restore_timeout_s from the start."""
         g = guests_of(trial)
         image = self._image(g)
-        timeout_s = g.restore_timeout_s
+        check_memory_fits(g.count, g.memory_mib, hugepages=g.hugepages, numa_node=g.numa_node)
         started = time.monotonic()
-        guest_set = self._guest_set(trial, image, restore=saved)
+        deadline = started + g.restore_timeout_s
+
+        def left_s() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        guest_set = self._guest_set(trial, image, restore=saved, deadline=deadline)
         guest_set.__enter__()
         sessions: dict[str, GuestSession] = {}
         try:
@@ -233,24 +242,30 @@ class VmRunner(TrialRunner):
             image_of = guest_set.images_by_name()
 
             def reconnect(guest: Any) -> GuestSession:
-                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=timeout_s,
-                                                 connect_timeout_s=5.0, retry_min_s=0.05)
+                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=left_s(),
+                                                 connect_timeout_s=min(5.0, left_s()), retry_min_s=0.05)
                 session.connect()
                 return session
 
             guests = guest_set.guests
-            with ThreadPoolExecutor(max_workers=len(guests), thread_name_prefix="ksmlab-reconnect") as pool:
-                futures = {guest.name: pool.submit(reconnect, guest) for guest in guests}
+            pool = ThreadPoolExecutor(max_workers=ssh_pool_size(len(guests)), thread_name_prefix="ksmlab-reconnect")
+            futures = {guest.name: pool.submit(reconnect, guest) for guest in guests}
+            try:
                 for guest in guests:
                     try:
                         sessions[guest.name] = futures[guest.name].result()
                     except OrchestratorError as exc:
                         raise GuestBootError(f"{guest.name} restored but SSH did not answer: {exc}",
                                              console_tail(guest.console_log_path)) from exc
+            finally:
+                pool.shutdown(wait=True)  # the others end by the deadline
+                for name, future in futures.items():  # sessions that opened after one failed: closed below
+                    if name not in sessions and future.exception() is None:
+                        sessions[name] = future.result()
             ssh_s = time.monotonic() - started
-            with ThreadPoolExecutor(max_workers=len(guests), thread_name_prefix="ksmlab-clock") as pool:
+            with ThreadPoolExecutor(max_workers=ssh_pool_size(len(guests)), thread_name_prefix="ksmlab-clock") as pool:
                 offsets = dict(zip(sessions, pool.map(
-                    lambda item: set_clock_and_check(item[1], item[0].marker),
+                    lambda item: set_clock_and_check(item[1], item[0].marker, timeout_s=min(30.0, left_s())),
                     zip(saved.guests, sessions.values()))))
         except BaseException:
             for session in sessions.values():
@@ -299,7 +314,8 @@ class VmRunner(TrialRunner):
 
     def _guest_set(self, trial: Trial, image: images.ImageRef, study_suffix: str = "",
                    disks: list[Path] | None = None, count: int | None = None,
-                   restore: states.SavedSet | None = None, name_stem: str | None = None) -> GuestSet:
+                   restore: states.SavedSet | None = None, name_stem: str | None = None,
+                   deadline: float | None = None) -> GuestSet:
         g = guests_of(trial)
         count = count or g.count
         # Guests of several images (groups): each request names its own; the plan refuses
@@ -326,28 +342,29 @@ class VmRunner(TrialRunner):
             **({"work_root": Path(g.workdir)} if g.workdir else {}),
         )
         return GuestSet(g.uri, self.plan.study.name + study_suffix, requests, image, options,
-                        restore=restore, name_stem=name_stem)
+                        restore=restore, name_stem=name_stem, deadline=deadline)
 
     def _boot(self, guest_set: GuestSet, image: images.ImageRef,
               timeout_s: float) -> tuple[dict[str, GuestSession], dict[str, float]]:
         """Enter the set (define + start in parallel), wait for SSH, open one session per guest.
         Returns the sessions and each guest's seconds from start to SSH."""
         guest_set.__enter__()
+        sessions: dict[str, GuestSession] = {}
         try:
             image_of = guest_set.images_by_name()
 
             def connect(guest: Any) -> None:
-                with GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=5.0):
-                    pass
-
-            boot_s = guest_set.wait_ready(connect, timeout_s, cancel=self.stop)
-            sessions = {}
-            for guest in guest_set.guests:
-                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=60.0)
+                # the session that answers is the guest's one session: no second login
+                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=5.0)
                 session.connect()
                 sessions[guest.name] = session
-            return sessions, boot_s
+
+            boot_s = guest_set.wait_ready(connect, timeout_s, cancel=self.stop)
+            return {guest.name: sessions[guest.name] for guest in guest_set.guests}, boot_s
         except BaseException:
+            for session in sessions.values():
+                with contextlib.suppress(Exception):
+                    session.close()
             guest_set.__exit__(None, None, None)
             if self.stop.is_set():
                 raise StopRequested("interrupted while booting guests") from None
