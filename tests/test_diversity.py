@@ -23,7 +23,7 @@ from orchestrator.plan import expand, parse_plan
 from orchestrator.report import study as report
 from orchestrator.runners import vm
 from orchestrator.units import MIB
-from tests.test_metrics import PAGE, computed, finish_study, ramp_ksm_frame, start_study, write_trial
+from tests.builders import PAGE, computed, finish_study, ramp_ksm_frame, start_study, write_trial
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
-from tests.test_vm_sweep import _files, _ours
+from tests.vmhost import files_under, study_leftovers
 from tests.vmhost import need_vm_host
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
@@ -67,5 +67,5 @@ def test_control_merges_only_with_merging_on(tmp_path, results_dir, ksm_guard):
     # is checked, another mergeable process on the host could add to either).
     on = table[~table["guests.nosharepages"].astype(bool)]
     assert (on["saved_mib"] >= MERGED_MIN_PAGES * 4 / 1024).all(), on["saved_mib"]
-    assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert study_leftovers(study) == {"domains": [], "qemu": []}
+    assert files_under(tmp_path / "work") == []

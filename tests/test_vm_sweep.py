@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import libvirt
 import pandas as pd
 import psutil
 import pytest
@@ -21,24 +20,11 @@ from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
 from orchestrator.runners.vm import prepared_dir
 from tests.conftest import snapshot
-from tests.vmhost import need_vm_host
+from tests.vmhost import files_under, need_vm_host, study_leftovers
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
 REPO = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
-
-
-def _ours(study: str) -> dict[str, list]:
-    """Everything of this study's guests that could leak: domains, QEMU processes."""
-    with libvirt.open(URI) as conn:
-        domains = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"ksmlab-{study}")]
-    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and any(f"guest=ksmlab-{study}" in a for a in p.info["cmdline"])]
-    return {"domains": domains, "qemu": qemus}
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
 def sysbench_plan(study: str, workdir: Path, seed: int) -> str:
@@ -104,8 +90,8 @@ def test_sysbench_in_two_guests_under_a_ksm_sweep_leaves_the_host_clean(tmp_path
     finally:
         for layer in set(prepared_dir(image).glob("*")) - layers_before:
             layer.unlink()
-    assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert study_leftovers(study) == {"domains": [], "qemu": []}
+    assert files_under(tmp_path / "work") == []
 
 
 KILL_PLAN = """
@@ -140,14 +126,14 @@ def test_sigkilled_vm_sweep_is_healed_by_the_next_sweep_leaving_nothing(tmp_path
             assert sweep.poll() is None, "sweep ended before its measure phase"
             assert time.monotonic() < deadline, "guest never reached the measure phase"
             time.sleep(1)
-        qemus = _ours(study)["qemu"]
+        qemus = study_leftovers(study)["qemu"]
         assert qemus, "no QEMU process while measuring"
         # Guests run as libvirt's unprivileged user (libvirt-qemu on a host ksm-lab set up), not root.
         assert "root" not in {psutil.Process(pid).username() for pid in qemus}
     finally:
         sweep.send_signal(signal.SIGKILL)
         sweep.wait(30)
-    left = _ours(study)
+    left = study_leftovers(study)
     assert left["domains"] and left["qemu"]  # SIGKILL leaves them: the next sweep heals first
     # What the next sweep (or nightly) does before it runs: with the host lock free, the marker
     # names a dead sweep, so its ksmtuned, knobs and guests are put right.
@@ -159,10 +145,10 @@ def test_sigkilled_vm_sweep_is_healed_by_the_next_sweep_leaving_nothing(tmp_path
     assert f"removed guest ksmlab-{study}-0" in done, done
     assert any(line.startswith("restored") for line in done), done
     deadline = time.monotonic() + 30
-    while _ours(study)["qemu"] and time.monotonic() < deadline:
+    while study_leftovers(study)["qemu"] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert study_leftovers(study) == {"domains": [], "qemu": []}
+    assert files_under(tmp_path / "work") == []
     from orchestrator.guests.ports import PortRegistry
 
     assert not [e for e in PortRegistry().held().values() if study in e["owner"]]  # ports released

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+
+import psutil
 
 import libvirt
 import pytest
@@ -23,3 +26,16 @@ def need_vm_host() -> images.ImageRef:
     if image is None:
         pytest.fail("no guest image: run `python -m orchestrator image build`")
     return image
+
+
+def study_leftovers(study: str) -> dict[str, list]:
+    """Everything of this study's guests that could leak: domains, QEMU processes."""
+    with libvirt.open(URI) as conn:
+        domains = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"ksmlab-{study}")]
+    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"] and any(f"guest=ksmlab-{study}" in a for a in p.info["cmdline"])]
+    return {"domains": domains, "qemu": qemus}
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
