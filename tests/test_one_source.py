@@ -237,7 +237,7 @@ def test_no_public_function_is_called_only_from_tests():
                     continue
                 if member.name not in used and member.name not in FRAMEWORK_HOOKS:
                     dead.append(f"{rel}:{member.lineno} {member.name}")
-    assert dead == [], "remove it (and its tests) or use it"
+    assert dead == [], f"remove it (and its tests) or use it: {dead}"
 
 
 # ----------------------------------------------------------------------------- 7. signals

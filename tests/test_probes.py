@@ -53,19 +53,25 @@ def test_read_cpu_seconds_real_ksmd_is_a_number():
     assert probes.read_cpu_seconds(probes.find_ksmd_pid()) >= 0.0
 
 
+def read_statm(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
+    """statm as the sampler reads it (ProcessCounters), once."""
+    with probes.ProcessCounters(pid, root) as files:
+        return files.statm()
+
+
 def test_read_meminfo_and_vmstat_real():
     meminfo = probes.read_meminfo()
     assert 0 < meminfo["MemAvailable"] <= meminfo["MemTotal"]
     assert "AnonPages" in meminfo
-    vmstat = probes.read_vmstat()
+    vmstat = probes.parse_vmstat(Path("/proc/vmstat").read_text())
     assert vmstat["pgfault"] > 0
 
 
 def test_read_statm_real_rss_follows_touched_memory(holder):
     small = holder(mib=8)
     big = holder(mib=72)
-    rss_small = probes.read_statm(small.pid)["rss_kib"]
-    rss_big = probes.read_statm(big.pid)["rss_kib"]
+    rss_small = read_statm(small.pid)["rss_kib"]
+    rss_big = read_statm(big.pid)["rss_kib"]
     assert rss_big - rss_small >= 60 * 1024
 
 
@@ -96,11 +102,11 @@ def test_readers_return_none_for_zombie_then_reaped_process(holder):
         time.sleep(0.01)
     assert probes.read_proc_stat(proc.pid).state == "Z"
     # Zombie: /proc/PID still exists but has no address space.
-    assert probes.read_statm(proc.pid) is None
+    assert read_statm(proc.pid) is None
     assert probes.read_smaps_rollup(proc.pid) is None
     assert probes.read_ksm_stat(proc.pid) is None
     proc.wait()
-    assert probes.read_statm(proc.pid) is None
+    assert read_statm(proc.pid) is None
     assert probes.read_smaps_rollup(proc.pid) is None
     assert probes.read_ksm_stat(proc.pid) is None
     assert probes.read_cpu_seconds(proc.pid) is None
@@ -116,7 +122,7 @@ def test_process_counters_reread_open_files_then_see_zombie_and_reaped_process(h
         assert files.has("statm") and files.has("ksm_stat") and not files.gone
         first = files.statm()
         assert first is not None and first["rss_kib"] >= 16 * 1024
-        assert abs(first["rss_kib"] - probes.read_statm(proc.pid)["rss_kib"]) <= 1024
+        assert abs(first["rss_kib"] - read_statm(proc.pid)["rss_kib"]) <= 1024
         assert files.ksm_stat()["ksm_mergeable"] is True
         assert files.statm() is not None  # read again through the same descriptor
         proc.kill()
@@ -143,7 +149,7 @@ def test_process_counters_fall_back_like_read_ksm_stat_on_older_kernels(tmp_path
     for pid in (10, 11):
         with probes.ProcessCounters(pid, tmp_path) as files:
             assert files.ksm_stat() == probes.read_ksm_stat(pid, tmp_path)
-            assert files.statm() == probes.read_statm(pid, tmp_path)
+            assert files.statm() == probes.statm_of((tmp_path / "proc" / str(pid) / "statm").read_text())
     assert probes.ProcessCounters(10, tmp_path).ksm_stat() == {"ksm_merging_pages": 77}
     assert probes.ProcessCounters(11, tmp_path).ksm_stat() == {}
 
@@ -166,7 +172,7 @@ def test_host_counter_files_parse_on_this_host():
     assert set(texts) == {"meminfo", "vmstat", "stat", "uptime", "loadavg"}
     assert probes.parse_meminfo(texts["meminfo"], ("MemAvailable",))["MemAvailable"] > 0
     assert probes.parse_host_cpu(texts["stat"]).cpus == os.cpu_count()
-    assert 0 < probes.parse_uptime_s(texts["uptime"]) <= probes.read_uptime_s()
+    assert 0 < probes.parse_uptime_s(texts["uptime"]) <= probes.parse_uptime_s(Path("/proc/uptime").read_text())
     before = probes.parse_last_pid(texts["loadavg"])
     subprocess.run(["true"], check=True)  # a new process moves the host's last pid
     with probes.CounterFiles(probes.host_counter_paths()) as files:
@@ -395,7 +401,7 @@ def test_read_ksm_stat_fallbacks_on_older_kernels(tmp_path):
 
 def test_process_readers_missing_pid_return_none(tmp_path):
     (tmp_path / "proc").mkdir()
-    assert probes.read_statm(99, tmp_path) is None
+    assert read_statm(99, tmp_path) is None
     assert probes.read_smaps_rollup(99, tmp_path) is None
     assert probes.read_cpu_seconds(99, tmp_path) is None
 

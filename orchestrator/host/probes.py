@@ -362,17 +362,11 @@ def parse_host_cpu(text: str) -> HostCpu:
     return HostCpu(aggregate.busy_ticks, aggregate.total_ticks, aggregate.not_working_ticks, max(1, cpus))
 
 
-def read_host_cpu(root: Path = Path("/")) -> HostCpu:
-    return parse_host_cpu(_read(root / "proc" / "stat"))
-
 
 def parse_uptime_s(text: str) -> float:
     """Seconds since boot from /proc/uptime, the clock of ProcStat.start_ticks."""
     return float(text.split()[0])
 
-
-def read_uptime_s(root: Path = Path("/")) -> float:
-    return parse_uptime_s(_read(root / "proc" / "uptime"))
 
 
 def parse_last_pid(text: str) -> int:
@@ -469,9 +463,6 @@ def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | Non
     except FileNotFoundError:
         return None
 
-
-def read_vmstat(root: Path = Path("/")) -> dict[str, int]:
-    return parse_vmstat(_read(root / "proc" / "vmstat"))
 
 
 # --- per-process memory --------------------------------------------------------
@@ -636,10 +627,6 @@ def _read_process_file(pid: int, name: str, root: Path) -> str | None:
         raise
 
 
-def read_statm(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
-    """Cheap RSS; None if the process has gone or has no address space (zombie)."""
-    return statm_of(_read_process_file(pid, "statm", root))
-
 
 def read_smaps_rollup(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
     """PSS tier: walks the page tables of pid, so cost grows with its RSS."""
@@ -798,7 +785,7 @@ class ProcessFiles:
 
 class ProcessCounters(ProcessFiles):
     """The cheap per-process counters kept open: statm (RSS) and ksm_stat, or
-    ksm_merging_pages on kernels without ksm_stat; read as read_statm and read_ksm_stat do."""
+    ksm_merging_pages on kernels without ksm_stat; statm as statm_of and ksm_stat as read_ksm_stat read them."""
 
     def __init__(self, pid: int, root: Path = Path("/")) -> None:
         super().__init__(pid, ("statm", "ksm_stat"), root)
