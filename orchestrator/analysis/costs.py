@@ -317,11 +317,11 @@ def estimate_block(mixed: Mapping[str, Any], alone: Mapping[str, Mapping[str, An
 def _trial_layouts(study: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for data in study.trials:
-        guests = data.trial.get("guests") or {}
+        guests = data.trial.guests or {}
         layout = guest_layout(guests)
         memory = _finite(guests.get("memory_mib"))
         out[data.trial_id] = {"layout": layout, "ram_mib": memory * len(layout),
-                              "ksm": json.dumps(data.trial.get("ksm") or {}, sort_keys=True, default=str)}
+                              "ksm": json.dumps(data.trial.ksm or {}, sort_keys=True, default=str)}
     return out
 
 
@@ -429,4 +429,4 @@ def add_columns(trials: pd.DataFrame, study: Any, per_process: pd.DataFrame, pag
 
 def mixes_images(study: Any) -> bool:
     """Does any trial of the study run guests of more than one image?"""
-    return any(len(set(guest_layout(d.trial.get("guests")))) > 1 for d in study.trials)
+    return any(len(set(guest_layout(d.trial.guests))) > 1 for d in study.trials)

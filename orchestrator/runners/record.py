@@ -302,7 +302,7 @@ _DOC_MODELS: tuple[type[BaseModel], ...] = (TrialRecord, PhaseTiming, PolicyReco
 
 def _type_name(annotation: Any) -> str:
     text = str(getattr(annotation, "__name__", None) if isinstance(annotation, type) else annotation)
-    text = re.sub(r"\b(?:typing|orchestrator(?:\.\w+)*)\.", "", text)
+    text = re.sub(r"\b(?:typing|__main__|orchestrator(?:\.\w+)*)\.", "", text)
     text = re.sub(r"Optional\[(.*)\]$", r"\1 | None", text)
     text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace(", ", " | "), text)
     return text.replace("'", '"').replace(" | ", " or ").replace("NoneType", "null").replace("None", "null")
