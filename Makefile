@@ -10,13 +10,14 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 HOST_SETUP := bash orchestrator/guests/host-setup.sh
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help host venv test-deps demo quickstart test test-fast test-vm wheel-check bench clean-host
+.PHONY: help host venv test-deps demo quickstart test test-fast test-vm test-faults wheel-check bench clean-host
 
 help:
 	@echo "make demo        host set-up, venv, guest image (cached), run plans/demo.toml (VMs + sysbench)"
 	@echo "make quickstart  run plans/quickstart.toml (no VMs, ~3 min)"
 	@echo "make test        the whole test suite, VM end-to-end tests included"
 	@echo "make test-fast   tests without VMs or a browser"
+	@echo "make test-faults the whole fault matrix (real VM sweeps killed and healed, ~15 min)"
 	@echo "make wheel-check build the wheel, install it outside the checkout, run it (quickstart included)"
 	@echo "make bench       print the benchmark figures"
 
@@ -56,7 +57,7 @@ quickstart: venv
 # Whatever fails, the daemons `host` started are stopped and the test packages removed after.
 test: host venv test-deps
 	rc=0; $(PY) -m ruff check orchestrator tests benchmarks scripts contrib || rc=1; \
-	  $(PY) -m orchestrator image build && { $(PYTEST) tests -ra || rc=$$((rc ? rc : $$?)); } || rc=$$((rc ? rc : 1)); \
+	  $(PY) -m orchestrator image build && { $(PYTEST) tests -ra -m "not faults" || rc=$$((rc ? rc : $$?)); } || rc=$$((rc ? rc : 1)); \
 	  PYTHON=$(PY) bash scripts/wheel-check.sh || rc=$$((rc ? rc : 1)); \
 	  $(HOST_SETUP) --stop; bash scripts/test-deps.sh remove; exit $$rc
 
@@ -65,7 +66,11 @@ test-fast: venv
 	$(PYTEST) tests -ra -m "not vm and not browser"
 
 test-vm: host venv
-	$(PYTEST) tests -ra -m vm
+	$(PYTEST) tests -ra -m "vm and not faults"
+
+# The whole fault matrix: a real VM sweep killed at each point, then healed (~15 min here).
+test-faults: host venv
+	$(PYTEST) tests -ra -m faults
 
 # The venv installs editable (your edits take effect at once); this checks the wheel instead.
 wheel-check: venv
