@@ -26,9 +26,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from orchestrator.analysis import compare, history, nights
+from orchestrator.analysis.across import compare, history, nights
 from orchestrator.cli import confirm
-from orchestrator.analysis.compare import HEADLINE, SPECS, MetricChange, Thresholds
+from orchestrator.analysis.across.compare import HEADLINE, SPECS, MetricChange, Thresholds
 
 SETTINGS = [f"pages_to_scan={v}" for v in (100, 300, 1000, 3000, 10000)]
 SAVED = [60.0, 120.0, 180.0, 190.0, 195.0]  # MiB

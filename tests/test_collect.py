@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.analysis import history
+from orchestrator.analysis.across import history
 from orchestrator.cli import main as cli
 from orchestrator.store import catalog
 from orchestrator.store.collect import SSH_BASE, parse_host

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.analysis import compare, stats
+from orchestrator.analysis import stats
+from orchestrator.analysis.across import compare
 from orchestrator.cli import main as cli
-from orchestrator.analysis.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
+from orchestrator.analysis.across.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
                                   Thresholds, judge)
 from orchestrator.errors import CompareError
 from tests.nightly_studies import write_night

@@ -85,7 +85,7 @@ def test_a_suspect_that_confirmation_does_not_find_is_not_confirmed(ksm_guard, t
     assert json.loads((tonight / "report" / "compare.json").read_text())["confirmation"]["confirmed"] is False
     assert (tonight / "confirm" / "plan.toml").exists()
     # the confirmation study lives inside tonight's folder: history never counts it as a night
-    from orchestrator.analysis import history
+    from orchestrator.analysis.across import history
 
     built = history.build_index(root)
     assert built.studies == 4

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator.analysis import fleet
+from orchestrator.analysis.across import fleet
 from orchestrator.analysis.stats import holm_reject, mean_ci95
 from orchestrator.cli import main as cli
 from tests.nightly_studies import write_night

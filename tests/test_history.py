@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator.analysis import history, studymetrics
+from orchestrator.analysis import studymetrics
+from orchestrator.analysis.across import history
 from orchestrator.cli import main as cli
 from orchestrator.store import catalog, studydata
-from orchestrator.analysis.compare import REGRESSION
+from orchestrator.analysis.across.compare import REGRESSION
 from tests.nightly_studies import write_night
 
 DAY_S = 86_400.0

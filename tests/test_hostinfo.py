@@ -8,7 +8,7 @@ import gzip
 import os
 from pathlib import Path
 
-from orchestrator.analysis.compare import host_differences
+from orchestrator.analysis.across.compare import host_differences
 from orchestrator.host import hostinfo
 from orchestrator.host.probes import KSM_SYSFS
 from orchestrator.report.study import host_findings

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator.analysis import compare, history, nights
+from orchestrator.analysis.across import compare, history, nights
 from orchestrator.cli import main as cli, confirm
-from orchestrator.analysis.compare import NightContext, Thresholds
+from orchestrator.analysis.across.compare import NightContext, Thresholds
 from orchestrator.analysis.stats import bh_reject, holm_reject
 from tests.nightly_studies import write_night
 

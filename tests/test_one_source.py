@@ -112,7 +112,7 @@ def test_t_quantiles_and_scipy_only_in_stats():
 
 
 def test_history_judges_with_compares_verdict_rule():
-    source = _function(PACKAGE / "analysis/history.py", "latest_nights")
+    source = _function(PACKAGE / "analysis/across/history.py", "latest_nights")
     assert "band_verdict" in _names_used(source)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.subproc import run_bounded
+from orchestrator.host.subproc import run_bounded
 from orchestrator.host import probes
 
 

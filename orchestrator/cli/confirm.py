@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from orchestrator.analysis import compare, nights, studymetrics, trialmetrics
+from orchestrator.analysis import studymetrics, trialmetrics
+from orchestrator.analysis.across import compare, nights
 from orchestrator.store import studydata
-from orchestrator.analysis.compare import NightContext, Thresholds
+from orchestrator.analysis.across.compare import NightContext, Thresholds
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import Plan, expand, parse_plan
 from orchestrator.fsutil import atomic_write_json

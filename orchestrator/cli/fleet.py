@@ -1,5 +1,5 @@
 """`ksm-lab fleet ROOT --plan NAME`: the latest good study of each host, per host and pooled with
-the host as the level of replication (analysis/fleet.py). cli/main.py calls
+the host as the level of replication (analysis/across/fleet.py). cli/main.py calls
 ``register_fleet_command(subparsers)``. Exit 0 with a summary, 2 on a clear error (no studies, an
 unknown plan, a single host)."""
 
@@ -28,7 +28,7 @@ Exit status: 0 a summary, 2 error (no studies, unknown plan, one host)."""
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from orchestrator.analysis import fleet
+    from orchestrator.analysis.across import fleet
 
     result = fleet.summarise(Path(args.results_root), args.plan)
     if getattr(args, "fleet_json", False):
@@ -52,7 +52,7 @@ def print_fleet(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.analysis.fleet import sentence
+    from orchestrator.analysis.across.fleet import sentence
 
     out = Console(width=200)
     out.print(f"plan {result.plan} under {result.root}: latest good study of {len(result.hosts)} hosts",

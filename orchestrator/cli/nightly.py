@@ -41,7 +41,7 @@ different plans or swept axes, no setting in common, bad arguments)."""
 def _night_sd(values: list[str]) -> dict[str, float]:
     import math
 
-    from orchestrator.analysis.compare import check_metric_names
+    from orchestrator.analysis.across.compare import check_metric_names
 
     out: dict[str, float] = {}
     for item in values:
@@ -68,9 +68,9 @@ def _nightly_section(study_dir: Path) -> Any:
 
 
 def _context(args: argparse.Namespace, study_b: Path) -> Any:
-    from orchestrator.analysis import history
-    from orchestrator.analysis.compare import NightContext, check_metric_names
-    from orchestrator.analysis.nights import NightRules
+    from orchestrator.analysis.across import history
+    from orchestrator.analysis.across.compare import NightContext, check_metric_names
+    from orchestrator.analysis.across.nights import NightRules
 
     section = _nightly_section(study_b)
     try:
@@ -90,7 +90,7 @@ def _context(args: argparse.Namespace, study_b: Path) -> Any:
 
 
 def _thresholds(args: argparse.Namespace) -> Any:
-    from orchestrator.analysis.compare import Thresholds
+    from orchestrator.analysis.across.compare import Thresholds
 
     return Thresholds(saving_drop_pct=args.max_saving_drop_pct, cpu_rise_pct=args.max_cpu_rise_pct,
                       converge_rise_pct=args.max_converge_rise_pct, tps_drop_pct=args.max_tps_drop_pct,
@@ -98,7 +98,7 @@ def _thresholds(args: argparse.Namespace) -> Any:
 
 
 def _add_thresholds(p: argparse.ArgumentParser) -> None:
-    from orchestrator.analysis.compare import Thresholds
+    from orchestrator.analysis.across.compare import Thresholds
 
     d = Thresholds()
     g = p.add_argument_group("thresholds (percent of study A's mean; see the rule above)")
@@ -141,7 +141,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orchestrator.analysis import compare
+    from orchestrator.analysis.across import compare
     from orchestrator.report import compare as compare_report
 
     a, sa, b, sb = compare.load_pair(Path(args.study_a), Path(args.study_b))
@@ -201,7 +201,7 @@ def print_comparison(result: Any) -> None:
         out.print("host.json: nothing differs", highlight=False)
     out.print("plan.toml: " + ("differs:\n" + result.plan_diff if result.plan_diff else "identical"),
               highlight=False, markup=False)
-    from orchestrator.analysis.compare import chance_sentence
+    from orchestrator.analysis.across.compare import chance_sentence
 
     out.print(f"judged by: {result.mode}. {result.mode_rule}", highlight=False)
     out.print(f"rule: {result.rule}", highlight=False)
@@ -249,7 +249,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     import time
 
-    from orchestrator.analysis import history
+    from orchestrator.analysis.across import history
     from orchestrator.report import history as history_report
 
     root = Path(args.results_root)

@@ -16,7 +16,7 @@ from orchestrator.guests import images
 from orchestrator.errors import HostError, OrchestratorError
 from orchestrator.guests.kvm import kvm_status
 from orchestrator.resources import package_file
-from orchestrator.subproc import run_bounded
+from orchestrator.host.subproc import run_bounded
 
 LIBVIRT_URI = "qemu:///system"  # the default, where a plan or option names none
 LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"

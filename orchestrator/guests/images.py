@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import HostError, PlanError, ProvisionError
 from orchestrator.resources import is_recipe_name, package_file
-from orchestrator.subproc import run_bounded
+from orchestrator.host.subproc import run_bounded
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from orchestrator.analysis import samplemetrics
-from orchestrator.analysis.compare import IMPROVEMENT, METRICS, REGRESSION, SPECS, SUSPECT, UNCONFIRMED, Comparison, chance_sentence
+from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSION, SPECS, SUSPECT, UNCONFIRMED, Comparison, chance_sentence
 from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.fsutil import atomic_write_bytes

@@ -22,8 +22,8 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestrator.analysis.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
-from orchestrator.analysis.history import (Flag, VersionChange, count_comparisons, filtered, flags, latest_nights,
+from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
+from orchestrator.analysis.across.history import (Flag, VersionChange, count_comparisons, filtered, flags, latest_nights,
                                   metrics_present, version_changes)
 from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError

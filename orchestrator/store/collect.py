@@ -29,7 +29,7 @@ from pathlib import Path
 
 from orchestrator.store import catalog
 from orchestrator.errors import CollectError
-from orchestrator.subproc import run_bounded
+from orchestrator.host.subproc import run_bounded
 
 DEFAULT_REMOTE_ROOT = "/var/lib/ksm-lab/results"  # the nightly job's default results root
 SSH_BASE = ("ssh", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30")

@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator.analysis import nights, studymetrics
+from orchestrator.analysis import studymetrics
+from orchestrator.analysis.across import nights
 from orchestrator.store import catalog, studydata
-from orchestrator.analysis.compare import HEADLINE, IMPROVEMENT, METRICS, REGRESSION, SPECS, WORSE, Thresholds, band_verdict
+from orchestrator.analysis.across.compare import HEADLINE, IMPROVEMENT, METRICS, REGRESSION, SPECS, WORSE, Thresholds, band_verdict
 from orchestrator.analysis.stats import mean_half_width95
 from orchestrator.fsutil import atomic_write_bytes
 

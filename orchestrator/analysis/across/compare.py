@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.analysis import nights, studymetrics
+from orchestrator.analysis import studymetrics
+from orchestrator.analysis.across import nights
 from orchestrator.store import studydata
 from orchestrator.store.catalog import hostname_of
 from orchestrator.errors import CompareError

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.analysis import studymetrics
-from orchestrator.analysis.compare import HEADLINE, SPECS, _clean, hosts_differences
+from orchestrator.analysis.across.compare import HEADLINE, SPECS, _clean, hosts_differences
 from orchestrator.analysis.stats import holm_reject, mean_ci95, t_two_sided_p
 from orchestrator.errors import FleetError
 from orchestrator.store import catalog, studydata

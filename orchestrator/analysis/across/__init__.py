@@ -1,0 +1,1 @@
+"""Across studies: nights, hosts and two studies of one plan judged at their own level of replication."""
