@@ -57,12 +57,14 @@ quickstart: venv
 # Whatever fails, the daemons `host` started are stopped and the test packages removed after.
 test: host venv test-deps
 	rc=0; $(PY) -m ruff check orchestrator tests benchmarks scripts contrib || rc=1; \
+	  $(PY) -m ruff format --check orchestrator tests benchmarks scripts contrib || rc=1; \
 	  $(PY) -m orchestrator image build && { $(PYTEST) tests -ra -m "not faults" || rc=$$((rc ? rc : $$?)); } || rc=$$((rc ? rc : 1)); \
 	  PYTHON=$(PY) bash scripts/wheel-check.sh || rc=$$((rc ? rc : 1)); \
 	  $(HOST_SETUP) --stop; bash scripts/test-deps.sh remove; exit $$rc
 
 test-fast: venv
 	$(PY) -m ruff check orchestrator tests benchmarks scripts contrib
+	$(PY) -m ruff format --check orchestrator tests benchmarks scripts contrib
 	$(PYTEST) tests -ra -m "not vm and not browser"
 
 test-vm: host venv

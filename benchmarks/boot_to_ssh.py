@@ -2,6 +2,7 @@
 
 usage: python boot_to_ssh.py MANIFEST --guests 3 --mode parallel|sequential [--memory-mib 1024]
 """
+
 import argparse
 import contextlib
 import time
@@ -31,12 +32,18 @@ def connect(guest):
 started = time.monotonic()
 with contextlib.ExitStack() as stack:
     if args.mode == "parallel":
-        sets = [stack.enter_context(GuestSet("qemu:///system", "bench", [GuestRequest(args.memory_mib)] * args.guests, image, options))]
+        sets = [
+            stack.enter_context(
+                GuestSet("qemu:///system", "bench", [GuestRequest(args.memory_mib)] * args.guests, image, options)
+            )
+        ]
         per_guest = sets[0].wait_ready(connect, timeout_s=900)
     else:
         per_guest = {}
         for i in range(args.guests):
-            guest_set = stack.enter_context(GuestSet("qemu:///system", f"bench{i}", [GuestRequest(args.memory_mib)], image, options))
+            guest_set = stack.enter_context(
+                GuestSet("qemu:///system", f"bench{i}", [GuestRequest(args.memory_mib)], image, options)
+            )
             per_guest.update(guest_set.wait_ready(connect, timeout_s=900))
     total_s = time.monotonic() - started
     print(f"mode={args.mode} guests={args.guests} memory_mib={args.memory_mib}")

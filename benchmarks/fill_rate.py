@@ -149,8 +149,10 @@ def main() -> int:
         refill = rates[mode][1] / rates[ref][1]
         meets = first >= TARGET_FIRST_TOUCH and refill >= TARGET_REFILL
         ok &= meets
-        print(f"  {mode:5s} vs {ref:14s} first touch {first:5.2f}x  refill {refill:5.2f}x  "
-              f"{'meets targets' if meets else 'BELOW TARGET'}")
+        print(
+            f"  {mode:5s} vs {ref:14s} first touch {first:5.2f}x  refill {refill:5.2f}x  "
+            f"{'meets targets' if meets else 'BELOW TARGET'}"
+        )
     for mode in ("fixed_random", "random", "duplicate_fraction"):
         first = rates[mode][0] / rates["C memset 0x41"][0]
         refill = rates[mode][1] / rates["C memset 0x41"][1]

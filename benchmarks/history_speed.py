@@ -30,8 +30,16 @@ import pandas as pd
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TARGETS_S = {"cold index": 30.0, "warm index": 3.0, "page": 15.0}  # issue 21
-METRIC_COLUMNS = ("saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib", "ksmd_cpu_pct",
-                  "time_to_90pct_s", "tps", "latency_p95_ms")
+METRIC_COLUMNS = (
+    "saved_mib",
+    "general_profit_mib",
+    "pss_drop_mib",
+    "mem_available_rise_mib",
+    "ksmd_cpu_pct",
+    "time_to_90pct_s",
+    "tps",
+    "latency_p95_ms",
+)
 FILLER_COLUMNS = 62  # the other derived columns a real trials.csv carries (views, shares, deltas)
 
 
@@ -39,12 +47,27 @@ def _trials(rng: np.random.Generator, night: int, nights: int) -> pd.DataFrame:
     rows = []
     for rep in range(2):
         for fill in ("same", "random"):
-            rows.append({"trial_id": f"off-{fill}-r{rep}", "setting": f"KSM off, workload.fill={fill}",
-                         "ksm_off": True, "workload.fill": fill, "ksm.pages_to_scan": None, "repetition": rep})
+            rows.append(
+                {
+                    "trial_id": f"off-{fill}-r{rep}",
+                    "setting": f"KSM off, workload.fill={fill}",
+                    "ksm_off": True,
+                    "workload.fill": fill,
+                    "ksm.pages_to_scan": None,
+                    "repetition": rep,
+                }
+            )
             for pages in (100, 1000, 5000):
-                rows.append({"trial_id": f"p{pages}-{fill}-r{rep}", "ksm_off": False, "repetition": rep,
-                             "setting": f"ksm.pages_to_scan={pages}, workload.fill={fill}",
-                             "workload.fill": fill, "ksm.pages_to_scan": pages})
+                rows.append(
+                    {
+                        "trial_id": f"p{pages}-{fill}-r{rep}",
+                        "ksm_off": False,
+                        "repetition": rep,
+                        "setting": f"ksm.pages_to_scan={pages}, workload.fill={fill}",
+                        "workload.fill": fill,
+                        "ksm.pages_to_scan": pages,
+                    }
+                )
     frame = pd.DataFrame(rows)
     n = len(frame)
     frame.insert(1, "status", "ok")
@@ -55,8 +78,12 @@ def _trials(rng: np.random.Generator, night: int, nights: int) -> pd.DataFrame:
     frame["general_profit_mib"] = frame["saved_mib"] - 3
     frame["pss_drop_mib"] = frame["saved_mib"] + rng.normal(0, 1, n)
     frame["mem_available_rise_mib"] = frame["saved_mib"] + rng.normal(0, 3, n)
-    frame["ksmd_cpu_pct"] = np.where(frame["ksm_off"], 0.0, frame["ksm.pages_to_scan"].fillna(0) / 100 + rng.normal(0, 0.2, n))
-    frame["time_to_90pct_s"] = np.where(same, 500 / frame["ksm.pages_to_scan"].fillna(1) + rng.normal(0, 0.3, n), np.nan)
+    frame["ksmd_cpu_pct"] = np.where(
+        frame["ksm_off"], 0.0, frame["ksm.pages_to_scan"].fillna(0) / 100 + rng.normal(0, 0.2, n)
+    )
+    frame["time_to_90pct_s"] = np.where(
+        same, 500 / frame["ksm.pages_to_scan"].fillna(1) + rng.normal(0, 0.3, n), np.nan
+    )
     frame["tps"] = np.nan
     frame["latency_p95_ms"] = np.nan
     for i in range(FILLER_COLUMNS):
@@ -76,12 +103,22 @@ def build(root: Path, hosts: int, nights: int, first: int = 0, last: int | None 
             (study / "trials" / trial_id).mkdir(parents=True)
             (study / "trials" / trial_id / "trial.json").write_text(json.dumps({"trial_id": trial_id, "status": "ok"}))
         (study / "plan.toml").write_text(plan)
-        (study / "host.json").write_text(json.dumps({
-            "hostname": host, "kernel": "6.1.0" if night < nights // 2 else "6.6.0", "cpu_model": "Bench CPU",
-            "versions": {"qemu": "QEMU 7.2", "libvirtd": "libvirtd 9.0"}}))
+        (study / "host.json").write_text(
+            json.dumps(
+                {
+                    "hostname": host,
+                    "kernel": "6.1.0" if night < nights // 2 else "6.6.0",
+                    "cpu_model": "Bench CPU",
+                    "versions": {"qemu": "QEMU 7.2", "libvirtd": "libvirtd 9.0"},
+                }
+            )
+        )
         trials.to_csv(study / "trials.csv", index=False)  # after every trial.json, as sweep writes it
-        (study / "study.json").write_text(json.dumps({"schema_version": 1, "name": "nightly", "created_wall": created,
-                                                      "trial_ids": list(trials["trial_id"])}))
+        (study / "study.json").write_text(
+            json.dumps(
+                {"schema_version": 1, "name": "nightly", "created_wall": created, "trial_ids": list(trials["trial_id"])}
+            )
+        )
 
 
 def build_one(root: Path, hosts: int, nights: int) -> None:
@@ -91,8 +128,13 @@ def build_one(root: Path, hosts: int, nights: int) -> None:
 
 def run_history(root: Path) -> tuple[float, dict]:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "orchestrator", "history", str(root), "--json"], cwd=CHECKOUT,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "history", str(root), "--json"],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return time.monotonic() - started, json.loads(done.stdout)
 
 
@@ -114,15 +156,19 @@ def main() -> int:
     try:
         started = time.monotonic()
         build(root, args.hosts, args.nights)
-        print(f"built {studies} studies ({args.hosts} hosts x {args.nights} nights) in "
-              f"{time.monotonic() - started:.1f} s under {root}")
+        print(
+            f"built {studies} studies ({args.hosts} hosts x {args.nights} nights) in "
+            f"{time.monotonic() - started:.1f} s under {root}"
+        )
         for label in ("cold", "warm", "warm, one new night"):
             if label == "warm, one new night":
                 build_one(root, args.hosts, args.nights)
             wall_s, out = run_history(root)
-            print(f"history {label}: {wall_s:.2f} s wall = {out['index_s']:.2f} s finding + indexing "
-                  f"({out['reread']} of {out['studies']} studies read) + {out['page_s']:.2f} s trend page "
-                  f"({len(out['flags'])} flags) + interpreter start-up")
+            print(
+                f"history {label}: {wall_s:.2f} s wall = {out['index_s']:.2f} s finding + indexing "
+                f"({out['reread']} of {out['studies']} studies read) + {out['page_s']:.2f} s trend page "
+                f"({len(out['flags'])} flags) + interpreter start-up"
+            )
             results.append(verdict("cold index" if label == "cold" else "warm index", out["index_s"]))
             results.append(verdict("page", out["page_s"]))
     finally:

@@ -49,9 +49,15 @@ RULES = nights.NightRules()
 METRICS = ("saved_mib", "ksmd_cpu_pct", "tps", "latency_p95_ms", "tps_vs_off_pct", "latency_p95_ms_vs_off_pct")
 
 
-def night_trials(rng: np.random.Generator, night_sd: float, tps_shift: float = 0.0, cpu_shift: float = 0.0,
-                 blocks: int = TRIALS, settings: list[int] | None = None,
-                 effects: tuple[float, float, float] | None = None) -> tuple[dict, tuple[float, float, float]]:
+def night_trials(
+    rng: np.random.Generator,
+    night_sd: float,
+    tps_shift: float = 0.0,
+    cpu_shift: float = 0.0,
+    blocks: int = TRIALS,
+    settings: list[int] | None = None,
+    effects: tuple[float, float, float] | None = None,
+) -> tuple[dict, tuple[float, float, float]]:
     """One night's (or one confirmation's) trials as history's TrialColumns; the night effects
     (saving, cpu, speed) are drawn unless given (a confirmation shares its night's)."""
     if effects is None:
@@ -76,20 +82,37 @@ def night_trials(rng: np.random.Generator, night_sd: float, tps_shift: float = 0
             tps = TPS_OFF * (1 + cost / 100) * (1 + e_speed) * (1 + rng.normal(0, CV))
             lat = LAT_OFF / (1 + cost / 100) / (1 + e_speed) * (1 + rng.normal(0, CV))
             cpu = CPU[s] * (1 + (cpu_shift if s == 2 else 0.0)) * (1 + e_cpu) * (1 + rng.normal(0, CV))
-            add(SETTINGS[s], False, {
-                "saved_mib": SAVED[s] * (1 + e_save) * (1 + rng.normal(0, CV)), "ksmd_cpu_pct": cpu,
-                "tps": tps, "latency_p95_ms": lat, "tps_vs_off_pct": 100 * (tps / tps_off - 1),
-                "latency_p95_ms_vs_off_pct": 100 * (lat / lat_off - 1)})
-    out = {"setting": cols["setting"], "ksm_off": np.array(cols["ksm_off"]),
-           "used_in_stats": np.array(cols["used_in_stats"])}
+            add(
+                SETTINGS[s],
+                False,
+                {
+                    "saved_mib": SAVED[s] * (1 + e_save) * (1 + rng.normal(0, CV)),
+                    "ksmd_cpu_pct": cpu,
+                    "tps": tps,
+                    "latency_p95_ms": lat,
+                    "tps_vs_off_pct": 100 * (tps / tps_off - 1),
+                    "latency_p95_ms_vs_off_pct": 100 * (lat / lat_off - 1),
+                },
+            )
+    out = {
+        "setting": cols["setting"],
+        "ksm_off": np.array(cols["ksm_off"]),
+        "used_in_stats": np.array(cols["used_in_stats"]),
+    }
     out.update({m: np.array(cols[m], dtype=float) for m in METRICS})
     return out, effects
 
 
 def index_rows(columns: dict, night: int) -> list[dict]:
     """The history index rows of one night (what build_index stores per study x setting)."""
-    base = {"plan": "nightly", "host": "lab1", "study": f"night{night:03d}", "study_path": f"/r/night{night:03d}",
-            "created_wall": 1.7e9 + 86400 * night, "state": "good"}
+    base = {
+        "plan": "nightly",
+        "host": "lab1",
+        "study": f"night{night:03d}",
+        "study_path": f"/r/night{night:03d}",
+        "created_wall": 1.7e9 + 86400 * night,
+        "state": "good",
+    }
     return [{**base, **row} for row in history.setting_summaries(columns)]
 
 
@@ -98,8 +121,15 @@ def values_of(columns: dict, setting: str, metric: str) -> np.ndarray:
     return columns[metric][mask]
 
 
-def nightly_exit(earlier: pd.DataFrame, tonight: dict, rng: np.random.Generator, night_sd: float,
-                 effects: tuple, tps_shift: float, cpu_shift: float) -> bool:
+def nightly_exit(
+    earlier: pd.DataFrame,
+    tonight: dict,
+    rng: np.random.Generator,
+    night_sd: float,
+    effects: tuple,
+    tps_shift: float,
+    cpu_shift: float,
+) -> bool:
     """What the nightly job does with tonight: compare --history, then confirm the suspects."""
     changes: list[tuple[str, MetricChange]] = []
     judged = []
@@ -122,15 +152,26 @@ def nightly_exit(earlier: pd.DataFrame, tonight: dict, rng: np.random.Generator,
     for setting, m in suspects:
         spec = SPECS[m.metric]
         rows = earlier[earlier["setting"] == setting]
-        _, band = nights.walk(compare._series(rows, spec.name), spec.higher_is_better, THRESHOLDS.for_metric(spec),
-                              spec.absolute, spec.near_zero, spec.resolution, RULES)
-        pairs.append(confirm.decide(band, spec, values_of(tonight, setting, m.metric),
-                                    values_of(conf, setting, m.metric), THRESHOLDS, RULES))
+        _, band = nights.walk(
+            compare._series(rows, spec.name),
+            spec.higher_is_better,
+            THRESHOLDS.for_metric(spec),
+            spec.absolute,
+            spec.near_zero,
+            spec.resolution,
+            RULES,
+        )
+        pairs.append(
+            confirm.decide(
+                band, spec, values_of(tonight, setting, m.metric), values_of(conf, setting, m.metric), THRESHOLDS, RULES
+            )
+        )
     return any(confirm.still_there(pairs, RULES.alpha))
 
 
-def simulate(labs: int, seed: int, night_sd: float, tps_shift: float = 0.0, cpu_shift: float = 0.0,
-             change_nights: int = 0) -> dict[str, float]:
+def simulate(
+    labs: int, seed: int, night_sd: float, tps_shift: float = 0.0, cpu_shift: float = 0.0, change_nights: int = 0
+) -> dict[str, float]:
     """Each lab: WARMUP quiet nights, then JUDGED nights judged (the last change_nights carry the
     change). Returns exit-1 rates and history false flags per 30 nights."""
     rng = np.random.default_rng(seed)
@@ -183,18 +224,30 @@ def main() -> int:
     for label, night_sd in (("iid trial noise", 0.0), ("night effect sd = trial sd", CV)):
         r = simulate(args.labs, args.seed, night_sd)
         report(f"unchanged, {label}: nightly exit 1 share", r["exit1_quiet"], r["exit1_quiet"] <= 0.05, "<= 0.05")
-        report(f"unchanged, {label}: history false flags / 30 nights", r["false_flags_per_30"],
-               r["false_flags_per_30"] <= 1.0, "<= 1")
-    for label, kwargs in (("-10 point tps regression", {"tps_shift": -10.0}),
-                          ("+20% ksmd CPU regression", {"cpu_shift": 0.20})):
+        report(
+            f"unchanged, {label}: history false flags / 30 nights",
+            r["false_flags_per_30"],
+            r["false_flags_per_30"] <= 1.0,
+            "<= 1",
+        )
+    for label, kwargs in (
+        ("-10 point tps regression", {"tps_shift": -10.0}),
+        ("+20% ksmd CPU regression", {"cpu_shift": 0.20}),
+    ):
         r = simulate(args.labs * 2, args.seed + 1, CV, change_nights=3, **kwargs)
         for k in (1, 2, 3):
             v = r[f"flagged_night{k}"]
             report(f"{label}: exit 1 on its night {k}", v, v >= 0.80, ">= 0.80")
-        report(f"{label}: exit 1 on all 3 nights running", r["all_nights_running"],
-               r["all_nights_running"] >= 0.80, ">= 0.80")
-    print(f"{args.labs} labs x {WARMUP + JUDGED} nights per unchanged scenario, seed {args.seed}, "
-          f"{time.monotonic() - started:.0f} s")
+        report(
+            f"{label}: exit 1 on all 3 nights running",
+            r["all_nights_running"],
+            r["all_nights_running"] >= 0.80,
+            ">= 0.80",
+        )
+    print(
+        f"{args.labs} labs x {WARMUP + JUDGED} nights per unchanged scenario, seed {args.seed}, "
+        f"{time.monotonic() - started:.0f} s"
+    )
     return 1 if failed else 0
 
 

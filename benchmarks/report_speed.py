@@ -37,19 +37,39 @@ def _ksm_table(ticks: int, pages_to_scan: int, sleep_ms: int, rng: np.random.Gen
     sharing = (200_000 * (1 - np.exp(-t_rel * rate / 500))).astype(np.int64)
     cpu_s = np.cumsum(np.full(ticks, 0.1 * min(0.9, rate / 100)))
     columns = {
-        "t_wall": 1_700_000_000 + t_s, "t_s": t_s, "phase": phase,
-        "pages_shared": sharing // 8, "pages_sharing": sharing, "pages_unshared": 50_000 - sharing // 10,
-        "pages_volatile": rng.integers(0, 500, ticks), "pages_scanned": np.cumsum(np.full(ticks, pages_to_scan)),
-        "pages_skipped": 0, "full_scans": (t_rel * rate / 50).astype(np.int64),
-        "general_profit": sharing * 4096 - 300_000 * 64, "ksm_zero_pages": 0, "stable_node_chains": 0,
-        "stable_node_dups": 0, "run": (t_s >= 10).astype(np.int64), "pages_to_scan": pages_to_scan,
-        "sleep_millisecs": sleep_ms, "max_page_sharing": 256, "use_zero_pages": 0, "merge_across_nodes": 1,
-        "smart_scan": 1, "ksmd_cpu_s": cpu_s, "ksmd_cpu_pct": np.r_[np.nan, np.diff(cpu_s) / 0.1 * 100],
-        "mem_available_kib": 20_000_000 + sharing * 4, "mem_free_kib": 19_000_000 + sharing * 4,
-        "anon_pages_kib": 3_000_000 - sharing * 4, "anon_huge_pages_kib": 1_000_000,
-        "vmstat_cow_ksm": np.cumsum(rng.integers(0, 2, ticks)), "vmstat_thp_split_page": (t_rel * 3).astype(np.int64),
-        "vmstat_thp_split_pmd": (t_rel * 3).astype(np.int64), "vmstat_thp_fault_alloc": 5000,
-        "tick_ms": rng.uniform(0.5, 3, ticks), "pss_tier": np.arange(ticks) % PSS_EVERY == 0,
+        "t_wall": 1_700_000_000 + t_s,
+        "t_s": t_s,
+        "phase": phase,
+        "pages_shared": sharing // 8,
+        "pages_sharing": sharing,
+        "pages_unshared": 50_000 - sharing // 10,
+        "pages_volatile": rng.integers(0, 500, ticks),
+        "pages_scanned": np.cumsum(np.full(ticks, pages_to_scan)),
+        "pages_skipped": 0,
+        "full_scans": (t_rel * rate / 50).astype(np.int64),
+        "general_profit": sharing * 4096 - 300_000 * 64,
+        "ksm_zero_pages": 0,
+        "stable_node_chains": 0,
+        "stable_node_dups": 0,
+        "run": (t_s >= 10).astype(np.int64),
+        "pages_to_scan": pages_to_scan,
+        "sleep_millisecs": sleep_ms,
+        "max_page_sharing": 256,
+        "use_zero_pages": 0,
+        "merge_across_nodes": 1,
+        "smart_scan": 1,
+        "ksmd_cpu_s": cpu_s,
+        "ksmd_cpu_pct": np.r_[np.nan, np.diff(cpu_s) / 0.1 * 100],
+        "mem_available_kib": 20_000_000 + sharing * 4,
+        "mem_free_kib": 19_000_000 + sharing * 4,
+        "anon_pages_kib": 3_000_000 - sharing * 4,
+        "anon_huge_pages_kib": 1_000_000,
+        "vmstat_cow_ksm": np.cumsum(rng.integers(0, 2, ticks)),
+        "vmstat_thp_split_page": (t_rel * 3).astype(np.int64),
+        "vmstat_thp_split_pmd": (t_rel * 3).astype(np.int64),
+        "vmstat_thp_fault_alloc": 5000,
+        "tick_ms": rng.uniform(0.5, 3, ticks),
+        "pss_tier": np.arange(ticks) % PSS_EVERY == 0,
     }
     return pa.table({k: np.broadcast_to(v, ticks) for k, v in columns.items()})
 
@@ -63,11 +83,19 @@ def _processes_table(ksm: pa.Table) -> pa.Table:
     labels = np.tile([f"proc-{i}" for i in range(PROCESSES)], ticks)
     pss = 1_000_000 - sharing * 4 / PROCESSES
     columns = {
-        "t_wall": 1_700_000_000 + t_s, "t_s": t_s, "phase": phase, "label": labels,
-        "pid": np.tile(np.arange(1000, 1000 + PROCESSES), ticks), "rss_kib": np.full(ticks * PROCESSES, 1_000_000.0),
-        "pss_kib": np.where(tier, pss, np.nan), "uss_kib": np.where(tier, pss - 1000, np.nan), "swap_kib": 0.0,
-        "ksm_merging_pages": sharing // PROCESSES, "ksm_rmap_items": np.full(ticks * PROCESSES, 75_000),
-        "ksm_zero_pages": 0, "ksm_process_profit": sharing // PROCESSES * 4096 - 75_000 * 64,
+        "t_wall": 1_700_000_000 + t_s,
+        "t_s": t_s,
+        "phase": phase,
+        "label": labels,
+        "pid": np.tile(np.arange(1000, 1000 + PROCESSES), ticks),
+        "rss_kib": np.full(ticks * PROCESSES, 1_000_000.0),
+        "pss_kib": np.where(tier, pss, np.nan),
+        "uss_kib": np.where(tier, pss - 1000, np.nan),
+        "swap_kib": 0.0,
+        "ksm_merging_pages": sharing // PROCESSES,
+        "ksm_rmap_items": np.full(ticks * PROCESSES, 75_000),
+        "ksm_zero_pages": 0,
+        "ksm_process_profit": sharing // PROCESSES * 4096 - 75_000 * 64,
     }
     return pa.table({k: np.broadcast_to(v, ticks * PROCESSES) for k, v in columns.items()})
 
@@ -89,14 +117,27 @@ def build_study(root: Path, trials: int, ticks: int) -> Path:
         ksm = _ksm_table(ticks, pages, sleep_ms, rng)
         pacsv.write_csv(ksm, trial_dir / "ksm.csv")
         pacsv.write_csv(_processes_table(ksm), trial_dir / "processes.csv")
-        (trial_dir / "trial.json").write_text(json.dumps({
-            "trial_id": trial_id, "index": i, "repetition": rep, "status": "ok", "reason": None,
-            "settings": {"pages_to_scan": pages, "sleep_millisecs": sleep_ms}, "kind": "processes",
-            "ksm": {"run": 1, "pages_to_scan": pages, "sleep_millisecs": sleep_ms, "use_zero_pages": 0},
-            "workload": {}, "ksm_off": False, "timings": {}}))
+        (trial_dir / "trial.json").write_text(
+            json.dumps(
+                {
+                    "trial_id": trial_id,
+                    "index": i,
+                    "repetition": rep,
+                    "status": "ok",
+                    "reason": None,
+                    "settings": {"pages_to_scan": pages, "sleep_millisecs": sleep_ms},
+                    "kind": "processes",
+                    "ksm": {"run": 1, "pages_to_scan": pages, "sleep_millisecs": sleep_ms, "use_zero_pages": 0},
+                    "workload": {},
+                    "ksm_off": False,
+                    "timings": {},
+                }
+            )
+        )
         ids.append(trial_id)
-    (study / "study.json").write_text(json.dumps({"schema_version": 1, "name": "bench-study",
-                                                  "created_wall": 1_700_000_000.0, "trial_ids": ids}))
+    (study / "study.json").write_text(
+        json.dumps({"schema_version": 1, "name": "bench-study", "created_wall": 1_700_000_000.0, "trial_ids": ids})
+    )
     return study
 
 
@@ -117,11 +158,15 @@ def main() -> None:
         report_s = time.perf_counter() - started
         cpu_s = time.process_time() - cpu_started
         samples = args.trials * args.ticks
-        print(f"synthetic study: {args.trials} trials x {args.ticks} ticks = {samples:,} ksm samples, "
-              f"{samples * PROCESSES:,} process rows (built in {built_s:.1f} s)")
+        print(
+            f"synthetic study: {args.trials} trials x {args.ticks} ticks = {samples:,} ksm samples, "
+            f"{samples * PROCESSES:,} process rows (built in {built_s:.1f} s)"
+        )
         # CPU time too: on a shared 2-core host the wall clock also measures the neighbours
-        print(f"write_report: {report_s:.2f} s wall, {cpu_s:.2f} s CPU (target < 10 s wall); "
-              f"report.html {report.stat().st_size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"write_report: {report_s:.2f} s wall, {cpu_s:.2f} s CPU (target < 10 s wall); "
+            f"report.html {report.stat().st_size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f}"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(root)

@@ -73,34 +73,44 @@ def main() -> int:
     results = args.results or Path(tempfile.mkdtemp(prefix="search-vs-grid-"))
 
     grid = sorted({int(round(x)) for x in np.geomspace(LOW, HIGH, args.grid_points)})
-    text = plan_text("grid", args.pages_per_process, args.measure_s,
-                     f"[sweep.ksm]\npages_to_scan = {json.dumps(grid)}")
+    text = plan_text("grid", args.pages_per_process, args.measure_s, f"[sweep.ksm]\npages_to_scan = {json.dumps(grid)}")
     grid_study = run_sweep(parse_plan(text), text, results).study.path
     table = pd.read_csv(grid_study / "trials.csv")
     table = table[table["status"] == "ok"]
-    grid_answer = knee_of(table["ksm.pages_to_scan"].to_numpy(float), table["saved_mib"].to_numpy(float),
-                          table["ksmd_cpu_pct"].to_numpy(float))
+    grid_answer = knee_of(
+        table["ksm.pages_to_scan"].to_numpy(float),
+        table["saved_mib"].to_numpy(float),
+        table["ksmd_cpu_pct"].to_numpy(float),
+    )
     grid_trials = len(table)
 
     budget = len(grid) // 2
-    text = plan_text("search", args.pages_per_process, args.measure_s,
-                     f'[search]\nknob = "pages_to_scan"\nlow = {LOW}\nhigh = {HIGH}\nscale = "log"\n'
-                     f'objective = "knee"\nmax_trials = {budget}\ntolerance_pct = 10')
+    text = plan_text(
+        "search",
+        args.pages_per_process,
+        args.measure_s,
+        f'[search]\nknob = "pages_to_scan"\nlow = {LOW}\nhigh = {HIGH}\nscale = "log"\n'
+        f'objective = "knee"\nmax_trials = {budget}\ntolerance_pct = 10',
+    )
     search_study = run_sweep(parse_plan(text), text, results).study.path
     decisions = json.loads((search_study / "search.json").read_text())["decisions"]
     search_answer = decisions[-1]["answer"]
     search_trials = len(json.loads((search_study / "study.json").read_text())["trial_ids"])
 
     print(f"grid:   knee at pages_to_scan={grid_answer} from {grid_trials} trials ({len(grid)} settings)")
-    print(f"search: knee at pages_to_scan={search_answer} from {search_trials} trials "
-          f"(budget {budget}); {decisions[-1]['reason']}")
+    print(
+        f"search: knee at pages_to_scan={search_answer} from {search_trials} trials "
+        f"(budget {budget}); {decisions[-1]['reason']}"
+    )
     if search_answer is None:
         print("FAIL: the search gave no answer")
         return 1
     distance = abs(search_answer - grid_answer) / grid_answer
     ok = distance <= TARGET_DISTANCE and search_trials * 2 <= grid_trials
-    print(f"distance {distance:.1%} (target <= {TARGET_DISTANCE:.0%}), trials {search_trials}/{grid_trials} "
-          f"(target <= 1/2): {'PASS' if ok else 'FAIL'}")
+    print(
+        f"distance {distance:.1%} (target <= {TARGET_DISTANCE:.0%}), trials {search_trials}/{grid_trials} "
+        f"(target <= 1/2): {'PASS' if ok else 'FAIL'}"
+    )
     print(f"studies: {grid_study} {search_study}")
     return 0 if ok else 1
 

@@ -39,8 +39,9 @@ TARGET_PCT = 5.0
 EFFECTS_PCT = (-2.0, -8.0, -15.0, -4.0)  # the settings' true changes (the pooled sd keeps each mean)
 
 
-def block_values(rng: np.random.Generator, blocks: int, effects_pct: list[float], block_effect: bool,
-                 studies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def block_values(
+    rng: np.random.Generator, blocks: int, effects_pct: list[float], block_effect: bool, studies: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(off[study, block], on[study, setting, block]) tps. Half of a difference's variance is the
     KSM-off trial's own noise, which every setting of the block shares (their differences are
     correlated, as in a real study), half the setting's."""
@@ -60,11 +61,24 @@ def trials_frame(off: np.ndarray, on: np.ndarray) -> pd.DataFrame:
         rows.append({"setting": "KSM off", "ksm_off": True, "repetition": block, "tps": value, "_group": "off"})
     for s, values in enumerate(on):
         for block, value in enumerate(values):
-            rows.append({"setting": f"pages_to_scan={s}", "ksm_off": False, "repetition": block, "tps": value,
-                         "_group": f"s{s}"})
+            rows.append(
+                {
+                    "setting": f"pages_to_scan={s}",
+                    "ksm_off": False,
+                    "repetition": block,
+                    "tps": value,
+                    "_group": f"s{s}",
+                }
+            )
     frame = pd.DataFrame(rows)
-    return frame.assign(status="ok", used_in_stats=True, _offkey="{}", latency_p95_ms=math.nan,
-                        mem_available_rise_mib=math.nan, trial_wall_s=60.0)
+    return frame.assign(
+        status="ok",
+        used_in_stats=True,
+        _offkey="{}",
+        latency_p95_ms=math.nan,
+        mem_available_rise_mib=math.nan,
+        trial_wall_s=60.0,
+    )
 
 
 def paired_test_rejects(on: np.ndarray, off: np.ndarray) -> bool:
@@ -94,8 +108,9 @@ def _achieved(rng: np.random.Generator, blocks: int, change_pct: float, studies:
     return float(np.mean([paired_test_rejects(on[i, 0], off[i]) for i in range(studies)]))
 
 
-def design_power(rng: np.random.Generator, settings: int, pilots: int,
-                 studies_per_pilot: int) -> tuple[float, float, int, float]:
+def design_power(
+    rng: np.random.Generator, settings: int, pilots: int, studies_per_pilot: int
+) -> tuple[float, float, int, float]:
     """(achieved power averaged over pilots, median recommended blocks, pilots past the cap, and
     for contrast the achieved power of sizing on the pilot's sd as if it were exact)."""
     powers, naive, recommended, past_cap = [], [], [], 0
@@ -135,21 +150,37 @@ def main() -> int:
             simulated += mde_studies
             label = "with" if block_effect else "without"
             mde = float(stats.paired_minimum_detectable_effect(SD_D_PCT, blocks))
-            report(f"paired MDE {mde:.2f}% at {blocks} blocks, {label} block effect: power", power,
-                   abs(power - 0.80) <= 0.03, "0.80 +- 0.03")
+            report(
+                f"paired MDE {mde:.2f}% at {blocks} blocks, {label} block effect: power",
+                power,
+                abs(power - 0.80) <= 0.03,
+                "0.80 +- 0.03",
+            )
     for blocks, settings in ((3, 3), (2, 4)):
         coverage = range_coverage(rng, blocks, settings, pilots)
         simulated += pilots
-        report(f"5% needs range contains the true {stats.format_repetitions(stats.blocks_needed(SD_D_PCT, TARGET_PCT))}"
-               f" blocks ({blocks}-block pilots, {settings} settings)", coverage, coverage >= 0.90, ">= 0.90")
+        report(
+            f"5% needs range contains the true {stats.format_repetitions(stats.blocks_needed(SD_D_PCT, TARGET_PCT))}"
+            f" blocks ({blocks}-block pilots, {settings} settings)",
+            coverage,
+            coverage >= 0.90,
+            ">= 0.90",
+        )
     for settings in (4, 1):
         power, median_blocks, past_cap, naive = design_power(rng, settings, design_pilots, per_pilot)
         simulated += design_pilots * (1 + 2 * per_pilot)
-        report(f"design on 2-block pilots ({settings} setting(s); median {median_blocks:.0f} blocks, "
-               f"{past_cap} past cap): achieved power", power, abs(power - 0.80) <= 0.05, "0.80 +- 0.05")
+        report(
+            f"design on 2-block pilots ({settings} setting(s); median {median_blocks:.0f} blocks, "
+            f"{past_cap} past cap): achieved power",
+            power,
+            abs(power - 0.80) <= 0.05,
+            "0.80 +- 0.05",
+        )
         print(f"info  the same pilots sized as if their sd were exact: achieved power {naive:.3f}")
-    print(f"{simulated} simulated studies (sd of the per-block change {SD_D_PCT}%, target {TARGET_PCT}%), "
-          f"seed {args.seed}, {time.monotonic() - started:.0f} s")
+    print(
+        f"{simulated} simulated studies (sd of the per-block change {SD_D_PCT}%, target {TARGET_PCT}%), "
+        f"seed {args.seed}, {time.monotonic() - started:.0f} s"
+    )
     return 1 if failed else 0
 
 

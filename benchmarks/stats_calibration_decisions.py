@@ -51,6 +51,7 @@ class Check:
 
 # ----------------------------------------------------------------------------- synthetic trials
 
+
 def _trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """A trials table as compute_study leaves it, for the columns the settings table reads;
     metrics a row does not set are NaN (as in a study that did not measure them)."""
@@ -85,6 +86,7 @@ def _says_differs(settings: pd.DataFrame) -> tuple[bool, bool]:
 
 # ----------------------------------------------------------------------------- the checks
 
+
 def check_worst_of_k(k: int, studies: int = STUDIES, blocks: int = 4, cv: float = 0.05, seed: int = 18) -> Check:
     """k KSM-on settings and KSM off, blocked, no effect: tps = 100 x block level x noise."""
     rng = np.random.default_rng([seed, k])
@@ -94,13 +96,18 @@ def check_worst_of_k(k: int, studies: int = STUDIES, blocks: int = 4, cv: float 
         for block in range(blocks):
             level = 1 + 0.05 * rng.standard_normal()  # blocks differ; pairing removes it
             rows.append(_trial("off", block, True, tps=100 * level * (1 + cv * rng.standard_normal())))
-            rows += [_trial(f"s{j}", block, False, tps=100 * level * (1 + cv * rng.standard_normal()))
-                     for j in range(k)]
+            rows += [
+                _trial(f"s{j}", block, False, tps=100 * level * (1 + cv * rng.standard_normal())) for j in range(k)
+            ]
         says, raw = _says_differs(_settings(_trials(rows), "blocked"))
         claimed += says
         unadjusted += raw
-    return Check(f"worst of k={k} says 'differs' with no effect ({studies} studies, {blocks} blocks)",
-                 100 * claimed / studies, TARGET_PCT, f"; one-comparison interval: {100 * unadjusted / studies:.1f}%")
+    return Check(
+        f"worst of k={k} says 'differs' with no effect ({studies} studies, {blocks} blocks)",
+        100 * claimed / studies,
+        TARGET_PCT,
+        f"; one-comparison interval: {100 * unadjusted / studies:.1f}%",
+    )
 
 
 def check_recommend_keeps_3x_saving(studies: int = STUDIES, cv: float = 0.10, seed: int = 18) -> Check:
@@ -111,20 +118,36 @@ def check_recommend_keeps_3x_saving(studies: int = STUDIES, cv: float = 0.10, se
         rows = []
         for block in range(2):
             for setting, saved, cpu in (("A", 100.0, 2.0), ("B", 300.0, 10.0)):
-                rows.append(_trial(setting, block, False, saved_mib=saved * (1 + cv * rng.standard_normal()),
-                                   ksmd_cpu_pct=cpu * (1 + cv * rng.standard_normal())))
+                rows.append(
+                    _trial(
+                        setting,
+                        block,
+                        False,
+                        saved_mib=saved * (1 + cv * rng.standard_normal()),
+                        ksmd_cpu_pct=cpu * (1 + cv * rng.standard_normal()),
+                    )
+                )
         trials = _trials(rows)
         sm = SimpleNamespace(settings=_settings(trials, "blocked"), trials=trials, paired_by_block=True)
         rec = recommend.recommend(sm, recommend.Limits())
         lost += rec.chosen is None or rec.chosen.setting != "B"
         untold += any(c.setting == "A" for c in rec.not_shown_worse)  # the old rule took A here
-    return Check(f"recommend gives up a true 3x larger saving ({studies} studies, 2 blocks, CV 10%)",
-                 100 * lost / studies, TARGET_PCT,
-                 f"; 'cannot tell apart' read as 'the same' would have: {100 * untold / studies:.1f}%")
+    return Check(
+        f"recommend gives up a true 3x larger saving ({studies} studies, 2 blocks, CV 10%)",
+        100 * lost / studies,
+        TARGET_PCT,
+        f"; 'cannot tell apart' read as 'the same' would have: {100 * untold / studies:.1f}%",
+    )
 
 
-def check_sequential_drift(studies: int = STUDIES, k: int = 3, blocks: int = 5, drift_pct_per_trial: float = 0.5,
-                           cv: float = 0.01, seed: int = 18) -> Check:
+def check_sequential_drift(
+    studies: int = STUDIES,
+    k: int = 3,
+    blocks: int = 5,
+    drift_pct_per_trial: float = 0.5,
+    cv: float = 0.01,
+    seed: int = 18,
+) -> Check:
     """Sequential order (KSM off, then the k settings, block after block) with tps drifting
     down 0.5% per trial and no KSM effect: a setting always runs j trials after its KSM-off
     trial, so pairing by block would read j x 0.5% of drift as an effect."""
@@ -140,13 +163,20 @@ def check_sequential_drift(studies: int = STUDIES, k: int = 3, blocks: int = 5, 
         trials = _trials(rows)
         claimed += _says_differs(_settings(trials, "sequential"))[0]
         paired_claimed += _says_differs(_settings(trials, "blocked"))[0]
-    return Check(f"sequential order with drift says 'differs' with no effect ({studies} studies)",
-                 100 * claimed / studies, TARGET_PCT, f"; analysed as paired by block: {100 * paired_claimed / studies:.1f}%")
+    return Check(
+        f"sequential order with drift says 'differs' with no effect ({studies} studies)",
+        100 * claimed / studies,
+        TARGET_PCT,
+        f"; analysed as paired by block: {100 * paired_claimed / studies:.1f}%",
+    )
 
 
 def run_checks(studies: int = STUDIES) -> list[Check]:
-    return [*(check_worst_of_k(k, studies) for k in (3, 5, 8)), check_recommend_keeps_3x_saving(studies),
-            check_sequential_drift(studies)]
+    return [
+        *(check_worst_of_k(k, studies) for k in (3, 5, 8)),
+        check_recommend_keeps_3x_saving(studies),
+        check_sequential_drift(studies),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

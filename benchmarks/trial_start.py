@@ -61,12 +61,17 @@ def host_state() -> dict[str, set]:
     """What guests leave behind if torn down badly: libvirt domains (running or defined), QEMU
     processes, files under the work root (overlays, console logs, uncached states), forwarded
     ports in ksm-lab's port table."""
-    virsh = subprocess.run(["virsh", "-c", URI, "list", "--all", "--name"], capture_output=True, text=True,
-                           timeout=60, check=True)
+    virsh = subprocess.run(
+        ["virsh", "-c", URI, "list", "--all", "--name"], capture_output=True, text=True, timeout=60, check=True
+    )
     qemus = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True, timeout=30).stdout
     files = {str(p) for p in DEFAULT_WORK_ROOT.rglob("*")} if DEFAULT_WORK_ROOT.exists() else set()
-    return {"domains": {n for n in virsh.stdout.split() if n}, "qemu": set(qemus.split()),
-            "work files": files, "ports": set(PortRegistry().held())}
+    return {
+        "domains": {n for n in virsh.stdout.split() if n},
+        "qemu": set(qemus.split()),
+        "work files": files,
+        "ports": set(PortRegistry().held()),
+    }
 
 
 def left_behind(before: dict[str, set]) -> dict[str, set]:
@@ -78,8 +83,14 @@ def run(start: str, count: int, trials: int, memory_mib: int, results: Path) -> 
     name = f"bench-{start}-{count}"
     # boot: every guest SSH-ready within the bound; n guests booting at once on few TCG cores
     # take about n times one guest's boot
-    text = PLAN.format(name=name, count=count, memory_mib=memory_mib, start=start,
-                       pts=[100 + i for i in range(trials)], boot_timeout_s=max(600, 120 * count))
+    text = PLAN.format(
+        name=name,
+        count=count,
+        memory_mib=memory_mib,
+        start=start,
+        pts=[100 + i for i in range(trials)],
+        boot_timeout_s=max(600, 120 * count),
+    )
     before = host_state()
     outcome = run_sweep(parse_plan(text), text, results)
     left = left_behind(before)
@@ -106,35 +117,56 @@ def main() -> None:
             # The first trial also built the state (boot + save): report it apart.
             build_s = restored[0]["provision"].get("state_build_s")
             reused = [r["provision"] for r in restored if r["provision"].get("state_reused")]
-            boots = [r["provision"]["boot_wall_s"] for r in run("boot", count, args.boots, args.memory_mib, results)] \
-                if args.boots else []
-            row = {"count": count, "start": [p["start_s"] for p in reused],
-                   "restore": [p["restore_wall_s"] for p in reused], "ssh": [p["ssh_wall_s"] for p in reused],
-                   "teardown": [r["provision"]["teardown_s"] for r in restored if "teardown_s" in r["provision"]],
-                   "boot": boots, "build": build_s}
+            boots = (
+                [r["provision"]["boot_wall_s"] for r in run("boot", count, args.boots, args.memory_mib, results)]
+                if args.boots
+                else []
+            )
+            row = {
+                "count": count,
+                "start": [p["start_s"] for p in reused],
+                "restore": [p["restore_wall_s"] for p in reused],
+                "ssh": [p["ssh_wall_s"] for p in reused],
+                "teardown": [r["provision"]["teardown_s"] for r in restored if "teardown_s" in r["provision"]],
+                "boot": boots,
+                "build": build_s,
+            }
             rows.append(row)
-            print(f"  {count} guests: restore + SSH + check (start_s) {row['start']}, restore {row['restore']}, "
-                  f"SSH-ready {row['ssh']}, teardown {row['teardown']} s; state build {build_s} s")
-        print(f"\n{'guests':>6} {'start s':>8} {'restore s':>10} {'SSH-ready s':>12} {'teardown s':>11} "
-              f"{'boot to SSH s':>14}  state build s")
+            print(
+                f"  {count} guests: restore + SSH + check (start_s) {row['start']}, restore {row['restore']}, "
+                f"SSH-ready {row['ssh']}, teardown {row['teardown']} s; state build {build_s} s"
+            )
+        print(
+            f"\n{'guests':>6} {'start s':>8} {'restore s':>10} {'SSH-ready s':>12} {'teardown s':>11} "
+            f"{'boot to SSH s':>14}  state build s"
+        )
         for row in rows:
+
             def median(key: str) -> str:
                 return f"{statistics.median(row[key]):.2f}" if row[key] else "-"
-            print(f"{row['count']:>6} {median('start'):>8} {median('restore'):>10} {median('ssh'):>12} "
-                  f"{median('teardown'):>11} {median('boot'):>14}  {row['build']}")
+
+            print(
+                f"{row['count']:>6} {median('start'):>8} {median('restore'):>10} {median('ssh'):>12} "
+                f"{median('teardown'):>11} {median('boot'):>14}  {row['build']}"
+            )
             if row["count"] == MANY_GUESTS and row["ssh"]:
                 worst = max(row["ssh"])
-                print(f"  {MANY_GUESTS} guests restored and SSH-ready in <= {MANY_GUESTS_TARGET_S:g} s (every trial; "
-                      f"slowest {worst:.2f} s): {'PASS' if worst <= MANY_GUESTS_TARGET_S else 'FAIL'}")
+                print(
+                    f"  {MANY_GUESTS} guests restored and SSH-ready in <= {MANY_GUESTS_TARGET_S:g} s (every trial; "
+                    f"slowest {worst:.2f} s): {'PASS' if worst <= MANY_GUESTS_TARGET_S else 'FAIL'}"
+                )
         if args.demo:
             demo = (Path(__file__).resolve().parents[1] / "plans" / "demo.toml").read_text()
             for start in ("restore", "boot"):
                 text = demo.replace('start = "restore"', f'start = "{start}"').replace(
-                    'name = "demo"', f'name = "demo-{start}"')
+                    'name = "demo"', f'name = "demo-{start}"'
+                )
                 began = time.monotonic()
                 outcome = run_sweep(parse_plan(text), text, results)
-                print(f"demo plan, start = {start}: {time.monotonic() - began:.0f} s wall, "
-                      f"{outcome.ran} trials, {outcome.failed} failed")
+                print(
+                    f"demo plan, start = {start}: {time.monotonic() - began:.0f} s wall, "
+                    f"{outcome.ran} trials, {outcome.failed} failed"
+                )
 
 
 if __name__ == "__main__":

@@ -112,8 +112,11 @@ class _KsmKnobs(Strict):
 
 # [ksm]: the knobs, `policy`, and one optional [ksm.<name>] table per policy with parameters.
 KsmSection = create_model(  # type: ignore[call-overload]  # fields from the plugins
-    "KsmSection", __base__=_KsmKnobs, __doc__=_KsmKnobs.__doc__,
-    **{name: (plugin.params | None, None) for name, plugin in POLICY_PLUGINS.items() if plugin.params is not None})
+    "KsmSection",
+    __base__=_KsmKnobs,
+    __doc__=_KsmKnobs.__doc__,
+    **{name: (plugin.params | None, None) for name, plugin in POLICY_PLUGINS.items() if plugin.params is not None},
+)
 POLICY_KEYS = ("policy", *(name for name, plugin in POLICY_PLUGINS.items() if plugin.params is not None))
 
 
@@ -251,9 +254,20 @@ class GuestsSection(Strict):
     # image and template are keyed by their own digests, and so is each group's image). Every
     # other field, including one added later, is part of the saved state's key: a new field
     # that shapes a guest changes the key.
-    NOT_GUEST_SHAPE: ClassVar[frozenset[str]] = frozenset({
-        "uri", "template", "image", "image_cache_dir", "start", "cache_states", "boot_timeout_s",
-        "restore_timeout_s", "workdir", "groups"})
+    NOT_GUEST_SHAPE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "uri",
+            "template",
+            "image",
+            "image_cache_dir",
+            "start",
+            "cache_states",
+            "boot_timeout_s",
+            "restore_timeout_s",
+            "workdir",
+            "groups",
+        }
+    )
 
     count: int = Field(2, ge=1, le=256)
     memory_mib: int = Field(1024, ge=128)
@@ -301,8 +315,10 @@ class GuestsSection(Strict):
     @model_validator(mode="after")
     def _groups_add_up(self) -> "GuestsSection":
         if self.groups is not None and sum(g.count for g in self.groups) != self.count:
-            raise ValueError(f"groups add up to {sum(g.count for g in self.groups)} guests but "
-                             f"count = {self.count}: make them agree (or leave count out)")
+            raise ValueError(
+                f"groups add up to {sum(g.count for g in self.groups)} guests but "
+                f"count = {self.count}: make them agree (or leave count out)"
+            )
         return self
 
     def guest_images(self) -> list[dict[str, Any]]:
@@ -515,8 +531,7 @@ def sweep_axes(plan: Plan) -> dict[str, list[Any]]:
         section = name.split(".", 1)[0]
         if section not in SECTIONS_SWEPT or "." not in name:
             raise PlanError(
-                f"[sweep] axis '{name}': axes live in [sweep.ksm], [sweep.host], [sweep.workload] "
-                "or [sweep.guests]"
+                f"[sweep] axis '{name}': axes live in [sweep.ksm], [sweep.host], [sweep.workload] or [sweep.guests]"
             )
         if not isinstance(values, list) or not values:
             raise PlanError(f"[sweep] axis '{name}' must be a non-empty list of values")
@@ -550,8 +565,9 @@ def _short(name: str) -> str:
 def axis_value_text(name: str, value: Any) -> str:
     """An axis value as labels and trial ids show it: guests.groups as "2xdebian-sysbench+2xdebian-web"."""
     if name == "guests.groups" and isinstance(value, list):
-        return "+".join(f"{g.get('count')}x{group_image_name(g.get('image'))}" if isinstance(g, dict) else str(g)
-                        for g in value)
+        return "+".join(
+            f"{g.get('count')}x{group_image_name(g.get('image'))}" if isinstance(g, dict) else str(g) for g in value
+        )
     return f"{value}"
 
 
@@ -570,8 +586,7 @@ def group_image_name(image: Any) -> str:
     return "image"
 
 
-def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool,
-              copy: int = 0) -> str:
+def _trial_id(point: dict[str, Any], resolved: dict[str, Any], repetition: int, ksm_off: bool, copy: int = 0) -> str:
     """Stable across runs of one plan (resume finds its trials by id); a second KSM-off trial of
     a block (copy 1, ...) gets its own id, the first keeps the id it always had."""
     key: dict[str, Any] = {"resolved": resolved, "rep": repetition}
@@ -623,7 +638,9 @@ def expand(plan: Plan) -> list[Trial]:
         for point, ksm_off, off_copy in resolved_points:
             resolved = _resolve(plan, base, point, ksm_off)
             trial_id = _trial_id(point, resolved, repetition, ksm_off, off_copy)
-            label = "KSM off" if ksm_off else ", ".join(f"{_short(k)}={axis_value_text(k, v)}" for k, v in point.items())
+            label = (
+                "KSM off" if ksm_off else ", ".join(f"{_short(k)}={axis_value_text(k, v)}" for k, v in point.items())
+            )
             if ksm_off and point:
                 label += " (" + ", ".join(f"{_short(k)}={axis_value_text(k, v)}" for k, v in point.items()) + ")"
             trials.append(
@@ -689,11 +706,21 @@ def search_trial(plan: Plan, value: int | None, repetition: int, index: int, ksm
     point = {} if ksm_off else {f"ksm.{plan.search.knob}": value}
     resolved = _resolve(plan, _base(plan), point, ksm_off)
     label = "KSM off" if ksm_off else f"{_short(plan.search.knob)}={value}"
-    return Trial(trial_id=_trial_id(point, resolved, repetition, ksm_off), index=index, repetition=repetition,
-                 settings=dict(point), ksm={} if ksm_off else resolved["ksm"], host=resolved["host"],
-                 workload=resolved["workload"], guests=resolved["guests"], phases=resolved["phases"],
-                 sampling=resolved["sampling"], ksm_off=ksm_off, label=label,
-                 policy=resolved.get("policy") or {"name": "static"})
+    return Trial(
+        trial_id=_trial_id(point, resolved, repetition, ksm_off),
+        index=index,
+        repetition=repetition,
+        settings=dict(point),
+        ksm={} if ksm_off else resolved["ksm"],
+        host=resolved["host"],
+        workload=resolved["workload"],
+        guests=resolved["guests"],
+        phases=resolved["phases"],
+        sampling=resolved["sampling"],
+        ksm_off=ksm_off,
+        label=label,
+        policy=resolved.get("policy") or {"name": "static"},
+    )
 
 
 def _resolve(plan: Plan, base: dict[str, Any], point: dict[str, Any], ksm_off: bool) -> dict[str, Any]:
@@ -732,11 +759,14 @@ def _check_groups_fit(plan: Plan, workload: dict[str, Any], point: dict[str, Any
     """What guests.groups cannot be combined with (yet), as one line naming both."""
     where = f"[sweep] point {point}: " if point else ""
     if plan.density is not None:
-        raise PlanError(f"{where}guests.groups: [density] restores guests of one image one by one; "
-                        "use one image with [density]")
+        raise PlanError(
+            f"{where}guests.groups: [density] restores guests of one image one by one; use one image with [density]"
+        )
     if workload.get("type") == "sysbench" and workload.get("reuse_prepared"):
-        raise PlanError(f"{where}guests.groups: workload.reuse_prepared = true caches database layers "
-                        "of one image; set reuse_prepared = false with groups")
+        raise PlanError(
+            f"{where}guests.groups: workload.reuse_prepared = true caches database layers "
+            "of one image; set reuse_prepared = false with groups"
+        )
 
 
 def _split_policy(merged: dict[str, Any]) -> None:
@@ -837,6 +867,5 @@ def check_against_host(trials: list[Trial], ksm_dir: Path) -> None:
     missing = sorted(k for k in knobs_used(trials) if not (ksm_dir / k).exists())
     if missing:
         raise PlanError(
-            f"this kernel has no KSM knob(s) {', '.join(missing)} under {ksm_dir}; "
-            "remove them from the plan"
+            f"this kernel has no KSM knob(s) {', '.join(missing)} under {ksm_dir}; remove them from the plan"
         )

@@ -66,8 +66,7 @@ def _fix_guests(guests: Any, base_dir: Path, axes: bool) -> Any:
     groups = fixed.get("groups")
     if isinstance(groups, list):
         # [guests] groups is a list of groups; a [sweep.guests] groups axis, a list of such lists
-        fixed["groups"] = ([_fix_groups(value, base_dir) for value in groups] if axes
-                           else _fix_groups(groups, base_dir))
+        fixed["groups"] = [_fix_groups(value, base_dir) for value in groups] if axes else _fix_groups(groups, base_dir)
     return fixed
 
 
@@ -97,9 +96,12 @@ def relative_to_plan(plan: PlanT, base_dir: Path) -> PlanT:
     if "guests" in sweep:
         sweep["guests"] = _fix_guests(sweep["guests"], base_dir, axes=True)
     for kind in ("include", "exclude"):
-        sweep[kind] = [dict(entry, guests=_fix_guests(entry["guests"], base_dir, axes=False))
-                       if isinstance(entry, dict) and "guests" in entry else entry
-                       for entry in sweep.get(kind, [])]
+        sweep[kind] = [
+            dict(entry, guests=_fix_guests(entry["guests"], base_dir, axes=False))
+            if isinstance(entry, dict) and "guests" in entry
+            else entry
+            for entry in sweep.get(kind, [])
+        ]
     if data == plan.model_dump():
         return plan
     try:

@@ -99,8 +99,10 @@ def _check_policy(name: str, plugin: Any) -> PolicyPlugin:
     if not isinstance(plugin, PolicyPlugin):
         raise PlanError(f"policy plugin {name!r} is a {type(plugin).__name__}, not a PolicyPlugin")
     if plugin.name != name or not name.isidentifier():
-        raise PlanError(f"policy plugin {name!r}: its entry point's name and PolicyPlugin.name ({plugin.name!r}) "
-                        "must be the same identifier")
+        raise PlanError(
+            f"policy plugin {name!r}: its entry point's name and PolicyPlugin.name ({plugin.name!r}) "
+            "must be the same identifier"
+        )
     if plugin.params is not None and not hasattr(plugin.params, "model_fields"):
         raise PlanError(f"policy plugin {name!r}: params must be a pydantic model or None")
     hooks = {"start": plugin.start, "knobs": plugin.knobs, "refusal": plugin.refusal, "check_host": plugin.check_host}
@@ -114,14 +116,18 @@ def _registered(group: str, kind: str, check: Callable[[str, Any], Any]) -> dict
     """Every plugin registered under `group` by name, the shipped ones first. A third-party
     plugin that fails to load is left out with a warning naming it (a broken package must not
     stop the shipped ones); one claiming a name already registered is left out too."""
-    entries = sorted(importlib.metadata.entry_points(group=group),
-                     key=lambda e: (not e.value.startswith(SHIPPED_PREFIX), e.name, e.value))
+    entries = sorted(
+        importlib.metadata.entry_points(group=group),
+        key=lambda e: (not e.value.startswith(SHIPPED_PREFIX), e.name, e.value),
+    )
     plugins: dict[str, Any] = {}
     for entry in entries:
         shipped = entry.value.startswith(SHIPPED_PREFIX)
         if entry.name in plugins:
             if not shipped:
-                log.warning("%s plugin %r (%s) left out: that name is already registered", kind, entry.name, entry.value)
+                log.warning(
+                    "%s plugin %r (%s) left out: that name is already registered", kind, entry.name, entry.value
+                )
             continue
         try:
             plugins[entry.name] = check(entry.name, entry.load())
@@ -130,8 +136,10 @@ def _registered(group: str, kind: str, check: Callable[[str, Any], Any]) -> dict
                 raise
             log.warning("%s plugin %r (%s) left out: %s: %s", kind, entry.name, entry.value, type(exc).__name__, exc)
     if not any(e.value.startswith(SHIPPED_PREFIX) for e in entries):
-        raise PlanError(f"no {kind} plugins registered: ksm-lab is not installed as a package here "
-                        "(pip install -e . in a checkout, or `make venv`)")
+        raise PlanError(
+            f"no {kind} plugins registered: ksm-lab is not installed as a package here "
+            "(pip install -e . in a checkout, or `make venv`)"
+        )
     return plugins
 
 

@@ -42,13 +42,24 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     thp = root / THP_REL / "enabled"
     results.append(CheckResult("THP enabled", thp.exists(), thp.read_text().strip() if thp.exists() else "missing"))
     tuned = live_pids_named("ksmtuned", root)
-    results.append(CheckResult("ksmtuned not running", not tuned,
-                               f"running as pid {tuned}: stop it first" if tuned else "not running"))
+    results.append(
+        CheckResult(
+            "ksmtuned not running", not tuned, f"running as pid {tuned}: stop it first" if tuned else "not running"
+        )
+    )
     others = {what: pids for what, comm in OTHER_KSM_DRIVERS.items() if (pids := live_pids_named(comm, root))}
-    results.append(CheckResult(
-        "no other KSM driver", not others,
-        "; ".join(f"{what} running as pid {pids}: it may write the KSM knobs during the study" for what, pids in others.items())
-        or "none of " + ", ".join(OTHER_KSM_DRIVERS) + " running", blocking=False))
+    results.append(
+        CheckResult(
+            "no other KSM driver",
+            not others,
+            "; ".join(
+                f"{what} running as pid {pids}: it may write the KSM knobs during the study"
+                for what, pids in others.items()
+            )
+            or "none of " + ", ".join(OTHER_KSM_DRIVERS) + " running",
+            blocking=False,
+        )
+    )
     rd = run_dir()
     try:
         rd.mkdir(parents=True, exist_ok=True)
@@ -58,8 +69,9 @@ def ksm_checks(root: Path = Path("/")) -> list[CheckResult]:
     return results
 
 
-def run_checks(plan_path: Path | None, root: Path = Path("/"), results_dir: Path = Path("results"),
-               connect: str | None = None) -> list[CheckResult]:
+def run_checks(
+    plan_path: Path | None, root: Path = Path("/"), results_dir: Path = Path("results"), connect: str | None = None
+) -> list[CheckResult]:
     """Every check; `ready(results)` says whether the host can run the plan.
 
     libvirt is probed where the sweep would go: `connect` (-c), $LIBVIRT_DEFAULT_URI, the
@@ -116,12 +128,20 @@ def space_needs(plan: Any, trials: list[Any], results_dir: Path) -> dict[Path, i
 
     for trial in trials:
         phases, guests, workload = trial.phases_model, trial.guests_model, trial.workload_model
-        seconds = phases.baseline_s + phases.settle_s + phases.steady_max_s + (
-            phases.max_measure_s if phases.until_converged else phases.measure_s)
+        seconds = (
+            phases.baseline_s
+            + phases.settle_s
+            + phases.steady_max_s
+            + (phases.max_measure_s if phases.until_converged else phases.measure_s)
+        )
         fast = fast_interval_s(trial.sampling_model, workload)
         targets = guests.count if guests else workload.processes if isinstance(workload, ProcessesParams) else 1
-        add(results_dir, TRIAL_FIXED_BYTES + seconds / fast * KSM_ROW_BYTES
-            + seconds / trial.sampling_model.interval_s * targets * PROCESS_ROW_BYTES)
+        add(
+            results_dir,
+            TRIAL_FIXED_BYTES
+            + seconds / fast * KSM_ROW_BYTES
+            + seconds / trial.sampling_model.interval_s * targets * PROCESS_ROW_BYTES,
+        )
     if plan.guests is not None:
         from orchestrator.guests.provision import DEFAULT_WORK_ROOT
 
@@ -141,8 +161,13 @@ def space_checks(plan: Any, trials: list[Any], results_dir: Path) -> list[CheckR
     results = []
     for folder, nbytes in space_needs(plan, trials, results_dir).items():
         free = shutil.disk_usage(folder).free
-        results.append(CheckResult(f"free space in {folder}", free >= nbytes,
-                                   f"{free / MIB:.0f} MiB free, the study needs up to {nbytes / MIB:.0f} MiB"))
+        results.append(
+            CheckResult(
+                f"free space in {folder}",
+                free >= nbytes,
+                f"{free / MIB:.0f} MiB free, the study needs up to {nbytes / MIB:.0f} MiB",
+            )
+        )
     return results
 
 
@@ -224,16 +249,23 @@ def qemu_reach_checks(plan: Any, qemu_conf: Path = QEMU_CONF) -> list[CheckResul
     if uid == 0:
         return []
     g = plan.guests
-    folders = {"guest work folder": Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT,
-               "image cache": default_cache_dir()}
+    folders = {
+        "guest work folder": Path(g.workdir) if g.workdir else DEFAULT_WORK_ROOT,
+        "image cache": default_cache_dir(),
+    }
     results = []
     for name, folder in folders.items():
         blocked = unreachable_by(folder, uid, gids)
-        results.append(CheckResult(
-            f"{name} reachable by {user}", blocked is None,
-            f"{folder}" if blocked is None else
-            f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}) lets {user} not search it: QEMU cannot "
-            f"open disks under {folder}; give the folders above it x for {user} (e.g. chmod o+x {blocked})"))
+        results.append(
+            CheckResult(
+                f"{name} reachable by {user}",
+                blocked is None,
+                f"{folder}"
+                if blocked is None
+                else f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}) lets {user} not search it: QEMU cannot "
+                f"open disks under {folder}; give the folders above it x for {user} (e.g. chmod o+x {blocked})",
+            )
+        )
     return results
 
 
@@ -268,11 +300,17 @@ def kvm_access_check(root: Path = Path("/"), qemu_conf: Path = QEMU_CONF) -> Che
     mode = f"{st.st_mode & 0o777:o} {owner}:{group}"
     if uid == 0 or _access_bits(st, uid, gids) & 6 == 6:
         return CheckResult(name, True, f"{dev_kvm} is {mode}", blocking=False)
-    return CheckResult(name, False, (
-        f"{dev_kvm} is {mode}: QEMU runs as {user} (qemu.conf, else libvirt's default) and cannot open it "
-        f"read-write, so guests of domain type kvm fail to start (domain_type = \"auto\" picks kvm when the CPU "
-        f"has vmx/svm); give it to a group {user} is in (chgrp kvm {dev_kvm}; chmod 660 {dev_kvm}, as udev's "
-        f"kvm rule does) or set [guests] domain_type = \"qemu\""), blocking=False)
+    return CheckResult(
+        name,
+        False,
+        (
+            f"{dev_kvm} is {mode}: QEMU runs as {user} (qemu.conf, else libvirt's default) and cannot open it "
+            f'read-write, so guests of domain type kvm fail to start (domain_type = "auto" picks kvm when the CPU '
+            f"has vmx/svm); give it to a group {user} is in (chgrp kvm {dev_kvm}; chmod 660 {dev_kvm}, as udev's "
+            f'kvm rule does) or set [guests] domain_type = "qemu"'
+        ),
+        blocking=False,
+    )
 
 
 def memory_backing_checks(trials: list[Any]) -> list[CheckResult]:
@@ -294,26 +332,47 @@ def memory_backing_checks(trials: list[Any]) -> list[CheckResult]:
             problems.add("[guests] hugepages = true (hugetlbfs)")
         try:
             spec = domains.DomainSpec(
-                name="ksmlab-check", uuid="00000000-0000-4000-8000-000000000000", study="check",
-                domain_type="qemu", arch=platform.machine(), memory_mib=g.memory_mib, vcpus=g.vcpus,
-                overlay_path=Path("/nonexistent/check.qcow2"), console_log_path=Path("/nonexistent/console.log"),
-                boot=domains.DiskBoot(), network=domains.UserNet(host_port=2222), nosharepages=g.nosharepages,
-                hugepages=g.hugepages, vcpu_pins=tuple(g.vcpu_pins or ()), numa_node=g.numa_node)
+                name="ksmlab-check",
+                uuid="00000000-0000-4000-8000-000000000000",
+                study="check",
+                domain_type="qemu",
+                arch=platform.machine(),
+                memory_mib=g.memory_mib,
+                vcpus=g.vcpus,
+                overlay_path=Path("/nonexistent/check.qcow2"),
+                console_log_path=Path("/nonexistent/console.log"),
+                boot=domains.DiskBoot(),
+                network=domains.UserNet(host_port=2222),
+                nosharepages=g.nosharepages,
+                hugepages=g.hugepages,
+                vcpu_pins=tuple(g.vcpu_pins or ()),
+                numa_node=g.numa_node,
+            )
             xml = domains.render_domain_xml(spec, Path(g.template) if g.template else None)
         except OrchestratorError:
             continue  # provisioning names a template (or pins) it cannot use
         rest = [found for found in domains.unmergeable_backing(xml) if not (g.hugepages and found == "<hugepages/>")]
         if rest:
-            problems.add(f"[guests] template = {g.template!r} renders {' '.join(rest)}" if g.template
-                         else f"the default template renders {' '.join(rest)}")
+            problems.add(
+                f"[guests] template = {g.template!r} renders {' '.join(rest)}"
+                if g.template
+                else f"the default template renders {' '.join(rest)}"
+            )
     if not judged:
         return []
-    return [CheckResult(
-        "guest RAM mergeable backing", not problems,
-        ("; ".join(sorted(problems)) + ": KSM never merges that memory (only private anonymous pages), so "
-         "every KSM-on trial would measure nothing; drop it (to measure guests opted out of KSM, use "
-         "[guests] nosharepages = true)") if problems else
-        "private anonymous guest RAM (no hugepages, memfd, file or shared backing)")]
+    return [
+        CheckResult(
+            "guest RAM mergeable backing",
+            not problems,
+            (
+                "; ".join(sorted(problems)) + ": KSM never merges that memory (only private anonymous pages), so "
+                "every KSM-on trial would measure nothing; drop it (to measure guests opted out of KSM, use "
+                "[guests] nosharepages = true)"
+            )
+            if problems
+            else "private anonymous guest RAM (no hugepages, memfd, file or shared backing)",
+        )
+    ]
 
 
 def ready(results: list[CheckResult]) -> bool:

@@ -26,8 +26,10 @@ def package_file(*parts: str) -> Path:
     """
     ref = importlib.resources.files("orchestrator").joinpath(*parts)
     if not isinstance(ref, Path):
-        raise HostError(f"ksm-lab's {'/'.join(parts)} is inside an archive ({ref}); "
-                        "install ksm-lab as files (pip install, not a zipapp)")
+        raise HostError(
+            f"ksm-lab's {'/'.join(parts)} is inside an archive ({ref}); "
+            "install ksm-lab as files (pip install, not a zipapp)"
+        )
     return ref
 
 

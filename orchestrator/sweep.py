@@ -25,7 +25,15 @@ from orchestrator import policies
 from orchestrator.analysis import studymetrics
 from orchestrator.errors import HostError, HostUnresponsive, OrchestratorError, StoreError
 from orchestrator.host.hostinfo import collect_host_info, study_end_info
-from orchestrator.host.ksm import KSM_INT_KNOBS, KSM_STR_KNOBS, HostSettings, host_lock, read_ksm_knobs, refuse_if_ksmtuned, run_dir
+from orchestrator.host.ksm import (
+    KSM_INT_KNOBS,
+    KSM_STR_KNOBS,
+    HostSettings,
+    host_lock,
+    read_ksm_knobs,
+    refuse_if_ksmtuned,
+    run_dir,
+)
 from orchestrator.plan import WORKLOAD_PLUGINS, Plan, SamplingSection, Trial, check_against_host, expand, run_order
 from orchestrator.plugins import load_object
 from orchestrator.preflight import memory_backing_checks, qemu_reach_checks, space_checks
@@ -40,7 +48,9 @@ from orchestrator.runners.record import PhaseTiming, PolicyRecord, TrialRecord
 log = logging.getLogger(__name__)
 
 
-def runner_for(plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]) -> TrialRunner:
+def runner_for(
+    plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]
+) -> TrialRunner:
     """The workload's registered runner (plugins.py); [density] has its own over the VM runner.
     Runners load here, so libvirt and paramiko load only for plans that run guests."""
     if plan.density is not None:
@@ -88,13 +98,22 @@ def _add_trials(progress: Any, count: int) -> None:
         grow(count)
 
 
-def _run_rerun(study: Study, runner: TrialRunner, settings: HostSettings, rerun: Trial,
-               stop: threading.Event, progress: Any, outcome: "SweepOutcome", when: str) -> None:
+def _run_rerun(
+    study: Study,
+    runner: TrialRunner,
+    settings: HostSettings,
+    rerun: Trial,
+    stop: threading.Event,
+    progress: Any,
+    outcome: "SweepOutcome",
+    when: str,
+) -> None:
     """Run a disturbed trial's rerun (`when`: "now", inside its block, or "after the study")."""
     study.add_trial_ids([rerun.trial_id])
     _add_trials(progress, 1)
-    log.warning("trial %s was disturbed by outside load: running it again %s as %s",
-                rerun.rerun_of, when, rerun.trial_id)
+    log.warning(
+        "trial %s was disturbed by outside load: running it again %s as %s", rerun.rerun_of, when, rerun.trial_id
+    )
     status = _run_one(study, runner, settings, rerun, stop, progress)
     outcome.ran += 1
     outcome.reruns += 1
@@ -110,9 +129,15 @@ def _in_block_rerun(plan: Plan, study: Study, trial: Trial) -> Trial | None:
     return rerun_of(study, trial, in_block=True)
 
 
-def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = False,
-              progress_factory: Callable[[int], Any] | None = None, root: Path = Path("/"),
-              on_study: Callable[[Study], None] | None = None) -> SweepOutcome:
+def run_sweep(
+    plan: Plan,
+    plan_text: str,
+    results_dir: Path,
+    resume: bool = False,
+    progress_factory: Callable[[int], Any] | None = None,
+    root: Path = Path("/"),
+    on_study: Callable[[Study], None] | None = None,
+) -> SweepOutcome:
     """Run (or resume) the study; `on_study` is called once its folder exists (the CLI opens
     the study's sweep.log there)."""
     trials = expand(plan)
@@ -180,8 +205,7 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         _run_rerun(study, runner, settings, rerun, stop, progress, outcome, "now")
                 # Leftovers (a resumed study whose disturbed trial has no rerun yet) run after
                 # the study, far from their block: the analysis does not pair their block.
-                if (plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None
-                        and plan.search is None):
+                if plan.study.rerun_disturbed and not stop.is_set() and outcome.aborted is None and plan.search is None:
                     for rerun in disturbed_reruns(study, trials):
                         if stop.is_set():
                             break
@@ -206,8 +230,9 @@ def run_sweep(plan: Plan, plan_text: str, results_dir: Path, resume: bool = Fals
                         _close_marker(marker, plan)
     if outcome.aborted is not None:
         halt = outcome.aborted
-        raise halt.error(f"{halt}. The study stopped there; the trials written before are in "
-                         f"{study.path}. {halt.advice}")
+        raise halt.error(
+            f"{halt}. The study stopped there; the trials written before are in {study.path}. {halt.advice}"
+        )
     return outcome
 
 
@@ -261,8 +286,12 @@ def _close_marker(marker: Path, plan: Plan) -> None:
         except OrchestratorError as exc:
             left = [f"unknown ({exc})"]
         if left:
-            log.warning("guests of this study may be left (%s): the next sweep removes them, or run "
-                        "`ksm-lab cleanup --study %s`", ", ".join(left), name)
+            log.warning(
+                "guests of this study may be left (%s): the next sweep removes them, or run "
+                "`ksm-lab cleanup --study %s`",
+                ", ".join(left),
+                name,
+            )
             try:
                 recorded = json.loads(marker.read_text())
                 atomic_write_json(marker, dict(recorded, settings_restored=True, guests_left=left))
@@ -345,8 +374,9 @@ def _refuse_unreachable_libvirt(uri: str) -> None:
         conn.close()
 
 
-def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: Trial,
-             stop: threading.Event, progress: Any) -> str:
+def _run_one(
+    study: Study, runner: TrialRunner, settings: HostSettings, trial: Trial, stop: threading.Event, progress: Any
+) -> str:
     earlier = study.set_aside_attempt(trial.trial_id)
     if earlier is not None:
         log.info("trial %s: the earlier attempt's files are kept in %s", trial.trial_id, earlier)
@@ -354,11 +384,23 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
     # The trial's record, written by this function alone (runners/record.py): failed until
     # the runner returns; the runner's parts join it at the end, whatever happened.
     record = TrialRecord(
-        trial_id=trial.trial_id, index=trial.index, repetition=trial.repetition, label=trial.label,
-        settings=trial.settings, ksm=trial.ksm, host=trial.host, workload=trial.workload, guests=trial.guests,
-        kind=trial.workload["type"], ksm_off=trial.ksm_off, rerun_of=trial.rerun_of,
-        rerun_in_block=trial.rerun_in_block, search_reason=trial.search_reason,
-        status="failed", reason=None, started_wall=time.time(),
+        trial_id=trial.trial_id,
+        index=trial.index,
+        repetition=trial.repetition,
+        label=trial.label,
+        settings=trial.settings,
+        ksm=trial.ksm,
+        host=trial.host,
+        workload=trial.workload,
+        guests=trial.guests,
+        kind=trial.workload["type"],
+        ksm_off=trial.ksm_off,
+        rerun_of=trial.rerun_of,
+        rerun_in_block=trial.rerun_in_block,
+        search_reason=trial.search_reason,
+        status="failed",
+        reason=None,
+        started_wall=time.time(),
     )
     result = TrialResult()
     host_gone: HostUnresponsive | None = None
@@ -403,8 +445,9 @@ def _run_one(study: Study, runner: TrialRunner, settings: HostSettings, trial: T
         study.write_trial(trial.trial_id, record, result.frames, result.extra_json)
     except StoreError as exc:
         # Nothing more can be stored (a full disk): end the study here, keep what is written.
-        raise StudyHalted(str(exc), StoreError, "Free space, then run the same command with --resume.",
-                          trial_written=False) from None
+        raise StudyHalted(
+            str(exc), StoreError, "Free space, then run the same command with --resume.", trial_written=False
+        ) from None
     if host_gone is not None:
         raise StudyHalted(str(host_gone), HostUnresponsive, host_gone.advice, trial_written=True)
     return record.status
@@ -420,6 +463,8 @@ class StudyHalted(OrchestratorError):
         self.error = error
         self.advice = advice
         self.trial_written = trial_written
+
+
 def stop_policy(policy_run: policies.PolicyRun) -> PolicyRecord:
     """Stop the trial's policy (before the reset: ksmtuned must not write after it) and return
     its summary for trial.json; a stop that fails is recorded, never lost."""

@@ -47,7 +47,7 @@ def number(value: Any, digits: int = 3, integers: bool = True) -> str:
 
 
 def plus_minus(mean: Any, half: Any, unit: str = "", integers: bool = True) -> str:
-    """"mean ± half unit"; without a finite half width, "mean unit" (callers that must say
+    """ "mean ± half unit"; without a finite half width, "mean unit" (callers that must say
     why there is none add it)."""
     text = number(mean, integers=integers)
     if has_value(half):
@@ -57,8 +57,11 @@ def plus_minus(mean: Any, half: Any, unit: str = "", integers: bool = True) -> s
 
 def has_value(value: Any) -> bool:
     """A finite number (what `number` writes as digits)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
         and math.isfinite(float(value))
+    )
 
 
 def signed_change(change: Any, half: Any = math.nan, unit: str = "") -> str:

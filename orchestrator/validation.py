@@ -21,8 +21,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def problems(exc: ValidationError, drop: Callable[[list[str]], list[str]] | None = None,
-             whole: str = "(plan)") -> list[str]:
+def problems(
+    exc: ValidationError, drop: Callable[[list[str]], list[str]] | None = None, whole: str = "(plan)"
+) -> list[str]:
     """One "key: problem (got value)" line per error. `drop(loc)` may return a shorter
     location (the plan drops a discriminated union's tag: "workload.processes.pages");
     `whole` names what an error of no one key is about ("": the message alone)."""

@@ -131,14 +131,29 @@ def mariadb_socket():
     server = None
     try:
         subprocess.run(
-            ["mariadb-install-db", f"--datadir={tmp / 'data'}", "--skip-test-db", "--user=root",
-             "--auth-root-authentication-method=socket"],
-            check=True, capture_output=True, timeout=120,
+            [
+                "mariadb-install-db",
+                f"--datadir={tmp / 'data'}",
+                "--skip-test-db",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         server = subprocess.Popen(
-            ["mariadbd", f"--datadir={tmp / 'data'}", f"--socket={socket}", "--skip-networking",
-             f"--pid-file={tmp / 'pid'}", "--user=root", f"--log-error={tmp / 'error.log'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "mariadbd",
+                f"--datadir={tmp / 'data'}",
+                f"--socket={socket}",
+                "--skip-networking",
+                f"--pid-file={tmp / 'pid'}",
+                "--user=root",
+                f"--log-error={tmp / 'error.log'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while not socket.exists():

@@ -41,9 +41,15 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(study)
     saved = float(os.environ.get("FAKE_SWEEP_SAVED_MIB", "40"))
     interrupt = os.environ.get("FAKE_SWEEP_INTERRUPT") == "1"
-    write_night(results, name=name, plan=plan_text, hostname=os.uname().nodename, created_wall=created,
-                saved_mib={100: [3.0, 3.1, 2.9], 1000: [saved, saved + 0.5, saved - 0.5]},
-                missing=("p1000-r2",) if interrupt else ())
+    write_night(
+        results,
+        name=name,
+        plan=plan_text,
+        hostname=os.uname().nodename,
+        created_wall=created,
+        saved_mib={100: [3.0, 3.1, 2.9], 1000: [saved, saved + 0.5, saved - 0.5]},
+        missing=("p1000-r2",) if interrupt else (),
+    )
     return 128 + 15 if interrupt else 0
 
 

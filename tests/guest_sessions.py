@@ -33,9 +33,9 @@ class LocalSession:
         self.socket_path = socket_path
 
     def run(self, cmd, timeout_s: float, check: bool = False) -> Result:
-        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [
-            arg.replace(GUEST_SOCKET, self.socket_path) for arg in cmd
-        ]
+        argv = (
+            ["sh", "-c", cmd] if isinstance(cmd, str) else [arg.replace(GUEST_SOCKET, self.socket_path) for arg in cmd]
+        )
         started = time.monotonic()
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
@@ -62,8 +62,7 @@ class CannedSession:
 
 
 def have_mariadb() -> str | None:
-    missing = [tool for tool in ("sysbench", "mariadb", "mariadbd", "mariadb-install-db")
-               if shutil.which(tool) is None]
+    missing = [tool for tool in ("sysbench", "mariadb", "mariadbd", "mariadb-install-db") if shutil.which(tool) is None]
     if missing:
         return f"not installed: {', '.join(missing)}"
     if os.geteuid() != 0:

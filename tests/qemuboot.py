@@ -32,18 +32,52 @@ class QemuGuest:
         self.console_log = self.work_dir / "console.log"
         self.ssh_port = free_port()
         # The backing path must be absolute: a relative one resolves against the overlay's folder.
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.disk_format,
-                        "-b", str(image.disk_path.resolve()), str(self.overlay)], check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                image.disk_format,
+                "-b",
+                str(image.disk_path.resolve()),
+                str(self.overlay),
+            ],
+            check=True,
+        )
         self.process = subprocess.Popen(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1",
-             "-nodefaults", "-no-user-config", "-display", "none",
-             "-serial", f"file:{self.console_log}",
-             "-kernel", str(image.kernel_path), "-initrd", str(image.initrd_path),
-             "-append", image.cmdline or "",
-             "-drive", f"file={self.overlay},if=virtio,format=qcow2",
-             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-             "-device", "virtio-net-pci,netdev=n0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                str(memory_mib),
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                f"file:{self.console_log}",
+                "-kernel",
+                str(image.kernel_path),
+                "-initrd",
+                str(image.initrd_path),
+                "-append",
+                image.cmdline or "",
+                "-drive",
+                f"file={self.overlay},if=virtio,format=qcow2",
+                "-netdev",
+                f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
     @property

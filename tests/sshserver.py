@@ -31,8 +31,7 @@ class _Server(paramiko.ServerInterface):
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
-        threading.Thread(target=self.owner._execute, args=(channel, command.decode()),
-                         daemon=True).start()
+        threading.Thread(target=self.owner._execute, args=(channel, command.decode()), daemon=True).start()
         return True
 
 
@@ -68,8 +67,9 @@ class SshServer:
 
     def _execute(self, channel: paramiko.Channel, command: str) -> None:
         self.commands.append(command)
-        proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self._processes.append(proc)
         stdout, stderr = proc.communicate()
         try:

@@ -19,11 +19,20 @@ REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "contrib" / "ansible"
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"  # ansible-core, from the [test] extra
 # where the role's defaults would write: none of them may appear (or change) during the test
-HOST_PATHS = ("/opt/ksm-lab", "/etc/ksm-lab", "/usr/local/lib/ksm-lab", "/etc/default/ksm-lab-nightly",
-              "/etc/cron.d/ksm-lab", "/etc/systemd/system/ksm-lab-nightly.service",
-              "/etc/systemd/system/ksm-lab-nightly.timer", "/etc/systemd/system/ksm-lab-nightly.service.d",
-              "/var/lib/ksm-lab", "/var/log/ksm-lab-nightly.log", str(Path.home() / ".ansible"),
-              str(Path.home() / ".ansible_async"))
+HOST_PATHS = (
+    "/opt/ksm-lab",
+    "/etc/ksm-lab",
+    "/usr/local/lib/ksm-lab",
+    "/etc/default/ksm-lab-nightly",
+    "/etc/cron.d/ksm-lab",
+    "/etc/systemd/system/ksm-lab-nightly.service",
+    "/etc/systemd/system/ksm-lab-nightly.timer",
+    "/etc/systemd/system/ksm-lab-nightly.service.d",
+    "/var/lib/ksm-lab",
+    "/var/log/ksm-lab-nightly.log",
+    str(Path.home() / ".ansible"),
+    str(Path.home() / ".ansible_async"),
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +42,9 @@ def _state() -> dict[str, object]:
     return {
         "paths": {p: os.path.lexists(p) for p in HOST_PATHS},
         "wheel_dirs": sorted(p.name for p in Path("/tmp").glob("ksm-lab-ansible-wheel.*")),
-        "checkout": subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"],
-                                   capture_output=True, text=True, check=True).stdout,
+        "checkout": subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True, text=True, check=True
+        ).stdout,
     }
 
 
@@ -46,12 +56,25 @@ def _play(tmp_path: Path, playbook: str, extra: dict[str, object], *args: str) -
     home = tmp_path / "ansible"
     config = tmp_path / "ansible.cfg"  # ours, so that no ansible.cfg of the machine or the user applies
     config.write_text("[defaults]\n")
-    env = {**os.environ, "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
-           "ANSIBLE_REMOTE_TEMP": str(home / "tmp"),
-           "ANSIBLE_ASYNC_DIR": str(home / "async"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": str(config),
-           "PYTHONWARNINGS": "ignore", "TMPDIR": "/tmp"}
-    done = subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ANSIBLE / playbook), "-e", f"@{variables}", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "ANSIBLE_HOME": str(home),
+        "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(home / "tmp"),
+        "ANSIBLE_ASYNC_DIR": str(home / "async"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_CONFIG": str(config),
+        "PYTHONWARNINGS": "ignore",
+        "TMPDIR": "/tmp",
+    }
+    done = subprocess.run(
+        [str(PLAYBOOK), "-i", str(inventory), str(ANSIBLE / playbook), "-e", f"@{variables}", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     return done
 
@@ -72,8 +95,13 @@ def test_site_installs_plan_and_nightly_then_study_check(tmp_path: Path) -> None
     }
     _play(tmp_path, "site.yml", {**where, "ksm_lab_nightly": "cron"})
 
-    version = subprocess.run([str(tmp_path / "prefix" / "bin" / "ksm-lab"), "--version"], capture_output=True,
-                             text=True, timeout=60, cwd=tmp_path)
+    version = subprocess.run(
+        [str(tmp_path / "prefix" / "bin" / "ksm-lab"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert version.returncode == 0 and __version__ in version.stdout
     assert (tmp_path / "etc" / "nightly.toml").read_text() == (REPO / "plans" / "nightly.toml").read_text()
     script = tmp_path / "lib" / "ksm-lab-nightly.sh"
@@ -81,8 +109,10 @@ def test_site_installs_plan_and_nightly_then_study_check(tmp_path: Path) -> None
     cron = (tmp_path / "cron.d" / "ksm-lab").read_text()
     assert cron.endswith("\n")
     assert f"KSM_LAB={tmp_path}/prefix/bin/ksm-lab\n" in cron
-    assert (f"0 2 * * * root {script} {tmp_path}/etc/nightly.toml {tmp_path}/results "
-            f">>{tmp_path}/log/ksm-lab-nightly.log 2>&1\n") in cron
+    assert (
+        f"0 2 * * * root {script} {tmp_path}/etc/nightly.toml {tmp_path}/results "
+        f">>{tmp_path}/log/ksm-lab-nightly.log 2>&1\n"
+    ) in cron
     assert not (tmp_path / "systemd").exists()  # cron mode writes no units
 
     # the same hosts switched to systemd: the shipped units + a drop-in with these paths, not enabled

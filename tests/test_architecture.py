@@ -19,8 +19,7 @@ def _tree() -> list[tuple[int, str]]:
     """(indent, name) of each entry of the first ``` block: the module tree."""
     block = re.search(r"^```\n(.*?)^```", DOC.read_text(), re.S | re.M)
     assert block, f"no module tree in {DOC}"
-    return [(len(m.group(1)), m.group(2)) for line in block.group(1).splitlines()
-            if (m := _ENTRY.match(line))]
+    return [(len(m.group(1)), m.group(2)) for line in block.group(1).splitlines() if (m := _ENTRY.match(line))]
 
 
 def _listed_paths() -> list[str]:
@@ -43,8 +42,11 @@ def test_every_listed_name_exists():
 
 def test_every_module_is_listed():
     listed = {p for p in _listed_paths() if p.endswith(".py")}
-    modules = {p.relative_to(REPO).as_posix() for p in PACKAGE.rglob("*.py")
-               if p.name != "__init__.py" and "__pycache__" not in p.parts}
+    modules = {
+        p.relative_to(REPO).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" and "__pycache__" not in p.parts
+    }
     assert modules - listed == set(), f"modules missing from {DOC.name}"
     assert listed - modules == set(), f"{DOC.name} lists modules that do not exist"
 
@@ -78,7 +80,7 @@ def test_no_module_imports_one_that_imports_it_back():
         stack.append(name)
         for dep in sorted(graph[name]):
             if state.get(dep) == 1:
-                circles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                circles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, stack)
         stack.pop()

@@ -28,8 +28,9 @@ PAGE = 4096
 pytestmark = pytest.mark.ksm
 
 
-def churn_plan(name: str, fast_interval_s: float, fill: str = "fixed_random", rounds: int = 0,
-               measure_s: float = 16) -> str:
+def churn_plan(
+    name: str, fast_interval_s: float, fill: str = "fixed_random", rounds: int = 0, measure_s: float = 16
+) -> str:
     return f"""
 [study]
 name = "{name}"
@@ -99,7 +100,9 @@ def test_refilled_saving_is_the_same_at_two_sampling_phases(tmp_path, ksm_guard)
         assert out["refills_in_measure"] >= 10
         # What KSM reaches just before a refill and what copy-on-write leaves just after bracket
         # the average over time.
-        assert out["saved_share_after_refill_pct"] <= out["saved_share_mean_pct"] <= out["saved_share_before_refill_pct"]
+        assert (
+            out["saved_share_after_refill_pct"] <= out["saved_share_mean_pct"] <= out["saved_share_before_refill_pct"]
+        )
         assert out["remerge_s_median"] > 0
 
 

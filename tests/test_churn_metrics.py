@@ -42,14 +42,16 @@ def sampled(interval_s: float, start_s: float, offset_s: float, seed: int) -> pd
         ticks.append(ticks[-1] + interval_s * (1 + rng.uniform(-0.2, 0.2)))
     t = np.asarray(ticks)
     phase = np.where(t < MEASURE_S[0], "baseline", np.where(t <= MEASURE_S[1], "measure", "cooldown"))
-    return pd.DataFrame({"t_s": t, "t_wall": WALL0 + t, "phase": phase,
-                         "pages_sharing": sawtooth(t, offset_s), "pages_shared": 1.0})
+    return pd.DataFrame(
+        {"t_s": t, "t_wall": WALL0 + t, "phase": phase, "pages_sharing": sawtooth(t, offset_s), "pages_shared": 1.0}
+    )
 
 
 def fills(offset_s: float) -> pd.DataFrame:
     starts = offset_s + PERIOD_S * np.arange(1, 30)
-    return pd.DataFrame({"label": "w0", "fill": np.arange(2, 31), "start_wall": WALL0 + starts,
-                         "end_wall": WALL0 + starts + 0.005})
+    return pd.DataFrame(
+        {"label": "w0", "fill": np.arange(2, 31), "start_wall": WALL0 + starts, "end_wall": WALL0 + starts + 0.005}
+    )
 
 
 @pytest.mark.parametrize("offset_s", [0.0, 0.31, 0.77])
@@ -67,17 +69,20 @@ def test_a_window_that_ends_mid_cycle_is_phase_lucky() -> None:
     """Why the window is cut to whole cycles: without the refill times, the steady average runs
     to the end of measure, and where measure ends in the cycle moves it. Across offsets the
     spread is larger than whole-cycle averaging allows."""
-    uncut = [samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE)["saved_mib_steady"]
-             for off in np.linspace(0, PERIOD_S, 8, endpoint=False)]
-    cut = [samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE, fills(off))["saved_mib_steady"]
-           for off in np.linspace(0, PERIOD_S, 8, endpoint=False)]
+    uncut = [
+        samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE)["saved_mib_steady"]
+        for off in np.linspace(0, PERIOD_S, 8, endpoint=False)
+    ]
+    cut = [
+        samplemetrics.ksm_metrics(sampled(0.05, 0.0, off, 3), {}, PAGE, fills(off))["saved_mib_steady"]
+        for off in np.linspace(0, PERIOD_S, 8, endpoint=False)
+    ]
     assert np.ptp(cut) < 0.5 * np.ptp(uncut)
     assert np.ptp(cut) <= 0.01 * true_cycle_mean()
 
 
 def test_without_refills_the_window_runs_to_the_end() -> None:
-    flat = pd.DataFrame({"t_s": np.arange(0, 10, 0.5), "phase": "measure",
-                         "pages_sharing": np.full(20, 1000.0)})
+    flat = pd.DataFrame({"t_s": np.arange(0, 10, 0.5), "phase": "measure", "pages_sharing": np.full(20, 1000.0)})
     out = samplemetrics.ksm_metrics(flat, {}, PAGE, pd.DataFrame())
     assert "steady_cycles" not in out
     assert out["steady_s"] == pytest.approx(9.5)

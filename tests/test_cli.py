@@ -39,8 +39,9 @@ def test_version_and_one_program_name(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"ksm-lab {__version__}"
     env = {**os.environ, "COLUMNS": "100"}
-    module = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    module = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert module.returncode == 0
     assert module.stdout.startswith("usage: ksm-lab ")
     assert "143 SIGTERM" in module.stdout
@@ -104,8 +105,7 @@ def _fake_sweep(monkeypatch, body):
     """Replace run_sweep with one that makes the study folder, tells the CLI, then runs body."""
     from orchestrator import sweep
 
-    def fake(plan, plan_text, results_dir, resume=False, progress_factory=None, root=Path("/"),
-             on_study=None):
+    def fake(plan, plan_text, results_dir, resume=False, progress_factory=None, root=Path("/"), on_study=None):
         trials = [t.trial_id for t in __import__("orchestrator.plan", fromlist=["expand"]).expand(plan)]
         study = Study.create(results_dir, plan.study.name, plan_text, trials, resume)
         on_study(study)
@@ -135,8 +135,7 @@ def test_a_bug_during_the_sweep_leaves_its_traceback_in_sweep_log(tmp_path, caps
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_sweep_exits_128_plus_the_signal(tmp_path, capsys, monkeypatch, signum, code):
-    _fake_sweep(monkeypatch, lambda study: SweepOutcome(study, ran=1, failed=1, interrupted=True,
-                                                        stop_signal=signum))
+    _fake_sweep(monkeypatch, lambda study: SweepOutcome(study, ran=1, failed=1, interrupted=True, stop_signal=signum))
     argv = ["sweep", str(_quickstart(tmp_path)), "--results", str(tmp_path / "r"), "--no-report", "--json"]
     assert cli.main(argv) == code
     summary = json.loads(capsys.readouterr().out)
@@ -155,7 +154,9 @@ def test_a_clear_error_after_the_study_started_is_in_sweep_log_too(tmp_path, cap
     results = tmp_path / "results"
     assert cli.main(["sweep", str(_quickstart(tmp_path)), "--results", str(results)]) == cli.EXIT_ERROR
     assert "No space left on device" in capsys.readouterr().err
-    assert "ERROR   orchestrator.cli.main: error: cannot write trial t1" in (results / "quickstart/sweep.log").read_text()
+    assert (
+        "ERROR   orchestrator.cli.main: error: cannot write trial t1" in (results / "quickstart/sweep.log").read_text()
+    )
 
 
 def test_failed_trials_are_exit_1_and_never_3(tmp_path, capsys, monkeypatch):
@@ -291,8 +292,9 @@ def test_the_sweep_analyses_the_study_once_and_the_report_reuses_it(tmp_path, ca
     monkeypatch.setattr(studymetrics, "compute_study", counted)
 
     def body(study):
-        shutil.copytree(Path(__file__).parent / "data" / "study-v1-quickstart" / "trials", study.trials_dir,
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            Path(__file__).parent / "data" / "study-v1-quickstart" / "trials", study.trials_dir, dirs_exist_ok=True
+        )
         return SweepOutcome(study, ran=7, analysis=StudyAnalysis.of(study.path))
 
     _fake_sweep(monkeypatch, body)

@@ -37,8 +37,9 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     root2 = hosts / "lab2" / REMOTE_ROOT.lstrip("/")
     studies = {
         "lab1-done": write_night(root1 / "nightly" / "20250101-010000", hostname="lab1", created_wall=1_735_700_000),
-        "lab1-running": write_night(root1 / "nightly" / "20250102-010000", hostname="lab1",
-                                    created_wall=1_735_790_000, missing=("p1000-r1",)),
+        "lab1-running": write_night(
+            root1 / "nightly" / "20250102-010000", hostname="lab1", created_wall=1_735_790_000, missing=("p1000-r1",)
+        ),
         "lab2-done": write_night(root2 / "nightly" / "20250101-010000", hostname="lab2", created_wall=1_735_700_000),
     }
     monkeypatch.setenv("FAKE_RSYNC_HOSTS", str(hosts))
@@ -69,14 +70,15 @@ def test_collects_finished_studies_per_host_and_skips_unfinished(lab, capsys) ->
 
 
 def test_ssh_verifies_host_keys_and_the_user_cannot_turn_that_off(lab, capsys) -> None:
-    _collect(capsys, "lab1", "--into", str(lab["into"]), "--ssh-option=-oStrictHostKeyChecking=no",
-             "--ssh-option=-p2222")
+    _collect(
+        capsys, "lab1", "--into", str(lab["into"]), "--ssh-option=-oStrictHostKeyChecking=no", "--ssh-option=-p2222"
+    )
     calls = _calls(lab["log"])
     assert len(calls) == 2  # metadata + one study: the checks below ran on every rsync
     for call in calls:
         ssh = call[call.index("-e") + 1].split()
         assert ssh[: len(SSH_BASE)] == list(SSH_BASE)  # ssh takes the first value of an option
-        assert ssh[len(SSH_BASE):] == ["-oStrictHostKeyChecking=no", "-p2222"]
+        assert ssh[len(SSH_BASE) :] == ["-oStrictHostKeyChecking=no", "-p2222"]
         assert "-rt" in call and "-a" not in call  # no symlinks, owners or devices from the host
 
 
@@ -152,7 +154,8 @@ def sshd(tmp_path: Path):
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        f"StrictModes no\nPidFile {d / 'sshd.pid'}\n")
+        f"StrictModes no\nPidFile {d / 'sshd.pid'}\n"
+    )
     proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
@@ -179,8 +182,16 @@ def test_collect_over_real_ssh_from_this_host(tmp_path: Path, sshd, capsys) -> N
     write_night(remote / "nightly" / "20250102-010000", hostname="lab-local", missing=("p100-r0",))
     options = [f"--ssh-option=-p{port}", f"--ssh-option=-i{key}", "--ssh-option=-oIdentitiesOnly=yes"]
     into = tmp_path / "central"
-    code = cli.main(["collect", f"127.0.0.1:{remote}", "--into", str(into),
-                     f"--ssh-option=-oUserKnownHostsFile={known_hosts}", *options])
+    code = cli.main(
+        [
+            "collect",
+            f"127.0.0.1:{remote}",
+            "--into",
+            str(into),
+            f"--ssh-option=-oUserKnownHostsFile={known_hosts}",
+            *options,
+        ]
+    )
     assert code == 0, capsys.readouterr()
     entries = catalog.scan(into)
     assert [(e.host, e.state) for e in entries] == [("lab-local", catalog.GOOD)]
@@ -190,8 +201,16 @@ def test_collect_over_real_ssh_from_this_host(tmp_path: Path, sshd, capsys) -> N
     # an unknown host key is refused, not added
     empty_known = tmp_path / "empty_known_hosts"
     empty_known.write_text("")
-    code = cli.main(["collect", f"127.0.0.1:{remote}", "--into", str(tmp_path / "other"),
-                     f"--ssh-option=-oUserKnownHostsFile={empty_known}", *options])
+    code = cli.main(
+        [
+            "collect",
+            f"127.0.0.1:{remote}",
+            "--into",
+            str(tmp_path / "other"),
+            f"--ssh-option=-oUserKnownHostsFile={empty_known}",
+            *options,
+        ]
+    )
     assert code == 1
     assert "Host key verification failed" in capsys.readouterr().err
     assert empty_known.read_text() == ""

@@ -15,8 +15,16 @@ from PIL import Image
 from orchestrator.analysis import stats
 from orchestrator.analysis.across import compare
 from orchestrator.cli import main as cli
-from orchestrator.analysis.across.compare import (CANNOT_TELL, IMPROVEMENT, NO_CHANGE, REGRESSION, UNCONFIRMED, WITHIN_THRESHOLD,
-                                  Thresholds, judge)
+from orchestrator.analysis.across.compare import (
+    CANNOT_TELL,
+    IMPROVEMENT,
+    NO_CHANGE,
+    REGRESSION,
+    UNCONFIRMED,
+    WITHIN_THRESHOLD,
+    Thresholds,
+    judge,
+)
 from orchestrator.errors import CompareError
 from tests.nightly_studies import write_night
 
@@ -50,14 +58,17 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 # ----------------------------------------------------------------------------- the rule
 
 
-@pytest.mark.parametrize(("pct", "half", "higher", "verdict"), [
-    (-20.0, 5.0, True, REGRESSION),        # saving fell 20% +- 5: beyond 10%, excludes 0
-    (20.0, 5.0, True, IMPROVEMENT),
-    (20.0, 5.0, False, REGRESSION),        # latency rose 20%: higher is bad
-    (-20.0, 25.0, True, NO_CHANGE),        # interval includes 0: no claim, however large
-    (-4.0, 1.0, True, WITHIN_THRESHOLD),   # excludes 0 but under the threshold
-    (-4.0, 5.0, True, NO_CHANGE),
-])
+@pytest.mark.parametrize(
+    ("pct", "half", "higher", "verdict"),
+    [
+        (-20.0, 5.0, True, REGRESSION),  # saving fell 20% +- 5: beyond 10%, excludes 0
+        (20.0, 5.0, True, IMPROVEMENT),
+        (20.0, 5.0, False, REGRESSION),  # latency rose 20%: higher is bad
+        (-20.0, 25.0, True, NO_CHANGE),  # interval includes 0: no claim, however large
+        (-4.0, 1.0, True, WITHIN_THRESHOLD),  # excludes 0 but under the threshold
+        (-4.0, 5.0, True, NO_CHANGE),
+    ],
+)
 def test_judge_needs_threshold_and_interval(pct: float, half: float, higher: bool, verdict: str) -> None:
     assert judge(pct, half, True, higher, 10.0)[0] == verdict
 
@@ -77,8 +88,11 @@ def test_judge_says_when_the_interval_is_too_wide_to_rule_out_a_regression() -> 
 
 
 def test_saving_drop_beyond_threshold_is_a_regression(tmp_path: Path) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}},
-                 {"saved_mib": {100: [3.0, 3.05, 2.95], 1000: [30.0, 30.5, 29.5]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}},
+        {"saved_mib": {100: [3.0, 3.05, 2.95], 1000: [30.0, 30.5, 29.5]}},
+    )
     result = _result(a, b)
     drop = _change(result, "ksm.pages_to_scan=1000", "saved_mib")
     assert drop.a_mean == pytest.approx(40.0, abs=0.01) and drop.b_mean == pytest.approx(30.0, abs=0.01)
@@ -93,8 +107,11 @@ def test_saving_drop_beyond_threshold_is_a_regression(tmp_path: Path) -> None:
 
 
 def test_many_judged_changes_come_with_a_chance_warning(tmp_path: Path, monkeypatch) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
-                 {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
+        {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
+    )
     monkeypatch.setattr(compare, "MANY_COMPARISONS", 4)
     result = _result(a, b)
     judged = sum(1 for s in result.settings for m in s.metrics if m.method == stats.WELCH)
@@ -103,22 +120,29 @@ def test_many_judged_changes_come_with_a_chance_warning(tmp_path: Path, monkeypa
 
 
 def test_cli_exit_status_is_1_on_a_regression_and_0_with_a_looser_threshold(tmp_path: Path, capsys) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}},
-                 {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [30.0, 30.5, 29.5]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}},
+        {"saved_mib": {100: [3.0, 3.1, 2.9], 1000: [30.0, 30.5, 29.5]}},
+    )
     code, out, _ = _run(capsys, "compare", str(a), str(b))
     assert code == 0  # two studies: "unconfirmed", never exit 1
     assert "unconfirmed" in out and "excludes 0" in out and "significant" not in out.lower()
     code, out, _ = _run(capsys, "compare", str(a), str(b), "--night-sd", "saved_mib=0.5")
     assert code == 1 and "regression" in out
-    code, _, _ = _run(capsys, "compare", str(a), str(b), "--night-sd", "saved_mib=0.5", "--max-saving-drop-pct", "30",
-                      "--no-html")
+    code, _, _ = _run(
+        capsys, "compare", str(a), str(b), "--night-sd", "saved_mib=0.5", "--max-saving-drop-pct", "30", "--no-html"
+    )
     assert code == 0
 
 
 def test_more_cpu_is_bad_less_cpu_is_an_improvement(tmp_path: Path) -> None:
     saved = {100: [3.0, 3.0, 3.0], 1000: [40.0, 40.0, 40.0]}
-    a, b = _pair(tmp_path, {"saved_mib": saved, "cpu_pct": {100: [2.0, 2.1, 1.9], 1000: [10.0, 10.2, 9.8]}},
-                 {"saved_mib": saved, "cpu_pct": {100: [3.0, 3.1, 2.9], 1000: [5.0, 5.1, 4.9]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": saved, "cpu_pct": {100: [2.0, 2.1, 1.9], 1000: [10.0, 10.2, 9.8]}},
+        {"saved_mib": saved, "cpu_pct": {100: [3.0, 3.1, 2.9], 1000: [5.0, 5.1, 4.9]}},
+    )
     result = _result(a, b)
     assert _change(result, "ksm.pages_to_scan=100", "ksmd_cpu_pct").verdict == UNCONFIRMED  # +50%, two studies
     assert _change(result, "ksm.pages_to_scan=1000", "ksmd_cpu_pct").verdict == IMPROVEMENT  # -50%
@@ -152,8 +176,11 @@ def test_one_trial_per_side_has_no_interval_and_says_so(tmp_path: Path, capsys) 
 
 
 def test_zero_saving_has_no_percent(tmp_path: Path) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}},
-                 {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}},
+        {"saved_mib": {100: [0.0, 0.0], 1000: [40.0, 40.2]}},
+    )
     change = _change(_result(a, b), "ksm.pages_to_scan=100", "saved_mib")
     assert math.isnan(change.change_pct) and change.verdict == CANNOT_TELL  # all zero: no spread, no percent
 
@@ -171,8 +198,11 @@ def test_no_percent_of_a_mean_that_its_own_interval_cannot_tell_from_zero() -> N
 
 def test_hosts_and_plan_differences_are_shown(tmp_path: Path) -> None:
     plan_b = '[study]\nname = "nightly"\nrepetitions = 3\n\n[sweep.ksm]\npages_to_scan = [100, 1000]\n'
-    a, b = _pair(tmp_path, {"kernel": "6.1.0", "qemu": "QEMU 7.2"},
-                 {"kernel": "6.6.0", "qemu": "QEMU 8.2", "hostname": "lab2", "plan": plan_b})
+    a, b = _pair(
+        tmp_path,
+        {"kernel": "6.1.0", "qemu": "QEMU 7.2"},
+        {"kernel": "6.6.0", "qemu": "QEMU 8.2", "hostname": "lab2", "plan": plan_b},
+    )
     result = _result(a, b)
     diff = {d["key"]: (d["a"], d["b"]) for d in result.host_diff}
     assert diff["kernel"] == ("6.1.0", "6.6.0")
@@ -195,8 +225,11 @@ def test_json_output_is_valid_json_without_nan(tmp_path: Path, capsys) -> None:
 
 
 def test_html_page_is_self_contained_with_side_by_side_plots(tmp_path: Path, capsys) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
-                 {"saved_mib": {100: [3.0, 3.1], 1000: [30.0, 30.5]}})
+    a, b = _pair(
+        tmp_path,
+        {"saved_mib": {100: [3.0, 3.1], 1000: [40.0, 40.5]}},
+        {"saved_mib": {100: [3.0, 3.1], 1000: [30.0, 30.5]}},
+    )
     code, _, _ = _run(capsys, "compare", str(a), str(b))
     html = (b / "report" / "compare.html").read_text()
     images = [Image.open(io.BytesIO(base64.b64decode(m, validate=True))) for m in DATA_URI.findall(html)]
@@ -225,8 +258,9 @@ def test_different_swept_axes_are_refused(tmp_path: Path) -> None:
 
 
 def test_no_setting_in_common_is_refused(tmp_path: Path) -> None:
-    a, b = _pair(tmp_path, {"saved_mib": {100: [3.0]}, "ksm_off": False},
-                 {"saved_mib": {5000: [3.0]}, "ksm_off": False})
+    a, b = _pair(
+        tmp_path, {"saved_mib": {100: [3.0]}, "ksm_off": False}, {"saved_mib": {5000: [3.0]}, "ksm_off": False}
+    )
     with pytest.raises(CompareError, match="no setting in common"):
         _result(a, b)
 

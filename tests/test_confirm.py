@@ -65,13 +65,35 @@ def test_a_suspect_that_confirmation_does_not_find_is_not_confirmed(ksm_guard, t
     now = time.time()
     root = tmp_path / "root"
     for i, scale in enumerate((0.99, 1.0, 1.01)):
-        write_night(root / f"night{i}", name="confirmtest", plan=PLAN, hostname=host,
-                    created_wall=now - 86400 * (3 - i), saved_mib={2000: [level * scale * f for f in (0.99, 1.0, 1.01)]})
-    tonight = write_night(root / "tonight", name="confirmtest", plan=PLAN, hostname=host, created_wall=now - 60,
-                          saved_mib={2000: [level * 0.5, level * 0.51, level * 0.49]})
+        write_night(
+            root / f"night{i}",
+            name="confirmtest",
+            plan=PLAN,
+            hostname=host,
+            created_wall=now - 86400 * (3 - i),
+            saved_mib={2000: [level * scale * f for f in (0.99, 1.0, 1.01)]},
+        )
+    tonight = write_night(
+        root / "tonight",
+        name="confirmtest",
+        plan=PLAN,
+        hostname=host,
+        created_wall=now - 60,
+        saved_mib={2000: [level * 0.5, level * 0.51, level * 0.49]},
+    )
 
-    code = cli.main(["compare", str(root / "night2" / "confirmtest"), str(tonight), "--history", str(root),
-                     "--no-html", "--json-file", str(tonight / "report" / "compare.json")])
+    code = cli.main(
+        [
+            "compare",
+            str(root / "night2" / "confirmtest"),
+            str(tonight),
+            "--history",
+            str(root),
+            "--no-html",
+            "--json-file",
+            str(tonight / "report" / "compare.json"),
+        ]
+    )
     assert code == 1  # the gate fires on tonight alone
     capsys.readouterr()
     code = cli.main(["confirm", str(tonight), "--history", str(root)])

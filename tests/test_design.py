@@ -30,8 +30,9 @@ def pilot(root: Path, on_tps: list[float], off_tps: list[list[float]]) -> Path:
     study_dir = start_study(root)
     for block, (on, offs) in enumerate(zip(on_tps, off_tps, strict=True)):
         for i, off in enumerate(offs):
-            sysbench_trial(study_dir, f"off-r{block}-{i}", OFF, off, rep=block, ksm_off=True, guest_spread=0.0,
-                           extra=timed(block))
+            sysbench_trial(
+                study_dir, f"off-r{block}-{i}", OFF, off, rep=block, ksm_off=True, guest_spread=0.0, extra=timed(block)
+            )
         sysbench_trial(study_dir, f"on-r{block}", ON, on, rep=block, guest_spread=0.0, extra=timed(block))
     finish_study(study_dir)
     studymetrics.study_metrics(study_dir).to_csv(study_dir / "trials.csv", index=False)
@@ -80,15 +81,19 @@ def test_text_and_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 0 and data["target_pct"] == 5.0 and data["blocks"] >= 2 and "repetitions =" in data["plan_toml"]
 
 
-@pytest.mark.parametrize(("make", "detect", "message"), [
-    (lambda root: pilot(root, [90.0], [[100.0]]), "5%", "the pilot has 1 block: a paired design needs"),
-    (lambda root: root / "empty", "5%", "has no trials.csv"),
-    (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "0%", "give the change to detect as a positive"),
-    (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "-5%", "positive percent"),
-    (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "five", "positive percent"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], make, detect: str,
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "detect", "message"),
+    [
+        (lambda root: pilot(root, [90.0], [[100.0]]), "5%", "the pilot has 1 block: a paired design needs"),
+        (lambda root: root / "empty", "5%", "has no trials.csv"),
+        (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "0%", "give the change to detect as a positive"),
+        (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "-5%", "positive percent"),
+        (lambda root: pilot(root, [90.0, 91.0], [[100.0], [101.0]]), "five", "positive percent"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, detect: str, message: str
+) -> None:
     study_dir = make(tmp_path)
     study_dir.mkdir(exist_ok=True)
     code, out, err = run_cli(capsys, str(study_dir), f"--detect={detect}")
@@ -110,7 +115,9 @@ def test_a_pilot_without_the_metric_names_it(tmp_path: Path, capsys: pytest.Capt
     # a processes study: KSM off and on in two blocks, but no tps to compare
     study_dir = start_study(tmp_path)
     for block in (0, 1):
-        write_trial(study_dir, f"off-r{block}", OFF, repetition=block, ksm_off=True, ksm=ramp_ksm_frame(final_sharing=0))
+        write_trial(
+            study_dir, f"off-r{block}", OFF, repetition=block, ksm_off=True, ksm=ramp_ksm_frame(final_sharing=0)
+        )
         write_trial(study_dir, f"on-r{block}", ON, repetition=block, ksm=ramp_ksm_frame())
     finish_study(study_dir)
     studymetrics.study_metrics(study_dir).to_csv(study_dir / "trials.csv", index=False)

@@ -35,11 +35,16 @@ HEAD = '[study]\nname = "x"\n[workload]\ntype = "idle"\n'
 
 
 def test_groups_give_each_guest_its_image_and_fill_count() -> None:
-    plan = parse_plan(HEAD + '[guests]\nimage = {recipe = "debian-sysbench"}\n'
-                      'groups = [{count = 1}, {count = 2, image = "debian-web"}]\n')
+    plan = parse_plan(
+        HEAD + '[guests]\nimage = {recipe = "debian-sysbench"}\n'
+        'groups = [{count = 1}, {count = 2, image = "debian-web"}]\n'
+    )
     assert plan.guests.count == 3
-    assert plan.guests.guest_images() == [{"recipe": "debian-sysbench"}, {"recipe": "debian-web"},
-                                          {"recipe": "debian-web"}]
+    assert plan.guests.guest_images() == [
+        {"recipe": "debian-sysbench"},
+        {"recipe": "debian-web"},
+        {"recipe": "debian-web"},
+    ]
     trial = expand(plan)[0]
     assert trial.guests["groups"] == [{"count": 1}, {"count": 2, "image": {"recipe": "debian-web"}}]
 
@@ -55,19 +60,24 @@ def test_a_plan_without_groups_keeps_its_guests_table_and_trial_ids() -> None:
         assert trial_id in {t.trial_id for t in trials}
         assert all("groups" not in t.guests for t in trials)
     plain = expand(parse_plan(HEAD + "[guests]\ncount = 2\n"))[0]
-    with_groups = expand(parse_plan(HEAD + '[guests]\ncount = 2\ngroups = [{count = 2}]\n'))[0]
+    with_groups = expand(parse_plan(HEAD + "[guests]\ncount = 2\ngroups = [{count = 2}]\n"))[0]
     assert with_groups.trial_id != plain.trial_id  # groups given: another trial
 
 
-@pytest.mark.parametrize(("guests", "message"), [
-    ('count = 3\ngroups = [{count = 2, image = "debian-sysbench"}, {count = 2, image = "debian-web"}]',
-     "guests: groups add up to 4 guests but count = 3"),
-    ('groups = [{count = 0, image = "debian-web"}]', "guests.groups.0.count: Input should be greater"),
-    ('groups = [{count = 2, image = 5}]', "guests.groups.0.image: image must name a recipe"),
-    ('groups = [{count = 2, image = ""}]', "guests.groups.0.image: image must name a recipe"),
-    ('groups = [{count = 2, imag = "debian-web"}]', "guests.groups.0.imag: unknown key"),
-    ("groups = []", "guests.groups: List should have at least 1 item"),
-])
+@pytest.mark.parametrize(
+    ("guests", "message"),
+    [
+        (
+            'count = 3\ngroups = [{count = 2, image = "debian-sysbench"}, {count = 2, image = "debian-web"}]',
+            "guests: groups add up to 4 guests but count = 3",
+        ),
+        ('groups = [{count = 0, image = "debian-web"}]', "guests.groups.0.count: Input should be greater"),
+        ("groups = [{count = 2, image = 5}]", "guests.groups.0.image: image must name a recipe"),
+        ('groups = [{count = 2, image = ""}]', "guests.groups.0.image: image must name a recipe"),
+        ('groups = [{count = 2, imag = "debian-web"}]', "guests.groups.0.imag: unknown key"),
+        ("groups = []", "guests.groups: List should have at least 1 item"),
+    ],
+)
 def test_bad_groups_are_one_line_naming_the_key(guests: str, message: str) -> None:
     with pytest.raises(PlanError) as info:
         parse_plan(HEAD + "[guests]\n" + guests + "\n")
@@ -76,16 +86,21 @@ def test_bad_groups_are_one_line_naming_the_key(guests: str, message: str) -> No
 
 
 def test_a_swept_groups_axis_must_add_up_to_count_and_names_the_point() -> None:
-    text = HEAD + ('[guests]\ncount = 4\n[sweep.guests]\ngroups = [[{count = 4, image = "debian-web"}], '
-                   '[{count = 2, image = "debian-web"}]]\n')
+    text = HEAD + (
+        '[guests]\ncount = 4\n[sweep.guests]\ngroups = [[{count = 4, image = "debian-web"}], '
+        '[{count = 2, image = "debian-web"}]]\n'
+    )
     with pytest.raises(PlanError) as info:
         parse_plan(text)
     assert "[sweep] point" in str(info.value) and "groups add up to 2 guests but count = 4" in str(info.value)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ('[density]\nbudget_mib = 2048\n', "[density] restores guests of one image"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[density]\nbudget_mib = 2048\n", "[density] restores guests of one image"),
+    ],
+)
 def test_groups_with_density_are_refused_in_one_line(extra: str, message: str) -> None:
     with pytest.raises(PlanError) as info:
         parse_plan(HEAD + '[guests]\ngroups = [{count = 1}, {count = 1, image = "debian-web"}]\n' + extra)
@@ -93,8 +108,10 @@ def test_groups_with_density_are_refused_in_one_line(extra: str, message: str) -
 
 
 def test_groups_with_prepared_sysbench_layers_are_refused_in_one_line() -> None:
-    text = ('[study]\nname = "x"\n[workload]\ntype = "sysbench"\n'
-            '[guests]\ngroups = [{count = 1}, {count = 1, image = "debian-web"}]\n')
+    text = (
+        '[study]\nname = "x"\n[workload]\ntype = "sysbench"\n'
+        '[guests]\ngroups = [{count = 1}, {count = 1, image = "debian-web"}]\n'
+    )
     with pytest.raises(PlanError) as info:
         parse_plan(text)
     assert "reuse_prepared" in str(info.value) and "\n" not in str(info.value)
@@ -150,34 +167,47 @@ def test_each_guest_boots_its_own_image_on_the_test_driver(tmp_path: Path) -> No
     conn = libvirt.open("test:///default")  # held: the test driver keeps state while one is open
     try:
         one, two = _fake_image(tmp_path / "one", "one"), _fake_image(tmp_path / "two", "two")
-        requests = [GuestRequest(memory_mib=256, image=one), GuestRequest(memory_mib=256, image=two),
-                    GuestRequest(memory_mib=256)]
-        options = GuestSetOptions(domain_type="test", arch="i686", work_root=tmp_path / "work",
-                                  port_state_dir=tmp_path / "run")
+        requests = [
+            GuestRequest(memory_mib=256, image=one),
+            GuestRequest(memory_mib=256, image=two),
+            GuestRequest(memory_mib=256),
+        ]
+        options = GuestSetOptions(
+            domain_type="test", arch="i686", work_root=tmp_path / "work", port_state_dir=tmp_path / "run"
+        )
         with GuestSet("test:///default", "mix", requests, one, options) as guest_set:
             backing = {}
             for guest in guest_set.guests:
-                info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(guest.overlay_path)],
-                                                 capture_output=True, check=True).stdout)
+                info = json.loads(
+                    subprocess.run(
+                        ["qemu-img", "info", "--output=json", str(guest.overlay_path)], capture_output=True, check=True
+                    ).stdout
+                )
                 backing[guest.name] = info["backing-filename"]
-                assert str(guest_set.images_by_name()[guest.name].kernel_path) in \
-                    conn.lookupByName(guest.name).XMLDesc()
-            assert backing == {"ksmlab-mix-0": str(one.disk_path), "ksmlab-mix-1": str(two.disk_path),
-                               "ksmlab-mix-2": str(one.disk_path)}  # no image of its own: the set's
+                assert (
+                    str(guest_set.images_by_name()[guest.name].kernel_path) in conn.lookupByName(guest.name).XMLDesc()
+                )
+            assert backing == {
+                "ksmlab-mix-0": str(one.disk_path),
+                "ksmlab-mix-1": str(two.disk_path),
+                "ksmlab-mix-2": str(one.disk_path),
+            }  # no image of its own: the set's
     finally:
         conn.close()
 
 
-def _runner_and_trial(text: str, monkeypatch: pytest.MonkeyPatch, cache: Path,
-                      fakes: dict[str, FakeImage]) -> tuple[vm.VmRunner, object]:
+def _runner_and_trial(
+    text: str, monkeypatch: pytest.MonkeyPatch, cache: Path, fakes: dict[str, FakeImage]
+) -> tuple[vm.VmRunner, object]:
     monkeypatch.setenv(images.CACHE_DIR_ENV, str(cache))
     monkeypatch.setattr(images, "resolve_image", lambda spec, **_: fakes[(spec or {}).get("recipe", "debian-sysbench")])
     plan = parse_plan(text)
     return vm.VmRunner(plan, None, threading.Event(), lambda _: None), expand(plan)[0]
 
 
-def _keys(text: str, monkeypatch: pytest.MonkeyPatch, cache: Path,
-          fakes: dict[str, FakeImage]) -> tuple[str, str, Path]:
+def _keys(
+    text: str, monkeypatch: pytest.MonkeyPatch, cache: Path, fakes: dict[str, FakeImage]
+) -> tuple[str, str, Path]:
     runner, trial = _runner_and_trial(text, monkeypatch, cache, fakes)
     g = vm.guests_of(trial)
     image = runner._image(g)
@@ -212,8 +242,9 @@ def test_saved_state_keys_follow_each_groups_image(tmp_path: Path, monkeypatch: 
 
 def test_a_plan_without_groups_keys_its_state_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fakes = {"debian-sysbench": _fake_image(tmp_path / "images" / "a", "debian-sysbench")}
-    runner, trial = _runner_and_trial(HEAD + '[guests]\ncount = 2\ndomain_type = "qemu"\n', monkeypatch,
-                                      tmp_path / "cache", fakes)
+    runner, trial = _runner_and_trial(
+        HEAD + '[guests]\ncount = 2\ndomain_type = "qemu"\n', monkeypatch, tmp_path / "cache", fakes
+    )
     spec = runner._state_spec(trial, runner._image(vm.guests_of(trial)), None)
     assert set(spec) == {"image", "hardware", "workload", "template_sha256"}
     assert "groups" not in spec["hardware"]
@@ -226,19 +257,36 @@ SYS, WEB = {"recipe": "debian-sysbench"}, {"recipe": "debian-web"}
 
 
 def _guests(groups: list[tuple[int, dict]]) -> dict:
-    return {"count": sum(c for c, _ in groups), "memory_mib": 512,
-            "groups": [{"count": c, "image": image} for c, image in groups]}
+    return {
+        "count": sum(c for c, _ in groups),
+        "memory_mib": 512,
+        "groups": [{"count": c, "image": image} for c, image in groups],
+    }
 
 
 def _processes(ksm: pd.DataFrame, zero_pages: list[int], merging: list[int]) -> pd.DataFrame:
     rows = []
     measure = ksm["phase"] == "measure"
     for index, (zero, merged) in enumerate(zip(zero_pages, merging)):
-        rows.append(pd.DataFrame({
-            "t_wall": ksm["t_wall"], "t_s": ksm["t_s"], "phase": ksm["phase"], "label": f"ksmlab-st0badc0de-{index}",
-            "pid": 100 + index, "rss_kib": 8000.0, "pss_kib": np.nan, "uss_kib": np.nan, "swap_kib": 0.0,
-            "ksm_merging_pages": np.where(measure, merged, 0), "ksm_rmap_items": 0,
-            "ksm_zero_pages": np.where(measure, zero, 0), "ksm_process_profit": 0}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "t_wall": ksm["t_wall"],
+                    "t_s": ksm["t_s"],
+                    "phase": ksm["phase"],
+                    "label": f"ksmlab-st0badc0de-{index}",
+                    "pid": 100 + index,
+                    "rss_kib": 8000.0,
+                    "pss_kib": np.nan,
+                    "uss_kib": np.nan,
+                    "swap_kib": 0.0,
+                    "ksm_merging_pages": np.where(measure, merged, 0),
+                    "ksm_rmap_items": 0,
+                    "ksm_zero_pages": np.where(measure, zero, 0),
+                    "ksm_process_profit": 0,
+                }
+            )
+        )
     return pd.concat(rows).sort_values(["t_s", "label"], kind="stable").reset_index(drop=True)
 
 
@@ -255,22 +303,37 @@ def _crafted_study(root: Path, across_pages: list[int]) -> Path:
         sharing = {"sys": 3000, "web": 1500, "mix": 1500 + across}
         for name, groups in designs.items():
             settings = {"guests.groups": [{"count": c, "image": i["recipe"]} for c, i in groups]}
-            write_trial(study, f"off-{name}-r{block}", settings, repetition=block, ksm_off=True,
-                        ksm_knobs={"run": 0}, ksm=ramp_ksm_frame(final_sharing=0),
-                        extra={"guests": _guests(groups)})
+            write_trial(
+                study,
+                f"off-{name}-r{block}",
+                settings,
+                repetition=block,
+                ksm_off=True,
+                ksm_knobs={"run": 0},
+                ksm=ramp_ksm_frame(final_sharing=0),
+                extra={"guests": _guests(groups)},
+            )
             ksm = ramp_ksm_frame(final_sharing=sharing[name], zero_pages=256, plateau=True)
             # pages_shared = final // 10: every KSM page mapped by (sharing + shared) / shared pages
             shared = sharing[name] // 10
-            write_trial(study, f"on-{name}-r{block}", settings, repetition=block, ksm_knobs=KNOBS, ksm=ksm,
-                        processes=_processes(ksm, [64] * 4, [(sharing[name] + shared) // 4] * 4),
-                        extra={"guests": _guests(groups)})
+            write_trial(
+                study,
+                f"on-{name}-r{block}",
+                settings,
+                repetition=block,
+                ksm_knobs=KNOBS,
+                ksm=ksm,
+                processes=_processes(ksm, [64] * 4, [(sharing[name] + shared) // 4] * 4),
+                extra={"guests": _guests(groups)},
+            )
     return finish_study(study)
 
 
 def test_estimate_block_known_answer() -> None:
     mixed = {"layout": ["a", "a", "b", "b"], "content_mib": 10.0, "zero_mib": 2.0}
-    est = diversity.estimate_block(mixed, {"a": {"guests": 4, "content_mib": 9.0},
-                                           "b": {"guests": 4, "content_mib": 6.0}})
+    est = diversity.estimate_block(
+        mixed, {"a": {"guests": 4, "content_mib": 9.0}, "b": {"guests": 4, "content_mib": 6.0}}
+    )
     assert est["within_mib"] == pytest.approx(9.0 / 3 + 6.0 / 3)
     assert est["across_mib"] == pytest.approx(10.0 - 5.0)
     assert est["across_pct"] == pytest.approx(50.0) and est["zero_pct"] == pytest.approx(100 * 2 / 12)

@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_docs_build_strict(tmp_path: Path) -> None:
     # --strict turns every warning (a link to a page or anchor that is not there) into a failure.
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site" / "glossary" / "index.html").exists()
 
@@ -40,6 +45,7 @@ def test_results_doc_holds_the_trial_record_schema_generated_from_the_model() ->
     text = (REPO / "docs" / "results.md").read_text()
     assert doc_with_schema(text) == text, (
         "docs/results.md's trial.json schema differs from the model: run "
-        "`python -m orchestrator.runners.record docs/results.md`")
+        "`python -m orchestrator.runners.record docs/results.md`"
+    )
     for name in TrialRecord.model_fields:
         assert f"| `{name}` |" in text

@@ -111,8 +111,10 @@ def test_user_net_forwards_loopback_port_to_guest_ssh_through_qemu_commandline()
     qemu_ns = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     args = [a.get("value") for a in root.iter(f"{qemu_ns}arg")]
     assert args == [
-        "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
-        "-device", "virtio-net-pci,netdev=n0,bus=pcie.0,addr=0x10",
+        "-netdev",
+        "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
+        "-device",
+        "virtio-net-pci,netdev=n0,bus=pcie.0,addr=0x10",
     ]
     assert root.find("devices/interface") is None
 
@@ -172,8 +174,7 @@ def test_user_template_rendering_broken_xml_is_refused(tmp_path: Path) -> None:
 def test_user_template_can_include_default_partials(tmp_path: Path) -> None:
     template = tmp_path / "tiny.xml.j2"
     template.write_text(
-        "<domain type='{{ domain_type }}'><name>{{ name }}</name>"
-        "{% include '_metadata.xml.j2' %}</domain>\n"
+        "<domain type='{{ domain_type }}'><name>{{ name }}</name>{% include '_metadata.xml.j2' %}</domain>\n"
     )
     root = ET.fromstring(render_domain_xml(kvm_direct_kernel_user_net(), template))
     assert root.find(f"metadata/{{{METADATA_NS}}}guest") is not None

@@ -65,9 +65,14 @@ def crafted_frame() -> pd.DataFrame:
     Secret 0: merged from 1.5 s, tests at 1.2 (not merged), 1.6 (merged, called), 1.8 (merged,
     missed). Secret 1: never merged. Decoys: 6 tests, one false call."""
     rows = [("calibration", -1, 0.1, 1500, "", 0)] * 3
-    rows += [("candidate", 0, 0.5, 1400, 0, 0), ("candidate", 0, 1.2, 1500, 0, 0),
-             ("candidate", 0, 1.6, 9000, 1, 1), ("candidate", 0, 1.8, 2000, 1, 0),
-             ("candidate", 1, 1.5, 1500, 0, 0), ("candidate", 1, 2.5, 1500, 0, 0)]
+    rows += [
+        ("candidate", 0, 0.5, 1400, 0, 0),
+        ("candidate", 0, 1.2, 1500, 0, 0),
+        ("candidate", 0, 1.6, 9000, 1, 1),
+        ("candidate", 0, 1.8, 2000, 1, 0),
+        ("candidate", 1, 1.5, 1500, 0, 0),
+        ("candidate", 1, 2.5, 1500, 0, 0),
+    ]
     rows += [("decoy", -1, 0.3 * i, 1500 if i else 5000, 0, 0 if i else 1) for i in range(6)]
     observer = pd.DataFrame(rows, columns=["kind", "secret", "t_mono", "latency_ns", "truth_merged", "called_merged"])
     observer["t_mono"] += 100.0
@@ -110,23 +115,35 @@ def test_ksm_stat_fallback_claims_no_true_positive_rate() -> None:
 
 
 def test_sentence_for_a_trial_with_nothing_merged() -> None:
-    text = exposure_sentence({"exposure_secrets": 4, "exposure_tests": 200, "exposure_truth_pos": 0,
-                              "exposure_fp": 2, "exposure_truth_neg": 200, "exposure_fpr": 0.01,
-                              "exposure_tpr": math.nan, "exposure_truth_source": "pagemap"})
+    text = exposure_sentence(
+        {
+            "exposure_secrets": 4,
+            "exposure_tests": 200,
+            "exposure_truth_pos": 0,
+            "exposure_fp": 2,
+            "exposure_truth_neg": 200,
+            "exposure_fpr": 0.01,
+            "exposure_tpr": math.nan,
+            "exposure_truth_source": "pagemap",
+        }
+    )
     assert text.startswith("no tested page was merged (0 of 200)") and "(2/200)" in text
 
 
 # ----------------------------------------------------------------------------- plan keys
 
 
-@pytest.mark.parametrize("table, problem", [
-    ('mode = "cost"\n[workload.exposure]\nsecrets = 4\n', 'needs mode = "exposure"'),
-    ('mode = "exposure"\n[workload.exposure]\nsecrets = 0\n', "exposure.secrets"),
-    ('mode = "exposure"\n[workload.exposure]\nthreshold_quantile = 1.0\n', "exposure.threshold_quantile"),
-    ('mode = "exposure"\n[workload.exposure]\ntest_interval_s = inf\n', "exposure.test_interval_s"),
-    ('mode = "exposure"\n[workload.exposure]\nwatch_s = 3\n', "unknown key"),
-    ('mode = "leak"\n', "workload.mode"),
-])
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        ('mode = "cost"\n[workload.exposure]\nsecrets = 4\n', 'needs mode = "exposure"'),
+        ('mode = "exposure"\n[workload.exposure]\nsecrets = 0\n', "exposure.secrets"),
+        ('mode = "exposure"\n[workload.exposure]\nthreshold_quantile = 1.0\n', "exposure.threshold_quantile"),
+        ('mode = "exposure"\n[workload.exposure]\ntest_interval_s = inf\n', "exposure.test_interval_s"),
+        ('mode = "exposure"\n[workload.exposure]\nwatch_s = 3\n', "unknown key"),
+        ('mode = "leak"\n', "workload.mode"),
+    ],
+)
 def test_bad_exposure_values_are_refused_in_one_line(tmp_path: Path, capsys, table: str, problem: str) -> None:
     plan = tmp_path / "bad.toml"
     plan.write_text(f'[study]\nname = "x"\n[workload]\ntype = "probe"\n{table}')
@@ -149,8 +166,11 @@ def test_shipped_exposure_plan_sweeps_the_asked_settings() -> None:
 
     trials = expand(parse_plan((REPO / "plans" / "exposure.toml").read_text()))
     assert sum(t.ksm_off for t in trials) == 1
-    scanned = {(t.ksm.get("pages_to_scan"), t.ksm.get("use_zero_pages"), t.ksm.get("smart_scan"))
-               for t in trials if not t.ksm_off}
+    scanned = {
+        (t.ksm.get("pages_to_scan"), t.ksm.get("use_zero_pages"), t.ksm.get("smart_scan"))
+        for t in trials
+        if not t.ksm_off
+    }
     assert {(100, None, None), (1000, None, None), (5000, None, None)} <= scanned
     assert all(t.workload["mode"] == "exposure" for t in trials)
 
@@ -158,8 +178,16 @@ def test_shipped_exposure_plan_sweeps_the_asked_settings() -> None:
 # ----------------------------------------------------------------------------- real processes
 
 
-TINY = {"secrets": 3, "decoys": 3, "background_pages": 64, "calibration_writes": 100, "warmup_s": 0.6,
-        "write_gap_s": 0.2, "observe_s": 0.4, "test_interval_s": 0.005}
+TINY = {
+    "secrets": 3,
+    "decoys": 3,
+    "background_pages": 64,
+    "calibration_writes": 100,
+    "warmup_s": 0.6,
+    "write_gap_s": 0.2,
+    "observe_s": 0.4,
+    "test_interval_s": 0.005,
+}
 
 
 def run_pair(tmp_path: Path, truth: str = "auto") -> tuple[ExposurePair, pd.DataFrame]:
@@ -259,7 +287,10 @@ interval_s = 0.5
     on = trials[~trials["ksm_off"].astype(bool)].iloc[0]
     assert off["exposure_truth_source"] == "pagemap"
     assert off["exposure_truth_pos"] == 0 and off["exposure_tp"] == 0 and off["exposure_secrets_detected"] == 0
-    assert math.isnan(off["exposure_tpr"]) and off["exposure_fp"] == off["exposure_holds_calls"] + off["exposure_not_holds_calls"]
+    assert (
+        math.isnan(off["exposure_tpr"])
+        and off["exposure_fp"] == off["exposure_holds_calls"] + off["exposure_not_holds_calls"]
+    )
     # at chance: the call rate with the secret held is not told apart from the rate without it
     held = wilson_ci95(int(off["exposure_holds_calls"]), int(off["exposure_holds_tests"]))
     not_held = wilson_ci95(int(off["exposure_not_holds_calls"]), int(off["exposure_not_holds_tests"]))

@@ -27,14 +27,29 @@ EFFECT_100 = {"lab1": -1.0, "lab2": -1.5, "lab3": -2.0, "lab4": -1.2, "lab5": -1
 def _tps(effect_1000: float, effect_100: float) -> dict:
     def on(effect: float) -> list[float]:
         return [off * (1 + (effect + d) / 100) for off, d in zip(OFF_TPS, BLOCK_NOISE_PCT)]
+
     return {"off": OFF_TPS, 1000: on(effect_1000), 100: on(effect_100)}
 
 
-def _host(root: Path, host: str, *, wall: float = WALL, kernel: str = "6.1.0-test", cpu: str | None = None,
-          effect_1000: float | None = None, **kw) -> Path:
-    study = write_night(root / host / f"{int(wall)}", hostname=host, kernel=kernel, created_wall=wall,
-                        saved_mib={100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]},
-                        tps=_tps(EFFECT_1000[host] if effect_1000 is None else effect_1000, EFFECT_100[host]), **kw)
+def _host(
+    root: Path,
+    host: str,
+    *,
+    wall: float = WALL,
+    kernel: str = "6.1.0-test",
+    cpu: str | None = None,
+    effect_1000: float | None = None,
+    **kw,
+) -> Path:
+    study = write_night(
+        root / host / f"{int(wall)}",
+        hostname=host,
+        kernel=kernel,
+        created_wall=wall,
+        saved_mib={100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]},
+        tps=_tps(EFFECT_1000[host] if effect_1000 is None else effect_1000, EFFECT_100[host]),
+        **kw,
+    )
     if cpu:
         info = json.loads((study / "host.json").read_text())
         (study / "host.json").write_text(json.dumps({**info, "cpu_model": cpu}))
@@ -47,8 +62,12 @@ def _fleet(root: Path) -> dict[str, Path]:
     out = {}
     _host(root, "lab1", wall=WALL - 2 * DAY_S, effect_1000=-20.0)  # older: not the latest
     for host in EFFECT_1000:
-        out[host] = _host(root, host, kernel="6.6.0-test" if host == "lab5" else "6.1.0-test",
-                          cpu="Other CPU" if host == "lab5" else None)
+        out[host] = _host(
+            root,
+            host,
+            kernel="6.6.0-test" if host == "lab5" else "6.1.0-test",
+            cpu="Other CPU" if host == "lab5" else None,
+        )
     _host(root, "lab1", wall=WALL + DAY_S, effect_1000=-50.0, missing=("p1000-r2",))  # unfinished
     return out
 
@@ -73,7 +92,8 @@ def test_host_level_interval_is_the_hand_computed_t_interval(tmp_path: Path) -> 
         assert own.n == 3 and own.method == "paired by block"
         assert own.half == pytest.approx(sps.t.ppf(0.975, 2) * np.std(BLOCK_NOISE_PCT, ddof=1) / math.sqrt(3), rel=0.02)
     assert "across 5 hosts (host-level interval, t with 4 df)" in fleet.sentence(
-        _metric(result, "ksm.pages_to_scan=1000", "tps_vs_off_pct"))
+        _metric(result, "ksm.pages_to_scan=1000", "tps_vs_off_pct")
+    )
     # every host's latency equal to KSM off's: no spread, never a zero-width interval
     latency = _metric(result, "ksm.pages_to_scan=1000", "latency_p95_ms_vs_off_pct")
     assert math.isnan(latency.half) and "no spread" in latency.why_no_interval
@@ -117,17 +137,22 @@ def test_two_hosts_give_per_host_values_and_no_fleet_interval(tmp_path: Path, ca
     _host(tmp_path, "lab2")
     assert cli.main(["fleet", str(tmp_path), "--plan", "nightly"]) == 0
     text = capsys.readouterr().out
-    assert ("ksm.pages_to_scan=1000: tps_vs_off_pct per host: lab1 -5.0%, lab2 -6.0%; 2 hosts with a value: "
-            "no fleet interval") in text
+    assert (
+        "ksm.pages_to_scan=1000: tps_vs_off_pct per host: lab1 -5.0%, lab2 -6.0%; 2 hosts with a value: "
+        "no fleet interval"
+    ) in text
     assert "across 2 hosts" not in text and "host-level interval," not in text
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "no study found"),
-    ("plan", "no study of plan 'nightly' (plans there: other)"),
-    ("one", "1 host (lab1) with a good study of plan 'nightly': a fleet summary needs at least 2 hosts"),
-    ("missing", "no such results folder"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "no study found"),
+        ("plan", "no study of plan 'nightly' (plans there: other)"),
+        ("one", "1 host (lab1) with a good study of plan 'nightly': a fleet summary needs at least 2 hosts"),
+        ("missing", "no such results folder"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys, case: str, message: str) -> None:
     root = tmp_path / "results"
     root.mkdir()

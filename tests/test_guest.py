@@ -31,8 +31,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("keys")
     # paramiko cannot generate ed25519 keys; ssh-keygen writes them as the image build does.
     for name in ("login", "host", "other_host"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)],
-                       check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
     return {
         "login_path": folder / "login",
         "login": paramiko.PKey.from_path(folder / "login"),
@@ -49,8 +48,9 @@ def server(keys: dict) -> Iterator[SshServer]:
 
 
 def _session(keys: dict, port: int, **kwargs: object) -> GuestSession:
-    return GuestSession(port=port, user="tester", key_path=keys["login_path"],
-                        known_host_key=_public_line(keys["host"]), **kwargs)  # type: ignore[arg-type]
+    return GuestSession(
+        port=port, user="tester", key_path=keys["login_path"], known_host_key=_public_line(keys["host"]), **kwargs
+    )  # type: ignore[arg-type]
 
 
 def test_run_returns_status_stdout_and_stderr(keys: dict, server: SshServer) -> None:
@@ -103,15 +103,16 @@ def _gone(pid: int, within_s: float = 3.0) -> bool:
     return False
 
 
-def test_command_is_killed_in_the_guest_at_its_deadline(keys: dict, server: SshServer,
-                                                        tmp_path: Path) -> None:
+def test_command_is_killed_in_the_guest_at_its_deadline(keys: dict, server: SshServer, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     with _session(keys, server.port) as guest:
         started = time.monotonic()
-        with pytest.raises(CommandTimeout, match="`sh -c .*sleep 30'` timed out after 1 s "
-                                                 r"\(stopped in the guest\)") as err:
-            guest.run(["sh", "-c", f"echo $$ > {pid_file}; echo started; exec sleep 30"],
-                      timeout_s=1)
+        with pytest.raises(
+            CommandTimeout,
+            match="`sh -c .*sleep 30'` timed out after 1 s "
+            r"\(stopped in the guest\)",
+        ) as err:
+            guest.run(["sh", "-c", f"echo $$ > {pid_file}; echo started; exec sleep 30"], timeout_s=1)
         assert time.monotonic() - started < 4
         assert err.value.partial.stdout == "started\n"  # what it printed before the deadline
         assert err.value.partial.exit_status == 124
@@ -129,7 +130,8 @@ def test_every_command_runs_under_the_guests_timeout(keys: dict, server: SshServ
 
 
 def test_watchdog_closes_the_channel_when_the_guest_does_not_stop_it(
-        keys: dict, server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys: dict, server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A guest whose `timeout` never acts (hung, or a broken one): only the host can end the wait.
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -142,8 +144,9 @@ def test_watchdog_closes_the_channel_when_the_guest_does_not_stop_it(
     try:
         with _session(keys, server.port) as guest:
             started = time.monotonic()
-            with pytest.raises(CommandTimeout, match="exec sleep 30` timed out after 1 s; the guest "
-                                                     "did not answer 1 s later either"):
+            with pytest.raises(
+                CommandTimeout, match="exec sleep 30` timed out after 1 s; the guest did not answer 1 s later either"
+            ):
                 guest.run(f"echo $$ > {pid_file}; exec sleep 30", timeout_s=1)
             assert 2 <= time.monotonic() - started < 4
             assert guest.run(["echo", "still"], timeout_s=10).stdout == "still\n"
@@ -152,14 +155,14 @@ def test_watchdog_closes_the_channel_when_the_guest_does_not_stop_it(
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
-def test_a_guest_without_timeout_is_a_clear_error(keys: dict, server: SshServer, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_guest_without_timeout_is_a_clear_error(
+    keys: dict, server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     only_sh = tmp_path / "bin"
     only_sh.mkdir()
     (only_sh / "sh").symlink_to(shutil.which("sh"))
     monkeypatch.setenv("PATH", str(only_sh))
-    with _session(keys, server.port) as guest, \
-            pytest.raises(GuestError, match="the guest has no `timeout` command"):
+    with _session(keys, server.port) as guest, pytest.raises(GuestError, match="the guest has no `timeout` command"):
         guest.run(["true"], timeout_s=60)  # a generous deadline: the point is the missing command
 
 
@@ -176,18 +179,23 @@ def test_wrong_host_key_is_refused(keys: dict) -> None:
 
 def test_host_key_of_another_type_is_refused(keys: dict, server: SshServer) -> None:
     rsa_line = _public_line(paramiko.RSAKey.generate(2048))
-    session = GuestSession(port=server.port, user="tester", key_path=keys["login_path"],
-                           known_host_key=rsa_line, connect_deadline_s=5)
+    session = GuestSession(
+        port=server.port, user="tester", key_path=keys["login_path"], known_host_key=rsa_line, connect_deadline_s=5
+    )
     with pytest.raises(GuestError, match="host key mismatch"):
         session.connect()
 
 
-def test_wrong_login_key_fails_auth_without_retrying(keys: dict, server: SshServer,
-                                                     tmp_path: Path) -> None:
+def test_wrong_login_key_fails_auth_without_retrying(keys: dict, server: SshServer, tmp_path: Path) -> None:
     stranger = paramiko.RSAKey.generate(2048)
     stranger.write_private_key_file(str(tmp_path / "stranger"))
-    session = GuestSession(port=server.port, user="tester", key_path=tmp_path / "stranger",
-                           known_host_key=_public_line(keys["host"]), connect_deadline_s=30)
+    session = GuestSession(
+        port=server.port,
+        user="tester",
+        key_path=tmp_path / "stranger",
+        known_host_key=_public_line(keys["host"]),
+        connect_deadline_s=30,
+    )
     started = time.monotonic()
     with pytest.raises(GuestError, match="authentication failed"):
         session.connect()
@@ -197,8 +205,9 @@ def test_wrong_login_key_fails_auth_without_retrying(keys: dict, server: SshServ
 def test_missing_known_host_key_needs_explicit_policy(keys: dict, server: SshServer) -> None:
     with pytest.raises(GuestError, match="no known host key"):
         GuestSession(port=server.port, key_path=keys["login_path"], known_host_key=None)
-    with GuestSession(port=server.port, user="tester", key_path=keys["login_path"],
-                      known_host_key=None, host_key_policy="accept-any") as guest:
+    with GuestSession(
+        port=server.port, user="tester", key_path=keys["login_path"], known_host_key=None, host_key_policy="accept-any"
+    ) as guest:
         assert guest.run(["true"], timeout_s=10).ok
 
 
@@ -211,8 +220,7 @@ def _free_port() -> int:
 def test_connect_retries_until_the_server_appears(keys: dict) -> None:
     port = _free_port()
     started_server: list[SshServer] = []
-    timer = threading.Timer(2.0, lambda: started_server.append(
-        SshServer(keys["host"], keys["login"], port=port)))
+    timer = threading.Timer(2.0, lambda: started_server.append(SshServer(keys["host"], keys["login"], port=port)))
     timer.start()
     try:
         started = time.monotonic()
@@ -246,8 +254,7 @@ def test_a_flood_of_output_is_capped_head_and_tail_kept(keys: dict, server: SshS
 
     monkeypatch.setattr(guest_module, "OUTPUT_CAP_BYTES", 1_000_000)
     with _session(keys, server.port) as guest:
-        result = guest.run("printf START; head -c 3000000 /dev/zero | tr '\\0' x; printf END", timeout_s=30,
-                           check=True)
+        result = guest.run("printf START; head -c 3000000 /dev/zero | tr '\\0' x; printf END", timeout_s=30, check=True)
     assert result.stdout.startswith("START") and result.stdout.endswith("END")
     assert "bytes of output cut here" in result.stdout
     assert len(result.stdout) < 1_100_000

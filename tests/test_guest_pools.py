@@ -34,8 +34,14 @@ def _image(tmp_path: Path) -> _Image:
 
 
 def _options(tmp_path: Path, **kwargs: object) -> GuestSetOptions:
-    return GuestSetOptions(domain_type="test", arch="i686", network="none", work_root=tmp_path / "work",
-                           port_state_dir=tmp_path / "ports", **kwargs)  # type: ignore[arg-type]
+    return GuestSetOptions(
+        domain_type="test",
+        arch="i686",
+        network="none",
+        work_root=tmp_path / "work",
+        port_state_dir=tmp_path / "ports",
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 class _Concurrency:
@@ -101,13 +107,30 @@ def test_a_restore_whose_turn_comes_after_the_sets_deadline_never_starts(tmp_pat
     save_path, disk_path, xml_path = states.guest_files(folder, 0)
     create_overlay(_image(tmp_path).disk_path, disk_path)
     save_path.write_bytes(b"not a save image: never read")
-    xml_path.write_text("<domain type='test'><name>ksmlab-stpool-0</name><uuid>8f2d3c1e-7a44-4c59-9d9e-0f1a2b3c4d5e</uuid>"
-                        "<devices><disk type='file' device='disk'><source file='/nowhere.qcow2'/></disk></devices>"
-                        "</domain>")
-    saved = states.SavedSet("k", folder, (states.SavedGuest(0, "ksmlab-stpool-0", "8f2d3c1e-7a44-4c59-9d9e-0f1a2b3c4d5e",
-                                                           "m", save_path, disk_path, xml_path),), {})
-    guests = GuestSet("test:///default", "pool", [GuestRequest(memory_mib=128)], _image(tmp_path),
-                      _options(tmp_path), restore=saved, deadline=time.monotonic() - 1)
+    xml_path.write_text(
+        "<domain type='test'><name>ksmlab-stpool-0</name><uuid>8f2d3c1e-7a44-4c59-9d9e-0f1a2b3c4d5e</uuid>"
+        "<devices><disk type='file' device='disk'><source file='/nowhere.qcow2'/></disk></devices>"
+        "</domain>"
+    )
+    saved = states.SavedSet(
+        "k",
+        folder,
+        (
+            states.SavedGuest(
+                0, "ksmlab-stpool-0", "8f2d3c1e-7a44-4c59-9d9e-0f1a2b3c4d5e", "m", save_path, disk_path, xml_path
+            ),
+        ),
+        {},
+    )
+    guests = GuestSet(
+        "test:///default",
+        "pool",
+        [GuestRequest(memory_mib=128)],
+        _image(tmp_path),
+        _options(tmp_path),
+        restore=saved,
+        deadline=time.monotonic() - 1,
+    )
     with pytest.raises(ProvisionError, match="deadline passed before its turn"):
         guests.__enter__()
     assert not (tmp_path / "work" / "pool").exists()  # overlay and folder gone

@@ -10,7 +10,11 @@ import pytest
 
 from orchestrator.errors import GuestError, WorkloadError
 from orchestrator.workloads.guestmem import (
-    BUFFER_POOL_FIELDS, MEMINFO_FIELDS, meminfo_argv, parse_buffer_pool, parse_guest_meminfo,
+    BUFFER_POOL_FIELDS,
+    MEMINFO_FIELDS,
+    meminfo_argv,
+    parse_buffer_pool,
+    parse_guest_meminfo,
     snapshot,
 )
 from orchestrator.workloads.sysbench import SysbenchParams
@@ -43,7 +47,8 @@ def test_parse_captured_meminfo():
     assert set(values) == set(MEMINFO_FIELDS.values())
     assert values["mem_total_kib"] == 24731708
     assert values["cached_kib"] == int(
-        next(line for line in MEMINFO.splitlines() if line.startswith("Cached:")).split()[1])
+        next(line for line in MEMINFO.splitlines() if line.startswith("Cached:")).split()[1]
+    )
     assert 0 < values["mem_free_kib"] <= values["mem_available_kib"] <= values["mem_total_kib"]
 
 
@@ -59,12 +64,15 @@ def test_meminfo_missing_field_is_nan():
     assert math.isnan(values["shmem_kib"]) and values["mem_total_kib"] == 24731708
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "not /proc/meminfo"),
-    ("cat: /proc/meminfo: No such file or directory\n", "not /proc/meminfo"),
-    ("MemTotal:       lots kB\n", "unexpected /proc/meminfo line"),
-    ("MemTotal:       1024 MB\n", "unexpected /proc/meminfo line"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "not /proc/meminfo"),
+        ("cat: /proc/meminfo: No such file or directory\n", "not /proc/meminfo"),
+        ("MemTotal:       lots kB\n", "unexpected /proc/meminfo line"),
+        ("MemTotal:       1024 MB\n", "unexpected /proc/meminfo line"),
+    ],
+)
 def test_meminfo_garbage_raises(text, message):
     with pytest.raises(WorkloadError, match=message):
         parse_guest_meminfo(text)
@@ -84,17 +92,20 @@ def test_buffer_pool_missing_status_is_nan():
     assert math.isnan(values["innodb_buffer_pool_pages_data"])
 
 
-@pytest.mark.parametrize("text", [
-    "", "ERROR 2002 (HY000): Can't connect to local server through socket\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ERROR 2002 (HY000): Can't connect to local server through socket\n",
+    ],
+)
 def test_buffer_pool_garbage_raises(text):
     with pytest.raises(WorkloadError, match="no InnoDB buffer pool figures"):
         parse_buffer_pool(text)
 
 
 def test_snapshot_row_from_recorded_outputs():
-    session = ScriptedSession({
-        "cat": Result(0, MEMINFO, "", 0.01), "mariadb": Result(0, BUFFER_POOL, "", 0.02)})
+    session = ScriptedSession({"cat": Result(0, MEMINFO, "", 0.01), "mariadb": Result(0, BUFFER_POOL, "", 0.02)})
     row = snapshot(session, "vm-0", "start")
     assert list(row)[:2] == ["guest", "when"] and (row["guest"], row["when"]) == ("vm-0", "start")
     assert set(row) == {"guest", "when", *MEMINFO_FIELDS.values(), *BUFFER_POOL_FIELDS.values()}
@@ -107,15 +118,26 @@ def test_snapshot_without_buffer_pool_never_asks_mariadb():
     assert math.isnan(row["innodb_buffer_pool_bytes"]) and row["anon_pages_kib"] > 0
 
 
-@pytest.mark.parametrize("answers, message", [
-    ({"cat": GuestError("127.0.0.1:2201: `cat /proc/meminfo` timed out after 30 s")},
-     "vm-1: cat failed: 127.0.0.1:2201: .* timed out"),
-    ({"cat": Result(0, MEMINFO, "", 0.0),
-      "mariadb": Result(1, "", "ERROR 2002 (HY000): Can't connect to local server", 0.0)},
-     "vm-1: mariadb exited with status 1: ERROR 2002"),
-    ({"cat": Result(0, "garbage\n", "", 0.0), "mariadb": Result(0, BUFFER_POOL, "", 0.0)},
-     "vm-1: not /proc/meminfo"),
-])
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        (
+            {"cat": GuestError("127.0.0.1:2201: `cat /proc/meminfo` timed out after 30 s")},
+            "vm-1: cat failed: 127.0.0.1:2201: .* timed out",
+        ),
+        (
+            {
+                "cat": Result(0, MEMINFO, "", 0.0),
+                "mariadb": Result(1, "", "ERROR 2002 (HY000): Can't connect to local server", 0.0),
+            },
+            "vm-1: mariadb exited with status 1: ERROR 2002",
+        ),
+        (
+            {"cat": Result(0, "garbage\n", "", 0.0), "mariadb": Result(0, BUFFER_POOL, "", 0.0)},
+            "vm-1: not /proc/meminfo",
+        ),
+    ],
+)
 def test_snapshot_failures_are_workload_errors(answers, message):
     with pytest.raises(WorkloadError, match=message):
         snapshot(ScriptedSession(answers), "vm-1", "start")
@@ -129,8 +151,7 @@ def test_snapshot_when_must_be_start_or_end():
 @needs_mariadb
 def test_snapshot_against_real_meminfo_and_mariadb(mariadb_socket):  # the fixture is conftest's
     row = snapshot(LocalSession(mariadb_socket), "local", "end", params=SysbenchParams())
-    assert row["mem_total_kib"] == parse_guest_meminfo(Path("/proc/meminfo").read_text())[
-        "mem_total_kib"]
+    assert row["mem_total_kib"] == parse_guest_meminfo(Path("/proc/meminfo").read_text())["mem_total_kib"]
     # MariaDB 10.11's default pool is 128 MiB; a fresh server already holds system tables.
     assert row["innodb_buffer_pool_bytes"] == 128 * 1024 * 1024
     assert row["innodb_buffer_pool_pages_data"] > 0

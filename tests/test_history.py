@@ -29,9 +29,14 @@ def _nights(root: Path) -> list[Path]:
     one night on lab2."""
     studies = []
     for night, (kernel, saving) in enumerate((("6.1", 40.0), ("6.1", 40.2), ("6.6", 39.9), ("6.6", 30.0))):
-        studies.append(write_night(root / "lab1" / f"2025010{night + 1}", kernel=kernel,
-                                   created_wall=1_735_700_000 + night * DAY_S,
-                                   saved_mib={100: [3.0, 3.1, 2.9], 1000: [saving, saving + 0.5, saving - 0.5]}))
+        studies.append(
+            write_night(
+                root / "lab1" / f"2025010{night + 1}",
+                kernel=kernel,
+                created_wall=1_735_700_000 + night * DAY_S,
+                saved_mib={100: [3.0, 3.1, 2.9], 1000: [saving, saving + 0.5, saving - 0.5]},
+            )
+        )
     studies.append(write_night(root / "lab2" / "20250101", hostname="lab2", created_wall=1_735_700_000))
     return studies
 
@@ -72,6 +77,7 @@ def test_index_is_rebuilt_incrementally(tmp_path: Path) -> None:
     os.utime(trials_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a rewritten trials.csv
     write_night(root / "lab1" / "20250105", created_wall=1_735_700_000 + 4 * DAY_S)
     import shutil
+
     shutil.rmtree(studies[4].parent)
     third = history.build_index(root)
     assert (third.studies, third.reread) == (5, 2)

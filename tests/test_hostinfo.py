@@ -22,12 +22,23 @@ def write(root: Path, rel: str, text: str) -> None:
     path.write_text(text)
 
 
-def crafted_root(tmp_path: Path, governor: str = "performance", spectre: str = "Mitigation: Retpolines",
-                 full_scans: int = 3, config: str = "gz") -> Path:
+def crafted_root(
+    tmp_path: Path,
+    governor: str = "performance",
+    spectre: str = "Mitigation: Retpolines",
+    full_scans: int = 3,
+    config: str = "gz",
+) -> Path:
     root = tmp_path / "root"
     write(root, "proc/meminfo", "MemTotal: 1000 kB\nMemAvailable: 500 kB\n")
-    for name, value in {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "full_scans": str(full_scans),
-                        "pages_scanned": str(1000 * full_scans), "ksm_zero_pages": "0"}.items():
+    for name, value in {
+        "run": "0",
+        "pages_to_scan": "100",
+        "sleep_millisecs": "20",
+        "full_scans": str(full_scans),
+        "pages_scanned": str(1000 * full_scans),
+        "ksm_zero_pages": "0",
+    }.items():
         write(root, f"{KSM_SYSFS}/{name}", value + "\n")
     write(root, "proc/sys/vm/swappiness", "60\n")
     write(root, "proc/sys/vm/lowmem_reserve_ratio", "256\t256\t32\t0\n")
@@ -63,17 +74,29 @@ def test_snapshot_of_a_crafted_tree(tmp_path):
     info = hostinfo.collect_host_info(crafted_root(tmp_path))
     assert info["sysctl_vm"]["swappiness"] == "60"
     assert info["sysctl_vm"]["lowmem_reserve_ratio"] == "256 256 32 0"
-    assert info["thp_settings"] == {"enabled": "madvise", "khugepaged/pages_to_scan": "4096",
-                                    "hugepages-2048kB/enabled": "inherit"}
+    assert info["thp_settings"] == {
+        "enabled": "madvise",
+        "khugepaged/pages_to_scan": "4096",
+        "hugepages-2048kB/enabled": "inherit",
+    }
     topology = info["cpu_topology"]
-    assert (topology["online"], topology["cpus"], topology["packages"], topology["cores"],
-            topology["threads_per_core"]) == ("0-3", 4, 1, 2, 2.0)
-    assert topology["caches"] == {"L1d": {"size": "48K", "shared_cpu_list": None},
-                                  "L3": {"size": "32768K", "shared_cpu_list": None}}
+    assert (
+        topology["online"],
+        topology["cpus"],
+        topology["packages"],
+        topology["cores"],
+        topology["threads_per_core"],
+    ) == ("0-3", 4, 1, 2, 2.0)
+    assert topology["caches"] == {
+        "L1d": {"size": "48K", "shared_cpu_list": None},
+        "L3": {"size": "32768K", "shared_cpu_list": None},
+    }
     assert info["cpu_vulnerabilities"] == {"meltdown": "Not affected", "spectre_v2": "Mitigation: Retpolines"}
     assert info["cpufreq"] == {"governors": {"performance": 4}, "drivers": {"intel_pstate": 4}}
-    assert info["kernel_config"] == {"source": "/proc/config.gz", "options": {
-        "CONFIG_KSM": "y", "CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS": "not set", "CONFIG_HZ": "250"}}
+    assert info["kernel_config"] == {
+        "source": "/proc/config.gz",
+        "options": {"CONFIG_KSM": "y", "CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS": "not set", "CONFIG_HZ": "250"},
+    }
     assert info["ksm_before"]["full_scans"] == "3"
 
 
@@ -85,9 +108,14 @@ def test_kernel_config_from_boot_and_an_empty_tree_is_tolerated(tmp_path):
     assert hostinfo.kernel_config(RELEASE, tmp_path / "broken") is None
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (hostinfo.sysctl_vm(empty), hostinfo.thp_settings(empty), hostinfo.cpu_topology(empty),
-            hostinfo.cpu_vulnerabilities(empty), hostinfo.cpufreq(empty), hostinfo.kernel_config(RELEASE, empty)) == \
-        ({}, {}, {}, {}, None, None)
+    assert (
+        hostinfo.sysctl_vm(empty),
+        hostinfo.thp_settings(empty),
+        hostinfo.cpu_topology(empty),
+        hostinfo.cpu_vulnerabilities(empty),
+        hostinfo.cpufreq(empty),
+        hostinfo.kernel_config(RELEASE, empty),
+    ) == ({}, {}, {}, {}, None, None)
 
 
 def test_reads_are_bounded(tmp_path):
@@ -103,12 +131,14 @@ def test_reads_are_bounded(tmp_path):
 
 def test_ksm_counter_sanity_on_crafted_snapshots():
     before = {"full_scans": "3", "pages_scanned": "3000", "ksm_zero_pages": "0"}
-    good = hostinfo.judge_ksm_counters(before, {"full_scans": "5", "pages_scanned": "9000", "ksm_zero_pages": "12"},
-                                       "6.12.0")
+    good = hostinfo.judge_ksm_counters(
+        before, {"full_scans": "5", "pages_scanned": "9000", "ksm_zero_pages": "12"}, "6.12.0"
+    )
     assert good["ok"] and good["problems"] == [] and not good["known_counter_bugs"]
     assert good["checked"] == ["ksm_zero_pages before", "ksm_zero_pages after", "pages_scanned with full_scans"]
-    negative = hostinfo.judge_ksm_counters(before, {"full_scans": "3", "pages_scanned": "3000",
-                                                    "ksm_zero_pages": "-1"}, "6.6.30")
+    negative = hostinfo.judge_ksm_counters(
+        before, {"full_scans": "3", "pages_scanned": "3000", "ksm_zero_pages": "-1"}, "6.6.30"
+    )
     assert not negative["ok"] and negative["known_counter_bugs"]
     assert negative["problems"] == ["ksm_zero_pages read -1 after the study (a count cannot be negative)"]
     stalled = hostinfo.judge_ksm_counters(before, {"full_scans": 9, "pages_scanned": 3000}, "6.8.0")
@@ -138,8 +168,11 @@ def test_compare_lists_the_environment_that_differs_and_not_the_counters(tmp_pat
     a = hostinfo.study_end_info(hostinfo.collect_host_info(a_root), a_root)
     b = hostinfo.study_end_info(hostinfo.collect_host_info(b_root), b_root)
     diff = {d["key"]: (d["a"], d["b"]) for d in host_differences(a, b)}
-    assert diff == {"cpufreq.governors.performance": (4, None), "cpufreq.governors.powersave": (None, 4),
-                    "cpu_vulnerabilities.spectre_v2": ("Mitigation: Retpolines", "Vulnerable")}
+    assert diff == {
+        "cpufreq.governors.performance": (4, None),
+        "cpufreq.governors.powersave": (None, 4),
+        "cpu_vulnerabilities.spectre_v2": ("Mitigation: Retpolines", "Vulnerable"),
+    }
     (b_root / "proc/sys/vm/swappiness").write_text("10\n")
     b = hostinfo.collect_host_info(b_root)
     (b_root / KSM_SYSFS / "pages_to_scan").write_text("500\n")  # a knob not restored at the end: shown
@@ -153,5 +186,8 @@ def test_compare_with_a_study_from_before_the_snapshot_shows_one_row_per_new_sec
     new = hostinfo.collect_host_info(root)
     old = {k: v for k, v in new.items() if k not in ("sysctl_vm", "thp_settings", "cpu_vulnerabilities")}
     diff = {d["key"]: (d["a"], d["b"]) for d in host_differences(old, new)}
-    assert diff == {"cpu_vulnerabilities": (None, "(recorded: 2 values)"),
-                    "thp_settings": (None, "(recorded: 3 values)"), "sysctl_vm": (None, "(recorded: 2 values)")}
+    assert diff == {
+        "cpu_vulnerabilities": (None, "(recorded: 2 values)"),
+        "thp_settings": (None, "(recorded: 3 values)"),
+        "sysctl_vm": (None, "(recorded: 2 values)"),
+    }

@@ -19,7 +19,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="host-setup.sh runs as
 def _fake_host(tmp_path: Path, flags: str, dev_kvm: bool) -> Path:
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text(
-        f"processor\t: 0\nflags\t\t: fpu vme {flags} sse2\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+        f"processor\t: 0\nflags\t\t: fpu vme {flags} sse2\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    )
     if dev_kvm:
         (tmp_path / "dev").mkdir()
         (tmp_path / "dev/kvm").touch()
@@ -32,19 +33,22 @@ def test_this_host_decides_from_cpu_flags_and_dev_kvm() -> None:
     usable = has_virt and os.access("/dev/kvm", os.R_OK | os.W_OK)
     assert choose_domain_type("auto") == ("kvm" if usable else "qemu")
     if not has_virt and Path("/dev/kvm").exists():  # a nested/software KVM host
-        assert kvm_status() == (False, "no: /dev/kvm present but CPU has no vmx/svm "
-                                       "(nested/software KVM) -> use TCG")
+        assert kvm_status() == (False, "no: /dev/kvm present but CPU has no vmx/svm (nested/software KVM) -> use TCG")
 
 
-@pytest.mark.parametrize(("flags", "dev_kvm", "expected", "reason"), [
-    ("vmx", True, "kvm", "CPU has vmx"),
-    ("svm", True, "kvm", "CPU has svm"),
-    ("", True, "qemu", "no vmx/svm (nested/software KVM)"),
-    ("vmx", False, "qemu", "/dev/kvm is missing"),
-    ("", False, "qemu", "no /dev/kvm"),
-])
-def test_domain_type_from_flags_and_device(tmp_path: Path, flags: str, dev_kvm: bool,
-                                           expected: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "dev_kvm", "expected", "reason"),
+    [
+        ("vmx", True, "kvm", "CPU has vmx"),
+        ("svm", True, "kvm", "CPU has svm"),
+        ("", True, "qemu", "no vmx/svm (nested/software KVM)"),
+        ("vmx", False, "qemu", "/dev/kvm is missing"),
+        ("", False, "qemu", "no /dev/kvm"),
+    ],
+)
+def test_domain_type_from_flags_and_device(
+    tmp_path: Path, flags: str, dev_kvm: bool, expected: str, reason: str
+) -> None:
     root = _fake_host(tmp_path, flags, dev_kvm)
     assert choose_domain_type("auto", root) == expected
     assert reason in kvm_status(root)[1]
@@ -76,12 +80,19 @@ def _source_and_call(call: str, env: dict[str, str]) -> subprocess.CompletedProc
     # Never the host's own record of a replaced qemu.conf: a scratch one beside the test's file.
     conf = Path(env.get("KSM_LAB_QEMU_CONF", "/nonexistent/qemu.conf"))
     env = {"KSM_LAB_QEMU_CONF_RECORD": str(conf.parent / "replaced"), **env}
-    return subprocess.run(["bash", "-c", f'source "{SETUP_SCRIPT}"; {call}'],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    return subprocess.run(
+        ["bash", "-c", f'source "{SETUP_SCRIPT}"; {call}'],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
 
 
-ROOT_BLOCK = ('# >>> ksm-lab (host-setup.sh): run guests as root, no security driver\n'
-              'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n# <<< ksm-lab\n')
+ROOT_BLOCK = (
+    "# >>> ksm-lab (host-setup.sh): run guests as root, no security driver\n"
+    'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n# <<< ksm-lab\n'
+)
 
 
 def test_a_bare_host_gets_no_qemu_conf_guests_run_as_libvirt_qemu(tmp_path: Path) -> None:
@@ -117,7 +128,7 @@ def test_an_earlier_root_block_is_taken_out_with_its_recorded_original(tmp_path:
 
 def test_an_earlier_root_block_without_a_record_is_cut_out(tmp_path: Path) -> None:
     conf = tmp_path / "qemu.conf"
-    conf.write_text('# stock\n# (ksm-lab) security_driver = "apparmor"\n' + ROOT_BLOCK + 'max_files = 4096\n')
+    conf.write_text('# stock\n# (ksm-lab) security_driver = "apparmor"\n' + ROOT_BLOCK + "max_files = 4096\n")
     result = _source_and_call("configure_qemu_conf", {"KSM_LAB_QEMU_CONF": str(conf)})
     assert result.returncode == 0 and "removed the block" in result.stdout, result.stdout + result.stderr
     assert conf.read_text() == '# stock\nsecurity_driver = "apparmor"\nmax_files = 4096\n'
@@ -164,8 +175,12 @@ def test_a_kvm_device_only_root_can_open_is_given_to_group_kvm_and_put_back(tmp_
         assert opened.returncode == 0, opened.stdout + opened.stderr
         st = device.stat()
         assert (stat.S_IMODE(st.st_mode), grp.getgrgid(st.st_gid).gr_name) == (0o660, "kvm")
-        assert subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "test", "-r", str(device), "-a", "-w",
-                               str(device)]).returncode == 0
+        assert (
+            subprocess.run(
+                ["runuser", "-u", "libvirt-qemu", "--", "test", "-r", str(device), "-a", "-w", str(device)]
+            ).returncode
+            == 0
+        )
         again = _source_and_call("open_kvm_to_qemu_user", env)
         assert "can open it" in again.stdout  # a second run changes nothing
     finally:
@@ -189,7 +204,11 @@ def _lock_held_after_a_child_outlives_us(tmp_path: Path, start_child: str) -> bo
         fcntl.flock(held, fcntl.LOCK_EX)
         child = subprocess.run(
             ["bash", "-c", f'source "{SETUP_SCRIPT}"; ({start_child} exec sleep 30) >/dev/null 2>&1 & echo $!'],
-            capture_output=True, text=True, pass_fds=(held.fileno(),), timeout=30)
+            capture_output=True,
+            text=True,
+            pass_fds=(held.fileno(),),
+            timeout=30,
+        )
     pid = int(child.stdout.split()[-1])
     # The subshell runs start_child and then execs sleep in the background: judge the lock only
     # once sleep runs (bounded), or a loaded host reads it before the descriptors were closed.
@@ -222,10 +241,14 @@ def test_stop_kills_only_recorded_pids_running_the_recorded_binary(tmp_path: Pat
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         # A stale entry, one of ours, and one whose PID now runs a different binary.
-        (tmp_path / "host-daemons").write_text(
-            f"sleep 4194999\nsleep {ours.pid}\nvirtlogd {bystander.pid}\n")
-        result = subprocess.run([str(SETUP_SCRIPT), "--stop"], capture_output=True, text=True,
-                                env={**os.environ, "KSM_LAB_STATE_DIR": str(tmp_path)}, timeout=60)
+        (tmp_path / "host-daemons").write_text(f"sleep 4194999\nsleep {ours.pid}\nvirtlogd {bystander.pid}\n")
+        result = subprocess.run(
+            [str(SETUP_SCRIPT), "--stop"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KSM_LAB_STATE_DIR": str(tmp_path)},
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert ours.wait(timeout=10) is not None
         assert bystander.poll() is None
@@ -240,8 +263,7 @@ def test_stop_kills_only_recorded_pids_running_the_recorded_binary(tmp_path: Pat
 
 
 def _libvirt_answers() -> bool:
-    return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                          timeout=30).returncode == 0
+    return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=30).returncode == 0
 
 
 @needs_root

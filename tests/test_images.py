@@ -14,9 +14,17 @@ import pytest
 from orchestrator.guests import images
 from orchestrator.errors import PlanError, ProvisionError
 from orchestrator.guests.guest import GuestSession
-from orchestrator.guests.images import (DEFAULT_RECIPE, build_image, image_from_table,
-                                 image_key, list_images, load_recipe, recipe_hash, remove_image,
-                                 resolve_image)
+from orchestrator.guests.images import (
+    DEFAULT_RECIPE,
+    build_image,
+    image_from_table,
+    image_key,
+    list_images,
+    load_recipe,
+    recipe_hash,
+    remove_image,
+    resolve_image,
+)
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ/S1wcbqLXbQbh1YJBMOutBjeSzlwrP8DcbnzeE1hfr"
 
@@ -35,10 +43,19 @@ def _fake_cache_entry(cache_dir: Path, key: str, name: str = "debian-sysbench") 
     for file_name in ("base.qcow2", "vmlinuz", "initrd.img", "id_ed25519"):
         (entry / file_name).write_text("x")
     manifest = {
-        "schema_version": 1, "name": name, "key": key, "recipe_hash": "0" * 64,
-        "paths": {"disk": "base.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img",
-                  "ssh_key": "id_ed25519", "known_host_key": "host_key.pub"},
-        "cmdline": "root=/dev/vda rw console=ttyS0", "ssh_user": "root",
+        "schema_version": 1,
+        "name": name,
+        "key": key,
+        "recipe_hash": "0" * 64,
+        "paths": {
+            "disk": "base.qcow2",
+            "kernel": "vmlinuz",
+            "initrd": "initrd.img",
+            "ssh_key": "id_ed25519",
+            "known_host_key": "host_key.pub",
+        },
+        "cmdline": "root=/dev/vda rw console=ttyS0",
+        "ssh_user": "root",
         "known_host_key": HOST_KEY,
     }
     (entry / "image.json").write_text(json.dumps(manifest))
@@ -51,8 +68,9 @@ def _fake_cache_entry(cache_dir: Path, key: str, name: str = "debian-sysbench") 
 def test_shipped_recipe_has_what_sysbench_guests_need() -> None:
     recipe = load_recipe(DEFAULT_RECIPE)
     assert recipe.debootstrap.suite == "bookworm"
-    assert {"mariadb-server", "sysbench", "openssh-server", "linux-image-cloud-amd64"} \
-        <= set(recipe.debootstrap.packages)
+    assert {"mariadb-server", "sysbench", "openssh-server", "linux-image-cloud-amd64"} <= set(
+        recipe.debootstrap.packages
+    )
     assert recipe.boot.cmdline == "root=/dev/vda rw console=ttyS0"
     assert "CREATE DATABASE IF NOT EXISTS sbtest" in recipe.database.init_sql
 
@@ -91,15 +109,17 @@ def _with_files_entry(recipe: Path, guest_path: str, source: str) -> None:
     recipe.write_text(text.replace(line, f"{line}\n{json.dumps(guest_path)} = {json.dumps(source)}"))
 
 
-@pytest.mark.parametrize("guest_path, problem", [
-    ("/../../etc/cron.d/evil", "may not contain '..'"),
-    ("/etc/../../../root/.bashrc", "may not contain '..'"),
-    ("etc/relative", "must be absolute"),
-    ("/", "names the image root itself"),
-    ("//", "names the image root itself"),
-])
-def test_recipe_guest_paths_may_not_escape_the_image_root(tmp_path: Path, guest_path: str,
-                                                          problem: str) -> None:
+@pytest.mark.parametrize(
+    "guest_path, problem",
+    [
+        ("/../../etc/cron.d/evil", "may not contain '..'"),
+        ("/etc/../../../root/.bashrc", "may not contain '..'"),
+        ("etc/relative", "must be absolute"),
+        ("/", "names the image root itself"),
+        ("//", "names the image root itself"),
+    ],
+)
+def test_recipe_guest_paths_may_not_escape_the_image_root(tmp_path: Path, guest_path: str, problem: str) -> None:
     recipe = _copy_recipe(tmp_path)
     _with_files_entry(recipe, guest_path, "guest/ksm-lab-db-init.service")
     with pytest.raises(PlanError, match=f"files: '{re.escape(guest_path)}' = .*{problem}"):
@@ -112,8 +132,9 @@ def test_recipe_sources_may_not_leave_the_recipe_folder(tmp_path: Path, source: 
     (tmp_path / "outside.txt").write_text("host secret\n")
     (recipe.parent / "guest/link").symlink_to(tmp_path / "outside.txt")
     _with_files_entry(recipe, "/etc/stolen", source)
-    with pytest.raises(PlanError, match=f"'/etc/stolen' = '{re.escape(source)}': the source "
-                                        "resolves to .*outside the recipe's folder"):
+    with pytest.raises(
+        PlanError, match=f"'/etc/stolen' = '{re.escape(source)}': the source resolves to .*outside the recipe's folder"
+    ):
         load_recipe(recipe)
 
 
@@ -133,8 +154,10 @@ def test_files_are_not_written_through_a_symlink_out_of_the_rootfs(tmp_path: Pat
     (rootfs / "etc/cron.d").symlink_to(host_side)
     (rootfs / "etc/motd").symlink_to(tmp_path / "host-motd")
     for guest_path in ("/etc/cron.d/job", "/etc/motd"):
-        with pytest.raises(ProvisionError, match=f"image file '{guest_path}': a symlink in the "
-                                                 "image leads it to .*outside the image root"):
+        with pytest.raises(
+            ProvisionError,
+            match=f"image file '{guest_path}': a symlink in the image leads it to .*outside the image root",
+        ):
             images._inside_rootfs(rootfs, guest_path)
     assert images._inside_rootfs(rootfs, "/etc/hostname") == (rootfs / "etc/hostname").resolve()
     # Relative links that stay inside (merged /usr: /lib -> usr/lib) are followed.
@@ -225,8 +248,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
         pytest.skip("needs root and debootstrap")
     recipe = _copy_recipe(tmp_path)
     # Port 1 on the loopback refuses at once: debootstrap fails without leaving the host.
-    recipe.write_text(recipe.read_text().replace("http://deb.debian.org/debian",
-                                                 "http://127.0.0.1:1/debian"))
+    recipe.write_text(recipe.read_text().replace("http://deb.debian.org/debian", "http://127.0.0.1:1/debian"))
     cache = tmp_path / "cache"
     with pytest.raises(ProvisionError, match="debootstrap"):
         build_image(recipe, cache)
@@ -264,9 +286,18 @@ def _brought_files(tmp_path: Path) -> Path:
 
 def test_brought_image_with_direct_boot_and_host_key_file(tmp_path: Path) -> None:
     base = _brought_files(tmp_path)
-    ref = resolve_image({"disk": "my.qcow2", "ssh_key": "id_ed25519", "kernel": "vmlinuz",
-                         "initrd": "initrd.img", "cmdline": "root=/dev/vda1 console=ttyS0",
-                         "known_host_key_file": "host.pub", "ssh_user": "debian"}, base_dir=base)
+    ref = resolve_image(
+        {
+            "disk": "my.qcow2",
+            "ssh_key": "id_ed25519",
+            "kernel": "vmlinuz",
+            "initrd": "initrd.img",
+            "cmdline": "root=/dev/vda1 console=ttyS0",
+            "known_host_key_file": "host.pub",
+            "ssh_user": "debian",
+        },
+        base_dir=base,
+    )
     assert ref.disk_path == base / "my.qcow2"
     assert ref.known_host_key == HOST_KEY  # comment dropped
     assert ref.boot == "direct"
@@ -310,15 +341,15 @@ def test_built_image_boots_and_serves_sysbench_over_verified_ssh() -> None:
     guest = QemuGuest(image)
     pid, overlay = guest.pid, guest.overlay
     try:
-        assert f"backing file: {image.disk_path}" in images.subprocess.run(
-            ["qemu-img", "info", str(overlay)], capture_output=True, text=True).stdout
+        assert (
+            f"backing file: {image.disk_path}"
+            in images.subprocess.run(["qemu-img", "info", str(overlay)], capture_output=True, text=True).stdout
+        )
         with GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=400) as session:
             version = session.run(["sysbench", "--version"], timeout_s=60, check=True)
             assert version.stdout.startswith("sysbench 1.0")
-            session.run(["systemctl", "start", "ksm-lab-db-init.service"], timeout_s=180,
-                        check=True)
-            dbs = session.run(["mariadb", "--batch", "-e", "show databases"], timeout_s=60,
-                              check=True)
+            session.run(["systemctl", "start", "ksm-lab-db-init.service"], timeout_s=180, check=True)
+            dbs = session.run(["mariadb", "--batch", "-e", "show databases"], timeout_s=60, check=True)
             assert "sbtest" in dbs.stdout.split()
             # The guest presents exactly the host key recorded at build time.
             on_guest = session.run(["cat", "/etc/ssh/ssh_host_ed25519_key.pub"], timeout_s=60, check=True).stdout
@@ -330,7 +361,6 @@ def test_built_image_boots_and_serves_sysbench_over_verified_ssh() -> None:
         guest.stop()
     assert not Path(f"/proc/{pid}").exists()
     assert not overlay.exists()
-
 
 
 def test_waiting_for_another_build_is_bounded_and_names_the_holder(tmp_path):

@@ -30,9 +30,19 @@ def fake_ksm_tree(root: Path, files: dict[str, str]) -> Path:
     return ksm_dir
 
 
-OLD_KERNEL = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "0",
-              "pages_sharing": "0", "pages_unshared": "0", "pages_volatile": "0", "full_scans": "0",
-              "merge_across_nodes": "1", "max_page_sharing": "256", "use_zero_pages": "0"}
+OLD_KERNEL = {
+    "run": "0",
+    "pages_to_scan": "100",
+    "sleep_millisecs": "20",
+    "pages_shared": "0",
+    "pages_sharing": "0",
+    "pages_unshared": "0",
+    "pages_volatile": "0",
+    "full_scans": "0",
+    "merge_across_nodes": "1",
+    "max_page_sharing": "256",
+    "use_zero_pages": "0",
+}
 
 
 def test_reads_an_old_kernel_without_newer_files(tmp_path):
@@ -90,7 +100,9 @@ def test_ksmtuned_is_refused(tmp_path):
     (tmp_path / "proc/4242").mkdir(parents=True)
     (tmp_path / "proc/4242/comm").write_text("ksmtuned\n")
     # the name is read from /proc/PID/stat (probes' one parser), as the kernel writes it
-    (tmp_path / "proc/4242/stat").write_text("4242 (ksmtuned) S 1 4242 4242 0 -1 4194560 5 0 0 0 1 1 0 0 20 0 1 0 9 0 0\n")
+    (tmp_path / "proc/4242/stat").write_text(
+        "4242 (ksmtuned) S 1 4242 4242 0 -1 4194560 5 0 0 0 1 1 0 0 20 0 1 0 9 0 0\n"
+    )
     with pytest.raises(HostError, match="ksmtuned is running \\(pid 4242\\)"):
         refuse_if_ksmtuned(tmp_path)
     refuse_if_ksmtuned(Path("/"))  # this host runs no ksmtuned
@@ -135,11 +147,14 @@ def test_restore_refuses_record_entries_outside_ksm_and_thp(tmp_path):
         {"path": "sys/kernel/mm/ksm/pages_shared", "old": "7", "new": "x"},
         {"path": "sys/kernel/mm/transparent_hugepage/khugepaged/defrag", "old": "0", "new": "x"},
     ]
-    record = _record(tmp_path / "record.json", [
-        {"path": "sys/kernel/mm/ksm/pages_to_scan", "old": "100", "new": "5000"},
-        {"path": "sys/kernel/mm/transparent_hugepage/enabled", "old": "never", "new": "madvise"},
-        *escapes,
-    ])
+    record = _record(
+        tmp_path / "record.json",
+        [
+            {"path": "sys/kernel/mm/ksm/pages_to_scan", "old": "100", "new": "5000"},
+            {"path": "sys/kernel/mm/transparent_hugepage/enabled", "old": "never", "new": "madvise"},
+            *escapes,
+        ],
+    )
     with pytest.raises(KsmError, match="restore incomplete") as err:
         restore_from_record(record, root)
     message = str(err.value)
@@ -159,13 +174,16 @@ def test_restore_refuses_record_entries_outside_ksm_and_thp(tmp_path):
 def test_resume_keeps_refused_entries_unwritten_and_in_the_record(tmp_path):
     fake_ksm_tree(tmp_path / "root", OLD_KERNEL)
     victim = tmp_path / "x"
-    record = _record(tmp_path / "record.json",
-                     [{"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "1"}])
+    record = _record(
+        tmp_path / "record.json", [{"path": "sys/kernel/mm/ksm/../../../../x", "old": "pwned", "new": "1"}]
+    )
     settings = HostSettings(record, tmp_path / "root")  # what `sweep --resume` does
     assert settings.entries == [] and len(settings.refused) == 1
     settings.write(KSM_SYSFS / "pages_to_scan", 300)
     assert [e["path"] for e in json.loads(record.read_text())] == [
-        "sys/kernel/mm/ksm/pages_to_scan", "sys/kernel/mm/ksm/../../../../x"]
+        "sys/kernel/mm/ksm/pages_to_scan",
+        "sys/kernel/mm/ksm/../../../../x",
+    ]
     with pytest.raises(KsmError, match="refused 'sys/kernel/mm/ksm/../../../../x'"):
         settings.restore()
     assert not victim.exists()
@@ -186,8 +204,7 @@ def test_writes_never_leave_ksm_and_thp(tmp_path):
     assert not (tmp_path / KSM_SYSFS / "no_such_knob").exists()
 
 
-@pytest.mark.parametrize("content", ['{"path": "x"}', '[{"path": 1, "old": "0", "new": "1"}]',
-                                     "not json"])
+@pytest.mark.parametrize("content", ['{"path": "x"}', '[{"path": 1, "old": "0", "new": "1"}]', "not json"])
 def test_malformed_record_is_a_clear_error(tmp_path, content):
     record = tmp_path / "record.json"
     record.write_text(content)
@@ -244,7 +261,12 @@ def test_real_knobs_apply_and_restore(tmp_path, ksm_guard):
     settings.apply({"pages_to_scan": 1234, "sleep_millisecs": 7, "use_zero_pages": 1}, {"thp_enabled": "never"})
     settings.start()
     knobs = read_ksm_knobs()
-    assert (knobs["run"], knobs["pages_to_scan"], knobs["sleep_millisecs"], knobs["use_zero_pages"]) == ("1", "1234", "7", "1")
+    assert (knobs["run"], knobs["pages_to_scan"], knobs["sleep_millisecs"], knobs["use_zero_pages"]) == (
+        "1",
+        "1234",
+        "7",
+        "1",
+    )
     assert read_sysfs_value(Path("/sys/kernel/mm/transparent_hugepage/enabled")) == "never"
     settings.restore()
 

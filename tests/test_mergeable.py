@@ -42,11 +42,21 @@ VmFlags: rd mr mw me
 def test_crafted_smaps_mappings_and_flags():
     mappings = probes.parse_smaps_mappings(SMAPS)
     assert [(m.size_kib, m.anonymous, m.mergeable) for m in mappings] == [
-        (132, True, False), (1048576, True, True), (1048576, True, False),
-        (131072, False, False), (65536, True, False), (132, False, False)]
+        (132, True, False),
+        (1048576, True, True),
+        (1048576, True, False),
+        (131072, False, False),
+        (65536, True, False),
+        (132, False, False),
+    ]
     # the 1 GiB guest RAM is judged; TCG's rwx code buffer, shared memfd RAM and files are not
     assert probes.guest_ram_mergeable(mappings, 512 * 1024) == {
-        "big_mappings": 1, "mergeable_mappings": 1, "big_kib": 1048576, "mergeable_kib": 1048576, "mergeable": True}
+        "big_mappings": 1,
+        "mergeable_mappings": 1,
+        "big_kib": 1048576,
+        "mergeable_kib": 1048576,
+        "mergeable": True,
+    }
     # a named anonymous mapping without mg among the big ones: not all guest RAM is mergeable
     judged = probes.guest_ram_mergeable(mappings, 64 * 1024)
     assert (judged["big_mappings"], judged["mergeable_mappings"], judged["mergeable"]) == (2, 1, False)
@@ -75,8 +85,10 @@ def test_vm_record_and_refusal_on_real_processes(holder):
     record = mergeable_record({"g0": marked.pid, "g1": plain.pid}, 64, probes.Path("/"))
     assert record["g0"]["pid"] == marked.pid and record["g0"]["mergeable"] is True
     assert record["g1"]["mergeable"] is False
-    base = ('[study]\nname = "t"\n{off}\n[workload]\ntype = "idle"\n[guests]\ncount = 2\nmemory_mib = 128\n{guests}\n'
-            "[sweep.ksm]\npages_to_scan = [100]\n")
+    base = (
+        '[study]\nname = "t"\n{off}\n[workload]\ntype = "idle"\n[guests]\ncount = 2\nmemory_mib = 128\n{guests}\n'
+        "[sweep.ksm]\npages_to_scan = [100]\n"
+    )
     (on,) = expand(parse_plan(base.format(off="", guests="")))
     reason = unmergeable_reason(on, record)
     assert reason is not None and "guest RAM is not mergeable" in reason
@@ -101,16 +113,20 @@ def test_density_trials_record_each_started_guest_and_refuse_an_unmergeable_one(
     from orchestrator.errors import ProvisionError
     from orchestrator.runners.density import note_mergeable
 
-    plan = ('[study]\nname = "d"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 128\n{guests}\n'
-            "[density]\nbudget_mib = 1024\nmem_available_floor_mib = 512\nmax_guests = 3\n"
-            "[sweep.ksm]\npages_to_scan = [100]\n")
+    plan = (
+        '[study]\nname = "d"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 128\n{guests}\n'
+        "[density]\nbudget_mib = 1024\nmem_available_floor_mib = 512\nmax_guests = 3\n"
+        "[sweep.ksm]\npages_to_scan = [100]\n"
+    )
     (trial,) = expand(parse_plan(plan.format(guests="")))
     marked, other, plain = holder(64, mergeable=True), holder(64, mergeable=True), holder(64, mergeable=False)
     record: dict = {}
     note_mergeable(record, trial, {"g0": marked.pid}, probes.Path("/"))
     note_mergeable(record, trial, {"g1": other.pid}, probes.Path("/"))
     assert [(name, info["pid"], info["mergeable"]) for name, info in record.items()] == [
-        ("g0", marked.pid, True), ("g1", other.pid, True)]
+        ("g0", marked.pid, True),
+        ("g1", other.pid, True),
+    ]
     with pytest.raises(ProvisionError, match=rf"g2 \(QEMU pid {plain.pid}: 1 of 1 guest RAM mappings without mg\)"):
         note_mergeable(record, trial, {"g2": plain.pid}, probes.Path("/"))
     assert record["g2"]["mergeable"] is False  # recorded before the refusal

@@ -27,12 +27,14 @@ HOST = os.uname().nodename
 
 def _env(tmp_path: Path, fake: bool = True, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KSM_LAB", "FAKE_SWEEP"))}
-    env.update({
-        "PYTHONPATH": str(CHECKOUT),  # this checkout's orchestrator, whatever the venv installed
-        "KSM_LAB_PYTHON": sys.executable,
-        "KSM_LAB": f"{sys.executable} -m orchestrator",
-        "FAKE_SWEEP_LOG": str(tmp_path / "sweep.log"),
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(CHECKOUT),  # this checkout's orchestrator, whatever the venv installed
+            "KSM_LAB_PYTHON": sys.executable,
+            "KSM_LAB": f"{sys.executable} -m orchestrator",
+            "FAKE_SWEEP_LOG": str(tmp_path / "sweep.log"),
+        }
+    )
     if fake:
         env["KSM_LAB_NIGHTLY_SWEEP"] = f"{sys.executable} {FAKE_SWEEP}"
     env.update(extra)
@@ -40,8 +42,14 @@ def _env(tmp_path: Path, fake: bool = True, **extra: str) -> dict[str, str]:
 
 
 def _night(tmp_path: Path, root: Path, plan: Path, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), str(plan), str(root)], env=_env(tmp_path, **extra), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(plan), str(root)],
+        env=_env(tmp_path, **extra),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _sweeps(tmp_path: Path) -> list[list[str]]:
@@ -88,8 +96,14 @@ def test_a_regression_makes_the_job_exit_1_once_there_are_enough_nights(tmp_path
     worse = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="30", KSM_LAB_NO_CONFIRM="1")
     assert worse.returncode == 1, worse.stdout + worse.stderr
     assert "REGRESSION (not re-measured" in worse.stdout
-    looser = _night(tmp_path, root, plan, FAKE_SWEEP_SAVED_MIB="29.5", KSM_LAB_NO_CONFIRM="1",
-                    KSM_LAB_COMPARE_ARGS="--max-saving-drop-pct 50")
+    looser = _night(
+        tmp_path,
+        root,
+        plan,
+        FAKE_SWEEP_SAVED_MIB="29.5",
+        KSM_LAB_NO_CONFIRM="1",
+        KSM_LAB_COMPARE_ARGS="--max-saving-drop-pct 50",
+    )
     assert looser.returncode == 0, looser.stdout  # the same band, a looser rule
 
 
@@ -227,7 +241,11 @@ def test_two_real_nights_on_a_tiny_processes_plan(tmp_path: Path, ksm_guard) -> 
     assert len(studies) == 2 and all(e.finished for e in studies)
     compared = json.loads((studies[1].path / "report" / "compare.json").read_text())
     assert compared["a"]["path"] == str(studies[0].path) and compared["b"]["path"] == str(studies[1].path)
-    assert {s["setting"] for s in compared["settings"]} == {"KSM off", "ksm.pages_to_scan=100", "ksm.pages_to_scan=1000"}
+    assert {s["setting"] for s in compared["settings"]} == {
+        "KSM off",
+        "ksm.pages_to_scan=100",
+        "ksm.pages_to_scan=1000",
+    }
     assert (root / "history.html").exists()
 
 
@@ -236,14 +254,24 @@ def test_two_real_nights_on_a_tiny_processes_plan(tmp_path: Path, ksm_guard) -> 
 UNIT = CHECKOUT / "contrib" / "ksm-lab-nightly.service"
 # A hardening directive that would take away what the job needs: KSM knobs under /sys, the
 # results root under /var/lib, libvirtd's socket, or root's own capabilities.
-BREAKS_THE_JOB = ("ProtectKernelTunables", "ProtectSystem=strict", "PrivateDevices", "DynamicUser",
-                  "CapabilityBoundingSet", "ReadOnlyPaths=/sys", "InaccessiblePaths=/run")
+BREAKS_THE_JOB = (
+    "ProtectKernelTunables",
+    "ProtectSystem=strict",
+    "PrivateDevices",
+    "DynamicUser",
+    "CapabilityBoundingSet",
+    "ReadOnlyPaths=/sys",
+    "InaccessiblePaths=/run",
+)
 
 
 def test_nightly_unit_is_hardened_and_valid(tmp_path: Path) -> None:
     text = UNIT.read_text()
-    directives = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
-                  if "=" in line and not line.startswith("#")}
+    directives = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in text.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
     assert directives["ProtectSystem"] == "full" and directives["PrivateTmp"] == "true"
     assert directives["NoNewPrivileges"] == "true" and directives["ProtectHome"] == "read-only"
     assert not [d for d in BREAKS_THE_JOB if d in text.replace("no ProtectKernelTunables", "")]

@@ -88,8 +88,11 @@ def test_bh_on_crafted_flags() -> None:
 def _nights(tmp_path: Path, savings: list[list[float]], tonight: list[float]) -> list[Path]:
     out = []
     for i, s in enumerate([*savings, tonight]):
-        out.append(write_night(tmp_path / f"n{i}", saved_mib={100: [3.0, 3.1, 2.9], 1000: s},
-                               created_wall=1_700_000_000.0 + 86400 * i))
+        out.append(
+            write_night(
+                tmp_path / f"n{i}", saved_mib={100: [3.0, 3.1, 2.9], 1000: s}, created_wall=1_700_000_000.0 + 86400 * i
+            )
+        )
     return out
 
 
@@ -98,9 +101,12 @@ def _change(result: compare.Comparison, setting: str, metric: str) -> compare.Me
 
 
 def test_two_studies_call_a_bad_change_unconfirmed_and_exit_0(tmp_path: Path, capsys) -> None:
-    a, b = (write_night(tmp_path / "a", saved_mib={100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}),
-            write_night(tmp_path / "b", saved_mib={100: [3.0, 3.1, 2.9], 1000: [30.0, 30.5, 29.5]},
-                        created_wall=1_700_090_000.0))
+    a, b = (
+        write_night(tmp_path / "a", saved_mib={100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]}),
+        write_night(
+            tmp_path / "b", saved_mib={100: [3.0, 3.1, 2.9], 1000: [30.0, 30.5, 29.5]}, created_wall=1_700_090_000.0
+        ),
+    )
     code = cli.main(["compare", str(a), str(b), "--no-html", "--json"])
     out = capsys.readouterr().out
     assert code == 0
@@ -109,15 +115,19 @@ def test_two_studies_call_a_bad_change_unconfirmed_and_exit_0(tmp_path: Path, ca
 
 
 def test_with_history_a_drop_outside_the_band_is_a_regression(tmp_path: Path, capsys) -> None:
-    paths = _nights(tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
-                    [30.0, 30.5, 29.5])
+    paths = _nights(
+        tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]], [30.0, 30.5, 29.5]
+    )
     code = cli.main(["compare", str(paths[-2]), str(paths[-1]), "--no-html", "--history", str(tmp_path), "--json"])
     out = capsys.readouterr().out
     assert code == 1, out
     assert '"mode": "history"' in out and '"regressions": 1' in out
     # the same drop as a quiet night: exit 0
-    quiet = _nights(tmp_path / "q", [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
-                    [40.2, 40.0, 39.9])
+    quiet = _nights(
+        tmp_path / "q",
+        [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
+        [40.2, 40.0, 39.9],
+    )
     assert cli.main(["compare", str(quiet[-2]), str(quiet[-1]), "--no-html", "--history", str(tmp_path / "q")]) == 0
 
 
@@ -133,8 +143,9 @@ def test_too_few_nights_with_history_stay_unconfirmed(tmp_path: Path) -> None:
 
 def test_night_sd_widens_the_interval(tmp_path: Path, capsys) -> None:
     a = write_night(tmp_path / "a", saved_mib={100: [3.0, 3.1, 2.9], 1000: [40.0, 40.5, 39.5]})
-    b = write_night(tmp_path / "b", saved_mib={100: [3.0, 3.1, 2.9], 1000: [35.0, 35.5, 34.5]},
-                    created_wall=1_700_090_000.0)
+    b = write_night(
+        tmp_path / "b", saved_mib={100: [3.0, 3.1, 2.9], 1000: [35.0, 35.5, 34.5]}, created_wall=1_700_090_000.0
+    )
     assert cli.main(["compare", str(a), str(b), "--no-html", "--night-sd", "saved_mib=0.2"]) == 1
     capsys.readouterr()
     assert cli.main(["compare", str(a), str(b), "--no-html", "--night-sd", "saved_mib=4"]) == 0
@@ -143,17 +154,18 @@ def test_night_sd_widens_the_interval(tmp_path: Path, capsys) -> None:
 
 
 def test_history_flags_use_the_band_and_bh(tmp_path: Path) -> None:
-    _nights(tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
-            [30.0, 30.5, 29.5])
+    _nights(
+        tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]], [30.0, 30.5, 29.5]
+    )
     rows = history.filtered(history.build_index(tmp_path).index)
     found = history.flags(rows)
     assert [(f.setting, f.metric, f.verdict) for f in found if f.metric == "saved_mib"] == [
-        ("ksm.pages_to_scan=1000", "saved_mib", compare.REGRESSION)]
+        ("ksm.pages_to_scan=1000", "saved_mib", compare.REGRESSION)
+    ]
     assert found[0].band_nights == 4 and math.isfinite(found[0].p)
     # compare judges that night as the page does: the same walk, the same band
     paths = sorted(p.parent for p in tmp_path.glob("n*/nightly/study.json"))
-    result = compare.compare_studies(*compare.load_pair(paths[-2], paths[-1]), Thresholds(),
-                                     NightContext(history=rows))
+    result = compare.compare_studies(*compare.load_pair(paths[-2], paths[-1]), Thresholds(), NightContext(history=rows))
     drop = _change(result, "ksm.pages_to_scan=1000", "saved_mib")
     flag = next(f for f in found if f.metric == "saved_mib")
     assert drop.p == pytest.approx(flag.p) and drop.band_low == pytest.approx(flag.band_low)
@@ -191,8 +203,10 @@ def test_the_confirmation_deadline_fires(tmp_path: Path) -> None:
 
 
 def test_confirmation_plan_keeps_only_the_suspects() -> None:
-    text = ('[study]\nname = "c"\nrepetitions = 3\n[workload]\ntype = "processes"\n'
-            '[sweep.ksm]\npages_to_scan = [100, 1000, 5000]\n[sweep.workload]\nfill = ["same", "random"]\n')
+    text = (
+        '[study]\nname = "c"\nrepetitions = 3\n[workload]\ntype = "processes"\n'
+        '[sweep.ksm]\npages_to_scan = [100, 1000, 5000]\n[sweep.workload]\nfill = ["same", "random"]\n'
+    )
     plan, out = confirm.confirmation_plan(text, [{"ksm.pages_to_scan": 1000, "workload.fill": "same"}], 2)
     from orchestrator.plan import expand
 
@@ -214,8 +228,9 @@ def test_an_unwritable_json_file_is_a_clear_error(tmp_path: Path, capsys) -> Non
 
 
 def test_the_page_opens_with_the_latest_nights_headline_against_its_band(tmp_path: Path) -> None:
-    _nights(tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]],
-            [30.0, 30.5, 29.5])
+    _nights(
+        tmp_path, [[40.0, 40.5, 39.5], [41.0, 40.6, 40.9], [39.8, 40.2, 40.0], [40.4, 40.1, 40.0]], [30.0, 30.5, 29.5]
+    )
     rows = history.filtered(history.build_index(tmp_path).index)
     latest = {(r.setting, r.metric): r for r in history.latest_nights(rows)}
     drop = latest[("ksm.pages_to_scan=1000", "saved_mib")]

@@ -48,8 +48,9 @@ def _names_used(node: ast.AST) -> set[str]:
 def _function(path: Path, qualname: str) -> ast.AST:
     node: ast.AST = _tree(path)
     for part in qualname.split("."):
-        node = next(n for n in ast.iter_child_nodes(node)
-                    if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        node = next(
+            n for n in ast.iter_child_nodes(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part
+        )
     return node
 
 
@@ -74,24 +75,33 @@ def test_every_convergence_decision_calls_the_one_rule():
         "orchestrator/runners/density.py": "VmDensityHost.wait_converged",
         "orchestrator/analysis/samplemetrics.py": "_convergence",
     }
-    missing = [f"{f}:{fn}" for f, fn in callers.items()
-               if "pages_sharing_converged" not in _names_used(_function(REPO / f, fn))]
+    missing = [
+        f"{f}:{fn}"
+        for f, fn in callers.items()
+        if "pages_sharing_converged" not in _names_used(_function(REPO / f, fn))
+    ]
     assert not missing, f"decide convergence with plan.pages_sharing_converged: {missing}"
 
 
 def test_no_second_convergence_tolerance():
     """A tolerance other than the plan's (a module constant, a hand-made spread test) is a copy."""
+
     def tolerance(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Name) and node.id.lower() in ("tolerance", "tolerance_pct", "converge_tolerance_pct",
-                                                                     "convergence_tolerance")) or \
-            (isinstance(node, ast.Attribute) and node.attr == "converge_tolerance_pct")
+        return (
+            isinstance(node, ast.Name)
+            and node.id.lower() in ("tolerance", "tolerance_pct", "converge_tolerance_pct", "convergence_tolerance")
+        ) or (isinstance(node, ast.Attribute) and node.attr == "converge_tolerance_pct")
 
     def copy(node: ast.AST) -> bool:
         if isinstance(node, ast.Assign):
             return any(isinstance(t, ast.Name) and "CONVERGE" in t.id and "TOLERANCE" in t.id for t in node.targets)
         # "tolerance_pct / 100 * high", "tolerance * final": the rule's arithmetic done again
-        return isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)) \
+        return (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, (ast.Mult, ast.Div))
             and any(tolerance(n) for n in ast.walk(node))
+        )
+
     assert _where(copy, allowed=("orchestrator/plan.py",)) == []
 
 
@@ -106,8 +116,10 @@ def test_t_quantiles_and_scipy_only_in_stats():
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             module = getattr(node, "module", None) or ""
             return module.startswith("scipy") or any(a.name.split(".")[0] in names for a in node.names)
-        return (isinstance(node, ast.Name) and node.id in names) or \
-            (isinstance(node, ast.Attribute) and node.attr in names)
+        return (isinstance(node, ast.Name) and node.id in names) or (
+            isinstance(node, ast.Attribute) and node.attr in names
+        )
+
     assert _where(uses, allowed=("orchestrator/analysis/stats.py",)) == []
 
 
@@ -141,10 +153,17 @@ def test_proc_stat_and_meminfo_parsed_only_in_probes():
 
 def test_no_hand_split_of_a_stat_line():
     """comm may hold ')' and spaces: only probes.parse_proc_stat splits at the last ')'."""
+
     def split(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("rsplit", "rpartition") and node.args
-                and isinstance(node.args[0], ast.Constant) and node.args[0].value == ")")
+        return (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("rsplit", "rpartition")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value == ")"
+        )
+
     assert _where(split, dirs=(*CODE_DIRS, "tests"), allowed=("orchestrator/host/probes.py",)) == []
 
 
@@ -157,15 +176,26 @@ NO_VALUE_SPELLINGS = ("n/a", "N/A", "–", "—")  # as text of their own; "" an
 def test_one_number_formatter_and_one_no_value_spelling():
     """units.number writes every number; a missing one is units.NO_VALUE (a dash inside an
     f-string, "12–15", is a range, not a spelling of "no value")."""
-    def formatter(node: ast.AST) -> bool:  # a function named like a formatter that returns text
-        return isinstance(node, ast.FunctionDef) and node.name.strip("_") in ("fmt", "num", "format_number") \
-            and isinstance(node.returns, ast.Name) and node.returns.id == "str"
 
-    in_fstrings = {id(v) for path in _modules(*CODE_DIRS) for n in ast.walk(_tree(path))
-                   if isinstance(n, ast.JoinedStr) for v in n.values}
+    def formatter(node: ast.AST) -> bool:  # a function named like a formatter that returns text
+        return (
+            isinstance(node, ast.FunctionDef)
+            and node.name.strip("_") in ("fmt", "num", "format_number")
+            and isinstance(node.returns, ast.Name)
+            and node.returns.id == "str"
+        )
+
+    in_fstrings = {
+        id(v)
+        for path in _modules(*CODE_DIRS)
+        for n in ast.walk(_tree(path))
+        if isinstance(n, ast.JoinedStr)
+        for v in n.values
+    }
 
     def spelling(node: ast.AST) -> bool:
         return isinstance(node, ast.Constant) and node.value in NO_VALUE_SPELLINGS and id(node) not in in_fstrings
+
     assert _where(formatter, allowed=("orchestrator/units.py",)) == []
     assert _where(spelling, allowed=("orchestrator/units.py",)) == []
 
@@ -183,6 +213,7 @@ def test_one_mib():
                 values = tuple(s.value for s in pair)
                 return values in ((1024, 1024), (2, 20)) and isinstance(node.op, (ast.Mult, ast.Pow))
         return False
+
     assert _where(mib, allowed=("orchestrator/units.py",)) == []
 
 
@@ -194,11 +225,15 @@ def test_one_list_of_ksm_knobs_and_thp_modes():
     lists = {tuple(THP_MODES), tuple(THP_DEFRAG_MODES), tuple(k for k in KSM_KNOBS if k != "run")}
 
     def copy(node: ast.AST) -> bool:
-        if isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 3 and \
-                all(isinstance(e, ast.Constant) for e in node.elts):
+        if (
+            isinstance(node, (ast.Tuple, ast.List))
+            and len(node.elts) >= 3
+            and all(isinstance(e, ast.Constant) for e in node.elts)
+        ):
             values = tuple(e.value for e in node.elts)
             return values in lists or set(values) >= set(KSM_KNOBS) - {"run"}
         return False
+
     assert _where(copy, dirs=(*CODE_DIRS, "tests"), allowed=("orchestrator/host/ksm.py",)) == []
 
 
@@ -245,15 +280,31 @@ def test_no_public_function_is_called_only_from_tests():
 
 def test_the_stop_request_lives_in_one_module():
     """Signal -> flag -> StopRequested -> teardown: the handler and the exception side by side."""
+
     def installs(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "signal" and isinstance(node.func.value, ast.Name) and node.func.value.id == "signal")
+        return (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "signal"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "signal"
+        )
 
     def defines(node: ast.AST) -> bool:
-        return isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in ("StopFlag", "stop_on_signals",
-                                                                                   "StopRequested")
+        return isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in (
+            "StopFlag",
+            "stop_on_signals",
+            "StopRequested",
+        )
+
     # guests/provision.py holds signals while a teardown runs and delivers them after: it defers
     # whatever the handler in place does, it does not decide a stop (and guests/ sits below runners/)
-    assert _where(installs, dirs=("orchestrator",),
-                  allowed=("orchestrator/runners/base.py", "orchestrator/guests/provision.py")) == []
+    assert (
+        _where(
+            installs,
+            dirs=("orchestrator",),
+            allowed=("orchestrator/runners/base.py", "orchestrator/guests/provision.py"),
+        )
+        == []
+    )
     assert _where(defines, dirs=("orchestrator",), allowed=("orchestrator/runners/base.py",)) == []

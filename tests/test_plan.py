@@ -37,12 +37,14 @@ def test_trial_ids_are_stable_and_depend_on_every_setting():
     a = [t.trial_id for t in expand(parse_plan(GOOD))]
     assert a == [t.trial_id for t in expand(parse_plan(GOOD))]
     assert len(set(a)) == len(a)
-    changed = [t.trial_id for t in expand(parse_plan(GOOD.replace('type = "processes"', 'type = "processes"\nprocesses = 3')))]
+    changed = [
+        t.trial_id for t in expand(parse_plan(GOOD.replace('type = "processes"', 'type = "processes"\nprocesses = 3')))
+    ]
     assert not set(a) & set(changed)
 
 
 def test_shuffled_order_is_seeded_and_ids_do_not_change():
-    plan = GOOD.replace('repetitions = 2', 'repetitions = 2\norder = "shuffled"\nseed = 7')
+    plan = GOOD.replace("repetitions = 2", 'repetitions = 2\norder = "shuffled"\nseed = 7')
     first = [t.trial_id for t in expand(parse_plan(plan))]
     assert first == [t.trial_id for t in expand(parse_plan(plan))]
     assert sorted(first) == sorted(t.trial_id for t in expand(parse_plan(GOOD)))
@@ -50,7 +52,9 @@ def test_shuffled_order_is_seeded_and_ids_do_not_change():
 
 
 def test_exclude_and_include():
-    plan = GOOD.replace("ksm_off_baseline = true", "") + """
+    plan = (
+        GOOD.replace("ksm_off_baseline = true", "")
+        + """
 [[sweep.exclude]]
 ksm = { pages_to_scan = 100 }
 workload = { fill = "random" }
@@ -58,6 +62,7 @@ workload = { fill = "random" }
 ksm = { pages_to_scan = 5000 }
 workload = { fill = "zero" }
 """
+    )
     trials = [t for t in expand(parse_plan(plan)) if t.repetition == 0]
     points = {(t.ksm["pages_to_scan"], t.workload["fill"]) for t in trials}
     assert points == {(100, "same"), (1000, "same"), (1000, "random"), (5000, "zero")}
@@ -75,13 +80,22 @@ def test_sweep_values_are_validated_per_point():
         ("[study\nname=1", "not valid TOML"),
         ('[workload]\ntype = "processes"', "study: required key is missing"),
         ('[study]\nname = "x"\ncolour = 1\n[workload]\ntype = "processes"', "study.colour: unknown key"),
-        ('[study]\nname = "x"\n[workload]\ntype = "processes"\nprocesses = 0', "workload.processes: Input should be greater than or equal to 1"),
+        (
+            '[study]\nname = "x"\n[workload]\ntype = "processes"\nprocesses = 0',
+            "workload.processes: Input should be greater than or equal to 1",
+        ),
         ('[study]\nname = "x"\n[workload]\ntype = "processes"\nfill = "stripes"', "workload.fill"),
         ('[study]\nname = "x"\n[workload]\ntype = "teleport"', "workload"),
-        ('[study]\nname = "x"\n[ksm]\nmerge_across_nodes = 3\n[workload]\ntype = "processes"', "merge_across_nodes = 3 is out of range"),
+        (
+            '[study]\nname = "x"\n[ksm]\nmerge_across_nodes = 3\n[workload]\ntype = "processes"',
+            "merge_across_nodes = 3 is out of range",
+        ),
         ('[study]\nname = "x"\n[ksm]\nrun = 1\n[workload]\ntype = "processes"', "ksm.run: unknown key"),
         ('[study]\nname = "../evil"\n[workload]\ntype = "processes"', "study.name"),
-        ('[study]\nname = "x"\n[workload]\ntype = "processes"\n[sweep.ksm]\npages_to_scan = 5', "must be a non-empty list"),
+        (
+            '[study]\nname = "x"\n[workload]\ntype = "processes"\n[sweep.ksm]\npages_to_scan = 5',
+            "must be a non-empty list",
+        ),
         ('[study]\nname = "x"\n[workload]\ntype = "processes"\n[sweep.bogus]\nx = [1]', "axes live in"),
         ('[study]\nname = "x"\n[workload]\ntype = "processes"\n[sweep.guests]\ncount = [1, 2]', "does not have"),
         ('[study]\nname = "x"\n[workload]\ntype = "sysbench"', "add a [guests] table"),
@@ -131,8 +145,10 @@ def test_dry_run_touches_nothing(tmp_path, capsys):
 
 
 def test_workload_adapter_rules_are_checked_at_load():
-    text = ('[study]\nname = "x"\n[workload]\ntype = "sysbench"\ntest = "select_random_points"\ntables = 4\n'
-            '[guests]\ncount = 1\n')
+    text = (
+        '[study]\nname = "x"\n[workload]\ntype = "sysbench"\ntest = "select_random_points"\ntables = 4\n'
+        "[guests]\ncount = 1\n"
+    )
     with pytest.raises(PlanError, match="tables = 1"):
         parse_plan(text)
 
@@ -140,8 +156,10 @@ def test_workload_adapter_rules_are_checked_at_load():
 def test_guest_count_is_a_sweep_axis_and_changes_the_guest_set():
     from orchestrator.runners.vm import guest_set_key
 
-    text = ('[study]\nname = "x"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
-            '[sweep.guests]\ncount = [1, 3]\n[sweep.ksm]\npages_to_scan = [100, 1000]\n')
+    text = (
+        '[study]\nname = "x"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
+        "[sweep.guests]\ncount = [1, 3]\n[sweep.ksm]\npages_to_scan = [100, 1000]\n"
+    )
     trials = expand(parse_plan(text))
     assert sorted({t.guests["count"] for t in trials}) == [1, 3]
     keys = {t.guests["count"]: set() for t in trials}
@@ -194,25 +212,31 @@ def test_sysbench_tables_limit_is_one_limit(tables, ok):
         SysbenchParams.from_mapping({"tables": tables})
 
 
-@pytest.mark.parametrize("extra, key", [
-    ("processes = true", "workload.processes"),  # a whole number, not a bool (the adapter's rule)
-    ("processes = 5000", "workload.processes"),  # <= 4096 (the plan's rule)
-    ("seed = -1", "workload.seed"),  # numpy's SeedSequence takes no negative seed
-    ("round_wait_s = inf", "workload.round_wait_s"),
-    ("cpu_pin = []", "workload.cpu_pin"),
-    ("cpu_pin = [0, -1]", "workload.cpu_pin"),
-    ("pages_per_process = 2.5", "workload.pages_per_process"),
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("processes = true", "workload.processes"),  # a whole number, not a bool (the adapter's rule)
+        ("processes = 5000", "workload.processes"),  # <= 4096 (the plan's rule)
+        ("seed = -1", "workload.seed"),  # numpy's SeedSequence takes no negative seed
+        ("round_wait_s = inf", "workload.round_wait_s"),
+        ("cpu_pin = []", "workload.cpu_pin"),
+        ("cpu_pin = [0, -1]", "workload.cpu_pin"),
+        ("pages_per_process = 2.5", "workload.pages_per_process"),
+    ],
+)
 def test_processes_rules_of_plan_and_adapter_both_hold_at_load(extra, key):
     with pytest.raises(PlanError, match=rf"\n  {re.escape(key)}: "):
         parse_plan(PROCESSES.format(extra=extra))
 
 
-@pytest.mark.parametrize("extra, key", [
-    ('test = "oltp_bogus"', "workload.test"),  # the adapter's list of Lua tests
-    ("duration_s = 100000", "workload.duration_s"),  # the plan's cap
-    ('mysql_socket = "/tmp/x.sock"', "workload.mysql_socket"),  # the image's, not a plan key
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ('test = "oltp_bogus"', "workload.test"),  # the adapter's list of Lua tests
+        ("duration_s = 100000", "workload.duration_s"),  # the plan's cap
+        ('mysql_socket = "/tmp/x.sock"', "workload.mysql_socket"),  # the image's, not a plan key
+    ],
+)
 def test_sysbench_rules_of_plan_and_adapter_both_hold_at_load(extra, key):
     with pytest.raises(PlanError, match=rf"\n  {re.escape(key)}: "):
         parse_plan(SYSBENCH.format(extra=extra))
@@ -233,8 +257,9 @@ def test_a_bad_swept_workload_value_names_the_axis_and_the_key():
 
 
 def test_trials_give_runners_typed_settings_with_the_swept_values():
-    text = PROCESSES.format(extra="cpu_pin = [1, 0]") + ("[phases]\nmeasure_s = 12\n[sampling]\ninterval_s = 0.5\n"
-                                                         "[sweep.workload]\nrounds = [0, 3]\n")
+    text = PROCESSES.format(extra="cpu_pin = [1, 0]") + (
+        "[phases]\nmeasure_s = 12\n[sampling]\ninterval_s = 0.5\n[sweep.workload]\nrounds = [0, 3]\n"
+    )
     trials = expand(parse_plan(text))
     assert [t.workload_model.rounds for t in trials] == [0, 3]
     first = trials[0]
@@ -251,12 +276,15 @@ def test_trial_ids_are_what_they_were_before_the_workload_models_moved():
     """Resume finds finished trials by id: the ids of these plans were recorded before the
     workloads' models moved into their adapters, and must not change."""
     plans = {
-        PROCESSES.format(extra="cpu_pin = [0, 1]") + "[sweep.workload]\nrounds = [0, 1]\nround_wait_s = [0.5]\n":
-            ["rounds0-round-wait-s0.5_r0_2c043481", "rounds1-round-wait-s0.5_r0_cad8a5c0"],
+        PROCESSES.format(extra="cpu_pin = [0, 1]") + "[sweep.workload]\nrounds = [0, 1]\nround_wait_s = [0.5]\n": [
+            "rounds0-round-wait-s0.5_r0_2c043481",
+            "rounds1-round-wait-s0.5_r0_cad8a5c0",
+        ],
         SYSBENCH.format(extra="tables = 2\nwarmup_s = 5").replace("count = 1", "count = 2")
         + "[sweep.ksm]\npages_to_scan = [100]\n": ["pts100_r0_fda30752"],
-        '[study]\nname = "t"\n[workload]\ntype = "probe"\npages = 64\n[sweep.host]\nthp_enabled = ["never"]\n':
-            ["thpnever_r0_a28a8e8d"],
+        '[study]\nname = "t"\n[workload]\ntype = "probe"\npages = 64\n[sweep.host]\nthp_enabled = ["never"]\n': [
+            "thpnever_r0_a28a8e8d"
+        ],
         '[study]\nname = "t"\nksm_off_baseline = true\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
         "[sweep.ksm]\npages_to_scan = [100]\n": ["ksmoff_r0_d356b048", "pts100_r0_128741fa"],
     }
@@ -273,7 +301,7 @@ def test_the_plan_reference_lists_each_workloads_keys_and_defaults():
 
     text = (PLANS.parent / "docs" / "plan-reference.md").read_text()
     start = text.index("[workload]                   # one of four types:")
-    block = text[start:text.index("\n[guests]", start)]
+    block = text[start : text.index("\n[guests]", start)]
     tables: dict[str, dict] = {}
     for line in block.splitlines()[1:]:
         line = line.removeprefix("# ").split(" #", 1)[0].strip()
@@ -289,14 +317,17 @@ def test_the_plan_reference_lists_each_workloads_keys_and_defaults():
         assert set(tables[kind]) == set(model.model_fields) - {"type"}, kind
         defaults = model().model_dump(mode="json")
         advice = {"warmup_s"} if kind == "sysbench" else set()
-        assert {k: v for k, v in tables[kind].items() if k not in advice} == \
-            {k: defaults[k] for k in tables[kind] if k not in advice}, kind
+        assert {k: v for k, v in tables[kind].items() if k not in advice} == {
+            k: defaults[k] for k in tables[kind] if k not in advice
+        }, kind
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_a_timeout_of_inf_or_nan_is_refused_naming_the_key(value: str) -> None:
-    text = ('[study]\nname = "t"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
-            f'boot_timeout_s = {value}\n')
+    text = (
+        '[study]\nname = "t"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
+        f"boot_timeout_s = {value}\n"
+    )
     with pytest.raises(PlanError, match="boot_timeout_s"):
         parse_plan(text)
     with pytest.raises(PlanError, match="confirm_max_s"):
@@ -347,7 +378,7 @@ def test_tolerance_edge_is_inclusive_and_relative_to_the_largest_sample():
 
 
 def test_stored_tolerance_is_the_plans_else_the_default():
-    assert plan_mod.stored_converge_tolerance_pct('[phases]\nconverge_tolerance_pct = 2.5\n') == 2.5
+    assert plan_mod.stored_converge_tolerance_pct("[phases]\nconverge_tolerance_pct = 2.5\n") == 2.5
     assert plan_mod.stored_converge_tolerance_pct('[study]\nname = "x"\n') == plan_mod.CONVERGE_TOLERANCE_PCT
     assert plan_mod.stored_converge_tolerance_pct("") == plan_mod.CONVERGE_TOLERANCE_PCT
     assert plan_mod.stored_converge_tolerance_pct("not toml [") == plan_mod.CONVERGE_TOLERANCE_PCT

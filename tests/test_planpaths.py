@@ -53,9 +53,11 @@ def test_guest_paths_resolve_against_the_plan_folder(tmp_path, monkeypatch):
 
 
 def test_a_bare_recipe_name_stays_a_shipped_recipe_and_a_recipe_path_resolves(tmp_path):
-    text = ('[study]\nname = "r"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
-            '[guests.image]\nrecipe = "debian-sysbench"\n'
-            '[sweep.guests.image]\nrecipe = ["debian-sysbench", "mine.toml", "sub/other"]\n')
+    text = (
+        '[study]\nname = "r"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
+        '[guests.image]\nrecipe = "debian-sysbench"\n'
+        '[sweep.guests.image]\nrecipe = ["debian-sysbench", "mine.toml", "sub/other"]\n'
+    )
     plan, _ = load_plan(_write(tmp_path, text))
     folder = (tmp_path / "plans").resolve()
     assert plan.guests.image == {"recipe": "debian-sysbench"}
@@ -64,10 +66,12 @@ def test_a_bare_recipe_name_stays_a_shipped_recipe_and_a_recipe_path_resolves(tm
 
 
 def test_swept_templates_and_their_excludes_resolve_alike(tmp_path):
-    text = ('[study]\nname = "s"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
-            '[sweep.guests]\ntemplate = ["a.j2", "b.j2"]\ncount = [1, 2]\n'
-            '[[sweep.exclude]]\nguests = { template = "a.j2", count = 2 }\n'
-            '[[sweep.include]]\nguests = { template = "c.j2", count = 3 }\n')
+    text = (
+        '[study]\nname = "s"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\n'
+        '[sweep.guests]\ntemplate = ["a.j2", "b.j2"]\ncount = [1, 2]\n'
+        '[[sweep.exclude]]\nguests = { template = "a.j2", count = 2 }\n'
+        '[[sweep.include]]\nguests = { template = "c.j2", count = 3 }\n'
+    )
     plan, _ = load_plan(_write(tmp_path, text))
     folder = (tmp_path / "plans").resolve()
     points = sorted((Path(t.guests["template"]).name, t.guests["count"]) for t in expand(plan))

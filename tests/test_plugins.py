@@ -16,7 +16,14 @@ import pytest
 
 from orchestrator.errors import PlanError
 from orchestrator.plan import POLICY_PLUGINS, WORKLOAD_PLUGINS, expand, load_plan, parse_plan
-from orchestrator.plugins import POLICY_GROUP, WORKLOAD_GROUP, PolicyPlugin, WorkloadPlugin, _check_policy, _check_workload
+from orchestrator.plugins import (
+    POLICY_GROUP,
+    WORKLOAD_GROUP,
+    PolicyPlugin,
+    WorkloadPlugin,
+    _check_policy,
+    _check_workload,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 # plugin (toyload/__init__.py) and its runner (toyload/runner.py) live in its own package, as a
 # third party would write them: the plugin's module imports no runner (the plan loads it while
 # orchestrator.plan is still importing), the runner is named by a string and loaded by the sweep.
-TOY_INIT = textwrap.dedent('''
+TOY_INIT = textwrap.dedent("""
     from __future__ import annotations
 
     from typing import ClassVar, Literal
@@ -43,7 +50,7 @@ TOY_INIT = textwrap.dedent('''
 
 
     PLUGIN = WorkloadPlugin(type="toy", model=ToyParams, runner="toyload.runner:ToyRunner", where="host")
-''')
+""")
 
 TOY_RUNNER = textwrap.dedent('''
     from __future__ import annotations
@@ -123,8 +130,12 @@ def _install_toy(site: Path, init: str = TOY_INIT) -> dict[str, str]:
 
 def test_the_shipped_workloads_are_registered_as_plugins():
     assert set(WORKLOAD_PLUGINS) == {"processes", "idle", "sysbench", "probe"}
-    assert {t: p.where for t, p in WORKLOAD_PLUGINS.items()} == \
-        {"processes": "host", "probe": "host", "idle": "guests", "sysbench": "guests"}
+    assert {t: p.where for t, p in WORKLOAD_PLUGINS.items()} == {
+        "processes": "host",
+        "probe": "host",
+        "idle": "guests",
+        "sysbench": "guests",
+    }
 
 
 def test_a_plugin_whose_model_does_not_carry_its_type_is_refused():
@@ -147,9 +158,15 @@ def test_a_toy_workload_from_its_own_package_runs_a_study(tmp_path: Path, ksm_gu
     plan = tmp_path / "toy.toml"
     plan.write_text(TOY_PLAN)
     results = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results),
-                          "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary["exit_code"] == 0
@@ -162,8 +179,14 @@ def test_a_toy_workload_from_its_own_package_runs_a_study(tmp_path: Path, ksm_gu
 
 def test_a_broken_third_party_plugin_is_left_out_with_a_warning(tmp_path: Path) -> None:
     env = _install_toy(tmp_path / "site", init="raise ImportError('toy is broken')\n")
-    run = subprocess.run([sys.executable, "-c", "from orchestrator.plan import WORKLOAD_MODELS; print(sorted(WORKLOAD_MODELS))"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.plan import WORKLOAD_MODELS; print(sorted(WORKLOAD_MODELS))"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "['idle', 'probe', 'processes', 'sysbench']"
     assert "workload plugin 'toy'" in run.stderr and "toy is broken" in run.stderr
@@ -171,7 +194,7 @@ def test_a_broken_third_party_plugin_is_left_out_with_a_warning(tmp_path: Path) 
 
 # The toy policy: KSM on for measure at the pages_to_scan its [ksm.toyrate] table gives, written
 # through HostSettings (recorded, restored); its Run says what it wrote in trial.json's "policy".
-TOY_POLICY = textwrap.dedent('''
+TOY_POLICY = textwrap.dedent("""
     from __future__ import annotations
 
     from pydantic import Field
@@ -204,7 +227,7 @@ TOY_POLICY = textwrap.dedent('''
 
     PLUGIN = PolicyPlugin(name="toyrate", params=ToyRateParams,
                           start=lambda settings, params, work_dir: ToyRateRun(settings, params))
-''')
+""")
 
 TOY_POLICY_PLAN = """
 [study]
@@ -252,9 +275,19 @@ def test_policy_trial_ids_are_what_they_were_before_policies_became_plugins():
     advisor's knob changes, parameter tables) expands to the ids it had before."""
     plan, _ = load_plan(REPO / "plans" / "policies.toml")
     assert [t.trial_id for t in expand(plan)] == [
-        "ksmoff_r0_5f5732a4", "policykubevirt_r0_b888b57c", "policythrottler_r0_5ccbde13", "policyadvisor_r0_989eef44",
-        "policyksmtuned_r0_3ff327a7", "policystatic_r0_245c7f1e", "policystatic_r1_f51403dc", "policyadvisor_r1_80b2b824",
-        "ksmoff_r1_9e22a07c", "policythrottler_r1_31be4157", "policykubevirt_r1_f7512a88", "policyksmtuned_r1_d00640a5"]
+        "ksmoff_r0_5f5732a4",
+        "policykubevirt_r0_b888b57c",
+        "policythrottler_r0_5ccbde13",
+        "policyadvisor_r0_989eef44",
+        "policyksmtuned_r0_3ff327a7",
+        "policystatic_r0_245c7f1e",
+        "policystatic_r1_f51403dc",
+        "policyadvisor_r1_80b2b824",
+        "ksmoff_r1_9e22a07c",
+        "policythrottler_r1_31be4157",
+        "policykubevirt_r1_f7512a88",
+        "policyksmtuned_r1_d00640a5",
+    ]
 
 
 def test_a_policy_plugin_without_a_callable_start_or_under_another_name_is_refused():
@@ -275,8 +308,10 @@ def test_a_policy_plugin_without_a_callable_start_or_under_another_name_is_refus
 def test_an_unknown_policy_names_the_installed_ones():
     with pytest.raises(PlanError) as caught:
         parse_plan(TOY_POLICY_PLAN.replace("[ksm.toyrate]\npages_to_scan = 321\n", ""))  # no toyrate here
-    assert "ksm.policy: not an installed KSM policy; installed: advisor, ksmtuned, kubevirt, static, throttler " \
+    assert (
+        "ksm.policy: not an installed KSM policy; installed: advisor, ksmtuned, kubevirt, static, throttler "
         "(got 'toyrate')" in str(caught.value)
+    )
 
 
 @pytest.mark.ksm
@@ -285,9 +320,15 @@ def test_a_toy_policy_from_its_own_package_runs_a_study(tmp_path: Path, ksm_guar
     plan = tmp_path / "toyrate.toml"
     plan.write_text(TOY_POLICY_PLAN)
     results = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results),
-                          "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout)["exit_code"] == 0
     trials = pd.read_csv(results / "toyrate" / "trials.csv")
@@ -300,8 +341,14 @@ def test_a_toy_policy_from_its_own_package_runs_a_study(tmp_path: Path, ksm_guar
 
 def test_a_broken_third_party_policy_is_left_out_with_a_warning(tmp_path: Path) -> None:
     env = _install_toy_policy(tmp_path / "site", module="raise ImportError('toyrate is broken')\n")
-    run = subprocess.run([sys.executable, "-c", "from orchestrator.plan import POLICY_PLUGINS; print(sorted(POLICY_PLUGINS))"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.plan import POLICY_PLUGINS; print(sorted(POLICY_PLUGINS))"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "['advisor', 'ksmtuned', 'kubevirt', 'static', 'throttler']"
     assert "policy plugin 'toyrate'" in run.stderr and "toyrate is broken" in run.stderr

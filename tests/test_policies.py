@@ -25,21 +25,36 @@ from orchestrator.policies import ksmtuned, kubevirt, run_for, throttler
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, ThrottlerParams
 from orchestrator.analysis import recommend as recommend_mod
 from orchestrator.analysis.recommend import BadInput, Limits, recommend
-from tests.builders import (finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study,
-                                write_trial)
+from tests.builders import finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study, write_trial
 
 GIB_KIB = 1024 * 1024
 MIB_PER_PAGE = 1024 * 1024 / 4096  # pages of 4 KiB in a MiB
 
-BASE_KSM = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "0",
-            "pages_sharing": "0", "pages_unshared": "0", "pages_volatile": "0", "full_scans": "0",
-            "merge_across_nodes": "1", "max_page_sharing": "256", "use_zero_pages": "0"}
-ADVISOR = {"advisor_mode": "none", "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
-           "advisor_max_pages_to_scan": "30000", "advisor_target_scan_time": "200"}
+BASE_KSM = {
+    "run": "0",
+    "pages_to_scan": "100",
+    "sleep_millisecs": "20",
+    "pages_shared": "0",
+    "pages_sharing": "0",
+    "pages_unshared": "0",
+    "pages_volatile": "0",
+    "full_scans": "0",
+    "merge_across_nodes": "1",
+    "max_page_sharing": "256",
+    "use_zero_pages": "0",
+}
+ADVISOR = {
+    "advisor_mode": "none",
+    "advisor_max_cpu": "70",
+    "advisor_min_pages_to_scan": "500",
+    "advisor_max_pages_to_scan": "30000",
+    "advisor_target_scan_time": "200",
+}
 
 
-def fake_root(tmp_path: Path, advisor: bool = True, mem_total_kib: int = 8 * GIB_KIB,
-              mem_available_kib: int = 6 * GIB_KIB) -> Path:
+def fake_root(
+    tmp_path: Path, advisor: bool = True, mem_total_kib: int = 8 * GIB_KIB, mem_available_kib: int = 6 * GIB_KIB
+) -> Path:
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS
     ksm_dir.mkdir(parents=True)
@@ -51,8 +66,10 @@ def fake_root(tmp_path: Path, advisor: bool = True, mem_total_kib: int = 8 * GIB
 
 def set_meminfo(root: Path, total_kib: int, available_kib: int, anon_kib: int = GIB_KIB) -> None:
     (root / "proc").mkdir(exist_ok=True)
-    (root / "proc/meminfo").write_text(f"MemTotal: {total_kib} kB\nMemFree: {available_kib // 2} kB\n"
-                                       f"MemAvailable: {available_kib} kB\nAnonPages: {anon_kib} kB\n")
+    (root / "proc/meminfo").write_text(
+        f"MemTotal: {total_kib} kB\nMemFree: {available_kib // 2} kB\n"
+        f"MemAvailable: {available_kib} kB\nAnonPages: {anon_kib} kB\n"
+    )
 
 
 def knob(root: Path, name: str) -> str:
@@ -109,8 +126,9 @@ def test_advisor_is_refused_clearly_on_a_kernel_without_it(tmp_path):
 
 
 def test_policy_tables_are_validated():
-    plan = parse_plan(PLAN.format(ksm='policy = "ksmtuned"\n[ksm.ksmtuned]\nmonitor_interval_s = 3\nnpages_max = 2000',
-                                  extra=""))
+    plan = parse_plan(
+        PLAN.format(ksm='policy = "ksmtuned"\n[ksm.ksmtuned]\nmonitor_interval_s = 3\nnpages_max = 2000', extra="")
+    )
     (trial,) = expand(plan)
     assert trial.policy["name"] == "ksmtuned" and trial.policy["ksmtuned"]["npages_max"] == 2000
     with pytest.raises(PlanError, match="npages_decay"):
@@ -120,10 +138,10 @@ def test_policy_tables_are_validated():
 
 
 def test_search_section_is_validated():
-    ok = parse_plan(PLAN.format(ksm="", extra="[search]\nlow = 50\nhigh = 20000\nobjective = \"knee\""))
+    ok = parse_plan(PLAN.format(ksm="", extra='[search]\nlow = 50\nhigh = 20000\nobjective = "knee"'))
     assert ok.search is not None and ok.search.scale == "log"
     with pytest.raises(PlanError, match="budget"):
-        parse_plan(PLAN.format(ksm="", extra="[search]\nlow = 50\nhigh = 20000\nobjective = \"budget\""))
+        parse_plan(PLAN.format(ksm="", extra='[search]\nlow = 50\nhigh = 20000\nobjective = "budget"'))
     with pytest.raises(PlanError, match="high"):
         parse_plan(PLAN.format(ksm="", extra="[search]\nlow = 500\nhigh = 50"))
 
@@ -138,8 +156,9 @@ def test_advisor_knobs_applied_on_a_fake_tree_and_restored(tmp_path):
     settings.reset(timeout_s=1)
     settings.apply({"pages_to_scan": 1000}, {})
     settings.reset(timeout_s=1)
-    (trial,) = expand(parse_plan(PLAN.format(ksm='policy = "advisor"\nadvisor_max_cpu = 30\n'
-                                             'advisor_target_scan_time = 50', extra="")))
+    (trial,) = expand(
+        parse_plan(PLAN.format(ksm='policy = "advisor"\nadvisor_max_cpu = 30\nadvisor_target_scan_time = 50', extra=""))
+    )
     settings.apply(trial.ksm, trial.host)
     assert knob(root, "advisor_mode") == "scan-time"
     assert knob(root, "advisor_max_cpu") == "30" and knob(root, "advisor_target_scan_time") == "50"
@@ -150,8 +169,12 @@ def test_advisor_knobs_applied_on_a_fake_tree_and_restored(tmp_path):
     assert knob(root, "run") == "1"
     (root / KSM_SYSFS / "pages_to_scan").write_text("4321\n")  # what the advisor would do
     settings.restore()
-    assert {k: knob(root, k) for k in ("run", "pages_to_scan", "advisor_mode", "advisor_max_cpu")} == \
-        {"run": "0", "pages_to_scan": "100", "advisor_mode": "none", "advisor_max_cpu": "70"}
+    assert {k: knob(root, k) for k in ("run", "pages_to_scan", "advisor_mode", "advisor_max_cpu")} == {
+        "run": "0",
+        "pages_to_scan": "100",
+        "advisor_mode": "none",
+        "advisor_max_cpu": "70",
+    }
     entries = json.loads((tmp_path / "record.json").read_text())
     assert [e["path"].rsplit("/", 1)[1] for e in entries][:2] == ["run", "pages_to_scan"]
 
@@ -182,8 +205,18 @@ def test_kubevirt_rule_on_a_scripted_mem_available():
         state = kubevirt.kubevirt_step(running, pages, total, available, params)
         states.append((state.running, state.pages_to_scan))
         running, pages = state.running, state.pages_to_scan
-    assert states == [(False, 77), (True, 100), (True, 400), (True, 700), (True, 1000), (True, 1250),
-                      (True, 1250), (True, 1200), (True, 1150), (True, 1100)]
+    assert states == [
+        (False, 77),
+        (True, 100),
+        (True, 400),
+        (True, 700),
+        (True, 1000),
+        (True, 1250),
+        (True, 1250),
+        (True, 1200),
+        (True, 1150),
+        (True, 1100),
+    ]
     # decay below the minimum stops KSM at pages_min
     assert kubevirt.kubevirt_step(True, 100, total, free, params) == kubevirt.KsmState(False, 64, 200)
 
@@ -209,8 +242,11 @@ def test_kubevirt_controller_writes_through_host_settings(tmp_path):
     assert knob(root, "run") == "0"
     set_meminfo(root, total, total // 10)
     run.spin()
-    assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == \
-        ("1", "100", str(100 * 16 * GIB_KIB // (total - total // 10)))
+    assert (knob(root, "run"), knob(root, "pages_to_scan"), knob(root, "sleep_millisecs")) == (
+        "1",
+        "100",
+        str(100 * 16 * GIB_KIB // (total - total // 10)),
+    )
     run.spin()
     assert knob(root, "pages_to_scan") == "400"
     summary = run.summary()
@@ -243,8 +279,10 @@ def test_throttler_steps_down_after_a_start_as_kata_does():
 
 def test_throttler_params_are_validated():
     (trial,) = expand(parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\naggressive_s = 2', extra="")))
-    assert trial.policy == {"name": "throttler", "throttler": {"aggressive_s": 2.0, "standard_s": 120.0,
-                                                               "slow_s": 120.0, "initial_run": 1}}
+    assert trial.policy == {
+        "name": "throttler",
+        "throttler": {"aggressive_s": 2.0, "standard_s": 120.0, "slow_s": 120.0, "initial_run": 1},
+    }
     with pytest.raises(PlanError, match="initial_run"):
         parse_plan(PLAN.format(ksm='policy = "throttler"\n[ksm.throttler]\ninitial_run = 2', extra=""))
     with pytest.raises(PlanError, match="slow_s"):
@@ -307,13 +345,30 @@ def test_throttler_stop_is_bounded_while_it_holds_a_step(tmp_path):
 
 
 def test_ksmtuned_config_from_the_plan(tmp_path):
-    params = KsmtunedParams(monitor_interval_s=5, npages_boost=500, npages_decay=-20, npages_min=32,
-                            npages_max=3000, thres_coef=30, thres_const=4096, sleep_ms=15)
+    params = KsmtunedParams(
+        monitor_interval_s=5,
+        npages_boost=500,
+        npages_decay=-20,
+        npages_min=32,
+        npages_max=3000,
+        thres_coef=30,
+        thres_const=4096,
+        sleep_ms=15,
+    )
     env = ksmtuned.config_env(params, tmp_path / "k.log", tmp_path / "k.pid")
-    assert env == {"KSM_MONITOR_INTERVAL": "5", "KSM_NPAGES_BOOST": "500", "KSM_NPAGES_DECAY": "-20",
-                   "KSM_NPAGES_MIN": "32", "KSM_NPAGES_MAX": "3000", "KSM_THRES_COEF": "30",
-                   "KSM_THRES_CONST": "4096", "KSM_SLEEP_MSEC": "15", "DEBUG": "1",
-                   "LOGFILE": str(tmp_path / "k.log"), "PIDFILE": str(tmp_path / "k.pid")}
+    assert env == {
+        "KSM_MONITOR_INTERVAL": "5",
+        "KSM_NPAGES_BOOST": "500",
+        "KSM_NPAGES_DECAY": "-20",
+        "KSM_NPAGES_MIN": "32",
+        "KSM_NPAGES_MAX": "3000",
+        "KSM_THRES_COEF": "30",
+        "KSM_THRES_CONST": "4096",
+        "KSM_SLEEP_MSEC": "15",
+        "DEBUG": "1",
+        "LOGFILE": str(tmp_path / "k.log"),
+        "PIDFILE": str(tmp_path / "k.pid"),
+    }
     text = ksmtuned.config_text(env)
     assert "KSM_NPAGES_BOOST=500\n" in text and text.count("\n") == len(env)
 
@@ -321,20 +376,25 @@ def test_ksmtuned_config_from_the_plan(tmp_path):
 def test_system_conf_that_would_override_the_plan_is_detected():
     shipped = "# KSM_MONITOR_INTERVAL=60\n# KSM_SLEEP_MSEC=10\n# LOGFILE=/var/log/ksmtuned\n# DEBUG=1\n"
     assert ksmtuned.conf_overrides(shipped) == []
-    assert ksmtuned.conf_overrides(shipped + "KSM_NPAGES_MAX=2000\n  export DEBUG=1\nOTHER=1\n") == \
-        ["DEBUG", "KSM_NPAGES_MAX"]
+    assert ksmtuned.conf_overrides(shipped + "KSM_NPAGES_MAX=2000\n  export DEBUG=1\nOTHER=1\n") == [
+        "DEBUG",
+        "KSM_NPAGES_MAX",
+    ]
 
 
 def test_ksmtuned_log_parsing():
-    log = ("Tue Dec  1 20:00:00 UTC 2026: total 8000000\n"
-           "Tue Dec  1 20:00:05 UTC 2026: committed 0 free 900000\n"
-           "Tue Dec  1 20:00:05 UTC 2026: 1600000 < 8000000 and free > 1600000, stop ksm\n"
-           "Tue Dec  1 20:00:10 UTC 2026: KSMCTL start 300 20\n"
-           "Tue Dec  1 20:00:15 UTC 2026: KSMCTL start 250 20\n")
+    log = (
+        "Tue Dec  1 20:00:00 UTC 2026: total 8000000\n"
+        "Tue Dec  1 20:00:05 UTC 2026: committed 0 free 900000\n"
+        "Tue Dec  1 20:00:05 UTC 2026: 1600000 < 8000000 and free > 1600000, stop ksm\n"
+        "Tue Dec  1 20:00:10 UTC 2026: KSMCTL start 300 20\n"
+        "Tue Dec  1 20:00:15 UTC 2026: KSMCTL start 250 20\n"
+    )
     assert ksmtuned.parse_log(log) == [
         {"action": "stop"},
         {"action": "start", "pages_to_scan": 300, "sleep_millisecs": 20},
-        {"action": "start", "pages_to_scan": 250, "sleep_millisecs": 20}]
+        {"action": "start", "pages_to_scan": 250, "sleep_millisecs": 20},
+    ]
 
 
 FAKE_KSMTUNED = """#!/bin/bash
@@ -365,8 +425,9 @@ def test_ksmtuned_run_starts_and_stops_by_pid_with_a_stand_in(tmp_path):
     exe, conf = _stand_in(tmp_path, "# KSM_MONITOR_INTERVAL=60\n")
     root = fake_root(tmp_path)
     settings = HostSettings(tmp_path / "record.json", root)
-    run = ksmtuned.KsmtunedRun(settings, KsmtunedParams(npages_boost=444, sleep_ms=12), tmp_path / "trial",
-                               executable=exe, system_conf=conf)
+    run = ksmtuned.KsmtunedRun(
+        settings, KsmtunedParams(npages_boost=444, sleep_ms=12), tmp_path / "trial", executable=exe, system_conf=conf
+    )
     run.start()
     pid = run.pid
     assert pid is not None and _alive(pid)
@@ -492,8 +553,9 @@ def knee_score_of(observations: list[search.Observation], value: int) -> float:
     ends = {o.value: o for o in observations if o.value in (50, 20000)}
     lo, hi = ends[50], ends[20000]
     o = next(o for o in observations if o.value == value)
-    return ((o.saved_mib - lo.saved_mib) / (hi.saved_mib - lo.saved_mib)
-            - (o.ksmd_cpu_pct - lo.ksmd_cpu_pct) / (hi.ksmd_cpu_pct - lo.ksmd_cpu_pct))
+    return (o.saved_mib - lo.saved_mib) / (hi.saved_mib - lo.saved_mib) - (o.ksmd_cpu_pct - lo.ksmd_cpu_pct) / (
+        hi.ksmd_cpu_pct - lo.ksmd_cpu_pct
+    )
 
 
 def test_spent_knee_search_answers_by_knee_score_and_calls_it_a_bracket():
@@ -535,15 +597,22 @@ def test_flat_saving_makes_the_cheap_end_the_knee():
 # ----------------------------------------------------------------------------- recommend
 
 
-def two_setting_study(tmp_path: Path, a: tuple[int, tuple[int, int], float], b: tuple[int, tuple[int, int], float],
-                      name: str = "study") -> Path:
+def two_setting_study(
+    tmp_path: Path, a: tuple[int, tuple[int, int], float], b: tuple[int, tuple[int, int], float], name: str = "study"
+) -> Path:
     """Two pages_to_scan settings, two blocks: (pages, (final sharing per block), cpu share)."""
     study = start_study(tmp_path, name)
     for pages, finals, cpu_share in (a, b):
         for rep, final in enumerate(finals):
             ksm = ramp_ksm_frame(final_sharing=final, cpu_core_fraction=cpu_share + 0.001 * rep)
-            write_trial(study, f"p{pages}-r{rep}", {"pages_to_scan": pages}, repetition=rep, ksm=ksm,
-                        processes=processes_frame(ksm))
+            write_trial(
+                study,
+                f"p{pages}-r{rep}",
+                {"pages_to_scan": pages},
+                repetition=rep,
+                ksm=ksm,
+                processes=processes_frame(ksm),
+            )
     return finish_study(study)
 
 
@@ -595,7 +664,6 @@ def test_recommend_takes_the_cheaper_of_two_that_save_the_same_within_the_margin
     assert strict.chosen is not None and strict.chosen.setting == "pages_to_scan=2000"
 
 
-
 def test_recommend_cli_takes_the_saving_margin(tmp_path, capsys):
     study = two_setting_study(tmp_path, (1000, (1000, 1010), 0.10), (2000, (1001, 1012), 0.20))
     assert cli.main(["recommend", str(study), "--json"]) == 0
@@ -625,7 +693,7 @@ def test_recommend_nothing_qualifies_exits_1(tmp_path, capsys):
     assert cli.main(["recommend", str(study), "--min-saved-mib", "1000"]) == 1
     assert cli.main(["recommend", str(study), "--max-ksmd-cpu", "50", "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["recommended"]["setting"] == "pages_to_scan=1000"
+    assert json.loads(out[out.index("{") :])["recommended"]["setting"] == "pages_to_scan=1000"
 
 
 def test_recommend_bad_input_exits_2(tmp_path):
@@ -658,8 +726,14 @@ def test_nominal_scan_rate_and_policy_columns(tmp_path):
     study = start_study(tmp_path)
     ksm = ramp_ksm_frame()
     ksm["sleep_millisecs"] = 20  # pages_to_scan 100 -> 5000 pages/s asked for while run = 1
-    write_trial(study, "kt", {"ksm.policy": "ksmtuned"}, ksm=ksm, processes=processes_frame(ksm),
-                extra={"policy": {"name": "ksmtuned", "ksm_turned_on": False}})
+    write_trial(
+        study,
+        "kt",
+        {"ksm.policy": "ksmtuned"},
+        ksm=ksm,
+        processes=processes_frame(ksm),
+        extra={"policy": {"name": "ksmtuned", "ksm_turned_on": False}},
+    )
     sm = computed(finish_study(study))
     row = sm.trials.iloc[0]
     assert row["policy"] == "ksmtuned" and bool(row["policy_ksm_turned_on"]) is False
@@ -687,8 +761,7 @@ class SyntheticRunner:
         self.settings.start()  # the policy hook (static: run=1 on the fake tree)
         x = trial.ksm["pages_to_scan"]
         pages = int(saving(x) * 1024 * 1024 / 4096)
-        result.frames = {"ksm": ramp_ksm_frame(final_sharing=pages, plateau=True,
-                                               cpu_core_fraction=cpu(x) / 100)}
+        result.frames = {"ksm": ramp_ksm_frame(final_sharing=pages, plateau=True, cpu_core_fraction=cpu(x) / 100)}
 
     def finish(self):
         pass
@@ -723,8 +796,15 @@ def test_report_plots_policy_knobs_and_stars_the_recommendation(tmp_path):
             ksm = ramp_ksm_frame(final_sharing=final + 30 * rep, cpu_core_fraction=cpu_share + 0.002 * rep)
             ksm["pages_to_scan"] = pts
             ksm["sleep_millisecs"] = 20
-            write_trial(study, f"{name}-r{rep}", {"ksm.policy": name}, repetition=rep, ksm=ksm,
-                        processes=processes_frame(ksm), extra={"policy": {"name": name, "ksm_turned_on": True}})
+            write_trial(
+                study,
+                f"{name}-r{rep}",
+                {"ksm.policy": name},
+                repetition=rep,
+                ksm=ksm,
+                processes=processes_frame(ksm),
+                extra={"policy": {"name": name, "ksm_turned_on": True}},
+            )
     study = finish_study(study)
     html = report.write_report(study).read_text()
     assert (study / "report" / "policy_knobs.png").exists()

@@ -101,7 +101,7 @@ def test_ksmtuned_log_and_sampled_knobs_agree_and_it_is_gone_after(results_dir, 
     assert policy["ksm_turned_on"] and policy["stopped"] in ("SIGTERM", "SIGKILL")
     events = ksmtuned.parse_log((trial_dir / "ksmtuned.log").read_text())
     starts = [e for e in events if e["action"] == "start"]
-    assert [e["pages_to_scan"] for e in starts[:3]] == [300, 600, 900][:len(starts[:3])]
+    assert [e["pages_to_scan"] for e in starts[:3]] == [300, 600, 900][: len(starts[:3])]
     # every knob value sampled while KSM ran is one ksmtuned logged writing
     running = ksm[(ksm["phase"] == "measure") & (ksm["run"] == 1) & ksm["pages_to_scan"].notna()]
     assert not running.empty
@@ -130,7 +130,7 @@ def test_kubevirt_controller_steps_match_the_sampled_knobs(results_dir, ksm_guar
     extra = "[ksm.kubevirt]\nperiod_s = 2\nfree_percent = 1.0\npages_init = 100\npages_boost = 300"
     record, ksm, _ = run(plan_text("kubevirt", extra, measure_s=10), results_dir)
     steps = record["policy"]["steps"]
-    assert [s["pages_to_scan"] for s in steps[:4]] == [100, 400, 700, 1000][:len(steps[:4])]
+    assert [s["pages_to_scan"] for s in steps[:4]] == [100, 400, 700, 1000][: len(steps[:4])]
     assert all(s["running"] for s in steps)
     sampled = set(measured(ksm, "pages_to_scan"))
     assert {s["pages_to_scan"] for s in steps[:-1]} <= sampled
@@ -152,9 +152,13 @@ def test_sigkilled_ksmtuned_sweep_then_restore_stops_it_and_puts_the_knobs_back(
     extra = "[ksm.ksmtuned]\nmonitor_interval_s = 1\nthres_coef = 100\nnpages_boost = 300\nnpages_max = 1250"
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text("ksmtuned", extra, measure_s=600))
-    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir),
-                              "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir), "--no-report"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not live_pids_named("ksmtuned") or (ROOT / KSM_SYSFS / "run").read_text().strip() != "1":
@@ -165,8 +169,14 @@ def test_sigkilled_ksmtuned_sweep_then_restore_stops_it_and_puts_the_knobs_back(
         sweep.kill()
         sweep.wait(30)
     (left,) = live_pids_named("ksmtuned")
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / "policy-ksmtuned")],
-                         cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "restore", str(results_dir / "policy-ksmtuned")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"stopped ksmtuned pid {left}" in out.stdout
     assert live_pids_named("ksmtuned") == []

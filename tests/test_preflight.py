@@ -34,8 +34,10 @@ def test_space_check_refuses_a_study_that_cannot_store_what_it_measures(tmp_path
     from orchestrator.plan import expand, parse_plan
     from orchestrator.preflight import space_checks, space_needs
 
-    plan = parse_plan('[study]\nname = "s"\n[workload]\ntype = "processes"\n[phases]\nmeasure_s = 60\n'
-                      '[sweep.ksm]\npages_to_scan = [100, 1000]\n')
+    plan = parse_plan(
+        '[study]\nname = "s"\n[workload]\ntype = "processes"\n[phases]\nmeasure_s = 60\n'
+        "[sweep.ksm]\npages_to_scan = [100, 1000]\n"
+    )
     trials = expand(plan)
     needs = space_needs(plan, trials, tmp_path / "not-yet" / "results")
     assert list(needs) == [tmp_path]  # measured on the file system that will hold it
@@ -79,8 +81,10 @@ def test_a_0700_folder_above_the_guest_disks_is_named_for_qemu_s_user(tmp_path) 
 
 
 def _vm_plan(guests: str) -> str:
-    return ('[study]\nname = "b"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
-            f'{guests}\n[sweep.ksm]\npages_to_scan = [100]\n')
+    return (
+        '[study]\nname = "b"\n[workload]\ntype = "idle"\n[guests]\ncount = 1\nmemory_mib = 512\n'
+        f"{guests}\n[sweep.ksm]\npages_to_scan = [100]\n"
+    )
 
 
 def test_guest_memory_that_ksm_can_never_merge_is_refused_naming_the_key(tmp_path):
@@ -96,9 +100,12 @@ def test_guest_memory_that_ksm_can_never_merge_is_refused_naming_the_key(tmp_pat
     assert not huge.ok and huge.blocking
     assert huge.detail.startswith("[guests] hugepages = true (hugetlbfs): KSM never merges that memory")
     template = tmp_path / "memfd.xml.j2"
-    template.write_text(DEFAULT_TEMPLATE.read_text().replace(
-        "<vcpu placement='static'>",
-        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n  <vcpu placement='static'>"))
+    template.write_text(
+        DEFAULT_TEMPLATE.read_text().replace(
+            "<vcpu placement='static'>",
+            "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n  <vcpu placement='static'>",
+        )
+    )
     (memfd,) = memory_backing_checks(expand(parse_plan(_vm_plan(f'template = "{template}"'))))
     assert not memfd.ok
     assert f"[guests] template = '{template}' renders <source type='memfd'/> <access mode='shared'/>" in memfd.detail

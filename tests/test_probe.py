@@ -39,11 +39,26 @@ def scanning_frame(scanned_per_s: float = 2500.0, chains: int = 5, **kwargs) -> 
     return ksm
 
 
-def one_trial(tmp_path: Path, knobs: dict, ksm: pd.DataFrame, *, ksm_off: bool = False,
-              extra: dict | None = None, cow: pd.DataFrame | None = None) -> dict:
+def one_trial(
+    tmp_path: Path,
+    knobs: dict,
+    ksm: pd.DataFrame,
+    *,
+    ksm_off: bool = False,
+    extra: dict | None = None,
+    cow: pd.DataFrame | None = None,
+) -> dict:
     study = start_study(tmp_path)
-    trial_dir = write_trial(study, "t", {"pages_to_scan": knobs.get("pages_to_scan")}, ksm=ksm,
-                            processes=processes_frame(ksm), ksm_knobs=knobs, ksm_off=ksm_off, extra=extra)
+    trial_dir = write_trial(
+        study,
+        "t",
+        {"pages_to_scan": knobs.get("pages_to_scan")},
+        ksm=ksm,
+        processes=processes_frame(ksm),
+        ksm_knobs=knobs,
+        ksm_off=ksm_off,
+        extra=extra,
+    )
     if cow is not None:
         cow.to_csv(trial_dir / "cow.csv", index=False)
     finish_study(study)
@@ -101,8 +116,9 @@ def test_zero_pages_split_from_content_merges(tmp_path: Path) -> None:
 
 
 def test_zero_pages_not_split_when_use_zero_pages_off(tmp_path: Path) -> None:
-    m = one_trial(tmp_path, {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0},
-                  scanning_frame(zero_pages=300))
+    m = one_trial(
+        tmp_path, {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0}, scanning_frame(zero_pages=300)
+    )
     assert "zero_pages_mib" not in m
 
 
@@ -112,8 +128,11 @@ def test_zero_pages_not_split_when_use_zero_pages_off(tmp_path: Path) -> None:
 def test_rmap_items_derived_from_general_profit_match_the_processes(tmp_path: Path) -> None:
     # The builder's general_profit = pages_sharing * page - 2 * final rmap items * 64 B, and its
     # two processes report 1000 rmap items each.
-    m = one_trial(tmp_path, {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0},
-                  scanning_frame(final_sharing=1000, chains=5))
+    m = one_trial(
+        tmp_path,
+        {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0},
+        scanning_frame(final_sharing=1000, chains=5),
+    )
     assert m["ksm_rmap_items_est"] == pytest.approx(2000)
     assert m["ksm_rmap_items_processes"] == pytest.approx(2000)
     assert m["rmap_items_mib"] == pytest.approx(2000 * 64 / MIB)
@@ -157,8 +176,13 @@ def test_cow_percentiles_are_net_of_the_loop_overhead() -> None:
 
 
 def test_cow_latency_below_overhead_is_floored_not_negative() -> None:
-    samples = pd.DataFrame({"region": ["overhead"] * 3 + ["unmerged"] * 3 + ["merged"] * 3,
-                            "order": list(range(3)) * 3, "latency_ns": [100, 100, 100, 90, 95, 100, 500, 600, 700]})
+    samples = pd.DataFrame(
+        {
+            "region": ["overhead"] * 3 + ["unmerged"] * 3 + ["merged"] * 3,
+            "order": list(range(3)) * 3,
+            "latency_ns": [100, 100, 100, 90, 95, 100, 500, 600, 700],
+        }
+    )
     out = cowstats.cow_summary(samples)
     assert out["cow_unmerged_p50_ns"] == cowstats.FLOOR_NS
     assert out["cow_merged_p50_ns"] == pytest.approx(500)
@@ -170,10 +194,15 @@ def test_cow_latency_below_overhead_is_floored_not_negative() -> None:
 def test_cow_gap_is_stable_where_the_floored_ratio_was_not() -> None:
     """The issue's case: the unmerged median moves by 2 ns across the 1 ns floor. The net ratio
     went 4843 -> 2200; the difference of medians moves by 2 ns of ~4842."""
+
     def gap(unmerged_ns: float) -> dict:
-        samples = pd.DataFrame({"region": ["overhead"] * 3 + ["unmerged"] * 3 + ["merged"] * 3,
-                                "order": list(range(3)) * 3,
-                                "latency_ns": [160, 160, 160, *[unmerged_ns] * 3, *[160 + 4843] * 3]})
+        samples = pd.DataFrame(
+            {
+                "region": ["overhead"] * 3 + ["unmerged"] * 3 + ["merged"] * 3,
+                "order": list(range(3)) * 3,
+                "latency_ns": [160, 160, 160, *[unmerged_ns] * 3, *[160 + 4843] * 3],
+            }
+        )
         return cowstats.cow_summary(samples)
 
     before, after = gap(161.0), gap(163.0)
@@ -191,8 +220,15 @@ def test_cow_summary_of_nothing_is_empty() -> None:
 def test_probe_trial_columns_and_report_sections(tmp_path: Path) -> None:
     from orchestrator.report.study import write_report
 
-    probe = {"merged_pages": 25600, "merge_target_reached": True, "merge_wall_s": 2.0, "merge_ksmd_cpu_s": 0.5,
-             "unmerge_s": 0.25, "pages_before_unmerge": 262144, "pages_sharing_after_unmerge": 0}
+    probe = {
+        "merged_pages": 25600,
+        "merge_target_reached": True,
+        "merge_wall_s": 2.0,
+        "merge_ksmd_cpu_s": 0.5,
+        "unmerge_s": 0.25,
+        "pages_before_unmerge": 262144,
+        "pages_sharing_after_unmerge": 0,
+    }
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 20, "use_zero_pages": 0}
     m = one_trial(tmp_path, knobs, scanning_frame(), extra={"probe": probe, "kind": "probe"}, cow=synthetic_cow())
     assert m["merged_mib"] == pytest.approx(100.0)
@@ -200,8 +236,13 @@ def test_probe_trial_columns_and_report_sections(tmp_path: Path) -> None:
     assert m["merge_mib_per_ksmd_cpu_s"] == pytest.approx(200.0)
     assert m["unmerge_s_per_gib"] == pytest.approx(0.25)  # 262144 pages = 1 GiB
     html = write_report(tmp_path / "study").read_text()
-    for title in ("Scan speed: asked and achieved", "KSM&#39;s own memory", "Merge throughput and unmerge",
-                  "Copy-on-write break latency", "side channels"):
+    for title in (
+        "Scan speed: asked and achieved",
+        "KSM&#39;s own memory",
+        "Merge throughput and unmerge",
+        "Copy-on-write break latency",
+        "side channels",
+    ):
         assert title in html
     assert "significant" not in html.lower()
     trials = pd.read_csv(tmp_path / "study" / "report" / "summary.csv")
@@ -212,8 +253,15 @@ def test_probe_trial_columns_and_report_sections(tmp_path: Path) -> None:
 def test_a_probe_that_merged_nothing_claims_no_cow_ratio(tmp_path: Path) -> None:
     """Seen in plans/probe.toml: fill=zero under thp=always merged 0 pages, yet its "merged"
     region's first writes were 14x slower (THP faults). That is not a KSM copy-on-write cost."""
-    probe = {"merged_pages": 0, "merge_target_reached": False, "merge_wall_s": 300.0, "merge_ksmd_cpu_s": 5.0,
-             "unmerge_s": 0.01, "pages_before_unmerge": 0, "pages_sharing_after_unmerge": 0}
+    probe = {
+        "merged_pages": 0,
+        "merge_target_reached": False,
+        "merge_wall_s": 300.0,
+        "merge_ksmd_cpu_s": 5.0,
+        "unmerge_s": 0.01,
+        "pages_before_unmerge": 0,
+        "pages_sharing_after_unmerge": 0,
+    }
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 20, "use_zero_pages": 0}
     m = one_trial(tmp_path, knobs, scanning_frame(), extra={"probe": probe, "kind": "probe"}, cow=synthetic_cow())
     assert math.isnan(m["cow_median_ratio"]) and "nothing merged" in m["cow_note"]
@@ -251,8 +299,12 @@ def test_probe_plan_parses_and_sweeps_fill_and_thp() -> None:
 
 
 def test_probe_params_target_counts_only_mergeable_pages() -> None:
-    assert ProbeParams(pages=1000, fill="duplicate_fraction", duplicate_fraction=0.25,
-                       merge_target_pct=80).merge_target_pages() == 200
+    assert (
+        ProbeParams(
+            pages=1000, fill="duplicate_fraction", duplicate_fraction=0.25, merge_target_pct=80
+        ).merge_target_pages()
+        == 200
+    )
     assert ProbeParams(pages=1000, fill="same").merge_target_pages() == 950
     with pytest.raises(PlanError, match="^probe workload: fill: "):
         ProbeParams.from_mapping({"pages": 1000, "fill": "random"})
@@ -293,18 +345,31 @@ def test_probe_worker_protocol_on_a_tiny_unmerged_mapping(tmp_path: Path) -> Non
 def _sampled(params: ProbeParams) -> set[int]:
     from orchestrator.workloads._prober import mergeable_indices, sample_offsets
 
-    offsets = sample_offsets(mergeable_indices(params.fill, params.pages, params.duplicate_fraction),
-                             params.sample_pages, 4096, params.seed)
+    offsets = sample_offsets(
+        mergeable_indices(params.fill, params.pages, params.duplicate_fraction), params.sample_pages, 4096, params.seed
+    )
     return set((offsets // 4096).tolist())
 
 
 def test_probe_worker_exits_when_its_lifeline_closes(tmp_path: Path) -> None:
-    spec = {"parent_pid": 0, "pages": 8, "fill": "zero", "sample_pages": 2, "samples_path": str(tmp_path / "c.csv"),
-            "mergeable": False}
-    code = ("import json,os,sys; from orchestrator.workloads import _prober; "
-            "spec=json.loads(sys.argv[1]); spec['parent_pid']=os.getppid(); sys.exit(_prober.run(spec))")
-    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    spec = {
+        "parent_pid": 0,
+        "pages": 8,
+        "fill": "zero",
+        "sample_pages": 2,
+        "samples_path": str(tmp_path / "c.csv"),
+        "mergeable": False,
+    }
+    code = (
+        "import json,os,sys; from orchestrator.workloads import _prober; "
+        "spec=json.loads(sys.argv[1]); spec['parent_pid']=os.getppid(); sys.exit(_prober.run(spec))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert process.stdout is not None and process.stdin is not None
     assert process.stdout.readline().startswith(b"mapped ")
     assert process.stdout.readline().startswith(b"filled ")
@@ -318,8 +383,9 @@ def test_probe_worker_exits_when_its_lifeline_closes(tmp_path: Path) -> None:
 class ScriptedHost:
     """MemAvailable and PSS scripted per guest: guest i costs costs_mib[i]; no guests, no KSM."""
 
-    def __init__(self, costs_mib: list[float], start_available_mib: float = 10_000.0,
-                 corrupt: int | None = None) -> None:
+    def __init__(
+        self, costs_mib: list[float], start_available_mib: float = 10_000.0, corrupt: int | None = None
+    ) -> None:
         self.costs = costs_mib
         self.available = start_available_mib
         self.pss = 0.0
@@ -349,8 +415,16 @@ class ScriptedHost:
         return density.Step(guests, self.pss, self.available, ksmd_cpu_pct=3.0, tps_per_guest=20.0)
 
 
-CFG = DensitySection(budget_mib=100_000, mem_available_floor_mib=4000, max_guests=64, converge_window_s=1,
-                     converge_tolerance_pct=2, converge_max_s=1, verify_mib=1, cost_margin=1.1)
+CFG = DensitySection(
+    budget_mib=100_000,
+    mem_available_floor_mib=4000,
+    max_guests=64,
+    converge_window_s=1,
+    converge_tolerance_pct=2,
+    converge_max_s=1,
+    verify_mib=1,
+    cost_margin=1.1,
+)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -365,8 +439,10 @@ def test_density_never_crosses_the_floor_when_costs_stay_within_the_margin(seed:
     assert not result.floor_crossed
     assert "floor" in result.stop_reason or "max_guests" in result.stop_reason
     # and it stopped only when the next guest really could have crossed (not far too early)
-    assert host.available - 1.1 * max(costs_mib[: host.started]) < CFG.mem_available_floor_mib or \
-        host.started == CFG.max_guests
+    assert (
+        host.available - 1.1 * max(costs_mib[: host.started]) < CFG.mem_available_floor_mib
+        or host.started == CFG.max_guests
+    )
 
 
 def test_density_first_guest_is_planned_at_its_maximum() -> None:
@@ -378,7 +454,7 @@ def test_density_first_guest_is_planned_at_its_maximum() -> None:
 
 def test_density_budget_stops_before_the_guest_that_would_pass_it() -> None:
     history = [density.Step(0, 0.0, 50_000.0), density.Step(1, 500.0, 49_500.0), density.Step(2, 1000.0, 49_000.0)]
-    assert density.next_guest_allowed(history, 1600, 1000, margin=1.1)[0] is True   # 1000 + 550
+    assert density.next_guest_allowed(history, 1600, 1000, margin=1.1)[0] is True  # 1000 + 550
     allowed, reason = density.next_guest_allowed(history, 1500, 1000, margin=1.1)
     assert not allowed and "budget" in reason
 
@@ -406,27 +482,32 @@ def test_density_reports_a_floor_crossed_by_a_guest_that_grew_past_the_margin() 
 
 def test_density_pattern_mismatch_fails_loudly() -> None:
     with pytest.raises(WorkloadError, match="DATA INTEGRITY"):
-        density.run_density(ScriptedHost([500.0] * 4, start_available_mib=6000.0, corrupt=1), CFG, first_guest_mib=600.0)
+        density.run_density(
+            ScriptedHost([500.0] * 4, start_available_mib=6000.0, corrupt=1), CFG, first_guest_mib=600.0
+        )
 
 
 def test_density_pattern_commands_write_what_the_host_expects(tmp_path: Path) -> None:
     path = str(tmp_path / "pattern")
     subprocess.run(["sh", "-c", density.write_command(3, 1, path)], check=True, timeout=30)
-    output = subprocess.run(["sh", "-c", density.verify_command(path)], check=True, capture_output=True,
-                            text=True, timeout=30).stdout
+    output = subprocess.run(
+        ["sh", "-c", density.verify_command(path)], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
     assert density.check_verify_output(3, 1, output) is None
     assert density.check_verify_output(4, 1, output) is not None  # another guest's pattern differs
     data = bytearray(Path(path).read_bytes())
     data[12345] ^= 0xFF
     Path(path).write_bytes(bytes(data))
-    output = subprocess.run(["sh", "-c", density.verify_command(path)], check=True, capture_output=True,
-                            text=True, timeout=30).stdout
+    output = subprocess.run(
+        ["sh", "-c", density.verify_command(path)], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
     assert "!= expected" in density.check_verify_output(3, 1, output)
 
 
 def test_density_summary_columns() -> None:
-    record = density.DensityResult(steps=[density.Step(0, 0, 9000), density.Step(4, 2000.0, 7000, 5.0, 18.0)],
-                                   stop_reason="budget").record()
+    record = density.DensityResult(
+        steps=[density.Step(0, 0, 9000), density.Step(4, 2000.0, 7000, 5.0, 18.0)], stop_reason="budget"
+    ).record()
     out = density.density_summary(record)
     assert out["density_guests"] == 4 and out["density_pss_per_guest_mib"] == pytest.approx(500.0)
     assert out["density_ksmd_cpu_pct"] == 5.0 and out["density_tps_per_guest"] == 18.0
@@ -482,11 +563,13 @@ def test_real_merge_throughput_is_positive_and_bounded(tmp_path: Path, ksm_guard
 def test_real_cow_break_of_merged_pages_is_slower_in_the_median(tmp_path: Path, ksm_guard) -> None:
     row = run_probe_study(tmp_path, "same").iloc[0]
     if not row["merge_target_reached"]:
-        pytest.skip(f"KSM merged only {row['merged_mib']:.1f} MiB in {row['merge_wall_s']:.0f} s: no merged "
-                    "pages to time")
+        pytest.skip(
+            f"KSM merged only {row['merged_mib']:.1f} MiB in {row['merge_wall_s']:.0f} s: no merged pages to time"
+        )
     assert row["cow_merged_p50_ns"] > row["cow_unmerged_p50_ns"], (
         f"merged p50 {row['cow_merged_p50_ns']:.0f} ns vs unmerged {row['cow_unmerged_p50_ns']:.0f} ns "
-        f"(overhead {row['cow_overhead_ns']:.0f} ns subtracted)")
+        f"(overhead {row['cow_overhead_ns']:.0f} ns subtracted)"
+    )
 
 
 @pytest.mark.ksm
@@ -517,7 +600,9 @@ def test_real_density_run_with_two_guests(tmp_path: Path, ksm_guard) -> None:
     assert "max_guests = 6" in text
     text = text.replace("max_guests = 6", "max_guests = 2")
     # The test's saved state goes with its study (and its work folder), not into the cache.
-    text = text.replace('start = "restore"', f'start = "restore"\ncache_states = false\nworkdir = "{tmp_path / "work"}"')
+    text = text.replace(
+        'start = "restore"', f'start = "restore"\ncache_states = false\nworkdir = "{tmp_path / "work"}"'
+    )
     (tmp_path / "results").mkdir()
     outcome = run_sweep(parse_plan(text), text, tmp_path / "results")
     trials = pd.read_csv(outcome.study.path / "trials.csv")
@@ -543,8 +628,14 @@ def test_probe_runner_flow_on_a_fake_sysfs(tmp_path: Path, ksm_off: bool) -> Non
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS
     ksm_dir.mkdir(parents=True)
-    for name, value in {"run": "2", "pages_shared": "0", "pages_sharing": "0", "pages_to_scan": "100",
-                        "sleep_millisecs": "20", "use_zero_pages": "0"}.items():
+    for name, value in {
+        "run": "2",
+        "pages_shared": "0",
+        "pages_sharing": "0",
+        "pages_to_scan": "100",
+        "sleep_millisecs": "20",
+        "use_zero_pages": "0",
+    }.items():
         (ksm_dir / name).write_text(value + "\n")
     text = """
 [study]
@@ -584,8 +675,9 @@ interval_s = 0.1
 def test_density_result_is_kept_when_verification_fails() -> None:
     result = density.DensityResult()
     with pytest.raises(WorkloadError):
-        density.run_density(ScriptedHost([500.0] * 4, start_available_mib=6000.0, corrupt=0), CFG,
-                            first_guest_mib=600.0, result=result)
+        density.run_density(
+            ScriptedHost([500.0] * 4, start_available_mib=6000.0, corrupt=0), CFG, first_guest_mib=600.0, result=result
+        )
     assert result.steps[-1].guests >= 1 and result.mismatches
 
 
@@ -618,8 +710,14 @@ def test_probe_study_end_to_end_on_a_fake_sysfs_reaches_trials_csv_and_report(tm
     root = tmp_path / "root"
     ksm_dir = root / KSM_SYSFS
     ksm_dir.mkdir(parents=True)
-    for name, value in {"run": "0", "pages_shared": "0", "pages_sharing": "0", "pages_to_scan": "100",
-                        "sleep_millisecs": "20", "use_zero_pages": "0"}.items():
+    for name, value in {
+        "run": "0",
+        "pages_shared": "0",
+        "pages_sharing": "0",
+        "pages_to_scan": "100",
+        "sleep_millisecs": "20",
+        "use_zero_pages": "0",
+    }.items():
         (ksm_dir / name).write_text(value + "\n")
     text = """
 [study]
@@ -666,8 +764,14 @@ def test_report_draws_zero_pages_apart_and_lists_them(tmp_path: Path) -> None:
     study = start_study(tmp_path)
     for zero in (0, 1):
         ksm = scanning_frame(final_sharing=900, zero_pages=300)
-        write_trial(study, f"z{zero}", {"use_zero_pages": zero}, ksm=ksm, processes=processes_frame(ksm),
-                    ksm_knobs={"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": zero})
+        write_trial(
+            study,
+            f"z{zero}",
+            {"use_zero_pages": zero},
+            ksm=ksm,
+            processes=processes_frame(ksm),
+            ksm_knobs={"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": zero},
+        )
     finish_study(study)
     html = write_report(study).read_text()
     assert "Zero pages and content merges" in html
@@ -686,8 +790,15 @@ def test_cow_gap_has_an_interval_across_trials_and_the_ratio_none(tmp_path: Path
     for rep in range(3):
         cow = synthetic_cow(seed=rep + 1)
         gaps.append(cowstats.cow_summary(cow)["cow_p50_diff_ns"])
-        trial_dir = write_trial(study, f"t{rep}", {"pages_to_scan": 1000}, repetition=rep, ksm=scanning_frame(),
-                                ksm_knobs=knobs, extra={"probe": probe, "kind": "probe"})
+        trial_dir = write_trial(
+            study,
+            f"t{rep}",
+            {"pages_to_scan": 1000},
+            repetition=rep,
+            ksm=scanning_frame(),
+            ksm_knobs=knobs,
+            extra={"probe": probe, "kind": "probe"},
+        )
         cow.to_csv(trial_dir / "cow.csv", index=False)
     sm = studymetrics.compute_study(studydata.load_study(finish_study(study)))
     row = sm.settings.iloc[0]
@@ -696,5 +807,7 @@ def test_cow_gap_has_an_interval_across_trials_and_the_ratio_none(tmp_path: Path
     assert "cow_median_ratio_ci95" not in sm.settings.columns and "cow_median_ratio" not in sm.settings.columns
     assert "cow_median_ratio" in sm.trials.columns  # per trial, description
     (finding,) = cow_gap_findings(sm)
-    assert finding.startswith(f"Copy-on-write gap, all trials: a first write to a merged page took {np.mean(gaps):,.0f} ± ")
+    assert finding.startswith(
+        f"Copy-on-write gap, all trials: a first write to a merged page took {np.mean(gaps):,.0f} ± "
+    )
     assert "(95% interval across 3 trials)" in finding

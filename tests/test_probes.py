@@ -21,8 +21,16 @@ KSM_DIR = Path("/sys/kernel/mm/ksm")
 
 def test_read_ksm_real_host_has_core_counters_and_splits_text_files():
     values = probes.read_ksm()
-    for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-                 "full_scans", "run", "pages_to_scan", "sleep_millisecs"):
+    for name in (
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "full_scans",
+        "run",
+        "pages_to_scan",
+        "sleep_millisecs",
+    ):
         assert isinstance(values[name], int), name
     files = probes.read_ksm_files()
     assert set(files) == set(os.listdir(KSM_DIR))
@@ -157,8 +165,13 @@ def test_process_counters_fall_back_like_read_ksm_stat_on_older_kernels(tmp_path
 def test_counter_files_read_a_file_longer_than_their_buffer_whole(tmp_path):
     """/proc/stat runs to tens of KiB on a big host (its intr line): one read, the whole text."""
     big = tmp_path / "stat"
-    text = "cpu  1 2 3 4 5 6 7 8 0 0\n" + "".join(f"cpu{i} 1 2 3 4 5 6 7 8 0 0\n" for i in range(256)) \
-        + "intr " + " ".join(["12345"] * 5000) + "\n"
+    text = (
+        "cpu  1 2 3 4 5 6 7 8 0 0\n"
+        + "".join(f"cpu{i} 1 2 3 4 5 6 7 8 0 0\n" for i in range(256))
+        + "intr "
+        + " ".join(["12345"] * 5000)
+        + "\n"
+    )
     big.write_text(text)
     with probes.CounterFiles({"stat": big}) as files:
         assert files.read() == {"stat": text}
@@ -286,8 +299,14 @@ def _crafted_proc(tmp_path: Path, *tasks: tuple[int, str, str, int]) -> Path:
 def test_live_comm_children_and_names_under_a_crafted_root(tmp_path: Path):
     """Zombies keep their comm but are never a live holder of a name; the tree under root is
     the one read (not the host's /proc)."""
-    root = _crafted_proc(tmp_path, (10, "ksmtuned", "S", 1), (11, "sleep", "S", 10),
-                         (12, "ksmtuned", "Z", 1), (13, "sleep", "Z", 10), (14, "bash", "S", 11))
+    root = _crafted_proc(
+        tmp_path,
+        (10, "ksmtuned", "S", 1),
+        (11, "sleep", "S", 10),
+        (12, "ksmtuned", "Z", 1),
+        (13, "sleep", "Z", 10),
+        (14, "bash", "S", 11),
+    )
     assert probes.live_comm(10, root) == "ksmtuned"
     assert probes.live_comm(12, root) is None  # zombie
     assert probes.live_comm(99, root) is None  # gone
@@ -344,9 +363,16 @@ def _ksm_tree(root: Path, drop: tuple[str, ...] = (), **overrides: str) -> Path:
 
 
 def test_read_ksm_older_kernel_without_newer_files(tmp_path):
-    newer = ("general_profit", "ksm_zero_pages", "smart_scan", "advisor_mode",
-             "advisor_max_cpu", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan",
-             "advisor_target_scan_time")
+    newer = (
+        "general_profit",
+        "ksm_zero_pages",
+        "smart_scan",
+        "advisor_mode",
+        "advisor_max_cpu",
+        "advisor_max_pages_to_scan",
+        "advisor_min_pages_to_scan",
+        "advisor_target_scan_time",
+    )
     _ksm_tree(tmp_path, drop=newer, pages_sharing="1234\n")
     values = probes.read_ksm(tmp_path)
     assert not set(newer) & set(values)
@@ -369,9 +395,7 @@ def test_read_ksm_without_ksm_dir_raises_host_error(tmp_path):
 def _fake_stat(root: Path, pid: int, comm: str, flags: int, ppid: int = 2) -> None:
     proc_dir = root / "proc" / str(pid)
     proc_dir.mkdir(parents=True)
-    (proc_dir / "stat").write_text(
-        f"{pid} ({comm}) S {ppid} 0 0 0 -1 {flags} 0 0 0 0 700 300 0 0 20 0 1 0 9 0 0\n"
-    )
+    (proc_dir / "stat").write_text(f"{pid} ({comm}) S {ppid} 0 0 0 -1 {flags} 0 0 0 0 700 300 0 0 20 0 1 0 9 0 0\n")
 
 
 def test_find_ksmd_pid_fake_tree_ignores_impostors(tmp_path):

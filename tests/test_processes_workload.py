@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- fill content (pure, on plain numpy buffers) ----------------------------------------------------
 
+
 def filled(fill: str, pages: int, round_index: int = 0, **kwargs) -> np.ndarray:
     buffer = np.full((pages, PAGE), 0xEE, dtype=np.uint8)  # anything the fills never write
     Filler(fill, PAGE, **kwargs)(buffer, round_index)
@@ -103,12 +104,27 @@ def test_populate_is_offered_every_page_once_in_order():
 GOOD = dict(processes=2, pages_per_process=64, fill="same")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("processes", 0), ("processes", 1.5), ("processes", True), ("pages_per_process", 0),
-    ("fill", "ones"), ("distinct_pages", 0), ("duplicate_fraction", 1.5), ("duplicate_fraction", -0.1),
-    ("rounds", -1), ("round_wait_s", -1.0), ("round_wait_s", float("nan")), ("merge_mode", "auto"),
-    ("cpu_pin", "odd"), ("cpu_pin", []), ("cpu_pin", [0, -1]), ("seed", -3),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("processes", 0),
+        ("processes", 1.5),
+        ("processes", True),
+        ("pages_per_process", 0),
+        ("fill", "ones"),
+        ("distinct_pages", 0),
+        ("duplicate_fraction", 1.5),
+        ("duplicate_fraction", -0.1),
+        ("rounds", -1),
+        ("round_wait_s", -1.0),
+        ("round_wait_s", float("nan")),
+        ("merge_mode", "auto"),
+        ("cpu_pin", "odd"),
+        ("cpu_pin", []),
+        ("cpu_pin", [0, -1]),
+        ("seed", -3),
+    ],
+)
 def test_bad_params_raise_plan_error_naming_the_field(field, value):
     with pytest.raises(PlanError, match=rf"^processes workload: {field}: "):
         ProcessesParams.from_mapping({**GOOD, field: value})
@@ -125,6 +141,7 @@ def test_cpu_pin_list_becomes_a_tuple_and_round_robins():
 
 
 # -- real workers ---------------------------------------------------------------------------------
+
 
 def alive(pid: int) -> bool:
     """Exists and is not a zombie (a zombie holds no memory and is only waiting to be reaped)."""
@@ -203,7 +220,9 @@ def test_rounds_advance_then_workers_hold_their_pages():
         assert workload.is_running()
         # Every fill is reported with its wall-clock start and end, in order, per worker.
         fills = workload.fills()
-        assert sorted((f["label"], f["fill"]) for f in fills) == [(w, n) for w in ("proc-0", "proc-1") for n in range(1, 5)]
+        assert sorted((f["label"], f["fill"]) for f in fills) == [
+            (w, n) for w in ("proc-0", "proc-1") for n in range(1, 5)
+        ]
         for worker in ("proc-0", "proc-1"):
             mine = sorted((f for f in fills if f["label"] == worker), key=lambda f: f["fill"])
             assert all(f["start_wall"] <= f["end_wall"] for f in mine)
@@ -277,18 +296,44 @@ def test_workers_die_when_the_sweep_is_sigkilled():
 
 
 def start_filler(spec_overrides: dict) -> subprocess.Popen:
-    spec = {"index": 0, "parent_pid": os.getpid(), "pages": 16, "fill": "same", "distinct_pages": 26,
-            "duplicate_fraction": 0.5, "rounds": 0, "round_wait_s": 0.05, "merge_mode": "madvise",
-            "cpu": None, "seed": 0, **spec_overrides}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.workloads._filler", json.dumps(spec)],
-                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    spec = {
+        "index": 0,
+        "parent_pid": os.getpid(),
+        "pages": 16,
+        "fill": "same",
+        "distinct_pages": 26,
+        "duplicate_fraction": 0.5,
+        "rounds": 0,
+        "round_wait_s": 0.05,
+        "merge_mode": "madvise",
+        "cpu": None,
+        "seed": 0,
+        **spec_overrides,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.workloads._filler", json.dumps(spec)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_parent_death_signal_alone_kills_the_worker():
     # The lifeline is held open by this test, so only PR_SET_PDEATHSIG can end the worker.
     lifeline_read, lifeline_write = os.pipe()
-    spec = {"index": 0, "pages": 16, "fill": "same", "distinct_pages": 26, "duplicate_fraction": 0.5,
-            "rounds": 0, "round_wait_s": 0.05, "merge_mode": "madvise", "cpu": None, "seed": 0}
+    spec = {
+        "index": 0,
+        "pages": 16,
+        "fill": "same",
+        "distinct_pages": 26,
+        "duplicate_fraction": 0.5,
+        "rounds": 0,
+        "round_wait_s": 0.05,
+        "merge_mode": "madvise",
+        "cpu": None,
+        "seed": 0,
+    }
     middle_code = (
         "import json, os, subprocess, sys, time\n"
         f"spec = dict({spec!r}, parent_pid=os.getpid())\n"
@@ -297,8 +342,9 @@ def test_parent_death_signal_alone_kills_the_worker():
         "print(w.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    middle = subprocess.Popen([sys.executable, "-c", middle_code], cwd=ROOT, stdin=lifeline_read,
-                              stdout=subprocess.PIPE)
+    middle = subprocess.Popen(
+        [sys.executable, "-c", middle_code], cwd=ROOT, stdin=lifeline_read, stdout=subprocess.PIPE
+    )
     os.close(lifeline_read)
     worker_pid = None
     try:

@@ -129,8 +129,9 @@ def test_a_dropped_libvirt_connection_is_the_host_not_a_lost_guest(pristine_conn
     assert files_under(tmp_path / "work") == []
 
 
-def test_libvirt_dropping_the_connection_while_guests_start_is_the_host(pristine_conn, image, options, tmp_path,
-                                                                        monkeypatch) -> None:
+def test_libvirt_dropping_the_connection_while_guests_start_is_the_host(
+    pristine_conn, image, options, tmp_path, monkeypatch
+) -> None:
     """libvirtd stopped while a guest is defined, started or restored: keepalive drops the
     connection and the call fails. That is HostUnresponsive (the sweep ends the study with what
     to do), not "a guest failed to start" (every later trial would wait on the dead daemon);
@@ -143,14 +144,17 @@ def test_libvirt_dropping_the_connection_while_guests_start_is_the_host(pristine
         raise libvirt.libvirtError("internal error: connection closed due to keepalive timeout")
 
     monkeypatch.setattr(GuestSet, "_bring_up", bring_up_then_lose)
-    with pytest.raises(HostUnresponsive, match=r"starting guests \(1 of 1 guests failed to start: .*keepalive") as caught:
+    with pytest.raises(
+        HostUnresponsive, match=r"starting guests \(1 of 1 guests failed to start: .*keepalive"
+    ) as caught:
         GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
     assert "stopped answering (no keepalive answer for 15 s" in str(caught.value)
     assert "cleanup --study gone" in caught.value.advice
     assert names(pristine_conn) == {"test"}
     assert files_under(tmp_path / "work") == []
-    monkeypatch.setattr(GuestSet, "_bring_up", lambda self, slot, v: (_ for _ in ()).throw(
-        libvirt.libvirtError("define refused")))
+    monkeypatch.setattr(
+        GuestSet, "_bring_up", lambda self, slot, v: (_ for _ in ()).throw(libvirt.libvirtError("define refused"))
+    )
     with pytest.raises(ProvisionError) as plain:  # a connection that still answers: a guest's failure
         GuestSet(TEST_URI, "gone", [GuestRequest(memory_mib=128)], image, options).__enter__()
     assert not isinstance(plain.value, HostUnresponsive)
@@ -315,8 +319,10 @@ def test_a_job_whose_call_never_returns_is_given_up_with_what_was_done(monkeypat
     with pytest.raises(ProvisionError) as caught:
         provision.run_job("restore g0 from /s", never.wait, 0.2, lambda: ["destroy did not return within 15 s"])
     took_s = time.monotonic() - started
-    assert str(caught.value) == ("restore g0 from /s did not finish within 0.2 s: destroy did not return within "
-                                 "15 s; the restore call had not returned 0.5 s later")
+    assert str(caught.value) == (
+        "restore g0 from /s did not finish within 0.2 s: destroy did not return within "
+        "15 s; the restore call had not returned 0.5 s later"
+    )
     assert took_s < 0.2 + 0.5 + 2
     never.set()
 
@@ -423,8 +429,13 @@ sys.stdin.read()
 def test_ports_are_unique_across_processes_and_dead_holders_are_pruned(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     holders = [
-        subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(3)
     ]
     try:
@@ -643,7 +654,9 @@ def test_cleanup_after_the_provisioner_was_killed(vm_study: str, tmp_path: Path)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     provisioner = subprocess.Popen(
         [sys.executable, "-c", _KILLED_PROVISIONER, str(image.manifest_path), vm_study, str(tmp_path / "work")],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         line = provisioner.stdout.readline().split()
@@ -686,8 +699,9 @@ def test_the_port_table_lock_is_given_up_at_its_deadline(tmp_path: Path) -> None
     registry.release(port)
 
 
-def test_next_sweep_heal_removes_only_the_killed_studys_guests(pristine_conn, image, options, tmp_path,
-                                                                 monkeypatch) -> None:
+def test_next_sweep_heal_removes_only_the_killed_studys_guests(
+    pristine_conn, image, options, tmp_path, monkeypatch
+) -> None:
     """A killed sweep's marker names its study and URI: the heal removes that study's guests
     (and its saved-state build's, "<name>-prep") and leaves another study's running."""
     from orchestrator import sweep as sweep_module
@@ -698,20 +712,22 @@ def test_next_sweep_heal_removes_only_the_killed_studys_guests(pristine_conn, im
     other = GuestSet(TEST_URI, "nightly-2", [GuestRequest(memory_mib=128)], image, options).__enter__()
     marker = sweep_module.running_marker()
     marker.parent.mkdir(parents=True, exist_ok=True)  # the guest sets keep their ports there
-    marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
-                                  "uri": TEST_URI}))
+    marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night", "uri": TEST_URI}))
     done = sweep_module.heal_killed_sweep()
     assert sorted(done) == ["removed guest ksmlab-night-0", "removed guest ksmlab-night-prep-0"]
     assert not killed.guests[0].overlay_path.exists() and not prep.guests[0].overlay_path.exists()
-    assert [d.name() for d in pristine_conn.listAllDomains(0) if d.name().startswith("ksmlab-")] == ["ksmlab-nightly-2-0"]
+    assert [d.name() for d in pristine_conn.listAllDomains(0) if d.name().startswith("ksmlab-")] == [
+        "ksmlab-nightly-2-0"
+    ]
     assert other.guests[0].overlay_path.is_file()
     assert not marker.exists()
     for guest_set in (killed, prep, other):
         guest_set.teardown()  # releases this process's ports and connections
 
 
-def test_a_sweep_that_could_not_tear_down_keeps_its_marker_for_the_next_one(pristine_conn, image, options, tmp_path,
-                                                                           monkeypatch, caplog) -> None:
+def test_a_sweep_that_could_not_tear_down_keeps_its_marker_for_the_next_one(
+    pristine_conn, image, options, tmp_path, monkeypatch, caplog
+) -> None:
     """A sweep that ends with its guests still defined (libvirtd stopped answering, and a restore
     it finished later started one) keeps its marker, marked "settings restored": the next sweep
     removes the guests, with the study's uncached saved states, and leaves the knobs alone. A
@@ -722,8 +738,9 @@ def test_a_sweep_that_could_not_tear_down_keeps_its_marker_for_the_next_one(pris
 
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
     work = tmp_path / "plan-work"  # not the guest set's (options): only the heal's own step can clear it
-    plan = parse_plan(f'[study]\nname = "night"\n[workload]\ntype = "idle"\n[guests]\nuri = "{TEST_URI}"\n'
-                      f'workdir = "{work}"\n')
+    plan = parse_plan(
+        f'[study]\nname = "night"\n[workload]\ntype = "idle"\n[guests]\nuri = "{TEST_URI}"\nworkdir = "{work}"\n'
+    )
     left = GuestSet(TEST_URI, "night", [GuestRequest(memory_mib=128)], image, options).__enter__()
     marker = sweep_module.running_marker()
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -767,8 +784,16 @@ def test_heal_with_libvirt_unreachable_names_cleanup_and_goes_on(tmp_path, monke
     monkeypatch.setenv("KSM_LAB_RUN_DIR", str(tmp_path / "run"))
     marker = sweep_module.running_marker()
     marker.parent.mkdir(parents=True, exist_ok=True)  # the guest sets keep their ports there
-    marker.write_text(json.dumps({"study": str(tmp_path / "night"), "pid": 999999, "name": "night",
-                                  "uri": "qemu+unix:///system?socket=" + str(tmp_path / "no-such-socket")}))
+    marker.write_text(
+        json.dumps(
+            {
+                "study": str(tmp_path / "night"),
+                "pid": 999999,
+                "name": "night",
+                "uri": "qemu+unix:///system?socket=" + str(tmp_path / "no-such-socket"),
+            }
+        )
+    )
     assert sweep_module.heal_killed_sweep() == []
     assert "ksm-lab cleanup" in caplog.text
     assert not marker.exists()

@@ -38,24 +38,58 @@ OLD_STUDY = Path(__file__).parent / "data" / "study-v1-quickstart"
 def full_record() -> TrialRecord:
     """A record with every part set, values chosen to be told apart."""
     return TrialRecord(
-        trial_id="t-1", index=3, repetition=1, label="pages_to_scan=100", settings={"ksm.pages_to_scan": 100},
-        ksm={"pages_to_scan": 100, "sleep_millisecs": 20}, host={"thp": "never"}, workload={"type": "probe", "pages": 64},
-        guests=None, kind="probe", ksm_off=False, rerun_of="t-0", rerun_in_block=True, search_reason="low end",
-        status="ok", reason=None, started_wall=1_700_000_000.5, reset_unmerge_s=0.012,
-        ksm_applied={"pages_to_scan": "100"}, outside_cpu_pct=3.25, outside_load_max_pct=25.0, disturbed=False,
+        trial_id="t-1",
+        index=3,
+        repetition=1,
+        label="pages_to_scan=100",
+        settings={"ksm.pages_to_scan": 100},
+        ksm={"pages_to_scan": 100, "sleep_millisecs": 20},
+        host={"thp": "never"},
+        workload={"type": "probe", "pages": 64},
+        guests=None,
+        kind="probe",
+        ksm_off=False,
+        rerun_of="t-0",
+        rerun_in_block=True,
+        search_reason="low end",
+        status="ok",
+        reason=None,
+        started_wall=1_700_000_000.5,
+        reset_unmerge_s=0.012,
+        ksm_applied={"pages_to_scan": "100"},
+        outside_cpu_pct=3.25,
+        outside_load_max_pct=25.0,
+        disturbed=False,
         policy=PolicyRecord.model_validate({"name": "kubevirt", "ksm_turned_on": True, "steps": [{"running": True}]}),
         timings={"measure": PhaseTiming(start_wall=1_700_000_001.0, end_wall=1_700_000_011.0, duration_s=10.0)},
         ended_wall=1_700_000_020.0,
-        provision=ProvisionRecord.model_validate({"start": "restore", "start_s": 4.5, "state": "abc",
-                                                  "restore_s": {"vm0": 1.5}}),
-        mergeable={"vm0": MergeableRecord(pid=42, big_mappings=1, mergeable_mappings=1, big_kib=1024.0,
-                                          mergeable_kib=1024.0, mergeable=True)},
-        probe=ProbeRecord(pages=64, fill="same", merged_pages=60, merge_target_reached=True, merge_wall_s=0.25,
-                          unmerge_s=0.004, pages_before_unmerge=64, pages_sharing_after_unmerge=0),
-        density=DensityRecord(steps=[Step(0, 0.0, 9000.0, 0.0, 0.0, True, 0.0), Step(2, 800.0, 8000.0, 5.0, 18.0, False, 9e4)],
-                              stop_reason="budget"),
-        steady_wait_s=3.2, steady_timed_out=False, steady_slopes_mib_per_min={"rss": 0.4},
-        converged_by_rule=False, rounds_done=2,
+        provision=ProvisionRecord.model_validate(
+            {"start": "restore", "start_s": 4.5, "state": "abc", "restore_s": {"vm0": 1.5}}
+        ),
+        mergeable={
+            "vm0": MergeableRecord(
+                pid=42, big_mappings=1, mergeable_mappings=1, big_kib=1024.0, mergeable_kib=1024.0, mergeable=True
+            )
+        },
+        probe=ProbeRecord(
+            pages=64,
+            fill="same",
+            merged_pages=60,
+            merge_target_reached=True,
+            merge_wall_s=0.25,
+            unmerge_s=0.004,
+            pages_before_unmerge=64,
+            pages_sharing_after_unmerge=0,
+        ),
+        density=DensityRecord(
+            steps=[Step(0, 0.0, 9000.0, 0.0, 0.0, True, 0.0), Step(2, 800.0, 8000.0, 5.0, 18.0, False, 9e4)],
+            stop_reason="budget",
+        ),
+        steady_wait_s=3.2,
+        steady_timed_out=False,
+        steady_slopes_mib_per_min={"rss": 0.4},
+        converged_by_rule=False,
+        rounds_done=2,
         sampler=SamplerRecord(error_count=1, last_error="OSError()", pss_age_max_s={"proc-0": 2.5}),
     )
 
@@ -71,9 +105,15 @@ def test_a_written_record_reads_back_the_same(tmp_path: Path) -> None:
     assert stored["reset_unmerge_s"] == 0.012 and "unmerge_s" not in stored
     assert stored["policy"]["steps"] == [{"running": True}]  # a policy's own keys kept
     assert stored["provision"]["restore_s"] == {"vm0": 1.5}
-    assert stored["density"]["steps"][1] == {"guests": 2, "guests_pss_mib": 800.0, "mem_available_mib": 8000.0,
-                                             "ksmd_cpu_pct": 5.0, "tps_per_guest": 18.0, "converged": False,
-                                             "pages_sharing": 9e4}
+    assert stored["density"]["steps"][1] == {
+        "guests": 2,
+        "guests_pss_mib": 800.0,
+        "mem_available_mib": 8000.0,
+        "ksmd_cpu_pct": 5.0,
+        "tps_per_guest": 18.0,
+        "converged": False,
+        "pages_sharing": 9e4,
+    }
     assert study.trial_record("t-1") == record
     assert load_trial(folder).trial == record
 
@@ -85,7 +125,9 @@ def test_parts_a_runner_did_not_produce_are_left_out(tmp_path: Path) -> None:
     assert stored["reason"] == "boom" and stored["rerun_of"] is None  # always-written keys stay, null or not
 
 
-@pytest.mark.parametrize(("version", "words"), [(3, "newer schema 3"), (0, "older schema 0"), ("2", "unknown schema '2'")])
+@pytest.mark.parametrize(
+    ("version", "words"), [(3, "newer schema 3"), (0, "older schema 0"), ("2", "unknown schema '2'")]
+)
 def test_an_unknown_schema_is_refused_naming_both_versions(version: object, words: str) -> None:
     with pytest.raises(UnknownTrialSchema) as caught:
         TrialRecord.from_json({"schema_version": version, "trial_id": "x"}, "a/trial.json")

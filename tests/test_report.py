@@ -42,8 +42,15 @@ def test_processes_study_writes_every_artifact(tmp_path: Path) -> None:
     html_path = report.write_report(sweep_study(tmp_path))
     out = html_path.parent
     assert html_path == tmp_path / "study" / "report" / "report.html"
-    for name in ("summary.csv", "settings.csv", "per_process.csv", "samples.parquet",
-                 "saving_over_time.png", "vs_setting.png", "frontier.png"):
+    for name in (
+        "summary.csv",
+        "settings.csv",
+        "per_process.csv",
+        "samples.parquet",
+        "saving_over_time.png",
+        "vs_setting.png",
+        "frontier.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "workload.png").exists()  # no workload data, no empty plot
     assert not (out / "change_vs_off.png").exists()
@@ -129,19 +136,35 @@ def test_vm_study_with_ksm_off_baseline_reports_workload_change(tmp_path: Path) 
     study = start_study(tmp_path)
     ksm = ramp_ksm_frame()
     for rep, (a, b) in enumerate(((100.0, 104.0), (98.0, 102.0))):
-        write_trial(study, f"off-r{rep}", {"pages_to_scan": 100}, ksm_off=True, repetition=rep, kind="sysbench",
-                    ksm=ksm, workload_summary=guests_summary(a, b))
+        write_trial(
+            study,
+            f"off-r{rep}",
+            {"pages_to_scan": 100},
+            ksm_off=True,
+            repetition=rep,
+            kind="sysbench",
+            ksm=ksm,
+            workload_summary=guests_summary(a, b),
+        )
         for pages in (100, 1000):
             factor = 0.9 if pages == 1000 else 0.99
-            write_trial(study, f"p{pages}-r{rep}", {"pages_to_scan": pages}, repetition=rep, kind="sysbench",
-                        ksm=ksm, workload_summary=guests_summary(a * factor, b * factor, p95_ms=25.0))
+            write_trial(
+                study,
+                f"p{pages}-r{rep}",
+                {"pages_to_scan": pages},
+                repetition=rep,
+                kind="sysbench",
+                ksm=ksm,
+                workload_summary=guests_summary(a * factor, b * factor, p95_ms=25.0),
+            )
     html_path = report.write_report(finish_study(study))
     html = html_path.read_text()
     assert (html_path.parent / "workload.png").exists() and (html_path.parent / "change_vs_off.png").exists()
     assert len(_pngs_in(html)) == 5
     worst = re.search(r"Worst throughput change vs KSM off: pages_to_scan=1000: -10\.0% ± [\d.]+%; (.*?)\.</li>", html)
-    assert worst and worst.group(1) == ("differs from KSM off (95% level kept by Holm across the 2 KSM-on settings; "
-                                        "n=2 blocks, paired)")
+    assert worst and worst.group(1) == (
+        "differs from KSM off (95% level kept by Holm across the 2 KSM-on settings; n=2 blocks, paired)"
+    )
     summary = pd.read_csv(html_path.parent / "summary.csv").set_index("trial_id")
     # per trial: vs the KSM-off trial of the same block (100 tps in r1); r1 ran at 0.9 x 100 = 90 tps
     assert summary.loc["p1000-r1", "tps_vs_off_pct"] == pytest.approx(-10.0)
@@ -163,8 +186,9 @@ def test_one_repetition_report_claims_no_difference(tmp_path: Path) -> None:
     ksm = ramp_ksm_frame()
     sysbench_trial(study, "off", {"threads": 1}, 100.0, ksm_off=True, ksm=ksm)
     for pages, tps in ((100, 98.0), (1000, 67.0)):  # -33%: looks large, but it is one trial each
-        sysbench_trial(study, f"p{pages}", {"threads": 1, "ksm.pages_to_scan": pages}, tps, ksm=ksm,
-                       processes=processes_frame(ksm))
+        sysbench_trial(
+            study, f"p{pages}", {"threads": 1, "ksm.pages_to_scan": pages}, tps, ksm=ksm, processes=processes_frame(ksm)
+        )
     html = report.write_report(finish_study(study)).read_text()
     assert "significant" not in html.lower()
     assert "distinguishable" not in html.lower()
@@ -186,12 +210,15 @@ def test_guests_that_agree_do_not_make_a_difference(tmp_path: Path) -> None:
 
 def test_clear_effect_is_claimed_with_noise_floor_and_n(tmp_path: Path) -> None:
     off = [100.0, 104.8, 95.2]
-    html = report.write_report(block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off,
-                                           guest_spread=0.0)).read_text()
+    html = report.write_report(
+        block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off, guest_spread=0.0)
+    ).read_text()
     findings = _findings(html)
     worst = next(f for f in findings if f.startswith("Worst throughput change"))
-    assert worst == ("Worst throughput change vs KSM off: all trials: -30.0% ± 0.0%; differs from KSM off "
-                     "(95% interval excludes 0; n=3 blocks, paired).")
+    assert worst == (
+        "Worst throughput change vs KSM off: all trials: -30.0% ± 0.0%; differs from KSM off "
+        "(95% interval excludes 0; n=3 blocks, paired)."
+    )
     noise = next(f for f in findings if f.startswith("Noise floor"))
     # every block's change is -30.0% exactly: the paired differences do not vary at all
     assert noise.startswith("Noise floor, paired by block (3 blocks, each KSM-on setting against the KSM off trial")
@@ -260,11 +287,25 @@ def _chromium() -> str:
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     study = start_study(tmp_path)
     ksm = ramp_ksm_frame()
-    write_trial(study, "off", {"pages_to_scan": 100}, ksm_off=True, kind="sysbench", ksm=ksm,
-                workload_summary=guests_summary(100.0, 104.0))
+    write_trial(
+        study,
+        "off",
+        {"pages_to_scan": 100},
+        ksm_off=True,
+        kind="sysbench",
+        ksm=ksm,
+        workload_summary=guests_summary(100.0, 104.0),
+    )
     for pages in (100, 1000):
-        write_trial(study, f"p{pages}", {"pages_to_scan": pages}, kind="sysbench", ksm=ksm,
-                    processes=processes_frame(ksm), workload_summary=guests_summary(95.0, 99.0))
+        write_trial(
+            study,
+            f"p{pages}",
+            {"pages_to_scan": pages},
+            kind="sysbench",
+            ksm=ksm,
+            processes=processes_frame(ksm),
+            workload_summary=guests_summary(95.0, 99.0),
+        )
     write_trial(study, "p5000", {"pages_to_scan": 5000}, status="failed", reason="sysbench prepare failed")
     html_path = report.write_report(finish_study(study))
     # a copy with a probe script: the report itself carries no script
@@ -272,10 +313,25 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     probe.write_text(html_path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     profile = tmp_path / "chromium-profile"
     result = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     dom = result.stdout
     assert 'data-loaded="yes"' in dom, result.stderr[-2000:]
@@ -293,8 +349,12 @@ def test_sequential_study_says_welch_and_never_paired(tmp_path: Path) -> None:
     (study / "study.json").write_text(json.dumps({**meta, "order": "sequential"}))
     html = report.write_report(study).read_text()
     findings = _findings(html)
-    assert any(f.startswith("Changes vs KSM off are compared by Welch across trials, not paired: the plan ran in "
-                            "sequential order") for f in findings)
+    assert any(
+        f.startswith(
+            "Changes vs KSM off are compared by Welch across trials, not paired: the plan ran in sequential order"
+        )
+        for f in findings
+    )
     assert "paired" not in _section(html, "settings")
     worst = next(f for f in findings if f.startswith("Worst throughput change"))
     assert "trials, Welch" in worst and "paired" not in worst
@@ -302,10 +362,12 @@ def test_sequential_study_says_welch_and_never_paired(tmp_path: Path) -> None:
 
 def test_blocked_study_says_why_it_pairs(tmp_path: Path) -> None:
     off = [100.0, 104.8, 95.2]
-    html = report.write_report(block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off,
-                                           guest_spread=0.0)).read_text()
-    assert any(f.startswith("Changes vs KSM off are paired by block: the plan ran in blocked order")
-               for f in _findings(html))
+    html = report.write_report(
+        block_study(tmp_path, on_tps=[0.7 * t for t in off], off_tps=off, guest_spread=0.0)
+    ).read_text()
+    assert any(
+        f.startswith("Changes vs KSM off are paired by block: the plan ran in blocked order") for f in _findings(html)
+    )
 
 
 def test_worst_of_k_that_only_its_own_interval_calls_different_is_not_claimed(tmp_path: Path) -> None:
@@ -340,7 +402,10 @@ def test_the_findings_open_with_one_answer_per_setting(tmp_path: Path) -> None:
     first, second = answers[0], answers[1]
     assert "saved " in first and " MiB" in first
     assert "ksmd 5.00 ± 0% of one core" in first
-    assert "tps -30.00 ± 2.48% vs KSM off" in first and "differs from KSM off (95% level kept by Holm across the 3" in first
+    assert (
+        "tps -30.00 ± 2.48% vs KSM off" in first
+        and "differs from KSM off (95% level kept by Holm across the 3" in first
+    )
     assert "no difference detectable at 95% (Holm across the 3 KSM-on settings" in second
     # They come before the other findings about settings.
     assert findings.index(answers[0]) < next(i for i, f in enumerate(findings) if f.startswith("Largest saving"))

@@ -18,6 +18,7 @@ from orchestrator.host.sampler import Sampler
 
 DATA = Path(__file__).parent / "data"
 
+
 @pytest.fixture
 def child(holder):
     return lambda: holder(mib=32)
@@ -55,9 +56,20 @@ def test_sampler_real_host_rows_phases_and_pss_cadence(child):
     assert phases[0] == "settle" and phases[-1] == "measure" and "baseline" in phases
     assert phases == sorted(phases, key=order.get)  # each switch sticks, never back
     assert ksm["pss_tier"].tolist() == [i % 3 == 0 for i in range(n)]
-    for column in ("pages_sharing", "pages_shared", "full_scans", "run", "ksmd_cpu_s",
-                   "mem_available_kib", "mem_free_kib", "anon_pages_kib", "anon_huge_pages_kib",
-                   "vmstat_cow_ksm", "vmstat_thp_fault_alloc", "tick_ms"):
+    for column in (
+        "pages_sharing",
+        "pages_shared",
+        "full_scans",
+        "run",
+        "ksmd_cpu_s",
+        "mem_available_kib",
+        "mem_free_kib",
+        "anon_pages_kib",
+        "anon_huge_pages_kib",
+        "vmstat_cow_ksm",
+        "vmstat_thp_fault_alloc",
+        "tick_ms",
+    ):
         assert column in ksm.columns, column
     assert "advisor_mode" not in ksm.columns
     assert math.isnan(ksm["ksmd_cpu_pct"].iloc[0])

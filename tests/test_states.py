@@ -37,8 +37,13 @@ SAVED_XML = (Path(__file__).parent / "data" / "domains" / "saved-state-g0.xml").
 
 
 def test_restore_xml_changes_only_what_a_trial_changes():
-    out = restore_xml(SAVED_XML, study="night-2", overlay_path=Path("/w/new.qcow2"),
-                      console_log_path=Path("/w/new.log"), host_port=40001)
+    out = restore_xml(
+        SAVED_XML,
+        study="night-2",
+        overlay_path=Path("/w/new.qcow2"),
+        console_log_path=Path("/w/new.log"),
+        host_port=40001,
+    )
     root, saved = ET.fromstring(out), ET.fromstring(SAVED_XML)
     assert root.findtext("name") == saved.findtext("name")  # libvirt refuses another name
     assert root.findtext("uuid") == saved.findtext("uuid")
@@ -49,7 +54,11 @@ def test_restore_xml_changes_only_what_a_trial_changes():
     assert forward == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40001-:22"]
     guest = root.find(f"metadata/{{{METADATA_NS}}}guest")
     meta = parse_metadata(ET.tostring(guest, encoding="unicode"))
-    assert (meta.study, meta.overlay_path, meta.console_log_path) == ("night-2", Path("/w/new.qcow2"), Path("/w/new.log"))
+    assert (meta.study, meta.overlay_path, meta.console_log_path) == (
+        "night-2",
+        Path("/w/new.qcow2"),
+        Path("/w/new.log"),
+    )
     # Everything else libvirt filled in at save time (the ABI it checks) is untouched.
     for tag in ("memory", "vcpu", "os", "cpu", "devices/controller", "devices/interface"):
         assert [ET.tostring(e) for e in root.findall(tag)] == [ET.tostring(e) for e in saved.findall(tag)]
@@ -59,8 +68,9 @@ def test_restore_xml_moves_the_capped_console_log():
     """A state saved with a pty console logged by virtlogd (guest.xml.j2; written by a real save,
     no network): the <log file> moves to the trial's console log, serial and console alike."""
     saved = (Path(__file__).parent / "data" / "domains" / "saved-state-pty-g0.xml").read_text()
-    out = restore_xml(saved, study="s", overlay_path=Path("/w/o.qcow2"), console_log_path=Path("/w/c.log"),
-                      host_port=None)
+    out = restore_xml(
+        saved, study="s", overlay_path=Path("/w/o.qcow2"), console_log_path=Path("/w/c.log"), host_port=None
+    )
     root = ET.fromstring(out)
     logs = [(e.tag, e.get("type"), e.find("log").get("file")) for e in (*root.iter("serial"), *root.iter("console"))]
     assert logs == [("serial", "pty", "/w/c.log"), ("console", "pty", "/w/c.log")]
@@ -144,7 +154,7 @@ pages_to_scan = [100, 1000, 5000]
 
 def test_repetitions_run_in_blocks_each_every_setting_once_in_its_own_order():
     trials = expand(parse_plan(BLOCKED))
-    blocks = [trials[i:i + 4] for i in range(0, 12, 4)]
+    blocks = [trials[i : i + 4] for i in range(0, 12, 4)]
     orders = []
     for number, block in enumerate(blocks):
         assert {t.repetition for t in block} == {number}
@@ -175,24 +185,44 @@ def test_stored_workload_tables_say_whether_they_write_during_measure():
 
 
 def test_keep_across_trials_is_refused_with_its_replacement():
-    with pytest.raises(Exception, match='replaced by start'):
-        parse_plan(BLOCKED.replace('[workload]\ntype = "processes"', '[workload]\ntype = "idle"\n[guests]\nkeep_across_trials = true'))
+    with pytest.raises(Exception, match="replaced by start"):
+        parse_plan(
+            BLOCKED.replace(
+                '[workload]\ntype = "processes"', '[workload]\ntype = "idle"\n[guests]\nkeep_across_trials = true'
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- churn metrics
 
 
-def sawtooth(phase_s: float, tick_s: float, seconds: float = 20, pages: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sawtooth(
+    phase_s: float, tick_s: float, seconds: float = 20, pages: int = 1000
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ksm.csv measure rows of a workload refilled every second: sharing drops to 0 at each
     refill and climbs linearly back to `pages` within 0.5 s; plus the fills.csv it implies."""
     t = np.arange(0, seconds, tick_s) + 1000.0
     since = (t - phase_s) % 1.0
     sharing = np.round(np.clip(since / 0.5, 0, 1) * pages)
-    ksm = pd.DataFrame({"t_wall": t, "t_s": t - 1000.0, "phase": "measure", "pages_sharing": sharing,
-                        "pages_shared": np.minimum(sharing, 1), "vmstat_cow_ksm": np.floor((t - phase_s)) * pages})
+    ksm = pd.DataFrame(
+        {
+            "t_wall": t,
+            "t_s": t - 1000.0,
+            "phase": "measure",
+            "pages_sharing": sharing,
+            "pages_shared": np.minimum(sharing, 1),
+            "vmstat_cow_ksm": np.floor((t - phase_s)) * pages,
+        }
+    )
     starts = np.arange(np.ceil(1000.0 - phase_s), 1000.0 + seconds, 1.0) + phase_s % 1.0
-    fills = pd.DataFrame({"label": "proc-0", "fill": np.arange(2, 2 + starts.size), "start_wall": starts - 0.001,
-                          "end_wall": starts + 0.001})
+    fills = pd.DataFrame(
+        {
+            "label": "proc-0",
+            "fill": np.arange(2, 2 + starts.size),
+            "start_wall": starts - 0.001,
+            "end_wall": starts + 0.001,
+        }
+    )
     return ksm, fills
 
 
@@ -204,7 +234,11 @@ def test_the_average_of_a_sawtooth_does_not_depend_on_the_sampling_phase():
         means.append(out["saved_mib_steady"])
         # A single end sample is wherever the last tick fell: the reason for the averages.
         refills = samplemetrics.refill_metrics(ksm, fills, {}, 1000)
-        assert refills["saved_share_after_refill_pct"] < refills["saved_share_mean_pct"] < refills["saved_share_before_refill_pct"]
+        assert (
+            refills["saved_share_after_refill_pct"]
+            < refills["saved_share_mean_pct"]
+            < refills["saved_share_before_refill_pct"]
+        )
         assert 0.4 <= refills["remerge_s_median"] <= 0.6
     assert max(means) - min(means) <= 0.05 * max(means)
     # The true time average of this sawtooth is 0.75 of the peak (linear half, flat half).
@@ -221,8 +255,13 @@ def test_envelope_keeps_every_trough_of_a_long_sawtooth():
 # ----------------------------------------------------------------------------- outside load
 
 
-def _host_tree(root: Path, uptime_s: float, idle_ticks: int,
-               processes: dict[int, tuple[int, int, int, int]], last_pid: int | None = None) -> None:
+def _host_tree(
+    root: Path,
+    uptime_s: float,
+    idle_ticks: int,
+    processes: dict[int, tuple[int, int, int, int]],
+    last_pid: int | None = None,
+) -> None:
     """A 2-CPU host: /proc/stat (idle ticks), /proc/uptime, /proc/loadavg (with last_pid), and
     /proc/<pid>/stat and task/<pid>/children for {pid: (ppid, cpu ticks, reaped children's ticks,
     start ticks)}. Files are rewritten in place, as procfs regenerates them under a sampler that
@@ -257,7 +296,9 @@ def test_outside_load_is_host_busy_time_minus_the_study_and_reads_no_other_proce
         assert np.isnan(sampler._outside_cpu_pct([]))
         # 1 s later, 2 CPUs: 1.6 CPU s busy (idle rose 0.4 s). We used 0.5 s; our child, started
         # since the last tick, 0.3 s: the study. The other 0.8 s is outside: 80% of one core.
-        _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))})
+        _host_tree(
+            tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))}
+        )
         assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
         # 1 s later: busy 0.1 s, the child's last 0.1 s; it exited and we reaped it (its 0.4 s
         # total lands in our cutime, of which 0.3 s were counted): nothing outside.
@@ -281,19 +322,34 @@ def test_outside_load_walks_the_study_only_when_a_process_may_have_been_created(
         assert np.isnan(sampler._outside_cpu_pct([]))
         assert sampler.study_walks == 1
         # busy 1.6 s, we used 0.5 s; the child's 0.3 s is not seen: 1.1 s outside
-        _host_tree(tmp_path, 51.0, round(100.4 * hz), {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))},
-                   last_pid=1000)
+        _host_tree(
+            tmp_path,
+            51.0,
+            round(100.4 * hz),
+            {me: (1, hz // 2, 0, 0), 700: (me, hz * 3 // 10, 0, round(50.5 * hz))},
+            last_pid=1000,
+        )
         assert sampler._outside_cpu_pct([]) == pytest.approx(110.0)
         assert sampler.study_walks == 1
         # the last pid moved: walked, the child found; it joined (started before the last tick)
         # and counts from the next: busy 1.0 s, we used 0.2 s, 0.8 s outside
-        _host_tree(tmp_path, 52.0, round(101.4 * hz), {me: (1, hz * 7 // 10, 0, 0), 700: (me, hz * 6 // 10, 0, round(50.5 * hz))},
-                   last_pid=1001)
+        _host_tree(
+            tmp_path,
+            52.0,
+            round(101.4 * hz),
+            {me: (1, hz * 7 // 10, 0, 0), 700: (me, hz * 6 // 10, 0, round(50.5 * hz))},
+            last_pid=1001,
+        )
         assert sampler._outside_cpu_pct([]) == pytest.approx(80.0)
         assert sampler.study_walks == 2
         # still: no walk, the child read through its open stat; busy 0.6 s, we 0.1 s, it 0.3 s
-        _host_tree(tmp_path, 53.0, round(102.8 * hz), {me: (1, hz * 8 // 10, 0, 0), 700: (me, hz * 9 // 10, 0, round(50.5 * hz))},
-                   last_pid=1001)
+        _host_tree(
+            tmp_path,
+            53.0,
+            round(102.8 * hz),
+            {me: (1, hz * 8 // 10, 0, 0), 700: (me, hz * 9 // 10, 0, round(50.5 * hz))},
+            last_pid=1001,
+        )
         assert sampler._outside_cpu_pct([]) == pytest.approx(20.0)
         assert sampler.study_walks == 2
         assert set(sampler._stat_files) == {me, 700}
@@ -302,7 +358,9 @@ def test_outside_load_walks_the_study_only_when_a_process_may_have_been_created(
 
 
 def test_host_cpu_parser_counts_cpus_and_the_time_no_task_ran():
-    cpu = probes.parse_host_cpu("cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 5 0 2 50 3 1 1 2 0 0\ncpu1 5 1 3 50 4 1 2 2\nintr 0\n")
+    cpu = probes.parse_host_cpu(
+        "cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 5 0 2 50 3 1 1 2 0 0\ncpu1 5 1 3 50 4 1 2 2\nintr 0\n"
+    )
     assert cpu.cpus == 2 and cpu.busy_ticks == 10 + 1 + 5 + 2 + 3 + 4
     assert cpu.not_working_ticks == 100 + 7 + 4  # idle, iowait, steal
 
@@ -361,8 +419,14 @@ def test_trial_result_gives_trial_json_what_the_runner_set_in_the_usual_order():
     record = TrialRecord(trial_id="t")
     result.fill(record)
     parts = {k: v for k, v in record.to_json().items() if k not in TrialRecord(trial_id="t").to_json()}
-    assert list(parts) == ["provision", "steady_wait_s", "steady_timed_out", "steady_slopes_mib_per_min",
-                           "converged_by_rule", "sampler"]
+    assert list(parts) == [
+        "provision",
+        "steady_wait_s",
+        "steady_timed_out",
+        "steady_slopes_mib_per_min",
+        "converged_by_rule",
+        "sampler",
+    ]
     assert parts["provision"]["start"] == "restore" and parts["converged_by_rule"] is False
     assert parts["steady_slopes_mib_per_min"] == {"rss": 0.4} and parts["sampler"]["error_count"] == 0
 
@@ -375,5 +439,14 @@ def test_every_guests_field_shapes_the_saved_state_unless_declared_otherwise():
     assert GuestsSection.NOT_GUEST_SHAPE <= set(GuestsSection.model_fields)
     shaping = set(GuestsSection.model_fields) - GuestsSection.NOT_GUEST_SHAPE
     # The fields that shaped the key before it was derived: the same set, so cached states stay valid.
-    assert shaping == {"count", "memory_mib", "vcpus", "domain_type", "nosharepages", "hugepages",
-                       "vcpu_pins", "numa_node", "network"}
+    assert shaping == {
+        "count",
+        "memory_mib",
+        "vcpus",
+        "domain_type",
+        "nosharepages",
+        "hugepages",
+        "vcpu_pins",
+        "numa_node",
+        "network",
+    }

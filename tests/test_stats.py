@@ -110,20 +110,31 @@ def test_differs_only_when_the_interval_excludes_zero() -> None:
 
 def test_verdict_wording() -> None:
     verdict = stats.comparison_verdict
-    assert verdict(stats.Comparison(-30.0, 2.5, 3, stats.PAIRED)) == \
-        "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
-    assert verdict(stats.Comparison(-3.3, 465.9, 2, stats.PAIRED)) == \
-        "no difference detectable at 95% (n=2 blocks, paired)"
-    assert verdict(stats.Comparison(-10.0, 60.9, 4, stats.WELCH)) == \
-        "no difference detectable at 95% (n=4 trials, Welch)"
+    assert (
+        verdict(stats.Comparison(-30.0, 2.5, 3, stats.PAIRED))
+        == "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
+    )
+    assert (
+        verdict(stats.Comparison(-3.3, 465.9, 2, stats.PAIRED))
+        == "no difference detectable at 95% (n=2 blocks, paired)"
+    )
+    assert (
+        verdict(stats.Comparison(-10.0, 60.9, 4, stats.WELCH)) == "no difference detectable at 95% (n=4 trials, Welch)"
+    )
     one = stats.Comparison(-2.0, math.nan, 1, stats.NO_INTERVAL)
     assert verdict(one, one_repetition=True) == "one repetition: this study cannot tell workload differences from noise"
     assert "cannot tell this difference from noise" in verdict(one)
 
 
-@pytest.mark.parametrize("comparison", [
-    stats.Comparison(-30.0, 2.5, 3, stats.PAIRED), stats.Comparison(-3.0, 9.0, 2, stats.PAIRED),
-    stats.Comparison(-30.0, 2.5, 6, stats.WELCH), stats.Comparison(-30.0, math.nan, 1, stats.NO_INTERVAL)])
+@pytest.mark.parametrize(
+    "comparison",
+    [
+        stats.Comparison(-30.0, 2.5, 3, stats.PAIRED),
+        stats.Comparison(-3.0, 9.0, 2, stats.PAIRED),
+        stats.Comparison(-30.0, 2.5, 6, stats.WELCH),
+        stats.Comparison(-30.0, math.nan, 1, stats.NO_INTERVAL),
+    ],
+)
 @pytest.mark.parametrize("one_repetition", [True, False])
 def test_verdicts_never_say_significant_or_distinguishable(comparison: stats.Comparison, one_repetition: bool) -> None:
     text = stats.comparison_verdict(comparison, one_repetition=one_repetition).lower()
@@ -182,7 +193,10 @@ def test_repetitions_needed_by_hand() -> None:
 def test_sd_range_from_chi_square() -> None:
     # dof 4: chi2(0.975) = 11.143, chi2(0.025) = 0.4844
     low, high = stats.sd_range95(1.0, 4)
-    assert (low, high) == (pytest.approx(math.sqrt(4 / 11.143), abs=1e-4), pytest.approx(math.sqrt(4 / 0.4844), abs=1e-3))
+    assert (low, high) == (
+        pytest.approx(math.sqrt(4 / 11.143), abs=1e-4),
+        pytest.approx(math.sqrt(4 / 0.4844), abs=1e-3),
+    )
     assert all(math.isnan(x) for x in stats.sd_range95(1.0, 0))
 
 

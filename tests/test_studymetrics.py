@@ -197,13 +197,35 @@ def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> Non
     study_dir = start_study(tmp_path)
     ksm = ramp_ksm_frame()
     for rep, (a, b) in enumerate(((100.0, 104.0), (98.0, 102.0))):
-        write_trial(study_dir, f"off-r{rep}", {"threads": 1}, ksm_off=True, repetition=rep, kind="sysbench",
-                    ksm=ksm, workload_summary=guests_summary(a, b, p95_ms=20.0))
-        write_trial(study_dir, f"on-r{rep}", {"threads": 1, "pages_to_scan": 1000}, repetition=rep,
-                    kind="sysbench", ksm=ksm, workload_summary=guests_summary(a * 0.9, b * 0.9, p95_ms=25.0))
+        write_trial(
+            study_dir,
+            f"off-r{rep}",
+            {"threads": 1},
+            ksm_off=True,
+            repetition=rep,
+            kind="sysbench",
+            ksm=ksm,
+            workload_summary=guests_summary(a, b, p95_ms=20.0),
+        )
+        write_trial(
+            study_dir,
+            f"on-r{rep}",
+            {"threads": 1, "pages_to_scan": 1000},
+            repetition=rep,
+            kind="sysbench",
+            ksm=ksm,
+            workload_summary=guests_summary(a * 0.9, b * 0.9, p95_ms=25.0),
+        )
     # an unmatched KSM-off trial with other threads must not be used as the baseline
-    write_trial(study_dir, "off-t4", {"threads": 4}, ksm_off=True, kind="sysbench", ksm=ksm,
-                workload_summary=guests_summary(400.0, 400.0))
+    write_trial(
+        study_dir,
+        "off-t4",
+        {"threads": 4},
+        ksm_off=True,
+        kind="sysbench",
+        ksm=ksm,
+        workload_summary=guests_summary(400.0, 400.0),
+    )
     sm = studymetrics.compute_study(studydata.load_study(finish_study(study_dir)))
     trials = sm.trials.set_index("trial_id")
     assert trials.loc["on-r0", "tps"] == pytest.approx(0.9 * 102.0)
@@ -223,9 +245,16 @@ def test_workload_deltas_against_matched_ksm_off_baseline(tmp_path: Path) -> Non
 
 def test_workload_from_interval_rows_without_summary(tmp_path: Path) -> None:
     study_dir = start_study(tmp_path)
-    workload = pd.DataFrame({"guest": ["vm0", "vm0", "vm1", "vm1"], "t_s": [10, 20, 10, 20],
-                             "threads": 1, "tps": [10.0, 12.0, 20.0, 22.0], "qps": [200.0, 240, 400, 440],
-                             "latency_p95_ms": [30.0, 40.0, 50.0, 60.0]})
+    workload = pd.DataFrame(
+        {
+            "guest": ["vm0", "vm0", "vm1", "vm1"],
+            "t_s": [10, 20, 10, 20],
+            "threads": 1,
+            "tps": [10.0, 12.0, 20.0, 22.0],
+            "qps": [200.0, 240, 400, 440],
+            "latency_p95_ms": [30.0, 40.0, 50.0, 60.0],
+        }
+    )
     trial_dir = write_trial(study_dir, "t0", {}, kind="sysbench", ksm=ramp_ksm_frame(), workload=workload)
     m = trialmetrics.trial_metrics(trial_dir)
     assert m["tps"] == pytest.approx(16.0)
@@ -286,8 +315,10 @@ def test_consistent_trial_level_effect_is_claimed(tmp_path: Path) -> None:
     on = sm.settings[~sm.settings["ksm_off"]].iloc[0]
     assert on["tps_vs_off_pct"] == pytest.approx(-30.0)
     assert on["tps_vs_off_ci95_pct"] == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
-    assert stats.comparison_verdict(studymetrics.settings_comparison(on, "tps")) == \
-        "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
+    assert (
+        stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"))
+        == "differs from KSM off (95% interval excludes 0; n=3 blocks, paired)"
+    )
     trials = sm.trials.set_index("trial_id")
     assert trials.loc["on-r1", "baseline"] == "same block"
     assert trials.loc["on-r1", "tps_vs_off_pct"] == pytest.approx(-31.0)
@@ -317,8 +348,10 @@ def test_one_repetition_has_no_interval(tmp_path: Path) -> None:
     assert on["tps_vs_off_pct"] == pytest.approx(-10.0)
     assert math.isnan(on["tps_vs_off_ci95_pct"]) and math.isnan(on["tps_ci95"])
     assert sm.blocks == 1
-    assert stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"), one_repetition=True) == \
-        "one repetition: this study cannot tell workload differences from noise"
+    assert (
+        stats.comparison_verdict(studymetrics.settings_comparison(on, "tps"), one_repetition=True)
+        == "one repetition: this study cannot tell workload differences from noise"
+    )
 
 
 # ----------------------------------------------------------------------------- noise floor
@@ -336,8 +369,10 @@ def test_noise_floor_of_a_blocked_study_is_paired(tmp_path: Path) -> None:
     sd = np.std(differences, ddof=1)
     assert (tps["design"], tps["n_blocks"], tps["sd_dof"], tps["sd_unit"]) == ("paired by block", 3, 2, "%")
     assert tps["sd"] == pytest.approx(sd)
-    assert (tps["sd_low"], tps["sd_high"]) == (pytest.approx(sd * math.sqrt(2 / 7.3778), rel=1e-4),
-                                               pytest.approx(sd * math.sqrt(2 / 0.05064), rel=1e-3))
+    assert (tps["sd_low"], tps["sd_high"]) == (
+        pytest.approx(sd * math.sqrt(2 / 7.3778), rel=1e-4),
+        pytest.approx(sd * math.sqrt(2 / 0.05064), rel=1e-3),
+    )
     # the paired mde has 80% power in a paired t test over 3 blocks (dof 2)
     assert stats.t_test_power(tps["mde"] / (sd / math.sqrt(3)), 2) == pytest.approx(0.80, abs=1e-6)
     assert tps["mde_pct_of_mean"] == tps["mde"]
@@ -476,8 +511,15 @@ def _three_blocks_with_a_rerun(root: Path, rerun_extra: dict) -> pd.Series:
     on = {"threads": 1, "ksm.pages_to_scan": 1000}
     for block, (a, b) in enumerate(((7.0, 10.0), (8.28, 12.0), (5.68, 8.0))):
         sysbench_trial(study, f"off-r{block}", {"threads": 1}, b, rep=block, ksm_off=True, guest_spread=0.0)
-        sysbench_trial(study, f"on-r{block}", on, a, rep=block, guest_spread=0.0,
-                       extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0})
+        sysbench_trial(
+            study,
+            f"on-r{block}",
+            on,
+            a,
+            rep=block,
+            guest_spread=0.0,
+            extra={"disturbed": block == 1, "outside_cpu_pct": 40.0 if block == 1 else 1.0},
+        )
     sysbench_trial(study, "on-r1-rerun1", on, 8.4, rep=1, guest_spread=0.0, extra={"rerun_of": "on-r1", **rerun_extra})
     settings = computed(finish_study(study)).settings
     return settings[~settings["ksm_off"]].iloc[0]

@@ -110,7 +110,11 @@ def test_knobs_restored_when_the_loop_itself_is_interrupted(results_dir, ksm_gua
 def _start_sweep(plan: Path, results: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--no-report"],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -158,8 +162,13 @@ def test_sigkill_then_restore_command(tmp_path, results_dir, ksm_guard):
     while any(psutil.pid_exists(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(psutil.pid_exists(p) for p in workers)
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / "sigkill")],
-                         cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "restore", str(results_dir / "sigkill")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr
     assert "pages_to_scan=" in out.stdout
     assert snapshot() == ksm_guard
@@ -194,11 +203,18 @@ def test_outside_load_flags_the_disturbed_trial_and_reruns_it(tmp_path, results_
     """A CPU hog that is not the study's (the test's child, not the sweep's) runs while the
     second trial measures: that trial, and only that one, is flagged; its rerun is clean."""
     plan = tmp_path / "plan.toml"
-    plan.write_text(plan_text("disturbed", fills=("same",), pts=(1000, 2000, 4000), measure_s=4)
-                    .replace("[study]", "[study]\nrerun_disturbed = true"))
-    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
-                              str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plan.write_text(
+        plan_text("disturbed", fills=("same",), pts=(1000, 2000, 4000), measure_s=4).replace(
+            "[study]", "[study]\nrerun_disturbed = true"
+        )
+    )
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir), "--no-report"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     hog = None
     try:
         deadline = time.monotonic() + 300
@@ -230,8 +246,10 @@ def test_outside_load_flags_the_disturbed_trial_and_reruns_it(tmp_path, results_
     assert rerun["rerun_of"] == original and not rerun["disturbed"]
     # It ran at once, inside its block: the next trial to start after the one it replaces.
     assert rerun["rerun_in_block"]
-    started = sorted(table.index, key=lambda t: json.loads(
-        (results_dir / "disturbed" / "trials" / t / "trial.json").read_text())["started_wall"])
+    started = sorted(
+        table.index,
+        key=lambda t: json.loads((results_dir / "disturbed" / "trials" / t / "trial.json").read_text())["started_wall"],
+    )
     assert started[started.index(original) + 1] == f"{original}-rerun1"
     calm = table.drop(index=[original])
     assert (calm["outside_cpu_pct"] < 5).all(), calm["outside_cpu_pct"]
@@ -291,8 +309,9 @@ def test_a_full_results_disk_stops_the_study_keeps_what_was_written_and_resumes(
     try:
         text = plan_text("full", fills=("same",), pts=(1000, 2000, 4000), measure_s=2)
         with pytest.raises(StoreError, match="--resume"):
-            run_sweep(parse_plan(text), text, results,
-                      progress_factory=lambda total: FillDiskAfterFirstTrial(total, results))
+            run_sweep(
+                parse_plan(text), text, results, progress_factory=lambda total: FillDiskAfterFirstTrial(total, results)
+            )
         assert snapshot() == ksm_guard  # the host was restored on the way out
         finished = [p for p in (results / "full" / "trials").iterdir() if (p / "trial.json").exists()]
         assert len(finished) == 1  # the first trial, intact
@@ -316,8 +335,9 @@ def test_the_next_sweep_heals_what_a_killed_sweep_left(results_dir, ksm_guard, t
     original = ksm_guard["sleep_millisecs"]
     killed = tmp_path / "killed-study"
     killed.mkdir()
-    (killed / "settings-record.json").write_text(json.dumps(
-        [{"path": str(_KSM / "sleep_millisecs"), "old": original, "new": "4321"}]))
+    (killed / "settings-record.json").write_text(
+        json.dumps([{"path": str(_KSM / "sleep_millisecs"), "old": original, "new": "4321"}])
+    )
     knob.write_text("4321")  # what the killed sweep left on the host
     marker = sweep_module.running_marker()
     marker.parent.mkdir(parents=True)

@@ -14,10 +14,24 @@ from pydantic import ValidationError
 from orchestrator.errors import GuestError, PlanError, WorkloadError
 from orchestrator.guests.guest import CommandResult, CommandTimeout
 from orchestrator.workloads.sysbench import (
-    WORKLOAD_COLUMNS, GuestRun, Summary, SysbenchParams, cleanup_argv, create_database_argv,
-    innodb_buffer_pool_argv, intervals_frame, parse_intervals, parse_summary, parse_threads,
+    WORKLOAD_COLUMNS,
+    GuestRun,
+    Summary,
+    SysbenchParams,
+    cleanup_argv,
+    create_database_argv,
+    innodb_buffer_pool_argv,
+    intervals_frame,
+    parse_intervals,
+    parse_summary,
+    parse_threads,
     prepare_argv,
-    prepare_guest, run_all, run_argv, run_guest, seed_for_guest, summary_dict,
+    prepare_guest,
+    run_all,
+    run_argv,
+    run_guest,
+    seed_for_guest,
+    summary_dict,
 )
 from tests.guest_sessions import GUEST_SOCKET, CannedSession, LocalSession, Result, needs_mariadb
 
@@ -34,18 +48,25 @@ def captured(name: str) -> str:
 def test_params_defaults_match_the_guest_image():
     params = SysbenchParams()
     assert (params.test, params.mysql_socket, params.mysql_db, params.mysql_user) == (
-        "oltp_read_write", "/run/mysqld/mysqld.sock", "sbtest", "root")
+        "oltp_read_write",
+        "/run/mysqld/mysqld.sock",
+        "sbtest",
+        "root",
+    )
 
 
-@pytest.mark.parametrize("bad, key", [
-    ({"test": "oltp_bogus"}, "test"),
-    ({"threads": 0}, "threads"),
-    ({"rand_seed": 0}, "rand_seed"),  # 0 would seed sysbench from the clock
-    ({"mysql_db": "sbtest; DROP DATABASE mysql"}, "mysql_db"),
-    ({"mysql_socket": "run/mysqld.sock"}, "mysql_socket"),
-    ({"rate": -1}, "rate"),
-    ({"tabels": 2}, "tabels"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"test": "oltp_bogus"}, "test"),
+        ({"threads": 0}, "threads"),
+        ({"rand_seed": 0}, "rand_seed"),  # 0 would seed sysbench from the clock
+        ({"mysql_db": "sbtest; DROP DATABASE mysql"}, "mysql_db"),
+        ({"mysql_socket": "run/mysqld.sock"}, "mysql_socket"),
+        ({"rate": -1}, "rate"),
+        ({"tabels": 2}, "tabels"),
+    ],
+)
 def test_bad_params_name_the_key(bad, key):
     with pytest.raises(PlanError, match=rf"sysbench workload: {key}:"):
         SysbenchParams.from_mapping(bad)
@@ -65,13 +86,32 @@ def test_params_are_frozen():
 
 
 def test_run_argv_carries_every_setting():
-    params = SysbenchParams(test="oltp_read_only", tables=3, table_size=500, threads=2,
-                            duration_s=30, report_interval_s=5, rate=40, rand_seed=7)
+    params = SysbenchParams(
+        test="oltp_read_only",
+        tables=3,
+        table_size=500,
+        threads=2,
+        duration_s=30,
+        report_interval_s=5,
+        rate=40,
+        rand_seed=7,
+    )
     assert run_argv(params) == [
-        "sysbench", "oltp_read_only", "--db-driver=mysql",
-        "--mysql-socket=/run/mysqld/mysqld.sock", "--mysql-user=root", "--mysql-db=sbtest",
-        "--tables=3", "--table-size=500", "--threads=2", "--time=30", "--report-interval=5",
-        "--rate=40", "--rand-seed=7", "--percentile=95", "run",
+        "sysbench",
+        "oltp_read_only",
+        "--db-driver=mysql",
+        "--mysql-socket=/run/mysqld/mysqld.sock",
+        "--mysql-user=root",
+        "--mysql-db=sbtest",
+        "--tables=3",
+        "--table-size=500",
+        "--threads=2",
+        "--time=30",
+        "--report-interval=5",
+        "--rate=40",
+        "--rand-seed=7",
+        "--percentile=95",
+        "run",
     ]
 
 
@@ -124,8 +164,7 @@ def test_intervals_of_a_one_thread_run():
 def test_summary_of_a_one_thread_run():
     summary = parse_summary(captured("run_1thread"))
     assert summary.complete
-    assert summary.queries_total == 121520 == (
-        summary.queries_read + summary.queries_write + summary.queries_other)
+    assert summary.queries_total == 121520 == (summary.queries_read + summary.queries_write + summary.queries_other)
     assert (summary.transactions, summary.tps) == (6076, 607.27)
     assert summary.queries == 121520
     assert (summary.ignored_errors, summary.reconnects) == (0, 0)
@@ -209,8 +248,7 @@ def test_output_cut_during_the_summary():
 
 
 def test_run_without_interval_reports():
-    text = "".join(line for line in captured("run_1thread").splitlines(keepends=True)
-                   if not line.startswith("["))
+    text = "".join(line for line in captured("run_1thread").splitlines(keepends=True) if not line.startswith("["))
     assert parse_intervals(text) == []
     assert parse_summary(text) == parse_summary(captured("run_1thread"))
 
@@ -273,8 +311,7 @@ def test_thread_count_comes_from_the_header():
     assert parse_threads(captured("run_2threads")) == 2
     # No interval line says how many threads ran, the header still does.
     assert parse_threads(captured("fatal_wrong_socket")) == 1
-    no_reports = "".join(line for line in captured("run_rate").splitlines(keepends=True)
-                         if not line.startswith("["))
+    no_reports = "".join(line for line in captured("run_rate").splitlines(keepends=True) if not line.startswith("["))
     assert parse_summary(no_reports).threads == 2
     assert parse_threads(captured("prepare")) is None
 
@@ -330,8 +367,9 @@ def test_run_guest_fails_a_run_with_fatal_and_exit_status_0():
 
 
 def test_run_guest_fails_on_fatal_in_stderr():
-    run = run_guest(CannedSession(_canned("run_1thread", stderr="FATAL: out of memory\n")),
-                    SysbenchParams(), 40, "vm-5")
+    run = run_guest(
+        CannedSession(_canned("run_1thread", stderr="FATAL: out of memory\n")), SysbenchParams(), 40, "vm-5"
+    )
     assert not run.ok and "FATAL: out of memory" in run.error and len(run.intervals) == 10
 
 
@@ -349,10 +387,10 @@ def test_run_guest_header_threads_when_there_are_no_reports():
 
 def test_run_guest_keeps_the_intervals_of_a_timed_out_run():
     text = captured("run_1thread")
-    partial = CommandResult("sysbench oltp_read_write ... run", 124, text[: text.index("[ 6s ]")],
-                            "", 61.0)
-    timeout = CommandTimeout("127.0.0.1:2222: `sysbench oltp_read_write ... run` timed out "
-                             "after 60 s (stopped in the guest)", partial)
+    partial = CommandResult("sysbench oltp_read_write ... run", 124, text[: text.index("[ 6s ]")], "", 61.0)
+    timeout = CommandTimeout(
+        "127.0.0.1:2222: `sysbench oltp_read_write ... run` timed out after 60 s (stopped in the guest)", partial
+    )
     runs = run_all({"vm-8": CannedSession(timeout)}, SysbenchParams(), timeout_s=60)
     run = runs["vm-8"]
     assert not run.ok and "timed out after 60 s" in run.error
@@ -412,8 +450,18 @@ def test_no_guests_no_runs():
 
 
 def _checksum(session: LocalSession, db: str) -> str:
-    result = session.run(["mariadb", f"--socket={GUEST_SOCKET}", "--user=root", "--batch",
-                          "--skip-column-names", "-e", f"CHECKSUM TABLE {db}.sbtest1"], 30)
+    result = session.run(
+        [
+            "mariadb",
+            f"--socket={GUEST_SOCKET}",
+            "--user=root",
+            "--batch",
+            "--skip-column-names",
+            "-e",
+            f"CHECKSUM TABLE {db}.sbtest1",
+        ],
+        30,
+    )
     assert result.exit_status == 0, result.stderr
     return result.stdout.split()[-1]
 
@@ -443,8 +491,7 @@ def test_prepare_guest_can_be_repeated(mariadb_socket):
 
 @needs_mariadb
 def test_run_all_against_a_real_mariadb(mariadb_socket):
-    params = SysbenchParams(tables=2, table_size=1000, threads=1, duration_s=3,
-                            report_interval_s=1)
+    params = SysbenchParams(tables=2, table_size=1000, threads=1, duration_s=3, report_interval_s=1)
     good = LocalSession(mariadb_socket)
     prepare_guest(good, params, seed=seed_for_guest(params, 0), timeout_s=120)
     sessions = {
@@ -475,11 +522,14 @@ def test_run_all_against_a_real_mariadb(mariadb_socket):
     assert good.run(cleanup_argv(params), 60).exit_status == 0
 
 
-@pytest.mark.parametrize(("old", "new", "named"), [
-    ("(607.27 per sec.)", "(nan per sec.)", "tps = nan"),
-    ("(607.27 per sec.)", "(inf per sec.)", "tps = inf"),
-    ("(607.27 per sec.)", "(-607.27 per sec.)", "tps = -607.27"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("(607.27 per sec.)", "(nan per sec.)", "tps = nan"),
+        ("(607.27 per sec.)", "(inf per sec.)", "tps = inf"),
+        ("(607.27 per sec.)", "(-607.27 per sec.)", "tps = -607.27"),
+    ],
+)
 def test_forged_statistics_are_rejected_naming_the_value(old: str, new: str, named: str) -> None:
     text = captured("run_1thread")
     assert old in text

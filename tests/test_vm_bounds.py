@@ -48,8 +48,11 @@ class QemuFreezer:
     def _watch(self) -> None:
         # Processes of before are not it (an earlier QEMU of that name may still be exiting),
         # except libvirtd's children: one may be about to exec QEMU.
-        others = {pid for pid in os.listdir("/proc")
-                  if pid.isdigit() and b"libvirtd" not in (self._cmdline(pid) or b"libvirtd")}
+        others = {
+            pid
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and b"libvirtd" not in (self._cmdline(pid) or b"libvirtd")
+        }
         self._ready.set()
         while not self._done.is_set():
             for pid in os.listdir("/proc"):
@@ -89,8 +92,9 @@ def caught_nothing(guests: GuestSet) -> bool:
 
 
 def _options(tmp_path: Path, **deadlines: float) -> GuestSetOptions:
-    return GuestSetOptions(domain_type=choose_domain_type("auto"), network="none", work_root=tmp_path / "work",
-                           **deadlines)
+    return GuestSetOptions(
+        domain_type=choose_domain_type("auto"), network="none", work_root=tmp_path / "work", **deadlines
+    )
 
 
 def _left(study: str, frozen: list[int]) -> dict[str, list]:
@@ -132,8 +136,14 @@ def test_a_restore_that_hangs_is_destroyed_at_its_deadline(tmp_path):
     with GuestSet(URI, study, [GuestRequest(memory_mib=512)], image, _options(tmp_path)) as guests:
         folder = states.build_folder(root, "k")
         saved = states.commit(folder, root, "k", {}, guests.save(folder, ["marker"]), {})
-    restoring = GuestSet(URI, study, [GuestRequest(memory_mib=512)], image,
-                         _options(tmp_path, restore_timeout_s=DEADLINE_S), restore=saved)
+    restoring = GuestSet(
+        URI,
+        study,
+        [GuestRequest(memory_mib=512)],
+        image,
+        _options(tmp_path, restore_timeout_s=DEADLINE_S),
+        restore=saved,
+    )
     with QemuFreezer(saved.guests[0].name) as freezer:
         started = time.monotonic()
         try:
@@ -147,8 +157,10 @@ def test_a_restore_that_hangs_is_destroyed_at_its_deadline(tmp_path):
     assert frozen, "the restored QEMU was never stopped: the restore did not hang"
     message = str(caught.value)
     print(f"{took_s:.1f} s: {message}")
-    assert f"restore {saved.guests[0].name} from {saved.guests[0].save_path} did not finish within " \
-           f"{DEADLINE_S:g} s" in message, message
+    assert (
+        f"restore {saved.guests[0].name} from {saved.guests[0].save_path} did not finish within "
+        f"{DEADLINE_S:g} s" in message
+    ), message
     assert "guest destroyed" in message, message
     assert took_s < DEADLINE_S + 3 * STOP_JOB_GRACE_S
     assert _left(study, frozen) == {"domains": [], "qemu": []}
@@ -176,6 +188,7 @@ def test_a_guest_flooding_its_console_cannot_fill_the_disk(tmp_path):
     max_size, max_backups = _virtlogd_caps()
     options = GuestSetOptions(domain_type=choose_domain_type("auto"), work_root=tmp_path / "work")
     with GuestSet(URI, study, [GuestRequest(memory_mib=512)], image, options) as guests:
+
         def connect(guest) -> None:
             with GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=1, connect_timeout_s=10) as s:
                 s.run(["true"], timeout_s=30, check=True)
@@ -184,12 +197,14 @@ def test_a_guest_flooding_its_console_cannot_fill_the_disk(tmp_path):
         guest = guests.guests[0]
         with GuestSession.for_image(image, guest.ssh_port, connect_deadline_s=30, connect_timeout_s=10) as session:
             started = time.monotonic()
-            session.run(["sh", "-c", "head -c 12582912 /dev/zero | tr '\\0' x > /dev/ttyS0"], timeout_s=600,
-                        check=True)
+            session.run(["sh", "-c", "head -c 12582912 /dev/zero | tr '\\0' x > /dev/ttyS0"], timeout_s=600, check=True)
             print(f"12 MiB to the serial port in {time.monotonic() - started:.1f} s")
         time.sleep(2)  # virtlogd writes what QEMU handed it
-        logs = {p.name: p.stat().st_size for p in guest.console_log_path.parent.iterdir()
-                if p.name.startswith(guest.console_log_path.name)}
+        logs = {
+            p.name: p.stat().st_size
+            for p in guest.console_log_path.parent.iterdir()
+            if p.name.startswith(guest.console_log_path.name)
+        }
         rotated = sorted(set(logs) - {guest.console_log_path.name})
     print(f"console log files after a 12 MiB flood: {logs}")
     assert max(logs.values()) <= max_size, logs

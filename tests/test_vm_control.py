@@ -31,8 +31,15 @@ def cut_down(text: str, study: str, workdir: Path) -> str:
     """The shipped plan with one guest per arm and short phases at a fast scan rate (512 MiB =
     131k pages, scanned in well under a second at 20,000 pages per 20 ms wake-up when ksmd gets
     a core, so 10 s of measure is several full scans: merging needs two)."""
-    changes = {"name": f'"{study}"', "count": "1", "settle_s": "3", "baseline_s": "1", "measure_s": "10",
-               "pages_to_scan": "20000", "pss_interval_s": "5.0"}
+    changes = {
+        "name": f'"{study}"',
+        "count": "1",
+        "settle_s": "3",
+        "baseline_s": "1",
+        "measure_s": "10",
+        "pages_to_scan": "20000",
+        "pss_interval_s": "5.0",
+    }
     for key, value in changes.items():
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
         assert n == 1, f"plans/control.toml has no {key} line"

@@ -52,8 +52,14 @@ STOPPED_LIBVIRTD_S = 120
 
 def fault_plan(study: str, workdir: Path, workload: str = "idle", measure_s: float = 600, seed: int = 1) -> str:
     # sysbench: 50k rows (~12 MB) keep the prepare busy for seconds, long enough to kill it in.
-    sysbench = ('type = "sysbench"\ntables = 1\ntable_size = 50000\nduration_s = 3\nreport_interval_s = 1\n'
-                f"warmup_s = 0\nrand_seed = {seed}\n") if workload == "sysbench" else 'type = "idle"\n'
+    sysbench = (
+        (
+            'type = "sysbench"\ntables = 1\ntable_size = 50000\nduration_s = 3\nreport_interval_s = 1\n'
+            f"warmup_s = 0\nrand_seed = {seed}\n"
+        )
+        if workload == "sysbench"
+        else 'type = "idle"\n'
+    )
     return f"""
 [study]
 name = "{study}"
@@ -89,8 +95,11 @@ def _ours(workdir: Path, *studies: str) -> dict[str, list]:
                 continue
             if any(f">{s}<" in meta or f">{s}-prep<" in meta for s in studies):
                 names.append(dom.name())
-    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and str(workdir) in " ".join(p.info["cmdline"])]
+    qemus = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and str(workdir) in " ".join(p.info["cmdline"])
+    ]
     return {"domains": names, "qemu": qemus}
 
 
@@ -106,9 +115,14 @@ def _ports_held_here() -> list[dict]:
 
 def _start(plan: Path, results_dir: Path, output: Path) -> subprocess.Popen:
     with output.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
-                                 str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir), "--no-report"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "400"},
+        )
 
 
 def _wait_for(sweep: subprocess.Popen, what: str, check, timeout_s: float = REACH_S, poll_s: float = 0.05):
@@ -133,6 +147,7 @@ def _log_says(log_path: Path, pattern: str):
 
 def _domain_of(study: str, suffix: str = "", states: tuple[int, ...] = (libvirt.VIR_DOMAIN_RUNNING,)):
     """A check: the name of a domain of `study` (+suffix) in one of `states`, else None."""
+
     def check():
         with libvirt.open(URI) as conn:
             for dom in conn.listAllDomains(0):
@@ -143,6 +158,7 @@ def _domain_of(study: str, suffix: str = "", states: tuple[int, ...] = (libvirt.
                 if f">{study}{suffix}<" in meta and dom.state()[0] in states:
                     return dom.name()
         return None
+
     return check
 
 
@@ -154,8 +170,10 @@ def _libvirtd_pid() -> int:
 
 def _save_file_growing(workdir: Path, study: str):
     """A check: a guest's save image being written in the study's uncached state build folder."""
+
     def check():
         return [p for p in (workdir / study).glob("states/.*.build-*/g*.save") if p.stat().st_size > 0]
+
     return check
 
 
@@ -180,6 +198,7 @@ def _prep_guest_preparing(workdir: Path, study: str):
             grown_from["size"] = overlays[0].stat().st_size
             return False
         return overlays[0].stat().st_size - grown_from["size"] >= 4 * 2**20
+
     return check
 
 
@@ -198,8 +217,14 @@ def _kill_at(case: str, study: str, workdir: Path, results_dir: Path, tmp_path: 
             _wait_for(sweep, "the saved state", _log_says(log, r": saved guest state "), poll_s=0.01)
         elif case == "restore":
             _wait_for(sweep, "phase restore", _log_says(log, r"phase restore"), poll_s=0.01)
-            _wait_for(sweep, "a restoring guest", _domain_of(study, states=(
-                libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING)), poll_s=0.01)
+            _wait_for(
+                sweep,
+                "a restoring guest",
+                _domain_of(
+                    study, states=(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING)
+                ),
+                poll_s=0.01,
+            )
         elif case == "prepare":
             _wait_for(sweep, "the sysbench prepare", _log_says(log, r"preparing sysbench data"))
             _wait_for(sweep, "the prepare writing its database", _prep_guest_preparing(workdir, study), poll_s=0.5)
@@ -235,11 +260,20 @@ def _kill_at(case: str, study: str, workdir: Path, results_dir: Path, tmp_path: 
 # `make test` runs two kill points (a kill mid-measure; libvirtd stopped mid-restore); the whole
 # matrix (about 2-3 min a case under TCG here) is `make test-faults`.
 _FULL = pytest.mark.faults
-@pytest.mark.parametrize("case", ["libvirtd-stop-restore", "measure", pytest.param("saved", marks=_FULL),
-                                  pytest.param("save", marks=_FULL), pytest.param("restore", marks=_FULL),
-                                  pytest.param("prepare", marks=_FULL)])
-def test_the_next_sweep_heals_a_killed_one_and_finishes_leaving_nothing(case, tmp_path, results_dir, ksm_guard,
-                                                                        caplog):
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "libvirtd-stop-restore",
+        "measure",
+        pytest.param("saved", marks=_FULL),
+        pytest.param("save", marks=_FULL),
+        pytest.param("restore", marks=_FULL),
+        pytest.param("prepare", marks=_FULL),
+    ],
+)
+def test_the_next_sweep_heals_a_killed_one_and_finishes_leaving_nothing(case, tmp_path, results_dir, ksm_guard, caplog):
     image = need_vm_host()
     study = f"pyt-fault-{case.split('-')[0]}-{os.getpid()}"
     workdir = tmp_path / "work"

@@ -43,9 +43,16 @@ def _ours(study: str) -> dict[str, list]:
                 continue
             if f">{study}<" in meta:
                 names.append(dom.name())
-    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and any(a.startswith("guest=") and a.split(",")[0][6:] in names
-                                          for a in p.info["cmdline"])] if names else []
+    qemus = (
+        [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"]
+            and any(a.startswith("guest=") and a.split(",")[0][6:] in names for a in p.info["cmdline"])
+        ]
+        if names
+        else []
+    )
     return {"domains": names, "qemu": qemus}
 
 
@@ -53,8 +60,9 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
-def idle_plan(study: str, workdir: Path, pts: list[int], measure_s: float = 3, cache: bool = False,
-              memory_mib: int = 640) -> str:
+def idle_plan(
+    study: str, workdir: Path, pts: list[int], measure_s: float = 3, cache: bool = False, memory_mib: int = 640
+) -> str:
     return f"""
 [study]
 name = "{study}"
@@ -85,8 +93,10 @@ def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, res
     outcome = run_sweep(parse_plan(text), text, results_dir)
     assert (outcome.ran, outcome.failed) == (2, 0), (results_dir / study / "trials.csv").read_text()
     table = pd.read_csv(results_dir / study / "trials.csv")
-    first, second = (json.loads((results_dir / study / "trials" / t / "trial.json").read_text())["provision"]
-                     for t in table["trial_id"])
+    first, second = (
+        json.loads((results_dir / study / "trials" / t / "trial.json").read_text())["provision"]
+        for t in table["trial_id"]
+    )
     assert first["start"] == second["start"] == "restore"
     assert (first["state_reused"], second["state_reused"]) == (False, True)
     assert first["state"] == second["state"]
@@ -134,13 +144,20 @@ def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm
 def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int, output: Path | None = None) -> subprocess.Popen:
     """Start the sweep and return once its trial at pages_to_scan=pts measures; its terminal
     output (wide, so messages are not wrapped) goes to `output` when given."""
-    with (output.open("w") if output else open(os.devnull, "w")) as out:
-        sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results",
-                                  str(results_dir), "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
+    with output.open("w") if output else open(os.devnull, "w") as out:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir), "--no-report"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "400"},
+        )
     deadline = time.monotonic() + 600
-    while Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != str(pts) or \
-            Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1":
+    while (
+        Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != str(pts)
+        or Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1"
+    ):
         if sweep.poll() is not None:
             raise AssertionError("sweep ended before its measure phase")
         if time.monotonic() > deadline:
@@ -150,8 +167,7 @@ def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int, output: Path
     return sweep
 
 
-def _lose_a_guest_mid_measure(tmp_path: Path, results_dir: Path, study: str, pts: int,
-                              act: str) -> tuple[dict, str]:
+def _lose_a_guest_mid_measure(tmp_path: Path, results_dir: Path, study: str, pts: int, act: str) -> tuple[dict, str]:
     """Run a one-trial restored study, do `act` ("destroy", "suspend") to one guest while it
     measures, and return (the trial's record, the guest's name) once the sweep has ended with
     "some trials failed" within 60 s."""
@@ -175,8 +191,14 @@ def _lose_a_guest_mid_measure(tmp_path: Path, results_dir: Path, study: str, pts
 
 def _cleanup_leaves_nothing(study: str, workdir: Path) -> None:
     """`cleanup --study` after a sweep that could not tear down: no domain, QEMU or file left."""
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "cleanup", "--study", study],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     deadline = time.monotonic() + 30
     while _ours(study)["qemu"] and time.monotonic() < deadline:
@@ -217,8 +239,13 @@ def test_sigkilled_restored_trial_then_cleanup_leaves_nothing(tmp_path, results_
     sweep.wait(30)
     assert _ours(study)["domains"]  # SIGKILL leaves them: that is what cleanup is for
     _cleanup_leaves_nothing(study, tmp_path / "work")
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr
     assert snapshot() == ksm_guard
 

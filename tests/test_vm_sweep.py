@@ -69,8 +69,10 @@ def test_sysbench_in_two_guests_under_a_ksm_sweep_leaves_the_host_clean(tmp_path
         assert (outcome.ran, outcome.failed) == (2, 0), (results_dir / study / "trials.csv").read_text()
         table = pd.read_csv(results_dir / study / "trials.csv")
         assert (table["tps"] > 0).all()
-        records = {r.trial_id: json.loads((results_dir / study / "trials" / r.trial_id / "trial.json").read_text())
-                   for r in table.itertuples()}
+        records = {
+            r.trial_id: json.loads((results_dir / study / "trials" / r.trial_id / "trial.json").read_text())
+            for r in table.itertuples()
+        }
         for trial_id, record in records.items():
             folder = results_dir / study / "trials" / trial_id
             per_guest = pd.read_csv(folder / "workload.csv").groupby("guest")["tps"].mean()
@@ -116,13 +118,19 @@ def test_sigkilled_vm_sweep_is_healed_by_the_next_sweep_leaving_nothing(tmp_path
     study = f"pyt-kill-{os.getpid()}"
     plan = tmp_path / "plan.toml"
     plan.write_text(KILL_PLAN.format(study=study, workdir=tmp_path / "work"))
-    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir),
-                              "--no-report"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results_dir), "--no-report"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 600
-        while Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != "4321" or \
-                Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1":
+        while (
+            Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip() != "4321"
+            or Path("/sys/kernel/mm/ksm/run").read_text().strip() != "1"
+        ):
             assert sweep.poll() is None, "sweep ended before its measure phase"
             assert time.monotonic() < deadline, "guest never reached the measure phase"
             time.sleep(1)
@@ -153,10 +161,21 @@ def test_sigkilled_vm_sweep_is_healed_by_the_next_sweep_leaving_nothing(tmp_path
 
     assert not [e for e in PortRegistry().held().values() if study in e["owner"]]  # ports released
     # `cleanup` and `restore` find nothing left to do.
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "cleanup", "--study", study], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "cleanup", "--study", study],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert out.returncode == 0 and f"ksmlab-{study}-0" not in out.stdout, out.stdout + out.stderr
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)], cwd=REPO,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "restore", str(results_dir / study)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr
     assert snapshot() == ksm_guard

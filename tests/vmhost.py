@@ -32,8 +32,11 @@ def study_leftovers(study: str) -> dict[str, list]:
     """Everything of this study's guests that could leak: domains, QEMU processes."""
     with libvirt.open(URI) as conn:
         domains = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(f"ksmlab-{study}")]
-    qemus = [p.pid for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and any(f"guest=ksmlab-{study}" in a for a in p.info["cmdline"])]
+    qemus = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and any(f"guest=ksmlab-{study}" in a for a in p.info["cmdline"])
+    ]
     return {"domains": domains, "qemu": qemus}
 
 

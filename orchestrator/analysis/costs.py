@@ -99,8 +99,9 @@ def nominal_pages_per_s(pages_to_scan: float, sleep_millisecs: float) -> float:
     return pages_to_scan * 1000.0 / sleep_millisecs
 
 
-def scan_speed(measure: pd.DataFrame, ksm_settings: Mapping[str, Any], measure_s: float,
-               nominal: float | None = None) -> dict[str, float]:
+def scan_speed(
+    measure: pd.DataFrame, ksm_settings: Mapping[str, Any], measure_s: float, nominal: float | None = None
+) -> dict[str, float]:
     """Achieved vs nominal scan rate over one measure phase (rows of ksm.csv, phase measure).
 
     The knobs come from trial.json's ksm settings; a knob the plan left at the host's value is
@@ -134,8 +135,7 @@ def scan_speed(measure: pd.DataFrame, ksm_settings: Mapping[str, Any], measure_s
     return out
 
 
-def zero_page_split(measure: pd.DataFrame, ksm_settings: Mapping[str, Any],
-                    page_size_bytes: int) -> dict[str, float]:
+def zero_page_split(measure: pd.DataFrame, ksm_settings: Mapping[str, Any], page_size_bytes: int) -> dict[str, float]:
     """The end-of-measure saving split into zero pages and content merges (use_zero_pages=1
     only: with it off, empty pages merge like any other content and ksm_zero_pages stays 0)."""
     if str(ksm_settings.get("use_zero_pages")) != "1" or measure.empty:
@@ -148,8 +148,9 @@ def zero_page_split(measure: pd.DataFrame, ksm_settings: Mapping[str, Any],
     return out
 
 
-def metadata_memory(measure: pd.DataFrame, page_size_bytes: int,
-                    rmap_items_from_processes: float = math.nan) -> dict[str, float]:
+def metadata_memory(
+    measure: pd.DataFrame, page_size_bytes: int, rmap_items_from_processes: float = math.nan
+) -> dict[str, float]:
     """KSM's own memory at the end of measure, beside general_profit (see the module docstring).
 
     rmap items are derived from general_profit; where the tracked processes' ksm_stat summed
@@ -200,12 +201,14 @@ def unmerge_per_gib(unmerge_s: float, merged_pages: float, page_size_bytes: int)
 
 def probe_record_metrics(probe: ProbeRecord, page_size_bytes: int) -> dict[str, float]:
     """trials.csv columns from trial.json's "probe" record (written by runners/probe.py)."""
+
     def get(value: float | None) -> float:
         return math.nan if value is None else float(value)
 
     unmerge_s, before = get(probe.unmerge_s), get(probe.pages_before_unmerge)
-    out = merge_throughput(get(probe.merged_pages), page_size_bytes, get(probe.merge_wall_s),
-                           get(probe.merge_ksmd_cpu_s))
+    out = merge_throughput(
+        get(probe.merged_pages), page_size_bytes, get(probe.merge_wall_s), get(probe.merge_ksmd_cpu_s)
+    )
     out["merge_target_reached"] = bool(probe.merge_target_reached)
     out["unmerge_s"] = unmerge_s
     out["unmerged_pages"] = before
@@ -241,16 +244,49 @@ def probe_record_metrics(probe: ProbeRecord, page_size_bytes: int) -> dict[str, 
 # (``mappings_per_ksm_page``). Across-group sharing is `across` as a share of S_mix; an interval
 # is given only over 2 or more blocks (the block is the replicated unit).
 
-SPLIT_COLUMNS = ("trial_id", "block", "setting", "guests", "guest_ram_mib", "content_mib", "zero_mib",
-                 "within_mib", "across_mib", "within_pct", "across_pct", "zero_pct", "content_pct_of_ram",
-                 "zero_by_image_mib")
-SUMMARY_COLUMNS = ("setting", "blocks", "content_mib", "content_mib_ci95", "zero_mib", "zero_mib_ci95",
-                   "within_mib", "within_mib_ci95", "across_mib", "across_mib_ci95", "across_pct",
-                   "across_pct_ci95", "content_pct_of_ram", "content_pct_of_ram_ci95")
+SPLIT_COLUMNS = (
+    "trial_id",
+    "block",
+    "setting",
+    "guests",
+    "guest_ram_mib",
+    "content_mib",
+    "zero_mib",
+    "within_mib",
+    "across_mib",
+    "within_pct",
+    "across_pct",
+    "zero_pct",
+    "content_pct_of_ram",
+    "zero_by_image_mib",
+)
+SUMMARY_COLUMNS = (
+    "setting",
+    "blocks",
+    "content_mib",
+    "content_mib_ci95",
+    "zero_mib",
+    "zero_mib_ci95",
+    "within_mib",
+    "within_mib_ci95",
+    "across_mib",
+    "across_mib_ci95",
+    "across_pct",
+    "across_pct_ci95",
+    "content_pct_of_ram",
+    "content_pct_of_ram_ci95",
+)
 # trials-table columns this module adds (references and summary.csv read them)
-TRIAL_COLUMNS = ("one_image_content_pct_of_ram", "mixed_content_pct_of_ram", "one_image_saved_pct_of_ram",
-                 "mixed_saved_pct_of_ram", "within_group_pct", "across_group_pct", "across_group_pct_of_ram",
-                 "mappings_per_ksm_page")
+TRIAL_COLUMNS = (
+    "one_image_content_pct_of_ram",
+    "mixed_content_pct_of_ram",
+    "one_image_saved_pct_of_ram",
+    "mixed_saved_pct_of_ram",
+    "within_group_pct",
+    "across_group_pct",
+    "across_group_pct_of_ram",
+    "mappings_per_ksm_page",
+)
 
 
 def image_id(table: Any) -> str:
@@ -266,8 +302,11 @@ def guest_layout(guests: Mapping[str, Any] | None) -> list[str]:
         return []
     groups = guests.get("groups")
     if isinstance(groups, list) and groups:
-        return [image_id(g.get("image") if g.get("image") is not None else guests.get("image"))
-                for g in groups for _ in range(int(g.get("count") or 0))]
+        return [
+            image_id(g.get("image") if g.get("image") is not None else guests.get("image"))
+            for g in groups
+            for _ in range(int(g.get("count") or 0))
+        ]
     return [image_id(guests.get("image"))] * int(guests.get("count") or 0)
 
 
@@ -309,9 +348,15 @@ def estimate_block(mixed: Mapping[str, Any], alone: Mapping[str, Mapping[str, An
             break
         within += saved * (k - 1) / (n - 1)
     across = content - within
-    return {"content_mib": content, "zero_mib": zero, "within_mib": within, "across_mib": across,
-            "within_pct": _pct(within, content), "across_pct": _pct(across, content),
-            "zero_pct": _pct(zero, content + zero) if math.isfinite(zero) else math.nan}
+    return {
+        "content_mib": content,
+        "zero_mib": zero,
+        "within_mib": within,
+        "across_mib": across,
+        "within_pct": _pct(within, content),
+        "across_pct": _pct(across, content),
+        "zero_pct": _pct(zero, content + zero) if math.isfinite(zero) else math.nan,
+    }
 
 
 def _trial_layouts(study: Any) -> dict[str, dict[str, Any]]:
@@ -320,13 +365,17 @@ def _trial_layouts(study: Any) -> dict[str, dict[str, Any]]:
         guests = data.trial.guests or {}
         layout = guest_layout(guests)
         memory = _finite(guests.get("memory_mib"))
-        out[data.trial_id] = {"layout": layout, "ram_mib": memory * len(layout),
-                              "ksm": json.dumps(data.trial.ksm or {}, sort_keys=True, default=str)}
+        out[data.trial_id] = {
+            "layout": layout,
+            "ram_mib": memory * len(layout),
+            "ksm": json.dumps(data.trial.ksm or {}, sort_keys=True, default=str),
+        }
     return out
 
 
-def _zero_by_image(per_process: pd.DataFrame, trial_id: str, layout: list[str],
-                   page_size_bytes: int) -> dict[str, float]:
+def _zero_by_image(
+    per_process: pd.DataFrame, trial_id: str, layout: list[str], page_size_bytes: int
+) -> dict[str, float]:
     """Zero pages of each image's guests (per-process ksm_stat ksm_zero_pages), MiB."""
     if per_process.empty or "ksm_zero_pages" not in per_process.columns:
         return {}
@@ -344,8 +393,9 @@ def _mappings_per_ksm_page(per_process: pd.DataFrame, trial: Mapping[str, Any], 
     """sum of the guests' ksm_merging_pages / pages_shared at the end of measure."""
     if per_process.empty or "ksm_merging_pages" not in per_process.columns:
         return math.nan
-    merging = pd.to_numeric(per_process.loc[per_process["trial_id"] == trial["trial_id"], "ksm_merging_pages"],
-                            errors="coerce").sum()
+    merging = pd.to_numeric(
+        per_process.loc[per_process["trial_id"] == trial["trial_id"], "ksm_merging_pages"], errors="coerce"
+    ).sum()
     sharing = _finite(trial.get("content_merged_mib")) * MIB / page_size_bytes
     shared = _finite(trial.get("merged_pages_end")) - sharing
     return float(merging) / shared if shared > 0 and merging > 0 else math.nan
@@ -364,15 +414,29 @@ def split(study: Any, trials: pd.DataFrame, per_process: pd.DataFrame, page_size
         for _, other in usable[usable["repetition"] == trial["repetition"]].iterrows():
             other_info = layouts.get(other["trial_id"])
             if other_info and len(set(other_info["layout"])) == 1 and other_info["ksm"] == info["ksm"]:
-                alone[other_info["layout"][0]] = {"guests": len(other_info["layout"]),
-                                                  "content_mib": other["content_merged_mib"]}
-        est = estimate_block({"layout": info["layout"], "content_mib": trial["content_merged_mib"],
-                              "zero_mib": trial["zero_pages_mib"]}, alone)
+                alone[other_info["layout"][0]] = {
+                    "guests": len(other_info["layout"]),
+                    "content_mib": other["content_merged_mib"],
+                }
+        est = estimate_block(
+            {"layout": info["layout"], "content_mib": trial["content_merged_mib"], "zero_mib": trial["zero_pages_mib"]},
+            alone,
+        )
         zero_by_image = _zero_by_image(per_process, trial["trial_id"], info["layout"], page_size_bytes)
-        rows.append({"trial_id": trial["trial_id"], "block": trial["repetition"], "setting": trial["setting"],
-                     "guests": len(info["layout"]), "guest_ram_mib": info["ram_mib"], **est,
-                     "content_pct_of_ram": _pct(est["content_mib"], info["ram_mib"]),
-                     "zero_by_image_mib": "; ".join(f"{_short(k)} {number(v, integers=False)}" for k, v in zero_by_image.items())})
+        rows.append(
+            {
+                "trial_id": trial["trial_id"],
+                "block": trial["repetition"],
+                "setting": trial["setting"],
+                "guests": len(info["layout"]),
+                "guest_ram_mib": info["ram_mib"],
+                **est,
+                "content_pct_of_ram": _pct(est["content_mib"], info["ram_mib"]),
+                "zero_by_image_mib": "; ".join(
+                    f"{_short(k)} {number(v, integers=False)}" for k, v in zero_by_image.items()
+                ),
+            }
+        )
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
 
 

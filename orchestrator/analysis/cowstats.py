@@ -158,10 +158,12 @@ def exposure_metrics(frame: pd.DataFrame | None, record: Mapping[str, Any]) -> d
     if source == TRUTH_KSM_STAT:  # unmerged by construction where no second copy exists yet
         truth = truth.where(holds, 0.0)
     pos, neg = truth == 1, truth == 0
-    out: dict[str, Any] = {"exposure_truth_source": source or None,
-                           "exposure_threshold_ns": float(record.get("threshold_ns", math.nan)),
-                           "exposure_tests": int(len(tests)),
-                           "exposure_truth_unknown": int(truth.isna().sum())}
+    out: dict[str, Any] = {
+        "exposure_truth_source": source or None,
+        "exposure_threshold_ns": float(record.get("threshold_ns", math.nan)),
+        "exposure_tests": int(len(tests)),
+        "exposure_truth_unknown": int(truth.isna().sum()),
+    }
     tp, n_pos = int((called & pos).sum()), int(pos.sum())
     fp, n_neg = int((called & neg).sum()), int(neg.sum())
     out.update(exposure_tp=tp, exposure_truth_pos=n_pos, exposure_fp=fp, exposure_truth_neg=n_neg)
@@ -182,12 +184,15 @@ def exposure_metrics(frame: pd.DataFrame | None, record: Mapping[str, Any]) -> d
         first_detect.append(float(since[mine & detected].min()) if (mine & detected).any() else math.inf)
         first_merged.append(float(since[mine & pos].min()) if (mine & pos).any() else math.inf)
     seen = [t for t in first_detect if math.isfinite(t)]
-    out.update(exposure_secrets=secrets, exposure_secrets_detected=len(seen),
-               exposure_secrets_merged=sum(math.isfinite(t) for t in first_merged),
-               exposure_first_detect_s=min(seen) if seen else math.nan,
-               exposure_median_detect_s=median_with_never(first_detect),
-               exposure_median_merged_s=median_with_never(first_merged),
-               exposure_observe_s=float(record.get("observe_s", math.nan)))
+    out.update(
+        exposure_secrets=secrets,
+        exposure_secrets_detected=len(seen),
+        exposure_secrets_merged=sum(math.isfinite(t) for t in first_merged),
+        exposure_first_detect_s=min(seen) if seen else math.nan,
+        exposure_median_detect_s=median_with_never(first_detect),
+        exposure_median_merged_s=median_with_never(first_merged),
+        exposure_observe_s=float(record.get("observe_s", math.nan)),
+    )
     out["exposure_summary"] = exposure_sentence(out)
     return out
 
@@ -201,16 +206,22 @@ def exposure_sentence(m: Mapping[str, Any]) -> str:
     secrets = int(m.get("exposure_secrets") or 0)
     rates = f"FPR {_pct(m['exposure_fpr'])} ({m['exposure_fp']}/{m['exposure_truth_neg']})"
     if has_value(m.get("exposure_tpr")):
-        rates = (f"{_pct(m['exposure_balanced_accuracy'])} balanced accuracy (TPR {_pct(m['exposure_tpr'])} "
-                 f"({m['exposure_tp']}/{m['exposure_truth_pos']}), {rates})")
+        rates = (
+            f"{_pct(m['exposure_balanced_accuracy'])} balanced accuracy (TPR {_pct(m['exposure_tpr'])} "
+            f"({m['exposure_tp']}/{m['exposure_truth_pos']}), {rates})"
+        )
     if m.get("exposure_truth_pos", 0) == 0 and m.get("exposure_truth_source") != TRUTH_KSM_STAT:
-        return (f"no tested page was merged (0 of {m['exposure_tests']}): nothing to observe, every 'merged' call "
-                f"a false positive, {rates}")
+        return (
+            f"no tested page was merged (0 of {m['exposure_tests']}): nothing to observe, every 'merged' call "
+            f"a false positive, {rates}"
+        )
     if not m.get("exposure_secrets_detected"):
         return f"no secret observed within the trial (0 of {secrets}); {rates}"
     first = f"first after {number(m['exposure_first_detect_s'], integers=False)} s"
     seen = f"{m['exposure_secrets_detected']} of {secrets} secrets seen"
     if has_value(m.get("exposure_median_detect_s")):
-        return (f"merge observable after {number(m['exposure_median_detect_s'], integers=False)} s (median; {first}; "
-                f"{seen}) at {rates}")
+        return (
+            f"merge observable after {number(m['exposure_median_detect_s'], integers=False)} s (median; {first}; "
+            f"{seen}) at {rates}"
+        )
     return f"merge observable for {seen} ({first}; median not reached) at {rates}"

@@ -51,13 +51,13 @@ class Pilot:
 
     blocks: int
     settings_compared: int
-    sd_d_pct: float           # pooled sd of the per-block differences
-    sd_dof: float             # see studymetrics.paired_spread
-    trial_sd_pct: float       # KSM-off trials repeated in a block: trial-level sd (NaN: none)
+    sd_d_pct: float  # pooled sd of the per-block differences
+    sd_dof: float  # see studymetrics.paired_spread
+    trial_sd_pct: float  # KSM-off trials repeated in a block: trial-level sd (NaN: none)
     trial_dof: int
-    trial_weight: float       # mean of 1/r_on + 1/r_off over the pilot's pairs
+    trial_weight: float  # mean of 1/r_on + 1/r_off over the pilot's pairs
     trials_per_block: int
-    trial_wall_s: float       # median seconds per trial
+    trial_wall_s: float  # median seconds per trial
 
     @property
     def block_sd_pct(self) -> float:
@@ -82,10 +82,10 @@ class Design:
     pilot: Pilot
     design_sd_pct: float
     design_sd_range_pct: tuple[float, float]
-    blocks: float              # recommended (expected power 80%); inf past the cap
+    blocks: float  # recommended (expected power 80%); inf past the cap
     blocks_range: tuple[float, float]
     blocks_if_sd_as_measured: float
-    mde_pct: float             # the change the recommended blocks find with 80% expected power
+    mde_pct: float  # the change the recommended blocks find with 80% expected power
     trials: float
     wall_s: float
 
@@ -93,11 +93,13 @@ class Design:
     def plan_toml(self) -> str:
         if not math.isfinite(self.blocks):
             return ""
-        return (f"# {self.target_pct:g}% {self.metric} change vs KSM off at 80% power (ksm-lab design)\n"
-                "[study]\n"
-                f"repetitions = {int(self.blocks)}    # blocks: every setting and its KSM-off trial once each\n"
-                'order = "blocked"\n'
-                "ksm_off_baseline = true\n")
+        return (
+            f"# {self.target_pct:g}% {self.metric} change vs KSM off at 80% power (ksm-lab design)\n"
+            "[study]\n"
+            f"repetitions = {int(self.blocks)}    # blocks: every setting and its KSM-off trial once each\n"
+            'order = "blocked"\n'
+            "ksm_off_baseline = true\n"
+        )
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -127,7 +129,7 @@ _TARGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*%?\s*$")
 
 
 def parse_target_pct(text: str) -> float:
-    """"5%" or "5" -> 5.0 (percent of KSM off); anything else, zero or negative: DesignError."""
+    """ "5%" or "5" -> 5.0 (percent of KSM off); anything else, zero or negative: DesignError."""
     match = _TARGET.match(str(text))
     value = float(match.group(1)) if match else math.nan
     if not (math.isfinite(value) and value > 0):
@@ -178,8 +180,10 @@ def pilot_from_trials(trials: pd.DataFrame, metric: str = DEFAULT_METRIC) -> Pil
         raise DesignError(f"--metric {metric!r}: one of {', '.join(DESIGN_METRICS)}")
     blocks = studymetrics.study_blocks(trials)
     if blocks < 2:
-        raise DesignError(f"the pilot has {blocks} block{'s' if blocks != 1 else ''}: a paired design needs a "
-                          "pilot with 2 or more (run it with repetitions >= 2)")
+        raise DesignError(
+            f"the pilot has {blocks} block{'s' if blocks != 1 else ''}: a paired design needs a "
+            "pilot with 2 or more (run it with repetitions >= 2)"
+        )
     if not (trials["ksm_off"] & trials["used_in_stats"]).any():
         raise DesignError("the pilot has no usable KSM-off trials: run it with ksm_off_baseline = true")
     by_group: dict[str, list[pd.Series]] = {}
@@ -187,15 +191,24 @@ def pilot_from_trials(trials: pd.DataFrame, metric: str = DEFAULT_METRIC) -> Pil
         by_group.setdefault(offkey, []).append(d)
     sd, dof = _pooled_over_groups([studymetrics.paired_spread(group) for group in by_group.values()])
     if dof < 1:
-        raise DesignError(f"the pilot has no {metric} compared with KSM off in 2 or more blocks "
-                          "(a guests workload with ksm_off_baseline = true gives it)")
+        raise DesignError(
+            f"the pilot has no {metric} compared with KSM off in 2 or more blocks "
+            "(a guests workload with ksm_off_baseline = true gives it)"
+        )
     trial_sd, trial_dof = _trial_level(trials, metric)
     walls = pd.to_numeric(trials.get("trial_wall_s", pd.Series(dtype=float)), errors="coerce").dropna()
     compared = sum(1 for group in by_group.values() for d in group if d.size >= 2)
-    return Pilot(blocks=blocks, settings_compared=compared, sd_d_pct=sd,
-                 sd_dof=dof, trial_sd_pct=trial_sd, trial_dof=trial_dof, trial_weight=_trial_weight(trials),
-                 trials_per_block=int(trials["_group"].nunique()),  # settings + KSM-off: one block
-                 trial_wall_s=float(walls.median()) if walls.size else math.nan)
+    return Pilot(
+        blocks=blocks,
+        settings_compared=compared,
+        sd_d_pct=sd,
+        sd_dof=dof,
+        trial_sd_pct=trial_sd,
+        trial_dof=trial_dof,
+        trial_weight=_trial_weight(trials),
+        trials_per_block=int(trials["_group"].nunique()),  # settings + KSM-off: one block
+        trial_wall_s=float(walls.median()) if walls.size else math.nan,
+    )
 
 
 def design_from_pilot(pilot: Pilot, target_pct: float, metric: str = DEFAULT_METRIC, study: str = "") -> Design:
@@ -205,11 +218,20 @@ def design_from_pilot(pilot: Pilot, target_pct: float, metric: str = DEFAULT_MET
     blocks = stats.blocks_needed_expected(sd, pilot.sd_dof, target_pct)
     mde = stats.paired_expected_mde(sd, pilot.sd_dof, int(blocks)) if math.isfinite(blocks) else math.nan
     trials = blocks * pilot.trials_per_block
-    return Design(study=study, metric=metric, target_pct=target_pct, pilot=pilot, design_sd_pct=sd,
-                  design_sd_range_pct=(low_sd, high_sd), blocks=blocks,
-                  blocks_range=(stats.blocks_needed(low_sd, target_pct), stats.blocks_needed(high_sd, target_pct)),
-                  blocks_if_sd_as_measured=stats.blocks_needed(sd, target_pct), mde_pct=mde, trials=trials,
-                  wall_s=trials * pilot.trial_wall_s)
+    return Design(
+        study=study,
+        metric=metric,
+        target_pct=target_pct,
+        pilot=pilot,
+        design_sd_pct=sd,
+        design_sd_range_pct=(low_sd, high_sd),
+        blocks=blocks,
+        blocks_range=(stats.blocks_needed(low_sd, target_pct), stats.blocks_needed(high_sd, target_pct)),
+        blocks_if_sd_as_measured=stats.blocks_needed(sd, target_pct),
+        mde_pct=mde,
+        trials=trials,
+        wall_s=trials * pilot.trial_wall_s,
+    )
 
 
 def design_study(study_dir: Path, target_pct: float, metric: str = DEFAULT_METRIC) -> Design:
@@ -218,8 +240,10 @@ def design_study(study_dir: Path, target_pct: float, metric: str = DEFAULT_METRI
         raise DesignError(f"{study_dir} has no trials.csv: not a finished study folder")
     sm = studymetrics.compute_study(studydata.load_study(study_dir))
     if not sm.paired_by_block:
-        raise DesignError(f"the pilot ran in {sm.order} order: its trials do not pair by block, and a paired "
-                          "design cannot be sized on it (run the pilot with the default blocked order)")
+        raise DesignError(
+            f"the pilot ran in {sm.order} order: its trials do not pair by block, and a paired "
+            "design cannot be sized on it (run the pilot with the default blocked order)"
+        )
     return design_from_pilot(pilot_from_trials(sm.trials, metric), target_pct, metric, study=str(study_dir))
 
 
@@ -236,27 +260,38 @@ def _duration(seconds: float) -> str:
 
 def _text_lines(d: Design) -> list[str]:
     p, n = d.pilot, stats.format_repetitions
-    lines = [f"pilot: {p.blocks} blocks, {p.settings_compared} KSM-on setting(s) against KSM off, "
-             f"{p.trials_per_block} trials per block, {number(p.trial_wall_s, integers=False)} s per trial (median)",
-             f"per-block {d.metric} difference vs KSM off: sd {number(p.sd_d_pct, integers=False)}% (dof {number(p.sd_dof)})"]
+    lines = [
+        f"pilot: {p.blocks} blocks, {p.settings_compared} KSM-on setting(s) against KSM off, "
+        f"{p.trials_per_block} trials per block, {number(p.trial_wall_s, integers=False)} s per trial (median)",
+        f"per-block {d.metric} difference vs KSM off: sd {number(p.sd_d_pct, integers=False)}% (dof {number(p.sd_dof)})",
+    ]
     if math.isfinite(p.trial_sd_pct):
-        lines.append(f"  trial level (KSM-off trials repeated in a block): sd {number(p.trial_sd_pct, integers=False)}% (dof {p.trial_dof}); "
-                     f"block level: sd {number(p.block_sd_pct, integers=False)}%; one trial per side per block: sd {number(d.design_sd_pct, integers=False)}%")
-        lines.append(f"  trials per setting per block: {TRIALS_PER_SETTING_PER_BLOCK} (a block costs nothing beyond its "
-                     "trials, so more blocks are the cheaper replication)")
+        lines.append(
+            f"  trial level (KSM-off trials repeated in a block): sd {number(p.trial_sd_pct, integers=False)}% (dof {p.trial_dof}); "
+            f"block level: sd {number(p.block_sd_pct, integers=False)}%; one trial per side per block: sd {number(d.design_sd_pct, integers=False)}%"
+        )
+        lines.append(
+            f"  trials per setting per block: {TRIALS_PER_SETTING_PER_BLOCK} (a block costs nothing beyond its "
+            "trials, so more blocks are the cheaper replication)"
+        )
     else:
-        lines.append("  trial level not separable (one KSM-off trial per block): the block-level sd is used as measured")
+        lines.append(
+            "  trial level not separable (one KSM-off trial per block): the block-level sd is used as measured"
+        )
     low, high = d.design_sd_range_pct
     lines.append(f"  95% range of that sd: {number(low, integers=False)}-{number(high, integers=False)}%")
     if not math.isfinite(d.blocks):
         lines.append(f"a {d.target_pct:g}% change needs more than {stats.REPETITIONS_SEARCH_CAP} blocks at 80% power")
         return lines
-    lines += [f"a {d.target_pct:g}% {d.metric} change at 80% power needs {n(d.blocks)} blocks "
-              f"({n(d.blocks_range[0])}-{n(d.blocks_range[1])} over the sd's 95% range; {n(d.blocks_if_sd_as_measured)} "
-              "if the sd is exactly as measured): the recommended blocks allow for the pilot's uncertainty",
-              f"at {n(d.blocks)} blocks the smallest detectable change is {number(d.mde_pct, integers=False)}%",
-              f"that design: {n(d.trials)} trials, {_duration(d.wall_s)}",
-              "", d.plan_toml.rstrip()]
+    lines += [
+        f"a {d.target_pct:g}% {d.metric} change at 80% power needs {n(d.blocks)} blocks "
+        f"({n(d.blocks_range[0])}-{n(d.blocks_range[1])} over the sd's 95% range; {n(d.blocks_if_sd_as_measured)} "
+        "if the sd is exactly as measured): the recommended blocks allow for the pilot's uncertainty",
+        f"at {n(d.blocks)} blocks the smallest detectable change is {number(d.mde_pct, integers=False)}%",
+        f"that design: {n(d.trials)} trials, {_duration(d.wall_s)}",
+        "",
+        d.plan_toml.rstrip(),
+    ]
     return lines
 
 
@@ -275,6 +310,8 @@ def add_command(sub: Any) -> None:
     p = sub.add_parser("design", help="blocks a study needs to detect a change, sized on a pilot study")
     p.add_argument("study_dir", help="a finished pilot study with 2 or more blocks and KSM-off trials")
     p.add_argument("--detect", required=True, metavar="PCT", help="the change vs KSM off to detect, e.g. 5%%")
-    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"one of {', '.join(DESIGN_METRICS)} (default {DEFAULT_METRIC})")
+    p.add_argument(
+        "--metric", default=DEFAULT_METRIC, help=f"one of {', '.join(DESIGN_METRICS)} (default {DEFAULT_METRIC})"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_design)

@@ -87,15 +87,23 @@ class Recommendation:
         def clean(c: Candidate | None) -> Any:
             if c is None:
                 return None
-            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in asdict(c).items() if k != "group"}
+            return {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(c).items()
+                if k != "group"
+            }
 
-        return {"recommended": clean(self.chosen), "largest_saving": clean(self.leader),
-                "tied_with_largest": [clean(c) for c in self.tied],
-                "not_shown_worse": [clean(c) for c in self.not_shown_worse],
-                "saving_margin_pct": self.saving_margin_pct, "limits": asdict(self.limits),
-                "limit_evidence": self.chosen.limit_evidence if self.chosen is not None else None,
-                "reason": self.reason, "candidates": [clean(c) for c in self.candidates]}
+        return {
+            "recommended": clean(self.chosen),
+            "largest_saving": clean(self.leader),
+            "tied_with_largest": [clean(c) for c in self.tied],
+            "not_shown_worse": [clean(c) for c in self.not_shown_worse],
+            "saving_margin_pct": self.saving_margin_pct,
+            "limits": asdict(self.limits),
+            "limit_evidence": self.chosen.limit_evidence if self.chosen is not None else None,
+            "reason": self.reason,
+            "candidates": [clean(c) for c in self.candidates],
+        }
 
 
 class BadInput(ValueError):
@@ -121,24 +129,39 @@ def candidates_from(sm: Any) -> list[Candidate]:
             continue
         members = trials[(trials["_group"] == row["_group"]) & trials["used_in_stats"]]
         policies = sorted({str(p) for p in members.get("policy", []) if isinstance(p, str)})
-        out.append(Candidate(
-            setting=str(row["setting"]), saved_mib=_f(row["saved_mib"]), saved_mib_ci95=_f(row.get("saved_mib_ci95")),
-            ksmd_cpu_pct=_f(row.get("ksmd_cpu_pct")), ksmd_cpu_pct_ci95=_f(row.get("ksmd_cpu_pct_ci95")),
-            n=int(row.get("n") or 0), tps_vs_off_pct=_f(row.get("tps_vs_off_pct")),
-            tps_vs_off_ci95_pct=_f(row.get("tps_vs_off_ci95_pct")),
-            policy=policies[0] if len(policies) == 1 else None, group=str(row["_group"])))
+        out.append(
+            Candidate(
+                setting=str(row["setting"]),
+                saved_mib=_f(row["saved_mib"]),
+                saved_mib_ci95=_f(row.get("saved_mib_ci95")),
+                ksmd_cpu_pct=_f(row.get("ksmd_cpu_pct")),
+                ksmd_cpu_pct_ci95=_f(row.get("ksmd_cpu_pct_ci95")),
+                n=int(row.get("n") or 0),
+                tps_vs_off_pct=_f(row.get("tps_vs_off_pct")),
+                tps_vs_off_ci95_pct=_f(row.get("tps_vs_off_ci95_pct")),
+                policy=policies[0] if len(policies) == 1 else None,
+                group=str(row["_group"]),
+            )
+        )
     return out
 
 
 def _check(c: Candidate, limits: Limits) -> None:
     """Fill c.fails (limits missed on the mean) and c.warnings (met on the mean, but the 95%
     interval reaches past the limit)."""
+
     def reach(mean: float, half: float, sign: float) -> float:
         return mean + sign * half if math.isfinite(half) else mean
 
-    judged_on = [half for limit, half in ((limits.max_ksmd_cpu_pct, c.ksmd_cpu_pct_ci95),
-                                          (limits.min_saved_mib, c.saved_mib_ci95),
-                                          (limits.max_tps_loss_pct, c.tps_vs_off_ci95_pct)) if limit is not None]
+    judged_on = [
+        half
+        for limit, half in (
+            (limits.max_ksmd_cpu_pct, c.ksmd_cpu_pct_ci95),
+            (limits.min_saved_mib, c.saved_mib_ci95),
+            (limits.max_tps_loss_pct, c.tps_vs_off_ci95_pct),
+        )
+        if limit is not None
+    ]
     if any(not math.isfinite(half) for half in judged_on):
         c.limit_evidence = ONE_TRIAL
 
@@ -191,8 +214,10 @@ def recommend(sm: Any, limits: Limits, saving_margin_pct: float = SAVING_MARGIN_
     ok = [c for c in candidates if not c.fails]
     if not ok:
         closest = min(candidates, key=lambda c: len(c.fails))
-        reason = (f"No setting of {len(candidates)} meets {limits.text()}. Closest: {closest.setting} "
-                  f"({'; '.join(closest.fails)}).")
+        reason = (
+            f"No setting of {len(candidates)} meets {limits.text()}. Closest: {closest.setting} "
+            f"({'; '.join(closest.fails)})."
+        )
         return Recommendation(None, None, [], candidates, limits, reason, saving_margin_pct=saving_margin_pct)
     leader = max(ok, key=lambda c: c.saved_mib)
     margin_mib = saving_margin_pct / 100 * abs(leader.saved_mib)
@@ -211,14 +236,16 @@ def recommend(sm: Any, limits: Limits, saving_margin_pct: float = SAVING_MARGIN_
     group = [leader] + [t[0] for t in tied]
     chosen = min(group, key=lambda c: (c.ksmd_cpu_pct, -c.saved_mib))
     cheaper_not_worse = [t for t in not_worse if t[0].ksmd_cpu_pct < chosen.ksmd_cpu_pct]
-    reason = _paragraph(chosen, leader, tied, cheaper_not_worse, unreplicated, ok, candidates, limits, margin_mib,
-                        saving_margin_pct)
-    return Recommendation(chosen, leader, [t[0] for t in tied], candidates, limits, reason,
-                          [t[0] for t in not_worse], saving_margin_pct)
+    reason = _paragraph(
+        chosen, leader, tied, cheaper_not_worse, unreplicated, ok, candidates, limits, margin_mib, saving_margin_pct
+    )
+    return Recommendation(
+        chosen, leader, [t[0] for t in tied], candidates, limits, reason, [t[0] for t in not_worse], saving_margin_pct
+    )
 
 
-SAME = "same"                        # the interval of the difference lies inside +-margin
-SMALLER = "smaller"                  # the interval excludes 0: the leader saves more
+SAME = "same"  # the interval of the difference lies inside +-margin
+SMALLER = "smaller"  # the interval excludes 0: the leader saves more
 NOT_SHOWN_WORSE = "not shown worse"  # the interval includes 0 and reaches past the margin
 NO_INTERVAL = "no interval"
 
@@ -240,40 +267,61 @@ def _pm(mean: float, half: float, unit: str) -> str:
     return plus_minus(mean, half, unit, integers=False) + ("" if has_value(half) else " (no interval)")
 
 
-def _paragraph(chosen: Candidate, leader: Candidate, tied: list[Any], not_worse: list[Any],
-               unreplicated: list[Candidate], ok: list[Candidate], candidates: list[Candidate], limits: Limits,
-               margin_mib: float, margin_pct: float) -> str:
+def _paragraph(
+    chosen: Candidate,
+    leader: Candidate,
+    tied: list[Any],
+    not_worse: list[Any],
+    unreplicated: list[Candidate],
+    ok: list[Candidate],
+    candidates: list[Candidate],
+    limits: Limits,
+    margin_mib: float,
+    margin_pct: float,
+) -> str:
     if limits.text() == "no limits":
         plural = "s" if len(ok) != 1 else ""
         parts = [f"{len(ok)} KSM-on setting{plural} measured a saving; with no limits given, each is a candidate."]
     else:
         parts = [f"{len(ok)} of {len(candidates)} settings meet {limits.text()}."]
-    describe = (f"saves {_pm(chosen.saved_mib, chosen.saved_mib_ci95, ' MiB')} for "
-                f"{_pm(chosen.ksmd_cpu_pct, chosen.ksmd_cpu_pct_ci95, '% of a core')} of ksmd CPU "
-                f"(means over n={chosen.n} trials, 95% intervals across trials)")
+    describe = (
+        f"saves {_pm(chosen.saved_mib, chosen.saved_mib_ci95, ' MiB')} for "
+        f"{_pm(chosen.ksmd_cpu_pct, chosen.ksmd_cpu_pct_ci95, '% of a core')} of ksmd CPU "
+        f"(means over n={chosen.n} trials, 95% intervals across trials)"
+    )
     margin = f"±{margin_mib:.1f} MiB, {margin_pct:g}% of the largest saving"
     if chosen is leader and not tied:
         parts.append(f"Recommended: {chosen.setting}, the largest saving among them; it {describe}.")
     elif chosen is leader:
-        parts.append(f"Recommended: {chosen.setting}; it {describe}. It has the largest mean saving, and "
-                     f"{', '.join(t[0].setting for t in tied)} save the same within {margin}, none of them cheaper.")
+        parts.append(
+            f"Recommended: {chosen.setting}; it {describe}. It has the largest mean saving, and "
+            f"{', '.join(t[0].setting for t in tied)} save the same within {margin}, none of them cheaper."
+        )
     else:
         detail = next(t for t in tied if t[0] is chosen)
-        parts.append(f"Recommended: {chosen.setting}; it {describe}. {leader.setting} has the largest mean "
-                     f"saving ({leader.saved_mib:.1f} MiB), but the two save the same: the difference, "
-                     f"{detail[1]:.1f} ± {detail[2]:.1f} MiB ({detail[3]}), lies inside {margin}, "
-                     f"so the cheaper one is preferred.")
+        parts.append(
+            f"Recommended: {chosen.setting}; it {describe}. {leader.setting} has the largest mean "
+            f"saving ({leader.saved_mib:.1f} MiB), but the two save the same: the difference, "
+            f"{detail[1]:.1f} ± {detail[2]:.1f} MiB ({detail[3]}), lies inside {margin}, "
+            f"so the cheaper one is preferred."
+        )
     for c, diff, half, how in not_worse:
-        parts.append(f"{c.setting} is cheaper ({c.ksmd_cpu_pct:.2f}% of a core) and not shown to be worse, but not "
-                     f"shown to save as much either: the difference, {diff:.1f} ± {half:.1f} MiB ({how}), "
-                     f"reaches past {margin}; more repetitions would tell.")
+        parts.append(
+            f"{c.setting} is cheaper ({c.ksmd_cpu_pct:.2f}% of a core) and not shown to be worse, but not "
+            f"shown to save as much either: the difference, {diff:.1f} ± {half:.1f} MiB ({how}), "
+            f"reaches past {margin}; more repetitions would tell."
+        )
     if unreplicated:
-        parts.append(f"Against {', '.join(c.setting for c in unreplicated)} there is no interval (one trial "
-                     "per setting): that part of the choice rests on single trials, which this study cannot "
-                     "tell from noise.")
+        parts.append(
+            f"Against {', '.join(c.setting for c in unreplicated)} there is no interval (one trial "
+            "per setting): that part of the choice rests on single trials, which this study cannot "
+            "tell from noise."
+        )
     if chosen.limit_evidence == ONE_TRIAL:
-        parts.append(f"It meets {limits.text()} on one trial's value (no interval): whether repeated runs "
-                     "would stay within the limits is not known.")
+        parts.append(
+            f"It meets {limits.text()} on one trial's value (no interval): whether repeated runs "
+            "would stay within the limits is not known."
+        )
     if chosen.warnings:
         parts.append(f"It meets the limits on its mean, not surely: {'; '.join(chosen.warnings)}.")
     if math.isfinite(chosen.tps_vs_off_pct):
@@ -318,9 +366,14 @@ def add_command(sub: Any) -> None:
     p.add_argument("--max-ksmd-cpu", type=float, default=None, metavar="PCT", help="mean ksmd CPU, %% of a core")
     p.add_argument("--min-saved-mib", type=float, default=None, metavar="N")
     p.add_argument("--max-tps-loss", type=float, default=None, metavar="PCT", help="mean tps loss vs KSM off, %%")
-    p.add_argument("--saving-margin", type=float, default=SAVING_MARGIN_PCT, metavar="PCT",
-                   help="two savings are the same only when the 95%% interval of their difference lies within "
-                        "+-PCT %% of the largest saving (default %(default)g)")
+    p.add_argument(
+        "--saving-margin",
+        type=float,
+        default=SAVING_MARGIN_PCT,
+        metavar="PCT",
+        help="two savings are the same only when the 95%% interval of their difference lies within "
+        "+-PCT %% of the largest saving (default %(default)g)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_recommend)
 
@@ -341,5 +394,14 @@ def mark_on_frontier(ax: Any, rec: Recommendation | None) -> None:
     if rec is None or rec.chosen is None:
         return
     c = rec.chosen
-    ax.plot([c.ksmd_cpu_pct], [c.saved_mib], marker="*", ms=18, mfc="none", mec="black", mew=1.5, ls="none",
-            label=f"recommended: {c.setting}")
+    ax.plot(
+        [c.ksmd_cpu_pct],
+        [c.saved_mib],
+        marker="*",
+        ms=18,
+        mfc="none",
+        mec="black",
+        mew=1.5,
+        ls="none",
+        label=f"recommended: {c.setting}",
+    )

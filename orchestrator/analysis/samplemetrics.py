@@ -117,13 +117,21 @@ def steady_start_index(saved: np.ndarray) -> int:
     return int(reached[0]) if reached.size else 0
 
 
-def view_summary(name: str, t_s: np.ndarray, values: np.ndarray, steady_from_s: float,
-                 steady_to_s: float = math.inf, steps_s: np.ndarray | None = None) -> dict[str, float]:
+def view_summary(
+    name: str,
+    t_s: np.ndarray,
+    values: np.ndarray,
+    steady_from_s: float,
+    steady_to_s: float = math.inf,
+    steps_s: np.ndarray | None = None,
+) -> dict[str, float]:
     """<name>_end, _mean (whole measure) and _steady (the steady window) of one saving view.
     ``steps_s``: refill starts, where the signal drops (stats.time_mean)."""
     finite = np.isfinite(values)
-    out = {f"{name}_end": float(values[finite][-1]) if finite.any() else math.nan,
-           f"{name}_mean": time_mean(t_s, values, steps_s=steps_s)}
+    out = {
+        f"{name}_end": float(values[finite][-1]) if finite.any() else math.nan,
+        f"{name}_mean": time_mean(t_s, values, steps_s=steps_s),
+    }
     steady = (t_s >= steady_from_s) & (t_s <= steady_to_s)
     if steady.any() and math.isfinite(steady_to_s):
         out[f"{name}_steady"] = time_mean(t_s, values, steady_from_s, steady_to_s, steps_s)
@@ -134,8 +142,9 @@ def view_summary(name: str, t_s: np.ndarray, values: np.ndarray, steady_from_s: 
     return out
 
 
-def steady_window(t_measure: np.ndarray, saved_measure: np.ndarray,
-                  cycle_starts_s: np.ndarray | None) -> tuple[float, float, int]:
+def steady_window(
+    t_measure: np.ndarray, saved_measure: np.ndarray, cycle_starts_s: np.ndarray | None
+) -> tuple[float, float, int]:
     """(from, to, whole cycles) of the steady window on the t_s clock.
 
     From the first tick at 90% of the saving's p95 to the end of measure. When the workload
@@ -167,8 +176,10 @@ def refill_starts_wall(fills: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarr
     if refills.empty:
         return None
     label = refills["label"].value_counts().index[0]
-    return (np.sort(refills["start_wall"].to_numpy(dtype=float)),
-            np.sort(refills.loc[refills["label"] == label, "start_wall"].to_numpy(dtype=float)))
+    return (
+        np.sort(refills["start_wall"].to_numpy(dtype=float)),
+        np.sort(refills.loc[refills["label"] == label, "start_wall"].to_numpy(dtype=float)),
+    )
 
 
 def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.ndarray:
@@ -180,9 +191,13 @@ def saved_pages_series(ksm: pd.DataFrame, ksm_settings: dict[str, Any]) -> np.nd
     return pages + np.nan_to_num(zero) if zero is not None else pages
 
 
-def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes: int,
-                fills: pd.DataFrame | None = None,
-                converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT) -> dict[str, Any]:
+def ksm_metrics(
+    ksm: pd.DataFrame,
+    ksm_settings: dict[str, Any],
+    page_size_bytes: int,
+    fills: pd.DataFrame | None = None,
+    converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT,
+) -> dict[str, Any]:
     """Metrics from ksm.csv: saving, convergence, ksmd cost, page-state shares, vmstat deltas.
 
     ``fills``: the processes workload's fills.csv, when it refills; its refill times cut the
@@ -206,8 +221,7 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     refill_starts_s = cycle_starts_s = None
     if refills is not None and t_wall is not None and t_all is not None and np.isfinite(t_wall).all():
         # refills are stamped on the wall clock, ticks on both: map the starts onto t_s
-        refill_starts_s, cycle_starts_s = (np.interp(w, t_wall, t_all, left=-math.inf, right=math.inf)
-                                           for w in refills)
+        refill_starts_s, cycle_starts_s = (np.interp(w, t_wall, t_all, left=-math.inf, right=math.inf) for w in refills)
     steady_from_s, steady_to_s, cycles = steady_window(t_measure, saved_measure, cycle_starts_s)
     out["steady_from_s"] = steady_from_s - float(t_measure[0])
     out["steady_s"] = min(steady_to_s, float(t_measure[-1])) - steady_from_s
@@ -218,15 +232,19 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     out["pages_sharing"] = _last(_col(measure, "pages_sharing"))
     profit = _col(ksm, "general_profit")
     if profit is not None:
-        out.update(view_summary("general_profit_mib", t_measure, profit[in_measure] / MIB, steady_from_s,
-                                steady_to_s, refill_starts_s))
+        out.update(
+            view_summary(
+                "general_profit_mib", t_measure, profit[in_measure] / MIB, steady_from_s, steady_to_s, refill_starts_s
+            )
+        )
     avail = _col(ksm, "mem_available_kib")
     if avail is not None:
         base = _baseline_index(in_baseline, np.isfinite(avail))
         if base is not None:
             rise = (avail[in_measure] - avail[base]) / 1024
-            out.update(view_summary("mem_available_rise_mib", t_measure, rise, steady_from_s, steady_to_s,
-                                    refill_starts_s))
+            out.update(
+                view_summary("mem_available_rise_mib", t_measure, rise, steady_from_s, steady_to_s, refill_starts_s)
+            )
     shared = _col(ksm, "pages_shared")
     sharing_all = _col(ksm, "pages_sharing")
     if shared is not None and sharing_all is not None:
@@ -265,8 +283,10 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
         out["ksmd_cpu_pct_max"] = float(np.nanmax(cpu_pct))
 
     # --- page states at the end: volatile pages change too fast to merge, unshared found no twin
-    states = {name: _last(_col(measure, name)) for name in
-              ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")}
+    states = {
+        name: _last(_col(measure, name))
+        for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+    }
     total = sum(v for v in states.values() if math.isfinite(v))
     if total > 0:
         out["pages_volatile_share"] = states["pages_volatile"] / total
@@ -280,8 +300,9 @@ def ksm_metrics(ksm: pd.DataFrame, ksm_settings: dict[str, Any], page_size_bytes
     return out
 
 
-def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarray | None,
-                 tolerance_pct: float) -> dict[str, Any]:
+def _convergence(
+    sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarray | None, tolerance_pct: float
+) -> dict[str, Any]:
     """Time and full scans (since measure start) to first reach 50/90/99% of the final value,
     and whether the last samples of measure had converged (plan.pages_sharing_converged).
 
@@ -302,13 +323,15 @@ def _convergence(sharing: np.ndarray, t_rel: np.ndarray | None, scans: np.ndarra
     if n < CONVERGENCE_MIN_SAMPLES:
         out["converged"] = None
     else:
-        window = sharing[-max(CONVERGENCE_MIN_SAMPLES, math.ceil(n * CONVERGENCE_WINDOW_FRACTION)):]
+        window = sharing[-max(CONVERGENCE_MIN_SAMPLES, math.ceil(n * CONVERGENCE_WINDOW_FRACTION)) :]
         out["converged"] = pages_sharing_converged(window, tolerance_pct)
     return out
 
 
-def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, float] = (-math.inf, math.inf),
-                    ) -> tuple[dict[str, Any], pd.DataFrame]:
+def process_metrics(
+    processes: pd.DataFrame,
+    steady_window_t_s: tuple[float, float] = (-math.inf, math.inf),
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """PSS drop (summed over tracked processes) and KSM metadata overhead; plus a per-process table.
 
     The sampler reads PSS one target at a time under a CPU budget (host/sampler.py), so a
@@ -338,8 +361,9 @@ def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, flo
     if pss is not None and np.isfinite(pss).any():
         fresh = np.isfinite(pss)
         order = np.argsort(t_s, kind="stable")  # rows in time order, within a label too
-        by_label = pd.DataFrame({"code": codes[order], "pss": pss[order],
-                                 "read_t": np.where(fresh, t_s, np.nan)[order]}).groupby("code")
+        by_label = pd.DataFrame(
+            {"code": codes[order], "pss": pss[order], "read_t": np.where(fresh, t_s, np.nan)[order]}
+        ).groupby("code")
         carried, read_t = np.empty(pss.size), np.empty(pss.size)
         carried[order] = by_label["pss"].ffill().to_numpy()
         read_t[order] = by_label["read_t"].ffill().to_numpy()
@@ -364,8 +388,9 @@ def process_metrics(processes: pd.DataFrame, steady_window_t_s: tuple[float, flo
             for name, tick in (("pss_before_kib", base), ("pss_after_kib", end), ("pss_age_end_s", end)):
                 rows = np.flatnonzero(tick_of_row == tick)
                 values = age[rows] if name == "pss_age_end_s" else carried[rows]
-                per_proc[name] = (pd.Series(values, index=codes[rows]).groupby(level=0).sum()
-                                  .reindex(range(names.size)).to_numpy())
+                per_proc[name] = (
+                    pd.Series(values, index=codes[rows]).groupby(level=0).sum().reindex(range(names.size)).to_numpy()
+                )
             per_proc["pss_drop_kib"] = per_proc["pss_before_kib"] - per_proc["pss_after_kib"]
 
     measure_rows = np.flatnonzero(in_measure)[::-1]  # newest first, so unique() finds each last row
@@ -402,8 +427,7 @@ def choose_headline(out: dict[str, Any], writes: bool) -> None:
         if f"{view}{suffix}" in out:
             out[view] = out[f"{view}{suffix}"]
     if "saved_mib" in out:
-        out["saving_basis"] = ("steady mean (the workload writes during measure)" if writes
-                               else "end of measure")
+        out["saving_basis"] = "steady mean (the workload writes during measure)" if writes else "end of measure"
     saved = out.get("saved_mib", math.nan)
     if out.get("ksmd_cpu_s", 0) > 0 and math.isfinite(saved):
         out["mib_saved_per_ksmd_cpu_s"] = saved / out["ksmd_cpu_s"]
@@ -415,8 +439,9 @@ def choose_headline(out: dict[str, Any], writes: bool) -> None:
 REMERGE_FRACTION = 0.90  # re-merged = back to 90% of the saving just before the refill
 
 
-def refill_metrics(ksm: pd.DataFrame, fills: pd.DataFrame, ksm_settings: dict[str, Any],
-                   pages_total: float) -> dict[str, Any]:
+def refill_metrics(
+    ksm: pd.DataFrame, fills: pd.DataFrame, ksm_settings: dict[str, Any], pages_total: float
+) -> dict[str, Any]:
     """What refills do to the saving, from fills.csv (one row per fill of each worker).
 
     For every refill (fill >= 2) that started during measure: the merged share of the workload's

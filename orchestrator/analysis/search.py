@@ -103,8 +103,10 @@ class _Means:
             run = len(seen) + 1
             suffix = f" (repetition {run} of {self.spec.repetitions})" if self.spec.repetitions > 1 else ""
             raise _Need(value, f"{self.spec.knob}={value}: {why}{suffix}")
-        return tuple(_mean([getattr(o, name) for o in seen])  # type: ignore[return-value]
-                     for name in ("saved_mib", "ksmd_cpu_pct", "tps_loss_pct"))
+        return tuple(
+            _mean([getattr(o, name) for o in seen])  # type: ignore[return-value]
+            for name in ("saved_mib", "ksmd_cpu_pct", "tps_loss_pct")
+        )
 
 
 def _mean(values: list[float]) -> float:
@@ -149,8 +151,12 @@ def budget_spent(spec: Spec, means: _Means, why: str) -> Decision:
     being searched (knee score, or the largest feasible saving) among the settings measured,
     with the bracket the search had reached."""
     best, how = _best_so_far(spec, means)
-    bracket = (f"the {'knee' if spec.objective == 'knee' else 'edge'} lies in the bracket "
-               f"[{means.bracket[0]}, {means.bracket[1]}], not pinned; " if means.bracket else "")
+    bracket = (
+        f"the {'knee' if spec.objective == 'knee' else 'edge'} lies in the bracket "
+        f"[{means.bracket[0]}, {means.bracket[1]}], not pinned; "
+        if means.bracket
+        else ""
+    )
     return Decision(None, f"{why} before the answer was pinned: {bracket}{how}", best)
 
 
@@ -207,7 +213,9 @@ def _knee_score(spec: Spec, means: _Means) -> _KneeScore | None:
     return score if score.saving_span > 0 and score.cpu_span > 0 else None
 
 
-def _ends(spec: Spec, means: _Means, why: str) -> tuple[tuple[int, tuple[float, float, float]], tuple[int, tuple[float, float, float]]]:
+def _ends(
+    spec: Spec, means: _Means, why: str
+) -> tuple[tuple[int, tuple[float, float, float]], tuple[int, tuple[float, float, float]]]:
     """(cheap end, expensive end) of the range, by measured ksmd CPU."""
     low = means.get(spec.low, f"the low end of the range; {why}")
     high = means.get(spec.high, f"the high end of the range; {why}")
@@ -220,9 +228,13 @@ def _knee(spec: Spec, means: _Means) -> Decision:
     (cheap, c_m), (dear, d_m) = _ends(spec, means, "both ends scale saving and CPU for the knee")
     score = _knee_score(spec, means)
     if score is None:
-        return Decision(None, f"the expensive end ({spec.knob}={dear}) saved {d_m[0]:.1f} MiB at {d_m[1]:.2f}% CPU "
-                        f"against {c_m[0]:.1f} MiB at {c_m[1]:.2f}% at the cheap end: more scanning bought no "
-                        f"saving, so the cheap end is the knee", cheap)
+        return Decision(
+            None,
+            f"the expensive end ({spec.knob}={dear}) saved {d_m[0]:.1f} MiB at {d_m[1]:.2f}% CPU "
+            f"against {c_m[0]:.1f} MiB at {c_m[1]:.2f}% at the cheap end: more scanning bought no "
+            f"saving, so the cheap end is the knee",
+            cheap,
+        )
 
     a, b = to_unit(spec, spec.low), to_unit(spec, spec.high)
     c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
@@ -230,21 +242,32 @@ def _knee(spec: Spec, means: _Means) -> Decision:
         xa, xb, xc, xd = (from_unit(spec, u) for u in (a, b, c, d))
         means.bracket = (xa, xb)
         if pinned(spec, xa, xb) or xc == xd:
-            best = max((v for v in means.by_value if xa <= v <= xb and len(means.by_value[v]) >= spec.repetitions),
-                       key=lambda v: score(v, ""), default=from_unit(spec, (a + b) / 2))
-            return Decision(None, f"knee pinned to {spec.knob} in [{xa}, {xb}] (within {spec.tolerance_pct:g}%): "
-                            f"{spec.knob}={best} has the largest scaled saving minus scaled CPU "
-                            f"({score(best, 'the answer'):.3f}) of the settings measured there", best)
+            best = max(
+                (v for v in means.by_value if xa <= v <= xb and len(means.by_value[v]) >= spec.repetitions),
+                key=lambda v: score(v, ""),
+                default=from_unit(spec, (a + b) / 2),
+            )
+            return Decision(
+                None,
+                f"knee pinned to {spec.knob} in [{xa}, {xb}] (within {spec.tolerance_pct:g}%): "
+                f"{spec.knob}={best} has the largest scaled saving minus scaled CPU "
+                f"({score(best, 'the answer'):.3f}) of the settings measured there",
+                best,
+            )
         bracket = f"the knee lies in [{xa}, {xb}]"
         fc = score(xc, f"golden-section probe: {bracket}")
         fd = score(xd, f"golden-section probe: {bracket}; {spec.knob}={xc} scored {fc:.3f}")
         flat = _flat(spec, score, xc, xd)
         if flat is not None:
             best = xc if fc >= fd else xd
-            return Decision(None, f"flat between {spec.knob}={xc} and {xd}: their knee scores ({fc:.3f}, {fd:.3f}) "
-                            f"differ by {flat[0]:+.3f} ± {flat[1]:.3f} (95%, over {spec.repetitions} repetitions "
-                            f"each), less than their noise, so the knee cannot be placed between them; "
-                            f"{spec.knob}={best} scored higher", best)
+            return Decision(
+                None,
+                f"flat between {spec.knob}={xc} and {xd}: their knee scores ({fc:.3f}, {fd:.3f}) "
+                f"differ by {flat[0]:+.3f} ± {flat[1]:.3f} (95%, over {spec.repetitions} repetitions "
+                f"each), less than their noise, so the knee cannot be placed between them; "
+                f"{spec.knob}={best} scored higher",
+                best,
+            )
         if fc >= fd:
             b, d = d, c
             c = b - GOLDEN * (b - a)
@@ -287,19 +310,31 @@ def _budget(spec: Spec, means: _Means) -> Decision:
     limits = _limits(spec)
     (cheap, c_m), (dear, d_m) = _ends(spec, means, f"the ends bracket the edge of {limits}")
     if not _feasible(spec, c_m):
-        return Decision(None, f"even the cheap end {spec.knob}={cheap} breaks the budget ({c_m[1]:.2f}% CPU, "
-                        f"{c_m[2]:.1f}% tps loss): no setting in the range meets {limits}", None)
+        return Decision(
+            None,
+            f"even the cheap end {spec.knob}={cheap} breaks the budget ({c_m[1]:.2f}% CPU, "
+            f"{c_m[2]:.1f}% tps loss): no setting in the range meets {limits}",
+            None,
+        )
     if _feasible(spec, d_m):
-        return Decision(None, f"the expensive end {spec.knob}={dear} meets {limits} ({d_m[1]:.2f}% CPU) and "
-                        f"saves {d_m[0]:.1f} MiB: the largest saving in the range", dear)
+        return Decision(
+            None,
+            f"the expensive end {spec.knob}={dear} meets {limits} ({d_m[1]:.2f}% CPU) and "
+            f"saves {d_m[0]:.1f} MiB: the largest saving in the range",
+            dear,
+        )
     good, bad = to_unit(spec, cheap), to_unit(spec, dear)  # feasible side, infeasible side
     while True:
         xg, xb = from_unit(spec, good), from_unit(spec, bad)
         means.bracket = (min(xg, xb), max(xg, xb))
         if pinned(spec, xg, xb):
             saved = means.get(xg, "")[0]
-            return Decision(None, f"edge of {limits} pinned between {spec.knob}={xg} (meets it, saves "
-                            f"{saved:.1f} MiB) and {xb} (does not), within {spec.tolerance_pct:g}%", xg)
+            return Decision(
+                None,
+                f"edge of {limits} pinned between {spec.knob}={xg} (meets it, saves "
+                f"{saved:.1f} MiB) and {xb} (does not), within {spec.tolerance_pct:g}%",
+                xg,
+            )
         mid = (good + bad) / 2
         xm = from_unit(spec, mid)
         m = means.get(xm, f"bisection: {xg} meets {limits}, {xb} does not")
@@ -322,8 +357,11 @@ def observations_from(trials: Any, spec: Spec) -> list[Observation]:
     for row in rows.to_dict("records"):
         tps = row.get("tps_vs_off_pct", math.nan)
         loss = -float(tps) if tps is not None and math.isfinite(float(tps)) else math.nan
-        out.append(Observation(int(row[column]), float(row.get("saved_mib", math.nan)),
-                               float(row.get("ksmd_cpu_pct", math.nan)), loss))
+        out.append(
+            Observation(
+                int(row[column]), float(row.get("saved_mib", math.nan)), float(row.get("ksmd_cpu_pct", math.nan)), loss
+            )
+        )
     return out
 
 
@@ -355,15 +393,26 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
         attempted = [r for r in study.trial_records() if not r.ksm_off]
         decision = choose(spec, observations)
         if not decision.done and len(attempted) >= spec.max_trials:
-            decision = _spent_replay(spec, observations, f"trial budget spent ({len(attempted)} trials, failed ones included)")
-        decisions.append({"next": decision.next_value, "reason": decision.reason, "answer": decision.answer,
-                          "observations": len(observations)})
-        (study.path / "search.json").write_text(json.dumps({"spec": dataclasses.asdict(spec),
-                                                            "decisions": decisions}, indent=1))
+            decision = _spent_replay(
+                spec, observations, f"trial budget spent ({len(attempted)} trials, failed ones included)"
+            )
+        decisions.append(
+            {
+                "next": decision.next_value,
+                "reason": decision.reason,
+                "answer": decision.answer,
+                "observations": len(observations),
+            }
+        )
+        (study.path / "search.json").write_text(
+            json.dumps({"spec": dataclasses.asdict(spec), "decisions": decisions}, indent=1)
+        )
         if decision.done:
             log.info("search over %s: %s", spec.knob, decision.reason)
             return
-        repetition = sum(1 for r in attempted if (r.get("settings") or {}).get(f"ksm.{spec.knob}") == decision.next_value)
+        repetition = sum(
+            1 for r in attempted if (r.get("settings") or {}).get(f"ksm.{spec.knob}") == decision.next_value
+        )
         trial = search_trial(plan, decision.next_value, repetition, len(attempted))
         study.add_trial_ids([trial.trial_id])
         log.info("search: %s", decision.reason)

@@ -45,8 +45,9 @@ def mean_half_width95(sd: Any, n: Any) -> Any:
     NaN where n < 2. Accepts arrays (one mean per group)."""
     n_arr = np.asarray(n, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        half = np.where(n_arr >= 2, t_quantile_975(np.maximum(n_arr - 1, 1)) * np.asarray(sd, dtype=float)
-                        / np.sqrt(n_arr), np.nan)
+        half = np.where(
+            n_arr >= 2, t_quantile_975(np.maximum(n_arr - 1, 1)) * np.asarray(sd, dtype=float) / np.sqrt(n_arr), np.nan
+        )
     return float(half) if half.ndim == 0 else half
 
 
@@ -200,8 +201,10 @@ def comparison_verdict(comparison: Comparison, one_repetition: bool = False) -> 
         return f"no difference detectable at 95% ({replication})"
     if one_repetition:
         return ONE_REPETITION
-    return (f"no interval (n={comparison.n} trial{'s' if comparison.n != 1 else ''}; too few trials on a side): "
-            "this study cannot tell this difference from noise")
+    return (
+        f"no interval (n={comparison.n} trial{'s' if comparison.n != 1 else ''}; too few trials on a side): "
+        "this study cannot tell this difference from noise"
+    )
 
 
 # ----------------------------------------------------------------------------- noise floor
@@ -358,7 +361,9 @@ def shared_block_dof(differences: Any) -> float:
     resid_part = ((centered - block_means) ** 2).sum() / (settings * (blocks - 1))  # (S-1)/S MS_resid
     if block_part + resid_part == 0:
         return float(full)
-    dof = (block_part + resid_part) ** 2 / (block_part**2 / (blocks - 1) + resid_part**2 / ((settings - 1) * (blocks - 1)))
+    dof = (block_part + resid_part) ** 2 / (
+        block_part**2 / (blocks - 1) + resid_part**2 / ((settings - 1) * (blocks - 1))
+    )
     return float(min(max(dof, blocks - 1), full))
 
 
@@ -407,8 +412,9 @@ def paired_expected_mde(sd_d: float, sd_dof: float, blocks: int, power: float = 
     return float(brentq(lambda e: paired_expected_power(e, sd_d, sd_dof, blocks) - power, 0.0, high, xtol=1e-9 * high))
 
 
-def blocks_needed_expected(sd_d: float, sd_dof: float, target: float,
-                           cap: int = REPETITIONS_SEARCH_CAP, power: float = MDE_POWER) -> float:
+def blocks_needed_expected(
+    sd_d: float, sd_dof: float, target: float, cap: int = REPETITIONS_SEARCH_CAP, power: float = MDE_POWER
+) -> float:
     """Smallest number of blocks whose paired test finds `target` with the given expected power
     (the pilot's uncertainty in sd_d allowed for); inf past cap, NaN when not usable."""
     if not (_usable_sd_target(sd_d, target) and sd_dof >= 1):
@@ -416,8 +422,13 @@ def blocks_needed_expected(sd_d: float, sd_dof: float, target: float,
     return _smallest_n(lambda n: paired_expected_power(target, sd_d, sd_dof, n) >= power, cap)
 
 
-def time_mean(t_s: np.ndarray, values: np.ndarray, start_s: float | None = None,
-              end_s: float | None = None, steps_s: np.ndarray | None = None) -> float:
+def time_mean(
+    t_s: np.ndarray,
+    values: np.ndarray,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    steps_s: np.ndarray | None = None,
+) -> float:
     """Trapezoid average of a sampled signal over its span: ticks need not be evenly spaced
     (they are jittered), and a tick that lands in a dense stretch must not weigh more.
 
@@ -491,7 +502,9 @@ def pareto_mask(cost: Any, benefit: Any, tolerance: float = 0.0) -> np.ndarray:
     cheaper_or_equal = c[None, :] <= c[:, None]
     good_enough = b[None, :] >= b[:, None] - tolerance
     better_somewhere = (c[None, :] < c[:, None]) | (b[None, :] > b[:, None])
-    duplicate_before = (c[None, :] == c[:, None]) & (b[None, :] == b[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
+    duplicate_before = (
+        (c[None, :] == c[:, None]) & (b[None, :] == b[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
+    )
     dominates = cheaper_or_equal & good_enough & (better_somewhere | duplicate_before) & valid[None, :]
     return valid & ~dominates.any(axis=1)
 

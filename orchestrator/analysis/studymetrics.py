@@ -93,25 +93,59 @@ class StudyMetrics:
 
 
 SUMMARY_METRICS = (
-    "saved_mib", "general_profit_mib", "pss_drop_mib", "mem_available_rise_mib",
-    "ksmd_cpu_pct", "ksmd_cpu_pct_max", "ksmd_cpu_s", "mib_saved_per_ksmd_cpu_s",
-    "time_to_90pct_s", "full_scans",
-    "saved_mib_end", "saved_mib_mean", "merged_share_mean_pct", "outside_cpu_pct",
+    "saved_mib",
+    "general_profit_mib",
+    "pss_drop_mib",
+    "mem_available_rise_mib",
+    "ksmd_cpu_pct",
+    "ksmd_cpu_pct_max",
+    "ksmd_cpu_s",
+    "mib_saved_per_ksmd_cpu_s",
+    "time_to_90pct_s",
+    "full_scans",
+    "saved_mib_end",
+    "saved_mib_mean",
+    "merged_share_mean_pct",
+    "outside_cpu_pct",
     # scan speed, zero pages, KSM's own memory (costs.py)
-    "pages_scanned_per_s", "nominal_pages_per_s", "scan_rate_achieved_pct", "seconds_per_full_scan",
-    "zero_pages_mib", "content_merged_mib", "rmap_items_mib", "stable_nodes_mib", "ksm_metadata_mib",
+    "pages_scanned_per_s",
+    "nominal_pages_per_s",
+    "scan_rate_achieved_pct",
+    "seconds_per_full_scan",
+    "zero_pages_mib",
+    "content_merged_mib",
+    "rmap_items_mib",
+    "stable_nodes_mib",
+    "ksm_metadata_mib",
     "profit_after_stable_nodes_mib",
     # probe workload (costs.py, cowstats.py)
-    "merge_mib_per_s", "merge_mib_per_ksmd_cpu_s", "unmerge_s_per_gib",
-    "cow_merged_p50_ns", "cow_merged_p90_ns", "cow_merged_p99_ns",
-    "cow_unmerged_p50_ns", "cow_unmerged_p90_ns", "cow_unmerged_p99_ns", "cow_p50_diff_ns",
+    "merge_mib_per_s",
+    "merge_mib_per_ksmd_cpu_s",
+    "unmerge_s_per_gib",
+    "cow_merged_p50_ns",
+    "cow_merged_p90_ns",
+    "cow_merged_p99_ns",
+    "cow_unmerged_p50_ns",
+    "cow_unmerged_p90_ns",
+    "cow_unmerged_p99_ns",
+    "cow_p50_diff_ns",
 )
 # Per trial only, never averaged with an interval: a ratio whose denominator sits near the
 # timer's floor is not a quantity a t interval describes (cowstats.py).
 DESCRIPTION_ONLY = ("cow_median_ratio",)
 # Present in the per-trial table even when no trial produced them (e.g. all failed).
-ALWAYS_COLUMNS = (*SUMMARY_METRICS, *DESCRIPTION_ONLY, *WORKLOAD_METRICS, "converged", "time_to_50pct_s", "trial_wall_s",
-                  "time_to_99pct_s", "thp_split_page_delta", "cow_ksm_delta", "pss_age_max_s")
+ALWAYS_COLUMNS = (
+    *SUMMARY_METRICS,
+    *DESCRIPTION_ONLY,
+    *WORKLOAD_METRICS,
+    "converged",
+    "time_to_50pct_s",
+    "trial_wall_s",
+    "time_to_99pct_s",
+    "thp_split_page_delta",
+    "cow_ksm_delta",
+    "pss_age_max_s",
+)
 # The statistics read these whether or not the sweep / sampler recorded them.
 STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
 # Savings net of drift: a delta-based saving minus the same delta in the matched KSM-off trials
@@ -120,8 +154,8 @@ STATS_INPUT_COLUMNS = ("outside_cpu_pct",)
 NET_OF_DRIFT = {"pss_drop_mib": "pss_drop_net_mib", "mem_available_rise_mib": "mem_available_rise_net_mib"}
 NET_METRICS = tuple(NET_OF_DRIFT.values())
 # Baselines of a KSM-on trial, best first (the trials table's "baseline" column).
-SAME_BLOCK = "same block"            # the matched KSM-off trial(s) of the trial's own block
-MATCHED = "matched"                  # mean of the matched KSM-off trials of all blocks
+SAME_BLOCK = "same block"  # the matched KSM-off trial(s) of the trial's own block
+MATCHED = "matched"  # mean of the matched KSM-off trials of all blocks
 STUDY_OFF_MEAN = "study KSM-off mean"  # no matched KSM-off trial: every KSM-off trial
 
 
@@ -135,8 +169,9 @@ def study_order(study_json: dict[str, Any]) -> str:
     return str(order) if order else BLOCKED
 
 
-def _trial_row(data: TrialData, page_size_bytes: int,
-               converge_tolerance_pct: float) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+def _trial_row(
+    data: TrialData, page_size_bytes: int, converge_tolerance_pct: float
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     """One trials-table row (with internal _columns) and the trial's per-process / per-guest frames."""
     m = trial_metrics(data, page_size_bytes, converge_tolerance_pct)
     per_proc, per_guest = m.pop("per_process"), m.pop("workload_per_guest")
@@ -165,8 +200,11 @@ def compute_study(study: StudyData) -> StudyMetrics:
             guests.append(per_guest.assign(trial_id=m["trial_id"]))
 
     axes = sorted({a for r in rows for a in r["_settings"]})
-    swept = [a for a in axes if len({json.dumps(r["_settings"].get(a), default=str) for r in rows
-                                      if r["_settings"].get(a) is not None}) > 1]
+    swept = [
+        a
+        for a in axes
+        if len({json.dumps(r["_settings"].get(a), default=str) for r in rows if r["_settings"].get(a) is not None}) > 1
+    ]
     ksm_axes = [a for a in axes if any(is_ksm_axis(a, r["_ksm"]) for r in rows)]
     label_axes = swept or []
     for r in rows:
@@ -178,15 +216,35 @@ def compute_study(study: StudyData) -> StudyMetrics:
     other_axes = [a for a in axes if a not in ksm_axes]
     for r in rows:
         r["_offkey"] = _setting_key(r["_settings"], other_axes)
-    identity = ["trial_id", "status", "reason", "ksm_off", "kind", "repetition", "index", "setting",
-                "data_problems", "disturbed", "rerun_of", "rerun_in_block", "_settings", "_ksm", "_group", "_offkey"]
+    identity = [
+        "trial_id",
+        "status",
+        "reason",
+        "ksm_off",
+        "kind",
+        "repetition",
+        "index",
+        "setting",
+        "data_problems",
+        "disturbed",
+        "rerun_of",
+        "rerun_in_block",
+        "_settings",
+        "_ksm",
+        "_group",
+        "_offkey",
+    ]
     trials = pd.DataFrame(rows, columns=None if rows else identity)
     trials["ksm_off"] = trials["ksm_off"].astype(bool)
     trials["disturbed"] = trials["disturbed"].astype(bool)
     for name in (*ALWAYS_COLUMNS, *STATS_INPUT_COLUMNS):
         if name not in trials.columns:
             trials[name] = math.nan
-    guests_df = pd.concat(guests, ignore_index=True) if guests else pd.DataFrame(columns=["guest", *WORKLOAD_METRICS, "trial_id"])
+    guests_df = (
+        pd.concat(guests, ignore_index=True)
+        if guests
+        else pd.DataFrame(columns=["guest", *WORKLOAD_METRICS, "trial_id"])
+    )
     _add_guest_spread(trials, guests_df)
     _mark_used_in_stats(trials)
     _add_ksm_off_deltas(trials)
@@ -196,9 +254,19 @@ def compute_study(study: StudyData) -> StudyMetrics:
     diversity.add_columns(trials, study, per_process, page)
     order = study_order(study.study)
     settings_df = _settings_table(trials, axes, paired_by_block=order == BLOCKED)
-    return StudyMetrics(trials, settings_df, per_process, guests_df, axes, swept, ksm_axes, page,
-                        noise=noise_floor(trials, paired_by_block=order == BLOCKED), order=order,
-                        converge_tolerance_pct=tolerance_pct)
+    return StudyMetrics(
+        trials,
+        settings_df,
+        per_process,
+        guests_df,
+        axes,
+        swept,
+        ksm_axes,
+        page,
+        noise=noise_floor(trials, paired_by_block=order == BLOCKED),
+        order=order,
+        converge_tolerance_pct=tolerance_pct,
+    )
 
 
 def setting_label(settings: dict[str, Any], axes: list[str], ksm_off: bool) -> str:
@@ -359,8 +427,9 @@ def _vs_off_columns(on: pd.DataFrame, off: pd.DataFrame, offkey: str, paired_by_
             paired = paired[paired.index.isin(pairable)]
             comparison = compare_pct(paired.iloc[:, 0], paired.iloc[:, 1], on[name], base[name])
         else:
-            comparison = Comparison(pct_difference(on[name], base[name]), math.nan,
-                                    int(on[name].notna().sum()), NO_INTERVAL)
+            comparison = Comparison(
+                pct_difference(on[name], base[name]), math.nan, int(on[name].notna().sum()), NO_INTERVAL
+            )
         out[f"{name}_vs_off_pct"] = comparison.pct
         out[f"{name}_vs_off_ci95_pct"] = comparison.half_pct
         out[f"{name}_vs_off_n"] = comparison.n
@@ -410,6 +479,7 @@ def worst_change(settings: pd.DataFrame, metric: str, worst_is: str) -> WorstCha
 def settings_comparison(row: Any, metric: str) -> Comparison:
     """A settings-table row's comparison with KSM off for one workload metric, as stored by
     ``_vs_off_columns`` (for stats.comparison_verdict in report, compare and recommend)."""
+
     def get(suffix: str, default: Any = math.nan) -> Any:
         value = row.get(f"{metric}_vs_off{suffix}", default)
         return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -430,9 +500,13 @@ def _settings_table(trials: pd.DataFrame, axes: list[str], paired_by_block: bool
     for group, members in trials.groupby("_group", sort=False):
         first = members.iloc[0]
         in_stats = members[members["used_in_stats"]]
-        row: dict[str, Any] = {"setting": first["setting"], "ksm_off": bool(first["ksm_off"]),
-                               "trials": len(members), "ok": int((members["status"] == "ok").sum()),
-                               "n": len(in_stats)}
+        row: dict[str, Any] = {
+            "setting": first["setting"],
+            "ksm_off": bool(first["ksm_off"]),
+            "trials": len(members),
+            "ok": int((members["status"] == "ok").sum()),
+            "n": len(in_stats),
+        }
         row.update({a: first[a] for a in axes})
         for name in (*SUMMARY_METRICS, *NET_METRICS, *WORKLOAD_METRICS):
             row[name], row[f"{name}_ci95"], row[f"{name}_n"] = mean_ci95(in_stats[name])
@@ -463,14 +537,32 @@ REPETITIONS_TARGET_PCT = 5.0  # "how many repetitions would a 5% tps change need
 REPETITIONS_TARGET_METRICS = ("tps",)  # a % of mean drift (MemAvailable) is not a useful target
 PAIRED_DESIGN = "paired by block"
 UNPAIRED_DESIGN = "unpaired"
-NOISE_COLUMNS = ("metric", "group", "design", "n_trials", "n_blocks", "sd_dof", "mean", "sd", "sd_low",
-                 "sd_high", "sd_unit", "cv_pct", "mde", "mde_pct_of_mean", "repetitions_for_5pct",
-                 "repetitions_for_5pct_low", "repetitions_for_5pct_high", "_offkey")
+NOISE_COLUMNS = (
+    "metric",
+    "group",
+    "design",
+    "n_trials",
+    "n_blocks",
+    "sd_dof",
+    "mean",
+    "sd",
+    "sd_low",
+    "sd_high",
+    "sd_unit",
+    "cv_pct",
+    "mde",
+    "mde_pct_of_mean",
+    "repetitions_for_5pct",
+    "repetitions_for_5pct_low",
+    "repetitions_for_5pct_high",
+    "_offkey",
+)
 METRIC_UNITS = {"tps": "tps", "qps": "qps", "latency_p95_ms": "ms", "mem_available_rise_mib": "MiB"}
 
 
-def paired_differences(trials: pd.DataFrame, metric: str, paired_by_block: bool = True
-                       ) -> list[tuple[str, str, pd.Series]]:
+def paired_differences(
+    trials: pd.DataFrame, metric: str, paired_by_block: bool = True
+) -> list[tuple[str, str, pd.Series]]:
     """(offkey, setting, differences by block) of every KSM-on setting against its own block's
     matched KSM-off trial: percent of KSM off for PERCENT_METRICS, else on - off in the metric's
     unit. Replicated trials of a block (a trial and its rerun, two KSM-off trials) are averaged
@@ -494,8 +586,13 @@ def paired_differences(trials: pd.DataFrame, metric: str, paired_by_block: bool 
             differences = paired_pct_differences(on_values, off_values)
         else:
             differences = on_values - off_values
-        out.append((str(on["_offkey"].iloc[0]), str(on["setting"].iloc[0]),
-                    pd.Series(differences, index=paired.index).dropna()))
+        out.append(
+            (
+                str(on["_offkey"].iloc[0]),
+                str(on["setting"].iloc[0]),
+                pd.Series(differences, index=paired.index).dropna(),
+            )
+        )
     return out
 
 
@@ -504,9 +601,9 @@ class PairedSpread:
     """The pooled sd of per-block paired differences (each setting keeps its own mean)."""
 
     sd: float
-    dof: float            # shared_block_dof when every setting has every block, else sum(n_s - 1)
+    dof: float  # shared_block_dof when every setting has every block, else sum(n_s - 1)
     independent_dof: int  # sum(n_s - 1): the pooled sum of squares' divisor
-    blocks: int           # the most blocks a setting was compared over
+    blocks: int  # the most blocks a setting was compared over
 
 
 def paired_spread(differences: list[pd.Series]) -> PairedSpread:
@@ -557,8 +654,11 @@ def noise_floor(trials: pd.DataFrame, paired_by_block: bool = True) -> pd.DataFr
 
 
 def _needed(sd: float, sd_low: float, sd_high: float, target: float, needed_at: Any) -> dict[str, float]:
-    return {"repetitions_for_5pct": needed_at(sd, target), "repetitions_for_5pct_low": needed_at(sd_low, target),
-            "repetitions_for_5pct_high": needed_at(sd_high, target)}
+    return {
+        "repetitions_for_5pct": needed_at(sd, target),
+        "repetitions_for_5pct_low": needed_at(sd_low, target),
+        "repetitions_for_5pct_high": needed_at(sd_high, target),
+    }
 
 
 def _paired_noise_row(metric: str, differences: list[pd.Series], off_values: np.ndarray) -> dict[str, Any] | None:
@@ -570,12 +670,26 @@ def _paired_noise_row(metric: str, differences: list[pd.Series], off_values: np.
     mean = float(off_values.mean())
     percent = metric in PERCENT_METRICS
     mde = float(paired_minimum_detectable_effect(sd, blocks))
-    row = {"design": PAIRED_DESIGN, "n_trials": int(off_values.size), "n_blocks": int(blocks), "sd_dof": spread.dof,
-           "mean": mean, "sd": sd, "sd_low": low, "sd_high": high, "sd_unit": "%" if percent else METRIC_UNITS[metric],
-           "cv_pct": math.nan, "mde": mde, "mde_pct_of_mean": mde if percent else math.nan}
+    row = {
+        "design": PAIRED_DESIGN,
+        "n_trials": int(off_values.size),
+        "n_blocks": int(blocks),
+        "sd_dof": spread.dof,
+        "mean": mean,
+        "sd": sd,
+        "sd_low": low,
+        "sd_high": high,
+        "sd_unit": "%" if percent else METRIC_UNITS[metric],
+        "cv_pct": math.nan,
+        "mde": mde,
+        "mde_pct_of_mean": mde if percent else math.nan,
+    }
     wanted = percent and metric in REPETITIONS_TARGET_METRICS
-    row.update(_needed(sd, low, high, REPETITIONS_TARGET_PCT, blocks_needed) if wanted
-               else _needed(math.nan, math.nan, math.nan, math.nan, blocks_needed))
+    row.update(
+        _needed(sd, low, high, REPETITIONS_TARGET_PCT, blocks_needed)
+        if wanted
+        else _needed(math.nan, math.nan, math.nan, math.nan, blocks_needed)
+    )
     return row
 
 
@@ -587,9 +701,21 @@ def _unpaired_noise_row(metric: str, values: np.ndarray) -> dict[str, Any]:
     scale = abs(mean) if mean else math.nan  # no percentages of a zero mean
     mde = float(minimum_detectable_effect(sd, n))
     target = REPETITIONS_TARGET_PCT / 100 * scale if metric in REPETITIONS_TARGET_METRICS else math.nan
-    return {"design": UNPAIRED_DESIGN, "n_trials": n, "n_blocks": math.nan, "sd_dof": n - 1, "mean": mean,
-            "sd": sd, "sd_low": low, "sd_high": high, "sd_unit": METRIC_UNITS[metric], "cv_pct": 100 * sd / scale,
-            "mde": mde, "mde_pct_of_mean": 100 * mde / scale, **_needed(sd, low, high, target, repetitions_needed)}
+    return {
+        "design": UNPAIRED_DESIGN,
+        "n_trials": n,
+        "n_blocks": math.nan,
+        "sd_dof": n - 1,
+        "mean": mean,
+        "sd": sd,
+        "sd_low": low,
+        "sd_high": high,
+        "sd_unit": METRIC_UNITS[metric],
+        "cv_pct": 100 * sd / scale,
+        "mde": mde,
+        "mde_pct_of_mean": 100 * mde / scale,
+        **_needed(sd, low, high, target, repetitions_needed),
+    }
 
 
 def study_metrics(study_dir: Path) -> pd.DataFrame:

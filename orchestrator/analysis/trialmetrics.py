@@ -15,7 +15,13 @@ import pandas as pd
 from orchestrator.analysis import costs, cowstats
 from orchestrator.plan import CONVERGE_TOLERANCE_PCT, writes_during_measure
 from orchestrator.analysis.policymetrics import policy_metrics
-from orchestrator.analysis.samplemetrics import choose_headline, ksm_metrics, phase_mask, process_metrics, refill_metrics
+from orchestrator.analysis.samplemetrics import (
+    choose_headline,
+    ksm_metrics,
+    phase_mask,
+    process_metrics,
+    refill_metrics,
+)
 from orchestrator.runners.record import ProvisionRecord, TrialRecord
 from orchestrator.store.studydata import DEFAULT_PAGE_SIZE_BYTES, TrialData, load_trial
 
@@ -59,8 +65,11 @@ def trial_wall_s(info: TrialRecord) -> float:
     return math.nan
 
 
-def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES,
-                  converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT) -> dict[str, Any]:
+def trial_metrics(
+    trial: Path | TrialData,
+    page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES,
+    converge_tolerance_pct: float = CONVERGE_TOLERANCE_PCT,
+) -> dict[str, Any]:
     """All scalar metrics of one trial plus "per_process" and "workload_per_guest" (DataFrames).
     ``converge_tolerance_pct``: the study's plan's (plan.stored_converge_tolerance_pct).
 
@@ -85,8 +94,9 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     out["guest_start"] = provision.start
     # Seconds from "start the guests" to "every guest answers": restore + SSH + clock + identity
     # for restored trials, define + boot to SSH for booted ones (not kept: they did not start).
-    out["guest_start_s"] = (provision.start_s if provision.start_s is not None
-                            else provision.boot_wall_s if not provision.reused else None)
+    out["guest_start_s"] = (
+        provision.start_s if provision.start_s is not None else provision.boot_wall_s if not provision.reused else None
+    )
     out["trial_wall_s"] = trial_wall_s(info)
     if out["status"] != "ok":
         return out
@@ -113,8 +123,9 @@ def trial_metrics(trial: Path | TrialData, page_size_bytes: int = DEFAULT_PAGE_S
     return out
 
 
-def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, Any],
-                 page_size_bytes: int) -> dict[str, Any]:
+def cost_metrics(
+    data: TrialData, out: dict[str, Any], ksm_settings: dict[str, Any], page_size_bytes: int
+) -> dict[str, Any]:
     """Scan speed, the zero-page split and KSM's own memory (KSM-on trials), the probe
     workload's merge/unmerge record and its copy-on-write latencies (costs.py, cowstats.py)."""
     extra: dict[str, Any] = {}
@@ -122,11 +133,13 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
     if data.ksm is not None and not data.ksm.empty and not out["ksm_off"]:
         measure = data.ksm.loc[phase_mask(data.ksm, "measure")]
         # The nominal rate the policy's sampled knobs asked for (policy_metrics), when it has one.
-        extra.update(costs.scan_speed(measure, ksm_settings, float(out.get("measure_s", math.nan)),
-                                      nominal=out.get("nominal_pages_per_s")))
+        extra.update(
+            costs.scan_speed(
+                measure, ksm_settings, float(out.get("measure_s", math.nan)), nominal=out.get("nominal_pages_per_s")
+            )
+        )
         extra.update(costs.zero_page_split(measure, ksm_settings, page_size_bytes))
-        extra.update(costs.metadata_memory(measure, page_size_bytes,
-                                           float(out.get("ksm_rmap_items", math.nan))))
+        extra.update(costs.metadata_memory(measure, page_size_bytes, float(out.get("ksm_rmap_items", math.nan))))
     # a KSM-off probe trial merges nothing by design: only its COW timing (the floor) counts
     probe = info.probe
     if probe is not None and getattr(probe, "mode", None) == "exposure":  # its own columns, KSM off included (chance)
@@ -141,7 +154,6 @@ def cost_metrics(data: TrialData, out: dict[str, Any], ksm_settings: dict[str, A
 
         extra.update(density_summary(info.density))
     return extra
-
 
 
 def workload_pages(workload: dict[str, Any]) -> float:
@@ -163,5 +175,7 @@ def merged_share(out: dict[str, Any], workload: dict[str, Any]) -> dict[str, flo
     pages = workload_pages(workload)
     if not pages > 0 or "merged_pages_mean" not in out:
         return {}
-    return {"merged_share_mean_pct": 100.0 * out["merged_pages_mean"] / pages,
-            "merged_share_end_pct": 100.0 * out["merged_pages_end"] / pages}
+    return {
+        "merged_share_mean_pct": 100.0 * out["merged_pages_mean"] / pages,
+        "merged_share_end_pct": 100.0 * out["merged_pages_end"] / pages,
+    }

@@ -132,8 +132,10 @@ def confirmation_plan(plan_text: str, keep: list[dict[str, Any]], blocks: int) -
     study = data.setdefault("study", {})
     study.update({"repetitions": blocks, "order": "blocked", "ksm_off_baseline": True})
     study["description"] = f"confirmation of {len(keep)} suspect setting(s) (ksm-lab confirm)"
-    text = ("# Written by `ksm-lab confirm`: tonight's plan, only the suspect settings and KSM off, blocked.\n"
-            + tomli_w.dumps(data))
+    text = (
+        "# Written by `ksm-lab confirm`: tonight's plan, only the suspect settings and KSM off, blocked.\n"
+        + tomli_w.dumps(data)
+    )
     return parse_plan(text), text
 
 
@@ -145,8 +147,14 @@ def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def decide(band: nights.Band | str, spec: compare.MetricSpec, tonight: Any, confirmation: Any,
-           thresholds: Thresholds, rules: nights.NightRules) -> tuple[nights.Judgement, nights.Judgement]:
+def decide(
+    band: nights.Band | str,
+    spec: compare.MetricSpec,
+    tonight: Any,
+    confirmation: Any,
+    thresholds: Thresholds,
+    rules: nights.NightRules,
+) -> tuple[nights.Judgement, nights.Judgement]:
     """One suspect: the confirmation's trials alone, and tonight's with them, against the band."""
     args = (spec.higher_is_better, thresholds.for_metric(spec), spec.absolute, spec.near_zero, rules)
     alone = nights.judge(compare._summary(confirmation), band, *args)
@@ -158,29 +166,54 @@ def still_there(pairs: list[tuple[nights.Judgement, nights.Judgement]], alpha: f
     """Confirmed: the confirmation alone outside the band the bad way beyond the threshold after
     Holm across the suspects, and the combined evidence the bad way beyond it at p < alpha."""
     alone_ok = nights.holm_gate([a.p for a, _ in pairs], [a.beyond < 0 for a, _ in pairs], alpha)
-    return [bool(ok and both.beyond < 0 and math.isfinite(both.p) and both.p < alpha)
-            for ok, (_, both) in zip(alone_ok, pairs)]
+    return [
+        bool(ok and both.beyond < 0 and math.isfinite(both.p) and both.p < alpha)
+        for ok, (_, both) in zip(alone_ok, pairs)
+    ]
 
 
-def judge_suspects(tonight: compare.Comparison, b: studydata.StudyData, sb: studymetrics.StudyMetrics,
-                   conf_sm: studymetrics.StudyMetrics, context: NightContext, thresholds: Thresholds,
-                   points: dict[str, dict[str, Any]]) -> list[SuspectResult]:
+def judge_suspects(
+    tonight: compare.Comparison,
+    b: studydata.StudyData,
+    sb: studymetrics.StudyMetrics,
+    conf_sm: studymetrics.StudyMetrics,
+    context: NightContext,
+    thresholds: Thresholds,
+    points: dict[str, dict[str, Any]],
+) -> list[SuspectResult]:
     """Each suspect's confirmation, and tonight's with it, against the band tonight was judged on."""
     rows = []
     used_b, used_c = compare._used(sb), compare._used(conf_sm)
     for setting, change in tonight.suspects:
         spec = compare.SPECS[change.metric]
-        earlier = compare.earlier_nights(context.history, tonight.b["name"], tonight.b["host"], setting, False,
-                                         float(tonight.b["created_wall"] or math.inf), b.study_dir)
-        _, band = nights.walk(compare._series(earlier, spec.name), spec.higher_is_better,
-                              thresholds.for_metric(spec), spec.absolute, spec.near_zero, spec.resolution,
-                              context.rules)
-        values_b = used_b.loc[(used_b["setting"] == setting) & ~used_b["ksm_off"], spec.name] \
-            if spec.name in used_b else []
+        earlier = compare.earlier_nights(
+            context.history,
+            tonight.b["name"],
+            tonight.b["host"],
+            setting,
+            False,
+            float(tonight.b["created_wall"] or math.inf),
+            b.study_dir,
+        )
+        _, band = nights.walk(
+            compare._series(earlier, spec.name),
+            spec.higher_is_better,
+            thresholds.for_metric(spec),
+            spec.absolute,
+            spec.near_zero,
+            spec.resolution,
+            context.rules,
+        )
+        values_b = (
+            used_b.loc[(used_b["setting"] == setting) & ~used_b["ksm_off"], spec.name] if spec.name in used_b else []
+        )
         point = _key(points[setting])
         same = [_key(dict(s)) == point for s in used_c["_settings"]] if not used_c.empty else []
-        values_c = used_c.loc[np.array(same, dtype=bool) & ~used_c["ksm_off"].to_numpy(bool), spec.name] \
-            if spec.name in used_c and len(same) else []
+        values_c = (
+            used_c.loc[np.array(same, dtype=bool) & ~used_c["ksm_off"].to_numpy(bool), spec.name]
+            if spec.name in used_c and len(same)
+            else []
+        )
         rows.append((setting, change, *decide(band, spec, values_b, values_c, thresholds, context.rules)))
     verdicts = still_there([(alone, both) for _, _, alone, both in rows], context.rules.alpha)
     out = []
@@ -193,8 +226,20 @@ def judge_suspects(tonight: compare.Comparison, b: studydata.StudyData, sb: stud
             note = "the confirmation on its own is within the threshold or the good way: the change is not there"
         else:
             note = "not outside the band the bad way after Holm across the suspects, alone and combined"
-        out.append(SuspectResult(setting, change.metric, CONFIRMED if ok else NOT_CONFIRMED, change.band_change_pct,
-                                 alone.change_pct, alone.p, both.change_pct, both.p, alone.n, note))
+        out.append(
+            SuspectResult(
+                setting,
+                change.metric,
+                CONFIRMED if ok else NOT_CONFIRMED,
+                change.band_change_pct,
+                alone.change_pct,
+                alone.p,
+                both.change_pct,
+                both.p,
+                alone.n,
+                note,
+            )
+        )
     return out
 
 
@@ -206,9 +251,14 @@ def _deadline(seconds: float) -> threading.Timer:
     return timer
 
 
-def run_confirmation(study_dir: Path, context: NightContext, thresholds: Thresholds = Thresholds(),
-                     max_s: float | None = None, blocks: int | None = None,
-                     enabled: bool = True) -> tuple[Confirmation, compare.Comparison]:
+def run_confirmation(
+    study_dir: Path,
+    context: NightContext,
+    thresholds: Thresholds = Thresholds(),
+    max_s: float | None = None,
+    blocks: int | None = None,
+    enabled: bool = True,
+) -> tuple[Confirmation, compare.Comparison]:
     """Judge tonight against the history, confirm its suspects (module docstring)."""
     from orchestrator.sweep import run_sweep  # the runners load only when a confirmation runs
 
@@ -216,8 +266,12 @@ def run_confirmation(study_dir: Path, context: NightContext, thresholds: Thresho
     sb = studymetrics.compute_study(b)
     tonight = compare.compare_studies(b, sb, b, sb, thresholds, context)  # the band does not depend on A
     suspects = list(dict.fromkeys(s for s, _ in tonight.suspects))
-    result = Confirmation(str(b.study_dir), [{"setting": s, "metric": m.metric} for s, m in tonight.suspects],
-                          ran=False, confirmed=bool(tonight.regressions))
+    result = Confirmation(
+        str(b.study_dir),
+        [{"setting": s, "metric": m.metric} for s, m in tonight.suspects],
+        ran=False,
+        confirmed=bool(tonight.regressions),
+    )
     if not suspects:
         result.note = "no suspect tonight: nothing to confirm"
         return result, tonight
@@ -232,8 +286,10 @@ def run_confirmation(study_dir: Path, context: NightContext, thresholds: Thresho
     fit = int(max_s // (trial_s * per_block)) if math.isfinite(trial_s) and trial_s > 0 else most
     n_blocks = min(most, fit)
     if n_blocks < 2:
-        result.note = (f"confirm_max_s = {max_s:g} s fits {fit} block(s) of {per_block} trials at {trial_s:.0f} s "
-                       "each, fewer than 2: not re-measured, the compare verdict stands")
+        result.note = (
+            f"confirm_max_s = {max_s:g} s fits {fit} block(s) of {per_block} trials at {trial_s:.0f} s "
+            "each, fewer than 2: not re-measured, the compare verdict stands"
+        )
         return result, tonight
     points = suspect_points(sb, suspects)
     conf_plan, conf_text = confirmation_plan(b.plan_text, list(points.values()), n_blocks)
@@ -241,8 +297,15 @@ def run_confirmation(study_dir: Path, context: NightContext, thresholds: Thresho
     out_dir.mkdir(exist_ok=True)
     (out_dir / "plan.toml").write_text(conf_text)
     took = f"about {n_blocks * per_block * trial_s:.0f} s" if math.isfinite(trial_s) else "trial time unknown"
-    log.info("confirming %s: %d blocks of %d trials (%s, bound %.0f s) in %s", ", ".join(suspects), n_blocks,
-             per_block, took, max_s, out_dir)
+    log.info(
+        "confirming %s: %d blocks of %d trials (%s, bound %.0f s) in %s",
+        ", ".join(suspects),
+        n_blocks,
+        per_block,
+        took,
+        max_s,
+        out_dir,
+    )
     timer = _deadline(max_s * 1.5 + OVERRUN_GRACE_S)
     try:
         # an interrupted confirmation is finished, not restarted, when confirm runs again

@@ -55,8 +55,11 @@ def print_fleet(result: Any) -> None:
     from orchestrator.analysis.across.fleet import sentence
 
     out = Console(width=200)
-    out.print(f"plan {result.plan} under {result.root}: latest good study of {len(result.hosts)} hosts",
-              highlight=False, markup=False)
+    out.print(
+        f"plan {result.plan} under {result.root}: latest good study of {len(result.hosts)} hosts",
+        highlight=False,
+        markup=False,
+    )
     for h in result.hosts:
         out.print(f"  {h.host}: {h.path} ({_date(h.created_wall)}, kernel {h.kernel})", highlight=False, markup=False)
     for s in result.skipped:
@@ -67,10 +70,15 @@ def print_fleet(result: Any) -> None:
         table.add_column(column, overflow="fold")
     for m in result.metrics:
         by_host = {h.host: h for h in m.hosts}
-        cells = [_cell(by_host[h].value, by_host[h].half, by_host[h].n, by_host[h].method) if h in by_host else "-"
-                 for h in hosts]
-        fleet_cell = (f"{m.mean:.4g}" + (f" ± {m.half:.2g} ({m.n_hosts} hosts)" if math.isfinite(m.half) else "")
-                      if math.isfinite(m.mean) else "no fleet interval")
+        cells = [
+            _cell(by_host[h].value, by_host[h].half, by_host[h].n, by_host[h].method) if h in by_host else "-"
+            for h in hosts
+        ]
+        fleet_cell = (
+            f"{m.mean:.4g}" + (f" ± {m.half:.2g} ({m.n_hosts} hosts)" if math.isfinite(m.half) else "")
+            if math.isfinite(m.mean)
+            else "no fleet interval"
+        )
         most = ""
         if m.differs_most:
             h = by_host[m.differs_most]
@@ -82,9 +90,12 @@ def print_fleet(result: Any) -> None:
     if result.standing_out:
         for s in result.standing_out:
             own = "; ".join(f"{d['key']} {d['value']} (others {', '.join(d['others'])})" for d in s["differs_in"])
-            out.print(f"{s['host']} stands out in {s['setting']} {s['metric']} (z {s['z']:+.1f}, p {s['p']:.2g}, "
-                      f"Holm over {result.family_size}); its own host.json values: {own or 'none'}",
-                      highlight=False, markup=False)
+            out.print(
+                f"{s['host']} stands out in {s['setting']} {s['metric']} (z {s['z']:+.1f}, p {s['p']:.2g}, "
+                f"Holm over {result.family_size}); its own host.json values: {own or 'none'}",
+                highlight=False,
+                markup=False,
+            )
     elif result.family_size:
         out.print(f"no host stands out (Holm over {result.family_size} leave-one-out distances)", highlight=False)
     if result.host_diff:
@@ -98,8 +109,12 @@ def print_fleet(result: Any) -> None:
 
 
 def register_fleet_command(sub: Any) -> None:
-    p = sub.add_parser("fleet", help="a plan's latest good study on each host: per host and pooled (host-level interval)",
-                       description=FLEET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "fleet",
+        help="a plan's latest good study on each host: per host and pooled (host-level interval)",
+        description=FLEET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("results_root")
     p.add_argument("--plan", required=True, metavar="NAME", help="the plan's study name")
     p.add_argument("--json", dest="fleet_json", action="store_true", help="print the summary as JSON")

@@ -59,8 +59,14 @@ class RichProgress:
     """Trials bar + current phase, driven by the sweep through start_trial/phase/advance."""
 
     def __init__(self, total: int) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=False)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
         self.task = self.progress.add_task("trials", total=total)
         self.current = ""
 
@@ -104,8 +110,7 @@ def study_summary(study_dir: Path) -> dict[str, Any]:
         "trials_csv": str((study.path / "trials.csv").resolve()),
         "log": str(log_path.resolve()) if log_path.exists() else None,
         "status_counts": dict(Counter(r.status for r in records)),
-        "trials": [{"trial_id": r.trial_id, "label": r.label, "status": r.status, "reason": r.reason}
-                   for r in records],
+        "trials": [{"trial_id": r.trial_id, "label": r.label, "status": r.status, "reason": r.reason} for r in records],
     }
 
 
@@ -128,11 +133,24 @@ def _with_uri(plan: Any, connect: str | None) -> Any:
 
 def _dry_run(plan: Any, trials: list[Any], as_json: bool) -> int:
     if as_json:
-        _print_json({"name": plan.study.name, "workload": plan.workload.type,
-                     "uri": plan.guests.uri if plan.guests else None,
-                     "trials": [{"index": t.index, "trial_id": t.trial_id, "label": t.label,
-                                 "ksm_off": t.ksm_off, "ksm": t.ksm, "settings": t.settings}
-                                for t in trials]})
+        _print_json(
+            {
+                "name": plan.study.name,
+                "workload": plan.workload.type,
+                "uri": plan.guests.uri if plan.guests else None,
+                "trials": [
+                    {
+                        "index": t.index,
+                        "trial_id": t.trial_id,
+                        "label": t.label,
+                        "ksm_off": t.ksm_off,
+                        "ksm": t.ksm,
+                        "settings": t.settings,
+                    }
+                    for t in trials
+                ],
+            }
+        )
         return EXIT_OK
     where = f", guests via {plan.guests.uri}" if plan.guests else ""
     table = Table(title=f"study '{plan.study.name}': {len(trials)} trials ({plan.workload.type}{where})")
@@ -158,14 +176,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def open_log(study: Any) -> None:
         path = runlog.open_study_log(study.path)
-        log.info("ksm-lab %s: sweep %s (%d trials) -> %s; log %s", __version__, args.plan,
-                 len(trials), study.path, path)
+        log.info(
+            "ksm-lab %s: sweep %s (%d trials) -> %s; log %s", __version__, args.plan, len(trials), study.path, path
+        )
 
-    outcome = run_sweep(plan, plan_text, Path(args.results), resume=args.resume,
-                        progress_factory=RichProgress, on_study=open_log)
+    outcome = run_sweep(
+        plan, plan_text, Path(args.results), resume=args.resume, progress_factory=RichProgress, on_study=open_log
+    )
     study_dir = outcome.study.path
-    log.info("study %s: %d ran, %d skipped (already finished), %d failed", study_dir,
-             outcome.ran, outcome.skipped, outcome.failed)
+    log.info(
+        "study %s: %d ran, %d skipped (already finished), %d failed",
+        study_dir,
+        outcome.ran,
+        outcome.skipped,
+        outcome.failed,
+    )
     html = None
     if not args.no_report:
         from orchestrator.report.study import write_report
@@ -177,17 +202,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             log.error("report failed: %s", exc)
     if outcome.interrupted:
         signum = outcome.stop_signal or signal.SIGINT
-        log.warning("interrupted by %s: resume with `%s sweep %s --resume`",
-                    signal.Signals(signum).name, PROG, args.plan)
+        log.warning(
+            "interrupted by %s: resume with `%s sweep %s --resume`", signal.Signals(signum).name, PROG, args.plan
+        )
         code = 128 + signum
     else:
         code = EXIT_FAILED if outcome.failed else EXIT_OK
     if args.json:
-        _print_json({**study_summary(study_dir), "report": str(html) if html else None,
-                     "ran": outcome.ran, "skipped": outcome.skipped, "failed": outcome.failed,
-                     "reruns": outcome.reruns, "interrupted": outcome.interrupted,
-                     "signal": signal.Signals(outcome.stop_signal).name if outcome.stop_signal else None,
-                     "exit_code": code})
+        _print_json(
+            {
+                **study_summary(study_dir),
+                "report": str(html) if html else None,
+                "ran": outcome.ran,
+                "skipped": outcome.skipped,
+                "failed": outcome.failed,
+                "reruns": outcome.reruns,
+                "interrupted": outcome.interrupted,
+                "signal": signal.Signals(outcome.stop_signal).name if outcome.stop_signal else None,
+                "exit_code": code,
+            }
+        )
     else:
         print(study_dir / "trials.csv")
     return code
@@ -199,14 +233,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     results = run_checks(Path(args.plan) if args.plan else None, connect=args.connect)
     is_ready = ready(results)
     if args.json:
-        _print_json({"ready": is_ready, "checks": [
-            {"name": r.name, "ok": r.ok, "blocking": r.blocking, "detail": r.detail} for r in results]})
+        _print_json(
+            {
+                "ready": is_ready,
+                "checks": [{"name": r.name, "ok": r.ok, "blocking": r.blocking, "detail": r.detail} for r in results],
+            }
+        )
     else:
         table = Table(title="ksm-lab preflight")
         for column in ("check", "ok", "detail"):
             table.add_column(column)
         for r in results:
-            verdict = "[green]yes[/green]" if r.ok else ("[red]NO[/red]" if r.blocking else "[yellow]no[/yellow] (info)")
+            verdict = (
+                "[green]yes[/green]" if r.ok else ("[red]NO[/red]" if r.blocking else "[yellow]no[/yellow] (info)")
+            )
             # Details quote sysfs ("always [madvise] never"): not rich markup.
             table.add_row(r.name, verdict, escape(r.detail))
         Console().print(table)
@@ -279,9 +319,16 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def _image_json(ref: Any) -> dict[str, Any]:
     disk = Path(ref.disk_path)
-    return {"key": ref.key, "name": ref.name, "manifest": ref.manifest_path, "disk": disk,
-            "disk_bytes": disk.stat().st_size if disk.exists() else None,
-            "recipe_hash": ref.recipe_hash, "kernel": ref.kernel_path, "ssh_user": ref.ssh_user}
+    return {
+        "key": ref.key,
+        "name": ref.name,
+        "manifest": ref.manifest_path,
+        "disk": disk,
+        "disk_bytes": disk.stat().st_size if disk.exists() else None,
+        "recipe_hash": ref.recipe_hash,
+        "kernel": ref.kernel_path,
+        "ssh_user": ref.ssh_user,
+    }
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -295,13 +342,22 @@ def cmd_image(args: argparse.Namespace) -> int:
         print(ref.manifest_path)
     elif args.image_cmd == "list":
         refs = images.list_images(cache)
-        saved_sets = [saved for root in states.all_roots(cache or images.default_cache_dir())
-                      for saved in states.list_states(root)]
+        saved_sets = [
+            saved
+            for root in states.all_roots(cache or images.default_cache_dir())
+            for saved in states.list_states(root)
+        ]
         if args.json:
-            _print_json({"cache_dir": cache or images.default_cache_dir(),
-                         "images": [_image_json(ref) for ref in refs],
-                         "states": [{"key": s.key, "folder": s.folder, "size_bytes": s.size_bytes,
-                                     "guests": len(s.guests)} for s in saved_sets]})
+            _print_json(
+                {
+                    "cache_dir": cache or images.default_cache_dir(),
+                    "images": [_image_json(ref) for ref in refs],
+                    "states": [
+                        {"key": s.key, "folder": s.folder, "size_bytes": s.size_bytes, "guests": len(s.guests)}
+                        for s in saved_sets
+                    ],
+                }
+            )
             return EXIT_OK
         for ref in refs:
             size_mib = number(ref.disk_path.stat().st_size / MIB) if ref.disk_path.exists() else NO_VALUE
@@ -329,8 +385,15 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 def _connect_option(parser: argparse.ArgumentParser, *aliases: str, what: str, plan: bool) -> None:
     fallback = "$LIBVIRT_DEFAULT_URI, else " + ("the plan's [guests] uri, else " if plan else "")
-    parser.add_argument("-c", "--connect", *aliases, dest="connect", metavar="URI", default=None,
-                        help=f"libvirt URI {what} (default: {fallback}qemu:///system)")
+    parser.add_argument(
+        "-c",
+        "--connect",
+        *aliases,
+        dest="connect",
+        metavar="URI",
+        default=None,
+        help=f"libvirt URI {what} (default: {fallback}qemu:///system)",
+    )
 
 
 def _json_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -338,9 +401,12 @@ def _json_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     epilog="exit codes: 0 ok, 1 trials failed / host not ready, 2 clear "
-                                            "error, 3 unexpected error, 130 SIGINT, 143 SIGTERM")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok, 1 trials failed / host not ready, 2 clear "
+        "error, 3 unexpected error, 130 SIGINT, 143 SIGTERM",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -396,9 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_design_command(sub)
     # -- nightly lab runs: compare, history, prune, collect, studies (orchestrator/cli/nightly.py)
     from orchestrator.cli.nightly import register_nightly_commands
+
     register_nightly_commands(sub)
     # -- the host as a level: fleet (orchestrator/cli/fleet.py)
     from orchestrator.cli.fleet import register_fleet_command
+
     register_fleet_command(sub)
     return parser
 
@@ -447,8 +515,12 @@ def main(argv: list[str] | None = None) -> int:
             where = f"traceback in {runlog.save_traceback(_crash_folder(args), [PROG, *argv])}"
         except OSError:
             where = "traceback could not be saved"
-        console.print(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} ({where})",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} ({where})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return EXIT_BUG
     finally:
         runlog.close_study_log()

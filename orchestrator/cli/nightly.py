@@ -74,9 +74,12 @@ def _context(args: argparse.Namespace, study_b: Path) -> Any:
 
     section = _nightly_section(study_b)
     try:
-        rules = NightRules(min_nights=args.min_nights or section.min_nights,
-                           window=max(args.window or section.window, args.min_nights or section.min_nights),
-                           alpha=args.alpha or section.alpha, new_level_after=args.min_nights or section.min_nights)
+        rules = NightRules(
+            min_nights=args.min_nights or section.min_nights,
+            window=max(args.window or section.window, args.min_nights or section.min_nights),
+            alpha=args.alpha or section.alpha,
+            new_level_after=args.min_nights or section.min_nights,
+        )
     except ValueError as exc:
         raise OrchestratorError(f"compare: {exc}") from None
     headline = check_metric_names(args.headline or section.headline, "headline")
@@ -92,9 +95,13 @@ def _context(args: argparse.Namespace, study_b: Path) -> Any:
 def _thresholds(args: argparse.Namespace) -> Any:
     from orchestrator.analysis.across.compare import Thresholds
 
-    return Thresholds(saving_drop_pct=args.max_saving_drop_pct, cpu_rise_pct=args.max_cpu_rise_pct,
-                      converge_rise_pct=args.max_converge_rise_pct, tps_drop_pct=args.max_tps_drop_pct,
-                      latency_rise_pct=args.max_latency_rise_pct)
+    return Thresholds(
+        saving_drop_pct=args.max_saving_drop_pct,
+        cpu_rise_pct=args.max_cpu_rise_pct,
+        converge_rise_pct=args.max_converge_rise_pct,
+        tps_drop_pct=args.max_tps_drop_pct,
+        latency_rise_pct=args.max_latency_rise_pct,
+    )
 
 
 def _add_thresholds(p: argparse.ArgumentParser) -> None:
@@ -102,29 +109,64 @@ def _add_thresholds(p: argparse.ArgumentParser) -> None:
 
     d = Thresholds()
     g = p.add_argument_group("thresholds (percent of study A's mean; see the rule above)")
-    g.add_argument("--max-saving-drop-pct", type=float, default=d.saving_drop_pct, metavar="PCT",
-                   help="for each of the four saving views (default %(default)s)")
-    g.add_argument("--max-cpu-rise-pct", type=float, default=d.cpu_rise_pct, metavar="PCT",
-                   help="ksmd_cpu_pct (default %(default)s)")
-    g.add_argument("--max-converge-rise-pct", type=float, default=d.converge_rise_pct, metavar="PCT",
-                   help="time_to_90pct_s (default %(default)s)")
-    g.add_argument("--max-tps-drop-pct", type=float, default=d.tps_drop_pct, metavar="PCT",
-                   help="tps (default %(default)s)")
-    g.add_argument("--max-latency-rise-pct", type=float, default=d.latency_rise_pct, metavar="PCT",
-                   help="latency_p95_ms (default %(default)s)")
+    g.add_argument(
+        "--max-saving-drop-pct",
+        type=float,
+        default=d.saving_drop_pct,
+        metavar="PCT",
+        help="for each of the four saving views (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-cpu-rise-pct",
+        type=float,
+        default=d.cpu_rise_pct,
+        metavar="PCT",
+        help="ksmd_cpu_pct (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-converge-rise-pct",
+        type=float,
+        default=d.converge_rise_pct,
+        metavar="PCT",
+        help="time_to_90pct_s (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-tps-drop-pct", type=float, default=d.tps_drop_pct, metavar="PCT", help="tps (default %(default)s)"
+    )
+    g.add_argument(
+        "--max-latency-rise-pct",
+        type=float,
+        default=d.latency_rise_pct,
+        metavar="PCT",
+        help="latency_p95_ms (default %(default)s)",
+    )
 
 
 def _add_nights(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("nights (defaults: the plan's [nightly] table)")
-    g.add_argument("--history", default=None, metavar="RESULTS_ROOT",
-                   help="judge against the earlier nights of this plan and host under RESULTS_ROOT")
-    g.add_argument("--night-sd", action="append", default=[], metavar="METRIC=VALUE",
-                   help="sd between nights' means of METRIC, in its unit (repeatable)")
+    g.add_argument(
+        "--history",
+        default=None,
+        metavar="RESULTS_ROOT",
+        help="judge against the earlier nights of this plan and host under RESULTS_ROOT",
+    )
+    g.add_argument(
+        "--night-sd",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="sd between nights' means of METRIC, in its unit (repeatable)",
+    )
     g.add_argument("--min-nights", type=int, default=None, metavar="K", help="earlier nights a band needs (3)")
     g.add_argument("--window", type=int, default=None, metavar="N", help="a band uses the latest N nights (10)")
     g.add_argument("--alpha", type=float, default=None, help="family-wise error of the exit status (0.05)")
-    g.add_argument("--headline", action="append", default=None, metavar="METRIC",
-                   help="a metric of the gating family (repeatable; default the plan's [nightly] headline)")
+    g.add_argument(
+        "--headline",
+        action="append",
+        default=None,
+        metavar="METRIC",
+        help="a metric of the gating family (repeatable; default the plan's [nightly] headline)",
+    )
 
 
 def _want_json(args: argparse.Namespace) -> bool:
@@ -185,22 +227,37 @@ def print_comparison(result: Any) -> None:
     colours = {"regression": "red", "suspect": "yellow", "unconfirmed": "yellow", "improvement": "green"}
     for r in table_rows(result):
         style = colours.get(r["verdict"])
-        table.add_row(r["setting"], r["metric"], r["a"], r["b"], r["change"], r["band"], r["threshold"],
-                      r["verdict"], r["note"], style=style)
+        table.add_row(
+            r["setting"],
+            r["metric"],
+            r["a"],
+            r["b"],
+            r["change"],
+            r["band"],
+            r["threshold"],
+            r["verdict"],
+            r["note"],
+            style=style,
+        )
     out.print(table)
     for note in result.notes:
         out.print(f"note: {note}", highlight=False)
     if result.only_in_a or result.only_in_b:
-        out.print(f"not compared: only in A: {result.only_in_a or 'none'}; only in B: {result.only_in_b or 'none'}",
-                  highlight=False)
+        out.print(
+            f"not compared: only in A: {result.only_in_a or 'none'}; only in B: {result.only_in_b or 'none'}",
+            highlight=False,
+        )
     if result.host_diff:
         out.print("hosts/runs differ in:", highlight=False)
         for d in result.host_diff:
             out.print(f"  {d['key']}: {d['a']} -> {d['b']}", highlight=False, markup=False)
     else:
         out.print("host.json: nothing differs", highlight=False)
-    out.print("plan.toml: " + ("differs:\n" + result.plan_diff if result.plan_diff else "identical"),
-              highlight=False, markup=False)
+    out.print(
+        "plan.toml: " + ("differs:\n" + result.plan_diff if result.plan_diff else "identical"),
+        highlight=False,
+        markup=False,
+    )
     from orchestrator.analysis.across.compare import chance_sentence
 
     out.print(f"judged by: {result.mode}. {result.mode_rule}", highlight=False)
@@ -208,10 +265,16 @@ def print_comparison(result: Any) -> None:
     out.print(f"chance: {chance_sentence(result)}", highlight=False)
     count = len(result.regressions)
     suspects = len(result.suspects) - count
-    out.print(f"{count} regression{'s' if count != 1 else ''}"
-              + (f", {suspects} suspect{'s' if suspects != 1 else ''} (`ksm-lab confirm` re-measures them)"
-                 if suspects else "")
-              + (f"; page: {result.html}" if result.html else ""), highlight=False)
+    out.print(
+        f"{count} regression{'s' if count != 1 else ''}"
+        + (
+            f", {suspects} suspect{'s' if suspects != 1 else ''} (`ksm-lab confirm` re-measures them)"
+            if suspects
+            else ""
+        )
+        + (f"; page: {result.html}" if result.html else ""),
+        highlight=False,
+    )
 
 
 # ----------------------------------------------------------------------------- confirm
@@ -224,21 +287,26 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     context, section = _context(args, study)
     if context.history is None:
         raise OrchestratorError("confirm needs --history RESULTS_ROOT: the band it confirms against")
-    result, tonight = confirm.run_confirmation(study, context, _thresholds(args), max_s=args.max_s,
-                                               enabled=section.confirm and not args.no_confirm)
+    result, tonight = confirm.run_confirmation(
+        study, context, _thresholds(args), max_s=args.max_s, enabled=section.confirm and not args.no_confirm
+    )
     try:
         path = confirm.record(study, result)
     except OSError as exc:
-        raise OrchestratorError(f"cannot write the confirmation record in {study}/report: {exc.strerror or exc}") from None
+        raise OrchestratorError(
+            f"cannot write the confirmation record in {study}/report: {exc.strerror or exc}"
+        ) from None
     if _want_json(args):
         _print_json(result.to_json())
     else:
         if result.note:
             print(f"confirm: {result.note}")
         for r in result.results:
-            print(f"{r.setting} {r.metric}: {r.verdict.upper()} (tonight {r.tonight_pct:+.1f}, confirmation "
-                  f"{r.confirm_pct:+.1f} p={r.confirm_p:.2g} over {r.confirm_n} trials, combined {r.combined_pct:+.1f} "
-                  f"p={r.combined_p:.2g}): {r.note}")
+            print(
+                f"{r.setting} {r.metric}: {r.verdict.upper()} (tonight {r.tonight_pct:+.1f}, confirmation "
+                f"{r.confirm_pct:+.1f} p={r.confirm_p:.2g} over {r.confirm_n} trials, combined {r.combined_pct:+.1f} "
+                f"p={r.combined_p:.2g}): {r.note}"
+            )
         print(f"{'CONFIRMED regression' if result.confirmed else 'no confirmed regression'}; {path}")
     return 1 if result.confirmed else 0
 
@@ -263,12 +331,22 @@ def cmd_history(args: argparse.Namespace) -> int:
     page_s = time.monotonic() - started - index_s
     if _want_json(args):
         rows = history.filtered(built.index, args.plan, args.host)
-        _print_json({"index": str(built.path), "html": str(out), "studies": built.studies, "reread": built.reread,
-                     "index_s": round(index_s, 3), "page_s": round(page_s, 3),
-                     "flags": [vars(f) for f in history.flags(rows, _thresholds(args))]})
+        _print_json(
+            {
+                "index": str(built.path),
+                "html": str(out),
+                "studies": built.studies,
+                "reread": built.reread,
+                "index_s": round(index_s, 3),
+                "page_s": round(page_s, 3),
+                "flags": [vars(f) for f in history.flags(rows, _thresholds(args))],
+            }
+        )
     else:
-        print(f"{built.studies} studies ({built.reread} read, the rest from the index {built.path}) "
-              f"indexed in {index_s:.2f} s, page in {page_s:.2f} s: {out}")
+        print(
+            f"{built.studies} studies ({built.reread} read, the rest from the index {built.path}) "
+            f"indexed in {index_s:.2f} s, page in {page_s:.2f} s: {out}"
+        )
     return 0
 
 
@@ -278,11 +356,21 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from orchestrator.store.prune import prune
 
-    decisions = prune(Path(args.results_root), keep=args.keep, older_than_days=args.older_than,
-                      dry_run=args.dry_run)
+    decisions = prune(Path(args.results_root), keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run)
     if _want_json(args):
-        _print_json([{"path": str(d.entry.path), "plan": d.entry.name, "host": d.entry.host,
-                      "state": d.entry.state, "remove": d.remove, "why": d.why} for d in decisions])
+        _print_json(
+            [
+                {
+                    "path": str(d.entry.path),
+                    "plan": d.entry.name,
+                    "host": d.entry.host,
+                    "state": d.entry.state,
+                    "remove": d.remove,
+                    "why": d.why,
+                }
+                for d in decisions
+            ]
+        )
         return 0
     verb = "would remove" if args.dry_run else "removed"
     removed = [d for d in decisions if d.remove]
@@ -298,11 +386,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from orchestrator.store.collect import DEFAULT_REMOTE_ROOT, collect
 
-    results = collect(args.hosts, Path(args.into), rsync=args.rsync, ssh_options=tuple(args.ssh_option or ()),
-                      remote_root=args.remote_root or DEFAULT_REMOTE_ROOT)
+    results = collect(
+        args.hosts,
+        Path(args.into),
+        rsync=args.rsync,
+        ssh_options=tuple(args.ssh_option or ()),
+        remote_root=args.remote_root or DEFAULT_REMOTE_ROOT,
+    )
     if _want_json(args):
-        _print_json([{"host": r.host, "collected": [str(p) for p in r.collected],
-                      "skipped": [{"study": s, "why": w} for s, w in r.skipped], "error": r.error} for r in results])
+        _print_json(
+            [
+                {
+                    "host": r.host,
+                    "collected": [str(p) for p in r.collected],
+                    "skipped": [{"study": s, "why": w} for s, w in r.skipped],
+                    "error": r.error,
+                }
+                for r in results
+            ]
+        )
     else:
         for r in results:
             for path in r.collected:
@@ -331,8 +433,20 @@ def cmd_studies(args: argparse.Namespace) -> int:
         excluded = Path(args.exclude).resolve() if args.exclude else None
         entries = [e for e in entries if e.state in states and e.path.resolve() != excluded]
     if _want_json(args):
-        _print_json([{"path": str(e.path), "plan": e.name, "host": e.host, "created_wall": e.created_wall,
-                      "state": e.state, "trials": e.trials, "failed": e.failed} for e in entries])
+        _print_json(
+            [
+                {
+                    "path": str(e.path),
+                    "plan": e.name,
+                    "host": e.host,
+                    "created_wall": e.created_wall,
+                    "state": e.state,
+                    "trials": e.trials,
+                    "failed": e.failed,
+                }
+                for e in entries
+            ]
+        )
     elif args.paths:
         for e in entries:
             print(e.path)
@@ -347,8 +461,12 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def register_nightly_commands(sub: Any) -> None:
     """Add compare, confirm, history, prune, collect and studies to cli/main.py's subparsers."""
-    p = sub.add_parser("compare", help="compare two studies of one plan: regressions, host and plan changes",
-                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="compare two studies of one plan: regressions, host and plan changes",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("study_a", help="reference study folder (e.g. the last good night)")
     p.add_argument("study_b", help="study folder to judge against it (e.g. last night)")
     p.add_argument("--json", dest="nightly_json", action="store_true", help="print the comparison as JSON")
@@ -359,28 +477,39 @@ def register_nightly_commands(sub: Any) -> None:
     _add_thresholds(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("confirm", help="re-measure tonight's suspect regressions; exit 1 only when confirmed",
-                       description="Judge STUDY against the band of the earlier nights under --history (as "
-                                   "compare does); when a headline change lies outside it the bad way, run a "
-                                   "short confirmation study of just those settings and KSM off, blocked, inside "
-                                   "STUDY/confirm/, bounded by the plan's [nightly] confirm_max_s. Exit 1 only "
-                                   "when the regression is still there (the confirmation alone, after Holm "
-                                   "across the suspects, and combined with tonight's trials); the result goes "
-                                   "to STUDY/report/confirm.json and compare.json.")
+    p = sub.add_parser(
+        "confirm",
+        help="re-measure tonight's suspect regressions; exit 1 only when confirmed",
+        description="Judge STUDY against the band of the earlier nights under --history (as "
+        "compare does); when a headline change lies outside it the bad way, run a "
+        "short confirmation study of just those settings and KSM off, blocked, inside "
+        "STUDY/confirm/, bounded by the plan's [nightly] confirm_max_s. Exit 1 only "
+        "when the regression is still there (the confirmation alone, after Holm "
+        "across the suspects, and combined with tonight's trials); the result goes "
+        "to STUDY/report/confirm.json and compare.json.",
+    )
     p.add_argument("study", help="tonight's study folder")
-    p.add_argument("--max-s", type=float, default=None, metavar="S", help="time bound (default: the plan's "
-                   "[nightly] confirm_max_s)")
+    p.add_argument(
+        "--max-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="time bound (default: the plan's [nightly] confirm_max_s)",
+    )
     p.add_argument("--no-confirm", action="store_true", help="judge only: the compare verdict stands")
     p.add_argument("--json", dest="nightly_json", action="store_true")
     _add_nights(p)
     _add_thresholds(p)
     p.set_defaults(func=cmd_confirm)
 
-    p = sub.add_parser("history", help="index every study under a results root; write history.html",
-                       description="Find every study under RESULTS_ROOT (any depth), update the cached index "
-                                   "(Parquet, re-reading only new or changed studies) and write a trend report: "
-                                   "each metric per setting over time, kernel/QEMU/libvirt changes marked, "
-                                   "regressions against the previous run highlighted (compare's rule).")
+    p = sub.add_parser(
+        "history",
+        help="index every study under a results root; write history.html",
+        description="Find every study under RESULTS_ROOT (any depth), update the cached index "
+        "(Parquet, re-reading only new or changed studies) and write a trend report: "
+        "each metric per setting over time, kernel/QEMU/libvirt changes marked, "
+        "regressions against the previous run highlighted (compare's rule).",
+    )
     p.add_argument("results_root")
     p.add_argument("--plan", default=None, help="only studies of this plan (study name)")
     p.add_argument("--host", default=None, help="only studies of this host (host.json hostname)")
@@ -390,11 +519,14 @@ def register_nightly_commands(sub: Any) -> None:
     _add_thresholds(p)
     p.set_defaults(func=cmd_history)
 
-    p = sub.add_parser("prune", help="remove old studies (never the last good one per plan and host)",
-                       description="Remove study folders beyond the newest N and/or older than DAYS, per plan "
-                                   "and host. The last good study (every trial ok) and the newest study of each "
-                                   "plan and host are always kept. Only folders with a study.json carrying a "
-                                   "schema_version are removed; symlinks are never followed.")
+    p = sub.add_parser(
+        "prune",
+        help="remove old studies (never the last good one per plan and host)",
+        description="Remove study folders beyond the newest N and/or older than DAYS, per plan "
+        "and host. The last good study (every trial ok) and the newest study of each "
+        "plan and host are always kept. Only folders with a study.json carrying a "
+        "schema_version are removed; symlinks are never followed.",
+    )
     p.add_argument("results_root")
     p.add_argument("--keep", type=int, default=None, metavar="N", help="keep the newest N per plan and host")
     p.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="remove only studies older than this")
@@ -402,27 +534,39 @@ def register_nightly_commands(sub: Any) -> None:
     p.add_argument("--json", dest="nightly_json", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("collect", help="pull new finished studies from lab hosts (rsync over SSH)",
-                       description="Copy finished studies from each HOST ([user@]host[:results root]) into "
-                                   "INTO/<host>/..., verifying SSH host keys (never adding one). A study appears "
-                                   "only once completely copied. Exit 1 when a host could not be collected.")
+    p = sub.add_parser(
+        "collect",
+        help="pull new finished studies from lab hosts (rsync over SSH)",
+        description="Copy finished studies from each HOST ([user@]host[:results root]) into "
+        "INTO/<host>/..., verifying SSH host keys (never adding one). A study appears "
+        "only once completely copied. Exit 1 when a host could not be collected.",
+    )
     p.add_argument("hosts", nargs="+", metavar="HOST")
     p.add_argument("--into", required=True, help="local results root")
     p.add_argument("--remote-root", default=None, help="results root on hosts given without :path")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="ARG",
-                   help="extra ssh argument, repeatable (e.g. --ssh-option=-p2222 --ssh-option=-iKEY)")
+    p.add_argument(
+        "--ssh-option",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra ssh argument, repeatable (e.g. --ssh-option=-p2222 --ssh-option=-iKEY)",
+    )
     p.add_argument("--rsync", default="rsync", help="rsync command (default: %(default)s)")
     p.add_argument("--json", dest="nightly_json", action="store_true")
     p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("studies", help="list the studies under a results root with their state",
-                       description="List study folders (plan, host, state: good | finished | unfinished), "
-                                   "oldest first. Exit 1 with --latest when there is none.")
+    p = sub.add_parser(
+        "studies",
+        help="list the studies under a results root with their state",
+        description="List study folders (plan, host, state: good | finished | unfinished), "
+        "oldest first. Exit 1 with --latest when there is none.",
+    )
     p.add_argument("results_root")
     p.add_argument("--plan", default=None)
     p.add_argument("--host", default=None)
-    p.add_argument("--state", action="append", choices=("good", "finished", "unfinished"),
-                   help="only these states (repeatable)")
+    p.add_argument(
+        "--state", action="append", choices=("good", "finished", "unfinished"), help="only these states (repeatable)"
+    )
     p.add_argument("--latest", action="store_true", help="only the newest match")
     p.add_argument("--exclude", default=None, metavar="STUDY_DIR", help="leave this study out")
     p.add_argument("--paths", action="store_true", help="print paths only")

@@ -48,8 +48,13 @@ class _IsoFormatter(logging.Formatter):
 def setup(verbose: bool) -> None:
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     handler.addFilter(_NotProgress())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
-                        format="%(message)s", datefmt="[%X]", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        handlers=[handler],
+        format="%(message)s",
+        datefmt="[%X]",
+        force=True,
+    )
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -88,14 +93,21 @@ def save_traceback(fallback_dir: Path, argv: list[str]) -> Path:
     """
     exc_info = sys.exc_info()
     if _study_log is not None:
-        record = logging.LogRecord("orchestrator.cli.main", logging.ERROR, __file__, 0,
-                                   "unexpected error (a bug in ksm-lab): %s", (" ".join(argv),),
-                                   exc_info)
+        record = logging.LogRecord(
+            "orchestrator.cli.main",
+            logging.ERROR,
+            __file__,
+            0,
+            "unexpected error (a bug in ksm-lab): %s",
+            (" ".join(argv),),
+            exc_info,
+        )
         _study_log.handle(record)  # the file only: the terminal gets one line
         return Path(_study_log.baseFilename)
     name = f"ksm-lab-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    text = (f"{datetime.now().astimezone().isoformat(timespec='seconds')} ksm-lab {' '.join(argv)}\n"
-            + "".join(traceback.format_exception(*exc_info)))
+    text = f"{datetime.now().astimezone().isoformat(timespec='seconds')} ksm-lab {' '.join(argv)}\n" + "".join(
+        traceback.format_exception(*exc_info)
+    )
     for folder in (Path(fallback_dir), Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)

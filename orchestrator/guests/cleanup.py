@@ -158,8 +158,13 @@ def leftover(uri: str, studies: tuple[str, ...], timeout_s: float) -> list[str]:
     conn = connect(uri, timeout_s=timeout_s)
     try:
         with libvirt_errors(f"listing domains on {uri}"):
-            return [dom.name() for dom in conn.listAllDomains(0) if dom.name().startswith(NAME_PREFIX)
-                    and (meta := _our_metadata(dom)) is not None and meta.study in studies]
+            return [
+                dom.name()
+                for dom in conn.listAllDomains(0)
+                if dom.name().startswith(NAME_PREFIX)
+                and (meta := _our_metadata(dom)) is not None
+                and meta.study in studies
+            ]
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()

@@ -104,13 +104,9 @@ class DomainSpec:
 
     def __post_init__(self) -> None:
         if self.vcpu_pins and len(self.vcpu_pins) != self.vcpus:
-            raise ProvisionError(
-                f"domain {self.name!r}: {len(self.vcpu_pins)} vCPU pins for {self.vcpus} vCPUs"
-            )
+            raise ProvisionError(f"domain {self.name!r}: {len(self.vcpu_pins)} vCPU pins for {self.vcpus} vCPUs")
         if self.memory_mib <= 0 or self.vcpus <= 0:
-            raise ProvisionError(
-                f"domain {self.name!r}: memory_mib={self.memory_mib} vcpus={self.vcpus} must be > 0"
-            )
+            raise ProvisionError(f"domain {self.name!r}: memory_mib={self.memory_mib} vcpus={self.vcpus} must be > 0")
 
 
 def mac_for_uuid(uuid: str) -> str:
@@ -175,9 +171,7 @@ def render_domain_xml(spec: DomainSpec, template_path: Path | None = None) -> st
             f"at line {line}, column {column}: {exc}"
         ) from exc
     if root.tag != "domain":
-        raise ProvisionError(
-            f"domain template {template_path} rendered <{root.tag}>, expected <domain>"
-        )
+        raise ProvisionError(f"domain template {template_path} rendered <{root.tag}>, expected <domain>")
     return xml
 
 
@@ -244,8 +238,9 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _HOSTFWD = "hostfwd=tcp:"
 
 
-def restore_xml(saved_xml: str, *, study: str, overlay_path: Path, console_log_path: Path,
-                host_port: int | None) -> str:
+def restore_xml(
+    saved_xml: str, *, study: str, overlay_path: Path, console_log_path: Path, host_port: int | None
+) -> str:
     """The domain XML to restore a saved guest with: the XML stored in its save image (libvirt
     checks the ABI against it, so it must keep every default libvirt filled in, and the name and
     uuid), changed only where a trial differs: the disk overlay, the console log, the loopback
@@ -258,8 +253,9 @@ def restore_xml(saved_xml: str, *, study: str, overlay_path: Path, console_log_p
         raise ProvisionError(f"unreadable domain XML in a saved guest state: {exc}") from exc
     disks = [d for d in root.iter("disk") if d.get("device") == "disk"]
     if len(disks) != 1 or disks[0].find("source") is None:
-        raise ProvisionError(f"saved guest {root.findtext('name')}: expected one disk with a source, "
-                             f"found {len(disks)}")
+        raise ProvisionError(
+            f"saved guest {root.findtext('name')}: expected one disk with a source, found {len(disks)}"
+        )
     source = disks[0].find("source")
     assert source is not None
     source.set("file", str(overlay_path))

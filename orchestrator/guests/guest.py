@@ -83,6 +83,8 @@ class CappedOutput:
             return (bytes(self.head) + bytes(self.tail)).decode(errors="replace")
         marker = f"\n[ksm-lab: {self.cut} bytes of output cut here (kept the first and last {self.cap // 2} bytes)]\n"
         return self.head.decode(errors="replace") + marker + self.tail.decode(errors="replace")
+
+
 # Longest pause between two looks at a running command's channel; the channel's own fd wakes
 # us sooner when output arrives.
 _POLL_S = 0.5
@@ -150,8 +152,7 @@ def deadline_wrapped(command: str, timeout_s: float) -> str:
     the command goes to `sh -c` as one quoted word, so a string keeps its shell meaning.
     """
     deadline_s = max(math.ceil(timeout_s * 1000) / 1000, 0.001)
-    return (f"timeout --kill-after={KILL_AFTER_S:g} {deadline_s:.3f} "
-            f"sh -c {shlex.quote(command)}")
+    return f"timeout --kill-after={KILL_AFTER_S:g} {deadline_s:.3f} sh -c {shlex.quote(command)}"
 
 
 class _HostKeyRejected(paramiko.SSHException):
@@ -162,15 +163,17 @@ class _RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         raise _HostKeyRejected(
             f"{hostname} offered a {key.get_name()} host key "
-            f"(SHA256:{_fingerprint(key)}) that does not match the recorded one")
+            f"(SHA256:{_fingerprint(key)}) that does not match the recorded one"
+        )
 
 
 class _AcceptAnyHostKey(paramiko.MissingHostKeyPolicy):
     """Used only when a plan says host_key_policy = "accept-any"; remembers nothing."""
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        log.warning("accepting unverified host key SHA256:%s from %s (host_key_policy accept-any)",
-                    _fingerprint(key), hostname)
+        log.warning(
+            "accepting unverified host key SHA256:%s from %s (host_key_policy accept-any)", _fingerprint(key), hostname
+        )
 
 
 class _Transient(Exception):
@@ -214,9 +217,14 @@ class GuestSession:
     @classmethod
     def for_image(cls, image: ImageRef, port: int, **kwargs: object) -> GuestSession:
         """A session to a guest booted from `image` whose port 22 is forwarded to `port`."""
-        return cls(port=port, user=image.ssh_user, key_path=image.ssh_key_path,
-                   known_host_key=image.known_host_key, host_key_policy=image.host_key_policy,
-                   **kwargs)  # type: ignore[arg-type]
+        return cls(
+            port=port,
+            user=image.ssh_user,
+            key_path=image.ssh_key_path,
+            known_host_key=image.known_host_key,
+            host_key_policy=image.host_key_policy,
+            **kwargs,
+        )  # type: ignore[arg-type]
 
     @property
     def where(self) -> str:
@@ -228,8 +236,9 @@ class GuestSession:
         self.connect()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def connect(self) -> None:
@@ -251,9 +260,11 @@ class GuestSession:
                 with attempt:
                     self._client = self._connect_once(pkey)
         except _Transient as exc:
-            raise GuestError(f"no SSH at {self.where} after {time.monotonic() - started:.0f} s "
-                             f"({retrying.statistics.get('attempt_number', 0)} attempts): "
-                             f"{exc}") from None
+            raise GuestError(
+                f"no SSH at {self.where} after {time.monotonic() - started:.0f} s "
+                f"({retrying.statistics.get('attempt_number', 0)} attempts): "
+                f"{exc}"
+            ) from None
         log.debug("connected to %s after %.1f s", self.where, time.monotonic() - started)
 
     def _connect_once(self, pkey: paramiko.PKey) -> paramiko.SSHClient:
@@ -269,9 +280,15 @@ class GuestSession:
             client.set_missing_host_key_policy(_AcceptAnyHostKey())
         try:
             client.connect(
-                self.host, port=self.port, username=self.user, pkey=pkey,
-                timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
-                auth_timeout=self.connect_timeout_s, look_for_keys=False, allow_agent=False,
+                self.host,
+                port=self.port,
+                username=self.user,
+                pkey=pkey,
+                timeout=self.connect_timeout_s,
+                banner_timeout=self.connect_timeout_s,
+                auth_timeout=self.connect_timeout_s,
+                look_for_keys=False,
+                allow_agent=False,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
@@ -284,8 +301,7 @@ class GuestSession:
             raise GuestError(f"host key mismatch at {self.where}: {exc}; refusing to connect") from None
         except paramiko.AuthenticationException as exc:
             client.close()
-            raise GuestError(f"authentication failed for {self.where} with key {self.key_path}: "
-                             f"{exc}") from None
+            raise GuestError(f"authentication failed for {self.where} with key {self.key_path}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # Refused, reset, or no banner yet: QEMU's port forward accepts TCP before the
             # guest's sshd runs, so these all mean "not booted yet".
@@ -350,20 +366,23 @@ class GuestSession:
         result = CommandResult(command, exit_status, stdout.text(), stderr.text(), time.monotonic() - started)
         self._raise_if_timed_out(result, timeout_s, watchdog.fired.is_set())
         if exit_status == 127 and _NO_TIMEOUT_COMMAND.search(result.stderr):
-            raise GuestError(f"{self.where}: the guest has no `timeout` command (coreutils), "
-                             f"which every command runs under; cannot run `{command}`")
+            raise GuestError(
+                f"{self.where}: the guest has no `timeout` command (coreutils), "
+                f"which every command runs under; cannot run `{command}`"
+            )
         if check and not result.ok:
             tail = "\n".join(result.stderr.strip().splitlines()[-10:])
             raise GuestError(f"{self.where}: `{command}` exited {exit_status}:\n{tail}")
         return result
 
-    def _raise_if_timed_out(self, result: CommandResult, timeout_s: float,
-                            watchdog_fired: bool) -> None:
+    def _raise_if_timed_out(self, result: CommandResult, timeout_s: float, watchdog_fired: bool) -> None:
         what = f"{self.where}: `{result.command}` timed out after {timeout_s:g} s"
         if watchdog_fired:
             raise CommandTimeout(
                 f"{what}; the guest did not answer {KILL_AFTER_S + WATCHDOG_GRACE_S:g} s later "
-                "either, so the channel was closed", result)
+                "either, so the channel was closed",
+                result,
+            )
         # The guest's timer starts after the host's, so a real timeout is never early here;
         # a command that exits 124 on its own before its deadline is not taken for one.
         if result.exit_status in _TIMEOUT_STATUSES and result.duration_s >= timeout_s:
@@ -382,8 +401,12 @@ class GuestSession:
             while channel.recv_stderr_ready():
                 stderr += channel.recv_stderr(_READ_CHUNK_BYTES)
                 drained = True
-            if channel.exit_status_ready() and not drained and not channel.recv_ready() \
-                    and not channel.recv_stderr_ready():
+            if (
+                channel.exit_status_ready()
+                and not drained
+                and not channel.recv_ready()
+                and not channel.recv_stderr_ready()
+            ):
                 # The status can arrive before the last output; read until EOF on stdout.
                 # A channel the watchdog closed counts as ended too.
                 if channel.eof_received or channel.closed:
@@ -393,7 +416,7 @@ class GuestSession:
 
 
 def _parse_public_key(line: str) -> tuple[str, paramiko.PKey]:
-    """"ssh-ed25519 AAAA... [comment]" -> (type, key)."""
+    """ "ssh-ed25519 AAAA... [comment]" -> (type, key)."""
     fields = line.split()
     if len(fields) < 2:
         raise GuestError(f"known host key {line!r} is not '<type> <base64>'")
@@ -405,4 +428,3 @@ def _parse_public_key(line: str) -> tuple[str, paramiko.PKey]:
 
 def _fingerprint(key: paramiko.PKey) -> str:
     return key.fingerprint.removeprefix("SHA256:")
-

@@ -21,8 +21,13 @@ class MemoryMargin:
 
 
 def check_memory_fits(
-    guest_count: int, memory_mib: int, margin: MemoryMargin = MemoryMargin(), *, root: Path = Path("/"),
-    hugepages: bool = False, numa_node: int | None = None,
+    guest_count: int,
+    memory_mib: int,
+    margin: MemoryMargin = MemoryMargin(),
+    *,
+    root: Path = Path("/"),
+    hugepages: bool = False,
+    numa_node: int | None = None,
 ) -> int:
     """Refuse before anything starts when the guests cannot fit.
 
@@ -38,8 +43,10 @@ def check_memory_fits(
     if hugepages:
         free_mib = meminfo.get("HugePages_Free", 0) * meminfo.get("Hugepagesize", 0) // 1024
         if guests_mib > free_mib:
-            raise HostError(f"{guest_count} guests x {memory_mib} MiB on hugepages need {guests_mib} MiB of "
-                            f"free hugepages, but only {free_mib} MiB are free (HugePages_Free x Hugepagesize)")
+            raise HostError(
+                f"{guest_count} guests x {memory_mib} MiB on hugepages need {guests_mib} MiB of "
+                f"free hugepages, but only {free_mib} MiB are free (HugePages_Free x Hugepagesize)"
+            )
     required_mib = math.ceil(guests_mib * (1 + margin.fraction)) + margin.fixed_mib
     available_mib = meminfo["MemAvailable"] // 1024
     where = "MemAvailable"

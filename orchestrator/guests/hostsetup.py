@@ -44,8 +44,7 @@ def libvirt_uri(option: str | None = None, plan_uri: str | None = None) -> str:
 LIBVIRT_CHECK_TIMEOUT_S = 10.0
 
 
-def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
-               uri: str = LIBVIRT_URI) -> list[CheckResult]:
+def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None, uri: str = LIBVIRT_URI) -> list[CheckResult]:
     """The checks a plan needs (libvirt probed at `uri`); no VMs means nothing to check here."""
     if not plan_needs_vms:
         return []
@@ -53,10 +52,13 @@ def check_host(plan_needs_vms: bool, image_cache_dir: Path | None = None,
     kvm_ok, kvm_detail = kvm_status()
     results.append(CheckResult("kvm", kvm_ok, kvm_detail, blocking=False))
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
-    results.append(CheckResult(
-        "tools", not missing,
-        f"missing {', '.join(missing)}: run `ksm-lab host setup`" if missing
-        else "present: " + ", ".join(_TOOLS)))
+    results.append(
+        CheckResult(
+            "tools",
+            not missing,
+            f"missing {', '.join(missing)}: run `ksm-lab host setup`" if missing else "present: " + ", ".join(_TOOLS),
+        )
+    )
     results.append(_check_image(image_cache_dir))
     results.append(_check_cache_room(image_cache_dir or images.default_cache_dir()))
     return results
@@ -84,8 +86,9 @@ def _check_libvirt(uri: str, timeout_s: float = LIBVIRT_CHECK_TIMEOUT_S) -> Chec
     has_qemu = re.search(r"<arch name='x86_64'>.*?<domain type='qemu'", caps, re.S) is not None
     lib = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
     if not has_qemu:
-        return CheckResult("libvirt", False, f"libvirt {lib} at {uri} has no QEMU "
-                                             "x86_64 driver: install libvirt-daemon-driver-qemu")
+        return CheckResult(
+            "libvirt", False, f"libvirt {lib} at {uri} has no QEMU x86_64 driver: install libvirt-daemon-driver-qemu"
+        )
     return CheckResult("libvirt", True, f"libvirt {lib} at {uri}, QEMU x86_64 driver present")
 
 
@@ -95,8 +98,11 @@ def _check_image(cache_dir: Path | None) -> CheckResult:
     except Exception as exc:  # a broken manifest is reported, not raised, by a check
         return CheckResult("image", False, f"default image unusable: {exc}")
     if image is None:
-        return CheckResult("image", False, f"default image {images.image_key(images.DEFAULT_RECIPE)}"
-                                           " not built: run `ksm-lab image build`")
+        return CheckResult(
+            "image",
+            False,
+            f"default image {images.image_key(images.DEFAULT_RECIPE)} not built: run `ksm-lab image build`",
+        )
     return CheckResult("image", True, f"{image.key} at {image.disk_path.parent}")
 
 
@@ -105,8 +111,11 @@ def _check_cache_room(cache_dir: Path) -> CheckResult:
     while not existing.exists():
         existing = existing.parent
     free_gib = shutil.disk_usage(existing).free / 2**30
-    return CheckResult("image cache room", free_gib >= MIN_IMAGE_CACHE_FREE_GIB,
-                       f"{free_gib:.1f} GiB free at {existing} (need {MIN_IMAGE_CACHE_FREE_GIB:g})")
+    return CheckResult(
+        "image cache room",
+        free_gib >= MIN_IMAGE_CACHE_FREE_GIB,
+        f"{free_gib:.1f} GiB free at {existing} (need {MIN_IMAGE_CACHE_FREE_GIB:g})",
+    )
 
 
 def setup_host(stop: bool = False, timeout_s: float = 900) -> str:

@@ -165,9 +165,9 @@ def recipe_hash(recipe_path: Path) -> str:
         for guest_path, source in recipe.files.items()
     }
     canonical = json.dumps(
-        {"build_script_version": BUILD_SCRIPT_VERSION, "recipe": recipe.model_dump(mode="json"),
-         "files": files},
-        sort_keys=True, separators=(",", ":"),
+        {"build_script_version": BUILD_SCRIPT_VERSION, "recipe": recipe.model_dump(mode="json"), "files": files},
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -213,18 +213,24 @@ def load_manifest(manifest_path: Path) -> ImageRef:
     except (OSError, json.JSONDecodeError) as exc:
         raise ProvisionError(f"image manifest {manifest_path}: {exc}") from exc
     if data.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise ProvisionError(f"image manifest {manifest_path}: unknown schema_version "
-                             f"{data.get('schema_version')!r}")
+        raise ProvisionError(f"image manifest {manifest_path}: unknown schema_version {data.get('schema_version')!r}")
 
     def path(field: str) -> Path:
         # Relative paths (hand-edited manifests) are taken from the manifest's folder.
         return manifest_path.parent / data["paths"][field]
 
     ref = ImageRef(
-        name=data["name"], key=data["key"], disk_path=path("disk"), kernel_path=path("kernel"),
-        initrd_path=path("initrd"), cmdline=data["cmdline"], ssh_user=data["ssh_user"],
-        ssh_key_path=path("ssh_key"), known_host_key=data["known_host_key"],
-        manifest_path=manifest_path, recipe_hash=data["recipe_hash"],
+        name=data["name"],
+        key=data["key"],
+        disk_path=path("disk"),
+        kernel_path=path("kernel"),
+        initrd_path=path("initrd"),
+        cmdline=data["cmdline"],
+        ssh_user=data["ssh_user"],
+        ssh_key_path=path("ssh_key"),
+        known_host_key=data["known_host_key"],
+        manifest_path=manifest_path,
+        recipe_hash=data["recipe_hash"],
     )
     _check_files_exist(ref, f"image {ref.key}")
     if manifest_path.parent.name == ref.key:
@@ -250,18 +256,23 @@ def _restrict_secrets(ref: ImageRef) -> None:
             # puts them back; a killed sweep cannot): a QEMU owning the base could chmod it.
             try:
                 os.chown(path, 0, 0)
-                log.warning("%s was owned by uid %d (left by a killed guest set): given back to root",
-                            path, st.st_uid)
+                log.warning("%s was owned by uid %d (left by a killed guest set): given back to root", path, st.st_uid)
             except OSError as exc:
-                log.warning("%s is owned by uid %d; could not give it back to root: %s", path, st.st_uid,
-                            exc.strerror or exc)
+                log.warning(
+                    "%s is owned by uid %d; could not give it back to root: %s", path, st.st_uid, exc.strerror or exc
+                )
         current = st.st_mode & 0o7777
         if current & ~mode:
             try:
                 path.chmod(current & mode)
             except OSError as exc:
-                log.warning("%s is mode %o, readable beyond root; could not change it to %o: %s",
-                            path, current, current & mode, exc.strerror or exc)
+                log.warning(
+                    "%s is mode %o, readable beyond root; could not change it to %o: %s",
+                    path,
+                    current,
+                    current & mode,
+                    exc.strerror or exc,
+                )
 
 
 class _BroughtImage(BaseModel):
@@ -300,15 +311,23 @@ def image_from_table(table: Mapping[str, Any], base_dir: Path = Path(".")) -> Im
         if len(known.split()) != 2:
             raise PlanError("image.known_host_key: expected '<type> <base64>'")
     if spec.host_key_policy == "verify" and known is None:
-        raise PlanError("image: known_host_key (or known_host_key_file) is required unless "
-                        "host_key_policy = \"accept-any\" is set explicitly")
+        raise PlanError(
+            "image: known_host_key (or known_host_key_file) is required unless "
+            'host_key_policy = "accept-any" is set explicitly'
+        )
     if (spec.kernel is None) != (spec.initrd is None) or (spec.kernel and not spec.cmdline):
         raise PlanError("image: direct kernel boot needs kernel, initrd and cmdline together")
     ref = ImageRef(
-        name=spec.name, disk_path=absolute(spec.disk), disk_format=spec.disk_format,  # type: ignore[arg-type]
-        kernel_path=absolute(spec.kernel), initrd_path=absolute(spec.initrd),
-        cmdline=spec.cmdline, ssh_user=spec.ssh_user, ssh_key_path=absolute(spec.ssh_key),  # type: ignore[arg-type]
-        known_host_key=known, host_key_policy=spec.host_key_policy,
+        name=spec.name,
+        disk_path=absolute(spec.disk),
+        disk_format=spec.disk_format,  # type: ignore[arg-type]
+        kernel_path=absolute(spec.kernel),
+        initrd_path=absolute(spec.initrd),
+        cmdline=spec.cmdline,
+        ssh_user=spec.ssh_user,
+        ssh_key_path=absolute(spec.ssh_key),  # type: ignore[arg-type]
+        known_host_key=known,
+        host_key_policy=spec.host_key_policy,
     )
     _check_files_exist(ref, "image")
     return ref
@@ -378,8 +397,7 @@ def resolve_image(
     if cached is not None:
         return cached
     if not build:
-        raise ProvisionError(f"image for {recipe_path} is not built yet: run "
-                             "`ksm-lab image build`")
+        raise ProvisionError(f"image for {recipe_path} is not built yet: run `ksm-lab image build`")
     return build_image(recipe_path, cache_dir)
 
 
@@ -414,8 +432,9 @@ def _build_lock(cache_dir: Path, key: str, wait_s: float = BUILD_LOCK_WAIT_S) ->
                 lock_file.seek(0)
                 holder = lock_file.read().strip() or "unknown pid"
                 if time.monotonic() > deadline:
-                    raise ProvisionError(f"another build of image {key} ({holder}) still holds "
-                                         f"{lock_file.name} after {wait_s:.0f} s") from None
+                    raise ProvisionError(
+                        f"another build of image {key} ({holder}) still holds {lock_file.name} after {wait_s:.0f} s"
+                    ) from None
                 if not announced:
                     log.info("waiting for another build of %s (%s) to finish", key, holder)
                     announced = True
@@ -437,8 +456,7 @@ def _safe_rmtree(path: Path) -> None:
         for line in mountinfo:
             mount_point = line.split()[4]
             if mount_point == prefix or mount_point.startswith(prefix + "/"):
-                raise ProvisionError(f"{mount_point} is still mounted; unmount it and remove "
-                                     f"{path} by hand")
+                raise ProvisionError(f"{mount_point} is still mounted; unmount it and remove {path} by hand")
     shutil.rmtree(path)
 
 
@@ -483,38 +501,64 @@ def _check_build_host() -> None:
         raise HostError(f"missing {', '.join(missing)}: run `ksm-lab host setup`")
 
 
-def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_dir: Path,
-                out_dir: Path, final_dir: Path) -> None:
+def _build_into(
+    recipe: Recipe, recipe_path: Path, digest: str, key: str, work_dir: Path, out_dir: Path, final_dir: Path
+) -> None:
     started = time.monotonic()
     rootfs = work_dir / "rootfs"
     boot = recipe.debootstrap
-    log.info("debootstrap %s (%s, %d packages) from %s", boot.suite, boot.variant,
-             len(boot.packages), boot.mirror)
+    log.info("debootstrap %s (%s, %d packages) from %s", boot.suite, boot.variant, len(boot.packages), boot.mirror)
     # A private mount namespace: whatever debootstrap mounts in the rootfs goes away with it,
     # even if it is killed, so the temp folder can always be deleted.
     # --force-check-gpg: a Release file that cannot be verified against the host's archive keyring
     # fails the build instead of being used unchecked (the mirror is plain http).
-    _run(["unshare", "--mount", "--propagation", "private", "debootstrap", "--force-check-gpg",
-          f"--variant={boot.variant}", f"--components={','.join(boot.components)}",
-          f"--include={','.join(boot.packages)}", boot.suite, str(rootfs), boot.mirror],
-         work_dir / "debootstrap.log")
+    _run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "debootstrap",
+            "--force-check-gpg",
+            f"--variant={boot.variant}",
+            f"--components={','.join(boot.components)}",
+            f"--include={','.join(boot.packages)}",
+            boot.suite,
+            str(rootfs),
+            boot.mirror,
+        ],
+        work_dir / "debootstrap.log",
+    )
 
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"ksm-lab@{key}",
-          "-f", str(out_dir / "id_ed25519")], None)
+    _run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"ksm-lab@{key}", "-f", str(out_dir / "id_ed25519")], None
+    )
     (out_dir / "id_ed25519").chmod(SSH_KEY_MODE)  # ssh-keygen's 0600 too; not left to chance
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{recipe.guest.hostname}",
-          "-f", str(work_dir / "host_key")], None)
-    _configure_rootfs(rootfs, recipe, recipe_path.parent, work_dir / "host_key",
-                      (out_dir / "id_ed25519.pub").read_text())
+    _run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"root@{recipe.guest.hostname}",
+            "-f",
+            str(work_dir / "host_key"),
+        ],
+        None,
+    )
+    _configure_rootfs(
+        rootfs, recipe, recipe_path.parent, work_dir / "host_key", (out_dir / "id_ed25519.pub").read_text()
+    )
     kernel_version = _copy_kernel(rootfs, out_dir)
     shutil.copyfile(work_dir / "host_key.pub", out_dir / "host_key.pub")
     rootfs_bytes = _tree_bytes(rootfs)
 
     ext4 = work_dir / "root.ext4"
-    log.info("mkfs.ext4 -d (%d MiB filesystem, %d MiB of files)", recipe.disk.size_mib,
-             rootfs_bytes >> 20)
-    _run(["mkfs.ext4", "-q", "-F", "-L", "ksm-root", "-d", str(rootfs), str(ext4),
-          f"{recipe.disk.size_mib}M"], None)
+    log.info("mkfs.ext4 -d (%d MiB filesystem, %d MiB of files)", recipe.disk.size_mib, rootfs_bytes >> 20)
+    _run(["mkfs.ext4", "-q", "-F", "-L", "ksm-root", "-d", str(rootfs), str(ext4), f"{recipe.disk.size_mib}M"], None)
     _safe_rmtree(rootfs)
     _run(["qemu-img", "convert", "-O", "qcow2", str(ext4), str(out_dir / "base.qcow2")], None)
     ext4.unlink()
@@ -556,8 +600,7 @@ def _build_into(recipe: Recipe, recipe_path: Path, digest: str, key: str, work_d
     log.info("image %s built in %.0f s", key, manifest["build_duration_s"])
 
 
-def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: Path,
-                      login_pubkey: str) -> None:
+def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: Path, login_pubkey: str) -> None:
     guest = recipe.guest
 
     def write(guest_path: str, text: str, mode: int = 0o644) -> None:
@@ -567,13 +610,16 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
         target.chmod(mode)
 
     write("/etc/hostname", f"{guest.hostname}\n")
-    write("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{guest.hostname}\n"
-                        "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    write(
+        "/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{guest.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
     # debootstrap copied the build host's resolv.conf; the guest has no DNS to use.
     write("/etc/resolv.conf", "# no DNS: ksm-lab guests reach nothing but the host\n")
     write("/etc/fstab", "/dev/vda\t/\text4\trw,errors=remount-ro\t0\t1\n")
-    write("/etc/systemd/network/10-ksm-lab-dhcp.network",
-          f"[Match]\nName={guest.dhcp_interfaces}\n\n[Network]\nDHCP=ipv4\n")
+    write(
+        "/etc/systemd/network/10-ksm-lab-dhcp.network",
+        f"[Match]\nName={guest.dhcp_interfaces}\n\n[Network]\nDHCP=ipv4\n",
+    )
 
     # Only our pre-generated ed25519 host key is offered, so the key recorded in the manifest
     # is the one the guest presents. ssh-keygen -A only creates missing keys, never replaces.
@@ -582,9 +628,11 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
     shutil.copyfile(host_key, rootfs / "etc/ssh/ssh_host_ed25519_key")
     (rootfs / "etc/ssh/ssh_host_ed25519_key").chmod(0o600)
     write("/etc/ssh/ssh_host_ed25519_key.pub", Path(f"{host_key}.pub").read_text())
-    write("/etc/ssh/sshd_config.d/ksm-lab.conf",
-          "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
-          "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+    write(
+        "/etc/ssh/sshd_config.d/ksm-lab.conf",
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+    )
 
     if guest.ssh_user == "root":
         home = "/root"
@@ -610,8 +658,9 @@ def _configure_rootfs(rootfs: Path, recipe: Recipe, recipe_dir: Path, host_key: 
     _chroot(rootfs, ["systemctl", "enable", *units])
     # Periodic jobs would wake at random in some guests and not others, disturbing the memory
     # and CPU picture KSM is measured against.
-    _chroot(rootfs, ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer",
-                     "fstrim.timer", "e2scrub_all.timer"])
+    _chroot(
+        rootfs, ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer", "fstrim.timer", "e2scrub_all.timer"]
+    )
 
     # The downloaded .debs and package lists are not needed in the guest (~150 MiB).
     for leftover in (rootfs / "var/cache/apt/archives").glob("*.deb"):
@@ -635,7 +684,8 @@ def _inside_rootfs(rootfs: Path, guest_path: str) -> Path:
     if resolved == root or not resolved.is_relative_to(root):
         raise ProvisionError(
             f"image file {guest_path!r}: a symlink in the image leads it to {resolved}, "
-            f"outside the image root {root}; refusing to write there")
+            f"outside the image root {root}; refusing to write there"
+        )
     return resolved
 
 
@@ -665,8 +715,12 @@ def _chroot(rootfs: Path, argv: list[str]) -> None:
 
 
 def _run(argv: list[str], log_path: Path | None, timeout_s: float | None = None) -> None:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
-           "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL": "C.UTF-8",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "HOME": "/root",
+    }
     if timeout_s is None:
         timeout_s = DEBOOTSTRAP_TIMEOUT_S if "debootstrap" in argv else STEP_TIMEOUT_S
     try:

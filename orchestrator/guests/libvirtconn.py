@@ -79,8 +79,9 @@ def connect(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> libvirt.virConnec
     opener.start()
     opener.join(timeout_s)
     if opener.is_alive():
-        raise HostUnresponsive(f"libvirt at {uri} did not answer within {timeout_s:g} s "
-                               "(is libvirtd stopped or wedged?)")
+        raise HostUnresponsive(
+            f"libvirt at {uri} did not answer within {timeout_s:g} s (is libvirtd stopped or wedged?)"
+        )
     if "error" in box:
         raise ProvisionError(f"cannot connect to libvirt at {uri}: {box['error']}") from box["error"]  # type: ignore[misc]
     conn = box["conn"]
@@ -95,8 +96,9 @@ def connect(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> libvirt.virConnec
 _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "a socket error",
     libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
-    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: (f"no keepalive answer for {KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT} s: "
-                                                 "libvirtd is stopped or wedged"),
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: (
+        f"no keepalive answer for {KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT} s: libvirtd is stopped or wedged"
+    ),
 }
 
 
@@ -164,11 +166,13 @@ def unwatch_lifecycle(conn: libvirt.virConnect, event_id: int) -> None:
 def lost_reason(event: int, detail: int) -> str | None:
     """What a lifecycle event means for a trial; None for events that do not end a guest."""
     if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-        names = {libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "was destroyed",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed (QEMU exited)",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "was saved"}
+        names = {
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "was destroyed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed (QEMU exited)",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "was saved",
+        }
         return names.get(detail, "stopped")
     if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
         return "crashed (guest panic)"
@@ -182,6 +186,10 @@ def lost_reason(event: int, detail: int) -> str | None:
 def state_reason(state: int, reason: int) -> str:
     if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
         return "is paused on an I/O error (disk full?)"
-    names = {libvirt.VIR_DOMAIN_PAUSED: "is paused", libvirt.VIR_DOMAIN_SHUTOFF: "is shut off",
-             libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down"}
+    names = {
+        libvirt.VIR_DOMAIN_PAUSED: "is paused",
+        libvirt.VIR_DOMAIN_SHUTOFF: "is shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "is shutting down",
+    }
     return names.get(state, f"is in state {state}")

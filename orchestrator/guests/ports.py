@@ -75,8 +75,10 @@ class PortRegistry:
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise HostError(f"the port table lock {self.lock_path} was not free within "
-                                    f"{self.lock_timeout_s:g} s: another process holds it (stuck?)") from None
+                    raise HostError(
+                        f"the port table lock {self.lock_path} was not free within "
+                        f"{self.lock_timeout_s:g} s: another process holds it (stuck?)"
+                    ) from None
                 time.sleep(_LOCK_POLL_S)
 
     def _load(self) -> dict[str, dict]:
@@ -87,8 +89,7 @@ class PortRegistry:
         return {
             port: entry
             for port, entry in table.items()
-            if entry.get("start_ticks") is not None
-            and _process_start_ticks(int(entry["pid"])) == entry["start_ticks"]
+            if entry.get("start_ticks") is not None and _process_start_ticks(int(entry["pid"])) == entry["start_ticks"]
         }
 
     def allocate(self, owner: str, attempts: int = 50) -> int:
@@ -98,8 +99,11 @@ class PortRegistry:
                     probe.bind(("127.0.0.1", 0))
                     port = probe.getsockname()[1]
                 if str(port) not in table and port not in _PORTS_IN_PROCESS:
-                    table[str(port)] = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
-                                        "owner": owner}
+                    table[str(port)] = {
+                        "pid": os.getpid(),
+                        "start_ticks": _process_start_ticks(os.getpid()),
+                        "owner": owner,
+                    }
                     _PORTS_IN_PROCESS.add(port)
                     return port
         raise HostError(f"no free loopback port after {attempts} attempts ({self.table_path})")

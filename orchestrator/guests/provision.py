@@ -104,8 +104,9 @@ def chain_owners(image: Path) -> dict[Path, tuple[int, int]]:
         chain = json.loads(done.stdout) if done.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
         chain = []
-    files = [Path(entry["filename"]) for entry in chain if isinstance(entry, dict) and "filename" in entry] \
-        or [Path(image)]
+    files = [Path(entry["filename"]) for entry in chain if isinstance(entry, dict) and "filename" in entry] or [
+        Path(image)
+    ]
     owners = {}
     for path in files:
         with contextlib.suppress(OSError):
@@ -180,8 +181,7 @@ def stop_job(lookup: Callable[[], libvirt.virDomain], abortable: bool) -> list[s
     return said
 
 
-def run_job(action: str, call: Callable[[], object], timeout_s: float,
-            stop: Callable[[], list[str]]) -> object:
+def run_job(action: str, call: Callable[[], object], timeout_s: float, stop: Callable[[], list[str]]) -> object:
     """libvirt's blocking `call` (a save or restore of one guest) within timeout_s. Past the
     deadline `stop` ends it (stop_job) and ProvisionError says what ran over and what was done;
     libvirt's own errors become ProvisionError naming `action`."""
@@ -206,7 +206,6 @@ def job_pool_size(jobs: int, bound: int = 0) -> int:
     (at most 16); never more than there are jobs, never fewer than one."""
     limit = bound if bound > 0 else min(MAX_PARALLEL_JOBS, JOBS_PER_CPU * (os.cpu_count() or 1))
     return max(1, min(jobs, limit))
-
 
 
 class BootImage(Protocol):
@@ -351,8 +350,9 @@ class GuestSet:
         if "/" in study or not study:
             raise ProvisionError(f"study name {study!r} cannot name a domain (empty or has '/')")
         if restore is not None and len(restore.guests) != len(requests):
-            raise ProvisionError(f"saved state {restore.key} holds {len(restore.guests)} guests, "
-                                 f"{len(requests)} were asked for")
+            raise ProvisionError(
+                f"saved state {restore.key} holds {len(restore.guests)} guests, {len(requests)} were asked for"
+            )
         self.uri = uri
         self.study = study
         self.image = image
@@ -403,8 +403,9 @@ class GuestSet:
         image = self.image_of(slot)
         boot: KernelBoot | DiskBoot
         if image.kernel_path is not None:
-            boot = KernelBoot(Path(image.kernel_path), image.initrd_path and Path(image.initrd_path),
-                              image.cmdline or "")
+            boot = KernelBoot(
+                Path(image.kernel_path), image.initrd_path and Path(image.initrd_path), image.cmdline or ""
+            )
         else:
             boot = DiskBoot()
         network: UserNet | NamedNet | NoNet
@@ -467,19 +468,29 @@ class GuestSet:
         assert self._conn is not None and self.restore is not None
         saved = self.restore.guests[slot.index]
         create_overlay(saved.disk_path, slot.overlay_path, "qcow2")
-        dxml = restore_xml(saved.saved_xml, study=self.study, overlay_path=slot.overlay_path,
-                           console_log_path=slot.console_log_path, host_port=slot.port)
+        dxml = restore_xml(
+            saved.saved_xml,
+            study=self.study,
+            overlay_path=slot.overlay_path,
+            console_log_path=slot.console_log_path,
+            host_port=slot.port,
+        )
         slot.started_monotonic = time.monotonic()
         timeout_s = self.options.restore_timeout_s
         if self.deadline is not None:
             timeout_s = min(timeout_s, self.deadline - slot.started_monotonic)
             if timeout_s <= 0:
-                raise ProvisionError(f"restore {slot.name}: the set's deadline passed before its turn "
-                                     f"({job_pool_size(len(self._slots), self.options.parallel_jobs)} at a time)")
+                raise ProvisionError(
+                    f"restore {slot.name}: the set's deadline passed before its turn "
+                    f"({job_pool_size(len(self._slots), self.options.parallel_jobs)} at a time)"
+                )
         conn = self._conn
-        run_job(f"restore {slot.name} from {saved.save_path}",
-                lambda: conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING),
-                timeout_s, lambda: stop_job(lambda: self._domain(slot), abortable=False))
+        run_job(
+            f"restore {slot.name} from {saved.save_path}",
+            lambda: conn.restoreFlags(str(saved.save_path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING),
+            timeout_s,
+            lambda: stop_job(lambda: self._domain(slot), abortable=False),
+        )
         slot.restore_s = time.monotonic() - slot.started_monotonic
 
     def restore_seconds(self) -> dict[str, float]:
@@ -497,8 +508,12 @@ class GuestSet:
         def save_one(slot: _Slot) -> dict[str, object]:
             save_path, disk_path, xml_path = states.guest_files(folder, slot.index)
             dom = self._domain(slot)
-            run_job(f"save {slot.name}", lambda: dom.save(str(save_path)), self.options.save_timeout_s,
-                    lambda: stop_job(lambda: dom, abortable=True))
+            run_job(
+                f"save {slot.name}",
+                lambda: dom.save(str(save_path)),
+                self.options.save_timeout_s,
+                lambda: stop_job(lambda: dom, abortable=True),
+            )
             with libvirt_errors(f"saved XML of {slot.name}"):
                 xml_path.write_text(self._conn.saveImageGetXMLDesc(str(save_path), libvirt.VIR_DOMAIN_XML_SECURE))
             os.replace(slot.overlay_path, disk_path)
@@ -528,8 +543,12 @@ class GuestSet:
                 self.work_dir.rmdir()
             raise
         # Before any guest starts: libvirt relabels the shared backing files at the first start.
-        backings = {Path(self.restore.guests[slot.index].disk_path) if self.restore is not None
-                    else Path(slot.request.disk_path or self.image_of(slot).disk_path) for slot in self._slots}
+        backings = {
+            Path(self.restore.guests[slot.index].disk_path)
+            if self.restore is not None
+            else Path(slot.request.disk_path or self.image_of(slot).disk_path)
+            for slot in self._slots
+        }
         self._owners = {}
         for backing in backings:  # guests share a base: one qemu-img call per distinct chain top
             self._owners.update({p: o for p, o in chain_owners(backing).items() if p not in self._owners})
@@ -546,8 +565,7 @@ class GuestSet:
                 raise ProvisionError(f"{len(failed)} of {len(self._slots)} guests failed to start: {detail}")
         except BaseException as exc:
             # Read before the teardown reconnects (which forgets why the old connection died).
-            lost = self.connection_lost or (None if self._conn is None or is_alive(self._conn)
-                                            else "connection dead")
+            lost = self.connection_lost or (None if self._conn is None or is_alive(self._conn) else "connection dead")
 
             def finish() -> None:
                 # Threads still defining/starting must finish before we undo their work.
@@ -593,7 +611,8 @@ class GuestSet:
             f"{what}: libvirt at {self.uri} stopped answering ({why or self.connection_lost or 'connection dead'}); "
             f"guests left as they were: {names}",
             advice=f"Once libvirtd answers again, run `ksm-lab cleanup --study {self.study}` to remove "
-                   "them, then the same sweep with --resume.")
+            "them, then the same sweep with --resume.",
+        )
 
     def watch(self, on: bool = True) -> None:
         """Guests stopping from here on are failures (off again before a save or teardown)."""
@@ -620,8 +639,11 @@ class GuestSet:
                 if state != libvirt.VIR_DOMAIN_RUNNING:
                     lost[slot.name] = state_reason(state, reason)
         if lost:
-            tails = "\n".join(f"--- {slot.name} console ---\n{console_tail(slot.console_log_path, 15)}"
-                              for slot in self._slots if slot.name in lost)
+            tails = "\n".join(
+                f"--- {slot.name} console ---\n{console_tail(slot.console_log_path, 15)}"
+                for slot in self._slots
+                if slot.name in lost
+            )
             detail = "; ".join(f"{name} {why}" for name, why in lost.items())
             raise GuestLostError(f"{len(lost)} of {len(self._slots)} guest(s) lost mid-trial: {detail}", tails)
 
@@ -684,8 +706,9 @@ class GuestSet:
                     raise ProvisionError(f"{slot.name} did not shut down within {timeout_s:.0f} s")
                 time.sleep(0.5)
 
-    def wait_ready(self, connect: Callable[[Guest], None], timeout_s: float,
-                   cancel: threading.Event | None = None) -> dict[str, float]:
+    def wait_ready(
+        self, connect: Callable[[Guest], None], timeout_s: float, cancel: threading.Event | None = None
+    ) -> dict[str, float]:
         """Retry `connect(guest)` for every guest until it returns, within timeout_s overall.
 
         Returns {guest name: seconds from domain start to ready}. Raises GuestBootError with
@@ -705,8 +728,15 @@ class GuestSet:
                     raise ConnectionError(f"{slot.name}: no DHCP lease yet")
             connect(self.guests[slot.index])
 
-        waits = [ReadyWait(slot.name, functools.partial(attempt, slot), slot.console_log_path,
-                           lambda slot=slot: slot.started_monotonic) for slot in self._slots]
+        waits = [
+            ReadyWait(
+                slot.name,
+                functools.partial(attempt, slot),
+                slot.console_log_path,
+                lambda slot=slot: slot.started_monotonic,
+            )
+            for slot in self._slots
+        ]
         return wait_all_ready(waits, timeout_s, cancel)
 
     # -- tearing down ----------------------------------------------------------------------
@@ -795,7 +825,6 @@ class GuestSet:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown_after(exc, self.teardown)
-
 
 
 def find_qemu_pid(name: str, guest_uuid: str, pid_dir: Path | None, proc_root: Path = Path("/proc")) -> int | None:

@@ -63,8 +63,9 @@ class ReadyWait:
     started: Callable[[], float | None]
 
 
-def wait_all_ready(waits: Sequence[ReadyWait], timeout_s: float,
-                   cancel: threading.Event | None = None) -> dict[str, float]:
+def wait_all_ready(
+    waits: Sequence[ReadyWait], timeout_s: float, cancel: threading.Event | None = None
+) -> dict[str, float]:
     """Retry every wait's attempt until it returns, all in parallel, within timeout_s overall.
 
     Returns {name: seconds from start to ready}. Raises GuestBootError with the console tail of

@@ -127,8 +127,11 @@ def load(folder: Path) -> SavedSet | None:
         save_path, disk_path, xml_path = guest_files(folder, int(entry["index"]))
         if not (save_path.is_file() and disk_path.is_file() and xml_path.is_file()):
             return None
-        guests.append(SavedGuest(int(entry["index"]), entry["name"], entry["uuid"], entry["marker"],
-                                 save_path, disk_path, xml_path))
+        guests.append(
+            SavedGuest(
+                int(entry["index"]), entry["name"], entry["uuid"], entry["marker"], save_path, disk_path, xml_path
+            )
+        )
     if not guests:
         return None
     return SavedSet(str(meta["key"]), folder, tuple(sorted(guests, key=lambda g: g.index)), meta)
@@ -146,11 +149,11 @@ def build_folder(root: Path, key: str) -> Path:
     return folder
 
 
-def commit(build: Path, root: Path, key: str, spec: dict[str, Any], guests: list[dict[str, Any]],
-           extra: dict[str, Any]) -> SavedSet:
+def commit(
+    build: Path, root: Path, key: str, spec: dict[str, Any], guests: list[dict[str, Any]], extra: dict[str, Any]
+) -> SavedSet:
     """Write state.json into the build folder and rename it into place (atomic on one fs)."""
-    meta = {"format": STATE_FORMAT, "key": key, "spec": spec, "guests": guests, "created_wall": time.time(),
-            **extra}
+    meta = {"format": STATE_FORMAT, "key": key, "spec": spec, "guests": guests, "created_wall": time.time(), **extra}
     (build / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     final = root / key
     if final.exists():  # another build won; ours is identical by key, keep theirs

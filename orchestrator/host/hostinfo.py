@@ -39,11 +39,24 @@ THP_COUNTERS = frozenset({"full_scans", "pages_collapsed"})
 # The kernel config options a KSM number depends on (CONFIG_KSM itself, THP and its default,
 # hugetlbfs, NUMA, the memory controller, the scheduler tick and preemption, the page size).
 KERNEL_CONFIG_OPTIONS = (
-    "CONFIG_KSM", "CONFIG_TRANSPARENT_HUGEPAGE", "CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS",
-    "CONFIG_TRANSPARENT_HUGEPAGE_MADVISE", "CONFIG_TRANSPARENT_HUGEPAGE_NEVER", "CONFIG_HUGETLBFS",
-    "CONFIG_NUMA", "CONFIG_MEMCG", "CONFIG_HZ", "CONFIG_PREEMPT", "CONFIG_PREEMPT_VOLUNTARY",
-    "CONFIG_PREEMPT_NONE", "CONFIG_PREEMPT_DYNAMIC", "CONFIG_PAGE_SIZE_4KB", "CONFIG_ARM64_4K_PAGES",
-    "CONFIG_ARM64_64K_PAGES", "CONFIG_ZSWAP", "CONFIG_USERFAULTFD",
+    "CONFIG_KSM",
+    "CONFIG_TRANSPARENT_HUGEPAGE",
+    "CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS",
+    "CONFIG_TRANSPARENT_HUGEPAGE_MADVISE",
+    "CONFIG_TRANSPARENT_HUGEPAGE_NEVER",
+    "CONFIG_HUGETLBFS",
+    "CONFIG_NUMA",
+    "CONFIG_MEMCG",
+    "CONFIG_HZ",
+    "CONFIG_PREEMPT",
+    "CONFIG_PREEMPT_VOLUNTARY",
+    "CONFIG_PREEMPT_NONE",
+    "CONFIG_PREEMPT_DYNAMIC",
+    "CONFIG_PAGE_SIZE_4KB",
+    "CONFIG_ARM64_4K_PAGES",
+    "CONFIG_ARM64_64K_PAGES",
+    "CONFIG_ZSWAP",
+    "CONFIG_USERFAULTFD",
 )
 
 
@@ -110,14 +123,17 @@ def cpu_topology(root: Path = Path("/")) -> dict[str, Any]:
         packages.add(package)
         cores.add((package, read_small(topology / "die_id") or "0", read_small(topology / "core_id") or "?"))
     if threads:
-        out.update(cpus=threads, packages=len(packages), cores=len(cores),
-                   threads_per_core=round(threads / len(cores), 2))
+        out.update(
+            cpus=threads, packages=len(packages), cores=len(cores), threads_per_core=round(threads / len(cores), 2)
+        )
     caches = {}
     for index in sorted((cpu / "cpu0/cache").glob("index[0-9]*"))[:16]:
         level, kind = read_small(index / "level"), read_small(index / "type")
         if level and kind:
             caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = {
-                "size": read_small(index / "size"), "shared_cpu_list": read_small(index / "shared_cpu_list")}
+                "size": read_small(index / "size"),
+                "shared_cpu_list": read_small(index / "shared_cpu_list"),
+            }
     if caches:
         out["caches"] = caches
     return out
@@ -147,7 +163,7 @@ def parse_kernel_config(text: str, options: tuple[str, ...] = KERNEL_CONFIG_OPTI
     found: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("# CONFIG_") and line.endswith(" is not set"):
-            name = line[2:-len(" is not set")]
+            name = line[2 : -len(" is not set")]
             if name in wanted:
                 found[name] = "not set"
         elif line.startswith("CONFIG_"):
@@ -170,8 +186,10 @@ def kernel_config(release: str, root: Path = Path("/")) -> dict[str, Any] | None
                     raw = f.read(MAX_CONFIG_BYTES)
         except (OSError, EOFError, gzip.BadGzipFile):
             continue
-        return {"source": "/" + str(source.relative_to(root)),
-                "options": parse_kernel_config(raw.decode("utf-8", errors="replace"))}
+        return {
+            "source": "/" + str(source.relative_to(root)),
+            "options": parse_kernel_config(raw.decode("utf-8", errors="replace")),
+        }
     return None
 
 
@@ -208,13 +226,20 @@ def judge_ksm_counters(before: Mapping[str, Any], after: Mapping[str, Any], rele
         full_scans, pages_scanned = scans[1] - scans[0], scanned[1] - scanned[0]  # type: ignore[operator]
         checked.append("pages_scanned with full_scans")
         if full_scans < 0 or pages_scanned < 0:
-            problems.append(f"counters went backwards (full_scans {full_scans:+d}, pages_scanned {pages_scanned:+d}): "
-                            "a reboot or a counter wrap between the snapshots")
+            problems.append(
+                f"counters went backwards (full_scans {full_scans:+d}, pages_scanned {pages_scanned:+d}): "
+                "a reboot or a counter wrap between the snapshots"
+            )
         elif full_scans > 0 and pages_scanned == 0:
             problems.append(f"full_scans advanced by {full_scans} but pages_scanned did not move: the counter stalled")
     version = kernel_version(release)
-    return {"ok": not problems, "checked": checked, "problems": problems, "kernel": release,
-            "known_counter_bugs": version is not None and version < (6, 10)}
+    return {
+        "ok": not problems,
+        "checked": checked,
+        "problems": problems,
+        "kernel": release,
+        "known_counter_bugs": version is not None and version < (6, 10),
+    }
 
 
 def _dependencies() -> list[str]:

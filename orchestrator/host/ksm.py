@@ -118,8 +118,7 @@ class HostSettings:
         if record_path.exists():
             for entry in _load_record(record_path):
                 if reason := self.outside_writable(entry["path"]):
-                    log.warning("settings record %s: ignoring %s: it %s", record_path,
-                                entry["path"], reason)
+                    log.warning("settings record %s: ignoring %s: it %s", record_path, entry["path"], reason)
                     self.refused.append(entry)
                 else:
                     self.entries.append(entry)
@@ -305,8 +304,7 @@ class HostSettings:
                 self._restore_one(entry, restored, errors)
         if run_entry is not None:
             self._restore_one(run_entry, restored, errors)
-        errors += [f"refused {e['path']!r}: it {self.outside_writable(e['path'])}"
-                   for e in self.refused]
+        errors += [f"refused {e['path']!r}: it {self.outside_writable(e['path'])}" for e in self.refused]
         if errors:
             done = f" (restored: {', '.join(restored)})" if restored else ""
             raise KsmError("restore incomplete: " + "; ".join(errors) + done)
@@ -331,10 +329,8 @@ def _load_record(record_path: Path) -> list[dict[str, str]]:
     if not isinstance(entries, list):
         raise HostError(f"settings record {record_path}: expected a list of entries")
     for number, entry in enumerate(entries, 1):
-        if not (isinstance(entry, dict)
-                and all(isinstance(entry.get(k), str) for k in ("path", "old", "new"))):
-            raise HostError(f"settings record {record_path}: entry {number} is not "
-                            '{"path", "old", "new"} strings')
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("path", "old", "new"))):
+            raise HostError(f'settings record {record_path}: entry {number} is not {{"path", "old", "new"}} strings')
     return entries
 
 
@@ -402,8 +398,9 @@ def _open_lock_file(lock_path: Path) -> int:
         fd = os.open(lock_path, flags, 0o644)
     except OSError as exc:
         if lock_path.is_symlink():
-            raise LockError(f"{lock_path} is a symlink; refusing to follow it for the sweep "
-                            "lock: remove it and rerun") from None
+            raise LockError(
+                f"{lock_path} is a symlink; refusing to follow it for the sweep lock: remove it and rerun"
+            ) from None
         raise LockError(f"cannot open the sweep lock {lock_path}: {exc.strerror or exc}") from None
     info = os.fstat(fd)
     problem = None

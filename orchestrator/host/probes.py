@@ -81,8 +81,16 @@ def parse_ksm_dir(texts: Mapping[str, str]) -> dict[str, int]:
 # The KSM files that move while ksmd works (the rest are knobs, which only the sweep or a policy
 # changes): what the fast sampling tier reads, through CounterFiles.
 KSM_COUNTERS: tuple[str, ...] = (
-    "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
-    "pages_skipped", "full_scans", "general_profit", "ksm_zero_pages", "stable_node_chains",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "general_profit",
+    "ksm_zero_pages",
+    "stable_node_chains",
     "stable_node_dups",
 )
 
@@ -353,8 +361,9 @@ def parse_host_cpu(text: str) -> HostCpu:
             values += [0] * (8 - len(values))
             user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
             busy = user + nice + system + irq + softirq + steal
-            aggregate = HostCpu(busy_ticks=busy, total_ticks=busy + idle + iowait,
-                                not_working_ticks=idle + iowait + steal)
+            aggregate = HostCpu(
+                busy_ticks=busy, total_ticks=busy + idle + iowait, not_working_ticks=idle + iowait + steal
+            )
         elif line.startswith("cpu") and line[3:4].isdigit():
             cpus += 1
     if aggregate is None:
@@ -362,11 +371,9 @@ def parse_host_cpu(text: str) -> HostCpu:
     return HostCpu(aggregate.busy_ticks, aggregate.total_ticks, aggregate.not_working_ticks, max(1, cpus))
 
 
-
 def parse_uptime_s(text: str) -> float:
     """Seconds since boot from /proc/uptime, the clock of ProcStat.start_ticks."""
     return float(text.split()[0])
-
 
 
 def parse_last_pid(text: str) -> int:
@@ -411,7 +418,7 @@ def _lines_named(text: str, names: Collection[str]) -> list[str]:
             start = padded.find(f"\n{name}{sep}")
             if start >= 0:
                 end = padded.find("\n", start + 1)
-                lines.append(padded[start + 1:end if end >= 0 else None])
+                lines.append(padded[start + 1 : end if end >= 0 else None])
                 break
     return lines
 
@@ -453,8 +460,13 @@ def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
 def parse_node_meminfo(text: str) -> dict[str, int]:
     """/sys/devices/system/node/nodeN/meminfo ("Node 0 MemFree:  123 kB") as {field: KiB}:
     /proc/meminfo's lines behind a "Node N" prefix, read by the same parser."""
-    return parse_meminfo("\n".join(line.split(None, 2)[2] for line in text.splitlines()
-                                    if line.startswith("Node ") and len(line.split(None, 2)) == 3))
+    return parse_meminfo(
+        "\n".join(
+            line.split(None, 2)[2]
+            for line in text.splitlines()
+            if line.startswith("Node ") and len(line.split(None, 2)) == 3
+        )
+    )
 
 
 def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | None:
@@ -462,7 +474,6 @@ def read_node_meminfo(node: int, root: Path = Path("/")) -> dict[str, int] | Non
         return parse_node_meminfo(_read(root / "sys" / "devices" / "system" / "node" / f"node{node}" / "meminfo"))
     except FileNotFoundError:
         return None
-
 
 
 # --- per-process memory --------------------------------------------------------
@@ -544,8 +555,11 @@ def parse_smaps_mappings(text: str) -> list[SmapsMapping]:
             path = header[5] if len(header) > 5 else ""
             # an inode of 0 with no path (or the kernel's own names) is anonymous memory;
             # shared anonymous memory (rw-s) is shmem, which KSM never merges either
-            anonymous = header[4] == "0" and (path == "" or path == "[heap]" or path.startswith("[anon:")) \
+            anonymous = (
+                header[4] == "0"
+                and (path == "" or path == "[heap]" or path.startswith("[anon:"))
                 and header[1][3:4] == "p"
+            )
             mappings.append(SmapsMapping(int(header[0].split("-")[0], 16), size_kib, anonymous, flags))
 
     for line in text.splitlines():
@@ -570,9 +584,13 @@ def guest_ram_mergeable(mappings: list[SmapsMapping], min_kib: int) -> dict[str,
     # rwx mapping of up to 1 GiB that QEMU never marks, and guest RAM is never executable here.
     big = [m for m in mappings if m.anonymous and "ex" not in m.flags and m.size_kib >= min_kib]
     marked = [m for m in big if m.mergeable]
-    return {"big_mappings": len(big), "mergeable_mappings": len(marked),
-            "big_kib": sum(m.size_kib for m in big), "mergeable_kib": sum(m.size_kib for m in marked),
-            "mergeable": (len(marked) == len(big)) if big else None}
+    return {
+        "big_mappings": len(big),
+        "mergeable_mappings": len(marked),
+        "big_kib": sum(m.size_kib for m in big),
+        "mergeable_kib": sum(m.size_kib for m in marked),
+        "mergeable": (len(marked) == len(big)) if big else None,
+    }
 
 
 def read_guest_ram_mergeable(pid: int, min_kib: int, root: Path = Path("/")) -> dict[str, Any] | None:
@@ -625,7 +643,6 @@ def _read_process_file(pid: int, name: str, root: Path) -> str | None:
         if exc.errno in _GONE_ERRNOS:
             return None
         raise
-
 
 
 def read_smaps_rollup(pid: int, root: Path = Path("/")) -> dict[str, int] | None:

@@ -276,8 +276,11 @@ class Sampler:
         self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
         knob_paths = probes.ksm_file_paths(self.root, self._knob_names or ())
         try:
-            with probes.CounterFiles(paths) as files, probes.CounterFiles(knob_paths) as self._knob_files, \
-                    probes.CounterFiles(probes.host_counter_paths(self.root)) as self._host_files:
+            with (
+                probes.CounterFiles(paths) as files,
+                probes.CounterFiles(knob_paths) as self._knob_files,
+                probes.CounterFiles(probes.host_counter_paths(self.root)) as self._host_files,
+            ):
                 self._loop(files)
         finally:
             for opened in (*self._target_files.values(), *self._stat_files.values()):
@@ -424,16 +427,18 @@ class Sampler:
         pss_tick_index = self._cheap_index // self.pss_every_n_ticks
         floor_every = self.floor_every_pss_ticks()
         floor_tick = pss_tick and pss_tick_index - self._floor_at >= floor_every
-        self.pss_age_bound_ticks = max(self.pss_age_bound_ticks,
-                                       len(process_rows) * floor_every * self.pss_every_n_ticks)
+        self.pss_age_bound_ticks = max(
+            self.pss_age_bound_ticks, len(process_rows) * floor_every * self.pss_every_n_ticks
+        )
         for process_row in process_rows:
             label = process_row["label"]
             self._label_order.setdefault(label, len(self._label_order))
             since = self._pss_read_t.setdefault(label, started)  # never read: age from first sight
             self._pss_age_max_s[label] = max(self._pss_age_max_s.get(label, 0.0), started - since)
         never = -1 - self.pss_every_n_ticks
-        order = sorted(process_rows, key=lambda r: (self._pss_read_at.get(r["label"], never),
-                                                    self._label_order[r["label"]]))
+        order = sorted(
+            process_rows, key=lambda r: (self._pss_read_at.get(r["label"], never), self._label_order[r["label"]])
+        )
         self._charge()
         reads = 0
         for process_row in order:

@@ -27,8 +27,9 @@ def run_bounded(argv: list[str], timeout_s: float, **kwargs: Any) -> subprocess.
     """subprocess.run(argv, timeout=timeout_s, capture_output=True, **kwargs), but at the
     deadline every process the command started is stopped, not only the command."""
     kwargs.setdefault("stdin", subprocess.DEVNULL)
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                          **kwargs) as proc:
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -16,8 +16,13 @@ from typing import Any
 from orchestrator.errors import PlanError
 from orchestrator.plugins import PolicyPlugin
 
-ADVISOR_FILES = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
-                 "advisor_max_pages_to_scan", "advisor_target_scan_time")
+ADVISOR_FILES = (
+    "advisor_mode",
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
+)
 
 
 def missing_advisor_files(ksm_dir: Path) -> list[str]:
@@ -30,8 +35,10 @@ def advisor_refusal(ksm_dir: Path) -> str | None:
     missing = missing_advisor_files(ksm_dir)
     if not missing:
         return None
-    return (f"policy 'advisor' needs the kernel's scan-time advisor (Linux 6.8+), but {ksm_dir} has no "
-            f"{', '.join(missing)}: run the advisor trials on a newer kernel or drop 'advisor' from the plan")
+    return (
+        f"policy 'advisor' needs the kernel's scan-time advisor (Linux 6.8+), but {ksm_dir} has no "
+        f"{', '.join(missing)}: run the advisor trials on a newer kernel or drop 'advisor' from the plan"
+    )
 
 
 class AdvisorRun:
@@ -59,5 +66,9 @@ def advisor_knobs(ksm: dict[str, Any]) -> None:
     ksm.pop("pages_to_scan", None)
 
 
-PLUGIN = PolicyPlugin(name="advisor", start=lambda settings, params, work_dir: AdvisorRun(settings),
-                      knobs=advisor_knobs, refusal=advisor_refusal)
+PLUGIN = PolicyPlugin(
+    name="advisor",
+    start=lambda settings, params, work_dir: AdvisorRun(settings),
+    knobs=advisor_knobs,
+    refusal=advisor_refusal,
+)

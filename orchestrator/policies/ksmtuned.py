@@ -93,8 +93,9 @@ def parse_log(text: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for line in text.splitlines():
         if match := _START.search(line):
-            events.append({"action": "start", "pages_to_scan": int(match.group(1)),
-                           "sleep_millisecs": int(match.group(2))})
+            events.append(
+                {"action": "start", "pages_to_scan": int(match.group(1)), "sleep_millisecs": int(match.group(2))}
+            )
         elif _STOP in line:
             events.append({"action": "stop"})
     return events
@@ -134,6 +135,7 @@ def _reap(pids: list[int], timeout_s: float = 5.0) -> None:
 def stop_loop(pid: int, root: Path = Path("/")) -> tuple[str, list[int]]:
     """Stop ksmtuned's loop by its PID: SIGTERM, SIGKILL after 5 s, then the `sleep` it was
     waiting on. Returns (how, the pids signalled). A PID that is no longer ksmtuned is left alone."""
+
     def comm(p: int) -> str | None:
         return probes.live_comm(p, root)
 
@@ -176,8 +178,14 @@ def stop_left_behind(study_dir: Path) -> list[str]:
 
 
 class KsmtunedRun:
-    def __init__(self, settings: Any, params: KsmtunedParams, work_dir: Path,
-                 executable: Path = KSMTUNED, system_conf: Path = SYSTEM_CONF) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        params: KsmtunedParams,
+        work_dir: Path,
+        executable: Path = KSMTUNED,
+        system_conf: Path = SYSTEM_CONF,
+    ) -> None:
         self.settings = settings
         self.params = params
         self.work_dir = work_dir
@@ -198,9 +206,11 @@ class KsmtunedRun:
         if self.system_conf.exists():
             clash = conf_overrides(self.system_conf.read_text())
             if clash:
-                raise HostError(f"{self.system_conf} sets {', '.join(clash)}, which would override the plan's "
-                                "[ksm.ksmtuned] values (the script sources it after reading the environment): "
-                                "comment them out and rerun")
+                raise HostError(
+                    f"{self.system_conf} sets {', '.join(clash)}, which would override the plan's "
+                    "[ksm.ksmtuned] values (the script sources it after reading the environment): "
+                    "comment them out and rerun"
+                )
 
     def start(self) -> None:
         self.check()
@@ -214,9 +224,15 @@ class KsmtunedRun:
         (self.work_dir / ENV_NAME).write_text(config_text(env))
         # The script forks its loop and exits; the loop's PID lands in PIDFILE.
         self.subreaper = _set_subreaper(True)
-        subprocess.run([str(self.executable)], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
-                       check=True, timeout=30, start_new_session=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(self.executable)],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
+            check=True,
+            timeout=30,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             text = pid_path.read_text().strip() if pid_path.exists() else ""
@@ -227,8 +243,9 @@ class KsmtunedRun:
         if self.pid is None:
             raise HostError("ksmtuned started but wrote no PID file within 10 s")
         stat = probes.read_proc_stat(self.pid)
-        atomic_write_json(self.work_dir / RUNNING_NAME,
-                          {"pid": self.pid, "start_ticks": stat.start_ticks if stat else None})
+        atomic_write_json(
+            self.work_dir / RUNNING_NAME, {"pid": self.pid, "start_ticks": stat.start_ticks if stat else None}
+        )
         self.started_wall = time.time()
         log.info("ksmtuned running as pid %d (interval %d s)", self.pid, self.params.monitor_interval_s)
 
@@ -250,18 +267,33 @@ class KsmtunedRun:
         text = self.log_path.read_text() if self.log_path.exists() else ""
         events = parse_log(text)
         starts = [e for e in events if e["action"] == "start"]
-        return {"name": "ksmtuned", "params": self.params.model_dump(), "log": LOG_NAME, "config": ENV_NAME,
-                "adjustments": len(events), "ksm_turned_on": bool(starts),
-                "last_pages_to_scan": starts[-1]["pages_to_scan"] if starts else None,
-                "last_sleep_millisecs": starts[-1]["sleep_millisecs"] if starts else None,
-                "stopped": self.stopped_how}
+        return {
+            "name": "ksmtuned",
+            "params": self.params.model_dump(),
+            "log": LOG_NAME,
+            "config": ENV_NAME,
+            "adjustments": len(events),
+            "ksm_turned_on": bool(starts),
+            "last_pages_to_scan": starts[-1]["pages_to_scan"] if starts else None,
+            "last_sleep_millisecs": starts[-1]["sleep_millisecs"] if starts else None,
+            "stopped": self.stopped_how,
+        }
 
 
 def check_host(root: Path) -> None:
     """ksmtuned can run under `root`: its script installed, /etc/ksmtuned.conf not overriding the plan."""
-    KsmtunedRun(None, KsmtunedParams(), root, executable=root / KSMTUNED.relative_to("/"),
-                system_conf=root / SYSTEM_CONF.relative_to("/")).check()
+    KsmtunedRun(
+        None,
+        KsmtunedParams(),
+        root,
+        executable=root / KSMTUNED.relative_to("/"),
+        system_conf=root / SYSTEM_CONF.relative_to("/"),
+    ).check()
 
 
-PLUGIN = PolicyPlugin(name="ksmtuned", params=KsmtunedParams, check_host=check_host,
-                      start=lambda settings, params, work_dir: KsmtunedRun(settings, params, work_dir))
+PLUGIN = PolicyPlugin(
+    name="ksmtuned",
+    params=KsmtunedParams,
+    check_host=check_host,
+    start=lambda settings, params, work_dir: KsmtunedRun(settings, params, work_dir),
+)

@@ -45,8 +45,9 @@ def sleep_for(total_kib: int, available_kib: int, params: KubevirtParams) -> int
     return max(params.sleep_ms_baseline * SIXTEEN_GIB_KIB // used_kib, params.sleep_ms_baseline // 10)
 
 
-def kubevirt_step(running: bool, pages_now: int, total_kib: int, available_kib: int,
-                  params: KubevirtParams) -> KsmState:
+def kubevirt_step(
+    running: bool, pages_now: int, total_kib: int, available_kib: int, params: KubevirtParams
+) -> KsmState:
     """One spin of the rule (pure): the state to write, from the current run state and
     pages_to_scan (KubeVirt reads both back from sysfs) and /proc/meminfo."""
     sleep = sleep_for(total_kib, available_kib, params)
@@ -89,8 +90,9 @@ class KubevirtRun:
             self.settings.write_knob("sleep_millisecs", state.sleep_millisecs)
             self.settings.write_knob("pages_to_scan", state.pages_to_scan)
         self.settings.write_knob("run", 1 if state.running else 0)
-        self.steps.append({"t_wall": round(time.time(), 3), "mem_total_kib": total,
-                           "mem_available_kib": available, **asdict(state)})
+        self.steps.append(
+            {"t_wall": round(time.time(), 3), "mem_total_kib": total, "mem_available_kib": available, **asdict(state)}
+        )
         return state
 
     def _loop(self) -> None:
@@ -116,10 +118,16 @@ class KubevirtRun:
             self.thread.join(timeout=10)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": "kubevirt", "emulation_of": "kubevirt/kubevirt pkg/virt-handler/ksm/ksm.go",
-                "params": self.params.model_dump(), "steps": self.steps,
-                "ksm_turned_on": any(s["running"] for s in self.steps), "error": self.error}
+        return {
+            "name": "kubevirt",
+            "emulation_of": "kubevirt/kubevirt pkg/virt-handler/ksm/ksm.go",
+            "params": self.params.model_dump(),
+            "steps": self.steps,
+            "ksm_turned_on": any(s["running"] for s in self.steps),
+            "error": self.error,
+        }
 
 
-PLUGIN = PolicyPlugin(name="kubevirt", params=KubevirtParams,
-                      start=lambda settings, params, work_dir: KubevirtRun(settings, params))
+PLUGIN = PolicyPlugin(
+    name="kubevirt", params=KubevirtParams, start=lambda settings, params, work_dir: KubevirtRun(settings, params)
+)

@@ -50,4 +50,3 @@ class ThrottlerParams(_Strict):
     # settings, with the plan's pages_to_scan and sleep_millisecs): 1, a host that runs KSM
     # between starts (what static measures); 0, KSM stopped between starts (merged pages stay).
     initial_run: Literal[0, 1] = 1
-

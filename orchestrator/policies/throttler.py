@@ -82,8 +82,9 @@ class ThrottlerRun:
     """The throttler as a controller thread woken by starts and its own timer; writes go through
     HostSettings (recorded, restorable)."""
 
-    def __init__(self, settings: Any, params: ThrottlerParams,
-                 page_size_bytes: int = os.sysconf("SC_PAGE_SIZE")) -> None:
+    def __init__(
+        self, settings: Any, params: ThrottlerParams, page_size_bytes: int = os.sysconf("SC_PAGE_SIZE")
+    ) -> None:
         self.settings = settings
         self.params = params
         self.page_size_bytes = page_size_bytes
@@ -110,9 +111,11 @@ class ThrottlerRun:
         for knob in ("run", "pages_to_scan", "sleep_millisecs"):
             self.settings.remember(knob)
         # What the throttler finds (newKSM reads it) and goes back to after the slow step.
-        self.original = {"pages_to_scan": str(self.settings.read_counter("pages_to_scan")),
-                         "sleep_millisecs": str(self.settings.read_counter("sleep_millisecs")),
-                         "run": str(self.params.initial_run)}
+        self.original = {
+            "pages_to_scan": str(self.settings.read_counter("pages_to_scan")),
+            "sleep_millisecs": str(self.settings.read_counter("sleep_millisecs")),
+            "run": str(self.params.initial_run),
+        }
         self._write_initial()
         self.steps.append(self._record("measure start", Step("initial", None, None, None), None))
         self.thread = threading.Thread(target=self._loop, name="ksm-throttler", daemon=True)
@@ -125,11 +128,16 @@ class ThrottlerRun:
             self.thread.join(timeout=10)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": "throttler",
-                "emulation_of": "kata-containers/ksm-throttler ksm.go + throttler.go",
-                "params": self.params.model_dump(), "original": self.original, "starts": self.starts,
-                "steps": self.steps, "ksm_turned_on": any(s["run"] == 1 for s in self.steps),
-                "error": self.error}
+        return {
+            "name": "throttler",
+            "emulation_of": "kata-containers/ksm-throttler ksm.go + throttler.go",
+            "params": self.params.model_dump(),
+            "original": self.original,
+            "starts": self.starts,
+            "steps": self.steps,
+            "ksm_turned_on": any(s["run"] == 1 for s in self.steps),
+            "error": self.error,
+        }
 
     # -- the controller ---------------------------------------------------------------------
 
@@ -179,11 +187,18 @@ class ThrottlerRun:
 
     def _record(self, event: str, step: Step, anon_pages: int | None) -> dict[str, Any]:
         initial = step.mode == "initial"
-        return {"t_wall": round(time.time(), 3), "event": event, "mode": step.mode, "anon_pages": anon_pages,
-                "pages_to_scan": int(self.original["pages_to_scan"]) if initial else step.pages_to_scan,
-                "sleep_millisecs": int(self.original["sleep_millisecs"]) if initial else step.sleep_millisecs,
-                "run": int(self.original["run"]) if initial else 1, "hold_s": step.hold_s}
+        return {
+            "t_wall": round(time.time(), 3),
+            "event": event,
+            "mode": step.mode,
+            "anon_pages": anon_pages,
+            "pages_to_scan": int(self.original["pages_to_scan"]) if initial else step.pages_to_scan,
+            "sleep_millisecs": int(self.original["sleep_millisecs"]) if initial else step.sleep_millisecs,
+            "run": int(self.original["run"]) if initial else 1,
+            "hold_s": step.hold_s,
+        }
 
 
-PLUGIN = PolicyPlugin(name="throttler", params=ThrottlerParams,
-                      start=lambda settings, params, work_dir: ThrottlerRun(settings, params))
+PLUGIN = PolicyPlugin(
+    name="throttler", params=ThrottlerParams, start=lambda settings, params, work_dir: ThrottlerRun(settings, params)
+)

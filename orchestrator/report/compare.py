@@ -18,7 +18,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from orchestrator.analysis import samplemetrics
-from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSION, SPECS, SUSPECT, UNCONFIRMED, Comparison, chance_sentence
+from orchestrator.analysis.across.compare import (
+    IMPROVEMENT,
+    METRICS,
+    REGRESSION,
+    SPECS,
+    SUSPECT,
+    UNCONFIRMED,
+    Comparison,
+    chance_sentence,
+)
 from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.fsutil import atomic_write_bytes
@@ -73,26 +82,40 @@ def plot_side_by_side(comparison: Comparison) -> Plot | None:
         x = np.array([p for p, _, _ in rows], dtype=float)
         for position, _, c in rows:  # the earlier nights' band B was judged against (history)
             if c.band_nights:
-                ax.fill_between([position - 0.35, position + 0.35], c.band_low, c.band_high, color="#999999",
-                                alpha=0.25, lw=0, label="earlier nights' band" if position == rows[0][0] else None)
+                ax.fill_between(
+                    [position - 0.35, position + 0.35],
+                    c.band_low,
+                    c.band_high,
+                    color="#999999",
+                    alpha=0.25,
+                    lw=0,
+                    label="earlier nights' band" if position == rows[0][0] else None,
+                )
         for offset, side, color, name in ((-0.15, "a", COLOR_A, "A"), (0.15, "b", COLOR_B, "B")):
             means = [getattr(c, f"{side}_mean") for _, _, c in rows]
             halves = [_err(getattr(c, f"{side}_ci95")) for _, _, c in rows]
             ax.errorbar(x + offset, means, yerr=halves, fmt="o", color=color, capsize=3, label=name)
             for position, _, c in rows:  # each trial beside its mean
                 values = getattr(c, f"{side}_values")
-                ax.plot([position + 2 * offset] * len(values), values, ls="none", marker="x", ms=3, color=color,
-                        alpha=0.7)
+                ax.plot(
+                    [position + 2 * offset] * len(values), values, ls="none", marker="x", ms=3, color=color, alpha=0.7
+                )
         ax.set_title(f"{metric} ({rows[0][2].unit})", fontsize=9)
         _ticks(ax, rows)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("A (blue) and B (orange): mean per setting, bars = 95% interval across trials (none with 1 trial); "
-                 "x = each trial; grey = earlier nights' band")
-    return Plot("compare_metrics", "Each metric, A and B side by side",
-                "Means across the trials of each setting with each trial beside them (x); error bars are 95% t "
-                "intervals across trials (absent with one trial); the grey band, with --history, is the 95% "
-                "prediction band of the earlier nights B was judged against.", _png(fig))
+    fig.suptitle(
+        "A (blue) and B (orange): mean per setting, bars = 95% interval across trials (none with 1 trial); "
+        "x = each trial; grey = earlier nights' band"
+    )
+    return Plot(
+        "compare_metrics",
+        "Each metric, A and B side by side",
+        "Means across the trials of each setting with each trial beside them (x); error bars are 95% t "
+        "intervals across trials (absent with one trial); the grey band, with --history, is the 95% "
+        "prediction band of the earlier nights B was judged against.",
+        _png(fig),
+    )
 
 
 def plot_changes(comparison: Comparison) -> Plot | None:
@@ -105,8 +128,14 @@ def plot_changes(comparison: Comparison) -> Plot | None:
     for ax, (metric, rows) in zip(axes, by_metric.items()):
         x = [p for p, _, _ in rows]
         for position, _, change in rows:
-            ax.errorbar([position], [change.change_pct], yerr=[_err(change.change_ci95_pct)], fmt="o",
-                        capsize=3, color=VERDICT_COLORS.get(change.verdict, "#555555"))
+            ax.errorbar(
+                [position],
+                [change.change_pct],
+                yerr=[_err(change.change_ci95_pct)],
+                fmt="o",
+                capsize=3,
+                color=VERDICT_COLORS.get(change.verdict, "#555555"),
+            )
         threshold = rows[0][2].threshold_pct
         bad = -threshold if rows[0][2].better == "higher" else threshold
         ax.axhline(0, color="black", lw=0.8)
@@ -120,9 +149,12 @@ def plot_changes(comparison: Comparison) -> Plot | None:
         _ticks(ax, rows)
         ax.grid(alpha=0.3)
     fig.suptitle("Change with its 95% Welch interval; red = regression, green = improvement, dashed = threshold")
-    return Plot("compare_changes", "Change per setting, with the threshold",
-                "A point is a regression (red) only beyond the dashed threshold with its interval excluding 0.",
-                _png(fig))
+    return Plot(
+        "compare_changes",
+        "Change per setting, with the threshold",
+        "A point is a regression (red) only beyond the dashed threshold with its interval excluding 0.",
+        _png(fig),
+    )
 
 
 def _saved_traces(study: StudyData, sm: StudyMetrics, group: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -141,8 +173,9 @@ def _saved_traces(study: StudyData, sm: StudyMetrics, group: str) -> list[tuple[
     return traces
 
 
-def plot_saving_over_time(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics,
-                          comparison: Comparison) -> Plot | None:
+def plot_saving_over_time(
+    a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics, comparison: Comparison
+) -> Plot | None:
     labels = {s.setting for s in comparison.settings if not s.ksm_off}
     groups = []
     for group, label in zip(sa.settings.get("_group", []), sa.settings.get("setting", [])):
@@ -167,8 +200,12 @@ def plot_saving_over_time(a: StudyData, sa: StudyMetrics, b: StudyData, sb: Stud
     if not drawn:
         return None
     fig.suptitle("Saved MiB (pages_sharing) over measure: every trial of A (blue) and B (orange)")
-    return Plot("compare_saving_over_time", "Saving over time, A and B",
-                "One line per trial, from the stored ksm.csv samples.", _png(fig))
+    return Plot(
+        "compare_saving_over_time",
+        "Saving over time, A and B",
+        "One line per trial, from the stored ksm.csv samples.",
+        _png(fig),
+    )
 
 
 def _pm(mean: float, half: float, n: int) -> str:
@@ -184,23 +221,46 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
             band = NO_VALUE
             if c.band_nights:
                 band = f"{c.band_low:.4g} to {c.band_high:.4g} ({c.band_nights} nights)"
-            rows.append({"setting": setting.setting, "metric": f"{c.metric} ({c.unit})" + (" *" if c.headline else ""),
-                         "better": c.better, "a": _pm(c.a_mean, c.a_ci95, c.a_n), "b": _pm(c.b_mean, c.b_ci95, c.b_n),
-                         "change": pct, "band": band, "threshold": f"{c.threshold_pct:g}{unit}", "verdict": c.verdict,
-                         "note": c.note})
+            rows.append(
+                {
+                    "setting": setting.setting,
+                    "metric": f"{c.metric} ({c.unit})" + (" *" if c.headline else ""),
+                    "better": c.better,
+                    "a": _pm(c.a_mean, c.a_ci95, c.a_n),
+                    "b": _pm(c.b_mean, c.b_ci95, c.b_n),
+                    "change": pct,
+                    "band": band,
+                    "threshold": f"{c.threshold_pct:g}{unit}",
+                    "verdict": c.verdict,
+                    "note": c.note,
+                }
+            )
     return rows
 
 
 def render_html(comparison: Comparison, plots: list[Plot]) -> str:
-    return page_template("compare.html.j2").render(c=comparison, rows=table_rows(comparison), plots=plots,
-                                                      regressions=len(comparison.regressions), fmt=number,
-                                                      chance=chance_sentence(comparison))
+    return page_template("compare.html.j2").render(
+        c=comparison,
+        rows=table_rows(comparison),
+        plots=plots,
+        regressions=len(comparison.regressions),
+        fmt=number,
+        chance=chance_sentence(comparison),
+    )
 
 
-def write_compare_html(path: Path, a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics,
-                       comparison: Comparison) -> Path:
-    plots = [p for p in (plot_side_by_side(comparison), plot_changes(comparison),
-                         plot_saving_over_time(a, sa, b, sb, comparison)) if p is not None]
+def write_compare_html(
+    path: Path, a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics, comparison: Comparison
+) -> Path:
+    plots = [
+        p
+        for p in (
+            plot_side_by_side(comparison),
+            plot_changes(comparison),
+            plot_saving_over_time(a, sa, b, sb, comparison),
+        )
+        if p is not None
+    ]
     path = Path(path)
     html = render_html(comparison, plots)
     try:

@@ -23,8 +23,16 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
-from orchestrator.analysis.across.history import (Flag, VersionChange, count_comparisons, filtered, flags, latest_nights,
-                                  metrics_present, version_changes)
+from orchestrator.analysis.across.history import (
+    Flag,
+    VersionChange,
+    count_comparisons,
+    filtered,
+    flags,
+    latest_nights,
+    metrics_present,
+    version_changes,
+)
 from orchestrator.report.plots import Plot
 from orchestrator.errors import StoreError
 from orchestrator.fsutil import atomic_write_bytes
@@ -46,8 +54,9 @@ def _dates(walls: Any) -> np.ndarray:
     return pd.to_datetime(np.asarray(walls, dtype=float), unit="s").to_numpy()
 
 
-def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionChange],
-               group_flags: list[Flag]) -> Plot | None:
+def plot_group(
+    plan: str, host: str, rows: pd.DataFrame, changes: list[VersionChange], group_flags: list[Flag]
+) -> Plot | None:
     """A band (fill_between) per setting rather than error bars: hundreds of nights x settings
     of caps cost seconds to draw, a band costs one polygon, and reads better as a trend."""
     present = metrics_present(rows)
@@ -61,8 +70,9 @@ def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionCh
     legend_in = 0.2 * math.ceil(len(settings) / 3) + 0.3  # the settings' key, below the panels
     height_in = 2.8 * nrows + 0.6 + legend_in
     fig = Figure(figsize=(6.2 * cols, height_in))
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=(legend_in + 0.35) / height_in, top=1 - 0.5 / height_in,
-                        hspace=0.45, wspace=0.18)
+    fig.subplots_adjust(
+        left=0.08, right=0.98, bottom=(legend_in + 0.35) / height_in, top=1 - 0.5 / height_in, hspace=0.45, wspace=0.18
+    )
     flagged = {(f.study, f.setting, f.metric): f.verdict for f in group_flags}
     by_setting = {setting: rows[rows["setting"] == setting] for setting in settings}
     change_x = _dates([c.created_wall for c in changes])
@@ -89,26 +99,36 @@ def plot_group(plan: str, host: str, rows: pd.DataFrame, changes: list[VersionCh
         ax.tick_params(labelsize=7)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle(f"{plan} on {host}: dotted = kernel/QEMU/libvirt changed; red ring = regression, "
-                 "green = improvement vs the earlier nights' band", fontsize=10)
-    return Plot(f"history_{plan}_{host}", f"{plan} on {host}",
-                "Mean per setting per study; band: 95% interval across that study's trials (none with one trial).",
-                _png(fig))
+    fig.suptitle(
+        f"{plan} on {host}: dotted = kernel/QEMU/libvirt changed; red ring = regression, "
+        "green = improvement vs the earlier nights' band",
+        fontsize=10,
+    )
+    return Plot(
+        f"history_{plan}_{host}",
+        f"{plan} on {host}",
+        "Mean per setting per study; band: 95% interval across that study's trials (none with one trial).",
+        _png(fig),
+    )
 
 
-PAGE_RULE = ("Each night of a setting's metric is judged against the band of the earlier nights of the same plan, "
-             "host and setting (random-effects prediction interval: the night, not the trial, is the unit; a band "
-             "needs 3 earlier nights). A change is flagged when it is beyond its threshold and Benjamini-Hochberg "
-             "across every change judged on this page keeps it. A night outside its band does not join it, so a "
-             "step stays flagged while it lasts; after 3 such nights running it is the new level.")
+PAGE_RULE = (
+    "Each night of a setting's metric is judged against the band of the earlier nights of the same plan, "
+    "host and setting (random-effects prediction interval: the night, not the trial, is the unit; a band "
+    "needs 3 earlier nights). A change is flagged when it is beyond its threshold and Benjamini-Hochberg "
+    "across every change judged on this page keeps it. A night outside its band does not join it, so a "
+    "step stays flagged while it lasts; after 3 such nights running it is the new level."
+)
 
 
 def chance_sentence(judged: int, flagged: int, q: float) -> str:
     if not judged:
         return "No change could be judged yet: a band needs 3 earlier nights of the same plan, host and setting."
-    return (f"{judged} changes were judged against their band, with Benjamini-Hochberg at q = {q:g}: if nothing "
-            f"changed on this page, chance alone gives any flag at most {100 * q:g}% of the time; of the {flagged} "
-            f"flag{'s' if flagged != 1 else ''} shown, about {q * flagged:.1f} may be chance.")
+    return (
+        f"{judged} changes were judged against their band, with Benjamini-Hochberg at q = {q:g}: if nothing "
+        f"changed on this page, chance alone gives any flag at most {100 * q:g}% of the time; of the {flagged} "
+        f"flag{'s' if flagged != 1 else ''} shown, about {q * flagged:.1f} may be chance."
+    )
 
 
 def _confirmations(studies: pd.DataFrame) -> dict[tuple[str, str, str], str]:
@@ -124,17 +144,20 @@ def _confirmations(studies: pd.DataFrame) -> dict[tuple[str, str, str], str]:
     return out
 
 
-def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: Thresholds,
-           root: Path) -> str:
+def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: Thresholds, root: Path) -> str:
     rows = filtered(index, plan, host)
     changes = version_changes(rows)
     all_flags = flags(rows, thresholds)
     judged = count_comparisons(rows, thresholds)
     plots = []
     for (group_plan, group_host), group in rows.groupby(["plan", "host"], sort=True):
-        plot = plot_group(group_plan, group_host, group,
-                          [c for c in changes if (c.plan, c.host) == (group_plan, group_host)],
-                          [f for f in all_flags if (f.plan, f.host) == (group_plan, group_host)])
+        plot = plot_group(
+            group_plan,
+            group_host,
+            group,
+            [c for c in changes if (c.plan, c.host) == (group_plan, group_host)],
+            [f for f in all_flags if (f.plan, f.host) == (group_plan, group_host)],
+        )
         if plot is not None:
             plots.append(plot)
     studies = index.drop_duplicates("study_path")
@@ -144,19 +167,31 @@ def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: 
         studies = studies[studies["host"] == host]
     confirmed = _confirmations(studies[studies["study"].isin({f.study for f in all_flags})])
     return page_template("history.html.j2").render(
-        root=str(root), plan=plan, host=host, plots=plots, rule=PAGE_RULE, thresholds=thresholds,
+        root=str(root),
+        plan=plan,
+        host=host,
+        plots=plots,
+        rule=PAGE_RULE,
+        thresholds=thresholds,
         chance=chance_sentence(judged, len(all_flags), 0.05),
         latest=latest_nights(rows, thresholds),
         confirmation=lambda f: confirmed.get((f.study, f.setting, f.metric), "not run"),
-        flags=sorted(all_flags, key=lambda f: -f.created_wall), changes=changes,
+        flags=sorted(all_flags, key=lambda f: -f.created_wall),
+        changes=changes,
         studies=studies.sort_values("created_wall", ascending=False).to_dict("records"),
         date=lambda wall: datetime.fromtimestamp(float(wall), tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
         pct=signed_change,
     )
 
 
-def write_history_html(path: Path, index: pd.DataFrame, root: Path, plan: str | None = None,
-                       host: str | None = None, thresholds: Thresholds = Thresholds()) -> Path:
+def write_history_html(
+    path: Path,
+    index: pd.DataFrame,
+    root: Path,
+    plan: str | None = None,
+    host: str | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> Path:
     path = Path(path)
     html = render(index, plan, host, thresholds, root)
     try:

@@ -11,8 +11,11 @@ import jinja2
 def _environment() -> jinja2.Environment:
     # StrictUndefined: a name the page uses but the caller did not pass is a bug to see at once,
     # never an empty cell in a report someone trusts.
-    return jinja2.Environment(loader=jinja2.PackageLoader("orchestrator.report", "templates"),
-                              autoescape=True, undefined=jinja2.StrictUndefined)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("orchestrator.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 def page_template(name: str) -> jinja2.Template:

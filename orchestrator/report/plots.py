@@ -60,14 +60,18 @@ def _colors(n: int) -> list[Any]:
 
 def build_plots(study: StudyData, sm: StudyMetrics) -> list[Plot]:
     """Every plot the data allows; a plot with nothing to show is left out, not drawn empty."""
-    plots = [p for p in (
-        _plot_saving_over_time(study, sm),
-        _plot_vs_setting(sm),
-        _plot_frontier(sm),
-        _plot_workload(sm),
-        _plot_change_vs_off(sm),
-        _plot_policy_knobs(study, sm),
-    ) if p is not None]
+    plots = [
+        p
+        for p in (
+            _plot_saving_over_time(study, sm),
+            _plot_vs_setting(sm),
+            _plot_frontier(sm),
+            _plot_workload(sm),
+            _plot_change_vs_off(sm),
+            _plot_policy_knobs(study, sm),
+        )
+        if p is not None
+    ]
     return plots
 
 
@@ -127,11 +131,20 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
         label = label_of[row["_group"]]
         label, shown = (None, label) if label in labelled else (label, label)
         labelled.add(shown)
-        ax.plot(t_rel[keep], saved_mib[keep], color=color, lw=0.9 if churning(row) else 1.3, alpha=0.85,
-                ls="--" if row["ksm_off"] else "-", label=label)
+        ax.plot(
+            t_rel[keep],
+            saved_mib[keep],
+            color=color,
+            lw=0.9 if churning(row) else 1.3,
+            alpha=0.85,
+            ls="--" if row["ksm_off"] else "-",
+            label=label,
+        )
         if samplemetrics.zero_pages_counted(row["_ksm"]) and "ksm_zero_pages" in ksm.columns:
             # The same trial's content merges alone: the gap down to this line is zero pages.
-            content_mib = pd.to_numeric(ksm["pages_sharing"], errors="coerce").to_numpy(float) * sm.page_size_bytes / MIB
+            content_mib = (
+                pd.to_numeric(ksm["pages_sharing"], errors="coerce").to_numpy(float) * sm.page_size_bytes / MIB
+            )
             ax.plot(t_rel[keep], content_mib[keep], color=color, lw=1.0, alpha=0.85, ls=":")
             zero_lines = True
         if "full_scans" in ksm.columns:
@@ -146,32 +159,64 @@ def _plot_saving_over_time(study: StudyData, sm: StudyMetrics) -> Plot | None:
     if drawn == 0:
         return None
     ax.axvline(0, color="0.3", lw=0.8, ls=":")
-    ax.annotate("measure starts", xy=(0, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                textcoords="offset points", fontsize=8, color="0.3")
+    ax.annotate(
+        "measure starts",
+        xy=(0, 1),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -12),
+        textcoords="offset points",
+        fontsize=8,
+        color="0.3",
+    )
     scan_note = "dots = completed full scans" + (
-        f" (every {marker_stride_max}th at most)" if marker_stride_max > 1 else "")
+        f" (every {marker_stride_max}th at most)" if marker_stride_max > 1 else ""
+    )
     ax.plot([], [], ls="none", marker="o", ms=3.5, color="0.2", label=scan_note)
     if zero_lines:
-        ax.plot([], [], ls=":", color="0.2", label="dotted line = content merges only (use_zero_pages=1: the gap above it is zero pages)")
-    ax.set_title("Memory saved over time ((pages_sharing + zero pages) x page size), one colour per "
-                 + (f"{coloured_by} value" if coloured_by else "setting"))
+        ax.plot(
+            [],
+            [],
+            ls=":",
+            color="0.2",
+            label="dotted line = content merges only (use_zero_pages=1: the gap above it is zero pages)",
+        )
+    ax.set_title(
+        "Memory saved over time ((pages_sharing + zero pages) x page size), one colour per "
+        + (f"{coloured_by} value" if coloured_by else "setting")
+    )
     ax.set_xlabel("time since measure start (s)")
     ax.set_ylabel("saved (MiB)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("dots"), _label_key(labels[i])))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7 if len(labels) > 8 else 8,
-              ncol=2 if len(labels) > 24 else 1, loc="upper left", bbox_to_anchor=(1.01, 1))
-    grouping = (f"colour = {coloured_by}; lines of one colour differ in the other swept axes"
-                if coloured_by else "repetitions share a colour")
-    return Plot("saving_over_time", "Saving over time",
-                f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
-                "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
-                "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
-                "refills its pages shows its sawtooth: merges broken at each refill, then re-made."
-                + (" For trials with use_zero_pages=1 a dotted line in the same colour is the content merges "
-                   "only (pages_sharing): the gap above it is zero pages (ksm_zero_pages)." if zero_lines else ""),
-                _png(fig))
+    ax.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=7 if len(labels) > 8 else 8,
+        ncol=2 if len(labels) > 24 else 1,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )
+    grouping = (
+        f"colour = {coloured_by}; lines of one colour differ in the other swept axes"
+        if coloured_by
+        else "repetitions share a colour"
+    )
+    return Plot(
+        "saving_over_time",
+        "Saving over time",
+        f"{drawn} successful trials; {grouping}. The saving is KSM's raw count "
+        "(pages_sharing, plus zero pages when use_zero_pages=1), before metadata cost. Every "
+        "sample is drawn (long traces keep each stretch's lowest and highest), so a workload that "
+        "refills its pages shows its sawtooth: merges broken at each refill, then re-made."
+        + (
+            " For trials with use_zero_pages=1 a dotted line in the same colour is the content merges "
+            "only (pages_sharing): the gap above it is zero pages (ksm_zero_pages)."
+            if zero_lines
+            else ""
+        ),
+        _png(fig),
+    )
 
 
 def churning(row: Any) -> bool:
@@ -211,8 +256,11 @@ def _axis_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None, bo
 def _ci_table(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
     """mean, 95% CI half width and n of column per group (vectorized t quantiles)."""
     keyed = frame.assign(**{b: frame[b].astype(str) for b in by}, _x=frame[by[0]])
-    stats = keyed.groupby(by, sort=False).agg(x=("_x", "first"), mean=(column, "mean"),
-                                             std=(column, "std"), n=(column, "count")).reset_index()
+    stats = (
+        keyed.groupby(by, sort=False)
+        .agg(x=("_x", "first"), mean=(column, "mean"), std=(column, "std"), n=(column, "count"))
+        .reset_index()
+    )
     stats["ci"] = mean_half_width95(stats["std"].to_numpy(float), stats["n"].to_numpy(float))
     return stats[stats["n"] > 0]
 
@@ -225,8 +273,9 @@ def _series_by_others(frame: pd.DataFrame, axis: str, others: list[str]) -> tupl
     return (others, False) if len(combos) <= MAX_SERIES_PER_PANEL else ([], True)
 
 
-def _draw_ci_series(ax: Any, frame: pd.DataFrame, axis: str, split: list[str], column: str,
-                    label: str | None = None) -> tuple[list[str] | None, bool]:
+def _draw_ci_series(
+    ax: Any, frame: pd.DataFrame, axis: str, split: list[str], column: str, label: str | None = None
+) -> tuple[list[str] | None, bool]:
     """One errorbar line per combination of the split columns; positions shared by all lines.
     Split columns named with a leading underscore label lines by value alone ("KSM off")."""
     stats = _ci_table(frame, [axis, *split], column)
@@ -278,8 +327,9 @@ def _plot_vs_setting(sm: StudyMetrics) -> Plot | None:
         frame = on[on[axis].notna()]
         split, pooled = _series_by_others(frame, axis, [a for a in axes_list if a != axis])
         pooled_any |= pooled
-        for row, (column, ylabel) in enumerate((("saved_mib", "saved (MiB, pages_sharing)"),
-                                                ("ksmd_cpu_pct", "ksmd CPU (% of one core, mean)"))):
+        for row, (column, ylabel) in enumerate(
+            (("saved_mib", "saved (MiB, pages_sharing)"), ("ksmd_cpu_pct", "ksmd CPU (% of one core, mean)"))
+        ):
             ax = grid[row][col]
             cats, log = _draw_ci_series(ax, frame, axis, split, column)
             _format_axis(ax, cats, log)
@@ -308,31 +358,60 @@ def _plot_frontier(sm: StudyMetrics) -> Plot | None:
         part = on[mask]
         if part.empty:
             continue
-        ax.errorbar(part["ksmd_cpu_pct"], part["saved_mib"], xerr=part["ksmd_cpu_pct_ci95"],
-                    yerr=part["saved_mib_ci95"], ls="none", marker="o", ms=7 if color != "0.6" else 5,
-                    color=color, capsize=2, label=label)
+        ax.errorbar(
+            part["ksmd_cpu_pct"],
+            part["saved_mib"],
+            xerr=part["ksmd_cpu_pct_ci95"],
+            yerr=part["saved_mib_ci95"],
+            ls="none",
+            marker="o",
+            ms=7 if color != "0.6" else 5,
+            color=color,
+            capsize=2,
+            label=label,
+        )
     best = on[front].sort_values("ksmd_cpu_pct")
     ax.step(best["ksmd_cpu_pct"], best["saved_mib"], where="post", color="tab:red", lw=0.8, alpha=0.6, ls="--")
     # numbers on the points and the settings in a key: long labels on close points overlap
     key_lines = []
     for number, (_, row) in enumerate(best.iterrows(), start=1):
-        ax.annotate(str(number), (row["ksmd_cpu_pct"], row["saved_mib"]), xytext=(4, -12 if number % 2 else 4),
-                    textcoords="offset points", fontsize=8, color="tab:red", fontweight="bold")
+        ax.annotate(
+            str(number),
+            (row["ksmd_cpu_pct"], row["saved_mib"]),
+            xytext=(4, -12 if number % 2 else 4),
+            textcoords="offset points",
+            fontsize=8,
+            color="tab:red",
+            fontweight="bold",
+        )
         key_lines.append(f"{number}: {row['setting']}  ({row['saved_mib']:.1f} MiB, {row['ksmd_cpu_pct']:.1f}%)")
-    shown = key_lines[:MAX_KEY_LINES] + ([f"... {len(key_lines) - MAX_KEY_LINES} more in report"]
-                                         if len(key_lines) > MAX_KEY_LINES else [])
-    ax.text(1.02, 1.0, "Pareto-optimal settings\n" + "\n".join(shown), transform=ax.transAxes,
-            va="top", ha="left", fontsize=8, family="monospace")
+    shown = key_lines[:MAX_KEY_LINES] + (
+        [f"... {len(key_lines) - MAX_KEY_LINES} more in report"] if len(key_lines) > MAX_KEY_LINES else []
+    )
+    ax.text(
+        1.02,
+        1.0,
+        "Pareto-optimal settings\n" + "\n".join(shown),
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=8,
+        family="monospace",
+    )
     recommend.mark_on_frontier(ax, recommend.report_recommendation(sm))
     ax.set_title("Cost/benefit frontier: memory saved vs ksmd CPU (each point = one setting)")
     ax.set_xlabel("ksmd CPU during measure (% of one core, mean)")
     ax.set_ylabel("saved (MiB, pages_sharing x page size)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return Plot("frontier", "Cost/benefit frontier",
-                "Up and left is better. A setting is Pareto-optimal when no other saves as much for less "
-                f"ksmd CPU (savings within {PARETO_TOLERANCE:.0%} of the largest count as equal). "
-                "Error bars: 95% CI across repetitions.", _png(fig))
+    return Plot(
+        "frontier",
+        "Cost/benefit frontier",
+        "Up and left is better. A setting is Pareto-optimal when no other saves as much for less "
+        f"ksmd CPU (savings within {PARETO_TOLERANCE:.0%} of the largest count as equal). "
+        "Error bars: 95% CI across repetitions.",
+        _png(fig),
+    )
 
 
 def pareto_tolerance_mib(settings: pd.DataFrame) -> float:
@@ -359,8 +438,9 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
         if off_series:
             frame = pd.concat([frame.assign(_ksm="KSM on"), off[off[axis].notna()].assign(_ksm="KSM off")])
             split = ["_ksm", *split]
-        for row, (column, ylabel) in enumerate((("tps", "throughput (transactions/s, guest mean)"),
-                                                ("latency_p95_ms", "p95 latency (ms)"))):
+        for row, (column, ylabel) in enumerate(
+            (("tps", "throughput (transactions/s, guest mean)"), ("latency_p95_ms", "p95 latency (ms)"))
+        ):
             ax = grid[row][col]
             cats, log = _draw_ci_series(ax, frame, axis, split, column, label="KSM on")
             if not off_series and not off.empty and off[column].notna().any():
@@ -374,9 +454,13 @@ def _plot_workload(sm: StudyMetrics) -> Plot | None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.suptitle("Workload vs swept setting (mean ± 95% CI across trials)")
-    return Plot("workload", "Workload throughput and latency",
-                "One sample per trial (the mean of its guests' sysbench results); error bars: Student t "
-                "95% interval across trials; the dashed line is the KSM-off baseline.", _png(fig))
+    return Plot(
+        "workload",
+        "Workload throughput and latency",
+        "One sample per trial (the mean of its guests' sysbench results); error bars: Student t "
+        "95% interval across trials; the dashed line is the KSM-off baseline.",
+        _png(fig),
+    )
 
 
 def _plot_change_vs_off(sm: StudyMetrics) -> Plot | None:
@@ -394,9 +478,13 @@ def _plot_change_vs_off(sm: StudyMetrics) -> Plot | None:
     fig = Figure(figsize=(max(6.0, 0.9 * len(order) + 3.0), 7.0))
     grid = fig.subplots(2, 1, squeeze=False)
     methods = set()
-    for ax, (metric, ylabel) in zip(grid[:, 0], (("tps", "throughput change vs KSM off (%)"),
-                                                  ("latency_p95_ms", "p95 latency change vs KSM off (%)"))):
-        points = {setting: d for _, setting, d in studymetrics.paired_differences(sm.trials, metric, sm.paired_by_block)}
+    for ax, (metric, ylabel) in zip(
+        grid[:, 0],
+        (("tps", "throughput change vs KSM off (%)"), ("latency_p95_ms", "p95 latency change vs KSM off (%)")),
+    ):
+        points = {
+            setting: d for _, setting, d in studymetrics.paired_differences(sm.trials, metric, sm.paired_by_block)
+        }
         for i, setting in enumerate(order):
             row = on[on["setting"].astype(str) == setting].iloc[0]
             comparison = studymetrics.settings_comparison(row, metric)
@@ -405,12 +493,26 @@ def _plot_change_vs_off(sm: StudyMetrics) -> Plot | None:
             methods.add(comparison.method)
             if setting in points and len(points[setting]):
                 jitter = np.linspace(-0.12, 0.12, len(points[setting]))
-                ax.scatter(i + jitter, points[setting].to_numpy(float), s=14, color="0.55", zorder=2,
-                           label="one block (paired)" if i == 0 else None)
+                ax.scatter(
+                    i + jitter,
+                    points[setting].to_numpy(float),
+                    s=14,
+                    color="0.55",
+                    zorder=2,
+                    label="one block (paired)" if i == 0 else None,
+                )
             holm = bool(row.get(f"{metric}_vs_off_holm", False))
-            ax.errorbar([i], [comparison.pct], yerr=[comparison.half_pct if comparison.has_interval else 0.0],
-                        fmt="o", mfc="C3" if holm else "white", color="C3", capsize=4, zorder=3,
-                        label="mean ± 95% interval" if i == 0 else None)
+            ax.errorbar(
+                [i],
+                [comparison.pct],
+                yerr=[comparison.half_pct if comparison.has_interval else 0.0],
+                fmt="o",
+                mfc="C3" if holm else "white",
+                color="C3",
+                capsize=4,
+                zorder=3,
+                label="mean ± 95% interval" if i == 0 else None,
+            )
         ax.axhline(0.0, color="k", lw=1.0)
         ax.set_xticks(range(len(order)), order, rotation=30 if max(map(len, order)) > 6 else 0)
         ax.set_ylabel(ylabel)
@@ -419,7 +521,11 @@ def _plot_change_vs_off(sm: StudyMetrics) -> Plot | None:
             ax.legend(fontsize=7)
     how = " and ".join(sorted(methods))
     fig.suptitle(f"Change vs KSM off per setting ({how}; mean ± 95% interval)")
-    return Plot("change_vs_off", "Workload change vs KSM off, as the verdicts judge it",
-                f"Per KSM-on setting: the change vs KSM off ({how}) with its 95% interval; grey points: "
-                "each block's difference from its own KSM-off trial (drawn only when the study pairs by "
-                "block); a filled marker survives Holm across the settings.", _png(fig))
+    return Plot(
+        "change_vs_off",
+        "Workload change vs KSM off, as the verdicts judge it",
+        f"Per KSM-on setting: the change vs KSM off ({how}) with its 95% interval; grey points: "
+        "each block's difference from its own KSM-off trial (drawn only when the study pairs by "
+        "block); a filled marker survives Holm across the settings.",
+        _png(fig),
+    )

@@ -68,10 +68,14 @@ def plot_policy_knobs(study: Any, sm: Any) -> tuple[str, str, str, bytes] | None
     axes[2].set_xlabel("time since measure start (s)")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return ("policy_knobs", "Policies: knobs over time",
-            f"{drawn} KSM-on trials, one colour per policy. Knobs are sampled on the cheap ticks; a flat "
-            "pages_to_scan with saving still rising means the policy never moved it (static), a step is a "
-            "policy's decision. KSM may be off (run=0) while a policy's knobs show a value.", buffer.getvalue())
+    return (
+        "policy_knobs",
+        "Policies: knobs over time",
+        f"{drawn} KSM-on trials, one colour per policy. Knobs are sampled on the cheap ticks; a flat "
+        "pages_to_scan with saving still rising means the policy never moved it (static), a step is a "
+        "policy's decision. KSM may be off (run=0) while a policy's knobs show a value.",
+        buffer.getvalue(),
+    )
 
 
 def policy_findings(sm: Any) -> list[tuple[str, bool]]:
@@ -84,15 +88,25 @@ def policy_findings(sm: Any) -> list[tuple[str, bool]]:
     if "policy_ksm_turned_on" in ok.columns:
         never = ok[ok["policy_ksm_turned_on"].astype(object).eq(False)]
         for name, group in never.groupby("policy"):
-            why = (" (ksmtuned turns KSM on only when QEMU's committed memory plus its threshold nears "
-                   "MemTotal, or free memory falls below the threshold)" if name == "ksmtuned" else
-                   " (the KubeVirt rule turns KSM on only when MemAvailable falls to free_percent of MemTotal)"
-                   if name == "kubevirt" else
-                   " (the throttler runs KSM only after a guest or worker start, and with initial_run = 0 "
-                   "none reached it)" if name == "throttler" else "")
-            out.append((f"Policy {name} never turned KSM on in {len(group)} of "
-                        f"{int((ok['policy'] == name).sum())} trials{why}: on this host and load it would "
-                        "save nothing. That is a finding about the policy, not a failed trial.", True))
+            why = (
+                " (ksmtuned turns KSM on only when QEMU's committed memory plus its threshold nears "
+                "MemTotal, or free memory falls below the threshold)"
+                if name == "ksmtuned"
+                else " (the KubeVirt rule turns KSM on only when MemAvailable falls to free_percent of MemTotal)"
+                if name == "kubevirt"
+                else " (the throttler runs KSM only after a guest or worker start, and with initial_run = 0 "
+                "none reached it)"
+                if name == "throttler"
+                else ""
+            )
+            out.append(
+                (
+                    f"Policy {name} never turned KSM on in {len(group)} of "
+                    f"{int((ok['policy'] == name).sum())} trials{why}: on this host and load it would "
+                    "save nothing. That is a finding about the policy, not a failed trial.",
+                    True,
+                )
+            )
     if {"nominal_pages_per_s", "pages_scanned_per_s"} <= set(ok.columns):
         parts = []
         for name, group in ok.groupby("policy"):
@@ -101,6 +115,11 @@ def policy_findings(sm: Any) -> list[tuple[str, bool]]:
             if math.isfinite(nominal) or math.isfinite(measured):
                 parts.append(f"{name}: nominal {nominal:.0f}, measured {measured:.0f} pages/s")
         if parts:
-            out.append(("Scan rate asked for by the knobs (pages_to_scan / sleep_millisecs, while KSM ran) vs "
-                        "scanned by ksmd (pages_scanned), means of trials: " + "; ".join(parts) + ".", False))
+            out.append(
+                (
+                    "Scan rate asked for by the knobs (pages_to_scan / sleep_millisecs, while KSM ran) vs "
+                    "scanned by ksmd (pages_scanned), means of trials: " + "; ".join(parts) + ".",
+                    False,
+                )
+            )
     return out

@@ -96,8 +96,11 @@ class TrialResult:
     def fill(self, record: TrialRecord) -> None:
         """Put what the runner measured into the trial's record."""
         record.provision = self.provision
-        record.mergeable = (None if self.mergeable is None else
-                            {name: MergeableRecord.model_validate(info) for name, info in self.mergeable.items()})
+        record.mergeable = (
+            None
+            if self.mergeable is None
+            else {name: MergeableRecord.model_validate(info) for name, info in self.mergeable.items()}
+        )
         record.probe = self.probe
         record.density = self.density
         if self.steady is not None:
@@ -116,7 +119,9 @@ class PhaseClock:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @contextlib.contextmanager
-    def phase(self, name: str, sampler: Sampler | None = None, progress: Callable[[str], None] | None = None) -> Iterator[None]:
+    def phase(
+        self, name: str, sampler: Sampler | None = None, progress: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
         if sampler is not None:
             sampler.set_phase(name)
         if progress:
@@ -147,8 +152,9 @@ def wait_or_stop(stop: threading.Event, seconds: float, check: Callable[[], None
             return
 
 
-def measure(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
-            check: Callable[[], None] | None = None) -> bool:
+def measure(
+    phases: PhasesSection, sampler: Sampler, stop: threading.Event, check: Callable[[], None] | None = None
+) -> bool:
     """Hold the measure phase for measure_s, then (optionally) until pages_sharing is stable
     over converge_window_s (plan.pages_sharing_converged), capped at max_measure_s. Returns
     whether it converged."""
@@ -185,8 +191,9 @@ def _slope_mib_per_min(t_s: Any, kib: Any) -> float:
     return float(np.polyfit(t[ok], v[ok], 1)[0]) * 60.0 / 1024.0
 
 
-def wait_steady(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
-                check: Callable[[], None] | None = None) -> SteadyWait | None:
+def wait_steady(
+    phases: PhasesSection, sampler: Sampler, stop: threading.Event, check: Callable[[], None] | None = None
+) -> SteadyWait | None:
     """Hold until the tracked processes' summed RSS and host MemAvailable each move by less than
     steady_slope_mib_per_min over the last steady_window_s, at most steady_max_s. A guest that
     is still growing puts its growth into every delta-based saving of the trial; waiting for it
@@ -212,8 +219,12 @@ def wait_steady(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
             if all(math.isfinite(v) and abs(v) < limit for v in slopes.values()):
                 return SteadyWait(round(waited, 1), False, {k: round(v, 2) for k, v in slopes.items()})
         if waited >= max_s:
-            log.warning("guests still not steady after %.0f s (slopes %s MiB/min, limit %s): measuring anyway",
-                        max_s, {k: round(v, 1) for k, v in slopes.items()}, limit)
+            log.warning(
+                "guests still not steady after %.0f s (slopes %s MiB/min, limit %s): measuring anyway",
+                max_s,
+                {k: round(v, 1) for k, v in slopes.items()},
+                limit,
+            )
             return SteadyWait(round(waited, 1), True, {k: round(v, 2) for k, v in slopes.items()})
         wait_or_stop(stop, 1.0, check)
 
@@ -221,8 +232,9 @@ def wait_steady(phases: PhasesSection, sampler: Sampler, stop: threading.Event,
 class TrialRunner:
     """Runs one trial of a given kind; the sweep picks the runner by workload type."""
 
-    def __init__(self, plan: Plan, settings: HostSettings, stop: threading.Event,
-                 progress: Callable[[str], None]) -> None:
+    def __init__(
+        self, plan: Plan, settings: HostSettings, stop: threading.Event, progress: Callable[[str], None]
+    ) -> None:
         self.plan = plan
         self.settings = settings
         self.stop = stop
@@ -232,13 +244,24 @@ class TrialRunner:
         sampling = self.plan.sampling
         pss_every = max(1, round(sampling.pss_interval_s / sampling.interval_s))
         # The first tick fires on entry, before the first phase is announced: name it here.
-        return Sampler(sampling.interval_s, pss_every, targets, phase="settle",
-                       fast_interval_s=fast_interval_s(trial.sampling_model, trial.workload_model),
-                       jitter_fraction=sampling.jitter_fraction,
-                       cpu_budget_pct=sampling.cpu_budget_pct)
+        return Sampler(
+            sampling.interval_s,
+            pss_every,
+            targets,
+            phase="settle",
+            fast_interval_s=fast_interval_s(trial.sampling_model, trial.workload_model),
+            jitter_fraction=sampling.jitter_fraction,
+            cpu_budget_pct=sampling.cpu_budget_pct,
+        )
 
-    def settle_and_steady(self, trial: Trial, sampler: Sampler, clock: PhaseClock, result: TrialResult,
-                          check: Callable[[], None] | None = None) -> None:
+    def settle_and_steady(
+        self,
+        trial: Trial,
+        sampler: Sampler,
+        clock: PhaseClock,
+        result: TrialResult,
+        check: Callable[[], None] | None = None,
+    ) -> None:
         """settle (a fixed wait) -> steady (until the targets stop growing, bounded), every
         runner's lead-in to its baseline; the steady wait's record goes into `result`."""
         phases = trial.phases_model

@@ -37,7 +37,13 @@ from orchestrator.plan import Trial, pages_sharing_converged
 from orchestrator.guests.provision import GuestSet
 from orchestrator.runners.base import PhaseClock, TrialResult, sampler_health, wait_or_stop
 from orchestrator.runners.vm import (
-    VmRunner, guest_set_key, guests_of, mergeable_record, set_clock_and_check, unmergeable_reason)
+    VmRunner,
+    guest_set_key,
+    guests_of,
+    mergeable_record,
+    set_clock_and_check,
+    unmergeable_reason,
+)
 from orchestrator.workloads import sysbench
 
 log = logging.getLogger(__name__)
@@ -73,8 +79,9 @@ class VmDensityHost:
         self.sets.append(guest_set)
         guest = guest_set.guests[0]
         timeout_s = guests_of(self.trial).restore_timeout_s
-        session = GuestSession.for_image(self.image, guest.ssh_port, connect_deadline_s=timeout_s,
-                                         connect_timeout_s=5.0, retry_min_s=0.05)
+        session = GuestSession.for_image(
+            self.image, guest.ssh_port, connect_deadline_s=timeout_s, connect_timeout_s=5.0, retry_min_s=0.05
+        )
         session.connect()
         self.sessions[index] = session
         set_clock_and_check(session, saved_guest.marker)
@@ -191,7 +198,10 @@ class DensityVmRunner(VmRunner):
         finally:
             result.density = outcome.record()
             result.mergeable = dict(host.mergeable)
-            result.frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
-                             "density": pd.DataFrame([dataclasses.asdict(s) for s in outcome.steps])}
+            result.frames = {
+                "ksm": sampler.ksm_frame(),
+                "processes": sampler.process_frame(),
+                "density": pd.DataFrame([dataclasses.asdict(s) for s in outcome.steps]),
+            }
             result.sampler = sampler_health(sampler)
             host.close()

@@ -41,8 +41,14 @@ class ExposureRunner(TrialRunner):
         e = params.exposure_params()
         phases = trial.phases_model
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-exposure-"))
-        record: dict[str, Any] = {"mode": "exposure", "secrets": e.secrets, "decoys": e.decoys, "observe_s": e.observe_s,
-                                  "background_pages": e.background_pages, "duration_s": e.duration_s()}
+        record: dict[str, Any] = {
+            "mode": "exposure",
+            "secrets": e.secrets,
+            "decoys": e.decoys,
+            "observe_s": e.observe_s,
+            "background_pages": e.background_pages,
+            "duration_s": e.duration_s(),
+        }
         try:
             with ExposurePair(params, workdir, root=self.settings.root) as pair:
                 with clock.phase("fill", None, self.progress):

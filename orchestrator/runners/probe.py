@@ -62,8 +62,12 @@ class ProbeRunner(TrialRunner):
         phases = trial.phases_model
         root = self.settings.root
         workdir = Path(tempfile.mkdtemp(prefix="ksmlab-probe-"))
-        record = ProbeRecord(pages=params.pages, fill=params.fill, mergeable_pages=params.mergeable_pages(),
-                             merge_target_pages=params.merge_target_pages())
+        record = ProbeRecord(
+            pages=params.pages,
+            fill=params.fill,
+            mergeable_pages=params.mergeable_pages(),
+            merge_target_pages=params.merge_target_pages(),
+        )
         result.probe = record
         samples_path = workdir / "cow.csv"
         try:
@@ -97,8 +101,15 @@ class ProbeRunner(TrialRunner):
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _merge(self, trial: Trial, clock: PhaseClock, sampler: Any, worker: ProbeWorker,
-               params: ProbeParams, record: ProbeRecord) -> None:
+    def _merge(
+        self,
+        trial: Trial,
+        clock: PhaseClock,
+        sampler: Any,
+        worker: ProbeWorker,
+        params: ProbeParams,
+        record: ProbeRecord,
+    ) -> None:
         root = self.settings.root
         ksmd = probes.find_ksmd_pid(root)
         cpu_before = probes.read_cpu_seconds(ksmd, root) if ksmd else None
@@ -124,8 +135,12 @@ class ProbeRunner(TrialRunner):
         record.merge_wall_s = round(wall_s, 4)
         record.merge_ksmd_cpu_s = (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None
         if not trial.ksm_off and merged < target:
-            log.warning("probe: %d of %d target pages merged after %.0f s: throughput is over a partial merge",
-                        merged, target, wall_s)
+            log.warning(
+                "probe: %d of %d target pages merged after %.0f s: throughput is over a partial merge",
+                merged,
+                target,
+                wall_s,
+            )
 
     def _unmerge(self, trial: Trial, record: ProbeRecord) -> None:
         counted = str(trial.ksm.get("use_zero_pages")) == "1"

@@ -27,7 +27,10 @@ class ProcessesRunner(TrialRunner):
                 result.rounds_done = workload.rounds_done()
             finally:
                 # Whatever happened, what was sampled is kept.
-                result.frames = {"ksm": sampler.ksm_frame(), "processes": sampler.process_frame(),
-                                 "fills": pd.DataFrame(workload.fills())}
+                result.frames = {
+                    "ksm": sampler.ksm_frame(),
+                    "processes": sampler.process_frame(),
+                    "fills": pd.DataFrame(workload.fills()),
+                }
                 result.sampler = sampler_health(sampler)
             workload.stop(timeout_s=10)

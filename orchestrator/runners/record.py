@@ -160,9 +160,24 @@ class UnknownTrialSchema(StoreError):
 
 # Keys absent from trial.json when their value is None: a runner that does not produce a part
 # leaves it out, as the runners always have.
-_OMIT_WHEN_NONE = ("search_reason", "reset_unmerge_s", "ksm_applied", "outside_cpu_pct", "outside_load_max_pct",
-                   "policy", "provision", "mergeable", "probe", "density", "steady_wait_s", "steady_timed_out",
-                   "steady_slopes_mib_per_min", "converged_by_rule", "rounds_done", "sampler")
+_OMIT_WHEN_NONE = (
+    "search_reason",
+    "reset_unmerge_s",
+    "ksm_applied",
+    "outside_cpu_pct",
+    "outside_load_max_pct",
+    "policy",
+    "provision",
+    "mergeable",
+    "probe",
+    "density",
+    "steady_wait_s",
+    "steady_timed_out",
+    "steady_slopes_mib_per_min",
+    "converged_by_rule",
+    "rounds_done",
+    "sampler",
+)
 
 
 class TrialRecord(BaseModel):
@@ -266,8 +281,7 @@ class TrialRecord(BaseModel):
                 age = "unknown"
             else:
                 age = "newer" if version > TRIAL_SCHEMA_VERSION else "older"
-            raise UnknownTrialSchema(f"{source}: {age} schema {version!r}, this ksm-lab reads "
-                                     f"{TRIAL_SCHEMA_VERSION}")
+            raise UnknownTrialSchema(f"{source}: {age} schema {version!r}, this ksm-lab reads {TRIAL_SCHEMA_VERSION}")
         if version == 1:
             data = _from_version_1(data)
         try:
@@ -275,8 +289,9 @@ class TrialRecord(BaseModel):
         except ValidationError as exc:
             lines = problems(exc, whole="")
             more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-            raise StoreError(f"{source}: schema {version} in a shape this ksm-lab does not read: "
-                             f"{'; '.join(lines[:3])}{more}") from None
+            raise StoreError(
+                f"{source}: schema {version} in a shape this ksm-lab does not read: {'; '.join(lines[:3])}{more}"
+            ) from None
 
 
 def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
@@ -296,8 +311,16 @@ def not_run_record(trial_id: str, reason: str | None = None) -> TrialRecord:
 
 DOC_BEGIN = "<!-- trial.json schema: generated from orchestrator/runners/record.py; do not edit -->"
 DOC_END = "<!-- end of the generated trial.json schema -->"
-_DOC_MODELS: tuple[type[BaseModel], ...] = (TrialRecord, PhaseTiming, PolicyRecord, ProvisionRecord, MergeableRecord,
-                                            ProbeRecord, DensityRecord, SamplerRecord)
+_DOC_MODELS: tuple[type[BaseModel], ...] = (
+    TrialRecord,
+    PhaseTiming,
+    PolicyRecord,
+    ProvisionRecord,
+    MergeableRecord,
+    ProbeRecord,
+    DensityRecord,
+    SamplerRecord,
+)
 
 
 def _type_name(annotation: Any) -> str:
@@ -312,10 +335,12 @@ def schema_markdown() -> str:
     """The trial.json schema as markdown: one table per model (key, type, meaning), from the
     models' fields and their docstrings. docs/results.md holds it between DOC_BEGIN and DOC_END
     (tests/test_docs.py checks that copy; `python -m orchestrator.runners.record FILE` rewrites it)."""
-    blocks = [f"trial.json schema version {TRIAL_SCHEMA_VERSION} (this ksm-lab also reads version"
-              f"{'s' if len(READABLE_VERSIONS) > 2 else ''} "
-              f"{', '.join(str(v) for v in READABLE_VERSIONS if v != TRIAL_SCHEMA_VERSION)}; "
-              "a part's further keys are kept as written)."]
+    blocks = [
+        f"trial.json schema version {TRIAL_SCHEMA_VERSION} (this ksm-lab also reads version"
+        f"{'s' if len(READABLE_VERSIONS) > 2 else ''} "
+        f"{', '.join(str(v) for v in READABLE_VERSIONS if v != TRIAL_SCHEMA_VERSION)}; "
+        "a part's further keys are kept as written)."
+    ]
     for model in _DOC_MODELS:
         about = " ".join(inspect.cleandoc(model.__doc__ or "").split())
         rows = ["| key | type | meaning |", "|---|---|---|"]

@@ -45,7 +45,15 @@ from orchestrator.guests.provision import (
 from orchestrator.guests.readiness import console_tail, ssh_pool_size
 from orchestrator.host import probes
 from orchestrator.fsutil import atomic_write_json
-from orchestrator.runners.base import PhaseClock, StopRequested, TrialResult, TrialRunner, measure, sampler_health, wait_or_stop
+from orchestrator.runners.base import (
+    PhaseClock,
+    StopRequested,
+    TrialResult,
+    TrialRunner,
+    measure,
+    sampler_health,
+    wait_or_stop,
+)
 from orchestrator.runners.record import ProvisionRecord
 from orchestrator.workloads import guestmem, sysbench
 from orchestrator.units import MIB
@@ -81,7 +89,9 @@ def guest_set_key(trial: Trial) -> str:
     Keys (this one, the saved state's, the prepared layer's) hash the trial's tables as the plan
     wrote them, as trial ids do; settings are read from the typed models."""
     workload = trial.workload
-    data = {k: workload.get(k) for k in ("type", *sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS, "data", "reuse_prepared")}
+    data = {
+        k: workload.get(k) for k in ("type", *sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS, "data", "reuse_prepared")
+    }
     return hashlib.sha256(json.dumps({"guests": trial.guests, "data": data}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -161,16 +171,25 @@ class VmRunner(TrialRunner):
         hardware = {k: g.get(k) for k in GuestsSection.model_fields if k not in GuestsSection.NOT_GUEST_SHAPE}
         hardware["domain_type"] = choose_domain_type(guests_of(trial).domain_type)
         workload = {k: v for k, v in trial.workload.items() if k not in ("duration_s", "report_interval_s", "rate")}
-        spec = {"image": image_id(image), "hardware": hardware, "workload": workload,
-                "template_sha256": template_digest(template)}
+        spec = {
+            "image": image_id(image),
+            "hardware": hardware,
+            "workload": workload,
+            "template_sha256": template_digest(template),
+        }
         g_model = guests_of(trial)
         if g_model.groups is not None:
             # Which image each guest boots, group by group; the disks' mtimes too, since a set
             # of several images is cached apart from them and outlives an `image rm`.
             per_guest = self._guest_images(g_model)
-            spec["groups"] = [{"count": group.count, "image": image_id(per_guest[first]),
-                               "disk_mtime_ns": Path(per_guest[first].disk_path).stat().st_mtime_ns}
-                              for group, first in zip(g_model.groups, _group_starts(g_model))]
+            spec["groups"] = [
+                {
+                    "count": group.count,
+                    "image": image_id(per_guest[first]),
+                    "disk_mtime_ns": Path(per_guest[first].disk_path).stat().st_mtime_ns,
+                }
+                for group, first in zip(g_model.groups, _group_starts(g_model))
+            ]
         return spec
 
     def _saved_set(self, trial: Trial, key: str, clock: PhaseClock) -> tuple[states.SavedSet, dict[str, Any]]:
@@ -185,8 +204,9 @@ class VmRunner(TrialRunner):
         saved = states.load(root / skey)
         if saved is not None:
             return saved, {"state": skey, "state_reused": True}
-        log.info("no saved guest state %s yet: booting, preparing and warming up %d guest(s) to save them",
-                 skey, g.count)
+        log.info(
+            "no saved guest state %s yet: booting, preparing and warming up %d guest(s) to save them", skey, g.count
+        )
         started = time.monotonic()
         root.mkdir(parents=True, exist_ok=True)
         states.remove_stale_builds(root)
@@ -210,14 +230,22 @@ class VmRunner(TrialRunner):
                 except BaseException:
                     shutil.rmtree(build, ignore_errors=True)  # a half-written set is never used
                     raise
-                saved = states.commit(build, root, skey, spec, entries,
-                                      {"provision": active.provision_info})
+                saved = states.commit(build, root, skey, spec, entries, {"provision": active.provision_info})
         finally:
             active.close()
-        info = {"state": skey, "state_reused": False, "state_build_s": round(time.monotonic() - started, 1),
-                "state_bytes": saved.size_bytes}
-        log.info("saved guest state %s (%d guests, %.0f MiB) in %.0f s", skey, len(saved.guests),
-                 info["state_bytes"] / MIB, info["state_build_s"])
+        info = {
+            "state": skey,
+            "state_reused": False,
+            "state_build_s": round(time.monotonic() - started, 1),
+            "state_bytes": saved.size_bytes,
+        }
+        log.info(
+            "saved guest state %s (%d guests, %.0f MiB) in %.0f s",
+            skey,
+            len(saved.guests),
+            info["state_bytes"] / MIB,
+            info["state_build_s"],
+        )
         return saved, info
 
     def _restore(self, trial: Trial, key: str, saved: states.SavedSet) -> ActiveGuests:
@@ -242,8 +270,13 @@ class VmRunner(TrialRunner):
             image_of = guest_set.images_by_name()
 
             def reconnect(guest: Any) -> GuestSession:
-                session = GuestSession.for_image(image_of[guest.name], guest.ssh_port, connect_deadline_s=left_s(),
-                                                 connect_timeout_s=min(5.0, left_s()), retry_min_s=0.05)
+                session = GuestSession.for_image(
+                    image_of[guest.name],
+                    guest.ssh_port,
+                    connect_deadline_s=left_s(),
+                    connect_timeout_s=min(5.0, left_s()),
+                    retry_min_s=0.05,
+                )
                 session.connect()
                 return session
 
@@ -255,8 +288,9 @@ class VmRunner(TrialRunner):
                     try:
                         sessions[guest.name] = futures[guest.name].result()
                     except OrchestratorError as exc:
-                        raise GuestBootError(f"{guest.name} restored but SSH did not answer: {exc}",
-                                             console_tail(guest.console_log_path)) from exc
+                        raise GuestBootError(
+                            f"{guest.name} restored but SSH did not answer: {exc}", console_tail(guest.console_log_path)
+                        ) from exc
             finally:
                 pool.shutdown(wait=True)  # the others end by the deadline
                 for name, future in futures.items():  # sessions that opened after one failed: closed below
@@ -264,9 +298,15 @@ class VmRunner(TrialRunner):
                         sessions[name] = future.result()
             ssh_s = time.monotonic() - started
             with ThreadPoolExecutor(max_workers=ssh_pool_size(len(guests)), thread_name_prefix="ksmlab-clock") as pool:
-                offsets = dict(zip(sessions, pool.map(
-                    lambda item: set_clock_and_check(item[1], item[0].marker, timeout_s=min(30.0, left_s())),
-                    zip(saved.guests, sessions.values()))))
+                offsets = dict(
+                    zip(
+                        sessions,
+                        pool.map(
+                            lambda item: set_clock_and_check(item[1], item[0].marker, timeout_s=min(30.0, left_s())),
+                            zip(saved.guests, sessions.values()),
+                        ),
+                    )
+                )
         except BaseException:
             for session in sessions.values():
                 with contextlib.suppress(Exception):
@@ -276,13 +316,23 @@ class VmRunner(TrialRunner):
                 raise StopRequested("interrupted while restoring guests") from None
             raise
         info = {
-            "image": image_id(image), "guests": len(guests), **_images_info(image_of),
-            "restore_s": guest_set.restore_seconds(), "restore_wall_s": round(restored_s, 3),
-            "ssh_wall_s": round(ssh_s, 3), "start_s": round(time.monotonic() - started, 3),
-            "clock_offset_s": offsets, "overlays": [str(g.overlay_path) for g in guests],
+            "image": image_id(image),
+            "guests": len(guests),
+            **_images_info(image_of),
+            "restore_s": guest_set.restore_seconds(),
+            "restore_wall_s": round(restored_s, 3),
+            "ssh_wall_s": round(ssh_s, 3),
+            "start_s": round(time.monotonic() - started, 3),
+            "clock_offset_s": offsets,
+            "overlays": [str(g.overlay_path) for g in guests],
         }
-        log.info("restored %d guest(s) from state %s in %.2f s (SSH back at %.2f s)", len(guests), saved.key,
-                 info["start_s"], ssh_s)
+        log.info(
+            "restored %d guest(s) from state %s in %.2f s (SSH back at %.2f s)",
+            len(guests),
+            saved.key,
+            info["start_s"],
+            ssh_s,
+        )
         return ActiveGuests(key, guest_set, image, sessions, info)
 
     def close_study(self) -> None:
@@ -312,10 +362,17 @@ class VmRunner(TrialRunner):
             out.append(resolved[text])
         return out
 
-    def _guest_set(self, trial: Trial, image: images.ImageRef, study_suffix: str = "",
-                   disks: list[Path] | None = None, count: int | None = None,
-                   restore: states.SavedSet | None = None, name_stem: str | None = None,
-                   deadline: float | None = None) -> GuestSet:
+    def _guest_set(
+        self,
+        trial: Trial,
+        image: images.ImageRef,
+        study_suffix: str = "",
+        disks: list[Path] | None = None,
+        count: int | None = None,
+        restore: states.SavedSet | None = None,
+        name_stem: str | None = None,
+        deadline: float | None = None,
+    ) -> GuestSet:
         g = guests_of(trial)
         count = count or g.count
         # Guests of several images (groups): each request names its own; the plan refuses
@@ -341,11 +398,20 @@ class VmRunner(TrialRunner):
             restore_timeout_s=g.restore_timeout_s,
             **({"work_root": Path(g.workdir)} if g.workdir else {}),
         )
-        return GuestSet(g.uri, self.plan.study.name + study_suffix, requests, image, options,
-                        restore=restore, name_stem=name_stem, deadline=deadline)
+        return GuestSet(
+            g.uri,
+            self.plan.study.name + study_suffix,
+            requests,
+            image,
+            options,
+            restore=restore,
+            name_stem=name_stem,
+            deadline=deadline,
+        )
 
-    def _boot(self, guest_set: GuestSet, image: images.ImageRef,
-              timeout_s: float) -> tuple[dict[str, GuestSession], dict[str, float]]:
+    def _boot(
+        self, guest_set: GuestSet, image: images.ImageRef, timeout_s: float
+    ) -> tuple[dict[str, GuestSession], dict[str, float]]:
         """Enter the set (define + start in parallel), wait for SSH, open one session per guest.
         Returns the sessions and each guest's seconds from start to SSH."""
         guest_set.__enter__()
@@ -399,13 +465,16 @@ class VmRunner(TrialRunner):
             raise
         return active
 
-    def _prepare_all(self, workload: sysbench.SysbenchWorkload, sessions: Mapping[str, GuestSession]) -> dict[str, float]:
+    def _prepare_all(
+        self, workload: sysbench.SysbenchWorkload, sessions: Mapping[str, GuestSession]
+    ) -> dict[str, float]:
         params = workload.params()
         names = list(sessions)
 
         def one(index: int) -> float:
-            return sysbench.prepare_guest(sessions[names[index]], params, sysbench.seed_for_guest(params, index),
-                                          PREPARE_TIMEOUT_S)
+            return sysbench.prepare_guest(
+                sessions[names[index]], params, sysbench.seed_for_guest(params, index), PREPARE_TIMEOUT_S
+            )
 
         with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="ksmlab-prepare") as pool:
             durations = list(pool.map(one, range(len(names))))
@@ -445,15 +514,24 @@ class VmRunner(TrialRunner):
         missing = [i for i, p in enumerate(layers) if not p.exists()]
         info: dict[str, Any] = {"prepared_layer": digest, "prepared_layer_reused": not missing}
         if missing:
-            info["prepared_layer_build_s"] = self._build_layers(trial, workload, image, layers, missing, spec,
-                                                                meta_path)
+            info["prepared_layer_build_s"] = self._build_layers(
+                trial, workload, image, layers, missing, spec, meta_path
+            )
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         info["prepare_s_saved"] = meta.get("prepare_s")
         disks = [layers[0]] * count if shared else layers
         return disks, info
 
-    def _build_layers(self, trial: Trial, workload: sysbench.SysbenchWorkload, image: images.ImageRef,
-                      layers: list[Path], missing: list[int], spec: dict[str, Any], meta_path: Path) -> float:
+    def _build_layers(
+        self,
+        trial: Trial,
+        workload: sysbench.SysbenchWorkload,
+        image: images.ImageRef,
+        layers: list[Path],
+        missing: list[int],
+        spec: dict[str, Any],
+        meta_path: Path,
+    ) -> float:
         started = time.monotonic()
         log.info("preparing sysbench data in %d guest(s) to cache as disk layers", len(missing))
         params = workload.params()
@@ -462,10 +540,14 @@ class VmRunner(TrialRunner):
         try:
             names = list(sessions)
             with ThreadPoolExecutor(max_workers=len(names)) as pool:
-                prepare_s = list(pool.map(
-                    lambda j: sysbench.prepare_guest(sessions[names[j]], params,
-                                                     sysbench.seed_for_guest(params, missing[j]), PREPARE_TIMEOUT_S),
-                    range(len(names))))
+                prepare_s = list(
+                    pool.map(
+                        lambda j: sysbench.prepare_guest(
+                            sessions[names[j]], params, sysbench.seed_for_guest(params, missing[j]), PREPARE_TIMEOUT_S
+                        ),
+                        range(len(names)),
+                    )
+                )
             # A clean shutdown flushes MariaDB and the guest's page cache into the overlay.
             for name in names:
                 with contextlib.suppress(OrchestratorError):
@@ -543,12 +625,16 @@ class VmRunner(TrialRunner):
         failed = {name: run.error for name, run in runs.items() if not run.ok}
         if failed:
             details = "; ".join(f"{name}: {error}" for name, error in failed.items())
-            tails = "\n".join(f"--- {g.name} console ---\n{console_tail(g.console_log_path, 15)}"
-                              for g in active.guest_set.guests if g.name in failed)
+            tails = "\n".join(
+                f"--- {g.name} console ---\n{console_tail(g.console_log_path, 15)}"
+                for g in active.guest_set.guests
+                if g.name in failed
+            )
             raise WorkloadError(f"sysbench failed in {len(failed)} guest(s): {details}\n{tails}")
 
-    def _run_workload(self, active: ActiveGuests, params: sysbench.SysbenchParams,
-                      alive: Any = None) -> dict[str, sysbench.GuestRun]:
+    def _run_workload(
+        self, active: ActiveGuests, params: sysbench.SysbenchParams, alive: Any = None
+    ) -> dict[str, sysbench.GuestRun]:
         """sysbench in every guest at once; a stop request or a lost guest does not wait for it
         to finish (the guests are torn down, which ends the sessions)."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksmlab-sysbench")
@@ -568,8 +654,16 @@ class VmRunner(TrialRunner):
         rows = []
         for name, session in active.sessions.items():
             try:
-                rows.append(guestmem.snapshot(session, name, when, params=params, timeout_s=SNAPSHOT_TIMEOUT_S,
-                                              with_buffer_pool=params is not None))
+                rows.append(
+                    guestmem.snapshot(
+                        session,
+                        name,
+                        when,
+                        params=params,
+                        timeout_s=SNAPSHOT_TIMEOUT_S,
+                        with_buffer_pool=params is not None,
+                    )
+                )
             except OrchestratorError as exc:
                 log.warning("guest memory snapshot of %s (%s) failed: %s", name, when, exc)
         return rows
@@ -594,14 +688,20 @@ def unmergeable_reason(trial: Trial, record: Mapping[str, Any]) -> str | None:
     (nosharepages), yet a QEMU's guest RAM lacks the mg flag: KSM could merge nothing of it."""
     if trial.ksm_off or guests_of(trial).nosharepages:
         return None
-    bad = [f"{name} (QEMU pid {info['pid']}: {info['big_mappings'] - info['mergeable_mappings']} of "
-           f"{info['big_mappings']} guest RAM mappings without mg)"
-           for name, info in record.items() if info.get("mergeable") is False]
+    bad = [
+        f"{name} (QEMU pid {info['pid']}: {info['big_mappings'] - info['mergeable_mappings']} of "
+        f"{info['big_mappings']} guest RAM mappings without mg)"
+        for name, info in record.items()
+        if info.get("mergeable") is False
+    ]
     if not bad:
         return None
-    return ("guest RAM is not mergeable (no VmFlags mg in /proc/PID/smaps) in " + ", ".join(bad)
-            + ": KSM cannot merge it, so this trial would measure nothing. Check the domain's "
-            "<memoryBacking> (nosharepages, memfd, shared access) and QEMU's mem-merge option")
+    return (
+        "guest RAM is not mergeable (no VmFlags mg in /proc/PID/smaps) in "
+        + ", ".join(bad)
+        + ": KSM cannot merge it, so this trial would measure nothing. Check the domain's "
+        "<memoryBacking> (nosharepages, memfd, shared access) and QEMU's mem-merge option"
+    )
 
 
 def prepared_dir(image: images.ImageRef) -> Path:
@@ -611,19 +711,24 @@ def prepared_dir(image: images.ImageRef) -> Path:
     return images.default_cache_dir() / "prepared" / hashlib.sha256(str(image.disk_path).encode()).hexdigest()[:12]
 
 
-
 def set_clock_and_check(session: GuestSession, marker: str, timeout_s: float = 30.0) -> float:
     """Prove the restored guest is the saved one (its marker, kept in guest memory), and set its
     clock from the host: a restored guest's clock resumes at the moment it was saved. Returns
     how far behind the host the guest clock was, in seconds."""
     host_now = time.time()
-    result = session.run(["sh", "-c", f"cat {states.MARKER_PATH}; echo; date +%s.%N; date -u -s @{host_now:.6f} >/dev/null"],
-                         timeout_s=timeout_s)
+    result = session.run(
+        ["sh", "-c", f"cat {states.MARKER_PATH}; echo; date +%s.%N; date -u -s @{host_now:.6f} >/dev/null"],
+        timeout_s=timeout_s,
+    )
     lines = result.stdout.splitlines()
     if not result.ok or len(lines) < 2:
-        raise ProvisionError(f"{session.where}: could not check the restored guest: {result.stderr.strip() or result.stdout!r}")
+        raise ProvisionError(
+            f"{session.where}: could not check the restored guest: {result.stderr.strip() or result.stdout!r}"
+        )
     if lines[0].strip() != marker:
-        raise ProvisionError(f"{session.where} is not the saved guest: marker {lines[0].strip()!r}, expected {marker!r}")
+        raise ProvisionError(
+            f"{session.where} is not the saved guest: marker {lines[0].strip()!r}, expected {marker!r}"
+        )
     try:
         return round(host_now - float(lines[1]), 3)
     except ValueError:

@@ -175,11 +175,15 @@ def scan(root: Path, plan: str | None = None, host: str | None = None) -> list[S
     return sorted(entries, key=_order)
 
 
-def latest(entries: list[StudyEntry], states: tuple[str, ...] = STATES,
-           exclude: Path | None = None) -> StudyEntry | None:
+def latest(
+    entries: list[StudyEntry], states: tuple[str, ...] = STATES, exclude: Path | None = None
+) -> StudyEntry | None:
     """The newest entry in one of the states, skipping `exclude` (the study just run) and
     studies whose date is not trusted (date_trusted)."""
     excluded = Path(exclude).resolve() if exclude is not None else None
-    kept = [e for e in entries if e.state in states and (excluded is None or e.path.resolve() != excluded)
-            and date_trusted(e.created_wall)]
+    kept = [
+        e
+        for e in entries
+        if e.state in states and (excluded is None or e.path.resolve() != excluded) and date_trusted(e.created_wall)
+    ]
     return max(kept, key=_order) if kept else None

@@ -33,8 +33,14 @@ from orchestrator.host.subproc import run_bounded
 
 DEFAULT_REMOTE_ROOT = "/var/lib/ksm-lab/results"  # the nightly job's default results root
 SSH_BASE = ("ssh", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30")
-METADATA_FILTER = ("--include=*/", "--include=study.json", "--include=host.json", "--include=trials.csv",
-                   "--include=trial.json", "--exclude=*")
+METADATA_FILTER = (
+    "--include=*/",
+    "--include=study.json",
+    "--include=host.json",
+    "--include=trials.csv",
+    "--include=trial.json",
+    "--exclude=*",
+)
 STAGING = ".collect"
 HOST_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # never a leading "-": rsync would read an option
@@ -88,8 +94,9 @@ def collect_host(spec: HostSpec, into: Path, rsync: str = "rsync", ssh_options: 
     meta, partial = staging / "meta", staging / "partial"
     meta.mkdir(parents=True, exist_ok=True)
     try:
-        _rsync(rsync, ssh, ["--delete", "--prune-empty-dirs", *METADATA_FILTER,
-                            f"{spec.remote}:{spec.root}/", f"{meta}/"])
+        _rsync(
+            rsync, ssh, ["--delete", "--prune-empty-dirs", *METADATA_FILTER, f"{spec.remote}:{spec.root}/", f"{meta}/"]
+        )
         for study_meta in catalog.find_study_dirs(meta):
             rel = os.path.relpath(study_meta, meta)
             entry = catalog.read_entry(study_meta)
@@ -116,8 +123,13 @@ def collect_host(spec: HostSpec, into: Path, rsync: str = "rsync", ssh_options: 
     return result
 
 
-def collect(hosts: list[str], into: Path, rsync: str = "rsync", ssh_options: tuple[str, ...] = (),
-            remote_root: str = DEFAULT_REMOTE_ROOT) -> list[HostResult]:
+def collect(
+    hosts: list[str],
+    into: Path,
+    rsync: str = "rsync",
+    ssh_options: tuple[str, ...] = (),
+    remote_root: str = DEFAULT_REMOTE_ROOT,
+) -> list[HostResult]:
     into = Path(into)
     specs = [parse_host(h, remote_root) for h in hosts]  # all parsed before anything is copied
     into.mkdir(parents=True, exist_ok=True)

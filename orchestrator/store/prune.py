@@ -35,8 +35,12 @@ class PruneDecision:
     why: str
 
 
-def plan_prune(entries: list[catalog.StudyEntry], keep: int | None = None, older_than_days: float | None = None,
-               now_wall: float | None = None) -> list[PruneDecision]:
+def plan_prune(
+    entries: list[catalog.StudyEntry],
+    keep: int | None = None,
+    older_than_days: float | None = None,
+    now_wall: float | None = None,
+) -> list[PruneDecision]:
     if keep is None and older_than_days is None:
         raise StoreError("prune needs --keep N or --older-than DAYS")
     if keep is not None and keep < 1:
@@ -46,9 +50,15 @@ def plan_prune(entries: list[catalog.StudyEntry], keep: int | None = None, older
     decisions = []
     for entry in entries:
         if not catalog.date_trusted(entry.created_wall, now_wall):
-            decisions.append(PruneDecision(entry, False, f"its created_wall ({entry.created_wall!r}) is not a "
-                                           "believable date (not a number, before 2000 or in the future): kept, and "
-                                           "left out of the order so it cannot push real studies out"))
+            decisions.append(
+                PruneDecision(
+                    entry,
+                    False,
+                    f"its created_wall ({entry.created_wall!r}) is not a "
+                    "believable date (not a number, before 2000 or in the future): kept, and "
+                    "left out of the order so it cannot push real studies out",
+                )
+            )
             continue
         # The host is its machine id where host.json records one: two machines sharing a hostname
         # (a clone, a rename, studies collected from elsewhere) never prune each other's studies.
@@ -94,8 +104,13 @@ def remove_study(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
-def prune(root: Path, keep: int | None = None, older_than_days: float | None = None, dry_run: bool = False,
-          now_wall: float | None = None) -> list[PruneDecision]:
+def prune(
+    root: Path,
+    keep: int | None = None,
+    older_than_days: float | None = None,
+    dry_run: bool = False,
+    now_wall: float | None = None,
+) -> list[PruneDecision]:
     root = Path(root)
     if not root.is_dir():
         raise StoreError(f"{root}: no such results folder")

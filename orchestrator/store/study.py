@@ -17,6 +17,7 @@ import pandas as pd
 
 from orchestrator.errors import StoreError
 from orchestrator.runners.record import TrialRecord, UnknownTrialSchema, not_run_record
+
 # Re-exported: the study's writers have always found them here.
 from orchestrator.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -47,8 +48,9 @@ class Study:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, results_dir: Path, name: str, plan_text: str, trial_ids: list[str], resume: bool,
-               order: str | None = None) -> "Study":
+    def create(
+        cls, results_dir: Path, name: str, plan_text: str, trial_ids: list[str], resume: bool, order: str | None = None
+    ) -> "Study":
         """order: the run order (plan.run_order), recorded so the analysis knows whether a
         repetition is a block of trials run side by side."""
         path = results_dir / name
@@ -78,8 +80,13 @@ class Study:
         atomic_write_text(path / "plan.toml", plan_text)
         atomic_write_json(
             path / "study.json",
-            {"schema_version": SCHEMA_VERSION, "name": name, "created_wall": time.time(), "trial_ids": trial_ids,
-             **({"order": order} if order is not None else {})},
+            {
+                "schema_version": SCHEMA_VERSION,
+                "name": name,
+                "created_wall": time.time(),
+                "trial_ids": trial_ids,
+                **({"order": order} if order is not None else {}),
+            },
         )
         return study
 
@@ -126,8 +133,13 @@ class Study:
         record = self.trial_record(trial_id)
         return record is not None and record.status == "ok"
 
-    def write_trial(self, trial_id: str, record: TrialRecord, frames: Mapping[str, pd.DataFrame],
-                    extra_json: Mapping[str, Any] | None = None) -> Path:
+    def write_trial(
+        self,
+        trial_id: str,
+        record: TrialRecord,
+        frames: Mapping[str, pd.DataFrame],
+        extra_json: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Write a trial's data files, then trial.json (the mark that it is complete).
         StoreError (with the errno) when the folder cannot take them, e.g. a full disk."""
         folder = self.trial_dir(trial_id)
@@ -161,8 +173,9 @@ class Study:
             attempts.mkdir(exist_ok=True)
             folder.rename(target)
         except OSError as exc:
-            raise StoreError(f"cannot set aside the earlier attempt of trial {trial_id} ({folder}): "
-                             f"{exc.strerror or exc}") from None
+            raise StoreError(
+                f"cannot set aside the earlier attempt of trial {trial_id} ({folder}): {exc.strerror or exc}"
+            ) from None
         return target
 
     def add_trial_ids(self, trial_ids: list[str]) -> None:

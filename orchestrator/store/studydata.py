@@ -69,8 +69,17 @@ def page_size_from_host(host: dict[str, Any]) -> int:
 
 # processes.csv columns the metrics use; the rest (t_wall, pid, uss, swap) is not converted,
 # which is a quarter of the read time on a large study
-PROCESS_COLUMNS = ("t_s", "phase", "label", "rss_kib", "pss_kib", "ksm_merging_pages", "ksm_rmap_items",
-                   "ksm_zero_pages", "ksm_process_profit")
+PROCESS_COLUMNS = (
+    "t_s",
+    "phase",
+    "label",
+    "rss_kib",
+    "pss_kib",
+    "ksm_merging_pages",
+    "ksm_rmap_items",
+    "ksm_zero_pages",
+    "ksm_process_profit",
+)
 
 
 def _read_table(path: Path, problems: list[str], columns: tuple[str, ...] | None = None) -> pa.Table | None:
@@ -85,7 +94,11 @@ def _read_table(path: Path, problems: list[str], columns: tuple[str, ...] | None
                 header = next(csv.reader(handle), [])
             options.include_columns = [c for c in columns if c in header]
         return pacsv.read_csv(path, convert_options=options)
-    except (pa.ArrowInvalid, OSError, ValueError) as exc:  # truncated or not text (UnicodeDecodeError): noted, not fatal
+    except (
+        pa.ArrowInvalid,
+        OSError,
+        ValueError,
+    ) as exc:  # truncated or not text (UnicodeDecodeError): noted, not fatal
         problems.append(f"{path.name} unreadable: {exc}")
         return None
 
@@ -126,8 +139,9 @@ def load_trial(trial_dir: Path) -> TrialData:
         except StoreError as exc:
             problems.append(str(exc))
     if trial is None:
-        trial = not_run_record(trial_dir.name, problems[0] if problems else
-                               "no trial.json (not run, or crashed before storing)")
+        trial = not_run_record(
+            trial_dir.name, problems[0] if problems else "no trial.json (not run, or crashed before storing)"
+        )
     summary = _read_json(trial_dir / "workload_summary.json", problems)
     ksm_table = _read_table(trial_dir / "ksm.csv", problems)
     return TrialData(

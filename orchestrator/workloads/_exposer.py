@@ -70,7 +70,7 @@ def fill_unique(view: np.ndarray, seed: int, stream: int) -> None:
     flat = view.reshape(-1)
     chunk = 1 << 24
     for start in range(0, flat.size, chunk):
-        part = flat[start:start + chunk]
+        part = flat[start : start + chunk]
         part[:] = np.frombuffer(rng.bytes(part.size), dtype=np.uint8)
 
 
@@ -99,6 +99,7 @@ def timed_write(mapping: mmap.mmap, offset: int, value: int, clock: Callable[[],
 
 def _wait_for_go(go: threading.Event) -> None:
     """stdin: a "go" line sets the event; EOF (controller gone or done) ends the process."""
+
     def read() -> None:
         buffer = b""
         try:
@@ -109,6 +110,7 @@ def _wait_for_go(go: threading.Event) -> None:
                     go.set()
         finally:
             os._exit(0)
+
     threading.Thread(target=read, name="commands", daemon=True).start()
 
 
@@ -206,12 +208,24 @@ def run_observer(spec: dict, go: threading.Event) -> int:
         _sleep_until(next_t)
         slot = rotation[i % len(rotation)]
         truth_text, merging, ns = test(mapping, view, int(pages[slot]))
-        rows.append((kinds[slot], secret_of[slot], f"{time.monotonic():.6f}", ns, truth_text,
-                     int(called_merged(ns, threshold)), merging))
+        rows.append(
+            (
+                kinds[slot],
+                secret_of[slot],
+                f"{time.monotonic():.6f}",
+                ns,
+                truth_text,
+                int(called_merged(ns, threshold)),
+                merging,
+            )
+        )
         i += 1
         next_t = max(next_t + interval, time.monotonic())
-    _write_csv(spec["samples_path"], ("kind", "secret", "t_mono", "latency_ns", "truth_merged", "called_merged",
-                                      "ksm_merging_pages"), rows)
+    _write_csv(
+        spec["samples_path"],
+        ("kind", "secret", "t_mono", "latency_ns", "truth_merged", "called_merged", "ksm_merging_pages"),
+        rows,
+    )
     _report(f"done {len(rows)} {threshold:.1f} {truth_source}")
     if reader is not None:
         reader.close()

@@ -180,7 +180,9 @@ def map_pages(pages_total: int, page_size: int, madvise_mergeable: bool) -> tupl
     pages from their first fill.
     """
     mapping = mmap.mmap(
-        -1, pages_total * page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        -1,
+        pages_total * page_size,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
     )
     if madvise_mergeable:
@@ -213,8 +215,11 @@ def enable_memory_merge() -> None:
         _prctl(PR_SET_MEMORY_MERGE, 1)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
-            raise OSError(exc.errno, "prctl(PR_SET_MEMORY_MERGE) is not supported by this kernel "
-                          f"({os.uname().release}; needs Linux >= 6.4 with CONFIG_KSM)") from None
+            raise OSError(
+                exc.errno,
+                "prctl(PR_SET_MEMORY_MERGE) is not supported by this kernel "
+                f"({os.uname().release}; needs Linux >= 6.4 with CONFIG_KSM)",
+            ) from None
         if exc.errno == errno.EPERM:
             raise OSError(exc.errno, "prctl(PR_SET_MEMORY_MERGE) was refused: it needs CAP_SYS_RESOURCE") from None
         raise
@@ -252,8 +257,9 @@ def run(spec: dict) -> int:
         mapping, pages = map_pages(spec["pages"], page_size, madvise_mergeable=spec["merge_mode"] == "madvise")
         _report(f"mapped {pages.ctypes.data:#x} {len(mapping)}")
         populate = first_touch_populator(mapping, page_size)
-        filler = Filler(spec["fill"], page_size, spec["seed"], spec["index"],
-                        spec["distinct_pages"], spec["duplicate_fraction"])
+        filler = Filler(
+            spec["fill"], page_size, spec["seed"], spec["index"], spec["distinct_pages"], spec["duplicate_fraction"]
+        )
         rounds = spec["rounds"]
         done = 0
         while rounds == 0 or done < rounds:

@@ -41,7 +41,14 @@ import time
 
 import numpy as np
 
-from orchestrator.workloads._filler import Filler, _report, die_with_parent, duplicate_page_count, first_touch_populator, map_pages
+from orchestrator.workloads._filler import (
+    Filler,
+    _report,
+    die_with_parent,
+    duplicate_page_count,
+    first_touch_populator,
+    map_pages,
+)
 
 PROBE_FILLS = ("same", "zero", "duplicate_fraction")
 WRITE_BYTE = 0x5A  # differs from every fill's first byte ('A' = 0x41, 0): the write changes the page
@@ -75,8 +82,9 @@ def time_writes(mapping: mmap.mmap, offsets: np.ndarray) -> list[int]:
     return out
 
 
-def timed_rows(probe: mmap.mmap, control: mmap.mmap, merged_offsets: np.ndarray,
-               control_offsets: np.ndarray, overhead_writes: int) -> list[tuple[str, int, int]]:
+def timed_rows(
+    probe: mmap.mmap, control: mmap.mmap, merged_offsets: np.ndarray, control_offsets: np.ndarray, overhead_writes: int
+) -> list[tuple[str, int, int]]:
     """(region, order, latency_ns) rows: overhead first (warm the loop), then merged and
     unmerged writes alternating one by one, then overhead again."""
     hot = np.zeros(max(1, overhead_writes // 2), dtype=np.int64)
@@ -86,8 +94,8 @@ def timed_rows(probe: mmap.mmap, control: mmap.mmap, merged_offsets: np.ndarray,
         rows.append(("overhead", i, ns))
     pairs = min(merged_offsets.size, control_offsets.size)
     for i in range(pairs):
-        rows.append(("merged", i, time_writes(probe, merged_offsets[i:i + 1])[0]))
-        rows.append(("unmerged", i, time_writes(control, control_offsets[i:i + 1])[0]))
+        rows.append(("merged", i, time_writes(probe, merged_offsets[i : i + 1])[0]))
+        rows.append(("unmerged", i, time_writes(control, control_offsets[i : i + 1])[0]))
     for i, ns in enumerate(time_writes(control, hot), start=hot.size):
         rows.append(("overhead", i, ns))
     return rows

@@ -73,7 +73,6 @@ class DensitySection(Strict):
     cost_margin: float = Field(1.1, ge=1.0, le=4.0)
 
 
-
 def per_guest_costs(history: Sequence[Step]) -> tuple[float, float]:
     """(PSS cost, MemAvailable cost) of one more guest, MiB: the largest step-to-step change
     so far, and never less than the mean PSS per guest (the first guests can look cheap when
@@ -96,9 +95,15 @@ def per_guest_costs(history: Sequence[Step]) -> tuple[float, float]:
     return pss_cost, avail_cost
 
 
-def next_guest_allowed(history: Sequence[Step], budget_mib: float, floor_mib: float, *,
-                       margin: float = 1.1, first_guest_mib: float = math.inf,
-                       max_guests: int | None = None) -> tuple[bool, str]:
+def next_guest_allowed(
+    history: Sequence[Step],
+    budget_mib: float,
+    floor_mib: float,
+    *,
+    margin: float = 1.1,
+    first_guest_mib: float = math.inf,
+    max_guests: int | None = None,
+) -> tuple[bool, str]:
     """May one more guest start? history: the measured steps so far, the first one with no
     guests (the host before any started). With no guest measured yet the next guest is planned
     at first_guest_mib (its RAM plus QEMU's overhead: what it can take at most)."""
@@ -120,13 +125,19 @@ def next_guest_allowed(history: Sequence[Step], budget_mib: float, floor_mib: fl
     planned_pss = last.guests_pss_mib + margin * pss_cost
     planned_avail = last.mem_available_mib - margin * avail_cost
     if planned_pss > budget_mib:
-        return False, (f"guest {last.guests + 1} would bring the guests' PSS to {planned_pss:.0f} MiB, over the "
-                       f"budget {budget_mib:.0f} MiB ({basis} {pss_cost:.0f} MiB x {margin})")
+        return False, (
+            f"guest {last.guests + 1} would bring the guests' PSS to {planned_pss:.0f} MiB, over the "
+            f"budget {budget_mib:.0f} MiB ({basis} {pss_cost:.0f} MiB x {margin})"
+        )
     if planned_avail < floor_mib:
-        return False, (f"guest {last.guests + 1} would bring MemAvailable to {planned_avail:.0f} MiB, under the "
-                       f"floor {floor_mib:.0f} MiB ({basis} {avail_cost:.0f} MiB x {margin})")
-    return True, (f"guest {last.guests + 1}: planned PSS {planned_pss:.0f} of {budget_mib:.0f} MiB, "
-                  f"MemAvailable {planned_avail:.0f} MiB >= floor {floor_mib:.0f} MiB")
+        return False, (
+            f"guest {last.guests + 1} would bring MemAvailable to {planned_avail:.0f} MiB, under the "
+            f"floor {floor_mib:.0f} MiB ({basis} {avail_cost:.0f} MiB x {margin})"
+        )
+    return True, (
+        f"guest {last.guests + 1}: planned PSS {planned_pss:.0f} of {budget_mib:.0f} MiB, "
+        f"MemAvailable {planned_avail:.0f} MiB >= floor {floor_mib:.0f} MiB"
+    )
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -154,9 +165,11 @@ def expected_digest(index: int, mib: int) -> str:
 def write_command(index: int, mib: int, path: str = PATTERN_PATH) -> str:
     """Shell for the guest: write the pattern into tmpfs (guest RAM, which KSM sees)."""
     half = mib * MIB // 2
-    return (f"set -e; {{ yes {shlex.quote(_line(None))} | head -c {half}; "
-            f"yes {shlex.quote(_line(index))} | head -c {mib * MIB - half}; }} > {shlex.quote(path + '.tmp')} && "
-            f"mv {shlex.quote(path + '.tmp')} {shlex.quote(path)}")
+    return (
+        f"set -e; {{ yes {shlex.quote(_line(None))} | head -c {half}; "
+        f"yes {shlex.quote(_line(index))} | head -c {mib * MIB - half}; }} > {shlex.quote(path + '.tmp')} && "
+        f"mv {shlex.quote(path + '.tmp')} {shlex.quote(path)}"
+    )
 
 
 def verify_command(path: str = PATTERN_PATH) -> str:
@@ -194,8 +207,12 @@ class DensityResult:
     mismatches: list[str] = field(default_factory=list)
 
     def record(self) -> "DensityRecord":
-        return DensityRecord(steps=list(self.steps), stop_reason=self.stop_reason,
-                             floor_crossed=self.floor_crossed, mismatches=list(self.mismatches))
+        return DensityRecord(
+            steps=list(self.steps),
+            stop_reason=self.stop_reason,
+            floor_crossed=self.floor_crossed,
+            mismatches=list(self.mismatches),
+        )
 
 
 class DensityRecord(RecordPart):
@@ -212,8 +229,9 @@ class DensityRecord(RecordPart):
     """The guests whose pattern did not verify."""
 
 
-def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
-                result: DensityResult | None = None) -> DensityResult:
+def run_density(
+    host: DensityHost, cfg: DensitySection, first_guest_mib: float, result: DensityResult | None = None
+) -> DensityResult:
     """Add guests until next_guest_allowed says no; then verify every guest's pattern.
 
     Fills `result` as it goes (pass one in to keep what was measured when this raises).
@@ -222,9 +240,14 @@ def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
     result.steps.append(host.measure(0, True))
     floor = float(cfg.mem_available_floor_mib)
     while True:
-        allowed, reason = next_guest_allowed(result.steps, float(cfg.budget_mib), floor,
-                                             margin=cfg.cost_margin, first_guest_mib=first_guest_mib,
-                                             max_guests=cfg.max_guests)
+        allowed, reason = next_guest_allowed(
+            result.steps,
+            float(cfg.budget_mib),
+            floor,
+            margin=cfg.cost_margin,
+            first_guest_mib=first_guest_mib,
+            max_guests=cfg.max_guests,
+        )
         if not allowed:
             result.stop_reason = reason
             break
@@ -236,8 +259,10 @@ def run_density(host: DensityHost, cfg: DensitySection, first_guest_mib: float,
         result.steps.append(step)
         if step.mem_available_mib < floor:
             result.floor_crossed = True
-            result.stop_reason = (f"MemAvailable fell to {step.mem_available_mib:.0f} MiB, under the floor, "
-                                  f"after guest {index + 1} started: it grew more than the margin planned")
+            result.stop_reason = (
+                f"MemAvailable fell to {step.mem_available_mib:.0f} MiB, under the floor, "
+                f"after guest {index + 1} started: it grew more than the margin planned"
+            )
             break
     for index in range(result.steps[-1].guests):
         output = host.run_in_guest(index, verify_command(), timeout_s=120)

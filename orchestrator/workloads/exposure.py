@@ -26,27 +26,47 @@ from orchestrator.errors import WorkloadError
 from orchestrator.host import probes
 from orchestrator.workloads.probe import ProbeParams, ProbeWorker
 
-EXPOSURE_COLUMNS = ("kind", "secret", "t_s", "latency_ns", "truth_merged", "called_merged",
-                    "ksm_merging_pages", "written_s", "since_write_s")
+EXPOSURE_COLUMNS = (
+    "kind",
+    "secret",
+    "t_s",
+    "latency_ns",
+    "truth_merged",
+    "called_merged",
+    "ksm_merging_pages",
+    "written_s",
+    "since_write_s",
+)
 
 
 class ExposureWorker(ProbeWorker):
     """One role (victim or observer) of the pair: ProbeWorker's process handling, another module."""
 
-    def __init__(self, role: str, params: ProbeParams, samples_path: Path, *, truth: str = "auto",
-                 root: Path = Path("/")) -> None:
+    def __init__(
+        self, role: str, params: ProbeParams, samples_path: Path, *, truth: str = "auto", root: Path = Path("/")
+    ) -> None:
         super().__init__(params, samples_path, root=root)
         self.role = role
         self._truth = truth
 
     def start(self) -> None:
         e = self.params.exposure_params()
-        spec = {"role": self.role, "secrets": e.secrets, "decoys": e.decoys,
-                "background_pages": e.background_pages, "calibration_writes": e.calibration_writes,
-                "threshold_quantile": e.threshold_quantile, "threshold_factor": e.threshold_factor,
-                "test_interval_s": e.test_interval_s, "warmup_s": e.warmup_s, "write_gap_s": e.write_gap_s,
-                "duration_s": e.duration_s(), "seed": e.seed, "truth": self._truth,
-                "samples_path": str(self.samples_path)}
+        spec = {
+            "role": self.role,
+            "secrets": e.secrets,
+            "decoys": e.decoys,
+            "background_pages": e.background_pages,
+            "calibration_writes": e.calibration_writes,
+            "threshold_quantile": e.threshold_quantile,
+            "threshold_factor": e.threshold_factor,
+            "test_interval_s": e.test_interval_s,
+            "warmup_s": e.warmup_s,
+            "write_gap_s": e.write_gap_s,
+            "duration_s": e.duration_s(),
+            "seed": e.seed,
+            "truth": self._truth,
+            "samples_path": str(self.samples_path),
+        }
         self._spawn("orchestrator.workloads._exposer", spec)
 
     def wait_done(self, timeout_s: float) -> str:
@@ -97,8 +117,10 @@ class ExposurePair:
 
     def merged_pages(self) -> dict[str, int | None]:
         """Each role's ksm_merging_pages now (ksm_stat)."""
-        return {role: (probes.read_ksm_stat(pid, self.victim._root) or {}).get("ksm_merging_pages")
-                for role, pid in self.pids().items()}
+        return {
+            role: (probes.read_ksm_stat(pid, self.victim._root) or {}).get("ksm_merging_pages")
+            for role, pid in self.pids().items()
+        }
 
     def frame(self) -> pd.DataFrame:
         """exposure.csv: the observer's rows, times in seconds from "go", each candidate's test
@@ -107,8 +129,9 @@ class ExposurePair:
         for worker in (self.victim, self.observer):
             if not worker.samples_path.exists():
                 raise WorkloadError(f"exposure {worker.role}: no samples written")
-        return exposure_frame(pd.read_csv(self.observer.samples_path), pd.read_csv(self.victim.samples_path),
-                              self.go_mono)
+        return exposure_frame(
+            pd.read_csv(self.observer.samples_path), pd.read_csv(self.victim.samples_path), self.go_mono
+        )
 
 
 def exposure_frame(observer: pd.DataFrame, victim: pd.DataFrame, go_mono: float) -> pd.DataFrame:

@@ -83,10 +83,7 @@ def snapshot(
         raise WorkloadError(f"snapshot when must be one of {WHEN}, got {when!r}")
     row: dict[str, Any] = {"guest": guest_name, "when": when}
     meminfo_text = _output(session, meminfo_argv(), timeout_s, guest_name)
-    pool_text = (
-        _output(session, innodb_buffer_pool_argv(params), timeout_s, guest_name)
-        if with_buffer_pool else None
-    )
+    pool_text = _output(session, innodb_buffer_pool_argv(params), timeout_s, guest_name) if with_buffer_pool else None
     try:
         row.update(parse_guest_meminfo(meminfo_text))
         if pool_text is None:
@@ -107,7 +104,5 @@ def _output(session: Session, argv: list[str], timeout_s: float, guest_name: str
         raise WorkloadError(f"{guest_name}: {argv[0]} failed: {exc}") from exc
     if result.exit_status != 0:
         detail = (result.stderr.strip() or result.stdout.strip())[:300] or "no output"
-        raise WorkloadError(
-            f"{guest_name}: {argv[0]} exited with status {result.exit_status}: {detail}"
-        )
+        raise WorkloadError(f"{guest_name}: {argv[0]} exited with status {result.exit_status}: {detail}")
     return result.stdout

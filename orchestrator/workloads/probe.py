@@ -115,8 +115,15 @@ def merged_pages_of(stat: dict | None) -> int | None:
 
 
 class ProbeWorker:
-    def __init__(self, params: ProbeParams, samples_path: Path, *, python: str = sys.executable,
-                 mergeable: bool = True, root: Path = Path("/")) -> None:
+    def __init__(
+        self,
+        params: ProbeParams,
+        samples_path: Path,
+        *,
+        python: str = sys.executable,
+        mergeable: bool = True,
+        root: Path = Path("/"),
+    ) -> None:
         self.params = params
         self.samples_path = Path(samples_path)
         self._python = python
@@ -141,10 +148,16 @@ class ProbeWorker:
 
     def start(self) -> None:
         p = self.params
-        spec = {"pages": p.pages, "fill": p.fill,
-                "duplicate_fraction": p.duplicate_fraction, "sample_pages": p.sample_pages,
-                "overhead_writes": p.overhead_writes, "seed": p.seed, "mergeable": self._mergeable,
-                "samples_path": str(self.samples_path)}
+        spec = {
+            "pages": p.pages,
+            "fill": p.fill,
+            "duplicate_fraction": p.duplicate_fraction,
+            "sample_pages": p.sample_pages,
+            "overhead_writes": p.overhead_writes,
+            "seed": p.seed,
+            "mergeable": self._mergeable,
+            "samples_path": str(self.samples_path),
+        }
         self._spawn("orchestrator.workloads._prober", spec)
 
     def _spawn(self, module: str, spec: dict) -> None:
@@ -156,8 +169,12 @@ class ProbeWorker:
         try:
             self._process = subprocess.Popen(
                 [self._python, "-m", module, json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                start_new_session=True)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise WorkloadError(f"could not start the probe worker: {exc}") from exc
         self._reader = threading.Thread(target=self._read, args=(self._process,), name="probe-reader", daemon=True)
@@ -184,8 +201,9 @@ class ProbeWorker:
                 if "error" in self._events:
                     raise WorkloadError(f"probe worker failed: {self._events['error']}")
                 if "exited" in self._events:
-                    raise WorkloadError(f"probe worker exited before '{kind}': "
-                                        f"{self._stderr.decode(errors='replace').strip()[-500:]}")
+                    raise WorkloadError(
+                        f"probe worker exited before '{kind}': {self._stderr.decode(errors='replace').strip()[-500:]}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise WorkloadError(f"probe worker: no '{kind}' within {timeout_s} s")

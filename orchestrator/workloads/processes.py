@@ -176,9 +176,16 @@ class ProcessesWorkload:
         params = self.params
         self._preflight()
         usable_cpus = sorted(os.sched_getaffinity(0))
-        log.info("starting %d worker(s) x %d pages (%.2f GiB), fill=%s, merge_mode=%s, rounds=%s, wait=%ss",
-                 params.processes, params.pages_per_process, params.bytes_total / 2**30, params.fill,
-                 params.merge_mode, params.rounds or "until stopped", params.round_wait_s)
+        log.info(
+            "starting %d worker(s) x %d pages (%.2f GiB), fill=%s, merge_mode=%s, rounds=%s, wait=%ss",
+            params.processes,
+            params.pages_per_process,
+            params.bytes_total / 2**30,
+            params.fill,
+            params.merge_mode,
+            params.rounds or "until stopped",
+            params.round_wait_s,
+        )
         env = dict(os.environ)
         # Workers import this same ksm-lab (checkout or installed wheel), whatever the cwd.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root()), env.get("PYTHONPATH")]))
@@ -186,15 +193,24 @@ class ProcessesWorkload:
         try:
             for index in range(params.processes):
                 spec = {
-                    "index": index, "parent_pid": os.getpid(), "pages": params.pages_per_process,
-                    "fill": params.fill, "distinct_pages": params.distinct_pages,
-                    "duplicate_fraction": params.duplicate_fraction, "rounds": params.rounds,
-                    "round_wait_s": params.round_wait_s, "merge_mode": params.merge_mode,
-                    "cpu": params.cpu_for(index, usable_cpus), "seed": params.seed,
+                    "index": index,
+                    "parent_pid": os.getpid(),
+                    "pages": params.pages_per_process,
+                    "fill": params.fill,
+                    "distinct_pages": params.distinct_pages,
+                    "duplicate_fraction": params.duplicate_fraction,
+                    "rounds": params.rounds,
+                    "round_wait_s": params.round_wait_s,
+                    "merge_mode": params.merge_mode,
+                    "cpu": params.cpu_for(index, usable_cpus),
+                    "seed": params.seed,
                 }
                 process = subprocess.Popen(
                     [self._python, "-m", "orchestrator.workloads._filler", json.dumps(spec)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
                     # Own session: a Ctrl-C meant for the sweep must not kill workers behind its back.
                     start_new_session=True,
                 )
@@ -212,18 +228,23 @@ class ProcessesWorkload:
     def _preflight(self) -> None:
         params = self.params
         if params.merge_mode == "prctl" and not memory_merge_supported():
-            raise WorkloadError(f"merge_mode=prctl needs PR_SET_MEMORY_MERGE (Linux >= 6.4 with KSM); "
-                                f"this kernel ({os.uname().release}) does not support it")
+            raise WorkloadError(
+                f"merge_mode=prctl needs PR_SET_MEMORY_MERGE (Linux >= 6.4 with KSM); "
+                f"this kernel ({os.uname().release}) does not support it"
+            )
         if isinstance(params.cpu_pin, tuple):
             usable = os.sched_getaffinity(0)
             missing = sorted(set(params.cpu_pin) - usable)
             if missing:
-                raise WorkloadError(f"cpu_pin lists CPU(s) {missing} this process may not use "
-                                    f"(usable: {sorted(usable)})")
+                raise WorkloadError(
+                    f"cpu_pin lists CPU(s) {missing} this process may not use (usable: {sorted(usable)})"
+                )
         available = _mem_available_bytes()
         if available is not None and params.bytes_total > _MEMORY_HEADROOM * available:
-            raise WorkloadError(f"processes workload needs {params.bytes_total / 2**30:.2f} GiB but only "
-                                f"{available / 2**30:.2f} GiB is available (limit {_MEMORY_HEADROOM:.0%} of it)")
+            raise WorkloadError(
+                f"processes workload needs {params.bytes_total / 2**30:.2f} GiB but only "
+                f"{available / 2**30:.2f} GiB is available (limit {_MEMORY_HEADROOM:.0%} of it)"
+            )
 
     # -- the reader thread ----------------------------------------------------------------------
 
@@ -332,8 +353,11 @@ class ProcessesWorkload:
         """Every completed fill of every worker: label, fill (1 = first), start/end wall time.
         Refills (fill >= 2) are when copy-on-write breaks the merges KSM made."""
         with self._changed:
-            return [{"label": w.label, "fill": n, "start_wall": start, "end_wall": end}
-                    for w in self._workers for n, start, end in w.fills]
+            return [
+                {"label": w.label, "fill": n, "start_wall": start, "end_wall": end}
+                for w in self._workers
+                for n, start, end in w.fills
+            ]
 
     def pids(self) -> dict[str, int]:
         return {w.label: w.process.pid for w in self._workers}
@@ -370,8 +394,9 @@ class ProcessesWorkload:
             try:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %s s; sending SIGKILL",
-                            worker.label, worker.process.pid, timeout_s)
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %s s; sending SIGKILL", worker.label, worker.process.pid, timeout_s
+                )
                 worker.process.kill()
                 worker.process.wait()
         if self._reader is not None:
@@ -388,4 +413,6 @@ class ProcessesWorkload:
             log.info("stopped %d worker(s)", len(alive))
 
 
-PLUGIN = WorkloadPlugin(type="processes", model=ProcessesParams, runner="orchestrator.runners.processes:ProcessesRunner", where="host")
+PLUGIN = WorkloadPlugin(
+    type="processes", model=ProcessesParams, runner="orchestrator.runners.processes:ProcessesRunner", where="host"
+)

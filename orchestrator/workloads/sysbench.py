@@ -42,8 +42,17 @@ SysbenchTest = Literal[
 LATENCY_PERCENTILE = 95
 
 WORKLOAD_COLUMNS = [
-    "guest", "t_s", "threads", "tps", "qps", "qps_read", "qps_write", "qps_other",
-    "latency_p95_ms", "errors_per_s", "reconnects_per_s",
+    "guest",
+    "t_s",
+    "threads",
+    "tps",
+    "qps",
+    "qps_read",
+    "qps_write",
+    "qps_other",
+    "latency_p95_ms",
+    "errors_per_s",
+    "reconnects_per_s",
 ]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
@@ -136,8 +145,13 @@ def seed_for_guest(params: SysbenchParams, guest_index: int) -> int:
 
 def _mariadb_argv(params: SysbenchParams, sql: str) -> list[str]:
     return [
-        "mariadb", f"--socket={params.mysql_socket}", f"--user={params.mysql_user}",
-        "--batch", "--skip-column-names", "-e", sql,
+        "mariadb",
+        f"--socket={params.mysql_socket}",
+        f"--user={params.mysql_user}",
+        "--batch",
+        "--skip-column-names",
+        "-e",
+        sql,
     ]
 
 
@@ -159,7 +173,8 @@ def innodb_buffer_pool_argv(params: SysbenchParams | None = None) -> list[str]:
 
 def _common_argv(params: SysbenchParams) -> list[str]:
     return [
-        "sysbench", params.test,
+        "sysbench",
+        params.test,
         "--db-driver=mysql",
         f"--mysql-socket={params.mysql_socket}",
         f"--mysql-user={params.mysql_user}",
@@ -212,8 +227,7 @@ _INTERVAL = re.compile(
     rf"\s+\(r/w/o:\s*(?P<r>{_NUM})/(?P<w>{_NUM})/(?P<o>{_NUM})\)"
     rf"\s+lat\s+\(ms,\s*(?P<pct>{_NUM})%\):\s*(?P<lat>{_NUM})"
     rf"(?:\s+err/s:\s*(?P<err>{_NUM}))?"
-    rf"(?:\s+reconn/s:\s*(?P<reconn>{_NUM}))?"
-    + _EOL,
+    rf"(?:\s+reconn/s:\s*(?P<reconn>{_NUM}))?" + _EOL,
     re.IGNORECASE | re.MULTILINE,
 )
 _BANNER = re.compile(r"^sysbench \d+\.\d+", re.MULTILINE)
@@ -298,9 +312,19 @@ class Summary:
 
 # One field per line of the statistics block, its last line (fairness) included.
 _COMPLETE_FIELDS = (
-    "transactions", "queries", "ignored_errors", "reconnects", "total_time_s", "total_events",
-    "latency_min_ms", "latency_avg_ms", "latency_max_ms", "latency_pct_ms", "latency_sum_ms",
-    "events_per_thread_avg", "exec_time_per_thread_avg_s",
+    "transactions",
+    "queries",
+    "ignored_errors",
+    "reconnects",
+    "total_time_s",
+    "total_events",
+    "latency_min_ms",
+    "latency_avg_ms",
+    "latency_max_ms",
+    "latency_pct_ms",
+    "latency_sum_ms",
+    "events_per_thread_avg",
+    "exec_time_per_thread_avg_s",
 )
 
 
@@ -381,10 +405,10 @@ _SUMMARY_PAIRS = {
 }
 _PERCENTILE = _line(rf"(\d+(?:\.\d+)?)th percentile:\s+({_NUM})")
 _FAIRNESS = {
-    ("events_per_thread_avg", "events_per_thread_stddev"):
-        _line(rf"events \(avg/stddev\):\s+({_NUM})/({_NUM})"),
-    ("exec_time_per_thread_avg_s", "exec_time_per_thread_stddev_s"):
-        _line(rf"execution time \(avg/stddev\):\s+({_NUM})/({_NUM})"),
+    ("events_per_thread_avg", "events_per_thread_stddev"): _line(rf"events \(avg/stddev\):\s+({_NUM})/({_NUM})"),
+    ("exec_time_per_thread_avg_s", "exec_time_per_thread_stddev_s"): _line(
+        rf"execution time \(avg/stddev\):\s+({_NUM})/({_NUM})"
+    ),
 }
 
 
@@ -412,7 +436,7 @@ def parse_summary(text: str) -> Summary:
     # Search only the statistics block (or what follows the last report when its header was
     # lost), so a label can never match a line from elsewhere.
     start = text.find("SQL statistics:")
-    block = text[start:] if start >= 0 else text[_last_interval_end(text):]
+    block = text[start:] if start >= 0 else text[_last_interval_end(text) :]
     values: dict[str, Any] = {}
     for name, pattern in _SUMMARY_INTS.items():
         if m := pattern.search(block):
@@ -467,9 +491,7 @@ class CommandResultLike(Protocol):
 
 
 class Session(Protocol):
-    def run(
-        self, cmd: Sequence[str] | str, timeout_s: float, check: bool = False
-    ) -> CommandResultLike: ...
+    def run(self, cmd: Sequence[str] | str, timeout_s: float, check: bool = False) -> CommandResultLike: ...
 
 
 @dataclass(frozen=True)
@@ -493,14 +515,10 @@ class GuestRun:
         return self.error is None
 
 
-def _run_checked(
-    session: Session, argv: list[str], timeout_s: float, what: str
-) -> CommandResultLike:
+def _run_checked(session: Session, argv: list[str], timeout_s: float, what: str) -> CommandResultLike:
     result = session.run(argv, timeout_s)
     if result.exit_status != 0:
-        raise WorkloadError(
-            f"{what} exited with status {result.exit_status}: {_failure_reason(result)}"
-        )
+        raise WorkloadError(f"{what} exited with status {result.exit_status}: {_failure_reason(result)}")
     return result
 
 
@@ -512,9 +530,7 @@ def _failure_reason(result: CommandResultLike) -> str:
     return " | ".join(tail) or "no output"
 
 
-def prepare_guest(
-    session: Session, params: SysbenchParams, seed: int, timeout_s: float
-) -> float:
+def prepare_guest(session: Session, params: SysbenchParams, seed: int, timeout_s: float) -> float:
     """Create the database and load fresh tables; returns seconds spent.
 
     Old tables are dropped first because oltp_common.lua's prepare uses a bare CREATE TABLE
@@ -534,9 +550,7 @@ def prepare_guest(
     return time.monotonic() - started
 
 
-def run_guest(
-    session: Session, params: SysbenchParams, timeout_s: float, guest: str = ""
-) -> GuestRun:
+def run_guest(session: Session, params: SysbenchParams, timeout_s: float, guest: str = "") -> GuestRun:
     """Run sysbench once and parse it.
 
     A run that failed (non-zero exit, FATAL lines, statistics missing or cut, or a session
@@ -579,8 +593,7 @@ def _parse_run(result: CommandResultLike) -> tuple[list[IntervalRow], Summary, s
     except WorkloadError as exc:
         intervals, unparsable = [], str(exc)
     if result.exit_status != 0:
-        return intervals, failed, (
-            f"exited with status {result.exit_status}: {_failure_reason(result)}")
+        return intervals, failed, (f"exited with status {result.exit_status}: {_failure_reason(result)}")
     if fatal := fatal_lines(f"{result.stdout}\n{result.stderr}"):
         # sysbench can print FATAL (a worker's query failed) and still exit 0.
         return intervals, failed, "reported " + " | ".join(fatal)
@@ -591,11 +604,9 @@ def _parse_run(result: CommandResultLike) -> tuple[list[IntervalRow], Summary, s
     except WorkloadError as exc:
         return intervals, failed, str(exc)
     if summary.transactions is None:
-        return intervals, summary, (
-            f"no final statistics in the output ({_failure_reason(result)})")
+        return intervals, summary, (f"no final statistics in the output ({_failure_reason(result)})")
     if not summary.complete:
-        return intervals, summary, (
-            f"final statistics cut short (missing: {', '.join(summary.missing)})")
+        return intervals, summary, (f"final statistics cut short (missing: {', '.join(summary.missing)})")
     return intervals, summary, None
 
 
@@ -647,7 +658,11 @@ def _failed_run(guest: str, exc: BaseException) -> GuestRun:
     else:
         message = str(exc) or type(exc).__name__
     return GuestRun(
-        guest=guest, intervals=[], summary=Summary(), raw_stdout="", raw_stderr="",
+        guest=guest,
+        intervals=[],
+        summary=Summary(),
+        raw_stdout="",
+        raw_stderr="",
         error=f"{type(exc).__name__}: {message}",
     )
 
@@ -669,12 +684,21 @@ def intervals_frame(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> pd.Dat
                     f"{run.guest}: interval latency is the {row.latency_percentile:g}th "
                     f"percentile, workload.csv holds the {LATENCY_PERCENTILE}th"
                 )
-            records.append({
-                "guest": run.guest, "t_s": row.t_s, "threads": row.threads, "tps": row.tps,
-                "qps": row.qps, "qps_read": row.qps_read, "qps_write": row.qps_write,
-                "qps_other": row.qps_other, "latency_p95_ms": row.latency_pct_ms,
-                "errors_per_s": row.errors_per_s, "reconnects_per_s": row.reconnects_per_s,
-            })
+            records.append(
+                {
+                    "guest": run.guest,
+                    "t_s": row.t_s,
+                    "threads": row.threads,
+                    "tps": row.tps,
+                    "qps": row.qps,
+                    "qps_read": row.qps_read,
+                    "qps_write": row.qps_write,
+                    "qps_other": row.qps_other,
+                    "latency_p95_ms": row.latency_pct_ms,
+                    "errors_per_s": row.errors_per_s,
+                    "reconnects_per_s": row.reconnects_per_s,
+                }
+            )
     return pd.DataFrame.from_records(records, columns=WORKLOAD_COLUMNS)
 
 
@@ -691,4 +715,6 @@ def summary_dict(runs: Mapping[str, GuestRun] | Iterable[GuestRun]) -> dict[str,
     return out
 
 
-PLUGIN = WorkloadPlugin(type="sysbench", model=SysbenchWorkload, runner="orchestrator.runners.vm:VmRunner", where="guests")
+PLUGIN = WorkloadPlugin(
+    type="sysbench", model=SysbenchWorkload, runner="orchestrator.runners.vm:VmRunner", where="guests"
+)

@@ -60,25 +60,33 @@ TWO_STUDIES = "two studies"
 NIGHT_SD = "night sd"
 HISTORY = "history"
 
-RULE = ("A change is beyond its threshold when it goes the metric's bad way by more than the threshold "
-        "(percent of A's mean; points for the changes vs KSM off) AND its 95% interval (Welch, across the "
-        "two studies' trials of that setting) excludes 0; an improvement likewise the good way. A change "
-        "whose interval excludes 0 but that is smaller than the threshold is 'within threshold'. With one "
-        "trial on a side there is no interval: 'cannot tell'.")
+RULE = (
+    "A change is beyond its threshold when it goes the metric's bad way by more than the threshold "
+    "(percent of A's mean; points for the changes vs KSM off) AND its 95% interval (Welch, across the "
+    "two studies' trials of that setting) excludes 0; an improvement likewise the good way. A change "
+    "whose interval excludes 0 but that is smaller than the threshold is 'within threshold'. With one "
+    "trial on a side there is no interval: 'cannot tell'."
+)
 RULES = {
-    TWO_STUDIES: ("Two single studies cannot measure how much nights differ, so a bad-way change beyond its "
-                  "threshold is 'unconfirmed' and never makes the exit status 1. Pass --history RESULTS_ROOT "
-                  "(earlier nights of this plan and host) or --night-sd METRIC=VALUE for a verdict."),
-    NIGHT_SD: ("The interval of a change with a given --night-sd has at least the variance two nights differ "
-               "by (2 night_sd^2). The exit status is 1 when a headline change goes the bad way beyond its "
-               "threshold and survives Holm-Bonferroni at alpha across the headline family; metrics without "
-               "a night sd follow the two-study rule ('unconfirmed')."),
-    HISTORY: ("Study B is judged against the band of the previous nights of the same plan, host and setting "
-              "(random-effects prediction interval, t with nights-1 df). The exit status is 1 when a headline "
-              "change goes the bad way beyond its threshold and survives Holm-Bonferroni at alpha across the "
-              "headline family; a headline change outside the band (p < 0.05) that does not survive is a "
-              "'suspect' (the nightly job confirms it); other metrics are reported, never gating. With fewer "
-              "earlier nights than needed a metric follows the two-study rule ('unconfirmed')."),
+    TWO_STUDIES: (
+        "Two single studies cannot measure how much nights differ, so a bad-way change beyond its "
+        "threshold is 'unconfirmed' and never makes the exit status 1. Pass --history RESULTS_ROOT "
+        "(earlier nights of this plan and host) or --night-sd METRIC=VALUE for a verdict."
+    ),
+    NIGHT_SD: (
+        "The interval of a change with a given --night-sd has at least the variance two nights differ "
+        "by (2 night_sd^2). The exit status is 1 when a headline change goes the bad way beyond its "
+        "threshold and survives Holm-Bonferroni at alpha across the headline family; metrics without "
+        "a night sd follow the two-study rule ('unconfirmed')."
+    ),
+    HISTORY: (
+        "Study B is judged against the band of the previous nights of the same plan, host and setting "
+        "(random-effects prediction interval, t with nights-1 df). The exit status is 1 when a headline "
+        "change goes the bad way beyond its threshold and survives Holm-Bonferroni at alpha across the "
+        "headline family; a headline change outside the band (p < 0.05) that does not survive is a "
+        "'suspect' (the nightly job confirms it); other metrics are reported, never gating. With fewer "
+        "earlier nights than needed a metric follows the two-study rule ('unconfirmed')."
+    ),
 }
 
 
@@ -106,8 +114,7 @@ METRICS = (
     MetricSpec("latency_p95_ms", "ms", False, "latency_rise_pct", 1e-9, True, 0.01),
     # within the night, paired by block with that night's KSM-off trials: the host's speed cancels
     MetricSpec("tps_vs_off_pct", "% vs KSM off", True, "tps_drop_pct", 0.0, False, 0.01, absolute=True),
-    MetricSpec("latency_p95_ms_vs_off_pct", "% vs KSM off", False, "latency_rise_pct", 0.0, False, 0.01,
-               absolute=True),
+    MetricSpec("latency_p95_ms_vs_off_pct", "% vs KSM off", False, "latency_rise_pct", 0.0, False, 0.01, absolute=True),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 SPECS = {m.name: m for m in METRICS}
@@ -120,8 +127,7 @@ def check_metric_names(names: Any, what: str) -> tuple[str, ...]:
     names = tuple(names)
     unknown = [n for n in names if n not in SPECS]
     if unknown:
-        raise CompareError(f"{what}: unknown metric {', '.join(map(repr, unknown))} "
-                           f"(known: {', '.join(METRIC_NAMES)})")
+        raise CompareError(f"{what}: unknown metric {', '.join(map(repr, unknown))} (known: {', '.join(METRIC_NAMES)})")
     return names
 
 
@@ -220,8 +226,10 @@ def chance_sentence(result: "Comparison") -> str:
     """How often chance alone would give this verdict on an unchanged night."""
     if result.mode == TWO_STUDIES or not result.family_size:
         return "no change here can make the exit status 1 (no night-level spread known)"
-    return (f"Holm over {result.family_size} headline changes at alpha {result.alpha:g}: on a night where "
-            f"nothing changed, the exit status is 1 by chance at most {100 * result.alpha:g}% of the time")
+    return (
+        f"Holm over {result.family_size} headline changes at alpha {result.alpha:g}: on a night where "
+        f"nothing changed, the exit status is 1 by chance at most {100 * result.alpha:g}% of the time"
+    )
 
 
 def _clean(value: Any) -> Any:
@@ -238,8 +246,9 @@ def _clean(value: Any) -> Any:
 # ----------------------------------------------------------------------------- the verdict
 
 
-def judge(change_pct: float, half_pct: float, has_interval: bool, higher_is_better: bool,
-          threshold_pct: float) -> tuple[str, str]:
+def judge(
+    change_pct: float, half_pct: float, has_interval: bool, higher_is_better: bool, threshold_pct: float
+) -> tuple[str, str]:
     """(verdict, note) of one change in percent, by RULE."""
     if not math.isfinite(change_pct):
         return CANNOT_TELL, "no percent change (A's mean is about 0 or a side has no value)"
@@ -253,12 +262,15 @@ def judge(change_pct: float, half_pct: float, has_interval: bool, higher_is_bett
     if abs(change_pct) <= half_pct:
         reach = (change_pct + bad_sign * half_pct) * bad_sign  # the interval's bad end, as a positive %
         if reach > threshold_pct:
-            return NO_CHANGE, (f"the interval reaches {bad_sign * reach:+.1f}%, beyond the {threshold_pct:g}% "
-                               "threshold: too few trials to rule out a regression of that size")
+            return NO_CHANGE, (
+                f"the interval reaches {bad_sign * reach:+.1f}%, beyond the {threshold_pct:g}% "
+                "threshold: too few trials to rule out a regression of that size"
+            )
         return NO_CHANGE, "the 95% interval includes 0"
     if abs(change_pct) > threshold_pct:
         return (REGRESSION if worse else IMPROVEMENT), (
-            f"beyond the {threshold_pct:g}% threshold and the 95% interval excludes 0")
+            f"beyond the {threshold_pct:g}% threshold and the 95% interval excludes 0"
+        )
     return WITHIN_THRESHOLD, f"the 95% interval excludes 0, but the change is under the {threshold_pct:g}% threshold"
 
 
@@ -284,7 +296,10 @@ def percent_defined(spec: MetricSpec, mean_a: float, half_a: float) -> bool:
 def _about_zero(interval_includes_zero: bool) -> tuple[str, str]:
     if interval_includes_zero:
         return NO_CHANGE, "A's mean cannot be told from 0, so no percent; the change's 95% interval includes 0"
-    return CANNOT_TELL, "A's mean cannot be told from 0 (under the floor or within its own interval): no percent, no threshold"
+    return (
+        CANNOT_TELL,
+        "A's mean cannot be told from 0 (under the floor or within its own interval): no percent, no threshold",
+    )
 
 
 def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: Thresholds) -> MetricChange | None:
@@ -301,12 +316,30 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
     scale = 1.0 if spec.absolute else abs(a_mean)
     if has_interval and half == 0:  # every trial equal on both sides: a zero-width interval claims nothing
         verdict, note = CANNOT_TELL, NO_SPREAD
-        pct = change if spec.absolute else (100.0 * change / scale if percent_defined(spec, a_mean, a_half)
-                                            else math.nan)
-        return MetricChange(spec.name, spec.unit, "higher" if spec.higher_is_better else "lower",
-                            a_mean, a_half, int(a.size), b_mean, b_half, int(b.size), change, math.nan, pct,
-                            math.nan, NO_INTERVAL, threshold, verdict, note,
-                            a_values=a.tolist(), b_values=b.tolist())
+        pct = (
+            change if spec.absolute else (100.0 * change / scale if percent_defined(spec, a_mean, a_half) else math.nan)
+        )
+        return MetricChange(
+            spec.name,
+            spec.unit,
+            "higher" if spec.higher_is_better else "lower",
+            a_mean,
+            a_half,
+            int(a.size),
+            b_mean,
+            b_half,
+            int(b.size),
+            change,
+            math.nan,
+            pct,
+            math.nan,
+            NO_INTERVAL,
+            threshold,
+            verdict,
+            note,
+            a_values=a.tolist(),
+            b_values=b.tolist(),
+        )
     if a.size and b.size and (spec.absolute or percent_defined(spec, a_mean, a_half)):
         pct, half_pct = (change, half) if spec.absolute else (100.0 * change / scale, 100.0 * half / scale)
         verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, threshold)
@@ -316,20 +349,40 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
             verdict, note = CANNOT_TELL, f"no value in study {'A' if not a.size else 'B'}"
         else:
             verdict, note = _about_zero(has_interval and abs(change) <= half)
-    return MetricChange(spec.name, spec.unit, "higher" if spec.higher_is_better else "lower",
-                        a_mean, a_half, int(a.size), b_mean, b_half, int(b.size), change,
-                        half if has_interval else math.nan, pct, half_pct if has_interval else math.nan,
-                        WELCH if has_interval else NO_INTERVAL, threshold, verdict, note,
-                        a_values=a.tolist(), b_values=b.tolist())
+    return MetricChange(
+        spec.name,
+        spec.unit,
+        "higher" if spec.higher_is_better else "lower",
+        a_mean,
+        a_half,
+        int(a.size),
+        b_mean,
+        b_half,
+        int(b.size),
+        change,
+        half if has_interval else math.nan,
+        pct,
+        half_pct if has_interval else math.nan,
+        WELCH if has_interval else NO_INTERVAL,
+        threshold,
+        verdict,
+        note,
+        a_values=a.tolist(),
+        b_values=b.tolist(),
+    )
 
 
 # ----------------------------------------------------------------------------- the two studies
 
 
 def study_summary(study: StudyData) -> dict[str, Any]:
-    return {"path": str(study.study_dir), "name": str(study.study.get("name") or study.study_dir.name),
-            "host": hostname_of(study.host), "created_wall": study.study.get("created_wall"),
-            "kernel": study.host.get("kernel")}
+    return {
+        "path": str(study.study_dir),
+        "name": str(study.study.get("name") or study.study_dir.name),
+        "host": hostname_of(study.host),
+        "created_wall": study.study.get("created_wall"),
+        "kernel": study.host.get("kernel"),
+    }
 
 
 def _used(sm: StudyMetrics) -> pd.DataFrame:
@@ -354,11 +407,15 @@ def check_comparable(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetr
     """Refuse studies of different plans: another study name, or other swept axes."""
     name_a, name_b = study_summary(a)["name"], study_summary(b)["name"]
     if name_a != name_b:
-        raise CompareError(f"refusing to compare studies of different plans: {a.study_dir} is study "
-                           f"'{name_a}', {b.study_dir} is study '{name_b}'")
+        raise CompareError(
+            f"refusing to compare studies of different plans: {a.study_dir} is study "
+            f"'{name_a}', {b.study_dir} is study '{name_b}'"
+        )
     if set(sa.axes) != set(sb.axes):
-        raise CompareError(f"refusing to compare: the plans sweep different axes ({a.study_dir}: "
-                           f"{', '.join(sa.axes) or 'none'}; {b.study_dir}: {', '.join(sb.axes) or 'none'})")
+        raise CompareError(
+            f"refusing to compare: the plans sweep different axes ({a.study_dir}: "
+            f"{', '.join(sa.axes) or 'none'}; {b.study_dir}: {', '.join(sb.axes) or 'none'})"
+        )
 
 
 @dataclass(frozen=True)
@@ -384,15 +441,20 @@ def _series(rows: pd.DataFrame, metric: str) -> list[nights.Summary]:
     return [(float(m), float(sd), int(n) if math.isfinite(n) else 0) for m, sd, n in zip(*cols)]
 
 
-def earlier_nights(history: pd.DataFrame, plan: str, host: str, setting: str, ksm_off: bool,
-                   before_wall: float, exclude: Path) -> pd.DataFrame:
+def earlier_nights(
+    history: pd.DataFrame, plan: str, host: str, setting: str, ksm_off: bool, before_wall: float, exclude: Path
+) -> pd.DataFrame:
     """Index rows of the same plan, host and setting, started before `before_wall`, oldest first
     (the study judged, `exclude`, left out)."""
     if history is None or history.empty:
         return history.iloc[0:0] if history is not None else pd.DataFrame()
-    rows = history[(history["plan"] == plan) & (history["host"] == host) & (history["setting"] == setting)
-                   & (history["ksm_off"].astype(bool) == bool(ksm_off))
-                   & (pd.to_numeric(history["created_wall"], errors="coerce") < before_wall)]
+    rows = history[
+        (history["plan"] == plan)
+        & (history["host"] == host)
+        & (history["setting"] == setting)
+        & (history["ksm_off"].astype(bool) == bool(ksm_off))
+        & (pd.to_numeric(history["created_wall"], errors="coerce") < before_wall)
+    ]
     excluded = str(Path(exclude).resolve())
     rows = rows[[str(Path(p).resolve()) != excluded for p in rows["study_path"]]]
     return rows.sort_values("created_wall", kind="stable")
@@ -407,13 +469,33 @@ def band_verdict(j: nights.Judgement, suspect_p: float) -> str:
     return {-1: WORSE, 1: IMPROVEMENT, 0: WITHIN_THRESHOLD}[j.beyond]
 
 
-def _against_history(m: MetricChange, spec: MetricSpec, b_values: Any, earlier: pd.DataFrame,
-                     thresholds: Thresholds, rules: nights.NightRules) -> bool:
+def _against_history(
+    m: MetricChange,
+    spec: MetricSpec,
+    b_values: Any,
+    earlier: pd.DataFrame,
+    thresholds: Thresholds,
+    rules: nights.NightRules,
+) -> bool:
     """Judge B's value against the band of the earlier nights; False when there is no band."""
-    _, band = nights.walk(_series(earlier, spec.name), spec.higher_is_better, thresholds.for_metric(spec),
-                          spec.absolute, spec.near_zero, spec.resolution, rules)
-    j = nights.judge(_summary(b_values), band, spec.higher_is_better, thresholds.for_metric(spec), spec.absolute,
-                     spec.near_zero, rules)
+    _, band = nights.walk(
+        _series(earlier, spec.name),
+        spec.higher_is_better,
+        thresholds.for_metric(spec),
+        spec.absolute,
+        spec.near_zero,
+        spec.resolution,
+        rules,
+    )
+    j = nights.judge(
+        _summary(b_values),
+        band,
+        spec.higher_is_better,
+        thresholds.for_metric(spec),
+        spec.absolute,
+        spec.near_zero,
+        rules,
+    )
     if j.band is None:
         m.note += f"; history: {j.why_no_band}"
         return False
@@ -425,13 +507,16 @@ def _against_history(m: MetricChange, spec: MetricSpec, b_values: Any, earlier: 
         return True
     m.verdict = band_verdict(j, rules.suspect_p)
     unit = "points" if spec.absolute else "%"
-    m.note = (f"against the band of {j.band.nights} earlier nights ({j.band_low:.4g} to {j.band_high:.4g} {spec.unit}): "
-              f"{j.change_pct:+.1f} {unit} +- {j.half_pct:.1f}, p = {j.p:.2g}")
+    m.note = (
+        f"against the band of {j.band.nights} earlier nights ({j.band_low:.4g} to {j.band_high:.4g} {spec.unit}): "
+        f"{j.change_pct:+.1f} {unit} +- {j.half_pct:.1f}, p = {j.p:.2g}"
+    )
     return True
 
 
-def _with_night_sd(m: MetricChange, spec: MetricSpec, a_values: Any, b_values: Any, night_sd: float,
-                   thresholds: Thresholds) -> bool:
+def _with_night_sd(
+    m: MetricChange, spec: MetricSpec, a_values: Any, b_values: Any, night_sd: float, thresholds: Thresholds
+) -> bool:
     """Judge the change with the given between-night sd in its variance."""
     (mean_a, sd_a, n_a), (mean_b, sd_b, n_b) = _summary(a_values), _summary(b_values)
     if not (n_a and n_b) or not math.isfinite(night_sd) or night_sd < 0:
@@ -461,13 +546,22 @@ def apply_gate(changes: list["SettingChange"], judged: list[tuple[MetricChange, 
         for m, r in zip(family, reject):
             if m.verdict == WORSE:
                 m.verdict = REGRESSION if r else SUSPECT
-                m.note += "; survives Holm across the headline family" if r else \
-                    "; outside the band, but not after Holm across the headline family: confirm it"
+                m.note += (
+                    "; survives Holm across the headline family"
+                    if r
+                    else "; outside the band, but not after Holm across the headline family: confirm it"
+                )
     return len(family)
 
 
-def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetrics,
-                    thresholds: Thresholds = Thresholds(), context: NightContext | None = None) -> Comparison:
+def compare_studies(
+    a: StudyData,
+    sa: StudyMetrics,
+    b: StudyData,
+    sb: StudyMetrics,
+    thresholds: Thresholds = Thresholds(),
+    context: NightContext | None = None,
+) -> Comparison:
     context = context or NightContext()
     headline = check_metric_names(context.headline, "headline")
     check_metric_names(context.night_sd, "--night-sd")
@@ -475,8 +569,10 @@ def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetri
     settings_a, settings_b = _settings_of(sa), _settings_of(sb)
     common = [g for g in settings_a if g in settings_b]
     if not common:
-        raise CompareError(f"refusing to compare: {a.study_dir} and {b.study_dir} have no setting in common "
-                           "with a usable trial (same swept values and KSM on/off)")
+        raise CompareError(
+            f"refusing to compare: {a.study_dir} and {b.study_dir} have no setting in common "
+            "with a usable trial (same swept values and KSM on/off)"
+        )
     mode = HISTORY if context.history is not None else NIGHT_SD if context.night_sd else TWO_STUDIES
     summary_b = study_summary(b)
     b_wall = pd.to_numeric(pd.Series([summary_b["created_wall"]]), errors="coerce").iloc[0]
@@ -486,8 +582,11 @@ def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetri
     judged: list[tuple[MetricChange, bool]] = []
     for group in common:
         label, ksm_off = settings_a[group]
-        earlier = (earlier_nights(context.history, summary_b["name"], summary_b["host"], label, ksm_off, b_wall,
-                                  b.study_dir) if mode == HISTORY else None)
+        earlier = (
+            earlier_nights(context.history, summary_b["name"], summary_b["host"], label, ksm_off, b_wall, b.study_dir)
+            if mode == HISTORY
+            else None
+        )
         rows = []
         for spec in METRICS:
             if ksm_off and not spec.on_ksm_off:
@@ -514,21 +613,34 @@ def compare_studies(a: StudyData, sa: StudyMetrics, b: StudyData, sb: StudyMetri
     notes = []
     welch = sum(1 for c in changes for m in c.metrics if m.method == WELCH)
     if mode == TWO_STUDIES and welch >= MANY_COMPARISONS:
-        notes.append(f"{welch} changes were judged, each with a 95% interval: over that many, one can exceed its "
-                     "threshold by chance; a real change usually shows on several settings or saving views at once")
+        notes.append(
+            f"{welch} changes were judged, each with a 95% interval: over that many, one can exceed its "
+            "threshold by chance; a real change usually shows on several settings or saving views at once"
+        )
     if sa.blocks <= 1 or sb.blocks <= 1:
-        notes.append("a study has one repetition: its settings have one trial each, so no change can be told "
-                     "from noise (run the plan with repetitions >= 2 for intervals)")
+        notes.append(
+            "a study has one repetition: its settings have one trial each, so no change can be told "
+            "from noise (run the plan with repetitions >= 2 for intervals)"
+        )
     if mode != TWO_STUDIES and not family:
-        notes.append("no headline change could be judged against a night-level spread (too few earlier nights?): "
-                     "the exit status is 0 whatever the changes")
+        notes.append(
+            "no headline change could be judged against a night-level spread (too few earlier nights?): "
+            "the exit status is 0 whatever the changes"
+        )
     return Comparison(
-        a=study_summary(a), b=summary_b, thresholds=thresholds, settings=changes,
+        a=study_summary(a),
+        b=summary_b,
+        thresholds=thresholds,
+        settings=changes,
         only_in_a=[settings_a[g][0] for g in settings_a if g not in settings_b],
         only_in_b=[settings_b[g][0] for g in settings_b if g not in settings_a],
         host_diff=host_differences(a.host, b.host),
         plan_diff=plan_difference(a.plan_text, b.plan_text, str(a.study_dir), str(b.study_dir)),
-        notes=notes, mode=mode, mode_rule=RULES[mode], headline=headline, alpha=context.rules.alpha,
+        notes=notes,
+        mode=mode,
+        mode_rule=RULES[mode],
+        headline=headline,
+        alpha=context.rules.alpha,
         family_size=family,
     )
 
@@ -547,10 +659,30 @@ def load_pair(study_a: Path, study_b: Path) -> tuple[StudyData, StudyMetrics, St
 _HOST_NOISE = {"collected_wall", "ended_wall", "ksm_counter_sanity.checked", "ksm_counter_sanity.problems"}
 _HOST_NOISE |= {f"{snapshot}.{counter}" for snapshot in ("ksm_before", "ksm_after") for counter in KSM_COUNTERS}
 # what a reader looks for first; the rest follows in key order
-_HOST_ORDER = ("hostname", "kernel", "kernel_version", "arch", "cpu_model", "cpu_count", "numa_nodes",
-               "mem_total_kib", "page_size_bytes", "versions.qemu", "versions.libvirtd", "kernel_config.",
-               "cpu_topology.", "cpufreq.", "cpu_vulnerabilities.", "thp.", "thp_settings.", "sysctl_vm.",
-               "ksm_before.", "ksm_after.", "ksm_counter_sanity.", "versions.")
+_HOST_ORDER = (
+    "hostname",
+    "kernel",
+    "kernel_version",
+    "arch",
+    "cpu_model",
+    "cpu_count",
+    "numa_nodes",
+    "mem_total_kib",
+    "page_size_bytes",
+    "versions.qemu",
+    "versions.libvirtd",
+    "kernel_config.",
+    "cpu_topology.",
+    "cpufreq.",
+    "cpu_vulnerabilities.",
+    "thp.",
+    "thp_settings.",
+    "sysctl_vm.",
+    "ksm_before.",
+    "ksm_after.",
+    "ksm_counter_sanity.",
+    "versions.",
+)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -576,8 +708,15 @@ def hosts_differences(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     hosts = {name: host or {} for name, host in hosts.items()}
     # A section only some studies recorded (host.json before it had one): one row, not one per value
     every = [set(h) for h in hosts.values()]
-    one_sided = {k for k in set().union(*every) - set.intersection(*every)
-                 if any(isinstance(h.get(k), dict) for h in hosts.values())} if every else set()
+    one_sided = (
+        {
+            k
+            for k in set().union(*every) - set.intersection(*every)
+            if any(isinstance(h.get(k), dict) for h in hosts.values())
+        }
+        if every
+        else set()
+    )
     flat = {}
     for name, host in hosts.items():
         flat[name] = flatten({k: v for k, v in host.items() if k not in one_sided})
@@ -595,8 +734,10 @@ def hosts_differences(hosts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def host_differences(host_a: dict[str, Any], host_b: dict[str, Any]) -> list[dict[str, Any]]:
     """[{"key", "a", "b"}] for every host.json value that differs between two hosts or runs
     (hosts_differences of the pair)."""
-    return [{"key": d["key"], "a": d["values"]["a"], "b": d["values"]["b"]}
-            for d in hosts_differences({"a": host_a, "b": host_b})]
+    return [
+        {"key": d["key"], "a": d["values"]["a"], "b": d["values"]["b"]}
+        for d in hosts_differences({"a": host_a, "b": host_b})
+    ]
 
 
 def _recorded(section: Any) -> str | None:
@@ -605,5 +746,11 @@ def _recorded(section: Any) -> str | None:
 
 def plan_difference(plan_a: str, plan_b: str, name_a: str = "A", name_b: str = "B") -> str:
     """Unified diff of the two plan.toml texts ("" when they are identical)."""
-    return "".join(difflib.unified_diff(plan_a.splitlines(keepends=True), plan_b.splitlines(keepends=True),
-                                        fromfile=f"{name_a}/plan.toml", tofile=f"{name_b}/plan.toml"))
+    return "".join(
+        difflib.unified_diff(
+            plan_a.splitlines(keepends=True),
+            plan_b.splitlines(keepends=True),
+            fromfile=f"{name_a}/plan.toml",
+            tofile=f"{name_b}/plan.toml",
+        )
+    )

@@ -45,11 +45,13 @@ from orchestrator.store import catalog, studydata
 MIN_HOSTS = 3  # a host-level interval needs 3 hosts (t with >= 2 df); also the leave-one-out rule
 ALPHA = 0.05
 HOST_LEVEL = "host-level interval"
-RULE = ("One value per host (its latest good study's value of the setting), their mean and the 95% t interval "
-        "with hosts - 1 df: the host is the unit of replication, never the trials pooled. A host differs most "
-        "when its distance from the other hosts' mean, in units of their spread (leave-one-out prediction, "
-        "t with hosts - 2 df), is the largest; it stands out when that p survives Holm across every host x "
-        "setting x metric judged.")
+RULE = (
+    "One value per host (its latest good study's value of the setting), their mean and the 95% t interval "
+    "with hosts - 1 df: the host is the unit of replication, never the trials pooled. A host differs most "
+    "when its distance from the other hosts' mean, in units of their spread (leave-one-out prediction, "
+    "t with hosts - 2 df), is the largest; it stands out when that p survives Holm across every host x "
+    "setting x metric judged."
+)
 
 
 @dataclass
@@ -119,8 +121,15 @@ def pool(values: Any) -> tuple[float, float, int, str]:
     arr = arr[np.isfinite(arr)]
     k = int(arr.size)
     if k < MIN_HOSTS:
-        return math.nan, math.nan, 0, (f"{k} host{'s' if k != 1 else ''} with a value: no fleet interval "
-                                        f"(a host-level interval needs {MIN_HOSTS})")
+        return (
+            math.nan,
+            math.nan,
+            0,
+            (
+                f"{k} host{'s' if k != 1 else ''} with a value: no fleet interval "
+                f"(a host-level interval needs {MIN_HOSTS})"
+            ),
+        )
     mean, half, _ = mean_ci95(arr)
     if not half > 0:
         return mean, math.nan, k - 1, "no spread between hosts measured (every host's value equal): cannot tell"
@@ -161,14 +170,17 @@ def latest_good(root: Path, plan: str) -> tuple[list[catalog.StudyEntry], list[d
         best = catalog.latest(of_host, (catalog.GOOD,))
         if best is None:
             states = ", ".join(sorted({e.state for e in of_host}))
-            skipped.append({"host": host, "why": f"no good study (every trial ok, trusted date): {len(of_host)} "
-                                                 f"found, {states}"})
+            skipped.append(
+                {"host": host, "why": f"no good study (every trial ok, trusted date): {len(of_host)} found, {states}"}
+            )
         else:
             chosen.append(best)
     if len(chosen) < 2:
         which = f" ({chosen[0].host})" if chosen else ""
-        raise FleetError(f"{root}: {len(chosen)} host{which} with a good study of plan {plan!r}: a fleet summary "
-                         "needs at least 2 hosts")
+        raise FleetError(
+            f"{root}: {len(chosen)} host{which} with a good study of plan {plan!r}: a fleet summary "
+            "needs at least 2 hosts"
+        )
     return chosen, skipped
 
 
@@ -225,8 +237,16 @@ def summarise(root: Path, plan: str, headline: tuple[str, ...] = HEADLINE, alpha
     for m in metrics.values():
         for h in m.hosts:
             if h.stands_out:
-                standing.append({"host": h.host, "setting": m.setting, "metric": m.metric, "z": h.z, "p": h.p,
-                                 "differs_in": differs_in(h.host, diff)})
+                standing.append(
+                    {
+                        "host": h.host,
+                        "setting": m.setting,
+                        "metric": m.metric,
+                        "z": h.z,
+                        "p": h.p,
+                        "differs_in": differs_in(h.host, diff),
+                    }
+                )
     return Fleet(str(root), plan, studies, list(metrics.values()), diff, skipped, standing, len(judged))
 
 

@@ -38,7 +38,16 @@ import pyarrow.parquet as pq
 from orchestrator.analysis import studymetrics
 from orchestrator.analysis.across import nights
 from orchestrator.store import catalog, studydata
-from orchestrator.analysis.across.compare import HEADLINE, IMPROVEMENT, METRICS, REGRESSION, SPECS, WORSE, Thresholds, band_verdict
+from orchestrator.analysis.across.compare import (
+    HEADLINE,
+    IMPROVEMENT,
+    METRICS,
+    REGRESSION,
+    SPECS,
+    WORSE,
+    Thresholds,
+    band_verdict,
+)
 from orchestrator.analysis.stats import mean_half_width95
 from orchestrator.fsutil import atomic_write_bytes
 
@@ -50,8 +59,22 @@ INDEX_VERSION = 2  # bump when the columns change: an old cache is then rebuilt,
 NO_CSV = -1  # trials_csv_mtime_ns of a study without trials.csv (unfinished: no numbers yet)
 # host.json values whose change between two runs is marked on the trend plots
 VERSION_COLUMNS = {"kernel": ("kernel",), "qemu": ("versions", "qemu"), "libvirt": ("versions", "libvirtd")}
-IDENTITY = ("index_version", "study", "study_path", "plan", "host", "created_wall", "date", "state",
-            "trials_csv_mtime_ns", *VERSION_COLUMNS, "setting", "ksm_off", "trials", "n")
+IDENTITY = (
+    "index_version",
+    "study",
+    "study_path",
+    "plan",
+    "host",
+    "created_wall",
+    "date",
+    "state",
+    "trials_csv_mtime_ns",
+    *VERSION_COLUMNS,
+    "setting",
+    "ksm_off",
+    "trials",
+    "n",
+)
 METRIC_NAMES = tuple(m.name for m in METRICS)
 
 
@@ -98,13 +121,18 @@ def _from_csv(path: Path) -> TrialColumns | None:
         if not set(NEEDED_COLUMNS) <= set(header):
             return None
         wanted = [c for c in (*NEEDED_COLUMNS, *METRIC_NAMES) if c in header]
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
-                               convert_options=pacsv.ConvertOptions(include_columns=wanted))
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False),
+            convert_options=pacsv.ConvertOptions(include_columns=wanted),
+        )
     except (OSError, ValueError, pa.ArrowInvalid):  # ValueError: a trials.csv that is not UTF-8 text
         return None
-    out: TrialColumns = {"setting": [str(v) for v in table.column("setting").to_pylist()],
-                         "ksm_off": _bools(table.column("ksm_off").to_pylist()),
-                         "used_in_stats": _bools(table.column("used_in_stats").to_pylist())}
+    out: TrialColumns = {
+        "setting": [str(v) for v in table.column("setting").to_pylist()],
+        "ksm_off": _bools(table.column("ksm_off").to_pylist()),
+        "used_in_stats": _bools(table.column("used_in_stats").to_pylist()),
+    }
     for name in METRIC_NAMES:
         if name in table.column_names:
             out[name] = _floats(table.column(name))
@@ -116,8 +144,11 @@ def _from_samples(entry: catalog.StudyEntry) -> TrialColumns | None:
         trials = studymetrics.compute_study(studydata.load_study(entry.path)).trials
     except Exception:  # one broken study must not stop the history of hundreds
         return None
-    out: TrialColumns = {"setting": [str(v) for v in trials["setting"]], "ksm_off": _bools(trials["ksm_off"]),
-                         "used_in_stats": _bools(trials["used_in_stats"])}
+    out: TrialColumns = {
+        "setting": [str(v) for v in trials["setting"]],
+        "ksm_off": _bools(trials["ksm_off"]),
+        "used_in_stats": _bools(trials["used_in_stats"]),
+    }
     for name in METRIC_NAMES:
         if name in trials:
             out[name] = pd.to_numeric(trials[name], errors="coerce").to_numpy(float)
@@ -158,8 +189,10 @@ def setting_summaries(columns: TrialColumns) -> list[dict[str, Any]]:
     statistics), and per metric the mean, 95% t half width (as stats.mean_ci95), sd (ddof=1) and
     n over the finite values of the trials used. numpy bincounts: no per-group Python work."""
     codes_of: dict[tuple[str, bool], int] = {}
-    codes = np.array([codes_of.setdefault((s, bool(o)), len(codes_of))
-                      for s, o in zip(columns["setting"], columns["ksm_off"])], dtype=int)
+    codes = np.array(
+        [codes_of.setdefault((s, bool(o)), len(codes_of)) for s, o in zip(columns["setting"], columns["ksm_off"])],
+        dtype=int,
+    )
     groups = len(codes_of)
     used = columns["used_in_stats"]
     rows: list[dict[str, Any]] = [{"setting": s, "ksm_off": o} for s, o in codes_of]
@@ -181,8 +214,14 @@ def setting_summaries(columns: TrialColumns) -> list[dict[str, Any]]:
             sd = np.where(count >= 2, np.sqrt(squares / (count - 1)), math.nan)
         half = mean_half_width95(sd, count)
         for g, row in enumerate(rows):
-            row.update({name: float(mean[g]) if count[g] else math.nan, f"{name}_ci95": float(half[g]),
-                        f"{name}_sd": float(sd[g]), f"{name}_n": int(count[g])})
+            row.update(
+                {
+                    name: float(mean[g]) if count[g] else math.nan,
+                    f"{name}_ci95": float(half[g]),
+                    f"{name}_sd": float(sd[g]),
+                    f"{name}_n": int(count[g]),
+                }
+            )
     return rows
 
 
@@ -193,8 +232,9 @@ def _text_as_object(frame: pd.DataFrame) -> pd.DataFrame:
     """One dtype for text whether built here or read back from Parquet (pandas may pick its
     string dtype for the latter), with None for missing values."""
     for name in TEXT_COLUMNS:
-        frame[name] = pd.Series([None if v is None or v != v else str(v) for v in frame[name]],
-                                index=frame.index, dtype=object)
+        frame[name] = pd.Series(
+            [None if v is None or v != v else str(v) for v in frame[name]], index=frame.index, dtype=object
+        )
     return frame
 
 
@@ -215,8 +255,12 @@ def load_index(path: Path) -> pd.DataFrame:
         return _frame([])
     versions = set(frame["index_version"]) if "index_version" in frame else {"none"}
     if versions != {INDEX_VERSION} or set(COLUMNS) - set(frame.columns):
-        log.warning("history index %s is of schema %s, this ksm-lab writes %d: rebuilding it from the studies",
-                    path, ", ".join(map(str, sorted(versions, key=str))), INDEX_VERSION)
+        log.warning(
+            "history index %s is of schema %s, this ksm-lab writes %d: rebuilding it from the studies",
+            path,
+            ", ".join(map(str, sorted(versions, key=str))),
+            INDEX_VERSION,
+        )
         return _frame([])
     return _text_as_object(frame)
 
@@ -321,8 +365,11 @@ def version_changes(rows: pd.DataFrame) -> list[VersionChange]:
         previous = None
         for study in studies.itertuples(index=False):
             if previous is not None:
-                changed = [f"{name} {getattr(previous, name)} -> {getattr(study, name)}" for name in VERSION_COLUMNS
-                           if getattr(previous, name) != getattr(study, name)]
+                changed = [
+                    f"{name} {getattr(previous, name)} -> {getattr(study, name)}"
+                    for name in VERSION_COLUMNS
+                    if getattr(previous, name) != getattr(study, name)
+                ]
                 if changed:
                     out.append(VersionChange(plan, host, study.study, study.created_wall, "; ".join(changed)))
             previous = study
@@ -339,8 +386,9 @@ class PageTest:
     judgement: nights.Judgement
 
 
-def judge_page(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
-               rules: nights.NightRules = nights.NightRules()) -> list[PageTest]:
+def judge_page(
+    rows: pd.DataFrame, thresholds: Thresholds = Thresholds(), rules: nights.NightRules = nights.NightRules()
+) -> list[PageTest]:
     """Every night of every series on the page judged against the nights before it (nights.walk);
     only judgements with a p-value (a band and a value) are returned."""
     out: list[PageTest] = []
@@ -354,8 +402,15 @@ def judge_page(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
                 continue
             cols = [pd.to_numeric(group[f"{spec.name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
             series = [(float(m), float(sd), int(n) if math.isfinite(n) else 0) for m, sd, n in zip(*cols)]
-            judged, _ = nights.walk(series, spec.higher_is_better, thresholds.for_metric(spec), spec.absolute,
-                                    spec.near_zero, spec.resolution, rules)
+            judged, _ = nights.walk(
+                series,
+                spec.higher_is_better,
+                thresholds.for_metric(spec),
+                spec.absolute,
+                spec.near_zero,
+                spec.resolution,
+                rules,
+            )
             for i, j in enumerate(judged):
                 if math.isfinite(j.p):
                     out.append(PageTest(records[i], spec.name, records[i - 1]["study"] if i else "", j))
@@ -383,8 +438,12 @@ class LatestRow:
     verdict: str
 
 
-def latest_nights(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
-                  rules: nights.NightRules = nights.NightRules(), headline: tuple[str, ...] = HEADLINE) -> list[LatestRow]:
+def latest_nights(
+    rows: pd.DataFrame,
+    thresholds: Thresholds = Thresholds(),
+    rules: nights.NightRules = nights.NightRules(),
+    headline: tuple[str, ...] = HEADLINE,
+) -> list[LatestRow]:
     """The dashboard's first table: per plan and host, the latest night's headline metrics with
     their interval, the band of the nights before, and the verdict word (before any family
     correction: the page's flags are the BH-corrected ones)."""
@@ -402,23 +461,49 @@ def latest_nights(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
                 spec = SPECS[name]
                 if name not in series_rows or not math.isfinite(float(pd.to_numeric(now[name], errors="coerce"))):
                     continue
-                cols = [pd.to_numeric(series_rows[f"{name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")]
+                cols = [
+                    pd.to_numeric(series_rows[f"{name}{s}"], errors="coerce").to_numpy(float) for s in ("", "_sd", "_n")
+                ]
                 series = [(float(m), float(sd), int(n) if math.isfinite(n) else 0) for m, sd, n in zip(*cols)]
-                judged, _ = nights.walk(series, spec.higher_is_better, thresholds.for_metric(spec), spec.absolute,
-                                        spec.near_zero, spec.resolution, rules)
+                judged, _ = nights.walk(
+                    series,
+                    spec.higher_is_better,
+                    thresholds.for_metric(spec),
+                    spec.absolute,
+                    spec.near_zero,
+                    spec.resolution,
+                    rules,
+                )
                 j = judged[-1]
-                verdict = band_verdict(j, rules.suspect_p) if j.band is not None and not j.why_no_band else \
-                    f"no band ({j.why_no_band})"
+                verdict = (
+                    band_verdict(j, rules.suspect_p)
+                    if j.band is not None and not j.why_no_band
+                    else f"no band ({j.why_no_band})"
+                )
                 if verdict == WORSE:  # one test, before Holm: whether it gates is the nightly compare's call
                     verdict = OUTSIDE_WORSE
-                out.append(LatestRow(plan, host, now["study"], setting, name, j.mean,
-                                     float(pd.to_numeric(now[f"{name}_ci95"], errors="coerce")), j.n,
-                                     j.band_low, j.band_high, j.band.nights if j.band else 0, verdict))
+                out.append(
+                    LatestRow(
+                        plan,
+                        host,
+                        now["study"],
+                        setting,
+                        name,
+                        j.mean,
+                        float(pd.to_numeric(now[f"{name}_ci95"], errors="coerce")),
+                        j.n,
+                        j.band_low,
+                        j.band_high,
+                        j.band.nights if j.band else 0,
+                        verdict,
+                    )
+                )
     return out
 
 
-def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
-          rules: nights.NightRules = nights.NightRules()) -> list[Flag]:
+def flags(
+    rows: pd.DataFrame, thresholds: Thresholds = Thresholds(), rules: nights.NightRules = nights.NightRules()
+) -> list[Flag]:
     """The regressions and improvements of the page (module docstring: band, then BH)."""
     tests = judge_page(rows, thresholds, rules)
     keep = nights.bh_flags([t.judgement.p for t in tests], [t.judgement.beyond for t in tests], rules.alpha)
@@ -429,17 +514,36 @@ def flags(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
         j, now = t.judgement, t.row
         absolute = next(m.absolute for m in METRICS if m.name == t.metric)
         unit = "points" if absolute else "%"
-        note = (f"outside the band of {j.band.nights} earlier nights ({j.band_low:.4g} to {j.band_high:.4g}), "
-                f"p = {j.p:.2g}, kept by Benjamini-Hochberg across the page's {len(tests)} judged changes "
-                f"({unit})")
-        out.append(Flag(now["plan"], now["host"], now["study"], t.previous, now["created_wall"], now["setting"],
-                        t.metric, j.change_pct, j.half_pct, REGRESSION if j.beyond < 0 else IMPROVEMENT, note,
-                        j.p, j.band_low, j.band_high, j.band.nights))
+        note = (
+            f"outside the band of {j.band.nights} earlier nights ({j.band_low:.4g} to {j.band_high:.4g}), "
+            f"p = {j.p:.2g}, kept by Benjamini-Hochberg across the page's {len(tests)} judged changes "
+            f"({unit})"
+        )
+        out.append(
+            Flag(
+                now["plan"],
+                now["host"],
+                now["study"],
+                t.previous,
+                now["created_wall"],
+                now["setting"],
+                t.metric,
+                j.change_pct,
+                j.half_pct,
+                REGRESSION if j.beyond < 0 else IMPROVEMENT,
+                note,
+                j.p,
+                j.band_low,
+                j.band_high,
+                j.band.nights,
+            )
+        )
     return sorted(out, key=lambda f: (f.created_wall, f.study, f.setting, f.metric))
 
 
-def count_comparisons(rows: pd.DataFrame, thresholds: Thresholds = Thresholds(),
-                      rules: nights.NightRules = nights.NightRules()) -> int:
+def count_comparisons(
+    rows: pd.DataFrame, thresholds: Thresholds = Thresholds(), rules: nights.NightRules = nights.NightRules()
+) -> int:
     """How many nights x settings x metrics were judged against a band: BH's m (the page says how
     many flags chance alone would give over that many)."""
     return len(judge_page(rows, thresholds, rules))

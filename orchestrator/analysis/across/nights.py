@@ -135,8 +135,15 @@ class Judgement:
         return self.band.mean + self.band.half(self.n) if self.band else math.nan
 
 
-def judge(value: Summary, band: Band | str, higher_is_better: bool, threshold: float, absolute: bool,
-          near_zero: float, rules: NightRules = NightRules()) -> Judgement:
+def judge(
+    value: Summary,
+    band: Band | str,
+    higher_is_better: bool,
+    threshold: float,
+    absolute: bool,
+    near_zero: float,
+    rules: NightRules = NightRules(),
+) -> Judgement:
     """Tonight's (mean, sd, n) against a band. `threshold` is percent of the band's mean, or
     points of the metric itself when `absolute` (a change vs KSM off, already in percent)."""
     mean, _, n = value
@@ -152,12 +159,29 @@ def judge(value: Summary, band: Band | str, higher_is_better: bool, threshold: f
     p = float(t_two_sided_p(change, se, band.dof))
     good = change > 0 if higher_is_better else change < 0
     beyond = 0 if abs(change * scale) <= threshold else (1 if good else -1)
-    return Judgement(mean, int(n), band, "", change, change * scale, band.half(int(n)) * scale, p, beyond,
-                     beyond != 0 and p < rules.suspect_p)
+    return Judgement(
+        mean,
+        int(n),
+        band,
+        "",
+        change,
+        change * scale,
+        band.half(int(n)) * scale,
+        p,
+        beyond,
+        beyond != 0 and p < rules.suspect_p,
+    )
 
 
-def walk(series: Iterable[Summary], higher_is_better: bool, threshold: float, absolute: bool,
-         near_zero: float, resolution: float, rules: NightRules = NightRules()) -> tuple[list[Judgement], Band | str]:
+def walk(
+    series: Iterable[Summary],
+    higher_is_better: bool,
+    threshold: float,
+    absolute: bool,
+    near_zero: float,
+    resolution: float,
+    rules: NightRules = NightRules(),
+) -> tuple[list[Judgement], Band | str]:
     """Judge each night of a time-ordered series against the nights before it (module docstring);
     also return the band the next night would be judged against."""
     included: deque[Summary] = deque(maxlen=rules.window)
