@@ -266,6 +266,10 @@ class TrialRecord(BaseModel):
         for key in _OMIT_WHEN_NONE:
             if data.get(key) is None:
                 data.pop(key, None)
+        # A part's unset keys stay absent, as the runners always wrote them ({"name": "static"})
+        for key, value in data.items():
+            if isinstance(getattr(self, key, None), RecordPart) and isinstance(value, dict):
+                data[key] = {k: v for k, v in value.items() if v is not None}
         return data
 
     @classmethod
