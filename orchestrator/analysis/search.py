@@ -410,9 +410,7 @@ def search_trials(plan: Any, study: Any) -> Iterator[Any]:
         if decision.done:
             log.info("search over %s: %s", spec.knob, decision.reason)
             return
-        repetition = sum(
-            1 for r in attempted if (r.settings or {}).get(f"ksm.{spec.knob}") == decision.next_value
-        )
+        repetition = sum(1 for r in attempted if (r.settings or {}).get(f"ksm.{spec.knob}") == decision.next_value)
         trial = search_trial(plan, decision.next_value, repetition, len(attempted))
         study.add_trial_ids([trial.trial_id])
         log.info("search: %s", decision.reason)
