@@ -57,6 +57,8 @@ class ProvisionRecord(RecordPart):
     """Restore: the saved state's key."""
     state_reused: bool | None = None
     """Restore: the saved state existed (False: built for this trial)."""
+    teardown_s: float | None = None
+    """Restore: seconds the restored set took to tear down after the trial."""
 
 
 class MergeableRecord(RecordPart):

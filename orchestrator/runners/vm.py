@@ -151,7 +151,7 @@ class VmRunner(TrialRunner):
         finally:
             began = time.monotonic()
             self.close()  # the next trial restores afresh; nothing of this one carries over
-            result.provision["teardown_s"] = round(time.monotonic() - began, 3)
+            result.provision.teardown_s = round(time.monotonic() - began, 3)
 
     def _states_root(self, trial: Trial, image: images.ImageRef) -> Path:
         g = guests_of(trial)
