@@ -192,7 +192,7 @@ def test_throttler_bursts_after_the_worker_starts_then_restores_the_plan_knobs(r
     extra = "pages_to_scan = 150\n[ksm.throttler]\naggressive_s = 3\nstandard_s = 3\nslow_s = 3"
     record, ksm, _ = run(plan_text("throttler", extra, measure_s=14), results_dir)
     policy = record["policy"]
-    assert policy["error"] is None
+    assert policy.get("error") is None  # trial.json leaves a part's unset keys out
     assert [s["source"] for s in policy["starts"]] == ["worker proc-0", "worker proc-1"]
     steps = policy["steps"]
     assert [s["mode"] for s in steps] == ["initial", "aggressive", "standard", "slow", "initial"]

@@ -36,6 +36,7 @@ from orchestrator.guests.guest import GuestSession
 from orchestrator.plan import Trial, pages_sharing_converged
 from orchestrator.guests.provision import GuestSet
 from orchestrator.runners.base import PhaseClock, TrialResult, sampler_health, wait_or_stop
+from orchestrator.runners.record import ProvisionRecord
 from orchestrator.runners.vm import (
     VmRunner,
     guest_set_key,
@@ -180,7 +181,7 @@ class DensityVmRunner(VmRunner):
         # The saved state holds max_guests guests; each step restores the next one.
         state_trial = dataclasses.replace(trial, guests=dict(trial.guests or {}, count=cfg.max_guests))
         saved, state_info = self._saved_set(state_trial, guest_set_key(state_trial), clock)
-        result.provision = dict(state_info, start="restore", density=True)
+        result.provision = ProvisionRecord(**{**state_info, "start": "restore", "density": True})
         host = VmDensityHost(self, state_trial, saved)
         outcome = density.DensityResult()
         sampler = self.sampler_for(trial, host.qemu_pids)
