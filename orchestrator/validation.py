@@ -6,12 +6,9 @@ Below plan.py and the workload adapters alike: both import it, it imports neithe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
-from orchestrator.errors import PlanError
 
 
 class Strict(BaseModel):
@@ -54,16 +51,6 @@ class RecordPart(BaseModel):
 
 
 class Params(Strict):
-    """A workload's parameters: the model the plan validates its [workload] table with and the
-    adapter runs with. from_mapping refuses a bad table with one PlanError naming every bad
-    key, "<kind> workload: key: problem"; the constructor raises pydantic's ValidationError.
-    (No __init__ of its own: pydantic would call it inside the plan's validation too.)"""
-
-    kind: ClassVar[str] = "the"
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> Any:
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            raise PlanError(f"{cls.kind} workload: " + "; ".join(problems(exc, whole=""))) from None
+    """A workload's parameters: the model the plan validates its [workload] table with (a bad
+    table is one PlanError naming every bad key) and the adapter runs with. (No __init__ of its
+    own: pydantic would call it inside the plan's validation too.)"""

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.analysis import studymetrics
+from orchestrator.analysis import studymetrics, trialmetrics
 from orchestrator.store import studydata
 
 PAGE = 4096
@@ -339,3 +339,40 @@ def family_study(root: Path, effects: dict[int, list[float]], off: tuple[float, 
                 guest_spread=0.0,
             )
     return finish_study(study)
+
+
+def scanning_frame(scanned_per_s: float = 2500.0, chains: int = 5, **kwargs) -> pd.DataFrame:
+    """ramp_ksm_frame plus what the scan-speed and memory metrics read: pages_scanned rising
+    scanned_per_s during measure, stable_node_chains."""
+    ksm = ramp_ksm_frame(**kwargs)
+    measure = ksm["phase"] == "measure"
+    t0 = ksm.loc[measure, "t_s"].min()
+    ksm["pages_scanned"] = np.where(measure, (ksm["t_s"] - t0) * scanned_per_s, 0).astype(int)
+    ksm["stable_node_chains"] = np.where(measure, chains, 0)
+    return ksm
+
+
+def one_trial(
+    tmp_path: Path,
+    knobs: dict,
+    ksm: pd.DataFrame,
+    *,
+    ksm_off: bool = False,
+    extra: dict | None = None,
+    cow: pd.DataFrame | None = None,
+) -> dict:
+    study = start_study(tmp_path)
+    trial_dir = write_trial(
+        study,
+        "t",
+        {"pages_to_scan": knobs.get("pages_to_scan")},
+        ksm=ksm,
+        processes=processes_frame(ksm),
+        ksm_knobs=knobs,
+        ksm_off=ksm_off,
+        extra=extra,
+    )
+    if cow is not None:
+        cow.to_csv(trial_dir / "cow.csv", index=False)
+    finish_study(study)
+    return trialmetrics.trial_metrics(trial_dir, PAGE)

@@ -14,34 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.host.ksm import HOST_KNOB_FILES, KSM_KNOBS, read_host_knobs, read_ksm_knobs, read_sysfs_value
 from orchestrator.host.probes import KSM_SYSFS
 from tests.guest_sessions import have_mariadb
+from tests.hoststate import force as _force
+from tests.hoststate import snapshot
 
 ROOT = Path("/")
-# Knobs (not counters) whose value a test must leave as it found it.
-KNOBS = KSM_KNOBS
-
-
-def snapshot() -> dict[str, str]:
-    ksm = read_ksm_knobs(ROOT)
-    state = {k: ksm[k] for k in KNOBS if k in ksm}
-    state.update(read_host_knobs(ROOT))
-    return state
-
-
-def _force(state: dict[str, str]) -> None:
-    ksm_dir = ROOT / KSM_SYSFS
-    (ksm_dir / "run").write_text("2")
-    order = ["advisor_mode"] + [k for k in state if k not in ("advisor_mode", "run")]
-    for knob in order:
-        if knob in HOST_KNOB_FILES:
-            path = ROOT / HOST_KNOB_FILES[knob]
-        else:
-            path = ksm_dir / knob
-        if path.exists() and read_sysfs_value(path) != state[knob]:
-            path.write_text(state[knob])
-    (ksm_dir / "run").write_text(state["run"])
 
 
 @pytest.fixture

@@ -18,31 +18,12 @@ from orchestrator.host.ksm import (
     restore_from_record,
 )
 from orchestrator.host.probes import KSM_SYSFS
+from tests.hoststate import OLD_KERNEL_KSM, fake_ksm_tree
 
 ksm = pytest.mark.ksm
 
 
-def fake_ksm_tree(root: Path, files: dict[str, str]) -> Path:
-    ksm_dir = root / KSM_SYSFS
-    ksm_dir.mkdir(parents=True)
-    for name, value in files.items():
-        (ksm_dir / name).write_text(value + "\n")
-    return ksm_dir
-
-
-OLD_KERNEL = {
-    "run": "0",
-    "pages_to_scan": "100",
-    "sleep_millisecs": "20",
-    "pages_shared": "0",
-    "pages_sharing": "0",
-    "pages_unshared": "0",
-    "pages_volatile": "0",
-    "full_scans": "0",
-    "merge_across_nodes": "1",
-    "max_page_sharing": "256",
-    "use_zero_pages": "0",
-}
+OLD_KERNEL = OLD_KERNEL_KSM
 
 
 def test_reads_an_old_kernel_without_newer_files(tmp_path):

@@ -114,18 +114,43 @@ pages_to_scan = [5000]
 """
 
 
-def _install_toy(site: Path, init: str = TOY_INIT) -> dict[str, str]:
-    """A distribution in `site` (its package and its .dist-info with the entry point), and the
-    environment a child ksm-lab needs to see it."""
-    package = site / "toyload"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(init)
-    (package / "runner.py").write_text(TOY_RUNNER)
-    info = site / "toyload-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyload\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{WORKLOAD_GROUP}]\ntoy = toyload:PLUGIN\n")
+def _install(site: Path, name: str, files: dict[str, str], entry_points: str) -> dict[str, str]:
+    """A distribution `name` in `site`: its files (path: text) and a .dist-info holding
+    `entry_points`; returns the environment a child ksm-lab needs to see it."""
+    for path, text in files.items():
+        (site / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / path).write_text(text)
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
     return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+
+
+def _install_toy(site: Path, init: str = TOY_INIT) -> dict[str, str]:
+    """The toy workload's distribution: package toyload, entry point toy = toyload:PLUGIN."""
+    files = {"toyload/__init__.py": init, "toyload/runner.py": TOY_RUNNER}
+    return _install(site, "toyload", files, f"[{WORKLOAD_GROUP}]\ntoy = toyload:PLUGIN\n")
+
+
+def _sweep_with(env: dict[str, str], plan_text: str, tmp_path: Path, name: str) -> Path:
+    """`ksm-lab sweep` of `plan_text` in a child seeing `env`'s plugins; asserts it exited 0
+    (also in its --json summary) and returns the study's folder."""
+    plan = tmp_path / f"{name}.toml"
+    plan.write_text(plan_text)
+    results = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["exit_code"] == 0
+    return results / name
 
 
 def test_the_shipped_workloads_are_registered_as_plugins():
@@ -154,27 +179,12 @@ def test_an_unknown_workload_type_names_the_registered_ones():
 
 @pytest.mark.ksm
 def test_a_toy_workload_from_its_own_package_runs_a_study(tmp_path: Path, ksm_guard) -> None:
-    env = _install_toy(tmp_path / "site")
-    plan = tmp_path / "toy.toml"
-    plan.write_text(TOY_PLAN)
-    results = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(run.stdout)
-    assert summary["exit_code"] == 0
-    trials = pd.read_csv(results / "toy" / "trials.csv")
+    study = _sweep_with(_install_toy(tmp_path / "site"), TOY_PLAN, tmp_path, "toy")
+    trials = pd.read_csv(study / "trials.csv")
     assert list(trials["status"]) == ["ok", "ok"]
-    processes = pd.read_csv(next((results / "toy" / "trials").glob("*/processes.csv")))
+    processes = pd.read_csv(next((study / "trials").glob("*/processes.csv")))
     assert set(processes["label"]) == {"toy-0"}
-    assert (results / "toy" / "report" / "report.html").exists()
+    assert (study / "report" / "report.html").exists()
 
 
 def test_a_broken_third_party_plugin_is_left_out_with_a_warning(tmp_path: Path) -> None:
@@ -254,14 +264,8 @@ pss_interval_s = 1
 
 
 def _install_toy_policy(site: Path, module: str = TOY_POLICY) -> dict[str, str]:
-    """A distribution in `site` with one policy module and its entry point; the child's environment."""
-    site.mkdir(parents=True)
-    (site / "toyrate.py").write_text(module)
-    info = site / "toyrate-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyrate\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{POLICY_GROUP}]\ntoyrate = toyrate:PLUGIN\n")
-    return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+    """The toy policy's distribution: module toyrate, entry point toyrate = toyrate:PLUGIN."""
+    return _install(site, "toyrate", {"toyrate.py": module}, f"[{POLICY_GROUP}]\ntoyrate = toyrate:PLUGIN\n")
 
 
 def test_the_shipped_policies_are_registered_as_plugins():
@@ -316,27 +320,13 @@ def test_an_unknown_policy_names_the_installed_ones():
 
 @pytest.mark.ksm
 def test_a_toy_policy_from_its_own_package_runs_a_study(tmp_path: Path, ksm_guard) -> None:
-    env = _install_toy_policy(tmp_path / "site")
-    plan = tmp_path / "toyrate.toml"
-    plan.write_text(TOY_POLICY_PLAN)
-    results = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "sweep", str(plan), "--results", str(results), "--json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout)["exit_code"] == 0
-    trials = pd.read_csv(results / "toyrate" / "trials.csv")
+    study = _sweep_with(_install_toy_policy(tmp_path / "site"), TOY_POLICY_PLAN, tmp_path, "toyrate")
+    trials = pd.read_csv(study / "trials.csv")
     assert list(trials["status"]) == ["ok"]
-    record = json.loads(next((results / "toyrate" / "trials").glob("*/trial.json")).read_text())
+    record = json.loads(next((study / "trials").glob("*/trial.json")).read_text())
     # the plan's [ksm.toyrate] reached the policy, which wrote it to the real knob during measure
     assert record["policy"] == {"name": "toyrate", "wrote_pages_to_scan": 321}
-    assert (results / "toyrate" / "report" / "report.html").exists()
+    assert (study / "report" / "report.html").exists()
 
 
 def test_a_broken_third_party_policy_is_left_out_with_a_warning(tmp_path: Path) -> None:

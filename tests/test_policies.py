@@ -25,24 +25,12 @@ from orchestrator.policies import ksmtuned, kubevirt, run_for, throttler
 from orchestrator.policies.params import KsmtunedParams, KubevirtParams, ThrottlerParams
 from orchestrator.analysis import recommend as recommend_mod
 from orchestrator.analysis.recommend import BadInput, Limits, recommend
+from tests.hoststate import OLD_KERNEL_KSM, fake_ksm_tree
 from tests.builders import finish_study, processes_frame, ramp_ksm_frame, start_study, sweep_study, write_trial
 
 GIB_KIB = 1024 * 1024
 MIB_PER_PAGE = 1024 * 1024 / 4096  # pages of 4 KiB in a MiB
 
-BASE_KSM = {
-    "run": "0",
-    "pages_to_scan": "100",
-    "sleep_millisecs": "20",
-    "pages_shared": "0",
-    "pages_sharing": "0",
-    "pages_unshared": "0",
-    "pages_volatile": "0",
-    "full_scans": "0",
-    "merge_across_nodes": "1",
-    "max_page_sharing": "256",
-    "use_zero_pages": "0",
-}
 ADVISOR = {
     "advisor_mode": "none",
     "advisor_max_cpu": "70",
@@ -56,10 +44,7 @@ def fake_root(
     tmp_path: Path, advisor: bool = True, mem_total_kib: int = 8 * GIB_KIB, mem_available_kib: int = 6 * GIB_KIB
 ) -> Path:
     root = tmp_path / "root"
-    ksm_dir = root / KSM_SYSFS
-    ksm_dir.mkdir(parents=True)
-    for name, value in {**BASE_KSM, **(ADVISOR if advisor else {})}.items():
-        (ksm_dir / name).write_text(value + "\n")
+    fake_ksm_tree(root, {**OLD_KERNEL_KSM, **(ADVISOR if advisor else {})})
     set_meminfo(root, mem_total_kib, mem_available_kib)
     return root
 

@@ -450,3 +450,25 @@ def test_every_guests_field_shapes_the_saved_state_unless_declared_otherwise():
         "numa_node",
         "network",
     }
+
+
+def test_every_sysbench_field_shapes_the_prepared_layer_unless_declared_otherwise():
+    """The prepared layer's key takes every sysbench field but those declared not to shape the
+    data: a field added later changes the key, so no layer prepared for other data is reused."""
+    from pydantic import Field
+
+    from orchestrator.workloads.sysbench import SysbenchWorkload
+
+    assert SysbenchWorkload.NOT_DATA_SHAPE <= set(SysbenchWorkload.model_fields)
+    # The fields that shaped the key before it was derived: the same set, so cached layers stay valid.
+    assert set(SysbenchWorkload.prepared_data_fields()) == {"test", "tables", "table_size", "rand_seed"}
+
+    class WithCharset(SysbenchWorkload):
+        charset: str = Field("utf8mb4")
+
+    assert "charset" in WithCharset.prepared_data_fields()
+    assert WithCharset(charset="latin1").prepared_data() != WithCharset().prepared_data()
+    # bulk_insert prepares one table per thread: there the thread count shapes the data too
+    assert "threads" not in SysbenchWorkload(threads=4).prepared_data()
+    bulk = SysbenchWorkload(test="bulk_insert", tables=1)
+    assert bulk.prepared_data() != bulk.model_copy(update={"threads": 4}).prepared_data()

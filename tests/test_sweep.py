@@ -17,7 +17,7 @@ import pytest
 from orchestrator.errors import StoreError
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
-from tests.conftest import snapshot
+from tests.hoststate import snapshot
 
 pytestmark = pytest.mark.ksm
 

@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 import libvirt
-import psutil
 import pytest
 
 from orchestrator.guests.ports import PortRegistry
 from orchestrator.plan import parse_plan
 from orchestrator.runners.vm import prepared_dir
 from orchestrator.sweep import run_sweep, running_marker
-from tests.conftest import snapshot
-from tests.vmhost import need_vm_host
+from tests.hoststate import snapshot
+from tests.vmhost import files_under, need_vm_host, restore_plan, studies_guests
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
 REPO = Path(__file__).resolve().parent.parent
@@ -53,58 +52,23 @@ STOPPED_LIBVIRTD_S = 120
 def fault_plan(study: str, workdir: Path, workload: str = "idle", measure_s: float = 600, seed: int = 1) -> str:
     # sysbench: 50k rows (~12 MB) keep the prepare busy for seconds, long enough to kill it in.
     sysbench = (
-        (
-            'type = "sysbench"\ntables = 1\ntable_size = 50000\nduration_s = 3\nreport_interval_s = 1\n'
-            f"warmup_s = 0\nrand_seed = {seed}\n"
-        )
-        if workload == "sysbench"
-        else 'type = "idle"\n'
+        'type = "sysbench"\ntables = 1\ntable_size = 50000\nduration_s = 3\nreport_interval_s = 1\n'
+        f"warmup_s = 0\nrand_seed = {seed}"
     )
-    return f"""
-[study]
-name = "{study}"
-[workload]
-{sysbench}
-[guests]
-count = 1
-memory_mib = 512
-start = "restore"
-cache_states = false
-restore_timeout_s = {RESTORE_TIMEOUT_S}
-workdir = "{workdir}"
-[phases]
-baseline_s = 1
-measure_s = {measure_s}
-[sampling]
-interval_s = 1.0
-pss_interval_s = 1.0
-[sweep.ksm]
-pages_to_scan = [5000]
-"""
+    return restore_plan(
+        study,
+        workdir,
+        [5000],
+        count=1,
+        memory_mib=512,
+        measure_s=measure_s,
+        workload=sysbench if workload == "sysbench" else 'type = "idle"',
+        guests_extra=f"restore_timeout_s = {RESTORE_TIMEOUT_S}",
+    )
 
 
 def _ours(workdir: Path, *studies: str) -> dict[str, list]:
-    """Domains whose ksm-lab metadata names one of `studies` (or its -prep builder), and the
-    QEMU processes running a disk in `workdir` (restored guests keep their saved names)."""
-    names = []
-    with libvirt.open(URI) as conn:
-        for dom in conn.listAllDomains(0):
-            try:
-                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "https://ksm-lab.invalid/xmlns/guest/1")
-            except libvirt.libvirtError:
-                continue
-            if any(f">{s}<" in meta or f">{s}-prep<" in meta for s in studies):
-                names.append(dom.name())
-    qemus = [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and str(workdir) in " ".join(p.info["cmdline"])
-    ]
-    return {"domains": names, "qemu": qemus}
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    return studies_guests(*studies, workdir=workdir)
 
 
 def _ports_held_here() -> list[dict]:
@@ -311,6 +275,6 @@ def _next_sweep_heals(case: str, study: str, workdir: Path, results_dir: Path, k
     while _ours(workdir, study, following)["qemu"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _ours(workdir, study, following) == {"domains": [], "qemu": []}, healed
-    assert _files(workdir) == []  # overlays, console logs, saved states (built, half-built)
+    assert files_under(workdir) == []  # overlays, console logs, saved states (built, half-built)
     assert _ports_held_here() == []
     assert snapshot() == ksm_guard

@@ -23,8 +23,8 @@ import pytest
 from orchestrator.guests import images, states
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
-from tests.conftest import snapshot
-from tests.vmhost import need_vm_host
+from tests.hoststate import snapshot
+from tests.vmhost import files_under, need_vm_host, restore_plan, studies_guests
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]
 REPO = Path(__file__).resolve().parent.parent
@@ -32,57 +32,13 @@ URI = "qemu:///system"
 
 
 def _ours(study: str) -> dict[str, list]:
-    """This study's domains (by our metadata: restored guests keep their saved names) and the
-    QEMU processes running them."""
-    names = []
-    with libvirt.open(URI) as conn:
-        for dom in conn.listAllDomains(0):
-            try:
-                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "https://ksm-lab.invalid/xmlns/guest/1")
-            except libvirt.libvirtError:
-                continue
-            if f">{study}<" in meta:
-                names.append(dom.name())
-    qemus = (
-        [
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"]
-            and any(a.startswith("guest=") and a.split(",")[0][6:] in names for a in p.info["cmdline"])
-        ]
-        if names
-        else []
-    )
-    return {"domains": names, "qemu": qemus}
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    return studies_guests(study)
 
 
 def idle_plan(
     study: str, workdir: Path, pts: list[int], measure_s: float = 3, cache: bool = False, memory_mib: int = 640
 ) -> str:
-    return f"""
-[study]
-name = "{study}"
-[workload]
-type = "idle"
-[guests]
-count = 2
-memory_mib = {memory_mib}
-start = "restore"
-cache_states = {str(cache).lower()}
-workdir = "{workdir}"
-[phases]
-baseline_s = 1
-measure_s = {measure_s}
-[sampling]
-interval_s = 1.0
-pss_interval_s = 1.0
-[sweep.ksm]
-pages_to_scan = {pts}
-"""
+    return restore_plan(study, workdir, pts, measure_s=measure_s, cache=cache, memory_mib=memory_mib)
 
 
 def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, results_dir, ksm_guard):
@@ -112,7 +68,7 @@ def test_every_trial_restores_the_saved_guests_onto_fresh_overlays(tmp_path, res
     assert (table["saved_mib"] > 0).all()
     # cache_states = false: states went with the study; nothing else is left either.
     assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert files_under(tmp_path / "work") == []
 
 
 def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm_guard):
@@ -138,7 +94,7 @@ def test_a_guest_that_is_not_the_saved_one_is_refused(tmp_path, results_dir, ksm
         for name in ({p.name for p in root.iterdir()} - before) if root.exists() else ():
             shutil.rmtree(root / name)
     assert _ours(study) == _ours(f"{study}-2") == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert files_under(tmp_path / "work") == []
 
 
 def _sweep_until_measuring(plan: Path, results_dir: Path, pts: int, output: Path | None = None) -> subprocess.Popen:
@@ -204,7 +160,7 @@ def _cleanup_leaves_nothing(study: str, workdir: Path) -> None:
     while _ours(study)["qemu"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(workdir) == []  # no overlay, console log or stray save file
+    assert files_under(workdir) == []  # no overlay, console log or stray save file
 
 
 def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ksm_guard):
@@ -225,7 +181,7 @@ def test_sigint_during_a_restored_trial_leaves_nothing(tmp_path, results_dir, ks
             sweep.kill()
             sweep.wait()
     assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []  # overlays, console logs and the uncached states
+    assert files_under(tmp_path / "work") == []  # overlays, console logs and the uncached states
     assert snapshot() == ksm_guard
 
 
@@ -259,7 +215,7 @@ def test_a_guest_destroyed_mid_measure_fails_the_trial_with_its_console(tmp_path
     # The lifecycle event ("was destroyed") or the state check that races it ("is shut off").
     assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "console" in record["reason"]
     assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert files_under(tmp_path / "work") == []
     assert snapshot() == ksm_guard
 
 
@@ -314,5 +270,5 @@ def test_a_guest_paused_mid_measure_fails_the_trial_and_never_hangs(tmp_path, re
     assert record["status"] == "failed"
     assert "lost mid-trial" in record["reason"] and victim in record["reason"] and "paused" in record["reason"]
     assert _ours(study) == {"domains": [], "qemu": []}
-    assert _files(tmp_path / "work") == []
+    assert files_under(tmp_path / "work") == []
     assert snapshot() == ksm_guard

@@ -19,7 +19,7 @@ import pytest
 from orchestrator.plan import parse_plan
 from orchestrator.sweep import run_sweep
 from orchestrator.runners.vm import prepared_dir
-from tests.conftest import snapshot
+from tests.hoststate import snapshot
 from tests.vmhost import files_under, need_vm_host, study_leftovers
 
 pytestmark = [pytest.mark.vm, pytest.mark.ksm]

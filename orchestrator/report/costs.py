@@ -148,121 +148,130 @@ def cost_sections(sm: StudyMetrics, table: TableFn) -> list[dict[str, Any]]:
                 "table": table(scan, SCAN_COLUMNS),
             }
         )
-    zero = _with(trials, "zero_pages_mib")
-    if not zero.empty:
-        sections.append(
-            {
-                "id": "zero-pages",
-                "title": "Zero pages and content merges (use_zero_pages = 1)",
-                "paragraphs": [
-                    "With use_zero_pages = 1 KSM maps empty pages to the kernel's zero page and counts "
-                    "them in ksm_zero_pages, not pages_sharing. The raw saving (saved_mib) is the sum of "
-                    "both; zero_pages_mib and content_merged_mib split it at the end of measure. The "
-                    "saving-over-time plot draws the content merges alone as a dotted line for these "
-                    "trials."
-                ],
-                "table": table(zero, ZERO_COLUMNS),
-            }
-        )
-    memory = _with(trials, "ksm_metadata_mib")
-    if not memory.empty:
-        sections.append(
-            {
-                "id": "ksm-memory",
-                "title": "KSM's own memory beside general_profit",
-                "paragraphs": [
-                    "The kernel's general_profit is (pages_sharing + ksm_zero_pages) × page size − rmap items × "
-                    'sizeof(struct ksm_rmap_item) (Documentation/admin-guide/mm/ksm.rst, "Monitoring KSM profit"; '
-                    "mm/ksm.c general_profit_show). So general_profit and the raw saving part by the rmap items "
-                    "alone: one per page ksmd has looked at, merged or not, 64 bytes each on 64-bit. The rmap count "
-                    "here is derived from that identity (ksm_rmap_items_est); for host processes the workers' own "
-                    "ksm_stat sum is shown beside it as a check. Stable-tree nodes (one per KSM page, pages_shared, "
-                    "plus one per chain, stable_node_chains; struct ksm_stable_node, 64 bytes) are not subtracted by "
-                    "the kernel: profit_after_stable_nodes_mib subtracts them too. Slab overhead is not counted."
-                ],
-                "table": table(memory, MEMORY_COLUMNS),
-            }
-        )
-    probe = _with(trials, "merge_wall_s")
-    if not probe.empty:
-        sections.append(
-            {
-                "id": "merge-unmerge",
-                "title": "Merge throughput and unmerge time (probe)",
-                "paragraphs": [
-                    "merge_mib_per_s: MiB of the probe's pages merged (ksm_merging_pages + ksm_zero_pages of the "
-                    "worker) over the wall seconds from KSM start to merge_target_pct of what can merge; per ksmd "
-                    "CPU-second likewise. A row whose target was not reached (merge_target_reached false) is a partial "
-                    "merge over the whole timeout. unmerge_s_per_gib: seconds run = 2 took, with the worker alive, per "
-                    "GiB of page mappings merged when it started; pages_sharing_after_unmerge should be 0."
-                ],
-                "table": table(probe, PROBE_COLUMNS),
-            }
-        )
-    cow = _with(trials, "cow_merged_p50_ns")
-    if not cow.empty:
-        sections.append(
-            {
-                "id": "cow-latency",
-                "title": "Copy-on-write break latency (probe)",
-                "paragraphs": [
-                    "Latency of the first write to a page KSM merged (a write fault: the kernel copies the page and "
-                    "maps the copy) and to a page of an unmerged control mapping (present and writable: a plain store). "
-                    "Each write is timed with time.perf_counter_ns (CLOCK_MONOTONIC via the vDSO, 1 ns resolution); "
-                    "the timer's and the interpreter's own cost, measured by the same loop writing to one hot page "
-                    "(cow_overhead_ns, the median), is subtracted from every sample, and values are floored at 1 ns. "
-                    "Percentiles are over the per-write samples in cow.csv. The cost of a copy-on-write break is "
-                    "cow_p50_diff_ns = merged median - unmerged median (raw: the timer's cost cancels in the "
-                    "difference); the findings average it across trials with a 95% interval. cow_median_ratio is the "
-                    "ratio of the raw medians, per trial and description only: net of the timer the unmerged median "
-                    "sits at the 1 ns floor, where a 2 ns change halves a ratio.",
-                    "This gap is the timing signal KSM side channels exploit: a process that writes to a page and "
-                    "sees the slow path learns that another process held identical content. A KSM-off trial "
-                    "times the same writes with nothing merged: its ratio is the method's own floor.",
-                ],
-                "table": table(cow, COW_COLUMNS),
-            }
-        )
-    exposed = _with(trials, "exposure_summary")
-    if not exposed.empty:
-        sections.append(
-            {
-                "id": "exposure",
-                "title": "What merging exposes (probe, exposure mode)",
-                "paragraphs": [
-                    "Two unrelated processes: a victim writes secret pages on a schedule; an observer holding one "
-                    "candidate page per secret (and decoy pages no one else holds, all MADV_MERGEABLE) times a write "
-                    "to one page every test interval and calls it merged when the write took longer than its threshold "
-                    "(threshold_factor × the threshold_quantile of its own writes to known-unmerged pages). The truth "
-                    "per tested page is the kernel's: pagemap PFN → kpageflags KSM bit, read just before the write.",
-                    "exposure_median_detect_s: median over the secrets of the time from the victim's write to the first "
-                    "test that was called merged and was merged (a secret never detected counts as later than any; no "
-                    "median when half were never detected); exposure_median_merged_s: the same from the truth alone, "
-                    "KSM's own latency. TPR / FPR: the calls against the truth over this trial's tests, with counts and "
-                    "95% Wilson intervals (_low, _high); they describe these tests, not the spread across trials. "
-                    "Balanced accuracy = (TPR + 1 − FPR) / 2, 50% is chance. KSM off merges nothing: every merged "
-                    "call is a false positive. ksmd CPU and the achieved scan rate beside it are the other side of the "
-                    "setting's trade.",
-                ],
-                "table": table(exposed, EXPOSURE_COLUMNS),
-            }
-        )
-    density = _with(trials, "density_guests")
-    if not density.empty:
-        sections.append(
-            {
-                "id": "density",
-                "title": "Guest density per memory budget",
-                "paragraphs": [
-                    "Guests started one by one, KSM converged before each decision, until the next guest would pass "
-                    "the budget (summed QEMU PSS) or the MemAvailable floor, each planned from the largest per-guest "
-                    "cost measured so far times the plan's margin. ksmd CPU and per-guest tps are at the final count. "
-                    "density_mismatches counts guests whose pattern did not verify (any fails the trial)."
-                ],
-                "table": table(density, DENSITY_COLUMNS),
-            }
-        )
+    _add_when_measured(
+        sections,
+        _with(trials, "zero_pages_mib"),
+        table,
+        ZERO_COLUMNS,
+        id="zero-pages",
+        title="Zero pages and content merges (use_zero_pages = 1)",
+        paragraphs=[
+            "With use_zero_pages = 1 KSM maps empty pages to the kernel's zero page and counts "
+            "them in ksm_zero_pages, not pages_sharing. The raw saving (saved_mib) is the sum of "
+            "both; zero_pages_mib and content_merged_mib split it at the end of measure. The "
+            "saving-over-time plot draws the content merges alone as a dotted line for these "
+            "trials."
+        ],
+    )
+    _add_when_measured(
+        sections,
+        _with(trials, "ksm_metadata_mib"),
+        table,
+        MEMORY_COLUMNS,
+        id="ksm-memory",
+        title="KSM's own memory beside general_profit",
+        paragraphs=[
+            "The kernel's general_profit is (pages_sharing + ksm_zero_pages) × page size − rmap items × "
+            'sizeof(struct ksm_rmap_item) (Documentation/admin-guide/mm/ksm.rst, "Monitoring KSM profit"; '
+            "mm/ksm.c general_profit_show). So general_profit and the raw saving part by the rmap items "
+            "alone: one per page ksmd has looked at, merged or not, 64 bytes each on 64-bit. The rmap count "
+            "here is derived from that identity (ksm_rmap_items_est); for host processes the workers' own "
+            "ksm_stat sum is shown beside it as a check. Stable-tree nodes (one per KSM page, pages_shared, "
+            "plus one per chain, stable_node_chains; struct ksm_stable_node, 64 bytes) are not subtracted by "
+            "the kernel: profit_after_stable_nodes_mib subtracts them too. Slab overhead is not counted."
+        ],
+    )
+    _add_when_measured(
+        sections,
+        _with(trials, "merge_wall_s"),
+        table,
+        PROBE_COLUMNS,
+        id="merge-unmerge",
+        title="Merge throughput and unmerge time (probe)",
+        paragraphs=[
+            "merge_mib_per_s: MiB of the probe's pages merged (ksm_merging_pages + ksm_zero_pages of the "
+            "worker) over the wall seconds from KSM start to merge_target_pct of what can merge; per ksmd "
+            "CPU-second likewise. A row whose target was not reached (merge_target_reached false) is a partial "
+            "merge over the whole timeout. unmerge_s_per_gib: seconds run = 2 took, with the worker alive, per "
+            "GiB of page mappings merged when it started; pages_sharing_after_unmerge should be 0."
+        ],
+    )
+    _add_when_measured(
+        sections,
+        _with(trials, "cow_merged_p50_ns"),
+        table,
+        COW_COLUMNS,
+        id="cow-latency",
+        title="Copy-on-write break latency (probe)",
+        paragraphs=[
+            "Latency of the first write to a page KSM merged (a write fault: the kernel copies the page and "
+            "maps the copy) and to a page of an unmerged control mapping (present and writable: a plain store). "
+            "Each write is timed with time.perf_counter_ns (CLOCK_MONOTONIC via the vDSO, 1 ns resolution); "
+            "the timer's and the interpreter's own cost, measured by the same loop writing to one hot page "
+            "(cow_overhead_ns, the median), is subtracted from every sample, and values are floored at 1 ns. "
+            "Percentiles are over the per-write samples in cow.csv. The cost of a copy-on-write break is "
+            "cow_p50_diff_ns = merged median - unmerged median (raw: the timer's cost cancels in the "
+            "difference); the findings average it across trials with a 95% interval. cow_median_ratio is the "
+            "ratio of the raw medians, per trial and description only: net of the timer the unmerged median "
+            "sits at the 1 ns floor, where a 2 ns change halves a ratio.",
+            "This gap is the timing signal KSM side channels exploit: a process that writes to a page and "
+            "sees the slow path learns that another process held identical content. A KSM-off trial "
+            "times the same writes with nothing merged: its ratio is the method's own floor.",
+        ],
+    )
+    _add_when_measured(
+        sections,
+        _with(trials, "exposure_summary"),
+        table,
+        EXPOSURE_COLUMNS,
+        id="exposure",
+        title="What merging exposes (probe, exposure mode)",
+        paragraphs=[
+            "Two unrelated processes: a victim writes secret pages on a schedule; an observer holding one "
+            "candidate page per secret (and decoy pages no one else holds, all MADV_MERGEABLE) times a write "
+            "to one page every test interval and calls it merged when the write took longer than its threshold "
+            "(threshold_factor × the threshold_quantile of its own writes to known-unmerged pages). The truth "
+            "per tested page is the kernel's: pagemap PFN → kpageflags KSM bit, read just before the write.",
+            "exposure_median_detect_s: median over the secrets of the time from the victim's write to the first "
+            "test that was called merged and was merged (a secret never detected counts as later than any; no "
+            "median when half were never detected); exposure_median_merged_s: the same from the truth alone, "
+            "KSM's own latency. TPR / FPR: the calls against the truth over this trial's tests, with counts and "
+            "95% Wilson intervals (_low, _high); they describe these tests, not the spread across trials. "
+            "Balanced accuracy = (TPR + 1 − FPR) / 2, 50% is chance. KSM off merges nothing: every merged "
+            "call is a false positive. ksmd CPU and the achieved scan rate beside it are the other side of the "
+            "setting's trade.",
+        ],
+    )
+    _add_when_measured(
+        sections,
+        _with(trials, "density_guests"),
+        table,
+        DENSITY_COLUMNS,
+        id="density",
+        title="Guest density per memory budget",
+        paragraphs=[
+            "Guests started one by one, KSM converged before each decision, until the next guest would pass "
+            "the budget (summed QEMU PSS) or the MemAvailable floor, each planned from the largest per-guest "
+            "cost measured so far times the plan's margin. ksmd CPU and per-guest tps are at the final count. "
+            "density_mismatches counts guests whose pattern did not verify (any fails the trial)."
+        ],
+    )
     return sections
+
+
+def _add_when_measured(
+    sections: list[dict[str, Any]],
+    rows: pd.DataFrame,
+    table: TableFn,
+    columns: tuple[str, ...],
+    *,
+    id: str,
+    title: str,
+    paragraphs: list[str],
+) -> None:
+    """Append a section of `rows` (the trials that measured its columns); none when no trial did."""
+    if not rows.empty:
+        sections.append({"id": id, "title": title, "paragraphs": paragraphs, "table": table(rows, columns)})
 
 
 def cost_findings(sm: StudyMetrics) -> list[str]:

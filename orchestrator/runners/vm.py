@@ -85,13 +85,13 @@ class ActiveGuests:
 
 
 def guest_set_key(trial: Trial) -> str:
-    """Trials with the same key can share booted guests (same hardware, image and data).
-    Keys (this one, the saved state's, the prepared layer's) hash the trial's tables as the plan
-    wrote them, as trial ids do; settings are read from the typed models."""
-    workload = trial.workload
-    data = {
-        k: workload.get(k) for k in ("type", *sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS, "data", "reuse_prepared")
-    }
+    """Trials with the same key can share booted guests (same hardware, image and data). The
+    key lives for one study (it names no file); the [guests] table is hashed as the plan wrote
+    it, the prepared data as the workload's model gives it (sysbench's prepared_data)."""
+    model = trial.workload_model
+    data: dict[str, Any] = {"type": trial.workload.get("type")}
+    if isinstance(model, sysbench.SysbenchWorkload):
+        data.update(model.prepared_data(), data=model.data, reuse_prepared=model.reuse_prepared)
     return hashlib.sha256(json.dumps({"guests": trial.guests, "data": data}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -505,7 +505,7 @@ class VmRunner(TrialRunner):
         shared = workload.data == "shared"
         wanted = 1 if shared else count
         layer_dir = prepared_dir(image)
-        spec = {k: trial.workload[k] for k in sysbench.SysbenchWorkload.PREPARED_DATA_FIELDS}
+        spec = workload.prepared_data()
         spec["image"] = image.key or str(image.disk_path)
         spec["image_mtime_ns"] = Path(image.disk_path).stat().st_mtime_ns
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]

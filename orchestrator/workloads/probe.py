@@ -63,8 +63,6 @@ class ProbeParams(Params):
     and for the worker alike. mode = "cost" (the default) times merge, COW and unmerge; mode =
     "exposure" runs a victim and an observer ([workload.exposure], ExposureParams)."""
 
-    kind: ClassVar[str] = "probe"
-
     type: Literal["probe"] = "probe"
     mode: Literal["cost", "exposure"] = "cost"
     exposure: ExposureParams | None = None  # mode = "exposure" only; None: ExposureParams()

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Sequence
+from typing import Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -66,8 +66,6 @@ _NUMBER = {"strict": True, "allow_inf_nan": False}
 class ProcessesParams(Params):
     """The processes workload: a plan's [workload] type = "processes" table, validated here
     for the plan and for the workers alike."""
-
-    kind: ClassVar[str] = "processes"
 
     type: Literal["processes"] = "processes"
     processes: int = Field(2, ge=1, le=4096, **_INT)

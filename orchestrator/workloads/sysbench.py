@@ -61,8 +61,6 @@ _IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
 class _SysbenchRun(Params):
     """What one sysbench run is given, as a plan's [workload] table sets it."""
 
-    kind: ClassVar[str] = "sysbench"
-
     test: SysbenchTest = "oltp_read_write"
     tables: int = Field(4, ge=1, le=1000)
     table_size: int = Field(10_000, ge=1)
@@ -119,9 +117,25 @@ class SysbenchWorkload(_SysbenchRun):
     warmup_s: int = Field(0, ge=0, le=3600)
 
     writes_during_measure: ClassVar[bool] = True  # every OLTP test writes (the undo log, at least)
-    # What the prepared database depends on: the keys of its cached disk layer and of booted
-    # guests that can be shared between trials (runners/vm.py) both come from this one list.
-    PREPARED_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("test", "tables", "table_size", "rand_seed")
+    # The fields that do not shape the prepared database: how a run goes, and how the prepared
+    # layer reaches the guests. Every other field, one added later too, is part of the keys of
+    # the cached disk layer and of booted guests shared between trials (runners/vm.py): a new
+    # field costs a rebuild at worst, never a layer prepared for other data.
+    NOT_DATA_SHAPE: ClassVar[frozenset[str]] = frozenset(
+        {"type", "threads", "duration_s", "report_interval_s", "rate", "warmup_s", "data", "reuse_prepared"}
+    )
+
+    @classmethod
+    def prepared_data_fields(cls) -> tuple[str, ...]:
+        """The fields the prepared database depends on, in the model's order."""
+        return tuple(k for k in cls.model_fields if k not in cls.NOT_DATA_SHAPE)
+
+    def prepared_data(self) -> dict[str, Any]:
+        """This workload's values of them: what a prepared layer is cached under."""
+        data: dict[str, Any] = {k: getattr(self, k) for k in self.prepared_data_fields()}
+        if self.test == "bulk_insert":  # its prepare makes one table per thread (_table_setup_argv)
+            data["threads"] = self.threads
+        return data
 
     def params(self, **update: Any) -> SysbenchParams:
         """The run's parameters (a warm-up or a burst changes duration_s through `update`)."""

@@ -315,32 +315,12 @@ def compare_values(spec: MetricSpec, a_values: Any, b_values: Any, thresholds: T
     has_interval = a.size >= 2 and b.size >= 2 and math.isfinite(half)
     scale = 1.0 if spec.absolute else abs(a_mean)
     if has_interval and half == 0:  # every trial equal on both sides: a zero-width interval claims nothing
-        verdict, note = CANNOT_TELL, NO_SPREAD
         pct = (
             change if spec.absolute else (100.0 * change / scale if percent_defined(spec, a_mean, a_half) else math.nan)
         )
-        return MetricChange(
-            spec.name,
-            spec.unit,
-            "higher" if spec.higher_is_better else "lower",
-            a_mean,
-            a_half,
-            int(a.size),
-            b_mean,
-            b_half,
-            int(b.size),
-            change,
-            math.nan,
-            pct,
-            math.nan,
-            NO_INTERVAL,
-            threshold,
-            verdict,
-            note,
-            a_values=a.tolist(),
-            b_values=b.tolist(),
-        )
-    if a.size and b.size and (spec.absolute or percent_defined(spec, a_mean, a_half)):
+        has_interval, half, half_pct = False, math.nan, math.nan
+        verdict, note = CANNOT_TELL, NO_SPREAD
+    elif a.size and b.size and (spec.absolute or percent_defined(spec, a_mean, a_half)):
         pct, half_pct = (change, half) if spec.absolute else (100.0 * change / scale, 100.0 * half / scale)
         verdict, note = judge(pct, half_pct, has_interval, spec.higher_is_better, threshold)
     else:
