@@ -196,8 +196,9 @@ def test_sampler_small_budget_reads_one_target_per_floor_tick_in_turn_within_the
 
 def test_sampler_budget_below_one_read_per_pss_tick_stretches_the_floor_and_its_bound(holder):
     """0.001% of a core earns 2 us a PSS interval, less than one PSS read: the floor reads only
-    every k-th PSS tick, k = ceil(costliest read / budget per PSS interval), and the recorded
-    bound grows to targets x k PSS intervals: the budget and the target count set it."""
+    every k-th PSS tick, k = ceil(costliest read / the budget's share left per PSS interval),
+    and the recorded bound grows to targets x k PSS intervals: the budget and the target count
+    set it. The cheap tier alone spends more than 0.001%, so the share is its floor, a quarter."""
     labels = ("a", "b", "c")
     targets = {label: holder(mib=8).pid for label in labels}
     with Sampler(0.1, 2, lambda: targets, cpu_budget_pct=0.001) as sampler:
@@ -206,7 +207,8 @@ def test_sampler_budget_below_one_read_per_pss_tick_stretches_the_floor_and_its_
     record = sampler.budget_record()
     k = record["pss_floor_every_pss_ticks"]
     # The record rounds the read time (ms, 2 decimals): the k it implies may differ by one.
-    implied = math.ceil(record["pss_read_max_ms"] / 1000 / (0.001 / 100 * 0.1 * 2))
+    assert record["pss_floor_share_pct"] == pytest.approx(0.001 / 4)
+    implied = math.ceil(record["pss_read_max_ms"] / 1000 / (0.001 / 4 / 100 * 0.1 * 2))
     assert k >= 2 and abs(k - implied) <= 1, (k, implied)
     assert record["pss_age_bound_ticks"] == 3 * k * 2
     assert record["pss_reads"] == record["pss_floor_reads"] < int(sampler.ksm_frame()["pss_tier"].sum())

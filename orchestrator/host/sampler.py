@@ -19,11 +19,14 @@ Three tiers, each a subset of the next:
   time, oldest PSS first (round-robin):
   * the floor: every `pss_every_n_ticks`-th cheap tick is a "PSS tick" (the first one
     included); every k-th PSS tick reads the target whose PSS is oldest, budget or not, where
-    k is the smallest that keeps the floor alone within the budget (1 unless one read costs
-    more than the budget earns in a PSS interval: k = ceil(costliest read / (budget x PSS
-    interval)), from the reads measured so far). With n targets each target's PSS is then at
-    most n x k PSS intervals old (`pss_age_bound_s`, the largest over the run): each floor
-    read takes one older than it, or none is due;
+    k is the smallest that keeps the floor within what the budget leaves once the rest of the
+    thread (the cheap tier) has had its share (1 unless one read costs more than that earns in
+    a PSS interval: k = ceil(costliest read / ((budget - rest's share) x PSS interval)), from
+    what was measured so far; the share left is never taken below a quarter of the budget, so
+    PSS ages stay bounded where the cheap tier alone spends it, and the record shows the
+    overrun). k is the largest so far. With n targets each target's PSS is then at most n x k
+    PSS intervals old (`pss_age_bound_s`, the largest over the run): each floor read takes one
+    older than it, or none is due;
   * the budget: any cheap tick also reads the next due targets (PSS older than
     pss_every_n_ticks cheap ticks) while the thread's CPU credit pays for the next read in full
     (at its last read's cost). The credit is a token bucket filled at cpu_budget_pct from zero,
@@ -143,6 +146,9 @@ class Sampler:
         self._credit_cap_s = cpu_budget_pct / 100 * interval_s * pss_every_n_ticks
         self._credit_s = 0.0  # earned from the first tick on: no burst at start
         self._charged_at: tuple[float, float] | None = None  # (monotonic s, thread CPU s)
+        self._began: tuple[float, float] | None = None  # the same, when the thread began
+        self._floor_every = 1  # k (module docstring), the largest so far
+        self._floor_share_pct = cpu_budget_pct  # the budget's share k was last sized with
         self._cheap_index = -1  # cheap ticks so far, minus one
         self._pss_read_at: dict[str, int] = {}  # label -> cheap tick of its last PSS read
         self._pss_read_t: dict[str, float] = {}  # label -> monotonic s of that read (or first sight)
@@ -256,7 +262,8 @@ class Sampler:
             "pss_floor_reads": self.pss_floor_reads,
             "pss_read_cpu_s": round(self.pss_read_cpu_s, 4),
             "pss_read_max_ms": round(1000 * self._read_cost_max_s, 3),
-            "pss_floor_every_pss_ticks": self.floor_every_pss_ticks(),
+            "pss_floor_every_pss_ticks": self._floor_every,
+            "pss_floor_share_pct": round(self._floor_share_pct, 6),
             "pss_age_bound_ticks": bound_ticks,
             "pss_age_bound_s": round(bound_ticks * self.interval_s, 3),
             "pss_age_max_s": {label: round(age, 3) for label, age in sorted(self._pss_age_max_s.items())},
@@ -273,7 +280,7 @@ class Sampler:
             paths[_KSMD_STAT] = self.root / "proc" / str(self._ksmd_pid) / "stat"
         # The cheap tier adds the rest of the folder (knobs: a policy may change them).
         self._knob_names = probes.ksm_knob_names(self.root)
-        self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
+        self._began = self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
         knob_paths = probes.ksm_file_paths(self.root, self._knob_names or ())
         try:
             with (
@@ -413,11 +420,26 @@ class Sampler:
         self._charged_at = (now, cpu_s)
         return self._credit_s
 
+    def _floor_share(self) -> float:
+        """The budget's share the floor's reads may use (% of one core): the budget minus what the
+        thread spent outside PSS reads since it began, never below a quarter of the budget.
+        Called in the sampler's thread only (thread_time is that thread's CPU)."""
+        rest_pct = 0.0
+        if self._began is not None:
+            then, cpu_then = self._began
+            wall_s = time.monotonic() - then
+            if wall_s > 0:
+                rest_s = time.thread_time() - cpu_then - self.pss_read_cpu_s
+                rest_pct = max(0.0, 100 * rest_s / wall_s)
+        return max(self.cpu_budget_pct - rest_pct, self.cpu_budget_pct / 4)
+
     def floor_every_pss_ticks(self) -> int:
         """k: the floor reads on every k-th PSS tick, the fewest that keep its own reads within
-        the budget (module docstring)."""
-        earned_s = self.cpu_budget_pct / 100 * self.interval_s * self.pss_every_n_ticks
-        return max(1, math.ceil(self._read_cost_max_s / earned_s))
+        the budget's share left to them (module docstring); the largest so far. Sampler thread only."""
+        self._floor_share_pct = self._floor_share()
+        earned_s = self._floor_share_pct / 100 * self.interval_s * self.pss_every_n_ticks
+        self._floor_every = max(self._floor_every, math.ceil(self._read_cost_max_s / earned_s))
+        return self._floor_every
 
     def _read_pss(self, process_rows: list[dict[str, Any]], pss_tick: bool, started: float) -> int:
         """Read PSS into this tick's rows of the targets whose turn it is (module docstring):

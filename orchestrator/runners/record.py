@@ -134,7 +134,10 @@ class SamplerRecord(RecordPart):
     pss_read_max_ms: float | None = None
     """The dearest PSS read."""
     pss_floor_every_pss_ticks: int | None = None
-    """k: the floor reads one target every k PSS ticks."""
+    """k: the floor reads one target every k PSS ticks (the largest k of the run)."""
+    pss_floor_share_pct: float | None = None
+    """The budget's share left to the floor's reads once the rest of the thread had its own
+    (% of one core; never below a quarter of the budget): what k was last sized with."""
     pss_age_bound_ticks: int | None = None
     """The largest age a target's PSS can reach, in ticks."""
     pss_age_bound_s: float | None = None
