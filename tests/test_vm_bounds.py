@@ -178,10 +178,15 @@ def _virtlogd_caps() -> tuple[int, int]:
     return values["max_size"], values["max_backups"]
 
 
-def test_a_guest_flooding_its_console_cannot_fill_the_disk(tmp_path):
+def test_a_guest_flooding_its_console_and_stdout_cannot_fill_the_disk_or_memory(tmp_path, monkeypatch):
     """The console is virtlogd's capped log: 12 MiB written to the guest's serial port leave at
-    most max_size in the log and max_backups rotated copies, and teardown removes them all."""
+    most max_size in the log and max_backups rotated copies, and teardown removes them all. A
+    command flooding its stdout keeps the head and tail the cap allows (cut here to 1 MB, so
+    the test reads 24 MB of flood, not 16 MiB of kept text), marked where it was cut."""
+    from orchestrator.guests import guest as guest_module
     from orchestrator.guests.guest import GuestSession
+
+    monkeypatch.setattr(guest_module, "OUTPUT_CAP_BYTES", 1_000_000)
 
     image = need_vm_host()
     study = f"pyt-flood-{os.getpid()}"
@@ -199,6 +204,9 @@ def test_a_guest_flooding_its_console_cannot_fill_the_disk(tmp_path):
             started = time.monotonic()
             session.run(["sh", "-c", "head -c 12582912 /dev/zero | tr '\\0' x > /dev/ttyS0"], timeout_s=600, check=True)
             print(f"12 MiB to the serial port in {time.monotonic() - started:.1f} s")
+            flood = session.run(
+                "printf START; head -c 24000000 /dev/zero | tr '\\0' y; printf END", timeout_s=300, check=True
+            )
         time.sleep(2)  # virtlogd writes what QEMU handed it
         logs = {
             p.name: p.stat().st_size
@@ -210,4 +218,6 @@ def test_a_guest_flooding_its_console_cannot_fill_the_disk(tmp_path):
     assert max(logs.values()) <= max_size, logs
     assert len(rotated) == max_backups, logs  # it did rotate, and kept no more than max_backups
     assert sum(logs.values()) <= (1 + max_backups) * max_size
+    assert flood.stdout.startswith("START") and flood.stdout.endswith("END"), flood.stdout[:80]
+    assert "bytes of output cut here" in flood.stdout and len(flood.stdout) < 1_100_000
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").rglob("*"))
