@@ -256,8 +256,9 @@ def shape(text: str) -> tuple[int, int]:
 def print_model(per_gib_ms: float, host_ms: float, per_target_ms: float, overhead: float = 1.0) -> None:
     """Extrapolate the measured costs to 1 TiB of guests at the default sampling, by the
     sampler's own rules (host/sampler.py): the floor reads one target every k PSS ticks, k the
-    fewest that keep it within the budget; the budget's spare CPU reads more, at most every
-    target once per PSS interval."""
+    fewest that keep it within what the budget leaves once the cheap tier has had its share (at
+    least a quarter of the budget); the budget's spare CPU reads more, at most every target once
+    per PSS interval."""
     defaults = SamplingSection()
     budget_ms_per_s = defaults.cpu_budget_pct / 100 * 1000
     pss_s = defaults.pss_interval_s
@@ -276,7 +277,10 @@ def print_model(per_gib_ms: float, host_ms: float, per_target_ms: float, overhea
     for guests in (16, 64, 256):
         read_ms = per_gib_ms * 1024 / guests
         fixed_ms_per_s = overhead * (host_ms + per_target_ms * guests) / defaults.interval_s
-        k = max(1, math.ceil(read_ms / (budget_ms_per_s * pss_s)))
+        # the floor's share: what the budget leaves once the cheap tier has had its own, never
+        # below a quarter of it (Sampler._floor_share)
+        share_ms_per_s = max(budget_ms_per_s - fixed_ms_per_s, budget_ms_per_s / 4)
+        k = max(1, math.ceil(read_ms / (share_ms_per_s * pss_s)))
         floor_ms_per_s = read_ms / (k * pss_s)
         pss_ms_per_s = min(round_ms / pss_s, max(budget_ms_per_s - fixed_ms_per_s, floor_ms_per_s))
         thread_pct = 100 * (fixed_ms_per_s + pss_ms_per_s) / 1000
