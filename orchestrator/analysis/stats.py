@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 from scipy.optimize import brentq
 
@@ -24,7 +25,9 @@ from scipy.optimize import brentq
 def _t_quantile(dof: Any, probability: float) -> Any:
     dof_arr = np.asarray(dof, dtype=float)
     usable = ~np.isnan(dof_arr) & (dof_arr >= 1)  # inf dof is the normal, which scipy's t gives
-    out = np.where(usable, sps.t.ppf(probability, np.where(usable, dof_arr, 1.0)), np.nan)
+    # scipy.special's t inverse is what sps.t.ppf calls, without its argument checks: the same
+    # values, about 50x faster per scalar call (history pages ask for hundreds of thousands)
+    out = np.where(usable, special.stdtrit(np.where(usable, dof_arr, 1.0), probability), np.nan)
     return float(out) if out.ndim == 0 else out
 
 
@@ -526,7 +529,7 @@ def t_two_sided_p(estimate: Any, se: Any, dof: Any) -> Any:
     ok = np.isfinite(est) & np.isfinite(se_arr) & (se_arr > 0) & np.isfinite(dof_arr) & (dof_arr >= 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         stat = np.where(ok, np.abs(est) / np.where(ok, se_arr, 1.0), np.nan)
-    p = np.where(ok, 2.0 * sps.t.sf(stat, np.where(ok, dof_arr, 1.0)), np.nan)
+    p = np.where(ok, 2.0 * special.stdtr(np.where(ok, dof_arr, 1.0), -stat), np.nan)  # = sps.t.sf(stat, dof)
     return float(p) if p.ndim == 0 else p
 
 

@@ -26,9 +26,9 @@ from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSIO
 from orchestrator.analysis.across.history import (
     Flag,
     VersionChange,
-    count_comparisons,
     filtered,
     flags,
+    judge_page,
     latest_nights,
     metrics_present,
     version_changes,
@@ -147,8 +147,9 @@ def _confirmations(studies: pd.DataFrame) -> dict[tuple[str, str, str], str]:
 def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: Thresholds, root: Path) -> str:
     rows = filtered(index, plan, host)
     changes = version_changes(rows)
-    all_flags = flags(rows, thresholds)
-    judged = count_comparisons(rows, thresholds)
+    tests = judge_page(rows, thresholds)  # every night of every series walked once: the page's costliest step
+    all_flags = flags(rows, thresholds, tests=tests)
+    judged = len(tests)  # BH's m
     plots = []
     for (group_plan, group_host), group in rows.groupby(["plan", "host"], sort=True):
         plot = plot_group(

@@ -502,10 +502,15 @@ def latest_nights(
 
 
 def flags(
-    rows: pd.DataFrame, thresholds: Thresholds = Thresholds(), rules: nights.NightRules = nights.NightRules()
+    rows: pd.DataFrame,
+    thresholds: Thresholds = Thresholds(),
+    rules: nights.NightRules = nights.NightRules(),
+    tests: list[PageTest] | None = None,
 ) -> list[Flag]:
-    """The regressions and improvements of the page (module docstring: band, then BH)."""
-    tests = judge_page(rows, thresholds, rules)
+    """The regressions and improvements of the page (module docstring: band, then BH). `tests`:
+    judge_page's for these rows and rules, when the caller has them (the page also counts them)."""
+    if tests is None:
+        tests = judge_page(rows, thresholds, rules)
     keep = nights.bh_flags([t.judgement.p for t in tests], [t.judgement.beyond for t in tests], rules.alpha)
     out = []
     for t, flagged in zip(tests, keep):
