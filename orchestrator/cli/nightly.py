@@ -327,10 +327,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     built = history.build_index(root, Path(args.index) if args.index else None)
     index_s = time.monotonic() - started
     out = Path(args.out) if args.out else root / "history.html"
-    history_report.write_history_html(out, built.index, root, args.plan, args.host, _thresholds(args))
+    rows = history.filtered(built.index, args.plan, args.host)
+    tests = history.judge_page(rows, _thresholds(args))  # the page's and the JSON's flags: one walk
+    history_report.write_history_html(out, built.index, root, args.plan, args.host, _thresholds(args), tests)
     page_s = time.monotonic() - started - index_s
     if _want_json(args):
-        rows = history.filtered(built.index, args.plan, args.host)
         _print_json(
             {
                 "index": str(built.path),
@@ -339,7 +340,7 @@ def cmd_history(args: argparse.Namespace) -> int:
                 "reread": built.reread,
                 "index_s": round(index_s, 3),
                 "page_s": round(page_s, 3),
-                "flags": [vars(f) for f in history.flags(rows, _thresholds(args))],
+                "flags": [vars(f) for f in history.flags(rows, _thresholds(args), tests=tests)],
             }
         )
     else:

@@ -146,7 +146,9 @@ class Sampler:
         self._credit_cap_s = cpu_budget_pct / 100 * interval_s * pss_every_n_ticks
         self._credit_s = 0.0  # earned from the first tick on: no burst at start
         self._charged_at: tuple[float, float] | None = None  # (monotonic s, thread CPU s)
-        self._began: tuple[float, float] | None = None  # the same, when the thread began
+        # (monotonic s, thread CPU s) at the first tick's charge: the floor's share is sized
+        # from the thread's use after it, start-up (opening files, first reads) left out
+        self._began: tuple[float, float] | None = None
         self._floor_every = 1  # k (module docstring), the largest so far
         self._floor_share_pct = cpu_budget_pct  # the budget's share k was last sized with
         self._cheap_index = -1  # cheap ticks so far, minus one
@@ -280,7 +282,7 @@ class Sampler:
             paths[_KSMD_STAT] = self.root / "proc" / str(self._ksmd_pid) / "stat"
         # The cheap tier adds the rest of the folder (knobs: a policy may change them).
         self._knob_names = probes.ksm_knob_names(self.root)
-        self._began = self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
+        self._charged_at = (time.monotonic(), time.thread_time())  # the budget counts from here
         knob_paths = probes.ksm_file_paths(self.root, self._knob_names or ())
         try:
             with (
@@ -422,20 +424,18 @@ class Sampler:
 
     def _floor_share(self) -> float:
         """The budget's share the floor's reads may use (% of one core): the budget minus what the
-        thread spent outside PSS reads since it began, never below a quarter of the budget.
-        Called in the sampler's thread only (thread_time is that thread's CPU)."""
+        thread spent outside PSS reads from its first tick to the last charge, never below a quarter
+        of the budget (no clock read of its own: this runs every cheap tick)."""
         rest_pct = 0.0
-        if self._began is not None:
-            then, cpu_then = self._began
-            wall_s = time.monotonic() - then
-            if wall_s > 0:
-                rest_s = time.thread_time() - cpu_then - self.pss_read_cpu_s
-                rest_pct = max(0.0, 100 * rest_s / wall_s)
+        if self._began is not None and self._charged_at is not None:
+            (then, cpu_then), (now, cpu_now) = self._began, self._charged_at
+            if now > then:
+                rest_pct = max(0.0, 100 * (cpu_now - cpu_then - self.pss_read_cpu_s) / (now - then))
         return max(self.cpu_budget_pct - rest_pct, self.cpu_budget_pct / 4)
 
     def floor_every_pss_ticks(self) -> int:
         """k: the floor reads on every k-th PSS tick, the fewest that keep its own reads within
-        the budget's share left to them (module docstring); the largest so far. Sampler thread only."""
+        the budget's share left to them (module docstring); the largest so far."""
         self._floor_share_pct = self._floor_share()
         earned_s = self._floor_share_pct / 100 * self.interval_s * self.pss_every_n_ticks
         self._floor_every = max(self._floor_every, math.ceil(self._read_cost_max_s / earned_s))
@@ -447,6 +447,9 @@ class Sampler:
         credit lasts. A target is due once its PSS is pss_every_n_ticks cheap ticks old.
         Returns the reads done."""
         pss_tick_index = self._cheap_index // self.pss_every_n_ticks
+        self._charge()  # also the clock readings the floor's share is sized from
+        if self._began is None:
+            self._began = self._charged_at
         floor_every = self.floor_every_pss_ticks()
         floor_tick = pss_tick and pss_tick_index - self._floor_at >= floor_every
         self.pss_age_bound_ticks = max(
@@ -461,7 +464,6 @@ class Sampler:
         order = sorted(
             process_rows, key=lambda r: (self._pss_read_at.get(r["label"], never), self._label_order[r["label"]])
         )
-        self._charge()
         reads = 0
         for process_row in order:
             label = process_row["label"]

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from orchestrator.analysis.across.compare import IMPROVEMENT, METRICS, REGRESSION, Thresholds
 from orchestrator.analysis.across.history import (
     Flag,
+    PageTest,
     VersionChange,
     filtered,
     flags,
@@ -144,10 +145,20 @@ def _confirmations(studies: pd.DataFrame) -> dict[tuple[str, str, str], str]:
     return out
 
 
-def render(index: pd.DataFrame, plan: str | None, host: str | None, thresholds: Thresholds, root: Path) -> str:
+def render(
+    index: pd.DataFrame,
+    plan: str | None,
+    host: str | None,
+    thresholds: Thresholds,
+    root: Path,
+    tests: list[PageTest] | None = None,
+) -> str:
+    """The page. `tests`: judge_page's for these rows, when the caller needs them too (the
+    walk over every night of every series is the page's costliest step: done once)."""
     rows = filtered(index, plan, host)
     changes = version_changes(rows)
-    tests = judge_page(rows, thresholds)  # every night of every series walked once: the page's costliest step
+    if tests is None:
+        tests = judge_page(rows, thresholds)
     all_flags = flags(rows, thresholds, tests=tests)
     judged = len(tests)  # BH's m
     plots = []
@@ -192,9 +203,10 @@ def write_history_html(
     plan: str | None = None,
     host: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    tests: list[PageTest] | None = None,
 ) -> Path:
     path = Path(path)
-    html = render(index, plan, host, thresholds, root)
+    html = render(index, plan, host, thresholds, root, tests)
     try:
         atomic_write_bytes(path, html.encode())
     except OSError as exc:
